@@ -1,0 +1,62 @@
+"""qkdagent: fresh quantum-derived pre-shared keys for VPN gateways and TLS services.
+
+This module is the public plugin API. Plugins import from here (and from `qkdagent.testing`
+in their tests), never from other modules of the package.
+"""
+
+from __future__ import annotations
+
+from .commands import CommandRegistry
+from .errors import (
+    ConfigError,
+    KeyNotFound,
+    KeyReuseError,
+    Misconfigured,
+    NotInstalled,
+    PluginError,
+    ProtocolError,
+    QkdAgentError,
+    SinkError,
+    SourceError,
+    SourceUnavailable,
+)
+from .events import EraseEvent, RotationErrorEvent, RotationEvent
+from .fileutil import write_secret_file
+from .hookspecs import hookimpl
+from .interfaces import KeyMeta, Link, PluginContext, Sink, Source
+from .options import Options
+from .secret import Key, Secret, check_key_id
+from .services import Service
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CommandRegistry",
+    "ConfigError",
+    "EraseEvent",
+    "Key",
+    "KeyMeta",
+    "KeyNotFound",
+    "KeyReuseError",
+    "Link",
+    "Misconfigured",
+    "NotInstalled",
+    "Options",
+    "PluginContext",
+    "PluginError",
+    "ProtocolError",
+    "QkdAgentError",
+    "RotationErrorEvent",
+    "RotationEvent",
+    "Secret",
+    "Service",
+    "Sink",
+    "SinkError",
+    "Source",
+    "SourceError",
+    "SourceUnavailable",
+    "__version__",
+    "check_key_id",
+    "hookimpl",
+    "write_secret_file",
+]

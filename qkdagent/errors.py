@@ -1,0 +1,68 @@
+"""Error taxonomy shared by the core and plugins.
+
+Messages never contain key bytes: errors end up in logs, status output and peer replies.
+"""
+
+from __future__ import annotations
+
+
+class QkdAgentError(Exception):
+    """Base of every error qkdagent raises on purpose."""
+
+
+class ConfigError(QkdAgentError):
+    """A config value is wrong; names the file, the dotted key and what is wrong."""
+
+    def __init__(self, key: str, message: str, *, file: str | None = None) -> None:
+        self.file = file
+        self.key = key
+        self.message = message
+        where = f"{file}: " if file else ""
+        super().__init__(f"{where}{key}: {message}")
+
+
+class PluginError(QkdAgentError):
+    """A plugin could not be loaded or registered (names the distribution)."""
+
+
+class NotInstalled(QkdAgentError):
+    """A component the plugin drives is missing (binary, library, device, token)."""
+
+
+class Misconfigured(QkdAgentError):
+    """`prepare()` found the configuration unusable against the real component."""
+
+
+class SourceError(QkdAgentError):
+    """A key source failed. `retryable` says whether the same call may be repeated safely."""
+
+    retryable = False
+
+
+class SourceUnavailable(SourceError):
+    """The source could not be reached or is out of keys right now; try again later."""
+
+    retryable = True
+
+
+class KeyNotFound(SourceError):
+    """The source does not (or no longer) hold the key with the requested ID."""
+
+
+class SinkError(QkdAgentError):
+    """Installing into, verifying or erasing a consumer failed."""
+
+
+class ProtocolError(QkdAgentError):
+    """A peer message is malformed, unauthenticated or does not fit the link's state.
+
+    `status` is the HTTP status the server answers with; the message is safe to send back.
+    """
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class KeyReuseError(QkdAgentError):
+    """A source handed out a key ID that this link has already used."""

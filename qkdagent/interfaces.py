@@ -1,0 +1,114 @@
+"""The contracts plugins implement: `Source` and `Sink`, and the values they receive.
+
+All I/O happens in the async methods here, never in hooks. The core wraps every call in a
+timeout and logs around it without key bytes; implementations only do the work.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from .options import Options
+from .secret import Key, Secret
+
+
+@dataclass(frozen=True)
+class Link:
+    """A link as sources and sinks see it: this host ↔ one peer host."""
+
+    name: str
+    local: str
+    """This agent's name."""
+    peer: str
+    """The peer agent's name."""
+    initiator: bool
+    """Whether this side obtains new keys (`new_key`) for the link."""
+
+
+@dataclass(frozen=True)
+class KeyMeta:
+    """What a sink may know about the secret it installs: never the bytes themselves."""
+
+    epoch: int
+    key_ids: tuple[str, ...]
+    label: str
+    created: float
+    """Wall-clock time (Unix seconds) at which the epoch was derived."""
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """What the agent tells a plugin instance about its surroundings."""
+
+    agent_name: str
+    state_dir: Path
+    config_file: Path | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+    def private_dir(self, owner: str) -> Path:
+        """A directory (mode 0700) under the agent's state dir for one plugin instance."""
+        path = self.state_dir / "plugins" / owner
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path, 0o700)
+        return path
+
+
+class _Configurable(abc.ABC):
+    type_name: ClassVar[str]
+    """The `type = "..."` string used in the config file; unique across all plugins."""
+
+    def __init__(self, name: str, options: Options, context: PluginContext) -> None:
+        """Read and validate options here (no I/O): `qkdagent check` constructs every instance."""
+        self.name = name
+        self.context = context
+
+    async def prepare(self) -> None:
+        """Check that the component is reachable and usable; raise a typed, clear error if not."""
+
+    async def aclose(self) -> None:
+        """Release connections; called once when the agent stops or the config drops the object."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} type={self.type_name!r}>"
+
+
+class Source(_Configurable):
+    """A supplier of single-use symmetric keys shared with the peer's source.
+
+    Cancellation: if a call is cancelled after the key was taken from the device, the key is lost
+    (QKD keys are single-use); the core then starts a new rotation rather than reuse an ID.
+    """
+
+    @abc.abstractmethod
+    async def new_key(self, link: Link) -> Key:
+        """Initiator side: obtain a fresh key and its ID."""
+
+    @abc.abstractmethod
+    async def key_by_id(self, link: Link, key_id: str) -> Key:
+        """Responder side: obtain the key the peer's source handed out under `key_id`.
+
+        Raise `KeyNotFound` if the source does not hold it (after any safe retries).
+        """
+
+
+class Sink(_Configurable):
+    """A consumer of derived secrets (a WireGuard peer, a PSK file, a token...)."""
+
+    async def verify(self, link: Link, secret: Secret, meta: KeyMeta) -> bool | None:
+        """Read back from the consumer and compare; None when the consumer cannot tell."""
+        return None
+
+    @abc.abstractmethod
+    async def install(self, link: Link, secret: Secret, meta: KeyMeta) -> None:
+        """Make `secret` the link's key in the consumer. Must be idempotent."""
+
+    @abc.abstractmethod
+    async def erase(self, link: Link, reason: str) -> None:
+        """Fail closed: replace the link's key by a random non-matching one, or remove it."""
+
+
+__all__ = ["Key", "KeyMeta", "Link", "PluginContext", "Secret", "Sink", "Source"]

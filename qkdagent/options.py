@@ -1,0 +1,261 @@
+"""Typed, located access to one config table.
+
+Every accessor records the key it consumed; `finish()` then rejects keys nobody asked for, so a
+typo in a config file is an error instead of a silently ignored option. Errors carry the file and
+the dotted key (`sinks.wg0.interface`) so the operator knows exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import stat
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from .errors import ConfigError
+from .secret import Secret
+
+_MISSING: Any = object()
+T = TypeVar("T")
+
+
+class Options:
+    """Reader over one `[section.name]` table of the config file."""
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        *,
+        where: str,
+        file: str | None = None,
+        base_dir: Path | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        if not isinstance(data, Mapping):
+            raise ConfigError(where, "must be a table", file=file)
+        self._data = dict(data)
+        self._where = where
+        self._file = file
+        self._base = base_dir or Path.cwd()
+        self._warn = warn or (lambda message: None)
+        self._used: set[str] = set()
+
+    @property
+    def where(self) -> str:
+        return self._where
+
+    def key(self, name: str) -> str:
+        return f"{self._where}.{name}" if self._where else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        return ConfigError(self.key(name), message, file=self._file)
+
+    def fail(self, name: str, message: str) -> NoReturn:
+        raise self.error(name, message)
+
+    def warn(self, name: str, message: str) -> None:
+        where = f"{self._file}: " if self._file else ""
+        self._warn(f"{where}{self.key(name)}: {message}")
+
+    def has(self, name: str) -> bool:
+        return name in self._data
+
+    def _get(self, name: str, default: Any) -> Any:
+        self._used.add(name)
+        if name in self._data:
+            return self._data[name]
+        if default is _MISSING:
+            self.fail(name, "is required")
+        return default
+
+    def raw(self, name: str, default: Any = _MISSING) -> Any:
+        return self._get(name, default)
+
+    def string(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        *,
+        choices: Sequence[str] | None = None,
+        check: Callable[[str], str | None] | None = None,
+        max_len: int = 4096,
+    ) -> Any:
+        value = self._get(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if not isinstance(value, str):
+            self.fail(name, f"must be a string, not {_type(value)}")
+        if not value:
+            self.fail(name, "must not be empty")
+        if len(value) > max_len:
+            self.fail(name, f"is longer than {max_len} characters")
+        if choices is not None and value not in choices:
+            self.fail(name, f"must be one of {', '.join(map(repr, choices))}, not {value!r}")
+        if check is not None:
+            problem = check(value)
+            if problem:
+                self.fail(name, problem)
+        return value
+
+    def integer(
+        self, name: str, default: Any = _MISSING, *, min: int | None = None, max: int | None = None
+    ) -> Any:
+        value = self._get(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(name, f"must be an integer, not {_type(value)}")
+        _check_range(self, name, value, min, max)
+        return value
+
+    def number(
+        self,
+        name: str,
+        default: Any = _MISSING,
+        *,
+        min: float | None = None,
+        max: float | None = None,
+        positive: bool = False,
+    ) -> Any:
+        value = self._get(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(name, f"must be a number, not {_type(value)}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            self.fail(name, "must be a finite number")
+        if positive and value <= 0:
+            self.fail(name, "must be greater than 0")
+        _check_range(self, name, value, min, max)
+        return value
+
+    def boolean(self, name: str, default: Any = _MISSING) -> Any:
+        value = self._get(name, default)
+        if not isinstance(value, bool) and not (value is default and default is not _MISSING):
+            self.fail(name, f"must be true or false, not {_type(value)}")
+        return value
+
+    def strings(self, name: str, default: Any = _MISSING, *, allow_empty: bool = True) -> Any:
+        value = self._get(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.fail(name, "must be a list of non-empty strings")
+        if not allow_empty and not value:
+            self.fail(name, "must not be empty")
+        if len(set(value)) != len(value):
+            self.fail(name, "lists an entry twice")
+        return list(value)
+
+    def table(self, name: str, default: Any = _MISSING) -> Any:
+        value = self._get(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if not isinstance(value, Mapping):
+            self.fail(name, f"must be a table, not {_type(value)}")
+        return dict(value)
+
+    def sub(self, name: str, default: Any = _MISSING) -> Options:
+        """Options over a nested table (`[sinks.x.tls]`)."""
+        data = self.table(name, default)
+        return Options(
+            data or {}, where=self.key(name), file=self._file, base_dir=self._base, warn=self._warn
+        )
+
+    def path(self, name: str, default: Any = _MISSING, *, must_exist: bool = False) -> Any:
+        value = self.string(name, default)
+        if value is default and default is not _MISSING:
+            return value if value is None else self._base / value
+        result = self._base / os.path.expanduser(value)
+        if must_exist and not result.exists():
+            self.fail(name, f"{result} does not exist")
+        return result
+
+    def secret(
+        self, name: str, default: Any = _MISSING, *, encoding: str = "text", size: int | None = None
+    ) -> Any:
+        """A secret given by reference: `{file = "PATH"}` or `{env = "NAME"}`, never inline.
+
+        `encoding` is how the referenced value is stored: "text" (UTF-8, surrounding whitespace
+        stripped), "base64", "hex" or "raw" (file bytes as they are).
+        """
+        value = self._get(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, str):
+            self.fail(name, 'is not accepted inline; use {file = "PATH"} or {env = "NAME"}')
+        if not isinstance(value, Mapping) or len(value) != 1 or not ({"file", "env"} & set(value)):
+            self.fail(name, 'must be {file = "PATH"} or {env = "NAME"}')
+        if "file" in value:
+            raw = self._read_secret_file(name, value["file"])
+        else:
+            env = value["env"]
+            if not isinstance(env, str) or not env:
+                self.fail(name, "env must name an environment variable")
+            if env not in os.environ:
+                self.fail(name, f"environment variable {env} is not set")
+            raw = os.environ[env].encode()
+        data = _decode_secret(self, name, raw, encoding)
+        if size is not None and len(data) != size:
+            self.fail(name, f"must hold {size} bytes, the referenced secret holds {len(data)}")
+        return Secret(data)
+
+    def _read_secret_file(self, name: str, ref: object) -> bytes:
+        if not isinstance(ref, str) or not ref:
+            self.fail(name, "file must be a path")
+        path = self._base / os.path.expanduser(ref)
+        try:
+            st = path.stat()
+            raw = path.read_bytes()
+        except OSError as exc:
+            self.fail(name, f"cannot read secret file {path}: {exc.strerror}")
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            self.warn(name, f"secret file {path} is readable by group or others; chmod 600 it")
+        return raw
+
+    def finish(self) -> None:
+        """Reject keys that no accessor consumed (typos, options of another type)."""
+        unknown = sorted(set(self._data) - self._used)
+        if unknown:
+            self.fail(unknown[0], "is not a known option here")
+
+
+def _decode_secret(opts: Options, name: str, raw: bytes, encoding: str) -> bytes:
+    if encoding == "raw":
+        return raw
+    text = raw.strip()
+    try:
+        if encoding == "text":
+            text.decode("utf-8")
+            return text
+        if encoding == "base64":
+            return base64.b64decode(text, validate=True)
+        if encoding == "hex":
+            return bytes.fromhex(text.decode("ascii"))
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        opts.fail(name, f"the referenced secret is not valid {encoding}")
+    raise ValueError(f"unknown secret encoding {encoding!r}")
+
+
+def _check_range(
+    opts: Options, name: str, value: float, lo: float | None, hi: float | None
+) -> None:
+    if lo is not None and value < lo:
+        opts.fail(name, f"must be at least {lo}, not {value}")
+    if hi is not None and value > hi:
+        opts.fail(name, f"must be at most {hi}, not {value}")
+
+
+def _type(value: object) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
