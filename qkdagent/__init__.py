@@ -6,7 +6,7 @@ in their tests), never from other modules of the package.
 
 from __future__ import annotations
 
-from .commands import CommandRegistry
+from .commands import CommandRegistry, DemoLink
 from .errors import (
     ConfigError,
     KeyNotFound,
@@ -33,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CommandRegistry",
     "ConfigError",
+    "DemoLink",
     "EraseEvent",
     "Key",
     "KeyMeta",

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
+
+from .services import Service
 
 
 @dataclass(frozen=True)
@@ -33,3 +36,13 @@ class CommandRegistry:
         if name in self.commands:
             raise ValueError(f"command {name!r} is added twice")
         self.commands[name] = Command(name, help, configure, run)
+
+
+@dataclass(frozen=True)
+class DemoLink:
+    """A key source for the demo: `service` runs the simulator, the dicts are source tables."""
+
+    description: str
+    service: Service
+    alice_sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bob_sources: dict[str, dict[str, Any]] = field(default_factory=dict)

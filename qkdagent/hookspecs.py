@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from .commands import CommandRegistry
+    from pathlib import Path
+
+    from .commands import CommandRegistry, DemoLink
     from .events import EraseEvent, RotationErrorEvent, RotationEvent
     from .interfaces import PluginContext, Sink, Source
     from .services import Service
@@ -67,3 +69,13 @@ def qkdagent_on_rotation_error(event: RotationErrorEvent) -> None:
 @hookspec
 def qkdagent_after_erase(event: EraseEvent) -> None:
     """Called after the sinks of a link were erased (start-up, reject_after, resync, removal)."""
+
+
+@hookspec(firstresult=True)
+def qkdagent_demo_link(directory: Path) -> DemoLink | None:
+    """Offer the key source `qkdagent demo` runs through (e.g. two simulated KMEs).
+
+    Called only for the plugin declared under the `qkdagent.demo` entry-point group. Return a
+    `DemoLink`: a service to start (the simulators) and the `[sources.*]` tables for alice and bob;
+    files it needs (PKI) go under `directory`. firstresult: the first non-None answer is used.
+    """
