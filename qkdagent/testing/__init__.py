@@ -10,11 +10,13 @@ Fixtures live in `qkdagent.testing.pytest_plugin`; enable them with
 `pytest_plugins = ["qkdagent.testing.pytest_plugin"]` in a conftest.
 """
 
+from .agents import AgentPair, open_agent_pair, pair_configs
 from .contracts import SinkContract, SourceContract, assert_not_leaked, secret_spellings
 from .memory import InstallRecord, MemoryPool, MemorySource, RecordingSink
 from .require import in_ci, missing, require_binary, require_root
 
 __all__ = [
+    "AgentPair",
     "InstallRecord",
     "MemoryPool",
     "MemorySource",
@@ -24,6 +26,8 @@ __all__ = [
     "assert_not_leaked",
     "in_ci",
     "missing",
+    "open_agent_pair",
+    "pair_configs",
     "require_binary",
     "require_root",
     "secret_spellings",

@@ -1,0 +1,304 @@
+"""The running agent: plugins, components, state, peer server, status server and link tasks.
+
+Structured concurrency: one nursery holds the servers and plugin services, an inner one the link
+loops. Shutdown stops scheduling, lets in-flight rotations finish within `drain_timeout`, then
+cancels; the peer server stays up meanwhile so the peer can still commit.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from . import __version__
+from .components import Components, build_components
+from .config import BUILTIN_PLUGINS, Address, AgentConfig, LinkConfig, load_config
+from .errors import ConfigError, ProtocolError, QkdAgentError
+from .interfaces import PluginContext
+from .link import LinkRuntime
+from .observability import Metrics, StatusApp
+from .peering import PeerApp, PeerClient
+from .plugins import Plugins
+from .services import Service, start_services
+from .state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(QkdAgentError):
+    """The agent cannot start (a component's prepare() failed, a port is taken...)."""
+
+
+@dataclass
+class _LinkTask:
+    runtime: LinkRuntime
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+def _bind(address: Address) -> str:
+    return str(address)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, plugins: Plugins | None = None) -> None:
+        self.config = config
+        self.settings = config.agent
+        self.name = config.agent.name
+        self.plugins = plugins or Plugins()
+        self.plugins.load((*BUILTIN_PLUGINS, *self.settings.plugins))
+        self.context = PluginContext(self.name, self.settings.state_dir, config.file)
+        self.components: Components = build_components(config, self.plugins, self.context)
+        self.metrics = Metrics()
+        self.links: dict[str, _LinkTask] = {}
+        self.store: StateStore | None = None  # type: ignore[assignment]
+        self.client: PeerClient | None = None  # type: ignore[assignment]
+        self.peer_urls: list[str] = []
+        self.status_urls: list[str] = []
+        self._links_nursery: trio.Nursery | None = None
+        self._stopping = trio.Event()
+
+    @classmethod
+    def from_file(cls, path: str) -> Agent:
+        return cls(load_config(path))
+
+    # -- running -----------------------------------------------------------------------------
+
+    async def run(
+        self,
+        *,
+        shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
+        task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self.store = StateStore(self.settings.state_dir)
+        try:
+            await self._prepare_components(self.components)
+            self.client = PeerClient(self.settings.tls)
+            async with trio.open_nursery() as servers:
+                services: list[Service] = []
+                self.plugins.hook.qkdagent_register_services(
+                    register=services.append, context=self.context
+                )
+                await start_services(servers, services)
+                self.peer_urls = await servers.start(self._serve_peers)
+                if self.settings.status_listen is not None:
+                    self.status_urls = await servers.start(self._serve_status)
+                async with trio.open_nursery() as links:
+                    self._links_nursery = links
+                    for link_config in self.config.links.values():
+                        await self._start_link(link_config)
+                    log.info(
+                        "agent %s ready: %d links, peer API %s",
+                        self.name,
+                        len(self.links),
+                        ", ".join(self.peer_urls),
+                    )
+                    task_status.started(self)
+                    await (shutdown_trigger or trio.sleep_forever)()
+                    log.info("agent %s stopping: draining in-flight rotations", self.name)
+                    self._stopping.set()
+                    for task in self.links.values():
+                        task.runtime.stop()
+                    links.cancel_scope.deadline = trio.current_time() + self.settings.drain_timeout
+                servers.cancel_scope.cancel()
+        finally:
+            with trio.move_on_after(5, shield=True):
+                await self._close_components(self.components)
+                if self.client is not None:
+                    await self.client.aclose()
+            self.store.close()
+        log.info("agent %s stopped", self.name)
+
+    async def _prepare_components(self, components: Components) -> None:
+        for handle in [*components.sources.values(), *components.sinks.values()]:
+            obj = getattr(handle, "source", None) or getattr(handle, "sink", None)
+            kind = "source" if hasattr(handle, "source") else "sink"
+            try:
+                with trio.fail_after(handle.timeout):
+                    await obj.prepare()
+            except trio.TooSlowError:
+                raise StartupError(f"{kind} {handle.id!r}: prepare() timed out") from None
+            except QkdAgentError as exc:
+                raise StartupError(f"{kind} {handle.id!r}: {exc}") from exc
+
+    async def _close_components(self, components: Components) -> None:
+        for obj in components.all():
+            try:
+                await obj.aclose()
+            except Exception as exc:
+                log.warning("closing %r failed: %s", obj, type(exc).__name__)
+
+    async def _serve_peers(self, task_status: trio.TaskStatus[list[str]]) -> None:
+        tls = self.settings.tls
+        config = HypercornConfig()
+        config.bind = [_bind(self.settings.listen)]
+        config.certfile, config.keyfile, config.ca_certs = str(tls.cert), str(tls.key), str(tls.ca)
+        config.verify_mode = __import__("ssl").CERT_REQUIRED
+        config.alpn_protocols = ["http/1.1"]
+        config.errorlog = logging.getLogger("qkdagent.http")
+        config.graceful_timeout = 1.0
+        config.h11_max_incomplete_size = 16 * 1024
+        await serve(
+            PeerApp(self._handle_peer),  # type: ignore[arg-type]
+            config,
+            shutdown_trigger=trio.sleep_forever,
+            task_status=task_status,
+        )
+
+    async def _serve_status(self, task_status: trio.TaskStatus[list[str]]) -> None:
+        assert self.settings.status_listen is not None
+        config = HypercornConfig()
+        config.bind = [_bind(self.settings.status_listen)]
+        config.errorlog = logging.getLogger("qkdagent.http")
+        config.graceful_timeout = 0.5
+        await serve(
+            StatusApp(self.describe, self.metrics),  # type: ignore[arg-type]
+            config,
+            shutdown_trigger=trio.sleep_forever,
+            task_status=task_status,
+        )
+
+    async def _handle_peer(self, link: str, action: str, body: bytes) -> bytes:
+        task = self.links.get(link)
+        if task is None:
+            raise ProtocolError("unknown link", status=404)
+        return await task.runtime.handle(action, body)
+
+    async def _start_link(self, link_config: LinkConfig) -> None:
+        assert self._links_nursery is not None
+        runtime = LinkRuntime(self, link_config)
+        await runtime.open()
+        task = _LinkTask(runtime)
+        self.links[link_config.name] = task
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                with task.scope:
+                    await runtime.run(task_status=task_status)
+            finally:
+                task.done.set()
+
+        await self._links_nursery.start(run)
+
+    async def _stop_link(self, name: str, *, erase: bool) -> None:
+        task = self.links.pop(name)
+        task.runtime.stop()
+        async with task.runtime.lock:
+            task.scope.cancel()
+        await task.done.wait()
+        if erase:
+            await task.runtime.erase_sinks("removed")
+            assert self.store is not None
+            await self.store.run(self.store.drop, name)
+            self.metrics.forget(name)
+
+    # -- reload ------------------------------------------------------------------------------
+
+    async def reload(self, new: AgentConfig) -> dict[str, list[str]]:
+        """Apply a new config: links added, removed or changed without a restart.
+
+        `[agent]` settings (name, listener, TLS, state dir, plugins) need a restart and are
+        kept as they are; a warning says so.
+        """
+        if new.agent != self.settings:
+            log.warning("config reload: [agent] changes need a restart; they are not applied")
+        plugins = self.plugins
+        components = build_components(new, plugins, self.context)
+        changed_components = {
+            cid
+            for cid, c in {**new.sources, **new.sinks}.items()
+            if _component_key(c)
+            != _component_key(self.config.sources.get(cid) or self.config.sinks.get(cid))
+        }
+        # keep the live instances of unchanged components, prepare the new ones
+        fresh = Components(
+            {
+                cid: (self.components.sources[cid] if cid not in changed_components else h)
+                for cid, h in components.sources.items()
+            },
+            {
+                cid: (self.components.sinks[cid] if cid not in changed_components else h)
+                for cid, h in components.sinks.items()
+            },
+        )
+        new_only = Components(
+            {c: h for c, h in fresh.sources.items() if c in changed_components},
+            {c: h for c, h in fresh.sinks.items() if c in changed_components},
+        )
+        await self._prepare_components(new_only)
+        old_links, new_links = self.config.links, new.links
+        removed = [n for n in old_links if n not in new_links]
+        added = [n for n in new_links if n not in old_links]
+        changed = [
+            n
+            for n in new_links
+            if n in old_links
+            and (
+                new_links[n] != old_links[n]
+                or any(
+                    c in changed_components for c in (*new_links[n].sources, *new_links[n].sinks)
+                )
+            )
+        ]
+        for name in removed:
+            await self._stop_link(name, erase=True)
+        for name in changed:
+            await self._stop_link(name, erase=False)
+        old_components = self.components
+        self.components = fresh
+        self.config = AgentConfig(new.file, self.settings, new.links, new.sources, new.sinks)
+        for name in [*changed, *added]:
+            await self._start_link(new_links[name])
+        stale = [
+            h.source if hasattr(h, "source") else h.sink
+            for cid, h in {**old_components.sources, **old_components.sinks}.items()
+            if cid in changed_components or cid not in {**fresh.sources, **fresh.sinks}
+        ]
+        for obj in stale:
+            try:
+                await obj.aclose()
+            except Exception as exc:
+                log.warning("closing %r failed: %s", obj, type(exc).__name__)
+        summary = {"added": added, "removed": removed, "changed": changed}
+        log.info("config reloaded: %s", summary)
+        return summary
+
+    # -- observation -------------------------------------------------------------------------
+
+    def notify(self, hook: str, event: object) -> None:
+        try:
+            getattr(self.plugins.hook, hook)(event=event)
+        except Exception:
+            log.exception("a %s hook implementation failed", hook)
+
+    def link(self, name: str) -> LinkRuntime:
+        return self.links[name].runtime
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "agent": self.name,
+            "version": __version__,
+            "time": time.time(),
+            "peer_api": self.peer_urls,
+            "links": [t.runtime.describe() for t in self.links.values()],
+        }
+
+
+def _component_key(component: Any) -> Any:
+    if component is None:
+        return None
+    return (component.type, component.label, component.timeout, repr(component.options._data))
+
+
+def reload_config(path: str) -> AgentConfig:
+    try:
+        return load_config(path)
+    except ConfigError:
+        raise

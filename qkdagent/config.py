@@ -1,0 +1,246 @@
+"""The agent's TOML config file: parsed and validated up front, every error located.
+
+Plugin options are validated by the plugin classes themselves (through `Options`) once the
+plugins named in `[agent] plugins` are loaded; see `components.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+from .options import Options
+from .scheduler import Timing
+from .secret import Secret
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+BUILTIN_PLUGINS = ("file", "exec")
+ROLES = ("initiator", "responder", "auto")
+
+
+def _check_name(value: str) -> str | None:
+    if not NAME_RE.match(value):
+        return "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    return None
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(opts: Options, name: str, default: Any = None) -> Address | None:
+    text = opts.string(name, default)
+    if text is None:
+        return None
+    match = re.match(
+        r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$", text
+    )
+    if not match or not 0 <= int(match["port"]) <= 65535:
+        opts.fail(name, f"must be HOST:PORT (IPv6 as [ADDR]:PORT), not {text!r}")
+    return Address(match["v6"] or match["host"], int(match["port"]))
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    name: str
+    listen: Address
+    tls: TlsFiles
+    state_dir: Path
+    status_listen: Address | None
+    plugins: tuple[str, ...]
+    drain_timeout: float
+    rotation_timeout: float
+    log_format: str
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    name: str
+    peer: str
+    peer_url: str
+    role: str
+    initiator: bool
+    bootstrap: Secret
+    timing: Timing
+    sources: tuple[str, ...]
+    sinks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    """A `[sources.<id>]` or `[sinks.<id>]` table; `options` go to the plugin class."""
+
+    kind: str
+    id: str
+    type: str
+    label: str
+    timeout: float
+    options: Options
+
+
+@dataclass
+class AgentConfig:
+    file: Path | None
+    agent: AgentSettings
+    links: dict[str, LinkConfig] = field(default_factory=dict)
+    sources: dict[str, ComponentConfig] = field(default_factory=dict)
+    sinks: dict[str, ComponentConfig] = field(default_factory=dict)
+
+
+def load_config(path: str | Path) -> AgentConfig:
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("(file)", f"cannot read config: {exc.strerror}", file=str(path)) from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError("(syntax)", f"not valid TOML: {exc}", file=str(path)) from None
+    return parse_config(data, file=path)
+
+
+def parse_config(data: dict[str, Any], *, file: Path | None = None) -> AgentConfig:
+    fname = str(file) if file else None
+    base = file.parent if file else Path.cwd()
+
+    def warn(message: str) -> None:
+        log.warning("config warning: %s", message)
+
+    root = Options(data, where="", file=fname, base_dir=base, warn=warn)
+    agent = _agent(root.sub("agent"))
+    sources = _components(root.sub("sources", {}), "sources")
+    sinks = _components(root.sub("sinks", {}), "sinks")
+    links_opts = root.sub("links", {})
+    links: dict[str, LinkConfig] = {}
+    for name in list(links_opts._data):
+        _check_section_name(links_opts, name)
+        links[name] = _link(links_opts.sub(name), name, agent, sources, sinks)
+    links_opts.finish()
+    root.finish()
+    return AgentConfig(file, agent, links, sources, sinks)
+
+
+def _check_section_name(opts: Options, name: str) -> None:
+    problem = _check_name(name)
+    if problem:
+        opts.fail(name, f"section name {problem}")
+
+
+def _agent(opts: Options) -> AgentSettings:
+    tls = opts.sub("tls")
+    settings = AgentSettings(
+        name=opts.string("name", check=_check_name),
+        listen=parse_address(opts, "listen", "0.0.0.0:7447"),  # type: ignore[arg-type]
+        tls=TlsFiles(
+            cert=tls.path("cert", must_exist=True),
+            key=tls.path("key", must_exist=True),
+            ca=tls.path("ca", must_exist=True),
+        ),
+        state_dir=opts.path("state_dir", Path("/var/lib/qkdagent")),
+        status_listen=parse_address(opts, "status_listen", "127.0.0.1:7448"),
+        plugins=tuple(opts.strings("plugins", [])),
+        drain_timeout=opts.number("drain_timeout", 10.0, min=0, max=600),
+        rotation_timeout=opts.number("rotation_timeout", 30.0, positive=True, max=600),
+        log_format=opts.string("log_format", "text", choices=("text", "json")),
+    )
+    tls.finish()
+    opts.finish()
+    return settings
+
+
+def _components(opts: Options, kind: str) -> dict[str, ComponentConfig]:
+    result: dict[str, ComponentConfig] = {}
+    for name in list(opts._data):
+        _check_section_name(opts, name)
+        sub = opts.sub(name)
+        type_name = sub.string("type", max_len=64)
+        result[name] = ComponentConfig(
+            kind=kind,
+            id=name,
+            type=type_name,
+            label=sub.string("label", type_name, check=_check_name),
+            timeout=sub.number("timeout", 10.0, positive=True, max=600),
+            options=sub,
+        )
+    opts.finish()
+    return result
+
+
+def _link(
+    opts: Options,
+    name: str,
+    agent: AgentSettings,
+    sources: dict[str, ComponentConfig],
+    sinks: dict[str, ComponentConfig],
+) -> LinkConfig:
+    peer = opts.string("peer", check=_check_name)
+    if peer == agent.name:
+        opts.fail("peer", f"is this agent's own name {peer!r}")
+    url = opts.string("peer_url")
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
+        opts.fail("peer_url", f"must be https://HOST[:PORT] (mutual TLS), not {url!r}")
+    role = opts.string("role", "auto", choices=ROLES)
+    initiator = role == "initiator" or (role == "auto" and agent.name < peer)
+    interval = opts.number("interval", 120.0, positive=True, max=86400)
+    reject_after = opts.number("reject_after", 180.0, positive=True, max=7 * 86400)
+    if reject_after <= interval:
+        opts.fail("reject_after", f"must be longer than interval ({interval:g} s)")
+    timing = Timing(
+        interval=interval,
+        jitter=opts.number("jitter", 0.1, min=0, max=0.5),
+        reject_after=reject_after,
+        backoff_min=opts.number("backoff_min", 1.0, positive=True),
+        backoff_max=opts.number("backoff_max", min(30.0, interval), positive=True),
+    )
+    link_sources = opts.strings("sources", allow_empty=False)
+    for source in link_sources:
+        if source not in sources:
+            opts.fail("sources", f"names {source!r}, which has no [sources.{source}] table")
+    link_sinks = opts.strings("sinks", [])
+    labels: dict[str, str] = {}
+    for sink in link_sinks:
+        if sink not in sinks:
+            opts.fail("sinks", f"names {sink!r}, which has no [sinks.{sink}] table")
+        label = sinks[sink].label
+        if label in labels:
+            opts.fail(
+                "sinks",
+                f"sinks {labels[label]!r} and {sink!r} share the label {label!r}; give each "
+                "consumer its own `label` so they never share key bytes",
+            )
+        labels[label] = sink
+    bootstrap = opts.secret("bootstrap", encoding="base64", size=32)
+    opts.finish()
+    return LinkConfig(
+        name=name,
+        peer=peer,
+        peer_url=url.rstrip("/"),
+        role=role,
+        initiator=initiator,
+        bootstrap=bootstrap,
+        timing=timing,
+        sources=tuple(link_sources),
+        sinks=tuple(link_sinks),
+    )

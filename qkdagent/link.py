@@ -1,0 +1,611 @@
+"""One link at run time: the rotation protocol of DESIGN §4 for both roles, and its timers.
+
+The initiator drives rotations from `run()`; the responder answers `handle_*` calls from the peer
+API. Both hold `self.lock` for a whole exchange so a link is never in two rotations at once. State
+is written through the store before any sink is touched, and every refusal of a peer message
+happens before any state changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import trio
+
+from . import protocol, ratchet, scheduler
+from .components import SinkHandle, SourceHandle
+from .config import LinkConfig
+from .errors import KeyNotFound, KeyReuseError, ProtocolError, QkdAgentError, SourceError
+from .events import EraseEvent, RotationErrorEvent, RotationEvent
+from .interfaces import KeyMeta, Link
+from .peering import PeerReply
+from .secret import Key
+from .state import LinkRecord, Pending
+
+if TYPE_CHECKING:
+    from .agent import Agent
+
+log = logging.getLogger(__name__)
+
+REQUEST_RETRIES = 3
+
+
+class RotationFailed(Exception):
+    """A rotation attempt ended without a commit; `stage` says where."""
+
+    def __init__(self, stage: str, message: str) -> None:
+        self.stage = stage
+        super().__init__(message)
+
+
+@dataclass
+class LinkStatus:
+    """What `qkdagent status` shows for a link (no key material)."""
+
+    last_error: str | None = None
+    last_error_at: float | None = None
+    last_rotation_seconds: float | None = None
+    rotations: int = 0
+    failures: int = 0
+    erased_reason: str | None = None
+
+
+def _digest(body: bytes) -> bytes:
+    return hashlib.sha3_256(body).digest()
+
+
+class LinkRuntime:
+    def __init__(self, agent: Agent, config: LinkConfig) -> None:
+        self.agent = agent
+        self.config = config
+        self.name = config.name
+        self.link = Link(config.name, agent.name, config.peer, config.initiator)
+        self.sources: list[SourceHandle] = [agent.components.sources[s] for s in config.sources]
+        self.sinks: list[SinkHandle] = [agent.components.sinks[s] for s in config.sinks]
+        self.labels = [s.label for s in self.sinks]
+        self.start = ratchet.chain_start(config.bootstrap, config.name)
+        self.lock = trio.Lock()
+        self.record: LinkRecord | None = None
+        self.clock: scheduler.Clock | None = None
+        self.wake = trio.Event()
+        self.status = LinkStatus()
+        self.stopped = False
+        self.commit_lost = False
+        """Set when the peer did not acknowledge a commit: the next rotation comes early."""
+        self.rand: Callable[[], float] = random.random
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Load or create state; put the sinks in a defined state (current key or fail-closed)."""
+        store = self.agent.store
+        record = await store.run(store.load, self.name)
+        if record is None or record.peer != self.config.peer:
+            record = await store.run(
+                store.create, self.name, self.config.peer, self.start.chain_key, self.start.auth_key
+            )
+        self.record = record
+        now = trio.current_time()
+        age = None if record.committed_at is None else max(0.0, time.time() - record.committed_at)
+        fresh = record.epoch > 0 and age is not None and age < self.config.timing.reject_after
+        if fresh:
+            assert age is not None
+            await self._install_all(self._meta(record))
+        else:
+            await self.erase_sinks("startup" if record.epoch == 0 else "reject_after")
+        self.clock = scheduler.start(
+            self.config.initiator,
+            now,
+            last_success=(now - age) if fresh and age is not None else None,
+            erased=not fresh,
+        )
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.wake.set()
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The link's timer loop: rotate when due (initiator), erase when stale (both roles)."""
+        task_status.started()
+        while not self.stopped:
+            assert self.clock is not None
+            action = scheduler.decide(self.clock, self.config.timing, trio.current_time())
+            if isinstance(action, scheduler.Wait):
+                with trio.move_on_at(action.until):
+                    await self.wake.wait()
+                self.wake = trio.Event()
+            elif isinstance(action, scheduler.Rotate):
+                await self.rotate_once()
+            else:
+                await self.erase_sinks(action.reason)
+                self.clock = scheduler.after_erase(self.clock)
+
+    # -- initiator ---------------------------------------------------------------------------
+
+    async def rotate_once(self) -> bool:
+        """One initiator rotation attempt; returns whether it committed."""
+        started = trio.current_time()
+        async with self.lock:
+            assert self.record is not None
+            epoch = self.record.epoch
+            try:
+                with trio.fail_after(self.agent.settings.rotation_timeout):
+                    await self._rotate(started)
+                return True
+            except trio.TooSlowError:
+                self._failed(epoch, "timeout", "rotation timed out")
+            except RotationFailed as exc:
+                self._failed(epoch, exc.stage, str(exc))
+            except QkdAgentError as exc:
+                self._failed(epoch, "source" if isinstance(exc, SourceError) else "state", str(exc))
+            return False
+
+    async def _rotate(self, started: float) -> None:
+        record = self.record
+        assert record is not None
+        keys = await self._new_keys()
+        key_ids = tuple((src.id, key.key_id) for src, key in zip(self.sources, keys, strict=True))
+        try:
+            await self.agent.store.run(self.agent.store.mark_used, self.name, key_ids)
+        except KeyReuseError as exc:
+            raise RotationFailed("source", str(exc)) from None
+        epoch = record.epoch + 1
+        kind, chain_key, auth_key = "rotate", record.chain_key, record.auth_key
+        reply, nonce = await self._exchange(kind, epoch, key_ids, auth_key)
+        if reply.status == 409 and reply.error_hint().get("error") == "epoch":
+            hint = reply.error_hint().get("epoch")
+            peer_epoch = hint if isinstance(hint, int) and not isinstance(hint, bool) else 0
+            log.warning(
+                "link %s: peer is on epoch %s, we are on %s; resynchronising",
+                self.name,
+                peer_epoch,
+                record.epoch,
+            )
+            # The peer lost state or we did: restart the chain from the bootstrap secret with the
+            # fresh keys, at an epoch above both sides' so that no old message can be replayed.
+            keys = await self._new_keys()
+            key_ids = tuple((s.id, k.key_id) for s, k in zip(self.sources, keys, strict=True))
+            await self.agent.store.run(self.agent.store.mark_used, self.name, key_ids)
+            epoch = max(record.epoch, peer_epoch, 0) + 1
+            kind, chain_key, auth_key = "resync", self.start.chain_key, self.start.auth_key
+            reply, nonce = await self._exchange(kind, epoch, key_ids, auth_key)
+        if reply.status != 200:
+            hint = reply.error_hint()
+            raise RotationFailed(
+                "peer", f"peer refused {kind} ({reply.status} {str(hint.get('message'))[:200]})"
+            )
+        message = self._parse_reply(reply.body, kind + "-reply", epoch, auth_key, nonce)
+        transcript = ratchet.Transcript(
+            self.name, self.agent.name, self.config.peer, epoch, key_ids, nonce, message.nonce
+        )
+        inputs = [
+            ratchet.SourceInput(src.id, key.key_id, key.value)
+            for src, key in zip(self.sources, keys, strict=True)
+        ]
+        derived = ratchet.rotate(chain_key, inputs, transcript, self.labels)
+        if not hmac.compare_digest(message.confirm, ratchet.confirmation(derived, "responder")):
+            raise RotationFailed("confirm", "key confirmation failed: the peer derived other keys")
+        await self.agent.store.run(
+            lambda: self.agent.store.commit(
+                self.name,
+                epoch=epoch,
+                chain_key=derived.chain_key,
+                auth_key=derived.auth_key,
+                key_ids=key_ids,
+                outputs=derived.outputs,
+                acked=False,
+            )
+        )
+        self.record = await self.agent.store.run(self.agent.store.load, self.name)
+        assert self.record is not None
+        commit_nonce = protocol.new_nonce()
+        commit = protocol.build(
+            "commit",
+            link=self.name,
+            sender=self.agent.name,
+            receiver=self.config.peer,
+            epoch=epoch,
+            auth_key=derived.auth_key,
+            nonce=commit_nonce,
+            confirm=ratchet.confirmation(derived, "initiator"),
+        )
+        failed: list[str] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._install_collect, self._meta(self.record), failed)
+            nursery.start_soon(self._send_commit, self.record, commit, commit_nonce)
+        self._succeeded(started, key_ids, failed)
+
+    async def _new_keys(self) -> list[Key]:
+        keys = []
+        for source in self.sources:
+            try:
+                keys.append(await source.new_key(self.link))
+            except QkdAgentError as exc:
+                raise RotationFailed("source", f"source {source.id!r}: {exc}") from None
+        return keys
+
+    async def _exchange(
+        self, kind: str, epoch: int, key_ids: tuple[tuple[str, str], ...], auth_key: Any
+    ) -> tuple[PeerReply, bytes]:
+        nonce = protocol.new_nonce()
+        body = protocol.build(
+            kind,
+            link=self.name,
+            sender=self.agent.name,
+            receiver=self.config.peer,
+            epoch=epoch,
+            auth_key=auth_key,
+            keys=[list(pair) for pair in key_ids],
+            nonce=nonce,
+        )
+        return await self._post(kind, body), nonce
+
+    async def _post(self, action: str, body: bytes) -> PeerReply:
+        """Send with bounded retransmission: the responder answers a repeat idempotently."""
+        delay = 0.05
+        for attempt in range(REQUEST_RETRIES):
+            try:
+                reply = await self.agent.client.post(self.config.peer_url, self.name, action, body)
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"[:300]
+            else:
+                if reply.status < 500:
+                    return reply
+                error = f"HTTP {reply.status}"
+            if attempt + 1 < REQUEST_RETRIES:
+                await trio.sleep(delay)
+                delay *= 4
+        raise RotationFailed("peer", f"{action} to {self.config.peer_url} failed: {error}")
+
+    def _parse_reply(
+        self, body: bytes, kind: str, epoch: int, auth_key: Any, nonce: bytes
+    ) -> protocol.Message:
+        try:
+            message = protocol.parse(body, expect=(kind,))
+        except ProtocolError as exc:
+            raise RotationFailed("peer", f"bad reply: {exc}") from None
+        if (
+            message.link != self.name
+            or message.sender != self.config.peer
+            or message.receiver != self.agent.name
+            or message.epoch != epoch
+            or not hmac.compare_digest(message.request_nonce, nonce)
+        ):
+            raise RotationFailed("peer", "reply does not answer this request")
+        if not protocol.verify_mac(message, auth_key):
+            raise RotationFailed("peer", "reply MAC does not verify")
+        return message
+
+    async def _send_commit(self, record: LinkRecord, body: bytes, nonce: bytes) -> None:
+        """Tell the responder to commit; a lost commit is recovered by the next rotate."""
+        try:
+            reply = await self._post("commit", body)
+            if reply.status != 200:
+                raise RotationFailed("commit", f"peer refused commit ({reply.status})")
+            self._parse_reply(reply.body, "commit-reply", record.epoch, record.auth_key, nonce)
+        except RotationFailed as exc:
+            log.warning(
+                "link %s: commit of epoch %d not acknowledged: %s", self.name, record.epoch, exc
+            )
+            self.commit_lost = True
+            return
+        await self.agent.store.run(self.agent.store.set_acked, self.name, record.epoch)
+        record.acked = True
+
+    # -- responder ---------------------------------------------------------------------------
+
+    async def handle(self, action: str, body: bytes) -> bytes:
+        message = protocol.parse(body, expect=(action,))
+        if message.link != self.name:
+            raise ProtocolError("link name in the message does not match the path")
+        if message.sender != self.config.peer or message.receiver != self.agent.name:
+            raise ProtocolError("message is not from this link's peer to this agent", status=403)
+        if self.config.initiator and action != "commit":
+            raise ProtocolError("both agents are configured as initiator", status=409)
+        async with self.lock:
+            if action == "commit":
+                return await self._on_commit(message)
+            return await self._on_rotate(message, body)
+
+    def _refuse(self, code: str, message: str, status: int) -> ProtocolError:
+        assert self.record is not None
+        error = ProtocolError(message, status=status)
+        error.body = protocol.error_body(code, message, epoch=self.record.epoch)  # type: ignore[attr-defined]
+        return error
+
+    async def _on_rotate(self, message: protocol.Message, body: bytes) -> bytes:
+        record = self.record
+        assert record is not None
+        pending = record.pending
+        if pending is not None and message.epoch == pending.epoch + 1 and message.kind == "rotate":
+            if protocol.verify_mac(message, pending.auth_key):
+                # A rotate for n+2 under epoch n+1's auth key proves the peer committed n+1.
+                await self._commit_pending(pending)
+                record = self.record
+                assert record is not None
+        if (
+            record.pending is not None
+            and message.epoch == record.pending.epoch
+            and hmac.compare_digest(_digest(body), record.pending.request_digest)
+        ):
+            return record.pending.reply  # retransmission: same answer, no state change
+        if message.kind == "resync":
+            chain_key, auth_key = self.start.chain_key, self.start.auth_key
+            floor = max(record.epoch, record.pending.epoch if record.pending else 0)
+            if message.epoch <= floor:
+                raise self._refuse("epoch", f"resync must move past epoch {floor}", 409)
+        else:
+            chain_key, auth_key = record.chain_key, record.auth_key
+            if message.epoch != record.epoch + 1:
+                raise self._refuse("epoch", f"expected epoch {record.epoch + 1}", 409)
+        if not protocol.verify_mac(message, auth_key):
+            raise self._refuse("auth", "message authentication failed", 403)
+        key_ids = message.keys
+        if [s for s, _ in key_ids] != [s.id for s in self.sources]:
+            raise self._refuse("sources", "the peer's sources differ from this link's", 400)
+        store = self.agent.store
+        for source, key_id in key_ids:
+            if await store.run(store.is_used, self.name, source, key_id):
+                raise self._refuse("replay", "key ID already used on this link", 409)
+        keys = []
+        for source, (_, key_id) in zip(self.sources, key_ids, strict=True):
+            try:
+                keys.append(await source.key_by_id(self.link, key_id))
+            except KeyNotFound as exc:
+                self._failed(record.epoch, "source", str(exc))
+                raise self._refuse("key-not-found", f"source {source.id!r}: {exc}", 409) from None
+            except QkdAgentError as exc:
+                self._failed(record.epoch, "source", str(exc))
+                raise self._refuse("source", f"source {source.id!r} failed", 503) from None
+        nonce = protocol.new_nonce()
+        transcript = ratchet.Transcript(
+            self.name,
+            self.config.peer,
+            self.agent.name,
+            message.epoch,
+            key_ids,
+            message.nonce,
+            nonce,
+        )
+        inputs = [ratchet.SourceInput(s, k.key_id, k.value) for (s, _), k in zip(key_ids, keys)]
+        derived = ratchet.rotate(chain_key, inputs, transcript, self.labels)
+        reply = protocol.build(
+            message.kind + "-reply",
+            link=self.name,
+            sender=self.agent.name,
+            receiver=self.config.peer,
+            epoch=message.epoch,
+            auth_key=auth_key,
+            nonce=nonce,
+            request_nonce=message.nonce,
+            confirm=ratchet.confirmation(derived, "responder"),
+        )
+        pending = Pending(
+            epoch=message.epoch,
+            kind=message.kind,
+            request_digest=_digest(body),
+            key_ids=key_ids,
+            chain_key=derived.chain_key,
+            auth_key=derived.auth_key,
+            confirm_key=derived.confirm_key,
+            transcript_hash=derived.transcript_hash,
+            outputs=derived.outputs,
+            reply=reply,
+            created_at=time.time(),
+        )
+        try:
+            await store.run(lambda: store.store_pending(self.name, pending, mark_used=True))
+        except KeyReuseError:
+            raise self._refuse("replay", "key ID already used on this link", 409) from None
+        record.pending = pending
+        return reply
+
+    async def _on_commit(self, message: protocol.Message) -> bytes:
+        record = self.record
+        assert record is not None
+        pending = record.pending
+        if pending is not None and message.epoch == pending.epoch:
+            if not protocol.verify_mac(message, pending.auth_key):
+                raise self._refuse("auth", "message authentication failed", 403)
+            derived = ratchet.EpochKeys(
+                pending.epoch,
+                pending.chain_key,
+                pending.auth_key,
+                pending.confirm_key,
+                pending.outputs,
+                pending.transcript_hash,
+            )
+            expected = ratchet.confirmation(derived, "initiator")
+            if not hmac.compare_digest(message.confirm, expected):
+                raise self._refuse("confirm", "key confirmation failed", 403)
+            await self._commit_pending(pending)
+        elif message.epoch == record.epoch and record.epoch > 0:
+            if not protocol.verify_mac(message, record.auth_key):
+                raise self._refuse("auth", "message authentication failed", 403)
+        else:
+            raise self._refuse("epoch", f"no pending epoch {message.epoch}", 409)
+        assert self.record is not None
+        return protocol.build(
+            "commit-reply",
+            link=self.name,
+            sender=self.agent.name,
+            receiver=self.config.peer,
+            epoch=message.epoch,
+            auth_key=self.record.auth_key,
+            request_nonce=message.nonce,
+        )
+
+    async def _commit_pending(self, pending: Pending) -> None:
+        started = trio.current_time()
+        store = self.agent.store
+        await store.run(
+            lambda: store.commit(
+                self.name,
+                epoch=pending.epoch,
+                chain_key=pending.chain_key,
+                auth_key=pending.auth_key,
+                key_ids=pending.key_ids,
+                outputs=pending.outputs,
+                acked=True,
+            )
+        )
+        self.record = await store.run(store.load, self.name)
+        assert self.record is not None
+        failed: list[str] = []
+        await self._install_collect(self._meta(self.record), failed)
+        self._succeeded(started, pending.key_ids, failed)
+
+    # -- sinks -------------------------------------------------------------------------------
+
+    def _meta(self, record: LinkRecord) -> dict[str, KeyMeta]:
+        created = record.committed_at or time.time()
+        ids = tuple(k for _, k in record.key_ids)
+        return {s.id: KeyMeta(record.epoch, ids, s.label, created) for s in self.sinks}
+
+    async def _install_all(self, metas: dict[str, KeyMeta]) -> list[str]:
+        failed: list[str] = []
+        await self._install_collect(metas, failed)
+        return failed
+
+    async def _install_collect(self, metas: dict[str, KeyMeta], failed: list[str]) -> None:
+        record = self.record
+        assert record is not None
+
+        async def one(handle: SinkHandle) -> None:
+            secret = record.outputs.get(handle.label)
+            if secret is None:
+                # A sink added after this epoch was derived: it has no output yet; fail closed
+                # until the next rotation derives one for its label.
+                await self._erase_one(handle, "no-key-yet")
+                return
+            try:
+                await handle.install(self.link, secret, metas[handle.id])
+                self.agent.metrics.installs.labels(self.name, handle.id, "ok").inc()
+            except QkdAgentError as exc:
+                failed.append(handle.id)
+                self.agent.metrics.installs.labels(self.name, handle.id, "error").inc()
+                log.error("link %s: sink %s: install failed: %s", self.name, handle.id, exc)
+
+        async with trio.open_nursery() as nursery:
+            for handle in self.sinks:
+                nursery.start_soon(one, handle)
+
+    async def _erase_one(self, handle: SinkHandle, reason: str) -> bool:
+        try:
+            await handle.erase(self.link, reason)
+            return True
+        except QkdAgentError as exc:
+            log.error("link %s: sink %s: erase failed: %s", self.name, handle.id, exc)
+            return False
+
+    async def erase_sinks(self, reason: str) -> None:
+        """Fail closed: every sink of the link gets a random secret or loses its key."""
+        erased: list[str] = []
+
+        async def one(handle: SinkHandle) -> None:
+            if await self._erase_one(handle, reason):
+                erased.append(handle.id)
+
+        async with trio.open_nursery() as nursery:
+            for handle in self.sinks:
+                nursery.start_soon(one, handle)
+        self.status.erased_reason = reason
+        epoch = self.record.epoch if self.record else 0
+        if reason != "startup":
+            log.warning("link %s: sinks erased (%s)", self.name, reason)
+        self.agent.metrics.erasures.labels(self.name, reason).inc()
+        self.agent.notify(
+            "qkdagent_after_erase",
+            EraseEvent(self.name, epoch, reason, tuple(sorted(erased))),
+        )
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _succeeded(
+        self, started: float, key_ids: tuple[tuple[str, str], ...], failed: list[str]
+    ) -> None:
+        record = self.record
+        assert record is not None and self.clock is not None
+        now = trio.current_time()
+        duration = now - started
+        self.clock = scheduler.after_success(self.clock, self.config.timing, now, self.rand())
+        if self.commit_lost:
+            # The next rotate under the new auth key also commits the peer's pending epoch.
+            self.commit_lost = False
+            self.clock = scheduler.after_failure(self.clock, self.config.timing, now)
+        self.status.rotations += 1
+        self.status.last_rotation_seconds = duration
+        self.status.erased_reason = None
+        self.agent.metrics.rotation_done(self.name, record.epoch, duration)
+        log.info(
+            "link %s: epoch %d committed (%s) in %.1f ms",
+            self.name,
+            record.epoch,
+            "initiator" if self.config.initiator else "responder",
+            duration * 1000,
+        )
+        self.agent.notify(
+            "qkdagent_after_rotation",
+            RotationEvent(
+                self.name,
+                record.epoch,
+                tuple(k for _, k in key_ids),
+                self.config.initiator,
+                duration,
+                tuple(s.id for s in self.sinks),
+                tuple(failed),
+            ),
+        )
+        self.poke()
+
+    def _failed(self, epoch: int, stage: str, message: str) -> None:
+        now = trio.current_time()
+        self.status.failures += 1
+        self.status.last_error = f"{stage}: {message}"[:500]
+        self.status.last_error_at = time.time()
+        if self.clock is not None and self.config.initiator:
+            self.clock = scheduler.after_failure(self.clock, self.config.timing, now)
+        self.agent.metrics.failures.labels(self.name, stage).inc()
+        log.warning("link %s: rotation failed at %s: %s", self.name, stage, message)
+        self.agent.notify(
+            "qkdagent_on_rotation_error", RotationErrorEvent(self.name, epoch, stage, message)
+        )
+
+    def describe(self) -> dict[str, Any]:
+        record = self.record
+        now_wall, now = time.time(), trio.current_time()
+        committed = record.committed_at if record and record.epoch > 0 else None
+        next_rotation = None
+        if self.clock is not None and self.config.initiator:
+            next_rotation = now_wall + max(0.0, self.clock.next_attempt - now)
+        return {
+            "link": self.name,
+            "peer": self.config.peer,
+            "role": "initiator" if self.config.initiator else "responder",
+            "configured_role": self.config.role,
+            "epoch": record.epoch if record else 0,
+            "last_success": committed,
+            "key_age": None if committed is None else now_wall - committed,
+            "next_rotation": next_rotation,
+            "erased": self.status.erased_reason,
+            "rotations": self.status.rotations,
+            "failures": self.status.failures,
+            "last_error": self.status.last_error,
+            "last_error_at": self.status.last_error_at,
+            "last_rotation_ms": None
+            if self.status.last_rotation_seconds is None
+            else round(self.status.last_rotation_seconds * 1000, 3),
+            "sources": [s.id for s in self.sources],
+            "sinks": [s.id for s in self.sinks],
+        }

@@ -1,0 +1,104 @@
+"""Prometheus metrics and the local status endpoint (`GET /status`, `GET /metrics`).
+
+The status listener is plain HTTP meant for loopback: it shows link names, epochs, times and
+errors, never key material. Each agent has its own registry, so several agents in one process
+(tests, the demo) keep separate figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.rotations = Counter("qkdagent_rotations", "Committed rotations", ["link"], registry=r)
+        self.failures = Counter(
+            "qkdagent_rotation_failures", "Failed rotation attempts", ["link", "stage"], registry=r
+        )
+        self.installs = Counter(
+            "qkdagent_sink_installs", "Sink installs", ["link", "sink", "result"], registry=r
+        )
+        self.erasures = Counter(
+            "qkdagent_erasures",
+            "Fail-closed erasures of a link's sinks",
+            ["link", "reason"],
+            registry=r,
+        )
+        self.epoch = Gauge("qkdagent_link_epoch", "Committed epoch", ["link"], registry=r)
+        self.last_success = Gauge(
+            "qkdagent_link_last_success_timestamp_seconds",
+            "Unix time of the last committed rotation",
+            ["link"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "qkdagent_rotation_duration_seconds",
+            "Rotation time on this side, from start to its sinks installed",
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+
+    def rotation_done(self, link: str, epoch: int, duration: float) -> None:
+        self.rotations.labels(link).inc()
+        self.epoch.labels(link).set(epoch)
+        self.last_success.labels(link).set(time.time())
+        self.duration.observe(duration)
+
+    def forget(self, link: str) -> None:
+        for metric in (self.rotations, self.epoch, self.last_success):
+            try:
+                metric.remove(link)
+            except KeyError:
+                pass
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class StatusApp:
+    """ASGI app serving the status document and the metrics of one agent."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]], metrics: Metrics) -> None:
+        self.status = status
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                event = await receive()
+                if event["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif event["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        if scope["method"] != "GET":
+            status, ctype, body = 405, "text/plain", b"GET only\n"
+        elif scope["path"] == "/status":
+            status, ctype = 200, "application/json"
+            body = json.dumps(self.status(), indent=2).encode()
+        elif scope["path"] == "/metrics":
+            status, ctype, body = 200, CONTENT_TYPE_LATEST, self.metrics.exposition()
+        else:
+            status, ctype, body = 404, "text/plain", b"try /status or /metrics\n"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", ctype.encode()),
+                    (b"content-length", b"%d" % len(body)),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})

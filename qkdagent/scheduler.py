@@ -1,0 +1,95 @@
+"""When to rotate, when to give up and erase: pure functions of (link timing, now).
+
+Times are trio clock seconds, so the running agent can be tested under a virtual clock and these
+functions without any clock at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A link's timer settings (from its config)."""
+
+    interval: float = 120.0
+    jitter: float = 0.1
+    """Fraction of `interval` by which a rotation may come early (spreads load over links)."""
+    reject_after: float = 180.0
+    backoff_min: float = 1.0
+    backoff_max: float = 30.0
+
+
+@dataclass(frozen=True)
+class Clock:
+    """What the scheduler remembers about one link."""
+
+    initiator: bool
+    last_success: float
+    """Time of the last committed rotation, or of start-up before the first one."""
+    next_attempt: float
+    failures: int = 0
+    erased: bool = False
+    """True while the sinks hold an erased (random) secret, until the next success."""
+
+
+@dataclass(frozen=True)
+class Wait:
+    until: float
+
+
+@dataclass(frozen=True)
+class Rotate:
+    pass
+
+
+@dataclass(frozen=True)
+class Erase:
+    reason: str
+
+
+Action = Wait | Rotate | Erase
+
+
+def decide(clock: Clock, timing: Timing, now: float) -> Action:
+    """The one thing to do next. Erasing beats rotating: a stale key must not outlive its bound."""
+    deadline = clock.last_success + timing.reject_after
+    if not clock.erased and now >= deadline:
+        return Erase("reject_after")
+    if clock.initiator and now >= clock.next_attempt:
+        return Rotate()
+    wake = math.inf
+    if clock.initiator:
+        wake = clock.next_attempt
+    if not clock.erased:
+        wake = min(wake, deadline)
+    return Wait(wake)
+
+
+def start(initiator: bool, now: float, *, last_success: float | None, erased: bool) -> Clock:
+    """Clock at start-up: rotate at once; the reject_after bound counts from the last success."""
+    return Clock(
+        initiator=initiator,
+        last_success=now if last_success is None else last_success,
+        next_attempt=now,
+        erased=erased,
+    )
+
+
+def after_success(clock: Clock, timing: Timing, now: float, rand: float) -> Clock:
+    """Next rotation one interval later, shortened by up to `jitter` (rand in [0, 1))."""
+    spacing = timing.interval * (1.0 - timing.jitter * rand)
+    return replace(clock, last_success=now, next_attempt=now + spacing, failures=0, erased=False)
+
+
+def after_failure(clock: Clock, timing: Timing, now: float) -> Clock:
+    """Exponential backoff, capped, and never past the next regular rotation time."""
+    failures = clock.failures + 1
+    delay = min(timing.backoff_max, timing.backoff_min * 2 ** (failures - 1), timing.interval)
+    return replace(clock, next_attempt=now + delay, failures=failures)
+
+
+def after_erase(clock: Clock) -> Clock:
+    return replace(clock, erased=True)

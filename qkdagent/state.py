@@ -1,0 +1,334 @@
+"""Durable per-link state in an embedded SQLite database (`state_dir/state.db`, mode 0600).
+
+Everything a side needs to converge after a crash is written (fsync'd) before any sink is touched:
+the committed epoch with its chain/auth keys and sink outputs, a pending epoch with the exact reply
+that was sent for it, and every key ID the link has used. The methods are blocking; the agent calls
+them through `StateStore.run` on one worker thread.
+
+`secure_delete` zeroes freed pages so overwritten chain keys do not linger in the database file;
+the filesystem and storage below may still keep old blocks, which no user-space program can rule
+out (see README, "Security properties and limits").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from .errors import KeyReuseError
+from .secret import Secret
+
+T = TypeVar("T")
+USED_KEY_ID_RETENTION = 100_000
+"""Used key IDs remembered per link; older ones are pruned (sources delete them anyway)."""
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS links (
+    name TEXT PRIMARY KEY,
+    peer TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    chain_key BLOB NOT NULL,
+    auth_key BLOB NOT NULL,
+    key_ids TEXT NOT NULL,
+    committed_at REAL,
+    acked INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outputs (
+    link TEXT NOT NULL,
+    label TEXT NOT NULL,
+    secret BLOB NOT NULL,
+    PRIMARY KEY (link, label)
+);
+CREATE TABLE IF NOT EXISTS pending (
+    link TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    request_digest BLOB NOT NULL,
+    key_ids TEXT NOT NULL,
+    chain_key BLOB NOT NULL,
+    auth_key BLOB NOT NULL,
+    confirm_key BLOB NOT NULL,
+    transcript_hash BLOB NOT NULL,
+    outputs TEXT NOT NULL,
+    reply BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS used_key_ids (
+    link TEXT NOT NULL,
+    source TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (link, source, key_id)
+);
+CREATE INDEX IF NOT EXISTS used_key_ids_seq ON used_key_ids (link, seq);
+"""
+
+
+@dataclass
+class Pending:
+    """A responder's derived-but-uncommitted epoch, with the reply it sent for it."""
+
+    epoch: int
+    kind: str
+    request_digest: bytes
+    key_ids: tuple[tuple[str, str], ...]
+    chain_key: Secret
+    auth_key: Secret
+    confirm_key: Secret
+    transcript_hash: bytes
+    outputs: dict[str, Secret]
+    reply: bytes
+    created_at: float
+
+
+@dataclass
+class LinkRecord:
+    name: str
+    peer: str
+    epoch: int
+    chain_key: Secret
+    auth_key: Secret
+    key_ids: tuple[tuple[str, str], ...]
+    committed_at: float | None
+    acked: bool
+    outputs: dict[str, Secret] = field(default_factory=dict)
+    pending: Pending | None = None
+
+
+def _ids_json(key_ids: tuple[tuple[str, str], ...]) -> str:
+    return json.dumps([list(pair) for pair in key_ids])
+
+
+def _ids_load(text: str) -> tuple[tuple[str, str], ...]:
+    return tuple((s, k) for s, k in json.loads(text))
+
+
+def _outputs_json(outputs: dict[str, Secret]) -> str:
+    return json.dumps({label: s.reveal().hex() for label, s in outputs.items()})
+
+
+def _outputs_load(text: str) -> dict[str, Secret]:
+    return {label: Secret(bytes.fromhex(v)) for label, v in json.loads(text).items()}
+
+
+class StateStore:
+    """One SQLite connection used from a single worker thread at a time."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(state_dir, 0o700)
+        path = state_dir / "state.db"
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(path, 0o600)
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA secure_delete=ON")
+        self._db.executescript(_SCHEMA)
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def run(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a blocking store method on the store's single worker thread."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def load(self, name: str) -> LinkRecord | None:
+        row = self._db.execute(
+            "SELECT peer, epoch, chain_key, auth_key, key_ids, committed_at, acked "
+            "FROM links WHERE name = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            return None
+        record = LinkRecord(
+            name,
+            row[0],
+            row[1],
+            Secret(row[2]),
+            Secret(row[3]),
+            _ids_load(row[4]),
+            row[5],
+            bool(row[6]),
+        )
+        record.outputs = {
+            label: Secret(secret)
+            for label, secret in self._db.execute(
+                "SELECT label, secret FROM outputs WHERE link = ?", (name,)
+            )
+        }
+        record.pending = self._load_pending(name)
+        return record
+
+    def _load_pending(self, name: str) -> Pending | None:
+        row = self._db.execute(
+            "SELECT epoch, kind, request_digest, key_ids, chain_key, auth_key, confirm_key, "
+            "transcript_hash, outputs, reply, created_at FROM pending WHERE link = ?",
+            (name,),
+        ).fetchone()
+        if row is None:
+            return None
+        return Pending(
+            row[0],
+            row[1],
+            row[2],
+            _ids_load(row[3]),
+            Secret(row[4]),
+            Secret(row[5]),
+            Secret(row[6]),
+            row[7],
+            _outputs_load(row[8]),
+            row[9],
+            row[10],
+        )
+
+    def link_names(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT name FROM links ORDER BY name")]
+
+    def is_used(self, name: str, source: str, key_id: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM used_key_ids WHERE link = ? AND source = ? AND key_id = ?",
+            (name, source, key_id),
+        ).fetchone()
+        return row is not None
+
+    # -- writes (each one transaction, durable on return) -----------------------------------
+
+    def create(self, name: str, peer: str, chain_key: Secret, auth_key: Secret) -> LinkRecord:
+        """Start a link at epoch 0 (no committed secret yet), replacing any older state."""
+        with self._tx():
+            self._reset(name, peer, chain_key, auth_key)
+        record = self.load(name)
+        assert record is not None
+        return record
+
+    def _reset(self, name: str, peer: str, chain_key: Secret, auth_key: Secret) -> None:
+        self._db.execute("DELETE FROM outputs WHERE link = ?", (name,))
+        self._db.execute("DELETE FROM pending WHERE link = ?", (name,))
+        self._db.execute(
+            "INSERT OR REPLACE INTO links VALUES (?, ?, 0, ?, ?, '[]', NULL, 1)",
+            (name, peer, chain_key.reveal(), auth_key.reveal()),
+        )
+
+    def mark_used(self, name: str, key_ids: tuple[tuple[str, str], ...]) -> None:
+        """Record key IDs as used; refuse (and record nothing) if any was used before."""
+        with self._tx():
+            self._mark_used(name, key_ids)
+
+    def _mark_used(self, name: str, key_ids: tuple[tuple[str, str], ...]) -> None:
+        for source, key_id in key_ids:
+            if self.is_used(name, source, key_id):
+                raise KeyReuseError(f"key ID {key_id!r} of source {source!r} was already used")
+        seq = self._db.execute(
+            "SELECT COALESCE(MAX(seq), 0) FROM used_key_ids WHERE link = ?", (name,)
+        ).fetchone()[0]
+        for offset, (source, key_id) in enumerate(key_ids, start=1):
+            self._db.execute(
+                "INSERT INTO used_key_ids VALUES (?, ?, ?, ?)", (name, source, key_id, seq + offset)
+            )
+        self._db.execute(
+            "DELETE FROM used_key_ids WHERE link = ? AND seq <= ?",
+            (name, seq + len(key_ids) - USED_KEY_ID_RETENTION),
+        )
+
+    def store_pending(self, name: str, pending: Pending, *, mark_used: bool) -> None:
+        """Durably keep a responder's derived epoch (and its key IDs as used) before replying."""
+        with self._tx():
+            if mark_used:
+                self._mark_used(name, pending.key_ids)
+            self._db.execute(
+                "INSERT OR REPLACE INTO pending VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    pending.epoch,
+                    pending.kind,
+                    pending.request_digest,
+                    _ids_json(pending.key_ids),
+                    pending.chain_key.reveal(),
+                    pending.auth_key.reveal(),
+                    pending.confirm_key.reveal(),
+                    pending.transcript_hash,
+                    _outputs_json(pending.outputs),
+                    pending.reply,
+                    pending.created_at,
+                ),
+            )
+
+    def commit(
+        self,
+        name: str,
+        *,
+        epoch: int,
+        chain_key: Secret,
+        auth_key: Secret,
+        key_ids: tuple[tuple[str, str], ...],
+        outputs: dict[str, Secret],
+        acked: bool,
+        committed_at: float | None = None,
+    ) -> None:
+        """Make `epoch` current, overwriting the previous chain key and outputs."""
+        with self._tx():
+            cur = self._db.execute(
+                "UPDATE links SET epoch = ?, chain_key = ?, auth_key = ?, key_ids = ?, "
+                "committed_at = ?, acked = ? WHERE name = ?",
+                (
+                    epoch,
+                    chain_key.reveal(),
+                    auth_key.reveal(),
+                    _ids_json(key_ids),
+                    committed_at if committed_at is not None else time.time(),
+                    int(acked),
+                    name,
+                ),
+            )
+            if cur.rowcount != 1:
+                raise KeyError(f"link {name!r} has no state")
+            self._db.execute("DELETE FROM outputs WHERE link = ?", (name,))
+            for label, secret in outputs.items():
+                self._db.execute(
+                    "INSERT INTO outputs VALUES (?, ?, ?)", (name, label, secret.reveal())
+                )
+            self._db.execute("DELETE FROM pending WHERE link = ?", (name,))
+
+    def set_acked(self, name: str, epoch: int) -> None:
+        with self._tx():
+            self._db.execute(
+                "UPDATE links SET acked = 1 WHERE name = ? AND epoch = ?", (name, epoch)
+            )
+
+    def drop(self, name: str) -> None:
+        with self._tx():
+            for table in ("outputs", "pending", "used_key_ids"):
+                self._db.execute(f"DELETE FROM {table} WHERE link = ?", (name,))  # noqa: S608
+            self._db.execute("DELETE FROM links WHERE name = ?", (name,))
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")

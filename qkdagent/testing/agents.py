@@ -1,0 +1,178 @@
+"""Two real agents, `alice` and `bob`, in this process over loopback HTTPS with mutual TLS.
+
+    async with open_agent_pair(tmp_path, alice={"sinks": {...}}, bob={"sinks": {...}},
+                               link={"interval": 2, "reject_after": 6}) as pair:
+        await pair.wait_for_epoch(3)
+        pair.secret("alice", "wg")          # the Secret alice derived for sink "wg"
+        pair.alice.components.sinks["wg"].sink   # or pair.sink("alice", "wg")
+        await pair.stop("bob")
+
+Each side's dict may hold `sources` and `sinks` tables (as in a config file), `plugins` (names
+to load) and `agent` (extra `[agent]` settings). Without `sources`, both sides share a fresh
+simulated link (`memory` source, pool named after the pair). The link is named `alice-bob`;
+`alice` sorts first and is the initiator unless `link` sets roles.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..agent import Agent
+from ..config import parse_config
+from ..fileutil import write_secret_file
+from ..pki import write_test_pki
+from ..secret import Secret
+
+LINK = "alice-bob"
+NAMES = ("alice", "bob")
+
+
+def free_port() -> int:
+    """A loopback TCP port free right now (the agent binds it with SO_REUSEADDR)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pair_configs(
+    directory: Path,
+    *,
+    alice: Mapping[str, Any] | None = None,
+    bob: Mapping[str, Any] | None = None,
+    link: Mapping[str, Any] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Config dicts (as parsed TOML) for alice and bob, with PKI and bootstrap files written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pki = write_test_pki(directory / "pki", list(NAMES))
+    bootstrap = directory / "bootstrap.key"
+    write_secret_file(bootstrap, base64.b64encode(os.urandom(32)))
+    pool = f"pair-{uuid.uuid4().hex[:12]}"
+    ports = {name: free_port() for name in NAMES}
+    sides = {"alice": dict(alice or {}), "bob": dict(bob or {})}
+    configs: dict[str, dict[str, Any]] = {}
+    for name, side in sides.items():
+        peer = "bob" if name == "alice" else "alice"
+        sources = side.get("sources") or {"sim": {"type": "memory", "pool": pool}}
+        plugins = list(side.get("plugins", []))
+        if any(s.get("type") == "memory" for s in sources.values()) and "memory" not in plugins:
+            plugins.append("memory")
+        link_table = {
+            "peer": peer,
+            "peer_url": f"https://127.0.0.1:{ports[peer]}",
+            "bootstrap": {"file": str(bootstrap)},
+            "sources": list(sources),
+            "sinks": list(side.get("sinks", {})),
+            "interval": 120,
+            "reject_after": 180,
+            **(link or {}),
+            **side.get("link", {}),
+        }
+        configs[name] = {
+            "agent": {
+                "name": name,
+                "listen": f"127.0.0.1:{ports[name]}",
+                "state_dir": str(directory / name / "state"),
+                "status_listen": f"127.0.0.1:{free_port()}",
+                "plugins": plugins,
+                "tls": {
+                    "cert": str(pki[name].cert),
+                    "key": str(pki[name].key),
+                    "ca": str(pki.ca_cert),
+                },
+                **side.get("agent", {}),
+            },
+            "links": {LINK: link_table},
+            "sources": dict(sources),
+            "sinks": dict(side.get("sinks", {})),
+        }
+    return configs
+
+
+class AgentPair:
+    def __init__(self, nursery: trio.Nursery, configs: dict[str, dict[str, Any]]) -> None:
+        self._nursery = nursery
+        self.configs = configs
+        self.agents: dict[str, Agent] = {}
+        self._stops: dict[str, trio.Event] = {}
+        self._done: dict[str, trio.Event] = {}
+
+    @property
+    def alice(self) -> Agent:
+        return self.agents["alice"]
+
+    @property
+    def bob(self) -> Agent:
+        return self.agents["bob"]
+
+    async def start(self, name: str) -> Agent:
+        """Start (or restart, with the same state dir) one side."""
+        agent = Agent(parse_config(self.configs[name]))
+        stop, done = trio.Event(), trio.Event()
+
+        async def run(task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await agent.run(shutdown_trigger=stop.wait, task_status=task_status)
+            finally:
+                done.set()
+
+        await self._nursery.start(run)
+        self.agents[name], self._stops[name], self._done[name] = agent, stop, done
+        return agent
+
+    async def stop(self, name: str) -> None:
+        """Graceful stop of one side (as SIGTERM would)."""
+        self._stops[name].set()
+        await self._done[name].wait()
+
+    def epoch(self, name: str) -> int:
+        record = self.agents[name].link(LINK).record
+        return record.epoch if record else 0
+
+    def secret(self, name: str, sink: str) -> Secret:
+        """The secret `name` derived for its sink `sink` in its current epoch."""
+        agent = self.agents[name]
+        runtime = agent.link(LINK)
+        assert runtime.record is not None
+        return runtime.record.outputs[agent.components.sinks[sink].label]
+
+    def sink(self, name: str, sink: str) -> Any:
+        return self.agents[name].components.sinks[sink].sink
+
+    async def wait_for_epoch(self, epoch: int, *, timeout: float = 30.0) -> None:
+        """Wait until both sides have committed `epoch` or later (bounded, polls every 10 ms)."""
+        with trio.fail_after(timeout):
+            while min(self.epoch(n) for n in self.agents) < epoch:
+                await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def open_agent_pair(
+    directory: Path,
+    *,
+    alice: Mapping[str, Any] | None = None,
+    bob: Mapping[str, Any] | None = None,
+    link: Mapping[str, Any] | None = None,
+    start: bool = True,
+) -> AsyncIterator[AgentPair]:
+    configs = pair_configs(Path(directory), alice=alice, bob=bob, link=link)
+    async with trio.open_nursery() as nursery:
+        pair = AgentPair(nursery, configs)
+        if start:
+            # bob (responder) first so alice's first rotation finds him listening
+            await pair.start("bob")
+            await pair.start("alice")
+        try:
+            yield pair
+        finally:
+            for name in list(pair.agents):
+                if not pair._done[name].is_set():
+                    pair._stops[name].set()
