@@ -1,0 +1,346 @@
+"""The `qkdagent` command line: run, check, status, plugins, demo, gen-bootstrap, plugin commands.
+
+Signals are handled here, not in the agent: the agent only takes a shutdown trigger, so tests
+never send real signals to the test process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from . import __version__
+from .commands import CommandRegistry
+from .config import load_config
+from .errors import ConfigError, PluginError, QkdAgentError
+from .fileutil import write_secret_file
+from .logsetup import setup_logging
+from .plugins import COMMAND_GROUP, DEMO_GROUP, Plugins, describe_installed, installed
+
+log = logging.getLogger("qkdagent")
+
+BUILTIN_COMMANDS = ("run", "check", "status", "plugins", "demo", "gen-bootstrap")
+EXIT_INVALID = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qkdagent",
+        description="Keeps VPN gateways and TLS services supplied with quantum-derived PSKs.",
+    )
+    parser.add_argument("--version", action="version", version=f"qkdagent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("-c", "--config", required=True, help="config file (TOML)")
+    run.add_argument("--log-format", choices=("text", "json"), help="overrides [agent] log_format")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+    check = sub.add_parser("check", help="validate a config file and its plugins' options")
+    check.add_argument("-c", "--config", required=True)
+
+    status = sub.add_parser("status", help="show the links of a running agent")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("-c", "--config", help="find the status endpoint in this config")
+    where.add_argument("--url", help="status endpoint, e.g. http://127.0.0.1:7448")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    plugins = sub.add_parser("plugins", help="list installed plugins (without importing them)")
+    plugins.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="two agents on loopback rotating keys, end to end")
+    demo.add_argument("--rotations", type=_positive_int, default=5)
+    demo.add_argument("--interval", type=_positive_float, default=1.0, help="seconds")
+    demo.add_argument(
+        "--source",
+        default="auto",
+        help="'memory' (simulated link), a plugin with a demo (e.g. etsi014), or 'auto'",
+    )
+    demo.add_argument("--dir", help="keep the demo's files here instead of a temp dir")
+
+    gen = sub.add_parser("gen-bootstrap", help="write a new 32-byte link bootstrap secret")
+    gen.add_argument("file", help="where to write it (base64, mode 0600)")
+    gen.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    for name, ep in sorted(installed(COMMAND_GROUP).items()):
+        if name not in BUILTIN_COMMANDS:
+            dist = ep.dist.name if ep.dist else "a plugin"
+            sub.add_parser(name, help=f"(from {dist}) see `qkdagent {name} --help`", add_help=False)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in BUILTIN_COMMANDS and not argv[0].startswith("-"):
+        if argv[0] in installed(COMMAND_GROUP):
+            return _plugin_command(argv[0], argv[1:])
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return EXIT_INVALID
+    handler = {
+        "run": cmd_run,
+        "check": cmd_check,
+        "status": cmd_status,
+        "plugins": cmd_plugins,
+        "demo": cmd_demo,
+        "gen-bootstrap": cmd_gen_bootstrap,
+    }[args.command]
+    return handler(args)
+
+
+def _plugin_command(name: str, argv: list[str]) -> int:
+    setup_logging("text")
+    plugins = Plugins()
+    try:
+        plugins.load([name], group=COMMAND_GROUP)
+    except PluginError as exc:
+        print(f"qkdagent: {exc}", file=sys.stderr)
+        return 1
+    registry = CommandRegistry()
+    plugins.hook.qkdagent_add_commands(cli=registry)
+    command = registry.commands.get(name)
+    if command is None:
+        print(f"qkdagent: the plugin declaring {name!r} did not add it", file=sys.stderr)
+        return 1
+    parser = argparse.ArgumentParser(prog=f"qkdagent {name}", description=command.help)
+    command.configure(parser)
+    return command.run(parser.parse_args(argv))
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .agent import Agent
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"qkdagent: invalid config: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    setup_logging(args.log_format or config.agent.log_format, debug=args.verbose)
+    try:
+        agent = Agent(config)
+    except (ConfigError, PluginError) as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_INVALID
+    try:
+        trio.run(_run_with_signals, agent, args.config)
+    except QkdAgentError as exc:
+        log.error("agent stopped: %s", exc)
+        return 1
+    except OSError as exc:
+        log.error("agent stopped: %s", exc)
+        return 1
+    return 0
+
+
+async def _run_with_signals(agent: Any, config_path: str) -> None:
+    stop = trio.Event()
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        await _reload(agent, config_path)
+                    elif not stop.is_set():
+                        log.info("received %s: shutting down", signal.Signals(signum).name)
+                        stop.set()
+                    else:
+                        log.warning("second signal: stopping now")
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await agent.run(shutdown_trigger=stop.wait)
+            nursery.cancel_scope.cancel()
+
+
+async def _reload(agent: Any, config_path: str) -> None:
+    log.info("SIGHUP: reloading %s", config_path)
+    try:
+        new = load_config(config_path)
+        await agent.reload(new)
+    except QkdAgentError as exc:
+        log.error("config reload refused, keeping the running config: %s", exc)
+
+
+# -- check ---------------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    setup_logging("text")
+    from .components import build_components
+    from .config import BUILTIN_PLUGINS
+    from .interfaces import PluginContext
+
+    try:
+        config = load_config(args.config)
+        plugins = Plugins()
+        plugins.load((*BUILTIN_PLUGINS, *config.agent.plugins))
+        context = PluginContext(config.agent.name, config.agent.state_dir, config.file)
+        build_components(config, plugins, context)
+    except (ConfigError, PluginError) as exc:
+        print(f"qkdagent: invalid config: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    roles = ", ".join(
+        f"{name} ({'initiator' if link.initiator else 'responder'})"
+        for name, link in config.links.items()
+    )
+    print(f"{args.config}: OK: agent {config.agent.name}, links: {roles or 'none'}")
+    return 0
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url = args.url
+    if url is None:
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(f"qkdagent: invalid config: {exc}", file=sys.stderr)
+            return EXIT_INVALID
+        if config.agent.status_listen is None:
+            print("qkdagent: [agent] status_listen is not set in that config", file=sys.stderr)
+            return EXIT_INVALID
+        address = config.agent.status_listen
+        host = "127.0.0.1" if address.host in ("0.0.0.0", "") else address.host
+        host = "::1" if host == "::" else host
+        url = f"http://{f'[{host}]' if ':' in host else host}:{address.port}"
+    try:
+        response = httpx.get(url.rstrip("/") + "/status", timeout=5)
+        response.raise_for_status()
+        data = response.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        print(f"qkdagent: cannot read status from {url}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(format_status(data))
+    return 0
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def format_status(data: dict[str, Any]) -> str:
+    now = data.get("time", time.time())
+    header = ("LINK", "PEER", "ROLE", "EPOCH", "LAST OK", "KEY AGE", "NEXT", "STATE / LAST ERROR")
+    rows = [header]
+    for link in data.get("links", []):
+        last = link.get("last_success")
+        nxt = link.get("next_rotation")
+        state = "ok"
+        if link.get("erased"):
+            state = f"ERASED ({link['erased']})"
+        if link.get("last_error"):
+            state += f"; {link['last_error']}"
+        rows.append(
+            (
+                link["link"],
+                link["peer"],
+                link["role"],
+                str(link["epoch"]),
+                "-" if last is None else time.strftime("%H:%M:%S", time.localtime(last)),
+                _age(link.get("key_age")),
+                "-" if nxt is None else "in " + _age(nxt - now),
+                state[:80],
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [f"agent {data.get('agent')} (qkdagent {data.get('version')})"]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+# -- plugins -------------------------------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    try:
+        infos = describe_installed()
+        commands = installed(COMMAND_GROUP)
+        demos = installed(DEMO_GROUP)
+    except PluginError as exc:
+        print(f"qkdagent: {exc}", file=sys.stderr)
+        return 1
+    rows = []
+    for info in infos:
+        extra = [f"command {c}" for c, ep in commands.items() if ep.value == info.module]
+        if info.name in demos:
+            extra.append("demo")
+        rows.append({**info.__dict__, "provides": extra})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("installed plugins (load them with [agent] plugins = [...]; file and exec always load):")
+    for row in rows:
+        provides = f"  [{', '.join(row['provides'])}]" if row["provides"] else ""
+        print(f"  {row['name']:<12} {row['distribution']} {row['version']}{provides}")
+    return 0
+
+
+# -- gen-bootstrap -------------------------------------------------------------------------------
+
+
+def cmd_gen_bootstrap(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    if path.exists() and not args.force:
+        print(f"qkdagent: {path} exists; use --force to replace it", file=sys.stderr)
+        return 1
+    write_secret_file(path, base64.b64encode(os.urandom(32)) + b"\n")
+    print(f"wrote a new bootstrap secret to {path} (mode 0600); copy it to the peer out of band")
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    setup_logging("text", level=logging.WARNING)
+    return run_demo(
+        rotations=args.rotations, interval=args.interval, source=args.source, directory=args.dir
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
