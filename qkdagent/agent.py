@@ -20,7 +20,7 @@ from hypercorn.trio import serve
 from . import __version__
 from .components import Components, build_components
 from .config import BUILTIN_PLUGINS, Address, AgentConfig, LinkConfig, load_config
-from .errors import ConfigError, ProtocolError, QkdAgentError
+from .errors import ProtocolError, QkdAgentError
 from .interfaces import PluginContext
 from .link import LinkRuntime
 from .observability import Metrics, StatusApp
@@ -48,7 +48,10 @@ def _bind(address: Address) -> str:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig, *, plugins: Plugins | None = None) -> None:
+    def __init__(
+        self, config: AgentConfig, *, plugins: Plugins | None = None, network: Any = None
+    ) -> None:
+        """`network` (a `qkdagent.testing.LocalNetwork`) replaces HTTPS for virtual-clock tests."""
         self.config = config
         self.settings = config.agent
         self.name = config.agent.name
@@ -64,6 +67,7 @@ class Agent:
         self.status_urls: list[str] = []
         self._links_nursery: trio.Nursery | None = None
         self._stopping = trio.Event()
+        self.network = network
 
     @classmethod
     def from_file(cls, path: str) -> Agent:
@@ -77,18 +81,22 @@ class Agent:
         shutdown_trigger: Callable[[], Awaitable[Any]] | None = None,
         task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        self.store = StateStore(self.settings.state_dir)
+        self.store = StateStore(self.settings.state_dir, threaded=self.network is None)
         try:
             await self._prepare_components(self.components)
-            self.client = PeerClient(self.settings.tls)
+            self.client = self.network.client() if self.network else PeerClient(self.settings.tls)
             async with trio.open_nursery() as servers:
                 services: list[Service] = []
                 self.plugins.hook.qkdagent_register_services(
                     register=services.append, context=self.context
                 )
                 await start_services(servers, services)
-                self.peer_urls = await servers.start(self._serve_peers)
-                if self.settings.status_listen is not None:
+                if self.network is not None:
+                    self.peer_urls = [f"https://{self.settings.listen}"]
+                    self.network.attach(self.peer_urls[0], self._handle_peer)
+                else:
+                    self.peer_urls = await servers.start(self._serve_peers)
+                if self.settings.status_listen is not None and self.network is None:
                     self.status_urls = await servers.start(self._serve_status)
                 async with trio.open_nursery() as links:
                     self._links_nursery = links
@@ -109,6 +117,8 @@ class Agent:
                     links.cancel_scope.deadline = trio.current_time() + self.settings.drain_timeout
                 servers.cancel_scope.cancel()
         finally:
+            if self.network is not None:
+                self.network.detach(f"https://{self.settings.listen}")
             with trio.move_on_after(5, shield=True):
                 await self._close_components(self.components)
                 if self.client is not None:
@@ -295,10 +305,3 @@ def _component_key(component: Any) -> Any:
     if component is None:
         return None
     return (component.type, component.label, component.timeout, repr(component.options._data))
-
-
-def reload_config(path: str) -> AgentConfig:
-    try:
-        return load_config(path)
-    except ConfigError:
-        raise

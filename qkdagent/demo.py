@@ -8,20 +8,20 @@ back from its file, never the secret itself.
 from __future__ import annotations
 
 import sys
-from functools import partial
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from .builtin.file_sink import decode
 from .commands import DemoLink
 from .config import parse_config
 from .errors import QkdAgentError
 from .hookspecs import hookimpl
 from .plugins import DEMO_GROUP, Plugins, installed
 from .secret import Secret
-from .builtin.file_sink import decode
 
 
 class _Observer:
@@ -119,9 +119,7 @@ async def _demo(rotations: int, interval: float, source: str, directory: Path) -
     return 1
 
 
-async def _report(
-    receive: trio.MemoryReceiveChannel[Any], directory: Path, rotations: int
-) -> int:
+async def _report(receive: trio.MemoryReceiveChannel[Any], directory: Path, rotations: int) -> int:
     matched = 0
     async for event in receive:
         fingerprints = {

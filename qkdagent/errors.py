@@ -59,8 +59,10 @@ class ProtocolError(QkdAgentError):
     `status` is the HTTP status the server answers with; the message is safe to send back.
     """
 
-    def __init__(self, message: str, *, status: int = 400) -> None:
+    def __init__(self, message: str, *, status: int = 400, body: bytes | None = None) -> None:
         self.status = status
+        self.body = body
+        """The error reply to send, when the refusing side built one (with its epoch hint)."""
         super().__init__(message)
 
 

@@ -25,6 +25,7 @@ from .components import SinkHandle, SourceHandle
 from .config import LinkConfig
 from .errors import KeyNotFound, KeyReuseError, ProtocolError, QkdAgentError, SourceError
 from .events import EraseEvent, RotationErrorEvent, RotationEvent
+from .faults import crash_point
 from .interfaces import KeyMeta, Link
 from .peering import PeerReply
 from .secret import Key
@@ -155,11 +156,13 @@ class LinkRuntime:
         record = self.record
         assert record is not None
         keys = await self._new_keys()
+        crash_point("initiator:keys-fetched")
         key_ids = tuple((src.id, key.key_id) for src, key in zip(self.sources, keys, strict=True))
         try:
             await self.agent.store.run(self.agent.store.mark_used, self.name, key_ids)
         except KeyReuseError as exc:
             raise RotationFailed("source", str(exc)) from None
+        crash_point("initiator:ids-marked")
         epoch = record.epoch + 1
         kind, chain_key, auth_key = "rotate", record.chain_key, record.auth_key
         reply, nonce = await self._exchange(kind, epoch, key_ids, auth_key)
@@ -186,6 +189,7 @@ class LinkRuntime:
                 "peer", f"peer refused {kind} ({reply.status} {str(hint.get('message'))[:200]})"
             )
         message = self._parse_reply(reply.body, kind + "-reply", epoch, auth_key, nonce)
+        crash_point("initiator:reply-received")
         transcript = ratchet.Transcript(
             self.name, self.agent.name, self.config.peer, epoch, key_ids, nonce, message.nonce
         )
@@ -209,6 +213,7 @@ class LinkRuntime:
         )
         self.record = await self.agent.store.run(self.agent.store.load, self.name)
         assert self.record is not None
+        crash_point("initiator:committed")
         commit_nonce = protocol.new_nonce()
         commit = protocol.build(
             "commit",
@@ -224,6 +229,7 @@ class LinkRuntime:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._install_collect, self._meta(self.record), failed)
             nursery.start_soon(self._send_commit, self.record, commit, commit_nonce)
+        crash_point("initiator:installed")
         self._succeeded(started, key_ids, failed)
 
     async def _new_keys(self) -> list[Key]:
@@ -320,9 +326,8 @@ class LinkRuntime:
 
     def _refuse(self, code: str, message: str, status: int) -> ProtocolError:
         assert self.record is not None
-        error = ProtocolError(message, status=status)
-        error.body = protocol.error_body(code, message, epoch=self.record.epoch)  # type: ignore[attr-defined]
-        return error
+        body = protocol.error_body(code, message, epoch=self.record.epoch)
+        return ProtocolError(message, status=status, body=body)
 
     async def _on_rotate(self, message: protocol.Message, body: bytes) -> bytes:
         record = self.record
@@ -378,7 +383,10 @@ class LinkRuntime:
             message.nonce,
             nonce,
         )
-        inputs = [ratchet.SourceInput(s, k.key_id, k.value) for (s, _), k in zip(key_ids, keys)]
+        inputs = [
+            ratchet.SourceInput(s, k.key_id, k.value)
+            for (s, _), k in zip(key_ids, keys, strict=True)
+        ]
         derived = ratchet.rotate(chain_key, inputs, transcript, self.labels)
         reply = protocol.build(
             message.kind + "-reply",
@@ -409,6 +417,7 @@ class LinkRuntime:
         except KeyReuseError:
             raise self._refuse("replay", "key ID already used on this link", 409) from None
         record.pending = pending
+        crash_point("responder:pending-stored")
         return reply
 
     async def _on_commit(self, message: protocol.Message) -> bytes:
@@ -462,8 +471,10 @@ class LinkRuntime:
         )
         self.record = await store.run(store.load, self.name)
         assert self.record is not None
+        crash_point("responder:committed")
         failed: list[str] = []
         await self._install_collect(self._meta(self.record), failed)
+        crash_point("responder:installed")
         self._succeeded(started, pending.key_ids, failed)
 
     # -- sinks -------------------------------------------------------------------------------

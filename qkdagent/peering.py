@@ -104,7 +104,7 @@ class PeerApp:
             return 200, await self.handler(parts[3], parts[4], body)
         except ProtocolError as exc:
             log.info("refused %s for link %r: %s", parts[4], parts[3][:64], exc)
-            return exc.status, getattr(exc, "body", None) or error_body("refused", str(exc))
+            return exc.status, exc.body or error_body("refused", str(exc))
 
 
 async def read_body(scope: dict[str, Any], receive: Any, limit: int = MAX_BODY) -> bytes:

@@ -122,7 +122,7 @@ def _outputs_load(text: str) -> dict[str, Secret]:
 class StateStore:
     """One SQLite connection used from a single worker thread at a time."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, threaded: bool = True) -> None:
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(state_dir, 0o700)
@@ -137,9 +137,17 @@ class StateStore:
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
         self._limiter = trio.CapacityLimiter(1)
+        self._threaded = threaded
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run a blocking store method on the store's single worker thread."""
+        """Run a blocking store method on the store's single worker thread.
+
+        Unthreaded (virtual-clock tests only) it runs inline: a worker thread would let trio's
+        autojump clock leap ahead while SQLite writes.
+        """
+        if not self._threaded:
+            await trio.lowlevel.checkpoint()
+            return fn(*args)
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
     def close(self) -> None:

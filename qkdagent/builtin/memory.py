@@ -1,4 +1,4 @@
-"""Built-in plugin `memory`: the simulated link source and the recording sink of the test kit."""
+"""Built-in plugin `memory`: the test kit's simulated sources (memory, keydir) and recording sink."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ from collections.abc import Callable
 
 from ..hookspecs import hookimpl
 from ..interfaces import Sink, Source
+from ..testing.keydir import KeyDirSource
 from ..testing.memory import MemorySource, RecordingSink
 
 
 @hookimpl
 def qkdagent_register_sources(register: Callable[[type[Source]], None]) -> None:
     register(MemorySource)
+    register(KeyDirSource)
 
 
 @hookimpl

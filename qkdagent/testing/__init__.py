@@ -12,12 +12,14 @@ Fixtures live in `qkdagent.testing.pytest_plugin`; enable them with
 
 from .agents import AgentPair, open_agent_pair, pair_configs
 from .contracts import SinkContract, SourceContract, assert_not_leaked, secret_spellings
+from .local import LocalNetwork
 from .memory import InstallRecord, MemoryPool, MemorySource, RecordingSink
 from .require import in_ci, missing, require_binary, require_root
 
 __all__ = [
     "AgentPair",
     "InstallRecord",
+    "LocalNetwork",
     "MemoryPool",
     "MemorySource",
     "RecordingSink",

@@ -31,6 +31,7 @@ from ..config import parse_config
 from ..fileutil import write_secret_file
 from ..pki import write_test_pki
 from ..secret import Secret
+from .local import LocalNetwork
 
 LINK = "alice-bob"
 NAMES = ("alice", "bob")
@@ -98,8 +99,11 @@ def pair_configs(
 
 
 class AgentPair:
-    def __init__(self, nursery: trio.Nursery, configs: dict[str, dict[str, Any]]) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, configs: dict[str, dict[str, Any]], network: Any = None
+    ) -> None:
         self._nursery = nursery
+        self.network = network
         self.configs = configs
         self.agents: dict[str, Agent] = {}
         self._stops: dict[str, trio.Event] = {}
@@ -115,7 +119,7 @@ class AgentPair:
 
     async def start(self, name: str) -> Agent:
         """Start (or restart, with the same state dir) one side."""
-        agent = Agent(parse_config(self.configs[name]))
+        agent = Agent(parse_config(self.configs[name]), network=self.network)
         stop, done = trio.Event(), trio.Event()
 
         async def run(task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:
@@ -147,10 +151,10 @@ class AgentPair:
     def sink(self, name: str, sink: str) -> Any:
         return self.agents[name].components.sinks[sink].sink
 
-    async def wait_for_epoch(self, epoch: int, *, timeout: float = 30.0) -> None:
+    async def wait_for_epoch(self, epoch: int, *, timeout: float = 30.0) -> None:  # noqa: ASYNC109
         """Wait until both sides have committed `epoch` or later (bounded, polls every 10 ms)."""
         with trio.fail_after(timeout):
-            while min(self.epoch(n) for n in self.agents) < epoch:
+            while min(self.epoch(n) for n in self.agents) < epoch:  # noqa: ASYNC110
                 await trio.sleep(0.01)
 
 
@@ -162,10 +166,14 @@ async def open_agent_pair(
     bob: Mapping[str, Any] | None = None,
     link: Mapping[str, Any] | None = None,
     start: bool = True,
+    local: bool = False,
 ) -> AsyncIterator[AgentPair]:
+    """`local=True` connects the agents in-process (no sockets, no threads): use it under
+    trio's virtual clock. Otherwise they talk HTTPS with mutual TLS over loopback."""
     configs = pair_configs(Path(directory), alice=alice, bob=bob, link=link)
+    network = LocalNetwork() if local else None
     async with trio.open_nursery() as nursery:
-        pair = AgentPair(nursery, configs)
+        pair = AgentPair(nursery, configs, network)
         if start:
             # bob (responder) first so alice's first rotation finds him listening
             await pair.start("bob")

@@ -36,6 +36,8 @@ class MemoryPool:
     keys: dict[str, bytes] = field(default_factory=dict)
     issued: int = 0
     taken: int = 0
+    history: list[Key] = field(default_factory=list)
+    """Every key issued (tests search logs for them)."""
 
     _registry: ClassVar[dict[str, MemoryPool]] = {}
 
@@ -57,7 +59,9 @@ class MemoryPool:
         value = os.urandom(self.key_size)
         self.keys[key_id] = value
         self.issued += 1
-        return Key(key_id, Secret(value))
+        key = Key(key_id, Secret(value))
+        self.history.append(key)
+        return key
 
     def take(self, key_id: str) -> Key:
         if self.down:
@@ -118,6 +122,8 @@ class RecordingSink(Sink):
         self.installs: list[InstallRecord] = []
         self.erasures: list[tuple[float, str, str]] = []
         self.current: dict[str, Secret] = {}
+        self.history: list[Secret] = []
+        """Every secret installed, kept so leak tests can search logs for all of them."""
 
     async def install(self, link: Link, secret: Secret, meta: KeyMeta) -> None:
         if self.delay:
@@ -127,6 +133,7 @@ class RecordingSink(Sink):
         if self.fail:
             raise SinkError(f"recording sink {self.name!r} is set to fail")
         self.current[link.name] = Secret(secret.reveal())
+        self.history.append(self.current[link.name])
         self.installs.append(
             InstallRecord(
                 trio.current_time(), link.name, meta.epoch, meta.key_ids, secret.fingerprint()

@@ -1,0 +1,60 @@
+"""An in-process "network" for agents under trio's virtual clock.
+
+Real sockets and worker threads make trio's autojump clock leap ahead while the OS works, so
+virtual-time tests connect agents through this object instead: a request is a direct call of the
+peer agent's handler, with the same status mapping the HTTP server applies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import httpx
+import trio
+
+from ..errors import ProtocolError
+from ..peering import PeerReply
+from ..protocol import MAX_BODY, error_body
+
+Handler = Callable[[str, str, bytes], Awaitable[bytes]]
+
+
+class LocalNetwork:
+    def __init__(self) -> None:
+        self.handlers: dict[str, Handler] = {}
+        self.down: set[str] = set()
+        """URLs currently unreachable (a stopped or partitioned agent)."""
+
+    def attach(self, url: str, handler: Handler) -> None:
+        self.handlers[url] = handler
+        self.down.discard(url)
+
+    def detach(self, url: str) -> None:
+        self.handlers.pop(url, None)
+
+    def client(self) -> LocalClient:
+        return LocalClient(self)
+
+
+class LocalClient:
+    def __init__(self, network: LocalNetwork) -> None:
+        self.network = network
+
+    async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply:
+        await trio.lowlevel.checkpoint()
+        handler = self.network.handlers.get(peer_url)
+        if handler is None or peer_url in self.network.down:
+            raise ConnectionRefused(f"{peer_url} is not reachable")
+        if len(body) > MAX_BODY:
+            return PeerReply(413, error_body("refused", "too large"))
+        try:
+            return PeerReply(200, await handler(link, action, body))
+        except ProtocolError as exc:
+            return PeerReply(exc.status, exc.body or error_body("refused", str(exc)))
+
+    async def aclose(self) -> None:
+        pass
+
+
+class ConnectionRefused(httpx.ConnectError):
+    """Raised like httpx.ConnectError when the peer is not attached."""
