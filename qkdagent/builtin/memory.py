@@ -1,4 +1,4 @@
-"""Built-in plugin `memory`: the test kit's simulated sources (memory, keydir) and recording sink."""
+"""Built-in plugin `memory`: the test kit's simulated sources and its recording sink."""
 
 from __future__ import annotations
 

@@ -1,0 +1,53 @@
+"""Shared helpers for the core tests."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+from qkdagent.fileutil import write_secret_file
+from qkdagent.pki import write_test_pki
+
+
+def write_agent_files(directory: Path, names: tuple[str, ...] = ("alice", "bob")) -> dict[str, str]:
+    """PKI and a bootstrap secret; returns paths usable in a config template."""
+    pki = write_test_pki(directory / "pki", list(names))
+    bootstrap = directory / "bootstrap.key"
+    write_secret_file(bootstrap, base64.b64encode(os.urandom(32)))
+    paths = {"ca": str(pki.ca_cert), "bootstrap": str(bootstrap), "dir": str(directory)}
+    for name in names:
+        paths[f"{name}_cert"] = str(pki[name].cert)
+        paths[f"{name}_key"] = str(pki[name].key)
+    return paths
+
+
+def alice_config(paths: dict[str, str], extra: str = "", link: str = "") -> str:
+    return f"""
+[agent]
+name = "alice"
+listen = "127.0.0.1:17447"
+state_dir = "{paths['dir']}/state"
+plugins = ["memory"]
+
+[agent.tls]
+cert = "{paths['alice_cert']}"
+key = "{paths['alice_key']}"
+ca = "{paths['ca']}"
+
+[links.alice-bob]
+peer = "bob"
+peer_url = "https://127.0.0.1:17448"
+bootstrap = {{ file = "{paths['bootstrap']}" }}
+sources = ["sim"]
+sinks = ["psk"]
+{link}
+
+[sources.sim]
+type = "memory"
+
+[sinks.psk]
+type = "file"
+path = "{paths['dir']}/psk.key"
+{extra}
+"""
