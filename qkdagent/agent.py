@@ -68,6 +68,7 @@ class Agent:
         self._links_nursery: trio.Nursery | None = None
         self._stopping = trio.Event()
         self.network = network
+        self._closed = False
 
     @classmethod
     def from_file(cls, path: str) -> Agent:
@@ -117,6 +118,7 @@ class Agent:
                     links.cancel_scope.deadline = trio.current_time() + self.settings.drain_timeout
                 servers.cancel_scope.cancel()
         finally:
+            self._closed = True
             if self.network is not None:
                 self.network.detach(f"https://{self.settings.listen}")
             with trio.move_on_after(5, shield=True):
@@ -177,6 +179,8 @@ class Agent:
 
     async def _handle_peer(self, link: str, action: str, body: bytes) -> bytes:
         task = self.links.get(link)
+        if self._closed:
+            raise ProtocolError("agent is shutting down", status=503)
         if task is None:
             raise ProtocolError("unknown link", status=404)
         return await task.runtime.handle(action, body)

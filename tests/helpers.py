@@ -27,18 +27,18 @@ def alice_config(paths: dict[str, str], extra: str = "", link: str = "") -> str:
 [agent]
 name = "alice"
 listen = "127.0.0.1:17447"
-state_dir = "{paths['dir']}/state"
+state_dir = "{paths["dir"]}/state"
 plugins = ["memory"]
 
 [agent.tls]
-cert = "{paths['alice_cert']}"
-key = "{paths['alice_key']}"
-ca = "{paths['ca']}"
+cert = "{paths["alice_cert"]}"
+key = "{paths["alice_key"]}"
+ca = "{paths["ca"]}"
 
 [links.alice-bob]
 peer = "bob"
 peer_url = "https://127.0.0.1:17448"
-bootstrap = {{ file = "{paths['bootstrap']}" }}
+bootstrap = {{ file = "{paths["bootstrap"]}" }}
 sources = ["sim"]
 sinks = ["psk"]
 {link}
@@ -48,6 +48,6 @@ type = "memory"
 
 [sinks.psk]
 type = "file"
-path = "{paths['dir']}/psk.key"
+path = "{paths["dir"]}/psk.key"
 {extra}
 """

@@ -37,7 +37,7 @@ def test_valid_config_loads(tmp_path: Path, paths: dict[str, str]) -> None:
 @pytest.mark.parametrize(
     ("change", "key", "message"),
     [
-        (('name = "alice"', 'name = 7'), "agent.name", "must be a string, not an integer"),
+        (('name = "alice"', "name = 7"), "agent.name", "must be a string, not an integer"),
         (('name = "alice"', 'name = "a b"'), "agent.name", "letters, digits"),
         (('listen = "127.0.0.1:17447"', 'listen = "nowhere"'), "agent.listen", "HOST:PORT"),
         (('peer = "bob"', 'peer = "alice"'), "links.alice-bob.peer", "own name"),

@@ -112,7 +112,9 @@ def test_qkdagent_ratchet_matches_vectors(case: dict) -> None:
         chain = keys.chain_key
 
 
-def _rotate(chain: bytes, key: bytes, labels: list[str], nonce: bytes = b"n" * 32) -> ratchet.EpochKeys:
+def _rotate(
+    chain: bytes, key: bytes, labels: list[str], nonce: bytes = b"n" * 32
+) -> ratchet.EpochKeys:
     inputs = [ratchet.SourceInput("kme", "id-1", Secret(key))]
     transcript = ratchet.Transcript("l", "a", "b", 1, (("kme", "id-1"),), nonce, b"r" * 32)
     return ratchet.rotate(Secret(chain), inputs, transcript, labels)

@@ -54,7 +54,9 @@ def test_backoff_doubles_and_caps() -> None:
 
 def test_backoff_never_exceeds_interval() -> None:
     short = s.Timing(interval=5, reject_after=20, backoff_min=4, backoff_max=60)
-    clock = s.after_failure(s.after_failure(s.start(True, 0, last_success=None, erased=True), short, 0), short, 0)
+    clock = s.after_failure(
+        s.after_failure(s.start(True, 0, last_success=None, erased=True), short, 0), short, 0
+    )
     assert clock.next_attempt == 5
 
 

@@ -1,6 +1,6 @@
 """Regenerate ratchet.json from qkdagent.ratchet (run only when the key schedule changes on purpose).
 
-    python tests/vectors/make_vectors.py > tests/vectors/ratchet.json
+python tests/vectors/make_vectors.py > tests/vectors/ratchet.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ def main() -> None:
     for case, (link, sources, labels) in enumerate(
         [
             ("alice-bob", [("kme", 32)], ["wireguard"]),
-            ("site-a--site-b", [("kme", 32), ("dske", 32), ("pqc", 64)], ["wireguard", "ipsec", "file"]),
+            (
+                "site-a--site-b",
+                [("kme", 32), ("dske", 32), ("pqc", 64)],
+                ["wireguard", "ipsec", "file"],
+            ),
         ]
     ):
         bootstrap = det(f"case{case} bootstrap")
@@ -31,12 +35,19 @@ def main() -> None:
         epochs = []
         for epoch in (1, 2, 3):
             inputs = [
-                ratchet.SourceInput(name, f"{name}-key-{epoch}", Secret(det(f"{case}{name}{epoch}", size)))
+                ratchet.SourceInput(
+                    name, f"{name}-key-{epoch}", Secret(det(f"{case}{name}{epoch}", size))
+                )
                 for name, size in sources
             ]
             transcript = ratchet.Transcript(
-                link, "alice", "bob", epoch, tuple((i.source, i.key_id) for i in inputs),
-                det(f"{case} nonce i {epoch}"), det(f"{case} nonce r {epoch}"),
+                link,
+                "alice",
+                "bob",
+                epoch,
+                tuple((i.source, i.key_id) for i in inputs),
+                det(f"{case} nonce i {epoch}"),
+                det(f"{case} nonce r {epoch}"),
             )
             keys = ratchet.rotate(chain, inputs, transcript, labels)
             epochs.append(
@@ -70,7 +81,12 @@ def main() -> None:
                 "epochs": epochs,
             }
         )
-    print(json.dumps({"description": "qkdagent v1 key schedule test vectors, see README", "cases": cases}, indent=2))
+    print(
+        json.dumps(
+            {"description": "qkdagent v1 key schedule test vectors, see README", "cases": cases},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

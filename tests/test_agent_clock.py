@@ -1,0 +1,131 @@
+"""The running agent pair under trio's virtual clock (in-process transport, no sockets)."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from qkdagent.testing import MemoryPool, open_agent_pair
+
+DAY = 24 * 3600
+REC = {"sinks": {"rec": {"type": "recording"}}}
+
+
+def _sinks(pair, name: str, **options) -> None:
+    pair.configs[name]["sinks"]["rec"].update(options)
+
+
+def _pool(pair) -> MemoryPool:
+    return MemoryPool.named(pair.configs["alice"]["sources"]["sim"]["pool"])
+
+
+async def test_a_day_of_rotations_has_the_expected_count_and_spacing(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    link = {"interval": 120, "reject_after": 180, "jitter": 0}
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=link, local=True) as pair:
+        start = trio.current_time()
+        await trio.sleep(DAY - 1)  # rotations at 0, 120, ..., DAY - 120
+        alice = pair.sink("alice", "rec").installs
+        bob = pair.sink("bob", "rec").installs
+    assert len(alice) == DAY // 120
+    times = [r.time - start for r in alice]
+    assert times[0] < 1
+    assert all(b - a == pytest.approx(120, abs=1e-6) for a, b in itertools.pairwise(times))
+    assert [r.fingerprint for r in alice] == [r.fingerprint for r in bob]
+    assert [r.epoch for r in bob] == list(range(1, len(alice) + 1))
+    assert not pair.sink("alice", "rec").erasures[1:]  # only the start-up erase
+
+
+async def test_jitter_spreads_rotations_within_bounds(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    link = {"interval": 120, "reject_after": 180, "jitter": 0.1}
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=link, local=True) as pair:
+        await trio.sleep(DAY)
+        installs = pair.sink("alice", "rec").installs
+    gaps = [b.time - a.time for a, b in itertools.pairwise(installs)]
+    assert all(108 - 1e-6 <= g <= 120 + 1e-6 for g in gaps)
+    assert len(set(round(g, 3) for g in gaps)) > 10  # really jittered
+    assert DAY // 120 < len(installs) <= DAY // 108 + 1
+
+
+async def test_reject_after_erases_when_the_source_is_down(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    link = {"interval": 120, "reject_after": 180, "jitter": 0}
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=link, local=True) as pair:
+        await pair.wait_for_epoch(1)
+        committed = trio.current_time()
+        good = pair.secret("alice", "rec")
+        _pool(pair).down = True
+        await trio.sleep(179)
+        for name in ("alice", "bob"):
+            assert pair.sink(name, "rec").current["alice-bob"] == good
+            assert len(pair.sink(name, "rec").erasures) == 1  # start-up only
+        await trio.sleep(2)
+        for name in ("alice", "bob"):
+            sink = pair.sink(name, "rec")
+            when, _, reason = sink.erasures[-1]
+            assert reason == "reject_after"
+            assert when - committed == pytest.approx(180, abs=0.01)
+            assert sink.current["alice-bob"] != good
+        status = pair.alice.link("alice-bob").describe()
+        assert status["erased"] == "reject_after" and "source" in status["last_error"]
+        _pool(pair).down = False
+        await trio.sleep(31)  # backoff is capped at 30 s: the link recovers by itself
+        assert pair.epoch("alice") == pair.epoch("bob") == 2
+        assert pair.sink("bob", "rec").current["alice-bob"] == pair.secret("bob", "rec")
+
+
+async def test_reject_after_erases_when_the_peer_is_down(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    link = {"interval": 120, "reject_after": 180, "jitter": 0}
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=link, local=True) as pair:
+        await pair.wait_for_epoch(1)
+        committed = trio.current_time()
+        await pair.stop("bob")
+        await trio.sleep(181)
+        sink = pair.sink("alice", "rec")
+        when, _, reason = sink.erasures[-1]
+        assert reason == "reject_after"
+        assert when - committed == pytest.approx(180, abs=0.01)
+        assert sink.current["alice-bob"] != pair.secret("alice", "rec")
+        assert "peer" in pair.alice.link("alice-bob").describe()["last_error"]
+
+
+async def test_shutdown_drains_an_inflight_rotation(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    slow = {"sinks": {"rec": {"type": "recording", "delay": 5}}}
+    link = {"interval": 120, "reject_after": 180, "jitter": 0}
+    async with open_agent_pair(tmp_path, alice=slow, bob=REC, link=link, local=True) as pair:
+        await pair.wait_for_epoch(1)
+        while not pair.sink("alice", "rec").installs:  # noqa: ASYNC110 - virtual time
+            await trio.sleep(0.5)
+        # epoch 1 finished installing at t=5: rotation 2 starts at 125 and installs until 130
+        await trio.sleep(121)
+        stopping = trio.current_time()
+        await pair.stop("alice")
+        assert trio.current_time() - stopping == pytest.approx(4, abs=0.1)
+        assert [r.epoch for r in pair.sink("alice", "rec").installs] == [1, 2]
+
+
+async def test_shutdown_is_bounded_by_drain_timeout(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    stuck = {
+        "sinks": {"rec": {"type": "recording", "delay": 500, "timeout": 600}},
+        "agent": {"drain_timeout": 10},
+    }
+    link = {"interval": 1000, "reject_after": 2000, "jitter": 0}
+    async with open_agent_pair(tmp_path, alice=stuck, bob=REC, link=link, local=True) as pair:
+        await trio.sleep(1)  # the first rotation is stuck installing
+        stopping = trio.current_time()
+        await pair.stop("alice")
+        assert trio.current_time() - stopping == pytest.approx(10, abs=0.1)
