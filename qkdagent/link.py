@@ -560,11 +560,12 @@ class LinkRuntime:
         self.status.erased_reason = None
         self.agent.metrics.rotation_done(self.name, record.epoch, duration)
         log.info(
-            "link %s: epoch %d committed (%s) in %.1f ms",
+            "link %s: epoch %d committed (%s) in %.1f ms, key IDs %s",
             self.name,
             record.epoch,
             "initiator" if self.config.initiator else "responder",
             duration * 1000,
+            ",".join(k for _, k in key_ids),
         )
         self.agent.notify(
             "qkdagent_after_rotation",

@@ -26,6 +26,8 @@ Handler = Callable[[str, str, bytes], Awaitable[bytes]]
 """(link name, action, body) -> reply body; raises ProtocolError for a refused request."""
 
 ACTIONS = ("rotate", "commit", "resync")
+DISCARD_LIMIT = 1024 * 1024
+"""Oversized bodies up to this size are read and dropped before the 413 reply."""
 
 
 def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -116,6 +118,8 @@ async def read_body(scope: dict[str, Any], receive: Any, limit: int = MAX_BODY) 
             except ValueError:
                 raise ProtocolError("bad content-length") from None
             if declared > limit:
+                if declared <= DISCARD_LIMIT:
+                    await _discard(receive)  # so the client reads our 413, not a reset
                 raise ProtocolError(f"body larger than {limit} bytes", status=413)
     chunks: list[bytes] = []
     size = 0
@@ -130,6 +134,13 @@ async def read_body(scope: dict[str, Any], receive: Any, limit: int = MAX_BODY) 
         chunks.append(chunk)
         if not event.get("more_body", False):
             return b"".join(chunks)
+
+
+async def _discard(receive: Any) -> None:
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect" or not event.get("more_body", False):
+            return
 
 
 async def _lifespan(receive: Any, send: Any) -> None:

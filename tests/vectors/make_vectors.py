@@ -1,4 +1,4 @@
-"""Regenerate ratchet.json from qkdagent.ratchet (run only when the key schedule changes on purpose).
+"""Regenerate ratchet.json (only when the key schedule changes on purpose).
 
 python tests/vectors/make_vectors.py > tests/vectors/ratchet.json
 """
