@@ -373,6 +373,7 @@ class LinkRuntime:
             except QkdAgentError as exc:
                 self._failed(record.epoch, "source", str(exc))
                 raise self._refuse("source", f"source {source.id!r} failed", 503) from None
+        crash_point("responder:keys-fetched")
         nonce = protocol.new_nonce()
         transcript = ratchet.Transcript(
             self.name,

@@ -64,7 +64,8 @@ def pair_configs(
         peer = "bob" if name == "alice" else "alice"
         sources = side.get("sources") or {"sim": {"type": "memory", "pool": pool}}
         plugins = list(side.get("plugins", []))
-        if any(s.get("type") == "memory" for s in sources.values()) and "memory" not in plugins:
+        test_kit = ("memory", "keydir")
+        if any(s.get("type") in test_kit for s in sources.values()) and "memory" not in plugins:
             plugins.append("memory")
         link_table = {
             "peer": peer,

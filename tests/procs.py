@@ -1,0 +1,110 @@
+"""Running agents as real processes (`python -m qkdagent run`) for signal and crash tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from qkdagent.testing import pair_configs
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(type(value))
+
+
+def to_toml(config: dict[str, Any]) -> str:
+    """Enough TOML for agent configs: [agent], [agent.tls] and [kind.name] tables."""
+    lines: list[str] = []
+    for section, body in config.items():
+        if section == "agent":
+            lines.append("[agent]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in body.items() if k != "tls"]
+            lines.append("[agent.tls]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in body["tls"].items()]
+        else:
+            for name, table in body.items():
+                lines.append(f"[{section}.{name}]")
+                lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
+    text = "\n".join(lines) + "\n"
+    assert tomllib.loads(text) == config
+    return text
+
+
+def process_pair(directory: Path, link: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Config files for alice and bob with a shared key directory and file sinks."""
+    keys = directory / "keys"
+    sides = {
+        name: {
+            "sources": {"sim": {"type": "keydir", "directory": str(keys)}},
+            "sinks": {"psk": {"type": "file", "path": str(directory / f"{name}.psk")}},
+        }
+        for name in ("alice", "bob")
+    }
+    configs = pair_configs(directory, alice=sides["alice"], bob=sides["bob"], link=link)
+    paths = {}
+    for name, config in configs.items():
+        path = directory / f"{name}.toml"
+        path.write_text(to_toml(config))
+        paths[name] = path
+    return paths
+
+
+class AgentProcess:
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qkdagent", "run", "-c", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "ab"),
+            env={**os.environ, **(env or {})},
+        )
+        data = tomllib.loads(config.read_text())
+        self.status_url = f"http://{data['agent']['status_listen']}/status"
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return httpx.get(self.status_url, timeout=1).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+
+    def epochs(self) -> dict[str, int]:
+        status = self.status()
+        return {} if status is None else {l["link"]: l["epoch"] for l in status["links"]}
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def wait_until(predicate: Any, timeout: float, what: str) -> None:
+    """Poll an external process's state with a bounded deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
