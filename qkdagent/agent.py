@@ -21,7 +21,7 @@ from . import __version__
 from .components import Components, build_components
 from .config import BUILTIN_PLUGINS, Address, AgentConfig, LinkConfig, load_config
 from .errors import ProtocolError, QkdAgentError
-from .interfaces import PluginContext
+from .interfaces import Link, PluginContext
 from .link import LinkRuntime
 from .observability import Metrics, StatusApp
 from .peering import PeerApp, PeerClient
@@ -128,7 +128,10 @@ class Agent:
             self.store.close()
         log.info("agent %s stopped", self.name)
 
-    async def _prepare_components(self, components: Components) -> None:
+    async def _prepare_components(
+        self, components: Components, config: AgentConfig | None = None
+    ) -> None:
+        self._assign_links(components, config or self.config)
         for handle in [*components.sources.values(), *components.sinks.values()]:
             obj = getattr(handle, "source", None) or getattr(handle, "sink", None)
             kind = "source" if hasattr(handle, "source") else "sink"
@@ -139,6 +142,17 @@ class Agent:
                 raise StartupError(f"{kind} {handle.id!r}: prepare() timed out") from None
             except QkdAgentError as exc:
                 raise StartupError(f"{kind} {handle.id!r}: {exc}") from exc
+
+    def _assign_links(self, components: Components, config: AgentConfig) -> None:
+        users: dict[str, list[Link]] = {}
+        for cfg in config.links.values():
+            link = Link(cfg.name, self.name, cfg.peer, cfg.initiator)
+            for cid in (*cfg.sources, *cfg.sinks):
+                users.setdefault(cid, []).append(link)
+        for cid, handle in components.sources.items():
+            handle.source.links = tuple(users.get(cid, ()))
+        for cid, sink_handle in components.sinks.items():
+            sink_handle.sink.links = tuple(users.get(cid, ()))
 
     async def _close_components(self, components: Components) -> None:
         for obj in components.all():
@@ -246,7 +260,7 @@ class Agent:
             {c: h for c, h in fresh.sources.items() if c in changed_components},
             {c: h for c, h in fresh.sinks.items() if c in changed_components},
         )
-        await self._prepare_components(new_only)
+        await self._prepare_components(new_only, new)
         old_links, new_links = self.config.links, new.links
         removed = [n for n in old_links if n not in new_links]
         added = [n for n in new_links if n not in old_links]
@@ -268,6 +282,7 @@ class Agent:
         old_components = self.components
         self.components = fresh
         self.config = AgentConfig(new.file, self.settings, new.links, new.sources, new.sinks)
+        self._assign_links(fresh, self.config)
         for name in [*changed, *added]:
             await self._start_link(new_links[name])
         stale = [

@@ -65,6 +65,9 @@ class _Configurable(abc.ABC):
         """Read and validate options here (no I/O): `qkdagent check` constructs every instance."""
         self.name = name
         self.context = context
+        self.links: tuple[Link, ...] = ()
+        """The links that use this instance; set by the agent before `prepare()` (and again
+        after a config reload), so a plugin can check per-link settings up front."""
 
     async def prepare(self) -> None:
         """Check that the component is reachable and usable; raise a typed, clear error if not."""

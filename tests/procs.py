@@ -89,7 +89,7 @@ class AgentProcess:
 
     def epochs(self) -> dict[str, int]:
         status = self.status()
-        return {} if status is None else {l["link"]: l["epoch"] for l in status["links"]}
+        return {} if status is None else {x["link"]: x["epoch"] for x in status["links"]}
 
     def wait_exit(self, timeout: float) -> int:
         return self.proc.wait(timeout=timeout)

@@ -1,0 +1,158 @@
+"""The built-in `file` and `exec` sinks and the `memory` source against the contract suites."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qkdagent import KeyMeta, Link, PluginContext, Secret
+from qkdagent.builtin.exec_sink import ExecSink
+from qkdagent.builtin.file_sink import FileSink
+from qkdagent.errors import SinkError
+from qkdagent.options import Options
+from qkdagent.testing import MemorySource, SinkContract, SourceContract
+
+LINK = Link("contract", "alice", "bob", True)
+
+
+def _ctx(tmp_path: Path) -> PluginContext:
+    return PluginContext("alice", tmp_path / "state")
+
+
+def _file_sink(tmp_path: Path, **options: object) -> FileSink:
+    opts = Options({"path": str(tmp_path / "{peer}.key"), **options}, where="sinks.f")
+    sink = FileSink("f", opts, _ctx(tmp_path))
+    opts.finish()
+    return sink
+
+
+class TestFileSink(SinkContract):
+    @pytest.fixture
+    async def sink(self, tmp_path: Path) -> FileSink:
+        sink = _file_sink(tmp_path)
+        await sink.prepare()
+        return sink
+
+    @pytest.fixture
+    def read_back(self, tmp_path: Path):
+        async def read(link: Link) -> bytes | None:
+            path = tmp_path / f"{link.peer}.key"
+            return base64.b64decode(path.read_bytes()) if path.exists() else None
+
+        return read
+
+
+@pytest.mark.parametrize(("fmt", "newline"), [("base64", False), ("hex", True), ("raw", False)])
+async def test_file_formats_and_mode(tmp_path: Path, fmt: str, newline: bool) -> None:
+    sink = _file_sink(tmp_path, format=fmt, newline=newline)
+    secret = Secret(os.urandom(32))
+    await sink.install(LINK, secret, KeyMeta(1, ("k",), "file", time.time()))
+    data = (tmp_path / "bob.key").read_bytes()
+    expected = {
+        "base64": base64.b64encode(secret.reveal()),
+        "hex": secret.reveal().hex().encode() + b"\n",
+        "raw": secret.reveal(),
+    }[fmt]
+    assert data == expected
+    assert stat.S_IMODE((tmp_path / "bob.key").stat().st_mode) == 0o600
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bob.key")]  # no temp left
+
+
+async def test_file_sink_erase_remove(tmp_path: Path) -> None:
+    sink = _file_sink(tmp_path, on_erase="remove")
+    await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+    await sink.erase(LINK, "test")
+    assert not (tmp_path / "bob.key").exists()
+
+
+HOOK = """#!/bin/sh
+# test hook: keeps stdin, argv and the environment for inspection
+cat > "$OUT/stdin"
+echo "$@" > "$OUT/argv"
+env > "$OUT/env"
+exit ${FAIL:-0}
+"""
+
+
+@pytest.fixture
+def hook(tmp_path: Path) -> Path:
+    path = tmp_path / "hook.sh"
+    path.write_text(HOOK)
+    path.chmod(0o700)
+    (tmp_path / "out").mkdir()
+    return path
+
+
+def _exec_sink(tmp_path: Path, hook: Path, **options: object) -> ExecSink:
+    env = {"OUT": str(tmp_path / "out"), **options.pop("env", {})}  # type: ignore[dict-item]
+    opts = Options({"command": [str(hook), "arg1"], "env": env, **options}, where="sinks.e")
+    sink = ExecSink("e", opts, _ctx(tmp_path))
+    opts.finish()
+    return sink
+
+
+class TestExecSink(SinkContract):
+    @pytest.fixture
+    async def sink(self, tmp_path: Path, hook: Path) -> ExecSink:
+        sink = _exec_sink(tmp_path, hook)
+        await sink.prepare()
+        return sink
+
+    @pytest.fixture
+    def read_back(self, tmp_path: Path):
+        async def read(link: Link) -> bytes | None:
+            path = tmp_path / "out" / "stdin"
+            return base64.b64decode(path.read_bytes()) if path.exists() else None
+
+        return read
+
+
+async def test_exec_hook_gets_secret_on_stdin_only(tmp_path: Path, hook: Path) -> None:
+    sink = _exec_sink(tmp_path, hook, format="hex")
+    secret = Secret(os.urandom(32))
+    await sink.install(LINK, secret, KeyMeta(7, ("id-1", "id-2"), "exec", time.time()))
+    out = tmp_path / "out"
+    assert (out / "stdin").read_text() == secret.reveal().hex() + "\n"
+    env = (out / "env").read_text()
+    argv = (out / "argv").read_text()
+    for text in (env, argv):
+        assert secret.reveal().hex() not in text
+        assert base64.b64encode(secret.reveal()).decode() not in text
+    assert "QKDAGENT_EPOCH=7" in env and "QKDAGENT_KEY_IDS=id-1,id-2" in env
+    assert "QKDAGENT_ACTION=install" in env and "QKDAGENT_LINK=contract" in env
+    assert argv.strip() == "arg1"
+
+
+async def test_exec_failure_and_timeout_are_install_failures(tmp_path: Path, hook: Path) -> None:
+    failing = _exec_sink(tmp_path, hook, env={"FAIL": "3"})
+    with pytest.raises(SinkError, match="exited with 3"):
+        await failing.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "exec", 0))
+    slow_hook = tmp_path / "slow.sh"
+    slow_hook.write_text("#!/bin/sh\nsleep 5\n")
+    slow_hook.chmod(0o700)
+    opts = Options({"command": [str(slow_hook)], "run_timeout": 0.2}, where="sinks.e")
+    slow = ExecSink("e", opts, _ctx(tmp_path))
+    with pytest.raises(SinkError, match="timed out"):
+        await slow.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "exec", 0))
+
+
+def test_exec_refuses_agent_variables_in_env(tmp_path: Path) -> None:
+    from qkdagent.errors import ConfigError
+
+    opts = Options({"command": [sys.executable], "env": {"QKDAGENT_EPOCH": "1"}}, where="sinks.e")
+    with pytest.raises(ConfigError, match="QKDAGENT_EPOCH"):
+        ExecSink("e", opts, _ctx(tmp_path))
+
+
+class TestMemorySource(SourceContract):
+    @pytest.fixture
+    async def source_pair(self, tmp_path: Path):
+        pool = f"contract-{os.getpid()}-{time.monotonic_ns()}"
+        make = lambda: MemorySource("m", Options({"pool": pool}, where="sources.m"), _ctx(tmp_path))  # noqa: E731
+        return make(), make()

@@ -1,0 +1,176 @@
+"""Secret, Options, protocol parsing and plugin loading."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from qkdagent import Key, Secret, Sink, hookimpl, protocol
+from qkdagent.errors import ConfigError, PluginError, ProtocolError
+from qkdagent.options import Options
+from qkdagent.plugins import Plugins
+
+
+def test_secret_never_shows_its_bytes() -> None:
+    secret = Secret(b"\x01" * 32)
+    for text in (
+        repr(secret),
+        str(secret),
+        f"{secret}",
+        f"{secret!r:>40}",
+        repr(Key("id", secret)),
+    ):
+        assert "01" * 4 not in text and "AQEB" not in text
+    with pytest.raises(TypeError):
+        pickle.dumps(secret)
+    with pytest.raises(TypeError):
+        hash(secret)
+    assert secret == Secret(b"\x01" * 32) and secret != Secret(b"\x02" * 32)
+    secret.wipe()
+    assert secret.reveal() == bytes(32)
+
+
+@pytest.mark.parametrize("key_id", ["", "a\nb", "x" * 257, 5])
+def test_bad_key_ids_are_refused(key_id: object) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        Key(key_id, Secret(b"k" * 32))  # type: ignore[arg-type]
+
+
+def test_options_types_ranges_and_unknown_keys(tmp_path: Path) -> None:
+    opts = Options({"a": 1, "b": "x", "c": True, "d": 1.5}, where="sinks.s", file="f.toml")
+    assert opts.integer("a", min=1) == 1
+    assert opts.string("b", choices=("x", "y")) == "x"
+    assert opts.boolean("c") is True
+    assert opts.number("d", positive=True) == 1.5
+    assert opts.integer("missing", 7) == 7
+    opts.finish()
+    bad = Options({"a": True, "z": 1}, where="sinks.s", file="f.toml")
+    with pytest.raises(
+        ConfigError, match=r"^f\.toml: sinks\.s\.a: must be an integer, not a boolean"
+    ):
+        bad.integer("a")
+    with pytest.raises(ConfigError, match="sinks.s.z: is not a known option here"):
+        bad.finish()
+    with pytest.raises(ConfigError, match="must be at most 3"):
+        Options({"n": 4}, where="x").integer("n", max=3)
+
+
+def test_options_secret_from_file(tmp_path: Path) -> None:
+    path = tmp_path / "pin"
+    path.write_text("1234\n")
+    path.chmod(0o600)
+    warnings: list[str] = []
+    opts = Options({"pin": {"file": str(path)}}, where="sinks.h", warn=warnings.append)
+    pin = opts.secret("pin")
+    assert pin.reveal() == b"1234" and not warnings
+    path.chmod(0o640)
+    Options({"pin": {"file": str(path)}}, where="sinks.h", warn=warnings.append).secret("pin")
+    assert warnings and "readable by group or others" in warnings[0]
+    with pytest.raises(ConfigError, match="cannot read secret file"):
+        Options({"pin": {"file": str(tmp_path / "none")}}, where="s").secret("pin")
+    with pytest.raises(ConfigError, match='must be {file = "PATH"} or {env = "NAME"}'):
+        Options({"pin": {"path": "x"}}, where="s").secret("pin")
+
+
+def _msg(**change: object) -> bytes:
+    fields: dict = dict(
+        link="l",
+        sender="a",
+        receiver="b",
+        epoch=1,
+        auth_key=Secret(b"k" * 32),
+        keys=[["s", "id"]],
+        nonce=b"n" * 32,
+    )
+    fields.update(change)
+    return protocol.build("rotate", **fields)
+
+
+def test_protocol_roundtrip_and_mac() -> None:
+    message = protocol.parse(_msg(), expect=("rotate",))
+    assert message.keys == (("s", "id"),) and message.epoch == 1
+    assert protocol.verify_mac(message, Secret(b"k" * 32))
+    assert not protocol.verify_mac(message, Secret(b"K" * 32))
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b"\xff\xfe", "not valid JSON"),
+        (b'"x"', "JSON object"),
+        (b'{"kind": "nope"}', "unexpected message kind"),
+        (_msg(epoch=0), "positive integer"),
+        (_msg(keys=[]), "1-16 source keys"),
+        (_msg(keys=[["s", ""]]), "bad key ID"),
+        (_msg(keys=[["s", "x" * 300]]), "longer than 256 bytes"),
+        (_msg(keys=[["s"]]), "[source, key_id]"),
+        (_msg(nonce=b"short"), "must decode to 32 bytes"),
+        (_msg(link="x" * 200), "1-128 characters"),
+        (_msg().replace(b'"v":1', b'"v":2'), "unsupported protocol version"),
+        (b"{" + b" " * (65 * 1024) + b"}", "larger than"),
+    ],
+)
+def test_protocol_refuses_malformed_messages(body: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        protocol.parse(body, expect=("rotate",))
+
+
+class _Sink(Sink):
+    type_name = "twin"
+
+    async def install(self, link, secret, meta):
+        pass
+
+    async def erase(self, link, reason):
+        pass
+
+
+class _Other(_Sink):
+    pass
+
+
+def _plugin(cls: type) -> object:
+    @hookimpl
+    def qkdagent_register_sinks(register):
+        register(cls)
+
+    return SimpleNamespace(qkdagent_register_sinks=qkdagent_register_sinks)
+
+
+def test_duplicate_type_names_name_both_distributions() -> None:
+    plugins = Plugins()
+    plugins.add("one", _plugin(_Sink), "qkdagent-one")
+    with pytest.raises(
+        PluginError, match="'twin' is registered by both qkdagent-one and qkdagent-two"
+    ):
+        plugins.add("two", _plugin(_Other), "qkdagent-two")
+
+
+def test_plugin_that_fails_to_import_names_its_distribution(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    broken = md.EntryPoint("broken", "qkdagent_no_such_module_xyz", "qkdagent.plugins")
+    monkeypatch.setattr("qkdagent.plugins.installed", lambda group="": {"broken": broken})
+    with pytest.raises(
+        PluginError, match="plugin 'broken' from .* failed to import: ModuleNotFound"
+    ):
+        Plugins().load(["broken"])
+
+
+def test_registering_a_non_sink_is_refused() -> None:
+    with pytest.raises(PluginError, match="not a"):
+        Plugins().add("bad", _plugin(dict), "qkdagent-bad")
+
+
+def test_unconfigured_plugins_are_not_imported() -> None:
+    import sys
+
+    plugins = Plugins()
+    plugins.load(["file"])
+    assert "qkdagent.builtin.file_sink" in sys.modules
+    assert set(plugins.loaded) == {"file"}
+    assert "exec" not in plugins.loaded and "twin" not in plugins.sinks
