@@ -1,0 +1,142 @@
+"""SoftHSM2 tokens on tmpfs for the real-token tests.
+
+One SoftHSM config per pytest process (the module reads SOFTHSM2_CONF once, at C_Initialize);
+every test gets fresh tokens with unique labels, deleted afterwards. Tokens created after the
+module was initialised are found because the sink re-initialises the module when it has no open
+session and the token is missing; every sink is closed at teardown so that holds.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qkdagent_hsm import Pkcs11Sink
+
+from qkdagent import Options, PluginContext
+from qkdagent.testing import require_binary
+
+MODULE_CANDIDATES = (
+    "/usr/lib/softhsm/libsofthsm2.so",
+    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+)
+SO_PIN = "so-" + "5678"
+
+
+@dataclass
+class SoftHsm:
+    root: Path
+    conf: Path
+    module: str
+    util: str
+
+
+@dataclass(frozen=True)
+class TestToken:
+    label: str
+    pin: str
+    pin_file: Path
+
+
+def _module() -> str | None:
+    return next((m for m in MODULE_CANDIDATES if os.path.exists(m)), None)
+
+
+@pytest.fixture(scope="session")
+def softhsm() -> Iterator[SoftHsm]:
+    util = require_binary("softhsm2-util")["softhsm2-util"]
+    module = _module()
+    if module is None:
+        from qkdagent.testing import missing
+
+        missing("libsofthsm2.so is not installed (Debian package softhsm2)")
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    root = Path(tempfile.mkdtemp(prefix="qkdagent-hsm-", dir=base))
+    (root / "tokens").mkdir()
+    conf = root / "softhsm2.conf"
+    conf.write_text(
+        f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\nlog.level = ERROR\n"
+    )
+    old = os.environ.get("SOFTHSM2_CONF")
+    os.environ["SOFTHSM2_CONF"] = str(conf)
+    try:
+        yield SoftHsm(root, conf, module, util)
+    finally:
+        if old is None:
+            os.environ.pop("SOFTHSM2_CONF", None)
+        else:
+            os.environ["SOFTHSM2_CONF"] = old
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def make_token(softhsm: SoftHsm, tmp_path: Path) -> Iterator[Callable[[], TestToken]]:
+    """Initialise fresh tokens (unique labels); each is deleted when the test ends."""
+    made: list[str] = []
+
+    def make() -> TestToken:
+        label = f"qa-{secrets.token_hex(4)}"
+        pin = secrets.token_hex(6)
+        env = {**os.environ, "SOFTHSM2_CONF": str(softhsm.conf)}
+        # softhsm2-util takes PINs only on argv or a TTY; these are throw-away test PINs.
+        argv = [softhsm.util, "--init-token", "--free", "--label", label]
+        argv += ["--so-pin", SO_PIN, "--pin", pin]
+        subprocess.run(
+            argv,
+            check=True,
+            capture_output=True,
+            env=env,
+            timeout=30,
+        )
+        made.append(label)
+        pin_file = tmp_path / f"{label}.pin"
+        pin_file.write_text(pin + "\n")
+        pin_file.chmod(0o600)
+        return TestToken(label, pin, pin_file)
+
+    yield make
+    env = {**os.environ, "SOFTHSM2_CONF": str(softhsm.conf)}
+    for label in made:
+        subprocess.run(
+            [softhsm.util, "--delete-token", "--token", label],
+            capture_output=True,
+            env=env,
+            timeout=30,
+        )
+
+
+@pytest.fixture
+async def sink_factory(
+    softhsm: SoftHsm, tmp_path: Path
+) -> AsyncIterator[Callable[..., Pkcs11Sink]]:
+    """Build (unprepared) sinks on a test token; every one is closed at teardown."""
+    sinks: list[Pkcs11Sink] = []
+
+    def build(
+        tok: TestToken, *, name: str = "hsm", agent: str = "alice", **extra: Any
+    ) -> Pkcs11Sink:
+        data: dict[str, Any] = {
+            "token": tok.label,
+            "module": softhsm.module,
+            "pin": {"file": str(tok.pin_file)},
+            **extra,
+        }
+        options = Options(data, where=f"sinks.{name}")
+        sink = Pkcs11Sink(name, options, PluginContext(agent_name=agent, state_dir=tmp_path))
+        options.finish()
+        sinks.append(sink)
+        return sink
+
+    try:
+        yield build
+    finally:
+        for sink in sinks:
+            await sink.aclose()

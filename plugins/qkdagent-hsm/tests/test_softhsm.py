@@ -1,0 +1,374 @@
+"""The pkcs11 sink against real SoftHSM2 tokens on tmpfs (one token per simulated agent)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+from qkdagent_hsm import Pkcs11Sink, naming, token, worker
+
+from qkdagent import (
+    ConfigError,
+    KeyMeta,
+    Link,
+    Misconfigured,
+    NotInstalled,
+    Options,
+    PluginContext,
+    Secret,
+    SinkError,
+)
+from qkdagent.testing import assert_not_leaked
+
+ALICE = Link("site", "alice", "bob", True)
+BOB = Link("site", "bob", "alice", False)
+
+
+def meta(epoch: int) -> KeyMeta:
+    return KeyMeta(epoch, (f"k{epoch}",), "hsm", time.time())
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {"sensitive": True, "extractable": False},
+        {"sensitive": False, "extractable": True},
+    ],
+    ids=["non-extractable", "extractable"],
+)
+async def test_thousand_rotations_leave_same_newest_key_on_both_tokens(
+    make_token: Callable[[], Any],
+    sink_factory: Callable[..., Pkcs11Sink],
+    caplog: pytest.LogCaptureFixture,
+    mode: dict[str, bool],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    alice = sink_factory(make_token(), agent="alice", **mode)
+    bob = sink_factory(make_token(), agent="bob", **mode)
+    await alice.prepare()
+    await bob.prepare()
+    secrets: list[Secret] = []
+    for epoch in range(1, 1001):
+        secret = Secret.random(32)
+        secrets.append(secret)
+        await alice.install(ALICE, secret, meta(epoch))
+        await bob.install(BOB, secret, meta(epoch))
+
+    challenge = os.urandom(32)
+    on_alice = await alice.token_mac(ALICE, challenge)
+    on_bob = await bob.token_mac(BOB, challenge)
+    assert on_alice is not None and on_bob is not None
+    assert on_alice == on_bob
+    expected = hmac.new(secrets[-1].reveal(), challenge, hashlib.sha256).digest()
+    assert on_alice == (naming.epoch_id(1000, 8), expected)
+    assert await alice.verify(ALICE, secrets[-1], meta(1000)) is True
+    assert await bob.verify(BOB, secrets[-1], meta(1000)) is True
+    assert await alice.verify(ALICE, secrets[-2], meta(1000)) is False
+
+    # Exactly N = 2 objects per link remain, found by an authoritative search of each token.
+    assert await alice.object_ids(ALICE) == {"bob": [naming.epoch_id(e, 8) for e in (999, 1000)]}
+    assert await bob.object_ids(BOB) == {"alice": [naming.epoch_id(e, 8) for e in (999, 1000)]}
+
+    sample = secrets[-20:] + random.sample(secrets[:-20], 80)
+    assert_not_leaked(caplog.text, sample)
+    assert "stored as pkcs:object=bob;id=00000000000003e8" in caplog.text
+
+
+async def test_short_ids_wrap_around(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    """1-byte IDs (254 usable values) wrap twice in 600 rotations; retention still holds."""
+    sink = sink_factory(make_token(), id_bytes=1, retention=3)
+    await sink.prepare()
+    last: list[Secret] = []
+    for epoch in range(1, 601):
+        secret = Secret.random(32)
+        last = [*last[-2:], secret]
+        await sink.install(ALICE, secret, meta(epoch))
+    ids = await sink.object_ids(ALICE)
+    assert ids == {"bob": sorted(naming.epoch_id(e, 1) for e in (598, 599, 600))}
+    assert await sink.verify(ALICE, last[-1], meta(600)) is True
+    assert await sink.verify(ALICE, last[-2], meta(600)) is False
+
+
+async def test_fifty_links_rotate_concurrently(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    """50 links on one token, from two sink instances sharing one logged-in session."""
+    tok = make_token()
+    sinks = [sink_factory(tok, name="a", object_label="{link}"), sink_factory(tok, name="b")]
+    for sink in sinks:
+        await sink.prepare()
+    assert sinks[0]._entry is sinks[1]._entry  # one logged-in session per token and process
+    links = [Link(f"l{i:02d}", "alice", f"peer{i:02d}", True) for i in range(50)]
+    current: dict[str, Secret] = {}
+
+    async def rotate(sink: Pkcs11Sink, link: Link) -> None:
+        for epoch in range(1, 21):
+            secret = Secret.random(32)
+            await sink.install(link, secret, meta(epoch))
+            current[link.name] = secret
+            if epoch % 5 == 0:
+                assert await sink.verify(link, secret, meta(epoch)) is True
+
+    async with trio.open_nursery() as nursery:
+        for i, link in enumerate(links):
+            nursery.start_soon(rotate, sinks[i % 2], link)
+
+    for i, link in enumerate(links):
+        sink = sinks[i % 2]
+        assert await sink.verify(link, current[link.name], meta(20)) is True
+        (ids,) = (await sink.object_ids(link)).values()
+        assert ids == [naming.epoch_id(19, 8), naming.epoch_id(20, 8)]
+
+
+async def test_retired_label_keeps_label_lookup_unambiguous(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    sink = sink_factory(make_token(), retention=3, retired_label="{label}~old")
+    await sink.prepare()
+    for epoch in range(1, 6):
+        await sink.install(ALICE, Secret.random(32), meta(epoch))
+    assert await sink.object_ids(ALICE) == {
+        "bob": [naming.epoch_id(5, 8)],
+        "bob~old": [naming.epoch_id(3, 8), naming.epoch_id(4, 8)],
+    }
+    assert sink.identity(ALICE, 5) == "pkcs:object=bob;id=0000000000000005"
+    await sink.erase(ALICE, "test")
+    assert await sink.object_ids(ALICE) == {"bob": [], "bob~old": []}
+
+
+async def test_erase_destroys_every_object_of_the_link_only(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    sink = sink_factory(make_token())
+    await sink.prepare()
+    other = Link("other", "alice", "carol", True)
+    kept = Secret.random(32)
+    await sink.install(other, kept, meta(1))
+    for epoch in (1, 2):
+        await sink.install(ALICE, Secret.random(32), meta(epoch))
+    await sink.erase(ALICE, "reject_after")
+    assert await sink.object_ids(ALICE) == {"bob": []}
+    assert await sink.token_mac(ALICE, b"x") is None
+    assert await sink.verify(other, kept, meta(1)) is True
+
+
+async def test_reinstall_and_objects_deleted_behind_our_back(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    sink = sink_factory(make_token())
+    await sink.prepare()
+    first, second = Secret.random(32), Secret.random(32)
+    await sink.install(ALICE, first, meta(1))
+    await sink.install(ALICE, first, meta(1))
+    assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(1, 8)]}
+    # A different secret under the same epoch (a resync restarting the chain) replaces it.
+    await sink.install(ALICE, second, meta(1))
+    assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(1, 8)]}
+    assert await sink.verify(ALICE, second, meta(1)) is True
+
+    entry = sink._open()
+
+    def delete_all() -> None:
+        for obj in list(entry.session.get_objects({})):
+            obj.destroy()
+
+    await worker.run(delete_all)  # the sink's index now holds stale handles
+    third = Secret.random(32)
+    await sink.install(ALICE, third, meta(2))
+    assert await sink.verify(ALICE, third, meta(2)) is True
+    assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(2, 8)]}
+
+
+async def test_wrong_pin_is_a_clear_error_at_prepare(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink], tmp_path: Any
+) -> None:
+    tok = make_token()
+    wrong = "9" + tok.pin[1:] if tok.pin[0] != "9" else "8" + tok.pin[1:]
+    pin_file = tmp_path / "wrong.pin"
+    pin_file.write_text(wrong)
+    pin_file.chmod(0o600)
+    sink = sink_factory(tok, pin={"file": str(pin_file)})
+    with pytest.raises(Misconfigured, match=r"the PIN was rejected \(CKR_PIN_INCORRECT\)") as err:
+        await sink.prepare()
+    assert tok.label in str(err.value)
+    assert wrong not in str(err.value) and tok.pin not in str(err.value)
+    # The failure left nothing open: the right PIN (from the environment) works afterwards.
+    os.environ["QKDAGENT_HSM_TEST_PIN"] = tok.pin
+    try:
+        good = sink_factory(tok, name="good", pin={"env": "QKDAGENT_HSM_TEST_PIN"})
+        await good.prepare()
+    finally:
+        del os.environ["QKDAGENT_HSM_TEST_PIN"]
+    await good.install(ALICE, Secret.random(32), meta(1))
+
+
+async def test_missing_token_is_a_clear_error_at_prepare(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    tok = make_token()
+    sink = sink_factory(tok, name="x")
+    sink.spec = token.TokenSpec(sink.spec.module, sink.spec.selector.__class__(label="no-such"))
+    with pytest.raises(NotInstalled, match=r"no token matching token='no-such'") as err:
+        await sink.prepare()
+    assert repr(tok.label) in str(err.value)  # lists the tokens that do exist
+
+
+async def test_missing_module_is_not_installed(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink], tmp_path: Any
+) -> None:
+    sink = sink_factory(make_token(), module=str(tmp_path / "nope.so"))
+    with pytest.raises(NotInstalled, match=r"nope\.so does not exist"):
+        await sink.prepare()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {
+                "object_label": "qkd-link-to-{peer}-via-the-long-haul-fibre-ring",
+                "max_label_bytes": 40,
+            },
+            r"object_label template renders at least 41 bytes .* limit of 40",
+        ),
+        (
+            {"object_labels": {"site": "x" * 41}, "max_label_bytes": 40},
+            r"object_label for link 'site' 'x+' is 41 bytes, longer than the token's limit of 40",
+        ),
+        (
+            {"retired_label": "{label}-retired-" + "y" * 32, "max_label_bytes": 40},
+            r"retired_label template renders at least 41 bytes",
+        ),
+    ],
+    ids=["template", "fixed-label", "retired-label"],
+)
+async def test_label_too_long_is_a_clear_error_at_prepare(
+    make_token: Callable[[], Any],
+    sink_factory: Callable[..., Pkcs11Sink],
+    extra: dict[str, Any],
+    message: str,
+) -> None:
+    sink = sink_factory(make_token(), **extra)
+    with pytest.raises(Misconfigured, match=message):
+        await sink.prepare()
+
+
+async def test_label_too_long_for_a_link_fails_install_not_silently(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    sink = sink_factory(make_token(), max_label_bytes=10)
+    await sink.prepare()
+    with pytest.raises(SinkError, match=r"'a-very-long-peer' is 16 bytes"):
+        await sink.install(Link("l", "alice", "a-very-long-peer", True), Secret.random(32), meta(1))
+
+
+async def test_two_links_on_one_label_are_refused(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    sink = sink_factory(make_token())
+    await sink.prepare()
+    await sink.install(Link("one", "alice", "bob", True), Secret.random(32), meta(1))
+    with pytest.raises(SinkError, match="both map to label 'bob'"):
+        await sink.install(Link("two", "alice", "bob", True), Secret.random(32), meta(1))
+
+
+def test_token_code_refuses_to_run_off_the_worker_thread() -> None:
+    with pytest.raises(AssertionError):
+        token.acquire(
+            token.TokenSpec("/nonexistent.so", token.TokenSelector(label="x")), Secret(b"1")
+        )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"pin": {"env": "X"}}, "give exactly one of token"),
+        ({"token": "t", "uri": "pkcs11:token=t", "pin": {"env": "HOME"}}, "exactly one"),
+        ({"token": "t", "pin": "1234"}, "not accepted inline"),
+        ({"uri": "pkcs11:token=t?pin-value=1234", "pin": {"env": "HOME"}}, "pin-value"),
+        ({"token": "t", "pin": {"env": "HOME"}, "object_label": "{nope}"}, "unknown placeholder"),
+        ({"token": "t", "pin": {"env": "HOME"}, "id_bytes": 1, "retention": 200}, "too large"),
+        ({"token": "t", "pin": {"env": "HOME"}, "key_type": "aes"}, "must be one of"),
+        (
+            {"token": "t", "pin": {"env": "HOME"}, "object_labels": {"a": "x", "b": "x"}},
+            "same label to two links",
+        ),
+    ],
+)
+def test_bad_options_are_config_errors(data: dict[str, Any], message: str, tmp_path: Any) -> None:
+    options = Options(data, where="sinks.hsm")
+    with pytest.raises(ConfigError, match=message):
+        Pkcs11Sink("hsm", options, PluginContext(agent_name="alice", state_dir=tmp_path))
+        options.finish()
+
+
+def test_uri_selects_token_and_module(tmp_path: Any) -> None:
+    options = Options(
+        {
+            "uri": "pkcs11:token=qkd%20agent;serial=42?module-path=/opt/p11/lib.so",
+            "pin": {"env": "HOME"},
+        },
+        where="sinks.hsm",
+    )
+    sink = Pkcs11Sink("hsm", options, PluginContext(agent_name="alice", state_dir=tmp_path))
+    options.finish()
+    assert sink.spec.module == "/opt/p11/lib.so"
+    assert sink.spec.selector.label == "qkd agent" and sink.spec.selector.serial == "42"
+
+
+async def test_cancelled_callers_never_interleave_token_operations(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    """Callers cancelled mid-job (as the core's timeouts do) leave a consistent token."""
+    sink = sink_factory(make_token())
+    await sink.prepare()
+    links = [Link(f"c{i}", "alice", f"p{i}", True) for i in range(10)]
+
+    async def churn(link: Link) -> None:
+        for epoch in range(1, 1000):
+            await sink.install(link, Secret.random(32), meta(epoch))
+
+    with trio.move_on_after(0.3):
+        async with trio.open_nursery() as nursery:
+            for link in links:
+                nursery.start_soon(churn, link)
+    for link in links:
+        final = Secret.random(32)
+        await sink.install(link, final, meta(5000))
+        assert await sink.verify(link, final, meta(5000)) is True
+        (ids,) = (await sink.object_ids(link)).values()
+        assert ids == [naming.epoch_id(5000, 8)]  # epoch 4999 never existed
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"id_bytes": 4}, "id_bytes = 4, but the token allows 2-byte IDs"),
+        ({"id_bytes": 2, "max_label_bytes": 64}, "max_label_bytes = 64, but the token allows 40"),
+        ({"id_bytes": 2, "object_labels": {"l": "z" * 41}}, "is 41 bytes, longer than .* 40"),
+    ],
+)
+def test_yubihsm_limits_are_checked(extra: dict[str, Any], message: str, tmp_path: Any) -> None:
+    options = Options({"token": "y", "pin": {"env": "HOME"}, **extra}, where="sinks.hsm")
+    sink = Pkcs11Sink("hsm", options, PluginContext(agent_name="alice", state_dir=tmp_path))
+    info = token.TokenInfo("y", "0012345", "Yubico", "YubiHSM", 0)
+    with pytest.raises(Misconfigured, match=message):
+        sink._check_limits(token.OpenToken(("m", "s", 0), None, info))
+
+
+def test_yubihsm_defaults_to_its_label_limit(tmp_path: Any) -> None:
+    options = Options({"token": "y", "pin": {"env": "HOME"}, "id_bytes": 2}, where="sinks.hsm")
+    sink = Pkcs11Sink("hsm", options, PluginContext(agent_name="alice", state_dir=tmp_path))
+    info = token.TokenInfo("y", "0012345", "Yubico", "YubiHSM", 0)
+    sink._check_limits(token.OpenToken(("m", "s", 0), None, info))
+    assert sink.label_limit == 40
