@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from qkdagent import KeyMeta, Link, PluginContext, Secret
 from qkdagent.builtin.exec_sink import ExecSink
@@ -33,7 +34,7 @@ def _sink(tmp_path: Path, command: list[str], fmt: str) -> ExecSink:
 
 
 @pytest.fixture
-def wg_iface():  # noqa: ANN201
+def wg_iface():
     """A real wireguard-go interface with one peer, in the root namespace (unique name)."""
     require_root()
     tools = require_binary("wireguard-go", "wg", "ip")
@@ -63,20 +64,21 @@ def wg_iface():  # noqa: ANN201
         proc.wait(timeout=10)
 
 
-async def test_wg_set_psk_hook_with_real_wireguard_go(tmp_path: Path, wg_iface) -> None:  # noqa: ANN001
+async def _preshared_keys(iface: str) -> list[str]:
+    result = await trio.run_process(["wg", "show", iface, "preshared-keys"], capture_stdout=True)
+    return result.stdout.decode().split()
+
+
+async def test_wg_set_psk_hook_with_real_wireguard_go(tmp_path: Path, wg_iface) -> None:
     name, pub = wg_iface
     sink = _sink(tmp_path, [str(HOOKS / "wg-set-psk"), name, pub], "base64")
     await sink.prepare()
     secret = Secret(os.urandom(32))
     await sink.install(LINK, secret, META)
-    shown = subprocess.run(
-        ["wg", "show", name, "preshared-keys"], capture_output=True, check=True, text=True
-    ).stdout.split()
+    shown = await _preshared_keys(name)
     assert shown == [pub, base64.b64encode(secret.reveal()).decode()]
     await sink.erase(LINK, "test")
-    after = subprocess.run(
-        ["wg", "show", name, "preshared-keys"], capture_output=True, check=True, text=True
-    ).stdout.split()
+    after = await _preshared_keys(name)
     assert after[1] not in (base64.b64encode(secret.reveal()).decode(), "(none)")
     unknown = _sink(tmp_path, [str(HOOKS / "wg-set-psk"), name, "A" * 43 + "="], "base64")
     with pytest.raises(SinkError, match="exited with 65"):
@@ -84,7 +86,7 @@ async def test_wg_set_psk_hook_with_real_wireguard_go(tmp_path: Path, wg_iface) 
 
 
 @pytest.fixture
-def hup_target(tmp_path: Path):  # noqa: ANN201
+def hup_target(tmp_path: Path):
     """A process that counts SIGHUPs into a file, standing in for stunnel's reload."""
     marker = tmp_path / "hups"
     code = (
@@ -108,7 +110,7 @@ def hup_target(tmp_path: Path):  # noqa: ANN201
     proc.wait(timeout=10)
 
 
-async def test_stunnel_psk_hook_writes_and_signals(tmp_path: Path, hup_target) -> None:  # noqa: ANN001
+async def test_stunnel_psk_hook_writes_and_signals(tmp_path: Path, hup_target) -> None:
     pidfile, marker = hup_target
     psk = tmp_path / "psk.txt"
     sink = _sink(tmp_path, [str(HOOKS / "stunnel-psk"), str(psk), "alice-bob", str(pidfile)], "hex")
@@ -119,7 +121,7 @@ async def test_stunnel_psk_hook_writes_and_signals(tmp_path: Path, hup_target) -
     deadline = time.monotonic() + 5
     while marker.read_text() != "1":
         assert time.monotonic() < deadline, "no SIGHUP arrived"
-        time.sleep(0.02)
+        await trio.sleep(0.02)
     bad = _sink(tmp_path, [str(HOOKS / "stunnel-psk"), str(psk), "bad:id", str(pidfile)], "hex")
     with pytest.raises(SinkError, match="exited with 65"):
         await bad.install(LINK, Secret(os.urandom(32)), META)
