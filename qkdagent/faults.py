@@ -11,7 +11,6 @@ import os
 
 POINTS = (
     "initiator:keys-fetched",
-    "initiator:ids-marked",
     "initiator:reply-received",
     "initiator:committed",
     "initiator:installed",

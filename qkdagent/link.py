@@ -158,11 +158,6 @@ class LinkRuntime:
         keys = await self._new_keys()
         crash_point("initiator:keys-fetched")
         key_ids = tuple((src.id, key.key_id) for src, key in zip(self.sources, keys, strict=True))
-        try:
-            await self.agent.store.run(self.agent.store.mark_used, self.name, key_ids)
-        except KeyReuseError as exc:
-            raise RotationFailed("source", str(exc)) from None
-        crash_point("initiator:ids-marked")
         epoch = record.epoch + 1
         kind, chain_key, auth_key = "rotate", record.chain_key, record.auth_key
         reply, nonce = await self._exchange(kind, epoch, key_ids, auth_key)
@@ -179,7 +174,6 @@ class LinkRuntime:
             # fresh keys, at an epoch above both sides' so that no old message can be replayed.
             keys = await self._new_keys()
             key_ids = tuple((s.id, k.key_id) for s, k in zip(self.sources, keys, strict=True))
-            await self.agent.store.run(self.agent.store.mark_used, self.name, key_ids)
             epoch = max(record.epoch, peer_epoch, 0) + 1
             kind, chain_key, auth_key = "resync", self.start.chain_key, self.start.auth_key
             reply, nonce = await self._exchange(kind, epoch, key_ids, auth_key)
@@ -200,19 +194,22 @@ class LinkRuntime:
         derived = ratchet.rotate(chain_key, inputs, transcript, self.labels)
         if not hmac.compare_digest(message.confirm, ratchet.confirmation(derived, "responder")):
             raise RotationFailed("confirm", "key confirmation failed: the peer derived other keys")
-        await self.agent.store.run(
-            lambda: self.agent.store.commit(
-                self.name,
-                epoch=epoch,
-                chain_key=derived.chain_key,
-                auth_key=derived.auth_key,
-                key_ids=key_ids,
-                outputs=derived.outputs,
-                acked=False,
+        try:
+            # One transaction: the key IDs are recorded as used and the epoch committed together.
+            self.record = await self.agent.store.run(
+                lambda: self.agent.store.commit(
+                    self.name,
+                    epoch=epoch,
+                    chain_key=derived.chain_key,
+                    auth_key=derived.auth_key,
+                    key_ids=key_ids,
+                    outputs=derived.outputs,
+                    acked=False,
+                    mark_used=True,
+                )
             )
-        )
-        self.record = await self.agent.store.run(self.agent.store.load, self.name)
-        assert self.record is not None
+        except KeyReuseError as exc:
+            raise RotationFailed("source", str(exc)) from None
         crash_point("initiator:committed")
         commit_nonce = protocol.new_nonce()
         commit = protocol.build(
@@ -306,7 +303,6 @@ class LinkRuntime:
             )
             self.commit_lost = True
             return
-        await self.agent.store.run(self.agent.store.set_acked, self.name, record.epoch)
         record.acked = True
 
     # -- responder ---------------------------------------------------------------------------
@@ -360,9 +356,8 @@ class LinkRuntime:
         if [s for s, _ in key_ids] != [s.id for s in self.sources]:
             raise self._refuse("sources", "the peer's sources differ from this link's", 400)
         store = self.agent.store
-        for source, key_id in key_ids:
-            if await store.run(store.is_used, self.name, source, key_id):
-                raise self._refuse("replay", "key ID already used on this link", 409)
+        # Key reuse is refused when the pending epoch is stored (one transaction with the check);
+        # a message with used IDs can only come from the authenticated peer (MAC checked above).
         keys = []
         for source, (_, key_id) in zip(self.sources, key_ids, strict=True):
             try:
@@ -459,7 +454,7 @@ class LinkRuntime:
     async def _commit_pending(self, pending: Pending) -> None:
         started = trio.current_time()
         store = self.agent.store
-        await store.run(
+        self.record = await store.run(
             lambda: store.commit(
                 self.name,
                 epoch=pending.epoch,
@@ -470,8 +465,6 @@ class LinkRuntime:
                 acked=True,
             )
         )
-        self.record = await store.run(store.load, self.name)
-        assert self.record is not None
         crash_point("responder:committed")
         failed: list[str] = []
         await self._install_collect(self._meta(self.record), failed)

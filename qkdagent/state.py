@@ -287,9 +287,17 @@ class StateStore:
         outputs: dict[str, Secret],
         acked: bool,
         committed_at: float | None = None,
-    ) -> None:
-        """Make `epoch` current, overwriting the previous chain key and outputs."""
+        mark_used: bool = False,
+    ) -> LinkRecord:
+        """Make `epoch` current, overwriting the previous chain key and outputs.
+
+        With `mark_used`, the key IDs are recorded as used in the same transaction (and the
+        commit is refused, changing nothing, if any was used before). Returns the new record.
+        """
+        committed_at = committed_at if committed_at is not None else time.time()
         with self._tx():
+            if mark_used:
+                self._mark_used(name, key_ids)
             cur = self._db.execute(
                 "UPDATE links SET epoch = ?, chain_key = ?, auth_key = ?, key_ids = ?, "
                 "committed_at = ?, acked = ? WHERE name = ?",
@@ -298,7 +306,7 @@ class StateStore:
                     chain_key.reveal(),
                     auth_key.reveal(),
                     _ids_json(key_ids),
-                    committed_at if committed_at is not None else time.time(),
+                    committed_at,
                     int(acked),
                     name,
                 ),
@@ -311,12 +319,10 @@ class StateStore:
                     "INSERT INTO outputs VALUES (?, ?, ?)", (name, label, secret.reveal())
                 )
             self._db.execute("DELETE FROM pending WHERE link = ?", (name,))
-
-    def set_acked(self, name: str, epoch: int) -> None:
-        with self._tx():
-            self._db.execute(
-                "UPDATE links SET acked = 1 WHERE name = ? AND epoch = ?", (name, epoch)
-            )
+            peer = self._db.execute("SELECT peer FROM links WHERE name = ?", (name,)).fetchone()[0]
+        return LinkRecord(
+            name, peer, epoch, chain_key, auth_key, key_ids, committed_at, acked, dict(outputs)
+        )
 
     def drop(self, name: str) -> None:
         with self._tx():

@@ -26,9 +26,11 @@ async def test_hundred_rotations_identical_and_nothing_leaks(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     link = {"interval": 0.02, "jitter": 0, "reject_after": 30}
-    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=link) as pair:
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=link, start=False) as pair:
         pool = MemoryPool.named(pair.configs["alice"]["sources"]["sim"]["pool"])
         pool.keep_history = True
+        await pair.start("bob")
+        await pair.start("alice")
         await pair.wait_for_epoch(100, timeout=60)
         await pair.stop("alice")
         await pair.stop("bob")

@@ -1,0 +1,196 @@
+"""Core benchmark: rotation latency of one link, and an agent pair carrying many links.
+
+    python contrib/bench/bench_core.py latency [--rotations 500]
+    python contrib/bench/bench_core.py scale [--links 1,100,1000,10000] [--seconds 20]
+    python contrib/bench/bench_core.py hold [--links 10000] [--interval 120] [--seconds 300]
+
+Both agents run in this process over real loopback HTTPS with mutual TLS, with the in-memory
+source and recording sinks, state in a temp dir. CPU and peak RSS are this process's (both
+agents together, including the state worker threads). Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from qkdagent.agent import Agent
+from qkdagent.config import parse_config
+from qkdagent.hookspecs import hookimpl
+from qkdagent.plugins import Plugins
+from qkdagent.testing import pair_configs
+
+LINK = "alice-bob"
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list[tuple[float, Any]] = []
+        self.errors = 0
+        self.erasures: list[Any] = []
+
+    @hookimpl
+    def qkdagent_after_rotation(self, event: Any) -> None:
+        self.events.append((trio.current_time(), event))
+
+    @hookimpl
+    def qkdagent_on_rotation_error(self, event: Any) -> None:
+        self.errors += 1
+
+    @hookimpl
+    def qkdagent_after_erase(self, event: Any) -> None:
+        if event.reason != "startup":
+            self.erasures.append(event)
+
+
+def configs(directory: Path, links: int, interval: float, jitter: float) -> dict[str, Any]:
+    base = pair_configs(
+        directory,
+        alice={"sinks": {"rec": {"type": "recording"}}},
+        bob={"sinks": {"rec": {"type": "recording"}}},
+        link={"interval": interval, "jitter": jitter, "reject_after": max(interval * 1.5, 10)},
+    )
+    for config in base.values():
+        template = config["links"].pop(LINK)
+        for i in range(links):
+            config["links"][f"link{i:05d}"] = dict(template)
+    return base
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def run_pair(
+    directory: Path, links: int, interval: float, jitter: float, seconds: float
+) -> dict[str, Any]:
+    cfg = configs(directory, links, interval, jitter)
+    collector = Collector()
+    stops = {"alice": trio.Event(), "bob": trio.Event()}
+    started = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        agents = {}
+        for name in ("bob", "alice"):
+            plugins = Plugins()
+            if name == "alice":
+                plugins.add("bench", collector, "bench")
+            agent = Agent(parse_config(cfg[name]), plugins=plugins)
+            await nursery.start(partial(agent.run, shutdown_trigger=stops[name].wait))
+            agents[name] = agent
+        ready = time.monotonic() - started
+        cpu0, t0 = cpu(), trio.current_time()
+        n0 = len(collector.events)
+        await trio.sleep(seconds)
+        cpu1, t1 = cpu(), trio.current_time()
+        n1 = len(collector.events)
+        stops["alice"].set()
+        stops["bob"].set()
+    window = [e for t, e in collector.events if t0 <= t <= t1]
+    per_link: dict[str, list[float]] = {}
+    for t, e in collector.events:
+        per_link.setdefault(e.link, []).append(t)
+    max_gap = max(
+        (b - a for times in per_link.values() for a, b in zip(times, times[1:], strict=False)),
+        default=0.0,
+    )
+    rotations = n1 - n0
+    return {
+        "links": links,
+        "startup_s": ready,
+        "rotations": rotations,
+        "rate": rotations / (t1 - t0),
+        "cpu_core_fraction": (cpu1 - cpu0) / (t1 - t0),
+        "cpu_ms_per_rotation": 1000 * (cpu1 - cpu0) / max(rotations, 1),
+        "peak_rss_mb": peak_rss_mb(),
+        "errors": collector.errors,
+        "erasures": len(collector.erasures),
+        "max_gap_s": max_gap,
+        "durations": [e.duration for e in window],
+        "links_rotated": len(per_link),
+    }
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(p / 100 * len(values)))] if values else float("nan")
+
+
+def cmd_latency(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        # interval long enough that rotations never overlap: measures one rotation end to end
+        seconds = args.rotations * 0.05
+        result = trio.run(run_pair, Path(tmp), 1, 0.05, 0.0, seconds)
+    d = [x * 1000 for x in result["durations"]]
+    print(f"one link, loopback mTLS, in-memory source: {len(d)} rotations")
+    print(
+        f"  start -> both sides installed: p50 {pct(d, 50):.2f} ms  p90 {pct(d, 90):.2f} ms  "
+        f"p99 {pct(d, 99):.2f} ms  max {max(d):.2f} ms  (mean {statistics.mean(d):.2f})"
+    )
+    print(f"  CPU per rotation (both agents): {result['cpu_ms_per_rotation']:.2f} ms")
+
+
+def cmd_scale(args: argparse.Namespace) -> None:
+    print(f"agent pair, interval {args.interval} s, {args.seconds} s measured per size")
+    print(f"{'links':>6} {'startup s':>9} {'rot/s':>8} {'CPU core':>8} {'CPU ms/rot':>10} "
+          f"{'peak RSS MB':>11} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'erased':>6}")
+    for links in [int(x) for x in args.links.split(",")]:
+        with tempfile.TemporaryDirectory() as tmp:
+            r = trio.run(run_pair, Path(tmp), links, args.interval, 0.1, args.seconds)
+        d = [x * 1000 for x in r["durations"]]
+        print(
+            f"{links:>6} {r['startup_s']:>9.1f} {r['rate']:>8.1f} {r['cpu_core_fraction']:>8.2f} "
+            f"{r['cpu_ms_per_rotation']:>10.2f} {r['peak_rss_mb']:>11.0f} {pct(d, 50):>7.1f} "
+            f"{pct(d, 99):>7.1f} {r['errors']:>6} {r['erasures']:>6}",
+            flush=True,
+        )
+
+
+def cmd_hold(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        r = trio.run(run_pair, Path(tmp), args.links, args.interval, 0.1, args.seconds)
+    d = [x * 1000 for x in r["durations"]]
+    print(f"{args.links} links at interval {args.interval} s, measured {args.seconds} s:")
+    print(f"  startup (all links opened): {r['startup_s']:.1f} s")
+    print(f"  rotations/s sustained: {r['rate']:.1f} (expected ≈ {args.links / args.interval / 0.95:.1f})")
+    print(f"  CPU: {r['cpu_core_fraction']:.2f} of a core ({r['cpu_ms_per_rotation']:.2f} ms/rotation, both agents)")
+    print(f"  peak RSS: {r['peak_rss_mb']:.0f} MB (both agents in one process)")
+    print(f"  rotation latency p50 {pct(d, 50):.1f} ms, p99 {pct(d, 99):.1f} ms")
+    print(f"  errors {r['errors']}, reject_after erasures {r['erasures']}, "
+          f"largest gap between a link's rotations {r['max_gap_s']:.1f} s (deadline {max(args.interval * 1.5, 10):.0f} s)")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.ERROR)
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("latency")
+    p.add_argument("--rotations", type=int, default=500)
+    p = sub.add_parser("scale")
+    p.add_argument("--links", default="1,100,1000,10000")
+    p.add_argument("--interval", type=float, default=5.0)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p = sub.add_parser("hold")
+    p.add_argument("--links", type=int, default=10000)
+    p.add_argument("--interval", type=float, default=120.0)
+    p.add_argument("--seconds", type=float, default=300.0)
+    args = parser.parse_args()
+    {"latency": cmd_latency, "scale": cmd_scale, "hold": cmd_hold}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

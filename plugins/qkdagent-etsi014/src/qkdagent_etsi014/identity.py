@@ -1,0 +1,66 @@
+"""Which SAE is calling: derived from the verified TLS client certificate, never from the request.
+
+ETSI GS QKD 014 leaves open which certificate field carries the SAE ID, so the rule is
+configurable: the subject CN (default, as most implementations do), the first DNS or URI subject
+alternative name, or an explicit table of SHA-256 certificate fingerprints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+MODES = ("cn", "san-dns", "san-uri", "fingerprint")
+
+
+def fingerprint(der: bytes) -> str:
+    """SHA-256 of the DER certificate, lower-case hex without separators."""
+    return hashlib.sha256(der).hexdigest()
+
+
+def normalise_fingerprint(text: str) -> str:
+    value = text.replace(":", "").strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits)")
+    return value
+
+
+@dataclass(frozen=True)
+class IdentityRule:
+    mode: str = "cn"
+    fingerprints: Mapping[str, str] = field(default_factory=dict)
+    """SHA-256 fingerprint -> SAE ID, for mode "fingerprint"."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"identity must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.mode == "fingerprint" and not self.fingerprints:
+            raise ValueError('identity "fingerprint" needs a fingerprint table')
+        object.__setattr__(
+            self,
+            "fingerprints",
+            {normalise_fingerprint(k): v for k, v in self.fingerprints.items()},
+        )
+
+    def identify(self, der: bytes | None) -> str | None:
+        """The SAE ID of a (TLS-verified) certificate, or None if the rule finds none."""
+        if not der:
+            return None
+        if self.mode == "fingerprint":
+            return self.fingerprints.get(fingerprint(der))
+        cert = x509.load_der_x509_certificate(der)
+        if self.mode == "cn":
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            value = names[0].value if len(names) == 1 else None
+            return value if isinstance(value, str) and value else None
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            return None
+        kind = x509.DNSName if self.mode == "san-dns" else x509.UniformResourceIdentifier
+        values = san.get_values_for_type(kind)
+        return values[0] if values else None

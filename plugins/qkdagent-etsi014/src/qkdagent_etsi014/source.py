@@ -1,0 +1,422 @@
+"""Source type `etsi014`: keys from a KME over ETSI GS QKD 014 (HTTPS with mutual TLS).
+
+The initiator calls Get key (`enc_keys`) naming the peer's SAE as slave; the responder calls Get
+key with key IDs (`dec_keys`) naming the peer's SAE as master. Every answer is validated
+(`wire.parse_key_container`) before a key is used. Keys are single-use on the KME, so:
+
+- only calls that certainly delivered nothing are retried (`retry.classify`);
+- each HTTP exchange runs shielded from the caller's cancellation (bounded by its own timeout), and
+  a key received for a call that was cancelled meanwhile is held: the next `new_key` for that peer,
+  or a repeated `key_by_id` for that ID, gets it instead of a fresh KME round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import OrderedDict, deque
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import httpx
+import trio
+
+from qkdagent import (
+    Key,
+    KeyNotFound,
+    Link,
+    Misconfigured,
+    Options,
+    PluginContext,
+    Secret,
+    Source,
+    SourceError,
+    SourceUnavailable,
+)
+
+from . import wire
+from .retry import Backoff, Outcome, classify
+
+log = logging.getLogger(__name__)
+
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+HELD_KEYS_MAX = 256
+
+
+def _check_url(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme != "https":
+        return "must be an https:// URL (ETSI GS QKD 014 requires HTTPS)"
+    if not parts.hostname:
+        return "has no host name"
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return "must not have a query, fragment or user info"
+    return None
+
+
+class Etsi014Source(Source):
+    """An SAE's view of its KME. See the package README for every option."""
+
+    type_name = "etsi014"
+
+    def __init__(self, name: str, options: Options, context: PluginContext) -> None:
+        super().__init__(name, options, context)
+        self.kme_url: str = options.string("kme_url", check=_check_url).rstrip("/")
+        self.cert: Path = options.path("cert")
+        self.key_file: Path = options.path("key")
+        self.ca: Path = options.path("ca")
+        self.sae_id: str | None = options.string("sae_id", None, max_len=256)
+        self.kme_id: str | None = options.string("kme_id", None, max_len=256)
+        peers = options.table("peer_sae_ids", {})
+        for agent, sae in peers.items():
+            if not isinstance(sae, str) or not sae or len(sae) > 256:
+                options.fail("peer_sae_ids", f"entry {agent!r} must be a non-empty SAE ID string")
+        self.peer_sae_ids: dict[str, str] = dict(peers)
+        self.key_size: int = options.integer("key_size", 256, min=128, max=65536)
+        if self.key_size % 8:
+            options.fail("key_size", "must be a multiple of 8 bits")
+        self.enc_method: str = options.string("enc_method", "auto", choices=("auto", "get", "post"))
+        self.dec_method: str = options.string("dec_method", "auto", choices=("auto", "post", "get"))
+        self.strict_key_ids: bool = options.boolean("strict_key_ids", True)
+        self.request_timeout: float = options.number("request_timeout", 5.0, positive=True)
+        self.connect_timeout: float = options.number("connect_timeout", 3.0, positive=True)
+        self.retries: int = options.integer("retries", 3, min=0, max=20)
+        self.not_found_retries: int = options.integer("not_found_retries", 6, min=0, max=50)
+        self.retry_backoff: float = options.number("retry_backoff", 0.05, positive=True, max=60)
+        self.max_backoff: float = options.number("max_backoff", 1.0, positive=True, max=600)
+        self.keepalive_expiry: float = options.number("keepalive_expiry", 4.0, min=0, max=3600)
+        self.limits: dict[str, wire.KmeStatus] = {}
+        """Get status answers per peer SAE ID (filled by prepare())."""
+        self._client: httpx.AsyncClient | None = None
+        self._spare: dict[str, deque[Key]] = {}
+        self._held: OrderedDict[tuple[str, str], Key] = OrderedDict()
+        self._warned: set[str] = set()
+        self._connect_error = ""
+
+    def __repr__(self) -> str:
+        return f"<Etsi014Source {self.name!r} kme={self.kme_url!r} sae={self.sae_id!r}>"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Load the TLS identity, then Get status for every configured peer and check limits."""
+        await self._open()
+        targets = list(dict.fromkeys(self.peer_sae_ids.values()))
+        if not targets:
+            await self._probe()
+        for sae in targets:
+            status = await self.status(sae)
+            if self.kme_id is not None and status.source_kme_id != self.kme_id:
+                raise Misconfigured(
+                    f"source {self.name!r}: {self.kme_url} says it is KME "
+                    f"{status.source_kme_id!r}, kme_id is {self.kme_id!r}"
+                )
+            if self.sae_id is not None and status.master_sae_id != self.sae_id:
+                raise Misconfigured(
+                    f"source {self.name!r}: {self.kme_url} identifies this certificate as SAE "
+                    f"{status.master_sae_id!r}, sae_id is {self.sae_id!r}"
+                )
+            if not status.min_key_size <= self.key_size <= status.max_key_size:
+                raise Misconfigured(
+                    f"source {self.name!r}: key_size {self.key_size} is outside the KME's range "
+                    f"{status.min_key_size}..{status.max_key_size} bits"
+                )
+            log.info("source %s: %s", self.name, status.describe())
+
+    async def _probe(self) -> None:
+        """Without known peers: prove TLS and routing work (any answer but 401 will do)."""
+        probe = self.sae_id or "qkdagent-probe"
+        status_code, body = await self._request("status", "GET", probe)
+        outcome = classify("status", status_code, wire.error_message(body))
+        if outcome in (Outcome.UNAVAILABLE, Outcome.UNAUTHORIZED):
+            raise self._failure("status", probe, status_code, body, outcome, prepare=True)
+        log.info(
+            "source %s: KME %s reachable (peer SAEs are learned per link)", self.name, self.kme_url
+        )
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+        for key in [*self._held.values(), *(k for q in self._spare.values() for k in q)]:
+            key.value.wipe()
+        self._held.clear()
+        self._spare.clear()
+
+    async def _open(self) -> httpx.AsyncClient:
+        if self._client is None:
+            context = await trio.to_thread.run_sync(self._ssl_context)
+            self._client = httpx.AsyncClient(
+                base_url=self.kme_url,
+                verify=context,
+                trust_env=False,
+                follow_redirects=False,
+                timeout=httpx.Timeout(self.request_timeout, connect=self.connect_timeout),
+                limits=httpx.Limits(
+                    max_connections=8,
+                    max_keepalive_connections=4,
+                    keepalive_expiry=self.keepalive_expiry,
+                ),
+            )
+        return self._client
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        for option, path in (("cert", self.cert), ("key", self.key_file), ("ca", self.ca)):
+            if not path.is_file():
+                raise Misconfigured(f"source {self.name!r}: {option} file {path} does not exist")
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca))
+            context.load_cert_chain(str(self.cert), str(self.key_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise Misconfigured(
+                f"source {self.name!r}: cannot load the TLS client identity or CA: {exc}"
+            ) from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    # -- the three ETSI 014 calls ---------------------------------------------------------
+
+    def peer_sae(self, link: Link) -> str:
+        return self.peer_sae_ids.get(link.peer, link.peer)
+
+    async def status(self, slave_sae: str) -> wire.KmeStatus:
+        """Get status for the link to `slave_sae`; remembered in `self.limits`."""
+        status_code, body = await self._request("status", "GET", slave_sae)
+        outcome = classify("status", status_code, wire.error_message(body))
+        if outcome is not Outcome.OK:
+            raise self._failure("status", slave_sae, status_code, body, outcome, prepare=True)
+        try:
+            status = wire.parse_status(wire.loads(body))
+        except wire.WireError as exc:
+            raise SourceError(f"{self._where('status', slave_sae)}: {exc}") from None
+        self.limits[slave_sae] = status
+        return status
+
+    async def new_key(self, link: Link) -> Key:
+        slave = self.peer_sae(link)
+        while True:
+            await trio.lowlevel.checkpoint()
+            spare = self._spare.setdefault(slave, deque())
+            if spare:
+                return spare.popleft()
+            key = await self._fetch_new(slave)
+            spare.append(key)
+            await trio.lowlevel.checkpoint()  # cancelled here: the key stays spare for later
+            for index, candidate in enumerate(spare):
+                if candidate is key:
+                    del spare[index]
+                    return key
+            # a concurrent call for the same peer took this key meanwhile: get another
+
+    async def _fetch_new(self, slave: str) -> Key:
+        query = {"number": "1", "size": str(self.key_size)}
+        body = {"number": 1, "size": self.key_size}
+        method = "POST" if self.enc_method == "post" else "GET"
+        data = await self._with_retries(
+            "enc_keys", slave, method, query=query, body=body, switch=self.enc_method == "auto"
+        )
+        return self._parse_one("enc_keys", slave, data, expected=None)
+
+    async def key_by_id(self, link: Link, key_id: str) -> Key:
+        master = self.peer_sae(link)
+        await trio.lowlevel.checkpoint()
+        held = self._held.pop((master, key_id), None)
+        if held is not None:
+            return held
+        if len(key_id.encode("utf-8")) > wire.MAX_KEY_ID_BYTES or not key_id.isprintable():
+            raise KeyNotFound(f"{self._where('dec_keys', master)}: key ID is not acceptable")
+        method = "GET" if self.dec_method == "get" else "POST"
+        data = await self._with_retries(
+            "dec_keys",
+            master,
+            method,
+            query={"key_ID": key_id},
+            body={"key_IDs": [{"key_ID": key_id}]},
+            switch=self.dec_method == "auto",
+            key_id=key_id,
+        )
+        key = self._parse_one("dec_keys", master, data, expected=key_id)
+        self._held[(master, key_id)] = key
+        while len(self._held) > HELD_KEYS_MAX:
+            self._held.popitem(last=False)[1].value.wipe()
+        await trio.lowlevel.checkpoint()  # cancelled here: a repeated call gets the held key
+        key = self._held.pop((master, key_id), None)
+        if key is None:  # a concurrent call for the same ID was handed the key (single use)
+            raise KeyNotFound(f"{self._where('dec_keys', master)}: key {key_id!r} already taken")
+        return key
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _with_retries(
+        self,
+        operation: str,
+        sae: str,
+        method: str,
+        *,
+        query: dict[str, str],
+        body: dict[str, Any],
+        switch: bool,
+        key_id: str | None = None,
+    ) -> bytes:
+        unavailable = Backoff(self.retries, self.retry_backoff, self.max_backoff)
+        not_found = Backoff(self.not_found_retries, self.retry_backoff, self.max_backoff)
+        while True:
+            status_code, data = await self._request(
+                operation,
+                method,
+                sae,
+                query=query if method == "GET" else None,
+                body=body if method == "POST" else None,
+            )
+            outcome = classify(operation, status_code, wire.error_message(data))
+            if outcome is Outcome.OK:
+                return data
+            delay: float | None = None
+            if outcome is Outcome.METHOD and switch:
+                switch = False
+                method = "POST" if method == "GET" else "GET"
+                self._remember_method(operation, method)
+                continue
+            if outcome is Outcome.UNAVAILABLE:
+                delay = unavailable.next()
+            elif outcome is Outcome.NOT_FOUND:
+                delay = not_found.next()
+            if delay is None:
+                raise self._failure(operation, sae, status_code, data, outcome, key_id=key_id)
+            log.debug(
+                "source %s: %s via %s: %s, retrying in %.2fs",
+                self.name,
+                operation,
+                self.kme_url,
+                outcome.value,
+                delay,
+            )
+            await trio.sleep(delay)
+
+    def _remember_method(self, operation: str, method: str) -> None:
+        log.warning(
+            "source %s: %s refuses the other method for %s; using %s from now on",
+            self.name,
+            self.kme_url,
+            operation,
+            method,
+        )
+        if operation == "enc_keys":
+            self.enc_method = method.lower()
+        else:
+            self.dec_method = method.lower()
+
+    async def _request(
+        self,
+        operation: str,
+        method: str,
+        sae: str,
+        *,
+        query: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> tuple[int | None, bytes]:
+        """One exchange, shielded from outside cancellation; status None = not connected."""
+        client = await self._open()
+        path = f"/api/v1/keys/{quote(sae, safe='')}/{operation}"
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.fail_after(self.connect_timeout + 2 * self.request_timeout):
+                    return await self._send(client, method, path, query, body)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                self._connect_error = str(exc) or type(exc).__name__
+                return None, b""
+            except (httpx.TimeoutException, trio.TooSlowError):
+                raise SourceUnavailable(
+                    f"{self._where(operation, sae)}: no answer within the timeout "
+                    "(a key handed out meanwhile is lost)"
+                ) from None
+            except httpx.HTTPError as exc:
+                raise SourceUnavailable(
+                    f"{self._where(operation, sae)}: {type(exc).__name__}: {exc}"
+                ) from None
+
+    async def _send(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        path: str,
+        query: dict[str, str] | None,
+        body: dict[str, Any] | None,
+    ) -> tuple[int, bytes]:
+        request = client.build_request(method, path, params=query, json=body)
+        response = await client.send(request, stream=True)
+        try:
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > MAX_RESPONSE_BYTES:
+                    raise SourceError(
+                        f"KME {self.kme_url}: answer is larger than {MAX_RESPONSE_BYTES} bytes"
+                    )
+            return response.status_code, bytes(data)
+        finally:
+            await response.aclose()
+
+    def _parse_one(self, operation: str, sae: str, data: bytes, expected: str | None) -> Key:
+        try:
+            pairs = wire.parse_key_container(
+                wire.loads(data),
+                number=1,
+                size_bits=self.key_size,
+                strict_uuid=self.strict_key_ids,
+                expected_ids=[expected] if expected is not None else None,
+                on_variant=self._warn_variant,
+            )
+        except wire.WireError as exc:
+            raise SourceError(
+                f"{self._where(operation, sae)}: answer rejected, key not used: {exc}"
+            ) from None
+        key_id, raw = pairs[0]
+        return Key(key_id, Secret(raw))
+
+    def _warn_variant(self, variant: str) -> None:
+        if variant not in self._warned:
+            self._warned.add(variant)
+            log.warning(
+                "source %s: KME %s uses a non-standard key container (%s); accepted",
+                self.name,
+                self.kme_url,
+                variant,
+            )
+
+    def _where(self, operation: str, sae: str) -> str:
+        role = {"enc_keys": "slave", "dec_keys": "master"}.get(operation, "slave")
+        return f"KME {self.kme_url} {operation} ({role} SAE {sae!r})"
+
+    def _failure(
+        self,
+        operation: str,
+        sae: str,
+        status: int | None,
+        data: bytes,
+        outcome: Outcome,
+        *,
+        key_id: str | None = None,
+        prepare: bool = False,
+    ) -> Exception:
+        where = self._where(operation, sae)
+        message = wire.error_message(data)
+        said = f": {message}" if message else ""
+        if outcome is Outcome.UNAVAILABLE:
+            if status is None:
+                return SourceUnavailable(f"{where}: cannot connect: {self._connect_error}")
+            return SourceUnavailable(f"{where}: KME unavailable (503{said})")
+        if outcome is Outcome.NOT_FOUND:
+            return KeyNotFound(f"{where}: KME holds no key {key_id!r} ({status}{said})")
+        if outcome is Outcome.UNAUTHORIZED:
+            text = (
+                f"{where}: 401 unauthorized: the KME does not accept this certificate's SAE for "
+                "this request"
+            )
+            return Misconfigured(text) if prepare else SourceError(text)
+        if outcome is Outcome.METHOD:
+            return SourceError(f"{where}: KME refuses {operation} with this method ({status})")
+        text = f"{where}: KME answered {status}{said}"
+        return Misconfigured(text) if prepare else SourceError(text)

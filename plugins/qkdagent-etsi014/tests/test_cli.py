@@ -1,0 +1,149 @@
+"""`qkdagent kme-sim` (as `python -m qkdagent_etsi014 kme-sim`), `--make-pki`, and the demo hook."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import qkdagent_etsi014
+import trio
+from qkdagent_etsi014.__main__ import main
+from qkdagent_etsi014.source import Etsi014Source
+
+from qkdagent import CommandRegistry, Link, Options, PluginContext
+from qkdagent.testing import missing
+
+from .conftest import tls_context
+
+
+def test_make_pki_writes_private_keys_0600(tmp_path: Path, capsys) -> None:
+    assert (
+        main(["kme-sim", "--make-pki", str(tmp_path), "--kme", "K1=s1,s2", "--kme", "K2=s3"]) == 0
+    )
+    for name in ("ca", "K1", "K2", "s1", "s2", "s3"):
+        assert (tmp_path / f"{name}.pem").is_file()
+        mode = stat.S_IMODE((tmp_path / f"{name}.key").stat().st_mode)
+        assert mode == 0o600, name
+    assert "s3" in capsys.readouterr().out
+
+
+def test_bad_arguments(tmp_path: Path, capsys) -> None:
+    assert main(["kme-sim"]) == 2
+    assert "--pki DIR" in capsys.readouterr().err
+    assert main(["kme-sim", "--pki", str(tmp_path), "--key-size", "100"]) == 2
+    with pytest.raises(SystemExit):
+        main(["kme-sim", "--kme", "nosaes"])
+
+
+def test_command_is_registered_through_the_hook() -> None:
+    registry = CommandRegistry()
+    qkdagent_etsi014.qkdagent_add_commands(registry)
+    assert "kme-sim" in registry.commands
+
+
+async def test_kme_sim_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
+    ready, log = tmp_path / "ready.json", tmp_path / "out.txt"
+    pki = tmp_path / "pki"
+    argv = [sys.executable, "-m", "qkdagent_etsi014", "kme-sim", "--pki", str(pki),
+            "--ready-file", str(ready), "--rate", "0"]  # fmt: skip
+    with log.open("wb") as out:
+        process = await trio.lowlevel.open_process(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with trio.fail_after(20):
+            while not ready.exists() or not ready.read_text():
+                assert process.poll() is None, log.read_text()
+                await trio.sleep(0.05)
+        kmes = {k["kme_id"]: k for k in json.loads(ready.read_text())}
+        assert kmes["KME_A"]["saes"] == ["alice"] and kmes["KME_B"]["saes"] == ["bob"]
+        alice = httpx.AsyncClient(base_url=kmes["KME_A"]["url"], verify=tls_context(pki, "alice"))
+        bob = httpx.AsyncClient(base_url=kmes["KME_B"]["url"], verify=tls_context(pki, "bob"))
+        async with alice, bob:
+            enc = await alice.get("/api/v1/keys/bob/enc_keys", params={"number": 2})
+            ids = [{"key_ID": k["key_ID"]} for k in enc.json()["keys"]]
+            dec = await bob.post("/api/v1/keys/alice/dec_keys", json={"key_IDs": ids})
+            assert dec.json() == enc.json()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await process.wait()
+    assert process.returncode == 0, log.read_text()
+    assert "KME_A: https://127.0.0.1:" in log.read_text()
+
+
+def _source(table: dict, name: str, state_dir: Path) -> Etsi014Source:
+    table = {k: v for k, v in table.items() if k != "type"}
+    options = Options(table, where="sources.qkd")
+    source = Etsi014Source("qkd", options, PluginContext(name, state_dir))
+    options.finish()
+    return source
+
+
+async def test_demo_link_service_fills_the_source_tables(tmp_path: Path) -> None:
+    demo = qkdagent_etsi014.qkdagent_demo_link(tmp_path)
+    assert demo.alice_sources["qkd"]["type"] == "etsi014"
+    assert demo.alice_sources["qkd"]["kme_url"] == ""  # the hook does no I/O
+    async with trio.open_nursery() as nursery:
+        await nursery.start(demo.service.run)
+        tables = {"alice": demo.alice_sources["qkd"], "bob": demo.bob_sources["qkd"]}
+        assert all(t["kme_url"].startswith("https://127.0.0.1:") for t in tables.values())
+        sources = {name: _source(table, name, tmp_path) for name, table in tables.items()}
+        try:
+            for source in sources.values():
+                await source.prepare()
+            key = await sources["alice"].new_key(Link("l", "alice", "bob", True))
+            same = await sources["bob"].key_by_id(Link("l", "bob", "alice", False), key.key_id)
+            assert same.value == key.value
+        finally:
+            for source in sources.values():
+                await source.aclose()
+            nursery.cancel_scope.cancel()
+    assert (tmp_path / "kme-pki" / "ca.pem").is_file()
+
+
+def _qkdagent() -> str:
+    path = shutil.which("qkdagent")
+    if path is None:
+        missing("the core's `qkdagent` command is not installed")
+        raise AssertionError("unreachable")
+    return path
+
+
+def test_core_cli_runs_the_plugin_command(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [_qkdagent(), "kme-sim", "--make-pki", str(tmp_path / "pki")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "pki" / "KME_A.pem").is_file()
+
+
+def test_core_demo_through_two_simulated_kmes(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            _qkdagent(),
+            "demo",
+            "--source",
+            "etsi014",
+            "--rotations",
+            "3",
+            "--interval",
+            "0.3",
+            "--dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ETSI GS QKD 014" in result.stdout
+    assert "3 rotations, secrets identical on both sides every time." in result.stdout
