@@ -1,0 +1,94 @@
+"""The command line: demo, plugins, status table, gen-bootstrap, plugin commands."""
+
+from __future__ import annotations
+
+import base64
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from qkdagent.cli import format_status, main
+from qkdagent.testing import AgentPair
+
+
+def test_demo_runs_and_never_prints_a_secret(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qkdagent",
+            "demo",
+            "--rotations",
+            "3",
+            "--interval",
+            "0.2",
+            "--source",
+            "memory",
+            "--dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 3 and all(line.endswith("match") for line in lines)
+    assert "MISMATCH" not in result.stdout
+    secret = (tmp_path / "alice" / "bob.key").read_bytes()
+    assert secret == (tmp_path / "bob" / "alice.key").read_bytes()
+    raw = base64.b64decode(secret)
+    for text in (result.stdout, result.stderr):
+        assert secret.decode() not in text and raw.hex() not in text
+
+
+def test_plugins_lists_without_importing(capsys: pytest.CaptureFixture[str]) -> None:
+    before = set(sys.modules)
+    assert main(["plugins", "--json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert {"file", "exec", "memory"} <= set(rows)
+    assert rows["file"]["distribution"] == "qkdagent"
+    assert not {m for m in set(sys.modules) - before if m.startswith("qkdagent_")}
+
+
+def test_gen_bootstrap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "link.bootstrap"
+    assert main(["gen-bootstrap", str(path)]) == 0
+    assert len(base64.b64decode(path.read_bytes())) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    first = path.read_bytes()
+    assert main(["gen-bootstrap", str(path)]) == 1  # no silent overwrite
+    assert path.read_bytes() == first
+    assert main(["gen-bootstrap", "--force", str(path)]) == 0 and path.read_bytes() != first
+    assert base64.b64decode(first).hex() not in capsys.readouterr().out
+
+
+async def test_status_table(agent_pair: AgentPair) -> None:
+    await agent_pair.wait_for_epoch(1)
+    url = f"http://{agent_pair.configs['bob']['agent']['status_listen']}/status"
+    async with httpx.AsyncClient() as http:
+        data = (await http.get(url)).json()
+    table = format_status(data)
+    header, row = table.splitlines()[1:3]
+    assert header.split()[:4] == ["LINK", "PEER", "ROLE", "EPOCH"]
+    assert row.split()[:4] == ["alice-bob", "alice", "responder", "1"]
+    code = await trio.to_thread.run_sync(main, ["status", "--url", url.rsplit("/", 1)[0]])
+    assert code == 0
+
+
+def test_status_of_a_stopped_agent_fails_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--url", "http://127.0.0.1:9"]) == 1
+    assert "cannot read status" in capsys.readouterr().err
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["no-such-command"])
+    assert info.value.code == 2
