@@ -60,6 +60,9 @@ class Agent:
         self.context = PluginContext(self.name, self.settings.state_dir, config.file)
         self.components: Components = build_components(config, self.plugins, self.context)
         self.metrics = Metrics()
+        self.rotation_slots = trio.CapacityLimiter(self.settings.max_parallel_rotations)
+        """Bounds concurrent initiator rotations, so 10,000 links due at once do not open
+        10,000 connections and requests to the peer and the sources."""
         self.links: dict[str, _LinkTask] = {}
         self.store: StateStore | None = None  # type: ignore[assignment]
         self.client: PeerClient | None = None  # type: ignore[assignment]
@@ -85,7 +88,11 @@ class Agent:
         self.store = StateStore(self.settings.state_dir, threaded=self.network is None)
         try:
             await self._prepare_components(self.components)
-            self.client = self.network.client() if self.network else PeerClient(self.settings.tls)
+            self.client = (
+                self.network.client()
+                if self.network
+                else PeerClient(self.settings.tls, connections=self.settings.max_parallel_rotations)
+            )
             async with trio.open_nursery() as servers:
                 services: list[Service] = []
                 self.plugins.hook.qkdagent_register_services(
@@ -171,6 +178,8 @@ class Agent:
         config.errorlog = logging.getLogger("qkdagent.http")
         config.graceful_timeout = 1.0
         config.h11_max_incomplete_size = 16 * 1024
+        config.keep_alive_timeout = 120  # the peer's client keeps connections for 100 s
+        config.backlog = 1024
         await serve(
             PeerApp(self._handle_peer),  # type: ignore[arg-type]
             config,

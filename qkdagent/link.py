@@ -136,8 +136,8 @@ class LinkRuntime:
 
     async def rotate_once(self) -> bool:
         """One initiator rotation attempt; returns whether it committed."""
-        started = trio.current_time()
-        async with self.lock:
+        async with self.agent.rotation_slots, self.lock:
+            started = trio.current_time()
             assert self.record is not None
             epoch = self.record.epoch
             try:

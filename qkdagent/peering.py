@@ -54,11 +54,16 @@ class PeerReply:
 class PeerClient:
     """One connection pool per agent; requests carry already MAC'd bodies."""
 
-    def __init__(self, tls: TlsFiles, *, timeout: float = 10.0) -> None:
+    def __init__(self, tls: TlsFiles, *, timeout: float = 10.0, connections: int = 16) -> None:
+        # keep every connection alive: a new TLS handshake costs more than a whole rotation
         self._client = httpx.AsyncClient(
             verify=client_ssl_context(tls),
             timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            limits=httpx.Limits(
+                max_connections=connections,
+                max_keepalive_connections=connections,
+                keepalive_expiry=100,
+            ),
             headers={"content-type": "application/json", "user-agent": "qkdagent"},
         )
 
