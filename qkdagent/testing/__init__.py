@@ -3,18 +3,41 @@
 - `MemoryPool`, `MemorySource`: a simulated key link shared by two agents in one process.
 - `RecordingSink`: records installs and erasures (fingerprints only).
 - `SinkContract`, `SourceContract`: conformance suites plugin tests subclass.
-- `open_agent_pair`: two real agents over loopback HTTPS with mutual TLS.
+- `open_agent_pair`: two real agents over loopback HTTPS with mutual TLS (or in-process).
 - `assert_not_leaked`: fails if any spelling of a secret occurs in a text.
 
 Fixtures live in `qkdagent.testing.pytest_plugin`; enable them with
-`pytest_plugins = ["qkdagent.testing.pytest_plugin"]` in a conftest.
+`pytest_plugins = ["qkdagent.testing.pytest_plugin"]` in a conftest. The names that need pytest
+are imported on first use, so the demo and the simulated sources work without pytest installed.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .agents import AgentPair, open_agent_pair, pair_configs
-from .contracts import SinkContract, SourceContract, assert_not_leaked, secret_spellings
 from .local import LocalNetwork
 from .memory import InstallRecord, MemoryPool, MemorySource, RecordingSink
-from .require import in_ci, missing, require_binary, require_root
+
+_NEED_PYTEST = {
+    "SinkContract": ".contracts",
+    "SourceContract": ".contracts",
+    "assert_not_leaked": ".contracts",
+    "secret_spellings": ".contracts",
+    "in_ci": ".require",
+    "missing": ".require",
+    "require_binary": ".require",
+    "require_root": ".require",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _NEED_PYTEST.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module, __name__), name)
+
 
 __all__ = [
     "AgentPair",
