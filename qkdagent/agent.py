@@ -8,6 +8,7 @@ cancels; the peer server stays up meanwhile so the peer can still commit.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from hypercorn.trio import serve
 
 from . import __version__
 from .components import Components, build_components
-from .config import BUILTIN_PLUGINS, Address, AgentConfig, LinkConfig, load_config
+from .config import BUILTIN_PLUGINS, AgentConfig, LinkConfig, load_config
 from .errors import ProtocolError, QkdAgentError
 from .interfaces import Link, PluginContext
 from .link import LinkRuntime
@@ -41,10 +42,6 @@ class _LinkTask:
     runtime: LinkRuntime
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
-
-
-def _bind(address: Address) -> str:
-    return str(address)
 
 
 class Agent:
@@ -171,9 +168,9 @@ class Agent:
     async def _serve_peers(self, task_status: trio.TaskStatus[list[str]]) -> None:
         tls = self.settings.tls
         config = HypercornConfig()
-        config.bind = [_bind(self.settings.listen)]
+        config.bind = [str(self.settings.listen)]
         config.certfile, config.keyfile, config.ca_certs = str(tls.cert), str(tls.key), str(tls.ca)
-        config.verify_mode = __import__("ssl").CERT_REQUIRED
+        config.verify_mode = ssl.CERT_REQUIRED
         config.alpn_protocols = ["http/1.1"]
         config.errorlog = logging.getLogger("qkdagent.http")
         config.graceful_timeout = 1.0
@@ -190,7 +187,7 @@ class Agent:
     async def _serve_status(self, task_status: trio.TaskStatus[list[str]]) -> None:
         assert self.settings.status_listen is not None
         config = HypercornConfig()
-        config.bind = [_bind(self.settings.status_listen)]
+        config.bind = [str(self.settings.status_listen)]
         config.errorlog = logging.getLogger("qkdagent.http")
         config.graceful_timeout = 0.5
         await serve(
@@ -332,4 +329,4 @@ class Agent:
 def _component_key(component: Any) -> Any:
     if component is None:
         return None
-    return (component.type, component.label, component.timeout, repr(component.options._data))
+    return (component.type, component.label, component.timeout, component.options.snapshot())

@@ -134,7 +134,7 @@ def parse_config(data: dict[str, Any], *, file: Path | None = None) -> AgentConf
     sinks = _components(root.sub("sinks", {}), "sinks")
     links_opts = root.sub("links", {})
     links: dict[str, LinkConfig] = {}
-    for name in list(links_opts._data):
+    for name in links_opts.names():
         _check_section_name(links_opts, name)
         links[name] = _link(links_opts.sub(name), name, agent, sources, sinks)
     links_opts.finish()
@@ -173,7 +173,7 @@ def _agent(opts: Options) -> AgentSettings:
 
 def _components(opts: Options, kind: str) -> dict[str, ComponentConfig]:
     result: dict[str, ComponentConfig] = {}
-    for name in list(opts._data):
+    for name in opts.names():
         _check_section_name(opts, name)
         sub = opts.sub(name)
         type_name = sub.string("type", max_len=64)

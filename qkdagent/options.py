@@ -63,6 +63,14 @@ class Options:
     def has(self, name: str) -> bool:
         return name in self._data
 
+    def names(self) -> list[str]:
+        """The keys of this table (for tables whose keys are names: `[links.*]`)."""
+        return list(self._data)
+
+    def snapshot(self) -> str:
+        """A stable text form of the raw table, to tell whether a reload changed it."""
+        return repr(sorted(self._data.items()))
+
     def _get(self, name: str, default: Any) -> Any:
         self._used.add(name)
         if name in self._data:

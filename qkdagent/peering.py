@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from .asgi import lifespan, respond
 from .config import TlsFiles
 from .errors import ProtocolError
 from .protocol import MAX_BODY, error_body
@@ -83,22 +84,12 @@ class PeerApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
         status, body = await self._respond(scope, receive)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        await respond(send, status, "application/json", body)
 
     async def _respond(self, scope: dict[str, Any], receive: Any) -> tuple[int, bytes]:
         parts = scope["path"].split("/")
@@ -145,14 +136,4 @@ async def _discard(receive: Any) -> None:
     while True:
         event = await receive()
         if event["type"] == "http.disconnect" or not event.get("more_body", False):
-            return
-
-
-async def _lifespan(receive: Any, send: Any) -> None:
-    while True:
-        event = await receive()
-        if event["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif event["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
             return
