@@ -1,0 +1,141 @@
+"""Telling a consumer to re-read its PSK file, and watching whether it did (trio I/O).
+
+A signal goes to the pid in a pid file (stunnel: SIGHUP); a command runs with a clean argv and
+environment (never the key). A log watcher remembers the log size before the reload and then looks
+for the consumer's success or failure line after it, because stunnel answers a bad file only with
+a log line and keeps serving its old keys.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from qkdagent import SinkError
+
+
+@dataclass(frozen=True)
+class LogWatch:
+    path: Path
+    success: str
+    failure: str
+
+
+def parse_signal(name: str) -> signal.Signals | None:
+    """`HUP`, `SIGHUP` or a number; None if unknown."""
+    text = name.upper().removeprefix("SIG")
+    try:
+        return signal.Signals(int(text)) if text.isdigit() else signal.Signals["SIG" + text]
+    except (KeyError, ValueError):
+        return None
+
+
+def read_pid(pid_file: Path) -> int:
+    try:
+        text = pid_file.read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise SinkError(f"cannot read pid file {pid_file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SinkError(f"pid file {pid_file} is not ASCII") from None
+    if not text.isdigit() or not 1 < int(text) < 2**22:
+        raise SinkError(f"pid file {pid_file} does not hold a process id")
+    return int(text)
+
+
+def log_offset(watch: LogWatch | None) -> int:
+    if watch is None:
+        return 0
+    try:
+        return watch.path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+async def send_signal(pid_file: Path, sig: signal.Signals) -> int:
+    pid = await trio.to_thread.run_sync(read_pid, pid_file)
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        raise SinkError(f"consumer process {pid} (from {pid_file}) is not running") from None
+    except PermissionError:
+        raise SinkError(f"not allowed to signal process {pid} (from {pid_file})") from None
+    return pid
+
+
+async def run_command(argv: list[str], deadline: float) -> None:
+    """Run an admin-configured reload command; a non-zero exit is an install failure."""
+    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C"}
+    try:
+        with trio.fail_at(deadline):
+            result = await trio.run_process(
+                argv,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=env,
+                stdin=b"",
+            )
+    except trio.TooSlowError:
+        raise SinkError(f"reload command {argv[0]!r} did not finish in time") from None
+    except OSError as exc:
+        raise SinkError(f"cannot run reload command {argv[0]!r}: {exc.strerror}") from None
+    if result.returncode != 0:
+        tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
+        raise SinkError(
+            f"reload command {argv[0]!r} exited with {result.returncode}: {' | '.join(tail)}"
+        )
+
+
+def _scan(watch: LogWatch, offset: int) -> tuple[bool | None, int]:
+    try:
+        with watch.path.open("rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < offset:  # rotated or truncated: read from the start
+                offset = 0
+            fh.seek(offset)
+            chunk = fh.read(1 << 20)
+    except FileNotFoundError:
+        return None, offset
+    text = chunk.decode("utf-8", "replace")
+    # Only whole lines count; a partial last line is read again next time.
+    complete = text.rsplit("\n", 1)[0] if "\n" in text else ""
+    failure = watch.failure in complete
+    success = watch.success in complete
+    if failure:
+        return False, offset
+    if success:
+        return True, offset
+    return None, offset
+
+
+async def wait_for_log(watch: LogWatch, offset: int, deadline: float) -> None:
+    """Wait (bounded) for the success line written after `offset`; raise on failure/timeout."""
+    delay = 0.005
+    while True:
+        verdict, offset = await trio.to_thread.run_sync(_scan, watch, offset)
+        if verdict is True:
+            return
+        if verdict is False:
+            raise SinkError(
+                f"consumer rejected the new PSK file ({watch.failure!r} in {watch.path})"
+            )
+        if trio.current_time() >= deadline:
+            raise SinkError(
+                f"consumer did not confirm the reload ({watch.success!r} not seen in {watch.path})"
+            )
+        await trio.sleep(delay)
+        delay = min(delay * 1.5, 0.02)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

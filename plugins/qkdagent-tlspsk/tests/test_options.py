@@ -1,0 +1,56 @@
+"""Config validation: every mistake is a ConfigError naming the key, before any I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qkdagent import ConfigError
+
+
+@pytest.mark.parametrize(
+    ("options", "key", "message"),
+    [
+        ({"format": "nginx"}, "format", "must be one of"),
+        ({"format": "openssl", "grace_period": 10}, "grace_period", "single key"),
+        ({"identity": "{link}", "grace_period": 5}, "grace_period", "{epoch}"),
+        ({"identity": "{local}.{epoch}"}, "identity", "unknown field"),
+        ({"identity_style": "cqptoolkit"}, "identity", "contains ':'"),
+        ({"identity_style": "cqptoolkit", "identity": "{link}.{epoch}"}, "identity", "fixed by"),
+        ({"role": "client", "probe": "127.0.0.1:1"}, "probe", "server-side"),
+        ({"probe": "localhost"}, "probe", "HOST:PORT"),
+        ({"pid_file": "p", "reload_command": ["true"]}, "reload_command", "either"),
+        ({"reload_signal": "HUP"}, "reload_signal", "needs pid_file"),
+        ({"pid_file": "p", "reload_signal": "NOPE"}, "reload_signal", "not a signal"),
+        ({"grace_period": -1}, "grace_period", "at least"),
+        ({"colour": "blue"}, "colour", "not a known option"),
+    ],
+)
+def test_config_errors(
+    tmp_path: Path, h: Any, options: dict[str, Any], key: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        h.make_sink(tmp_path, path=str(tmp_path / "psk"), **options)
+    assert info.value.key == f"sinks.psk.{key}"
+    assert message in info.value.message
+
+
+def test_valid_combinations(tmp_path: Path, h: Any) -> None:
+    sink = h.make_sink(
+        tmp_path, path=str(tmp_path / "p"), format="gnutls", identity_style="cqptoolkit"
+    )
+    assert sink.identity_template.startswith("pkcs:object=")
+    sink = h.make_sink(tmp_path, path=str(tmp_path / "p"), format="openssl")
+    assert sink.grace == 0
+    sink = h.make_sink(
+        tmp_path,
+        path=str(tmp_path / "p"),
+        pid_file=str(tmp_path / "x.pid"),
+        reload_signal="SIGUSR1",
+        probe="[::1]:4433",
+        probe_tls="1.3",
+    )
+    assert sink.probe_target == ("::1", 4433) and sink.reload_signal.name == "SIGUSR1"
+    assert not (tmp_path / "state-psk").exists(), "constructing a sink must not touch the disk"
