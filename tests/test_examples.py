@@ -14,7 +14,7 @@ from qkdagent.pki import write_test_pki
 from qkdagent.plugins import installed
 from qkdagent.testing import missing
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "contrib" / "config").glob("*.toml"))
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "contrib").glob("*/*.toml"))
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
@@ -26,19 +26,23 @@ def test_example_config_checks(
     absent = needed - set(installed())
     if absent:
         missing(f"plugins {sorted(absent)} are not installed")
-    etc = tmp_path / "etc"
-    text = text.replace("/etc/qkdagent/", f"{etc}/").replace("/var/lib/qkdagent", str(tmp_path))
-    text = text.replace("/usr/local/lib/qkdagent/hooks/", str(example.parents[2] / "hooks") + "/")
+    hooks = example.parents[2] / "hooks"
+    text = text.replace("/usr/local/lib/qkdagent/hooks/", f"{hooks}/")
     for placeholder in set(re.findall(r'"(REPLACE_WITH_[A-Z0-9_]+=)"', text)):
         text = text.replace(placeholder, base64.b64encode(os.urandom(32)).decode())
-    pki = write_test_pki(etc, [])
-    for path in set(re.findall(rf"{re.escape(str(etc))}/[\w.-]+", text)):
-        target = Path(path)
-        if target.suffix == ".bootstrap":
-            target.write_bytes(base64.b64encode(os.urandom(32)))
-            target.chmod(0o600)
-        elif not target.exists():
-            target.write_bytes(pki.ca_cert.read_bytes())
+    # every other absolute path moves under tmp_path; key material is made up for it
+    pki = write_test_pki(tmp_path / "pki", [])
+    for path in sorted(set(re.findall(r'"(/[^"]+)"', text)), key=len, reverse=True):
+        if path.startswith(str(hooks)):
+            continue
+        moved = tmp_path / "root" / path.lstrip("/")
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        if "bootstrap" in moved.name:
+            moved.write_bytes(base64.b64encode(os.urandom(32)))
+            moved.chmod(0o600)
+        elif moved.suffix in (".pem", ".key", ".crt"):
+            moved.write_bytes(pki.ca_cert.read_bytes())
+        text = text.replace(f'"{path}"', f'"{moved}"')
     config = tmp_path / example.name
     config.write_text(text)
     assert main(["check", "-c", str(config)]) == 0, capsys.readouterr().err
