@@ -1,0 +1,303 @@
+"""Two real charons (kernel-libipsec, UDP encapsulation) in two namespaces, PPK required.
+
+Both sinks are driven directly the way the core drives them after a commit: alice (the link's
+initiator) installs first, bob (the responder) installs second and reauthenticates.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import trio
+from qkdagent_strongswan import StrongswanPpkSink
+from qkdagent_strongswan.testbed import (
+    CONN,
+    PPK_ID,
+    Charon,
+    Testbed,
+    ppk_log_count,
+    wait_until,
+)
+
+from qkdagent import KeyMeta, Link, Misconfigured, NotInstalled, Secret, SinkError
+from qkdagent.testing import assert_not_leaked
+
+SinkFactory = Callable[..., StrongswanPpkSink]
+# The link as each agent sees it: alice (gateway a) is the link's initiator, bob (b) responds.
+ALICE = Link("ab", "alice", "bob", True)
+BOB = Link("ab", "bob", "alice", False)
+
+
+def meta(epoch: int) -> KeyMeta:
+    return KeyMeta(epoch, (f"key-{epoch}",), "ppk", time.time())
+
+
+@pytest.fixture
+async def pair(
+    bed: Testbed, make_sink: SinkFactory
+) -> AsyncIterator[tuple[StrongswanPpkSink, StrongswanPpkSink]]:
+    alice, bob = make_sink(bed.a), make_sink(bed.b)
+    await alice.prepare()
+    await bob.prepare()
+    yield alice, bob
+    await alice.aclose()
+    await bob.aclose()
+
+
+async def rotate(
+    pair: tuple[StrongswanPpkSink, StrongswanPpkSink],
+    epoch: int,
+    secret: Secret,
+    bob_secret: Secret | None = None,
+) -> None:
+    alice, bob = pair
+    await alice.install(ALICE, secret, meta(epoch))
+    await bob.install(BOB, bob_secret or secret, meta(epoch))
+
+
+async def up(bed: Testbed) -> None:
+    assert await trio.to_thread.run_sync(bed.a.initiate, CONN), bed.a.log()[-3000:]
+
+
+def established(charon: Charon) -> list[dict[str, object]]:
+    return [sa for sa in charon.sas(CONN) if sa["state"] == "ESTABLISHED"]
+
+
+def ping_ok(charon: Charon) -> bool:
+    return charon.ping(count=1, wait=2).returncode == 0
+
+
+async def test_each_rotation_reauthenticates_with_the_new_ppk(bed: Testbed, pair) -> None:
+    alice, bob = pair
+    first = Secret.random()
+    await rotate(pair, 1, first)
+    await up(bed)
+    for side in bed.sides():
+        assert [sa["ppk"] for sa in established(side)] == ["yes"]
+    assert ping_ok(bed.a)
+
+    secrets = [first]
+    for epoch in (2, 3, 4):
+        before = {side.side: {sa["uniqueid"] for sa in side.sas(CONN)} for side in bed.sides()}
+        used = {side.side: ppk_log_count(side, PPK_ID) for side in bed.sides()}
+        secret = Secret.random()
+        secrets.append(secret)
+        await rotate(pair, epoch, secret)
+        for side in bed.sides():
+            # the old SA goes away once the new one is up (make-before-break)
+            wait_until(lambda s=side: len(established(s)) == 1, 10, "old IKE SA not deleted")
+            (sa,) = established(side)
+            assert sa["uniqueid"] not in before[side.side], "IKE SA was not reauthenticated"
+            assert sa["ppk"] == "yes"
+            assert ppk_log_count(side, PPK_ID) == used[side.side] + 1
+        assert ping_ok(bed.a) and ping_ok(bed.b)
+        assert await alice.verify(ALICE, secret, meta(epoch)) is True
+        assert await bob.verify(BOB, secret, meta(epoch)) is True
+        assert await bob.verify(BOB, secrets[-2], meta(epoch - 1)) is False
+    assert_not_leaked(bed.a.log() + bed.b.log(), secrets)
+
+
+async def test_different_ppk_fails_authentication_and_keeps_the_old_sa(bed: Testbed, pair) -> None:
+    alice, bob = pair
+    await rotate(pair, 1, Secret.random())
+    await up(bed)
+    (old,) = established(bed.a)
+
+    good = Secret.random()
+    await alice.install(ALICE, good, meta(2))
+    with pytest.raises(SinkError, match="previous SA was left in place"):
+        await bob.install(BOB, Secret.random(), meta(2))
+    # the agent did not tear anything down: the old SA still carries traffic
+    assert [sa["uniqueid"] for sa in established(bed.a)] == [old["uniqueid"]]
+    assert ping_ok(bed.a)
+    assert "AUTHENTICATION_FAILED" in bed.a.log() + bed.b.log()
+
+    # the matching PPK repairs it on the next install
+    await bob.install(BOB, good, meta(2))
+    wait_until(lambda: len(established(bed.b)) == 1, 10, "old IKE SA not deleted")
+    (sa,) = established(bed.b)
+    assert sa["uniqueid"] != old["uniqueid"] and sa["ppk"] == "yes"
+    assert ping_ok(bed.b)
+
+
+async def test_control_run_with_different_ppks_never_authenticates(bed: Testbed, pair) -> None:
+    await rotate(pair, 1, Secret.random(), bob_secret=Secret.random())
+    assert not await trio.to_thread.run_sync(bed.a.fresh_initiate, CONN)
+    assert not await trio.to_thread.run_sync(bed.b.fresh_initiate, CONN)
+    assert established(bed.a) == [] and established(bed.b) == []
+    assert "AUTHENTICATION_FAILED" in bed.a.log() + bed.b.log()
+    assert not ping_ok(bed.a)
+    # same sinks, same charons, matching PPKs: works (so the failure above was the PPK)
+    await rotate(pair, 2, Secret.random())
+    assert await trio.to_thread.run_sync(bed.a.fresh_initiate, CONN)
+    assert ping_ok(bed.a)
+
+
+async def test_swanctl_load_creds_is_repaired_within_one_check_interval(
+    bed: Testbed, make_sink: SinkFactory
+) -> None:
+    interval = 1.0
+    alice, bob = make_sink(bed.a), make_sink(bed.b, check_interval=interval)
+    await alice.prepare()
+    await bob.prepare()
+    await rotate((alice, bob), 1, Secret.random())
+    await up(bed)
+    secret_id = bob.config.secret_id.format(link=BOB.name, sink=bob.name)
+    assert secret_id in bed.b.shared_ids()
+
+    result = await trio.to_thread.run_sync(bed.b.swanctl, "--load-creds", "--noprompt")
+    assert "ike-qkdtest" in result.stdout
+    assert secret_id not in bed.b.shared_ids(), "swanctl did not unload the PPK"
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(bob.run)
+        started = time.monotonic()
+        await poll_until(lambda: secret_id in bed.b.shared_ids(), interval + 3)
+        repaired_after = time.monotonic() - started
+        nursery.cancel_scope.cancel()
+    assert repaired_after <= interval + 1.0
+    assert [(r.link, r.secret_id) for r in bob.repairs] == [(BOB.name, secret_id)]
+    # the re-pushed PPK is the right one: a reauthentication succeeds with it
+    before = {sa["uniqueid"] for sa in bed.b.sas(CONN)}
+    await bob.reauthenticate(BOB)
+    assert {sa["uniqueid"] for sa in established(bed.b)} - before
+    await alice.aclose()
+    await bob.aclose()
+
+
+async def poll_until(predicate: Callable[[], bool], limit: float) -> None:
+    """Bounded real-time polling of an external process's state."""
+    with trio.fail_after(limit):
+        while True:
+            if predicate():
+                return
+            await trio.sleep(0.05)
+
+
+PING_STATS = re.compile(r"(\d+) packets transmitted, (\d+) received")
+
+
+async def test_make_before_break_loses_at_most_one_packet_per_rotation(bed: Testbed, pair) -> None:
+    await rotate(pair, 1, Secret.random())
+    await up(bed)
+    rotations = 3
+    argv = ["ip", "netns", "exec", bed.a.netns, "ping", "-n", "-q", "-i", "0.01", "-c", "300"]
+    argv += ["-W", "1", "-I", bed.a.inner, bed.a.peer_inner]
+    results: list[subprocess.CompletedProcess[bytes]] = []
+
+    async def pinger() -> None:
+        results.append(await trio.run_process(argv, capture_stdout=True, check=False))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(pinger)
+        await trio.sleep(0.3)
+        for epoch in range(2, 2 + rotations):
+            before = {sa["uniqueid"] for sa in bed.b.sas(CONN)}
+            await rotate(pair, epoch, Secret.random())
+            assert {sa["uniqueid"] for sa in established(bed.b)} - before
+            await trio.sleep(0.5)
+    output = results[0].stdout.decode()
+    sent, received = map(int, PING_STATS.search(output).groups())
+    assert sent == 300
+    assert sent - received <= 1, output
+
+
+async def test_erase_makes_new_ike_sas_fail_closed(bed: Testbed, pair) -> None:
+    alice, _ = pair
+    secret = Secret.random()
+    await rotate(pair, 1, secret)
+    await up(bed)
+    await alice.erase(ALICE, "reject_after")
+    assert await alice.verify(ALICE, secret, meta(1)) is False
+    assert not await trio.to_thread.run_sync(bed.a.fresh_initiate, CONN)
+    assert "PPK required but no PPK found" in bed.a.log()
+    # bob still has the PPK, but alice (responding now) has none: fails too
+    assert not await trio.to_thread.run_sync(bed.b.fresh_initiate, CONN)
+    assert established(bed.a) == [] and not ping_ok(bed.a)
+
+
+async def test_erase_random_makes_new_ike_sas_fail_authentication(
+    bed: Testbed, make_sink: SinkFactory
+) -> None:
+    alice, bob = make_sink(bed.a, erase="random"), make_sink(bed.b)
+    await alice.prepare()
+    await bob.prepare()
+    await rotate((alice, bob), 1, Secret.random())
+    await up(bed)
+    await alice.erase(ALICE, "reject_after")
+    assert alice.config.secret_id.format(link="ab", sink="ppk") in bed.a.shared_ids()
+    assert not await trio.to_thread.run_sync(bed.a.fresh_initiate, CONN)
+    assert "AUTHENTICATION_FAILED" in bed.a.log() + bed.b.log()
+    # the checker keeps the random replacement, it does not resurrect the erased PPK
+    bed.a.swanctl("--load-creds", "--noprompt")
+    repaired = await alice.check_once()
+    assert len(repaired) == 1
+    assert not await trio.to_thread.run_sync(bed.b.fresh_initiate, CONN)
+    await alice.aclose()
+    await bob.aclose()
+
+
+async def test_prepare_reports_missing_daemon_and_wrong_config(
+    bed: Testbed, make_sink: SinkFactory, tmp_path
+) -> None:
+    with pytest.raises(NotInstalled, match="VICI socket"):
+        await make_sink(bed.a, socket=str(tmp_path / "nothing.vici")).prepare()
+    with pytest.raises(Misconfigured, match="no connection 'nope'"):
+        await make_sink(bed.a, ike="nope").prepare()
+    with pytest.raises(Misconfigured, match="uses ppk_id 'qkd-gw'"):
+        await make_sink(bed.a, ppk_id="other").prepare()
+    sink = make_sink(bed.a)
+    await sink.prepare()
+    assert sink.make_before_break is True
+    assert sink.daemon_version and sink.daemon_version.startswith(("5.", "6."))
+
+
+@pytest.mark.parametrize("make_before_break", [False])
+async def test_prepare_warns_without_make_before_break(
+    bed: Testbed, make_sink: SinkFactory, caplog
+) -> None:
+    sink = make_sink(bed.b)
+    await sink.prepare()
+    assert sink.make_before_break is False
+    assert "make_before_break" in caplog.text
+
+
+async def test_charon_restart_loses_the_ppk_and_the_check_restores_it(bed: Testbed, pair) -> None:
+    alice, _ = pair
+    secret = Secret.random()
+    await rotate(pair, 1, secret)
+    await trio.to_thread.run_sync(bed.a.stop)
+    await trio.to_thread.run_sync(bed.a.start)
+    await trio.to_thread.run_sync(lambda: bed.a.swanctl("--load-all", "--noprompt"))
+    assert "qkdagent-ab" not in bed.a.shared_ids()
+    assert await alice.verify(ALICE, secret, meta(1)) is False
+    repaired = await alice.check_once()  # reconnects its VICI session to the new daemon
+    assert [r.secret_id for r in repaired] == ["qkdagent-ab"]
+    assert await alice.verify(ALICE, secret, meta(1)) is True
+    assert await trio.to_thread.run_sync(bed.a.initiate, CONN)
+    assert [sa["ppk"] for sa in established(bed.a)] == ["yes"]
+
+
+async def test_reauth_rejected_because_the_initiator_was_late_is_retried(
+    bed: Testbed, make_sink: SinkFactory
+) -> None:
+    """The core installs on the initiator while it sends `commit`: the responder may be first."""
+    alice, bob = make_sink(bed.a), make_sink(bed.b, reauth_retry_delay=2.0)
+    await rotate((alice, bob), 1, Secret.random())
+    await up(bed)
+    (old,) = established(bed.b)
+    secret = Secret.random()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bob.install, BOB, secret, meta(2))  # alice does not have it yet
+        await poll_until(lambda: "AUTHENTICATION_FAILED" in bed.b.log(), 5)
+        await alice.install(ALICE, secret, meta(2))  # lands during bob's retry delay
+    wait_until(lambda: len(established(bed.b)) == 1, 10, "old IKE SA not deleted")
+    (new,) = established(bed.b)
+    assert new["uniqueid"] != old["uniqueid"] and new["ppk"] == "yes"
+    assert ppk_log_count(bed.b, PPK_ID) == 2
+    await alice.aclose()
+    await bob.aclose()
