@@ -105,8 +105,7 @@ class Agent:
                     self.status_urls = await servers.start(self._serve_status)
                 async with trio.open_nursery() as links:
                     self._links_nursery = links
-                    for link_config in self.config.links.values():
-                        await self._start_link(link_config)
+                    await self._start_links(list(self.config.links.values()))
                     log.info(
                         "agent %s ready: %d links, peer API %s",
                         self.name,
@@ -205,12 +204,27 @@ class Agent:
             raise ProtocolError("unknown link", status=404)
         return await task.runtime.handle(action, body)
 
-    async def _start_link(self, link_config: LinkConfig) -> None:
+    async def _start_links(self, configs: list[LinkConfig]) -> None:
+        """Open links concurrently (their state writes share group commits), then start them."""
+        runtimes: list[LinkRuntime] = []
+        limiter = trio.CapacityLimiter(64)
+
+        async def open_one(config: LinkConfig) -> None:
+            async with limiter:
+                runtime = LinkRuntime(self, config)
+                await runtime.open()
+                runtimes.append(runtime)
+
+        async with trio.open_nursery() as nursery:
+            for config in configs:
+                nursery.start_soon(open_one, config)
+        for runtime in sorted(runtimes, key=lambda r: r.name):
+            await self._run_link(runtime)
+
+    async def _run_link(self, runtime: LinkRuntime) -> None:
         assert self._links_nursery is not None
-        runtime = LinkRuntime(self, link_config)
-        await runtime.open()
         task = _LinkTask(runtime)
-        self.links[link_config.name] = task
+        self.links[runtime.name] = task
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             try:
@@ -289,8 +303,7 @@ class Agent:
         self.components = fresh
         self.config = AgentConfig(new.file, self.settings, new.links, new.sources, new.sinks)
         self._assign_links(fresh, self.config)
-        for name in [*changed, *added]:
-            await self._start_link(new_links[name])
+        await self._start_links([new_links[name] for name in [*changed, *added]])
         stale = [
             h.source if hasattr(h, "source") else h.sink
             for cid, h in {**old_components.sources, **old_components.sinks}.items()

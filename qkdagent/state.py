@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -136,11 +136,17 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
-        self._limiter = trio.CapacityLimiter(1)
         self._threaded = threaded
+        self._batch_lock = trio.Lock()
+        self._queue: list[_Job] = []
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run a blocking store method on the store's single worker thread.
+        """Run a blocking store method on a worker thread, with group commit.
+
+        Calls that arrive while a batch is being written are queued; the next one to get the
+        lock runs the whole queue in one transaction (each call in its own savepoint, so one
+        failing call changes nothing and the others still commit) with a single fsync. A call
+        returns only after the transaction holding its writes is durable.
 
         Unthreaded (virtual-clock tests only) it runs inline: a worker thread would let trio's
         autojump clock leap ahead while SQLite writes.
@@ -148,7 +154,31 @@ class StateStore:
         if not self._threaded:
             await trio.lowlevel.checkpoint()
             return fn(*args)
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        job = _Job(fn, args)
+        self._queue.append(job)
+        async with self._batch_lock:
+            if not job.done:
+                batch, self._queue = self._queue, []
+                await trio.to_thread.run_sync(self._run_batch, batch)
+        return job.outcome()
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                try:
+                    job.result = job.fn(*job.args)
+                except Exception as exc:  # delivered to that job's caller only
+                    job.error = exc
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            for job in batch:
+                job.error = job.error or exc
+        finally:
+            for job in batch:
+                job.done = True
 
     def close(self) -> None:
         self._db.close()
@@ -335,14 +365,36 @@ class StateStore:
 
 
 class _Transaction:
+    """A transaction, or a savepoint when one is already open (inside a group commit)."""
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+        self.nested = False
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.nested = self.db.in_transaction
+        self.db.execute("SAVEPOINT op" if self.nested else "BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
+        if self.nested:
+            if exc_type is not None:
+                self.db.execute("ROLLBACK TO op")
+            self.db.execute("RELEASE op")
+        elif exc_type is None:
             self.db.execute("COMMIT")
         else:
             self.db.execute("ROLLBACK")
+
+
+@dataclass
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple[object, ...]
+    done: bool = False
+    result: Any = None
+    error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
