@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -14,38 +13,7 @@ from typing import Any
 import httpx
 
 from qkdagent.testing import pair_configs
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(type(value))
-
-
-def to_toml(config: dict[str, Any]) -> str:
-    """Enough TOML for agent configs: [agent], [agent.tls] and [kind.name] tables."""
-    lines: list[str] = []
-    for section, body in config.items():
-        if section == "agent":
-            lines.append("[agent]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in body.items() if k != "tls"]
-            lines.append("[agent.tls]")
-            lines += [f"{k} = {toml_value(v)}" for k, v in body["tls"].items()]
-        else:
-            for name, table in body.items():
-                lines.append(f"[{section}.{name}]")
-                lines += [f"{k} = {toml_value(v)}" for k, v in table.items()]
-    text = "\n".join(lines) + "\n"
-    assert tomllib.loads(text) == config
-    return text
+from qkdagent.testing.toml import config_toml
 
 
 def process_pair(directory: Path, link: dict[str, Any] | None = None) -> dict[str, Path]:
@@ -62,7 +30,7 @@ def process_pair(directory: Path, link: dict[str, Any] | None = None) -> dict[st
     paths = {}
     for name, config in configs.items():
         path = directory / f"{name}.toml"
-        path.write_text(to_toml(config))
+        path.write_text(config_toml(config))
         paths[name] = path
     return paths
 

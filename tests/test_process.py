@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from qkdagent.faults import CRASH_EXIT_CODE, POINTS
-from tests.procs import AgentProcess, process_pair, to_toml, wait_until
+from qkdagent.testing.toml import config_toml
+from tests.procs import AgentProcess, process_pair, wait_until
 
 LINK = "alice-bob"
 COMMIT_RE = re.compile(r"link (\S+): epoch (\d+) committed \((\w+)\) in [\d.]+ ms, key IDs (\S+)")
@@ -93,7 +94,7 @@ def test_sighup_adds_and_removes_links(tmp_path: Path) -> None:
             second["sinks"] = ["psk2"]
             config["links"]["second"] = second
             config["sinks"]["psk2"] = {"type": "file", "path": str(tmp_path / f"{name}.psk2")}
-            path.write_text(to_toml(config))
+            path.write_text(config_toml(config))
             procs[name].proc.send_signal(signal.SIGHUP)
         wait_until(
             lambda: all(p.epochs().get("second", 0) >= 2 for p in procs.values()),

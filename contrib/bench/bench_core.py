@@ -3,10 +3,13 @@
     python contrib/bench/bench_core.py latency [--rotations 500]
     python contrib/bench/bench_core.py scale [--links 1,100,1000,10000] [--seconds 20]
     python contrib/bench/bench_core.py hold [--links 10000] [--interval 120] [--seconds 300]
+    python contrib/bench/bench_core.py procs [--links 10000] [--interval 120] [--seconds 300]
 
-Both agents run in this process over real loopback HTTPS with mutual TLS, with the in-memory
-source and recording sinks, state in a temp dir. CPU and peak RSS are this process's (both
-agents together, including the state worker threads). Prints figures; asserts nothing.
+`latency`, `scale` and `hold` run both agents in this process over real loopback HTTPS with
+mutual TLS, with the in-memory source and recording sinks, state in a temp dir; CPU and peak
+RSS are this process's (both agents together). `procs` runs each agent as its own
+`qkdagent run` process (key source: the `keydir` test source on /dev/shm) and reports CPU and
+peak RSS per agent. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import resource
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +29,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from qkdagent.agent import Agent
@@ -30,6 +37,7 @@ from qkdagent.config import parse_config
 from qkdagent.hookspecs import hookimpl
 from qkdagent.plugins import Plugins
 from qkdagent.testing import pair_configs
+from qkdagent.testing.toml import config_toml
 
 LINK = "alice-bob"
 
@@ -187,6 +195,94 @@ def cmd_hold(args: argparse.Namespace) -> None:
     )
 
 
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _status(url: str) -> dict[str, Any]:
+    return httpx.get(url, timeout=60).json()
+
+
+def cmd_procs(args: argparse.Namespace) -> None:
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    with tempfile.TemporaryDirectory(dir=shm) as keys, tempfile.TemporaryDirectory() as tmp:
+        base = configs(Path(tmp), args.links, args.interval, 0.1)
+        procs, status_urls = {}, {}
+        for name in ("bob", "alice"):
+            config = base[name]
+            config["sources"] = {"sim": {"type": "keydir", "directory": keys}}
+            config["agent"]["plugins"] = ["memory"]
+            config["agent"]["log_format"] = "json"
+            path = Path(tmp) / f"{name}.toml"
+            path.write_text(config_toml(config))
+            status_urls[name] = f"http://{config['agent']['status_listen']}/status"
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "qkdagent", "run", "-c", str(path)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=open(Path(tmp) / f"{name}.log", "wb"),
+            )
+        try:
+            started = time.monotonic()
+            while True:
+                time.sleep(1)
+                try:
+                    links = _status(status_urls["alice"])["links"]
+                except (httpx.HTTPError, ValueError):
+                    continue
+                if len(links) == args.links and all(x["epoch"] >= 1 for x in links):
+                    break
+            startup = time.monotonic() - started
+            cpu0 = {n: _proc_cpu(p.pid) for n, p in procs.items()}
+            epochs0 = sum(x["epoch"] for x in _status(status_urls["alice"])["links"])
+            t0 = time.monotonic()
+            time.sleep(args.seconds)
+            cpu1 = {n: _proc_cpu(p.pid) for n, p in procs.items()}
+            t1 = time.monotonic()
+            final = {n: _status(u)["links"] for n, u in status_urls.items()}
+            hwm = {n: _proc_hwm_mb(p.pid) for n, p in procs.items()}
+        finally:
+            for proc in procs.values():
+                proc.send_signal(signal.SIGTERM)
+            for proc in procs.values():
+                proc.wait(timeout=60)
+    rotations = sum(x["epoch"] for x in final["alice"]) - epochs0
+    rate = rotations / (t1 - t0)
+    lat = [x["last_rotation_ms"] for x in final["alice"] if x["last_rotation_ms"] is not None]
+    ages = [x["key_age"] for x in final["alice"] + final["bob"] if x["key_age"] is not None]
+    print(
+        f"{args.links} links, interval {args.interval} s, each agent its own process, "
+        f"measured {args.seconds:.0f} s after all links' first rotation ({startup:.1f} s)"
+    )
+    print(
+        f"  rotations/s sustained: {rate:.1f} (expected ≈ {args.links / args.interval / 0.95:.1f})"
+    )
+    for name in ("alice", "bob"):
+        share = (cpu1[name] - cpu0[name]) / (t1 - t0)
+        print(
+            f"  {name:<5} ({'initiator' if name == 'alice' else 'responder'}): CPU {share:.2f} "
+            f"of a core, {1000 * share / max(rate, 1e-9):.2f} ms/rotation, peak RSS {hwm[name]:.0f} MB"
+        )
+    print(
+        f"  latest rotation per link (initiator): p50 {pct(lat, 50):.1f} ms, "
+        f"p99 {pct(lat, 99):.1f} ms"
+    )
+    failures = sum(x["failures"] for x in final["alice"])
+    erased = sum(1 for x in final["alice"] + final["bob"] if x["erased"])
+    print(
+        f"  failed attempts {failures}, links erased {erased}, oldest key {max(ages):.0f} s "
+        f"(reject_after {max(args.interval * 1.5, 10):.0f} s)"
+    )
+
+
 def main() -> None:
     logging.basicConfig(level=logging.ERROR)
     parser = argparse.ArgumentParser()
@@ -201,8 +297,13 @@ def main() -> None:
     p.add_argument("--links", type=int, default=10000)
     p.add_argument("--interval", type=float, default=120.0)
     p.add_argument("--seconds", type=float, default=300.0)
+    p = sub.add_parser("procs")
+    p.add_argument("--links", type=int, default=10000)
+    p.add_argument("--interval", type=float, default=120.0)
+    p.add_argument("--seconds", type=float, default=300.0)
     args = parser.parse_args()
-    {"latency": cmd_latency, "scale": cmd_scale, "hold": cmd_hold}[args.cmd](args)
+    commands = {"latency": cmd_latency, "scale": cmd_scale, "hold": cmd_hold, "procs": cmd_procs}
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":

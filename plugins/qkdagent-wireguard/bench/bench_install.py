@@ -1,0 +1,250 @@
+"""Benchmark: PSK install latency per backend, and 1,000 peers on one interface rotated at once.
+
+    python plugins/qkdagent-wireguard/bench/bench_install.py            # uapi, broker, wg set
+    python plugins/qkdagent-wireguard/bench/bench_install.py --kernel   # netlink, in QEMU
+
+Needs root, wireguard-go, wg, ip (and qemu + ci/setup.sh's kernel for --kernel). Every install
+is confirmed by reading the key back, as the sink always does. The baseline spawns
+`wg set IFACE peer PUB preshared-key FILE` once per install, the way shell-based tools do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import trio
+from qkdagent_wireguard.sink import WireGuardSink
+from qkdagent_wireguard.testbed import Node, Pair
+
+from qkdagent import KeyMeta, Link, Options, PluginContext, Secret
+
+LINK = Link("bench", "alice", "bob", True)
+PLUGIN = Path(__file__).resolve().parents[1]
+
+
+def meta(epoch: int) -> KeyMeta:
+    return KeyMeta(epoch, ("k",), "wireguard", time.time())
+
+
+def make_sink(node: Node, peer_text: str, workdir: Path, name: str = "wg", **opt) -> WireGuardSink:  # type: ignore[no-untyped-def]
+    table = {"interface": node.iface, "peer_public_key": peer_text, **opt}
+    options = Options(table, where=f"sinks.{name}")
+    sink = WireGuardSink(name, options, PluginContext("bench", workdir))
+    options.finish()
+    return sink
+
+
+def summary(label: str, seconds: list[float]) -> float:
+    seconds = sorted(seconds)
+    median = statistics.median(seconds)
+    p99 = seconds[min(len(seconds) - 1, int(len(seconds) * 0.99))]
+    print(
+        f"  {label:<34} n={len(seconds):<5} median {median * 1e6:9.1f} µs   p99 {p99 * 1e6:9.1f} µs"
+    )
+    return median
+
+
+async def install_latency(sink: WireGuardSink, n: int) -> list[float]:
+    await sink.prepare()
+    times = []
+    for i in range(n):
+        secret = Secret.random()
+        start = time.perf_counter()
+        await sink.install(LINK, secret, meta(i))
+        times.append(time.perf_counter() - start)
+    await sink.aclose()
+    return times
+
+
+def wg_set_latency(node: Node, peer: Node, workdir: Path, n: int) -> list[float]:
+    times = []
+    pskfile = workdir / "bench-psk"
+    # wg reaches wireguard-go's global UAPI socket from here and a kernel interface of this
+    # namespace directly: no `ip netns exec` (which alone costs ~1.5 ms) in the baseline.
+    prefix: list[str] = []
+    for _ in range(n):
+        fd = os.open(pskfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, base64.b64encode(os.urandom(32)) + b"\n")
+        os.close(fd)
+        argv = [*prefix, "wg", "set", node.iface, "peer", peer.public_text,
+                "preshared-key", str(pskfile)]  # fmt: skip
+        start = time.perf_counter()
+        subprocess.run(argv, check=True)
+        times.append(time.perf_counter() - start)
+    pskfile.unlink()
+    return times
+
+
+def add_peers(node: Node, count: int) -> list[bytes]:
+    """`count` extra peers (random public keys, one allowed IP each) in one `wg set` call."""
+    peers = [os.urandom(32) for _ in range(count)]
+    args = []
+    for i, peer in enumerate(peers):
+        args += ["peer", base64.b64encode(peer).decode(), "allowed-ips",
+                 f"10.{100 + i // 65536}.{i // 256 % 256}.{i % 256}/32"]  # fmt: skip
+    node.wg("set", node.iface, *args)
+    return peers
+
+
+def cpu_of(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def many_peers(  # type: ignore[no-untyped-def]
+    node: Node, workdir: Path, count: int, sequential: int, backend: str, daemon_pid: int | None
+):
+    peers = add_peers(node, count)
+    sinks = [
+        make_sink(node, base64.b64encode(p).decode(), workdir, f"wg{i}", backend=backend)
+        for i, p in enumerate(peers)
+    ]
+    async with trio.open_nursery() as nursery:
+        for sink in sinks:
+            nursery.start_soon(sink.prepare)
+    results = {}
+    for mode in ("concurrent", "sequential"):
+        secrets = [Secret.random() for _ in sinks]
+        cpu0, dcpu0 = time.process_time(), cpu_of(daemon_pid)
+        start = time.perf_counter()
+        if mode == "concurrent":
+            async with trio.open_nursery() as nursery:
+                for sink, secret in zip(sinks, secrets, strict=True):
+                    nursery.start_soon(sink.install, LINK, secret, meta(1))
+        else:
+            for sink, secret in zip(sinks[:sequential], secrets, strict=False):
+                await sink.install(LINK, secret, meta(2))
+        wall = time.perf_counter() - start
+        cpu, dcpu = time.process_time() - cpu0, cpu_of(daemon_pid) - dcpu0
+        results[mode] = (wall, cpu, dcpu)
+        done = count if mode == "concurrent" else min(sequential, count)
+        print(
+            f"  {done:>5} of {count} peers, {mode:<10} ({backend}): total {wall * 1e3:8.1f} ms, "
+            f"agent CPU {cpu * 1e3:8.1f} ms, device CPU {dcpu * 1e3:7.1f} ms"
+        )
+    batches = sinks[0]._shared.batcher(node.iface).batches if sinks[0]._shared else 0
+    print(f"  backend round trips for all of the above (incl. prepare): {batches}")
+    for sink in sinks:
+        await sink.aclose()
+    return results
+
+
+def start_broker(workdir: Path, node: Node, peer: Node) -> tuple[subprocess.Popen[bytes], Path]:
+    sock = workdir / "broker.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qkdagent_wireguard.cli", "broker", "--socket", str(sock),
+         "--allow", f"{node.iface}:{peer.public_text}"],
+        stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 15
+    while not sock.is_socket():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("broker did not start")
+        time.sleep(0.02)
+    return proc, sock
+
+
+async def userspace(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="qkdwg-bench-"))
+    with Pair(workdir / "wg").open(os.urandom(32), os.urandom(32)) as pair:
+        a, b = pair.a, pair.b
+        assert a is not None and b is not None
+        print(f"install latency (wireguard-go {a.iface}, set + read-back per install):")
+        uapi = summary("uapi (in-process)", await install_latency(
+            make_sink(a, b.public_text, workdir, backend="uapi"), args.n))  # fmt: skip
+        proc, sock = start_broker(workdir, a, b)
+        try:
+            broker = summary("broker (unix socket -> uapi)", await install_latency(
+                make_sink(a, b.public_text, workdir, backend="broker", broker_socket=str(sock)),
+                args.n))  # fmt: skip
+        finally:
+            proc.terminate()
+            proc.wait()
+        base = summary("baseline: spawn `wg set`", wg_set_latency(a, b, workdir, args.baseline))
+        print(f"  speed-up vs `wg set`: uapi {base / uapi:.1f}x, broker {base / broker:.1f}x")
+        print(f"one interface, {args.peers} peers, every peer rotated by one process:")
+        assert a.proc is not None
+        await many_peers(a, workdir, args.peers, args.sequential, "uapi", a.proc.pid)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def kernel(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="qkdwg-bench-"))
+    with Pair(workdir / "wg", kernel=True, a_in_caller_ns=True).open(
+        os.urandom(32), os.urandom(32)
+    ) as pair:
+        a, b = pair.a, pair.b
+        assert a is not None and b is not None
+        print(f"install latency (kernel WireGuard {a.iface} under QEMU TCG, set + read-back):")
+        nl = summary("netlink (in-process, built-in)", await install_latency(
+            make_sink(a, b.public_text, workdir, backend="netlink"), args.n))  # fmt: skip
+        py = summary("netlink (in-process, pyroute2)", await install_latency(
+            make_sink(a, b.public_text, workdir, backend="netlink", netlink_library="pyroute2"),
+            max(20, args.n // 5)))  # fmt: skip
+        base = summary("baseline: spawn `wg set`", wg_set_latency(a, b, workdir, args.baseline))
+        print(
+            f"  speed-up vs `wg set`: netlink built-in {base / nl:.1f}x, pyroute2 {base / py:.1f}x"
+        )
+        print(f"one interface, {args.peers} peers, every peer rotated by one process:")
+        await many_peers(a, workdir, args.peers, args.sequential, "netlink", None)
+
+
+def in_vm(args: argparse.Namespace) -> int:
+    from qkdagent_wireguard.guestvm import cache_ready, run_guest
+
+    cache = PLUGIN / ".cache" / "kernel"
+    if not cache_ready(cache):
+        print(f"no kernel in {cache}: run {PLUGIN / 'ci' / 'setup.sh'}", file=sys.stderr)
+        return 1
+    argv = [sys.executable, str(Path(__file__).resolve()), "--in-guest", "-n", str(args.n),
+            "--baseline", str(args.baseline), "--peers", str(args.peers),
+            "--sequential", str(args.sequential)]  # fmt: skip
+    script = (
+        "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp "
+        "PYTHONDONTWRITEBYTECODE=1\nip link set lo up\n"
+        f"{shlex.join(argv)} > /mnt/bench.txt 2>&1\n"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_guest(cache, Path(tmp), script, timeout=600)
+        out = Path(tmp, "bench.txt")
+        print(out.read_text() if out.exists() else result.console)
+    return 0 if result.exit_code == 0 else 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", action="store_true", help="netlink backend, inside QEMU")
+    parser.add_argument("--in-guest", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("-n", type=int, default=1000, help="installs per backend")
+    parser.add_argument("--baseline", type=int, default=200, help="`wg set` spawns")
+    parser.add_argument("--peers", type=int, default=1000)
+    parser.add_argument(
+        "--sequential",
+        type=int,
+        default=100,
+        help="peers rotated one at a time (each its own batch)",
+    )
+    args = parser.parse_args()
+    if args.in_guest:
+        trio.run(kernel, args)
+        return 0
+    if args.kernel:
+        return in_vm(args)
+    trio.run(userspace, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""What every backend does: apply a batch of PSK operations on one interface and report outcomes.
+
+A batch is a list of `Op`s for distinct peers. A set op writes `psk`; every op then compares the
+peer's key read back *after* the writes against `expect`. Backends answer with an `Outcome` per op,
+never with key bytes, so the broker can serve them without handing keys back to the agent.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Outcome(enum.Enum):
+    MATCH = "match"
+    """The peer holds exactly the expected key."""
+    MISMATCH = "mismatch"
+    """The peer holds another key."""
+    NO_PSK = "no_psk"
+    """The peer has no PSK at all."""
+    NO_PEER = "no_peer"
+    """The interface has no such peer (an `update_only` write did nothing)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    peer: bytes
+    """The peer's public key (32 raw bytes)."""
+    expect: bytes
+    """The key the peer should hold afterwards."""
+    write: bool
+    """Write `expect` as the peer's PSK before reading back."""
+
+    def __repr__(self) -> str:
+        return f"Op(peer=..., write={self.write}, expect=<redacted>)"
+
+
+class BackendError(Exception):
+    """The whole batch failed (interface missing, socket refused, errno from the device)."""
+
+
+class Backend(Protocol):
+    """Blocking: the sink runs `apply` in a worker thread, the broker runs it directly."""
+
+    name: str
+
+    def apply(self, interface: str, ops: Sequence[Op]) -> list[Outcome]: ...
+
+    def close(self) -> None: ...
+
+
+def compare(ops: Sequence[Op], held: Mapping[bytes, bytes | None]) -> list[Outcome]:
+    """Outcomes from the peers' keys as read back (`held`: public key -> PSK or None)."""
+    outcomes = []
+    for op in ops:
+        if op.peer not in held:
+            outcomes.append(Outcome.NO_PEER)
+            continue
+        current = held[op.peer]
+        if current is None or not any(current):
+            outcomes.append(Outcome.NO_PSK)
+        elif hmac.compare_digest(current, op.expect):
+            outcomes.append(Outcome.MATCH)
+        else:
+            outcomes.append(Outcome.MISMATCH)
+    return outcomes

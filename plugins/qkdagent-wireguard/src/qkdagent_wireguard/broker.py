@@ -1,0 +1,279 @@
+"""A tiny privileged helper that sets PSKs for an unprivileged agent (Rosenpass-style split).
+
+The broker holds CAP_NET_ADMIN (or access to the userspace control sockets); the agent does not.
+It listens on a unix socket, checks the caller's kernel-reported credentials (SO_PEERCRED) and
+serves only the interface/peer pairs it was started with. Frames are a 4-byte big-endian length
+and a JSON body. Replies carry outcomes ("match", "mismatch", ...), never key bytes, and the log
+names callers, interfaces and public keys only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backend import Backend, BackendError, Op, Outcome
+from .keys import KEY_LEN, check_ifname, check_psk, parse_public_key, public_key_text
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME = 8 * 1024 * 1024
+MAX_OPS = 20000
+VERSION = 1
+
+
+class BrokerProtocolError(Exception):
+    """A malformed or refused request; the text is safe to send back and to log."""
+
+
+# -- framing ---------------------------------------------------------------------------------
+
+
+def send_frame(sock: socket.socket, body: dict[str, object]) -> None:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    sock.sendall(struct.pack(">I", len(data)) + data)
+
+
+def recv_frame(sock: socket.socket) -> dict[str, object]:
+    (size,) = struct.unpack(">I", _recv_exact(sock, 4))
+    if size > MAX_FRAME:
+        raise BrokerProtocolError(f"frame of {size} bytes exceeds the {MAX_FRAME}-byte limit")
+    try:
+        body = json.loads(_recv_exact(sock, size))
+    except (ValueError, UnicodeDecodeError):
+        raise BrokerProtocolError("frame is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BrokerProtocolError("frame must be a JSON object")
+    return body
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = sock.recv(min(size - len(buf), 1 << 20))
+        if not chunk:
+            raise BrokerProtocolError("connection closed mid-frame")
+        buf += chunk
+    return bytes(buf)
+
+
+# -- request encoding (client) and decoding (server) -----------------------------------------
+
+
+def encode_request(interface: str, ops: Sequence[Op]) -> dict[str, object]:
+    return {
+        "v": VERSION,
+        "interface": interface,
+        "ops": [
+            {"peer": public_key_text(op.peer), "key": op.expect.hex(), "write": op.write}
+            for op in ops
+        ],
+    }
+
+
+def decode_request(body: dict[str, object]) -> tuple[str, list[Op]]:
+    """Validate every field of an untrusted request."""
+    if body.get("v") != VERSION:
+        raise BrokerProtocolError(f"unsupported protocol version (this broker speaks {VERSION})")
+    interface = body.get("interface")
+    if not isinstance(interface, str) or check_ifname(interface):
+        raise BrokerProtocolError("interface must be a Linux interface name")
+    raw_ops = body.get("ops")
+    if not isinstance(raw_ops, list) or not raw_ops or len(raw_ops) > MAX_OPS:
+        raise BrokerProtocolError(f"ops must be a list of 1 to {MAX_OPS} operations")
+    ops = []
+    for index, item in enumerate(raw_ops):
+        if not isinstance(item, dict) or set(item) != {"peer", "key", "write"}:
+            raise BrokerProtocolError(f"ops[{index}] must have exactly peer, key and write")
+        try:
+            peer = parse_public_key(item["peer"])
+        except ValueError as exc:
+            raise BrokerProtocolError(f"ops[{index}].peer {exc}") from None
+        key = item["key"]
+        write = item["write"]
+        if not isinstance(write, bool):
+            raise BrokerProtocolError(f"ops[{index}].write must be a boolean")
+        try:
+            raw = bytes.fromhex(key) if isinstance(key, str) else b""
+            check_psk(raw)
+        except ValueError:
+            raise BrokerProtocolError(
+                f"ops[{index}].key must be {KEY_LEN} non-zero bytes in hex"
+            ) from None
+        ops.append(Op(peer, raw, write))
+    if len({op.peer for op in ops}) != len(ops):
+        raise BrokerProtocolError("a request names the same peer twice")
+    return interface, ops
+
+
+# -- server ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(conn: socket.socket) -> Credentials:
+    data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return Credentials(*struct.unpack("3i", data))
+
+
+def parse_allow(entries: Iterable[str]) -> frozenset[tuple[str, bytes]]:
+    """`IFACE:PEER_PUBLIC_KEY_BASE64` entries; raises ValueError naming the bad entry."""
+    allowed = set()
+    for entry in entries:
+        interface, sep, peer = entry.partition(":")
+        if not sep:
+            raise ValueError(f"--allow {entry!r}: expected INTERFACE:PEER_PUBLIC_KEY")
+        if problem := check_ifname(interface):
+            raise ValueError(f"--allow {entry!r}: interface {problem}")
+        try:
+            allowed.add((interface, parse_public_key(peer)))
+        except ValueError as exc:
+            raise ValueError(f"--allow {entry!r}: peer key {exc}") from None
+    return frozenset(allowed)
+
+
+class Broker:
+    """Policy and dispatch; `serve` adds the socket loop."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        allow: frozenset[tuple[str, bytes]],
+        uids: frozenset[int],
+        gids: frozenset[int] = frozenset(),
+    ) -> None:
+        self.backend = backend
+        self.allow = allow
+        self.uids = uids
+        self.gids = gids
+
+    def authorised(self, creds: Credentials) -> bool:
+        return creds.uid in self.uids or creds.gid in self.gids
+
+    def handle(self, body: dict[str, object], creds: Credentials) -> dict[str, object]:
+        """Answer one request from a caller with `creds`; never raises for bad input."""
+        if not self.authorised(creds):
+            log.warning("refused caller pid=%d uid=%d gid=%d", creds.pid, creds.uid, creds.gid)
+            return {"ok": False, "error": f"uid {creds.uid} is not allowed to use this broker"}
+        try:
+            interface, ops = decode_request(body)
+            for op in ops:
+                if (interface, op.peer) not in self.allow:
+                    raise BrokerProtocolError(
+                        f"interface {interface} peer {public_key_text(op.peer)} is not on the "
+                        "broker's allow list"
+                    )
+            outcomes = self.backend.apply(interface, ops)
+        except (BrokerProtocolError, BackendError) as exc:
+            log.warning("request from uid=%d refused: %s", creds.uid, exc)
+            return {"ok": False, "error": str(exc)}
+        log.info(
+            "uid=%d interface=%s writes=%d outcomes=%s",
+            creds.uid,
+            interface,
+            sum(op.write for op in ops),
+            ",".join(sorted({o.value for o in outcomes})),
+        )
+        return {"ok": True, "outcomes": [o.value for o in outcomes]}
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        creds = peer_credentials(conn)
+        try:
+            body = recv_frame(conn)
+        except (BrokerProtocolError, OSError) as exc:
+            log.warning("bad frame from uid=%d: %s", creds.uid, exc)
+            return
+        send_frame(conn, self.handle(body, creds))
+
+
+def bind_socket(path: Path, mode: int = 0o660, group: int | None = None) -> socket.socket:
+    """Listen on `path` (a stale socket file is replaced; any other file is refused).
+
+    The socket is bound under a temporary name, given its owner and mode, put in listening
+    state and only then renamed into place, so a client never finds a socket that refuses
+    connections or has the wrong permissions.
+    """
+    if (path.exists() or path.is_symlink()) and not path.is_socket():
+        raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
+    staging.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(os.fspath(staging))
+    finally:
+        os.umask(old)
+    try:
+        if group is not None:
+            os.chown(staging, -1, group)
+        os.chmod(staging, mode)
+        sock.listen(64)
+        os.replace(staging, path)
+    except BaseException:
+        sock.close()
+        staging.unlink(missing_ok=True)
+        raise
+    return sock
+
+
+def serve(broker: Broker, listener: socket.socket) -> None:
+    """Serve connections one at a time until the listener is closed (blocking)."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                broker.serve_connection(conn)
+            except OSError as exc:
+                log.warning("connection failed: %s", exc)
+
+
+# -- client backend --------------------------------------------------------------------------
+
+
+class BrokerBackend:
+    """The agent side: send a batch to the broker and map its outcomes."""
+
+    name = "broker"
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+
+    def apply(self, interface: str, ops: Sequence[Op]) -> list[Outcome]:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(os.fspath(self.path))
+                send_frame(sock, encode_request(interface, ops))
+                reply = recv_frame(sock)
+            except (OSError, BrokerProtocolError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                raise BackendError(f"broker at {self.path}: {reason}") from None
+        if reply.get("ok") is not True:
+            error = reply.get("error")
+            reason = error if isinstance(error, str) else "no reason given"
+            raise BackendError(f"broker refused: {reason}")
+        outcomes = reply.get("outcomes")
+        try:
+            assert isinstance(outcomes, list) and len(outcomes) == len(ops)
+            return [Outcome(value) for value in outcomes]
+        except (AssertionError, ValueError):
+            raise BackendError("broker sent a malformed reply") from None
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,84 @@
+"""Fixtures: real wireguard-go pairs in private namespaces, and sinks configured against them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from qkdagent_wireguard.sink import WireGuardSink
+from qkdagent_wireguard.testbed import Node, Pair, wait_for
+
+from qkdagent import Options, PluginContext
+from qkdagent.testing import require_binary, require_root
+
+SinkFactory = Callable[..., WireGuardSink]
+
+
+@pytest.fixture
+def userspace_pair(tmp_path: Path) -> Iterator[Pair]:
+    """Two namespaces with wireguard-go each, peered, each holding a different random PSK."""
+    require_root()
+    require_binary("wireguard-go", "wg", "ip", "ping")
+    pair = Pair(tmp_path / "wg")
+    try:
+        pair.open(os.urandom(32), os.urandom(32))
+        yield pair
+    finally:
+        pair.close()
+
+
+@pytest.fixture
+def make_sink(tmp_path: Path) -> SinkFactory:
+    """Build a `wireguard` sink for `node`'s peer `peer` exactly as the config loader would."""
+
+    def make(node: Node, peer: Node, name: str = "wg", **options: Any) -> WireGuardSink:
+        table = {"interface": node.iface, "peer_public_key": peer.public_text, **options}
+        opts = Options(table, where=f"sinks.{name}")
+        sink = WireGuardSink(name, opts, PluginContext("test", tmp_path))
+        opts.finish()
+        return sink
+
+    return make
+
+
+@pytest.fixture
+def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Start `qkdagent-wireguard broker` subprocesses; each is stopped by PID at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, socket: Path | None = None) -> Path:
+        sock = socket or tmp_path / f"broker-{len(procs)}.sock"
+        log = open(tmp_path / f"broker-{len(procs)}.log", "wb")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "qkdagent_wireguard.cli",
+                "broker",
+                "--socket",
+                str(sock),
+                *args,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        procs.append(proc)
+        wait_for(lambda: sock.is_socket() or proc.poll() is not None, 15, what="broker socket")
+        assert proc.poll() is None, (tmp_path / f"broker-{len(procs) - 1}.log").read_text()
+        return sock
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

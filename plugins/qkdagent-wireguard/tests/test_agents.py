@@ -1,0 +1,60 @@
+"""Two real agents (loopback mTLS, simulated key link) rotating wireguard-go PSKs end to end."""
+
+from __future__ import annotations
+
+import trio
+from qkdagent_wireguard.testbed import Pair
+
+from qkdagent.testing import open_agent_pair
+
+
+async def held(pair: Pair) -> tuple[bytes | None, bytes | None]:
+    a, b = pair.a, pair.b
+    assert a is not None and b is not None
+    return (await trio.to_thread.run_sync(a.psk_of, b), await trio.to_thread.run_sync(b.psk_of, a))
+
+
+async def test_two_agents_rotate_psks_and_fail_closed(userspace_pair: Pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    a, b = userspace_pair.a, userspace_pair.b
+    assert a is not None and b is not None
+
+    def side(node, peer):  # type: ignore[no-untyped-def]
+        sink = {"type": "wireguard", "interface": node.iface, "peer_public_key": peer.public_text}
+        return {"plugins": ["wireguard"], "sinks": {"wg": {**sink, "backend": "uapi"}}}
+
+    async with open_agent_pair(
+        tmp_path / "agents",
+        alice=side(a, b),
+        bob=side(b, a),
+        link={"interval": 3, "reject_after": 6},
+    ) as agents:
+        assert agents.sink("alice", "wg").resolved == "uapi"
+        fingerprints = set()
+        for epoch in (1, 2, 3):
+            await agents.wait_for_epoch(epoch, timeout=20)
+            # Both agents installed the secret they derived, and it is the same one.
+            with trio.fail_after(10):
+                while True:
+                    secret = agents.secret("alice", "wg")
+                    if secret == agents.secret("bob", "wg") and await held(userspace_pair) == (
+                        secret.reveal(),
+                        secret.reveal(),
+                    ):
+                        break
+                    await trio.sleep(0.05)
+            fingerprints.add(secret.fingerprint())
+            assert await trio.to_thread.run_sync(userspace_pair.fresh_handshake, 6.0)
+        assert len(fingerprints) == 3
+        last = agents.secret("alice", "wg").reveal()
+
+        await agents.stop("bob")
+        # reject_after (6 s) with the peer gone: alice replaces the PSK by a random one.
+        with trio.fail_after(20):
+            while True:
+                if (await held(userspace_pair))[0] != last:
+                    break
+                await trio.sleep(0.1)
+        alice_psk = (await held(userspace_pair))[0]
+        assert alice_psk is not None and any(alice_psk) and alice_psk != last
+        assert not await trio.to_thread.run_sync(userspace_pair.fresh_handshake, 2.0)
+        assert a.latest_handshake(b) == 0

@@ -1,0 +1,133 @@
+"""Coalescing of concurrent operations on one interface (fake backend, real trio threads)."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import trio
+from qkdagent_wireguard.backend import BackendError, Op, Outcome
+from qkdagent_wireguard.batch import Shared, acquire, release
+
+
+class SlowBackend:
+    """Blocks each batch until released, so submissions pile up behind the first one."""
+
+    name = "slow"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[list[Op]] = []
+        self.gate = threading.Event()
+        self.fail = fail
+        self.closed = False
+
+    def apply(self, interface: str, ops: list[Op]) -> list[Outcome]:
+        self.gate.wait(10)
+        self.batches.append(list(ops))
+        if self.fail:
+            raise BackendError("device said no")
+        return [Outcome.MATCH if op.write else Outcome.MISMATCH for op in ops]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_concurrent_submissions_share_batches() -> None:
+    backend = SlowBackend()
+    shared = Shared(backend)
+    batcher = shared.batcher("wg0")
+    results: dict[int, Outcome] = {}
+
+    async def one(i: int) -> None:
+        results[i] = await batcher.submit(Op(os.urandom(32), os.urandom(32), i % 2 == 0))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(100):
+            nursery.start_soon(one, i)
+        await trio.testing.wait_all_tasks_blocked()
+        backend.gate.set()
+    assert len(results) == 100
+    assert all(results[i] is (Outcome.MATCH if i % 2 == 0 else Outcome.MISMATCH) for i in results)
+    assert len(backend.batches) <= 2  # everyone queued behind the first batch shares one
+    assert sum(len(b) for b in backend.batches) == 100
+
+
+async def test_same_peer_twice_goes_in_separate_batches_in_order() -> None:
+    backend = SlowBackend()
+    batcher = Shared(backend).batcher("wg0")
+    peer = os.urandom(32)
+    first, second = os.urandom(32), os.urandom(32)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.submit, Op(os.urandom(32), os.urandom(32), True))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(batcher.submit, Op(peer, first, True))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(batcher.submit, Op(peer, second, True))
+        await trio.testing.wait_all_tasks_blocked()
+        backend.gate.set()
+    keys = [op.expect for batch in backend.batches for op in batch if op.peer == peer]
+    assert keys == [first, second]
+    assert len(backend.batches) == 3
+    assert all(len({op.peer for op in batch}) == len(batch) for batch in backend.batches)
+
+
+async def test_batch_error_reaches_every_waiter() -> None:
+    backend = SlowBackend(fail=True)
+    batcher = Shared(backend).batcher("wg0")
+    errors: list[BaseException] = []
+
+    async def one() -> None:
+        try:
+            await batcher.submit(Op(os.urandom(32), os.urandom(32), True))
+        except BackendError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(one)
+        await trio.testing.wait_all_tasks_blocked()
+        backend.gate.set()
+    assert len(errors) == 5 and all("device said no" in str(e) for e in errors)
+
+
+async def test_cancelled_waiter_is_dropped_from_the_queue() -> None:
+    backend = SlowBackend()
+    batcher = Shared(backend).batcher("wg0")
+    cancelled_peer = os.urandom(32)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batcher.submit, Op(os.urandom(32), os.urandom(32), True))
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(0.01):
+            await batcher.submit(Op(cancelled_peer, os.urandom(32), True))
+        backend.gate.set()
+    assert all(op.peer != cancelled_peer for batch in backend.batches for op in batch)
+
+
+async def test_shared_backend_is_refcounted_per_run() -> None:
+    made: list[SlowBackend] = []
+
+    def factory() -> SlowBackend:
+        made.append(SlowBackend())
+        return made[-1]
+
+    one = acquire(("fake", "x"), factory)
+    two = acquire(("fake", "x"), factory)
+    assert one is two and len(made) == 1
+    release(("fake", "x"), one)
+    assert not made[0].closed
+    release(("fake", "x"), two)
+    assert made[0].closed
+    three = acquire(("fake", "x"), factory)
+    assert three is not one
+    release(("fake", "x"), three)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_results_follow_ops(n: int) -> None:
+    backend = SlowBackend()
+    backend.gate.set()
+    batcher = Shared(backend).batcher("wg0")
+    for _ in range(n):
+        assert await batcher.submit(Op(os.urandom(32), os.urandom(32), True)) is Outcome.MATCH
+    assert len(backend.batches) == n

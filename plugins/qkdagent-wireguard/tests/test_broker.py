@@ -1,0 +1,152 @@
+"""The privileged broker: serves only allowed interface/peer pairs to allowed callers."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from qkdagent_wireguard.backend import BackendError, Op
+from qkdagent_wireguard.broker import BrokerBackend
+from qkdagent_wireguard.testbed import genkey
+
+from qkdagent import KeyMeta, Link, Misconfigured, Secret
+
+LINK = Link("site", "alice", "bob", True)
+UNPRIVILEGED = 54321
+
+
+def meta(epoch: int) -> KeyMeta:
+    return KeyMeta(epoch, (f"k{epoch}",), "wireguard", time.time())
+
+
+def apply_as(uid: int, path: Path, interface: str, op: Op) -> str:
+    """Send one broker request from a forked child running as `uid` (and gid `uid`)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            result = "ok:" + BrokerBackend(path, timeout=5).apply(interface, [op])[0].value
+        except BackendError as exc:
+            result = f"err:{exc}"
+        except BaseException as exc:
+            result = f"crash:{type(exc).__name__}"
+            code = 1
+        os.write(write_end, result.encode()[:4000])
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        answer = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return answer
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory other users may enter (pytest's tmp_path is private to root)."""
+    directory = Path(tempfile.mkdtemp(prefix="qkdwg-broker-"))
+    os.chmod(directory, 0o755)  # noqa: S103 - the socket inside is 0660, group-restricted
+    yield directory
+    shutil.rmtree(directory)
+
+
+async def test_unprivileged_caller_sets_a_psk_through_the_broker(
+    userspace_pair, broker_factory, public_dir
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = userspace_pair.a, userspace_pair.b
+    sock = public_dir / "broker.sock"
+    await trio.to_thread.run_sync(
+        lambda: broker_factory(
+            "--allow", f"{a.iface}:{b.public_text}", "--user", str(UNPRIVILEGED),
+            "--socket-group", str(UNPRIVILEGED), "--backend", "uapi", socket=sock,
+        )
+    )  # fmt: skip
+    assert oct(sock.stat().st_mode & 0o777) == "0o660"
+    assert sock.stat().st_gid == UNPRIVILEGED
+    key = os.urandom(32)
+    answer = await trio.to_thread.run_sync(
+        apply_as, UNPRIVILEGED, sock, a.iface, Op(b.public, key, True)
+    )
+    assert answer == "ok:match"
+    assert a.psk_of(b) == key
+    # Any other unprivileged user cannot even connect (socket 0660, group of the allowed uid).
+    other = await trio.to_thread.run_sync(
+        apply_as, UNPRIVILEGED + 1, sock, a.iface, Op(b.public, os.urandom(32), True)
+    )
+    assert other.startswith("err:") and "Permission denied" in other
+    assert a.psk_of(b) == key
+
+
+async def test_caller_without_the_right_uid_is_refused(userspace_pair, broker_factory) -> None:  # type: ignore[no-untyped-def]
+    a, b = userspace_pair.a, userspace_pair.b
+    sock = await trio.to_thread.run_sync(
+        lambda: broker_factory("--allow", f"{a.iface}:{b.public_text}", "--user", "12345")
+    )
+    before = a.psk_of(b)
+    with pytest.raises(BackendError, match="uid 0 is not allowed"):
+        await trio.to_thread.run_sync(
+            BrokerBackend(sock).apply, a.iface, [Op(b.public, os.urandom(32), True)]
+        )
+    assert a.psk_of(b) == before
+
+
+async def test_peer_not_on_the_allow_list_is_refused(
+    userspace_pair, broker_factory, make_sink
+) -> None:  # type: ignore[no-untyped-def]
+    a, b = userspace_pair.a, userspace_pair.b
+    _, someone = genkey()
+    sock = await trio.to_thread.run_sync(
+        lambda: broker_factory("--allow", f"{a.iface}:{base64.b64encode(someone).decode()}")
+    )
+    before = a.psk_of(b)
+    sink = make_sink(a, b, backend="broker", broker_socket=str(sock))
+    with pytest.raises(Misconfigured, match="allow list"):
+        await sink.prepare()
+    with pytest.raises(BackendError, match="allow list"):
+        await trio.to_thread.run_sync(
+            BrokerBackend(sock).apply, a.iface, [Op(b.public, os.urandom(32), True)]
+        )
+    # the same peer on another interface is not allowed either
+    with pytest.raises(BackendError, match="allow list"):
+        await trio.to_thread.run_sync(
+            BrokerBackend(sock).apply, b.iface, [Op(someone, os.urandom(32), True)]
+        )
+    assert a.psk_of(b) == before
+
+
+async def test_broker_sink_rotates_and_erases(userspace_pair, broker_factory, make_sink) -> None:  # type: ignore[no-untyped-def]
+    a, b = userspace_pair.a, userspace_pair.b
+    sock = await trio.to_thread.run_sync(
+        lambda: broker_factory("--allow", f"{a.iface}:{b.public_text}")
+    )
+    sink = make_sink(a, b, backend="broker", broker_socket=str(sock))
+    await sink.prepare()
+    secret = Secret.random()
+    await sink.install(LINK, secret, meta(1))
+    assert a.psk_of(b) == secret.reveal()
+    assert await sink.verify(LINK, secret, meta(1)) is True
+    await sink.erase(LINK, "reject_after")
+    assert a.psk_of(b) not in (None, secret.reveal())
+    log = (sock.parent / "broker-0.log").read_text()
+    assert secret.reveal().hex() not in log and "uid=0" in log
+    await sink.aclose()
+
+
+async def test_missing_broker_socket_is_not_installed(tmp_path, userspace_pair, make_sink) -> None:  # type: ignore[no-untyped-def]
+    from qkdagent import NotInstalled
+
+    sink = make_sink(
+        userspace_pair.a, userspace_pair.b, backend="broker", broker_socket=str(tmp_path / "no")
+    )
+    with pytest.raises(NotInstalled, match="broker"):
+        await sink.prepare()
