@@ -242,7 +242,9 @@ def cmd_procs(args: argparse.Namespace) -> None:
                     break
             startup = time.monotonic() - started
             cpu0 = {n: _proc_cpu(p.pid) for n, p in procs.items()}
-            epochs0 = sum(x["epoch"] for x in _status(status_urls["alice"])["links"])
+            first = _status(status_urls["alice"])["links"]
+            epochs0 = sum(x["epoch"] for x in first)
+            failures0 = sum(x["failures"] for x in first)
             t0 = time.monotonic()
             time.sleep(args.seconds)
             cpu1 = {n: _proc_cpu(p.pid) for n, p in procs.items()}
@@ -269,13 +271,14 @@ def cmd_procs(args: argparse.Namespace) -> None:
         share = (cpu1[name] - cpu0[name]) / (t1 - t0)
         print(
             f"  {name:<5} ({'initiator' if name == 'alice' else 'responder'}): CPU {share:.2f} "
-            f"of a core, {1000 * share / max(rate, 1e-9):.2f} ms/rotation, peak RSS {hwm[name]:.0f} MB"
+            f"of a core, {1000 * share / max(rate, 1e-9):.2f} ms/rotation, "
+            f"peak RSS {hwm[name]:.0f} MB"
         )
     print(
         f"  latest rotation per link (initiator): p50 {pct(lat, 50):.1f} ms, "
         f"p99 {pct(lat, 99):.1f} ms"
     )
-    failures = sum(x["failures"] for x in final["alice"])
+    failures = sum(x["failures"] for x in final["alice"]) - failures0
     erased = sum(1 for x in final["alice"] + final["bob"] if x["erased"])
     print(
         f"  failed attempts {failures}, links erased {erased}, oldest key {max(ages):.0f} s "
