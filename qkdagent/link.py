@@ -223,10 +223,12 @@ class LinkRuntime:
             confirm=ratchet.confirmation(derived, "initiator"),
         )
         failed: list[str] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._install_collect, self._meta(self.record), failed)
-            nursery.start_soon(self._send_commit, self.record, commit, commit_nonce)
+        # DESIGN §4: install here first, then commit, so the responder's install is the last one
+        # (a sink that must act once both consumers hold the key, e.g. a strongSwan reauth, acts
+        # from the responder's install).
+        await self._install_collect(self._meta(self.record), failed)
         crash_point("initiator:installed")
+        await self._send_commit(self.record, commit, commit_nonce)
         self._succeeded(started, key_ids, failed)
 
     async def _new_keys(self) -> list[Key]:

@@ -23,8 +23,9 @@ MIN_TESTS = 21
 def guest_script(results: str = "/mnt") -> str:
     env = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/tmp",
-        "TMPDIR": "/tmp",
+        # the host's /tmp stays visible (the checkout may live there); scratch space is a tmpfs
+        "HOME": "/run/tmp",
+        "TMPDIR": "/run/tmp",
         "PYTHONDONTWRITEBYTECODE": "1",
         "CI": "true" if in_ci() else "",
     }

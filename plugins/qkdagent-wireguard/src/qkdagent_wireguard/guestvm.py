@@ -104,8 +104,8 @@ $B mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 results /newroot/mn
 $B mount -t proc proc /newroot/proc
 $B mount -t sysfs sys /newroot/sys
 $B mount -t devtmpfs dev /newroot/dev
-$B mount -t tmpfs tmp /newroot/tmp
 $B mount -t tmpfs run /newroot/run
+$B mkdir -p /newroot/run/tmp
 $B chroot /newroot /bin/sh /mnt/guest.sh </dev/null
 echo "QKDAGENT-GUEST-EXIT=$?"
 $B poweroff -f
