@@ -174,3 +174,30 @@ def test_unconfigured_plugins_are_not_imported() -> None:
     assert "qkdagent.builtin.file_sink" in sys.modules
     assert set(plugins.loaded) == {"file"}
     assert "exec" not in plugins.loaded and "twin" not in plugins.sinks
+
+
+def test_json_logs_are_one_object_per_line() -> None:
+    import json
+    import logging
+
+    from qkdagent.logsetup import JsonFormatter
+
+    record = logging.LogRecord("qkdagent.link", logging.INFO, "x", 1, "epoch %d", (5,), None)
+    data = json.loads(JsonFormatter().format(record))
+    assert (
+        data["msg"] == "epoch 5" and data["level"] == "info" and data["logger"] == "qkdagent.link"
+    )
+    assert data["ts"].endswith("Z")
+
+
+async def test_state_files_are_private(tmp_path: Path) -> None:
+    import stat
+
+    from qkdagent.state import StateStore
+
+    store = StateStore(tmp_path / "state")
+    await store.run(store.create, "l", "peer", Secret(b"c" * 32), Secret(b"a" * 32))
+    assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
+    for path in (tmp_path / "state").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+    store.close()
