@@ -129,8 +129,12 @@ class LinkRuntime:
             elif isinstance(action, scheduler.Rotate):
                 await self.rotate_once()
             else:
-                await self.erase_sinks(action.reason)
-                self.clock = scheduler.after_erase(self.clock)
+                async with self.lock:
+                    # a commit may have landed while we waited for the lock: decide again
+                    action = scheduler.decide(self.clock, self.config.timing, trio.current_time())
+                    if isinstance(action, scheduler.Erase):
+                        await self.erase_sinks(action.reason)
+                        self.clock = scheduler.after_erase(self.clock)
 
     # -- initiator ---------------------------------------------------------------------------
 
