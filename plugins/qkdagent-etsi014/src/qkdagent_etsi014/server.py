@@ -1,10 +1,11 @@
-"""Serving simulated KMEs with hypercorn over HTTPS with mutual TLS, inside a trio nursery.
+"""Serving simulated KMEs over HTTPS with mutual TLS, inside a trio nursery.
 
-hypercorn's `serve()` does not hand the client certificate to the application, and the SAE ID
-must come from it. So each KME accepts TCP connections itself, completes the TLS handshake
-(client certificate required, verified against the CA), derives the SAE ID from the certificate
-once per connection and then gives the connection to hypercorn's trio `TCPServer` with an ASGI app
-bound to that identity. A connection that fails the handshake never reaches the app.
+The SAE ID must come from the client certificate, which ASGI servers do not hand to the app. So
+each KME accepts TCP connections itself, completes the TLS handshake (client certificate
+required, verified against the CA), derives the SAE ID from the certificate once per connection
+and then serves the connection with an app bound to that identity: HTTP/1.1 with the lean h11
+loop of `http1` (one task and one send per answer), HTTP/2 (ALPN "h2") with hypercorn's trio
+`TCPServer`. A connection that fails the handshake never reaches the app.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
 from .app import KmeApp
+from .http1 import Http1Connection, Http1Limits
 from .identity import IdentityRule
 
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 10.0
+HTTP1_LIMITS = Http1Limits(keep_alive_timeout=30.0, request_timeout=30.0)
 
 
 def server_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
@@ -89,7 +92,19 @@ class KmeServer:
         async def asgi(scope: dict[str, Any], receive: Callable, send: Callable) -> None:
             await app(scope, receive, send, caller)
 
-        await TCPServer(ASGIWrapper(asgi), config, context, ConnectionState({}), tls)
+        if tls.selected_alpn_protocol() == "h2":
+            await TCPServer(ASGIWrapper(asgi), config, context, ConnectionState({}), tls)
+            return
+        try:
+            server, client = stream.socket.getsockname()[:2], stream.socket.getpeername()[:2]
+        except OSError:  # the peer is already gone
+            await trio.aclose_forcefully(tls)
+            return
+        connection = Http1Connection(tls, asgi, limits=HTTP1_LIMITS, server=server, client=client)
+        try:
+            await connection.serve()
+        except Exception:  # one broken connection must not stop the KME (serve_listeners would)
+            log.exception("KME %s: connection from %s failed", self.app.kme_id, client)
 
     def _identify(self, der: bytes | None) -> str | None:
         try:
