@@ -4,7 +4,8 @@
     python plugins/qkdagent-wireguard/bench/bench_install.py --kernel   # netlink, in QEMU
 
 Needs root, wireguard-go, wg, ip (and qemu + ci/setup.sh's kernel for --kernel). Every install
-is confirmed by reading the key back, as the sink always does. The baseline spawns
+goes through the sink's full path, device evidence included (uapi: the device listing and the set
+in one round trip; netlink: set and read-back in one send). The baseline spawns
 `wg set IFACE peer PUB preshared-key FILE` once per install, the way shell-based tools do.
 """
 
@@ -161,7 +162,7 @@ async def userspace(args: argparse.Namespace) -> None:
     with Pair(workdir / "wg").open(os.urandom(32), os.urandom(32)) as pair:
         a, b = pair.a, pair.b
         assert a is not None and b is not None
-        print(f"install latency (wireguard-go {a.iface}, set + read-back per install):")
+        print(f"install latency (wireguard-go {a.iface}, listing + set in one round trip):")
         uapi = summary("uapi (in-process)", await install_latency(
             make_sink(a, b.public_text, workdir, backend="uapi"), args.n))  # fmt: skip
         proc, sock = start_broker(workdir, a, b)
@@ -213,7 +214,7 @@ def in_vm(args: argparse.Namespace) -> int:
             "--sequential", str(args.sequential)]  # fmt: skip
     script = (
         "export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp "
-        "PYTHONDONTWRITEBYTECODE=1\nip link set lo up\n"
+        "PYTHONDONTWRITEBYTECODE=1 TMPDIR=/run/tmp\nip link set lo up\n"
         f"{shlex.join(argv)} > /mnt/bench.txt 2>&1\n"
     )
     with tempfile.TemporaryDirectory() as tmp:

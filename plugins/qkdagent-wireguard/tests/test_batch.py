@@ -1,9 +1,9 @@
-"""Coalescing of concurrent operations on one interface (fake backend, real trio threads)."""
+"""Coalescing of concurrent operations on one interface (fake backend waiting on a real socket)."""
 
 from __future__ import annotations
 
 import os
-import threading
+import socket
 
 import pytest
 import trio
@@ -11,19 +11,38 @@ from qkdagent_wireguard.backend import BackendError, Op, Outcome
 from qkdagent_wireguard.batch import Shared, acquire, release
 
 
+class _Gate:
+    """A socket that turns readable once `set()`: batches wait on it like on a device."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair()
+        self.reader.setblocking(False)
+
+    def set(self) -> None:
+        self.writer.send(b"x")
+
+    def is_set(self) -> bool:
+        try:
+            return bool(self.reader.recv(1, socket.MSG_PEEK))
+        except BlockingIOError:
+            return False
+
+
 class SlowBackend:
-    """Blocks each batch until released, so submissions pile up behind the first one."""
+    """Holds each batch until released, so submissions pile up behind the first one."""
 
     name = "slow"
+    timeout = 10.0
 
     def __init__(self, fail: bool = False) -> None:
         self.batches: list[list[Op]] = []
-        self.gate = threading.Event()
+        self.gate = _Gate()
         self.fail = fail
         self.closed = False
 
-    def apply(self, interface: str, ops: list[Op]) -> list[Outcome]:
-        self.gate.wait(10)
+    def exchange(self, interface: str, ops: list[Op]):  # type: ignore[no-untyped-def]
+        while not self.gate.is_set():
+            yield self.gate.reader, False
         self.batches.append(list(ops))
         if self.fail:
             raise BackendError("device said no")
@@ -131,3 +150,29 @@ async def test_results_follow_ops(n: int) -> None:
     for _ in range(n):
         assert await batcher.submit(Op(os.urandom(32), os.urandom(32), True)) is Outcome.MATCH
     assert len(backend.batches) == n
+
+
+async def test_running_batch_finishes_for_others_when_its_runner_is_cancelled() -> None:
+    backend = SlowBackend()
+    batcher = Shared(backend).batcher("wg0")
+    scope = trio.CancelScope()
+    got: list[Outcome] = []
+
+    async def runner() -> None:
+        with scope:
+            got.append(await batcher.submit(Op(os.urandom(32), os.urandom(32), True)))
+
+    async def waiter() -> None:
+        got.append(await batcher.submit(Op(os.urandom(32), os.urandom(32), True)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()  # the batch in flight is shielded: it still completes
+        await trio.testing.wait_all_tasks_blocked()
+        assert backend.batches == []
+        backend.gate.set()
+    assert got == [Outcome.MATCH, Outcome.MATCH]  # the runner's own op was applied too
+    assert [len(batch) for batch in backend.batches] == [1, 1]

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from qkdagent_wireguard.backend import BackendError, Op
+from qkdagent_wireguard.backend import BackendError, Op, Outcome
 from qkdagent_wireguard.broker import BrokerBackend
+from qkdagent_wireguard.drive import drive_blocking
 from qkdagent_wireguard.testbed import genkey
 
 from qkdagent import KeyMeta, Link, Misconfigured, Secret
@@ -26,6 +27,11 @@ def meta(epoch: int) -> KeyMeta:
     return KeyMeta(epoch, (f"k{epoch}",), "wireguard", time.time())
 
 
+def broker_apply(path: Path, interface: str, ops: list[Op]) -> list[Outcome]:
+    """One request to the broker, blocking (these tests call it from worker threads)."""
+    return drive_blocking(BrokerBackend(path).exchange(interface, ops), 5, "broker")
+
+
 def apply_as(uid: int, path: Path, interface: str, op: Op) -> str:
     """Send one broker request from a forked child running as `uid` (and gid `uid`)."""
     read_end, write_end = os.pipe()
@@ -36,7 +42,7 @@ def apply_as(uid: int, path: Path, interface: str, op: Op) -> str:
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            result = "ok:" + BrokerBackend(path, timeout=5).apply(interface, [op])[0].value
+            result = "ok:" + broker_apply(path, interface, [op])[0].value
         except BackendError as exc:
             result = f"err:{exc}"
         except BaseException as exc:
@@ -95,7 +101,7 @@ async def test_caller_without_the_right_uid_is_refused(userspace_pair, broker_fa
     before = a.psk_of(b)
     with pytest.raises(BackendError, match="uid 0 is not allowed"):
         await trio.to_thread.run_sync(
-            BrokerBackend(sock).apply, a.iface, [Op(b.public, os.urandom(32), True)]
+            broker_apply, sock, a.iface, [Op(b.public, os.urandom(32), True)]
         )
     assert a.psk_of(b) == before
 
@@ -114,12 +120,12 @@ async def test_peer_not_on_the_allow_list_is_refused(
         await sink.prepare()
     with pytest.raises(BackendError, match="allow list"):
         await trio.to_thread.run_sync(
-            BrokerBackend(sock).apply, a.iface, [Op(b.public, os.urandom(32), True)]
+            broker_apply, sock, a.iface, [Op(b.public, os.urandom(32), True)]
         )
     # the same peer on another interface is not allowed either
     with pytest.raises(BackendError, match="allow list"):
         await trio.to_thread.run_sync(
-            BrokerBackend(sock).apply, b.iface, [Op(someone, os.urandom(32), True)]
+            broker_apply, sock, b.iface, [Op(someone, os.urandom(32), True)]
         )
     assert a.psk_of(b) == before
 

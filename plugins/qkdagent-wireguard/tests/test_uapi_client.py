@@ -1,4 +1,9 @@
-"""The UAPI client against a scripted fake daemon: reconnects, errno handling, bad replies."""
+"""The UAPI client against a scripted fake daemon: pipelining, reconnects, errno, bad replies.
+
+The fake parses requests the way wireguard-go does: `get=1` exactly, `set=1` with a read-ahead
+scanner that drops whatever arrived after the set's blank line (so a client that pipelined
+anything after a set would hang here, as it would against the real daemon).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from qkdagent_wireguard.backend import BackendError, Op, Outcome
+from qkdagent_wireguard.drive import drive, drive_blocking
 from qkdagent_wireguard.uapi import UapiBackend
 
 PEER = os.urandom(32)
@@ -17,11 +23,18 @@ PEER = os.urandom(32)
 Handler = Callable[[bytes, dict[bytes, bytes]], bytes | None]
 
 
-def serve(path: Path, handler: Handler, close_after_get: bool) -> threading.Thread:
+def serve(path: Path, handler: Handler, close_after: bool, log: list[bytes]) -> threading.Thread:
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(path))
     listener.listen(8)
     state: dict[bytes, bytes] = {}
+
+    def next_request(buf: bytes) -> tuple[bytes, bytes] | None:
+        """(request, rest) when a whole request is buffered; a set swallows the rest."""
+        if buf.startswith(b"get=1\n\n"):
+            return buf[:7], buf[7:]
+        end = buf.find(b"\n\n")
+        return (buf[: end + 2], b"") if end >= 0 else None
 
     def loop() -> None:
         with listener:
@@ -37,14 +50,18 @@ def serve(path: Path, handler: Handler, close_after_get: bool) -> threading.Thre
                         if not chunk:
                             break
                         buf += chunk
-                        if not buf.endswith(b"\n\n"):
-                            continue
-                        reply = handler(buf, state)
-                        was_get, buf = buf.startswith(b"get=1"), b""
-                        if reply is None:
-                            break
-                        conn.sendall(reply)
-                        if close_after_get and was_get:
+                        replies, closing = b"", False
+                        while (found := next_request(buf)) is not None:
+                            request, buf = found
+                            log.append(request)
+                            reply = handler(request, state)
+                            if reply is None:
+                                closing = True
+                                break
+                            replies += reply
+                        if replies:
+                            conn.sendall(replies)
+                        if closing or (close_after and replies):
                             break
 
     thread = threading.Thread(target=loop, daemon=True)
@@ -54,6 +71,7 @@ def serve(path: Path, handler: Handler, close_after_get: bool) -> threading.Thre
 
 
 def honest(request: bytes, state: dict[bytes, bytes]) -> bytes:
+    """Knows exactly one peer, PEER; `update_only` writes to other peers do nothing."""
     lines = request.decode().split("\n")
     if lines[0] == "set=1":
         peer = None
@@ -61,7 +79,7 @@ def honest(request: bytes, state: dict[bytes, bytes]) -> bytes:
             key, _, value = line.partition("=")
             if key == "public_key":
                 peer = bytes.fromhex(value)
-            elif key == "preshared_key" and peer is not None:
+            elif key == "preshared_key" and peer == PEER:
                 state[peer] = bytes.fromhex(value)
         return b"errno=0\n\n"
     body = f"public_key={PEER.hex()}\npreshared_key={state.get(PEER, bytes(32)).hex()}\n"
@@ -69,49 +87,106 @@ def honest(request: bytes, state: dict[bytes, bytes]) -> bytes:
 
 
 @pytest.fixture
-def fake(tmp_path: Path) -> Iterator[Callable[[Handler, bool], UapiBackend]]:
+def fake(tmp_path: Path) -> Iterator[Callable[..., tuple[UapiBackend, list[bytes]]]]:
     threads: list[threading.Thread] = []
 
-    def start(handler: Handler, close_after_get: bool = False) -> UapiBackend:
-        threads.append(serve(tmp_path / "wgfake.sock", handler, close_after_get))
-        return UapiBackend(tmp_path, timeout=2)
+    def start(handler: Handler, close_after: bool = False) -> tuple[UapiBackend, list[bytes]]:
+        log: list[bytes] = []
+        threads.append(serve(tmp_path / "wgfake.sock", handler, close_after, log))
+        return UapiBackend(tmp_path, timeout=2), log
 
     yield start
     for thread in threads:
         thread.listener.close()  # type: ignore[attr-defined]
 
 
+def apply(backend: UapiBackend, ops: list[Op]) -> list[Outcome]:
+    return drive_blocking(backend.exchange("wgfake", ops), backend.timeout, "fake")
+
+
+def test_one_round_trip_lists_then_writes_and_reads_back(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, log = fake(honest)
+    key = os.urandom(32)
+    assert apply(backend, [Op(PEER, key, True)]) == [Outcome.MATCH]
+    assert log[0] == b"get=1\n\n" and log[1].startswith(b"set=1\n")  # listed before the write
+    assert apply(backend, [Op(PEER, key, False)]) == [Outcome.MATCH]  # the write took effect
+    assert apply(backend, [Op(PEER, os.urandom(32), False)]) == [Outcome.MISMATCH]
+    assert log[2:] == [b"get=1\n\n"] * 2  # reads do not write
+    backend.close()
+
+
+def test_write_to_a_missing_peer_is_no_peer_not_success(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, _ = fake(honest)
+    missing = os.urandom(32)
+    outcomes = apply(backend, [Op(missing, os.urandom(32), True), Op(PEER, os.urandom(32), True)])
+    assert outcomes == [Outcome.NO_PEER, Outcome.MATCH]
+    backend.close()
+
+
 def test_keeps_one_connection_and_reconnects_when_dropped(fake) -> None:  # type: ignore[no-untyped-def]
-    backend = fake(honest, True)  # the daemon drops the connection after every batch
+    backend, _ = fake(honest, True)  # the daemon drops the connection after every answer
     for _ in range(3):
         key = os.urandom(32)
-        assert backend.apply("wgfake", [Op(PEER, key, True)]) == [Outcome.MATCH]
-    assert backend.apply("wgfake", [Op(os.urandom(32), key, False)]) == [Outcome.NO_PEER]
+        assert apply(backend, [Op(PEER, key, True)]) == [Outcome.MATCH]
+    assert apply(backend, [Op(os.urandom(32), key, False)]) == [Outcome.NO_PEER]
+    backend.close()
+
+
+async def test_trio_driver_runs_the_same_exchange(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, log = fake(honest)
+    key = os.urandom(32)
+    for write in (True, False):
+        outcome = await drive(backend.exchange("wgfake", [Op(PEER, key, write)]), 2, "fake")
+        assert outcome == [Outcome.MATCH]
+    assert len(log) == 3
     backend.close()
 
 
 def test_refused_set_is_reported_with_errno(fake) -> None:  # type: ignore[no-untyped-def]
-    backend = fake(lambda req, state: b"errno=-22\n\n", False)
+    def refuse_set(request: bytes, state: dict[bytes, bytes]) -> bytes:
+        return b"errno=-22\n\n" if request.startswith(b"set") else honest(request, state)
+
+    backend, _ = fake(refuse_set)
     with pytest.raises(BackendError, match=r"errno=-22 \(EINVAL\)"):
-        backend.apply("wgfake", [Op(PEER, os.urandom(32), True)])
+        apply(backend, [Op(PEER, os.urandom(32), True)])
+
+
+def test_refused_get_is_an_error(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, _ = fake(lambda req, state: b"errno=-5\n\n")
+    with pytest.raises(BackendError, match="refused to list"):
+        apply(backend, [Op(PEER, os.urandom(32), False)])
 
 
 def test_garbage_reply_is_a_backend_error(fake) -> None:  # type: ignore[no-untyped-def]
-    backend = fake(lambda req, state: b"hello\n\n", False)
+    backend, _ = fake(lambda req, state: b"hello\n\n")
     with pytest.raises(BackendError, match="errno"):
-        backend.apply("wgfake", [Op(PEER, os.urandom(32), True)])
+        apply(backend, [Op(PEER, os.urandom(32), True)])
 
 
 def test_silent_daemon_times_out(fake) -> None:  # type: ignore[no-untyped-def]
-    backend = fake(lambda req, state: b"", False)
+    backend, _ = fake(lambda req, state: b"")
     backend.timeout = 0.2
     with pytest.raises(BackendError, match="did not answer in time"):
-        backend.apply("wgfake", [Op(PEER, os.urandom(32), True)])
+        apply(backend, [Op(PEER, os.urandom(32), True)])
+    assert not backend._conns  # the half-used connection was dropped
+
+
+async def test_silent_daemon_times_out_under_trio(fake) -> None:  # type: ignore[no-untyped-def]
+    backend, _ = fake(lambda req, state: b"")
+    with pytest.raises(BackendError, match="did not answer in time"):
+        await drive(backend.exchange("wgfake", [Op(PEER, os.urandom(32), True)]), 0.2, "fake")
+    assert not backend._conns
+
+
+def test_missing_socket_is_a_clear_error(tmp_path: Path) -> None:
+    backend = UapiBackend(tmp_path, timeout=1)
+    with pytest.raises(BackendError, match="no WireGuard control socket for interface 'wgnone'"):
+        drive_blocking(backend.exchange("wgnone", [Op(PEER, os.urandom(32), True)]), 1, "x")
 
 
 def test_key_never_in_errors(fake) -> None:  # type: ignore[no-untyped-def]
-    backend = fake(lambda req, state: b"errno=-5\n\n", False)
+    backend, _ = fake(lambda req, state: b"errno=-5\n\n")
     key = os.urandom(32)
     with pytest.raises(BackendError) as info:
-        backend.apply("wgfake", [Op(PEER, key, True)])
+        apply(backend, [Op(PEER, key, True)])
     assert key.hex() not in str(info.value)

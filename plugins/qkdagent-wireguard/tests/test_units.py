@@ -17,7 +17,15 @@ from qkdagent_wireguard.broker import (
 )
 from qkdagent_wireguard.keys import check_ifname, check_psk, parse_public_key
 from qkdagent_wireguard.sink import WireGuardSink
-from qkdagent_wireguard.uapi import build_set, parse_errno, parse_get
+from qkdagent_wireguard.uapi import (
+    FIND_LIMIT,
+    build_set,
+    judge,
+    locate,
+    parse_errno,
+    parse_get,
+    split_reply,
+)
 
 from qkdagent import ConfigError, Options, PluginContext
 
@@ -66,13 +74,39 @@ def test_get_reply_parsing_and_errno() -> None:
         f"public_key={other.hex()}\npreshared_key={'00' * 32}\n"
         "errno=0\n\n"
     ).encode()
-    assert parse_get(reply) == {PEER: key, other: None}
-    assert parse_errno(reply) == 0
+    body, code = split_reply(reply)
+    assert code == 0 and body.endswith(
+        b"allowed_ip=10.0.0.2/32\n"
+        + f"public_key={other.hex()}\npreshared_key={'00' * 32}\n".encode()
+    )
+    assert parse_get(body) == {PEER: key, other: None}
+    assert split_reply(b"errno=0\n\n") == (b"", 0)
     assert parse_errno(b"errno=-22\n\n") == -22
-    with pytest.raises(BackendError):
-        parse_errno(b"garbage\n\n")
-    with pytest.raises(BackendError):
-        parse_get(b"public_key=zz\n\n")
+    for garbage in (b"garbage\n\n", b"errno=x\n\n", b"errno=0\n"):
+        with pytest.raises(BackendError):
+            parse_errno(garbage)
+    with pytest.raises(BackendError, match="malformed"):
+        parse_get(f"public_key={PEER.hex()}\npreshared_key=zz\n".encode())
+    # only whole lines count: a key that merely ends another line is not a peer
+    assert locate(b"xpublic_key=" + PEER.hex().encode() + b"\n", PEER) is None
+    assert locate(body, other) is not None and locate(body, os.urandom(32)) is None
+
+
+def test_judge_writes_need_the_peer_listed_and_reads_compare() -> None:
+    key, other, absent = os.urandom(32), os.urandom(32), os.urandom(32)
+    body = (
+        f"private_key={'11' * 32}\npublic_key={PEER.hex()}\npreshared_key={'00' * 32}\n"
+        f"public_key={other.hex()}\npreshared_key={key.hex()}\n"
+    ).encode()
+    ops = [Op(PEER, os.urandom(32), True), Op(other, key, False), Op(absent, key, True)]
+    expected = [Outcome.MATCH, Outcome.MATCH, Outcome.NO_PEER]
+    assert judge(ops, body) == expected
+    many = ops + [Op(os.urandom(32), key, False) for _ in range(FIND_LIMIT)]  # regex path
+    assert judge(many, body) == expected + [Outcome.NO_PEER] * FIND_LIMIT
+    assert judge([Op(other, os.urandom(32), False), Op(PEER, key, False)], body) == [
+        Outcome.MISMATCH,
+        Outcome.NO_PSK,
+    ]
 
 
 def test_compare_outcomes() -> None:
@@ -143,9 +177,12 @@ class _Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, list[Op]]] = []
 
-    def apply(self, interface: str, ops: list[Op]) -> list[Outcome]:
+    timeout = 1.0
+
+    def exchange(self, interface: str, ops: list[Op]):  # type: ignore[no-untyped-def]
         self.calls.append((interface, list(ops)))
         return [Outcome.MATCH for _ in ops]
+        yield  # a generator that never waits
 
     def close(self) -> None:
         pass

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .backend import Backend, BackendError, Op, Outcome
+from .drive import Exchange
 from .netlink import NetlinkBackend
 from .uapi import UapiBackend
 
@@ -32,13 +33,16 @@ class AutoBackend:
 
     name = "auto"
 
-    def __init__(self, uapi_dir: Path = Path("/run/wireguard")) -> None:
-        self.uapi = UapiBackend(uapi_dir)
-        self.netlink = NetlinkBackend()
+    def __init__(self, uapi_dir: Path = Path("/run/wireguard"), timeout: float = 5.0) -> None:
+        self.uapi = UapiBackend(uapi_dir, timeout)
+        self.netlink = NetlinkBackend(timeout=timeout)
+        self.timeout = timeout
+        self.spin = self.uapi.spin
 
-    def apply(self, interface: str, ops: Sequence[Op]) -> list[Outcome]:
+    def exchange(self, interface: str, ops: Sequence[Op]) -> Exchange[list[Outcome]]:
         backend: Backend = self.uapi if self.uapi.exists(interface) else self.netlink
-        return backend.apply(interface, ops)
+        return backend.exchange(interface, ops)
 
     def close(self) -> None:
+        self.uapi.close()
         self.netlink.close()

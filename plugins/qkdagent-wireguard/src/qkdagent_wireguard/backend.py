@@ -1,8 +1,9 @@
 """What every backend does: apply a batch of PSK operations on one interface and report outcomes.
 
-A batch is a list of `Op`s for distinct peers. A set op writes `psk`; every op then compares the
-peer's key read back *after* the writes against `expect`. Backends answer with an `Outcome` per op,
-never with key bytes, so the broker can serve them without handing keys back to the agent.
+A batch is a list of `Op`s for distinct peers. A write op sets `expect` as the peer's PSK and
+must show evidence that the peer exists (an `update_only` write to a missing peer is silently a
+no-op); a read op compares the key the peer holds against `expect`. Backends answer with an
+`Outcome` per op, never with key bytes, so the broker can serve them without handing keys back.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ import enum
 import hmac
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .drive import Exchange
 
 
 class Outcome(enum.Enum):
     MATCH = "match"
-    """The peer holds exactly the expected key."""
+    """The peer holds exactly the expected key (for a write: the peer exists and the device
+    accepted the key)."""
     MISMATCH = "mismatch"
     """The peer holds another key."""
     NO_PSK = "no_psk"
@@ -43,11 +48,16 @@ class BackendError(Exception):
 
 
 class Backend(Protocol):
-    """Blocking: the sink runs `apply` in a worker thread, the broker runs it directly."""
+    """`exchange` is a generator over non-blocking sockets, run by `drive.drive` on the trio
+    thread (the agent) or `drive.drive_blocking` (the broker); one exchange at a time per
+    interface (the batcher's job), several interfaces may interleave."""
 
     name: str
+    timeout: float
+    spin: float
+    """Seconds a read that would block is retried before sleeping (see `drive`)."""
 
-    def apply(self, interface: str, ops: Sequence[Op]) -> list[Outcome]: ...
+    def exchange(self, interface: str, ops: Sequence[Op]) -> Exchange[list[Outcome]]: ...
 
     def close(self) -> None: ...
 

@@ -1,9 +1,10 @@
 """Coalesce concurrent PSK operations on one interface into one backend round trip.
 
-A gateway rotates many peers of one interface at about the same time. Each batch costs one write
-request and one read-back of the whole device, so serving every waiting operation in the same
-batch keeps 1,000 peers well under a second while every install is still confirmed by reading
-the key back. Whoever holds the lock runs the next batch for everyone queued (group commit).
+A gateway rotates many peers of one interface at about the same time. Each batch costs one
+device round trip (the writes and one listing of the device, sent together), so serving every
+waiting operation in the same batch keeps 1,000 peers well under a second while every install
+still gets fresh evidence from the device. Whoever holds the lock runs the next batch for
+everyone queued (group commit).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .backend import Backend, BackendError, Op, Outcome
+from .drive import drive
 
 _shared: trio.lowlevel.RunVar[dict[tuple[str, ...], Shared]] = trio.lowlevel.RunVar(
     "qkdagent_wireguard_backends"
@@ -33,8 +35,8 @@ class Shared:
     """A backend shared by every sink of one trio run that uses the same spec; refcounted."""
 
     backend: Backend
-    """Thread-safe across interfaces (netlink serialises on its own lock); one batch at a time
-    per interface is the batcher's job."""
+    """Exchanges of different interfaces may interleave; one batch at a time per interface is
+    the batcher's job."""
     users: int = 0
     batchers: dict[str, Batcher] = field(default_factory=dict)
 
@@ -66,6 +68,12 @@ class Batcher:
             else:
                 self._lock.acquire_nowait()  # idle interface: no scheduler round trip
             try:
+                if not entry.taken and trio.lowlevel.current_statistics().tasks_runnable:
+                    # Other tasks are ready to run (e.g. 1,000 rotations started at once):
+                    # let them queue behind this batch first. Backends that answer without
+                    # sleeping (netlink, uapi within its spin) would otherwise serve them
+                    # one batch each.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 if not entry.taken:
                     await self._run(self._take())
             finally:
@@ -97,16 +105,21 @@ class Batcher:
         """Apply one batch for everyone in it.
 
         Other tasks wait on this batch, so it is finished even if the task running it is
-        cancelled (a worker thread cannot be interrupted anyway; the backends' socket timeouts
-        bound it), and the cancellation lands right after.
+        cancelled (the backend's timeout bounds it), and the cancellation lands right after.
+        The exchange runs on the trio thread: no worker-thread hop per install.
         """
         ops = [entry.op for entry in batch]
         self.batches += 1
         backend = self.shared.backend
         outcomes: list[Outcome] | None = None
         try:
-            with trio.CancelScope(shield=True):
-                outcomes = await trio.to_thread.run_sync(backend.apply, self.interface, ops)
+            outcomes = await drive(
+                backend.exchange(self.interface, ops),
+                backend.timeout,
+                f"WireGuard ({backend.name}, {self.interface})",
+                shield=True,
+                spin=getattr(backend, "spin", 0.0),
+            )
         except Exception as exc:
             for entry in batch:
                 entry.error = exc

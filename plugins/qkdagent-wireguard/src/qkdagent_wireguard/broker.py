@@ -3,8 +3,9 @@
 The broker holds CAP_NET_ADMIN (or access to the userspace control sockets); the agent does not.
 It listens on a unix socket, checks the caller's kernel-reported credentials (SO_PEERCRED) and
 serves only the interface/peer pairs it was started with. Frames are a 4-byte big-endian length
-and a JSON body. Replies carry outcomes ("match", "mismatch", ...), never key bytes, and the log
-names callers, interfaces and public keys only.
+and a JSON body; a connection carries any number of requests in a row (the agent keeps one
+open, which saves a connect/accept per install). Replies carry outcomes ("match",
+"mismatch", ...), never key bytes, and the log names callers, interfaces and public keys only.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import selectors
 import socket
 import struct
 from collections.abc import Iterable, Sequence
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .backend import Backend, BackendError, Op, Outcome
+from .drive import Exchange, connect_unix, drive_blocking, recv_some, send_all
 from .keys import KEY_LEN, check_ifname, check_psk, parse_public_key, public_key_text
 
 log = logging.getLogger(__name__)
@@ -35,32 +38,19 @@ class BrokerProtocolError(Exception):
 # -- framing ---------------------------------------------------------------------------------
 
 
-def send_frame(sock: socket.socket, body: dict[str, object]) -> None:
+def _frame(body: dict[str, object]) -> bytes:
     data = json.dumps(body, separators=(",", ":")).encode()
-    sock.sendall(struct.pack(">I", len(data)) + data)
+    return struct.pack(">I", len(data)) + data
 
 
-def recv_frame(sock: socket.socket) -> dict[str, object]:
-    (size,) = struct.unpack(">I", _recv_exact(sock, 4))
-    if size > MAX_FRAME:
-        raise BrokerProtocolError(f"frame of {size} bytes exceeds the {MAX_FRAME}-byte limit")
+def _decode_frame(data: bytes) -> dict[str, object]:
     try:
-        body = json.loads(_recv_exact(sock, size))
+        body = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise BrokerProtocolError("frame is not valid JSON") from None
     if not isinstance(body, dict):
         raise BrokerProtocolError("frame must be a JSON object")
     return body
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < size:
-        chunk = sock.recv(min(size - len(buf), 1 << 20))
-        if not chunk:
-            raise BrokerProtocolError("connection closed mid-frame")
-        buf += chunk
-    return bytes(buf)
 
 
 # -- request encoding (client) and decoding (server) -----------------------------------------
@@ -174,7 +164,12 @@ class Broker:
                         f"interface {interface} peer {public_key_text(op.peer)} is not on the "
                         "broker's allow list"
                     )
-            outcomes = self.backend.apply(interface, ops)
+            outcomes = drive_blocking(
+                self.backend.exchange(interface, ops),
+                self.backend.timeout,
+                "WireGuard",
+                getattr(self.backend, "spin", 0.0),
+            )
         except (BrokerProtocolError, BackendError) as exc:
             log.warning("request from uid=%d refused: %s", creds.uid, exc)
             return {"ok": False, "error": str(exc)}
@@ -187,15 +182,14 @@ class Broker:
         )
         return {"ok": True, "outcomes": [o.value for o in outcomes]}
 
-    def serve_connection(self, conn: socket.socket) -> None:
-        conn.settimeout(10)
-        creds = peer_credentials(conn)
+    def serve_frame(self, data: bytes, creds: Credentials) -> bytes:
+        """The reply frame to one request frame body (a malformed body gets an error reply)."""
         try:
-            body = recv_frame(conn)
-        except (BrokerProtocolError, OSError) as exc:
+            body = _decode_frame(data)
+        except BrokerProtocolError as exc:
             log.warning("bad frame from uid=%d: %s", creds.uid, exc)
-            return
-        send_frame(conn, self.handle(body, creds))
+            return _frame({"ok": False, "error": str(exc)})
+        return _frame(self.handle(body, creds))
 
 
 def bind_socket(path: Path, mode: int = 0o660, group: int | None = None) -> socket.socket:
@@ -228,42 +222,138 @@ def bind_socket(path: Path, mode: int = 0o660, group: int | None = None) -> sock
     return sock
 
 
-def serve(broker: Broker, listener: socket.socket) -> None:
-    """Serve connections one at a time until the listener is closed (blocking)."""
-    while True:
+@dataclass(eq=False)
+class _Conn:
+    sock: socket.socket
+    creds: Credentials
+    buf: bytearray
+
+
+def serve(
+    broker: Broker, listener: socket.socket, stop: socket.socket, max_conns: int = 128
+) -> None:
+    """Serve requests until `stop` turns readable (blocking, one thread).
+
+    Connections stay open for further requests (the agent keeps one), so a single selector
+    multiplexes them: a slow or idle client never holds up another. Requests are handled whole,
+    one at a time, in arrival order; replies are small and sent with a timeout.
+    """
+    listener.setblocking(False)
+    sel = selectors.DefaultSelector()
+    sel.register(listener, selectors.EVENT_READ)
+    sel.register(stop, selectors.EVENT_READ)
+    conns: dict[int, _Conn] = {}
+
+    def drop(conn: _Conn) -> None:
+        sel.unregister(conn.sock)
+        del conns[conn.sock.fileno()]
+        conn.sock.close()
+
+    try:
+        while True:
+            for key, _ in sel.select():
+                if key.fileobj is stop:
+                    return
+                if key.fileobj is listener:
+                    try:
+                        sock, _ = listener.accept()
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        log.warning("accept failed: %s", exc)
+                        return
+                    if len(conns) >= max_conns:
+                        log.warning("too many connections; refusing one")
+                        sock.close()
+                        continue
+                    sock.setblocking(False)
+                    conn = _Conn(sock, peer_credentials(sock), bytearray())
+                    conns[sock.fileno()] = conn
+                    sel.register(sock, selectors.EVENT_READ)
+                    continue
+                conn = conns[key.fd]
+                try:
+                    if not _serve_ready(broker, conn):
+                        drop(conn)
+                except (OSError, BrokerProtocolError) as exc:
+                    log.warning("connection from uid=%d failed: %s", conn.creds.uid, exc)
+                    drop(conn)
+    finally:
+        for conn in list(conns.values()):
+            drop(conn)
+        sel.close()
+
+
+def _serve_ready(broker: Broker, conn: _Conn) -> bool:
+    """Read what arrived and answer every complete frame; False at end of stream."""
+    try:
+        chunk = conn.sock.recv(65536)
+    except BlockingIOError:
+        return True
+    if not chunk:
+        return False
+    conn.buf += chunk
+    while len(conn.buf) >= 4:
+        (size,) = struct.unpack_from(">I", conn.buf)
+        if size > MAX_FRAME:
+            raise BrokerProtocolError(f"frame of {size} bytes exceeds the {MAX_FRAME}-byte limit")
+        if len(conn.buf) < 4 + size:
+            break
+        data = bytes(conn.buf[4 : 4 + size])
+        conn.buf[: 4 + size] = bytes(4 + size)  # wipe the request (it holds keys)
+        del conn.buf[: 4 + size]
+        reply = broker.serve_frame(data, conn.creds)
+        conn.sock.settimeout(10)
         try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        with conn:
-            try:
-                broker.serve_connection(conn)
-            except OSError as exc:
-                log.warning("connection failed: %s", exc)
+            conn.sock.sendall(reply)
+        finally:
+            conn.sock.setblocking(False)
+    return True
 
 
 # -- client backend --------------------------------------------------------------------------
 
 
+class _Stale(Exception):
+    """A kept connection broke (broker restarted): reconnect once."""
+
+
 class BrokerBackend:
-    """The agent side: send a batch to the broker and map its outcomes."""
+    """The agent side: send a batch to the broker over one kept connection and map its
+    outcomes; runs on the trio thread like the other backends."""
 
     name = "broker"
+    spin = 0.0
 
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
         self.path = path
         self.timeout = timeout
+        self._sock: socket.socket | None = None
 
-    def apply(self, interface: str, ops: Sequence[Op]) -> list[Outcome]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(os.fspath(self.path))
-                send_frame(sock, encode_request(interface, ops))
-                reply = recv_frame(sock)
-            except (OSError, BrokerProtocolError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-                raise BackendError(f"broker at {self.path}: {reason}") from None
+    def exchange(self, interface: str, ops: Sequence[Op]) -> Exchange[list[Outcome]]:
+        request = bytearray(_frame(encode_request(interface, ops)))
+        try:
+            for attempt in (1, 2):
+                reused = self._sock is not None
+                try:
+                    if self._sock is None:
+                        self._sock = yield from connect_unix(self.path)
+                    reply = yield from _ask(self._sock, request)
+                    break
+                except _Stale as exc:
+                    self.close()
+                    if reused and attempt == 1:
+                        continue
+                    raise BackendError(f"broker at {self.path}: {exc}") from None
+                except (OSError, BrokerProtocolError) as exc:
+                    self.close()
+                    reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+                    raise BackendError(f"broker at {self.path}: {reason}") from None
+                except BaseException:
+                    self.close()
+                    raise
+        finally:
+            request[:] = bytes(len(request))
         if reply.get("ok") is not True:
             error = reply.get("error")
             reason = error if isinstance(error, str) else "no reason given"
@@ -276,4 +366,34 @@ class BrokerBackend:
             raise BackendError("broker sent a malformed reply") from None
 
     def close(self) -> None:
-        pass
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
+def _ask(sock: socket.socket, request: bytearray) -> Exchange[dict[str, object]]:
+    """One request/reply on a kept connection; _Stale when it broke before any reply byte."""
+    try:
+        yield from send_all(sock, request)
+        head = yield from recv_some(sock, 4)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        raise _Stale(exc.strerror or "connection lost") from None
+    if not head:
+        raise _Stale("the broker closed the connection")
+    head += yield from _recv_exactly(sock, 4 - len(head))
+    (size,) = struct.unpack(">I", head)
+    if size > MAX_FRAME:
+        raise BrokerProtocolError(f"reply of {size} bytes is too large")
+    return _decode_frame((yield from _recv_exactly(sock, size)))
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> Exchange[bytes]:
+    buf = bytearray()
+    if size == 0:
+        return b""
+    while len(buf) < size:
+        chunk = yield from recv_some(sock, min(size - len(buf), 65536))
+        if not chunk:
+            raise BrokerProtocolError("connection closed mid-frame")
+        buf += chunk
+    return bytes(buf)

@@ -7,8 +7,8 @@ import grp
 import logging
 import pwd
 import signal
+import socket
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -88,8 +88,10 @@ def run_broker(args: argparse.Namespace) -> int:
         print(f"qkdagent-wireguard broker: cannot listen on {args.socket}: {exc}", file=sys.stderr)
         return 1
 
+    wake, waker = socket.socketpair()
+
     def stop(signum: int, frame: object) -> None:
-        threading.Thread(target=listener.shutdown, args=(2,), daemon=True).start()
+        waker.send(b"x")
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -101,9 +103,11 @@ def run_broker(args: argparse.Namespace) -> int:
         sorted(gids),
     )
     try:
-        serve(broker, listener)
+        serve(broker, listener, wake)
     finally:
         listener.close()
+        wake.close()
+        waker.close()
         backend.close()
         try:
             args.socket.unlink()

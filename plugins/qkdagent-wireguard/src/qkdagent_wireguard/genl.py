@@ -4,8 +4,9 @@ pyroute2's synchronous API costs about a millisecond per call (it spins an event
 request) and parses every attribute of a device dump, which makes it as slow as spawning
 `wg set` and too slow for a gateway's 1,000 peers. This client sends one SET_DEVICE message per
 up to `CHUNK` peers, each peer carrying exactly three attributes (public key, PSK, flags =
-UPDATE_ONLY), and reads back only public keys and PSKs. It never logs; error messages carry the
-errno only. Constants are the kernel's uapi `wireguard.h` and `genetlink.h`.
+UPDATE_ONLY), followed at once by the GET_DEVICE dump, and reads back only public keys and PSKs
+of the peers asked about. It runs on the trio thread without a worker-thread hop. It never logs;
+error messages carry the errno only. Constants: the kernel uapi `wireguard.h`, `genetlink.h`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import errno
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
+
+from .drive import Exchange
 
 NETLINK_GENERIC = 16
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x2, 0x4, 0x300
@@ -28,6 +31,9 @@ WG_CMD_GET_DEVICE, WG_CMD_SET_DEVICE = 0, 1
 WGDEVICE_A_IFNAME, WGDEVICE_A_PEERS = 2, 8
 WGPEER_A_PUBLIC_KEY, WGPEER_A_PRESHARED_KEY, WGPEER_A_FLAGS = 1, 2, 3
 WGPEER_F_UPDATE_ONLY = 4
+SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
+RECV_SIZE = 65536
+"""Dump messages are at most 32 KiB; error ACKs carry no request copy (NETLINK_CAP_ACK)."""
 CHUNK = 256
 """Peers per SET_DEVICE message (~21 KB), well inside the default socket buffers."""
 
@@ -71,8 +77,12 @@ def set_psk_attrs(ifname: str, items: Sequence[tuple[bytes, bytes]]) -> bytearra
     return attrs
 
 
-def parse_device(payload: memoryview, into: dict[bytes, bytes | None]) -> None:
-    """Add the peers of one GET_DEVICE message (public key -> PSK or None) to `into`."""
+def parse_device(
+    payload: memoryview, into: dict[bytes, bytes | None], wanted: Collection[bytes] | None = None
+) -> None:
+    """Add the peers of one GET_DEVICE message (public key -> PSK or None) to `into`; only
+    those in `wanted` when given. A peer's other attributes are skipped, not decoded (the
+    kernel puts the public key and PSK first)."""
     for kind, value in iter_nlas(payload):
         if kind != WGDEVICE_A_PEERS:
             continue
@@ -83,58 +93,98 @@ def parse_device(payload: memoryview, into: dict[bytes, bytes | None]) -> None:
                     public = bytes(pvalue)
                 elif pkind == WGPEER_A_PRESHARED_KEY:
                     psk = bytes(pvalue)
-            if public is not None:
+                if public is not None and psk is not None:
+                    break
+            if public is not None and (wanted is None or public in wanted):
                 into[public] = psk if psk is not None and any(psk) else None
 
 
-class GenlWireGuard:
-    """One netlink socket in the caller's network namespace, bound to the `wireguard` family."""
+Request = tuple[int, int, bytes | bytearray, int]
+"""(message type, genl command, attributes, flags)."""
 
-    def __init__(self, timeout: float = 5.0) -> None:
+
+class GenlWireGuard:
+    """One non-blocking netlink socket in the caller's network namespace, bound to the
+    `wireguard` family. Methods are exchanges (see `drive`): the kernel answers synchronously,
+    so they rarely wait, and several requests go out before the first answer is read."""
+
+    def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
         try:
-            self.sock.settimeout(timeout)
+            self.sock.setblocking(False)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            try:  # error ACKs without a copy of the request (which holds PSKs)
+                self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            except OSError:
+                pass
             self.sock.bind((0, 0))
-            self.seq = int.from_bytes(os.urandom(3), "little")
-            self.family = self._resolve_family(b"wireguard")
         except BaseException:
             self.sock.close()
             raise
+        self.seq = int.from_bytes(os.urandom(3), "little")
+        self.family: int | None = None
 
     def close(self) -> None:
         self.sock.close()
 
-    def _resolve_family(self, name: bytes) -> int:
+    def open(self) -> Exchange[None]:
+        """Resolve the `wireguard` family id (once)."""
+        if self.family is not None:
+            return
+        request = (
+            GENL_ID_CTRL,
+            CTRL_CMD_GETFAMILY,
+            nla(CTRL_ATTR_FAMILY_NAME, b"wireguard\x00"),
+            0,
+        )
         try:
-            replies = self._request(
-                GENL_ID_CTRL, CTRL_CMD_GETFAMILY, nla(CTRL_ATTR_FAMILY_NAME, name + b"\x00"), 0
-            )
+            (replies,) = yield from self.transact([request])
         except NetlinkError as exc:
             raise NetlinkError(exc.errno, "the kernel has no WireGuard netlink family") from None
         for payload in replies:
             for kind, value in iter_nlas(payload):
                 if kind == CTRL_ATTR_FAMILY_ID:
-                    return int(struct.unpack_from("=H", value)[0])
+                    self.family = int(struct.unpack_from("=H", value)[0])
+                    return
         raise NetlinkError(errno.ENOENT, "the kernel has no WireGuard netlink family")
 
-    def _request(
-        self, msg_type: int, cmd: int, attrs: bytes | bytearray, flags: int
-    ) -> list[memoryview]:
-        """Send one request; return the payloads after the genl header (all parts of a dump)."""
-        self.seq = (self.seq + 1) & 0xFFFFFFFF
-        body = _GENLHDR.pack(cmd, WG_GENL_VERSION, 0) + attrs
-        header = _NLMSGHDR.pack(
-            _NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | flags, self.seq, 0
-        )
-        message = bytearray(header) + body
-        try:
-            self.sock.send(message)
-        finally:
-            message[:] = bytes(len(message))
-        payloads: list[memoryview] = []
-        while True:
-            data = memoryview(self.sock.recv(1 << 20))
+    def transact(self, requests: Sequence[Request]) -> Exchange[list[list[memoryview]]]:
+        """Send every request, then collect each one's payloads (after the genl header) until
+        its ACK, DONE or single reply. The first error answer raises NetlinkError (answers
+        left in the socket are skipped by sequence number next time)."""
+        pending: dict[int, int] = {}
+        results: dict[int, list[memoryview]] = {}
+        for msg_type, cmd, attrs, flags in requests:
+            self.seq = (self.seq + 1) & 0xFFFFFFFF
+            body = _GENLHDR.pack(cmd, WG_GENL_VERSION, 0) + attrs
+            header = _NLMSGHDR.pack(
+                _NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST | flags, self.seq, 0
+            )
+            message = bytearray(header) + body
+            try:
+                while True:
+                    try:
+                        self.sock.send(message)
+                        break
+                    except BlockingIOError:
+                        yield self.sock, True
+            finally:
+                message[:] = bytes(len(message))
+                if isinstance(body, bytearray):
+                    body[:] = bytes(len(body))
+            pending[self.seq] = flags
+            results[self.seq] = []
+        order = list(results)
+        # The kernel has answered already; still pass through the scheduler once (a ready
+        # socket costs one epoll pass) so rotations started together can join the next batch.
+        yield self.sock, False
+        while pending:
+            while True:
+                try:
+                    data = memoryview(self.sock.recv(RECV_SIZE))
+                    break
+                except BlockingIOError:
+                    yield self.sock, False
             offset = 0
             while offset + _NLMSGHDR.size <= len(data):
                 length, kind, mflags, seq, _ = _NLMSGHDR.unpack_from(data, offset)
@@ -142,32 +192,45 @@ class GenlWireGuard:
                     raise NetlinkError(errno.EBADMSG, "malformed netlink message")
                 body_view = data[offset + _NLMSGHDR.size : offset + length]
                 offset += (length + 3) & ~3
-                if seq != self.seq:
+                flags = pending.get(seq)
+                if flags is None:
                     continue
                 if kind == NLMSG_ERROR:
                     (code,) = struct.unpack_from("=i", body_view)
                     if code:
                         raise NetlinkError(-code, os.strerror(-code))
-                    return payloads  # the ACK of a request
-                if kind == NLMSG_DONE:
-                    return payloads
-                payloads.append(body_view[_GENLHDR.size :])
-                if not mflags & NLM_F_MULTI and not flags & NLM_F_ACK:
-                    return payloads
+                    del pending[seq]  # the ACK of a request
+                elif kind == NLMSG_DONE:
+                    del pending[seq]
+                else:
+                    results[seq].append(body_view[_GENLHDR.size :])
+                    if not mflags & NLM_F_MULTI and not flags & NLM_F_ACK:
+                        del pending[seq]
+        return [results[seq] for seq in order]
 
-    def set_psks(self, ifname: str, items: Sequence[tuple[bytes, bytes]]) -> None:
-        """Write PSKs with UPDATE_ONLY (missing peers are skipped by the kernel, not created)."""
-        for start in range(0, len(items), CHUNK):
-            attrs = set_psk_attrs(ifname, items[start : start + CHUNK])
-            try:
-                self._request(self.family, WG_CMD_SET_DEVICE, attrs, NLM_F_ACK)
-            finally:
-                attrs[:] = bytes(len(attrs))
-
-    def get_psks(self, ifname: str) -> dict[bytes, bytes | None]:
-        """Every peer's PSK on `ifname` (None when it has none)."""
-        attrs = nla(WGDEVICE_A_IFNAME, ifname.encode() + b"\x00")
+    def set_and_get(
+        self,
+        ifname: str,
+        items: Sequence[tuple[bytes, bytes]],
+        wanted: Collection[bytes] | None,
+    ) -> Exchange[dict[bytes, bytes | None]]:
+        """Write PSKs with UPDATE_ONLY (the kernel skips missing peers without an error), then
+        read back the PSKs of the `wanted` peers present: one send per message, one pass over
+        the answers."""
+        assert self.family is not None, "open() first"
+        requests: list[Request] = []
+        try:
+            for start in range(0, len(items), CHUNK):
+                attrs = set_psk_attrs(ifname, items[start : start + CHUNK])
+                requests.append((self.family, WG_CMD_SET_DEVICE, attrs, NLM_F_ACK))
+            get = nla(WGDEVICE_A_IFNAME, ifname.encode() + b"\x00")
+            requests.append((self.family, WG_CMD_GET_DEVICE, get, NLM_F_DUMP))
+            answers = yield from self.transact(requests)
+        finally:
+            for _, _, attrs, _ in requests:
+                if isinstance(attrs, bytearray):
+                    attrs[:] = bytes(len(attrs))
         peers: dict[bytes, bytes | None] = {}
-        for payload in self._request(self.family, WG_CMD_GET_DEVICE, attrs, NLM_F_DUMP):
-            parse_device(payload, peers)
+        for payload in answers[-1]:
+            parse_device(payload, peers, wanted)
         return peers

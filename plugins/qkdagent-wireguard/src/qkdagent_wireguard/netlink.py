@@ -5,7 +5,8 @@ Two clients: the built-in `genl` one (default: batched writes, lean read-back) a
 UPDATE_ONLY flag are sent, so allowed IPs, endpoints and other peers stay as the administrator
 set them (pyroute2 < 0.9.3 wiped allowed IPs on every set; the dependency pin excludes it). The
 kernel skips an unknown peer under UPDATE_ONLY without an error and ignores short keys, which is
-why every batch is read back.
+why every batch is read back: the built-in client sends the writes and the GET_DEVICE dump
+together (the kernel answers both before the first recv) and decodes only the named peers.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import errno
 import logging
 import threading
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from .backend import BackendError, Op, Outcome, compare
+from .drive import Exchange, drive_blocking
 from .genl import GenlWireGuard
 
 LIBRARIES = ("builtin", "pyroute2")
@@ -35,69 +38,93 @@ def quiet_pyroute2() -> None:
 
 
 class NetlinkBackend:
-    """Backend over the `wireguard` generic netlink family of the caller's network namespace."""
+    """Backend over the `wireguard` generic netlink family of the caller's network namespace.
+
+    The built-in client keeps one socket per interface (so batches of different interfaces
+    never share one) and runs on the trio thread; pyroute2 blocks, so its calls go to a worker
+    thread, one at a time.
+    """
 
     name = "netlink"
+    spin = 0.0
 
-    def __init__(self, library: str = "builtin") -> None:
+    def __init__(self, library: str = "builtin", timeout: float = 5.0) -> None:
         if library not in LIBRARIES:
             raise ValueError(f"netlink library must be one of {LIBRARIES}")
         self.library = library
-        self._client: Any = None
+        self.timeout = timeout
+        self._clients: dict[str, GenlWireGuard] = {}
+        self._pyroute2: Any = None
         self._lock = threading.Lock()
-        """One request at a time on the socket (batches of different interfaces may overlap)."""
         if library == "pyroute2":
             quiet_pyroute2()
 
-    def _socket(self) -> Any:
-        if self._client is None:
+    def read(self, interface: str) -> dict[bytes, bytes | None]:
+        """Every peer's PSK on `interface` (None when it has none); blocking (detection)."""
+        if self.library == "pyroute2":
+            return self._pyroute2_apply(interface, [])
+        return drive_blocking(self._exchange_builtin(interface, [], None), self.timeout, "netlink")
+
+    def exchange(self, interface: str, ops: Sequence[Op]) -> Exchange[list[Outcome]]:
+        """Write the batch, then read back the peers it names and compare."""
+        wanted = {op.peer for op in ops}
+        if self.library == "pyroute2":
+            held = yield partial(self._pyroute2_apply, interface, ops)
+        else:
+            held = yield from self._exchange_builtin(interface, ops, wanted)
+        return compare(ops, held)
+
+    def _exchange_builtin(
+        self, interface: str, ops: Sequence[Op], wanted: set[bytes] | None
+    ) -> Exchange[dict[bytes, bytes | None]]:
+        client = self._clients.get(interface)
+        try:
+            if client is None:
+                client = self._clients[interface] = GenlWireGuard()
+            yield from client.open()
+            writes = [(op.peer, op.expect) for op in ops if op.write]
+            held = yield from client.set_and_get(interface, writes, wanted)
+        except Exception as exc:
+            self._drop(interface)
+            doing = f"set PSKs on {interface!r}" if ops else f"read interface {interface!r}"
+            raise BackendError(_describe(exc, doing)) from None
+        except BaseException:
+            self._drop(interface)
+            raise
+        return held
+
+    def _pyroute2_apply(self, interface: str, ops: Sequence[Op]) -> dict[bytes, bytes | None]:
+        with self._lock:
             try:
-                if self.library == "builtin":
-                    self._client = GenlWireGuard()
-                else:
+                if self._pyroute2 is None:
                     from pyroute2 import WireGuard
 
-                    self._client = WireGuard()
+                    self._pyroute2 = WireGuard()
+                writes = [(op.peer, op.expect) for op in ops if op.write]
+                if writes:
+                    _pyroute2_write(self._pyroute2, interface, writes)
+                return _pyroute2_read(self._pyroute2, interface)
             except Exception as exc:
-                raise BackendError(_describe(exc, "open the WireGuard netlink family")) from None
-        return self._client
-
-    def read(self, interface: str) -> dict[bytes, bytes | None]:
-        """Every peer's PSK on `interface` (None when it has none)."""
-        client = self._socket()
-        try:
-            if self.library == "builtin":
-                return client.get_psks(interface)
-            return _pyroute2_read(client, interface)
-        except Exception as exc:
-            self.close()
-            raise BackendError(_describe(exc, f"read interface {interface!r}")) from None
-
-    def apply(self, interface: str, ops: Sequence[Op]) -> list[Outcome]:
-        with self._lock:
-            return self._apply(interface, ops)
-
-    def _apply(self, interface: str, ops: Sequence[Op]) -> list[Outcome]:
-        client = self._socket()
-        writes = [(op.peer, op.expect) for op in ops if op.write]
-        if writes:
-            try:
-                if self.library == "builtin":
-                    client.set_psks(interface, writes)
-                else:
-                    _pyroute2_write(client, interface, writes)
-            except Exception as exc:
-                self.close()
+                self._close_pyroute2()
                 raise BackendError(_describe(exc, f"set PSKs on {interface!r}")) from None
-        return compare(ops, self.read(interface))
 
-    def close(self) -> None:
-        client, self._client = self._client, None
+    def _drop(self, interface: str) -> None:
+        client = self._clients.pop(interface, None)
+        if client is not None:
+            client.close()
+
+    def _close_pyroute2(self) -> None:
+        client, self._pyroute2 = self._pyroute2, None
         if client is not None:
             try:
                 client.close()
             except Exception:  # noqa: S110 - closing a broken socket must not mask the real error
                 pass
+
+    def close(self) -> None:
+        for interface in list(self._clients):
+            self._drop(interface)
+        self._close_pyroute2()
 
 
 def _pyroute2_write(wg: Any, interface: str, writes: list[tuple[bytes, bytes]]) -> None:
