@@ -24,7 +24,7 @@ from .events import EraseEvent, RotationErrorEvent, RotationEvent
 from .fileutil import write_secret_file
 from .hookspecs import hookimpl
 from .interfaces import KeyMeta, Link, PluginContext, Sink, Source
-from .options import Options
+from .options import Options, check_template
 from .secret import Key, Secret, check_key_id
 from .services import Service
 
@@ -58,6 +58,7 @@ __all__ = [
     "SourceUnavailable",
     "__version__",
     "check_key_id",
+    "check_template",
     "hookimpl",
     "write_secret_file",
 ]

@@ -11,6 +11,7 @@ import base64
 import binascii
 import os
 import stat
+import string
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -230,6 +231,28 @@ class Options:
         unknown = sorted(set(self._data) - self._used)
         if unknown:
             self.fail(unknown[0], "is not a known option here")
+
+
+def check_template(template: str, fields: Sequence[str]) -> str | None:
+    """Why a `str.format` template is unusable for options like `path = "/x/{peer}.key"`.
+
+    Only plain `{name}` placeholders from `fields` are allowed: no format specs, conversions,
+    attribute or index access (which could reach into objects). Returns None when usable; the
+    text fits `Options.string(..., check=...)`.
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return f"is not a valid template: {exc}"
+    for _literal, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        if field not in fields:
+            allowed = ", ".join("{" + f + "}" for f in fields) or "none"
+            return f"uses unknown placeholder {{{field}}}; allowed: {allowed}"
+        if spec or conversion:
+            return f"placeholder {{{field}}} must not carry a format spec or conversion"
+    return None
 
 
 def _decode_secret(opts: Options, name: str, raw: bytes, encoding: str) -> bytes:

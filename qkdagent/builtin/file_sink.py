@@ -18,7 +18,7 @@ from ..errors import Misconfigured, SinkError
 from ..fileutil import write_secret_file
 from ..hookspecs import hookimpl
 from ..interfaces import KeyMeta, Link, PluginContext, Sink
-from ..options import Options
+from ..options import Options, check_template
 from ..secret import Secret
 
 FORMATS = ("base64", "hex", "raw")
@@ -56,10 +56,9 @@ class FileSink(Sink):
         if self.format == "raw" and self.newline:
             options.fail("newline", 'cannot be used with format = "raw"')
         self.on_erase = options.string("on_erase", "random", choices=("random", "remove"))
-        try:
-            self.path_template.format(link="x", peer="x")
-        except (KeyError, IndexError, ValueError):
-            options.fail("path", "may only use the placeholders {link} and {peer}")
+        problem = check_template(self.path_template, ("link", "peer"))
+        if problem:
+            options.fail("path", problem)
 
     def path(self, link: Link) -> Path:
         return Path(self.path_template.format(link=link.name, peer=link.peer))

@@ -51,7 +51,7 @@ def test_defaults() -> None:
     [
         ({"ppk_id": "a@b"}, "sinks.ppk.ppk_id: may only contain"),
         ({"ppk_id": "a:b"}, "may only contain"),
-        ({"ppk_id": "x{peer}"}, "may only use the placeholders"),
+        ({"ppk_id": "x{peer}"}, "uses unknown placeholder"),
         ({"secret_id": "id with space"}, "sinks.ppk.secret_id: may only contain"),
         ({"reauth": "responder"}, "needs `ike`"),
         ({"reauth": "initiator", "ike": "gw"}, "must be one of"),

@@ -16,7 +16,7 @@ from qkdagent import ConfigError
         ({"format": "nginx"}, "format", "must be one of"),
         ({"format": "openssl", "grace_period": 10}, "grace_period", "single key"),
         ({"identity": "{link}", "grace_period": 5}, "grace_period", "{epoch}"),
-        ({"identity": "{local}.{epoch}"}, "identity", "unknown field"),
+        ({"identity": "{local}.{epoch}"}, "identity", "unknown placeholder"),
         ({"identity_style": "cqptoolkit"}, "identity", "contains ':'"),
         ({"identity_style": "cqptoolkit", "identity": "{link}.{epoch}"}, "identity", "fixed by"),
         ({"role": "client", "probe": "127.0.0.1:1"}, "probe", "server-side"),

@@ -10,9 +10,10 @@ window, which is always far smaller than half the ID space.
 
 from __future__ import annotations
 
-import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+import qkdagent
 
 LABEL_FIELDS = ("peer", "local", "link")
 """Placeholders a label template may use."""
@@ -127,20 +128,7 @@ def plan_rotation(
 
 def check_template(template: str, extra: tuple[str, ...] = ()) -> str | None:
     """Why a label template is unusable (unknown placeholder, format spec), or None."""
-    fields = LABEL_FIELDS + extra
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        return f"is not a valid template: {exc}"
-    for _literal, field, spec, conversion in parsed:
-        if field is None:
-            continue
-        if field not in fields:
-            allowed = ", ".join("{" + f + "}" for f in fields)
-            return f"uses unknown placeholder {{{field}}}; allowed: {allowed}"
-        if spec or conversion:
-            return f"placeholder {{{field}}} must not carry a format spec or conversion"
-    return None
+    return qkdagent.check_template(template, LABEL_FIELDS + extra)
 
 
 def render(template: str, *, peer: str, local: str, link: str) -> str:

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import qkdagent
 from qkdagent import Options
 
 # strongSwan parses a received PPK_ID as an identity: '@', '=' or ':' would turn it into another
@@ -24,11 +25,10 @@ def check_ppk_id(value: str) -> str | None:
 
 
 def _check_template(value: str) -> str | None:
-    try:
-        rendered = value.format(**{name: "x" for name in TEMPLATE_FIELDS})
-    except (KeyError, IndexError, ValueError):
-        return f"may only use the placeholders {', '.join('{' + f + '}' for f in TEMPLATE_FIELDS)}"
-    return check_ppk_id(rendered)
+    problem = qkdagent.check_template(value, TEMPLATE_FIELDS)
+    if problem:
+        return problem
+    return check_ppk_id(value.format(**{name: "x" for name in TEMPLATE_FIELDS}))
 
 
 def is_template(value: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import string
 
+import qkdagent
 from qkdagent import Link
 
 DEFAULT_TEMPLATE = "{link}.{epoch}"
@@ -23,18 +24,7 @@ FIELDS = ("link", "epoch", "epoch_hex", "label", "server", "client", "object")
 
 def check_template(template: str, fields: tuple[str, ...] = FIELDS) -> str | None:
     """Return a problem description, or None if `template` only uses known plain fields."""
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        return f"is not a valid template: {exc}"
-    for _, name, spec, conversion in parsed:
-        if name is None:
-            continue
-        if name not in fields:
-            return f"uses unknown field {{{name}}}; known fields: {', '.join(fields)}"
-        if spec or conversion:
-            return f"field {{{name}}} must not carry a format spec or conversion"
-    return None
+    return qkdagent.check_template(template, fields)
 
 
 def uses_epoch(template: str) -> bool:
