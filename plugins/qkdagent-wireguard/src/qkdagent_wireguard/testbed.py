@@ -154,6 +154,8 @@ class Pair:
     kernel: bool = False
     a_in_caller_ns: bool = False
     """Put side a in the caller's namespace instead of a new one (kernel netlink tests)."""
+    log_level: str = "debug"
+    """wireguard-go's LOG_LEVEL: tests read its debug log; benchmarks use the default, "error"."""
     suffix: str = field(default_factory=lambda: secrets.token_hex(3))
     a: Node | None = None
     b: Node | None = None
@@ -228,7 +230,7 @@ class Pair:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "LOG_LEVEL": "debug"},
+                env={**os.environ, "LOG_LEVEL": self.log_level},
             )
         node.proc = proc
         self.procs.append(proc)
