@@ -62,7 +62,9 @@ class Collector:
             self.erasures.append(event)
 
 
-def configs(directory: Path, links: int, interval: float, jitter: float) -> dict[str, Any]:
+def configs(
+    directory: Path, links: int, interval: float, jitter: float, parallel: int = 16
+) -> dict[str, Any]:
     base = pair_configs(
         directory,
         alice={"sinks": {"rec": {"type": "recording"}}},
@@ -70,6 +72,7 @@ def configs(directory: Path, links: int, interval: float, jitter: float) -> dict
         link={"interval": interval, "jitter": jitter, "reject_after": max(interval * 1.5, 10)},
     )
     for config in base.values():
+        config["agent"]["max_parallel_rotations"] = parallel
         template = config["links"].pop(LINK)
         for i in range(links):
             config["links"][f"link{i:05d}"] = dict(template)
@@ -214,7 +217,7 @@ def _status(url: str) -> dict[str, Any]:
 def cmd_procs(args: argparse.Namespace) -> None:
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     with tempfile.TemporaryDirectory(dir=shm) as keys, tempfile.TemporaryDirectory() as tmp:
-        base = configs(Path(tmp), args.links, args.interval, 0.1)
+        base = configs(Path(tmp), args.links, args.interval, 0.1, args.parallel)
         procs, status_urls = {}, {}
         for name in ("bob", "alice"):
             config = base[name]
@@ -301,6 +304,7 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=120.0)
     p.add_argument("--seconds", type=float, default=300.0)
     p = sub.add_parser("procs")
+    p.add_argument("--parallel", type=int, default=16, help="[agent] max_parallel_rotations")
     p.add_argument("--links", type=int, default=10000)
     p.add_argument("--interval", type=float, default=120.0)
     p.add_argument("--seconds", type=float, default=300.0)
