@@ -163,7 +163,7 @@ def _agent(opts: Options) -> AgentSettings:
         plugins=tuple(opts.strings("plugins", [])),
         drain_timeout=opts.number("drain_timeout", 10.0, min=0, max=600),
         rotation_timeout=opts.number("rotation_timeout", 30.0, positive=True, max=600),
-        max_parallel_rotations=opts.integer("max_parallel_rotations", 16, min=1, max=1024),
+        max_parallel_rotations=opts.integer("max_parallel_rotations", 64, min=1, max=1024),
         log_format=opts.string("log_format", "text", choices=("text", "json")),
     )
     tls.finish()

@@ -63,7 +63,7 @@ class Collector:
 
 
 def configs(
-    directory: Path, links: int, interval: float, jitter: float, parallel: int = 16
+    directory: Path, links: int, interval: float, jitter: float, parallel: int = 64
 ) -> dict[str, Any]:
     base = pair_configs(
         directory,
@@ -304,7 +304,7 @@ def main() -> None:
     p.add_argument("--interval", type=float, default=120.0)
     p.add_argument("--seconds", type=float, default=300.0)
     p = sub.add_parser("procs")
-    p.add_argument("--parallel", type=int, default=16, help="[agent] max_parallel_rotations")
+    p.add_argument("--parallel", type=int, default=64, help="[agent] max_parallel_rotations")
     p.add_argument("--links", type=int, default=10000)
     p.add_argument("--interval", type=float, default=120.0)
     p.add_argument("--seconds", type=float, default=300.0)
