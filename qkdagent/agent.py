@@ -66,7 +66,6 @@ class Agent:
         self.peer_urls: list[str] = []
         self.status_urls: list[str] = []
         self._links_nursery: trio.Nursery | None = None
-        self._stopping = trio.Event()
         self.network = network
         self._closed = False
 
@@ -115,7 +114,6 @@ class Agent:
                     task_status.started(self)
                     await (shutdown_trigger or trio.sleep_forever)()
                     log.info("agent %s stopping: draining in-flight rotations", self.name)
-                    self._stopping.set()
                     for task in self.links.values():
                         task.runtime.stop()
                     links.cancel_scope.deadline = trio.current_time() + self.settings.drain_timeout

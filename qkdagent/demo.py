@@ -95,7 +95,7 @@ async def _demo(rotations: int, interval: float, source: str, directory: Path) -
     print(f"qkdagent demo: alice <-> bob over mutual TLS on loopback, keys from {what}")
     print(f"files: {directory / 'alice' / 'bob.key'} and {directory / 'bob' / 'alice.key'}")
     send, receive = trio.open_memory_channel[Any](1000)
-    matched = 0
+    progress = {"matched": 0}
     stops = {n: trio.Event() for n in ("bob", "alice")}
     async with trio.open_nursery() as services:
         if demo_link is not None:
@@ -108,10 +108,11 @@ async def _demo(rotations: int, interval: float, source: str, directory: Path) -
                 agent = Agent(parse_config(configs[name]), plugins=plugins)
                 await agents.start(partial(agent.run, shutdown_trigger=stops[name].wait))
             with trio.move_on_after(max(30.0, interval * rotations * 3 + 20)):
-                matched = await _report(receive, directory, rotations)
+                await _report(receive, directory, rotations, progress)
             for stop in stops.values():
                 stop.set()
         services.cancel_scope.cancel()
+    matched = progress["matched"]
     if matched >= rotations:
         print(f"{matched} rotations, secrets identical on both sides every time.")
         return 0
@@ -119,11 +120,16 @@ async def _demo(rotations: int, interval: float, source: str, directory: Path) -
     return 1
 
 
-async def _report(receive: trio.MemoryReceiveChannel[Any], directory: Path, rotations: int) -> int:
-    matched = 0
+async def _report(
+    receive: trio.MemoryReceiveChannel[Any],
+    directory: Path,
+    rotations: int,
+    progress: dict[str, int],
+) -> None:
+    """Print one line per rotation; `progress` survives a timeout that cancels this."""
     async for event in receive:
         fingerprints = {
-            name: _fingerprint(directory / name / f"{peer}.key")
+            name: await _fingerprint(directory / name / f"{peer}.key")
             for name, peer in (("alice", "bob"), ("bob", "alice"))
         }
         same = fingerprints["alice"] == fingerprints["bob"] != "-"
@@ -135,15 +141,14 @@ async def _report(receive: trio.MemoryReceiveChannel[Any], directory: Path, rota
         )
         if not same:
             break
-        matched += 1
-        if matched >= rotations:
+        progress["matched"] += 1
+        if progress["matched"] >= rotations:
             break
-    return matched
 
 
-def _fingerprint(path: Path) -> str:
+async def _fingerprint(path: Path) -> str:
     try:
-        held = decode(path.read_bytes(), "base64")
+        held = decode(await trio.Path(path).read_bytes(), "base64")
     except OSError:
         return "-"
     return "-" if held is None else Secret(held).fingerprint()

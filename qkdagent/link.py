@@ -99,7 +99,7 @@ class LinkRuntime:
         fresh = record.epoch > 0 and age is not None and age < self.config.timing.reject_after
         if fresh:
             assert age is not None
-            await self._install_all(self._meta(record))
+            await self._install_collect(self._meta(record), [])
         else:
             await self.erase_sinks("startup" if record.epoch == 0 else "reject_after")
         self.clock = scheduler.start(
@@ -208,7 +208,6 @@ class LinkRuntime:
                     auth_key=derived.auth_key,
                     key_ids=key_ids,
                     outputs=derived.outputs,
-                    acked=False,
                     mark_used=True,
                 )
             )
@@ -309,7 +308,6 @@ class LinkRuntime:
             )
             self.commit_lost = True
             return
-        record.acked = True
 
     # -- responder ---------------------------------------------------------------------------
 
@@ -468,7 +466,6 @@ class LinkRuntime:
                 auth_key=pending.auth_key,
                 key_ids=pending.key_ids,
                 outputs=pending.outputs,
-                acked=True,
             )
         )
         crash_point("responder:committed")
@@ -483,11 +480,6 @@ class LinkRuntime:
         created = record.committed_at or time.time()
         ids = tuple(k for _, k in record.key_ids)
         return {s.id: KeyMeta(record.epoch, ids, s.label, created) for s in self.sinks}
-
-    async def _install_all(self, metas: dict[str, KeyMeta]) -> list[str]:
-        failed: list[str] = []
-        await self._install_collect(metas, failed)
-        return failed
 
     async def _install_collect(self, metas: dict[str, KeyMeta], failed: list[str]) -> None:
         record = self.record

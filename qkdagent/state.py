@@ -38,8 +38,7 @@ CREATE TABLE IF NOT EXISTS links (
     chain_key BLOB NOT NULL,
     auth_key BLOB NOT NULL,
     key_ids TEXT NOT NULL,
-    committed_at REAL,
-    acked INTEGER NOT NULL
+    committed_at REAL
 );
 CREATE TABLE IF NOT EXISTS outputs (
     link TEXT NOT NULL,
@@ -98,7 +97,6 @@ class LinkRecord:
     auth_key: Secret
     key_ids: tuple[tuple[str, str], ...]
     committed_at: float | None
-    acked: bool
     outputs: dict[str, Secret] = field(default_factory=dict)
     pending: Pending | None = None
 
@@ -187,7 +185,7 @@ class StateStore:
 
     def load(self, name: str) -> LinkRecord | None:
         row = self._db.execute(
-            "SELECT peer, epoch, chain_key, auth_key, key_ids, committed_at, acked "
+            "SELECT peer, epoch, chain_key, auth_key, key_ids, committed_at "
             "FROM links WHERE name = ?",
             (name,),
         ).fetchone()
@@ -201,7 +199,6 @@ class StateStore:
             Secret(row[3]),
             _ids_load(row[4]),
             row[5],
-            bool(row[6]),
         )
         record.outputs = {
             label: Secret(secret)
@@ -234,9 +231,6 @@ class StateStore:
             row[10],
         )
 
-    def link_names(self) -> list[str]:
-        return [r[0] for r in self._db.execute("SELECT name FROM links ORDER BY name")]
-
     def is_used(self, name: str, source: str, key_id: str) -> bool:
         row = self._db.execute(
             "SELECT 1 FROM used_key_ids WHERE link = ? AND source = ? AND key_id = ?",
@@ -258,14 +252,9 @@ class StateStore:
         self._db.execute("DELETE FROM outputs WHERE link = ?", (name,))
         self._db.execute("DELETE FROM pending WHERE link = ?", (name,))
         self._db.execute(
-            "INSERT OR REPLACE INTO links VALUES (?, ?, 0, ?, ?, '[]', NULL, 1)",
+            "INSERT OR REPLACE INTO links VALUES (?, ?, 0, ?, ?, '[]', NULL)",
             (name, peer, chain_key.reveal(), auth_key.reveal()),
         )
-
-    def mark_used(self, name: str, key_ids: tuple[tuple[str, str], ...]) -> None:
-        """Record key IDs as used; refuse (and record nothing) if any was used before."""
-        with self._tx():
-            self._mark_used(name, key_ids)
 
     def _mark_used(self, name: str, key_ids: tuple[tuple[str, str], ...]) -> None:
         for source, key_id in key_ids:
@@ -315,7 +304,6 @@ class StateStore:
         auth_key: Secret,
         key_ids: tuple[tuple[str, str], ...],
         outputs: dict[str, Secret],
-        acked: bool,
         committed_at: float | None = None,
         mark_used: bool = False,
     ) -> LinkRecord:
@@ -330,14 +318,13 @@ class StateStore:
                 self._mark_used(name, key_ids)
             cur = self._db.execute(
                 "UPDATE links SET epoch = ?, chain_key = ?, auth_key = ?, key_ids = ?, "
-                "committed_at = ?, acked = ? WHERE name = ?",
+                "committed_at = ? WHERE name = ?",
                 (
                     epoch,
                     chain_key.reveal(),
                     auth_key.reveal(),
                     _ids_json(key_ids),
                     committed_at,
-                    int(acked),
                     name,
                 ),
             )
@@ -351,7 +338,7 @@ class StateStore:
             self._db.execute("DELETE FROM pending WHERE link = ?", (name,))
             peer = self._db.execute("SELECT peer FROM links WHERE name = ?", (name,)).fetchone()[0]
         return LinkRecord(
-            name, peer, epoch, chain_key, auth_key, key_ids, committed_at, acked, dict(outputs)
+            name, peer, epoch, chain_key, auth_key, key_ids, committed_at, dict(outputs)
         )
 
     def drop(self, name: str) -> None:
