@@ -28,8 +28,6 @@ def test_example_config_checks(
         missing(f"plugins {sorted(absent)} are not installed")
     hooks = example.parents[2] / "hooks"
     text = text.replace("/usr/local/lib/qkdagent/hooks/", f"{hooks}/")
-    for placeholder in set(re.findall(r'"(REPLACE_WITH_[A-Z0-9_]+=)"', text)):
-        text = text.replace(placeholder, base64.b64encode(os.urandom(32)).decode())
     # every other absolute path moves under tmp_path; key material is made up for it
     pki = write_test_pki(tmp_path / "pki", [])
     for path in sorted(set(re.findall(r'"(/[^"]+)"', text)), key=len, reverse=True):
@@ -43,6 +41,9 @@ def test_example_config_checks(
         elif moved.suffix in (".pem", ".key", ".crt"):
             moved.write_bytes(pki.ca_cert.read_bytes())
         text = text.replace(f'"{path}"', f'"{moved}"')
+    # after the paths: a random key starting with "/" would otherwise look like one
+    for placeholder in set(re.findall(r'"(REPLACE_WITH_[A-Z0-9_]+=)"', text)):
+        text = text.replace(placeholder, base64.b64encode(os.urandom(32)).decode())
     config = tmp_path / example.name
     config.write_text(text)
     assert main(["check", "-c", str(config)]) == 0, capsys.readouterr().err
