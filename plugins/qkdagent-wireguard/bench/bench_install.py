@@ -16,6 +16,7 @@ import base64
 import os
 import shlex
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +65,34 @@ async def install_latency(sink: WireGuardSink, n: int) -> list[float]:
         await sink.install(LINK, secret, meta(i))
         times.append(time.perf_counter() - start)
     await sink.aclose()
+    return times
+
+
+def floor_latency(node: Node, peer: Node, n: int, listing: bool) -> list[float]:
+    """The daemon's own floor: the sink's request bytes on a kept blocking socket, no Python
+    around them (no trio, batching or parsing). `listing=False` is a bare set (no evidence that
+    the peer exists), to show what dropping the listing would buy."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(f"/run/wireguard/{node.iface}.sock")
+    head, replies = (b"get=1\n\n", 2) if listing else (b"", 1)
+    times = []
+    for _ in range(n):
+        request = head + b"set=1\npublic_key=%s\nupdate_only=true\npreshared_key=%s\n\n" % (
+            peer.public.hex().encode(),
+            os.urandom(32).hex().encode(),
+        )
+        start = time.perf_counter()
+        sock.sendall(request)
+        data = b""
+        while data.count(b"\n\n") < replies:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("wireguard-go closed the control socket")
+            data += chunk
+        times.append(time.perf_counter() - start)
+        if not data.endswith(b"errno=0\n\n"):
+            raise RuntimeError("wireguard-go refused the floor measurement's set")
+    sock.close()
     return times
 
 
@@ -174,8 +203,14 @@ async def userspace(args: argparse.Namespace) -> None:
         finally:
             proc.terminate()
             proc.wait()
+        floor = summary("floor: raw listing + set, no Python", floor_latency(a, b, args.n, True))
+        bare = summary("floor: raw bare set, no Python", floor_latency(a, b, args.n, False))
         base = summary("baseline: spawn `wg set`", wg_set_latency(a, b, workdir, args.baseline))
         print(f"  speed-up vs `wg set`: uapi {base / uapi:.1f}x, broker {base / broker:.1f}x")
+        print(
+            f"  the daemon alone (no Python) vs `wg set`: listing + set {base / floor:.1f}x, "
+            f"bare set {base / bare:.1f}x"
+        )
         print(f"one interface, {args.peers} peers, every peer rotated by one process:")
         assert a.proc is not None
         await many_peers(a, workdir, args.peers, args.sequential, "uapi", a.proc.pid)

@@ -68,11 +68,16 @@ class Batcher:
             else:
                 self._lock.acquire_nowait()  # idle interface: no scheduler round trip
             try:
-                if not entry.taken and trio.lowlevel.current_statistics().tasks_runnable:
+                if (
+                    not entry.taken
+                    and self.shared.users > 1
+                    and trio.lowlevel.current_statistics().tasks_runnable
+                ):
                     # Other tasks are ready to run (e.g. 1,000 rotations started at once):
                     # let them queue behind this batch first. Backends that answer without
                     # sleeping (netlink, uapi within its spin) would otherwise serve them
-                    # one batch each.
+                    # one batch each. With one sink on the backend there is nobody to wait
+                    # for (and the statistics call costs more than the rest of the batcher).
                     await trio.lowlevel.cancel_shielded_checkpoint()
                 if not entry.taken:
                     await self._run(self._take())

@@ -114,7 +114,13 @@ def connect_unix(path: str | os.PathLike[str]) -> Exchange[socket.socket]:
 
 def send_all(sock: socket.socket, data: bytes | bytearray) -> Exchange[None]:
     """Send every byte of `data` (OSError on a broken connection)."""
-    view = memoryview(data)
+    try:  # a request fits the socket buffer nearly always: no view, no generator step
+        sent = sock.send(data)
+    except BlockingIOError:
+        sent = 0
+    if sent == len(data):
+        return
+    view = memoryview(data)[sent:]
     try:
         while view:
             try:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .backend import BackendError, Op, Outcome, compare
-from .drive import Exchange, connect_unix, recv_some, send_all
+from .drive import Exchange, connect_unix, send_all
 
 MAX_REPLY = 64 * 1024 * 1024
 GET = b"get=1\n\n"
@@ -176,10 +176,10 @@ class UapiBackend:
     def _exchange(
         self, sock: socket.socket, path: Path, ops: Sequence[Op]
     ) -> Exchange[list[Outcome]]:
-        writes = any(op.write for op in ops)
-        request = bytearray(GET)
-        if writes:
-            build_set(ops, request)
+        writes = False
+        for op in ops:
+            writes = writes or op.write
+        request = build_set(ops, bytearray(GET)) if writes else bytearray(GET)
         try:
             yield from send_all(sock, request)
         except OSError as exc:
@@ -190,7 +190,7 @@ class UapiBackend:
         body, code = split_reply(replies[0])
         if code != 0:
             raise BackendError(f"{path} refused to list the device: errno={code}")
-        if writes:
+        if writes and replies[1] != b"errno=0\n\n":
             code = parse_errno(replies[1])
             if code != 0:
                 name = errno_codes.errorcode.get(-code, str(code))
@@ -224,7 +224,10 @@ def _read_replies(sock: socket.socket, path: Path, count: int) -> Exchange[list[
             break
         scan = max(scan, len(data) - 1)
         try:
-            chunk = yield from recv_some(sock)
+            chunk = sock.recv(65536)  # inline: this loop runs several times per install
+        except BlockingIOError:
+            yield sock, False
+            continue
         except OSError as exc:
             raise _Stale(exc.strerror or "receive failed") from None
         if not chunk:
