@@ -20,7 +20,7 @@ from .errors import (
     SourceError,
     SourceUnavailable,
 )
-from .events import EraseEvent, RotationErrorEvent, RotationEvent
+from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
 from .fileutil import write_secret_file
 from .hookspecs import hookimpl
 from .interfaces import KeyMeta, Link, PluginContext, Sink, Source
@@ -32,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CommandRegistry",
+    "ComponentEvent",
     "ConfigError",
     "DemoLink",
     "EraseEvent",

@@ -7,6 +7,8 @@ cancels; the peer server stays up meanwhile so the peer can still commit.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import ssl
 import time
@@ -22,6 +24,7 @@ from . import __version__
 from .components import Components, build_components
 from .config import BUILTIN_PLUGINS, AgentConfig, LinkConfig, load_config
 from .errors import ProtocolError, QkdAgentError
+from .events import ComponentEvent
 from .interfaces import Link, PluginContext
 from .link import LinkRuntime
 from .observability import Metrics, StatusApp
@@ -54,9 +57,12 @@ class Agent:
         self.name = config.agent.name
         self.plugins = plugins or Plugins()
         self.plugins.load((*BUILTIN_PLUGINS, *self.settings.plugins))
-        self.context = PluginContext(self.name, self.settings.state_dir, config.file)
-        self.components: Components = build_components(config, self.plugins, self.context)
         self.metrics = Metrics()
+        self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+        self.context = PluginContext(
+            self.name, self.settings.state_dir, config.file, reporter=self.report
+        )
+        self.components: Components = build_components(config, self.plugins, self.context)
         self.rotation_slots = trio.CapacityLimiter(self.settings.max_parallel_rotations)
         """Bounds concurrent initiator rotations, so 10,000 links due at once do not open
         10,000 connections and requests to the peer and the sources."""
@@ -324,6 +330,14 @@ class Agent:
         except Exception:
             log.exception("a %s hook implementation failed", hook)
 
+    def report(self, event: ComponentEvent) -> None:
+        """A component's out-of-rotation event: log, count, hook (never key bytes)."""
+        where = f" (link {event.link})" if event.link else ""
+        log.warning("%s: %s%s: %s", event.component, event.kind, where, event.detail)
+        self.metrics.component_events.labels(event.component, event.kind).inc()
+        self.recent_events.append({"time": time.time(), **dataclasses.asdict(event)})
+        self.notify("qkdagent_on_component_event", event)
+
     def link(self, name: str) -> LinkRuntime:
         return self.links[name].runtime
 
@@ -334,6 +348,7 @@ class Agent:
             "time": time.time(),
             "peer_api": self.peer_urls,
             "links": [t.runtime.describe() for t in self.links.values()],
+            "recent_component_events": list(self.recent_events),
         }
 
 

@@ -40,3 +40,17 @@ class EraseEvent:
     reason: str
     """"startup" (no key yet), "reject_after", "resync" or "removed"."""
     sinks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ComponentEvent:
+    """Something a source or sink noticed outside a rotation, e.g. a credential an operator's
+    reload removed and the sink put back. Reported with `context.report(event)`."""
+
+    component: str
+    """The instance name from the config (`[sinks.NAME]` or `[sources.NAME]`)."""
+    kind: str
+    """A short machine-readable word: "repaired", "reinstall_failed", ..."""
+    detail: str
+    """A human-readable description without key material."""
+    link: str | None = None

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from .commands import CommandRegistry, DemoLink
-    from .events import EraseEvent, RotationErrorEvent, RotationEvent
+    from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
     from .interfaces import PluginContext, Sink, Source
     from .services import Service
 
@@ -69,6 +69,11 @@ def qkdagent_on_rotation_error(event: RotationErrorEvent) -> None:
 @hookspec
 def qkdagent_after_erase(event: EraseEvent) -> None:
     """Called after the sinks of a link were erased (start-up, reject_after, resync, removal)."""
+
+
+@hookspec
+def qkdagent_on_component_event(event: ComponentEvent) -> None:
+    """Called when a source or sink reports something outside a rotation (`context.report`)."""
 
 
 @hookspec(firstresult=True)

@@ -7,13 +7,18 @@ timeout and logs around it without key bytes; implementations only do the work.
 from __future__ import annotations
 
 import abc
+import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from .events import ComponentEvent
 from .options import Options
 from .secret import Key, Secret
+
+_log = logging.getLogger("qkdagent.plugins")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,21 @@ class PluginContext:
     state_dir: Path
     config_file: Path | None = None
     extras: dict[str, object] = field(default_factory=dict)
+
+    reporter: Callable[[ComponentEvent], None] | None = field(
+        default=None, repr=False, compare=False
+    )
+    """Set by the agent: turns reports into a hook call, a metric and a log line."""
+
+    def report(self, event: ComponentEvent) -> None:
+        """Tell the agent about something noteworthy outside a rotation (never key bytes).
+
+        Without an agent (`qkdagent check`, unit tests) the event is only logged.
+        """
+        if self.reporter is not None:
+            self.reporter(event)
+        else:
+            _log.warning("%s: %s: %s", event.component, event.kind, event.detail)
 
     def private_dir(self, owner: str) -> Path:
         """A directory (mode 0700) under the agent's state dir for one plugin instance."""

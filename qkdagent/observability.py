@@ -35,6 +35,12 @@ class Metrics:
             ["link", "reason"],
             registry=r,
         )
+        self.component_events = Counter(
+            "qkdagent_component_events",
+            "Events sources and sinks reported outside rotations (e.g. a repaired credential)",
+            ["component", "kind"],
+            registry=r,
+        )
         self.epoch = Gauge("qkdagent_link_epoch", "Committed epoch", ["link"], registry=r)
         self.last_success = Gauge(
             "qkdagent_link_last_success_timestamp_seconds",
