@@ -7,7 +7,9 @@ without key bytes, and errors that name the component.
 from __future__ import annotations
 
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import trio
 
@@ -18,6 +20,7 @@ from .plugins import Plugins
 from .secret import Key, Secret
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -28,19 +31,13 @@ class SourceHandle:
     source: Source
 
     async def new_key(self, link: Link) -> Key:
-        try:
-            with trio.fail_after(self.timeout):
-                key = await self.source.new_key(link)
-        except trio.TooSlowError:
-            raise SourceUnavailable(f"source {self.id!r}: new_key timed out") from None
+        key = await _guarded("new_key", self.timeout, SourceError, self.source.new_key(link))
         return _checked(self.id, key)
 
     async def key_by_id(self, link: Link, key_id: str) -> Key:
-        try:
-            with trio.fail_after(self.timeout):
-                key = await self.source.key_by_id(link, key_id)
-        except trio.TooSlowError:
-            raise SourceUnavailable(f"source {self.id!r}: key_by_id timed out") from None
+        key = await _guarded(
+            "key_by_id", self.timeout, SourceError, self.source.key_by_id(link, key_id)
+        )
         key = _checked(self.id, key)
         if key.key_id != key_id:
             raise SourceError(f"source {self.id!r} returned a different key ID than asked for")
@@ -67,23 +64,32 @@ class SinkHandle:
         await self._call("erase", self.sink.erase(link, reason))
 
     async def verify(self, link: Link, secret: Secret, meta: KeyMeta) -> bool | None:
-        with trio.fail_after(self.timeout):
-            return await self.sink.verify(link, secret, meta)
+        return await self._call("verify", self.sink.verify(link, secret, meta))
 
-    async def _call(self, what: str, coro: object) -> None:
-        try:
-            with trio.fail_after(self.timeout):
-                await coro  # type: ignore[misc]
-        except trio.TooSlowError:
-            raise SinkError(
-                f"sink {self.id!r}: {what} timed out after {self.timeout:g} s"
-            ) from None
-        except QkdAgentError:
-            raise
-        except Exception as exc:
-            # A plugin bug or a library error: keep the type, drop the message (it might quote
-            # arguments, and the secret is one of them).
-            raise SinkError(f"sink {self.id!r}: {what} failed ({type(exc).__name__})") from None
+    async def _call(self, what: str, coro: Coroutine[Any, Any, T]) -> T:
+        return await _guarded(what, self.timeout, SinkError, coro)
+
+
+async def _guarded(
+    what: str, seconds: float, error: type[QkdAgentError], coro: Coroutine[Any, Any, T]
+) -> T:
+    """Await a plugin call with a timeout; anything but the core's own errors becomes `error`.
+
+    A plugin bug or a library error keeps its type and loses its message: it might quote
+    arguments (a secret, or a key a KME sent), and one faulty component must fail its link's
+    rotation, not the agent. A timeout of a source is `SourceUnavailable` (retried later).
+    Callers name the component (the link logs "source X: ..." / "sink X: ...").
+    """
+    try:
+        with trio.fail_after(seconds):
+            return await coro
+    except trio.TooSlowError:
+        cls = SourceUnavailable if error is SourceError else error
+        raise cls(f"{what} timed out after {seconds:g} s") from None
+    except QkdAgentError:
+        raise
+    except Exception as exc:
+        raise error(f"{what} failed ({type(exc).__name__})") from None
 
 
 @dataclass

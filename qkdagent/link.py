@@ -367,10 +367,10 @@ class LinkRuntime:
             try:
                 keys.append(await source.key_by_id(self.link, key_id))
             except KeyNotFound as exc:
-                self._failed(record.epoch, "source", str(exc))
+                self._failed(record.epoch, "source", f"source {source.id!r}: {exc}")
                 raise self._refuse("key-not-found", f"source {source.id!r}: {exc}", 409) from None
             except QkdAgentError as exc:
-                self._failed(record.epoch, "source", str(exc))
+                self._failed(record.epoch, "source", f"source {source.id!r}: {exc}")
                 raise self._refuse("source", f"source {source.id!r} failed", 503) from None
         crash_point("responder:keys-fetched")
         nonce = protocol.new_nonce()

@@ -5,9 +5,12 @@ the committed epoch with its chain/auth keys and sink outputs, a pending epoch w
 that was sent for it, and every key ID the link has used. The methods are blocking; the agent calls
 them through `StateStore.run` on one worker thread.
 
-`secure_delete` zeroes freed pages so overwritten chain keys do not linger in the database file;
-the filesystem and storage below may still keep old blocks, which no user-space program can rule
-out (see README, "Security properties and limits").
+`secure_delete` zeroes freed pages so overwritten chain keys do not linger in the database file.
+It does not reach the write-ahead log, which keeps every older page image until a checkpoint:
+so each commit is followed by `wal_checkpoint(TRUNCATE)`, which moves the new pages into the
+database (overwriting the old ones) and empties the log. The filesystem and storage below may
+still keep old blocks, which no user-space program can rule out (see README, "Security
+properties and limits").
 """
 
 from __future__ import annotations
@@ -169,6 +172,7 @@ class StateStore:
                 except Exception as exc:  # delivered to that job's caller only
                     job.error = exc
             self._db.execute("COMMIT")
+            self._scrub()
         except sqlite3.Error as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -178,7 +182,19 @@ class StateStore:
             for job in batch:
                 job.done = True
 
+    def _scrub(self) -> None:
+        """Empty the write-ahead log so superseded keys do not outlive their commit there.
+
+        The data is durable already (COMMIT fsync'd the log); a failed checkpoint only leaves
+        old page images in the log until the next commit, so it is not an error for callers.
+        """
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            pass
+
     def close(self) -> None:
+        self._scrub()
         self._db.close()
 
     # -- reads -------------------------------------------------------------------------------
@@ -348,14 +364,15 @@ class StateStore:
             self._db.execute("DELETE FROM links WHERE name = ?", (name,))
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._scrub)
 
 
 class _Transaction:
     """A transaction, or a savepoint when one is already open (inside a group commit)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, after_commit: Callable[[], None]) -> None:
         self.db = db
+        self.after_commit = after_commit
         self.nested = False
 
     def __enter__(self) -> None:
@@ -369,6 +386,7 @@ class _Transaction:
             self.db.execute("RELEASE op")
         elif exc_type is None:
             self.db.execute("COMMIT")
+            self.after_commit()
         else:
             self.db.execute("ROLLBACK")
 

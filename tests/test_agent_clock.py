@@ -129,3 +129,36 @@ async def test_shutdown_is_bounded_by_drain_timeout(
         stopping = trio.current_time()
         await pair.stop("alice")
         assert trio.current_time() - stopping == pytest.approx(10, abs=0.1)
+
+
+@pytest.mark.parametrize("side, method", [("alice", "new_key"), ("bob", "key_by_id")])
+async def test_a_source_that_raises_fails_one_rotation_not_the_agent(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, side: str, method: str
+) -> None:
+    """A plugin bug (any exception, its message possibly quoting key material) is a source
+    error for that rotation: logged by type only, retried with backoff, the agent keeps going."""
+    link = {"interval": 120, "reject_after": 600, "jitter": 0}
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=link, local=True) as pair:
+        await pair.wait_for_epoch(1)
+        source = pair.agents[side].components.sources["sim"].source
+        real = getattr(source, method)
+        calls = 0
+
+        async def broken(*args: object) -> object:
+            nonlocal calls
+            calls += 1
+            if calls <= 2:
+                raise ValueError("leaky plugin message 0123456789abcdef")
+            return await real(*args)
+
+        setattr(source, method, broken)
+        while calls < 1:  # noqa: ASYNC110 - virtual time
+            await trio.sleep(0.1)
+        await trio.sleep(0.1)
+        status = pair.agents[side].link("alice-bob").describe()
+        assert pair.epoch("alice") == pair.epoch("bob") == 1
+        assert "ValueError" in status["last_error"] and "leaky" not in status["last_error"]
+        await trio.sleep(60)  # backoff, then the source works again
+        assert calls > 2
+        assert pair.epoch("alice") == pair.epoch("bob") >= 2
+        assert pair.sink("bob", "rec").current["alice-bob"] == pair.secret("bob", "rec")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import pickle
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -200,4 +201,37 @@ async def test_state_files_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
     for path in (tmp_path / "state").iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+    store.close()
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["group-commit", "inline"])
+async def test_superseded_keys_leave_every_state_file_at_commit(
+    tmp_path: Path, grouped: bool
+) -> None:
+    """Forward secrecy on disk: after epoch n+1 commits, epoch n's chain key and outputs are in
+    no file of the state dir (the write-ahead log included), while the store is still open."""
+    from qkdagent.state import StateStore
+
+    state = tmp_path / "state"
+    store = StateStore(state, threaded=grouped)
+    await store.run(store.create, "l", "peer", Secret.random(), Secret.random())
+    history: list[list[bytes]] = []
+    for epoch in range(1, 6):
+        chain, auth, out = Secret.random(), Secret.random(), Secret.random()
+        history.append([chain.reveal(), auth.reveal(), out.reveal()])
+        await store.run(
+            partial(
+                store.commit,
+                "l",
+                epoch=epoch,
+                chain_key=chain,
+                auth_key=auth,
+                key_ids=(("src", f"id-{epoch}"),),
+                outputs={"sink": out},
+            )
+        )
+    on_disk = b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
+    assert all(value in on_disk for value in history[-1])  # the scan does see keys
+    for older in history[:-1]:
+        assert not any(value in on_disk for value in older)
     store.close()
