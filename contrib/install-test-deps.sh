@@ -24,6 +24,12 @@ else
   echo "not root: skipping Debian packages (${packages[*]})" >&2
 fi
 
+# Debian's own python3 is "externally managed" (PEP 668) and may lack pip; a pyenv or
+# python.org build is not. Either way the packages go where `python3 -m pytest` finds them.
+if ! python3 -m pip --version >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+fi
+export PIP_BREAK_SYSTEM_PACKAGES=1
 editable=(-e ".[test]")
 for plugin in plugins/*/; do
   [ -f "$plugin/pyproject.toml" ] && editable+=(-e "$plugin")

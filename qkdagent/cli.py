@@ -239,6 +239,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         response = httpx.get(url.rstrip("/") + "/status", timeout=5)
         response.raise_for_status()
         data = response.json()
+    except httpx.InvalidURL as exc:
+        print(f"qkdagent: invalid --url {url!r}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     except (httpx.HTTPError, ValueError) as exc:
         print(f"qkdagent: cannot read status from {url}: {exc}", file=sys.stderr)
         return 1
@@ -325,7 +328,11 @@ def cmd_gen_bootstrap(args: argparse.Namespace) -> int:
     if path.exists() and not args.force:
         print(f"qkdagent: {path} exists; use --force to replace it", file=sys.stderr)
         return 1
-    write_secret_file(path, base64.b64encode(os.urandom(32)) + b"\n")
+    try:
+        write_secret_file(path, base64.b64encode(os.urandom(32)) + b"\n")
+    except OSError as exc:
+        print(f"qkdagent: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
     print(f"wrote a new bootstrap secret to {path} (mode 0600); copy it to the peer out of band")
     return 0
 

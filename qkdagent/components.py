@@ -134,8 +134,10 @@ def _make(
     except ConfigError:
         raise
     except Exception as exc:
+        # Only the type: a plugin's message might quote a value it read (a secret file, say).
+        # Plugins report option problems as ConfigError (options.error), which passes above.
         raise component.options.error(
-            "type", f"{cls.__name__} rejected its options: {type(exc).__name__}: {exc}"
-        ) from exc
+            "type", f"{cls.__name__} rejected its options ({type(exc).__name__})"
+        ) from None
     component.options.finish()
     return instance

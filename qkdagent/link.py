@@ -184,7 +184,7 @@ class LinkRuntime:
         if reply.status != 200:
             hint = reply.error_hint()
             raise RotationFailed(
-                "peer", f"peer refused {kind} ({reply.status} {str(hint.get('message'))[:200]})"
+                "peer", f"peer refused {kind} ({reply.status} {_printable(hint.get('message'))})"
             )
         message = self._parse_reply(reply.body, kind + "-reply", epoch, auth_key, nonce)
         crash_point("initiator:reply-received")
@@ -613,3 +613,9 @@ class LinkRuntime:
             "sources": [s.id for s in self.sources],
             "sinks": [s.id for s in self.sinks],
         }
+
+
+def _printable(text: object, limit: int = 200) -> str:
+    """A peer's error text is not authenticated: no control characters (log lines stay single
+    and unforgeable), bounded length."""
+    return "".join(c if c.isprintable() else "?" for c in str(text)[:limit])

@@ -88,6 +88,21 @@ def test_status_of_a_stopped_agent_fails_cleanly(capsys: pytest.CaptureFixture[s
     assert "cannot read status" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["status", "--url", "http://[::1"], "invalid --url"),
+        (["gen-bootstrap", "/nonexistent-dir-qkdagent/x.bootstrap"], "cannot write"),
+    ],
+)
+def test_bad_cli_input_is_a_clear_error_not_a_traceback(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 def test_unknown_command_is_a_usage_error() -> None:
     with pytest.raises(SystemExit) as info:
         main(["no-such-command"])

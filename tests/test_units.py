@@ -235,3 +235,12 @@ async def test_superseded_keys_leave_every_state_file_at_commit(
     for older in history[:-1]:
         assert not any(value in on_disk for value in older)
     store.close()
+
+
+def test_peer_error_text_cannot_forge_log_lines() -> None:
+    from qkdagent.link import _printable
+
+    forged = "bad\nWARNING qkdagent.link: link x: committed epoch 99\x1b[2J" + "y" * 500
+    text = _printable(forged)
+    assert "\n" not in text and "\x1b" not in text and len(text) == 200
+    assert text.startswith("bad?WARNING")
