@@ -72,6 +72,10 @@ class Agent:
         self.peer_urls: list[str] = []
         self.status_urls: list[str] = []
         self._links_nursery: trio.Nursery | None = None
+        self._stopping = False
+        self._peer_calls = 0
+        """Peer requests being handled; shutdown waits for them (bounded by drain_timeout)."""
+        self._peer_idle = trio.Event()
         self.network = network
         self._closed = False
 
@@ -108,6 +112,7 @@ class Agent:
                     self.peer_urls = await servers.start(self._serve_peers)
                 if self.settings.status_listen is not None and self.network is None:
                     self.status_urls = await servers.start(self._serve_status)
+                drained_by = trio.current_time()
                 async with trio.open_nursery() as links:
                     self._links_nursery = links
                     await self._start_links(list(self.config.links.values()))
@@ -120,9 +125,15 @@ class Agent:
                     task_status.started(self)
                     await (shutdown_trigger or trio.sleep_forever)()
                     log.info("agent %s stopping: draining in-flight rotations", self.name)
+                    self._stopping = True
+                    drained_by = trio.current_time() + self.settings.drain_timeout
                     for task in self.links.values():
                         task.runtime.stop()
-                    links.cancel_scope.deadline = trio.current_time() + self.settings.drain_timeout
+                    links.cancel_scope.deadline = drained_by
+                # Responder work too: a commit being installed finishes (same deadline).
+                with trio.move_on_at(drained_by):
+                    while self._peer_calls:
+                        await self._peer_idle.wait()
                 servers.cancel_scope.cancel()
         finally:
             self._closed = True
@@ -202,11 +213,20 @@ class Agent:
 
     async def _handle_peer(self, link: str, action: str, body: bytes) -> bytes:
         task = self.links.get(link)
-        if self._closed:
+        if self._closed or (self._stopping and action != "commit"):
+            # While draining only commits are taken: they finish rotations already under way.
             raise ProtocolError("agent is shutting down", status=503)
         if task is None:
             raise ProtocolError("unknown link", status=404)
-        return await task.runtime.handle(action, body)
+        if not self._peer_calls:
+            self._peer_idle = trio.Event()
+        self._peer_calls += 1
+        try:
+            return await task.runtime.handle(action, body)
+        finally:
+            self._peer_calls -= 1
+            if not self._peer_calls:
+                self._peer_idle.set()
 
     async def _start_links(self, configs: list[LinkConfig]) -> None:
         """Open links concurrently (their state writes share group commits), then start them."""

@@ -116,6 +116,27 @@ async def test_shutdown_drains_an_inflight_rotation(
         assert [r.epoch for r in pair.sink("alice", "rec").installs] == [1, 2]
 
 
+async def test_shutdown_drains_a_commit_the_responder_is_installing(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    slow = {"sinks": {"rec": {"type": "recording", "delay": 5}}}
+    link = {"interval": 120, "reject_after": 180, "jitter": 0}
+    async with open_agent_pair(tmp_path, alice=REC, bob=slow, link=link, local=True) as pair:
+        await pair.wait_for_epoch(1)
+        while not pair.sink("bob", "rec").installs:  # noqa: ASYNC110 - virtual time
+            await trio.sleep(0.5)
+        start = trio.current_time()
+        while pair.epoch("bob") < 2:  # noqa: ASYNC110 - virtual time
+            await trio.sleep(0.5)
+        # bob committed epoch 2 and is installing it (5 s) inside the commit request
+        assert [r.epoch for r in pair.sink("bob", "rec").installs] == [1]
+        stopping = trio.current_time()
+        await pair.stop("bob")
+        assert 3 < trio.current_time() - stopping <= 5
+        assert [r.epoch for r in pair.sink("bob", "rec").installs] == [1, 2]
+        assert trio.current_time() - start > 100
+
+
 async def test_shutdown_is_bounded_by_drain_timeout(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
