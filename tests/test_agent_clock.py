@@ -38,7 +38,11 @@ async def test_a_day_of_rotations_has_the_expected_count_and_spacing(
     assert all(b - a == pytest.approx(120, abs=1e-6) for a, b in itertools.pairwise(times))
     assert [r.fingerprint for r in alice] == [r.fingerprint for r in bob]
     assert [r.epoch for r in bob] == list(range(1, len(alice) + 1))
-    assert not pair.sink("alice", "rec").erasures[1:]  # only the start-up erase
+    for name in ("alice", "bob"):  # the start-up erase came first, and only once
+        assert pair.sink(name, "rec").calls[:3] == ["erase:startup", "install:1", "install:2"]
+        assert [c for c in pair.sink(name, "rec").calls if c.startswith("erase")] == [
+            "erase:startup"
+        ]
 
 
 async def test_jitter_spreads_rotations_within_bounds(

@@ -167,3 +167,37 @@ def test_no_warning_for_private_secret_file(
     caplog.set_level(logging.WARNING)
     load_config(_write(tmp_path, alice_config(paths)))
     assert "readable" not in caplog.text
+
+
+def test_agent_imports_only_the_plugins_its_config_names(
+    tmp_path: Path, paths: dict[str, str]
+) -> None:
+    """In a fresh interpreter: building an agent from a config that names only `memory` imports
+    no other installed plugin (a broken or slow vendor plugin elsewhere cannot affect it)."""
+    import subprocess
+    import sys
+
+    config = _write(tmp_path, alice_config(paths))
+    code = (
+        "import sys\n"
+        "from qkdagent.agent import Agent\n"
+        "from qkdagent.config import load_config\n"
+        f"Agent(load_config({str(config)!r}))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('qkdagent_')))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.strip() == "[]"
+    # and the same agent with the etsi014 plugin named does import it (the probe works)
+    from qkdagent.plugins import installed
+    from qkdagent.testing import missing
+
+    if "etsi014" not in installed():
+        missing("qkdagent-etsi014 is not installed")
+    named = _write(tmp_path, alice_config(paths).replace('["memory"]', '["memory", "etsi014"]'))
+    code2 = code.replace(repr(str(config)), repr(str(named)))
+    out2 = subprocess.run(
+        [sys.executable, "-c", code2], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert "qkdagent_etsi014" in out2 and "qkdagent_wireguard" not in out2

@@ -7,6 +7,7 @@ import json
 import logging
 import ssl
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +16,7 @@ import trio
 from qkdagent import protocol
 from qkdagent.peering import PeerClient
 from qkdagent.pki import write_test_pki
+from qkdagent.state import StateStore
 from qkdagent.testing import MemoryPool, assert_not_leaked, open_agent_pair
 from qkdagent.testing.agents import LINK
 
@@ -22,9 +24,17 @@ REC = {"sinks": {"rec": {"type": "recording"}}}
 
 
 async def test_hundred_rotations_identical_and_nothing_leaks(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    chain_keys: list = []  # every chain and auth key either side commits, to search logs for
+    real_commit = StateStore.commit
+
+    def spy(self: StateStore, name: str, **kw: Any) -> Any:
+        chain_keys.extend([kw["chain_key"], kw["auth_key"]])
+        return real_commit(self, name, **kw)
+
+    monkeypatch.setattr(StateStore, "commit", spy)
     link = {"interval": 0.02, "jitter": 0, "reject_after": 30}
     async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=link, start=False) as pair:
         pool = MemoryPool.named(pair.configs["alice"]["sources"]["sim"]["pool"])
@@ -41,8 +51,8 @@ async def test_hundred_rotations_identical_and_nothing_leaks(
     assert all(by_epoch_a[e] == by_epoch_b[e] for e in range(1, 101))
     assert len(set(by_epoch_a.values())) == len(by_epoch_a)  # a new secret every epoch
     assert alice.history[-1] == bob.history[-1] or pair.epoch("alice") != pair.epoch("bob")
-    secrets = alice.history + bob.history + [k.value for k in pool.history]
-    assert len(pool.history) >= 100
+    secrets = alice.history + bob.history + [k.value for k in pool.history] + chain_keys
+    assert len(pool.history) >= 100 and len(chain_keys) >= 2 * 200
     assert_not_leaked(caplog.text, secrets)
     assert "epoch 100 committed" in caplog.text
 

@@ -126,6 +126,8 @@ class RecordingSink(Sink):
         self.current: dict[str, Secret] = {}
         self.history: list[Secret] = []
         """Every secret installed, kept so leak tests can search logs for all of them."""
+        self.calls: list[str] = []
+        """Installs and erasures in the order they happened: "install:EPOCH", "erase:REASON"."""
 
     async def install(self, link: Link, secret: Secret, meta: KeyMeta) -> None:
         if self.delay:
@@ -141,6 +143,7 @@ class RecordingSink(Sink):
                 trio.current_time(), link.name, meta.epoch, meta.key_ids, secret.fingerprint()
             )
         )
+        self.calls.append(f"install:{meta.epoch}")
 
     async def verify(self, link: Link, secret: Secret, meta: KeyMeta) -> bool | None:
         current = self.current.get(link.name)
@@ -150,3 +153,4 @@ class RecordingSink(Sink):
         await trio.lowlevel.checkpoint()
         self.current[link.name] = Secret.random(32)
         self.erasures.append((trio.current_time(), link.name, reason))
+        self.calls.append(f"erase:{reason}")
