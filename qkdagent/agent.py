@@ -353,7 +353,10 @@ class Agent:
     def report(self, event: ComponentEvent) -> None:
         """A component's out-of-rotation event: log, count, hook (never key bytes)."""
         where = f" (link {event.link})" if event.link else ""
-        log.warning("%s: %s%s: %s", event.component, event.kind, where, event.detail)
+        log.warning(
+            "%s: %s%s: %s", event.component, event.kind, where, event.detail,
+            extra={"component": event.component, "kind": event.kind, "link": event.link},
+        )  # fmt: skip
         self.metrics.component_events.labels(event.component, event.kind).inc()
         self.recent_events.append({"time": time.time(), **dataclasses.asdict(event)})
         self.notify("qkdagent_on_component_event", event)

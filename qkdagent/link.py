@@ -135,6 +135,21 @@ class LinkRuntime:
                     if isinstance(action, scheduler.Erase):
                         await self.erase_sinks(action.reason)
                         self.clock = scheduler.after_erase(self.clock)
+                    elif isinstance(action, scheduler.Starved):
+                        self._responder_starved()
+                        self.clock = scheduler.after_starved(self.clock)
+
+    def _responder_starved(self) -> None:
+        """A responder cannot rotate by itself: say what to check (both sides responder is a
+        configuration no single side can detect, so name it)."""
+        message = (
+            f"no rotation from peer {self.config.peer!r} within reject_after "
+            f"({self.config.timing.reject_after:g} s): is it running, reachable, and configured "
+            "as the initiator (role = initiator or auto) for this link?"
+        )
+        self.status.last_error = f"peer: {message}"
+        self.status.last_error_at = time.time()
+        log.warning("link %s: %s", self.name, message, extra={"link": self.name, "stage": "peer"})
 
     # -- initiator ---------------------------------------------------------------------------
 
@@ -498,7 +513,10 @@ class LinkRuntime:
             except QkdAgentError as exc:
                 failed.append(handle.id)
                 self.agent.metrics.installs.labels(self.name, handle.id, "error").inc()
-                log.error("link %s: sink %s: install failed: %s", self.name, handle.id, exc)
+                log.error(
+                    "link %s: sink %s: install failed: %s", self.name, handle.id, exc,
+                    extra={"link": self.name, "sink": handle.id, "stage": "install"},
+                )  # fmt: skip
 
         async with trio.open_nursery() as nursery:
             for handle in self.sinks:
@@ -509,7 +527,10 @@ class LinkRuntime:
             await handle.erase(self.link, reason)
             return True
         except QkdAgentError as exc:
-            log.error("link %s: sink %s: erase failed: %s", self.name, handle.id, exc)
+            log.error(
+                "link %s: sink %s: erase failed: %s", self.name, handle.id, exc,
+                extra={"link": self.name, "sink": handle.id, "stage": "erase"},
+            )  # fmt: skip
             return False
 
     async def erase_sinks(self, reason: str) -> None:
@@ -526,7 +547,10 @@ class LinkRuntime:
         self.status.erased_reason = reason
         epoch = self.record.epoch if self.record else 0
         if reason != "startup":
-            log.warning("link %s: sinks erased (%s)", self.name, reason)
+            log.warning(
+                "link %s: sinks erased (%s)", self.name, reason,
+                extra={"link": self.name, "epoch": epoch, "reason": reason},
+            )  # fmt: skip
         self.agent.metrics.erasures.labels(self.name, reason).inc()
         self.agent.notify(
             "qkdagent_after_erase",
@@ -558,6 +582,7 @@ class LinkRuntime:
             "initiator" if self.config.initiator else "responder",
             duration * 1000,
             ",".join(k for _, k in key_ids),
+            extra={"link": self.name, "epoch": record.epoch, "duration_ms": duration * 1000},
         )
         self.agent.notify(
             "qkdagent_after_rotation",
@@ -581,7 +606,10 @@ class LinkRuntime:
         if self.clock is not None and self.config.initiator:
             self.clock = scheduler.after_failure(self.clock, self.config.timing, now)
         self.agent.metrics.failures.labels(self.name, stage).inc()
-        log.warning("link %s: rotation failed at %s: %s", self.name, stage, message)
+        log.warning(
+            "link %s: rotation failed at %s: %s", self.name, stage, message,
+            extra={"link": self.name, "epoch": epoch, "stage": stage},
+        )  # fmt: skip
         self.agent.notify(
             "qkdagent_on_rotation_error", RotationErrorEvent(self.name, epoch, stage, message)
         )

@@ -10,16 +10,24 @@ import logging
 import sys
 import time
 
+FIELDS = ("link", "epoch", "stage", "sink", "reason", "component", "kind", "duration_ms")
+"""Structured fields a log call may pass with `extra=`; JSON lines carry them as keys, so a
+collector can filter by link or stage without parsing messages. None of them is key material."""
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        data = {
+        data: dict[str, object] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                data[name] = value
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
         return json.dumps(data, ensure_ascii=False)

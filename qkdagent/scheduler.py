@@ -33,6 +33,8 @@ class Clock:
     failures: int = 0
     erased: bool = False
     """True while the sinks hold an erased (random) secret, until the next success."""
+    starved_reported: bool = False
+    """A responder said once that nothing arrived for reject_after (until the next success)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,13 @@ class Erase:
     reason: str
 
 
-Action = Wait | Rotate | Erase
+@dataclass(frozen=True)
+class Starved:
+    """A responder heard no rotation for reject_after: it cannot rotate itself, so it reports
+    it once (both sides set to responder looks exactly like this)."""
+
+
+Action = Wait | Rotate | Erase | Starved
 
 
 def decide(clock: Clock, timing: Timing, now: float) -> Action:
@@ -58,12 +66,15 @@ def decide(clock: Clock, timing: Timing, now: float) -> Action:
     deadline = clock.last_success + timing.reject_after
     if not clock.erased and now >= deadline:
         return Erase("reject_after")
+    starving = not clock.initiator and not clock.starved_reported
+    if starving and now >= deadline:
+        return Starved()
     if clock.initiator and now >= clock.next_attempt:
         return Rotate()
     wake = math.inf
     if clock.initiator:
         wake = clock.next_attempt
-    if not clock.erased:
+    if not clock.erased or starving:
         wake = min(wake, deadline)
     return Wait(wake)
 
@@ -81,7 +92,14 @@ def start(initiator: bool, now: float, *, last_success: float | None, erased: bo
 def after_success(clock: Clock, timing: Timing, now: float, rand: float) -> Clock:
     """Next rotation one interval later, shortened by up to `jitter` (rand in [0, 1))."""
     spacing = timing.interval * (1.0 - timing.jitter * rand)
-    return replace(clock, last_success=now, next_attempt=now + spacing, failures=0, erased=False)
+    return replace(
+        clock,
+        last_success=now,
+        next_attempt=now + spacing,
+        failures=0,
+        erased=False,
+        starved_reported=False,
+    )
 
 
 def after_failure(clock: Clock, timing: Timing, now: float) -> Clock:
@@ -93,3 +111,7 @@ def after_failure(clock: Clock, timing: Timing, now: float) -> Clock:
 
 def after_erase(clock: Clock) -> Clock:
     return replace(clock, erased=True)
+
+
+def after_starved(clock: Clock) -> Clock:
+    return replace(clock, starved_reported=True)

@@ -187,3 +187,39 @@ async def test_a_source_that_raises_fails_one_rotation_not_the_agent(
         assert calls > 2
         assert pair.epoch("alice") == pair.epoch("bob") >= 2
         assert pair.sink("bob", "rec").current["alice-bob"] == pair.secret("bob", "rec")
+
+
+async def test_json_log_lines_carry_link_and_epoch_fields(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    import json
+    import logging
+
+    from qkdagent.logsetup import JsonFormatter
+
+    caplog.set_level(logging.INFO)
+    link = {"interval": 120, "reject_after": 180, "jitter": 0}
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=link, local=True) as pair:
+        await pair.wait_for_epoch(1)
+        _pool(pair).down = True
+        await trio.sleep(125)
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
+    committed = [d for d in lines if "committed" in d["msg"]]
+    failed = [d for d in lines if "rotation failed" in d["msg"]]
+    assert {(d["link"], d["epoch"]) for d in committed} == {("alice-bob", 1)}
+    assert all(d["duration_ms"] >= 0 for d in committed)
+    assert failed and all(d["stage"] == "source" and d["epoch"] == 1 for d in failed)
+
+
+async def test_both_sides_responder_is_named_when_nothing_arrives(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    side = {**REC, "link": {"role": "responder"}}
+    link = {"interval": 120, "reject_after": 180, "jitter": 0}
+    async with open_agent_pair(tmp_path, alice=side, bob=side, link=link, local=True) as pair:
+        await trio.sleep(181)
+        for name in ("alice", "bob"):
+            status = pair.agents[name].link("alice-bob").describe()
+            assert status["epoch"] == 0 and status["role"] == "responder"
+            assert "configured as the initiator" in status["last_error"]
+            assert pair.sink(name, "rec").calls == ["erase:startup"]

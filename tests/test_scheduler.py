@@ -12,7 +12,21 @@ T = s.Timing(interval=120, jitter=0.1, reject_after=180, backoff_min=1, backoff_
 def test_initiator_rotates_at_start_and_responder_waits() -> None:
     assert s.decide(s.start(True, 0, last_success=None, erased=True), T, 0) == s.Rotate()
     responder = s.start(False, 0, last_success=None, erased=True)
-    assert s.decide(responder, T, 0) == s.Wait(math.inf)
+    assert s.decide(responder, T, 0) == s.Wait(180)  # to report a silent peer, once
+    assert s.decide(responder, T, 180) == s.Starved()
+    assert s.decide(s.after_starved(responder), T, 180) == s.Wait(math.inf)
+
+
+def test_responder_reports_starvation_once_per_silence() -> None:
+    clock = s.after_success(s.start(False, 0, last_success=None, erased=True), T, 5, rand=0)
+    assert s.decide(clock, T, 185) == s.Erase("reject_after")  # erasing comes first
+    erased = s.after_erase(clock)
+    assert s.decide(erased, T, 185) == s.Starved()
+    quiet = s.after_starved(erased)
+    assert s.decide(quiet, T, 1e6) == s.Wait(math.inf)
+    again = s.after_success(quiet, T, 300, rand=0)  # a rotation arrived: the next silence counts
+    assert not again.starved_reported and s.decide(again, T, 480) == s.Erase("reject_after")
+    assert s.decide(s.after_erase(again), T, 480) == s.Starved()
 
 
 def test_after_success_waits_one_jittered_interval() -> None:
