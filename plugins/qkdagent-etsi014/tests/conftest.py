@@ -12,7 +12,7 @@ import pytest
 from qkdagent_etsi014.sim import SimSettings, Simulator, make_pki, open_simulator
 from qkdagent_etsi014.source import Etsi014Source
 
-from qkdagent import Options, PluginContext
+from qkdagent import Link, Options, PluginContext
 
 # KME_A serves alice and eve, KME_B serves bob and dave, KME_C serves carol; mallory has a
 # certificate from the same CA but is attached to no KME.
@@ -91,11 +91,15 @@ def make_source(
 
 @pytest.fixture
 async def sources(sim: Simulator, tmp_path: Path) -> AsyncIterator[Any]:
-    """`await sources(sae, **options)` -> a prepared source, closed after the test."""
+    """`await sources(sae, **options)` -> a prepared source, closed after the test; `links` are
+    set on it before prepare(), as the agent does."""
     made: list[Etsi014Source] = []
 
-    async def factory(sae: str, *, prepare: bool = True, **options: Any) -> Etsi014Source:
+    async def factory(
+        sae: str, *, prepare: bool = True, links: tuple[Link, ...] = (), **options: Any
+    ) -> Etsi014Source:
         source = make_source(sim, sae, tmp_path, **options)
+        source.links = links
         made.append(source)
         if prepare:
             await source.prepare()

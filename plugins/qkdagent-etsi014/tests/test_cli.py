@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import signal
@@ -15,6 +16,7 @@ import pytest
 import qkdagent_etsi014
 import trio
 from qkdagent_etsi014.__main__ import main
+from qkdagent_etsi014.cli import configure, settings_from
 from qkdagent_etsi014.source import Etsi014Source
 
 from qkdagent import CommandRegistry, Link, Options, PluginContext
@@ -40,6 +42,15 @@ def test_bad_arguments(tmp_path: Path, capsys) -> None:
     assert main(["kme-sim", "--pki", str(tmp_path), "--key-size", "100"]) == 2
     with pytest.raises(SystemExit):
         main(["kme-sim", "--kme", "nosaes"])
+
+
+def test_quirk_flags_reach_the_settings() -> None:
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(["--only-method", "GET", "--method-refusal-status", "404"])
+    quirks = settings_from(args).quirks
+    assert (quirks.only_method, quirks.method_refusal_status) == ("GET", 404)
+    assert settings_from(parser.parse_args([])).quirks.method_refusal_status == 405
 
 
 def test_command_is_registered_through_the_hook() -> None:

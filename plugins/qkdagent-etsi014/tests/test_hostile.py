@@ -1,26 +1,34 @@
 """Hostile input against the simulator: a clear 400, never a 5xx, and never a key consumed.
 
 The examples go to the KME's ASGI app in-process (the same object the TLS server runs) so that
-hypothesis can try thousands of requests quickly; a few run over real HTTPS as well.
+hypothesis can try thousands of requests quickly; a smaller, derandomized fuzz runs over real
+HTTPS (TLS, the h11 loop of `http1`, the app) as well.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_to_bytes
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
+import httpx
 import pytest
+import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qkdagent_etsi014.app import KmeApp
 from qkdagent_etsi014.network import KmeNetwork, Limits
+from qkdagent_etsi014.sim import SimSettings, open_simulator
 
-from .conftest import KMES, Clients
+from .conftest import KMES, Clients, tls_context
+
+SMALL_STORE = Limits(max_key_count=1000)
+"""256,000 bits per link: `number=1000&size=512` asks for twice the whole store."""
 
 
 def fresh_app(kme: str = "KME_A") -> KmeApp:
-    network = KmeNetwork(KMES, limits=Limits(max_key_count=1000), rate_bps=0.0)
+    network = KmeNetwork(KMES, limits=SMALL_STORE, rate_bps=0.0)
     return KmeApp(network, kme, max_body=4096)
 
 
@@ -64,6 +72,13 @@ def snapshot(app: KmeApp) -> tuple[int, ...]:
     return (*bits, *(network.parked_count(k) for k in network.kmes))
 
 
+def network_snapshot(network: KmeNetwork) -> tuple[int, ...]:
+    """Stored bits of every link (all created up front) and parked keys of every KME."""
+    kmes = sorted(network.kmes)
+    bits = [network.link(a, b).available_bits() for a in kmes for b in kmes if a <= b]
+    return (*bits, *(network.parked_count(k) for k in kmes))
+
+
 # -- named hostile cases -----------------------------------------------------------------------
 
 ENC = "/api/v1/keys/bob/enc_keys"
@@ -99,6 +114,8 @@ HOSTILE: list[tuple[str, str, bytes, bytes, str]] = [
     ("GET", ENC, b"foo=1", b"", "'foo' is not allowed"),
     ("GET", ENC, b"number", b"", "query string is malformed"),
     ("GET", ENC, b"number=", b"", "positive decimal integer"),
+    ("GET", ENC, b"number=1000&size=512", b"", "exceeds what this KME can ever store"),
+    ("POST", ENC, b"", b'{"number": 513, "size": 512}', "exceeds what this KME can ever store"),
     ("POST", DEC, b"", b"{}", "key_IDs must be a non-empty array"),
     ("POST", DEC, b"", b'{"key_IDs": []}', "key_IDs must be a non-empty array"),
     ("POST", DEC, b"", b'{"key_IDs": ["abc"]}', "must be an object with a key_ID"),
@@ -158,6 +175,24 @@ async def test_malformed_json_over_tls(clients: Clients) -> None:
     )
     assert response.status_code == 400
     assert response.json()["message"].startswith("request body: body is not JSON")
+
+
+@pytest.mark.parametrize("settings", [SimSettings(kmes=KMES, rate_bps=0.0, limits=SMALL_STORE)])
+async def test_request_larger_than_the_whole_store_is_400_not_503(clients: Clients) -> None:
+    """Waiting can never make it succeed, so it is a bad request (a 503 says "try later")."""
+    network = clients.sim.network
+    before = network_snapshot(network)
+    response = await clients.home("alice").get(ENC + "?number=1000&size=512")
+    assert response.status_code == 400
+    assert response.json() == {
+        "message": "number * size (512000 bits) exceeds what this KME can ever store "
+        "(max_key_count * key_size = 256000 bits)"
+    }
+    assert network_snapshot(network) == before
+    whole = await clients.home("alice").get(ENC + "?number=1000&size=256")
+    assert whole.status_code == 200 and len(whole.json()["keys"]) == 1000
+    empty = await clients.home("alice").get(ENC + "?number=1&size=256")
+    assert (empty.status_code, empty.json()["message"]) == (503, "key data access error")
 
 
 # -- property-based fuzz -----------------------------------------------------------------------
@@ -228,3 +263,47 @@ async def test_fuzz_never_5xx_and_errors_consume_nothing(
         assert snapshot(app) == before
     elif operation == "enc_keys":
         assert len(answer["keys"]) >= 1
+
+
+https_targets = st.tuples(
+    st.sampled_from(["GET", "POST", "PUT"]),
+    st.sampled_from(["bob", "carol", "alice", "nobody", "b%6Fb", "%00", ""]),
+    st.sampled_from(["enc_keys", "dec_keys", "status", "x"]),
+    st.sampled_from(["alice", "eve", "bob", "mallory"]),
+)
+
+
+@settings(
+    max_examples=40,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(target=https_targets, query=queries, body=bodies)
+async def test_fuzz_over_https_never_5xx_and_errors_consume_nothing(
+    pki: Path, target: tuple[str, str, str, str], query: bytes, body: bytes
+) -> None:
+    method, sae, operation, caller = target
+    url = httpx.URL(
+        f"/api/v1/keys/{sae}/{operation}", query=quote_from_bytes(query, safe="=&%+").encode()
+    )
+    settings_ = SimSettings(kmes=KMES, rate_bps=0.0, limits=SMALL_STORE)
+    with trio.fail_after(10):
+        async with (
+            open_simulator(pki, settings_) as sim,
+            httpx.AsyncClient(
+                base_url=sim.urls["KME_A"], verify=tls_context(pki, caller), trust_env=False
+            ) as client,
+        ):
+            before = network_snapshot(sim.network)
+            response = await client.request(
+                method, url, content=body, headers={"content-type": "application/json"}
+            )
+            answer = response.json()
+            assert response.status_code < 500, answer
+            assert isinstance(answer, dict)
+            if response.status_code != 200:
+                assert isinstance(answer["message"], str) and answer["message"]
+                assert network_snapshot(sim.network) == before
+            elif operation == "enc_keys":
+                assert len(answer["keys"]) >= 1

@@ -8,7 +8,7 @@ import uuid
 import pytest
 from qkdagent_etsi014 import wire
 from qkdagent_etsi014.network import ApiError, KeyRequest, KmeNetwork, Limits
-from qkdagent_etsi014.retry import Backoff, Outcome, classify
+from qkdagent_etsi014.retry import Backoff, Outcome, classify, settle_no_route
 from qkdagent_etsi014.supply import CsprngSupply, SupplyExhausted
 
 
@@ -110,15 +110,22 @@ def test_limits_are_checked() -> None:
         ("dec_keys", 400, wire.MSG_KEYS_NOT_FOUND, Outcome.NOT_FOUND),
         ("dec_keys", 400, "Key Not Found", Outcome.NOT_FOUND),
         ("dec_keys", 400, None, Outcome.NOT_FOUND),
-        ("dec_keys", 404, None, Outcome.NOT_FOUND),
+        ("dec_keys", 404, "Key not found", Outcome.NOT_FOUND),
+        ("dec_keys", 404, None, Outcome.NO_ROUTE),  # bare 404: maybe the method has no route
+        ("enc_keys", 404, None, Outcome.NO_ROUTE),
+        ("enc_keys", 404, "slave SAE unknown", Outcome.REJECTED),
         ("dec_keys", 400, "size shall be a multiple of 8", Outcome.REJECTED),
         ("enc_keys", 400, wire.MSG_KEYS_NOT_FOUND, Outcome.REJECTED),
-        ("enc_keys", 404, None, Outcome.REJECTED),
         ("enc_keys", 500, None, Outcome.REJECTED),
     ],
 )
 def test_only_safe_answers_are_retried(operation, status, message, outcome) -> None:
     assert classify(operation, status, message) is outcome
+
+
+def test_a_bare_404_settles_as_absent_once_the_other_method_is_ruled_out() -> None:
+    assert settle_no_route("dec_keys") is Outcome.NOT_FOUND
+    assert settle_no_route("enc_keys") is Outcome.REJECTED
 
 
 def test_backoff_is_bounded() -> None:

@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,16 +70,46 @@ async def test_prepare_reports_the_kme_limits(sources, caplog: pytest.LogCapture
     assert "up to 1024 keys per request" in caplog.text
 
 
-async def test_prepare_without_known_peers_still_checks_tls(sources) -> None:
+async def test_prepare_without_links_or_peers_only_probes(sim: Simulator, sources) -> None:
     source = await sources("alice")
     assert source.limits == {}
+    assert stats(sim, "KME_A") == {"200": 1}  # the probe (status of itself): TLS, routing
     await roundtrip(source, await sources("bob"))
+
+
+async def test_prepare_gets_status_for_the_peer_of_every_link(
+    sim: Simulator, sources, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    to_carol = Link("l2", "alice", "carol-agent", True)
+    links = (ALICE, to_carol, Link("l3", "alice", "bob", False))  # bob twice: asked once
+    source = await sources("alice", links=links, peer_sae_ids={"carol-agent": "carol"})
+    assert sorted(source.limits) == ["bob", "carol"]
+    assert source.limits["carol"].target_kme_id == "KME_C"
+    assert source.limits["bob"].max_key_per_request == 1024
+    assert stats(sim, "KME_A") == {"200": 2}
+    assert "link 'l', link 'l3'" in caplog.text and "up to 1024 keys per request" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("link", "options", "message"),
+    [
+        (Link("lz", "alice", "zed", True), {}, r"slave_SAE_ID is not known.*link 'lz'"),
+        (ALICE, {"key_size": 16384}, r"peer SAE 'bob' of link 'l': key_size 16384 is outside"),
+        (ALICE, {"sae_id": "eve"}, "identifies this certificate as SAE 'alice'"),
+    ],
+)
+async def test_prepare_refuses_a_link_the_kme_cannot_serve(
+    sources, link: Link, options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(Misconfigured, match=message):
+        await sources("alice", links=(link,), **options)
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"kme_id": "KME_Z"}, "says it is KME 'KME_A'"),
+        ({"kme_id": "KME_Z"}, "TLS certificate does not confirm kme_id 'KME_Z'"),
         ({"sae_id": "eve"}, "identifies this certificate as SAE 'alice'"),
         ({"key_size": 16384}, "outside the KME's range"),
         ({"cert": "/nonexistent.pem"}, "does not exist"),
@@ -131,6 +162,32 @@ async def test_kme_offering_only_get(sim: Simulator, sources) -> None:
         await roundtrip(alice, bob)
     assert stats(sim, "KME_B")["405"] == 1
     assert bob.dec_method == "get"
+
+
+@pytest.mark.parametrize("settings", [quirky(only_method="GET", method_refusal_status=404)])
+async def test_get_only_kme_answering_404_to_post_gets_get_after_one_try(
+    sim: Simulator, sources, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    alice, bob = await sources("alice"), await sources("bob")
+    for _ in range(3):
+        await roundtrip(alice, bob)
+    assert stats(sim, "KME_B")["404"] == 1  # POST dec_keys once, then GET for good
+    assert (bob.dec_method, alice.enc_method) == ("get", "auto")
+    warnings = [r.getMessage() for r in caplog.records if "from now on" in r.getMessage()]
+    assert len(warnings) == 1 and "answers 404 to POST for dec_keys; using GET" in warnings[0]
+
+
+@pytest.mark.parametrize("settings", [quirky(only_method="POST", method_refusal_status=404)])
+async def test_post_only_kme_answering_404_to_get_gets_post_after_one_try(
+    sim: Simulator, sources
+) -> None:
+    alice, bob = await sources("alice"), await sources("bob")
+    for _ in range(3):
+        await roundtrip(alice, bob)
+    assert stats(sim, "KME_A")["404"] == 1
+    assert stats(sim, "KME_A")["keys"] == 3  # the refused GET consumed nothing
+    assert alice.enc_method == "post"
 
 
 @pytest.mark.parametrize("method", ["get", "post"])
@@ -203,6 +260,57 @@ async def test_slow_kme_times_out(sources) -> None:
         await alice.new_key(ALICE)
 
 
+async def test_keys_travel_over_one_kept_alive_connection_per_kme(sim: Simulator, sources) -> None:
+    alice = await sources("alice", links=(ALICE,))
+    bob = await sources("bob", links=(BOB,))
+    for _ in range(5):
+        await roundtrip(alice, bob)
+    assert stats(sim, "KME_A")["keys"] == 5 and stats(sim, "KME_B")["keys"] == 5
+    assert (sim.servers["KME_A"].accepted, sim.servers["KME_B"].accepted) == (1, 1)
+    await sources("eve")  # another client: the counter does count connections
+    assert sim.servers["KME_A"].accepted == 2
+
+
+class CountingSupply:
+    """A stand-in for a BB84 engine: hands out 0x00, 0x01, ... and records what was taken."""
+
+    def __init__(self, kmes: tuple[str, str]) -> None:
+        self.kmes = kmes
+        self.taken: list[int] = []
+        self.stored = 10 * 256
+
+    def available_bits(self) -> int:
+        return self.stored
+
+    def take(self, bits: int) -> bytes:
+        self.stored -= bits
+        self.taken.append(bits)
+        return bytes(i % 256 for i in range(bits // 8))
+
+
+SUPPLIES: dict[tuple[str, str], CountingSupply] = {}
+
+
+def counting_supply(a: str, b: str) -> CountingSupply:
+    return SUPPLIES.setdefault((a, b), CountingSupply((a, b)))
+
+
+@pytest.mark.parametrize(
+    "settings", [SimSettings(kmes=KMES, rate_bps=0.0, supply_factory=counting_supply)]
+)
+async def test_simulator_uses_a_custom_key_supply(sim: Simulator, sources) -> None:
+    SUPPLIES.clear()
+    alice = await sources("alice", links=(ALICE,))
+    assert alice.limits["bob"].stored_key_count == 10
+    key = await alice.new_key(ALICE)
+    assert key.value.reveal() == bytes(range(32))
+    assert SUPPLIES[("KME_A", "KME_B")].taken == [256]
+    same = await (await sources("bob")).key_by_id(BOB, key.key_id)
+    assert same.value == key.value
+    assert alice.limits["bob"].stored_key_count == 10  # the report of prepare() ...
+    assert (await alice.status("bob")).stored_key_count == 9  # ... and the supply's level now
+
+
 # -- cancellation never loses a received key ---------------------------------------------------
 
 
@@ -242,7 +350,11 @@ def good(key_id: str = KID, key: bytes = KEY) -> dict[str, Any]:
     return {"keys": [{"key_ID": key_id, "key": base64.b64encode(key).decode()}]}
 
 
-def mock_source(tmp_path: Path, answer: httpx.Response, **options: Any) -> Etsi014Source:
+def mock_source(
+    tmp_path: Path,
+    answer: httpx.Response | Callable[[httpx.Request], httpx.Response],
+    **options: Any,
+) -> Etsi014Source:
     table = {
         "kme_url": "https://kme.example:8443",
         "cert": "c.pem",
@@ -256,7 +368,8 @@ def mock_source(tmp_path: Path, answer: httpx.Response, **options: Any) -> Etsi0
     source = Etsi014Source("qkd", opts, PluginContext("alice", tmp_path))
     opts.finish()
     source._client = httpx.AsyncClient(
-        base_url=source.kme_url, transport=httpx.MockTransport(lambda request: answer)
+        base_url=source.kme_url,
+        transport=httpx.MockTransport(answer if callable(answer) else lambda request: answer),
     )
     return source
 
@@ -307,6 +420,51 @@ async def test_hostile_enc_keys_answer_is_a_clear_error(
     assert message in text
     assert "https://kme.example:8443" in text
     assert base64.b64encode(KEY).decode() not in text and KEY.hex() not in text
+
+
+def by_method(**answers: httpx.Response) -> Callable[[httpx.Request], httpx.Response]:
+    """A mock KME answering per HTTP method, counting the requests in `.seen`."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.method)
+        return answers[request.method]
+
+    handler.seen = seen  # type: ignore[attr-defined]
+    return handler
+
+
+NOT_FOUND_TEXT = response(404, raw=b"Not Found")
+
+
+async def test_bare_404_to_both_methods_is_a_clear_error_not_a_switch(tmp_path: Path) -> None:
+    kme = by_method(GET=NOT_FOUND_TEXT, POST=NOT_FOUND_TEXT)
+    source = mock_source(tmp_path, kme)
+    with pytest.raises(SourceError, match="KME answered 404"):
+        await source.new_key(ALICE)
+    assert kme.seen == ["GET", "POST"]  # one try of the other method, nothing remembered
+    assert source.enc_method == "auto"
+    await source.aclose()
+
+
+async def test_bare_404_for_an_unknown_key_on_a_post_only_kme_is_key_not_found(
+    tmp_path: Path,
+) -> None:
+    kme = by_method(POST=NOT_FOUND_TEXT, GET=response(405, {"message": "use POST"}))
+    source = mock_source(tmp_path, kme)
+    with pytest.raises(KeyNotFound, match="holds no key"):
+        await source.key_by_id(BOB, KID)
+    assert kme.seen == ["POST", "GET", "POST"]  # GET refused: the 404 was about the key
+    assert source.dec_method == "auto"
+    await source.aclose()
+
+
+async def test_bare_404_then_success_with_the_other_method_is_remembered(tmp_path: Path) -> None:
+    kme = by_method(POST=NOT_FOUND_TEXT, GET=response(200, good()))
+    source = mock_source(tmp_path, kme)
+    assert (await source.key_by_id(BOB, KID)).key_id == KID
+    assert source.dec_method == "get"
+    await source.aclose()
 
 
 async def test_dec_keys_answer_with_another_key_id_is_refused(tmp_path: Path) -> None:

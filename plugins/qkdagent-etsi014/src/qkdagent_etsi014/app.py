@@ -39,6 +39,9 @@ class Quirks:
 
     only_method: str | None = None
     """"GET" or "POST": the only method accepted on enc_keys/dec_keys (others get 405)."""
+    method_refusal_status: int = 405
+    """Status for a refused method: 405, or 404 with a body that is no Error object
+    (`{"detail": "Not Found"}`), as KMEs built on web frameworks without that route answer."""
     not_found_status: int = 400
     """Status for unknown key IDs on dec_keys (the spec says 400; many KMEs answer 404)."""
     container_name: str = "keys"
@@ -83,6 +86,8 @@ class KmeApp:
             status, body = exc.status, exc.body()
             if exc.status == 400 and exc.message == MSG_KEYS_NOT_FOUND:
                 status = self.quirks.not_found_status
+            elif exc.status == 405 and self.quirks.method_refusal_status == 404:
+                status, body = 404, {"detail": "Not Found"}
         self.stats[str(status)] += 1
         data = body if isinstance(body, bytes) else json.dumps(body, separators=(",", ":")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(data))]

@@ -107,6 +107,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="quirk: refuse the other method on enc_keys/dec_keys with 405",
     )
     parser.add_argument(
+        "--method-refusal-status",
+        type=int,
+        choices=(405, 404),
+        default=405,
+        help='quirk: status for a refused method (404 answers {"detail": "Not Found"})',
+    )
+    parser.add_argument(
         "--not-found-status",
         type=int,
         choices=(400, 404),
@@ -132,7 +139,11 @@ def settings_from(args: argparse.Namespace) -> SimSettings:
     )
     limits.check()
     identity = IdentityRule(args.identity, dict((fp, sae) for fp, sae in args.fingerprint))
-    quirks = Quirks(only_method=args.only_method, not_found_status=args.not_found_status)
+    quirks = Quirks(
+        only_method=args.only_method,
+        not_found_status=args.not_found_status,
+        method_refusal_status=args.method_refusal_status,
+    )
     return SimSettings(
         kmes,
         args.host,

@@ -1,8 +1,9 @@
-"""Which SAE is calling: derived from the verified TLS client certificate, never from the request.
+"""Which SAE (or KME) a verified TLS certificate names, never taken from the request.
 
 ETSI GS QKD 014 leaves open which certificate field carries the SAE ID, so the rule is
 configurable: the subject CN (default, as most implementations do), the first DNS or URI subject
-alternative name, or an explicit table of SHA-256 certificate fingerprints.
+alternative name, or an explicit table of SHA-256 certificate fingerprints. The same rules let an
+SAE confirm its KME's ID from the KME's server certificate (§1.1), not from what the KME says.
 """
 
 from __future__ import annotations
@@ -64,3 +65,23 @@ class IdentityRule:
         kind = x509.DNSName if self.mode == "san-dns" else x509.UniformResourceIdentifier
         values = san.get_values_for_type(kind)
         return values[0] if values else None
+
+
+def mismatch(rule: IdentityRule, der: bytes | None, expected: str) -> str | None:
+    """Why the certificate `der` does not name `expected` under `rule`; None when it does."""
+    try:
+        found = rule.identify(der)
+    except ValueError:  # not parseable as X.509 (cannot happen after a TLS verification)
+        found = None
+    if found == expected:
+        return None
+    field = {"cn": "subject CN", "san-dns": "first DNS SAN", "san-uri": "first URI SAN"}
+    if not der:
+        return "no certificate is available"
+    if found is None:
+        if rule.mode == "fingerprint":
+            return "its SHA-256 fingerprint is not in the fingerprint table"
+        return f"it has no usable {field[rule.mode]}"
+    how = "its fingerprint maps to" if rule.mode == "fingerprint" else f"its {field[rule.mode]} is"
+    shown = "".join(c if c.isprintable() else "?" for c in found)[:80]
+    return f"{how} {shown!r}"

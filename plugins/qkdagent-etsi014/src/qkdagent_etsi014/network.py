@@ -73,6 +73,12 @@ class Limits:
         if self.max_key_per_request < 1 or self.max_key_count < 1 or self.max_sae_id_count < 0:
             raise ValueError("max_key_per_request and max_key_count must be >= 1")
 
+    @property
+    def store_bits(self) -> int:
+        """The most a link's store ever holds (`max_key_count` is the maximum of
+        `stored_key_count`, counted in keys of `key_size`): a larger request can never succeed."""
+        return self.max_key_count * self.key_size
+
 
 # A key parked at a slave's KME: (master SAE, key, SAEs named for it there, SAEs that have not
 # fetched it yet, time it becomes fetchable). A plain tuple of str/bytes/float/tuples of str on
@@ -137,7 +143,7 @@ class KmeNetwork:
                 if sae in self.home:
                     raise ValueError(f"SAE {sae!r} is attached to two KMEs")
                 self.home[sae] = kme_id
-        capacity = self.limits.max_key_count * self.limits.key_size
+        capacity = self.limits.store_bits
 
         def default_supply(a: str, b: str) -> KeySupply:
             return CsprngSupply(
@@ -238,6 +244,12 @@ class KmeNetwork:
         for sae in slaves:
             targets.setdefault(self.home[sae], set()).add(sae)
         bits = number * size
+        if bits > lim.store_bits:  # a 400, not a 503: waiting would never help
+            raise ApiError(
+                400,
+                f"number * size ({bits} bits) exceeds what this KME can ever store "
+                f"(max_key_count * key_size = {lim.store_bits} bits)",
+            )
         primary = self.link(kme_id, self.home[slave])
         relays = [self.link(kme_id, t) for t in targets if t != self.home[slave]]
         for supply in (primary, *relays):

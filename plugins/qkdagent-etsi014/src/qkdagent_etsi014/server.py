@@ -63,6 +63,8 @@ class KmeServer:
     identity: IdentityRule
     host: str = "127.0.0.1"
     port: int = 0
+    accepted: int = 0
+    """TLS connections that completed the handshake (tests check clients reuse them)."""
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, report the bound port through `task_status`, then serve until cancelled."""
@@ -86,6 +88,7 @@ class KmeServer:
             log.debug("KME %s: TLS handshake refused or timed out", self.app.kme_id)
             await trio.aclose_forcefully(tls)
             return
+        self.accepted += 1
         caller = self._identify(tls.getpeercert(binary_form=True))
         app = self.app
 

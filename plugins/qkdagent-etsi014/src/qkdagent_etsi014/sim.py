@@ -23,7 +23,7 @@ from qkdagent.pki import write_test_pki
 
 from .app import DEFAULT_MAX_BODY, KmeApp, Quirks
 from .identity import IdentityRule
-from .network import KmeNetwork, Limits
+from .network import KmeNetwork, Limits, SupplyFactory
 from .server import KmeServer, server_ssl_context
 
 DEFAULT_KMES: dict[str, list[str]] = {"KME_A": ["alice"], "KME_B": ["bob"]}
@@ -76,12 +76,14 @@ def pki_files(directory: Path, name: str) -> tuple[Path, Path]:
 
 @dataclass
 class Simulator:
-    """Running KMEs: their network (keys, links), apps (stats) and URLs."""
+    """Running KMEs: their network (keys, links), apps (stats), servers and URLs."""
 
     network: KmeNetwork
     apps: dict[str, KmeApp]
     pki: Path
     urls: dict[str, str] = field(default_factory=dict)
+    servers: dict[str, KmeServer] = field(default_factory=dict)
+    """Per KME: its server (`accepted` counts TLS connections, to check keep-alive)."""
 
     def credentials(self, sae_id: str) -> Credentials:
         kme_id = self.network.home[sae_id]
@@ -113,6 +115,9 @@ class SimSettings:
     quirks: Quirks = field(default_factory=Quirks)
     max_body: int = DEFAULT_MAX_BODY
     clock: Callable[[], float] = time.monotonic
+    supply_factory: SupplyFactory | None = None
+    """Makes each link's key supply, `(kme_a, kme_b) -> KeySupply` (e.g. a BB84 engine); None:
+    the CSPRNG supply of `rate_bps`, `initial_fill`."""
 
 
 async def run_simulator(
@@ -131,6 +136,7 @@ async def run_simulator(
         rate_bps=settings.rate_bps,
         initial_fill=settings.initial_fill,
         sync_delay=settings.sync_delay,
+        supply_factory=settings.supply_factory,
         clock=settings.clock,
     )
     sim = Simulator(network, {}, directory)
@@ -140,7 +146,7 @@ async def run_simulator(
             app = sim.apps[kme_id] = KmeApp(
                 network, kme_id, max_body=settings.max_body, quirks=settings.quirks
             )
-            server = KmeServer(
+            server = sim.servers[kme_id] = KmeServer(
                 app,
                 server_ssl_context(cert, key, directory / "ca.pem"),
                 settings.identity,

@@ -5,6 +5,8 @@ key with key IDs (`dec_keys`) naming the peer's SAE as master. Every answer is v
 (`wire.parse_key_container`) before a key is used. Keys are single-use on the KME, so:
 
 - only calls that certainly delivered nothing are retried (`retry.classify`);
+- with `kme_id` set, every answer must come over a connection whose server certificate names that
+  KME (`kme_identity` rule, REFERENCE §1.1); the JSON `source_KME_ID` alone proves nothing;
 - each HTTP exchange runs shielded from the caller's cancellation (bounded by its own timeout), and
   a key received for a call that was cancelled meanwhile is held: the next `new_key` for that peer,
   or a repeated `key_by_id` for that ID, gets it instead of a fresh KME round trip.
@@ -36,7 +38,8 @@ from qkdagent import (
 )
 
 from . import wire
-from .retry import Backoff, Outcome, classify
+from .identity import MODES, IdentityRule, mismatch
+from .retry import Backoff, Outcome, classify, settle_no_route
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,33 @@ def _check_url(url: str) -> str | None:
     return None
 
 
+def _other(method: str) -> str:
+    return "POST" if method == "GET" else "GET"
+
+
+def _kme_identity(options: Options) -> IdentityRule:
+    """How the KME's server certificate names the KME (the simulator's SAE rules, reused)."""
+    mode = options.string("kme_identity", "cn", choices=MODES)
+    table = options.table("kme_fingerprints", {})
+    for fp, kme in table.items():
+        if not isinstance(kme, str) or not kme:
+            options.fail("kme_fingerprints", f"entry {fp!r} must be a non-empty KME ID string")
+    try:
+        return IdentityRule(mode, table if mode == "fingerprint" else {})
+    except ValueError as exc:
+        options.fail("kme_fingerprints" if mode == "fingerprint" else "kme_identity", str(exc))
+
+
+def _server_certificate(response: httpx.Response) -> bytes | None:
+    """The DER certificate the KME presented on the connection that carried `response`."""
+    stream = response.extensions.get("network_stream")
+    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return der if isinstance(der, bytes) else None
+
+
 class Etsi014Source(Source):
     """An SAE's view of its KME. See the package README for every option."""
 
@@ -68,6 +98,7 @@ class Etsi014Source(Source):
         self.ca: Path = options.path("ca")
         self.sae_id: str | None = options.string("sae_id", None, max_len=256)
         self.kme_id: str | None = options.string("kme_id", None, max_len=256)
+        self.kme_identity: IdentityRule = _kme_identity(options)
         peers = options.table("peer_sae_ids", {})
         for agent, sae in peers.items():
             if not isinstance(sae, str) or not sae or len(sae) > 256:
@@ -93,6 +124,8 @@ class Etsi014Source(Source):
         self._held: OrderedDict[tuple[str, str], Key] = OrderedDict()
         self._warned: set[str] = set()
         self._connect_error = ""
+        self._kme_der: bytes | None = None
+        """The last server certificate found to name `kme_id` (saves parsing it per answer)."""
 
     def __repr__(self) -> str:
         return f"<Etsi014Source {self.name!r} kme={self.kme_url!r} sae={self.sae_id!r}>"
@@ -100,34 +133,37 @@ class Etsi014Source(Source):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def prepare(self) -> None:
-        """Load the TLS identity, then Get status for every configured peer and check limits."""
+        """Load the TLS identity, then Get status for the peer SAE of every link (and every
+        `peer_sae_ids` entry) and check the KME's identity and limits before the first rotation."""
         await self._open()
-        targets = list(dict.fromkeys(self.peer_sae_ids.values()))
+        targets = self._status_targets()
         if not targets:
             await self._probe()
-        for sae in targets:
-            status = await self.status(sae)
-            if self.kme_id is not None and status.source_kme_id != self.kme_id:
+        for sae, users in targets.items():
+            try:
+                status = await self.status(sae)
+            except Misconfigured as exc:
+                raise Misconfigured(f"{exc} (peer SAE of {users})") from None
+            problem = status.mismatch(self.key_size, self.kme_id, self.sae_id)
+            if problem is not None:
                 raise Misconfigured(
-                    f"source {self.name!r}: {self.kme_url} says it is KME "
-                    f"{status.source_kme_id!r}, kme_id is {self.kme_id!r}"
+                    f"source {self.name!r}: {self.kme_url}, peer SAE {sae!r} of {users}: {problem}"
                 )
-            if self.sae_id is not None and status.master_sae_id != self.sae_id:
-                raise Misconfigured(
-                    f"source {self.name!r}: {self.kme_url} identifies this certificate as SAE "
-                    f"{status.master_sae_id!r}, sae_id is {self.sae_id!r}"
-                )
-            if not status.min_key_size <= self.key_size <= status.max_key_size:
-                raise Misconfigured(
-                    f"source {self.name!r}: key_size {self.key_size} is outside the KME's range "
-                    f"{status.min_key_size}..{status.max_key_size} bits"
-                )
-            log.info("source %s: %s", self.name, status.describe())
+            log.info("source %s: %s (%s)", self.name, status.describe(), users)
+
+    def _status_targets(self) -> dict[str, str]:
+        """Peer SAE ID -> what needs it (for messages): `peer_sae_ids` entries, then links."""
+        users: dict[str, list[str]] = {}
+        for agent, sae in self.peer_sae_ids.items():
+            users.setdefault(sae, []).append(f"peer_sae_ids.{agent}")
+        for link in self.links:
+            users.setdefault(self.peer_sae(link), []).append(f"link {link.name!r}")
+        return {sae: ", ".join(names) for sae, names in users.items()}
 
     async def _probe(self) -> None:
         """Without known peers: prove TLS and routing work (any answer but 401 will do)."""
         probe = self.sae_id or "qkdagent-probe"
-        status_code, body = await self._request("status", "GET", probe)
+        status_code, body = await self._request("status", "GET", probe, prepare=True)
         outcome = classify("status", status_code, wire.error_message(body))
         if outcome in (Outcome.UNAVAILABLE, Outcome.UNAUTHORIZED):
             raise self._failure("status", probe, status_code, body, outcome, prepare=True)
@@ -183,7 +219,7 @@ class Etsi014Source(Source):
 
     async def status(self, slave_sae: str) -> wire.KmeStatus:
         """Get status for the link to `slave_sae`; remembered in `self.limits`."""
-        status_code, body = await self._request("status", "GET", slave_sae)
+        status_code, body = await self._request("status", "GET", slave_sae, prepare=True)
         outcome = classify("status", status_code, wire.error_message(body))
         if outcome is not Outcome.OK:
             raise self._failure("status", slave_sae, status_code, body, outcome, prepare=True)
@@ -262,6 +298,7 @@ class Etsi014Source(Source):
     ) -> bytes:
         unavailable = Backoff(self.retries, self.retry_backoff, self.max_backoff)
         not_found = Backoff(self.not_found_retries, self.retry_backoff, self.max_backoff)
+        tentative: str | None = None  # the method that got a bare 404: the other one is on trial
         while True:
             status_code, data = await self._request(
                 operation,
@@ -271,13 +308,25 @@ class Etsi014Source(Source):
                 body=body if method == "POST" else None,
             )
             outcome = classify(operation, status_code, wire.error_message(data))
+            if outcome is Outcome.NO_ROUTE:
+                if switch:  # nothing was delivered: try the other method once
+                    switch, tentative, method = False, method, _other(method)
+                    continue
+                outcome = settle_no_route(operation)
+            elif outcome is Outcome.METHOD and tentative is not None:
+                # the other method is refused outright, so that 404 was about the resource: ask
+                # again the original way and take its answer as it is
+                method, tentative = tentative, None
+                continue
             if outcome is Outcome.OK:
+                if tentative is not None:
+                    self._remember_method(operation, method, f"answers 404 to {tentative}")
                 return data
             delay: float | None = None
             if outcome is Outcome.METHOD and switch:
                 switch = False
-                method = "POST" if method == "GET" else "GET"
-                self._remember_method(operation, method)
+                refused, method = method, _other(method)
+                self._remember_method(operation, method, f"refuses {refused} ({status_code})")
                 continue
             if outcome is Outcome.UNAVAILABLE:
                 delay = unavailable.next()
@@ -295,11 +344,13 @@ class Etsi014Source(Source):
             )
             await trio.sleep(delay)
 
-    def _remember_method(self, operation: str, method: str) -> None:
+    def _remember_method(self, operation: str, method: str, why: str) -> None:
+        """Stop trying the refused method (so this warning is logged once per operation)."""
         log.warning(
-            "source %s: %s refuses the other method for %s; using %s from now on",
+            "source %s: %s %s for %s; using %s from now on",
             self.name,
             self.kme_url,
+            why,
             operation,
             method,
         )
@@ -316,6 +367,7 @@ class Etsi014Source(Source):
         *,
         query: dict[str, str] | None = None,
         body: dict[str, Any] | None = None,
+        prepare: bool = False,
     ) -> tuple[int | None, bytes]:
         """One exchange, shielded from outside cancellation; status None = not connected."""
         client = await self._open()
@@ -323,7 +375,7 @@ class Etsi014Source(Source):
         with trio.CancelScope(shield=True):
             try:
                 with trio.fail_after(self.connect_timeout + 2 * self.request_timeout):
-                    return await self._send(client, method, path, query, body)
+                    status_code, data, der = await self._send(client, method, path, query, body)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
                 self._connect_error = str(exc) or type(exc).__name__
                 return None, b""
@@ -336,6 +388,23 @@ class Etsi014Source(Source):
                 raise SourceUnavailable(
                     f"{self._where(operation, sae)}: {type(exc).__name__}: {exc}"
                 ) from None
+        if self.kme_id is not None and (der is None or der != self._kme_der):
+            self._confirm_kme(operation, sae, der, prepare=prepare)
+        return status_code, data
+
+    def _confirm_kme(self, operation: str, sae: str, der: bytes | None, *, prepare: bool) -> None:
+        """REFERENCE §1.1: the KME's ID must come from its TLS certificate, else the answer
+        (possibly a key, now lost) is not used."""
+        assert self.kme_id is not None
+        problem = mismatch(self.kme_identity, der, self.kme_id)
+        if problem is None:
+            self._kme_der = der
+            return
+        text = (
+            f"{self._where(operation, sae)}: the KME's TLS certificate does not confirm kme_id "
+            f"{self.kme_id!r} ({self.kme_identity.mode} rule): {problem}; answer discarded"
+        )
+        raise Misconfigured(text) if prepare else SourceError(text)
 
     async def _send(
         self,
@@ -344,9 +413,11 @@ class Etsi014Source(Source):
         path: str,
         query: dict[str, str] | None,
         body: dict[str, Any] | None,
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes, bytes | None]:
+        """Status, body and (with `kme_id` set) the DER server certificate of the connection."""
         request = client.build_request(method, path, params=query, json=body)
         response = await client.send(request, stream=True)
+        der = _server_certificate(response) if self.kme_id is not None else None
         try:
             data = bytearray()
             async for chunk in response.aiter_bytes():
@@ -355,7 +426,7 @@ class Etsi014Source(Source):
                     raise SourceError(
                         f"KME {self.kme_url}: answer is larger than {MAX_RESPONSE_BYTES} bytes"
                     )
-            return response.status_code, bytes(data)
+            return response.status_code, bytes(data), der
         finally:
             await response.aclose()
 

@@ -66,6 +66,22 @@ class KmeStatus:
             f"{self.max_key_count} keys stored, multicast to {self.max_sae_id_count} extra SAEs"
         )
 
+    def mismatch(self, key_size: int, kme_id: str | None, sae_id: str | None) -> str | None:
+        """Why this KME cannot serve a source so configured; None when it can."""
+        if kme_id is not None and self.source_kme_id != kme_id:
+            return f"the KME says it is KME {self.source_kme_id!r}, kme_id is {kme_id!r}"
+        if sae_id is not None and self.master_sae_id != sae_id:
+            return (
+                f"the KME identifies this certificate as SAE {self.master_sae_id!r}, "
+                f"sae_id is {sae_id!r}"
+            )
+        if not self.min_key_size <= key_size <= self.max_key_size:
+            return (
+                f"key_size {key_size} is outside the KME's range "
+                f"{self.min_key_size}..{self.max_key_size} bits"
+            )
+        return None
+
 
 def loads(body: bytes) -> Any:
     """Strict JSON: UTF-8, no NaN/Infinity, no duplicate member names."""
