@@ -2,11 +2,14 @@
 
 Runs SoftHSM2 with its token directory on tmpfs (/dev/shm), through the real sink (worker
 thread, trio caller). Each link is first brought to the steady state (retention = 2 objects),
-then rotated for several rounds; one sample = one `install()` (create the new object, destroy
-the one that fell out of the window). Also prints what one C_FindObjects by label costs at that
-token size, which is what the sink's handle index saves per rotation.
+then rotated for several rounds; one sample = one `install()` (create the new object, relabel
+the previous one to `<label>.old`, destroy the one that fell out of the window). Also prints
+what one C_FindObjects by label costs at that token size, which is what the sink's handle index
+saves per rotation.
 
     python plugins/qkdagent-hsm/bench/bench_rotation.py [--links 10,100,1000] [--samples 2000]
+        [--module /path/to/libsofthsm2.so]   # default: the first of softhsm.MODULE_CANDIDATES
+        [--no-relabel]                        # retired_label = false (older keys keep the label)
 """
 
 from __future__ import annotations
@@ -21,11 +24,10 @@ import time
 from pathlib import Path
 
 import trio
-from qkdagent_hsm import Pkcs11Sink, worker
+from qkdagent_hsm import Pkcs11Sink, softhsm, worker
 
 from qkdagent import KeyMeta, Link, Options, PluginContext, Secret
 
-MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PIN = "bench-" + "1234"
 SO_AND_USER_PIN = ("--so-pin", "so-5678", "--pin", PIN)  # throw-away PINs of a bench token
 
@@ -62,14 +64,17 @@ def find_cost(sink: Pkcs11Sink, label: str) -> float:
     return worker.run_blocking(find)
 
 
-async def bench(n_links: int, samples: int, root: Path, conf: Path) -> None:
+async def bench(
+    n_links: int, samples: int, root: Path, conf: Path, module: str, relabel: bool
+) -> None:
     label = f"bench{n_links}"
     init_token(conf, label)
     pin_file = root / f"{label}.pin"
     pin_file.write_text(PIN)
     pin_file.chmod(0o600)
     options = Options(
-        {"token": label, "module": MODULE, "pin": {"file": str(pin_file)}, "retention": 2},
+        {"token": label, "module": module, "pin": {"file": str(pin_file)}, "retention": 2}
+        | ({} if relabel else {"retired_label": False}),
         where="sinks.bench",
     )
     sink = Pkcs11Sink("bench", options, PluginContext(agent_name="alice", state_dir=root))
@@ -108,7 +113,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--links", default="10,100,1000")
     parser.add_argument("--samples", type=int, default=2000, help="rotations measured per size")
+    parser.add_argument("--no-relabel", action="store_true", help="retired_label = false")
+    parser.add_argument("--module", default=softhsm.find_module(), help="libsofthsm2.so to load")
     args = parser.parse_args()
+    if args.module is None:
+        candidates = ", ".join(softhsm.MODULE_CANDIDATES)
+        parser.error(f"libsofthsm2.so not found in {candidates}; give --module")
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     root = Path(tempfile.mkdtemp(prefix="qkdagent-hsm-bench-", dir=base))
     try:
@@ -116,9 +126,13 @@ def main() -> None:
         conf = root / "softhsm2.conf"
         conf.write_text(f"directories.tokendir = {root / 'tokens'}\nobjectstore.backend = file\n")
         os.environ["SOFTHSM2_CONF"] = str(conf)
-        print(f"SoftHSM2 file backend on {root} (tmpfs: {base is not None}); retention 2")
+        tmpfs = base is not None
+        print(
+            f"SoftHSM2 {args.module}, file backend on {root} (tmpfs: {tmpfs}); retention 2, "
+            f"{'no relabelling' if args.no_relabel else 'previous key relabelled <label>.old'}"
+        )
         for n in (int(x) for x in args.links.split(",")):
-            trio.run(bench, n, args.samples, root, conf)
+            trio.run(bench, n, args.samples, root, conf, args.module, not args.no_relabel)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -20,14 +20,11 @@ from typing import Any
 
 import pytest
 from qkdagent_hsm import Pkcs11Sink
+from qkdagent_hsm import softhsm as softhsm_paths
 
 from qkdagent import Options, PluginContext
 from qkdagent.testing import require_binary
 
-MODULE_CANDIDATES = (
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-)
 SO_PIN = "so-" + "5678"
 
 
@@ -44,16 +41,28 @@ class TestToken:
     label: str
     pin: str
     pin_file: Path
+    serial: str
 
 
-def _module() -> str | None:
-    return next((m for m in MODULE_CANDIDATES if os.path.exists(m)), None)
+def _serial(softhsm: SoftHsm, label: str, env: dict[str, str]) -> str:
+    """The token's serial number, as `softhsm2-util --show-slots` lists it."""
+    shown = subprocess.run(
+        [softhsm.util, "--show-slots"], check=True, capture_output=True, env=env, timeout=30
+    ).stdout.decode()
+    serial = ""
+    for line in shown.splitlines():
+        name, _, value = line.strip().partition(":")
+        if name == "Serial number":
+            serial = value.strip()
+        elif name == "Label" and value.strip() == label:
+            return serial
+    raise AssertionError(f"softhsm2-util does not list token {label!r}")
 
 
 @pytest.fixture(scope="session")
 def softhsm() -> Iterator[SoftHsm]:
     util = require_binary("softhsm2-util")["softhsm2-util"]
-    module = _module()
+    module = softhsm_paths.find_module()
     if module is None:
         from qkdagent.testing import missing
 
@@ -100,7 +109,7 @@ def make_token(softhsm: SoftHsm, tmp_path: Path) -> Iterator[Callable[[], TestTo
         pin_file = tmp_path / f"{label}.pin"
         pin_file.write_text(pin + "\n")
         pin_file.chmod(0o600)
-        return TestToken(label, pin, pin_file)
+        return TestToken(label, pin, pin_file, _serial(softhsm, label, env))
 
     yield make
     env = {**os.environ, "SOFTHSM2_CONF": str(softhsm.conf)}
@@ -123,12 +132,9 @@ async def sink_factory(
     def build(
         tok: TestToken, *, name: str = "hsm", agent: str = "alice", **extra: Any
     ) -> Pkcs11Sink:
-        data: dict[str, Any] = {
-            "token": tok.label,
-            "module": softhsm.module,
-            "pin": {"file": str(tok.pin_file)},
-            **extra,
-        }
+        # A test selecting the token by URI gives `uri` (module-path included) instead.
+        where = {} if "uri" in extra else {"token": tok.label, "module": softhsm.module}
+        data: dict[str, Any] = {**where, "pin": {"file": str(tok.pin_file)}, **extra}
         options = Options(data, where=f"sinks.{name}")
         sink = Pkcs11Sink(name, options, PluginContext(agent_name=agent, state_dir=tmp_path))
         options.finish()

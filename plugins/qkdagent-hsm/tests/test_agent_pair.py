@@ -62,12 +62,15 @@ async def test_agents_keep_the_same_newest_key_in_both_tokens(
     assert mac_a[0] == naming.epoch_id(epoch, 8)
     assert await alice.verify(link_a, secret, _meta(epoch)) is True
     assert await bob.verify(link_b, secret, _meta(epoch)) is True
-    # Labels name the peer (cqptoolkit): "bob" on alice's token, "alice" on bob's; N per side.
+    # Labels name the peer (cqptoolkit): "bob" on alice's token, "alice" on bob's; N per side,
+    # only the newest under the plain label, the older ones under "<label>.old".
     assert await alice.object_ids(link_a) == {
-        "bob": [naming.epoch_id(e, 8) for e in (epoch - 1, epoch)]
+        "bob": [naming.epoch_id(epoch, 8)],
+        "bob.old": [naming.epoch_id(epoch - 1, 8)],
     }
     assert await bob.object_ids(link_b) == {
-        "alice": [naming.epoch_id(e, 8) for e in (epoch - 2, epoch - 1, epoch)]
+        "alice": [naming.epoch_id(epoch, 8)],
+        "alice.old": [naming.epoch_id(e, 8) for e in (epoch - 2, epoch - 1)],
     }
     assert_not_leaked(caplog.text, [secret])
 

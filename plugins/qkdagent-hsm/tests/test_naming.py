@@ -105,6 +105,29 @@ def test_labels_are_checked_in_utf8_bytes() -> None:
     assert "control" in (naming.check_label("a\nb", 40, "label") or "")
 
 
+def test_link_labels_fixed_label_wins_and_retired_wraps_it() -> None:
+    labels = naming.link_labels(
+        "{peer}", naming.DEFAULT_RETIRED_LABEL, {"l2": "hsm.x"}, link="l1", peer="bob", local="a"
+    )
+    assert labels == naming.LinkLabels("bob", "bob.old") and labels.all() == ("bob", "bob.old")
+    fixed = naming.link_labels("{peer}", None, {"l2": "hsm.x"}, link="l2", peer="bob", local="a")
+    assert fixed == naming.LinkLabels("hsm.x", None) and fixed.all() == ("hsm.x",)
+
+
+def test_check_links_finds_clashes_across_current_and_retired_labels() -> None:
+    pair = naming.LinkLabels
+    assert naming.check_links({"a": pair("x", "x.old"), "b": pair("y", "y.old")}, 40) is None
+    assert "'a' and 'b' both map to label 'x'" in (
+        naming.check_links({"a": pair("x", "x.old"), "b": pair("x", "x.old")}, 40) or ""
+    )
+    assert "both map to label 'x.old'" in (
+        naming.check_links({"a": pair("x", "x.old"), "b": pair("x.old", "x.old.old")}, 40) or ""
+    )
+    assert "equals its label" in (naming.check_links({"a": pair("x", "x")}, 40) or "")
+    assert "retired_label for link 'a'" in (naming.check_links({"a": pair("x", "x" * 9)}, 8) or "")
+    assert naming.label_clash({"x": "a"}, "a", pair("x", None)) is None
+
+
 def test_identity_string() -> None:
     assert naming.identity("hsm.isp.net", b"\x16\x2e") == "pkcs:object=hsm.isp.net;id=162e"
 

@@ -7,6 +7,7 @@ import hmac
 import logging
 import os
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -73,9 +74,11 @@ async def test_thousand_rotations_leave_same_newest_key_on_both_tokens(
     assert await bob.verify(BOB, secrets[-1], meta(1000)) is True
     assert await alice.verify(ALICE, secrets[-2], meta(1000)) is False
 
-    # Exactly N = 2 objects per link remain, found by an authoritative search of each token.
-    assert await alice.object_ids(ALICE) == {"bob": [naming.epoch_id(e, 8) for e in (999, 1000)]}
-    assert await bob.object_ids(BOB) == {"alice": [naming.epoch_id(e, 8) for e in (999, 1000)]}
+    # Exactly N = 2 objects per link remain, found by an authoritative search of each token;
+    # only the newest carries the plain label.
+    newest, previous = [naming.epoch_id(1000, 8)], [naming.epoch_id(999, 8)]
+    assert await alice.object_ids(ALICE) == {"bob": newest, "bob.old": previous}
+    assert await bob.object_ids(BOB) == {"alice": newest, "alice.old": previous}
 
     sample = secrets[-20:] + random.sample(secrets[:-20], 80)
     assert_not_leaked(caplog.text, sample)
@@ -93,8 +96,10 @@ async def test_short_ids_wrap_around(
         secret = Secret.random(32)
         last = [*last[-2:], secret]
         await sink.install(ALICE, secret, meta(epoch))
-    ids = await sink.object_ids(ALICE)
-    assert ids == {"bob": sorted(naming.epoch_id(e, 1) for e in (598, 599, 600))}
+    assert await sink.object_ids(ALICE) == {
+        "bob": [naming.epoch_id(600, 1)],
+        "bob.old": sorted(naming.epoch_id(e, 1) for e in (598, 599)),
+    }
     assert await sink.verify(ALICE, last[-1], meta(600)) is True
     assert await sink.verify(ALICE, last[-2], meta(600)) is False
 
@@ -126,8 +131,8 @@ async def test_fifty_links_rotate_concurrently(
     for i, link in enumerate(links):
         sink = sinks[i % 2]
         assert await sink.verify(link, current[link.name], meta(20)) is True
-        (ids,) = (await sink.object_ids(link)).values()
-        assert ids == [naming.epoch_id(19, 8), naming.epoch_id(20, 8)]
+        current_ids, retired_ids = (await sink.object_ids(link)).values()
+        assert (current_ids, retired_ids) == ([naming.epoch_id(20, 8)], [naming.epoch_id(19, 8)])
 
 
 async def test_retired_label_keeps_label_lookup_unambiguous(
@@ -157,7 +162,7 @@ async def test_erase_destroys_every_object_of_the_link_only(
     for epoch in (1, 2):
         await sink.install(ALICE, Secret.random(32), meta(epoch))
     await sink.erase(ALICE, "reject_after")
-    assert await sink.object_ids(ALICE) == {"bob": []}
+    assert await sink.object_ids(ALICE) == {"bob": [], "bob.old": []}
     assert await sink.token_mac(ALICE, b"x") is None
     assert await sink.verify(other, kept, meta(1)) is True
 
@@ -170,10 +175,10 @@ async def test_reinstall_and_objects_deleted_behind_our_back(
     first, second = Secret.random(32), Secret.random(32)
     await sink.install(ALICE, first, meta(1))
     await sink.install(ALICE, first, meta(1))
-    assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(1, 8)]}
+    assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(1, 8)], "bob.old": []}
     # A different secret under the same epoch (a resync restarting the chain) replaces it.
     await sink.install(ALICE, second, meta(1))
-    assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(1, 8)]}
+    assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(1, 8)], "bob.old": []}
     assert await sink.verify(ALICE, second, meta(1)) is True
 
     entry = sink._open()
@@ -186,7 +191,7 @@ async def test_reinstall_and_objects_deleted_behind_our_back(
     third = Secret.random(32)
     await sink.install(ALICE, third, meta(2))
     assert await sink.verify(ALICE, third, meta(2)) is True
-    assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(2, 8)]}
+    assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(2, 8)], "bob.old": []}
 
 
 async def test_wrong_pin_is_a_clear_error_at_prepare(
@@ -263,13 +268,91 @@ async def test_label_too_long_is_a_clear_error_at_prepare(
         await sink.prepare()
 
 
-async def test_label_too_long_for_a_link_fails_install_not_silently(
+LONG_PEER = Link("l", "alice", "a-very-long-peer", True)
+
+
+@pytest.mark.parametrize(
+    ("links", "extra", "message"),
+    [
+        (
+            (LONG_PEER,),
+            {"max_label_bytes": 10},
+            r"object_label for link 'l' 'a-very-long-peer' is 16",
+        ),
+        (
+            (LONG_PEER,),
+            {"max_label_bytes": 16},
+            r"retired_label for link 'l' 'a-very-long-peer\.old' is 20 bytes, .* limit of 16",
+        ),
+        (
+            (Link("one", "alice", "bob", True), Link("two", "alice", "bob", True)),
+            {},
+            r"links 'one' and 'two' both map to label 'bob'",
+        ),
+        (
+            (Link("one", "alice", "bob", True), Link("two", "alice", "carol", True)),
+            {"object_labels": {"two": "bob.old"}},
+            r"links 'one' and 'two' both map to label 'bob\.old'",
+        ),
+        (
+            (ALICE,),
+            {"retired_label": "{peer}"},
+            r"retired_label for link 'site' equals its label 'bob'",
+        ),
+    ],
+    ids=[
+        "label",
+        "retired-label",
+        "same-label",
+        "label-is-a-retired-label",
+        "retired-equals-label",
+    ],
+)
+async def test_labels_of_the_assigned_links_are_checked_at_prepare(
+    make_token: Callable[[], Any],
+    sink_factory: Callable[..., Pkcs11Sink],
+    links: tuple[Link, ...],
+    extra: dict[str, Any],
+    message: str,
+) -> None:
+    """The core sets `links` before prepare(): every real label is rendered and checked."""
+    tok = make_token()
+    sink = sink_factory(tok, **extra)
+    sink.links = links
+    with pytest.raises(Misconfigured, match=message) as err:
+        await sink.prepare()
+    assert tok.label in str(err.value)
+    # The failed prepare() released the token: a good configuration opens it afterwards.
+    good = sink_factory(tok, name="good", object_label="{link}")
+    good.links = links
+    await good.prepare()
+    assert good._entry is not None and good._entry.users == 1
+
+
+async def test_only_labels_in_use_limit_the_template(
     make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
 ) -> None:
+    """A long template no link renders (all links have fixed labels) is no error."""
+    sink = sink_factory(
+        make_token(),
+        object_label="a-template-that-no-link-of-this-sink-uses-{peer}",
+        object_labels={"site": "hsm.bob.example"},
+        max_label_bytes=20,
+    )
+    sink.links = (ALICE,)
+    await sink.prepare()
+    await sink.install(ALICE, Secret.random(32), meta(1))
+    assert sink.identity(ALICE, 1) == "pkcs:object=hsm.bob.example;id=0000000000000001"
+
+
+async def test_label_too_long_for_a_link_added_after_prepare_fails_install(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    """A reload can give a prepared sink new links: install() checks their labels too."""
     sink = sink_factory(make_token(), max_label_bytes=10)
     await sink.prepare()
     with pytest.raises(SinkError, match=r"'a-very-long-peer' is 16 bytes"):
-        await sink.install(Link("l", "alice", "a-very-long-peer", True), Secret.random(32), meta(1))
+        await sink.install(LONG_PEER, Secret.random(32), meta(1))
 
 
 async def test_two_links_on_one_label_are_refused(
@@ -299,6 +382,8 @@ def test_token_code_refuses_to_run_off_the_worker_thread() -> None:
         ({"token": "t", "pin": {"env": "HOME"}, "object_label": "{nope}"}, "unknown placeholder"),
         ({"token": "t", "pin": {"env": "HOME"}, "id_bytes": 1, "retention": 200}, "too large"),
         ({"token": "t", "pin": {"env": "HOME"}, "key_type": "aes"}, "must be one of"),
+        ({"token": "t", "pin": {"env": "HOME"}, "retired_label": True}, "must be a string"),
+        ({"token": "t", "pin": {"env": "HOME"}, "retired_label": "{label}-{x}"}, "placeholder"),
         (
             {"token": "t", "pin": {"env": "HOME"}, "object_labels": {"a": "x", "b": "x"}},
             "same label to two links",
@@ -346,8 +431,8 @@ async def test_cancelled_callers_never_interleave_token_operations(
         final = Secret.random(32)
         await sink.install(link, final, meta(5000))
         assert await sink.verify(link, final, meta(5000)) is True
-        (ids,) = (await sink.object_ids(link)).values()
-        assert ids == [naming.epoch_id(5000, 8)]  # epoch 4999 never existed
+        ids = await sink.object_ids(link)
+        assert list(ids.values()) == [[naming.epoch_id(5000, 8)], []]  # 4999 never existed
 
 
 @pytest.mark.parametrize(
@@ -372,3 +457,183 @@ def test_yubihsm_defaults_to_its_label_limit(tmp_path: Any) -> None:
     info = token.TokenInfo("y", "0012345", "Yubico", "YubiHSM", 0)
     sink._check_limits(token.OpenToken(("m", "s", 0), None, info))
     assert sink.label_limit == 40
+
+
+def _lookup(sink: Pkcs11Sink, challenge: bytes, **where: Any) -> tuple[bytes, bytes]:
+    """What a consumer does: C_FindObjects by label (and maybe ID), then HMAC in the token.
+
+    python-pkcs11's get_key raises MultipleObjectsReturned when the search is ambiguous.
+    """
+    import pkcs11
+
+    entry = sink._open()
+    found = entry.session.get_key(object_class=pkcs11.ObjectClass.SECRET_KEY, **where)
+    mac = found.sign(challenge, mechanism=pkcs11.Mechanism.SHA256_HMAC)
+    return bytes(found[pkcs11.Attribute.ID]), bytes(mac)
+
+
+@pytest.mark.parametrize("retention", [2, 3])
+async def test_lookup_by_label_alone_finds_exactly_the_newest_key(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink], retention: int
+) -> None:
+    """Default retired_label: only the current key carries the plain label."""
+    sink = sink_factory(make_token(), retention=retention)
+    await sink.prepare()
+    secrets = {epoch: Secret.random(32) for epoch in range(1, 8)}
+    for epoch, secret in secrets.items():
+        await sink.install(ALICE, secret, meta(epoch))
+    challenge = os.urandom(32)
+
+    def mac(epoch: int) -> tuple[bytes, bytes]:
+        digest = hmac.new(secrets[epoch].reveal(), challenge, hashlib.sha256).digest()
+        return naming.epoch_id(epoch, 8), digest
+
+    assert await worker.run(lambda: _lookup(sink, challenge, label="bob")) == mac(7)
+    # A client one rotation behind: its epoch's key is under the retired label, same ID.
+    previous = naming.epoch_id(6, 8)
+    found = await worker.run(lambda: _lookup(sink, challenge, label="bob.old", id=previous))
+    assert found == mac(6)
+    retired = [naming.epoch_id(e, 8) for e in range(8 - retention, 7)]
+    assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(7, 8)], "bob.old": retired}
+
+
+async def test_token_refusing_relabel_is_a_clear_error_and_keeps_the_label_unambiguous(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    """SoftHSM refuses C_SetAttributeValue on a CKA_MODIFIABLE=false object (0x1B)."""
+    import pkcs11
+
+    tok = make_token()
+    sink = sink_factory(tok)
+    await sink.prepare()
+    first, second = Secret.random(32), Secret.random(32)
+    entry = sink._open()
+
+    def store_unmodifiable() -> None:
+        A = pkcs11.Attribute
+        entry.session.create_object(
+            {
+                A.CLASS: pkcs11.ObjectClass.SECRET_KEY,
+                A.KEY_TYPE: pkcs11.KeyType.GENERIC_SECRET,
+                A.VALUE: first.reveal(),
+                A.LABEL: "bob",
+                A.ID: naming.epoch_id(1, 8),
+                A.TOKEN: True,
+                A.PRIVATE: True,
+                A.SIGN: True,
+                A.MODIFIABLE: False,
+            }
+        )
+        entry.forget_index()
+
+    await worker.run(store_unmodifiable)
+    with pytest.raises(SinkError) as err:
+        await sink.install(ALICE, second, meta(2))
+    message = str(err.value)
+    assert "refused to relabel pkcs:object=bob;id=0000000000000001 to 'bob.old'" in message
+    assert "(CKR_ACTION_PROHIBITED)" in message and "retired_label = false" in message
+    assert_not_leaked(message, [first, second])
+    # Rolled back: the previous key is still the only object under the label.
+    assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(1, 8)], "bob.old": []}
+    assert await sink.verify(ALICE, first, meta(1)) is True
+
+    # The documented way out for such tokens: older keys keep the label (lookups by label+ID).
+    same_label = sink_factory(tok, name="same-label", retired_label=False)
+    await same_label.prepare()
+    await same_label.install(ALICE, second, meta(2))
+    assert await same_label.object_ids(ALICE) == {
+        "bob": [naming.epoch_id(1, 8), naming.epoch_id(2, 8)]
+    }
+    assert await same_label.verify(ALICE, second, meta(2)) is True
+
+
+async def test_token_selected_by_uri(
+    softhsm: Any, make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    """Two tokens on one module: token + serial, or the serial alone, picks the right one."""
+    one, two = make_token(), make_token()
+    module = f"?module-path={softhsm.module}"
+    by_both = sink_factory(
+        two, name="both", uri=f"pkcs11:token={two.label};serial={two.serial}{module}"
+    )
+    by_serial = sink_factory(one, name="serial", uri=f"pkcs11:serial={one.serial}{module}")
+    await by_both.prepare()
+    await by_serial.prepare()
+    assert (by_both._open().info.label, by_both._open().info.serial) == (two.label, two.serial)
+    assert (by_serial._open().info.label, by_serial._open().info.serial) == (one.label, one.serial)
+    secret = Secret.random(32)
+    await by_both.install(ALICE, secret, meta(1))
+    assert await by_both.verify(ALICE, secret, meta(1)) is True
+    assert await by_serial.object_ids(ALICE) == {"bob": [], "bob.old": []}  # the other token
+
+
+async def test_uri_matching_no_token_is_a_clear_error_at_prepare(
+    softhsm: Any, make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    tok = make_token()
+    wrong = "0" * len(tok.serial) if tok.serial != "0" * len(tok.serial) else "1" * 16
+    uri = f"pkcs11:token={tok.label};serial={wrong}?module-path={softhsm.module}"
+    sink = sink_factory(tok, uri=uri)
+    with pytest.raises(NotInstalled) as err:
+        await sink.prepare()
+    message = str(err.value)
+    assert f"no token matching token={tok.label!r}, serial={wrong!r} in {softhsm.module}" in message
+    assert repr(tok.label) in message  # names the tokens that exist
+    assert sink._entry is None
+
+
+async def test_trio_thread_keeps_running_while_the_worker_stores_keys(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    """One worker job stores 120 keys; a trio task with short sleeps advances throughout.
+
+    Deterministic, no timing thresholds: at three points the job waits until the trio task has
+    seen it get there. Were the trio thread blocked on the job, it could never see that and the
+    job would fail after the (failure-only) 60 s guard.
+    """
+    sink = sink_factory(make_token())
+    await sink.prepare()
+    entry, labels = sink._open(), sink.labels(ALICE)
+    total, checkpoints = 120, (30, 60, 90)
+    progress = 0
+    seen_by_trio = {point: threading.Event() for point in checkpoints}
+
+    def batch() -> None:
+        nonlocal progress
+        for epoch in range(1, total + 1):
+            token.install(
+                entry,
+                label=labels.label,
+                retired_label=labels.retired,
+                keep=naming.keep_window(epoch, sink.retention, sink.id_bytes),
+                secret=Secret.random(32),
+                policy=sink.policy,
+            )
+            progress = epoch
+            if epoch in seen_by_trio and not seen_by_trio[epoch].wait(timeout=60):
+                raise AssertionError(f"the trio thread did not run during the job ({epoch=})")
+
+    ticks_during_job: list[int] = []  # the job's progress at each tick of the trio task
+    job_done = False
+
+    async def ticker() -> None:
+        while not job_done:
+            await trio.sleep(0.001)
+            now = progress
+            if 0 < now < total:
+                ticks_during_job.append(now)
+            for point, event in seen_by_trio.items():
+                if now >= point:
+                    event.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await worker.run(batch)
+        job_done = True
+
+    assert set(checkpoints) <= set(ticks_during_job)
+    assert len(ticks_during_job) >= len(checkpoints)
+    assert await sink.object_ids(ALICE) == {
+        "bob": [naming.epoch_id(total, 8)],
+        "bob.old": [naming.epoch_id(total - 1, 8)],
+    }

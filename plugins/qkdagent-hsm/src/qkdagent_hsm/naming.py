@@ -10,7 +10,7 @@ window, which is always far smaller than half the ID space.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import qkdagent
@@ -19,6 +19,9 @@ LABEL_FIELDS = ("peer", "local", "link")
 """Placeholders a label template may use."""
 
 MAX_ID_BYTES = 32
+
+DEFAULT_RETIRED_LABEL = "{label}.old"
+"""Retained older keys move here, so the plain label always names exactly one object."""
 
 
 def id_space(width: int) -> int:
@@ -144,6 +147,67 @@ def check_label(label: str, limit: int, what: str) -> str | None:
         return f"{what} {label!r} is {size} bytes, longer than the token's limit of {limit}"
     if not label.isprintable():
         return f"{what} {label!r} contains control characters"
+    return None
+
+
+@dataclass(frozen=True)
+class LinkLabels:
+    """The labels one link's objects carry: the current key's, and the retained older keys'."""
+
+    label: str
+    retired: str | None
+
+    def all(self) -> tuple[str, ...]:
+        return (self.label,) if self.retired is None else (self.label, self.retired)
+
+
+def link_labels(
+    template: str,
+    retired_template: str | None,
+    fixed: Mapping[str, str],
+    *,
+    link: str,
+    peer: str,
+    local: str,
+) -> LinkLabels:
+    """Render a link's labels: `fixed[link]` wins over the template; retired adds `{label}`."""
+    label = fixed.get(link) or render(template, peer=peer, local=local, link=link)
+    retired = None
+    if retired_template is not None:
+        retired = retired_template.format(label=label, peer=peer, local=local, link=link)
+    return LinkLabels(label, retired)
+
+
+def check_link_labels(labels: LinkLabels, limit: int, link: str) -> str | None:
+    """Why one link's labels cannot go on the token (too long, empty, equal), or None."""
+    problem = check_label(labels.label, limit, f"object_label for link {link!r}")
+    if problem is None and labels.retired is not None:
+        problem = check_label(labels.retired, limit, f"retired_label for link {link!r}")
+        if problem is None and labels.retired == labels.label:
+            problem = f"retired_label for link {link!r} equals its label {labels.label!r}"
+    return problem
+
+
+def label_clash(owners: Mapping[str, str], link: str, labels: LinkLabels) -> str | None:
+    """Why `link` cannot use `labels` when `owners` maps labels to the links using them."""
+    for text in labels.all():
+        owner = owners.get(text, link)
+        if owner != link:
+            return (
+                f"links {owner!r} and {link!r} both map to label {text!r}; "
+                "set object_labels or an object_label template with {link}"
+            )
+    return None
+
+
+def check_links(labels: Mapping[str, LinkLabels], limit: int) -> str | None:
+    """Why this set of links (name -> labels) cannot share one token, or None."""
+    owners: dict[str, str] = {}
+    for link, pair in labels.items():
+        problem = check_link_labels(pair, limit, link) or label_clash(owners, link, pair)
+        if problem:
+            return problem
+        owners.update((text, link) for text in pair.all())
     return None
 
 

@@ -1,8 +1,10 @@
 """Sink type `pkcs11`: each link's secret as a persistent generic-secret object in a token.
 
 Objects follow cqptoolkit's convention: the label names the other side (default: the peer agent's
-name; a per-link address can be given) and the ID identifies the epoch. A consumer on this host
-finds the key a peer's client means by the TLS-PSK identity `pkcs:object=<label>;id=<hex id>`.
+name; a per-link address can be given) and the ID identifies the epoch. Only the current key
+carries the label (older kept keys move to the retired label, default `<label>.old`), so a lookup
+by label alone is unambiguous. A consumer on this host finds the key a peer's client means by the
+TLS-PSK identity `pkcs:object=<label>;id=<hex id>`.
 """
 
 from __future__ import annotations
@@ -46,12 +48,7 @@ class Pkcs11Sink(Sink):
             "object_label", "{peer}", check=naming.check_template, max_len=1024
         )
         self.fixed_labels: dict[str, str] = _fixed_labels(options)
-        self.retired_template: str | None = options.string(
-            "retired_label",
-            None,
-            check=lambda t: naming.check_template(t, extra=("label",)),
-            max_len=1024,
-        )
+        self.retired_template: str | None = _retired_template(options)
         self.id_bytes: int = options.integer("id_bytes", 8, min=1, max=naming.MAX_ID_BYTES)
         self.retention: int = options.integer("retention", 2, min=1)
         problem = naming.check_retention(self.retention, self.id_bytes)
@@ -97,6 +94,7 @@ class Pkcs11Sink(Sink):
             await worker.run(token.release, entry)
 
     def _check_limits(self, entry: OpenToken) -> None:
+        """Check IDs and every label this sink will write against the token's limits."""
         info = entry.info
         where = f"sink {self.name!r}, token {info.label!r}"
         if info.id_limit is not None and self.id_bytes > info.id_limit:
@@ -109,16 +107,27 @@ class Pkcs11Sink(Sink):
             raise Misconfigured(
                 f"{where}: max_label_bytes = {limit}, but the token allows {info.label_limit}"
             )
+        # The real labels of the links the core assigned (self.links), and every fixed label.
+        rendered = {link.name: self._render(link) for link in self.links}
+        problem = naming.check_links(rendered, limit)
+        for link_name in self.fixed_labels:
+            if problem is None and link_name not in rendered:
+                fixed = self._render(Link(link_name, self.context.agent_name, "", True))
+                problem = naming.check_link_labels(fixed, limit, link_name)
+        if problem:
+            raise Misconfigured(f"{where}: {problem}")
+        if not self.links:
+            self._check_template_floor(where, limit)
         self.label_limit = limit
-        for link_name, label in self.fixed_labels.items():
-            for what, text in self._label_pair(label, link_name, "", ""):
-                problem = naming.check_label(text, limit, f"{what} for link {link_name!r}")
-                if problem:
-                    raise Misconfigured(f"{where}: {problem}")
-        # Peer and link names are unknown until links arrive: check the shortest rendering now.
-        shortest = naming.render(self.template, peer="", local=self.context.agent_name, link="")
-        for what, text in self._label_pair(shortest, "", "", self.context.agent_name):
-            size = len(text.encode("utf-8"))
+
+    def _check_template_floor(self, where: str, limit: int) -> None:
+        """Without links yet, refuse templates too long even with empty peer and link names."""
+        local = self.context.agent_name
+        floor = naming.link_labels(
+            self.template, self.retired_template, {}, link="", peer="", local=local
+        )
+        for what, text in (("object_label", floor.label), ("retired_label", floor.retired)):
+            size = len((text or "").encode("utf-8"))
             if size > limit:
                 raise Misconfigured(
                     f"{where}: {what} template renders at least {size} bytes "
@@ -127,39 +136,36 @@ class Pkcs11Sink(Sink):
 
     # -- naming ---------------------------------------------------------------------------------
 
-    def _label_pair(self, label: str, link: str, peer: str, local: str) -> list[tuple[str, str]]:
-        pairs = [("object_label", label)]
-        if self.retired_template is not None:
-            retired = self.retired_template.format(label=label, peer=peer, local=local, link=link)
-            pairs.append(("retired_label", retired))
-        return pairs
-
-    def labels(self, link: Link) -> tuple[str, str | None]:
-        """(label, retired label or None) of a link's objects on this token."""
-        label = self.fixed_labels.get(link.name) or naming.render(
-            self.template, peer=link.peer, local=link.local, link=link.name
+    def _render(self, link: Link) -> naming.LinkLabels:
+        return naming.link_labels(
+            self.template,
+            self.retired_template,
+            self.fixed_labels,
+            link=link.name,
+            peer=link.peer,
+            local=link.local,
         )
-        pairs = self._label_pair(label, link.name, link.peer, link.local)
-        for what, text in pairs:
-            problem = naming.check_label(text, self.label_limit, f"{what} for link {link.name!r}")
-            if problem:
-                raise SinkError(f"sink {self.name!r}: {problem}")
-            owner = self._owners.setdefault(text, link.name)
-            if owner != link.name:
-                raise SinkError(
-                    f"sink {self.name!r}: links {owner!r} and {link.name!r} both map to label "
-                    f"{text!r}; set object_labels or an object_label template with {{link}}"
-                )
-        if len(pairs) == 2 and pairs[0][1] == pairs[1][1]:
-            raise SinkError(f"sink {self.name!r}: retired_label equals the label {label!r}")
-        return label, (pairs[1][1] if len(pairs) == 2 else None)
+
+    def labels(self, link: Link) -> naming.LinkLabels:
+        """The labels of a link's objects on this token (current key, retained older keys).
+
+        prepare() checked the links known then; this also guards links added by a reload.
+        """
+        labels = self._render(link)
+        problem = naming.check_link_labels(labels, self.label_limit, link.name)
+        problem = problem or naming.label_clash(self._owners, link.name, labels)
+        if problem:
+            raise SinkError(f"sink {self.name!r}: {problem}")
+        for text in labels.all():
+            self._owners[text] = link.name
+        return labels
 
     def object_id(self, epoch: int) -> bytes:
         return naming.epoch_id(epoch, self.id_bytes)
 
     def identity(self, link: Link, epoch: int) -> str:
         """The TLS-PSK identity under which a consumer on this host finds `epoch`'s key."""
-        return naming.identity(self.labels(link)[0], self.object_id(epoch))
+        return naming.identity(self.labels(link).label, self.object_id(epoch))
 
     # -- sink contract --------------------------------------------------------------------------
 
@@ -172,13 +178,14 @@ class Pkcs11Sink(Sink):
         if len(secret) == 0:
             raise SinkError(f"sink {self.name!r}: refusing an empty secret")
         entry = self._open()
-        label, retired = self.labels(link)
+        labels = self.labels(link)
+        label = labels.label
         keep = naming.keep_window(meta.epoch, self.retention, self.id_bytes)
         result = await worker.run(
             lambda: token.install(
                 entry,
                 label=label,
-                retired_label=retired,
+                retired_label=labels.retired,
                 keep=keep,
                 secret=secret,
                 policy=self.policy,
@@ -198,7 +205,7 @@ class Pkcs11Sink(Sink):
     async def token_mac(self, link: Link, challenge: bytes) -> tuple[bytes, bytes] | None:
         """(ID, HMAC-SHA256 over `challenge`) computed inside the token by the newest key."""
         entry = self._open()
-        label, _ = self.labels(link)
+        label = self.labels(link).label
         return await worker.run(lambda: token.current_mac(entry, label=label, challenge=challenge))
 
     async def verify(self, link: Link, secret: Secret, meta: KeyMeta) -> bool | None:
@@ -214,8 +221,7 @@ class Pkcs11Sink(Sink):
 
     async def erase(self, link: Link, reason: str) -> None:
         entry = self._open()
-        label, retired = self.labels(link)
-        labels = (label,) if retired is None else (label, retired)
+        labels = self.labels(link).all()
         count = await worker.run(lambda: token.erase(entry, labels=labels))
         for text in labels:  # a removed link's label may go to another link after a reload
             self._owners.pop(text, None)
@@ -232,14 +238,13 @@ class Pkcs11Sink(Sink):
     async def read_current(self, link: Link) -> Secret | None:
         """The newest key's value when the token allows reading it (sensitive = false)."""
         entry = self._open()
-        label, _ = self.labels(link)
+        label = self.labels(link).label
         return await worker.run(lambda: token.current_value(entry, label=label))
 
     async def object_ids(self, link: Link) -> dict[str, list[bytes]]:
         """IDs under the link's labels, by an authoritative search of the token (slow)."""
         entry = self._open()
-        label, retired = self.labels(link)
-        labels = (label,) if retired is None else (label, retired)
+        labels = self.labels(link).all()
         return await worker.run(lambda: token.link_ids(entry, labels=labels))
 
 
@@ -262,6 +267,20 @@ def _token_spec(options: Options) -> TokenSpec:
             options.fail("module", "is also given as module-path in uri; keep one")
         module = str(options.path("module"))
     return TokenSpec(module or DEFAULT_MODULE, selector)
+
+
+def _retired_template(options: Options) -> str | None:
+    """The retired-label template, or None for `retired_label = false` (older keys keep the
+    label, so a lookup by label alone is ambiguous: for tokens that cannot relabel objects)."""
+    if options.raw("retired_label", naming.DEFAULT_RETIRED_LABEL) is False:
+        return None
+    template: str = options.string(
+        "retired_label",
+        naming.DEFAULT_RETIRED_LABEL,
+        check=lambda t: naming.check_template(t, extra=("label",)),
+        max_len=1024,
+    )
+    return template
 
 
 def _fixed_labels(options: Options) -> dict[str, str]:

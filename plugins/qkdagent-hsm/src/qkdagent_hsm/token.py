@@ -309,7 +309,8 @@ def install(
 ) -> InstallResult:
     """Store `secret` under (label, keep[0]) and apply the retention plan, in that order.
 
-    The new object exists before any old one is destroyed, so the link is never without a key.
+    The new object exists before any old one is relabelled or destroyed, so the link is never
+    without a key; all of it runs in one worker job, so no other token call interleaves.
     """
     pkcs11 = _pkcs11()
     Attribute = pkcs11.Attribute
@@ -330,6 +331,7 @@ def install(
             existing, label=label, retired_label=retired_label, keep=keep, same_secret=same
         )
         index = entry.index()
+        created: Existing | None = None
         if plan.create:
             handle = entry.session.create_object(
                 {
@@ -346,10 +348,11 @@ def install(
                     Attribute.VERIFY: True,
                 }
             )
-            index.setdefault(label, []).append(Existing(label, keep[0], handle))
+            created = Existing(label, keep[0], handle)
+            index.setdefault(label, []).append(created)
         for obj in plan.relabel:
             assert retired_label is not None
-            obj.handle[Attribute.LABEL] = retired_label
+            _relabel(entry, obj, retired_label, undo=created)
             index[obj.label].remove(obj)
             index.setdefault(retired_label, []).append(
                 Existing(retired_label, obj.object_id, obj.handle)
@@ -360,6 +363,53 @@ def install(
         return InstallResult(plan.create, len(plan.destroy), len(plan.relabel))
 
     return _with_retry(entry, op)
+
+
+_UNMAPPED_CKR = {0x1B: "CKR_ACTION_PROHIBITED"}
+"""Return values python-pkcs11 raises as a bare PKCS11Error("Unmapped error code 0x..")."""
+
+
+def _ckr(exc: Exception) -> str:
+    """A short name for a PKCS#11 error, for messages."""
+    if type(exc) is not _pkcs11().PKCS11Error:
+        return type(exc).__name__
+    text = str(exc)
+    code = text.rpartition("0x")[2]
+    try:
+        return _UNMAPPED_CKR.get(int(code, 16), text)
+    except ValueError:
+        return text
+
+
+def _relabel(entry: OpenToken, obj: Existing, retired_label: str, undo: Existing | None) -> None:
+    """Move a retained older key to `retired_label`, or fail clearly and leave the label as it was.
+
+    A token that refuses to change CKA_LABEL (CKA_MODIFIABLE false, CKR_ACTION_PROHIBITED, a
+    module without C_SetAttributeValue) would otherwise leave two keys under the label, so the
+    object created by this rotation (`undo`) is destroyed again before the error is raised.
+    """
+    pkcs11 = _pkcs11()
+    try:
+        obj.handle[pkcs11.Attribute.LABEL] = retired_label
+    except (pkcs11.ObjectHandleInvalid, pkcs11.KeyHandleInvalid):
+        raise  # stale handle: _with_retry rescans and runs the rotation again
+    except pkcs11.PKCS11Error as exc:
+        entry.forget_index()
+        if undo is not None:
+            try:
+                undo.handle.destroy()
+            except pkcs11.PKCS11Error:
+                log.warning(
+                    "token %r: could not roll back %s after a refused relabel",
+                    entry.info.label,
+                    naming.identity(undo.label, undo.object_id),
+                )
+        raise SinkError(
+            f"token {entry.info.label!r} refused to relabel "
+            f"{naming.identity(obj.label, obj.object_id)} to {retired_label!r} ({_ckr(exc)}); "
+            "the new key was not stored. Set retired_label = false (older keys keep the label; "
+            "consumers then look keys up by label and ID) or retention = 1"
+        ) from None
 
 
 def current_mac(entry: OpenToken, *, label: str, challenge: bytes) -> tuple[bytes, bytes] | None:
