@@ -26,6 +26,12 @@ from qkdagent import ConfigError
         ({"pid_file": "p", "reload_signal": "NOPE"}, "reload_signal", "not a signal"),
         ({"grace_period": -1}, "grace_period", "at least"),
         ({"colour": "blue"}, "colour", "not a known option"),
+        # stunnel only logs a rejected file: a reload nobody confirms is refused by default
+        ({"pid_file": "p"}, "log_file", "confirm = 'none'"),
+        ({"reload_command": ["true"]}, "log_file", "format 'stunnel' and a reload"),
+        ({"role": "client", "pid_file": "p"}, "log_file", "probe = 'HOST:PORT'"),
+        ({"pid_file": "p", "log_file": "l", "confirm": "none"}, "confirm", "contradicts"),
+        ({"confirm": "never"}, "confirm", "must be one of"),
     ],
 )
 def test_config_errors(
@@ -54,3 +60,17 @@ def test_valid_combinations(tmp_path: Path, h: Any) -> None:
     )
     assert sink.probe_target == ("::1", 4433) and sink.reload_signal.name == "SIGUSR1"
     assert not (tmp_path / "state-psk").exists(), "constructing a sink must not touch the disk"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"pid_file": "p", "log_file": "l"},
+        {"pid_file": "p", "probe": "127.0.0.1:4433"},
+        {"reload_command": ["true"], "confirm": "none"},  # explicit opt-out
+        {"format": "nghttpx", "pid_file": "p"},  # the rule is stunnel's
+        {},  # no reload, nothing to confirm
+    ],
+)
+def test_reload_confirmation_accepted(tmp_path: Path, h: Any, options: dict[str, Any]) -> None:
+    h.make_sink(tmp_path, path=str(tmp_path / "psk"), **options)

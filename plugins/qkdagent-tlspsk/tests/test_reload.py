@@ -38,7 +38,10 @@ async def test_reload_command_and_log_line_confirm(tmp_path: Path, h: Any) -> No
 
 async def test_failing_reload_command_is_an_install_failure(tmp_path: Path, h: Any) -> None:
     sink = h.make_sink(
-        tmp_path, path=str(tmp_path / "psk"), reload_command=["sh", "-c", "echo boom >&2; exit 3"]
+        tmp_path,
+        path=str(tmp_path / "psk"),
+        reload_command=["sh", "-c", "echo boom >&2; exit 3"],
+        confirm="none",
     )
     await sink.prepare()
     secret = Secret.random(32)
@@ -77,7 +80,7 @@ async def test_failure_line_is_reported(tmp_path: Path, h: Any) -> None:
 async def test_bad_pid_files_are_install_failures(tmp_path: Path, h: Any, content: str) -> None:
     pid_file = tmp_path / "c.pid"
     pid_file.write_text(content)
-    sink = h.make_sink(tmp_path, path=str(tmp_path / "psk"), pid_file=str(pid_file))
+    sink = h.make_sink(tmp_path, path=str(tmp_path / "psk"), pid_file=str(pid_file), confirm="none")
     await sink.prepare()
     with pytest.raises(SinkError, match="pid file"):
         await sink.install(LINK, Secret.random(32), meta(1))
@@ -86,7 +89,9 @@ async def test_bad_pid_files_are_install_failures(tmp_path: Path, h: Any, conten
 async def test_missing_reload_command_is_not_installed(tmp_path: Path, h: Any) -> None:
     from qkdagent import Misconfigured, NotInstalled
 
-    sink = h.make_sink(tmp_path, path=str(tmp_path / "psk"), reload_command=["no-such-tool-x"])
+    sink = h.make_sink(
+        tmp_path, path=str(tmp_path / "psk"), reload_command=["no-such-tool-x"], confirm="none"
+    )
     with pytest.raises(NotInstalled):
         await sink.prepare()
     sink = h.make_sink(tmp_path, path=str(tmp_path / "missing-dir" / "psk"))

@@ -48,6 +48,10 @@ class PskFormat:
     """GnuTLS: identities that need it are written as `#` + hex of the UTF-8 bytes."""
     single_key: bool = False
     """The file holds one bare hex key and no identity (openssl -psk)."""
+    silent_reload_failure: bool = False
+    """A reload with a bad file only logs and keeps the old keys (stunnel): confirm it."""
+    experimental: bool = False
+    """The line format comes from an incomplete source and was never read by the consumer."""
 
     # -- validation -------------------------------------------------------------------------
 
@@ -154,9 +158,9 @@ def _gnutls_needs_hex(identity: str) -> bool:
 
 
 FORMATS: dict[str, PskFormat] = {
-    "stunnel": PskFormat("stunnel"),
+    "stunnel": PskFormat("stunnel", silent_reload_failure=True),
     "nghttpx": PskFormat("nghttpx", comments=True),
     "gnutls": PskFormat("gnutls", hex_identities=True),
     "openssl": PskFormat("openssl", single_key=True),
-    "nginx-patch": PskFormat("nginx-patch", hex_prefix="{HEX}"),
+    "nginx-patch": PskFormat("nginx-patch", hex_prefix="{HEX}", experimental=True),
 }

@@ -49,6 +49,9 @@ class ProbeResult:
     detail: str
     version: str = ""
     cipher: str = ""
+    alert: bool = False
+    """The server answered with a TLS alert: it refused this identity or key. A failed connect,
+    reset or timeout leaves this False (nothing was proven either way)."""
 
 
 @cache
@@ -116,13 +119,31 @@ def available() -> bool:
     return True
 
 
-def _errors(crypto: ctypes.CDLL) -> str:
-    texts = []
+_ERR_LIB_SSL = 20
+_ERR_SYSTEM_FLAG = 0x80000000
+_SSL_AD_REASON_OFFSET = 1000
+"""libssl reports a *received* alert N as reason 1000 + N (SSL_AD_REASON_OFFSET)."""
+
+
+def _is_received_alert(code: int) -> bool:
+    if code & _ERR_SYSTEM_FLAG or (code >> 23) & 0xFF != _ERR_LIB_SSL:
+        return False
+    return _SSL_AD_REASON_OFFSET <= code & 0x7FFFFF < _SSL_AD_REASON_OFFSET + 256
+
+
+def _drain(crypto: ctypes.CDLL) -> tuple[str, bool]:
+    """OpenSSL's queued error texts, and whether one of them is an alert from the peer."""
+    texts, alert = [], False
     while code := crypto.ERR_get_error():
+        alert = alert or _is_received_alert(code)
         buf = ctypes.create_string_buffer(256)
         crypto.ERR_error_string_n(code, buf, len(buf))
         texts.append(buf.value.decode("ascii", "replace"))
-    return "; ".join(texts)
+    return "; ".join(texts), alert
+
+
+def _errors(crypto: ctypes.CDLL) -> str:
+    return _drain(crypto)[0]
 
 
 def handshake(
@@ -193,8 +214,8 @@ def handshake(
             ssl.SSL_shutdown(conn)
             return result
         code = ssl.SSL_get_error(conn, rc)
-        detail = _errors(crypto) or f"SSL_get_error={code}"
-        return ProbeResult(False, detail)
+        detail, alert = _drain(crypto)
+        return ProbeResult(False, detail or f"SSL_get_error={code}", alert=alert)
     finally:
         if conn:
             ssl.SSL_free(conn)

@@ -3,7 +3,8 @@
 One sink owns one file (it may hold several links). An install validates the new entry against
 the consumer's rules, rewrites the file atomically (0600), tells the consumer to reload and then
 confirms the consumer took it: a PSK handshake with the new key (`probe`) and/or the consumer's
-log line (`log_file`). Anything short of that is an install failure.
+log line (`log_file`). Anything short of that is an install failure. After an erase or a grace
+expiry the probe must instead see each removed key refused (fail closed, proven).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from qkdagent import (
 
 from . import identity as ident
 from . import probe, reload, slots
-from .formats import FORMATS, FormatError
+from .formats import FORMATS, Entry, FormatError
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +128,34 @@ class TlsPskSink(Sink):
         self.probe_tls: str = options.string("probe_tls", "1.2", choices=("1.2", "1.3"))
         self.probe_ciphers: str | None = options.string("probe_ciphers", None, max_len=500)
         self.confirm_timeout: float = options.number("confirm_timeout", 5.0, positive=True, max=300)
+        self._check_confirmation(options)
 
         self.clock: Callable[[], float] = time.time
         """Wall clock for grace expiry (persisted across restarts); tests replace it."""
         self._lock = trio.Lock()
         self._next_expiry: float | None = None
+
+    def _check_confirmation(self, options: Options) -> None:
+        """Refuse reloads nobody confirms where a rejected file would go unnoticed.
+
+        stunnel answers a bad PSK file only with a log line and keeps its old keys, so a bare
+        SIGHUP would report success for a key the consumer never took.
+        """
+        mode = options.string("confirm", "auto", choices=("auto", "none"))
+        confirmed = self.log_watch is not None or self.probe_target is not None
+        if mode == "none":
+            if confirmed:
+                options.fail("confirm", "'none' contradicts log_file/probe; remove one")
+            return
+        reloads = self.pid_file is not None or self.reload_command is not None
+        if reloads and not confirmed and self.format.silent_reload_failure:
+            options.fail(
+                "log_file",
+                f"is required with format '{self.format.name}' and a reload: "
+                f"{self.format.name} reports a rejected PSK file only in its log and keeps "
+                "its old keys. Set log_file (its `output`), probe = 'HOST:PORT' (server "
+                "role), or confirm = 'none' to accept unconfirmed reloads",
+            )
 
     # -- identities -------------------------------------------------------------------------
 
@@ -156,6 +180,13 @@ class TlsPskSink(Sink):
         return self.context.private_dir(f"tls-psk-{self.name}") / "slots.json"
 
     async def prepare(self) -> None:
+        if self.format.experimental:
+            log.warning(
+                "%s: format %r is experimental: its line format is not verified against the "
+                "consumer (see the README)",
+                self.name,
+                self.format.name,
+            )
         if not self.path.parent.is_dir():
             raise Misconfigured(f"{self.name}: directory {self.path.parent} does not exist")
         if self.reload_command is not None:
@@ -228,19 +259,21 @@ class TlsPskSink(Sink):
         keys[identity] = key
         return self._store(new, keys)
 
-    def _erase_sync(self, link: str) -> bool:
+    def _erase_sync(self, link: str) -> tuple[bool, list[Entry]]:
+        """Drop the link's entries; return whether the file changed and what left it."""
         known, keys = self._load()
         if not self.path.exists():
-            return self._store([], keys)
-        return self._store(slots.after_erase(known, link, self.clock()), keys)
+            return self._store([], keys), []
+        kept = slots.after_erase(known, link, self.clock())
+        return self._store(kept, keys), slots.removed(known, kept, keys)
 
-    def _expire_sync(self) -> bool:
+    def _expire_sync(self) -> tuple[bool, list[Entry]]:
         known, keys = self._load()
         kept = slots.expire(known, self.clock())
         if kept == known:
             self._next_expiry = slots.next_expiry(known)
-            return False
-        return self._store(kept, keys)
+            return False, []
+        return self._store(kept, keys), slots.removed(known, kept, keys)
 
     def _refresh_expiry(self) -> None:
         self._next_expiry = slots.next_expiry(self._load()[0])
@@ -289,17 +322,17 @@ class TlsPskSink(Sink):
 
     async def erase(self, link: Link, reason: str) -> None:
         async with self._lock:
-            changed = await trio.to_thread.run_sync(self._erase_sync, link.name)
+            changed, removed = await trio.to_thread.run_sync(self._erase_sync, link.name)
             if changed:
-                await self._reload_and_confirm(None, None, consumer_optional=True)
+                await self._reload_and_confirm(None, None, removed=removed, consumer_optional=True)
         log.info("%s: erased link %s (%s)", self.name, link.name, reason)
 
     async def expire(self) -> bool:
         """Drop previous identities whose grace period ended; reload if the file changed."""
         async with self._lock:
-            changed = await trio.to_thread.run_sync(self._expire_sync)
+            changed, removed = await trio.to_thread.run_sync(self._expire_sync)
             if changed:
-                await self._reload_and_confirm(None, None, consumer_optional=True)
+                await self._reload_and_confirm(None, None, removed=removed, consumer_optional=True)
         return changed
 
     def next_expiry(self) -> float | None:
@@ -309,8 +342,14 @@ class TlsPskSink(Sink):
     # -- reload and confirmation ------------------------------------------------------------
 
     async def _reload_and_confirm(
-        self, identity: str | None, secret: Secret | None, *, consumer_optional: bool = False
+        self,
+        identity: str | None,
+        secret: Secret | None,
+        *,
+        removed: list[Entry] | None = None,
+        consumer_optional: bool = False,
     ) -> None:
+        """Reload, then confirm: the log line, the new key accepted, removed keys refused."""
         deadline = trio.current_time() + self.confirm_timeout
         offset = await trio.to_thread.run_sync(reload.log_offset, self.log_watch)
         if self.pid_file is not None:
@@ -323,8 +362,12 @@ class TlsPskSink(Sink):
             await reload.run_command(self.reload_command, deadline)
         if self.log_watch is not None and (self.pid_file or self.reload_command):
             await reload.wait_for_log(self.log_watch, offset, deadline)
-        if identity is not None and secret is not None and self.probe_target is not None:
+        if self.probe_target is None:
+            return
+        if identity is not None and secret is not None:
             await self._confirm_probe(identity, secret, max(deadline, trio.current_time() + 0.5))
+        for entry in removed or ():
+            await self._confirm_refused(entry, max(deadline, trio.current_time() + 0.5))
 
     def _consumer_running(self) -> bool:
         assert self.pid_file is not None
@@ -351,20 +394,62 @@ class TlsPskSink(Sink):
             )
         )
 
-    async def _confirm_probe(self, identity: str, secret: Secret, deadline: float) -> None:
-        """Retry the handshake until it succeeds (the reload takes 10-85 ms) or `deadline`."""
-        delay = 0.005
+    async def _poll_probe(
+        self,
+        identity: str,
+        secret: Secret,
+        deadline: float,
+        until: Callable[[probe.ProbeResult], bool],
+    ) -> tuple[probe.ProbeResult, bool]:
+        """Repeat the handshake until `until(result)` or `deadline` (a reload takes 10-85 ms).
+
+        Returns the last result and whether any handshake completed.
+        """
+        delay, completed = 0.005, False
         while True:
             remaining = deadline - trio.current_time()
             result = await self._probe_once(identity, secret, max(min(remaining, 2.0), 0.1))
-            if result.ok:
-                return
-            if trio.current_time() + delay >= deadline:
-                assert self.probe_target is not None
-                host, port = self.probe_target
-                raise SinkError(
-                    f"{self.name}: consumer at {host}:{port} did not accept the new key for "
-                    f"identity {identity!r} within {self.confirm_timeout:g} s: {result.detail}"
-                )
+            completed = completed or result.ok
+            if until(result) or trio.current_time() + delay >= deadline:
+                return result, completed
             await trio.sleep(delay)
-            delay = min(delay * 1.5, 0.02)  # a reload takes 10-85 ms: keep polling it closely
+            delay = min(delay * 1.5, 0.02)  # keep polling the reload closely
+
+    async def _confirm_probe(self, identity: str, secret: Secret, deadline: float) -> None:
+        result, _ = await self._poll_probe(identity, secret, deadline, lambda r: r.ok)
+        if not result.ok:
+            raise SinkError(
+                f"{self.name}: consumer at {self._target_text} did not accept the new key for "
+                f"identity {identity!r} within {self.confirm_timeout:g} s: {result.detail}"
+            )
+
+    async def _confirm_refused(self, entry: Entry, deadline: float) -> None:
+        """Fail unless the consumer refuses a removed identity/key with a TLS alert.
+
+        Only an alert proves the refusal: a refused connect (stunnel re-binding), a reset or a
+        timeout proves nothing, so those are retried until `deadline`.
+        """
+        secret = Secret(entry.key)
+        try:
+            result, completed = await self._poll_probe(
+                entry.identity, secret, deadline, lambda r: r.alert
+            )
+        finally:
+            secret.wipe()
+        if result.alert:
+            return
+        if completed:
+            raise SinkError(
+                f"{self.name}: consumer at {self._target_text} still accepts the removed "
+                f"identity {entry.identity!r} {self.confirm_timeout:g} s after the reload"
+            )
+        raise SinkError(
+            f"{self.name}: could not confirm that the consumer at {self._target_text} refuses "
+            f"the removed identity {entry.identity!r}: {result.detail}"
+        )
+
+    @property
+    def _target_text(self) -> str:
+        assert self.probe_target is not None
+        host, port = self.probe_target
+        return f"{host}:{port}"

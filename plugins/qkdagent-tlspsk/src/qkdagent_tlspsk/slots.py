@@ -76,6 +76,14 @@ def entries(slots: list[Slot], keys: dict[str, bytes]) -> list[Entry]:
     return [Entry(s.identity, keys[s.identity]) for s in slots if s.identity in keys]
 
 
+def removed(before: list[Slot], after: list[Slot], keys: dict[str, bytes]) -> list[Entry]:
+    """Entries of real links that were in `before` but are gone from `after` (to prove the
+    consumer no longer accepts them)."""
+    kept = {s.identity for s in after}
+    gone = [s for s in before if s.identity not in kept and s.link != PLACEHOLDER_LINK]
+    return entries(gone, keys)
+
+
 def current_slot(slots: list[Slot], link: str) -> Slot | None:
     return next((s for s in slots if s.link == link and s.current), None)
 
