@@ -4,9 +4,11 @@ Prints:
 1. PPK install latency over VICI (sink.install, no reauth): median and p99, plus the raw
    `load-shared` round trip for comparison;
 2. install + reauthentication time (responder side, make-before-break), median and p99;
-3. one charon with N connections (default 500), each with its own PPK, rotated by one agent:
-   total wall time and CPU (agent process, charon) for installing all PPKs, then for a rotation
-   with reauthentication of all N IKE SAs.
+3. two charons with N connections (default 500) between them, each with its own PPK: total
+   wall time and CPU of a whole rotation of all N links, both sides timed as the core runs them
+   per link (the initiator's install, then the responder's install with its reauthentication):
+   first the initial PPKs, then a rotation with reauthentication of all N IKE SAs. The two
+   sides' sinks run in this one process, so "agents CPU" is the sum of both agents' CPU.
 
 Usage: python bench/bench_ppk.py [--installs 2000] [--rotations 30] [--conns 500]
 """
@@ -123,12 +125,10 @@ async def bench_many(count: int, parallel: int) -> None:
         rlinks = [Link(f"c{i}", "bob", "alice", False) for i in range(count)]
         a_sink = make_sink(bed.a, tmp, ppk_id="qkd-{link}", ike="{link}", vici_timeout=60)
         b_sink = make_sink(bed.b, tmp, ppk_id="qkd-{link}", ike="{link}", vici_timeout=60)
-        a_sinks = [a_sink] * count
-        b_sinks = [b_sink] * count
         limiter = trio.CapacityLimiter(parallel)
 
         async def run_all(fn: Callable[[int], Any]) -> tuple[float, float, float, float]:
-            """Wall time, agent CPU, charon a CPU, charon b CPU of running fn(i) for all i."""
+            """Wall time, agents' CPU, charon a CPU, charon b CPU of running fn(i) for all i."""
             cpu0, a0, b0 = time.process_time(), bed.a.cpu_seconds(), bed.b.cpu_seconds()
             start = time.perf_counter()
 
@@ -143,15 +143,17 @@ async def bench_many(count: int, parallel: int) -> None:
             agent = time.process_time() - cpu0
             return wall, agent, bed.a.cpu_seconds() - a0, bed.b.cpu_seconds() - b0
 
+        async def rotate(i: int, epoch: int, secret: Secret) -> None:
+            await a_sink.install(links[i], secret, meta(epoch))
+            await b_sink.install(rlinks[i], secret, meta(epoch))
+
         secrets = [Secret.random() for _ in range(count)]
-        wall, agent_cpu, charon_cpu, _ = await run_all(
-            lambda i: a_sinks[i].install(links[i], secrets[i], meta(1))
-        )
+        wall, agents_cpu, a_cpu, b_cpu = await run_all(lambda i: rotate(i, 1, secrets[i]))
         print(
-            f"install {count} PPKs into one charon (one agent, {parallel} in flight): "
-            f"total {wall:.3f} s, agent CPU {agent_cpu:.3f} s, charon CPU {charon_cpu:.3f} s"
+            f"first PPKs for {count} links, both sides ({parallel} links in flight, no IKE SA "
+            f"yet): total {wall:.3f} s, agents CPU {agents_cpu:.3f} s, charon CPU "
+            f"{a_cpu:.3f} s (a) + {b_cpu:.3f} s (b)"
         )
-        await run_all(lambda i: b_sinks[i].install(rlinks[i], secrets[i], meta(1)))
 
         start = time.perf_counter()
         # in batches: 500 simultaneous IKE_SA_INITs overrun 2 cores and charon gives up on some
@@ -169,19 +171,18 @@ async def bench_many(count: int, parallel: int) -> None:
         print(f"initial IKE SAs for {count} connections up in {time.perf_counter() - start:.2f} s")
 
         secrets = [Secret.random() for _ in range(count)]
-        for i in range(count):
-            await a_sinks[i].install(links[i], secrets[i], meta(2))
-        wall, agent_cpu, a_cpu, b_cpu = await run_all(
-            lambda i: b_sinks[i].install(rlinks[i], secrets[i], meta(2))
-        )
+        wall, agents_cpu, a_cpu, b_cpu = await run_all(lambda i: rotate(i, 2, secrets[i]))
         ppk_sas = sum(
             1 for sa in bed.b.sas() if sa.get("ppk") == "yes" and sa.get("state") == "ESTABLISHED"
         )
         print(
-            f"rotate {count} PPKs with reauthentication ({parallel} in flight): total "
-            f"{wall:.3f} s, agent CPU {agent_cpu:.3f} s, charon CPU {b_cpu:.3f} s (reauthing) "
-            f"+ {a_cpu:.3f} s (peer); IKE SAs with PPK afterwards: {ppk_sas}"
+            f"rotate {count} links, both sides, with reauthentication ({parallel} links in "
+            f"flight): total {wall:.3f} s, agents CPU {agents_cpu:.3f} s, charon CPU "
+            f"{b_cpu:.3f} s (b, reauthenticating) + {a_cpu:.3f} s (a); "
+            f"IKE SAs with PPK afterwards: {ppk_sas}"
         )
+        await a_sink.aclose()
+        await b_sink.aclose()
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import pytest
 from qkdagent_strongswan import StrongswanPpkSink
 from qkdagent_strongswan.testbed import CONN, PPK_ID, Charon, ConnSpec, Testbed
 
-from qkdagent import Options, PluginContext
+from qkdagent import ComponentEvent, Options, PluginContext
 from qkdagent.testing import require_binary, require_root
 
 
@@ -49,7 +49,15 @@ def bed(
 
 
 @pytest.fixture
-def make_sink(tmp_path: Path) -> Iterator[Callable[..., StrongswanPpkSink]]:
+def reported() -> list[ComponentEvent]:
+    """What the sinks built by `make_sink` reported to their agent (`context.report`)."""
+    return []
+
+
+@pytest.fixture
+def make_sink(
+    tmp_path: Path, reported: list[ComponentEvent]
+) -> Iterator[Callable[..., StrongswanPpkSink]]:
     """`make_sink(charon, **options)`: a sink for that charon (not yet prepared)."""
 
     def make(charon: Charon, name: str = "ppk", **options: Any) -> StrongswanPpkSink:
@@ -63,7 +71,8 @@ def make_sink(tmp_path: Path) -> Iterator[Callable[..., StrongswanPpkSink]]:
         table.update(options)
         table = {k: v for k, v in table.items() if v is not None}
         opts = Options(table, where=f"sinks.{name}")
-        sink = StrongswanPpkSink(name, opts, PluginContext(f"agent-{charon.side}", tmp_path))
+        context = PluginContext(f"agent-{charon.side}", tmp_path, reporter=reported.append)
+        sink = StrongswanPpkSink(name, opts, context)
         opts.finish()
         return sink
 

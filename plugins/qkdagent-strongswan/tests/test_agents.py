@@ -82,6 +82,10 @@ async def test_agents_rotate_reauthenticate_repair_and_fail_closed(
         await trio.to_thread.run_sync(bed.b.swanctl, "--load-creds", "--noprompt")
         await poll_until(lambda: secret_id in bed.b.shared_ids(), CHECK_INTERVAL + 2)
         await poll_until(lambda: bool(pair.sink("bob", "ppk").repairs), 3)
+        # reported to bob's agent (hook, metric, log line, status) as a component event
+        (event,) = pair.bob.describe()["recent_component_events"]
+        assert (event["component"], event["kind"]) == ("ppk", "repaired")
+        assert event["link"] == "alice-bob" and secret_id in event["detail"]
 
         # bob's agent stops: after reject_after alice fails closed, new IKE SAs cannot be made
         await pair.stop("bob")

@@ -10,6 +10,7 @@ import re
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 
 import pytest
 import trio
@@ -23,7 +24,7 @@ from qkdagent_strongswan.testbed import (
     wait_until,
 )
 
-from qkdagent import KeyMeta, Link, Misconfigured, NotInstalled, Secret, SinkError
+from qkdagent import ComponentEvent, KeyMeta, Link, Misconfigured, NotInstalled, Secret, SinkError
 from qkdagent.testing import assert_not_leaked
 
 SinkFactory = Callable[..., StrongswanPpkSink]
@@ -124,6 +125,52 @@ async def test_different_ppk_fails_authentication_and_keeps_the_old_sa(bed: Test
     assert ping_ok(bed.b)
 
 
+async def test_verify_needs_the_ike_sa_made_with_the_new_ppk(
+    bed: Testbed, make_sink: SinkFactory
+) -> None:
+    alice, bob = make_sink(bed.a), make_sink(bed.b, reauth_retries=0)
+    await rotate((alice, bob), 1, Secret.random())
+    await up(bed)
+    (old,) = established(bed.b)
+    secret = Secret.random()
+
+    # bob loads epoch 2 first: his reauthentication is rejected, the old SA (epoch 1's PPK,
+    # `ppk: yes`) stays up, so epoch 2's PPK is loaded but not in effect
+    with pytest.raises(SinkError, match="previous SA was left in place"):
+        await bob.install(BOB, secret, meta(2))
+    assert [(sa["uniqueid"], sa["ppk"]) for sa in established(bed.b)] == [(old["uniqueid"], "yes")]
+    assert await bob.verify(BOB, secret, meta(2)) is False
+
+    # both hold it now: the retried install reauthenticates and verify() accepts the new SA
+    await alice.install(ALICE, secret, meta(2))
+    await bob.install(BOB, secret, meta(2))
+    assert await bob.verify(BOB, secret, meta(2)) is True
+    assert any(sa["uniqueid"] != old["uniqueid"] for sa in established(bed.b))
+
+    # a plain IKE rekey of the new SA keeps its (PPK-derived) keys: still verified
+    before = {sa["uniqueid"] for sa in established(bed.b)}
+    await trio.to_thread.run_sync(ike_rekey, bed.b)
+    await poll_until(lambda: {sa["uniqueid"] for sa in established(bed.b)}.isdisjoint(before), 10)
+    assert await bob.verify(BOB, secret, meta(2)) is True
+
+    # no IKE SA at all after the reauthentication: not verified until a new one comes up
+    await trio.to_thread.run_sync(bed.a.terminate, CONN)
+    assert established(bed.b) == []
+    assert await bob.verify(BOB, secret, meta(2)) is False
+    await up(bed)
+    assert await bob.verify(BOB, secret, meta(2)) is True
+    await alice.aclose()
+    await bob.aclose()
+
+
+def ike_rekey(charon: Charon) -> None:
+    session = charon.session()
+    try:
+        session.rekey({"ike": CONN})
+    finally:
+        session.transport.close()
+
+
 async def test_control_run_with_different_ppks_never_authenticates(bed: Testbed, pair) -> None:
     await rotate(pair, 1, Secret.random(), bob_secret=Secret.random())
     assert not await trio.to_thread.run_sync(bed.a.fresh_initiate, CONN)
@@ -138,7 +185,7 @@ async def test_control_run_with_different_ppks_never_authenticates(bed: Testbed,
 
 
 async def test_swanctl_load_creds_is_repaired_within_one_check_interval(
-    bed: Testbed, make_sink: SinkFactory
+    bed: Testbed, make_sink: SinkFactory, reported: list[ComponentEvent]
 ) -> None:
     interval = 1.0
     alice, bob = make_sink(bed.a), make_sink(bed.b, check_interval=interval)
@@ -161,6 +208,9 @@ async def test_swanctl_load_creds_is_repaired_within_one_check_interval(
         nursery.cancel_scope.cancel()
     assert repaired_after <= interval + 1.0
     assert [(r.link, r.secret_id) for r in bob.repairs] == [(BOB.name, secret_id)]
+    (event,) = reported
+    assert (event.component, event.kind, event.link) == (bob.name, "repaired", BOB.name)
+    assert secret_id in event.detail and "--load-creds" in event.detail
     # the re-pushed PPK is the right one: a reauthentication succeeds with it
     before = {sa["uniqueid"] for sa in bed.b.sas(CONN)}
     await bob.reauthenticate(BOB)
@@ -184,26 +234,47 @@ PING_STATS = re.compile(r"(\d+) packets transmitted, (\d+) received")
 async def test_make_before_break_loses_at_most_one_packet_per_rotation(bed: Testbed, pair) -> None:
     await rotate(pair, 1, Secret.random())
     await up(bed)
-    rotations = 3
-    argv = ["ip", "netns", "exec", bed.a.netns, "ping", "-n", "-q", "-i", "0.01", "-c", "300"]
+    rotations, count, spacing = 3, 400, 25
+    argv = ["ip", "netns", "exec", bed.a.netns, "stdbuf", "-oL"]  # each reply line as it comes
+    argv += ["ping", "-n", "-i", "0.01", "-c", str(count)]
     argv += ["-W", "1", "-I", bed.a.inner, bed.a.peer_inner]
-    results: list[subprocess.CompletedProcess[bytes]] = []
+    output = bytearray()
 
-    async def pinger() -> None:
-        results.append(await trio.run_process(argv, capture_stdout=True, check=False))
+    def replies() -> int:
+        return output.count(b"bytes from")
+
+    async def read(stream: trio.abc.ReceiveStream) -> None:
+        async for chunk in stream:
+            output.extend(chunk)
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(pinger)
-        await trio.sleep(0.3)
+        ping = await nursery.start(
+            partial(trio.run_process, argv, stdout=subprocess.PIPE, check=False)
+        )
+        nursery.start_soon(read, ping.stdout)
         for epoch in range(2, 2 + rotations):
-            before = {sa["uniqueid"] for sa in bed.b.sas(CONN)}
+            # pings flow through the tunnel before (and between) the rotations
+            target = replies() + spacing
+            await poll_until(lambda t=target: replies() >= t, 10)
+            before = {side.side: {sa["uniqueid"] for sa in side.sas(CONN)} for side in bed.sides()}
             await rotate(pair, epoch, Secret.random())
-            assert {sa["uniqueid"] for sa in established(bed.b)} - before
-            await trio.sleep(0.5)
-    output = results[0].stdout.decode()
-    sent, received = map(int, PING_STATS.search(output).groups())
-    assert sent == 300
-    assert sent - received <= 1, output
+            for side in bed.sides():
+                # make-before-break done: the old SA is gone, the new one is up
+                await poll_until(
+                    lambda s=side, b=before: (
+                        bool(established(s))
+                        and all(sa["uniqueid"] not in b[s.side] for sa in established(s))
+                    ),
+                    10,
+                )
+        # every rotation finished inside the ping window, and pings go on after the last one
+        assert ping.poll() is None, "the rotations outlasted the ping window"
+        after_rotations = replies()
+    text = output.decode()
+    assert replies() > after_rotations + spacing, text[-500:]
+    sent, received = map(int, PING_STATS.search(text).groups())
+    assert sent == count
+    assert sent - received <= 1, text[-500:]
 
 
 async def test_erase_makes_new_ike_sas_fail_closed(bed: Testbed, pair) -> None:
@@ -266,17 +337,26 @@ async def test_prepare_warns_without_make_before_break(
     assert "make_before_break" in caplog.text
 
 
-async def test_charon_restart_loses_the_ppk_and_the_check_restores_it(bed: Testbed, pair) -> None:
+async def test_charon_restart_loses_the_ppk_and_the_check_restores_it(
+    bed: Testbed, pair, reported: list[ComponentEvent]
+) -> None:
     alice, _ = pair
     secret = Secret.random()
     await rotate(pair, 1, secret)
     await trio.to_thread.run_sync(bed.a.stop)
+    # charon is down: every check fails, the agent hears of it once
+    for _ in range(2):
+        with pytest.raises(SinkError, match="VICI socket"):
+            await alice.check_once()
+    assert [(e.component, e.kind, e.link) for e in reported] == [("ppk", "check_failed", None)]
     await trio.to_thread.run_sync(bed.a.start)
     await trio.to_thread.run_sync(lambda: bed.a.swanctl("--load-all", "--noprompt"))
     assert "qkdagent-ab" not in bed.a.shared_ids()
     assert await alice.verify(ALICE, secret, meta(1)) is False
     repaired = await alice.check_once()  # reconnects its VICI session to the new daemon
     assert [r.secret_id for r in repaired] == ["qkdagent-ab"]
+    assert [(e.kind, e.link) for e in reported[1:]] == [("repaired", ALICE.name)]
+    assert_not_leaked(repr(reported), [secret])
     assert await alice.verify(ALICE, secret, meta(1)) is True
     assert await trio.to_thread.run_sync(bed.a.initiate, CONN)
     assert [sa["ppk"] for sa in established(bed.a)] == ["yes"]

@@ -16,7 +16,9 @@ from qkdagent_strongswan.logic import (
     link_versions,
     make_before_break_setting,
     names,
+    newest_uid,
     parse_conn_message,
+    ppk_in_effect,
     should_reauth,
     stale_versions,
     version_at_least,
@@ -194,3 +196,19 @@ async def test_unreachable_charon_is_a_sink_error(tmp_path: Path) -> None:
     assert "redacted" not in str(info.value)
     with pytest.raises(SinkError, match="at least 16 bytes"):
         await sink.install(INITIATOR, Secret.random(8), KeyMeta(1, ("k",), "ppk", 0.0))
+
+
+def test_ppk_in_effect_needs_an_sa_made_after_the_reauth_request() -> None:
+    old, new = sa("7", "ESTABLISHED"), sa("9", "ESTABLISHED")
+    assert (
+        newest_uid([old, sa("x", "ESTABLISHED"), sa("8", "CONNECTING")]) == 8
+        and newest_uid([]) == 0
+    )
+    # no reauthentication requested: only an SA reporting `ppk: no` refutes it
+    assert ppk_in_effect([], None) and ppk_in_effect([old, sa("3", "ESTABLISHED", None)], None)
+    assert not ppk_in_effect([old, sa("8", "ESTABLISHED", "no")], None)
+    # requested (need 8): the old SA with `ppk: yes` does not count, nor does none at all
+    assert not ppk_in_effect([old], 8) and not ppk_in_effect([], 8)
+    assert not ppk_in_effect([old, sa("8", "CONNECTING")], 8)
+    assert ppk_in_effect([old, new], 8) and ppk_in_effect([new], 9)
+    assert not ppk_in_effect([new, sa("10", "ESTABLISHED", "no")], 9)

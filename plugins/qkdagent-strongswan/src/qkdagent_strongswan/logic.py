@@ -133,6 +133,35 @@ def sa_uses_ppk(sa: Mapping[str, object]) -> bool | None:
     return value == "yes"
 
 
+def parse_uid(value: object) -> int | None:
+    """charon's unique id of an IKE SA (`uniqueid` in list-sas), None if it is not a number."""
+    text = str(value)
+    return int(text) if text.isdigit() else None
+
+
+def newest_uid(sas: Iterable[Mapping[str, object]]) -> int:
+    """The highest unique id among `sas` (0 for none)."""
+    uids = (parse_uid(sa.get("uniqueid")) for sa in sas)
+    return max((uid for uid in uids if uid is not None), default=0)
+
+
+def ppk_in_effect(sas: Iterable[Mapping[str, object]], need_uid: int | None) -> bool:
+    """Whether a connection's IKE SAs show the current PPK in effect.
+
+    No established SA may report `ppk: no`. `need_uid` is set once a reauthentication was
+    requested for the current PPK: then an established SA with unique id >= `need_uid` must be
+    up. charon numbers IKE SAs in increasing order, so such an SA was created after the PPK was
+    loaded (the reauthenticated SA, or a later one or its rekey, which inherits its keys); an
+    older SA reporting `ppk: yes` still runs on the previous PPK and does not count.
+    """
+    established = [sa for sa in sas if sa.get("state") == "ESTABLISHED"]
+    if any(sa_uses_ppk(sa) is False for sa in established):
+        return False
+    if need_uid is None:
+        return True
+    return any((parse_uid(sa.get("uniqueid")) or 0) >= need_uid for sa in established)
+
+
 def decode(value: object) -> object:
     """VICI answers hold bytes; turn them into str recursively (ids, states, flags)."""
     if isinstance(value, bytes):

@@ -3,14 +3,18 @@
 The secret is loaded into a running charon over VICI (`load-shared`, type PPK, owners = the
 PPK_ID, a unique id per link so a new epoch replaces the old one). A new PPK only applies to the
 next IKE_AUTH, so after both agents hold it the link's responder side reauthenticates the
-configured IKE SA (see `logic.should_reauth`). A background check (`run`, and `check_once` at
-every install) re-pushes PPKs that an operator's `swanctl --load-creds` silently unloaded.
+configured IKE SA (see `logic.should_reauth`). A background check (`check_once`, called by the
+plugin's service) re-pushes PPKs that an operator's `swanctl --load-creds` silently unloaded; it
+has its own VICI client so that a rotation's blocking `initiate` never delays a repair.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ from typing import Any
 import trio
 
 from qkdagent import (
+    ComponentEvent,
     KeyMeta,
     Link,
     Misconfigured,
@@ -52,6 +57,9 @@ class _LinkState:
     """What charon should hold under `names.secret_id`; None after an erase by unloading."""
     erased: bool = False
     reauthed: bool = False
+    need_uid: int | None = None
+    """Set once a reauthentication was requested for this PPK: the lowest unique id of an IKE SA
+    that runs on it (the new SA's id once it is up); see `logic.ppk_in_effect`."""
 
 
 class _Rejected(SinkError):
@@ -77,11 +85,17 @@ class StrongswanPpkSink(Sink):
         super().__init__(name, options, context)
         self.config = PpkConfig.read(options)
         self._vici = ViciClient(self.config.socket, self.config.vici_timeout)
+        self._check_vici = ViciClient(self.config.socket, self.config.vici_timeout)
+        """The background check's own session: rotations may block `_vici` for seconds."""
+        self._locks: dict[str, trio.Lock] = {}
+        """Per link: held while install/erase change what charon holds, so that a concurrent
+        repair never re-pushes a PPK that was just replaced."""
         self._links: dict[str, _LinkState] = {}
         self._conn_message: dict[str, object] | None = None
         self._warned_gap = False
-        self.repairs: list[PpkRepair] = []
-        """Every repair so far (also logged as a warning)."""
+        self.repairs: deque[PpkRepair] = deque(maxlen=100)
+        """The latest repairs (each is also reported to the agent as a `ComponentEvent`)."""
+        self._check_failing = False
         self.make_before_break: bool | None = None
         """What prepare() found about charon.make_before_break (None: could not tell)."""
         self.daemon_version: str | None = None
@@ -166,6 +180,10 @@ class StrongswanPpkSink(Sink):
     async def aclose(self) -> None:
         self.closed = True
         await self._vici.aclose()
+        await self._check_vici.aclose()
+
+    def _lock(self, link: str) -> trio.Lock:
+        return self._locks.setdefault(link, trio.Lock())
 
     # -- the Sink contract -------------------------------------------------------------------
 
@@ -173,24 +191,25 @@ class StrongswanPpkSink(Sink):
         if len(secret) < MIN_PPK_BYTES:
             raise SinkError(f"a PPK must be at least {MIN_PPK_BYTES} bytes, got {len(secret)}")
         names = logic.names(self.config, link, self.name, meta.epoch)
-        previous = self._links.get(link.name)
-        await self._load(names, secret)
-        # no checkpoint between the load and this record: a cancelled install either did not
-        # start the load or recorded what charon now holds
-        if (
-            previous is not None
-            and previous.epoch == meta.epoch
-            and not previous.erased
-            and previous.secret is not None
-            and previous.secret == secret
-        ):
-            state = previous
-        else:
-            state = _LinkState(link, names, meta.epoch, Secret(secret.reveal()))
-            self._links[link.name] = state
-        if self.config.versioned:
-            await self._load_conn(names.ppk_id)
-            await self._unload_stale(link, meta.epoch, self.config.keep_versions)
+        async with self._lock(link.name):
+            previous = self._links.get(link.name)
+            await self._load(self._vici, names, secret)
+            # no checkpoint between the load and this record: a cancelled install either did
+            # not start the load or recorded what charon now holds
+            if (
+                previous is not None
+                and previous.epoch == meta.epoch
+                and not previous.erased
+                and previous.secret is not None
+                and previous.secret == secret
+            ):
+                state = previous
+            else:
+                state = _LinkState(link, names, meta.epoch, Secret(secret.reveal()))
+                self._links[link.name] = state
+            if self.config.versioned:
+                await self._load_conn(self._vici, names.ppk_id)
+                await self._unload_stale(link, meta.epoch, self.config.keep_versions)
         log.info(
             "sink %s: loaded PPK %s (PPK_ID %s) for link %s epoch %d",
             self.name,
@@ -204,18 +223,29 @@ class StrongswanPpkSink(Sink):
             state.reauthed = True
 
     async def verify(self, link: Link, secret: Secret, meta: KeyMeta) -> bool | None:
+        """True when charon holds this secret and, after a reauthentication was requested for
+        it, an IKE SA created since then is up (an older SA still runs on the previous PPK)."""
         state = self._links.get(link.name)
         if state is None or state.erased or state.secret is None or state.secret != secret:
             return False
         if state.names.secret_id not in await self.loaded_ids():
             return False
         if state.names.ike is not None:
-            for sa in await self.ike_sas(state.names.ike):
-                if sa.get("state") == "ESTABLISHED" and logic.sa_uses_ppk(sa) is False:
-                    return False
+            return logic.ppk_in_effect(await self.ike_sas(state.names.ike), state.need_uid)
         return True
 
     async def erase(self, link: Link, reason: str) -> None:
+        async with self._lock(link.name):
+            replaced = await self._erase(link)
+        log.warning(
+            "sink %s: erased the PPK of link %s (%s): %s",
+            self.name,
+            link.name,
+            reason,
+            "replaced by a random one" if replaced else "unloaded",
+        )
+
+    async def _erase(self, link: Link) -> bool:
         cfg = self.config
         state = self._links.get(link.name)
         epoch = state.epoch if state is not None else 0
@@ -228,20 +258,14 @@ class StrongswanPpkSink(Sink):
         replacement: Secret | None = None
         if cfg.erase == "random" and (state is not None or not cfg.versioned):
             replacement = Secret.random(32)
-            await self._load(names, replacement)
+            await self._load(self._vici, names, replacement)
             targets = [t for t in targets if t != names.secret_id]
         for secret_id in targets:
             await self._unload(secret_id)
         self._links[link.name] = _LinkState(
             link, names, epoch, replacement, erased=True, reauthed=True
         )
-        log.warning(
-            "sink %s: erased the PPK of link %s (%s): %s",
-            self.name,
-            link.name,
-            reason,
-            "replaced by a random one" if replacement is not None else "unloaded",
-        )
+        return replacement is not None
 
     # -- reauthentication --------------------------------------------------------------------
 
@@ -257,10 +281,14 @@ class StrongswanPpkSink(Sink):
         The agent never terminates the old SA before a new one is up: with make_before_break
         charon keeps it until the new one is established, and a failed reauthentication leaves
         it in place. Raises SinkError when no new SA came up.
+
+        From the request on, `verify()` of the link's current PPK needs an IKE SA newer than
+        every SA seen here; once the new SA is up, that SA's unique id.
         """
         ike = logic.names(self.config, link, self.name, 0).ike
         if ike is None:
             return
+        state = self._links.get(link.name)
         before = await self.ike_sas(ike)
         if not before:
             log.info(
@@ -269,9 +297,19 @@ class StrongswanPpkSink(Sink):
                 ike,
             )
             return
+        if state is not None:
+            state.need_uid = logic.newest_uid(before) + 1
         old = [str(sa.get("uniqueid")) for sa in before]
-        if self._conn_message is not None and await self._replace_sas(link, ike, old):
-            return
+        uid = None
+        if self._conn_message is not None:
+            uid = await self._replace_sas(link, ike, old)
+        if uid is None:
+            uid = await self._reauth_with_retries(link, ike, old)
+        if uid is not None and state is not None and self._links.get(link.name) is state:
+            state.need_uid = uid
+
+    async def _reauth_with_retries(self, link: Link, ike: str, old: list[str]) -> int | None:
+        """`rekey reauth=yes` until a new SA is up: its unique id (None: no SA left to renew)."""
         for attempt in range(self.config.reauth_retries + 1):
             if attempt:
                 # the initiator installs while it sends `commit`: its charon may not have had
@@ -279,16 +317,16 @@ class StrongswanPpkSink(Sink):
                 await trio.sleep(self.config.reauth_retry_delay)
                 old = [str(sa.get("uniqueid")) for sa in await self.ike_sas(ike)]
                 if not old:
-                    return
+                    return None
             try:
-                await self._rekey_reauth(link, ike, old)
-                return
+                return await self._rekey_reauth(link, ike, old)
             except _Rejected as exc:
                 if attempt == self.config.reauth_retries:
                     raise SinkError(str(exc)) from None
                 log.info("sink %s: %s; retrying", self.name, exc)
+        return None
 
-    async def _rekey_reauth(self, link: Link, ike: str, old: list[str]) -> None:
+    async def _rekey_reauth(self, link: Link, ike: str, old: list[str]) -> int | None:
         tracker = logic.ReauthTracker(frozenset(old))
         started = time.monotonic()
         outcome = logic.Outcome.PENDING
@@ -310,7 +348,7 @@ class StrongswanPpkSink(Sink):
                     raise
                 log.info("sink %s: IKE SA %r went away before its reauthentication", self.name, ike)
                 nursery.cancel_scope.cancel()
-                return
+                return None
             with trio.move_on_after(self.config.reauth_timeout):
                 while outcome is logic.Outcome.PENDING:
                     with trio.move_on_after(POLL):
@@ -344,15 +382,17 @@ class StrongswanPpkSink(Sink):
             ike,
             time.monotonic() - started,
         )
+        return logic.parse_uid(tracker.established)
 
-    async def _replace_sas(self, link: Link, ike: str, old: list[str]) -> bool:
+    async def _replace_sas(self, link: Link, ike: str, old: list[str]) -> int | None:
         """Make-before-break by hand for a connection re-sent with a new PPK_ID.
 
         A reauthentication reuses the IKE SA's original connection object, so it would still
         send the previous epoch's PPK_ID. Initiating creates an IKE SA from the reloaded
         connection (with its CHILD SAs); only once it is up are the old IKE SAs deleted.
-        Returns False when charon reuses the existing SA instead (its connection is unchanged,
-        so it already sends the current PPK_ID and a plain reauthentication is right).
+        Returns the new SA's unique id, or None when charon reuses the existing SA instead (its
+        connection is unchanged, so it already sends the current PPK_ID and a plain
+        reauthentication is right).
         """
         assert self._conn_message is not None
         conn = self._conn_message[ike]
@@ -373,13 +413,14 @@ class StrongswanPpkSink(Sink):
             await self._vici.call(f"initiate {ike!r}", initiate)
         except SinkError as exc:
             if any("existing duplicate" in m for m in messages):
-                return False
+                return None
             raise SinkError(
                 f"new IKE SA {ike!r} for link {link.name} failed ({exc}); the previous SA was "
                 "left in place"
             ) from None
         fresh = [sa for sa in await self.ike_sas(ike) if str(sa.get("uniqueid")) not in old]
-        if not any(sa.get("state") == "ESTABLISHED" for sa in fresh):
+        up = [sa for sa in fresh if sa.get("state") == "ESTABLISHED"]
+        if not up:
             raise SinkError(f"no new IKE SA {ike!r} came up; the previous SA was left in place")
         if any(logic.sa_uses_ppk(sa) is False for sa in fresh):
             raise SinkError(f"the new IKE SA {ike!r} does not use a PPK")
@@ -394,48 +435,89 @@ class StrongswanPpkSink(Sink):
             ike,
             time.monotonic() - started,
         )
-        return True
+        return logic.newest_uid(up)
 
     # -- repair after operator reloads -------------------------------------------------------
 
     async def check_once(self) -> list[PpkRepair]:
-        """Re-push every PPK (and conn_file connection) charon lost; return the repairs."""
+        """Re-push every PPK (and conn_file connection) charon lost; return the repairs.
+
+        Uses its own VICI client. A link whose install or erase is changing charon right now
+        is skipped (that call loads what is current); a re-push that fails is reported and the
+        other links are still checked. A check that cannot reach charon raises SinkError and is
+        reported once until a check succeeds again.
+        """
         wanted = [s for s in self._links.values() if s.secret is not None]
         if not wanted:
             return []
-        loaded = await self.loaded_ids()
+        try:
+            loaded = await self.loaded_ids(self._check_vici)
+        except SinkError as exc:
+            if not self._check_failing:
+                self._check_failing = True
+                self._report("check_failed", f"cannot list charon's PPKs: {exc}")
+            raise
+        self._check_failing = False
         repaired = []
         for state in wanted:
-            if state.names.secret_id in loaded or state.secret is None:
-                continue
-            await self._load(state.names, state.secret)
-            repaired.append(self._repaired(state.link.name, state.names.secret_id))
-            log.warning(
-                "sink %s: charon no longer held PPK %s of link %s (swanctl --load-creds or "
-                "--load-all, or a daemon restart?); re-installed it",
-                self.name,
-                state.names.secret_id,
-                state.link.name,
-            )
+            if state.names.secret_id not in loaded:
+                repaired += await self._repair_ppk(state)
         current = wanted[-1]
         if self._conn_message is not None and not current.erased and self.config.ike:
-            conn = await self._conn(self.config.ike)
-            if conn is None or conn.get("ppk_id") != current.names.ppk_id:
-                await self._load_conn(current.names.ppk_id)
-                repaired.append(self._repaired(current.link.name, f"conn:{self.config.ike}"))
-                log.warning(
-                    "sink %s: connection %r no longer sent PPK_ID %s (swanctl --load-conns?); "
-                    "re-loaded it from conn_file",
-                    self.name,
-                    self.config.ike,
-                    current.names.ppk_id,
-                )
+            repaired += await self._repair_conn(current, self.config.ike)
         return repaired
 
-    def _repaired(self, link: str, what: str) -> PpkRepair:
-        event = PpkRepair(link, what, time.time())
+    async def _repair_ppk(self, state: _LinkState) -> list[PpkRepair]:
+        with _unless_busy(self._lock(state.link.name)) as free:
+            if not free or self._links.get(state.link.name) is not state or state.secret is None:
+                return []
+            try:
+                await self._load(self._check_vici, state.names, state.secret)
+            except SinkError as exc:
+                self._failed_repair(state, f"re-installing PPK {state.names.secret_id}", exc)
+                return []
+            return [
+                self._repaired(
+                    state,
+                    state.names.secret_id,
+                    f"charon no longer held PPK {state.names.secret_id} (swanctl --load-creds "
+                    "or --load-all, or a daemon restart?); re-installed it",
+                )
+            ]
+
+    async def _repair_conn(self, state: _LinkState, ike: str) -> list[PpkRepair]:
+        with _unless_busy(self._lock(state.link.name)) as free:
+            if not free or self._links.get(state.link.name) is not state:
+                return []
+            try:
+                conn = await self._conn(ike, self._check_vici)
+                if conn is not None and conn.get("ppk_id") == state.names.ppk_id:
+                    return []
+                await self._load_conn(self._check_vici, state.names.ppk_id)
+            except SinkError as exc:
+                self._failed_repair(state, f"re-loading connection {ike!r}", exc)
+                return []
+            return [
+                self._repaired(
+                    state,
+                    f"conn:{ike}",
+                    f"connection {ike!r} no longer sent PPK_ID {state.names.ppk_id} "
+                    "(swanctl --load-conns?); re-loaded it from conn_file",
+                )
+            ]
+
+    def _repaired(self, state: _LinkState, what: str, detail: str) -> PpkRepair:
+        event = PpkRepair(state.link.name, what, time.time())
         self.repairs.append(event)
+        self._report("repaired", detail, state.link.name)
         return event
+
+    def _failed_repair(self, state: _LinkState, what: str, exc: SinkError) -> None:
+        self._report("reinstall_failed", f"{what} failed: {exc}", state.link.name)
+
+    def _report(self, kind: str, detail: str, link: str | None = None) -> None:
+        """To the agent (a hook call, a metric and a log line); details never hold key bytes."""
+        self.context.report(ComponentEvent(self.name, kind, detail, link))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Background check every `check_interval` seconds; runs until cancelled."""
@@ -449,7 +531,7 @@ class StrongswanPpkSink(Sink):
 
     # -- VICI helpers ------------------------------------------------------------------------
 
-    async def _load(self, names: logic.Names, secret: Secret) -> None:
+    async def _load(self, client: ViciClient, names: logic.Names, secret: Secret) -> None:
         def load(session: Any) -> None:
             session.request(
                 "load-shared",
@@ -461,9 +543,9 @@ class StrongswanPpkSink(Sink):
                 },
             )
 
-        await self._vici.call(f"load-shared {names.secret_id!r}", load)
+        await client.call(f"load-shared {names.secret_id!r}", load)
 
-    async def _load_conn(self, ppk_id: str) -> None:
+    async def _load_conn(self, client: ViciClient, ppk_id: str) -> None:
         """Re-send the connection from `conn_file` so that it sends this epoch's PPK_ID.
 
         `load-conn` replaces the definition; established SAs stay up until replaced.
@@ -471,10 +553,10 @@ class StrongswanPpkSink(Sink):
         if self._conn_message is None or self.config.ike is None:
             return
         message = logic.with_ppk_id(self._conn_message, self.config.ike, ppk_id)
-        await self._vici.call(f"load-conn {self.config.ike!r}", request("load-conn", message))
+        await client.call(f"load-conn {self.config.ike!r}", request("load-conn", message))
 
-    async def _conn(self, ike: str) -> dict[str, Any] | None:
-        conns = await self._vici.call(
+    async def _conn(self, ike: str, client: ViciClient | None = None) -> dict[str, Any] | None:
+        conns = await (client or self._vici).call(
             "list-conns", lambda s: [logic.decode(c) for c in s.list_conns({"ike": ike})]
         )
         for entry in conns:
@@ -496,11 +578,25 @@ class StrongswanPpkSink(Sink):
         for secret_id in logic.stale_versions(await self.loaded_ids(), prefix, epoch, keep):
             await self._unload(secret_id)
 
-    async def loaded_ids(self) -> set[str]:
+    async def loaded_ids(self, client: ViciClient | None = None) -> set[str]:
         """Ids of every secret loaded over VICI (`get-shared`)."""
-        answer = await self._vici.call("get-shared", request("get-shared"))
+        answer = await (client or self._vici).call("get-shared", request("get-shared"))
         keys = logic.decode(answer.get("keys", []))
         return {k for k in keys if isinstance(k, str)} if isinstance(keys, list) else set()
+
+
+@contextmanager
+def _unless_busy(lock: trio.Lock) -> Iterator[bool]:
+    """Hold `lock` if it is free (yields True); never waits for it (yields False)."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 def _read_confs(path: Path | None) -> list[str]:

@@ -2,8 +2,9 @@
 
 The `vici` package is blocking and its `Session` is not safe to share between concurrent
 callers, so each `ViciClient` owns one session and serialises calls through a capacity limiter
-of 1; the sink's background checker uses a second client. The socket has a timeout so a hung
-charon cannot pin a worker thread forever (worker threads cannot be cancelled by trio).
+of 1. A sink has two clients: one for rotations (whose `initiate` may block for seconds) and one
+for its background check, so a slow rotation never delays a repair. The socket has a timeout so
+a hung charon cannot pin a worker thread forever (worker threads cannot be cancelled by trio).
 """
 
 from __future__ import annotations
