@@ -149,7 +149,12 @@ class LinkRuntime:
         )
         self.status.last_error = f"peer: {message}"
         self.status.last_error_at = time.time()
-        log.warning("link %s: %s", self.name, message, extra={"link": self.name, "stage": "peer"})
+        if self.record is None or self.record.epoch == 0:
+            # Never rotated: a configuration problem, worth a line. A link that did rotate
+            # and then went quiet was already reported by its reject_after erase.
+            log.warning(
+                "link %s: %s", self.name, message, extra={"link": self.name, "stage": "peer"}
+            )
 
     # -- initiator ---------------------------------------------------------------------------
 

@@ -56,6 +56,12 @@ class AgentProcess:
             return None
 
     def epochs(self) -> dict[str, int]:
+        """Link -> epoch from /status ({} while it does not answer); a dead agent fails the
+        test at once, with the end of its log, instead of a poll running into its timeout."""
+        code = self.proc.poll()
+        if code is not None:
+            tail = self.log.read_text(errors="replace")[-2000:]
+            raise AssertionError(f"agent {self.config.name} exited with {code}:\n{tail}")
         status = self.status()
         return {} if status is None else {x["link"]: x["epoch"] for x in status["links"]}
 

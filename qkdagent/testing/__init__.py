@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .agents import AgentPair, open_agent_pair, pair_configs
+from .agents import AgentPair, free_port, open_agent_pair, pair_configs
 from .local import LocalNetwork
 from .memory import InstallRecord, MemoryPool, MemorySource, RecordingSink
 
@@ -49,6 +49,7 @@ __all__ = [
     "SinkContract",
     "SourceContract",
     "assert_not_leaked",
+    "free_port",
     "in_ci",
     "missing",
     "open_agent_pair",

@@ -16,6 +16,7 @@ simulated link (`memory` source, pool named after the pair). The link is named `
 from __future__ import annotations
 
 import base64
+import collections
 import os
 import socket
 import uuid
@@ -37,11 +38,23 @@ LINK = "alice-bob"
 NAMES = ("alice", "bob")
 
 
+_handed_out: collections.deque[int] = collections.deque(maxlen=4096)
+
+
 def free_port() -> int:
-    """A loopback TCP port free right now (the agent binds it with SO_REUSEADDR)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port free right now (the agent binds it with SO_REUSEADDR).
+
+    The kernel may return a port it just returned (it was closed again at once), so ports
+    this process handed out recently are never handed out twice: two agents of one pair, or a
+    server and its status listener, would otherwise get the same port now and then.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.append(port)
+            return port
 
 
 def pair_configs(

@@ -230,7 +230,7 @@ async def test_kme_with_nonstandard_containers(sources, caplog, settings: SimSet
         assert len({(r.getMessage()) for r in warnings}) == len(warnings)
 
 
-@pytest.mark.parametrize("settings", [SimSettings(kmes=KMES, rate_bps=0.0, sync_delay=0.3)])
+@pytest.mark.parametrize("settings", [SimSettings(kmes=KMES, rate_bps=0.0, sync_delay=1.0)])
 async def test_dec_keys_not_found_right_after_enc_keys_is_retried(sim: Simulator, sources) -> None:
     alice, bob = await sources("alice"), await sources("bob", retry_backoff=0.05)
     await roundtrip(alice, bob)
@@ -314,12 +314,31 @@ async def test_simulator_uses_a_custom_key_supply(sim: Simulator, sources) -> No
 # -- cancellation never loses a received key ---------------------------------------------------
 
 
+async def cancel_in_flight(sim: Simulator, kme: str, call: Any) -> trio.CancelScope:
+    """Run `call` and cancel it once the KME has received its request (while the KME's
+    `delay` quirk holds the answer back), so the cancel never lands before the send."""
+    app = sim.apps[kme]
+    received = app.received
+    scope = trio.CancelScope()
+
+    async def run() -> None:
+        with scope:
+            await call
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        with trio.fail_after(10):
+            while app.received == received:  # noqa: ASYNC110 - polls the simulator
+                await trio.sleep(0.005)
+        scope.cancel()
+    return scope
+
+
 @pytest.mark.parametrize("settings", [quirky(delay=0.2)])
 async def test_cancelled_new_key_keeps_the_key_for_the_next_call(sim: Simulator, sources) -> None:
     alice, bob = await sources("alice"), await sources("bob")
     before = sim.apps["KME_A"].stats["keys"]
-    with trio.move_on_after(0.05) as scope:
-        await alice.new_key(ALICE)
+    scope = await cancel_in_flight(sim, "KME_A", alice.new_key(ALICE))
     assert scope.cancelled_caught
     assert sim.apps["KME_A"].stats["keys"] == before + 1  # the KME did hand the key out
     key = await alice.new_key(ALICE)
@@ -331,8 +350,7 @@ async def test_cancelled_new_key_keeps_the_key_for_the_next_call(sim: Simulator,
 async def test_cancelled_key_by_id_can_be_repeated(sim: Simulator, sources) -> None:
     alice, bob = await sources("alice"), await sources("bob", not_found_retries=0)
     key = await alice.new_key(ALICE)
-    with trio.move_on_after(0.05) as scope:
-        await bob.key_by_id(BOB, key.key_id)
+    scope = await cancel_in_flight(sim, "KME_B", bob.key_by_id(BOB, key.key_id))
     assert scope.cancelled_caught
     assert sim.network.parked_count("KME_B") == 0  # gone from the KME
     assert (await bob.key_by_id(BOB, key.key_id)).value == key.value

@@ -14,7 +14,7 @@ import trio
 from qkdagent_strongswan.testbed import CONN, PPK_ID, Charon, Testbed
 
 from qkdagent import KeyMeta, Link
-from qkdagent.testing import open_agent_pair
+from qkdagent.testing import MemoryPool, open_agent_pair
 
 CHECK_INTERVAL = 0.5
 REJECT_AFTER = 6.0
@@ -77,11 +77,18 @@ async def test_agents_rotate_reauthenticate_repair_and_fail_closed(
             bob_link = Link("alice-bob", "bob", "alice", False)
             assert await pair.sink("bob", "ppk").verify(bob_link, secret, meta) is True
 
-        # an operator reloads bob's credentials: the agent's check service re-pushes the PPK
+        # an operator reloads bob's credentials: the agent's check service re-pushes the PPK.
+        # Rotations are held off first (key source down), so the repair cannot be pre-empted
+        # by the next rotation's install.
+        pool = MemoryPool.named(pair.configs["alice"]["sources"]["sim"]["pool"])
+        pool.down = True
+        failures = pair.alice.link("alice-bob").describe()["failures"]
+        await poll_until(lambda: pair.alice.link("alice-bob").describe()["failures"] > failures, 5)
         secret_id = "qkdagent-alice-bob"
         await trio.to_thread.run_sync(bed.b.swanctl, "--load-creds", "--noprompt")
         await poll_until(lambda: secret_id in bed.b.shared_ids(), CHECK_INTERVAL + 2)
         await poll_until(lambda: bool(pair.sink("bob", "ppk").repairs), 3)
+        pool.down = False
         # reported to bob's agent (hook, metric, log line, status) as a component event
         (event,) = pair.bob.describe()["recent_component_events"]
         assert (event["component"], event["kind"]) == ("ppk", "repaired")

@@ -203,10 +203,13 @@ async def test_swanctl_load_creds_is_repaired_within_one_check_interval(
     async with trio.open_nursery() as nursery:
         await nursery.start(bob.run)
         started = time.monotonic()
-        await poll_until(lambda: secret_id in bed.b.shared_ids(), interval + 3)
+        # the sink's own report marks the repair (polling charon from here would add the
+        # latency of a swanctl process per poll to the figure)
+        await poll_until(lambda: bool(reported), interval + 10)
         repaired_after = time.monotonic() - started
         nursery.cancel_scope.cancel()
-    assert repaired_after <= interval + 1.0
+    assert secret_id in bed.b.shared_ids()
+    assert repaired_after <= interval + 0.5
     assert [(r.link, r.secret_id) for r in bob.repairs] == [(BOB.name, secret_id)]
     (event,) = reported
     assert (event.component, event.kind, event.link) == (bob.name, "repaired", BOB.name)
@@ -234,7 +237,7 @@ PING_STATS = re.compile(r"(\d+) packets transmitted, (\d+) received")
 async def test_make_before_break_loses_at_most_one_packet_per_rotation(bed: Testbed, pair) -> None:
     await rotate(pair, 1, Secret.random())
     await up(bed)
-    rotations, count, spacing = 3, 400, 25
+    rotations, count, spacing = 3, 1000, 25
     argv = ["ip", "netns", "exec", bed.a.netns, "stdbuf", "-oL"]  # each reply line as it comes
     argv += ["ping", "-n", "-i", "0.01", "-c", str(count)]
     argv += ["-W", "1", "-I", bed.a.inner, bed.a.peer_inner]
@@ -274,7 +277,7 @@ async def test_make_before_break_loses_at_most_one_packet_per_rotation(bed: Test
     assert replies() > after_rotations + spacing, text[-500:]
     sent, received = map(int, PING_STATS.search(text).groups())
     assert sent == count
-    assert sent - received <= 1, text[-500:]
+    assert sent - received <= rotations, text[-500:]  # at most one per rotation
 
 
 async def test_erase_makes_new_ike_sas_fail_closed(bed: Testbed, pair) -> None:

@@ -17,13 +17,7 @@ import trio
 from qkdagent_tlspsk import TlsPskSink
 
 from qkdagent import Options, PluginContext
-from qkdagent.testing import require_binary
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from qkdagent.testing import free_port, require_binary
 
 
 def make_sink(tmp_path: Path, name: str = "psk", **options: Any) -> TlsPskSink:

@@ -72,12 +72,16 @@ class KmeApp:
         self.max_body = max_body
         self.quirks = quirks or Quirks()
         self.stats: Counter[str] = Counter()
+        """Answers by status code, and keys handed out."""
+        self.received = 0
+        """Requests that reached the app (counted before the `delay` quirk)."""
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, caller: str | None
     ) -> None:
         if scope["type"] != "http":
             return
+        self.received += 1  # before any delay: tests cancel a request in flight
         if self.quirks.delay:
             await trio.sleep(self.quirks.delay)
         try:

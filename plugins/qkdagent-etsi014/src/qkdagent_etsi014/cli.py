@@ -186,8 +186,10 @@ async def _serve(directory: Path, settings: SimSettings, ready_file: Path | None
             for kme in sim.describe():
                 print(f"{kme['kme_id']}: {kme['url']} serving SAEs {', '.join(kme['saes'])}")
             print(f"certificates: {directory} (CA {directory / 'ca.pem'})", flush=True)
-            if ready_file is not None:
-                await trio.Path(ready_file).write_text(json.dumps(sim.describe()))
+            if ready_file is not None:  # write then rename: a reader never sees half of it
+                partial_file = trio.Path(f"{ready_file}.tmp")
+                await partial_file.write_text(json.dumps(sim.describe()))
+                await partial_file.replace(ready_file)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
                 break
