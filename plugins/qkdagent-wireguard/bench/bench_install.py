@@ -7,6 +7,7 @@ Needs root, wireguard-go, wg, ip (and qemu + ci/setup.sh's kernel for --kernel).
 goes through the sink's full path, device evidence included (uapi: the device listing and the set
 in one round trip; netlink: set and read-back in one send). The baseline spawns
 `wg set IFACE peer PUB preshared-key FILE` once per install, the way shell-based tools do.
+The many-peers figure is sink-only: it calls `WireGuardSink.install` directly (no agents).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from qkdagent_wireguard.testbed import Node, Pair
 from qkdagent import KeyMeta, Link, Options, PluginContext, Secret
 
 LINK = Link("bench", "alice", "bob", True)
+SINK_ONLY = (
+    "sink-only: WireGuardSink.install called directly, one sink per peer in one process "
+    "(no agents, no key source, no agent protocol)"
+)
 PLUGIN = Path(__file__).resolve().parents[1]
 
 
@@ -161,8 +166,9 @@ async def many_peers(  # type: ignore[no-untyped-def]
         results[mode] = (wall, cpu, dcpu)
         done = count if mode == "concurrent" else min(sequential, count)
         print(
-            f"  {done:>5} of {count} peers, {mode:<10} ({backend}): total {wall * 1e3:8.1f} ms, "
-            f"agent CPU {cpu * 1e3:8.1f} ms, device CPU {dcpu * 1e3:7.1f} ms"
+            f"  [sink-only] {done:>5} of {count} peers, {mode:<10} ({backend}): "
+            f"total {wall * 1e3:8.1f} ms, sink CPU {cpu * 1e3:8.1f} ms, "
+            f"device CPU {dcpu * 1e3:7.1f} ms"
         )
     batches = sinks[0]._shared.batcher(node.iface).batches if sinks[0]._shared else 0
     print(f"  backend round trips for all of the above (incl. prepare): {batches}")
@@ -211,7 +217,7 @@ async def userspace(args: argparse.Namespace) -> None:
             f"  the daemon alone (no Python) vs `wg set`: listing + set {base / floor:.1f}x, "
             f"bare set {base / bare:.1f}x"
         )
-        print(f"one interface, {args.peers} peers, every peer rotated by one process:")
+        print(f"one interface, {args.peers} peers, {SINK_ONLY}:")
         assert a.proc is not None
         await many_peers(a, workdir, args.peers, args.sequential, "uapi", a.proc.pid)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -234,7 +240,7 @@ async def kernel(args: argparse.Namespace) -> None:
         print(
             f"  speed-up vs `wg set`: netlink built-in {base / nl:.1f}x, pyroute2 {base / py:.1f}x"
         )
-        print(f"one interface, {args.peers} peers, every peer rotated by one process:")
+        print(f"one interface, {args.peers} peers, {SINK_ONLY}:")
         await many_peers(a, workdir, args.peers, args.sequential, "netlink", None)
 
 

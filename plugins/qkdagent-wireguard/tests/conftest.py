@@ -51,7 +51,7 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Path]]:
     """Start `qkdagent-wireguard broker` subprocesses; each is stopped by PID at teardown."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(*args: str, socket: Path | None = None) -> Path:
+    def start(*args: str, socket: Path | None = None, timeout: float = 15) -> Path:
         sock = socket or tmp_path / f"broker-{len(procs)}.sock"
         log = open(tmp_path / f"broker-{len(procs)}.log", "wb")
         proc = subprocess.Popen(
@@ -70,7 +70,7 @@ def broker_factory(tmp_path: Path) -> Iterator[Callable[..., Path]]:
         )
         log.close()
         procs.append(proc)
-        wait_for(lambda: sock.is_socket() or proc.poll() is not None, 15, what="broker socket")
+        wait_for(lambda: sock.is_socket() or proc.poll() is not None, timeout, what="broker socket")
         assert proc.poll() is None, (tmp_path / f"broker-{len(procs) - 1}.log").read_text()
         return sock
 

@@ -1,9 +1,14 @@
-"""Two real agents (loopback mTLS, simulated key link) rotating wireguard-go PSKs end to end."""
+"""Two real agents rotating wireguard-go PSKs end to end, their keys from two simulated ETSI
+GS QKD 014 KMEs (`qkdagent_etsi014.sim`, HTTPS with mutual TLS on every hop)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import trio
-from qkdagent_wireguard.testbed import Pair
+from qkdagent_etsi014.sim import Simulator, open_kme_pair
+from qkdagent_wireguard.testbed import Node, Pair
 
 from qkdagent.testing import open_agent_pair
 
@@ -14,20 +19,28 @@ async def held(pair: Pair) -> tuple[bytes | None, bytes | None]:
     return (await trio.to_thread.run_sync(a.psk_of, b), await trio.to_thread.run_sync(b.psk_of, a))
 
 
-async def test_two_agents_rotate_psks_and_fail_closed(userspace_pair: Pair, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def side(sim: Simulator, sae: str, node: Node, peer: Node) -> dict[str, Any]:
+    """One agent's config: keys from its KME as SAE `sae`, the PSK of `peer` on `node`."""
+    sink = {"type": "wireguard", "interface": node.iface, "peer_public_key": peer.public_text}
+    return {
+        "plugins": ["etsi014", "wireguard"],
+        "sources": {"qkd": sim.source_table(sae)},
+        "sinks": {"wg": {**sink, "backend": "uapi"}},
+    }
+
+
+async def test_two_agents_rotate_psks_and_fail_closed(userspace_pair: Pair, tmp_path: Path) -> None:
     a, b = userspace_pair.a, userspace_pair.b
     assert a is not None and b is not None
-
-    def side(node, peer):  # type: ignore[no-untyped-def]
-        sink = {"type": "wireguard", "interface": node.iface, "peer_public_key": peer.public_text}
-        return {"plugins": ["wireguard"], "sinks": {"wg": {**sink, "backend": "uapi"}}}
-
-    async with open_agent_pair(
-        tmp_path / "agents",
-        alice=side(a, b),
-        bob=side(b, a),
-        link={"interval": 3, "reject_after": 6},
-    ) as agents:
+    async with (
+        open_kme_pair(tmp_path / "kme") as sim,
+        open_agent_pair(
+            tmp_path / "agents",
+            alice=side(sim, "alice", a, b),
+            bob=side(sim, "bob", b, a),
+            link={"interval": 3, "reject_after": 6},
+        ) as agents,
+    ):
         assert agents.sink("alice", "wg").resolved == "uapi"
         fingerprints = set()
         for epoch in (1, 2, 3):
@@ -45,6 +58,8 @@ async def test_two_agents_rotate_psks_and_fail_closed(userspace_pair: Pair, tmp_
             fingerprints.add(secret.fingerprint())
             assert await trio.to_thread.run_sync(userspace_pair.fresh_handshake, 6.0)
         assert len(fingerprints) == 3
+        # the keys came from the KMEs: alice fetched at KME_A, bob by key ID at KME_B
+        assert sim.apps["KME_A"].stats["keys"] >= 3 and sim.apps["KME_B"].stats["keys"] >= 3
         last = agents.secret("alice", "wg").reveal()
 
         await agents.stop("bob")

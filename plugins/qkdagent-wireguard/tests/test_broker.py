@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import base64
+import errno
 import os
+import select
 import shutil
+import socket
+import struct
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from qkdagent_wireguard import broker as broker_module
 from qkdagent_wireguard.backend import BackendError, Op, Outcome
-from qkdagent_wireguard.broker import BrokerBackend
+from qkdagent_wireguard.broker import (
+    MAX_FRAME,
+    Broker,
+    BrokerBackend,
+    bind_socket,
+    parse_allow,
+    serve,
+)
 from qkdagent_wireguard.drive import drive_blocking
 from qkdagent_wireguard.testbed import genkey
 
@@ -156,3 +169,81 @@ async def test_missing_broker_socket_is_not_installed(tmp_path, userspace_pair, 
     )
     with pytest.raises(NotInstalled, match="broker"):
         await sink.prepare()
+
+
+def test_refused_caller_is_disconnected_before_its_frame_is_read(broker_factory) -> None:  # type: ignore[no-untyped-def]
+    peer = base64.b64encode(os.urandom(32)).decode()
+    path = broker_factory("--allow", f"wg0:{peer}", "--user", "12345", "--backend", "uapi")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(path))
+        sock.setblocking(False)
+        # The header announces the largest frame allowed; only its first 64 KiB follow. A broker
+        # that read frames before judging the caller would wait here for the other ~8 MB.
+        try:
+            sock.send(struct.pack(">I", MAX_FRAME) + os.urandom(65536))
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            pass
+        data = b""
+        while True:
+            assert select.select([sock], [], [], 10)[0], "the broker kept the refused caller"
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:  # closed with our bytes still unread
+                break
+            if not chunk:
+                break
+            data += chunk
+    (size,) = struct.unpack_from(">I", data)
+    assert len(data) == 4 + size
+    assert b'"ok":false' in data and b"uid 0 is not allowed" in data
+    log = path.with_name(path.stem + ".log").read_text()
+    assert "refused caller" in log and "frame" not in log
+
+
+class _Served:
+    """A backend that answers "match" to everything without touching WireGuard."""
+
+    name = "served"
+    timeout = 1.0
+    spin = 0.0
+
+    def exchange(self, interface: str, ops: list[Op]):  # type: ignore[no-untyped-def]
+        return [Outcome.MATCH for _ in ops]
+        yield
+
+    def close(self) -> None:
+        pass
+
+
+def test_unreadable_credentials_do_not_stop_the_broker(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    real, calls = broker_module.peer_credentials, []
+
+    def fail_once(sock: socket.socket) -> broker_module.Credentials:
+        calls.append(sock)
+        if len(calls) == 1:
+            raise OSError(errno.EBADF, "injected failure")
+        return real(sock)
+
+    monkeypatch.setattr(broker_module, "peer_credentials", fail_once)
+    peer = os.urandom(32)
+    allow = parse_allow([f"wg0:{base64.b64encode(peer).decode()}"])
+    broker = Broker(_Served(), allow, uids=frozenset({os.getuid()}))
+    listener = bind_socket(tmp_path / "b.sock")
+    wake, waker = socket.socketpair()
+    thread = threading.Thread(target=serve, args=(broker, listener, wake), daemon=True)
+    thread.start()
+    try:
+        with socket.socket(socket.AF_UNIX) as first:
+            first.connect(str(tmp_path / "b.sock"))
+            first.settimeout(10)
+            assert first.recv(1) == b""  # dropped, unserved
+        op = Op(peer, os.urandom(32), True)
+        assert broker_apply(tmp_path / "b.sock", "wg0", [op]) == [Outcome.MATCH]
+        assert len(calls) == 2
+    finally:
+        waker.send(b"x")
+        thread.join(10)
+        listener.close()
+        wake.close()
+        waker.close()
+    assert not thread.is_alive()

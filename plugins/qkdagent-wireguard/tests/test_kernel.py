@@ -17,7 +17,7 @@ PLUGIN = Path(__file__).resolve().parents[1]
 REPO = PLUGIN.parents[1]
 CACHE = PLUGIN / ".cache" / "kernel"
 GUEST_TESTS = PLUGIN / "tests" / "guest" / "netlink_guest.py"
-MIN_TESTS = 21
+MIN_TESTS = 26
 
 
 def guest_script(results: str = "/mnt") -> str:

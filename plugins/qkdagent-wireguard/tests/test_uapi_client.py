@@ -190,3 +190,32 @@ def test_key_never_in_errors(fake) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(BackendError) as info:
         apply(backend, [Op(PEER, key, True)])
     assert key.hex() not in str(info.value)
+
+
+def test_reply_buffer_is_wiped_and_grows_without_leaving_copies(fake) -> None:  # type: ignore[no-untyped-def]
+    private = os.urandom(32)
+    others = b"".join(
+        b"public_key=%s\npreshared_key=%s\nallowed_ip=10.9.%d.%d/32\n"
+        % (os.urandom(32).hex().encode(), os.urandom(32).hex().encode(), i // 250, i % 250)
+        for i in range(600)  # ~110 KB: more than the initial 64 KiB buffer
+    )
+    big = {"on": False}
+
+    def listing(request: bytes, state: dict[bytes, bytes]) -> bytes:
+        reply = honest(request, state)
+        if request.startswith(b"get"):
+            head = b"private_key=%s\n" % private.hex().encode()
+            reply = head + (others if big["on"] else b"") + reply
+        return reply
+
+    backend, _ = fake(listing)
+    key = os.urandom(32)
+    assert apply(backend, [Op(PEER, key, True)]) == [Outcome.MATCH]
+    _, buf = backend._conns["wgfake"]
+    first = buf.data
+    assert buf.used == 0 and not any(first)  # private key and PSKs zeroed after parsing
+    big["on"] = True
+    assert apply(backend, [Op(PEER, key, False)]) == [Outcome.MATCH]
+    assert backend._conns["wgfake"][1] is buf and len(buf.data) > len(first)
+    assert not any(first) and not any(buf.data)  # the outgrown buffer was wiped too
+    backend.close()

@@ -74,19 +74,24 @@ def test_get_reply_parsing_and_errno() -> None:
         f"public_key={other.hex()}\npreshared_key={'00' * 32}\n"
         "errno=0\n\n"
     ).encode()
-    body, code = split_reply(reply)
+    end, code = split_reply(reply)
+    body = reply[:end]
     assert code == 0 and body.endswith(
         b"allowed_ip=10.0.0.2/32\n"
         + f"public_key={other.hex()}\npreshared_key={'00' * 32}\n".encode()
     )
     assert parse_get(body) == {PEER: key, other: None}
-    assert split_reply(b"errno=0\n\n") == (b"", 0)
+    assert parse_get(bytearray(reply), end) == {PEER: key, other: None}  # in place, bounded
+    assert split_reply(b"errno=0\n\n") == (0, 0)
+    two = bytearray(reply + b"errno=-22\n\n")  # a second reply in the same buffer
+    assert split_reply(two, len(reply)) == (len(reply), -22)
     assert parse_errno(b"errno=-22\n\n") == -22
     for garbage in (b"garbage\n\n", b"errno=x\n\n", b"errno=0\n"):
         with pytest.raises(BackendError):
             parse_errno(garbage)
-    with pytest.raises(BackendError, match="malformed"):
-        parse_get(f"public_key={PEER.hex()}\npreshared_key=zz\n".encode())
+    for bad in ("zz", "ab" * 31, "ab" * 33, "zz" * 32):
+        with pytest.raises(BackendError, match="malformed"):
+            parse_get(f"public_key={PEER.hex()}\npreshared_key={bad}\n".encode())
     # only whole lines count: a key that merely ends another line is not a peer
     assert locate(b"xpublic_key=" + PEER.hex().encode() + b"\n", PEER) is None
     assert locate(body, other) is not None and locate(body, os.urandom(32)) is None

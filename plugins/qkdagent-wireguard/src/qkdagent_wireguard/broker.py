@@ -1,7 +1,8 @@
 """A tiny privileged helper that sets PSKs for an unprivileged agent (Rosenpass-style split).
 
 The broker holds CAP_NET_ADMIN (or access to the userspace control sockets); the agent does not.
-It listens on a unix socket, checks the caller's kernel-reported credentials (SO_PEERCRED) and
+It listens on a unix socket, checks the caller's kernel-reported credentials (SO_PEERCRED) as it
+accepts the connection (a refused caller is closed before any of its bytes are read) and
 serves only the interface/peer pairs it was started with. Frames are a 4-byte big-endian length
 and a JSON body; a connection carries any number of requests in a row (the agent keeps one
 open, which saves a connect/accept per install). Replies carry outcomes ("match",
@@ -113,6 +114,7 @@ class Credentials:
 
 
 def peer_credentials(conn: socket.socket) -> Credentials:
+    """The connecting process's pid, uid and gid as the kernel recorded them at connect()."""
     data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return Credentials(*struct.unpack("3i", data))
 
@@ -149,6 +151,8 @@ class Broker:
         self.gids = gids
 
     def authorised(self, creds: Credentials) -> bool:
+        """By uid, or by gid: SO_PEERCRED reports the caller's primary (effective) gid only,
+        so membership of a supplementary group does not count."""
         return creds.uid in self.uids or creds.gid in self.gids
 
     def handle(self, body: dict[str, object], creds: Credentials) -> dict[str, object]:
@@ -257,19 +261,15 @@ def serve(
                 if key.fileobj is listener:
                     try:
                         sock, _ = listener.accept()
-                    except BlockingIOError:
+                    except (BlockingIOError, ConnectionAbortedError, InterruptedError):
                         continue
                     except OSError as exc:
                         log.warning("accept failed: %s", exc)
                         return
-                    if len(conns) >= max_conns:
-                        log.warning("too many connections; refusing one")
-                        sock.close()
-                        continue
-                    sock.setblocking(False)
-                    conn = _Conn(sock, peer_credentials(sock), bytearray())
-                    conns[sock.fileno()] = conn
-                    sel.register(sock, selectors.EVENT_READ)
+                    conn = _admit(broker, sock, len(conns) >= max_conns)
+                    if conn is not None:
+                        conns[sock.fileno()] = conn
+                        sel.register(sock, selectors.EVENT_READ)
                     continue
                 conn = conns[key.fd]
                 try:
@@ -282,6 +282,33 @@ def serve(
         for conn in list(conns.values()):
             drop(conn)
         sel.close()
+
+
+def _admit(broker: Broker, sock: socket.socket, full: bool) -> _Conn | None:
+    """A connection to serve, or None after closing it: too many connections, credentials
+    unreadable, or a caller not allowed. A refused caller gets one short error frame (sent
+    without blocking) and is closed before anything it sent is read."""
+    try:
+        sock.setblocking(False)
+        if full:
+            log.warning("too many connections; refusing one")
+            sock.close()
+            return None
+        creds = peer_credentials(sock)
+        if not broker.authorised(creds):
+            log.warning("refused caller pid=%d uid=%d gid=%d", creds.pid, creds.uid, creds.gid)
+            reply = {"ok": False, "error": f"uid {creds.uid} is not allowed to use this broker"}
+            try:
+                sock.send(_frame(reply))
+            except OSError:
+                pass
+            sock.close()
+            return None
+    except OSError as exc:
+        log.warning("cannot admit a connection: %s", exc)
+        sock.close()
+        return None
+    return _Conn(sock, creds, bytearray())
 
 
 def _serve_ready(broker: Broker, conn: _Conn) -> bool:
@@ -372,9 +399,19 @@ class BrokerBackend:
 
 
 def _ask(sock: socket.socket, request: bytearray) -> Exchange[dict[str, object]]:
-    """One request/reply on a kept connection; _Stale when it broke before any reply byte."""
+    """One request/reply on a kept connection; _Stale when it broke before any reply byte.
+
+    A caller the broker refuses at accept gets an error frame and is disconnected unread, so
+    sending may fail: the frame is then looked for among what already arrived.
+    """
     try:
         yield from send_all(sock, request)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        refusal = _arrived_frame(sock)
+        if refusal is not None:
+            return refusal
+        raise _Stale(exc.strerror or "connection lost") from None
+    try:
         head = yield from recv_some(sock, 4)
     except (BrokenPipeError, ConnectionResetError) as exc:
         raise _Stale(exc.strerror or "connection lost") from None
@@ -385,6 +422,28 @@ def _ask(sock: socket.socket, request: bytearray) -> Exchange[dict[str, object]]
     if size > MAX_FRAME:
         raise BrokerProtocolError(f"reply of {size} bytes is too large")
     return _decode_frame((yield from _recv_exactly(sock, size)))
+
+
+def _arrived_frame(sock: socket.socket, limit: int = 65536) -> dict[str, object] | None:
+    """A whole reply frame already waiting on a broken connection, else None (no waiting)."""
+    data = b""
+    while len(data) < limit:
+        try:
+            chunk = sock.recv(limit - len(data), socket.MSG_DONTWAIT)
+        except OSError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    if len(data) < 4:
+        return None
+    (size,) = struct.unpack_from(">I", data)
+    if len(data) != 4 + size:
+        return None
+    try:
+        return _decode_frame(data[4:])
+    except BrokerProtocolError:
+        return None
 
 
 def _recv_exactly(sock: socket.socket, size: int) -> Exchange[bytes]:

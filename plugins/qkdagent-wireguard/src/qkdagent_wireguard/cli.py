@@ -48,7 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="user name or uid allowed to call (repeatable; default: root only)",
     )
     broker.add_argument(
-        "--group", action="append", default=[], help="group name or gid allowed to call"
+        "--group",
+        action="append",
+        default=[],
+        help="group name or gid allowed to call (repeatable); matches the caller's primary gid "
+        "only (SO_PEERCRED carries no supplementary groups)",
     )
     broker.add_argument(
         "--socket-group", help="group owning the socket (mode 0660), e.g. the agent's group"

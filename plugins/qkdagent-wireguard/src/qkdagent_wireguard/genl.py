@@ -77,6 +77,19 @@ def set_psk_attrs(ifname: str, items: Sequence[tuple[bytes, bytes]]) -> bytearra
     return attrs
 
 
+def record_peer(into: dict[bytes, bytes | None], public: bytes, psk: bytes | None) -> None:
+    """Note one peer part of a GET_DEVICE dump; `psk` None when the part has no PSK attribute.
+
+    A peer whose allowed IPs overflow one dump message continues in the next one with only its
+    public key and more allowed IPs (kernel `get_peer()` sends the PSK in the first part only):
+    such a part must not erase the PSK read from the first. An all-zero PSK means none.
+    """
+    if psk is None:
+        into.setdefault(public, None)
+    else:
+        into[public] = psk if any(psk) else None
+
+
 def parse_device(
     payload: memoryview, into: dict[bytes, bytes | None], wanted: Collection[bytes] | None = None
 ) -> None:
@@ -96,7 +109,7 @@ def parse_device(
                 if public is not None and psk is not None:
                     break
             if public is not None and (wanted is None or public in wanted):
-                into[public] = psk if psk is not None and any(psk) else None
+                record_peer(into, public, psk)
 
 
 Request = tuple[int, int, bytes | bytearray, int]

@@ -21,7 +21,7 @@ from typing import Any
 
 from .backend import BackendError, Op, Outcome, compare
 from .drive import Exchange, drive_blocking
-from .genl import GenlWireGuard
+from .genl import GenlWireGuard, record_peer
 
 LIBRARIES = ("builtin", "pyroute2")
 
@@ -148,8 +148,9 @@ def _pyroute2_read(wg: Any, interface: str) -> dict[bytes, bytes | None]:
             psk = peer.get_attr("WGPEER_A_PRESHARED_KEY")
             if pub is None:
                 continue
-            raw = base64.b64decode(psk) if psk is not None else None
-            peers[base64.b64decode(pub)] = raw if raw is not None and any(raw) else None
+            record_peer(
+                peers, base64.b64decode(pub), base64.b64decode(psk) if psk is not None else None
+            )
     return peers
 
 

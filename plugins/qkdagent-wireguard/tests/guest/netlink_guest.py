@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from qkdagent_wireguard import genl
+from qkdagent_wireguard.auto import Kernel, probe_kernel
+from qkdagent_wireguard.backend import BackendError, Op
+from qkdagent_wireguard.broker import BrokerBackend
+from qkdagent_wireguard.drive import drive_blocking
 from qkdagent_wireguard.sink import WireGuardSink
 from qkdagent_wireguard.testbed import Node, Pair, genkey
 
@@ -79,8 +85,20 @@ class TestPyroute2SinkContract(TestNetlinkSinkContract):
     library = "pyroute2"
 
 
+def stale_socket(directory: Path, interface: str) -> Path:
+    """A control socket file for `interface` that nobody listens on (as a dead wireguard-go,
+    or one in another namespace sharing /run/wireguard, would leave)."""
+    directory.mkdir(exist_ok=True)
+    path = directory / f"{interface}.sock"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(path))
+    return path
+
+
 async def test_auto_picks_netlink_for_a_kernel_interface(kernel_pair: Pair, tmp_path: Path) -> None:
-    sink = make(kernel_pair, tmp_path)
+    uapi_dir = tmp_path / "uapi"
+    stale_socket(uapi_dir, kernel_pair.a.iface)  # the kernel is asked first: never used
+    sink = make(kernel_pair, tmp_path, uapi_dir=str(uapi_dir))
     await sink.prepare()
     assert sink.resolved == "netlink"
     secret = Secret.random()
@@ -198,3 +216,103 @@ async def test_many_peers_in_one_batch(kernel_pair: Pair, tmp_path: Path) -> Non
         assert allowed[sink.peer_text] == f"10.216.0.{i + 1}/32"
     for sink in sinks:
         await sink.aclose()
+
+
+def test_probe_tells_a_non_wireguard_interface_from_a_kernel_one(kernel_pair: Pair) -> None:
+    a = kernel_pair.a
+    veth = drive_blocking(probe_kernel(a.veth), 5, "probe")
+    assert veth == (Kernel.ABSENT, "netlink: EOPNOTSUPP, not a WireGuard device")
+    assert drive_blocking(probe_kernel(a.iface), 5, "probe")[0] is Kernel.DEVICE
+
+
+SPLIT_IPS = 900
+"""IPv6 /128s of one peer: ~36 KB of attributes, more than one dump message holds (<= 32 KiB)."""
+
+
+def dump_parts(interface: str, public: bytes, library: str) -> int:
+    """How many messages of a GET_DEVICE dump carry a part of peer `public`."""
+    if library == "pyroute2":
+        from pyroute2 import WireGuard
+
+        text = base64.b64encode(public)
+        with WireGuard() as wg:
+            return sum(
+                any(
+                    p.get_attr("WGPEER_A_PUBLIC_KEY") == text
+                    for p in m.get_attr("WGDEVICE_A_PEERS") or ()
+                )
+                for m in wg.info(interface)
+            )
+    client = genl.GenlWireGuard()
+    try:
+        drive_blocking(client.open(), 5, "netlink")
+        assert client.family is not None
+        get = genl.nla(genl.WGDEVICE_A_IFNAME, interface.encode() + b"\x00")
+        request = (client.family, genl.WG_CMD_GET_DEVICE, get, genl.NLM_F_DUMP)
+        (payloads,) = drive_blocking(client.transact([request]), 5, "netlink")
+    finally:
+        client.close()
+    parts = 0
+    for payload in payloads:
+        for kind, value in genl.iter_nlas(payload):
+            if kind == genl.WGDEVICE_A_PEERS:
+                for _, peer in genl.iter_nlas(value):
+                    fields = dict(genl.iter_nlas(peer))
+                    parts += bytes(fields[genl.WGPEER_A_PUBLIC_KEY]) == public
+    return parts
+
+
+@pytest.mark.parametrize("library", ["builtin", "pyroute2"])
+async def test_peer_split_across_dump_messages_keeps_its_psk(
+    kernel_pair: Pair, tmp_path: Path, library: str
+) -> None:
+    a, b = kernel_pair.a, kernel_pair.b
+    ips = [f"{b.tunnel}/32"] + [f"fd00:215::{i:x}/128" for i in range(1, SPLIT_IPS + 1)]
+    a.wg("set", a.iface, "peer", b.public_text, "allowed-ips", ",".join(ips))
+    parts = await trio.to_thread.run_sync(dump_parts, a.iface, b.public, library)
+    assert parts >= 2, "the kernel did not split the peer: the test proves nothing"
+    sink = make(kernel_pair, tmp_path, backend="netlink", netlink_library=library)
+    await sink.prepare()
+    for epoch in (1, 2):
+        secret = Secret.random()
+        await sink.install(LINK, secret, meta(epoch))  # read back through the split dump
+        assert await sink.verify(LINK, secret, meta(epoch)) is True
+        assert a.psk_of(b) == secret.reveal()
+    assert await sink.verify(LINK, Secret.random(), meta(3)) is False
+    assert len(a.allowed_ips(b).split()) == SPLIT_IPS + 1
+    await sink.aclose()
+
+
+@pytest.mark.parametrize("backend", ["netlink", "auto"])
+async def test_broker_over_kernel_netlink(
+    kernel_pair: Pair,
+    tmp_path: Path,
+    broker_factory,
+    backend: str,  # type: ignore[no-untyped-def]
+) -> None:
+    a, b = kernel_pair.a, kernel_pair.b
+    _, third = genkey()
+    third_text = base64.b64encode(third).decode()
+    a.wg("set", a.iface, "peer", third_text, "allowed-ips", "10.215.0.9/32")
+    uapi_dir = tmp_path / "uapi"
+    stale_socket(uapi_dir, a.iface)  # `auto` must still pick netlink
+    args = ["--allow", f"{a.iface}:{b.public_text}", "--backend", backend]
+    args += ["--uapi-dir", str(uapi_dir)]
+    sock = await trio.to_thread.run_sync(lambda: broker_factory(*args, timeout=90))
+    sink = make(kernel_pair, tmp_path, backend="broker", broker_socket=str(sock))
+    await sink.prepare()
+    secret = Secret.random()
+    await sink.install(LINK, secret, meta(1))
+    assert a.psk_of(b) == secret.reveal()
+    assert await sink.verify(LINK, secret, meta(1)) is True
+    # a peer of the same interface that is not on the allow list: refused, left alone
+    key = os.urandom(32)
+    with pytest.raises(BackendError, match="allow list"):
+        await trio.to_thread.run_sync(
+            drive_blocking, BrokerBackend(sock).exchange(a.iface, [Op(third, key, True)]), 10, "b"
+        )
+    held = dict(line.split("\t") for line in a.wg("show", a.iface, "preshared-keys").splitlines())
+    assert held[third_text] == "(none)"
+    await sink.aclose()
+    log = (sock.parent / "broker-0.log").read_text()
+    assert "allow list" in log and secret.reveal().hex() not in log and key.hex() not in log
