@@ -57,9 +57,17 @@ class Batcher:
     _queue: list[_Entry] = field(default_factory=list)
     _lock: trio.Lock = field(default_factory=trio.Lock)
     batches: int = 0
+    what: str = ""
+    """How errors name this interface (formatted once, not per install)."""
+
+    def __post_init__(self) -> None:
+        backend = self.shared.backend
+        self.what = f"WireGuard ({backend.name}, {self.interface})"
 
     async def submit(self, op: Op) -> Outcome:
         await trio.lowlevel.checkpoint_if_cancelled()
+        if self.shared.users == 1 and not self._lock.locked():
+            return await self._alone(op)
         entry = _Entry(op)
         self._queue.append(entry)
         try:
@@ -92,6 +100,19 @@ class Batcher:
         assert entry.outcome is not None
         return entry.outcome
 
+    async def _alone(self, op: Op) -> Outcome:
+        """The one sink on this backend, idle: its op is the batch (no queue bookkeeping; a
+        site-to-site gateway installs this way). Ops arriving meanwhile queue behind the lock
+        and are served as usual when it is released."""
+        self._lock.acquire_nowait()
+        try:
+            outcomes = await self._exchange([op])
+        finally:
+            self._lock.release()
+        if len(outcomes) != 1:
+            raise BackendError("the backend answered a batch with the wrong number of outcomes")
+        return outcomes[0]
+
     def _take(self) -> list[_Entry]:
         """The longest queue prefix with each peer at most once (order between writes holds)."""
         batch: list[_Entry] = []
@@ -113,29 +134,33 @@ class Batcher:
         cancelled (the backend's timeout bounds it), and the cancellation lands right after.
         The exchange runs on the trio thread: no worker-thread hop per install.
         """
-        ops = [entry.op for entry in batch]
-        self.batches += 1
-        backend = self.shared.backend
         outcomes: list[Outcome] | None = None
         try:
-            outcomes = await drive(
-                backend.exchange(self.interface, ops),
-                backend.timeout,
-                f"WireGuard ({backend.name}, {self.interface})",
-                shield=True,
-                spin=getattr(backend, "spin", 0.0),
-            )
+            outcomes = await self._exchange([entry.op for entry in batch])
         except Exception as exc:
             for entry in batch:
                 entry.error = exc
             return
-        if outcomes is None or len(outcomes) != len(batch):
+        if len(outcomes) != len(batch):
             error = BackendError("the backend answered a batch with the wrong number of outcomes")
             for entry in batch:
                 entry.error = error
             return
         for entry, outcome in zip(batch, outcomes, strict=True):
             entry.outcome = outcome
+
+    async def _exchange(self, ops: list[Op]) -> list[Outcome]:
+        """One backend round trip, finished even if the caller is cancelled (shielded, bounded
+        by the backend's timeout): others may be waiting on its outcomes."""
+        self.batches += 1
+        backend = self.shared.backend
+        return await drive(
+            backend.exchange(self.interface, ops),
+            backend.timeout,
+            self.what,
+            shield=True,
+            spin=backend.spin,
+        )
 
 
 def acquire(spec: tuple[str, ...], factory: Callable[[], Backend]) -> Shared:
