@@ -100,6 +100,8 @@ class Agent:
                 else PeerClient(self.settings.tls, connections=self.settings.max_parallel_rotations)
             )
             async with trio.open_nursery() as servers:
+                if self.network is None:  # threaded store: checkpoints run in the background
+                    await servers.start(self.store.scrub_log)
                 services: list[Service] = []
                 self.plugins.hook.qkdagent_register_services(
                     register=services.append, context=self.context

@@ -7,10 +7,12 @@ them through `StateStore.run` on one worker thread.
 
 `secure_delete` zeroes freed pages so overwritten chain keys do not linger in the database file.
 It does not reach the write-ahead log, which keeps every older page image until a checkpoint:
-so each commit is followed by `wal_checkpoint(TRUNCATE)`, which moves the new pages into the
-database (overwriting the old ones) and empties the log. The filesystem and storage below may
-still keep old blocks, which no user-space program can rule out (see README, "Security
-properties and limits").
+so `wal_checkpoint(TRUNCATE)` moves the new pages into the database (overwriting the old ones)
+and empties the log within `SCRUB_DELAY` of every commit. The agent runs that as a background
+task (`scrub_log`), so no caller waits for the checkpoint's fsyncs and a burst of commits
+shares one; inline stores (virtual-clock tests) checkpoint right after each commit. The
+filesystem and storage below may still keep old blocks, which no user-space program can rule
+out (see README, "Security properties and limits").
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from .errors import KeyReuseError
 from .secret import Secret
 
 T = TypeVar("T")
+SCRUB_DELAY = 0.2
+"""Seconds from a commit to the checkpoint that removes the keys it superseded from every
+state file (commits within it share the checkpoint)."""
 USED_KEY_ID_RETENTION = 100_000
 """Used key IDs remembered per link; older ones are pruned (sources delete them anyway)."""
 
@@ -140,6 +145,7 @@ class StateStore:
         self._threaded = threaded
         self._batch_lock = trio.Lock()
         self._queue: list[_Job] = []
+        self._scrub_due = trio.Event()
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run a blocking store method on a worker thread, with group commit.
@@ -161,7 +167,21 @@ class StateStore:
             if not job.done:
                 batch, self._queue = self._queue, []
                 await trio.to_thread.run_sync(self._run_batch, batch)
+                self._scrub_due.set()
         return job.outcome()
+
+    async def scrub_log(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Background task for a threaded store: checkpoint the log within `SCRUB_DELAY` of
+        each commit. Cancel it before `close()` (which checkpoints one last time)."""
+        task_status.started()
+        while True:
+            await self._scrub_due.wait()
+            await trio.sleep(SCRUB_DELAY)
+            self._scrub_due = trio.Event()
+            async with self._batch_lock:  # the connection is used by one thread at a time
+                await trio.to_thread.run_sync(self._scrub)
 
     def _run_batch(self, batch: list[_Job]) -> None:
         try:
@@ -172,7 +192,6 @@ class StateStore:
                 except Exception as exc:  # delivered to that job's caller only
                     job.error = exc
             self._db.execute("COMMIT")
-            self._scrub()
         except sqlite3.Error as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")

@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import trio
 
 from qkdagent import Key, Secret, Sink, hookimpl, protocol
 from qkdagent.errors import ConfigError, PluginError, ProtocolError
@@ -205,35 +206,50 @@ async def test_state_files_are_private(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["group-commit", "inline"])
-async def test_superseded_keys_leave_every_state_file_at_commit(
+async def test_superseded_keys_leave_every_state_file_after_commit(
     tmp_path: Path, grouped: bool
 ) -> None:
-    """Forward secrecy on disk: after epoch n+1 commits, epoch n's chain key and outputs are in
-    no file of the state dir (the write-ahead log included), while the store is still open."""
-    from qkdagent.state import StateStore
+    """Forward secrecy on disk: soon after epoch n+1 commits (the agent's background
+    checkpoint, within SCRUB_DELAY; inline stores at once), epoch n's chain key and outputs
+    are in no file of the state dir, the write-ahead log included, with the store still open."""
+    from qkdagent.state import SCRUB_DELAY, StateStore
 
     state = tmp_path / "state"
     store = StateStore(state, threaded=grouped)
-    await store.run(store.create, "l", "peer", Secret.random(), Secret.random())
     history: list[list[bytes]] = []
-    for epoch in range(1, 6):
-        chain, auth, out = Secret.random(), Secret.random(), Secret.random()
-        history.append([chain.reveal(), auth.reveal(), out.reveal()])
-        await store.run(
-            partial(
-                store.commit,
-                "l",
-                epoch=epoch,
-                chain_key=chain,
-                auth_key=auth,
-                key_ids=(("src", f"id-{epoch}"),),
-                outputs={"sink": out},
+
+    def on_disk() -> bytes:
+        return b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
+
+    def lingering() -> bool:
+        return any(value in on_disk() for older in history[:-1] for value in older)
+
+    async with trio.open_nursery() as nursery:
+        if grouped:
+            await nursery.start(store.scrub_log)
+        await store.run(store.create, "l", "peer", Secret.random(), Secret.random())
+        for epoch in range(1, 6):
+            chain, auth, out = Secret.random(), Secret.random(), Secret.random()
+            history.append([chain.reveal(), auth.reveal(), out.reveal()])
+            await store.run(
+                partial(
+                    store.commit,
+                    "l",
+                    epoch=epoch,
+                    chain_key=chain,
+                    auth_key=auth,
+                    key_ids=(("src", f"id-{epoch}"),),
+                    outputs={"sink": out},
+                )
             )
-        )
-    on_disk = b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
-    assert all(value in on_disk for value in history[-1])  # the scan does see keys
-    for older in history[:-1]:
-        assert not any(value in on_disk for value in older)
+        if grouped:
+            assert lingering()  # the log still has them right after the commit ...
+            with trio.fail_after(SCRUB_DELAY + 10):  # ... until the background checkpoint
+                while lingering():  # noqa: ASYNC110 - polls files another thread writes
+                    await trio.sleep(0.02)
+        assert not lingering()
+        assert all(value in on_disk() for value in history[-1])  # the scan does see keys
+        nursery.cancel_scope.cancel()
     store.close()
 
 
