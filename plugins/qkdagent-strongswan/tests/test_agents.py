@@ -6,12 +6,11 @@ reauthenticates the IKE SA after each commit. Real time throughout (the daemons 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
-from qkdagent_strongswan.testbed import CONN, PPK_ID, Charon, Testbed
+from qkdagent_strongswan.testbed import CONN, PPK_ID, Charon, Testbed, established, poll_until
 
 from qkdagent import KeyMeta, Link
 from qkdagent.testing import MemoryPool, open_agent_pair
@@ -30,19 +29,6 @@ def sink_table(charon: Charon) -> dict[str, Any]:
         "check_interval": CHECK_INTERVAL,
         "timeout": 20,
     }
-
-
-def established(charon: Charon) -> list[dict[str, object]]:
-    return [sa for sa in charon.sas(CONN) if sa["state"] == "ESTABLISHED"]
-
-
-async def poll_until(predicate: Callable[[], bool], limit: float) -> None:
-    """Bounded real-time polling of external state (charon, the agents' epochs)."""
-    with trio.fail_after(limit):
-        while True:
-            if predicate():
-                return
-            await trio.sleep(0.05)
 
 
 async def test_agents_rotate_reauthenticate_repair_and_fail_closed(

@@ -20,6 +20,8 @@ from qkdagent_strongswan.testbed import (
     PPK_ID,
     Charon,
     Testbed,
+    established,
+    poll_until,
     ppk_log_count,
     wait_until,
 )
@@ -62,10 +64,6 @@ async def rotate(
 
 async def up(bed: Testbed) -> None:
     assert await trio.to_thread.run_sync(bed.a.initiate, CONN), bed.a.log()[-3000:]
-
-
-def established(charon: Charon) -> list[dict[str, object]]:
-    return [sa for sa in charon.sas(CONN) if sa["state"] == "ESTABLISHED"]
 
 
 def ping_ok(charon: Charon) -> bool:
@@ -220,15 +218,6 @@ async def test_swanctl_load_creds_is_repaired_within_one_check_interval(
     assert {sa["uniqueid"] for sa in established(bed.b)} - before
     await alice.aclose()
     await bob.aclose()
-
-
-async def poll_until(predicate: Callable[[], bool], limit: float) -> None:
-    """Bounded real-time polling of an external process's state."""
-    with trio.fail_after(limit):
-        while True:
-            if predicate():
-                return
-            await trio.sleep(0.05)
 
 
 PING_STATS = re.compile(r"(\d+) packets transmitted, (\d+) received")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 from qkdagent_strongswan import StrongswanPpkSink
-from qkdagent_strongswan.testbed import Charon, Testbed, wait_until
+from qkdagent_strongswan.testbed import Testbed, established, wait_until
 
 from qkdagent import KeyMeta, Link, Options, PluginContext, Secret
 
@@ -31,10 +31,6 @@ def test_example_agent_configs_are_valid_sink_options(site: str, tmp_path: Path)
     opts.finish()
     assert sink.config.ppk_id == "qkd-site-ab"
     assert sink.config.ike == {"a": "site-b", "b": "site-a"}[site]
-
-
-def established(charon: Charon) -> list[dict[str, object]]:
-    return [sa for sa in charon.sas("site-a") if sa["state"] == "ESTABLISHED"]
 
 
 def lab_conf(gateway: str, psk: str) -> str:
@@ -79,14 +75,14 @@ async def test_example_gateways_rotate_ppk_and_reauthenticate(
     # (start_action = trap does not fire under kernel-libipsec: bring the tunnel up by hand)
     assert await trio.to_thread.run_sync(bed.a.initiate, "site-b")
     assert bed.a.ping().returncode == 0
-    (first,) = established(bed.b)
+    (first,) = established(bed.b, "site-a")
     assert first["ppk"] == "yes"
 
     secret = Secret.random()
     await sinks["a"].install(alice, secret, KeyMeta(2, ("k2",), "ppk", 0.0))
     await sinks["b"].install(bob, secret, KeyMeta(2, ("k2",), "ppk", 0.0))  # reauthenticates
-    wait_until(lambda: len(established(bed.b)) == 1, 10, "old IKE SA not deleted")
-    (second,) = established(bed.b)
+    wait_until(lambda: len(established(bed.b, "site-a")) == 1, 10, "old IKE SA not deleted")
+    (second,) = established(bed.b, "site-a")
     assert second["uniqueid"] != first["uniqueid"] and second["ppk"] == "yes"
     assert bed.b.ping().returncode == 0
     for sink in sinks.values():

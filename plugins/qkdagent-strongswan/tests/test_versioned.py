@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import trio
 from qkdagent_strongswan import StrongswanPpkSink
-from qkdagent_strongswan.testbed import CONN, Charon, ConnSpec, Testbed, ppk_log_count
+from qkdagent_strongswan.testbed import (
+    CONN,
+    ConnSpec,
+    Testbed,
+    established,
+    poll_until,
+    ppk_log_count,
+)
 
 from qkdagent import ComponentEvent, KeyMeta, Link, Secret, SinkError
 
@@ -42,19 +49,6 @@ def conn_ppk_id(bed: Testbed) -> str:
         return entry[CONN]["ppk_id"].decode()
     finally:
         session.transport.close()
-
-
-def established(charon: Charon) -> list[dict[str, object]]:
-    return [sa for sa in charon.sas(CONN) if sa["state"] == "ESTABLISHED"]
-
-
-async def poll_until(predicate: Callable[[], bool], limit: float) -> None:
-    """Bounded real-time polling of an external process's state."""
-    with trio.fail_after(limit):
-        while True:
-            if predicate():
-                return
-            await trio.sleep(0.05)
 
 
 async def versioned_pair(

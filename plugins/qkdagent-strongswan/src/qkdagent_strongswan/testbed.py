@@ -527,3 +527,19 @@ PPK_LOG = re.compile(r"using PPK for PPK_ID '([^']*)'")
 def ppk_log_count(charon: Charon, ppk_id: str | None = None) -> int:
     """How often this charon logged that it used a PPK (optionally for one PPK_ID)."""
     return sum(1 for m in PPK_LOG.finditer(charon.log()) if ppk_id is None or m.group(1) == ppk_id)
+
+
+def established(charon: Charon, conn: str = CONN) -> list[dict[str, object]]:
+    """The ESTABLISHED IKE SAs of `conn` on one daemon."""
+    return [sa for sa in charon.sas(conn) if sa["state"] == "ESTABLISHED"]
+
+
+async def poll_until(predicate: Callable[[], bool], limit: float) -> None:
+    """Bounded real-time polling of an external process's state (charon, agents) from trio."""
+    import trio  # only the async tests need it
+
+    with trio.fail_after(limit):
+        while True:
+            if predicate():
+                return
+            await trio.sleep(0.05)
