@@ -65,6 +65,20 @@ async def versioned_pair(
     return alice, bob
 
 
+async def versioned_pair_up(
+    bed: Testbed, make_sink: SinkFactory, tmp_path: Path
+) -> tuple[StrongswanPpkSink, StrongswanPpkSink, Secret, dict[str, object]]:
+    """`versioned_pair` with epoch 1's secret (returned) installed on both sides and its IKE
+    SA up (returned)."""
+    alice, bob = await versioned_pair(bed, make_sink, tmp_path)
+    first = Secret.random()
+    await bob.install(BOB, first, meta(1))
+    await alice.install(ALICE, first, meta(1))
+    assert await trio.to_thread.run_sync(bed.a.initiate, CONN)
+    (sa,) = established(bed.a)
+    return alice, bob, first, sa
+
+
 async def test_versioned_ppk_ids_rotate_with_reauthentication(
     bed: Testbed, make_sink: SinkFactory, tmp_path: Path, reported: list[ComponentEvent]
 ) -> None:
@@ -107,12 +121,7 @@ async def test_versioned_ppk_ids_rotate_with_reauthentication(
 async def test_failed_replacement_is_reported_and_keeps_the_old_sa(
     bed: Testbed, make_sink: SinkFactory, tmp_path: Path
 ) -> None:
-    alice, bob = await versioned_pair(bed, make_sink, tmp_path)
-    first = Secret.random()
-    await bob.install(BOB, first, meta(1))
-    await alice.install(ALICE, first, meta(1))
-    assert await trio.to_thread.run_sync(bed.a.initiate, CONN)
-    (old,) = established(bed.a)
+    alice, bob, _, old = await versioned_pair_up(bed, make_sink, tmp_path)
 
     good, wrong = Secret.random(), Secret.random()
     await bob.install(BOB, good, meta(2))
@@ -140,12 +149,7 @@ async def test_check_repairs_while_a_rotation_blocks_in_initiate(
     bed: Testbed, make_sink: SinkFactory, tmp_path: Path
 ) -> None:
     """The checker has its own VICI client: a waiting `initiate` does not hold up repairs."""
-    alice, bob = await versioned_pair(bed, make_sink, tmp_path)
-    first = Secret.random()
-    await bob.install(BOB, first, meta(1))
-    await alice.install(ALICE, first, meta(1))
-    assert await trio.to_thread.run_sync(bed.a.initiate, CONN)
-    (old,) = established(bed.a)
+    alice, bob, first, old = await versioned_pair_up(bed, make_sink, tmp_path)
     # gateway b's link goes down: alice's initiate waits through charon's retransmissions (≈4 s)
     bed.b.netns_exec("ip", "link", "set", f"{bed.prefix}vb", "down")
 

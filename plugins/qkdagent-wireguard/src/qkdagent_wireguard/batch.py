@@ -57,7 +57,7 @@ class Batcher:
     _queue: list[_Entry] = field(default_factory=list)
     _lock: trio.Lock = field(default_factory=trio.Lock)
     batches: int = 0
-    what: str = ""
+    what: str = field(init=False, default="")
     """How errors name this interface (formatted once, not per install)."""
 
     def __post_init__(self) -> None:
