@@ -33,7 +33,6 @@ class SlowBackend:
 
     name = "slow"
     timeout = 10.0
-    spin = 0.0
 
     def __init__(self, fail: bool = False) -> None:
         self.batches: list[list[Op]] = []

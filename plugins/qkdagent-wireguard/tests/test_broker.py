@@ -205,7 +205,6 @@ class _Served:
 
     name = "served"
     timeout = 1.0
-    spin = 0.0
 
     def exchange(self, interface: str, ops: list[Op]):  # type: ignore[no-untyped-def]
         return [Outcome.MATCH for _ in ops]

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 from qkdagent_wireguard.backend import BackendError, Op, Outcome
 from qkdagent_wireguard.drive import drive, drive_blocking
 from qkdagent_wireguard.uapi import UapiBackend
@@ -139,6 +140,26 @@ async def test_trio_driver_runs_the_same_exchange(fake) -> None:  # type: ignore
         outcome = await drive(backend.exchange("wgfake", [Op(PEER, key, write)]), 2, "fake")
         assert outcome == [Outcome.MATCH]
     assert len(log) == 3
+    backend.close()
+
+
+async def test_a_slow_daemon_is_waited_for_without_holding_the_event_loop(fake) -> None:  # type: ignore[no-untyped-def]
+    """The read spins only briefly: the daemon answers here only once another trio task ran."""
+    release, released = threading.Event(), []
+
+    def slow(request: bytes, state: dict[bytes, bytes]) -> bytes:
+        released.append(release.wait(5))
+        return honest(request, state)
+
+    async def other_task() -> None:
+        release.set()
+
+    backend, _ = fake(slow)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)  # runs only once the exchange yields to trio
+        outcome = await drive(backend.exchange("wgfake", [Op(PEER, os.urandom(32), True)]), 5, "f")
+    assert outcome == [Outcome.MATCH]
+    assert released and all(released)  # every reply was sent after the other task ran
     backend.close()
 
 

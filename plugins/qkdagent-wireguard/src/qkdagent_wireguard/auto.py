@@ -109,7 +109,6 @@ class AutoBackend:
         self.uapi = UapiBackend(uapi_dir, timeout)
         self.netlink = NetlinkBackend(timeout=timeout)
         self.timeout = timeout
-        self.spin = self.uapi.spin
         self._chosen: dict[str, Backend] = {}
 
     def exchange(self, interface: str, ops: Sequence[Op]) -> Exchange[list[Outcome]]:

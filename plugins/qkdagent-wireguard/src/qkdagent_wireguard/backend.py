@@ -54,8 +54,6 @@ class Backend(Protocol):
 
     name: str
     timeout: float
-    spin: float
-    """Seconds a read that would block is retried before sleeping (see `drive`)."""
 
     def exchange(self, interface: str, ops: Sequence[Op]) -> Exchange[list[Outcome]]: ...
 

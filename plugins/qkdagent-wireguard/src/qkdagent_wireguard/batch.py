@@ -159,7 +159,6 @@ class Batcher:
             backend.timeout,
             self.what,
             shield=True,
-            spin=backend.spin,
         )
 
 

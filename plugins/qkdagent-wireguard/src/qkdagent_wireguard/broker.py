@@ -172,7 +172,6 @@ class Broker:
                 self.backend.exchange(interface, ops),
                 self.backend.timeout,
                 "WireGuard",
-                getattr(self.backend, "spin", 0.0),
             )
         except (BrokerProtocolError, BackendError) as exc:
             log.warning("request from uid=%d refused: %s", creds.uid, exc)
@@ -350,7 +349,6 @@ class BrokerBackend:
     outcomes; runs on the trio thread like the other backends."""
 
     name = "broker"
-    spin = 0.0
 
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
         self.path = path

@@ -30,26 +30,15 @@ Blocking = Callable[[], Any]
 Exchange = Generator[Wait | Blocking, Any, T]
 
 
-async def drive(
-    exchange: Exchange[T], seconds: float, what: str, *, shield: bool = False, spin: float = 0.0
-) -> T:
+async def drive(exchange: Exchange[T], seconds: float, what: str, *, shield: bool = False) -> T:
     """Run `exchange` with trio; BackendError naming `what` after `seconds`.
 
-    `spin`: for up to this many seconds per exchange, a read that would block is retried at
-    once instead of sleeping. A daemon that answers in ~20 µs is otherwise paid for with a
-    thread wake-up from idle (30-80 µs on this VM); the CPU cost is bounded by `spin` per
-    batch. The cancel scope (deadline, optional shield) is entered only when the exchange has
-    to sleep, so an exchange answered within the spin costs no scope and no scheduler pass
-    (the batcher still checks for cancellation on entry).
+    The cancel scope (deadline, optional shield) costs ~9 µs, so it is entered only when the
+    exchange has to sleep: an exchange answered at once (netlink; uapi within its spin) costs
+    no scope and no scheduler pass (the batcher still checks for cancellation on entry).
     """
     try:
         step = next(exchange)
-        if spin:
-            spin_until = time.perf_counter() + spin
-            while isinstance(step, tuple) and not step[1]:
-                if time.perf_counter() > spin_until:
-                    break
-                step = next(exchange)
         with trio.CancelScope(deadline=trio.current_time() + seconds, shield=shield):
             while True:
                 if isinstance(step, tuple):
@@ -68,18 +57,14 @@ async def drive(
     raise BackendError(f"{what} did not answer in time ({seconds:g} s)")
 
 
-def drive_blocking(exchange: Exchange[T], timeout: float, what: str, spin: float = 0.0) -> T:
-    """Run `exchange` in the calling thread, waiting with poll() (after `spin`, as above)."""
+def drive_blocking(exchange: Exchange[T], timeout: float, what: str) -> T:
+    """Run `exchange` in the calling thread, waiting with poll()."""
     deadline = time.monotonic() + timeout
-    spin_until = time.perf_counter() + spin if spin else 0.0
     try:
         step = next(exchange)
         while True:
             if not isinstance(step, tuple):
                 step = outcome.capture(step).send(exchange)
-                continue
-            if not step[1] and spin_until and time.perf_counter() <= spin_until:
-                step = next(exchange)
                 continue
             poller = select.poll()
             poller.register(step[0], select.POLLOUT if step[1] else select.POLLIN)

@@ -46,7 +46,6 @@ class NetlinkBackend:
     """
 
     name = "netlink"
-    spin = 0.0
 
     def __init__(self, library: str = "builtin", timeout: float = 5.0) -> None:
         if library not in LIBRARIES:
