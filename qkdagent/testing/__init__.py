@@ -5,6 +5,7 @@
 - `SinkContract`, `SourceContract`: conformance suites plugin tests subclass.
 - `open_agent_pair`: two real agents over loopback HTTPS with mutual TLS (or in-process).
 - `assert_not_leaked`: fails if any spelling of a secret occurs in a text.
+- `write_test_pki`: a throw-away CA and leaf certificates for mutual TLS (simulators, tests).
 
 Fixtures live in `qkdagent.testing.pytest_plugin`; enable them with
 `pytest_plugins = ["qkdagent.testing.pytest_plugin"]` in a conftest. The names that need pytest
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..pki import LeafFiles, PkiFiles, write_test_pki
 from .agents import AgentPair, free_port, open_agent_pair, pair_configs
 from .local import LocalNetwork
 from .memory import InstallRecord, MemoryPool, MemorySource, RecordingSink
@@ -42,9 +44,11 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "AgentPair",
     "InstallRecord",
+    "LeafFiles",
     "LocalNetwork",
     "MemoryPool",
     "MemorySource",
+    "PkiFiles",
     "RecordingSink",
     "SinkContract",
     "SourceContract",
@@ -57,4 +61,5 @@ __all__ = [
     "require_binary",
     "require_root",
     "secret_spellings",
+    "write_test_pki",
 ]

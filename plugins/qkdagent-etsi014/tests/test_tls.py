@@ -14,7 +14,7 @@ from qkdagent_etsi014.sim import SimSettings, Simulator, make_pki, open_simulato
 from qkdagent_etsi014.source import Etsi014Source
 
 from qkdagent import ConfigError, Link, Misconfigured, Options, PluginContext, SourceError
-from qkdagent.pki import write_test_pki
+from qkdagent.testing import write_test_pki
 
 from .conftest import KMES, Clients, make_source, tls_context
 

@@ -15,8 +15,7 @@ import trio
 from qkdagent_tlspsk.probe import handshake
 
 from qkdagent import KeyMeta, Link, Secret
-from qkdagent.pki import write_test_pki
-from qkdagent.testing import require_binary
+from qkdagent.testing import require_binary, write_test_pki
 
 SERVER_LINK = Link("edge", "alice", "bob", True)
 

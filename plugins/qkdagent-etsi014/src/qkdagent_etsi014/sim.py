@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from qkdagent.pki import write_test_pki
+from qkdagent.testing import write_test_pki
 
 from .app import DEFAULT_MAX_BODY, KmeApp, Quirks
 from .identity import IdentityRule
