@@ -76,8 +76,9 @@ async def install_latency(sink: WireGuardSink, n: int, idle: float = 0.0) -> lis
 
 class RawClient:
     """The daemon's own floor: the sink's request bytes on a kept socket, with nothing around
-    them (no trio, batching, parsing or wiping), read in the tightest loop Python has. No
-    client of the socket can beat this by much. `listing=False` sends a bare set (no
+    them (no trio, batching, parsing or wiping), read in the tightest loop Python has
+    (yielding the CPU between tries, like the sink). No client of the socket can beat this
+    by much. `listing=False` sends a bare set (no
     evidence that the peer exists), to show what dropping the listing would buy."""
 
     def __init__(self, node: Node, peer: Node, listing: bool) -> None:
@@ -108,6 +109,7 @@ class RawClient:
                 try:
                     got = sock.recv_into(view[used:])
                 except BlockingIOError:
+                    os.sched_yield()  # as the sink does: the daemon may wait for this CPU
                     continue
                 if not got:
                     raise RuntimeError("wireguard-go closed the control socket")
