@@ -301,7 +301,7 @@ def _read_replies(
 
     A read that would block is retried for `spin` seconds, and only then waited for (a yield
     to the driver): the daemon answers in 20-60 µs, and sleeping instead adds our own thread's
-    wake-up from idle (30-80 µs on a VM). Each retry first gives the CPU away (sched_yield):
+    wake-up from idle (30-80 µs on a VM). Between retries it gives the CPU away (sched_yield):
     the kernel often wakes the daemon's thread on the CPU of the client that wrote to it, and
     a plain busy loop would keep it from running until the spin ran out (measured: median
     75-80 µs and p90 260-290 µs per install without the yield, 47-61 and 82-94 µs with it).
