@@ -9,6 +9,7 @@ import pytest
 import trio
 import trio.testing
 
+from qkdagent.agent import StartupError
 from qkdagent.testing import MemoryPool, open_agent_pair
 
 DAY = 24 * 3600
@@ -223,3 +224,39 @@ async def test_both_sides_responder_is_named_when_nothing_arrives(
             assert status["epoch"] == 0 and status["role"] == "responder"
             assert "configured as the initiator" in status["last_error"]
             assert pair.sink(name, "rec").calls == ["erase:startup"]
+
+
+async def test_components_are_prepared_together(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    slow = {
+        "sinks": {
+            f"rec{i}": {"type": "recording", "prepare_delay": 3, "label": f"rec{i}"}
+            for i in range(3)
+        }
+    }
+    started = trio.current_time()
+    async with open_agent_pair(tmp_path, alice=slow, bob=REC, local=True) as pair:
+        assert trio.current_time() - started == pytest.approx(3, abs=0.5)  # not 9
+        await pair.wait_for_epoch(1)
+
+
+async def test_the_first_failed_component_in_config_order_is_reported(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    broken = {
+        "sinks": {
+            "late": {
+                "type": "recording",
+                "label": "late",
+                "prepare_delay": 5,
+                "prepare_error": "late broke",
+            },
+            "early": {"type": "recording", "label": "early", "prepare_error": "early broke"},
+        }
+    }
+    with pytest.raises(ExceptionGroup) as failed:
+        async with open_agent_pair(tmp_path, alice=broken, bob=REC, local=True):
+            pass
+    assert failed.group_contains(StartupError, match="^sink 'late': recording sink 'late'")
+    assert not failed.group_contains(StartupError, match="early")

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import trio
 
-from ..errors import KeyNotFound, SinkError, SourceUnavailable
+from ..errors import KeyNotFound, Misconfigured, SinkError, SourceUnavailable
 from ..interfaces import KeyMeta, Link, PluginContext, Sink, Source
 from ..options import Options
 from ..secret import Key, Secret
@@ -121,6 +121,8 @@ class RecordingSink(Sink):
         super().__init__(name, options, context)
         self.delay = options.number("delay", 0.0, min=0)
         self.fail = options.boolean("fail", False)
+        self.prepare_delay = options.number("prepare_delay", 0.0, min=0)
+        self.prepare_error = options.string("prepare_error", "")
         self.installs: list[InstallRecord] = []
         self.erasures: list[tuple[float, str, str]] = []
         self.current: dict[str, Secret] = {}
@@ -128,6 +130,12 @@ class RecordingSink(Sink):
         """Every secret installed, kept so leak tests can search logs for all of them."""
         self.calls: list[str] = []
         """Installs and erasures in the order they happened: "install:EPOCH", "erase:REASON"."""
+
+    async def prepare(self) -> None:
+        if self.prepare_delay:
+            await trio.sleep(self.prepare_delay)
+        if self.prepare_error:
+            raise Misconfigured(f"recording sink {self.name!r}: {self.prepare_error}")
 
     async def install(self, link: Link, secret: Secret, meta: KeyMeta) -> None:
         if self.delay:
