@@ -90,7 +90,11 @@ class _Configurable(abc.ABC):
         after a config reload), so a plugin can check per-link settings up front."""
 
     async def prepare(self) -> None:
-        """Check that the component is reachable and usable; raise a typed, clear error if not."""
+        """Check that the component is reachable and usable; raise a typed, clear error if not.
+
+        The agent prepares its components concurrently (up to 64 at a time), so components
+        that share a resource (a token, a daemon's socket) must not assume they go one by one.
+        """
 
     async def aclose(self) -> None:
         """Release connections; called once when the agent stops or the config drops the object."""
