@@ -65,11 +65,11 @@ async def install_latency(sink: WireGuardSink, n: int, idle: float = 0.0) -> lis
     """`n` installs through the sink's full path; `idle` seconds of sleep before each."""
     times = []
     for i in range(n):
-        secret = Secret.random()
+        secret, key_meta = Secret.random(), meta(i)
         if idle:
             await trio.sleep(idle)  # the agent idles in trio between rotations, too
         start = time.perf_counter()
-        await sink.install(LINK, secret, meta(i))
+        await sink.install(LINK, secret, key_meta)
         times.append(time.perf_counter() - start)
     return times
 
