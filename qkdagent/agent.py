@@ -21,23 +21,20 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from . import __version__
-from .components import Components, SinkHandle, SourceHandle, build_components
+from .components import Components, build_components
 from .config import BUILTIN_PLUGINS, AgentConfig, LinkConfig, load_config
-from .errors import ProtocolError, QkdAgentError
+from .errors import ProtocolError
 from .events import ComponentEvent
 from .interfaces import Link, PluginContext
 from .link import LinkRuntime
 from .observability import Metrics, StatusApp
 from .peering import PeerApp, PeerClient
 from .plugins import Plugins
+from .preparing import prepare_all
 from .services import Service, start_services
 from .state import StateStore
 
 log = logging.getLogger(__name__)
-
-
-class StartupError(QkdAgentError):
-    """The agent cannot start (a component's prepare() failed, a port is taken...)."""
 
 
 @dataclass
@@ -151,39 +148,8 @@ class Agent:
     async def _prepare_components(
         self, components: Components, config: AgentConfig | None = None
     ) -> None:
-        """Prepare every component, up to 64 at a time.
-
-        Concurrently, because a gateway may configure one sink per peer: 1,000 WireGuard
-        sinks prepared one after another took 4.6 s (each lists the whole device), while
-        prepared together they share a few device round trips. When several fail, the first
-        in config order is raised, so the error does not depend on timing.
-        """
         self._assign_links(components, config or self.config)
-        handles = [*components.sources.values(), *components.sinks.values()]
-        errors: dict[int, Exception] = {}
-        limiter = trio.CapacityLimiter(64)
-
-        async def prepare(index: int, handle: SourceHandle | SinkHandle) -> None:
-            obj = getattr(handle, "source", None) or getattr(handle, "sink", None)
-            kind = "source" if hasattr(handle, "source") else "sink"
-            async with limiter:
-                try:
-                    with trio.fail_after(handle.timeout):
-                        await obj.prepare()
-                except trio.TooSlowError:
-                    errors[index] = StartupError(f"{kind} {handle.id!r}: prepare() timed out")
-                except QkdAgentError as exc:
-                    error = StartupError(f"{kind} {handle.id!r}: {exc}")
-                    error.__cause__ = exc
-                    errors[index] = error
-                except Exception as exc:  # re-raised as is below, as before
-                    errors[index] = exc
-
-        async with trio.open_nursery() as nursery:
-            for index, handle in enumerate(handles):
-                nursery.start_soon(prepare, index, handle)
-        if errors:
-            raise errors[min(errors)]
+        await prepare_all([*components.sources.values(), *components.sinks.values()])
 
     def _assign_links(self, components: Components, config: AgentConfig) -> None:
         users: dict[str, list[Link]] = {}
@@ -328,7 +294,12 @@ class Agent:
             {c: h for c, h in fresh.sources.items() if c in changed_components},
             {c: h for c, h in fresh.sinks.items() if c in changed_components},
         )
-        await self._prepare_components(new_only, new)
+        try:
+            await self._prepare_components(new_only, new)
+        except BaseException:  # the reload is refused: nothing new stays open
+            with trio.move_on_after(5, shield=True):
+                await self._close_components(new_only)
+            raise
         old_links, new_links = self.config.links, new.links
         removed = [n for n in old_links if n not in new_links]
         added = [n for n in new_links if n not in old_links]

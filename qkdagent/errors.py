@@ -25,6 +25,10 @@ class PluginError(QkdAgentError):
     """A plugin could not be loaded or registered (names the distribution)."""
 
 
+class StartupError(QkdAgentError):
+    """The agent cannot start (a component's prepare() failed, a port is taken...)."""
+
+
 class NotInstalled(QkdAgentError):
     """A component the plugin drives is missing (binary, library, device, token)."""
 

@@ -80,6 +80,9 @@ class PluginContext:
 class _Configurable(abc.ABC):
     type_name: ClassVar[str]
     """The `type = "..."` string used in the config file; unique across all plugins."""
+    concurrent_prepare: ClassVar[bool] = True
+    """False when instances queue on one serial resource (a PKCS#11 worker thread): the agent
+    then prepares them one at a time, so each `prepare()` timeout covers only its own work."""
 
     def __init__(self, name: str, options: Options, context: PluginContext) -> None:
         """Read and validate options here (no I/O): `qkdagent check` constructs every instance."""
@@ -93,7 +96,8 @@ class _Configurable(abc.ABC):
         """Check that the component is reachable and usable; raise a typed, clear error if not.
 
         The agent prepares its components concurrently (up to 64 at a time), so components
-        that share a resource (a token, a daemon's socket) must not assume they go one by one.
+        that share a resource (a token, a daemon's socket) must not assume they go one by one
+        (or must set `concurrent_prepare = False`).
         """
 
     async def aclose(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import pytest
 import trio
 import trio.testing
 
-from qkdagent.agent import StartupError
-from qkdagent.testing import MemoryPool, open_agent_pair
+from qkdagent.config import parse_config
+from qkdagent.errors import StartupError
+from qkdagent.testing import MemoryPool, RecordingSink, open_agent_pair
 
 DAY = 24 * 3600
 REC = {"sinks": {"rec": {"type": "recording"}}}
@@ -260,3 +262,25 @@ async def test_the_first_failed_component_in_config_order_is_reported(
             pass
     assert failed.group_contains(StartupError, match="^sink 'late': recording sink 'late'")
     assert not failed.group_contains(StartupError, match="early")
+
+
+async def test_a_refused_reload_closes_the_components_it_prepared(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    closed: list[str] = []
+
+    async def record_close(self: RecordingSink) -> None:
+        closed.append(self.name)
+
+    monkeypatch.setattr(RecordingSink, "aclose", record_close)
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, local=True) as pair:
+        await pair.wait_for_epoch(1)
+        config = copy.deepcopy(pair.configs["alice"])
+        config["sinks"]["ok"] = {"type": "recording", "label": "ok"}
+        config["sinks"]["bad"] = {"type": "recording", "label": "bad", "prepare_error": "no"}
+        config["links"]["alice-bob"]["sinks"] += ["ok", "bad"]
+        with pytest.raises(StartupError, match="^sink 'bad': recording sink 'bad': no$"):
+            await pair.alice.reload(parse_config(config))
+        assert sorted(closed) == ["bad", "ok"]  # not "rec": the running config is kept
+        assert list(pair.alice.components.sinks) == ["rec"]
+        await pair.wait_for_epoch(2, timeout=200)  # the link still rotates

@@ -39,6 +39,7 @@ class Pkcs11Sink(Sink):
     """Store derived secrets in a PKCS#11 token, keeping the newest `retention` per link."""
 
     type_name = "pkcs11"
+    concurrent_prepare = False  # every token call queues on one worker thread
 
     def __init__(self, name: str, options: Options, context: PluginContext) -> None:
         super().__init__(name, options, context)
@@ -72,7 +73,7 @@ class Pkcs11Sink(Sink):
         """Open and log in to the token, then check IDs and labels against its limits."""
         if self._entry is not None:
             return
-        entry = await worker.run(token.acquire, self.spec, self.pin)
+        entry = await worker.run(token.acquire, self.spec, self.pin, undo=token.release)
         try:
             self._check_limits(entry)
         except BaseException:

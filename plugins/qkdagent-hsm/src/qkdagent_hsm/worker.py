@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import TypeVar
 
 import trio
@@ -43,12 +44,14 @@ def in_worker() -> bool:
     return threading.get_ident() == _thread_ident
 
 
-async def run(fn: Callable[..., T], *args: object) -> T:
+async def run(fn: Callable[..., T], *args: object, undo: Callable[[T], object] | None = None) -> T:
     """Run `fn(*args)` on the worker thread and return its result (or raise its exception).
 
     Cancellation before the job starts drops it. Once it runs it cannot be interrupted (a PKCS#11
     call is not abortable); a cancelled caller stops waiting and the job finishes on its own, and
-    later jobs queue behind it, so token operations never interleave.
+    later jobs queue behind it, so token operations never interleave. `undo(result)` is then
+    queued on the worker once the abandoned job has succeeded, so a result nobody receives (an
+    open session, say) is not leaked.
     """
     await trio.lowlevel.checkpoint_if_cancelled()
     trio_token = trio.lowlevel.current_trio_token()
@@ -65,9 +68,15 @@ async def run(fn: Callable[..., T], *args: object) -> T:
     try:
         await done.wait()
     except BaseException:
-        future.cancel()
+        if not future.cancel() and undo is not None:
+            future.add_done_callback(partial(_undo_abandoned, undo))
         raise
     return future.result()
+
+
+def _undo_abandoned(undo: Callable[[T], object], future: Future[T]) -> None:
+    if not future.cancelled() and future.exception() is None:
+        _get_executor().submit(undo, future.result())
 
 
 def run_blocking(fn: Callable[..., T], *args: object) -> T:
