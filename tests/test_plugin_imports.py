@@ -1,7 +1,8 @@
-"""Plugins use only the public API: `qkdagent` itself and the `qkdagent.testing` kit.
+"""Plugins use only the public API: the names `qkdagent` and `qkdagent.testing` export.
 
 Everything else in the core may change without notice, so a plugin that reaches into it would
-break on a core release that keeps the public API intact.
+break on a core release that keeps the public API intact. The one submodule a plugin may name
+is the test kit's pytest plugin (its fixtures are found by module name).
 """
 
 from __future__ import annotations
@@ -9,32 +10,49 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import qkdagent
+import qkdagent.testing
+
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
-PUBLIC = ("qkdagent", "qkdagent.testing")
+EXPORTS = {"qkdagent": set(qkdagent.__all__), "qkdagent.testing": set(qkdagent.testing.__all__)}
+MODULES = {"qkdagent", "qkdagent.testing", "qkdagent.testing.pytest_plugin"}
 
 
 def private_imports(source: str) -> list[str]:
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
+            module = node.module
+            if module == "qkdagent" or module.startswith("qkdagent."):
+                public = EXPORTS.get(module)
+                if module not in MODULES:
+                    found.append(module)
+                elif public is not None:
+                    found += [f"{module}.{a.name}" for a in node.names if a.name not in public]
         elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        else:
-            continue
-        for name in names:
-            public = any(name == p or name.startswith("qkdagent.testing.") for p in PUBLIC)
-            if (name == "qkdagent" or name.startswith("qkdagent.")) and not public:
-                found.append(name)
+            for alias in node.names:
+                if alias.name.startswith("qkdagent.") and alias.name not in MODULES:
+                    found.append(alias.name)
     return found
 
 
 def test_the_checker_sees_a_private_import() -> None:
-    assert private_imports("from qkdagent.pki import x\nimport qkdagent.agent\n") == [
+    source = (
+        "from qkdagent.pki import x\n"
+        "import qkdagent.agent\n"
+        "from qkdagent import pki, Sink\n"
+        "from qkdagent.testing.toml import config_toml\n"
+        "from qkdagent.testing import agents, RecordingSink\n"
+    )
+    assert private_imports(source) == [
         "qkdagent.pki",
         "qkdagent.agent",
+        "qkdagent.pki",
+        "qkdagent.testing.toml",
+        "qkdagent.testing.agents",
     ]
-    assert private_imports("from qkdagent import Sink\nfrom qkdagent.testing import x\n") == []
+    public = "import qkdagent\nfrom qkdagent import Sink\nfrom qkdagent.testing import free_port\n"
+    assert private_imports(public) == []
 
 
 def test_plugins_import_only_the_public_api() -> None:

@@ -6,6 +6,7 @@
 - `open_agent_pair`: two real agents over loopback HTTPS with mutual TLS (or in-process).
 - `assert_not_leaked`: fails if any spelling of a secret occurs in a text.
 - `write_test_pki`: a throw-away CA and leaf certificates for mutual TLS (simulators, tests).
+- `config_toml`: a config dict (as `pair_configs` returns) as TOML text, for agent processes.
 
 Fixtures live in `qkdagent.testing.pytest_plugin`; enable them with
 `pytest_plugins = ["qkdagent.testing.pytest_plugin"]` in a conftest. The names that need pytest
@@ -21,6 +22,7 @@ from ..pki import LeafFiles, PkiFiles, write_test_pki
 from .agents import AgentPair, free_port, open_agent_pair, pair_configs
 from .local import LocalNetwork
 from .memory import InstallRecord, MemoryPool, MemorySource, RecordingSink
+from .toml import config_toml
 
 _NEED_PYTEST = {
     "SinkContract": ".contracts",
@@ -53,6 +55,7 @@ __all__ = [
     "SinkContract",
     "SourceContract",
     "assert_not_leaked",
+    "config_toml",
     "free_port",
     "in_ci",
     "missing",

@@ -32,8 +32,7 @@ from typing import Any
 from bench_install import add_peers, cpu_of
 from qkdagent_wireguard.testbed import Pair
 
-from qkdagent.testing import pair_configs
-from qkdagent.testing.toml import config_toml
+from qkdagent.testing import config_toml, pair_configs
 
 
 def configs(  # type: ignore[type-arg]
