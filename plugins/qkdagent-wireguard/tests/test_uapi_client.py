@@ -7,6 +7,7 @@ anything after a set would hang here, as it would against the real daemon).
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from qkdagent_wireguard import uapi
 from qkdagent_wireguard.backend import BackendError, Op, Outcome
 from qkdagent_wireguard.drive import drive, drive_blocking
 from qkdagent_wireguard.uapi import UapiBackend
@@ -240,3 +242,47 @@ def test_reply_buffer_is_wiped_and_grows_without_leaving_copies(fake) -> None:  
     assert backend._conns["wgfake"][1] is buf and len(buf.data) > len(first)
     assert not any(first) and not any(buf.data)  # the outgrown buffer was wiped too
     backend.close()
+
+
+class ScriptedSocket:
+    """`recv_into` fails with EAGAIN `busy` times, then delivers one reply."""
+
+    def __init__(self, busy: int, reply: bytes = b"errno=0\n\n") -> None:
+        self.busy, self.reply = busy, reply
+
+    def recv_into(self, view: memoryview) -> int:
+        if self.busy:
+            self.busy -= 1
+            raise BlockingIOError
+        view[: len(self.reply)] = self.reply
+        return len(self.reply)
+
+
+def run_read(monkeypatch: pytest.MonkeyPatch, busy: int) -> tuple[int, int, list[int]]:
+    """(sched_yield calls, yields to the driver, reply ends) with a clock that advances 10 µs
+    per reading and a 100 µs spin."""
+    ticks = itertools.count(1)
+    yields = []
+    monkeypatch.setattr(uapi, "perf_counter", lambda: next(ticks) * 10e-6)
+    monkeypatch.setattr(uapi, "sched_yield", lambda: yields.append(1))
+    sock = ScriptedSocket(busy)
+    read = uapi._read_replies(sock, uapi.ReplyBuffer(), Path("wg0.sock"), 1, 100e-6)  # type: ignore[arg-type]
+    waits = 0
+    try:
+        while True:
+            assert next(read) == (sock, False)
+            waits += 1
+    except StopIteration as done:
+        return len(yields), waits, done.value
+
+
+def test_a_reply_within_the_spin_is_read_without_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run_read(monkeypatch, busy=3) == (3, 0, [9])  # the CPU given away between tries
+
+
+def test_the_spin_budget_is_spent_once_then_every_try_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # tries at 10, 20, ... µs: the budget runs from the first (10 µs) to 110 µs, so 11 tries
+    # spin and the 4 after it each wait for the socket instead
+    assert run_read(monkeypatch, busy=15) == (11, 4, [9])
