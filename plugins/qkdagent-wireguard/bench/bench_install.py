@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import os
 import shlex
 import shutil
@@ -175,15 +176,16 @@ async def many_peers(  # type: ignore[no-untyped-def]
     results = {}
     for mode in ("concurrent", "sequential"):
         secrets = [Secret.random() for _ in sinks]
+        key_meta = meta(1 if mode == "concurrent" else 2)
         cpu0, dcpu0 = time.process_time(), cpu_of(daemon_pid)
         start = time.perf_counter()
         if mode == "concurrent":
             async with trio.open_nursery() as nursery:
                 for sink, secret in zip(sinks, secrets, strict=True):
-                    nursery.start_soon(sink.install, LINK, secret, meta(1))
+                    nursery.start_soon(sink.install, LINK, secret, key_meta)
         else:
             for sink, secret in zip(sinks[:sequential], secrets, strict=False):
-                await sink.install(LINK, secret, meta(2))
+                await sink.install(LINK, secret, key_meta)
         wall = time.perf_counter() - start
         cpu, dcpu = time.process_time() - cpu0, cpu_of(daemon_pid) - dcpu0
         results[mode] = (wall, cpu, dcpu)
@@ -210,6 +212,8 @@ def start_broker(workdir: Path, node: Node, peer: Node) -> tuple[subprocess.Pope
     deadline = time.monotonic() + 15
     while not sock.is_socket():
         if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
             raise RuntimeError("broker did not start")
         time.sleep(0.02)
     return proc, sock
@@ -217,63 +221,73 @@ def start_broker(workdir: Path, node: Node, peer: Node) -> tuple[subprocess.Pope
 
 async def userspace(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="qkdwg-bench-"))
-    # wireguard-go at its default log level, as deployed (the tests run it with debug logging)
-    with Pair(workdir / "wg", log_level="error").open(os.urandom(32), os.urandom(32)) as pair:
-        a, b = pair.a, pair.b
-        assert a is not None and b is not None
+    try:
+        # wireguard-go at its default log level, as deployed (the tests log at debug level)
+        with Pair(workdir / "wg", log_level="error").open(os.urandom(32), os.urandom(32)) as pair:
+            a, b = pair.a, pair.b
+            assert a is not None and b is not None
+            results = await latencies(args, workdir, a, b)
+            report(args, results)
+            print(f"one interface, {args.peers} peers, {SINK_ONLY}:")
+            assert a.proc is not None
+            await many_peers(a, workdir, args.peers, args.sequential, "uapi", a.proc.pid)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def latencies(
+    args: argparse.Namespace, workdir: Path, a: Node, b: Node
+) -> dict[str, list[float]]:
+    """Every userspace latency, in interleaved rounds: the host's noise (large on a shared
+    VM) then moves every figure together, not one of them."""
+    results: dict[str, list[float]] = {k: [] for k in LABELS}
+    rounds = args.rounds
+    per, spawns = max(1, args.n // rounds), max(1, args.baseline // rounds)
+    async with contextlib.AsyncExitStack() as stack:
         proc, sock = start_broker(workdir, a, b)
-        uapi = make_sink(a, b.public_text, workdir, backend="uapi")
-        broker = make_sink(a, b.public_text, workdir, backend="broker", broker_socket=str(sock))
+        stack.callback(proc.wait)
+        stack.callback(proc.terminate)
         listing, bare = RawClient(a, b, True), RawClient(a, b, False)
-        try:
-            await uapi.prepare()
-            await broker.prepare()
-            # Interleaved rounds: the host's noise moves every figure together, not one of them.
-            rounds, per, spawns = (
-                args.rounds,
-                max(1, args.n // args.rounds),
-                max(1, args.baseline // args.rounds),
-            )
-            results: dict[str, list[float]] = {k: [] for k in LABELS}
-            for _ in range(rounds):
-                results["uapi"] += await install_latency(uapi, per)
-                results["broker"] += await install_latency(broker, per)
-                results["listing"] += listing.latency(per)
-                results["bare"] += bare.latency(per)
-                results["wg"] += wg_set_latency(a, b, workdir, spawns)
-            idle, spaced = args.idle / 1e3, max(1, args.n // 10)
-            results["uapi idle"] += await install_latency(uapi, spaced, idle)
-            results["listing idle"] += listing.latency(spaced, idle)
-        finally:
-            listing.close()
-            bare.close()
-            await uapi.aclose()
-            await broker.aclose()
-            proc.terminate()
-            proc.wait()
-        print(
-            f"install latency (wireguard-go {a.iface}; listing + set in one round trip; "
-            f"{rounds} interleaved rounds):"
-        )
-        medians = {key: summary(LABELS[key].format(idle=args.idle), results[key]) for key in LABELS}
-        base = medians["wg"]
-        print(
-            f"  speed-up vs `wg set`: uapi {base / medians['uapi']:.1f}x, "
-            f"broker {base / medians['broker']:.1f}x"
-        )
-        print(
-            "  the daemon alone (no sink) vs `wg set`: "
-            f"listing + set {base / medians['listing']:.1f}x, "
-            f"bare set {base / medians['bare']:.1f}x"
-        )
-        print(
-            f"  after {args.idle:g} ms idle: uapi {base / medians['uapi idle']:.1f}x, "
-            f"the daemon alone {base / medians['listing idle']:.1f}x"
-        )
-        print(f"one interface, {args.peers} peers, {SINK_ONLY}:")
-        assert a.proc is not None
-        await many_peers(a, workdir, args.peers, args.sequential, "uapi", a.proc.pid)
-    shutil.rmtree(workdir, ignore_errors=True)
+        stack.callback(listing.close)
+        stack.callback(bare.close)
+        uapi = make_sink(a, b.public_text, workdir, backend="uapi")
+        stack.push_async_callback(uapi.aclose)
+        broker = make_sink(a, b.public_text, workdir, backend="broker", broker_socket=str(sock))
+        stack.push_async_callback(broker.aclose)
+        await uapi.prepare()
+        await broker.prepare()
+        for _ in range(rounds):
+            results["uapi"] += await install_latency(uapi, per)
+            results["broker"] += await install_latency(broker, per)
+            results["listing"] += listing.latency(per)
+            results["bare"] += bare.latency(per)
+            results["wg"] += wg_set_latency(a, b, workdir, spawns)
+        idle, spaced = args.idle / 1e3, max(1, args.n // 10)
+        results["uapi idle"] += await install_latency(uapi, spaced, idle)
+        results["listing idle"] += listing.latency(spaced, idle)
+    return results
+
+
+def report(args: argparse.Namespace, results: dict[str, list[float]]) -> None:
+    print(
+        "install latency (wireguard-go; listing + set in one round trip; "
+        f"{args.rounds} interleaved rounds):"
+    )
+    medians = {key: summary(LABELS[key].format(idle=args.idle), results[key]) for key in LABELS}
+    base = medians["wg"]
+    print(
+        f"  speed-up vs `wg set`: uapi {base / medians['uapi']:.1f}x, "
+        f"broker {base / medians['broker']:.1f}x"
+    )
+    print(
+        "  the daemon alone (no sink) vs `wg set`: "
+        f"listing + set {base / medians['listing']:.1f}x, "
+        f"bare set {base / medians['bare']:.1f}x"
+    )
+    print(
+        f"  after {args.idle:g} ms idle: uapi {base / medians['uapi idle']:.1f}x, "
+        f"the daemon alone {base / medians['listing idle']:.1f}x"
+    )
 
 
 LABELS = {
@@ -289,6 +303,13 @@ LABELS = {
 
 async def kernel(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="qkdwg-bench-"))
+    try:
+        await kernel_figures(args, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def kernel_figures(args: argparse.Namespace, workdir: Path) -> None:
     with Pair(workdir / "wg", kernel=True, a_in_caller_ns=True).open(
         os.urandom(32), os.urandom(32)
     ) as pair:
