@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -150,15 +151,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, PluginError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_INVALID
+    failed = False
     try:
         trio.run(_run_with_signals, agent, args.config)
-    except QkdAgentError as exc:
-        log.error("agent stopped: %s", exc)
-        return 1
-    except OSError as exc:
-        log.error("agent stopped: %s", exc)
-        return 1
-    return 0
+    except* (QkdAgentError, OSError) as group:  # arrives grouped from the agent's nurseries
+        for exc in _leaves(group):
+            log.error("agent stopped: %s", exc)
+        failed = True
+    except* Exception as group:
+        for exc in _leaves(group):
+            _log_bug("agent stopped", exc)
+        failed = True
+    return 1 if failed else 0
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
+
+
+def _log_bug(what: str, exc: BaseException) -> None:
+    """An exception that is not qkdagent's own (a bug here or in a plugin): named by type and
+    place only, since its message might quote a key. The frames are at debug level."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    log.error("%s: unexpected %s%s (a bug; -v shows the call stack)", what,
+              type(exc).__name__, where)  # fmt: skip
+    log.debug("call stack of that %s:\n%s", type(exc).__name__, "".join(frames.format()))
 
 
 async def _run_with_signals(agent: Any, config_path: str) -> None:
@@ -189,6 +210,8 @@ async def _reload(agent: Any, config_path: str) -> None:
         await agent.reload(new)
     except QkdAgentError as exc:
         log.error("config reload refused, keeping the running config: %s", exc)
+    except Exception as exc:  # a plugin bug must not stop a running agent
+        _log_bug("config reload failed", exc)
 
 
 # -- check ---------------------------------------------------------------------------------------

@@ -97,11 +97,14 @@ class _Configurable(abc.ABC):
 
         The agent prepares its components concurrently (up to 64 at a time), so components
         that share a resource (a token, a daemon's socket) must not assume they go one by one
-        (or must set `concurrent_prepare = False`).
+        (or must set `concurrent_prepare = False`). It may be cancelled: once a component
+        earlier in the config has failed, the agent will not start anyway.
         """
 
     async def aclose(self) -> None:
-        """Release connections; called once when the agent stops or the config drops the object."""
+        """Release connections; called once when the agent stops or the config drops the object,
+        and after a refused start or reload, whether `prepare()` succeeded, failed, was
+        cancelled or never ran (so it must cope with a component that was never prepared)."""
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} type={self.type_name!r}>"

@@ -49,16 +49,17 @@ async def prepare_all(handles: list[Handle]) -> None:
                 try:
                     with trio.fail_after(handle.timeout):
                         await obj.prepare()  # type: ignore[attr-defined]
+                    return
                 except trio.TooSlowError:
-                    errors[index] = StartupError(f"{kind} {handle.id!r}: prepare() timed out")
+                    error: Exception = StartupError(f"{kind} {handle.id!r}: prepare() timed out")
                 except QkdAgentError as exc:
                     error = StartupError(f"{kind} {handle.id!r}: {exc}")
                     error.__cause__ = exc
-                    errors[index] = error
                 except Exception as exc:  # a plugin bug: re-raised as is, as before
-                    errors[index] = exc
-                else:
-                    return
+                    error = exc
+        if scopes[index].cancel_called:  # cancelled: what it raised on the way out is moot
+            return
+        errors[index] = error
         for later in scopes[index + 1 :]:
             later.cancel()
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from qkdagent.cli import format_status, main
-from qkdagent.testing import AgentPair
+from qkdagent.testing import AgentPair, config_toml, pair_configs
 
 
 def test_demo_runs_and_never_prints_a_secret(tmp_path: Path) -> None:
@@ -120,3 +120,29 @@ def test_demo_and_simulated_sources_work_without_pytest() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sink", "shown", "hidden"),
+    [
+        ({"prepare_error": "no such device"}, "agent stopped: sink 'bad': recording sink", None),
+        ({"prepare_bug": "psk=0123abcd"}, "agent stopped: unexpected RuntimeError at", "0123abcd"),
+    ],
+)
+def test_run_reports_a_failed_start_in_one_line_not_a_traceback(
+    tmp_path: Path, sink: dict[str, str], shown: str, hidden: str | None
+) -> None:
+    config = pair_configs(tmp_path, alice={"sinks": {"bad": {"type": "recording", **sink}}})
+    path = tmp_path / "alice.toml"
+    path.write_text(config_toml(config["alice"]))
+    result = subprocess.run(
+        [sys.executable, "-m", "qkdagent", "run", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert shown in result.stderr
+    assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr
+    if hidden is not None:
+        assert hidden not in result.stderr

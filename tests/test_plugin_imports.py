@@ -14,7 +14,10 @@ import qkdagent
 import qkdagent.testing
 
 PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
-EXPORTS = {"qkdagent": set(qkdagent.__all__), "qkdagent.testing": set(qkdagent.testing.__all__)}
+EXPORTS = {
+    "qkdagent": {*qkdagent.__all__, "testing"},  # `from qkdagent import testing` is the kit
+    "qkdagent.testing": set(qkdagent.testing.__all__),
+}
 MODULES = {"qkdagent", "qkdagent.testing", "qkdagent.testing.pytest_plugin"}
 
 
@@ -51,7 +54,10 @@ def test_the_checker_sees_a_private_import() -> None:
         "qkdagent.testing.toml",
         "qkdagent.testing.agents",
     ]
-    public = "import qkdagent\nfrom qkdagent import Sink\nfrom qkdagent.testing import free_port\n"
+    public = (
+        "import qkdagent\nfrom qkdagent import Sink, testing\n"
+        "from qkdagent.testing import free_port\n"
+    )
     assert private_imports(public) == []
 
 

@@ -129,3 +129,20 @@ async def test_one_at_a_time_components_never_wait_against_their_own_timeout(
     shared = [ScriptedSink(f"token{i}", use_resource) for i in range(3)]
     with pytest.raises(StartupError, match="timed out"):  # the same, prepared together
         await prepare_all([handle(s, timeout=3) for s in shared])
+
+
+async def test_what_a_cancelled_component_raises_is_not_a_failure(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def noisy_cleanup() -> None:
+        try:
+            await trio.sleep(20)
+        finally:
+            raise Misconfigured("cleanup failed")
+
+    failing = ScriptedSink("failing", after(1, Misconfigured("no such thing")))
+    noisy = ScriptedSink("noisy", noisy_cleanup)
+    with caplog.at_level(logging.ERROR, logger="qkdagent.preparing"):
+        with pytest.raises(StartupError, match="^sink 'failing'"):
+            await prepare_all([handle(failing), handle(noisy)])
+    assert "noisy" not in caplog.text

@@ -123,6 +123,8 @@ class RecordingSink(Sink):
         self.fail = options.boolean("fail", False)
         self.prepare_delay = options.number("prepare_delay", 0.0, min=0)
         self.prepare_error = options.string("prepare_error", "")
+        self.prepare_bug = options.string("prepare_bug", "")
+        """Raise a RuntimeError with this text from prepare(), as a buggy plugin would."""
         self.installs: list[InstallRecord] = []
         self.erasures: list[tuple[float, str, str]] = []
         self.current: dict[str, Secret] = {}
@@ -136,6 +138,8 @@ class RecordingSink(Sink):
             await trio.sleep(self.prepare_delay)
         if self.prepare_error:
             raise Misconfigured(f"recording sink {self.name!r}: {self.prepare_error}")
+        if self.prepare_bug:
+            raise RuntimeError(self.prepare_bug)
 
     async def install(self, link: Link, secret: Secret, meta: KeyMeta) -> None:
         if self.delay:

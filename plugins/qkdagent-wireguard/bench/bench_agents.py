@@ -162,6 +162,8 @@ def run(args: argparse.Namespace, workdir: Path, keys: Path) -> None:
                 raise RuntimeError(f"{args.peers} links did not all rotate in 600 s")
             time.sleep(0.5)
         time.sleep(0.1)  # a sample after the last commit
+        sampler.stop.set()
+        sampler.join()
     first = min(start for start, _ in log.commits)
     last = max(end for _, end in log.commits)
     durations = sorted(end - start for start, end in log.commits)

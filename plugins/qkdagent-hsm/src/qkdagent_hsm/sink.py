@@ -15,6 +15,8 @@ import logging
 import os
 from typing import Any
 
+import trio
+
 from qkdagent import (
     KeyMeta,
     Link,
@@ -77,7 +79,8 @@ class Pkcs11Sink(Sink):
         try:
             self._check_limits(entry)
         except BaseException:
-            await worker.run(token.release, entry)
+            with trio.CancelScope(shield=True):  # even when cancelled: the session is ours
+                await worker.run(token.release, entry)
             raise
         self._entry = entry
         log.info(

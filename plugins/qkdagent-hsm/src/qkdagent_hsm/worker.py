@@ -9,6 +9,7 @@ order. The trio thread only waits for a wake-up, never for the token.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import TypeVar
 import trio
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
@@ -75,8 +77,20 @@ async def run(fn: Callable[..., T], *args: object, undo: Callable[[T], object] |
 
 
 def _undo_abandoned(undo: Callable[[T], object], future: Future[T]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        _get_executor().submit(undo, future.result())
+    if future.cancelled() or future.exception() is not None:
+        return
+    result = future.result()
+
+    def run_undo() -> None:
+        try:
+            undo(result)
+        except Exception as exc:  # nobody waits for this job: say so, by type only
+            log.warning("undoing an abandoned PKCS#11 job failed: %s", type(exc).__name__)
+
+    try:
+        _get_executor().submit(run_undo)
+    except RuntimeError:  # the executor is shut down (interpreter exit): nothing to undo on
+        log.warning("could not undo an abandoned PKCS#11 job: the worker has stopped")
 
 
 def run_blocking(fn: Callable[..., T], *args: object) -> T:
