@@ -142,3 +142,25 @@ def test_invalid_config_on_sighup_keeps_running(tmp_path: Path) -> None:
     finally:
         for proc in procs.values():
             proc.stop()
+
+
+def test_a_plugin_bug_on_sighup_keeps_running(tmp_path: Path) -> None:
+    paths = process_pair(tmp_path, link={"interval": 0.3, "jitter": 0, "reject_after": 60})
+    procs = {n: AgentProcess(paths[n], tmp_path / f"{n}.log") for n in ("bob", "alice")}
+    try:
+        wait_until(lambda: procs["alice"].epochs().get(LINK, 0) >= 1, 30, "first rotation")
+        text = paths["alice"].read_text()
+        assert 'sinks = ["psk"]' in text
+        text = text.replace('sinks = ["psk"]', 'sinks = ["psk", "buggy"]')
+        text += '\n[sinks.buggy]\ntype = "recording"\nprepare_bug = "psk=0123abcd"\n'
+        paths["alice"].write_text(text)
+        procs["alice"].proc.send_signal(signal.SIGHUP)
+        log = tmp_path / "alice.log"
+        wait_until(lambda: "config reload failed" in log.read_text(), 10, "the failed reload")
+        epoch = procs["alice"].epochs()[LINK]
+        wait_until(lambda: procs["alice"].epochs().get(LINK, -1) > epoch, 10, "rotations to go on")
+        assert "unexpected RuntimeError at" in log.read_text()
+        assert "0123abcd" not in log.read_text()
+    finally:
+        for proc in procs.values():
+            proc.stop()
