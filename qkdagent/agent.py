@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from .components import Components, build_components
 from .config import BUILTIN_PLUGINS, AgentConfig, LinkConfig, load_config
 from .errors import ProtocolError
 from .events import ComponentEvent
-from .interfaces import Link, PluginContext
+from .interfaces import Link, PluginContext, Sink, Source
 from .link import LinkRuntime
 from .observability import Metrics, StatusApp
 from .peering import PeerApp, PeerClient
@@ -163,11 +163,7 @@ class Agent:
             sink_handle.sink.links = tuple(users.get(cid, ()))
 
     async def _close_components(self, components: Components) -> None:
-        for obj in components.all():
-            try:
-                await obj.aclose()
-            except Exception as exc:
-                log.warning("closing %r failed: %s", obj, type(exc).__name__)
+        await _close_all(components.all())
 
     async def _serve_peers(self, task_status: trio.TaskStatus[list[str]]) -> None:
         tls = self.settings.tls
@@ -328,11 +324,7 @@ class Agent:
             for cid, h in {**old_components.sources, **old_components.sinks}.items()
             if cid in changed_components or cid not in {**fresh.sources, **fresh.sinks}
         ]
-        for obj in stale:
-            try:
-                await obj.aclose()
-            except Exception as exc:
-                log.warning("closing %r failed: %s", obj, type(exc).__name__)
+        await _close_all(stale)
         summary = {"added": added, "removed": removed, "changed": changed}
         log.info("config reloaded: %s", summary)
         return summary
@@ -374,3 +366,12 @@ def _component_key(component: Any) -> Any:
     if component is None:
         return None
     return (component.type, component.label, component.timeout, component.options.snapshot())
+
+
+async def _close_all(objects: Iterable[Source | Sink]) -> None:
+    """Close each component; one failing (named by type only) does not stop the others."""
+    for obj in objects:
+        try:
+            await obj.aclose()
+        except Exception as exc:
+            log.warning("closing %r failed: %s", obj, type(exc).__name__)

@@ -26,7 +26,7 @@ class PluginError(QkdAgentError):
 
 
 class StartupError(QkdAgentError):
-    """The agent cannot start (a component's prepare() failed, a port is taken...)."""
+    """A component's `prepare()` failed or timed out, so the agent (or a reload) cannot start."""
 
 
 class NotInstalled(QkdAgentError):

@@ -19,6 +19,7 @@ import trio
 
 from .components import SinkHandle, SourceHandle
 from .errors import QkdAgentError, StartupError
+from .interfaces import Sink, Source
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ LIMIT = 64
 Handle = SourceHandle | SinkHandle
 
 
-def _describe(handle: Handle) -> tuple[str, object]:
+def _describe(handle: Handle) -> tuple[str, Source | Sink]:
     if isinstance(handle, SourceHandle):
         return "source", handle.source
     return "sink", handle.sink
@@ -48,7 +49,7 @@ async def prepare_all(handles: list[Handle]) -> None:
             async with limiter:
                 try:
                     with trio.fail_after(handle.timeout):
-                        await obj.prepare()  # type: ignore[attr-defined]
+                        await obj.prepare()
                     return
                 except trio.TooSlowError:
                     error: Exception = StartupError(f"{kind} {handle.id!r}: prepare() timed out")
@@ -67,9 +68,7 @@ async def prepare_all(handles: list[Handle]) -> None:
         for index in indexes:
             await prepare(index)
 
-    serial = [
-        i for i, h in enumerate(handles) if not getattr(_describe(h)[1], "concurrent_prepare", True)
-    ]
+    serial = [i for i, h in enumerate(handles) if not _describe(h)[1].concurrent_prepare]
     async with trio.open_nursery() as nursery:
         if serial:
             nursery.start_soon(one_at_a_time, serial)

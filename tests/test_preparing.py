@@ -59,6 +59,14 @@ def after(seconds: float, error: Exception | None = None) -> Behaviour:
     return behaviour
 
 
+async def failed_start(caplog: pytest.LogCaptureFixture, match: str, *sinks: ScriptedSink) -> str:
+    """Prepare `sinks`, expect a StartupError matching `match`; what was logged meanwhile."""
+    with caplog.at_level(logging.ERROR, logger="qkdagent.preparing"):
+        with pytest.raises(StartupError, match=match):
+            await prepare_all([handle(s) for s in sinks])
+    return caplog.text
+
+
 async def test_components_prepare_at_the_same_time(autojump_clock: trio.testing.MockClock) -> None:
     sinks = [ScriptedSink(f"s{i}", after(3)) for i in range(5)]
     await prepare_all([handle(s) for s in sinks])
@@ -84,10 +92,8 @@ async def test_the_first_failure_in_config_order_wins_and_the_others_are_logged(
 ) -> None:
     slow = ScriptedSink("slow", after(5, Misconfigured("slow broke")))
     fast = ScriptedSink("fast", after(1, Misconfigured("fast broke")))
-    with caplog.at_level(logging.ERROR, logger="qkdagent.preparing"):
-        with pytest.raises(StartupError, match="^sink 'slow': slow broke$"):
-            await prepare_all([handle(slow), handle(fast)])
-    assert "also failed to start: sink 'fast': fast broke" in caplog.text
+    logged = await failed_start(caplog, "^sink 'slow': slow broke$", slow, fast)
+    assert "also failed to start: sink 'fast': fast broke" in logged
 
 
 async def test_a_plugin_bug_keeps_its_type_and_is_logged_by_type_only(
@@ -95,11 +101,9 @@ async def test_a_plugin_bug_keeps_its_type_and_is_logged_by_type_only(
 ) -> None:
     first = ScriptedSink("first", after(2, Misconfigured("first broke")))
     buggy = ScriptedSink("buggy", after(1, ValueError("secret 0123abcd")))
-    with caplog.at_level(logging.ERROR, logger="qkdagent.preparing"):
-        with pytest.raises(StartupError, match="first broke"):
-            await prepare_all([handle(first), handle(buggy)])
-    assert "sink 'buggy': ValueError" in caplog.text
-    assert "0123abcd" not in caplog.text
+    logged = await failed_start(caplog, "first broke", first, buggy)
+    assert "sink 'buggy': ValueError" in logged
+    assert "0123abcd" not in logged
     with pytest.raises(ValueError, match="0123abcd"):  # alone, raised as before
         await prepare_all([handle(ScriptedSink("buggy", after(1, ValueError("0123abcd"))))])
 
@@ -142,7 +146,4 @@ async def test_what_a_cancelled_component_raises_is_not_a_failure(
 
     failing = ScriptedSink("failing", after(1, Misconfigured("no such thing")))
     noisy = ScriptedSink("noisy", noisy_cleanup)
-    with caplog.at_level(logging.ERROR, logger="qkdagent.preparing"):
-        with pytest.raises(StartupError, match="^sink 'failing'"):
-            await prepare_all([handle(failing), handle(noisy)])
-    assert "noisy" not in caplog.text
+    assert "noisy" not in await failed_start(caplog, "^sink 'failing'", failing, noisy)

@@ -6,6 +6,7 @@ import re
 import signal
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -126,41 +127,38 @@ def test_sighup_adds_and_removes_links(tmp_path: Path) -> None:
             proc.stop()
 
 
-def test_invalid_config_on_sighup_keeps_running(tmp_path: Path) -> None:
+def reload_alice(tmp_path: Path, edit: Callable[[str], str], logged: str) -> str:
+    """Run a pair rotating every 0.3 s, rewrite alice's config with `edit` and SIGHUP her;
+    once `logged` shows up in her log, check that her link goes on rotating. Her log."""
     paths = process_pair(tmp_path, link={"interval": 0.3, "jitter": 0, "reject_after": 60})
     procs = {n: AgentProcess(paths[n], tmp_path / f"{n}.log") for n in ("bob", "alice")}
+    log = tmp_path / "alice.log"
     try:
         wait_until(lambda: procs["alice"].epochs().get(LINK, 0) >= 1, 30, "first rotation")
-        paths["alice"].write_text(
-            paths["alice"].read_text().replace("interval = 0.3", "interval = -1")
-        )
+        paths["alice"].write_text(edit(paths["alice"].read_text()))
         procs["alice"].proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: "reload refused" in (tmp_path / "alice.log").read_text(), 10, "refusal")
+        wait_until(lambda: logged in log.read_text(), 10, repr(logged))
         epoch = procs["alice"].epochs()[LINK]
         wait_until(lambda: procs["alice"].epochs().get(LINK, -1) > epoch, 10, "rotations to go on")
-        assert "links.alice-bob.interval" in (tmp_path / "alice.log").read_text()
+        return log.read_text()
     finally:
         for proc in procs.values():
             proc.stop()
+
+
+def test_invalid_config_on_sighup_keeps_running(tmp_path: Path) -> None:
+    text = reload_alice(
+        tmp_path, lambda config: config.replace("interval = 0.3", "interval = -1"), "reload refused"
+    )
+    assert "links.alice-bob.interval" in text
 
 
 def test_a_plugin_bug_on_sighup_keeps_running(tmp_path: Path) -> None:
-    paths = process_pair(tmp_path, link={"interval": 0.3, "jitter": 0, "reject_after": 60})
-    procs = {n: AgentProcess(paths[n], tmp_path / f"{n}.log") for n in ("bob", "alice")}
-    try:
-        wait_until(lambda: procs["alice"].epochs().get(LINK, 0) >= 1, 30, "first rotation")
-        text = paths["alice"].read_text()
-        assert 'sinks = ["psk"]' in text
-        text = text.replace('sinks = ["psk"]', 'sinks = ["psk", "buggy"]')
-        text += '\n[sinks.buggy]\ntype = "recording"\nprepare_bug = "psk=0123abcd"\n'
-        paths["alice"].write_text(text)
-        procs["alice"].proc.send_signal(signal.SIGHUP)
-        log = tmp_path / "alice.log"
-        wait_until(lambda: "config reload failed" in log.read_text(), 10, "the failed reload")
-        epoch = procs["alice"].epochs()[LINK]
-        wait_until(lambda: procs["alice"].epochs().get(LINK, -1) > epoch, 10, "rotations to go on")
-        assert "unexpected RuntimeError at" in log.read_text()
-        assert "0123abcd" not in log.read_text()
-    finally:
-        for proc in procs.values():
-            proc.stop()
+    def add_buggy_sink(config: str) -> str:
+        assert 'sinks = ["psk"]' in config
+        config = config.replace('sinks = ["psk"]', 'sinks = ["psk", "buggy"]')
+        return config + '\n[sinks.buggy]\ntype = "recording"\nprepare_bug = "psk=0123abcd"\n'
+
+    text = reload_alice(tmp_path, add_buggy_sink, "config reload failed")
+    assert "unexpected RuntimeError at" in text
+    assert "0123abcd" not in text
