@@ -25,6 +25,7 @@ from .components import Components, build_components
 from .config import BUILTIN_PLUGINS, AgentConfig, LinkConfig, load_config
 from .errors import ProtocolError
 from .events import ComponentEvent
+from .identity import PeerIdentity
 from .interfaces import Link, PluginContext, Sink, Source
 from .link import LinkRuntime
 from .observability import Metrics, StatusApp
@@ -92,7 +93,7 @@ class Agent:
         try:
             await self._prepare_components(self.components)
             self.client = (
-                self.network.client()
+                self.network.client(PeerIdentity(dns=(self.name,)))
                 if self.network
                 else PeerClient(self.settings.tls, connections=self.settings.max_parallel_rotations)
             )
@@ -197,7 +198,9 @@ class Agent:
             task_status=task_status,
         )
 
-    async def _handle_peer(self, link: str, action: str, body: bytes) -> bytes:
+    async def _handle_peer(
+        self, link: str, action: str, body: bytes, identity: PeerIdentity
+    ) -> bytes:
         task = self.links.get(link)
         if self._closed or (self._stopping and action != "commit"):
             # While draining only commits are taken: they finish rotations already under way.
@@ -208,7 +211,7 @@ class Agent:
             self._peer_idle = trio.Event()
         self._peer_calls += 1
         try:
-            return await task.runtime.handle(action, body)
+            return await task.runtime.handle(action, body, identity)
         finally:
             self._peer_calls -= 1
             if not self._peer_calls:

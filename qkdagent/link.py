@@ -26,6 +26,7 @@ from .config import LinkConfig
 from .errors import KeyNotFound, KeyReuseError, ProtocolError, QkdAgentError, SourceError
 from .events import EraseEvent, RotationErrorEvent, RotationEvent
 from .faults import crash_point
+from .identity import PeerIdentity
 from .interfaces import KeyMeta, Link
 from .peering import PeerReply
 from .secret import Key
@@ -331,7 +332,7 @@ class LinkRuntime:
 
     # -- responder ---------------------------------------------------------------------------
 
-    async def handle(self, action: str, body: bytes) -> bytes:
+    async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
         message = protocol.parse(body, expect=(action,))
         if message.link != self.name:
             raise ProtocolError("link name in the message does not match the path")

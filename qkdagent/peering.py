@@ -20,12 +20,14 @@ import httpx
 from .asgi import lifespan, respond
 from .config import TlsFiles
 from .errors import ProtocolError
+from .identity import PeerIdentity
 from .protocol import MAX_BODY, error_body
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str, str, bytes], Awaitable[bytes]]
-"""(link name, action, body) -> reply body; raises ProtocolError for a refused request."""
+Handler = Callable[[str, str, bytes, PeerIdentity], Awaitable[bytes]]
+"""(link name, action, body, the client certificate's names) -> reply body; raises
+ProtocolError for a refused request."""
 
 ACTIONS = ("rotate", "commit", "resync")
 DISCARD_LIMIT = 1024 * 1024
@@ -115,7 +117,7 @@ class PeerApp:
             return 405, error_body("method", "use POST")
         try:
             body = await read_body(scope, receive)
-            return 200, await self.handler(parts[3], parts[4], body)
+            return 200, await self.handler(parts[3], parts[4], body, PeerIdentity())
         except ProtocolError as exc:
             log.info("refused %s for link %r: %s", parts[4], parts[3][:64], exc)
             return exc.status, exc.body or error_body("refused", str(exc))

@@ -7,17 +7,13 @@ peer agent's handler, with the same status mapping the HTTP server applies.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import httpx
 import trio
 
 from ..errors import ProtocolError
-from ..peering import PeerReply
+from ..identity import PeerIdentity
+from ..peering import Handler, PeerReply
 from ..protocol import MAX_BODY, error_body
-
-Handler = Callable[[str, str, bytes], Awaitable[bytes]]
-
 
 class LocalNetwork:
     def __init__(self) -> None:
@@ -32,13 +28,16 @@ class LocalNetwork:
     def detach(self, url: str) -> None:
         self.handlers.pop(url, None)
 
-    def client(self) -> LocalClient:
-        return LocalClient(self)
+    def client(self, identity: PeerIdentity) -> LocalClient:
+        """A client whose requests reach handlers as coming from a certificate naming
+        `identity` (what mutual TLS would have shown the server)."""
+        return LocalClient(self, identity)
 
 
 class LocalClient:
-    def __init__(self, network: LocalNetwork) -> None:
+    def __init__(self, network: LocalNetwork, identity: PeerIdentity) -> None:
         self.network = network
+        self.identity = identity
 
     async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply:
         await trio.lowlevel.checkpoint()
@@ -48,7 +47,7 @@ class LocalClient:
         if len(body) > MAX_BODY:
             return PeerReply(413, error_body("refused", "too large"))
         try:
-            return PeerReply(200, await handler(link, action, body))
+            return PeerReply(200, await handler(link, action, body, self.identity))
         except ProtocolError as exc:
             return PeerReply(exc.status, exc.body or error_body("refused", str(exc)))
 
