@@ -1,0 +1,202 @@
+"""Which peer-API connections the server keeps when descriptors run short. Pure, no I/O.
+
+Connections come in three kinds:
+
+- *handshaking*: accepted, mutual TLS not finished yet. Anyone who can reach the port can open
+  these, so they are capped on their own; when the cap is hit the OLDEST one is closed, so a
+  legitimate peer's fresh handshake always gets its turn however many idle sockets an attacker
+  holds open.
+- *idle*: an established (mutually authenticated) connection between requests. Kept for the
+  keep-alive timeout, but under pressure the one idle longest is closed first (its client just
+  opens a new one).
+- *busy*: an established connection in the middle of a request; never evicted.
+
+Per source address (IPv4 address, IPv6 /64) there is a cap as well. The server applies the
+verdicts; this module only counts and decides, so every rule is unit-tested without sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+HANDSHAKING, IDLE, BUSY = "handshaking", "idle", "busy"
+
+
+def address_key(host: str) -> str:
+    """The bucket a source address counts against: the IPv4 address, or the IPv6 /64 (one
+    attacker usually holds a whole /64); IPv4-mapped IPv6 addresses count as IPv4."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether to keep a new connection, and which older ones to close first (with why)."""
+
+    admit: bool
+    evict: tuple[tuple[Hashable, str], ...] = ()
+    reason: str | None = None
+    """Why the new connection is refused (when `admit` is false)."""
+
+
+@dataclass
+class _Conn:
+    bucket: str
+    state: str
+
+
+@dataclass
+class Admission:
+    """The live connections of one server and the caps they are held to."""
+
+    max_connections: int
+    max_per_address: int
+    max_handshaking: int
+    _conns: dict[Hashable, _Conn] = field(default_factory=dict)
+    _by_state: dict[str, dict[Hashable, None]] = field(
+        default_factory=lambda: {HANDSHAKING: {}, IDLE: {}, BUSY: {}}
+    )
+    """Per state, connections oldest first (dicts keep insertion order)."""
+    _per_bucket: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self._conns)
+
+    def count(self, state: str) -> int:
+        return len(self._by_state[state])
+
+    def admit(self, conn: Hashable, host: str) -> Verdict:
+        """Decide on a just-accepted connection from `host`; an admitted one is handshaking.
+
+        Evicted connections are forgotten at once (their slots are free for this decision);
+        the caller closes them.
+        """
+        bucket = address_key(host)
+        evict: list[tuple[Hashable, str]] = []
+        if self._per_bucket.get(bucket, 0) >= self.max_per_address:
+            victim = self._oldest(HANDSHAKING, bucket) or self._oldest(IDLE, bucket)
+            if victim is None:
+                return Verdict(False, reason="per-address")
+            evict.append((victim, "per-address"))
+            self._forget(victim)
+        if self.count(HANDSHAKING) >= self.max_handshaking:
+            victim = self._oldest(HANDSHAKING)
+            assert victim is not None
+            evict.append((victim, "handshaking-full"))
+            self._forget(victim)
+        if len(self._conns) >= self.max_connections:
+            victim = self._oldest(HANDSHAKING) or self._oldest(IDLE)
+            if victim is None:
+                return Verdict(False, tuple(evict), reason="full")
+            evict.append((victim, "full"))
+            self._forget(victim)
+        self._conns[conn] = _Conn(bucket, HANDSHAKING)
+        self._by_state[HANDSHAKING][conn] = None
+        self._per_bucket[bucket] = self._per_bucket.get(bucket, 0) + 1
+        return Verdict(True, tuple(evict))
+
+    def shed(self) -> Hashable | None:
+        """The connection to close when the process runs out of descriptors (accept() failed
+        with EMFILE): the oldest handshaking one, else the one idle longest. Forgotten."""
+        victim = self._oldest(HANDSHAKING) or self._oldest(IDLE)
+        if victim is not None:
+            self._forget(victim)
+        return victim
+
+    def established(self, conn: Hashable) -> bool:
+        """Mutual TLS done: the connection becomes idle. False if it was evicted meanwhile."""
+        return self._move(conn, IDLE)
+
+    def busy(self, conn: Hashable) -> bool:
+        """A request started on an idle connection. False if it was evicted meanwhile."""
+        return self._move(conn, BUSY)
+
+    def idle(self, conn: Hashable) -> bool:
+        """The request is answered; the connection waits for the next (newest idle)."""
+        return self._move(conn, IDLE)
+
+    def closed(self, conn: Hashable) -> None:
+        """The connection is gone (a no-op if it was evicted)."""
+        if conn in self._conns:
+            self._forget(conn)
+
+    def _move(self, conn: Hashable, state: str) -> bool:
+        entry = self._conns.get(conn)
+        if entry is None:
+            return False
+        del self._by_state[entry.state][conn]
+        entry.state = state
+        self._by_state[state][conn] = None
+        return True
+
+    def _oldest(self, state: str, bucket: str | None = None) -> Hashable | None:
+        for conn in self._by_state[state]:
+            if bucket is None or self._conns[conn].bucket == bucket:
+                return conn
+        return None
+
+    def _forget(self, conn: Hashable) -> None:
+        entry = self._conns.pop(conn)
+        del self._by_state[entry.state][conn]
+        left = self._per_bucket[entry.bucket] - 1
+        if left:
+            self._per_bucket[entry.bucket] = left
+        else:
+            del self._per_bucket[entry.bucket]
+
+
+def connection_caps(
+    max_connections: int, max_handshaking: int, soft_nofile: int, reserve: int
+) -> tuple[int, int]:
+    """Caps that fit the descriptor limit: connections stay `reserve` descriptors below it,
+    for rotations, the state database, sinks and erases; at least 8 connections, and at most
+    half of them handshaking."""
+    connections = max(8, min(max_connections, soft_nofile - reserve))
+    return connections, max(1, min(max_handshaking, connections // 2))
+
+
+@dataclass
+class Tally:
+    """Refused requests and dropped connections since the last summary line, and a small
+    budget of individual log lines per period, so a flood never floods the log."""
+
+    lines_per_period: int = 10
+    refused: dict[int, int] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    _lines: int = 0
+
+    def refuse(self, status: int) -> bool:
+        """Count a refused request; True if it may still be logged on its own line."""
+        self.refused[status] = self.refused.get(status, 0) + 1
+        return self._spend()
+
+    def drop(self, reason: str) -> bool:
+        """Count a closed connection; True if it may still be logged on its own line."""
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        return self._spend()
+
+    def _spend(self) -> bool:
+        self._lines += 1
+        return self._lines <= self.lines_per_period
+
+    def summary(self) -> str | None:
+        """The period's summary line (None if nothing happened), and a fresh period."""
+        refused, dropped = sum(self.refused.values()), sum(self.dropped.values())
+        line = None
+        if refused or dropped:
+            detail = ", ".join(
+                [f"{n} x {s}" for s, n in sorted(self.refused.items())]
+                + [f"{n} x {r}" for r, n in sorted(self.dropped.items())]
+            )
+            line = f"refused {refused} requests, dropped {dropped} connections ({detail})"
+        self.refused, self.dropped, self._lines = {}, {}, 0
+        return line

@@ -1,0 +1,418 @@
+"""The peer API server: trio TLS listener + h11, mutual TLS, the client certificate's names
+handed to the handler, and hard limits on what an unauthenticated network can hold.
+
+Why not hypercorn: it does not expose the client certificate to the application (so the
+responder could not check `peer_identity`), has no handshake timeout or connection caps, and
+at EMFILE it logged a traceback per accept while rotations stalled. This server is small:
+
+- `POST /v1/links/<link>/<rotate|commit|resync>` only (404 other paths, 405 other methods, 413
+  bodies over `protocol.MAX_BODY` refused from content-length or while streaming, 400
+  malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive.
+- Which connections to keep is decided by `admission.py` (handshaking connections capped
+  separately, the oldest evicted first; per-address and total caps; idle ones shed under
+  pressure). The descriptor limit is raised to the hard limit at start and the caps stay
+  `fd_reserve` below it, so rotations, the state database, sinks and erases keep descriptors.
+- Every phase of a connection has a deadline: the TLS handshake, the idle wait between
+  requests, the request head and body (slow senders are closed) and the reply.
+- Refused requests and dropped connections are counted (Prometheus) and summarised in one log
+  line per minute; only the first few of each minute get a line of their own. A failing
+  connection is logged by exception type at debug, never with a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import resource
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import h11
+import trio
+
+from .admission import Admission, Tally, connection_caps
+from .config import Address, TlsFiles
+from .errors import ProtocolError
+from .identity import PeerIdentity
+from .protocol import MAX_BODY, error_body
+
+if TYPE_CHECKING:
+    from .observability import Metrics
+    from .peering import Handler
+
+log = logging.getLogger(__name__)
+
+ACTIONS = (b"rotate", b"commit", b"resync")
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+_READ_SIZE = 16 * 1024
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Limits of the peer listener; the defaults suit a gateway with up to a few hundred peers.
+
+    A peer agent keeps up to its `max_parallel_rotations` (default 64) connections to us, so
+    `max_per_address` stays above that.
+    """
+
+    max_connections: int = 512
+    """Connections held at once (lowered to fit the descriptor limit minus `fd_reserve`)."""
+    max_per_address: int = 128
+    """Connections from one IPv4 address or IPv6 /64."""
+    max_handshaking: int = 128
+    """Connections before mutual TLS is done; beyond it the oldest of them is closed."""
+    handshake_timeout: float = 5.0
+    """Seconds from accept to a finished TLS handshake."""
+    request_timeout: float = 10.0
+    """Seconds from a request's first byte to its last, and for writing the reply."""
+    idle_timeout: float = 120.0
+    """Seconds an established connection may wait for its next request (the agent's own
+    client keeps connections for 100 s); idle connections are closed earlier under pressure."""
+    fd_reserve: int = 256
+    """Descriptors kept free of connections, for rotations, state, sinks and erases."""
+    max_head: int = 16 * 1024
+    """Request line plus headers."""
+    discard_limit: int = 1 << 20
+    """A refused body up to this size is read and dropped so the client sees the answer."""
+    summary_interval: float = 60.0
+    """Seconds between summary lines of refused requests and dropped connections."""
+
+
+def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
+    """TLS ≥ 1.2, a client certificate from the deployment CA required."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft descriptor limit to the hard one (systemd's default soft limit is
+    1,024); returns the soft limit in force. Refused (e.g. a seccomp filter) is not an error."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (OSError, ValueError) as exc:
+            log.debug("cannot raise the descriptor limit: %s", type(exc).__name__)
+    return soft
+
+
+async def serve_peers(
+    handler: Handler,
+    *,
+    listen: Address,
+    tls: TlsFiles,
+    limits: ServerLimits,
+    metrics: Metrics | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the peer API on `listen` until cancelled; `task_status` gets its URLs."""
+    context = server_ssl_context(tls)
+    soft = raise_nofile_limit()
+    connections, handshaking = connection_caps(
+        limits.max_connections, limits.max_handshaking, soft, limits.fd_reserve
+    )
+    admission = Admission(connections, min(limits.max_per_address, connections), handshaking)
+    listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+    server = _Server(handler, context, limits, admission, metrics)
+    urls = [_url(listener) for listener in listeners]
+    log.debug(
+        "peer API %s: up to %d connections (%d handshaking, %d per address), nofile %d",
+        ", ".join(urls), connections, handshaking, admission.max_per_address, soft,
+    )  # fmt: skip
+    try:
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(server.accept_loop, listener, nursery)
+            nursery.start_soon(server.summaries)
+            task_status.started(urls)
+    finally:
+        for listener in listeners:
+            listener.socket.close()
+
+
+def _url(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
+class _Conn:
+    """One accepted connection; admission keys on the object itself."""
+
+    __slots__ = ("evicted", "host", "phase", "scope", "tcp")
+
+    def __init__(self, tcp: trio.SocketStream, host: str) -> None:
+        self.tcp = tcp
+        self.host = host
+        self.scope = trio.CancelScope()
+        self.evicted = False
+        self.phase = "handshake"
+
+    def evict(self) -> None:
+        """Close now (the descriptor is free at once) and stop its task."""
+        self.evicted = True
+        self.tcp.socket.close()
+        self.scope.cancel()
+
+
+class _Close(Exception):
+    """Stop serving this connection (already answered, or nothing worth answering)."""
+
+
+class _Server:
+    def __init__(
+        self,
+        handler: Handler,
+        context: ssl.SSLContext,
+        limits: ServerLimits,
+        admission: Admission,
+        metrics: Metrics | None,
+    ) -> None:
+        self.handler = handler
+        self.context = context
+        self.limits = limits
+        self.admission = admission
+        self.metrics = metrics
+        self.tally = Tally()
+
+    # -- counting and logging ------------------------------------------------------------
+
+    def dropped(self, conn: _Conn | None, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.peer_connections_refused.labels(reason).inc()
+        if self.tally.drop(reason):
+            log.info("peer connection from %s closed: %s", conn.host if conn else "?", reason)
+
+    def refused(self, status: int, what: str) -> None:
+        if self.metrics is not None:
+            self.metrics.peer_requests_refused.labels(str(status)).inc()
+        if self.tally.refuse(status):
+            log.info("refused %s (%d)", what, status)
+
+    async def summaries(self) -> None:
+        interval = self.limits.summary_interval
+        while True:
+            await trio.sleep(interval)
+            line = self.tally.summary()
+            if line:
+                log.warning("peer API: %s in the last %g s", line, interval)
+
+    # -- accepting -----------------------------------------------------------------------
+
+    async def accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                tcp = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_DESCRIPTORS:
+                    raise
+                self.dropped(None, "no-descriptors")
+                victim = self.admission.shed()
+                if isinstance(victim, _Conn):
+                    victim.evict()
+                await trio.sleep(0.05)  # back off: the pending connection stays queued
+                continue
+            try:
+                host = str(tcp.socket.getpeername()[0])
+            except OSError:  # reset before we looked
+                tcp.socket.close()
+                continue
+            conn = _Conn(tcp, host)
+            verdict = self.admission.admit(conn, host)
+            for victim, reason in verdict.evict:
+                assert isinstance(victim, _Conn)
+                victim.evict()
+                self.dropped(victim, reason)
+            if not verdict.admit:
+                tcp.socket.close()
+                self.dropped(conn, verdict.reason or "refused")
+                continue
+            conn.scope.deadline = trio.current_time() + self.limits.handshake_timeout
+            nursery.start_soon(self.serve_connection, conn)
+
+    async def serve_connection(self, conn: _Conn) -> None:
+        try:
+            with conn.scope:
+                stream = trio.SSLStream(
+                    conn.tcp, self.context, server_side=True, https_compatible=True
+                )
+                try:
+                    await stream.do_handshake()
+                except trio.BrokenResourceError as exc:
+                    cause = getattr(exc.__cause__, "reason", None) or "handshake-failed"
+                    self.dropped(conn, "handshake-failed")
+                    log.debug("TLS handshake from %s failed: %s", conn.host, cause)
+                    return
+                identity = PeerIdentity.from_peercert(stream.getpeercert())
+                if self.admission.established(conn):
+                    await _Http(self, conn, stream, identity).serve()
+            if conn.scope.cancelled_caught and not conn.evicted:
+                if conn.phase == "handshake":
+                    self.dropped(conn, "handshake-timeout")
+                elif conn.phase == "request":
+                    self.dropped(conn, "request-timeout")
+        except (_Close, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except Exception as exc:  # one connection's failure never reaches the agent
+            log.debug("peer connection from %s closed by %s", conn.host, type(exc).__name__)
+        finally:
+            self.admission.closed(conn)
+            conn.tcp.socket.close()
+
+
+class _Http:
+    """HTTP/1.1 requests on one established connection, until it closes or a limit hits."""
+
+    def __init__(
+        self, server: _Server, conn: _Conn, stream: trio.SSLStream[Any], identity: PeerIdentity
+    ) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.conn = conn
+        self.stream = stream
+        self.identity = identity
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
+        self.declared = 0
+        """The current request's content-length (0 if none or chunked)."""
+
+    def _phase(self, phase: str, timeout: float) -> None:
+        self.conn.phase = phase
+        self.conn.scope.deadline = trio.current_time() + timeout
+
+    async def serve(self) -> None:
+        h = self.h11
+        try:
+            while True:
+                self._phase("idle", self.limits.idle_timeout)
+                request = await self._next_event()
+                if not isinstance(request, h11.Request):
+                    return  # the client closed
+                await self._exchange(request)
+                if h.our_state is not h11.DONE or not await self._drain():
+                    return
+                h.start_next_cycle()
+                if not self.server.admission.idle(self.conn):
+                    return
+        except h11.RemoteProtocolError as exc:
+            if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                status = exc.error_status_hint
+                self.server.refused(status, "malformed HTTP request")
+                await self._send(status, error_body("http", "malformed HTTP request"), close=True)
+
+    async def _next_event(self) -> Any:
+        h = self.h11
+        while True:
+            event = h.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await self.stream.receive_some(_READ_SIZE)
+            if self.conn.phase == "idle" and data:
+                # A request started: from now on the slow-sender bound applies.
+                if not self.server.admission.busy(self.conn):
+                    raise _Close
+                self._phase("request", self.limits.request_timeout)
+            h.receive_data(data)
+
+    async def _exchange(self, request: h11.Request) -> None:
+        if self.conn.phase == "idle":  # the whole request came with the previous one
+            if not self.server.admission.busy(self.conn):
+                raise _Close
+            self._phase("request", self.limits.request_timeout)
+        self.declared = 0
+        for name, value in request.headers:
+            if name == b"content-length":
+                self.declared = int(value)  # h11 checked that it is digits
+        path = request.target.partition(b"?")[0]
+        parts = path.split(b"/")
+        if len(parts) != 5 or parts[:3] != [b"", b"v1", b"links"] or parts[4] not in ACTIONS:
+            self.server.refused(404, "request for an unknown path")
+            await self._send(404, error_body("not-found", "unknown path"))
+            return
+        if request.method != b"POST":
+            self.server.refused(405, f"{request.method[:16]!r} request")
+            await self._send(405, error_body("method", "use POST"))
+            return
+        link, action = parts[3].decode("ascii", "replace"), parts[4].decode("ascii")
+        body = await self._read_body()
+        if body is None:
+            self.server.refused(413, f"{action} with a body over {MAX_BODY} bytes")
+            await self._send(413, error_body("too-large", f"body larger than {MAX_BODY} bytes"))
+            return
+        self.conn.phase = "handler"
+        self.conn.scope.deadline = math.inf  # bounded by the link's own timeouts
+        try:
+            status, reply = 200, await self.server.handler(link, action, body, self.identity)
+        except ProtocolError as exc:
+            status, reply = exc.status, exc.body or error_body("refused", str(exc))
+            self.server.refused(status, f"{action} for link {link[:64]!r}: {exc}")
+        except Exception as exc:  # a bug behind the handler: one 500, no traceback
+            status, reply = 500, error_body("internal", "internal error")
+            self.server.refused(500, f"{action} for link {link[:64]!r}: {type(exc).__name__}")
+        await self._send(status, reply)
+
+    async def _read_body(self) -> bytes | None:
+        """The body, or None if it is over MAX_BODY (by content-length, before reading any of
+        it, or while streaming); nothing over the bound is ever buffered."""
+        if self.declared > MAX_BODY:
+            return None
+        h = self.h11
+        if h.they_are_waiting_for_100_continue:
+            await self.stream.send_all(
+                h.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            event = await self._next_event()
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_BODY:
+                    return None
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(chunks)
+            else:
+                raise _Close  # the client went away mid-body
+
+    async def _drain(self) -> bool:
+        """Discard an unread request body (up to `discard_limit`) so the connection can be
+        kept; False if it must close instead."""
+        h = self.h11
+        if h.their_state is h11.DONE:
+            return True
+        if h.client_is_waiting_for_100_continue or h.their_state is not h11.SEND_BODY:
+            return False
+        self._phase("request", self.limits.request_timeout)
+        budget = self.limits.discard_limit
+        while h.their_state is h11.SEND_BODY:
+            event = await self._next_event()
+            if isinstance(event, h11.Data):
+                budget -= len(event.data)
+                if budget < 0:
+                    return False
+            elif not isinstance(event, h11.EndOfMessage):
+                return False
+        return h.their_state is h11.DONE
+
+    async def _send(self, status: int, body: bytes, *, close: bool = False) -> None:
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+        h = self.h11
+        if close or self._too_much_left(h):
+            headers.append((b"connection", b"close"))
+        try:
+            data = h.send(h11.Response(status_code=status, headers=headers))
+            data += h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            raise _Close from None
+        self._phase("reply", self.limits.request_timeout)
+        await self.stream.send_all(data)
+
+    def _too_much_left(self, h: h11.Connection) -> bool:
+        """Whether the unread rest of the request body is declared too large to discard."""
+        return h.their_state is h11.SEND_BODY and self.declared > self.limits.discard_limit
