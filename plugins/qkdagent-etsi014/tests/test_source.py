@@ -340,10 +340,26 @@ async def test_cancelled_new_key_keeps_the_key_for_the_next_call(sim: Simulator,
     before = sim.apps["KME_A"].stats["keys"]
     scope = await cancel_in_flight(sim, "KME_A", alice.new_key(ALICE))
     assert scope.cancelled_caught
-    assert sim.apps["KME_A"].stats["keys"] == before + 1  # the KME did hand the key out
+    # the caller left at once, without waiting for the answer the KME still holds back ...
+    assert sim.apps["KME_A"].stats["keys"] == before
     key = await alice.new_key(ALICE)
-    assert sim.apps["KME_A"].stats["keys"] == before + 1  # ... and this is that key
+    # ... and the next call got the key of that request: the KME handed out only one
+    assert sim.apps["KME_A"].stats["keys"] == before + 1
     assert (await bob.key_by_id(BOB, key.key_id)).value == key.value
+
+
+@pytest.mark.parametrize("settings", [quirky(delay=0.2)])
+async def test_key_arriving_after_its_caller_left_is_spare(sim: Simulator, sources) -> None:
+    alice = await sources("alice")
+    before = sim.apps["KME_A"].stats["keys"]
+    await cancel_in_flight(sim, "KME_A", alice.new_key(ALICE))
+    with trio.fail_after(10):
+        while sim.apps["KME_A"].stats["keys"] == before:  # noqa: ASYNC110 - polls the simulator
+            await trio.sleep(0.01)
+        while alice._fetches:  # noqa: ASYNC110 - the answer is being read and parked
+            await trio.sleep(0.01)
+    await alice.new_key(ALICE)
+    assert sim.apps["KME_A"].stats["keys"] == before + 1  # the parked key, no new request
 
 
 @pytest.mark.parametrize("settings", [quirky(delay=0.2)])
@@ -352,10 +368,21 @@ async def test_cancelled_key_by_id_can_be_repeated(sim: Simulator, sources) -> N
     key = await alice.new_key(ALICE)
     scope = await cancel_in_flight(sim, "KME_B", bob.key_by_id(BOB, key.key_id))
     assert scope.cancelled_caught
-    assert sim.network.parked_count("KME_B") == 0  # gone from the KME
     assert (await bob.key_by_id(BOB, key.key_id)).value == key.value
+    assert sim.network.parked_count("KME_B") == 0  # gone from the KME: fetched once
     with pytest.raises(KeyNotFound):  # single use: the held copy is handed out once
         await bob.key_by_id(BOB, key.key_id)
+
+
+@pytest.mark.parametrize("settings", [quirky(delay=0.2)])
+async def test_closing_cancels_a_fetch_in_flight_and_keeps_no_key(sim: Simulator, sources) -> None:
+    alice = await sources("alice")
+    await cancel_in_flight(sim, "KME_A", alice.new_key(ALICE))
+    assert len(alice._fetches) == 1
+    await alice.aclose()
+    assert len(alice._fetches) == 0 and not any(alice._spare.values())
+    with pytest.raises(SourceUnavailable, match="closed"):
+        await alice.new_key(ALICE)
 
 
 # -- hostile KME answers (unit level, mock transport) ------------------------------------------
@@ -385,9 +412,17 @@ def mock_source(
     opts = Options(table, where="sources.qkd")
     source = Etsi014Source("qkd", opts, PluginContext("alice", tmp_path))
     opts.finish()
+    handler = answer if callable(answer) else lambda request: answer
+
+    def streamed(request: httpx.Request) -> httpx.Response:
+        # a fresh, unread stream per request, as a real transport gives (the source reads raw)
+        given = handler(request)
+        return httpx.Response(
+            given.status_code, headers=given.headers, stream=httpx.ByteStream(given.content)
+        )
+
     source._client = httpx.AsyncClient(
-        base_url=source.kme_url,
-        transport=httpx.MockTransport(answer if callable(answer) else lambda request: answer),
+        base_url=source.kme_url, transport=httpx.MockTransport(streamed)
     )
     return source
 

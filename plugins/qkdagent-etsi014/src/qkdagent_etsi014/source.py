@@ -7,9 +7,13 @@ key with key IDs (`dec_keys`) naming the peer's SAE as master. Every answer is v
 - only calls that certainly delivered nothing are retried (`retry.classify`);
 - with `kme_id` set, every answer must come over a connection whose server certificate names that
   KME (`kme_identity` rule, REFERENCE §1.1); the JSON `source_KME_ID` alone proves nothing;
-- each HTTP exchange runs shielded from the caller's cancellation (bounded by its own timeout), and
-  a key received for a call that was cancelled meanwhile is held: the next `new_key` for that peer,
-  or a repeated `key_by_id` for that ID, gets it instead of a fresh KME round trip.
+- every HTTP exchange has a total deadline (`connect_timeout + request_timeout`), not only httpx's
+  per-read timeouts, which a KME trickling one byte at a time never trips;
+- the caller's cancellation (the agent's per-call timeout, shutdown) is honoured at once: key
+  fetches run in the background (`inflight`), and a key that arrives for a caller that has left
+  is held: the next `new_key` for that peer, or a repeated `key_by_id` for that ID, gets it
+  instead of a fresh KME round trip;
+- every answer body is read with a bound while streaming (`MAX_RESPONSE_BYTES`, no compression).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections import OrderedDict, deque
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -39,11 +44,15 @@ from qkdagent import (
 
 from . import wire
 from .identity import MODES, IdentityRule, mismatch
+from .inflight import Fetch, Fetches
 from .retry import Backoff, Outcome, classify, settle_no_route
 
 log = logging.getLogger(__name__)
 
-MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+MAX_RESPONSE_BYTES = 1024 * 1024
+"""Largest KME answer read (then a SourceError). One key of the largest `key_size` (65536 bits) is
+~11 KiB of base64 and the source asks for one key per call: the rest is room for KMEs that add
+extensions, far below what could hurt the agent's memory."""
 HELD_KEYS_MAX = 256
 
 
@@ -56,6 +65,10 @@ def _check_url(url: str) -> str | None:
     if parts.query or parts.fragment or parts.username or parts.password:
         return "must not have a query, fragment or user info"
     return None
+
+
+def _wipe(key: Key) -> None:
+    key.value.wipe()
 
 
 def _other(method: str) -> str:
@@ -126,6 +139,7 @@ class Etsi014Source(Source):
         self._connect_error = ""
         self._kme_der: bytes | None = None
         """The last server certificate found to name `kme_id` (saves parsing it per answer)."""
+        self._fetches: Fetches[Key] = Fetches(f"source {name!r}: KME {self.kme_url}")
 
     def __repr__(self) -> str:
         return f"<Etsi014Source {self.name!r} kme={self.kme_url!r} sae={self.sae_id!r}>"
@@ -172,6 +186,7 @@ class Etsi014Source(Source):
         )
 
     async def aclose(self) -> None:
+        await self._fetches.close()
         client, self._client = self._client, None
         if client is not None:
             with trio.CancelScope(shield=True):
@@ -237,21 +252,36 @@ class Etsi014Source(Source):
             spare = self._spare.setdefault(slave, deque())
             if spare:
                 return spare.popleft()
-            key = await self._fetch_new(slave)
-            spare.append(key)
-            await trio.lowlevel.checkpoint()  # cancelled here: the key stays spare for later
+            # a fetch whose caller was cancelled may still deliver: wait for it, not a new one
+            tag = ("enc_keys", slave)
+            fetch = self._fetches.find(tag, unattended_only=True) or self._fetches.start(
+                tag, partial(self._fetch_new, slave), partial(self._park_spare, slave), _wipe
+            )
+            key = await self._fetches.wait(fetch)  # cancelled: the key is parked as spare
             for index, candidate in enumerate(spare):
                 if candidate is key:
                     del spare[index]
                     return key
             # a concurrent call for the same peer took this key meanwhile: get another
 
-    async def _fetch_new(self, slave: str) -> Key:
+    def _park_spare(self, slave: str, key: Key) -> None:
+        spare = self._spare.setdefault(slave, deque())
+        spare.append(key)
+        while len(spare) > HELD_KEYS_MAX:
+            spare.popleft().value.wipe()
+
+    async def _fetch_new(self, slave: str, fetch: Fetch[Key]) -> Key:
         query = {"number": "1", "size": str(self.key_size)}
         body = {"number": 1, "size": self.key_size}
         method = "POST" if self.enc_method == "post" else "GET"
         data = await self._with_retries(
-            "enc_keys", slave, method, query=query, body=body, switch=self.enc_method == "auto"
+            "enc_keys",
+            slave,
+            method,
+            query=query,
+            body=body,
+            switch=self.enc_method == "auto",
+            fetch=fetch,
         )
         return self._parse_one("enc_keys", slave, data, expected=None)
 
@@ -263,6 +293,23 @@ class Etsi014Source(Source):
             return held
         if len(key_id.encode("utf-8")) > wire.MAX_KEY_ID_BYTES or not key_id.isprintable():
             raise KeyNotFound(f"{self._where('dec_keys', master)}: key ID is not acceptable")
+        # a call for the same ID still running (or left by a cancelled caller): share it
+        tag = ("dec_keys", master, key_id)
+        fetch = self._fetches.find(tag, unattended_only=False) or self._fetches.start(
+            tag, partial(self._fetch_by_id, master, key_id), partial(self._hold, master), _wipe
+        )
+        await self._fetches.wait(fetch)  # cancelled: a repeated call gets the held key
+        key = self._held.pop((master, key_id), None)
+        if key is None:  # a concurrent call for the same ID was handed the key (single use)
+            raise KeyNotFound(f"{self._where('dec_keys', master)}: key {key_id!r} already taken")
+        return key
+
+    def _hold(self, master: str, key: Key) -> None:
+        self._held[(master, key.key_id)] = key
+        while len(self._held) > HELD_KEYS_MAX:
+            self._held.popitem(last=False)[1].value.wipe()
+
+    async def _fetch_by_id(self, master: str, key_id: str, fetch: Fetch[Key]) -> Key:
         method = "GET" if self.dec_method == "get" else "POST"
         data = await self._with_retries(
             "dec_keys",
@@ -272,16 +319,9 @@ class Etsi014Source(Source):
             body={"key_IDs": [{"key_ID": key_id}]},
             switch=self.dec_method == "auto",
             key_id=key_id,
+            fetch=fetch,
         )
-        key = self._parse_one("dec_keys", master, data, expected=key_id)
-        self._held[(master, key_id)] = key
-        while len(self._held) > HELD_KEYS_MAX:
-            self._held.popitem(last=False)[1].value.wipe()
-        await trio.lowlevel.checkpoint()  # cancelled here: a repeated call gets the held key
-        key = self._held.pop((master, key_id), None)
-        if key is None:  # a concurrent call for the same ID was handed the key (single use)
-            raise KeyNotFound(f"{self._where('dec_keys', master)}: key {key_id!r} already taken")
-        return key
+        return self._parse_one("dec_keys", master, data, expected=key_id)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -294,19 +334,26 @@ class Etsi014Source(Source):
         query: dict[str, str],
         body: dict[str, Any],
         switch: bool,
+        fetch: Fetch[Key],
         key_id: str | None = None,
     ) -> bytes:
         unavailable = Backoff(self.retries, self.retry_backoff, self.max_backoff)
         not_found = Backoff(self.not_found_retries, self.retry_backoff, self.max_backoff)
         tentative: str | None = None  # the method that got a bare 404: the other one is on trial
         while True:
-            status_code, data = await self._request(
-                operation,
-                method,
-                sae,
-                query=query if method == "GET" else None,
-                body=body if method == "POST" else None,
-            )
+            if not fetch.wanted:  # every caller left: no new request (the last one is answered)
+                raise SourceUnavailable(f"{self._where(operation, sae)}: abandoned by its caller")
+            fetch.on_wire = True
+            try:
+                status_code, data = await self._request(
+                    operation,
+                    method,
+                    sae,
+                    query=query if method == "GET" else None,
+                    body=body if method == "POST" else None,
+                )
+            finally:
+                fetch.on_wire = False
             outcome = classify(operation, status_code, wire.error_message(data))
             if outcome is Outcome.NO_ROUTE:
                 if switch:  # nothing was delivered: try the other method once
@@ -369,25 +416,28 @@ class Etsi014Source(Source):
         body: dict[str, Any] | None = None,
         prepare: bool = False,
     ) -> tuple[int | None, bytes]:
-        """One exchange, shielded from outside cancellation; status None = not connected."""
+        """One exchange within its total deadline; status None = not connected.
+
+        Not shielded: the caller's cancellation ends it at once (key fetches run in the
+        background, see `inflight`, so a cancelled caller loses no key it could have had)."""
         client = await self._open()
         path = f"/api/v1/keys/{quote(sae, safe='')}/{operation}"
-        with trio.CancelScope(shield=True):
-            try:
-                with trio.fail_after(self.connect_timeout + 2 * self.request_timeout):
-                    status_code, data, der = await self._send(client, method, path, query, body)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                self._connect_error = str(exc) or type(exc).__name__
-                return None, b""
-            except (httpx.TimeoutException, trio.TooSlowError):
-                raise SourceUnavailable(
-                    f"{self._where(operation, sae)}: no answer within the timeout "
-                    "(a key handed out meanwhile is lost)"
-                ) from None
-            except httpx.HTTPError as exc:
-                raise SourceUnavailable(
-                    f"{self._where(operation, sae)}: {type(exc).__name__}: {exc}"
-                ) from None
+        try:
+            # httpx's read timeout is per read: a KME trickling a byte at a time never trips it
+            with trio.fail_after(self.connect_timeout + self.request_timeout):
+                status_code, data, der = await self._send(client, method, path, query, body)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            self._connect_error = str(exc) or type(exc).__name__
+            return None, b""
+        except (httpx.TimeoutException, trio.TooSlowError):
+            raise SourceUnavailable(
+                f"{self._where(operation, sae)}: no answer within the timeout "
+                "(a key handed out meanwhile is lost)"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise SourceUnavailable(
+                f"{self._where(operation, sae)}: {type(exc).__name__}: {exc}"
+            ) from None
         if self.kme_id is not None and (der is None or der != self._kme_der):
             self._confirm_kme(operation, sae, der, prepare=prepare)
         return status_code, data
@@ -414,18 +464,33 @@ class Etsi014Source(Source):
         query: dict[str, str] | None,
         body: dict[str, Any] | None,
     ) -> tuple[int, bytes, bytes | None]:
-        """Status, body and (with `kme_id` set) the DER server certificate of the connection."""
-        request = client.build_request(method, path, params=query, json=body)
+        """Status, body and (with `kme_id` set) the DER server certificate of the connection.
+
+        The body is read raw (no decompression: a small compressed body could expand past any
+        bound within one read) and stops past `MAX_RESPONSE_BYTES`."""
+        request = client.build_request(
+            method, path, params=query, json=body, headers={"Accept-Encoding": "identity"}
+        )
         response = await client.send(request, stream=True)
-        der = _server_certificate(response) if self.kme_id is not None else None
         try:
+            too_large = SourceError(
+                f"KME {self.kme_url}: answer is larger than {MAX_RESPONSE_BYTES} bytes"
+            )
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                raise SourceError(
+                    f"KME {self.kme_url}: answer has Content-Encoding {encoding[:40]!r} "
+                    "although identity was asked for"
+                )
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > MAX_RESPONSE_BYTES:
+                raise too_large
+            der = _server_certificate(response) if self.kme_id is not None else None
             data = bytearray()
-            async for chunk in response.aiter_bytes():
+            async for chunk in response.aiter_raw():
                 data += chunk
                 if len(data) > MAX_RESPONSE_BYTES:
-                    raise SourceError(
-                        f"KME {self.kme_url}: answer is larger than {MAX_RESPONSE_BYTES} bytes"
-                    )
+                    raise too_large
             return response.status_code, bytes(data), der
         finally:
             await response.aclose()
