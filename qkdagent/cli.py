@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -25,14 +27,22 @@ from . import __version__
 from .commands import CommandRegistry
 from .config import load_config
 from .errors import ConfigError, PluginError, QkdAgentError
-from .fileutil import write_secret_file
-from .logsetup import setup_logging
+from .fileutil import FileCheckError, write_secret_file
+from .logsetup import escape_control, setup_logging
 from .plugins import COMMAND_GROUP, DEMO_GROUP, Plugins, describe_installed, installed
 
 log = logging.getLogger("qkdagent")
 
 BUILTIN_COMMANDS = ("run", "check", "status", "plugins", "demo", "gen-bootstrap")
 EXIT_INVALID = 2
+"""Exit status of a usage or config error (argparse's too); 1 is a failure at run time."""
+MAX_STATUS_BYTES = 64 << 20
+
+
+def _fail(message: str, code: int = EXIT_INVALID) -> int:
+    """Print one line (control characters escaped: the text may quote input) and return code."""
+    print(f"qkdagent: {escape_control(message)}", file=sys.stderr)
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,7 +122,18 @@ def main(argv: list[str] | None = None) -> int:
         "demo": cmd_demo,
         "gen-bootstrap": cmd_gen_bootstrap,
     }[args.command]
-    return handler(args)
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug: one line, by type and place (QKDAGENT_DEBUG=1 shows all)
+        if os.environ.get("QKDAGENT_DEBUG"):
+            raise
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        return _fail(
+            f"unexpected {type(exc).__name__}{where} (a bug; QKDAGENT_DEBUG=1 shows the stack)", 1
+        )
 
 
 def _plugin_command(name: str, argv: list[str]) -> int:
@@ -121,14 +142,12 @@ def _plugin_command(name: str, argv: list[str]) -> int:
     try:
         plugins.load([name], group=COMMAND_GROUP)
     except PluginError as exc:
-        print(f"qkdagent: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), 1)
     registry = CommandRegistry()
     plugins.hook.qkdagent_add_commands(cli=registry)
     command = registry.commands.get(name)
     if command is None:
-        print(f"qkdagent: the plugin declaring {name!r} did not add it", file=sys.stderr)
-        return 1
+        return _fail(f"the plugin declaring {name!r} did not add it", 1)
     parser = argparse.ArgumentParser(prog=f"qkdagent {name}", description=command.help)
     command.configure(parser)
     return command.run(parser.parse_args(argv))
@@ -138,31 +157,54 @@ def _plugin_command(name: str, argv: list[str]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Exit 2 for what the config or this host's setup refuses (`check` names the same key,
+    the ports aside), 1 for a failure while running, 0 after a clean shutdown."""
     from .agent import Agent
+    from .validate import check_components, check_config, check_listeners
 
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"qkdagent: invalid config: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return _fail(f"invalid config: {exc}")
     setup_logging(args.log_format or config.agent.log_format, debug=args.verbose)
     try:
+        check_config(config)
+        check_listeners(config)
         agent = Agent(config)
-    except (ConfigError, PluginError) as exc:
+        check_components(config, agent.components)
+    except ConfigError as exc:
+        log.error("invalid config: %s", exc)
+        return EXIT_INVALID
+    except PluginError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_INVALID
-    failed = False
+    code = 0
     try:
         trio.run(_run_with_signals, agent, args.config)
     except* (QkdAgentError, OSError) as group:  # arrives grouped from the agent's nurseries
         for exc in _leaves(group):
-            log.error("agent stopped: %s", exc)
-        failed = True
+            log.error("agent stopped: %s", _stopped_text(exc))
+            code = max(code, EXIT_INVALID if _is_setup_error(exc) else 1)
     except* Exception as group:
         for exc in _leaves(group):
             _log_bug("agent stopped", exc)
-        failed = True
-    return 1 if failed else 0
+        code = max(code, 1)
+    return code
+
+
+def _is_setup_error(exc: BaseException) -> bool:
+    """Errors an operator fixes in the config or on the host: exit 2, like `check`."""
+    if isinstance(exc, (ConfigError, FileCheckError)):
+        return True
+    return isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+
+
+def _stopped_text(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+        from .validate import bind_error_text
+
+        return f"agent.listen or agent.status_listen: {bind_error_text('the address', exc)}"
+    return str(exc)
 
 
 def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
@@ -179,7 +221,8 @@ def _log_bug(what: str, exc: BaseException) -> None:
     where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
     log.error("%s: unexpected %s%s (a bug; -v shows the call stack)", what,
               type(exc).__name__, where)  # fmt: skip
-    log.debug("call stack of that %s:\n%s", type(exc).__name__, "".join(frames.format()))
+    for line in "".join(frames.format()).splitlines():  # one record per line: logs escape \n
+        log.debug("call stack of that %s: %s", type(exc).__name__, line)
 
 
 async def _run_with_signals(agent: Any, config_path: str) -> None:
@@ -218,20 +261,22 @@ async def _reload(agent: Any, config_path: str) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Everything `run` checks before it starts, without the peer, the ports or any change."""
     setup_logging("text")
     from .components import build_components
     from .config import BUILTIN_PLUGINS
     from .interfaces import PluginContext
+    from .validate import check_components, check_config
 
     try:
         config = load_config(args.config)
+        check_config(config)
         plugins = Plugins()
         plugins.load((*BUILTIN_PLUGINS, *config.agent.plugins))
         context = PluginContext(config.agent.name, config.agent.state_dir, config.file)
-        build_components(config, plugins, context)
+        check_components(config, build_components(config, plugins, context))
     except (ConfigError, PluginError) as exc:
-        print(f"qkdagent: invalid config: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        return _fail(f"invalid config: {exc}")
     roles = ", ".join(
         f"{name} ({'initiator' if link.initiator else 'responder'})"
         for name, link in config.links.items()
@@ -249,30 +294,57 @@ def cmd_status(args: argparse.Namespace) -> int:
         try:
             config = load_config(args.config)
         except ConfigError as exc:
-            print(f"qkdagent: invalid config: {exc}", file=sys.stderr)
-            return EXIT_INVALID
+            return _fail(f"invalid config: {exc}")
         if config.agent.status_listen is None:
-            print("qkdagent: [agent] status_listen is not set in that config", file=sys.stderr)
-            return EXIT_INVALID
+            return _fail("[agent] status_listen is not set in that config")
         address = config.agent.status_listen
         host = "127.0.0.1" if address.host in ("0.0.0.0", "") else address.host
         host = "::1" if host == "::" else host
         url = f"http://{f'[{host}]' if ':' in host else host}:{address.port}"
+    problem = _url_problem(url)
+    if problem:
+        return _fail(f"invalid --url {url!r}: {problem}")
     try:
-        response = httpx.get(url.rstrip("/") + "/status", timeout=5)
-        response.raise_for_status()
-        data = response.json()
+        data = json.loads(_get_bounded(url.rstrip("/") + "/status", MAX_STATUS_BYTES))
     except httpx.InvalidURL as exc:
-        print(f"qkdagent: invalid --url {url!r}: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    except (httpx.HTTPError, ValueError) as exc:
-        print(f"qkdagent: cannot read status from {url}: {exc}", file=sys.stderr)
-        return 1
+        return _fail(f"invalid --url {url!r}: {exc}")
+    except (httpx.HTTPError, ValueError, RecursionError) as exc:
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        return _fail(f"cannot read status from {url}: {detail}", 1)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    print(format_status(data))
+    try:
+        print(format_status(data))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return _fail(f"{url} did not answer with a qkdagent status (try --json)", 1)
     return 0
+
+
+def _url_problem(url: str) -> str | None:
+    """Why `url` cannot be a status endpoint (http(s)://HOST[:PORT]), or None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be http://HOST[:PORT]"
+    if port == 0 or not url.isprintable() or " " in url:
+        return "must be http://HOST[:PORT] with a port of 1-65535"
+    return None
+
+
+def _get_bounded(url: str, limit: int) -> bytes:
+    """GET `url`, refusing an error status or a body over `limit` bytes (read as it streams)."""
+    with httpx.stream("GET", url, timeout=5) as response:
+        response.raise_for_status()
+        body = bytearray()
+        for chunk in response.iter_bytes():
+            body += chunk
+            if len(body) > limit:
+                raise ValueError(f"the answer is larger than {limit >> 20} MiB")
+    return bytes(body)
 
 
 def _age(seconds: float | None) -> str:
@@ -298,20 +370,21 @@ def format_status(data: dict[str, Any]) -> str:
             state = f"ERASED ({link['erased']})"
         if link.get("last_error"):
             state += f"; {link['last_error']}"
-        rows.append(
-            (
-                link["link"],
-                link["peer"],
-                link["role"],
-                str(link["epoch"]),
-                "-" if last is None else time.strftime("%H:%M:%S", time.localtime(last)),
-                _age(link.get("key_age")),
-                "-" if nxt is None else "in " + _age(nxt - now),
-                state[:80],
-            )
+        cells = (
+            link["link"],
+            link["peer"],
+            link["role"],
+            str(link["epoch"]),
+            "-" if last is None else time.strftime("%H:%M:%S", time.localtime(last)),
+            _age(link.get("key_age")),
+            "-" if nxt is None else "in " + _age(nxt - now),
+            state,
         )
+        # the peer's error text and names come from elsewhere: no terminal escapes, one line
+        rows.append(tuple(escape_control(str(cell))[:80] for cell in cells))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = [f"agent {data.get('agent')} (qkdagent {data.get('version')})"]
+    agent = escape_control(f"agent {data.get('agent')} (qkdagent {data.get('version')})")
+    lines = [agent]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
 
@@ -325,8 +398,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         commands = installed(COMMAND_GROUP)
         demos = installed(DEMO_GROUP)
     except PluginError as exc:
-        print(f"qkdagent: {exc}", file=sys.stderr)
-        return 1
+        return _fail(str(exc), 1)
     rows = []
     for info in infos:
         extra = [f"command {c}" for c, ep in commands.items() if ep.value == info.module]
@@ -349,13 +421,13 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_gen_bootstrap(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if path.exists() and not args.force:
-        print(f"qkdagent: {path} exists; use --force to replace it", file=sys.stderr)
-        return 1
+        return _fail(f"{path} exists; use --force to replace it", 1)
+    if path.is_dir():
+        return _fail(f"cannot write {path}: it is a directory")
     try:
         write_secret_file(path, base64.b64encode(os.urandom(32)) + b"\n")
-    except OSError as exc:
-        print(f"qkdagent: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_INVALID
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        return _fail(f"cannot write {path}: {getattr(exc, 'strerror', None) or exc}")
     print(f"wrote a new bootstrap secret to {path} (mode 0600); copy it to the peer out of band")
     return 0
 

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .fileutil import FileCheckError, read_regular_file
 from .options import Options
 from .scheduler import Timing
 from .secret import Secret
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BUILTIN_PLUGINS = ("file", "exec")
 ROLES = ("initiator", "responder", "auto")
+MAX_CONFIG_BYTES = 16 << 20
+MAX_DEPTH = 32
+"""Deepest nesting of tables and lists accepted (real configs use 4); deeper is refused up
+front, so no later walk over the data (a plugin's, a reload's comparison) can recurse away."""
 
 
 def _check_name(value: str) -> str | None:
@@ -48,8 +53,10 @@ def parse_address(opts: Options, name: str, default: Any = None) -> Address | No
     match = re.match(
         r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})$", text
     )
-    if not match or not 0 <= int(match["port"]) <= 65535:
+    if not match:
         opts.fail(name, f"must be HOST:PORT (IPv6 as [ADDR]:PORT), not {text!r}")
+    if not 1 <= int(match["port"]) <= 65535:
+        opts.fail(name, f"port must be 1-65535, not {match['port']}")
     return Address(match["v6"] or match["host"], int(match["port"]))
 
 
@@ -111,19 +118,23 @@ class AgentConfig:
 def load_config(path: str | Path) -> AgentConfig:
     path = Path(path)
     try:
-        text = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError("(file)", f"cannot read config: {exc.strerror}", file=str(path)) from None
+        text, _ = read_regular_file(path, limit=MAX_CONFIG_BYTES, what="config file")
+    except FileCheckError as exc:
+        raise ConfigError("(file)", str(exc), file=str(path)) from None
     try:
         data = tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("(syntax)", f"not valid TOML: {exc}", file=str(path)) from None
+    except RecursionError:  # tomllib recurses once per nested array or inline table
+        raise ConfigError("(syntax)", "nested too deeply", file=str(path)) from None
     return parse_config(data, file=path)
 
 
 def parse_config(data: dict[str, Any], *, file: Path | None = None) -> AgentConfig:
+    """The validated config for parsed TOML `data`; any input gives it or a ConfigError."""
     fname = str(file) if file else None
     base = file.parent if file else Path.cwd()
+    _check_depth(data, fname)
 
     def warn(message: str) -> None:
         log.warning("config warning: %s", message)
@@ -140,6 +151,26 @@ def parse_config(data: dict[str, Any], *, file: Path | None = None) -> AgentConf
     links_opts.finish()
     root.finish()
     return AgentConfig(file, agent, links, sources, sinks)
+
+
+def _check_depth(data: object, file: str | None) -> None:
+    """Refuse nesting deeper than MAX_DEPTH, naming where (iterative: no recursion here)."""
+    stack: list[tuple[object, str, int]] = [(data, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(
+                where or "(file)", f"nested deeper than {MAX_DEPTH} levels", file=file
+            )
+        if isinstance(value, dict):
+            items = [(str(k), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            items = [(f"[{i}]", v) for i, v in enumerate(value)]
+        else:
+            continue
+        for key, child in items:
+            sep = "" if key.startswith("[") or not where else "."
+            stack.append((child, f"{where}{sep}{key}", depth + 1))
 
 
 def _check_section_name(opts: Options, name: str) -> None:
@@ -167,8 +198,17 @@ def _agent(opts: Options) -> AgentSettings:
         log_format=opts.string("log_format", "text", choices=("text", "json")),
     )
     tls.finish()
+    _check_ports_differ(opts, settings.listen, settings.status_listen)
     opts.finish()
     return settings
+
+
+def _check_ports_differ(opts: Options, listen: Address, status: Address | None) -> None:
+    """Both listeners on one port would fail at the second bind; say so before starting."""
+    wildcard = ("0.0.0.0", "::", "")
+    if status is not None and status.port == listen.port:
+        if status.host == listen.host or status.host in wildcard or listen.host in wildcard:
+            opts.fail("status_listen", f"uses the port of agent.listen ({listen})")
 
 
 def _components(opts: Options, kind: str) -> dict[str, ComponentConfig]:
@@ -200,9 +240,21 @@ def _link(
     if peer == agent.name:
         opts.fail("peer", f"is this agent's own name {peer!r}")
     url = opts.string("peer_url")
-    parts = urlsplit(url)
-    if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # a bad [IPv6] literal or a port out of range
         opts.fail("peer_url", f"must be https://HOST[:PORT] (mutual TLS), not {url!r}")
+    if (
+        parts.scheme != "https"
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or not url.isprintable()  # urlsplit silently drops tabs and newlines
+        or " " in url
+    ):
+        opts.fail("peer_url", f"must be https://HOST[:PORT] (mutual TLS), not {url!r}")
+    if port == 0:
+        opts.fail("peer_url", "port must be 1-65535, not 0")
     role = opts.string("role", "auto", choices=ROLES)
     initiator = role == "initiator" or (role == "auto" and agent.name < peer)
     interval = opts.number("interval", 120.0, positive=True, max=86400)

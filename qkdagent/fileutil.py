@@ -1,10 +1,14 @@
-"""Atomic, private file writes for secrets and state."""
+"""Safe file access for secrets, config and state: atomic private writes, bounded reads of
+regular files only, and private directories that a symbolic link cannot redirect."""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
+
+from .errors import QkdAgentError
 
 
 def write_secret_file(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:
@@ -40,3 +44,140 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes, *, mode: int = 
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class FileCheckError(QkdAgentError):
+    """A path the agent reads or owns is unusable: missing, the wrong kind, too large or unsafe.
+
+    The message names the path and what is wrong; callers add the config key."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
+
+
+def read_regular_file(
+    path: str | os.PathLike[str], *, limit: int, what: str = "file"
+) -> tuple[bytes, os.stat_result]:
+    """The whole content of a regular file of at most `limit` bytes, and its status.
+
+    A config may point anywhere: a FIFO would block the reader forever and `/dev/zero` never
+    ends. So the path is checked before it is opened (opening some devices has effects), opened
+    non-blocking (a FIFO swapped in meanwhile cannot hang), checked again on the descriptor and
+    read with the bound. `what` names the file in errors ("secret file").
+    """
+    try:
+        if "\0" in os.fspath(path):
+            raise FileCheckError(f"{what} path contains a NUL character")
+        before = os.stat(path)
+        if not stat.S_ISREG(before.st_mode):
+            raise FileCheckError(f"{what} {path} is {_kind(before.st_mode)}, not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FileCheckError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FileCheckError(f"{what} {path} is {_kind(st.st_mode)}, not a regular file")
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise FileCheckError(f"{what} {path} is larger than {_size(limit)}")
+        return b"".join(chunks), st
+    except OSError as exc:
+        raise FileCheckError(f"cannot read {what} {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def _size(limit: int) -> str:
+    return f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit >> 10} KiB"
+
+
+def private_dir(path: Path, *, create: bool) -> None:
+    """Make sure `path` is a directory only this user can enter (mode 0700).
+
+    A real directory is created (`create`) or chmod-ed through a descriptor opened with
+    O_NOFOLLOW, so a symbolic link swapped in cannot redirect the chmod. A symbolic link is
+    followed (systemd's `DynamicUser=` makes the state directory one) but its target is never
+    chmod-ed: it must already be a directory owned by this user that nobody else can enter.
+    Without `create` (`qkdagent check`) nothing is changed: a missing directory must be
+    creatable and an existing one writable.
+    """
+    if "\0" in str(path):
+        raise FileCheckError("path contains a NUL character")
+    try:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not create:
+                _check_creatable(path)
+                return
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+            st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            _check_linked_dir(path)
+        elif not stat.S_ISDIR(st.st_mode):
+            raise FileCheckError(f"{path} is {_kind(st.st_mode)}, not a directory")
+        elif create:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
+                    os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+        elif not os.access(path, os.W_OK | os.X_OK):
+            raise FileCheckError(f"{path} is not writable by this user")
+    except OSError as exc:
+        raise FileCheckError(f"cannot use {path}: {exc.strerror}") from None
+
+
+def _check_linked_dir(path: Path) -> None:
+    target = os.stat(path)
+    if not stat.S_ISDIR(target.st_mode):
+        raise FileCheckError(f"{path} is a symbolic link to {_kind(target.st_mode)}")
+    if target.st_uid != os.geteuid() or target.st_mode & 0o077:
+        raise FileCheckError(
+            f"{path} is a symbolic link to {os.path.realpath(path)}, which is not a directory "
+            f"of this user that only it can enter (mode {stat.S_IMODE(target.st_mode):o}); "
+            "the link's target is never chmod-ed: fix its owner and mode (700), or point "
+            "state_dir at a real directory"
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FileCheckError(f"{path} is not writable by this user")
+
+
+def _check_creatable(path: Path) -> None:
+    """A missing directory can be made: its nearest existing ancestor is a writable directory."""
+    for parent in path.parents:
+        try:
+            st = os.stat(parent)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            raise FileCheckError(f"{path} cannot be created: {parent} is {_kind(st.st_mode)}")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise FileCheckError(f"{path} cannot be created: {parent} is not writable")
+        return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import stat
 import string
 from collections.abc import Callable, Mapping, Sequence
@@ -17,10 +18,19 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from .errors import ConfigError
+from .fileutil import FileCheckError, read_regular_file
 from .secret import Secret
 
 _MISSING: Any = object()
 T = TypeVar("T")
+
+MAX_SECRET_BYTES = 64 * 1024
+"""Largest secret file read (keys, PINs and bootstrap secrets are far smaller)."""
+_REFERENCE_FORMS = 'must be {file = "PATH"} or {env = "NAME"} or {credential = "NAME"}'
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+_taken_env: dict[str, bytes] = {}
+"""Secrets `{ env = ... }` took out of the environment, for a later load of the same config
+(a SIGHUP reload) in this process: the variable itself is gone by then."""
 
 
 class Options:
@@ -134,7 +144,10 @@ class Options:
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.fail(name, f"must be a number, not {_type(value)}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            self.fail(name, "is out of range")
         if value != value or value in (float("inf"), float("-inf")):
             self.fail(name, "must be a finite number")
         if positive and value <= 0:
@@ -179,6 +192,8 @@ class Options:
         value = self.string(name, default)
         if value is default and default is not _MISSING:
             return value if value is None else self._base / value
+        if "\0" in value:
+            self.fail(name, "must not contain a NUL character")
         result = self._base / os.path.expanduser(value)
         if must_exist and not result.exists():
             self.fail(name, f"{result} does not exist")
@@ -187,41 +202,75 @@ class Options:
     def secret(
         self, name: str, default: Any = _MISSING, *, encoding: str = "text", size: int | None = None
     ) -> Any:
-        """A secret given by reference: `{file = "PATH"}` or `{env = "NAME"}`, never inline.
+        """A secret given by reference, never inline: `{file = "PATH"}`, `{env = "NAME"}` or
+        `{credential = "NAME"}` (a file in systemd's `$CREDENTIALS_DIRECTORY`).
 
         `encoding` is how the referenced value is stored: "text" (UTF-8, surrounding whitespace
-        stripped), "base64", "hex" or "raw" (file bytes as they are).
+        stripped), "base64", "hex" or "raw" (file bytes as they are). A variable named by `env`
+        is removed from the environment once read, so programs the agent starts (hooks) never
+        inherit it; /proc/PID/environ still shows it (see README).
         """
         value = self._get(name, default)
         if value is default and default is not _MISSING:
             return value
         if isinstance(value, str):
-            self.fail(name, 'is not accepted inline; use {file = "PATH"} or {env = "NAME"}')
-        if not isinstance(value, Mapping) or len(value) != 1 or not ({"file", "env"} & set(value)):
-            self.fail(name, 'must be {file = "PATH"} or {env = "NAME"}')
+            self.fail(name, f"is not accepted inline; {_REFERENCE_FORMS}")
+        refs = {"file", "env", "credential"}
+        if not isinstance(value, Mapping) or len(value) != 1 or not (refs & set(value)):
+            self.fail(name, _REFERENCE_FORMS)
+        taken: str | None = None
         if "file" in value:
             raw = self._read_secret_file(name, value["file"])
+        elif "credential" in value:
+            raw = self._read_credential(name, value["credential"])
         else:
-            env = value["env"]
-            if not isinstance(env, str) or not env:
-                self.fail(name, "env must name an environment variable")
-            if env not in os.environ:
-                self.fail(name, f"environment variable {env} is not set")
-            raw = os.environ[env].encode()
+            raw, taken = self._read_env(name, value["env"])
         data = _decode_secret(self, name, raw, encoding)
         if size is not None and len(data) != size:
             self.fail(name, f"must hold {size} bytes, the referenced secret holds {len(data)}")
+        if taken is not None:  # only a usable secret is taken: a failed load changes nothing
+            _taken_env[taken] = raw
+            os.environ.pop(taken, None)  # unsetenv too: children no longer inherit it
         return Secret(data)
+
+    def _read_env(self, name: str, env: object) -> tuple[bytes, str | None]:
+        """The variable's bytes, and its name if it is still to be removed from the environment."""
+        if not isinstance(env, str) or not _ENV_NAME.match(env):
+            self.fail(name, "env must name an environment variable (letters, digits, '_')")
+        raw = os.environb.get(env.encode())
+        if raw is not None:
+            return raw, env
+        if env in _taken_env:
+            return _taken_env[env], None
+        self.fail(name, f"environment variable {env} is not set")
+
+    def _read_credential(self, name: str, credential: object) -> bytes:
+        if (
+            not isinstance(credential, str)
+            or not credential
+            or len(credential) > 255
+            or "/" in credential
+            or "\0" in credential
+            or credential in (".", "..")
+        ):
+            self.fail(name, "credential must be a credential name (no '/', not '.' or '..')")
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            self.fail(
+                name,
+                f"credential {credential!r} needs $CREDENTIALS_DIRECTORY, which systemd sets "
+                "for a unit with LoadCredential=; it is not set",
+            )
+        return self._read_secret_file(name, os.path.join(directory, credential))
 
     def _read_secret_file(self, name: str, ref: object) -> bytes:
         if not isinstance(ref, str) or not ref:
             self.fail(name, "file must be a path")
         path = self._base / os.path.expanduser(ref)
         try:
-            st = path.stat()
-            raw = path.read_bytes()
-        except OSError as exc:
-            self.fail(name, f"cannot read secret file {path}: {exc.strerror}")
+            raw, st = read_regular_file(path, limit=MAX_SECRET_BYTES, what="secret file")
+        except FileCheckError as exc:
+            self.fail(name, str(exc))
         if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             self.warn(name, f"secret file {path} is readable by group or others; chmod 600 it")
         return raw

@@ -17,9 +17,11 @@ out (see README, "Security properties and limits").
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from typing import Any, TypeVar
 import trio
 
 from .errors import KeyReuseError
+from .fileutil import FileCheckError, private_dir
 from .secret import Secret
 
 T = TypeVar("T")
@@ -130,12 +133,24 @@ class StateStore:
 
     def __init__(self, state_dir: Path, *, threaded: bool = True) -> None:
         self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(state_dir, 0o700)
+        # A symlinked state_dir or state.db never gets its target chmod-ed (see private_dir).
+        private_dir(state_dir, create=True)
         path = state_dir / "state.db"
-        if not path.exists():
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        os.chmod(path, 0o600)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise FileCheckError(f"state file {path} is a symbolic link") from None
+            raise FileCheckError(f"cannot open state file {path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileCheckError(f"state file {path} is not a regular file")
+            if stat.S_IMODE(st.st_mode) != 0o600:
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
