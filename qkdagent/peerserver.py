@@ -239,9 +239,7 @@ class _Server:
     async def serve_connection(self, conn: _Conn) -> None:
         try:
             with conn.scope:
-                stream = trio.SSLStream(
-                    conn.tcp, self.context, server_side=True, https_compatible=True
-                )
+                stream = trio.SSLStream(conn.tcp, self.context, server_side=True)
                 try:
                     await stream.do_handshake()
                 except trio.BrokenResourceError as exc:
@@ -252,6 +250,8 @@ class _Server:
                 identity = PeerIdentity.from_peercert(stream.getpeercert())
                 if self.admission.established(conn):
                     await _Http(self, conn, stream, identity).serve()
+                    with trio.move_on_after(1):  # a clean close (close_notify) when we can
+                        await stream.aclose()
             if conn.scope.cancelled_caught and not conn.evicted:
                 if conn.phase == "handshake":
                     self.dropped(conn, "handshake-timeout")

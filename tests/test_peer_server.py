@@ -1,0 +1,459 @@
+"""The peer API server (`qkdagent/peerserver.py`) over real loopback TLS: routing, body bounds,
+the client certificate's names, handshake and slow-sender timeouts, admission under a flood of
+idle connections, running out of descriptors, and agents at a 1,024 descriptor limit that keep
+rotating while 2,000 idle connections are held against their peer port."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import select
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h11
+import httpx
+import pytest
+import trio
+
+from qkdagent.admission import Admission
+from qkdagent.config import Address, TlsFiles
+from qkdagent.errors import ProtocolError
+from qkdagent.identity import PeerIdentity
+from qkdagent.observability import Metrics
+from qkdagent.peerserver import ServerLimits, _Conn, _Server, serve_peers
+from qkdagent.pki import PkiFiles, write_test_pki
+from tests.procs import AgentProcess, process_pair, wait_until
+
+Handler = Callable[[str, str, bytes, PeerIdentity], Awaitable[bytes]]
+
+
+@dataclass
+class Running:
+    port: int
+    pki: PkiFiles
+    metrics: Metrics
+    calls: list[tuple[str, str, bytes, PeerIdentity]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def context(self, name: str | None = "alice") -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))
+        if name is not None:
+            ctx.load_cert_chain(str(self.pki[name].cert), str(self.pki[name].key))
+        return ctx
+
+    def dropped(self, reason: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "qkdagent_peer_connections_refused_total", {"reason": reason}
+        )
+        return value or 0.0
+
+    def refused(self, status: int) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "qkdagent_peer_requests_refused_total", {"status": str(status)}
+        )
+        return value or 0.0
+
+    async def tls(self, name: str | None = "alice") -> trio.SSLStream[Any]:
+        return await trio.open_ssl_over_tcp_stream(
+            "127.0.0.1", self.port, ssl_context=self.context(name)
+        )
+
+
+@asynccontextmanager
+async def running(
+    tmp_path: Path, handler: Handler | None = None, **limits: Any
+) -> AsyncIterator[Running]:
+    pki = write_test_pki(tmp_path / "pki", ["alice", "bob", "mallory"])
+    server = Running(0, pki, Metrics())
+
+    async def record(link: str, action: str, body: bytes, identity: PeerIdentity) -> bytes:
+        server.calls.append((link, action, body, identity))
+        return b'{"ok":true}'
+
+    tls = TlsFiles(pki["bob"].cert, pki["bob"].key, pki.ca_cert)
+    async with trio.open_nursery() as nursery:
+        (url,) = await nursery.start(
+            lambda task_status: serve_peers(
+                handler or record,
+                listen=Address("127.0.0.1", 0),
+                tls=tls,
+                limits=ServerLimits(**limits),
+                metrics=server.metrics,
+                task_status=task_status,
+            )
+        )
+        server.port = int(url.rsplit(":", 1)[1])
+        yield server
+        nursery.cancel_scope.cancel()
+
+
+async def exchange(
+    stream: trio.abc.Stream, request: h11.Request, body: bytes | None = None
+) -> tuple[h11.Response, bytes]:
+    """Send one request (the body only if given) and read the whole answer."""
+    client = h11.Connection(h11.CLIENT)
+    data = client.send(request)
+    if body is not None:
+        data += client.send(h11.Data(data=body)) + client.send(h11.EndOfMessage())
+    await stream.send_all(data)
+    response, chunks = None, []
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            assert response is not None
+            return response, b"".join(chunks)
+        else:
+            raise AssertionError(f"unexpected {event!r}")
+
+
+def post(path: str, length: int | None = None, *, chunked: bool = False) -> h11.Request:
+    headers = [("host", "bob"), ("content-type", "application/json")]
+    if chunked:
+        headers.append(("transfer-encoding", "chunked"))
+    elif length is not None:
+        headers.append(("content-length", str(length)))
+    return h11.Request(method="POST", target=path, headers=headers)
+
+
+async def closed_by_server(stream: trio.abc.Stream, bound: float = 20) -> bool:
+    """Whether the server closes the connection within `bound` seconds (data is ignored)."""
+    with trio.move_on_after(bound):
+        try:
+            while await stream.receive_some(4096):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        return True
+    return False
+
+
+async def read_until_closed(stream: trio.abc.Stream) -> bytes:
+    """What the server sent before closing (a reset after the answer is tolerated: the server
+    closes with part of our request unread)."""
+    data = b""
+    try:
+        while chunk := await stream.receive_some(4096):
+            data += chunk
+    except trio.BrokenResourceError:
+        pass
+    return data
+
+
+ROTATE = "/v1/links/alice-bob/rotate"
+
+
+async def test_routes_statuses_and_keep_alive(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        async with httpx.AsyncClient(verify=server.context(), timeout=5) as http:
+            for action in ("rotate", "commit", "resync"):
+                reply = await http.post(f"{server.url}/v1/links/alice-bob/{action}", content=b"{}")
+                assert reply.status_code == 200 and reply.json() == {"ok": True}
+                assert reply.headers["content-type"] == "application/json"
+            for path in ("/v1/links/alice-bob/erase", "/v1/links/rotate", "/status", "/"):
+                reply = await http.post(server.url + path, content=b"{}")
+                assert reply.status_code == 404 and reply.json()["error"] == "not-found"
+            reply = await http.get(server.url + ROTATE)
+            assert reply.status_code == 405 and reply.json()["error"] == "method"
+        assert [(c[0], c[1], c[2]) for c in server.calls] == [
+            ("alice-bob", "rotate", b"{}"),
+            ("alice-bob", "commit", b"{}"),
+            ("alice-bob", "resync", b"{}"),
+        ]
+        stream = await server.tls()
+        for _ in range(3):  # one connection, several requests
+            response, body = await exchange(stream, post(ROTATE, 2), b"{}")
+            assert response.status_code == 200 and body == b'{"ok":true}'
+        response, body = await exchange(stream, post("/nope", 2), b"{}")
+        assert response.status_code == 404
+        response, body = await exchange(stream, post(ROTATE, 2), b"{}")
+        assert response.status_code == 200  # kept alive after a 404
+        await stream.aclose()
+        assert server.refused(404) == 5 and server.refused(405) == 1
+
+
+async def test_handler_refusals_and_failures(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def handler(link: str, action: str, body: bytes, identity: PeerIdentity) -> bytes:
+        if action == "rotate":
+            raise ProtocolError("wrong epoch", status=409, body=b'{"error":"epoch","epoch":3}')
+        if action == "commit":
+            raise ProtocolError("bad MAC", status=403)
+        raise RecursionError("deep")
+
+    caplog.set_level(logging.DEBUG)
+    async with running(tmp_path, handler) as server:
+        async with httpx.AsyncClient(verify=server.context(), timeout=5) as http:
+            reply = await http.post(server.url + ROTATE, content=b"{}")
+            assert reply.status_code == 409 and reply.content == b'{"error":"epoch","epoch":3}'
+            reply = await http.post(f"{server.url}/v1/links/alice-bob/commit", content=b"{}")
+            assert reply.status_code == 403 and reply.json()["error"] == "refused"
+            reply = await http.post(f"{server.url}/v1/links/alice-bob/resync", content=b"{}")
+            assert reply.status_code == 500 and reply.json()["error"] == "internal"
+            reply = await http.post(server.url + ROTATE, content=b"{}")  # still serving
+            assert reply.status_code == 409
+    assert "RecursionError" in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_oversized_bodies_are_refused_without_being_read(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        # declared far too large and never sent: answered at once from the content-length
+        stream = await server.tls()
+        response, body = await exchange(stream, post(ROTATE, 100_000_000))
+        assert response.status_code == 413 and b"too-large" in body
+        assert (b"connection", b"close") in response.headers
+        assert await closed_by_server(stream)
+        # declared just over the bound and sent: 413, the rest discarded, connection kept
+        stream = await server.tls()
+        response, _ = await exchange(stream, post(ROTATE, 70_000), b"x" * 70_000)
+        assert response.status_code == 413
+        response, _ = await exchange(stream, post(ROTATE, 2), b"{}")
+        assert response.status_code == 200
+        # chunked, over the bound while streaming
+        stream = await server.tls()
+        response, _ = await exchange(stream, post(ROTATE, chunked=True), b"y" * 70_000)
+        assert response.status_code == 413
+        response, _ = await exchange(stream, post(ROTATE, chunked=True), b"{}")
+        assert response.status_code == 200
+        assert len(server.calls) == 2 and all(len(c[2]) == 2 for c in server.calls)
+        assert server.refused(413) == 3
+
+
+async def test_malformed_http_is_400(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        stream = await server.tls()
+        await stream.send_all(b"NOT HTTP AT ALL\r\n\r\n")
+        data = await read_until_closed(stream)
+        assert data.startswith(b"HTTP/1.1 400 ") and b"connection: close" in data
+        stream = await server.tls()
+        await stream.send_all(b"POST " + ROTATE.encode() + b" HTTP/1.1\r\nhost: b\r\n")
+        await stream.send_all(b"x-big: " + b"a" * 20_000 + b"\r\n\r\n")  # head over 16 KiB
+        data = await read_until_closed(stream)
+        assert data.startswith(b"HTTP/1.1 431 ")
+        assert not server.calls and server.refused(400) == 1
+
+
+async def test_the_client_certificate_names_reach_the_handler(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        for name in ("alice", "mallory"):
+            async with httpx.AsyncClient(verify=server.context(name), timeout=5) as http:
+                reply = await http.post(server.url + ROTATE, content=b"{}")
+                assert reply.status_code == 200
+    alice, mallory = (c[3] for c in server.calls)
+    assert alice.matches("alice") and not alice.matches("mallory")
+    assert mallory.matches("mallory") and not mallory.matches("alice")
+    assert "mallory" in mallory.dns and mallory.common_names == ("mallory",)
+
+
+async def test_a_client_without_certificate_fails_the_handshake(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        stream = await server.tls(name=None)
+        with pytest.raises((trio.BrokenResourceError, AssertionError, h11.RemoteProtocolError)):
+            await exchange(stream, post(ROTATE, 2), b"{}")  # TLS 1.3: the alert comes here
+        for _ in range(1000):  # the server's task counts it a moment later
+            if server.dropped("handshake-failed"):
+                break
+            await trio.sleep(0.01)
+        assert server.dropped("handshake-failed") == 1
+        assert not server.calls
+
+
+async def test_a_connection_that_never_says_hello_is_closed(tmp_path: Path) -> None:
+    async with running(tmp_path, handshake_timeout=0.3, idle_timeout=60) as server:
+        silent = await trio.open_tcp_stream("127.0.0.1", server.port)
+        assert await closed_by_server(silent)
+        assert server.dropped("handshake-timeout") == 1
+
+
+async def test_a_trickling_sender_is_closed_after_the_request_timeout(tmp_path: Path) -> None:
+    async with running(tmp_path, request_timeout=0.5, idle_timeout=60) as server:
+        stream = await server.tls()
+        client = h11.Connection(h11.CLIENT)
+        await stream.send_all(client.send(post(ROTATE, 1000)))
+
+        async def trickle() -> None:  # 1 byte / 50 ms: 50 s for the body
+            try:
+                for _ in range(1000):
+                    await stream.send_all(b"x")
+                    await trio.sleep(0.05)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trickle)
+            assert await closed_by_server(stream)
+            nursery.cancel_scope.cancel()
+        assert server.dropped("request-timeout") == 1 and not server.calls
+
+
+async def test_idle_flood_evicts_the_oldest_handshakes_and_a_peer_gets_through(
+    tmp_path: Path,
+) -> None:
+    async with running(tmp_path, max_handshaking=4, handshake_timeout=60) as server:
+        idle = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(20)]
+        async with httpx.AsyncClient(verify=server.context(), timeout=5) as http:
+            reply = await http.post(server.url + ROTATE, content=b"{}")
+        assert reply.status_code == 200 and len(server.calls) == 1
+        assert server.dropped("handshaking-full") == 17  # 20 + the peer - 4
+        assert await closed_by_server(idle[0], bound=5)  # the oldest went first
+        for stream in idle:
+            await stream.aclose()
+
+
+class _FakeTcp:
+    class socket:  # stands in for trio.SocketStream.socket
+        closed = False
+
+        @classmethod
+        def close(cls) -> None:
+            cls.closed = True
+
+
+class _OutOfDescriptors:
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+
+    async def accept(self) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        await trio.sleep_forever()
+
+
+async def test_running_out_of_descriptors_backs_off_sheds_and_logs_a_summary(
+    autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    metrics = Metrics()
+    admission = Admission(max_connections=8, max_per_address=8, max_handshaking=4)
+    limits = ServerLimits(summary_interval=60)
+    server = _Server(None, None, limits, admission, metrics)  # type: ignore[arg-type]
+    waiting = _Conn(_FakeTcp, "198.51.100.1")  # type: ignore[arg-type]
+    admission.admit(waiting, "198.51.100.1")
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.accept_loop, _OutOfDescriptors(1000), nursery)
+        nursery.start_soon(server.summaries)
+        await trio.sleep(61)
+        nursery.cancel_scope.cancel()
+    sample = metrics.registry.get_sample_value(
+        "qkdagent_peer_connections_refused_total", {"reason": "no-descriptors"}
+    )
+    assert sample == 1000  # every failure counted, none crashed the loop
+    assert trio.current_time() - started >= 1000 * 0.05  # it backed off, it did not spin
+    assert _FakeTcp.socket.closed and len(admission) == 0  # a handshake was shed
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("no-descriptors" in line and "closed" in line for line in lines) == 10
+    assert "peer API: refused 0 requests, dropped 1000 connections" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+# -- agents at a 1,024 descriptor limit under 2,000 idle connections --------------------------
+
+
+def _limited(nofile: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    return apply
+
+
+class LimitedAgent(AgentProcess):
+    """An agent process started with RLIMIT_NOFILE soft = hard = `nofile`."""
+
+    def __init__(self, config: Path, log: Path, nofile: int) -> None:
+        self.config = config
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "qkdagent", "run", "-c", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "ab"),
+            preexec_fn=_limited(nofile),
+        )
+        data = tomllib.loads(config.read_text())
+        self.status_url = f"http://{data['agent']['status_listen']}/status"
+        self.peer_port = int(data["agent"]["listen"].rsplit(":", 1)[1])
+
+    def descriptors(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+
+def _open_idle(port: int, count: int, bound: float) -> list[socket.socket]:
+    """`count` plain TCP connections that never send a byte (non-blocking connects, then
+    waiting up to `bound` s for them to be established)."""
+    socks = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        socks.append(sock)
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock, select.POLLOUT)
+    pending, deadline = len(socks), time.monotonic() + bound
+    while pending and time.monotonic() < deadline:
+        for fd, _ in poller.poll(100):
+            poller.unregister(fd)
+            pending -= 1
+    return socks
+
+
+LINK = "alice-bob"
+
+
+def test_two_thousand_idle_connections_at_a_1024_limit_leave_rotations_going(
+    tmp_path: Path,
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 4096
+    try:  # this process holds the 2,000 sockets
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, needed), max(hard, needed)))
+    except (OSError, ValueError):
+        pytest.fail(f"cannot raise this process's descriptor limit to {needed} (hard {hard})")
+    paths = process_pair(tmp_path, link={"interval": 0.2, "jitter": 0, "reject_after": 60})
+    agents = {n: LimitedAgent(paths[n], tmp_path / f"{n}.log", 1024) for n in ("bob", "alice")}
+    alice, bob = agents["alice"], agents["bob"]
+    held: list[socket.socket] = []
+    try:
+        wait_until(lambda: alice.epochs().get(LINK, 0) >= 2, 30, "the first rotations")
+        held = _open_idle(bob.peer_port, 2000, bound=30)
+        start = alice.epochs()[LINK]
+        peak = bob.descriptors()
+        wait_until(
+            lambda: alice.epochs().get(LINK, 0) >= start + 10 and bob.epochs().get(LINK, 0) > start,
+            60,
+            "ten more rotations while 2,000 idle connections are held",
+        )
+        peak = max(peak, bob.descriptors())
+        assert all(sock.fileno() != -1 for sock in held)  # still held by the attacker
+        assert peak < 1024
+    finally:
+        for sock in held:
+            sock.close()
+        for agent in agents.values():
+            agent.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    log = (tmp_path / "bob.log").read_text()
+    assert "Traceback" not in log
