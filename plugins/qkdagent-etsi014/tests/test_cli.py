@@ -6,6 +6,7 @@ import argparse
 import json
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -86,6 +87,95 @@ async def test_kme_sim_process_serves_and_stops_on_sigterm(tmp_path: Path) -> No
             await process.wait()
     assert process.returncode == 0, log.read_text()
     assert "KME_A: https://127.0.0.1:" in log.read_text()
+
+
+def kme_sim(*args: str) -> list[str]:
+    return [sys.executable, "-m", "qkdagent_etsi014", "kme-sim", *args]
+
+
+async def wait_ready(process: trio.Process, ready: Path, log: Path) -> dict[str, dict]:
+    with trio.fail_after(30):
+        while not ready.exists() or not ready.read_text():
+            assert process.poll() is None, log.read_text()
+            await trio.sleep(0.05)
+    return {k["kme_id"]: k for k in json.loads(ready.read_text())}
+
+
+async def test_readme_example_extends_an_existing_pki_with_new_names(tmp_path: Path) -> None:
+    """Issue 11: `--pki ./pki --kme KME_A=alice --kme KME_B=bob,dave --kme KME_C=carol` on a
+    directory made by plain `--make-pki` (no KME_C, dave, carol) ended in a traceback."""
+    pki = tmp_path / "pki"
+    assert main(["kme-sim", "--make-pki", str(pki)]) == 0
+    original = (pki / "alice.pem").read_bytes()
+    ready, log = tmp_path / "ready.json", tmp_path / "out.txt"
+    argv = kme_sim("--pki", str(pki), "--kme", "KME_A=alice", "--kme", "KME_B=bob,dave",
+                   "--kme", "KME_C=carol", "--ready-file", str(ready))  # fmt: skip
+    with log.open("wb") as out:
+        process = await trio.lowlevel.open_process(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        kmes = await wait_ready(process, ready, log)
+        assert kmes["KME_C"]["saes"] == ["carol"] and kmes["KME_B"]["saes"] == ["bob", "dave"]
+        calls = {"alice": ("KME_A", "bob"), "dave": ("KME_B", "alice"), "carol": ("KME_C", "bob")}
+        for sae, (kme, peer) in calls.items():  # old and new certificates, one CA
+            client = httpx.AsyncClient(base_url=kmes[kme]["url"], verify=tls_context(pki, sae))
+            async with client:
+                answer = await client.get(f"/api/v1/keys/{peer}/status")
+            assert answer.status_code in (200, 400), (sae, answer.text)  # 400: no such link
+            if answer.status_code == 200:
+                assert answer.json()["master_SAE_ID"] == sae
+    finally:
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):
+            await process.wait()
+    assert process.returncode == 0, log.read_text()
+    assert (pki / "alice.pem").read_bytes() == original  # existing certificates are kept
+    assert stat.S_IMODE((pki / "carol.key").stat().st_mode) == 0o600
+    assert "issued certificates for KME_C, dave, carol" in log.read_text()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(kme_sim(*args), capture_output=True, text=True, timeout=60)
+
+
+def assert_one_line_usage_error(result: subprocess.CompletedProcess[str], text: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("kme-sim: ") and text in result.stderr, result.stderr
+
+
+def test_new_names_without_the_ca_key_are_one_clear_line(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    assert main(["kme-sim", "--make-pki", str(pki)]) == 0
+    (pki / "ca.key").unlink()
+    result = run_cli("--pki", str(pki), "--kme", "KME_A=alice", "--kme", "KME_C=carol")
+    assert_one_line_usage_error(result, "no certificate for KME_C, carol and no ca.key")
+    assert not (pki / "carol.pem").exists()
+
+
+def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    pki = tmp_path / "pki"
+    assert main(["kme-sim", "--make-pki", str(pki)]) == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("--pki", str(pki), "--port", str(port))
+    assert_one_line_usage_error(result, f"KME KME_A: cannot listen on 127.0.0.1 port {port}")
+    assert "in use" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["--port", "70000"], "--port 70000"),
+        (["--rate", "-1"], "--rate -1"),
+        (["--initial-fill", "2"], "--initial-fill 2"),
+        (["--kme", "K1=a", "--kme", "K2=a"], "SAE 'a' is attached to both K1 and K2"),
+        (["--host", "host.invalid"], "cannot listen on host.invalid"),
+    ],
+)
+def test_bad_settings_are_one_clear_line(tmp_path: Path, args: list[str], text: str) -> None:
+    assert_one_line_usage_error(run_cli("--pki", str(tmp_path / "pki"), *args), text)
 
 
 def _source(table: dict, name: str, state_dir: Path) -> Etsi014Source:

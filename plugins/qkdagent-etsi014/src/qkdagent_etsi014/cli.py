@@ -14,6 +14,7 @@ import trio
 from .app import Quirks
 from .identity import MODES, IdentityRule
 from .network import Limits
+from .pki import extend_pki
 from .sim import DEFAULT_KMES, SimSettings, Simulator, make_pki, run_simulator
 
 
@@ -126,8 +127,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_numbers(args: argparse.Namespace, count: int) -> None:
+    if not 0 <= args.port <= 65535 - count + 1:
+        raise ValueError(f"--port {args.port}: must leave room for {count} ports below 65536")
+    if not args.rate >= 0:
+        raise ValueError(f"--rate {args.rate}: must be 0 or more bits/s")
+    if not 0 <= args.initial_fill <= 1:
+        raise ValueError(f"--initial-fill {args.initial_fill}: must be between 0 and 1")
+    if not 0 <= args.sync_delay <= 3600:
+        raise ValueError(f"--sync-delay {args.sync_delay}: must be between 0 and 3600 s")
+    if not 0 < args.max_body <= 64 * 1024 * 1024:
+        raise ValueError(f"--max-body {args.max_body}: must be between 1 and 64 MiB")
+
+
 def settings_from(args: argparse.Namespace) -> SimSettings:
+    """Validated settings (ValueError naming the flag)."""
     kmes = dict(args.kme) if args.kme else dict(DEFAULT_KMES)
+    seen: dict[str, str] = {}
+    for kme, saes in kmes.items():
+        for sae in saes:
+            if sae in seen and seen[sae] != kme:
+                raise ValueError(f"--kme: SAE {sae!r} is attached to both {seen[sae]} and {kme}")
+            seen[sae] = kme
+    if len(kmes) != len(args.kme or kmes):
+        raise ValueError("--kme: a KME ID is given twice")
+    _check_numbers(args, len(kmes))
     ports = {k: args.port + i if args.port else 0 for i, k in enumerate(kmes)}
     limits = Limits(
         args.key_size,
@@ -159,6 +183,35 @@ def settings_from(args: argparse.Namespace) -> SimSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    """0 after a clean stop; 2 and one line on stderr for a usage, PKI or address problem."""
+    try:
+        return _run(args)
+    except BaseException as exc:  # only the expected kinds become one line, the rest re-raise
+        problem = _expected(exc)
+        if problem is None:
+            raise
+        print(f"kme-sim: {problem}", file=sys.stderr)
+        return 2
+
+
+def _expected(exc: BaseException) -> str | None:
+    """The message of a usage or setup error (also alone inside trio's exception groups)."""
+    leaves = _leaves(exc)
+    if leaves and all(isinstance(leaf, (ValueError, OSError)) for leaf in leaves):
+        first = leaves[0]
+        if isinstance(first, OSError) and first.filename is not None:
+            return f"{first.filename}: {first.strerror or first}"
+        return " ".join(str(first).split()) or type(first).__name__
+    return None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.make_pki:
         kmes = dict(args.kme) if args.kme else dict(DEFAULT_KMES)
         directory = make_pki(args.make_pki, kmes)
@@ -168,13 +221,14 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     if args.pki is None:
-        print("kme-sim: --pki DIR (or --make-pki DIR) is required", file=sys.stderr)
-        return 2
-    try:
-        settings = settings_from(args)
-    except ValueError as exc:
-        print(f"kme-sim: {exc}", file=sys.stderr)
-        return 2
+        raise ValueError("--pki DIR (or --make-pki DIR) is required")
+    settings = settings_from(args)
+    if (args.pki / "ca.pem").is_file():  # before trio starts: a PKI problem is one clear line
+        added = extend_pki(
+            args.pki, [*settings.kmes, *(s for v in settings.kmes.values() for s in v)]
+        )
+        if added:
+            print(f"issued certificates for {', '.join(added)} in {args.pki}")
     trio.run(partial(_serve, args.pki, settings, args.ready_file))
     return 0
 

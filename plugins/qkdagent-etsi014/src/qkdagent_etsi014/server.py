@@ -35,6 +35,10 @@ HANDSHAKE_TIMEOUT = 10.0
 HTTP1_LIMITS = Http1Limits(keep_alive_timeout=30.0, request_timeout=30.0)
 
 
+class ListenError(OSError):
+    """A KME's port cannot be bound (the message names the KME, address and reason)."""
+
+
 def server_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     """TLS ≥ 1.2, client certificate required and verified against `ca`."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
@@ -68,7 +72,13 @@ class KmeServer:
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind, report the bound port through `task_status`, then serve until cancelled."""
-        listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        try:
+            listeners = await trio.open_tcp_listeners(self.port, host=self.host)
+        except OSError as exc:  # port in use, address not local, unknown host name
+            raise ListenError(
+                f"KME {self.app.kme_id}: cannot listen on {self.host} port {self.port}: "
+                f"{exc.strerror or exc}"
+            ) from None
         port = listeners[0].socket.getsockname()[1]
         config = _hypercorn_config()
         context = WorkerContext(None)

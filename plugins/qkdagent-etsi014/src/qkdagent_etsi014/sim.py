@@ -5,11 +5,13 @@
         sim.network.link("KME_A", "KME_B").drain()       # provoke 503
 
 Certificates come from `make_pki` (a throw-away CA, one certificate per KME and per SAE with
-CN = the ID and SANs localhost/127.0.0.1/::1) unless `pki` names a directory that already has them.
+CN = the ID and SANs localhost/127.0.0.1/::1) unless `pki` names a directory that already has a
+CA: then names it has no certificate for get one from that CA (`pki.extend_pki`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -24,13 +26,12 @@ from qkdagent.testing import write_test_pki
 from .app import DEFAULT_MAX_BODY, KmeApp, Quirks
 from .identity import IdentityRule
 from .network import KmeNetwork, Limits, SupplyFactory
+from .pki import extend_pki, safe_name
 from .server import KmeServer, server_ssl_context
 
+log = logging.getLogger(__name__)
+
 DEFAULT_KMES: dict[str, list[str]] = {"KME_A": ["alice"], "KME_B": ["bob"]}
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def make_pki(directory: Path | str, kmes: Mapping[str, list[str]] = DEFAULT_KMES
 
 
 def pki_files(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{_safe(name)}.pem", directory / f"{_safe(name)}.key"
+    cert, key = directory / f"{safe_name(name)}.pem", directory / f"{safe_name(name)}.key"
     if not cert.is_file() or not key.is_file():
         raise FileNotFoundError(f"no certificate/key for {name!r} in {directory}")
     return cert, key
@@ -130,6 +131,10 @@ async def run_simulator(
     directory = Path(directory)
     if not (directory / "ca.pem").is_file():
         make_pki(directory, settings.kmes)
+    else:  # names this directory was not made for get certificates from its CA
+        names = [*settings.kmes, *(sae for saes in settings.kmes.values() for sae in saes)]
+        for name in extend_pki(directory, names):
+            log.info("kme-sim: issued a certificate for %s in %s", name, directory)
     network = KmeNetwork(
         {k: list(v) for k, v in settings.kmes.items()},
         limits=settings.limits,
