@@ -10,8 +10,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import ssl
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +29,8 @@ from .identity import PeerIdentity
 from .interfaces import Link, PluginContext, Sink, Source
 from .link import LinkRuntime
 from .observability import Metrics, StatusApp
-from .peering import PeerApp, PeerClient
+from .peering import PeerClient
+from .peerserver import ServerLimits, serve_peers
 from .plugins import Plugins
 from .preparing import prepare_all
 from .services import Service, start_services
@@ -107,7 +108,9 @@ class Agent:
                 await start_services(servers, services)
                 if self.network is not None:
                     self.peer_urls = [f"https://{self.settings.listen}"]
-                    self.network.attach(self.peer_urls[0], self._handle_peer)
+                    self.network.attach(
+                        self.peer_urls[0], self._handle_peer, PeerIdentity(dns=(self.name,))
+                    )
                 else:
                     self.peer_urls = await servers.start(self._serve_peers)
                 if self.settings.status_listen is not None and self.network is None:
@@ -167,21 +170,19 @@ class Agent:
         await _close_all(components.all())
 
     async def _serve_peers(self, task_status: trio.TaskStatus[list[str]]) -> None:
-        tls = self.settings.tls
-        config = HypercornConfig()
-        config.bind = [str(self.settings.listen)]
-        config.certfile, config.keyfile, config.ca_certs = str(tls.cert), str(tls.key), str(tls.ca)
-        config.verify_mode = ssl.CERT_REQUIRED
-        config.alpn_protocols = ["http/1.1"]
-        config.errorlog = logging.getLogger("qkdagent.http")
-        config.graceful_timeout = 1.0
-        config.h11_max_incomplete_size = 16 * 1024
-        config.keep_alive_timeout = 120  # the peer's client keeps connections for 100 s
-        config.backlog = 1024
-        await serve(
-            PeerApp(self._handle_peer),  # type: ignore[arg-type]
-            config,
-            shutdown_trigger=trio.sleep_forever,
+        settings = self.settings
+        limits = ServerLimits(
+            max_connections=settings.max_connections,
+            max_per_address=settings.max_connections_per_address,
+            handshake_timeout=settings.handshake_timeout,
+            request_timeout=settings.request_timeout,
+        )
+        await serve_peers(
+            self._handle_peer,
+            listen=settings.listen,
+            tls=settings.tls,
+            limits=limits,
+            metrics=self.metrics,
             task_status=task_status,
         )
 
@@ -242,7 +243,7 @@ class Agent:
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 with task.scope:
-                    await runtime.run(task_status=task_status)
+                    await _isolated(runtime, task_status)
             finally:
                 task.done.set()
 
@@ -365,10 +366,46 @@ class Agent:
         }
 
 
+LINK_RESTART_MIN = 1.0
+LINK_RESTART_MAX = 60.0
+
+
+async def _isolated(runtime: LinkRuntime, task_status: trio.TaskStatus[None]) -> None:
+    """Run a link's loop so that nothing it raises stops the agent or the other links.
+
+    An exception here is a bug (the loop handles every expected failure itself): it is logged
+    by type and place (its message might quote a key), and the loop restarts after a backoff.
+    """
+    task_status.started()
+    delay = LINK_RESTART_MIN
+    while True:
+        try:
+            await runtime.run()
+            return
+        except Exception as exc:
+            frames = traceback.extract_tb(exc.__traceback__)
+            where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+            log.error(
+                "link %s: unexpected %s%s; the link restarts in %g s (a bug)",
+                runtime.name, type(exc).__name__, where, delay,
+                extra={"link": runtime.name, "stage": "internal"},
+            )  # fmt: skip
+            runtime.status.last_error = f"internal: unexpected {type(exc).__name__}"
+            runtime.status.last_error_at = time.time()
+        await trio.sleep(delay)
+        delay = min(delay * 2, LINK_RESTART_MAX)
+
+
 def _component_key(component: Any) -> Any:
     if component is None:
         return None
-    return (component.type, component.label, component.timeout, component.options.snapshot())
+    return (
+        component.type,
+        component.label,
+        component.timeout,
+        component.local_only,
+        component.options.snapshot(),
+    )
 
 
 async def _close_all(objects: Iterable[Source | Sink]) -> None:

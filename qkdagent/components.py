@@ -56,6 +56,7 @@ class SinkHandle:
     label: str
     timeout: float
     sink: Sink
+    local_only: bool = False
 
     async def install(self, link: Link, secret: Secret, meta: KeyMeta) -> None:
         await self._call("install", self.sink.install(link, secret, meta))
@@ -108,7 +109,9 @@ def build_components(config: AgentConfig, plugins: Plugins, context: PluginConte
         for cid, c in config.sources.items()
     }
     sinks = {
-        cid: SinkHandle(cid, c.label, c.timeout, _make(c, plugins.sinks, context, "sink"))
+        cid: SinkHandle(
+            cid, c.label, c.timeout, _make(c, plugins.sinks, context, "sink"), c.local_only
+        )
         for cid, c in config.sinks.items()
     }
     return Components(sources, sinks)

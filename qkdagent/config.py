@@ -79,6 +79,12 @@ class AgentSettings:
     rotation_timeout: float
     max_parallel_rotations: int
     log_format: str
+    max_connections: int = 512
+    """Peer API connections held at once (see `peerserver.ServerLimits`)."""
+    max_connections_per_address: int = 128
+    """Peer API connections from one address; above a peer's `max_parallel_rotations`."""
+    handshake_timeout: float = 5.0
+    request_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,8 @@ class LinkConfig:
     peer_url: str
     role: str
     initiator: bool
+    peer_identity: str
+    """The name the peer's certificate must carry (SAN DNS/URI, else CN)."""
     bootstrap: Secret
     timing: Timing
     sources: tuple[str, ...]
@@ -104,6 +112,8 @@ class ComponentConfig:
     label: str
     timeout: float
     options: Options
+    local_only: bool = False
+    """A sink that exists on this side only: its label is not compared with the peer's."""
 
 
 @dataclass
@@ -196,6 +206,12 @@ def _agent(opts: Options) -> AgentSettings:
         rotation_timeout=opts.number("rotation_timeout", 30.0, positive=True, max=600),
         max_parallel_rotations=opts.integer("max_parallel_rotations", 64, min=1, max=1024),
         log_format=opts.string("log_format", "text", choices=("text", "json")),
+        max_connections=opts.integer("max_connections", 512, min=16, max=1_000_000),
+        max_connections_per_address=opts.integer(
+            "max_connections_per_address", 128, min=1, max=1_000_000
+        ),
+        handshake_timeout=opts.number("handshake_timeout", 5.0, positive=True, max=300),
+        request_timeout=opts.number("request_timeout", 10.0, positive=True, max=600),
     )
     tls.finish()
     _check_ports_differ(opts, settings.listen, settings.status_listen)
@@ -224,6 +240,7 @@ def _components(opts: Options, kind: str) -> dict[str, ComponentConfig]:
             label=sub.string("label", type_name, check=_check_name),
             timeout=sub.number("timeout", 10.0, positive=True, max=600),
             options=sub,
+            local_only=sub.boolean("local_only", False) if kind == "sinks" else False,
         )
     opts.finish()
     return result
@@ -255,6 +272,12 @@ def _link(
         opts.fail("peer_url", f"must be https://HOST[:PORT] (mutual TLS), not {url!r}")
     if port == 0:
         opts.fail("peer_url", "port must be 1-65535, not 0")
+    peer_identity = opts.string(
+        "peer_identity",
+        peer,
+        max_len=255,
+        check=lambda v: None if v.isprintable() and v.strip() == v else "must be printable text",
+    )
     role = opts.string("role", "auto", choices=ROLES)
     initiator = role == "initiator" or (role == "auto" and agent.name < peer)
     interval = opts.number("interval", 120.0, positive=True, max=86400)
@@ -293,6 +316,7 @@ def _link(
         peer_url=url.rstrip("/"),
         role=role,
         initiator=initiator,
+        peer_identity=peer_identity,
         bootstrap=bootstrap,
         timing=timing,
         sources=tuple(link_sources),

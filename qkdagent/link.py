@@ -8,7 +8,6 @@ happens before any state changes.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import random
@@ -21,10 +20,11 @@ import httpx
 import trio
 
 from . import protocol, ratchet, scheduler
+from . import responder_rules as rules
 from .components import SinkHandle, SourceHandle
 from .config import LinkConfig
 from .errors import KeyNotFound, KeyReuseError, ProtocolError, QkdAgentError, SourceError
-from .events import EraseEvent, RotationErrorEvent, RotationEvent
+from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
 from .faults import crash_point
 from .identity import PeerIdentity
 from .interfaces import KeyMeta, Link
@@ -60,10 +60,6 @@ class LinkStatus:
     erased_reason: str | None = None
 
 
-def _digest(body: bytes) -> bytes:
-    return hashlib.sha3_256(body).digest()
-
-
 class LinkRuntime:
     def __init__(self, agent: Agent, config: LinkConfig) -> None:
         self.agent = agent
@@ -73,7 +69,19 @@ class LinkRuntime:
         self.sources: list[SourceHandle] = [agent.components.sources[s] for s in config.sources]
         self.sinks: list[SinkHandle] = [agent.components.sinks[s] for s in config.sinks]
         self.labels = [s.label for s in self.sinks]
+        self.shared_labels = tuple(sorted({s.label for s in self.sinks if not s.local_only}))
+        """Labels compared with the peer's (DESIGN v2 §4): a local-only sink is not."""
         self.start = ratchet.chain_start(config.bootstrap, config.name)
+        self.facts = rules.LinkFacts(
+            link=config.name,
+            local=agent.name,
+            peer=config.peer,
+            peer_identity=config.peer_identity,
+            initiator=config.initiator,
+            source_ids=tuple(config.sources),
+            shared_labels=self.shared_labels,
+            start=self.start,
+        )
         self.lock = trio.Lock()
         self.record: LinkRecord | None = None
         self.clock: scheduler.Clock | None = None
@@ -82,6 +90,8 @@ class LinkRuntime:
         self.stopped = False
         self.commit_lost = False
         """Set when the peer did not acknowledge a commit: the next rotation comes early."""
+        self.erase_failed: dict[str, str] = {}
+        """Sink id -> reason, for sinks whose fail-closed erase failed and is retried."""
         self.rand: Callable[[], float] = random.random
 
     # -- life cycle --------------------------------------------------------------------------
@@ -90,6 +100,16 @@ class LinkRuntime:
         """Load or create state; put the sinks in a defined state (current key or fail-closed)."""
         store = self.agent.store
         record = await store.run(store.load, self.name)
+        if record is not None and max(record.epoch, rules.epoch_floor(record)) >= (
+            protocol.RESYNC_CEILING
+        ):
+            # Only a forged epoch hint of older versions could have put the link up here, from
+            # where it could not rotate for long: start a fresh chain (the peer resyncs).
+            log.warning(
+                "link %s: stored epoch %d is above any reachable epoch; starting a fresh chain",
+                self.name, record.epoch, extra={"link": self.name, "stage": "state"},
+            )  # fmt: skip
+            record = None
         if record is None or record.peer != self.config.peer:
             record = await store.run(
                 store.create, self.name, self.config.peer, self.start.chain_key, self.start.auth_key
@@ -109,6 +129,10 @@ class LinkRuntime:
             last_success=(now - age) if fresh and age is not None else None,
             erased=not fresh,
         )
+        if self.erase_failed:  # an erase at start-up failed: retry it like any other
+            self.clock = scheduler.after_erase_attempt(
+                self.clock, self.config.timing, now, failed=True
+            )
 
     def stop(self) -> None:
         self.stopped = True
@@ -134,8 +158,10 @@ class LinkRuntime:
                     # a commit may have landed while we waited for the lock: decide again
                     action = scheduler.decide(self.clock, self.config.timing, trio.current_time())
                     if isinstance(action, scheduler.Erase):
-                        await self.erase_sinks(action.reason)
                         self.clock = scheduler.after_erase(self.clock)
+                        await self.erase_sinks(action.reason)
+                    elif isinstance(action, scheduler.RetryErase):
+                        await self.retry_erase()
                     elif isinstance(action, scheduler.Starved):
                         self._responder_starved()
                         self.clock = scheduler.after_starved(self.clock)
@@ -175,6 +201,9 @@ class LinkRuntime:
                 self._failed(epoch, exc.stage, str(exc))
             except QkdAgentError as exc:
                 self._failed(epoch, "source" if isinstance(exc, SourceError) else "state", str(exc))
+            except Exception as exc:  # a bug: one failed attempt, never the agent (message dropped)
+                log.debug("link %s: rotation attempt raised", self.name, exc_info=True)
+                self._failed(epoch, "internal", f"unexpected {type(exc).__name__}")
             return False
 
     async def _rotate(self, started: float) -> None:
@@ -185,27 +214,31 @@ class LinkRuntime:
         key_ids = tuple((src.id, key.key_id) for src, key in zip(self.sources, keys, strict=True))
         epoch = record.epoch + 1
         kind, chain_key, auth_key = "rotate", record.chain_key, record.auth_key
-        reply, nonce = await self._exchange(kind, epoch, key_ids, auth_key)
-        if reply.status == 409 and reply.error_hint().get("error") == "epoch":
-            hint = reply.error_hint().get("epoch")
-            peer_epoch = hint if isinstance(hint, int) and not isinstance(hint, bool) else 0
+        reply, nonce, sent = await self._exchange(kind, epoch, key_ids, auth_key)
+        refusal = self._refusal(reply, sent)
+        if refusal is not None and refusal.code == "epoch":
+            if refusal.epoch >= protocol.RESYNC_CEILING:
+                raise RotationFailed(
+                    "peer", f"peer claims epoch {refusal.epoch}, above any reachable epoch"
+                )
             log.warning(
                 "link %s: peer is on epoch %s, we are on %s; resynchronising",
                 self.name,
-                peer_epoch,
+                refusal.epoch,
                 record.epoch,
+                extra={"link": self.name, "epoch": record.epoch, "stage": "resync"},
             )
             # The peer lost state or we did: restart the chain from the bootstrap secret with the
             # fresh keys, at an epoch above both sides' so that no old message can be replayed.
             keys = await self._new_keys()
             key_ids = tuple((s.id, k.key_id) for s, k in zip(self.sources, keys, strict=True))
-            epoch = max(record.epoch, peer_epoch, 0) + 1
+            epoch = max(record.epoch, refusal.epoch) + 1
             kind, chain_key, auth_key = "resync", self.start.chain_key, self.start.auth_key
-            reply, nonce = await self._exchange(kind, epoch, key_ids, auth_key)
-        if reply.status != 200:
-            hint = reply.error_hint()
+            reply, nonce, sent = await self._exchange(kind, epoch, key_ids, auth_key)
+            refusal = self._refusal(reply, sent)
+        if refusal is not None:
             raise RotationFailed(
-                "peer", f"peer refused {kind} ({reply.status} {_printable(hint.get('message'))})"
+                "peer", f"peer refused {kind}: {refusal.code}: {_printable(refusal.message)}"
             )
         message = self._parse_reply(reply.body, kind + "-reply", epoch, auth_key, nonce)
         crash_point("initiator:reply-received")
@@ -266,7 +299,8 @@ class LinkRuntime:
 
     async def _exchange(
         self, kind: str, epoch: int, key_ids: tuple[tuple[str, str], ...], auth_key: Any
-    ) -> tuple[PeerReply, bytes]:
+    ) -> tuple[PeerReply, bytes, bytes]:
+        """Send a rotate or resync; returns the reply, our nonce and the body we sent."""
         nonce = protocol.new_nonce()
         body = protocol.build(
             kind,
@@ -276,9 +310,37 @@ class LinkRuntime:
             epoch=epoch,
             auth_key=auth_key,
             keys=[list(pair) for pair in key_ids],
+            labels=list(self.shared_labels),
             nonce=nonce,
         )
-        return await self._post(kind, body), nonce
+        return await self._post(kind, body), nonce, body
+
+    def _refusal(self, reply: PeerReply, sent: bytes) -> protocol.Refusal | None:
+        """None for a 200; the peer's authenticated refusal; else one failed attempt.
+
+        Only a refusal MAC'd under the bootstrap-derived auth key and bound to the request we
+        sent may change what we do next (DESIGN v2 §4): anyone on the path could have written
+        any other, so it is logged, counted and acted on no further than a lost reply.
+        """
+        if reply.status == 200:
+            return None
+        try:
+            refusal = protocol.parse_refusal(reply.body)
+        except ProtocolError:
+            refusal = None
+        if refusal is not None and protocol.verify_refusal(
+            refusal,
+            bootstrap_auth=self.start.auth_key,
+            link=self.name,
+            sender=self.config.peer,
+            receiver=self.agent.name,
+            request=sent,
+        ):
+            return refusal
+        self.agent.metrics.unauthenticated_refusals.labels(self.name).inc()
+        raise RotationFailed(
+            "peer", f"peer answered {reply.status} without an authenticated refusal (ignored)"
+        )
 
     async def _post(self, action: str, body: bytes) -> PeerReply:
         """Send with bounded retransmission: the responder answers a repeat idempotently."""
@@ -287,8 +349,16 @@ class LinkRuntime:
             try:
                 reply = await self.agent.client.post(self.config.peer_url, self.name, action, body)
             except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"[:300]
+                error = _printable(f"{type(exc).__name__}: {exc}", 300)
+            except trio.TooSlowError:
+                error = "no complete reply in time"
             else:
+                if not reply.identity.matches(self.config.peer_identity):
+                    raise RotationFailed(
+                        "peer",
+                        f"{self.config.peer_url} presented a certificate naming "
+                        f"{reply.identity.describe()}, not peer {self.config.peer_identity!r}",
+                    )
                 if reply.status < 500:
                     return reply
                 error = f"HTTP {reply.status}"
@@ -320,8 +390,11 @@ class LinkRuntime:
         """Tell the responder to commit; a lost commit is recovered by the next rotate."""
         try:
             reply = await self._post("commit", body)
-            if reply.status != 200:
-                raise RotationFailed("commit", f"peer refused commit ({reply.status})")
+            refusal = self._refusal(reply, body)
+            if refusal is not None:
+                raise RotationFailed(
+                    "commit", f"peer refused commit: {refusal.code}: {_printable(refusal.message)}"
+                )
             self._parse_reply(reply.body, "commit-reply", record.epoch, record.auth_key, nonce)
         except RotationFailed as exc:
             log.warning(
@@ -333,53 +406,50 @@ class LinkRuntime:
     # -- responder ---------------------------------------------------------------------------
 
     async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
+        """Answer a peer request; a refusal raises ProtocolError carrying its reply body."""
         message = protocol.parse(body, expect=(action,))
-        if message.link != self.name:
-            raise ProtocolError("link name in the message does not match the path")
-        if message.sender != self.config.peer or message.receiver != self.agent.name:
-            raise ProtocolError("message is not from this link's peer to this agent", status=403)
-        if self.config.initiator and action != "commit":
-            raise ProtocolError("both agents are configured as initiator", status=409)
+        rejected = rules.admit(self.facts, self.name, message, identity)
+        if rejected is not None:
+            raise ProtocolError(rejected.message, status=rejected.status)
+        conflict = rules.role_conflict(self.facts, action)
+        if conflict is not None:
+            raise self._refuse(conflict, body)
         async with self.lock:
             if action == "commit":
-                return await self._on_commit(message)
+                return await self._on_commit(message, body)
             return await self._on_rotate(message, body)
 
-    def _refuse(self, code: str, message: str, status: int) -> ProtocolError:
+    def _refuse(self, refusal: rules.Refuse, body: bytes) -> ProtocolError:
+        """An authenticated refusal of the request `body` (DESIGN v2 §4), as an exception."""
         assert self.record is not None
-        body = protocol.error_body(code, message, epoch=self.record.epoch)
-        return ProtocolError(message, status=status, body=body)
+        reply = protocol.build_refusal(
+            refusal.code,
+            refusal.message,
+            link=self.name,
+            sender=self.agent.name,
+            receiver=self.config.peer,
+            epoch=rules.epoch_floor(self.record),
+            request=protocol.request_digest(body),
+            bootstrap_auth=self.start.auth_key,
+        )
+        return ProtocolError(refusal.message, status=refusal.status, body=reply)
 
     async def _on_rotate(self, message: protocol.Message, body: bytes) -> bytes:
+        assert self.record is not None
+        decision = rules.on_rotate(self.facts, self.record, message, body)
+        if isinstance(decision, rules.CommitPendingFirst):
+            await self._commit_pending(decision.pending)
+            assert self.record is not None
+            decision = rules.on_rotate(self.facts, self.record, message, body)
+        if isinstance(decision, rules.Retransmit):
+            return decision.reply  # same answer, no state change
+        if isinstance(decision, rules.Refuse):
+            if decision.code == "labels":
+                self._failed(self.record.epoch, "peer", decision.message)
+            raise self._refuse(decision, body)
+        assert isinstance(decision, rules.Derive)
         record = self.record
-        assert record is not None
-        pending = record.pending
-        if pending is not None and message.epoch == pending.epoch + 1 and message.kind == "rotate":
-            if protocol.verify_mac(message, pending.auth_key):
-                # A rotate for n+2 under epoch n+1's auth key proves the peer committed n+1.
-                await self._commit_pending(pending)
-                record = self.record
-                assert record is not None
-        if (
-            record.pending is not None
-            and message.epoch == record.pending.epoch
-            and hmac.compare_digest(_digest(body), record.pending.request_digest)
-        ):
-            return record.pending.reply  # retransmission: same answer, no state change
-        if message.kind == "resync":
-            chain_key, auth_key = self.start.chain_key, self.start.auth_key
-            floor = max(record.epoch, record.pending.epoch if record.pending else 0)
-            if message.epoch <= floor:
-                raise self._refuse("epoch", f"resync must move past epoch {floor}", 409)
-        else:
-            chain_key, auth_key = record.chain_key, record.auth_key
-            if message.epoch != record.epoch + 1:
-                raise self._refuse("epoch", f"expected epoch {record.epoch + 1}", 409)
-        if not protocol.verify_mac(message, auth_key):
-            raise self._refuse("auth", "message authentication failed", 403)
         key_ids = message.keys
-        if [s for s, _ in key_ids] != [s.id for s in self.sources]:
-            raise self._refuse("sources", "the peer's sources differ from this link's", 400)
         store = self.agent.store
         # Key reuse is refused when the pending epoch is stored (one transaction with the check);
         # a message with used IDs can only come from the authenticated peer (MAC checked above).
@@ -389,10 +459,14 @@ class LinkRuntime:
                 keys.append(await source.key_by_id(self.link, key_id))
             except KeyNotFound as exc:
                 self._failed(record.epoch, "source", f"source {source.id!r}: {exc}")
-                raise self._refuse("key-not-found", f"source {source.id!r}: {exc}", 409) from None
+                raise self._refuse(
+                    rules.Refuse("key-not-found", f"source {source.id!r}: {exc}", 409), body
+                ) from None
             except QkdAgentError as exc:
                 self._failed(record.epoch, "source", f"source {source.id!r}: {exc}")
-                raise self._refuse("source", f"source {source.id!r} failed", 503) from None
+                raise self._refuse(
+                    rules.Refuse("source", f"source {source.id!r} failed", 503), body
+                ) from None
         crash_point("responder:keys-fetched")
         nonce = protocol.new_nonce()
         transcript = ratchet.Transcript(
@@ -408,14 +482,14 @@ class LinkRuntime:
             ratchet.SourceInput(s, k.key_id, k.value)
             for (s, _), k in zip(key_ids, keys, strict=True)
         ]
-        derived = ratchet.rotate(chain_key, inputs, transcript, self.labels)
+        derived = ratchet.rotate(decision.chain_key, inputs, transcript, self.labels)
         reply = protocol.build(
             message.kind + "-reply",
             link=self.name,
             sender=self.agent.name,
             receiver=self.config.peer,
             epoch=message.epoch,
-            auth_key=auth_key,
+            auth_key=decision.auth_key,
             nonce=nonce,
             request_nonce=message.nonce,
             confirm=ratchet.confirmation(derived, "responder"),
@@ -423,7 +497,7 @@ class LinkRuntime:
         pending = Pending(
             epoch=message.epoch,
             kind=message.kind,
-            request_digest=_digest(body),
+            request_digest=protocol.request_digest(body),
             key_ids=key_ids,
             chain_key=derived.chain_key,
             auth_key=derived.auth_key,
@@ -436,35 +510,20 @@ class LinkRuntime:
         try:
             await store.run(lambda: store.store_pending(self.name, pending, mark_used=True))
         except KeyReuseError:
-            raise self._refuse("replay", "key ID already used on this link", 409) from None
+            raise self._refuse(
+                rules.Refuse("replay", "key ID already used on this link", 409), body
+            ) from None
         record.pending = pending
         crash_point("responder:pending-stored")
         return reply
 
-    async def _on_commit(self, message: protocol.Message) -> bytes:
-        record = self.record
-        assert record is not None
-        pending = record.pending
-        if pending is not None and message.epoch == pending.epoch:
-            if not protocol.verify_mac(message, pending.auth_key):
-                raise self._refuse("auth", "message authentication failed", 403)
-            derived = ratchet.EpochKeys(
-                pending.epoch,
-                pending.chain_key,
-                pending.auth_key,
-                pending.confirm_key,
-                pending.outputs,
-                pending.transcript_hash,
-            )
-            expected = ratchet.confirmation(derived, "initiator")
-            if not hmac.compare_digest(message.confirm, expected):
-                raise self._refuse("confirm", "key confirmation failed", 403)
-            await self._commit_pending(pending)
-        elif message.epoch == record.epoch and record.epoch > 0:
-            if not protocol.verify_mac(message, record.auth_key):
-                raise self._refuse("auth", "message authentication failed", 403)
-        else:
-            raise self._refuse("epoch", f"no pending epoch {message.epoch}", 409)
+    async def _on_commit(self, message: protocol.Message, body: bytes) -> bytes:
+        assert self.record is not None
+        decision = rules.on_commit(self.facts, self.record, message)
+        if isinstance(decision, rules.Refuse):
+            raise self._refuse(decision, body)
+        if isinstance(decision, rules.CommitPending):
+            await self._commit_pending(decision.pending)
         assert self.record is not None
         return protocol.build(
             "commit-reply",
@@ -511,7 +570,9 @@ class LinkRuntime:
             if secret is None:
                 # A sink added after this epoch was derived: it has no output yet; fail closed
                 # until the next rotation derives one for its label.
-                await self._erase_one(handle, "no-key-yet")
+                if not await self._erase_one(handle, "no-key-yet"):
+                    failed.append(handle.id)
+                    self._erase_outcome("no-key-yet", [], [handle.id])
                 return
             try:
                 await handle.install(self.link, secret, metas[handle.id])
@@ -539,29 +600,67 @@ class LinkRuntime:
             )  # fmt: skip
             return False
 
-    async def erase_sinks(self, reason: str) -> None:
-        """Fail closed: every sink of the link gets a random secret or loses its key."""
+    async def erase_sinks(self, reason: str, only: frozenset[str] | None = None) -> None:
+        """Fail closed: every sink of the link (or those in `only`) gets a random secret or
+        loses its key. A sink whose erase fails is remembered and retried with backoff until
+        it succeeds (`scheduler.RetryErase`); it is never reported as erased meanwhile."""
         erased: list[str] = []
+        failed: list[str] = []
 
         async def one(handle: SinkHandle) -> None:
-            if await self._erase_one(handle, reason):
-                erased.append(handle.id)
+            (erased if await self._erase_one(handle, reason) else failed).append(handle.id)
 
         async with trio.open_nursery() as nursery:
             for handle in self.sinks:
-                nursery.start_soon(one, handle)
+                if only is None or handle.id in only:
+                    nursery.start_soon(one, handle)
         self.status.erased_reason = reason
         epoch = self.record.epoch if self.record else 0
-        if reason != "startup":
+        if erased and reason != "startup":
             log.warning(
-                "link %s: sinks erased (%s)", self.name, reason,
+                "link %s: sinks erased (%s): %s", self.name, reason, ", ".join(sorted(erased)),
                 extra={"link": self.name, "epoch": epoch, "reason": reason},
             )  # fmt: skip
+        self._erase_outcome(reason, erased, failed)
         self.agent.metrics.erasures.labels(self.name, reason).inc()
         self.agent.notify(
             "qkdagent_after_erase",
             EraseEvent(self.name, epoch, reason, tuple(sorted(erased))),
         )
+
+    def _erase_outcome(
+        self, reason: str, erased: list[str], failed: list[str], *, how: str | None = None
+    ) -> None:
+        """Track which sinks may still hold a key that should be gone, and say so."""
+        for sink_id in erased:
+            if self.erase_failed.pop(sink_id, None) is not None:
+                detail = how or f"retried erase ({reason}) succeeded"
+                self.agent.report(ComponentEvent(sink_id, "erase_recovered", detail, self.name))
+        for sink_id in failed:
+            if sink_id not in self.erase_failed:
+                self.agent.report(
+                    ComponentEvent(
+                        sink_id,
+                        "erase_failed",
+                        f"fail-closed erase ({reason}) failed: the sink may still hold the "
+                        "link's old key; retrying with backoff",
+                        self.name,
+                    )
+                )
+            self.erase_failed[sink_id] = reason
+        self.agent.metrics.erase_failed.labels(self.name).set(len(self.erase_failed))
+        if self.clock is not None:
+            self.clock = scheduler.after_erase_attempt(
+                self.clock, self.config.timing, trio.current_time(), failed=bool(self.erase_failed)
+            )
+
+    async def retry_erase(self) -> None:
+        """Erase again the sinks whose erase failed, each with the reason it was erased for."""
+        by_reason: dict[str, set[str]] = {}
+        for sink_id, reason in self.erase_failed.items():
+            by_reason.setdefault(reason, set()).add(sink_id)
+        for reason, sink_ids in by_reason.items():
+            await self.erase_sinks(reason, only=frozenset(sink_ids))
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -580,6 +679,13 @@ class LinkRuntime:
         self.status.rotations += 1
         self.status.last_rotation_seconds = duration
         self.status.erased_reason = None
+        if self.erase_failed:  # a sink that now holds the new key no longer needs erasing
+            self._erase_outcome(
+                "rotation",
+                [s for s in self.erase_failed if s not in failed],
+                [],
+                how=f"the sink now holds epoch {record.epoch}'s key instead",
+            )
         self.agent.metrics.rotation_done(self.name, record.epoch, duration)
         log.info(
             "link %s: epoch %d committed (%s) in %.1f ms, key IDs %s",
@@ -637,6 +743,7 @@ class LinkRuntime:
             "key_age": None if committed is None else now_wall - committed,
             "next_rotation": next_rotation,
             "erased": self.status.erased_reason,
+            "erase_failed": sorted(self.erase_failed) or None,
             "rotations": self.status.rotations,
             "failures": self.status.failures,
             "last_error": self.status.last_error,

@@ -42,6 +42,30 @@ class Metrics:
             registry=r,
         )
         self.epoch = Gauge("qkdagent_link_epoch", "Committed epoch", ["link"], registry=r)
+        self.peer_connections_refused = Counter(
+            "qkdagent_peer_connections_refused",
+            "Peer API connections refused or closed early (caps, handshake, slow senders)",
+            ["reason"],
+            registry=r,
+        )
+        self.peer_requests_refused = Counter(
+            "qkdagent_peer_requests_refused",
+            "Peer API requests answered with an error status",
+            ["status"],
+            registry=r,
+        )
+        self.erase_failed = Gauge(
+            "qkdagent_link_erase_failed_sinks",
+            "Sinks of a link whose fail-closed erase failed and is being retried",
+            ["link"],
+            registry=r,
+        )
+        self.unauthenticated_refusals = Counter(
+            "qkdagent_unauthenticated_refusals",
+            "Peer refusals whose MAC did not verify (ignored: possible man in the middle)",
+            ["link"],
+            registry=r,
+        )
         self.last_success = Gauge(
             "qkdagent_link_last_success_timestamp_seconds",
             "Unix time of the last committed rotation",
@@ -62,7 +86,7 @@ class Metrics:
         self.duration.observe(duration)
 
     def forget(self, link: str) -> None:
-        for metric in (self.rotations, self.epoch, self.last_success):
+        for metric in (self.rotations, self.epoch, self.last_success, self.erase_failed):
             try:
                 metric.remove(link)
             except KeyError:

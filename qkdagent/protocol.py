@@ -2,7 +2,16 @@
 
 Every message is a JSON object whose fields, minus `mac`, are encoded canonically (sorted keys,
 no whitespace) and authenticated with HMAC-SHA3-256 under the link's auth key. Parsing is strict:
-unknown fields, wrong types and out-of-range values are refused before any key is touched.
+unknown fields, wrong types and out-of-range values are refused before any key is touched, and
+any body (pathological nesting included) either parses or raises `ProtocolError`.
+
+Refusals (DESIGN v2 §4): a responder that refuses a message it could parse answers with a
+`refusal`, MAC'd under the link's bootstrap-derived auth key (which both sides always hold,
+whatever epoch either is on) and bound to the SHA3-256 digest of the exact request body, so it
+can be neither forged by a holder of a CA certificate, nor replayed for another request, nor
+provoked by a man in the middle who alters the request on its way. Only an authenticated refusal may
+change what the initiator does (resynchronise, resend a commit); anything else is one failed
+attempt.
 """
 
 from __future__ import annotations
@@ -26,13 +35,17 @@ MAX_NAME = 128
 MAX_SOURCES = 16
 NONCE_SIZE = 32
 MAX_EPOCH = 2**62
-
-REQUESTS = ("rotate", "commit", "resync")
-REPLIES = ("rotate-reply", "commit-reply", "resync-reply")
+RESYNC_CEILING = 2**48
+"""Highest epoch a resync may start a chain at, and the highest epoch hint an initiator acts on.
+Honest links only ever step by one, so they never get near it; a resync at most this high
+leaves 2**62 - 2**48 rotations of headroom, so no input can strand a link near MAX_EPOCH."""
+MAX_LABELS = 64
+MAX_JSON_DEPTH = 8
+"""Deeper nesting than any valid message has: refused before `json.loads` recurses."""
 
 _FIELDS: dict[str, set[str]] = {
-    "rotate": {"keys", "nonce"},
-    "resync": {"keys", "nonce"},
+    "rotate": {"keys", "labels", "nonce"},
+    "resync": {"keys", "labels", "nonce"},
     "rotate-reply": {"nonce", "request_nonce", "confirm"},
     "resync-reply": {"nonce", "request_nonce", "confirm"},
     "commit": {"nonce", "confirm"},
@@ -89,6 +102,11 @@ class Message:
     def keys(self) -> tuple[tuple[str, str], ...]:
         return tuple((s, k) for s, k in self.fields["keys"])
 
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The sender's shared sink labels (sorted), which the receiver compares with its own."""
+        return tuple(self.fields["labels"])
+
 
 def canonical(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
@@ -128,25 +146,59 @@ def build(
     return canonical(fields)
 
 
+def load_json(body: bytes, *, limit: int = MAX_BODY, depth: int = MAX_JSON_DEPTH) -> Any:
+    """Decode an untrusted JSON body: bounded size and nesting, `ProtocolError` on any defect.
+
+    `json.loads` recurses once per nesting level, so `"[" * 5000` would raise RecursionError
+    (and a deep enough document could exhaust the stack); the nesting is measured first by a
+    linear scan that skips string contents.
+    """
+    if len(body) > limit:
+        raise ProtocolError(f"message larger than {limit} bytes", status=413)
+    if nesting_depth(body) > depth:
+        raise ProtocolError(f"JSON nested deeper than {depth} levels")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ProtocolError("message is not valid JSON") from None
+
+
+def nesting_depth(body: bytes) -> int:
+    """Maximum bracket nesting of a JSON text, ignoring brackets inside strings (no recursion)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 def parse(body: bytes, *, expect: tuple[str, ...]) -> Message:
     """Parse a message strictly; raise ProtocolError (status 400/413) on any defect."""
-    if len(body) > MAX_BODY:
-        raise ProtocolError(f"message larger than {MAX_BODY} bytes", status=413)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolError("message is not valid JSON") from None
+    data = load_json(body)
     if not isinstance(data, dict):
         raise ProtocolError("message must be a JSON object")
     kind = data.get("kind")
-    if kind not in expect:
-        raise ProtocolError(f"unexpected message kind {str(kind)[:40]!r}")
+    if not isinstance(kind, str) or kind not in expect:
+        raise ProtocolError(f"unexpected message kind {_printable(kind)!r}")
     if set(data) != _COMMON | _FIELDS[kind]:
         missing = sorted((_COMMON | _FIELDS[kind]) - set(data))
         extra = sorted(set(data) - (_COMMON | _FIELDS[kind]))
         raise ProtocolError(f"message fields wrong (missing {missing[:5]}, unknown {extra[:5]})")
     if data["v"] != VERSION or isinstance(data["v"], bool):
-        raise ProtocolError(f"unsupported protocol version {str(data['v'])[:20]}")
+        raise ProtocolError(f"unsupported protocol version {_printable(data['v'], 20)}")
     for name in ("link", "from", "to"):
         value = data[name]
         if not isinstance(value, str) or not value or len(value) > MAX_NAME:
@@ -179,17 +231,142 @@ def _check_fields(message: Message) -> None:
                 raise ProtocolError("a source name in 'keys' is empty or too long")
             try:
                 check_key_id(item[1])
-            except ValueError as exc:
+            except (ValueError, TypeError) as exc:
                 raise ProtocolError(f"bad key ID in 'keys': {exc}") from None
+    if "labels" in names:
+        labels = message.fields["labels"]
+        if not isinstance(labels, list) or len(labels) > MAX_LABELS:
+            raise ProtocolError(f"field 'labels' must list at most {MAX_LABELS} sink labels")
+        for label in labels:
+            if not isinstance(label, str) or not 0 < len(label) <= MAX_NAME:
+                raise ProtocolError("a sink label in 'labels' is empty, too long or not text")
+            if not label.isprintable():
+                raise ProtocolError("a sink label in 'labels' has control characters")
+        if labels != sorted(set(labels)):
+            raise ProtocolError("field 'labels' must be sorted and without duplicates")
 
 
 def verify_mac(message: Message, auth_key: Secret) -> bool:
     return hmac.compare_digest(compute_mac(auth_key, message.fields), message.mac)
 
 
-def error_body(code: str, message: str, *, epoch: int | None = None) -> bytes:
-    """An unauthenticated error reply; the receiver treats its content only as a hint."""
-    body: dict[str, Any] = {"error": code, "message": message}
-    if epoch is not None:
-        body["epoch"] = epoch
-    return canonical(body)
+def error_body(code: str, message: str) -> bytes:
+    """An unauthenticated error reply (a request that could not be parsed or routed): the
+    receiver counts it as a failed attempt and acts on nothing in it."""
+    return canonical({"error": code, "message": message})
+
+
+_REFUSAL_FIELDS = {"v", "kind", "link", "from", "to", "error", "message", "epoch",
+                   "request", "mac"}  # fmt: skip
+REFUSAL_CODES = frozenset(
+    {"epoch", "pending", "auth", "confirm", "sources", "labels", "key-not-found", "source",
+     "replay", "role", "identity", "busy"}
+)  # fmt: skip
+"""Why a responder refused; `epoch` and `pending` change what the initiator does next."""
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A parsed refusal. `authentic` only once `verify_refusal` checked it."""
+
+    code: str
+    message: str
+    epoch: int
+    """The refusing side's committed epoch (a hint for `epoch` refusals)."""
+    link: str
+    sender: str
+    receiver: str
+    request: bytes
+    """SHA3-256 of the refused request's body."""
+    fields: dict[str, Any]
+    mac: bytes
+
+
+def request_digest(body: bytes) -> bytes:
+    return hashlib.sha3_256(body).digest()
+
+
+def _refusal_mac(bootstrap_auth: Secret, fields: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in fields.items() if k != "mac"}
+    return hmac.new(
+        bootstrap_auth.reveal(), enc("qkdagent v1 refusal") + canonical(body), hashlib.sha3_256
+    ).digest()
+
+
+def build_refusal(
+    code: str,
+    message: str,
+    *,
+    link: str,
+    sender: str,
+    receiver: str,
+    epoch: int,
+    request: bytes,
+    bootstrap_auth: Secret,
+) -> bytes:
+    """A refusal bound to one request (`request` = its body's digest), MAC'd under the
+    bootstrap-derived auth key."""
+    if code not in REFUSAL_CODES:
+        raise ValueError(f"unknown refusal code {code!r}")
+    fields: dict[str, Any] = {
+        "v": VERSION,
+        "kind": "refusal",
+        "link": link,
+        "from": sender,
+        "to": receiver,
+        "error": code,
+        "message": message[:300],
+        "epoch": epoch,
+        "request": b64(request),
+    }
+    fields["mac"] = b64(_refusal_mac(bootstrap_auth, fields))
+    return canonical(fields)
+
+
+def parse_refusal(body: bytes) -> Refusal:
+    """Parse a refusal strictly (not yet authenticated); ProtocolError on any defect."""
+    data = load_json(body)
+    if not isinstance(data, dict) or data.get("kind") != "refusal":
+        raise ProtocolError("not a refusal")
+    if set(data) != _REFUSAL_FIELDS:
+        raise ProtocolError("refusal fields wrong")
+    if data["v"] != VERSION or isinstance(data["v"], bool):
+        raise ProtocolError("unsupported refusal version")
+    for name in ("link", "from", "to"):
+        value = data[name]
+        if not isinstance(value, str) or not value or len(value) > MAX_NAME:
+            raise ProtocolError(f"refusal field {name!r} must be a name")
+    code, text, epoch = data["error"], data["message"], data["epoch"]
+    if not isinstance(code, str) or code not in REFUSAL_CODES:
+        raise ProtocolError("unknown refusal code")
+    if not isinstance(text, str) or len(text) > 300:
+        raise ProtocolError("refusal message must be text of at most 300 characters")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or not 0 <= epoch < MAX_EPOCH:
+        raise ProtocolError("refusal epoch out of range")
+    request = _unb64(data["request"], "request", size=32)
+    mac = _unb64(data["mac"], "mac", size=32)
+    return Refusal(code, text, epoch, data["link"], data["from"], data["to"], request, data, mac)
+
+
+def verify_refusal(
+    refusal: Refusal,
+    *,
+    bootstrap_auth: Secret,
+    link: str,
+    sender: str,
+    receiver: str,
+    request: bytes,
+) -> bool:
+    """Whether the refusal comes from the link's peer and answers this very request body."""
+    return (
+        refusal.link == link
+        and refusal.sender == sender
+        and refusal.receiver == receiver
+        and hmac.compare_digest(refusal.request, request_digest(request))
+        and hmac.compare_digest(_refusal_mac(bootstrap_auth, refusal.fields), refusal.mac)
+    )
+
+
+def _printable(value: object, limit: int = 40) -> str:
+    """Untrusted text for an error message: bounded, no control characters."""
+    return "".join(c if c.isprintable() else "?" for c in str(value)[:limit])

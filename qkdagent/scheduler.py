@@ -35,6 +35,9 @@ class Clock:
     """True while the sinks hold an erased (random) secret, until the next success."""
     starved_reported: bool = False
     """A responder said once that nothing arrived for reject_after (until the next success)."""
+    erase_retry_at: float | None = None
+    """When a failed fail-closed erase is tried again (None: no erase is outstanding)."""
+    erase_failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,12 @@ class Starved:
     it once (both sides set to responder looks exactly like this)."""
 
 
-Action = Wait | Rotate | Erase | Starved
+@dataclass(frozen=True)
+class RetryErase:
+    """An erase failed for some sinks: try those again (a stale key must really go)."""
+
+
+Action = Wait | Rotate | Erase | RetryErase | Starved
 
 
 def decide(clock: Clock, timing: Timing, now: float) -> Action:
@@ -66,6 +74,8 @@ def decide(clock: Clock, timing: Timing, now: float) -> Action:
     deadline = clock.last_success + timing.reject_after
     if not clock.erased and now >= deadline:
         return Erase("reject_after")
+    if clock.erase_retry_at is not None and now >= clock.erase_retry_at:
+        return RetryErase()
     starving = not clock.initiator and not clock.starved_reported
     if starving and now >= deadline:
         return Starved()
@@ -76,6 +86,8 @@ def decide(clock: Clock, timing: Timing, now: float) -> Action:
         wake = clock.next_attempt
     if not clock.erased or starving:
         wake = min(wake, deadline)
+    if clock.erase_retry_at is not None:
+        wake = min(wake, clock.erase_retry_at)
     return Wait(wake)
 
 
@@ -111,6 +123,16 @@ def after_failure(clock: Clock, timing: Timing, now: float) -> Clock:
 
 def after_erase(clock: Clock) -> Clock:
     return replace(clock, erased=True)
+
+
+def after_erase_attempt(clock: Clock, timing: Timing, now: float, *, failed: bool) -> Clock:
+    """An erase (first or retried) ended: when some sink still holds its key, try again with
+    the link's backoff (doubling, capped at `backoff_max`) until it is gone."""
+    if not failed:
+        return replace(clock, erase_retry_at=None, erase_failures=0)
+    failures = clock.erase_failures + 1
+    delay = min(timing.backoff_max, timing.backoff_min * 2 ** min(failures - 1, 30))
+    return replace(clock, erase_retry_at=now + delay, erase_failures=failures)
 
 
 def after_starved(clock: Clock) -> Clock:

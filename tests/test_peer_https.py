@@ -95,6 +95,7 @@ def _rotate(pair, epoch: int | None = None, **change) -> bytes:
         "epoch": record.epoch + 1 if epoch is None else epoch,
         "auth_key": record.auth_key,
         "keys": [["sim", "00000000-0000-4000-8000-0000000000aa"]],
+        "labels": ["recording"],
         "nonce": protocol.new_nonce(),
     }
     fields.update(change)

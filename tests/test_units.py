@@ -86,6 +86,7 @@ def _msg(**change: object) -> bytes:
         epoch=1,
         auth_key=Secret(b"k" * 32),
         keys=[["s", "id"]],
+        labels=[],
         nonce=b"n" * 32,
     )
     fields.update(change)

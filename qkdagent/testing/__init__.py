@@ -4,6 +4,8 @@
 - `RecordingSink`: records installs and erasures (fingerprints only).
 - `SinkContract`, `SourceContract`: conformance suites plugin tests subclass.
 - `open_agent_pair`: two real agents over loopback HTTPS with mutual TLS (or in-process).
+- `ManInTheMiddle`, `send_as`: a hostile network for in-process pairs (replay, forge, delay,
+  corrupt, impersonate).
 - `assert_not_leaked`: fails if any spelling of a secret occurs in a text.
 - `write_test_pki`: a throw-away CA and leaf certificates for mutual TLS (simulators, tests).
 - `config_toml`: a config dict (as `pair_configs` returns) as TOML text, for agent processes.
@@ -20,6 +22,7 @@ from typing import Any
 
 from ..pki import LeafFiles, PkiFiles, write_test_pki
 from .agents import AgentPair, free_port, open_agent_pair, pair_configs
+from .hostile import Exchange, ManInTheMiddle, send_as
 from .local import LocalNetwork
 from .memory import InstallRecord, MemoryPool, MemorySource, RecordingSink
 from .toml import config_toml
@@ -45,9 +48,11 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AgentPair",
+    "Exchange",
     "InstallRecord",
     "LeafFiles",
     "LocalNetwork",
+    "ManInTheMiddle",
     "MemoryPool",
     "MemorySource",
     "PkiFiles",
@@ -64,5 +69,6 @@ __all__ = [
     "require_binary",
     "require_root",
     "secret_spellings",
+    "send_as",
     "write_test_pki",
 ]

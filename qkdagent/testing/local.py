@@ -7,6 +7,8 @@ peer agent's handler, with the same status mapping the HTTP server applies.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import httpx
 import trio
 
@@ -15,14 +17,20 @@ from ..identity import PeerIdentity
 from ..peering import Handler, PeerReply
 from ..protocol import MAX_BODY, error_body
 
+Interceptor = Callable[["LocalClient", str, str, str, bytes], Awaitable[PeerReply]]
+
+
 class LocalNetwork:
     def __init__(self) -> None:
-        self.handlers: dict[str, Handler] = {}
+        self.handlers: dict[str, tuple[Handler, PeerIdentity]] = {}
         self.down: set[str] = set()
         """URLs currently unreachable (a stopped or partitioned agent)."""
+        self.interceptors: dict[str, Interceptor] = {}
+        """URL -> what stands in the path to it (see `qkdagent.testing.ManInTheMiddle`)."""
 
-    def attach(self, url: str, handler: Handler) -> None:
-        self.handlers[url] = handler
+    def attach(self, url: str, handler: Handler, identity: PeerIdentity) -> None:
+        """Serve `url` with `handler`, as a server whose certificate names `identity`."""
+        self.handlers[url] = (handler, identity)
         self.down.discard(url)
 
     def detach(self, url: str) -> None:
@@ -41,15 +49,23 @@ class LocalClient:
 
     async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply:
         await trio.lowlevel.checkpoint()
-        handler = self.network.handlers.get(peer_url)
-        if handler is None or peer_url in self.network.down:
+        interceptor = self.network.interceptors.get(peer_url)
+        if interceptor is not None:
+            return await interceptor(self, peer_url, link, action, body)
+        return await self.deliver(peer_url, link, action, body)
+
+    async def deliver(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply:
+        """The request as it reaches the peer, past any interceptor."""
+        served = self.network.handlers.get(peer_url)
+        if served is None or peer_url in self.network.down:
             raise ConnectionRefused(f"{peer_url} is not reachable")
+        handler, server = served
         if len(body) > MAX_BODY:
-            return PeerReply(413, error_body("refused", "too large"))
+            return PeerReply(413, error_body("refused", "too large"), server)
         try:
-            return PeerReply(200, await handler(link, action, body, self.identity))
+            return PeerReply(200, await handler(link, action, body, self.identity), server)
         except ProtocolError as exc:
-            return PeerReply(exc.status, exc.body or error_body("refused", str(exc)))
+            return PeerReply(exc.status, exc.body or error_body("refused", str(exc)), server)
 
     async def aclose(self) -> None:
         pass

@@ -121,6 +121,9 @@ class RecordingSink(Sink):
         super().__init__(name, options, context)
         self.delay = options.number("delay", 0.0, min=0)
         self.fail = options.boolean("fail", False)
+        self.erase_failures = options.integer("erase_failures", 0, min=0)
+        """How many of the next erase calls fail (as a full disk or a stopped daemon would);
+        tests may also set it while the agent runs."""
         self.prepare_delay = options.number("prepare_delay", 0.0, min=0)
         self.prepare_error = options.string("prepare_error", "")
         self.prepare_bug = options.string("prepare_bug", "")
@@ -163,6 +166,10 @@ class RecordingSink(Sink):
 
     async def erase(self, link: Link, reason: str) -> None:
         await trio.lowlevel.checkpoint()
+        if self.erase_failures:
+            self.erase_failures -= 1
+            self.calls.append(f"erase-failed:{reason}")
+            raise SinkError(f"recording sink {self.name!r} is set to fail erasing")
         self.current[link.name] = Secret.random(32)
         self.erasures.append((trio.current_time(), link.name, reason))
         self.calls.append(f"erase:{reason}")

@@ -1,0 +1,118 @@
+"""Fail closed means the old key is really gone: a failed erase is retried until it succeeds,
+and status, metrics, events and logs say so meanwhile (issue 11, defect 4). And a bug in one
+link's task never stops the agent (defect 1). Virtual time."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from qkdagent.testing import open_agent_pair
+
+REC = {"sinks": {"rec": {"type": "recording"}, "other": {"type": "recording", "label": "o"}}}
+LINK = {"interval": 10, "reject_after": 30, "jitter": 0, "backoff_min": 1, "backoff_max": 8}
+
+
+async def test_a_failed_erase_is_retried_until_the_key_is_gone(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=LINK, local=True) as pair:
+        await pair.wait_for_epoch(2, timeout=60)
+        sink = pair.sink("bob", "rec")
+        sink.erase_failures = 4  # ENOSPC, a stopped daemon...: the next four erases fail
+        installed = pair.secret("bob", "rec")
+        caplog.clear()
+        await pair.stop("alice")
+        with trio.fail_after(60):  # reject_after passes: bob erases; "rec" fails
+            while pair.bob.link("alice-bob").status.erased_reason is None:  # noqa: ASYNC110
+                await trio.sleep(0.5)
+        status = pair.bob.link("alice-bob").describe()
+        assert status["erase_failed"] == ["rec"]
+        assert sink.current["alice-bob"] == installed  # the old key is still there...
+        metric = pair.bob.metrics.erase_failed.labels("alice-bob")._value.get()
+        assert metric == 1
+        events = [e for e in pair.bob.recent_events if e["kind"] == "erase_failed"]
+        assert len(events) == 1 and events[0]["component"] == "rec"
+        erased_lines = [r.getMessage() for r in caplog.records if "sinks erased" in r.getMessage()]
+        assert erased_lines and all("rec" not in line.split(": ")[-1] for line in erased_lines)
+        assert pair.sink("bob", "other").calls[-1] == "erase:reject_after"
+
+        # ...until a retry (1, 2, 4, 8 s of backoff) gets it out.
+        await trio.sleep(1 + 2 + 4 + 8 + 1)
+        assert sink.calls[-5:] == [*["erase-failed:reject_after"] * 4, "erase:reject_after"]
+        assert sink.current["alice-bob"] != installed
+        status = pair.bob.link("alice-bob").describe()
+        assert status["erase_failed"] is None and status["erased"] == "reject_after"
+        assert pair.bob.metrics.erase_failed.labels("alice-bob")._value.get() == 0
+        assert [e["kind"] for e in pair.bob.recent_events][-1] == "erase_recovered"
+        calls = len(sink.calls)
+        await trio.sleep(120)
+        assert len(sink.calls) == calls  # no more retries once it is gone
+
+
+async def test_a_failed_startup_erase_is_retried_too(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    failing = {"sinks": {"rec": {"type": "recording", "erase_failures": 2}}}
+    async with open_agent_pair(tmp_path, alice=REC, bob=failing, link=LINK, local=True) as pair:
+        pair_sink = pair.sink("bob", "rec")
+        await pair.stop("alice")  # no rotation may install a key instead
+        await trio.sleep(1 + 2 + 1)
+        assert pair_sink.calls[:3] == ["erase-failed:startup", "erase-failed:startup",
+                                       "erase:startup"]  # fmt: skip
+        assert pair.bob.link("alice-bob").describe()["erase_failed"] is None
+
+
+async def test_a_rotation_that_installs_ends_the_erase_retries(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=LINK, local=True) as pair:
+        await pair.wait_for_epoch(1, timeout=60)
+        sink = pair.sink("bob", "rec")
+        sink.erase_failures = 1000
+        await pair.stop("alice")
+        await trio.sleep(35)
+        assert pair.bob.link("alice-bob").describe()["erase_failed"] == ["rec"]
+        await pair.start("alice")
+        await pair.wait_for_epoch(2, timeout=60)
+        assert pair.bob.link("alice-bob").describe()["erase_failed"] is None
+        recovered = [e for e in pair.bob.recent_events if e["kind"] == "erase_recovered"]
+        assert recovered and "now holds epoch" in recovered[-1]["detail"]
+        tries = len(sink.calls)
+        await trio.sleep(60)
+        assert not any(c.startswith("erase") for c in sink.calls[tries:])
+
+
+async def test_a_bug_in_one_links_task_restarts_that_link_and_spares_the_agent(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=LINK, local=True) as pair:
+        await pair.wait_for_epoch(1, timeout=60)
+        runtime = pair.alice.link("alice-bob")
+        bugs = 3
+
+        def buggy_decide(*args: object) -> object:
+            nonlocal bugs
+            if bugs:
+                bugs -= 1
+                raise RecursionError("secret 0123abcd")
+            return original(*args)
+
+        from qkdagent import scheduler
+
+        original = scheduler.decide
+        monkeypatch.setattr(scheduler, "decide", buggy_decide)
+        runtime.poke()
+        epoch = pair.epoch("alice")
+        await pair.wait_for_epoch(epoch + 1, timeout=120)
+        assert bugs == 0
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert sum("unexpected RecursionError" in line for line in lines) == 3
+        assert not any("0123abcd" in line for line in lines)
