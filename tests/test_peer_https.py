@@ -215,3 +215,33 @@ async def test_status_and_metrics_endpoints(quiet_pair) -> None:
     secret = pair.secret("alice", "rec").reveal()
     assert base64.b64encode(secret).decode() not in json.dumps(status) + metrics
     assert secret.hex() not in json.dumps(status) + metrics
+
+
+async def test_responder_sees_the_client_certificate_and_refuses_another_agent(
+    tmp_path: Path,
+) -> None:
+    """Mallory holds a certificate of the deployment CA: TLS admits her, but a correctly
+    MAC'd rotate sent under her certificate is refused, and the same body under alice's is
+    taken (the server hands the client certificate's names to the link)."""
+    pki = write_test_pki(tmp_path / "ca", ["alice", "bob", "mallory"])
+    sides = {
+        name: {**REC, "agent": {"tls": {"cert": str(pki[name].cert), "key": str(pki[name].key),
+                                        "ca": str(pki.ca_cert)}}}
+        for name in ("alice", "bob")
+    }  # fmt: skip
+    link = {"interval": 3600, "jitter": 0, "reject_after": 7200}
+    async with open_agent_pair(tmp_path, alice=sides["alice"], bob=sides["bob"], link=link) as pair:
+        await pair.wait_for_epoch(1)
+        pool = MemoryPool.named(pair.configs["alice"]["sources"]["sim"]["pool"])
+        body = _rotate(pair, keys=[["sim", pool.issue().key_id]])
+        before = _bob_state(pair)
+        mallory = ssl.create_default_context(cafile=str(pki.ca_cert))
+        mallory.load_cert_chain(str(pki["mallory"].cert), str(pki["mallory"].key))
+        async with httpx.AsyncClient(verify=mallory, timeout=5) as http:
+            response = await http.post(_bob_url(pair, "rotate"), content=body)
+        assert response.status_code == 403 and "mallory" in response.text
+        assert _bob_state(pair) == before
+        async with _client(pair) as http:
+            response = await http.post(_bob_url(pair, "rotate"), content=body)
+        assert response.status_code == 200
+        assert _bob_state(pair)[3] == before[0] + 1  # bob now holds the pending epoch
