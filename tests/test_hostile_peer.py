@@ -264,7 +264,9 @@ async def test_a_client_certificate_of_another_agent_is_refused(
         for action, body in (("rotate", genuine), ("commit", mitm.requests("commit")[-1].body)):
             reply = await send_as(pair.network, "mallory", url, "alice-bob", action, body)
             assert reply.status == 403
-            assert "names mallory, not this link's peer 'alice'" in json.loads(reply.body)["message"]
+            assert (
+                "names mallory, not this link's peer 'alice'" in json.loads(reply.body)["message"]
+            )
 
 
 async def test_different_sink_labels_refuse_the_rotation_and_name_them(

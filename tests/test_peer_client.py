@@ -1,0 +1,137 @@
+"""The initiator's side of the transport against a hostile server (real TLS on loopback):
+replies are read with the bound while streaming, never expanded, and bounded in time; the
+server's certificate is reported for the link to check (issue 11, defects 3, 5 and 7)."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from qkdagent.config import TlsFiles
+from qkdagent.peering import PeerClient, ReplyTooLarge
+from qkdagent.peerserver import server_ssl_context
+from qkdagent.pki import write_test_pki
+from qkdagent.protocol import MAX_BODY
+
+CHUNK = b"0" * 65536
+
+
+def _tls(tmp_path: Path, name: str) -> TlsFiles:
+    """One deployment CA per test, written on first use."""
+    directory = tmp_path / "pki"
+    if not (directory / "ca.pem").exists():
+        write_test_pki(directory, ["alice", "bob", "mallory"])
+    return TlsFiles(directory / f"{name}.pem", directory / f"{name}.key", directory / "ca.pem")
+
+
+async def _serve(tmp_path: Path, nursery: trio.Nursery, name: str, answer) -> tuple[str, dict]:
+    """A TLS server presenting `name`'s certificate; `answer(stream, sent)` writes the reply."""
+    context = server_ssl_context(_tls(tmp_path, name))
+    sent = {"bytes": 0}
+
+    async def handle(stream: trio.SSLStream) -> None:
+        try:
+            await stream.do_handshake()
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(65536)
+            await answer(stream, sent)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    listeners = await nursery.start(
+        partial(trio.serve_ssl_over_tcp, handle, 0, context, host="127.0.0.1")
+    )
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    return f"https://127.0.0.1:{port}", sent
+
+
+async def _endless(stream: trio.SSLStream, sent: dict, head: bytes) -> None:
+    await stream.send_all(head)
+    while True:
+        await stream.send_all(CHUNK)
+        sent["bytes"] += len(CHUNK)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 536870912\r\n\r\n",  # declared: refused at once
+        b"HTTP/1.1 409 Conflict\r\ntransfer-encoding: chunked\r\n\r\n",  # streamed: cut
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n",  # until EOF: cut
+    ],
+)
+async def test_an_oversized_reply_is_cut_while_streaming(tmp_path: Path, head: bytes) -> None:
+    async def answer(stream: trio.SSLStream, sent: dict) -> None:
+        if b"chunked" in head:
+            await stream.send_all(head)
+            while True:
+                await stream.send_all(b"10000\r\n" + CHUNK + b"\r\n")
+                sent["bytes"] += len(CHUNK)
+        await _endless(stream, sent, head)
+
+    async with trio.open_nursery() as nursery:
+        url, sent = await _serve(tmp_path, nursery, "bob", answer)
+        client = PeerClient(_tls(tmp_path, "alice"), timeout=30)
+        with pytest.raises(ReplyTooLarge):
+            await client.post(url, "alice-bob", "rotate", b"{}")
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    # What the client read is bounded by MAX_BODY plus what sat in socket buffers, not 512 MB.
+    assert sent["bytes"] < 64 * MAX_BODY
+
+
+async def test_a_compressed_reply_is_refused_not_expanded(tmp_path: Path) -> None:
+    import gzip
+
+    bomb = gzip.compress(b"\0" * (50 * 1024 * 1024))
+
+    async def answer(stream: trio.SSLStream, sent: dict) -> None:
+        head = f"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: {len(bomb)}\r\n\r\n"
+        await stream.send_all(head.encode() + bomb)
+
+    async with trio.open_nursery() as nursery:
+        url, _ = await _serve(tmp_path, nursery, "bob", answer)
+        client = PeerClient(_tls(tmp_path, "alice"), timeout=30)
+        with pytest.raises(ReplyTooLarge, match="content encoding"):
+            await client.post(url, "alice-bob", "rotate", b"{}")
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_trickling_reply_ends_at_the_total_deadline(tmp_path: Path) -> None:
+    """httpx's timeout is per read: one byte a second would hold it forever. The client's
+    deadline covers the whole request (checked by the exception type, not by timing)."""
+
+    async def answer(stream: trio.SSLStream, sent: dict) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n")
+        while True:
+            await stream.send_all(b"x")
+            sent["bytes"] += 1
+            await trio.sleep(0.2)
+
+    async with trio.open_nursery() as nursery:
+        url, sent = await _serve(tmp_path, nursery, "bob", answer)
+        client = PeerClient(_tls(tmp_path, "alice"), timeout=1)
+        with pytest.raises(trio.TooSlowError):
+            await client.post(url, "alice-bob", "rotate", b"{}")
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert 0 < sent["bytes"] < 1000
+
+
+async def test_the_server_certificate_names_reach_the_caller(tmp_path: Path) -> None:
+    async def answer(stream: trio.SSLStream, sent: dict) -> None:
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+
+    async with trio.open_nursery() as nursery:
+        url, _ = await _serve(tmp_path, nursery, "mallory", answer)
+        client = PeerClient(_tls(tmp_path, "alice"), timeout=5)
+        reply = await client.post(url, "alice-bob", "rotate", b"{}")
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert reply.status == 200 and reply.body == b"{}"
+    assert reply.identity.matches("mallory") and not reply.identity.matches("bob")
