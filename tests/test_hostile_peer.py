@@ -36,8 +36,8 @@ def _unauthenticated(pair, name: str) -> float:
     return metric.labels("alice-bob")._value.get()
 
 
-async def _until(predicate, timeout: float = 600) -> None:
-    with trio.fail_after(timeout):
+async def _until(predicate, limit: float = 600) -> None:
+    with trio.fail_after(limit):
         while not predicate():  # noqa: ASYNC110 - virtual clock
             await trio.sleep(1)
 

@@ -96,8 +96,14 @@ def test_labels_are_checked(labels: list, error: str) -> None:
 
 
 def _refusal(**change: object) -> bytes:
-    args: dict = dict(link="l", sender="b", receiver="a", epoch=3,
-                      request=protocol.request_digest(b"req"), bootstrap_auth=Secret(b"k" * 32))  # fmt: skip
+    args: dict = {
+        "link": "l",
+        "sender": "b",
+        "receiver": "a",
+        "epoch": 3,
+        "request": protocol.request_digest(b"req"),
+        "bootstrap_auth": Secret(b"k" * 32),
+    }
     args.update(change)
     return protocol.build_refusal("epoch", "why", **args)
 

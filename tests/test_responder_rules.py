@@ -41,8 +41,19 @@ PENDING_KEYS = _keys(6, PENDING_AUTH)
 
 def _pending(body: bytes = b"original") -> Pending:
     k = PENDING_KEYS
-    return Pending(6, "rotate", protocol.request_digest(body), (("kme", "k6"),), k.chain_key,
-                   k.auth_key, k.confirm_key, k.transcript_hash, k.outputs, b"stored-reply", 0.0)  # fmt: skip
+    return Pending(
+        epoch=6,
+        kind="rotate",
+        request_digest=protocol.request_digest(body),
+        key_ids=(("kme", "k6"),),
+        chain_key=k.chain_key,
+        auth_key=k.auth_key,
+        confirm_key=k.confirm_key,
+        transcript_hash=k.transcript_hash,
+        outputs=k.outputs,
+        reply=b"stored-reply",
+        created_at=0.0,
+    )
 
 
 def _record(epoch: int = 5, pending: Pending | None = None) -> LinkRecord:
