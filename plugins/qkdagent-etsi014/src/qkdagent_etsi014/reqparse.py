@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from .network import ApiError, KeyRequest
-from .wire import MAX_KEY_ID_BYTES, WireError, loads
+from .wire import MAX_KEY_ID_BYTES, WireError, loads, utf8_length
 
 _DECIMAL = re.compile(r"^[0-9]{1,9}$")
 MAX_QUERY_FIELDS = 8
@@ -131,8 +131,8 @@ def enc_post(body: bytes) -> KeyRequest:
 def _key_id(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise bad(f"{name} must be a non-empty string")
-    if len(value.encode("utf-8")) > MAX_KEY_ID_BYTES:
-        raise bad(f"{name} is longer than {MAX_KEY_ID_BYTES} bytes")
+    if utf8_length(value) > MAX_KEY_ID_BYTES:
+        raise bad(f"{name} is not Unicode or longer than {MAX_KEY_ID_BYTES} bytes")
     return value
 
 

@@ -291,7 +291,7 @@ class Etsi014Source(Source):
         held = self._held.pop((master, key_id), None)
         if held is not None:
             return held
-        if len(key_id.encode("utf-8")) > wire.MAX_KEY_ID_BYTES or not key_id.isprintable():
+        if wire.utf8_length(key_id) > wire.MAX_KEY_ID_BYTES or not key_id.isprintable():
             raise KeyNotFound(f"{self._where('dec_keys', master)}: key ID is not acceptable")
         # a call for the same ID still running (or left by a cancelled caller): share it
         tag = ("dec_keys", master, key_id)

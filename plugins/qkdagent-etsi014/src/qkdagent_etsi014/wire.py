@@ -106,6 +106,10 @@ def loads(body: bytes) -> Any:
         raise WireError("JSON is nested too deeply") from None
     except json.JSONDecodeError as exc:
         raise WireError(f"body is not JSON ({exc.msg} at position {exc.pos})") from None
+    except WireError:
+        raise
+    except ValueError:  # an integer of more than 4300 digits (int max_str_digits)
+        raise WireError("body is not acceptable JSON (a number is too long)") from None
 
 
 def parse_status(data: Any) -> KmeStatus:
@@ -137,11 +141,19 @@ def parse_status(data: Any) -> KmeStatus:
     )
 
 
+def utf8_length(text: str) -> int:
+    """Length in UTF-8; a string with a lone surrogate (JSON "\\ud800") counts as too long."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return 1 << 62
+
+
 def check_key_id(value: Any, *, strict_uuid: bool) -> str:
     if not isinstance(value, str):
         raise WireError("key_ID is not a string")
-    if not value or len(value.encode("utf-8")) > MAX_KEY_ID_BYTES:
-        raise WireError(f"key_ID is empty or longer than {MAX_KEY_ID_BYTES} bytes")
+    if not value or utf8_length(value) > MAX_KEY_ID_BYTES:
+        raise WireError(f"key_ID is empty, not Unicode or longer than {MAX_KEY_ID_BYTES} bytes")
     if strict_uuid and not UUID_RE.match(value):
         raise WireError(f"key_ID {_shown(value)} is not a UUID")
     if not value.isprintable():
