@@ -1,0 +1,213 @@
+"""Short, derandomized runs of the fuzz targets in contrib/fuzz (the long runs are
+`contrib/fuzz/run_fuzz.py`), and fuzzed peer requests over real HTTPS against a running pair."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import ssl
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qkdagent.testing import in_ci, missing, open_agent_pair
+from qkdagent.testing.agents import LINK
+
+FUZZ = Path(__file__).resolve().parents[1] / "contrib" / "fuzz"
+MUTATIONS = 2000
+HYPOTHESIS = 200
+PLUGIN_OF = {"etsi014_client": "qkdagent_etsi014", "etsi014_sim": "qkdagent_etsi014"}
+
+
+def _load(path: Path) -> ModuleType:
+    if str(path.parent) not in sys.path:  # the targets import their sibling helpers
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(f"qkdfuzz_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+engine = _load(FUZZ / "engine.py")
+TARGETS = engine.discover(FUZZ)
+
+
+def test_every_core_target_is_there() -> None:
+    assert {"peer_request", "peer_reply", "config", "secret_ref"} <= set(TARGETS)
+
+
+def _describe(result: Any) -> str:
+    return "; ".join(
+        f"{c.kind} x{c.count} escaped from {c.where} on {c.data[:80]!r}"
+        for c in result.distinct.values()
+    )
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_target_survives_a_short_derandomized_run(name: str) -> None:
+    plugin = PLUGIN_OF.get(name)
+    if plugin and importlib.util.find_spec(plugin) is None:
+        missing(f"{plugin} is not installed, so target {name} cannot run")
+    module = _load(TARGETS[name])
+    assert module.SEEDS and callable(module.target)
+    result = engine.fuzz(
+        name,
+        module,
+        inputs=MUTATIONS + HYPOTHESIS,
+        hypothesis_examples=HYPOTHESIS,
+        derandomize=True,
+        seed=0,
+    )
+    assert result.inputs >= MUTATIONS + len(module.SEEDS)
+    assert result.crashes == 0, _describe(result)
+
+
+def test_the_engine_reports_a_crash_and_where_it_escaped() -> None:
+    """The harness itself can fail: a parser that lets RecursionError out is caught."""
+    fake = ModuleType("fuzz_fake")
+    fake.SEEDS = [b'{"a": [1, 2]}']  # type: ignore[attr-defined]
+    fake.FORMAT = "json"  # type: ignore[attr-defined]
+
+    def target(data: bytes) -> None:
+        try:
+            json.loads(data)
+        except ValueError:
+            pass
+
+    fake.target = target  # type: ignore[attr-defined]
+    result = engine.fuzz("fake", fake, inputs=3000, hypothesis_examples=0, seed=0)
+    (crash,) = result.distinct.values()
+    assert crash.kind == "RecursionError" and result.crashes > 0
+    assert engine.minimize(target, crash).count(b"[") + crash.data.count(b"{") > 100
+
+
+# --- over real HTTPS --------------------------------------------------------------------------
+
+REC = {"sinks": {"rec": {"type": "recording"}}}
+
+
+class LivePair:
+    """An agent pair in a trio loop on a thread of its own, so one pair serves every example of
+    a (synchronous) hypothesis test; the test thread reaches it through trio.from_thread."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.pair: Any = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+
+    def __enter__(self) -> LivePair:
+        self._thread.start()
+        if not self._ready.wait(60) or self._error is not None:
+            raise RuntimeError("agent pair did not start") from self._error
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(30)
+
+    async def _main(self) -> None:
+        link = {"interval": 3600, "jitter": 0, "reject_after": 7200}
+        try:
+            async with open_agent_pair(self._directory, alice=REC, bob=REC, link=link) as pair:
+                await pair.wait_for_epoch(1)
+                self.pair, self._stop = pair, trio.Event()
+                self._token = trio.lowlevel.current_trio_token()
+                self._ready.set()
+                await self._stop.wait()
+                await pair.stop("alice")
+                await pair.stop("bob")
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            raise
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
+    def state(self) -> tuple:
+        """Both sides' link state and used key IDs (read on the agents' own thread)."""
+
+        def read() -> tuple:
+            out = []
+            for name in ("alice", "bob"):
+                store = self.pair.agents[name].store
+                record = store.load(LINK)
+                used = store._db.execute("SELECT COUNT(*) FROM used_key_ids").fetchone()[0]
+                pending = record.pending.epoch if record.pending else None
+                keys = (record.chain_key.reveal(), record.auth_key.reveal())
+                out.append((record.epoch, keys, pending, used))
+            return tuple(out)
+
+        return trio.from_thread.run_sync(read, trio_token=self._token)
+
+    def url(self, name: str, action: str) -> str:
+        return f"https://{self.pair.configs[name]['agent']['listen']}/v1/links/{LINK}/{action}"
+
+    def client(self) -> httpx.Client:
+        tls = self.pair.agents["alice"].settings.tls
+        ctx = ssl.create_default_context(cafile=str(tls.ca))
+        ctx.load_cert_chain(str(tls.cert), str(tls.key))
+        return httpx.Client(verify=ctx, timeout=10)
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[LivePair]:
+    with LivePair(tmp_path) as pair:
+        yield pair
+
+
+def test_fuzzed_peer_requests_over_https_are_4xx_and_change_nothing(live: LivePair) -> None:
+    requests = _load(TARGETS["peer_request"])
+    bodies = st.one_of(
+        requests.STRATEGY,
+        st.sampled_from(requests.SEEDS),
+        st.builds(
+            lambda seed, rnd: engine.Mutator(rnd, list(requests.SEEDS), "json", []).mutate(),
+            st.integers(),
+            st.randoms(use_true_random=False),
+        ),
+    )
+    before = live.state()
+    statuses: list[int] = []
+    with live.client() as http:
+
+        @settings(
+            max_examples=50,
+            derandomize=True,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(st.sampled_from(["alice", "bob"]), st.sampled_from(requests.KINDS), bodies)
+        def post(name: str, action: str, body: bytes) -> None:
+            reply = http.post(live.url(name, action), content=body)
+            statuses.append(reply.status_code)
+            assert 400 <= reply.status_code < 500, (reply.status_code, body[:200])
+            assert live.state() == before
+
+        post()
+    assert len(statuses) >= 50
+    assert live.state() == before
+    assert live.run(live.pair.alice.link(LINK).rotate_once)  # the link still rotates
+    after = live.state()
+    assert after[0][0] == after[1][0] == before[0][0] + 1
+
+
+def test_ci_runs_the_etsi014_targets() -> None:
+    """In CI the plugin is installed, so its fuzz targets must exist and run (not skip)."""
+    if not in_ci():
+        pytest.skip("checked under CI=true only")
+    assert importlib.util.find_spec("qkdagent_etsi014") is not None
