@@ -237,7 +237,9 @@ async def test_components_are_prepared_together(
             for i in range(3)
         }
     }
-    same_labels = {"sinks": {f"rec{i}": {"type": "recording", "label": f"rec{i}"} for i in range(3)}}
+    same_labels = {
+        "sinks": {f"rec{i}": {"type": "recording", "label": f"rec{i}"} for i in range(3)}
+    }
     started = trio.current_time()
     async with open_agent_pair(tmp_path, alice=slow, bob=same_labels, local=True) as pair:
         assert trio.current_time() - started == pytest.approx(3, abs=0.5)  # not 9
