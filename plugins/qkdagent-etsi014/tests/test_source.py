@@ -363,6 +363,18 @@ async def test_key_arriving_after_its_caller_left_is_spare(sim: Simulator, sourc
 
 
 @pytest.mark.parametrize("settings", [quirky(delay=0.2)])
+async def test_a_fetch_nobody_waits_for_starts_no_retry(sim: Simulator, sources) -> None:
+    sim.network.link("KME_A", "KME_B").drain()  # every Get key is a 503, normally retried
+    alice = await sources("alice", retries=5, **FAST)
+    before = sim.apps["KME_A"].received
+    await cancel_in_flight(sim, "KME_A", alice.new_key(ALICE))
+    with trio.fail_after(10):
+        while alice._fetches:  # noqa: ASYNC110 - the 503 on the wire is read, then it stops
+            await trio.sleep(0.01)
+    assert sim.apps["KME_A"].received == before + 1  # the one Get key, no retry of its 503
+
+
+@pytest.mark.parametrize("settings", [quirky(delay=0.2)])
 async def test_cancelled_key_by_id_can_be_repeated(sim: Simulator, sources) -> None:
     alice, bob = await sources("alice"), await sources("bob", not_found_retries=0)
     key = await alice.new_key(ALICE)

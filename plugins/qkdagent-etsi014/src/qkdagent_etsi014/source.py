@@ -54,6 +54,8 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 ~11 KiB of base64 and the source asks for one key per call: the rest is room for KMEs that add
 extensions, far below what could hurt the agent's memory."""
 HELD_KEYS_MAX = 256
+CLOSE_GRACE = 2.0
+"""Seconds aclose() gives cancelled fetches to unwind, and then the connections to close."""
 
 
 def _check_url(url: str) -> str | None:
@@ -186,10 +188,12 @@ class Etsi014Source(Source):
         )
 
     async def aclose(self) -> None:
-        await self._fetches.close()
+        """Cancel the fetches in flight, close the connections, wipe held keys: bounded (a few
+        seconds at most) even against a KME that stopped reading."""
+        await self._fetches.close(grace=CLOSE_GRACE)
         client, self._client = self._client, None
         if client is not None:
-            with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLOSE_GRACE, shield=True):
                 await client.aclose()
         for key in [*self._held.values(), *(k for q in self._spare.values() for k in q)]:
             key.value.wipe()
