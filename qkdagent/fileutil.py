@@ -127,9 +127,9 @@ def private_dir(path: Path, *, create: bool) -> None:
     try:
         try:
             st = os.lstat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            _check_creatable(path)
             if not create:
-                _check_creatable(path)
                 return
             path.parent.mkdir(parents=True, exist_ok=True)
             try:
