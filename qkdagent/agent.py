@@ -66,6 +66,8 @@ class Agent:
         """Bounds concurrent initiator rotations, so 10,000 links due at once do not open
         10,000 connections and requests to the peer and the sources."""
         self.links: dict[str, _LinkTask] = {}
+        self._erasing: dict[str, LinkRuntime] = {}
+        """Links a reload removed whose fail-closed erase failed and is being retried."""
         self.store: StateStore | None = None  # type: ignore[assignment]
         self.client: PeerClient | None = None  # type: ignore[assignment]
         self.peer_urls: list[str] = []
@@ -256,10 +258,35 @@ class Agent:
             task.scope.cancel()
         await task.done.wait()
         if erase:
-            await task.runtime.erase_sinks("removed")
+            runtime = task.runtime
+            await runtime.erase_sinks("removed")
             assert self.store is not None
             await self.store.run(self.store.drop, name)
             self.metrics.forget(name)
+            if runtime.erase_failed and self._links_nursery is not None:
+                # The link is gone from the config, not its old key from the consumer.
+                self._erasing[name] = runtime
+                self._links_nursery.start_soon(self._retry_removed_erase, runtime)
+
+    async def _retry_removed_erase(self, runtime: LinkRuntime) -> None:
+        """Retry a removed link's failed erase with its backoff until it succeeds; then close
+        the sinks that only it still held (a reload leaves them open meanwhile)."""
+        timing = runtime.config.timing
+        delay = timing.backoff_min
+        try:
+            while runtime.erase_failed:
+                await trio.sleep(delay)
+                delay = min(delay * 2, timing.backoff_max)
+                await runtime.retry_erase()
+            self.metrics.forget(runtime.name)
+        finally:
+            if self._erasing.get(runtime.name) is runtime:
+                del self._erasing[runtime.name]
+            live = {id(h.sink) for h in self.components.sinks.values()}
+            held = {id(h.sink) for r in self._erasing.values() for h in r.sinks}
+            orphans = [h.sink for h in runtime.sinks if id(h.sink) not in live | held]
+            with trio.move_on_after(5, shield=True):
+                await _close_all(orphans)
 
     # -- reload ------------------------------------------------------------------------------
 
@@ -323,10 +350,12 @@ class Agent:
         self.config = AgentConfig(new.file, self.settings, new.links, new.sources, new.sinks)
         self._assign_links(fresh, self.config)
         await self._start_links([new_links[name] for name in [*changed, *added]])
+        erasing = {id(h.sink) for r in self._erasing.values() for h in r.sinks}
         stale = [
             h.source if hasattr(h, "source") else h.sink
             for cid, h in {**old_components.sources, **old_components.sinks}.items()
-            if cid in changed_components or cid not in {**fresh.sources, **fresh.sinks}
+            if (cid in changed_components or cid not in {**fresh.sources, **fresh.sinks})
+            and id(getattr(h, "sink", None)) not in erasing  # closed once their erase is done
         ]
         await _close_all(stale)
         summary = {"added": added, "removed": removed, "changed": changed}
@@ -362,6 +391,9 @@ class Agent:
             "time": time.time(),
             "peer_api": self.peer_urls,
             "links": [t.runtime.describe() for t in self.links.values()],
+            "removed_links_erase_failed": {
+                name: sorted(r.erase_failed) for name, r in self._erasing.items()
+            },
             "recent_component_events": list(self.recent_events),
         }
 

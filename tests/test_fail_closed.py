@@ -116,3 +116,36 @@ async def test_a_bug_in_one_links_task_restarts_that_link_and_spares_the_agent(
         lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert sum("unexpected RecursionError" in line for line in lines) == 3
         assert not any("0123abcd" in line for line in lines)
+
+
+async def test_a_removed_links_failed_erase_is_retried_before_its_sink_closes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import copy
+
+    from qkdagent.config import parse_config
+    from qkdagent.testing import RecordingSink
+
+    closed: list[str] = []
+
+    async def record_close(self: RecordingSink) -> None:
+        closed.append(self.name)
+
+    monkeypatch.setattr(RecordingSink, "aclose", record_close)
+    one = {"sinks": {"rec": {"type": "recording"}}}
+    async with open_agent_pair(tmp_path, alice=one, bob=one, link=LINK, local=True) as pair:
+        await pair.wait_for_epoch(1, timeout=60)
+        sink = pair.sink("alice", "rec")
+        installed = sink.current["alice-bob"]
+        sink.erase_failures = 3
+        config = copy.deepcopy(pair.configs["alice"])
+        del config["links"]["alice-bob"]
+        del config["sinks"]["rec"]
+        await pair.alice.reload(parse_config(config))
+        assert sink.current["alice-bob"] == installed and closed == []
+        assert pair.alice.describe()["removed_links_erase_failed"] == {"alice-bob": ["rec"]}
+        await trio.sleep(1 + 2 + 4 + 1)
+        assert sink.calls[-4:] == [*["erase-failed:removed"] * 3, "erase:removed"]
+        assert sink.current["alice-bob"] != installed
+        assert closed == ["rec"]  # closed once nothing needs it any more
+        assert pair.alice.describe()["removed_links_erase_failed"] == {}
