@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import json
+import logging
+import socket
 import stat
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -146,3 +151,108 @@ def test_run_reports_a_failed_start_in_one_line_not_a_traceback(
     assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr
     if hidden is not None:
         assert hidden not in result.stderr
+
+
+def _alice_file(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    config = pair_configs(
+        tmp_path, alice={"sinks": {"psk": {"type": "file", "path": str(tmp_path / "psk")}}}
+    )
+    path = tmp_path / "alice.toml"
+    path.write_text(config_toml(config["alice"]))
+    return path, config["alice"]
+
+
+@pytest.mark.parametrize("key", ["listen", "status_listen"])
+def test_run_with_a_port_in_use_names_the_key_in_one_line(tmp_path: Path, key: str) -> None:
+    path, config = _alice_file(tmp_path)
+    host, port = config["agent"][key].rsplit(":", 1)
+    with socket.socket() as busy:
+        busy.bind((host, int(port)))
+        busy.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "qkdagent", "run", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2
+    assert f"agent.{key}: {host}:{port} is already in use" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_port_taken_after_the_check_still_exits_2_naming_the_listeners(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A program that takes the port between the check and the bind (a race): the OSError
+    arrives grouped from the agent's nurseries, and is still one line and exit 2."""
+    import qkdagent.validate
+
+    path, config = _alice_file(tmp_path)
+    monkeypatch.setattr(qkdagent.validate, "check_listeners", lambda config: None)
+    host, port = config["agent"]["listen"].rsplit(":", 1)
+    try:
+        with socket.socket() as busy:
+            busy.bind((host, int(port)))
+            busy.listen()
+            assert main(["run", "-c", str(path)]) == 2
+    finally:
+        logging.getLogger().handlers.clear()
+    err = capsys.readouterr().err
+    assert (
+        "agent stopped: agent.listen or agent.status_listen: the address is already in use" in err
+    )
+    assert "Traceback" not in err and "ExceptionGroup" not in err
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["foo", "http://", "ftp://127.0.0.1", "http://127.0.0.1:99999", "http://a b", "http://h\n"],
+)
+def test_status_with_a_bad_url_is_a_usage_error(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["status", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkdagent: invalid --url") and len(err.strip().splitlines()) == 1
+
+
+def test_status_of_something_else_is_one_line_not_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"links": [{"link": 1}]}' if self.path == "/status" else b"[]"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert main(["status", "--url", url]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert "did not answer with a qkdagent status" in err and "Traceback" not in err
+
+
+def test_status_table_escapes_text_from_elsewhere() -> None:
+    """A peer's error text reaches the table through last_error: it cannot move the cursor,
+    clear the screen or add a line."""
+    link = {
+        "link": "alice-bob",
+        "peer": "bob",
+        "role": "initiator",
+        "epoch": 3,
+        "last_error": "peer said\x1b[2J\nalice-bob  forged  responder  9",
+    }
+    table = format_status({"agent": "alice\x1b]0;x\x07", "version": "1", "links": [link]})
+    assert "\x1b" not in table and "\x07" not in table
+    assert len(table.splitlines()) == 3 and "\\x1b[2J\\nalice-bob" in table
