@@ -9,10 +9,12 @@ import ssl
 import sys
 import threading
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import h11
 import httpx
 import pytest
 import trio
@@ -137,12 +139,12 @@ class LivePair:
     def run(self, fn: Any, *args: Any) -> Any:
         return trio.from_thread.run(fn, *args, trio_token=self._token)
 
-    def state(self) -> tuple:
-        """Both sides' link state and used key IDs (read on the agents' own thread)."""
+    def state(self, names: tuple[str, ...] = ("alice", "bob")) -> tuple:
+        """The sides' link state and used key IDs (read on the agents' own thread)."""
 
         def read() -> tuple:
             out = []
-            for name in ("alice", "bob"):
+            for name in names:
                 store = self.pair.agents[name].store
                 record = store.load(LINK)
                 used = store._db.execute("SELECT COUNT(*) FROM used_key_ids").fetchone()[0]
@@ -204,6 +206,83 @@ def test_fuzzed_peer_requests_over_https_are_4xx_and_change_nothing(live: LivePa
     assert live.run(live.pair.alice.link(LINK).rotate_once)  # the link still rotates
     after = live.state()
     assert after[0][0] == after[1][0] == before[0][0] + 1
+
+
+async def _answer_once(stream: trio.SSLStream, status: int, body: bytes) -> None:
+    """Read one request and answer it with `status` and `body` (then close)."""
+    conn = h11.Connection(h11.SERVER)
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.EndOfMessage):
+            break
+        elif isinstance(event, h11.ConnectionClosed):
+            return
+    headers = [("content-type", "application/json"), ("content-length", str(len(body)))]
+    headers.append(("connection", "close"))
+    for out in (h11.Response(status_code=status, headers=headers), h11.Data(data=body)):
+        await stream.send_all(conn.send(out))
+    await stream.send_all(conn.send(h11.EndOfMessage()))
+    await stream.aclose()
+
+
+def test_fuzzed_peer_replies_over_https_are_one_failed_attempt(live: LivePair) -> None:
+    """A server holding bob's certificate answers alice's rotate with garbage: each is one
+    failed attempt, alice's committed state stays, and the link rotates once bob is back."""
+    replies = _load(TARGETS["peer_reply"])
+    pair = live.pair
+    tls = pair.agents["bob"].settings.tls
+    bob_port = int(pair.configs["bob"]["agent"]["listen"].rsplit(":", 1)[1])
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca))
+    server_ctx.load_cert_chain(str(tls.cert), str(tls.key))
+
+    def alice_state() -> tuple:
+        return live.state(("alice",))[0][:3]  # epoch, chain and auth key, pending
+
+    async def exchange(status: int, body: bytes) -> bool:
+        async def handler(stream: trio.SSLStream) -> None:
+            with trio.move_on_after(10):
+                await _answer_once(stream, status, body)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(trio.serve_ssl_over_tcp, handler, bob_port, server_ctx, host="127.0.0.1")
+            )
+            committed = await pair.alice.link(LINK).rotate_once()
+            nursery.cancel_scope.cancel()
+        return committed
+
+    live.run(pair.stop, "bob")
+    before = alice_state()
+    outcomes: list[bool] = []
+
+    @settings(
+        max_examples=30,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        st.sampled_from([200, 400, 403, 409, 413, 500]),
+        st.one_of(
+            st.just(replies.peer_seeds.NESTED), replies.STRATEGY, st.sampled_from(replies.SEEDS)
+        ),
+    )
+    def reply(status: int, body: bytes) -> None:
+        outcomes.append(live.run(exchange, status, body))
+        assert outcomes[-1] is False
+        error = pair.alice.link(LINK).status.last_error or ""
+        assert error.startswith("peer:"), error  # refused as a bad reply, not as a bug
+        assert alice_state() == before
+
+    reply()
+    assert len(outcomes) >= 30
+    live.run(pair.start, "bob")
+    assert live.run(pair.alice.link(LINK).rotate_once)
+    after = live.state()
+    assert after[0][0] == after[1][0] == before[0] + 1
 
 
 def test_ci_runs_the_etsi014_targets() -> None:
