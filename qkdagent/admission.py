@@ -5,7 +5,8 @@ Connections come in three kinds:
 - *handshaking*: accepted, mutual TLS not finished yet. Anyone who can reach the port can open
   these, so they are capped on their own; when the cap is hit the OLDEST one is closed, so a
   legitimate peer's fresh handshake always gets its turn however many idle sockets an attacker
-  holds open.
+  holds open. Silent ones (no byte sent yet) go before those whose handshake is under way
+  (*hello*), so an attacker reopening idle sockets in a loop cannot cut a peer's handshake.
 - *idle*: an established (mutually authenticated) connection between requests. Kept for the
   keep-alive timeout, but under pressure the one idle longest is closed first (its client just
   opens a new one).
@@ -21,7 +22,7 @@ import ipaddress
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-HANDSHAKING, IDLE, BUSY = "handshaking", "idle", "busy"
+HANDSHAKING, HELLO, IDLE, BUSY = "handshaking", "hello", "idle", "busy"
 
 
 def address_key(host: str) -> str:
@@ -63,7 +64,7 @@ class Admission:
     max_handshaking: int
     _conns: dict[Hashable, _Conn] = field(default_factory=dict)
     _by_state: dict[str, dict[Hashable, None]] = field(
-        default_factory=lambda: {HANDSHAKING: {}, IDLE: {}, BUSY: {}}
+        default_factory=lambda: {HANDSHAKING: {}, HELLO: {}, IDLE: {}, BUSY: {}}
     )
     """Per state, connections oldest first (dicts keep insertion order)."""
     _per_bucket: dict[str, int] = field(default_factory=dict)
@@ -83,18 +84,18 @@ class Admission:
         bucket = address_key(host)
         evict: list[tuple[Hashable, str]] = []
         if self._per_bucket.get(bucket, 0) >= self.max_per_address:
-            victim = self._oldest(HANDSHAKING, bucket) or self._oldest(IDLE, bucket)
+            victim = self._first((HANDSHAKING, HELLO, IDLE), bucket)
             if victim is None:
                 return Verdict(False, reason="per-address")
             evict.append((victim, "per-address"))
             self._forget(victim)
-        if self.count(HANDSHAKING) >= self.max_handshaking:
-            victim = self._oldest(HANDSHAKING)
+        if self.count(HANDSHAKING) + self.count(HELLO) >= self.max_handshaking:
+            victim = self._first((HANDSHAKING, HELLO))
             assert victim is not None
             evict.append((victim, "handshaking-full"))
             self._forget(victim)
         if len(self._conns) >= self.max_connections:
-            victim = self._oldest(HANDSHAKING) or self._oldest(IDLE)
+            victim = self._first((HANDSHAKING, HELLO, IDLE))
             if victim is None:
                 return Verdict(False, tuple(evict), reason="full")
             evict.append((victim, "full"))
@@ -107,10 +108,14 @@ class Admission:
     def shed(self) -> Hashable | None:
         """The connection to close when the process runs out of descriptors (accept() failed
         with EMFILE): the oldest handshaking one, else the one idle longest. Forgotten."""
-        victim = self._oldest(HANDSHAKING) or self._oldest(IDLE)
+        victim = self._first((HANDSHAKING, HELLO, IDLE))
         if victim is not None:
             self._forget(victim)
         return victim
+
+    def hello(self, conn: Hashable) -> bool:
+        """The client sent its first bytes: its handshake is under way. False if evicted."""
+        return self._move(conn, HELLO)
 
     def established(self, conn: Hashable) -> bool:
         """Mutual TLS done: the connection becomes idle. False if it was evicted meanwhile."""
@@ -137,6 +142,14 @@ class Admission:
         entry.state = state
         self._by_state[state][conn] = None
         return True
+
+    def _first(self, states: tuple[str, ...], bucket: str | None = None) -> Hashable | None:
+        """The oldest connection of the first of `states` that has one."""
+        for state in states:
+            victim = self._oldest(state, bucket)
+            if victim is not None:
+                return victim
+        return None
 
     def _oldest(self, state: str, bucket: str | None = None) -> Hashable | None:
         for conn in self._by_state[state]:

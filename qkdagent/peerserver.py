@@ -239,6 +239,10 @@ class _Server:
     async def serve_connection(self, conn: _Conn) -> None:
         try:
             with conn.scope:
+                # No TLS state until the client speaks: idle sockets cost a descriptor only.
+                await trio.lowlevel.wait_readable(conn.tcp.socket)
+                if not self.admission.hello(conn):
+                    return
                 stream = trio.SSLStream(conn.tcp, self.context, server_side=True)
                 try:
                     await stream.do_handshake()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from qkdagent.admission import (
     BUSY,
     HANDSHAKING,
+    HELLO,
     IDLE,
     Admission,
     Tally,
@@ -31,6 +32,21 @@ def test_oldest_handshaking_connection_is_evicted_for_a_new_one() -> None:
     assert adm.count(HANDSHAKING) == 3
     assert adm.established("peer")
     assert adm.count(IDLE) == 1 and adm.count(HANDSHAKING) == 2
+
+
+def test_silent_sockets_are_evicted_before_a_handshake_under_way() -> None:
+    adm = Admission(max_connections=100, max_per_address=100, max_handshaking=4)
+    adm.admit("peer", "192.0.2.2")
+    assert adm.hello("peer")  # its ClientHello arrived
+    for n in range(1000):  # idle sockets reopened in a loop
+        verdict = adm.admit(f"x{n}", "198.51.100.1")
+        assert verdict.admit and all(victim != "peer" for victim, _ in verdict.evict)
+    assert adm.count(HELLO) == 1 and adm.count(HANDSHAKING) == 3
+    assert adm.established("peer")
+    for n in range(4):  # many handshakes under way: the oldest of them goes
+        adm.admit(f"h{n}", "198.51.100.1")
+        adm.hello(f"h{n}")
+    assert adm.admit("h4", "198.51.100.1").evict == (("h0", "handshaking-full"),)
 
 
 def test_established_connections_are_never_evicted_for_handshakes() -> None:
