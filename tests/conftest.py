@@ -1,1 +1,1 @@
-pytest_plugins = ["qkdagent.testing.pytest_plugin"]
+pytest_plugins = ["qkdagent.testing.pytest_plugin", "pytester"]

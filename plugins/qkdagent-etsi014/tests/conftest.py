@@ -13,6 +13,14 @@ from qkdagent_etsi014.sim import SimSettings, Simulator, make_pki, open_simulato
 from qkdagent_etsi014.source import Etsi014Source
 
 from qkdagent import Link, Options, PluginContext
+from qkdagent.testing.pytest_plugin import install_logging_guard
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Also when this directory runs alone (a conftest below the root cannot use
+    `pytest_plugins`): no test leaves a logging handler on a closed stream."""
+    install_logging_guard(config)
+
 
 # KME_A serves alice and eve, KME_B serves bob and dave, KME_C serves carol; mallory has a
 # certificate from the same CA but is attached to no KME.

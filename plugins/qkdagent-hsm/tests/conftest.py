@@ -24,6 +24,14 @@ from qkdagent_hsm import softhsm as softhsm_paths
 
 from qkdagent import Options, PluginContext
 from qkdagent.testing import require_binary
+from qkdagent.testing.pytest_plugin import install_logging_guard
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Also when this directory runs alone (a conftest below the root cannot use
+    `pytest_plugins`): no test leaves a logging handler on a closed stream."""
+    install_logging_guard(config)
+
 
 SO_PIN = "so-" + "5678"
 

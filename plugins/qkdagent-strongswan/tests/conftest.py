@@ -12,6 +12,13 @@ from qkdagent_strongswan.testbed import CONN, PPK_ID, Charon, ConnSpec, Testbed
 
 from qkdagent import ComponentEvent, Options, PluginContext
 from qkdagent.testing import require_binary, require_root
+from qkdagent.testing.pytest_plugin import install_logging_guard
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Also when this directory runs alone (a conftest below the root cannot use
+    `pytest_plugins`): no test leaves a logging handler on a closed stream."""
+    install_logging_guard(config)
 
 
 def require_lab() -> None:

@@ -18,6 +18,13 @@ from qkdagent_tlspsk import TlsPskSink
 
 from qkdagent import Options, PluginContext
 from qkdagent.testing import free_port, require_binary
+from qkdagent.testing.pytest_plugin import install_logging_guard
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Also when this directory runs alone (a conftest below the root cannot use
+    `pytest_plugins`): no test leaves a logging handler on a closed stream."""
+    install_logging_guard(config)
 
 
 def make_sink(tmp_path: Path, name: str = "psk", **options: Any) -> TlsPskSink:

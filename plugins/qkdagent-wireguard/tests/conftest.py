@@ -15,6 +15,14 @@ from qkdagent_wireguard.testbed import Node, Pair, wait_for
 
 from qkdagent import Options, PluginContext
 from qkdagent.testing import require_binary, require_root
+from qkdagent.testing.pytest_plugin import install_logging_guard
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Also when this directory runs alone (a conftest below the root cannot use
+    `pytest_plugins`): no test leaves a logging handler on a closed stream."""
+    install_logging_guard(config)
+
 
 SinkFactory = Callable[..., WireGuardSink]
 
