@@ -54,6 +54,11 @@ class Agent:
     peak_fds: int = 0
     peak_rss_kib: int = 0
 
+    def cpu(self) -> float:
+        """CPU seconds used so far (user + system)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def sample(self) -> None:
         try:
             self.peak_fds = max(self.peak_fds, len(os.listdir(f"/proc/{self.proc.pid}/fd")))
@@ -294,13 +299,17 @@ async def main(args: argparse.Namespace) -> None:
             async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
                 nursery.start_soon(sampler, agents)
                 await wait_epoch(http, alice, 3, 60)
+                cpu = {n: a.cpu() for n, a in agents.items()}
                 quiet = await rate(http, alice, args.quiet)
+                quiet_cpu = {n: (a.cpu() - cpu[n]) / args.quiet for n, a in agents.items()}
                 if args.nice:
                     os.nice(args.nice)  # the attacker takes only CPU the agents leave
                 nursery.start_soon(attack, bob.peer_port, args, mallory, stats)
                 await trio.sleep(args.ramp)
                 held = stats.opened - stats.closed_by_server
+                cpu = {n: a.cpu() for n, a in agents.items()}
                 under = await rate(http, alice, args.attack)
+                attack_cpu = {n: (a.cpu() - cpu[n]) / args.attack for n, a in agents.items()}
                 bob_epoch = await epoch(http, bob)
                 nursery.cancel_scope.cancel()
         finally:
@@ -335,7 +344,8 @@ async def main(args: argparse.Namespace) -> None:
     for agent in agents.values():
         print(
             f"{agent.name}: peak {agent.peak_fds} descriptors, peak RSS "
-            f"{agent.peak_rss_kib / 1024:.1f} MiB"
+            f"{agent.peak_rss_kib / 1024:.1f} MiB, CPU {100 * quiet_cpu[agent.name]:.0f} % "
+            f"of a core quiet, {100 * attack_cpu[agent.name]:.0f} % under attack"
         )
     print(
         f"bob's log: {bob_log.count('Traceback')} tracebacks, "
