@@ -182,12 +182,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         trio.run(_run_with_signals, agent, args.config)
     except* (QkdAgentError, OSError) as group:  # arrives grouped from the agent's nurseries
-        for exc in _leaves(group):
-            log.error("agent stopped: %s", _stopped_text(exc))
-            code = max(code, EXIT_INVALID if _is_setup_error(exc) else 1)
+        for leaf in _leaves(group):
+            log.error("agent stopped: %s", _stopped_text(leaf))
+            code = max(code, EXIT_INVALID if _is_setup_error(leaf) else 1)
     except* Exception as group:
-        for exc in _leaves(group):
-            _log_bug("agent stopped", exc)
+        for leaf in _leaves(group):
+            _log_bug("agent stopped", leaf)
         code = max(code, 1)
     return code
 
@@ -361,7 +361,7 @@ def _age(seconds: float | None) -> str:
 def format_status(data: dict[str, Any]) -> str:
     now = data.get("time", time.time())
     header = ("LINK", "PEER", "ROLE", "EPOCH", "LAST OK", "KEY AGE", "NEXT", "STATE / LAST ERROR")
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for link in data.get("links", []):
         last = link.get("last_success")
         nxt = link.get("next_rotation")
