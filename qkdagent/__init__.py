@@ -19,6 +19,7 @@ from .errors import (
     SinkError,
     SourceError,
     SourceUnavailable,
+    StartupError,
 )
 from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
 from .fileutil import write_secret_file
@@ -27,6 +28,7 @@ from .interfaces import KeyMeta, Link, PluginContext, Sink, Source
 from .options import Options, check_template
 from .secret import Key, Secret, check_key_id
 from .services import Service
+from .stash import Stash, StashKey
 
 __version__ = "0.1.0"
 
@@ -57,6 +59,9 @@ __all__ = [
     "Source",
     "SourceError",
     "SourceUnavailable",
+    "StartupError",
+    "Stash",
+    "StashKey",
     "__version__",
     "check_key_id",
     "check_template",

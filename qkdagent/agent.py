@@ -27,6 +27,7 @@ from .errors import ProtocolError
 from .events import ComponentEvent
 from .identity import PeerIdentity
 from .interfaces import Link, PluginContext, Sink, Source
+from .lifecycle import ComponentTasks
 from .link import LinkRuntime
 from .observability import Metrics, StatusApp
 from .peering import PeerClient
@@ -77,6 +78,9 @@ class Agent:
         self._peer_calls = 0
         """Peer requests being handled; shutdown waits for them (bounded by drain_timeout)."""
         self._peer_idle = trio.Event()
+        self.tasks = ComponentTasks(self.report)
+        """The components' background tasks (`run()`)."""
+        self._servers: trio.Nursery | None = None
         self.network = network
         self._closed = False
 
@@ -101,8 +105,10 @@ class Agent:
                 else PeerClient(self.settings.tls, connections=self.settings.max_parallel_rotations)
             )
             async with trio.open_nursery() as servers:
+                self._servers = servers
                 if self.network is None:  # threaded store: checkpoints run in the background
                     await servers.start(self.store.scrub_log)
+                await self.tasks.start(servers, self.components.all())
                 services: list[Service] = []
                 self.plugins.hook.qkdagent_register_services(
                     register=services.append, context=self.context
@@ -286,6 +292,7 @@ class Agent:
             held = {id(h.sink) for r in self._erasing.values() for h in r.sinks}
             orphans = [h.sink for h in runtime.sinks if id(h.sink) not in live | held]
             with trio.move_on_after(5, shield=True):
+                await self.tasks.stop(orphans)
                 await _close_all(orphans)
 
     # -- reload ------------------------------------------------------------------------------
@@ -323,7 +330,11 @@ class Agent:
         )
         try:
             await self._prepare_components(new_only, new)
+            if self._servers is not None:
+                await self.tasks.start(self._servers, new_only.all())
         except BaseException:  # the reload is refused: nothing new stays open
+            with trio.move_on_after(5, shield=True):
+                await self.tasks.stop(new_only.all())
             with trio.move_on_after(5, shield=True):
                 await self._close_components(new_only)
             raise
@@ -357,6 +368,7 @@ class Agent:
             if (cid in changed_components or cid not in {**fresh.sources, **fresh.sinks})
             and id(getattr(h, "sink", None)) not in erasing  # closed once their erase is done
         ]
+        await self.tasks.stop(stale)
         await _close_all(stale)
         summary = {"added": added, "removed": removed, "changed": changed}
         log.info("config reloaded: %s", summary)

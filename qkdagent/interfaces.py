@@ -14,9 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import trio
+
 from .events import ComponentEvent
 from .options import Options
 from .secret import Key, Secret
+from .stash import Stash
 
 _log = logging.getLogger("qkdagent.plugins")
 
@@ -52,7 +55,8 @@ class PluginContext:
     agent_name: str
     state_dir: Path
     config_file: Path | None = None
-    extras: dict[str, object] = field(default_factory=dict)
+    stash: Stash = field(default_factory=Stash, repr=False, compare=False)
+    """State the components of one plugin share within this agent (DESIGN v2 §3)."""
 
     reporter: Callable[[ComponentEvent], None] | None = field(
         default=None, repr=False, compare=False
@@ -100,6 +104,15 @@ class _Configurable(abc.ABC):
         (or must set `concurrent_prepare = False`). It may be cancelled: once a component
         earlier in the config has failed, the agent will not start anyway.
         """
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Optional background task of this component (DESIGN v2 §3): define it to watch a
+        consumer, refresh a pool or coalesce work. The agent starts it after `prepare()` in its
+        own nursery and waits for `task_status.started()`; it is cancelled before `aclose()`
+        and when a reload replaces or drops the component. If it raises, the agent logs the
+        exception by type, reports a `task_failed` ComponentEvent and starts it again after a
+        backoff (1 s doubling to 60 s). Components that do not define it get no task."""
+        task_status.started()
 
     async def aclose(self) -> None:
         """Release connections; called once when the agent stops or the config drops the object,

@@ -29,7 +29,7 @@ def test_example_config_checks(
     hooks = example.parents[2] / "hooks"
     text = text.replace("/usr/local/lib/qkdagent/hooks/", f"{hooks}/")
     # every other absolute path moves under tmp_path; key material is made up for it
-    pki = write_test_pki(tmp_path / "pki", [])
+    pki = write_test_pki(tmp_path / "pki", ["agent"])  # check loads the cert, key and CA
     for path in sorted(set(re.findall(r'"(/[^"]+)"', text)), key=len, reverse=True):
         if path.startswith(str(hooks)):
             continue
@@ -38,8 +38,12 @@ def test_example_config_checks(
         if "bootstrap" in moved.name:
             moved.write_bytes(base64.b64encode(os.urandom(32)))
             moved.chmod(0o600)
-        elif moved.suffix in (".pem", ".key", ".crt"):
-            moved.write_bytes(pki.ca_cert.read_bytes())
+        elif moved.suffix == ".key":
+            moved.write_bytes(pki["agent"].key.read_bytes())
+            moved.chmod(0o600)
+        elif moved.suffix in (".pem", ".crt"):
+            is_ca = "ca" in moved.stem.split("-")
+            moved.write_bytes((pki.ca_cert if is_ca else pki["agent"].cert).read_bytes())
         text = text.replace(f'"{path}"', f'"{moved}"')
     # after the paths: a random key starting with "/" would otherwise look like one
     for placeholder in set(re.findall(r'"(REPLACE_WITH_[A-Z0-9_]+=)"', text)):
