@@ -33,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 MAX_CRASHES_KEPT = 20
 """Distinct crashes (by exception type and escaping frame) saved per target."""
 CORPUS_LIMIT = 2000
+MAX_INPUT = 1 << 20
+"""Largest input generated: stacked growth mutations must not eat the machine's memory."""
 
 _NEST = "\x00qkdfuzz-nest\x00"
 _HUGE = "\x00qkdfuzz-huge\x00"
@@ -220,8 +222,9 @@ def _mutate_tree(rng: random.Random, tree: Any) -> Any:
                 rng
             )
     elif op == 2 and isinstance(node, list):  # grow or empty a list
-        if node and rng.random() < 0.7:
-            node.extend([node[0]] * rng.choice((1, 16, 17, 65, 1000)))
+        if node and len(node) < 2000 and rng.random() < 0.7:
+            room = max(1, 200_000 // (len(repr(node[0])) + 1))  # at most ~200 kB more
+            node.extend([node[0]] * min(room, rng.choice((1, 16, 17, 65, 1000))))
         else:
             node.clear()
     elif op == 3 and isinstance(node, str):  # corrupt a string
@@ -252,7 +255,7 @@ def _mutate_text(rng: random.Random, text: str) -> str:
         return text[:pos] + piece + text[pos:]
     if op == 1:
         return text[:pos]
-    return text * rng.choice((2, 50, 1000))
+    return (text * rng.choice((2, 50, 1000)))[:100_000]
 
 
 def _nest_text(rng: random.Random, fmt: str) -> str:
@@ -355,7 +358,7 @@ class Mutator:
             return None
         for _ in range(self.rng.choice((1, 1, 2, 3))):
             tree = _mutate_tree(self.rng, tree)
-        return _encode(self.rng, self.fmt, tree)
+        return _encode(self.rng, self.fmt, tree)[:MAX_INPUT]
 
     def mutate(self) -> bytes:
         rng = self.rng
@@ -367,7 +370,7 @@ class Mutator:
         buf = bytearray(data)
         for _ in range(rng.choice((1, 1, 1, 2, 2, 3, 4, 8))):
             self._havoc(buf)
-        return bytes(buf[: 1 << 20])
+        return bytes(buf[:MAX_INPUT])
 
     def _havoc(self, buf: bytearray) -> None:
         rng = self.rng
