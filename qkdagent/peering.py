@@ -27,7 +27,6 @@ Handler = Callable[[str, str, bytes, PeerIdentity], Awaitable[bytes]]
 ProtocolError for a refused request."""
 
 
-
 def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
