@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +26,11 @@ from typing import Any
 
 import trio
 from qkdagent_strongswan import StrongswanPpkSink
-from qkdagent_strongswan.testbed import CONN, PPK_ID, Charon, ConnSpec, Testbed, wait_until
 
 from qkdagent import KeyMeta, Link, Options, PluginContext, Secret
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test bed
+from testbed import CONN, PPK_ID, Charon, ConnSpec, Testbed, wait_until
 
 
 def make_sink(charon: Charon, tmp: Path, name: str = "ppk", **options: Any) -> StrongswanPpkSink:

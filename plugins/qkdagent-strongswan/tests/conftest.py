@@ -8,11 +8,12 @@ from typing import Any
 
 import pytest
 from qkdagent_strongswan import StrongswanPpkSink
-from qkdagent_strongswan.testbed import CONN, PPK_ID, Charon, ConnSpec, Testbed
 
 from qkdagent import ComponentEvent, Options, PluginContext
 from qkdagent.testing import require_binary, require_root
 from qkdagent.testing.pytest_plugin import install_logging_guard
+
+from .testbed import CONN, PPK_ID, Charon, ConnSpec, Testbed
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from qkdagent_strongswan.testbed import CONN, PPK_ID, Charon, Testbed, established, poll_until
 
 from qkdagent import KeyMeta, Link
 from qkdagent.testing import MemoryPool, open_agent_pair
+
+from .testbed import CONN, PPK_ID, Charon, Testbed, established, poll_until
 
 CHECK_INTERVAL = 0.5
 REJECT_AFTER = 6.0

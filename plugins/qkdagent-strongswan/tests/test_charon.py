@@ -15,7 +15,11 @@ from functools import partial
 import pytest
 import trio
 from qkdagent_strongswan import StrongswanPpkSink
-from qkdagent_strongswan.testbed import (
+
+from qkdagent import ComponentEvent, KeyMeta, Link, Misconfigured, NotInstalled, Secret, SinkError
+from qkdagent.testing import assert_not_leaked
+
+from .testbed import (
     CONN,
     PPK_ID,
     Charon,
@@ -25,9 +29,6 @@ from qkdagent_strongswan.testbed import (
     ppk_log_count,
     wait_until,
 )
-
-from qkdagent import ComponentEvent, KeyMeta, Link, Misconfigured, NotInstalled, Secret, SinkError
-from qkdagent.testing import assert_not_leaked
 
 SinkFactory = Callable[..., StrongswanPpkSink]
 # The link as each agent sees it: alice (gateway a) is the link's initiator, bob (b) responds.

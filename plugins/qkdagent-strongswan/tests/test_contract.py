@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 from qkdagent_strongswan import StrongswanPpkSink
-from qkdagent_strongswan.testbed import CONN, PPK_ID, ConnSpec, Testbed
 
 from qkdagent.testing import SinkContract
+
+from .testbed import CONN, PPK_ID, ConnSpec, Testbed
 
 
 class TestStrongswanPpkSinkUnload(SinkContract):

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import trio
 from qkdagent_strongswan import StrongswanPpkSink
-from qkdagent_strongswan.testbed import Testbed, established, wait_until
 
 from qkdagent import KeyMeta, Link, Options, PluginContext, Secret
+
+from .testbed import Testbed, established, wait_until
 
 CONTRIB = Path(__file__).resolve().parents[3] / "contrib" / "strongswan"
 CORE_KEYS = ("type", "label", "timeout")  # consumed by the core before the sink sees the table

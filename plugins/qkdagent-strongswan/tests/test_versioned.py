@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import trio
 from qkdagent_strongswan import StrongswanPpkSink
-from qkdagent_strongswan.testbed import (
+
+from qkdagent import ComponentEvent, KeyMeta, Link, Secret, SinkError
+
+from .testbed import (
     CONN,
     ConnSpec,
     Testbed,
@@ -23,8 +26,6 @@ from qkdagent_strongswan.testbed import (
     poll_until,
     ppk_log_count,
 )
-
-from qkdagent import ComponentEvent, KeyMeta, Link, Secret, SinkError
 
 SinkFactory = Callable[..., StrongswanPpkSink]
 

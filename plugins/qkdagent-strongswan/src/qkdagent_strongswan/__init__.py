@@ -7,7 +7,6 @@ from collections.abc import Callable
 import qkdagent
 
 from .sink import PpkRepair, StrongswanPpkSink
-from .watch import service
 
 __all__ = ["PpkRepair", "StrongswanPpkSink"]
 
@@ -15,11 +14,3 @@ __all__ = ["PpkRepair", "StrongswanPpkSink"]
 @qkdagent.hookimpl
 def qkdagent_register_sinks(register: Callable[[type[qkdagent.Sink]], None]) -> None:
     register(StrongswanPpkSink)
-
-
-@qkdagent.hookimpl
-def qkdagent_register_services(
-    register: Callable[[qkdagent.Service], None], context: qkdagent.PluginContext
-) -> None:
-    """The periodic check that re-pushes PPKs an operator's swanctl reload removed."""
-    register(service(context))

@@ -3,9 +3,10 @@
 The secret is loaded into a running charon over VICI (`load-shared`, type PPK, owners = the
 PPK_ID, a unique id per link so a new epoch replaces the old one). A new PPK only applies to the
 next IKE_AUTH, so after both agents hold it the link's responder side reauthenticates the
-configured IKE SA (see `logic.should_reauth`). A background check (`check_once`, called by the
-plugin's service) re-pushes PPKs that an operator's `swanctl --load-creds` silently unloaded; it
-has its own VICI client so that a rotation's blocking `initiate` never delays a repair.
+configured IKE SA (see `logic.should_reauth`). The sink's background task (`run`, started by the
+agent) calls `check_once` every `check_interval` to re-push PPKs that an operator's
+`swanctl --load-creds` silently unloaded; the check has its own VICI client so that a rotation's
+blocking `initiate` never delays a repair.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from qkdagent import (
     NotInstalled,
     Options,
     PluginContext,
+    QkdAgentError,
     Secret,
     Sink,
     SinkError,
 )
 
-from . import logic, watch
+from . import logic
 from .config import PpkConfig, is_template
 from .vici_events import LogEvents
 from .vici_io import ViciClient, request
@@ -99,8 +101,6 @@ class StrongswanPpkSink(Sink):
         self.make_before_break: bool | None = None
         """What prepare() found about charon.make_before_break (None: could not tell)."""
         self.daemon_version: str | None = None
-        self.closed = False
-        watch.enrol(context, self)  # the plugin's check service finds the agent's sinks here
 
     def __repr__(self) -> str:
         return f"<StrongswanPpkSink {self.name!r} socket={str(self.config.socket)!r}>"
@@ -178,7 +178,6 @@ class StrongswanPpkSink(Sink):
         return False if self.daemon_version else None
 
     async def aclose(self) -> None:
-        self.closed = True
         await self._vici.aclose()
         await self._check_vici.aclose()
 
@@ -520,13 +519,17 @@ class StrongswanPpkSink(Sink):
         self.context.report(ComponentEvent(self.name, kind, detail, link))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Background check every `check_interval` seconds; runs until cancelled."""
+        """The agent runs this after `prepare()`: `check_once()` every `check_interval` seconds
+        (the first one interval from now: the agent has just installed or erased), until the
+        agent cancels it. A failed check is logged and the next one runs on schedule."""
         task_status.started()
+        next_check = trio.current_time() + self.config.check_interval
         while True:
-            await trio.sleep(self.config.check_interval)
+            await trio.sleep_until(next_check)
+            next_check = trio.current_time() + self.config.check_interval  # from its start
             try:
                 await self.check_once()
-            except SinkError as exc:
+            except QkdAgentError as exc:
                 log.warning("sink %s: PPK check failed: %s", self.name, exc)
 
     # -- VICI helpers ------------------------------------------------------------------------

@@ -1,8 +1,9 @@
-"""Two real charon daemons in two network namespaces, for tests, benchmarks and demos.
+"""Two real charon daemons in two network namespaces, for this plugin's tests and benchmark.
 
-Not used by the sink itself. Needs root, `/dev/net/tun`, iproute2 and the Debian strongSwan
-packages (charon, swanctl, the kernel-libipsec plugin). The machine's kernel may lack ESP, so
-the daemons use kernel-libipsec (a TUN device, ESP in userspace) with UDP encapsulation.
+Not shipped in the wheel (it lives in tests/). Needs root, `/dev/net/tun`, iproute2 and the
+Debian strongSwan packages (charon, swanctl, the kernel-libipsec plugin). The machine's kernel
+may lack ESP, so the daemons use kernel-libipsec (a TUN device, ESP in userspace) with UDP
+encapsulation.
 
 Layout: namespaces `<prefix>a` and `<prefix>b` joined by a veth pair with outer addresses
 192.0.2.1/.2 (TEST-NET-1); each side's protected address (198.51.100.1/.2) sits on its loopback,
