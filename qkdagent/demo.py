@@ -16,6 +16,7 @@ from typing import Any
 import trio
 
 from .builtin.file_sink import decode
+from .builtin.loopback import pair_configs
 from .commands import DemoLink
 from .config import parse_config
 from .errors import QkdAgentError
@@ -48,7 +49,7 @@ def _demo_link(source: str, directory: Path) -> tuple[DemoLink | None, str | Non
         raise QkdAgentError(f"no installed plugin offers a demo source named {source!r}")
     plugins = Plugins()
     plugins.load([source], group=DEMO_GROUP)
-    link = plugins.hook.qkdagent_demo_link(directory=directory)
+    link = plugins.hooks.demo_link(directory)
     if link is None:
         raise QkdAgentError(f"plugin {source!r} offered no demo link")
     return link, source
@@ -68,7 +69,6 @@ def run_demo(*, rotations: int, interval: float, source: str, directory: str | N
 
 async def _demo(rotations: int, interval: float, source: str, directory: Path) -> int:
     from .agent import Agent
-    from .testing.agents import pair_configs
 
     demo_link, plugin = _demo_link(source, directory)
     sides: dict[str, dict[str, Any]] = {}

@@ -38,15 +38,11 @@ class Misconfigured(QkdAgentError):
 
 
 class SourceError(QkdAgentError):
-    """A key source failed. `retryable` says whether the same call may be repeated safely."""
-
-    retryable = False
+    """A key source failed; the rotation attempt fails and the link stays on its epoch."""
 
 
 class SourceUnavailable(SourceError):
     """The source could not be reached or is out of keys right now; try again later."""
-
-    retryable = True
 
 
 class KeyNotFound(SourceError):

@@ -54,10 +54,6 @@ class Options:
         self._warn = warn or (lambda message: None)
         self._used: set[str] = set()
 
-    @property
-    def where(self) -> str:
-        return self._where
-
     def key(self, name: str) -> str:
         return f"{self._where}.{name}" if self._where else name
 

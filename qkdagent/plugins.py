@@ -18,6 +18,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError
+from .hooks import Hooks
 from .interfaces import Sink, Source
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,15 @@ class Plugins:
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        self.hooks = Hooks(self.pm)
+        """Typed hook calls: `plugins.hooks.after_rotation(event)`, never hook-name strings."""
         self.loaded: dict[str, PluginInfo] = {}
         self.sources: dict[str, tuple[type[Source], str]] = {}
         self.sinks: dict[str, tuple[type[Sink], str]] = {}
 
     @property
     def hook(self) -> Any:
+        """The untyped pluggy relay; use `hooks` (kept until the last caller moves over)."""
         return self.pm.hook
 
     def load(self, names: Iterable[str], *, group: str = PLUGIN_GROUP) -> None:
@@ -103,25 +107,22 @@ class Plugins:
         self._register_types(name, info)
 
     def _register_types(self, plugin: str, info: PluginInfo) -> None:
-        for hook_name, table, base in (
-            ("qkdagent_register_sources", self.sources, Source),
-            ("qkdagent_register_sinks", self.sinks, Sink),
+        for table, base, call in (
+            (self.sources, Source, self.hooks.register_sources),
+            (self.sinks, Sink, self.hooks.register_sinks),
         ):
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                if impl.plugin_name != plugin:
-                    continue
 
-                def register(cls: Any, table: dict = table, base: type = base) -> None:
-                    if not (isinstance(cls, type) and issubclass(cls, base)):
-                        raise PluginError(f"{info.distribution} registered {cls!r}, not a {base}")
-                    type_name = getattr(cls, "type_name", None)
-                    if not isinstance(type_name, str) or not type_name:
-                        raise PluginError(f"{info.distribution}: {cls.__name__} has no type_name")
-                    if type_name in table and table[type_name][0] is not cls:
-                        raise PluginError(
-                            f"{base.__name__.lower()} type {type_name!r} is registered by both "
-                            f"{table[type_name][1]} and {info.distribution}"
-                        )
-                    table[type_name] = (cls, info.distribution)
+            def register(cls: Any, table: dict = table, base: type = base) -> None:
+                if not (isinstance(cls, type) and issubclass(cls, base)):
+                    raise PluginError(f"{info.distribution} registered {cls!r}, not a {base}")
+                type_name = getattr(cls, "type_name", None)
+                if not isinstance(type_name, str) or not type_name:
+                    raise PluginError(f"{info.distribution}: {cls.__name__} has no type_name")
+                if type_name in table and table[type_name][0] is not cls:
+                    raise PluginError(
+                        f"{base.__name__.lower()} type {type_name!r} is registered by both "
+                        f"{table[type_name][1]} and {info.distribution}"
+                    )
+                table[type_name] = (cls, info.distribution)
 
-                impl.function(**{arg: register for arg in impl.argnames})
+            call(register, plugin=plugin)

@@ -4,6 +4,7 @@ The secret is never put on the command line or in the environment (both are visi
 users through /proc). The hook gets what it may know in the environment: QKDAGENT_ACTION
 (install|erase), QKDAGENT_LINK, QKDAGENT_PEER, QKDAGENT_EPOCH, QKDAGENT_KEY_IDS (comma-separated),
 QKDAGENT_LABEL, QKDAGENT_SINK, QKDAGENT_REASON (erase only). A non-zero exit is a failed install.
+The program runs under `run_program`'s rules (clean environment, deadline, bounded output).
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from collections.abc import Callable
 
 import trio
 
-from ..errors import Misconfigured, SinkError
+from ..errors import Misconfigured
 from ..hookspecs import hookimpl
 from ..interfaces import KeyMeta, Link, PluginContext, Sink
 from ..options import Options
 from ..secret import Secret
 from .file_sink import FORMATS, encode
-
-_PASS_ENV = ("PATH", "LANG", "LC_ALL", "TZ")
+from .program import program_env, run_program
 
 
 class ExecSink(Sink):
@@ -57,39 +57,25 @@ class ExecSink(Sink):
                 raise Misconfigured(f"sink {self.name!r}: {command[0]} is not an executable file")
 
     def _environ(self, link: Link, action: str, extra: dict[str, str]) -> dict[str, str]:
-        env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
-        env.update(self.env)
-        env.update(
-            QKDAGENT_ACTION=action,
-            QKDAGENT_LINK=link.name,
-            QKDAGENT_PEER=link.peer,
-            QKDAGENT_SINK=self.name,
-            **extra,
+        return program_env(
+            {
+                **self.env,
+                "QKDAGENT_ACTION": action,
+                "QKDAGENT_LINK": link.name,
+                "QKDAGENT_PEER": link.peer,
+                "QKDAGENT_SINK": self.name,
+                **extra,
+            }
         )
-        return env
 
     async def _run(self, command: list[str], stdin: bytes, env: dict[str, str]) -> None:
-        try:
-            with trio.fail_after(self.run_timeout):
-                result = await trio.run_process(
-                    command,
-                    stdin=stdin,
-                    capture_stdout=True,
-                    capture_stderr=True,
-                    check=False,
-                    env=env,
-                )
-        except trio.TooSlowError:
-            raise SinkError(
-                f"sink {self.name!r}: hook timed out after {self.run_timeout:g} s"
-            ) from None
-        except OSError as exc:
-            raise SinkError(f"sink {self.name!r}: cannot run hook: {exc.strerror}") from None
-        if result.returncode != 0:
-            raise SinkError(
-                f"sink {self.name!r}: hook {os.path.basename(command[0])} exited with "
-                f"{result.returncode}"
-            )
+        await run_program(
+            command,
+            deadline=trio.current_time() + self.run_timeout,
+            what=f"sink {self.name!r}: hook",
+            stdin=stdin,
+            env=env,
+        )
 
     async def install(self, link: Link, secret: Secret, meta: KeyMeta) -> None:
         env = self._environ(

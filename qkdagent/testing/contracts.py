@@ -1,9 +1,26 @@
 """Conformance suites every source and sink plugin runs against itself.
 
-Subclass `SinkContract` (provide a `sink` fixture yielding a prepared sink, optionally `read_back`)
-or `SourceContract` (provide `source_pair` yielding `(initiator_source, responder_source)`), in a
-test module run with pytest-trio (`trio_mode = true`). The base tests then check the contract of
-DESIGN §3 against the real component behind the plugin.
+Subclass one in a test module run with pytest-trio (`trio_mode = true`); the base tests then
+check the contract of DESIGN §3 against the real component behind the plugin. The suite owns
+the component's life as the agent runs it: built from its config table, `links` set, prepared,
+its `run()` task started, and after the test the task cancelled and `aclose()` called.
+
+    class TestMySink(SinkContract):
+        sink_class = MySink
+
+        @pytest.fixture
+        def sink_options(self, tmp_path):          # the [sinks.NAME] table
+            return {"path": str(tmp_path / "{peer}.key")}
+
+        @pytest.fixture
+        def read_back(self, tmp_path):             # optional: what the consumer now holds
+            ...
+
+`SourceContract` is the same with `source_class` and `source_options` (one table for both
+sides, or override `responder_options`). A component the table cannot describe (a test token, a
+simulator's address) is built by overriding `unprepared_sink` / `unprepared_sources`; overriding
+`sink` / `source_pair` instead (yielding prepared components) still works, and then the
+subclass owns prepare and aclose itself.
 """
 
 from __future__ import annotations
@@ -11,8 +28,9 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 import trio
@@ -20,6 +38,7 @@ import trio
 from ..errors import KeyNotFound, SourceError
 from ..interfaces import KeyMeta, Link, Sink, Source
 from ..secret import Secret
+from .components import build_component, running
 
 ReadBack = Callable[[Link], Awaitable[bytes | None]]
 
@@ -49,9 +68,10 @@ def _meta(epoch: int, label: str = "contract") -> KeyMeta:
 
 
 class SinkContract:
-    """Base tests for a `Sink`. Subclasses provide the `sink` fixture."""
+    """Base tests for a `Sink`: set `sink_class` and provide `sink_options` (see the module)."""
 
     secret_size = 32
+    sink_class: ClassVar[type[Sink] | None] = None
 
     @pytest.fixture
     def link(self) -> Link:
@@ -63,8 +83,27 @@ class SinkContract:
         return None
 
     @pytest.fixture
-    async def sink(self) -> Any:  # pragma: no cover - must be overridden
-        raise NotImplementedError("subclasses of SinkContract must provide a `sink` fixture")
+    def sink_options(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must provide a `sink_options` fixture")
+
+    @pytest.fixture
+    def unprepared_sink(self, sink_options: dict[str, Any], link: Link, tmp_path: Path) -> Sink:
+        """The sink under test as the agent constructs it (override for a custom build)."""
+        if self.sink_class is None:
+            raise NotImplementedError(f"{type(self).__name__} must set `sink_class`")
+        return build_component(
+            self.sink_class,
+            sink_options,
+            name="contract",
+            links=(link,),
+            state_dir=tmp_path / "contract-state",
+        )
+
+    @pytest.fixture
+    async def sink(self, unprepared_sink: Sink) -> AsyncIterator[Sink]:
+        """Prepared and running for the test; its task cancelled and closed after it."""
+        async with running(unprepared_sink):
+            yield unprepared_sink
 
     def new_secret(self) -> Secret:
         return Secret.random(self.secret_size)
@@ -146,15 +185,55 @@ class SinkContract:
 
 
 class SourceContract:
-    """Base tests for a `Source`. Subclasses provide `source_pair` (initiator, responder)."""
+    """Base tests for a `Source`: set `source_class` and provide `source_options` (see the
+    module); the pair is (alice's initiator source, bob's responder source) of one link."""
+
+    source_class: ClassVar[type[Source] | None] = None
 
     @pytest.fixture
     def links(self) -> tuple[Link, Link]:
         return (Link("contract", "alice", "bob", True), Link("contract", "bob", "alice", False))
 
     @pytest.fixture
-    async def source_pair(self) -> Any:  # pragma: no cover - must be overridden
-        raise NotImplementedError("subclasses of SourceContract must provide `source_pair`")
+    def source_options(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must provide `source_options`")
+
+    @pytest.fixture
+    def responder_options(self, source_options: dict[str, Any]) -> dict[str, Any]:
+        """bob's table; the same as alice's unless overridden."""
+        return source_options
+
+    @pytest.fixture
+    def unprepared_sources(
+        self,
+        source_options: dict[str, Any],
+        responder_options: dict[str, Any],
+        links: tuple[Link, Link],
+        tmp_path: Path,
+    ) -> tuple[Source, Source]:
+        """alice's and bob's sources as their agents construct them (override for a custom
+        build)."""
+        if self.source_class is None:
+            raise NotImplementedError(f"{type(self).__name__} must set `source_class`")
+        return tuple(  # type: ignore[return-value]
+            build_component(
+                self.source_class,
+                table,
+                name="contract",
+                links=(link,),
+                agent=link.local,
+                state_dir=tmp_path / f"contract-{link.local}",
+            )
+            for table, link in zip((source_options, responder_options), links, strict=True)
+        )
+
+    @pytest.fixture
+    async def source_pair(
+        self, unprepared_sources: tuple[Source, Source]
+    ) -> AsyncIterator[tuple[Source, Source]]:
+        """Both prepared and running for the test; tasks cancelled and closed after it."""
+        async with running(*unprepared_sources):
+            yield unprepared_sources
 
     async def test_both_sides_get_the_same_key(
         self, source_pair: tuple[Source, Source], links: tuple[Link, Link]

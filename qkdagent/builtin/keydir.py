@@ -1,4 +1,4 @@
-"""Source type `keydir`: a simulated link shared through a directory, across processes.
+"""Source type `keydir` (registered by the `memory` plugin): a simulated link through a directory.
 
 The crash-and-restart tests run agents as separate processes; they need a key source both can
 reach, and this is the smallest one: the initiator writes each key to `<directory>/<key ID>`
