@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 from bench_install import add_peers, cpu_of
-from qkdagent_wireguard.testbed import Pair
 
 from qkdagent.testing import config_toml, pair_configs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test beds: not shipped
+from wg_testbed import Pair
 
 INTERVAL = 3600.0
 """Long enough that no link rotates a second time while the script runs."""

@@ -28,9 +28,11 @@ from pathlib import Path
 
 import trio
 from qkdagent_wireguard.sink import WireGuardSink
-from qkdagent_wireguard.testbed import Node, Pair
 
 from qkdagent import KeyMeta, Link, Options, PluginContext, Secret
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test beds: not shipped
+from wg_testbed import Node, Pair
 
 LINK = Link("bench", "alice", "bob", True)
 SINK_ONLY = (
@@ -44,10 +46,15 @@ def meta(epoch: int) -> KeyMeta:
     return KeyMeta(epoch, ("k",), "wireguard", time.time())
 
 
+_contexts: dict[Path, PluginContext] = {}
+"""One agent per work directory: its sinks share backends and batches (its stash)."""
+
+
 def make_sink(node: Node, peer_text: str, workdir: Path, name: str = "wg", **opt) -> WireGuardSink:  # type: ignore[no-untyped-def]
     table = {"interface": node.iface, "peer_public_key": peer_text, **opt}
     options = Options(table, where=f"sinks.{name}")
-    sink = WireGuardSink(name, options, PluginContext("bench", workdir))
+    context = _contexts.setdefault(workdir, PluginContext("bench", workdir))
+    sink = WireGuardSink(name, options, context)
     options.finish()
     return sink
 
@@ -338,7 +345,7 @@ async def kernel_figures(args: argparse.Namespace, workdir: Path) -> None:
 
 
 def in_vm(args: argparse.Namespace) -> int:
-    from qkdagent_wireguard.guestvm import cache_ready, run_guest
+    from wg_guestvm import cache_ready, run_guest
 
     cache = PLUGIN / ".cache" / "kernel"
     if not cache_ready(cache):

@@ -26,4 +26,4 @@ cd "$work"
 apt-get download "$package" >/dev/null 2>&1 || { apt-get update -qq && apt-get download "$package"; }
 dpkg-deb -x ./*.deb unpacked
 mkdir -p "$plugin/.cache"
-"$python" -m qkdagent_wireguard.guestvm extract unpacked "$cache"
+"$python" "$plugin/tests/wg_guestvm.py" extract unpacked "$cache"

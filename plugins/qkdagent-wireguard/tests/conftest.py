@@ -11,11 +11,14 @@ from typing import Any
 
 import pytest
 from qkdagent_wireguard.sink import WireGuardSink
-from qkdagent_wireguard.testbed import Node, Pair, wait_for
 
 from qkdagent import Options, PluginContext
 from qkdagent.testing import require_binary, require_root
 from qkdagent.testing.pytest_plugin import install_logging_guard
+
+# The test beds (wg_testbed, wg_guestvm) live beside the tests, outside the shipped package.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from wg_testbed import Node, Pair, wait_for
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,12 +45,14 @@ def userspace_pair(tmp_path: Path) -> Iterator[Pair]:
 
 @pytest.fixture
 def make_sink(tmp_path: Path) -> SinkFactory:
-    """Build a `wireguard` sink for `node`'s peer `peer` exactly as the config loader would."""
+    """Build a `wireguard` sink for `node`'s peer `peer` exactly as the config loader would; the
+    sinks of one test belong to one agent (one context, so one stash)."""
+    context = PluginContext("test", tmp_path)
 
     def make(node: Node, peer: Node, name: str = "wg", **options: Any) -> WireGuardSink:
         table = {"interface": node.iface, "peer_public_key": peer.public_text, **options}
         opts = Options(table, where=f"sinks.{name}")
-        sink = WireGuardSink(name, opts, PluginContext("test", tmp_path))
+        sink = WireGuardSink(name, opts, context)
         opts.finish()
         return sink
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 from qkdagent_etsi014.sim import Simulator, open_kme_pair
-from qkdagent_wireguard.testbed import Node, Pair
+from wg_testbed import Node, Pair
 
 from qkdagent.testing import open_agent_pair
 

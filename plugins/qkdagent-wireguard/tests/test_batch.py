@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import trio
 from qkdagent_wireguard.backend import BackendError, Op, Outcome
-from qkdagent_wireguard.batch import Shared, acquire, release
+from qkdagent_wireguard.batch import OPEN_BACKENDS, Backends, Shared
+from qkdagent_wireguard.sink import WireGuardSink
+
+from qkdagent import Options, PluginContext
 
 
 class _Gate:
@@ -123,23 +127,51 @@ async def test_cancelled_waiter_is_dropped_from_the_queue() -> None:
     assert all(op.peer != cancelled_peer for batch in backend.batches for op in batch)
 
 
-async def test_shared_backend_is_refcounted_per_run() -> None:
+async def test_shared_backend_is_refcounted_per_agent() -> None:
     made: list[SlowBackend] = []
 
     def factory() -> SlowBackend:
         made.append(SlowBackend())
         return made[-1]
 
-    one = acquire(("fake", "x"), factory)
-    two = acquire(("fake", "x"), factory)
+    backends = Backends()
+    one = backends.acquire(("fake", "x"), factory)
+    two = backends.acquire(("fake", "x"), factory)
     assert one is two and len(made) == 1
-    release(("fake", "x"), one)
+    backends.release(("fake", "x"), one)
     assert not made[0].closed
-    release(("fake", "x"), two)
+    backends.release(("fake", "x"), two)
     assert made[0].closed
-    three = acquire(("fake", "x"), factory)
+    three = backends.acquire(("fake", "x"), factory)
     assert three is not one
-    release(("fake", "x"), three)
+    backends.release(("fake", "x"), three)
+
+
+def test_sinks_of_one_agent_share_its_backends_and_two_agents_share_nothing(
+    tmp_path: Path,
+) -> None:
+    def sink(name: str, context: PluginContext) -> WireGuardSink:
+        options = Options(
+            {"interface": "wg0", "peer_public_key": "A" * 43 + "=", "backend": "uapi"},
+            where=f"sinks.{name}",
+        )
+        return WireGuardSink(name, options, context)
+
+    alice, bob = PluginContext("alice", tmp_path), PluginContext("bob", tmp_path)
+    a1, a2, b1 = sink("a1", alice), sink("a2", alice), sink("b1", bob)
+    assert a1._backends is a2._backends is alice.stash[OPEN_BACKENDS]
+    assert b1._backends is bob.stash[OPEN_BACKENDS] and b1._backends is not a1._backends
+    made: list[SlowBackend] = []
+
+    def factory() -> SlowBackend:
+        made.append(SlowBackend())
+        return made[-1]
+
+    assert a1._backends.acquire(("uapi", "/x"), factory) is a2._backends.acquire(
+        ("uapi", "/x"), factory
+    )
+    b1._backends.acquire(("uapi", "/x"), factory)
+    assert len(made) == 2  # one socket per agent, never one across agents
 
 
 @pytest.mark.parametrize("n", [1, 3])

@@ -28,7 +28,7 @@ from qkdagent_wireguard.broker import (
     serve,
 )
 from qkdagent_wireguard.drive import drive_blocking
-from qkdagent_wireguard.testbed import genkey
+from wg_testbed import genkey
 
 from qkdagent import KeyMeta, Link, Misconfigured, Secret
 

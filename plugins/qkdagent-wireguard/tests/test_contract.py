@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 from qkdagent_wireguard.sink import WireGuardSink
-from qkdagent_wireguard.testbed import Pair
+from wg_testbed import Pair
 
 from qkdagent import Link
 from qkdagent.testing import SinkContract

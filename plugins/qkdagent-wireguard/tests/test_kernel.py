@@ -9,7 +9,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from qkdagent_wireguard.guestvm import cache_ready, run_guest
+from wg_guestvm import cache_ready, run_guest
 
 from qkdagent.testing import in_ci, missing, require_binary, require_root
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import pytest
 import trio
 import trio.testing
-from qkdagent_wireguard.testbed import Pair, genkey
+from wg_testbed import Pair, genkey
 
 from qkdagent import KeyMeta, Link, Misconfigured, Secret, SinkError
 

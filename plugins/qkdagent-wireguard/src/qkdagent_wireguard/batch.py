@@ -4,7 +4,8 @@ A gateway rotates many peers of one interface at about the same time. Each batch
 device round trip (the writes and one listing of the device, sent together), so serving every
 waiting operation in the same batch keeps 1,000 peers well under a second while every install
 still gets fresh evidence from the device. Whoever holds the lock runs the next batch for
-everyone queued (group commit).
+everyone queued (group commit). The agent's open backends live in its stash (`OPEN_BACKENDS`), so
+two agents in one process share neither sockets nor batches.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from qkdagent import StashKey
+
 from .backend import Backend, BackendError, Op, Outcome
 from .drive import drive
-
-_shared: trio.lowlevel.RunVar[dict[tuple[str, ...], Shared]] = trio.lowlevel.RunVar(
-    "qkdagent_wireguard_backends"
-)
 
 
 @dataclass(eq=False)
@@ -32,7 +31,7 @@ class _Entry:
 
 @dataclass(eq=False)
 class Shared:
-    """A backend shared by every sink of one trio run that uses the same spec; refcounted."""
+    """A backend shared by every sink of one agent that uses the same spec; refcounted."""
 
     backend: Backend
     """Exchanges of different interfaces may interleave; one batch at a time per interface is
@@ -49,7 +48,7 @@ class Shared:
 
 @dataclass(eq=False)
 class Batcher:
-    """One per (backend, interface) per trio run; ops for distinct peers share a batch."""
+    """One per (backend, interface) per agent; ops for distinct peers share a batch."""
 
     shared: Shared
     interface: str
@@ -162,29 +161,30 @@ class Batcher:
         )
 
 
-def acquire(spec: tuple[str, ...], factory: Callable[[], Backend]) -> Shared:
-    """The backend of this trio run for `spec`, created on first use; pair with `release`."""
-    try:
-        table = _shared.get()
-    except LookupError:
-        table = {}
-        _shared.set(table)
-    shared = table.get(spec)
-    if shared is None:
-        shared = table[spec] = Shared(factory())
-    shared.users += 1
-    return shared
+@dataclass(eq=False)
+class Backends:
+    """The open backends of one agent by spec (a netlink socket, a broker connection...): each
+    is created by its first sink's `prepare()` and closed when its last sink lets go."""
+
+    open: dict[tuple[str, ...], Shared] = field(default_factory=dict)
+
+    def acquire(self, spec: tuple[str, ...], factory: Callable[[], Backend]) -> Shared:
+        """The backend for `spec`, created on first use; pair with `release`."""
+        shared = self.open.get(spec)
+        if shared is None:
+            shared = self.open[spec] = Shared(factory())
+        shared.users += 1
+        return shared
+
+    def release(self, spec: tuple[str, ...], shared: Shared) -> None:
+        """Drop one user; the last one closes the backend."""
+        shared.users -= 1
+        if shared.users > 0:
+            return
+        if self.open.get(spec) is shared:
+            del self.open[spec]
+        shared.backend.close()
 
 
-def release(spec: tuple[str, ...], shared: Shared) -> None:
-    """Drop one user; the last one closes the backend (a netlink socket, for instance)."""
-    shared.users -= 1
-    if shared.users > 0:
-        return
-    try:
-        table = _shared.get()
-    except LookupError:
-        table = {}
-    if table.get(spec) is shared:
-        del table[spec]
-    shared.backend.close()
+OPEN_BACKENDS: StashKey[Backends] = StashKey("wireguard.backends")
+"""Where a sink finds its agent's `Backends` (`context.stash`)."""

@@ -24,7 +24,7 @@ from qkdagent import (
 
 from .auto import detect
 from .backend import Backend, BackendError, Op, Outcome
-from .batch import Shared, acquire, release
+from .batch import OPEN_BACKENDS, Backends, Shared
 from .broker import BrokerBackend
 from .keys import check_ifname, check_psk, parse_public_key, public_key_text
 from .netlink import LIBRARIES as NETLINK_LIBRARIES
@@ -68,6 +68,7 @@ class WireGuardSink(Sink):
         self.resolved: str | None = None
         self._spec: tuple[str, ...] | None = None
         self._shared: Shared | None = None
+        self._backends: Backends = context.stash.setdefault(OPEN_BACKENDS, Backends)
 
     def __repr__(self) -> str:
         return (
@@ -116,12 +117,12 @@ class WireGuardSink(Sink):
         else:
             spec = ("broker", os.fspath(self.broker_socket))
             factory = partial(BrokerBackend, self.broker_socket)
-        self._spec, self._shared = spec, acquire(spec, factory)
+        self._spec, self._shared = spec, self._backends.acquire(spec, factory)
         self.resolved = kind
 
     async def aclose(self) -> None:
         if self._shared is not None and self._spec is not None:
-            release(self._spec, self._shared)
+            self._backends.release(self._spec, self._shared)
         self._shared = self._spec = None
 
     async def _submit(self, op: Op) -> Outcome:

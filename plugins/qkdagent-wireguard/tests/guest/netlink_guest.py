@@ -22,7 +22,7 @@ from qkdagent_wireguard.backend import BackendError, Op
 from qkdagent_wireguard.broker import BrokerBackend
 from qkdagent_wireguard.drive import drive_blocking
 from qkdagent_wireguard.sink import WireGuardSink
-from qkdagent_wireguard.testbed import Node, Pair, genkey
+from wg_testbed import Node, Pair, genkey
 
 from qkdagent import KeyMeta, Link, Misconfigured, Options, PluginContext, Secret, SinkError
 from qkdagent.testing import SinkContract, require_binary, require_root

@@ -6,7 +6,7 @@ initramfs that loads virtio, 9p, veth and wireguard with their dependencies. The
 the host's `/` read-only over 9p, chroots into it, and runs a script with the host's own Python
 and packages; a second, writable 9p share carries the script in and the results out.
 
-    python -m qkdagent_wireguard.guestvm extract UNPACKED_DEB_ROOT CACHE_DIR
+    python plugins/qkdagent-wireguard/tests/wg_guestvm.py extract UNPACKED_DEB_ROOT CACHE_DIR
 """
 
 from __future__ import annotations
