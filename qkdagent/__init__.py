@@ -1,19 +1,22 @@
 """qkdagent: fresh quantum-derived pre-shared keys for VPN gateways and TLS services.
 
 This module is the public plugin API. Plugins import from here (and from `qkdagent.testing`
-in their tests), never from other modules of the package.
+in their tests), never from other modules of the package; `docs/plugins.md` is the guide.
+Only what a plugin needs is exported: the component contract (`Source`, `Sink`, the values they
+receive, `PluginContext` and its stash), `Options`, the errors a plugin raises or catches, the
+hook marker and the event types observation hooks receive, and the helpers plugins share
+(`write_secret_file`, `run_program`). Errors only the core raises are not exported.
 """
 
 from __future__ import annotations
 
+from .builtin.program import program_env, run_program
 from .commands import CommandRegistry, DemoLink
 from .errors import (
     ConfigError,
     KeyNotFound,
-    KeyReuseError,
     Misconfigured,
     NotInstalled,
-    PluginError,
     ProtocolError,
     QkdAgentError,
     SinkError,
@@ -41,13 +44,11 @@ __all__ = [
     "Key",
     "KeyMeta",
     "KeyNotFound",
-    "KeyReuseError",
     "Link",
     "Misconfigured",
     "NotInstalled",
     "Options",
     "PluginContext",
-    "PluginError",
     "ProtocolError",
     "QkdAgentError",
     "RotationErrorEvent",
@@ -66,5 +67,7 @@ __all__ = [
     "check_key_id",
     "check_template",
     "hookimpl",
+    "program_env",
+    "run_program",
     "write_secret_file",
 ]
