@@ -1,17 +1,19 @@
-"""Reload commands, pid files, log confirmation and the grace-expiry service (no TLS server)."""
+"""Reload commands, pid files, log confirmation and the grace-expiry task (no TLS server)."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from qkdagent_tlspsk.reload import parse_signal
-from qkdagent_tlspsk.service import run_expiry
 
 from qkdagent import KeyMeta, Link, Secret, SinkError
+from qkdagent.testing import MemoryPool, open_agent_pair
 
 LINK = Link("l", "alice", "bob", True)
 
@@ -105,14 +107,14 @@ def test_signal_names() -> None:
     assert parse_signal("NOPE") is None
 
 
-async def test_expiry_service_drops_previous_identity_after_grace(
+async def test_expiry_task_drops_previous_identity_after_grace(
     tmp_path: Path, h: Any, nursery: trio.Nursery
 ) -> None:
-    # real time (the service sleeps on the wall clock): 2 s of grace leaves a loaded machine
+    # real time (the task sleeps on the wall clock): 2 s of grace leaves a loaded machine
     # ample time to see the previous identity before it expires
     sink = h.make_sink(tmp_path, path=str(tmp_path / "psk"), grace_period=2.0)
     await sink.prepare()
-    await nursery.start(run_expiry, sink.context.state_dir)
+    await nursery.start(sink.run)  # the sink's expiry task, as the agent runs it
     await sink.install(LINK, Secret.random(32), meta(1))
     await sink.install(LINK, Secret.random(32), meta(2))
     assert "l.1:" in sink.path.read_text()
@@ -120,6 +122,59 @@ async def test_expiry_service_drops_previous_identity_after_grace(
         while "l.1:" in sink.path.read_text() or sink.next_expiry() is not None:  # noqa: ASYNC110
             await trio.sleep(0.05)
     assert sink.path.read_text().startswith("l.2:")
+
+
+async def test_a_failing_expiry_is_retried_after_a_pause(
+    tmp_path: Path, h: Any, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    sink = h.make_sink(tmp_path, path=str(tmp_path / "psk"), grace_period=1.0)
+    sink.clock = autojump_clock.current_time  # the grace runs on the virtual clock
+    await sink.prepare()
+    await sink.install(LINK, Secret.random(32), meta(1))
+    await sink.install(LINK, Secret.random(32), meta(2))
+    calls: list[float] = []
+
+    async def failing_expire() -> bool:
+        calls.append(trio.current_time())
+        raise SinkError("cannot write the file")
+
+    sink.expire = failing_expire
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await trio.sleep(10.5)
+        nursery.cancel_scope.cancel()
+    # once a second from the end of the grace, not in a busy loop
+    assert len(calls) == 10 and all(b - a >= 1.0 for a, b in itertools.pairwise(calls))
+    assert "removing an expired PSK identity failed: cannot write the file" in caplog.text
+
+
+async def test_the_agent_runs_the_expiry_task(tmp_path: Path) -> None:
+    """No install after epoch 2 (key source down): only the sink's task, started by the agent,
+    can take the previous identity out of the file once its grace is over (real time)."""
+    psk = tmp_path / "alice.psk"
+
+    def side(path: Path) -> dict[str, Any]:
+        sink = {"type": "tls-psk", "path": str(path), "grace_period": 2.0}
+        return {"sinks": {"psk": sink}, "plugins": ["tlspsk"]}
+
+    async with open_agent_pair(
+        tmp_path / "agents",
+        alice=side(psk),
+        bob=side(tmp_path / "bob.psk"),
+        link={"interval": 1.0, "jitter": 0, "reject_after": 60},
+        local=True,
+    ) as pair:
+        await pair.wait_for_epoch(2)
+        MemoryPool.named(pair.configs["alice"]["sources"]["sim"]["pool"]).down = True
+        epoch = pair.epoch("alice")
+        ids = lambda: [line.split(":")[0] for line in psk.read_text().splitlines()]  # noqa: E731
+        with trio.fail_after(1.5):  # within the grace: the previous identity is still there
+            while ids() != [f"alice-bob.{epoch}", f"alice-bob.{epoch - 1}"]:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        with trio.fail_after(10):
+            while ids() != [f"alice-bob.{epoch}"]:  # noqa: ASYNC110 (file written by the agent)
+                await trio.sleep(0.05)
+        assert pair.epoch("alice") == epoch  # no rotation (no install) removed it
 
 
 async def test_restart_keeps_bookkeeping(tmp_path: Path, h: Any) -> None:

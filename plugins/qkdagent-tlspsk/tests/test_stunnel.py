@@ -18,7 +18,6 @@ import pytest
 import trio
 from qkdagent_tlspsk import TlsPskSink
 from qkdagent_tlspsk.probe import handshake
-from qkdagent_tlspsk.service import run_expiry
 
 from qkdagent import KeyMeta, Link, Secret, SinkError
 from qkdagent.testing import assert_not_leaked
@@ -122,7 +121,7 @@ async def test_previous_key_is_refused_once_grace_is_over(
     tls: str, tunnel_factory: Any, h: Any, nursery: trio.Nursery
 ) -> None:
     t = await tunnel_factory(tls, grace=30.0)
-    await nursery.start(run_expiry, t.server.context.state_dir)
+    await nursery.start(t.server.run)  # the sink's expiry task, as the agent runs it
     old = await rotate(t, 1)
     new = await rotate(t, 2)
     assert await h.openssl_client(t.server_port, "dc1-dc2.1", old.reveal(), tls)

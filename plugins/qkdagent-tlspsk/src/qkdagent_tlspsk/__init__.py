@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 import qkdagent
 
@@ -15,12 +14,3 @@ __all__ = ["TlsPskSink"]
 @qkdagent.hookimpl
 def qkdagent_register_sinks(register: Callable[[type[qkdagent.Sink]], None]) -> None:
     register(TlsPskSink)
-
-
-@qkdagent.hookimpl
-def qkdagent_register_services(
-    register: Callable[[qkdagent.Service], None], context: qkdagent.PluginContext
-) -> None:
-    from .service import run_expiry
-
-    register(qkdagent.Service("tls-psk-expiry", partial(run_expiry, context.state_dir)))

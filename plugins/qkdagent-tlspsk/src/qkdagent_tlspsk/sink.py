@@ -4,7 +4,8 @@ One sink owns one file (it may hold several links). An install validates the new
 the consumer's rules, rewrites the file atomically (0600), tells the consumer to reload and then
 confirms the consumer took it: a PSK handshake with the new key (`probe`) and/or the consumer's
 log line (`log_file`). Anything short of that is an install failure. After an erase or a grace
-expiry the probe must instead see each removed key refused (fail closed, proven).
+expiry the probe must instead see each removed key refused (fail closed, proven). The sink's
+background task (`run`) removes previous identities when their grace period ends.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from qkdagent import (
     NotInstalled,
     Options,
     PluginContext,
+    QkdAgentError,
     Secret,
     Sink,
     SinkError,
@@ -38,13 +39,9 @@ from .formats import FORMATS, Entry, FormatError
 log = logging.getLogger(__name__)
 
 _EXAMPLE_LINK = Link("example-link", "alice", "bob", True)
-
-# Sinks of each agent (keyed by state dir), for the expiry service. Weak: the core owns sinks.
-_ACTIVE: dict[str, weakref.WeakSet[TlsPskSink]] = {}
-
-
-def active_sinks(state_dir: Path) -> list[TlsPskSink]:
-    return list(_ACTIVE.get(str(state_dir), ()))
+EXPIRY_POLL = 1.0
+"""Longest sleep of the expiry task: grace ends on the wall clock (`clock`), which may jump,
+not on trio's clock; also the wait before retrying a failed removal."""
 
 
 def _check_hostport(value: str) -> str | None:
@@ -199,10 +196,28 @@ class TlsPskSink(Sink):
         if self.probe_target is not None and not probe.available():
             raise NotInstalled(f"{self.name}: probe needs libssl (OpenSSL 3) with PSK support")
         await trio.to_thread.run_sync(self._refresh_expiry)
-        _ACTIVE.setdefault(str(self.context.state_dir), weakref.WeakSet()).add(self)
 
-    async def aclose(self) -> None:
-        _ACTIVE.get(str(self.context.state_dir), weakref.WeakSet()).discard(self)
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Remove previous identities once their grace period is over, until cancelled.
+
+        Installs come once per rotation interval, the grace period is usually shorter: the
+        previous key must leave the file (and the consumer) on its own schedule.
+        """
+        task_status.started()
+        while True:
+            wait = EXPIRY_POLL
+            due = self._next_expiry
+            if due is not None and due <= self.clock():
+                try:
+                    await self.expire()
+                except QkdAgentError as exc:
+                    log.warning("%s: removing an expired PSK identity failed: %s", self.name, exc)
+                    due = None  # retry after EXPIRY_POLL, not at once
+                else:
+                    due = self._next_expiry
+            if due is not None:
+                wait = min(wait, max(due - self.clock(), 0.01))
+            await trio.sleep(wait)
 
     # -- file and bookkeeping (blocking; run in a worker thread) ----------------------------
 
