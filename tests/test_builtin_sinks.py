@@ -1,4 +1,4 @@
-"""The built-in `file` and `exec` sinks and the `memory` source against the contract suites."""
+"""The built-in `file` and `exec` sinks and the `memory` and `keydir` sources against the contracts."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from qkdagent.builtin.exec_sink import ExecSink
 from qkdagent.builtin.file_sink import FileSink
 from qkdagent.errors import SinkError
 from qkdagent.options import Options
-from qkdagent.testing import MemorySource, SinkContract, SourceContract
+from qkdagent.testing import (
+    KeyDirSource,
+    MemorySource,
+    SinkContract,
+    SourceContract,
+    build_component,
+)
 
 LINK = Link("contract", "alice", "bob", True)
 
@@ -33,11 +39,11 @@ def _file_sink(tmp_path: Path, **options: object) -> FileSink:
 
 
 class TestFileSink(SinkContract):
+    sink_class = FileSink
+
     @pytest.fixture
-    async def sink(self, tmp_path: Path) -> FileSink:
-        sink = _file_sink(tmp_path)
-        await sink.prepare()
-        return sink
+    def sink_options(self, tmp_path: Path) -> dict[str, object]:
+        return {"path": str(tmp_path / "{peer}.key")}
 
     @pytest.fixture
     def read_back(self, tmp_path: Path):
@@ -89,20 +95,22 @@ def hook(tmp_path: Path) -> Path:
     return path
 
 
-def _exec_sink(tmp_path: Path, hook: Path, **options: object) -> ExecSink:
+def _exec_options(tmp_path: Path, hook: Path, **options: object) -> dict[str, object]:
     env = {"OUT": str(tmp_path / "out"), **options.pop("env", {})}  # type: ignore[dict-item]
-    opts = Options({"command": [str(hook), "arg1"], "env": env, **options}, where="sinks.e")
-    sink = ExecSink("e", opts, _ctx(tmp_path))
-    opts.finish()
-    return sink
+    return {"type": "exec", "command": [str(hook), "arg1"], "env": env, **options}
+
+
+def _exec_sink(tmp_path: Path, hook: Path, **options: object) -> ExecSink:
+    table = _exec_options(tmp_path, hook, **options)
+    return build_component(ExecSink, table, name="e", state_dir=tmp_path / "state")
 
 
 class TestExecSink(SinkContract):
+    sink_class = ExecSink
+
     @pytest.fixture
-    async def sink(self, tmp_path: Path, hook: Path) -> ExecSink:
-        sink = _exec_sink(tmp_path, hook)
-        await sink.prepare()
-        return sink
+    def sink_options(self, tmp_path: Path, hook: Path) -> dict[str, object]:
+        return _exec_options(tmp_path, hook)
 
     @pytest.fixture
     def read_back(self, tmp_path: Path):
@@ -151,8 +159,16 @@ def test_exec_refuses_agent_variables_in_env(tmp_path: Path) -> None:
 
 
 class TestMemorySource(SourceContract):
+    source_class = MemorySource
+
     @pytest.fixture
-    async def source_pair(self, tmp_path: Path):
-        pool = f"contract-{os.getpid()}-{time.monotonic_ns()}"
-        make = lambda: MemorySource("m", Options({"pool": pool}, where="sources.m"), _ctx(tmp_path))  # noqa: E731
-        return make(), make()
+    def source_options(self) -> dict[str, object]:
+        return {"pool": f"contract-{os.getpid()}-{time.monotonic_ns()}"}
+
+
+class TestKeyDirSource(SourceContract):
+    source_class = KeyDirSource
+
+    @pytest.fixture
+    def source_options(self, tmp_path: Path) -> dict[str, object]:
+        return {"type": "keydir", "directory": str(tmp_path / "shared")}

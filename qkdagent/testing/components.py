@@ -58,20 +58,39 @@ def build_component(
     return component
 
 
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside nested single-member groups, or None if there are several."""
+    inner: BaseException = group
+    while isinstance(inner, BaseExceptionGroup):
+        if len(inner.exceptions) != 1:
+            return None
+        inner = inner.exceptions[0]
+    return inner
+
+
 @asynccontextmanager
 async def running(*components: Source | Sink) -> AsyncIterator[None]:
     """Prepare `components` in order, start each one's `run()` task, and on exit cancel the
-    tasks and `aclose()` every component (also one whose `prepare()` failed or never ran)."""
+    tasks and `aclose()` every component (also one whose `prepare()` failed or never ran).
+
+    A lone exception (from `prepare()`, a task or the body) propagates as itself, not wrapped
+    in an exception group, so `pytest.raises(SinkError)` around the body works.
+    """
     try:
+        for component in components:
+            await component.prepare()
         async with trio.open_nursery() as nursery:
-            for component in components:
-                await component.prepare()
             for component in components:
                 await nursery.start(component.run)
             try:
                 yield
             finally:
                 nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        single = _single(group)
+        if single is None:
+            raise
+        raise single from None
     finally:
         with trio.move_on_after(60) as bound:  # bounded, and not cut short by the test's end
             bound.shield = True
