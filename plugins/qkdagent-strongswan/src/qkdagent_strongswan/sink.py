@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -424,10 +425,8 @@ class StrongswanPpkSink(Sink):
         if any(logic.sa_uses_ppk(sa) is False for sa in fresh):
             raise SinkError(f"the new IKE SA {ike!r} does not use a PPK")
         for uid in old:
-            await self._vici.call(
-                f"terminate IKE SA {uid}",
-                lambda s, uid=uid: list(s.terminate({"ike-id": uid, "timeout": "-1"})),
-            )
+            terminate = partial(_terminate, {"ike-id": uid, "timeout": "-1"})
+            await self._vici.call(f"terminate IKE SA {uid}", terminate)
         log.info(
             "sink %s: replaced IKE SA %r by one sending the new PPK_ID in %.3f s",
             self.name,
@@ -600,6 +599,10 @@ def _unless_busy(lock: trio.Lock) -> Iterator[bool]:
         yield True
     finally:
         lock.release()
+
+
+def _terminate(message: dict[str, str], session: Any) -> list[Any]:
+    return list(session.terminate(message))
 
 
 def _read_confs(path: Path | None) -> list[str]:
