@@ -8,7 +8,7 @@ what one C_FindObjects by label costs at that token size, which is what the sink
 saves per rotation.
 
     python plugins/qkdagent-hsm/bench/bench_rotation.py [--links 10,100,1000] [--samples 2000]
-        [--module /path/to/libsofthsm2.so]   # default: the first of softhsm.MODULE_CANDIDATES
+        [--module /path/to/libsofthsm2.so]   # default: first of tests/softhsm_paths.py
         [--no-relabel]                        # retired_label = false (older keys keep the label)
 """
 
@@ -19,14 +19,18 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import trio
-from qkdagent_hsm import Pkcs11Sink, softhsm, worker
+from qkdagent_hsm import Pkcs11Sink
 
 from qkdagent import KeyMeta, Link, Options, PluginContext, Secret
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # test bed: not shipped
+import softhsm_paths
 
 PIN = "bench-" + "1234"
 SO_AND_USER_PIN = ("--so-pin", "so-5678", "--pin", PIN)  # throw-away PINs of a bench token
@@ -61,7 +65,7 @@ def find_cost(sink: Pkcs11Sink, label: str) -> float:
             list(entry.session.get_objects(template))
         return (time.perf_counter() - start) / 5
 
-    return worker.run_blocking(find)
+    return sink.worker.run_blocking(find)
 
 
 async def bench(
@@ -114,10 +118,12 @@ def main() -> None:
     parser.add_argument("--links", default="10,100,1000")
     parser.add_argument("--samples", type=int, default=2000, help="rotations measured per size")
     parser.add_argument("--no-relabel", action="store_true", help="retired_label = false")
-    parser.add_argument("--module", default=softhsm.find_module(), help="libsofthsm2.so to load")
+    parser.add_argument(
+        "--module", default=softhsm_paths.find_module(), help="libsofthsm2.so to load"
+    )
     args = parser.parse_args()
     if args.module is None:
-        candidates = ", ".join(softhsm.MODULE_CANDIDATES)
+        candidates = ", ".join(softhsm_paths.MODULE_CANDIDATES)
         parser.error(f"libsofthsm2.so not found in {candidates}; give --module")
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     root = Path(tempfile.mkdtemp(prefix="qkdagent-hsm-bench-", dir=base))

@@ -12,6 +12,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -20,11 +21,14 @@ from typing import Any
 
 import pytest
 from qkdagent_hsm import Pkcs11Sink
-from qkdagent_hsm import softhsm as softhsm_paths
 
 from qkdagent import Options, PluginContext
 from qkdagent.testing import require_binary
 from qkdagent.testing.pytest_plugin import install_logging_guard
+
+# The test bed (softhsm_paths) lives beside the tests, outside the shipped package.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import softhsm_paths
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -134,8 +138,10 @@ def make_token(softhsm: SoftHsm, tmp_path: Path) -> Iterator[Callable[[], TestTo
 async def sink_factory(
     softhsm: SoftHsm, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Pkcs11Sink]]:
-    """Build (unprepared) sinks on a test token; every one is closed at teardown."""
+    """Build (unprepared) sinks on a test token; every one is closed at teardown. Sinks with
+    the same `agent` belong to one agent (one context, so one stash: worker and sessions)."""
     sinks: list[Pkcs11Sink] = []
+    contexts: dict[str, PluginContext] = {}
 
     def build(
         tok: TestToken, *, name: str = "hsm", agent: str = "alice", **extra: Any
@@ -144,7 +150,8 @@ async def sink_factory(
         where = {} if "uri" in extra else {"token": tok.label, "module": softhsm.module}
         data: dict[str, Any] = {**where, "pin": {"file": str(tok.pin_file)}, **extra}
         options = Options(data, where=f"sinks.{name}")
-        sink = Pkcs11Sink(name, options, PluginContext(agent_name=agent, state_dir=tmp_path))
+        context = contexts.setdefault(agent, PluginContext(agent_name=agent, state_dir=tmp_path))
+        sink = Pkcs11Sink(name, options, context)
         options.finish()
         sinks.append(sink)
         return sink

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import trio
-from qkdagent_hsm import Pkcs11Sink, naming, token, worker
+from qkdagent_hsm import Pkcs11Sink, naming, token
 
 from qkdagent import (
     ConfigError,
@@ -187,7 +187,7 @@ async def test_reinstall_and_objects_deleted_behind_our_back(
         for obj in list(entry.session.get_objects({})):
             obj.destroy()
 
-    await worker.run(delete_all)  # the sink's index now holds stale handles
+    await sink.worker.run(delete_all)  # the sink's index now holds stale handles
     third = Secret.random(32)
     await sink.install(ALICE, third, meta(2))
     assert await sink.verify(ALICE, third, meta(2)) is True
@@ -213,7 +213,7 @@ async def test_wrong_pin_is_a_clear_error_at_prepare(
         good = sink_factory(tok, name="good", pin={"env": "QKDAGENT_HSM_TEST_PIN"})
         await good.prepare()
     finally:
-        del os.environ["QKDAGENT_HSM_TEST_PIN"]
+        os.environ.pop("QKDAGENT_HSM_TEST_PIN", None)  # the sink removes it once read
     await good.install(ALICE, Secret.random(32), meta(1))
 
 
@@ -368,7 +368,7 @@ async def test_two_links_on_one_label_are_refused(
 def test_token_code_refuses_to_run_off_the_worker_thread() -> None:
     with pytest.raises(AssertionError):
         token.acquire(
-            token.TokenSpec("/nonexistent.so", token.TokenSelector(label="x")), Secret(b"1")
+            {}, token.TokenSpec("/nonexistent.so", token.TokenSelector(label="x")), Secret(b"1")
         )
 
 
@@ -488,10 +488,10 @@ async def test_lookup_by_label_alone_finds_exactly_the_newest_key(
         digest = hmac.new(secrets[epoch].reveal(), challenge, hashlib.sha256).digest()
         return naming.epoch_id(epoch, 8), digest
 
-    assert await worker.run(lambda: _lookup(sink, challenge, label="bob")) == mac(7)
+    assert await sink.worker.run(lambda: _lookup(sink, challenge, label="bob")) == mac(7)
     # A client one rotation behind: its epoch's key is under the retired label, same ID.
     previous = naming.epoch_id(6, 8)
-    found = await worker.run(lambda: _lookup(sink, challenge, label="bob.old", id=previous))
+    found = await sink.worker.run(lambda: _lookup(sink, challenge, label="bob.old", id=previous))
     assert found == mac(6)
     retired = [naming.epoch_id(e, 8) for e in range(8 - retention, 7)]
     assert await sink.object_ids(ALICE) == {"bob": [naming.epoch_id(7, 8)], "bob.old": retired}
@@ -526,7 +526,7 @@ async def test_token_refusing_relabel_is_a_clear_error_and_keeps_the_label_unamb
         )
         entry.forget_index()
 
-    await worker.run(store_unmodifiable)
+    await sink.worker.run(store_unmodifiable)
     with pytest.raises(SinkError) as err:
         await sink.install(ALICE, second, meta(2))
     message = str(err.value)
@@ -628,7 +628,7 @@ async def test_trio_thread_keeps_running_while_the_worker_stores_keys(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(ticker)
-        await worker.run(batch)
+        await sink.worker.run(batch)
         job_done = True
 
     assert set(checkpoints) <= set(ticks_during_job)
@@ -637,3 +637,42 @@ async def test_trio_thread_keeps_running_while_the_worker_stores_keys(
         "bob": [naming.epoch_id(total, 8)],
         "bob.old": [naming.epoch_id(total - 1, 8)],
     }
+
+
+async def test_each_agent_has_its_own_worker_and_sessions_until_its_last_sink_closes(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    tok_a, tok_b = make_token(), make_token()
+    a1 = sink_factory(tok_a, name="a1", agent="alice")
+    a2 = sink_factory(tok_a, name="a2", agent="alice", object_label="{link}")
+    bob = sink_factory(tok_b, name="b", agent="bob")
+    for sink in (a1, a2, bob):
+        await sink.prepare()
+    alice_state = a1._state
+    assert a1._open() is a2._open()  # one logged-in session per agent and token
+    assert a1.worker is a2.worker and a1.worker is not bob.worker
+    assert list(alice_state.opened) == [a1._open().key] and bob._open() not in (a1._open(),)
+
+    await a1.aclose()
+    secret = Secret.random(32)
+    await a2.install(ALICE, secret, meta(1))  # the session stays open for the other sink
+    assert await a2.verify(ALICE, secret, meta(1)) is True
+    await a2.aclose()
+    assert alice_state.opened == {} and alice_state._worker is None  # the last sink stopped them
+
+    await bob.install(BOB, secret, meta(1))  # bob's agent is untouched by alice's
+    assert await bob.verify(BOB, secret, meta(1)) is True
+
+
+async def test_an_agent_never_reinitialises_the_module_under_another_agents_session(
+    make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
+) -> None:
+    alice = sink_factory(make_token(), agent="alice")
+    await alice.prepare()
+    late = make_token()  # initialised after the module was: SoftHSM lists it after C_Initialize
+    bob = sink_factory(late, agent="bob")
+    with pytest.raises(NotInstalled, match="no token matching"):
+        await bob.prepare()  # a re-initialisation would have closed alice's session
+    secret = Secret.random(32)
+    await alice.install(ALICE, secret, meta(1))
+    assert await alice.verify(ALICE, secret, meta(1)) is True

@@ -15,8 +15,6 @@ import logging
 import os
 from typing import Any
 
-import trio
-
 from qkdagent import (
     KeyMeta,
     Link,
@@ -28,9 +26,11 @@ from qkdagent import (
     SinkError,
 )
 
-from . import naming, token, worker
+from . import naming, token
+from .state import HSM, HsmState
 from .token import DEFAULT_LABEL_LIMIT, KeyPolicy, OpenToken, TokenSpec
 from .uri import TokenSelector, UriError, parse_uri
+from .worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class Pkcs11Sink(Sink):
     """Store derived secrets in a PKCS#11 token, keeping the newest `retention` per link."""
 
     type_name = "pkcs11"
-    concurrent_prepare = False  # every token call queues on one worker thread
+    concurrent_prepare = False  # every token call of the agent queues on one worker thread
 
     def __init__(self, name: str, options: Options, context: PluginContext) -> None:
         super().__init__(name, options, context)
@@ -68,6 +68,12 @@ class Pkcs11Sink(Sink):
         self.label_limit = self.max_label_bytes or DEFAULT_LABEL_LIMIT
         self._entry: OpenToken | None = None
         self._owners: dict[str, str] = {}
+        self._state: HsmState = context.stash.setdefault(HSM, HsmState)
+
+    @property
+    def worker(self) -> Worker:
+        """The agent's PKCS#11 worker thread (shared by its pkcs11 sinks)."""
+        return self._state.worker
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -75,12 +81,11 @@ class Pkcs11Sink(Sink):
         """Open and log in to the token, then check IDs and labels against its limits."""
         if self._entry is not None:
             return
-        entry = await worker.run(token.acquire, self.spec, self.pin, undo=token.release)
+        entry = await self._state.open(self.spec, self.pin)
         try:
             self._check_limits(entry)
         except BaseException:
-            with trio.CancelScope(shield=True):  # even when cancelled: the session is ours
-                await worker.run(token.release, entry)
+            await self._state.close(entry)  # even when cancelled: the session is ours
             raise
         self._entry = entry
         log.info(
@@ -95,7 +100,7 @@ class Pkcs11Sink(Sink):
     async def aclose(self) -> None:
         entry, self._entry = self._entry, None
         if entry is not None:
-            await worker.run(token.release, entry)
+            await self._state.close(entry)
 
     def _check_limits(self, entry: OpenToken) -> None:
         """Check IDs and every label this sink will write against the token's limits."""
@@ -185,7 +190,7 @@ class Pkcs11Sink(Sink):
         labels = self.labels(link)
         label = labels.label
         keep = naming.keep_window(meta.epoch, self.retention, self.id_bytes)
-        result = await worker.run(
+        result = await self.worker.run(
             lambda: token.install(
                 entry,
                 label=label,
@@ -210,7 +215,9 @@ class Pkcs11Sink(Sink):
         """(ID, HMAC-SHA256 over `challenge`) computed inside the token by the newest key."""
         entry = self._open()
         label = self.labels(link).label
-        return await worker.run(lambda: token.current_mac(entry, label=label, challenge=challenge))
+        return await self.worker.run(
+            lambda: token.current_mac(entry, label=label, challenge=challenge)
+        )
 
     async def verify(self, link: Link, secret: Secret, meta: KeyMeta) -> bool | None:
         """True if the newest object is `meta.epoch`'s and the token's HMAC matches ours."""
@@ -226,7 +233,7 @@ class Pkcs11Sink(Sink):
     async def erase(self, link: Link, reason: str) -> None:
         entry = self._open()
         labels = self.labels(link).all()
-        count = await worker.run(lambda: token.erase(entry, labels=labels))
+        count = await self.worker.run(lambda: token.erase(entry, labels=labels))
         for text in labels:  # a removed link's label may go to another link after a reload
             self._owners.pop(text, None)
         log.info(
@@ -243,13 +250,13 @@ class Pkcs11Sink(Sink):
         """The newest key's value when the token allows reading it (sensitive = false)."""
         entry = self._open()
         label = self.labels(link).label
-        return await worker.run(lambda: token.current_value(entry, label=label))
+        return await self.worker.run(lambda: token.current_value(entry, label=label))
 
     async def object_ids(self, link: Link) -> dict[str, list[bytes]]:
         """IDs under the link's labels, by an authoritative search of the token (slow)."""
         entry = self._open()
         labels = self.labels(link).all()
-        return await worker.run(lambda: token.link_ids(entry, labels=labels))
+        return await self.worker.run(lambda: token.link_ids(entry, labels=labels))
 
 
 def _token_spec(options: Options) -> TokenSpec:

@@ -1,8 +1,12 @@
 """Blocking PKCS#11 operations; every function here runs on the worker thread (see worker.py).
 
-State is process-wide like the module it wraps: loaded modules, and one logged-in session per
-token shared by every sink on that token (PKCS#11 login state belongs to the application, so a
-second C_Login would only fail with CKR_USER_ALREADY_LOGGED_IN). Each open token keeps an index
+An agent keeps one logged-in session per token, shared by its sinks on that token: the `opened`
+table the caller passes in, held in the agent's stash (state.py), so two agents in one process
+share nothing of it. What is process-wide is the module's own state: it is loaded and
+C_Initialize'd once per process (`_libs`), and it may be re-initialised only while no agent has
+a session on it (`_sessions`). Login state belongs to the application too: a second agent on the
+same token finds it logged in (CKR_USER_ALREADY_LOGGED_IN) and opens its session without a PIN,
+and keeps the login only while the first agent's session stays open. Each open token keeps an index
 label -> objects, built with one scan when the token is opened and maintained by our own creates
 and destroys: SoftHSM's C_FindObjects costs O(objects on the token) (≈50 ms at 2,000 objects),
 which would dominate every rotation. A stale handle (someone else deleted an object) makes the
@@ -66,9 +70,9 @@ class TokenInfo:
 
 @dataclass
 class OpenToken:
-    """A logged-in session on one token, shared by every sink of the process using the token."""
+    """A logged-in session on one token, shared by the sinks of one agent using the token."""
 
-    key: tuple[str, str, int]
+    key: TokenKey
     session: Any
     info: TokenInfo
     users: int = 0
@@ -99,8 +103,13 @@ class InstallResult:
     relabelled: int
 
 
+TokenKey = tuple[str, str, int]
+"""(module, serial, slot ID): which token an `OpenToken` is on."""
+
 _libs: dict[str, Any] = {}
-_open: dict[tuple[str, str, int], OpenToken] = {}
+"""Loaded modules by path: C_Initialize happens once per process, whichever agent loads it."""
+_sessions: dict[str, int] = {}
+"""Sessions open on each module, all agents of the process together (see `_select`)."""
 
 
 def _pkcs11() -> Any:
@@ -174,7 +183,7 @@ def _select(spec: TokenSpec) -> tuple[Any, TokenInfo]:
                 f"{len(hits)} tokens in {spec.module} match {spec.selector.describe()}; "
                 "add serial= to the token URI"
             )
-        if attempt == 0 and not any(key[0] == spec.module for key in _open):
+        if attempt == 0 and not _sessions.get(spec.module):
             # Modules such as SoftHSM list tokens only as of C_Initialize; a token initialised
             # since then appears after a re-initialisation, which is safe with no open sessions.
             lib.reinitialize()
@@ -185,13 +194,14 @@ def _select(spec: TokenSpec) -> tuple[Any, TokenInfo]:
     )
 
 
-def acquire(spec: TokenSpec, pin: Secret) -> OpenToken:
-    """Open (or share) the logged-in session on the selected token; errors say what to fix."""
+def acquire(opened: dict[TokenKey, OpenToken], spec: TokenSpec, pin: Secret) -> OpenToken:
+    """Open (or share, from the agent's `opened`) the logged-in session on the selected token;
+    errors say what to fix."""
     assert in_worker()
     pkcs11 = _pkcs11()
     token, info = _select(spec)
     key = (spec.module, info.serial, info.slot_id)
-    entry = _open.get(key)
+    entry = opened.get(key)
     if entry is not None:
         entry.users += 1
         return entry
@@ -225,16 +235,23 @@ def acquire(spec: TokenSpec, pin: Secret) -> OpenToken:
     finally:
         del pin_text
     entry = OpenToken(key, session, info, users=1)
-    _open[key] = entry
+    opened[key] = entry
+    _sessions[spec.module] = _sessions.get(spec.module, 0) + 1
     return entry
 
 
-def release(entry: OpenToken) -> None:
+def release(opened: dict[TokenKey, OpenToken], entry: OpenToken) -> None:
+    """Drop one user of the agent's session; the last one closes it."""
     assert in_worker()
     entry.users -= 1
     if entry.users > 0:
         return
-    _open.pop(entry.key, None)
+    if opened.get(entry.key) is entry:
+        del opened[entry.key]
+    module = entry.key[0]
+    _sessions[module] -= 1
+    if not _sessions[module]:
+        del _sessions[module]
     entry.forget_index()
     try:
         entry.session.close()

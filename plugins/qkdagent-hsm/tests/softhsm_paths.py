@@ -1,7 +1,7 @@
 """Where distributions install SoftHSM2's PKCS#11 module; the tests and the benchmark look here.
 
-The sink itself never guesses: its `module` option (default `/usr/lib/softhsm/libsofthsm2.so`)
-names the module to load.
+Part of the test bed, not of the wheel: the sink never guesses; its `module` option (default
+`/usr/lib/softhsm/libsofthsm2.so`) names the module to load.
 """
 
 from __future__ import annotations
