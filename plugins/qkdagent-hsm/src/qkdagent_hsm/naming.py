@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import qkdagent
 
@@ -83,7 +84,8 @@ class Existing:
 
     label: str
     object_id: bytes
-    handle: object
+    handle: Any
+    """A python-pkcs11 object (token.py uses it; nothing here does)."""
 
 
 @dataclass(frozen=True)
