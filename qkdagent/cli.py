@@ -263,9 +263,9 @@ async def _reload(agent: Any, config_path: str) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """Everything `run` checks before it starts, without the peer, the ports or any change."""
     setup_logging("text")
-    from .components import build_components
     from .config import BUILTIN_PLUGINS
     from .interfaces import PluginContext
+    from .lifecycle import build_components
     from .validate import check_components, check_config
 
     try:

@@ -1,7 +1,8 @@
-"""Turning `[sources.*]` / `[sinks.*]` tables into plugin instances, and calling them safely.
+"""Handles on the agent's sources and sinks: every call to a plugin goes through one.
 
-The wrappers add what every call needs and no plugin should have to write: a timeout, logging
-without key bytes, and errors that name the component.
+The wrappers add what every call needs and no plugin should have to write: a timeout, checks
+of what came back, and errors that name the component and carry no key bytes. Building,
+preparing, running and closing components is `lifecycle.py`'s job.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ from typing import Any, TypeVar
 
 import trio
 
-from .config import AgentConfig, ComponentConfig
-from .errors import ConfigError, QkdAgentError, SinkError, SourceError, SourceUnavailable
-from .interfaces import KeyMeta, Link, PluginContext, Sink, Source
-from .plugins import Plugins
-from .secret import Key, Secret
+from .errors import QkdAgentError, SinkError, SourceError, SourceUnavailable
+from .interfaces import Answered, KeyMeta, Link, Sink, Source
+from .protocol import MAX_ANSWER
+from .secret import MAX_KEY_ID_ANY, Key, Secret
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -29,6 +29,11 @@ class SourceHandle:
     type: str
     timeout: float
     source: Source
+    kind = "source"
+
+    @property
+    def component(self) -> Source:
+        return self.source
 
     async def new_key(self, link: Link) -> Key:
         key = await _guarded("new_key", self.timeout, SourceError, self.source.new_key(link))
@@ -42,6 +47,56 @@ class SourceHandle:
         if key.key_id != key_id:
             raise SourceError(f"source {self.id!r} returned a different key ID than asked for")
         return key
+
+    @property
+    def max_key_id(self) -> int:
+        return min(self.source.max_key_id, MAX_KEY_ID_ANY)
+
+    async def offer(self, link: Link, state: bytes | None) -> Key:
+        """Initiator: a fresh key, the source seeing the link's committed source state."""
+        key = _checked(
+            self.id,
+            await _guarded("new_key", self.timeout, SourceError, self.source.offer(link, state)),
+        )
+        if len(key.key_id.encode()) > self.max_key_id:
+            raise SourceError(f"source {self.id!r} returned a key ID over its max_key_id")
+        return key
+
+    async def answer(self, link: Link, key_id: str, state: bytes | None) -> Answered:
+        """Responder: the key the peer's source handed out under `key_id`, with any answer
+        and new source state (checked: the right ID, bounded sizes)."""
+        answered = await _guarded(
+            "key_by_id", self.timeout, SourceError, self.source.answer(link, key_id, state)
+        )
+        if not isinstance(answered, Answered):
+            raise SourceError(f"source {self.id!r} answered {type(answered).__name__}")
+        if _checked(self.id, answered.key).key_id != key_id:
+            raise SourceError(f"source {self.id!r} returned a different key ID than asked for")
+        if len(answered.answer) > MAX_ANSWER:
+            raise SourceError(f"source {self.id!r} answered more than {MAX_ANSWER} bytes")
+        return Answered(answered.key, answered.answer, _state(self.id, answered.state))
+
+    async def accept_answer(self, link: Link, answer: bytes, state: bytes | None) -> bytes | None:
+        """Initiator: the responder's answer; returns the link's new source state."""
+        new = await _guarded(
+            "accept_answer",
+            self.timeout,
+            SourceError,
+            self.source.accept_answer(link, answer, state),
+        )
+        return _state(self.id, new)
+
+
+MAX_SOURCE_STATE = 64 * 1024
+"""Largest per-link source state the core stores (a KEM private key is a few KiB)."""
+
+
+def _state(source_id: str, state: object) -> bytes | None:
+    if state is not None and not isinstance(state, bytes):
+        raise SourceError(f"source {source_id!r} returned a {type(state).__name__} state")
+    if state is not None and len(state) > MAX_SOURCE_STATE:
+        raise SourceError(f"source {source_id!r} keeps more than {MAX_SOURCE_STATE} bytes")
+    return state
 
 
 def _checked(source_id: str, key: object) -> Key:
@@ -57,6 +112,11 @@ class SinkHandle:
     timeout: float
     sink: Sink
     local_only: bool = False
+    kind = "sink"
+
+    @property
+    def component(self) -> Sink:
+        return self.sink
 
     async def install(self, link: Link, secret: Secret, meta: KeyMeta) -> None:
         await self._call("install", self.sink.install(link, secret, meta))
@@ -98,49 +158,13 @@ class Components:
     sources: dict[str, SourceHandle]
     sinks: dict[str, SinkHandle]
 
+    def handles(self) -> list[Handle]:
+        """Every handle, sources first, each in config order."""
+        return [*self.sources.values(), *self.sinks.values()]
+
     def all(self) -> list[Source | Sink]:
-        return [h.source for h in self.sources.values()] + [h.sink for h in self.sinks.values()]
+        return [h.component for h in self.handles()]
 
 
-def build_components(config: AgentConfig, plugins: Plugins, context: PluginContext) -> Components:
-    """Instantiate every configured source and sink (options validated, no I/O yet)."""
-    sources = {
-        cid: SourceHandle(cid, c.type, c.timeout, _make(c, plugins.sources, context, "source"))
-        for cid, c in config.sources.items()
-    }
-    sinks = {
-        cid: SinkHandle(
-            cid, c.label, c.timeout, _make(c, plugins.sinks, context, "sink"), c.local_only
-        )
-        for cid, c in config.sinks.items()
-    }
-    return Components(sources, sinks)
-
-
-def _make(
-    component: ComponentConfig,
-    table: dict[str, tuple[type], str] | dict,
-    context: PluginContext,
-    what: str,
-) -> object:
-    entry = table.get(component.type)
-    if entry is None:
-        known = ", ".join(sorted(table)) or "none"
-        raise component.options.error(
-            "type",
-            f"unknown {what} type {component.type!r} (known: {known}; is its plugin listed in "
-            "[agent] plugins?)",
-        )
-    cls = entry[0]
-    try:
-        instance = cls(component.id, component.options, context)
-    except ConfigError:
-        raise
-    except Exception as exc:
-        # Only the type: a plugin's message might quote a value it read (a secret file, say).
-        # Plugins report option problems as ConfigError (options.error), which passes above.
-        raise component.options.error(
-            "type", f"{cls.__name__} rejected its options ({type(exc).__name__})"
-        ) from None
-    component.options.finish()
-    return instance
+Handle = SourceHandle | SinkHandle
+"""One handle type for code that treats sources and sinks alike (prepare, run, close)."""

@@ -135,6 +135,8 @@ def load_config(path: str | Path) -> AgentConfig:
         data = tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("(syntax)", f"not valid TOML: {exc}", file=str(path)) from None
+    except ValueError:  # an integer of more than 4,300 digits (int's conversion limit)
+        raise ConfigError("(syntax)", "a number is too long", file=str(path)) from None
     except RecursionError:  # tomllib recurses once per nested array or inline table
         raise ConfigError("(syntax)", "nested too deeply", file=str(path)) from None
     return parse_config(data, file=path)

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import trio
 
+from .errors import SourceError
 from .events import ComponentEvent
 from .options import Options
 from .secret import Key, Secret
@@ -123,12 +124,33 @@ class _Configurable(abc.ABC):
         return f"<{type(self).__name__} {self.name!r} type={self.type_name!r}>"
 
 
+@dataclass(frozen=True)
+class Answered:
+    """What an exchange source's responder side returns (DESIGN v2 §3)."""
+
+    key: Key
+    answer: bytes = b""
+    """Sent MAC'd to the initiator in the `rotate-reply` (a KEM's next public key, say) and
+    bound into the transcript; the initiator's source gets it in `accept_answer`."""
+    state: bytes | None = None
+    """The link's new source state, committed with the epoch (None: none kept)."""
+
+
 class Source(_Configurable):
     """A supplier of single-use symmetric keys shared with the peer's source.
 
     Cancellation: if a call is cancelled after the key was taken from the device, the key is lost
     (QKD keys are single-use); the core then starts a new rotation rather than reuse an ID.
+
+    Exchange sources (a KEM, an interactive protocol) also override `offer`, `answer` and
+    `accept_answer`: they see the link's **source state**, opaque bytes the core keeps per link
+    and source and commits in the same transaction as the epoch (so a crash never leaves the
+    state and the epoch disagreeing, and a state replaced at a commit is gone from disk with
+    the old chain key). After a resync the state starts again from None.
     """
+
+    max_key_id: ClassVar[int] = 256
+    """Longest key ID (UTF-8 bytes) this source hands out; a KEM ciphertext needs more."""
 
     @abc.abstractmethod
     async def new_key(self, link: Link) -> Key:
@@ -140,6 +162,23 @@ class Source(_Configurable):
 
         Raise `KeyNotFound` if the source does not hold it (after any safe retries).
         """
+
+    async def offer(self, link: Link, state: bytes | None) -> Key:
+        """Initiator side of an exchange source: `new_key` that sees the link's committed
+        source state (None before the first rotation and after a resync)."""
+        return await self.new_key(link)
+
+    async def answer(self, link: Link, key_id: str, state: bytes | None) -> Answered:
+        """Responder side of an exchange source: `key_by_id` that may answer and replace the
+        link's source state (both take effect only if the epoch commits)."""
+        return Answered(await self.key_by_id(link, key_id), b"", state)
+
+    async def accept_answer(self, link: Link, answer: bytes, state: bytes | None) -> bytes | None:
+        """Initiator side: the responder's answer, before the epoch is derived; returns the
+        link's new source state. A plain source refuses a non-empty answer."""
+        if answer:
+            raise SourceError(f"source {self.name!r} takes no answer from the peer")
+        return state
 
 
 class Sink(_Configurable):
@@ -158,4 +197,4 @@ class Sink(_Configurable):
         """Fail closed: replace the link's key by a random non-matching one, or remove it."""
 
 
-__all__ = ["Key", "KeyMeta", "Link", "PluginContext", "Secret", "Sink", "Source"]
+__all__ = ["Answered", "Key", "KeyMeta", "Link", "PluginContext", "Secret", "Sink", "Source"]

@@ -190,8 +190,12 @@ class Options:
             return value if value is None else self._base / value
         if "\0" in value:
             self.fail(name, "must not contain a NUL character")
-        result = self._base / os.path.expanduser(value)
-        if must_exist and not result.exists():
+        try:
+            result = self._base / os.path.expanduser(value)
+            exists = not must_exist or result.exists()
+        except (OSError, ValueError) as exc:  # a name too long for the filesystem, say
+            self.fail(name, f"is not a usable path ({type(exc).__name__})")
+        if not exists:
             self.fail(name, f"{result} does not exist")
         return result
 

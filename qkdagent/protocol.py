@@ -27,7 +27,7 @@ from typing import Any
 
 from .errors import ProtocolError
 from .ratchet import enc
-from .secret import Secret, check_key_id
+from .secret import MAX_KEY_ID_ANY, Secret, check_key_id
 
 VERSION = 1
 MAX_BODY = 64 * 1024
@@ -40,14 +40,17 @@ RESYNC_CEILING = 2**48
 Honest links only ever step by one, so they never get near it; a resync at most this high
 leaves 2**62 - 2**48 rotations of headroom, so no input can strand a link near MAX_EPOCH."""
 MAX_LABELS = 64
+MAX_ANSWER = 8192
+"""Largest answer of an exchange source (an ML-KEM-1024 public key is 1,568 bytes)."""
+MAX_ANSWER_B64 = 4 * (MAX_ANSWER // 3 + 1)
 MAX_JSON_DEPTH = 8
 """Deeper nesting than any valid message has: refused before `json.loads` recurses."""
 
 _FIELDS: dict[str, set[str]] = {
     "rotate": {"keys", "labels", "nonce"},
     "resync": {"keys", "labels", "nonce"},
-    "rotate-reply": {"nonce", "request_nonce", "confirm"},
-    "resync-reply": {"nonce", "request_nonce", "confirm"},
+    "rotate-reply": {"nonce", "request_nonce", "confirm", "answers"},
+    "resync-reply": {"nonce", "request_nonce", "confirm", "answers"},
     "commit": {"nonce", "confirm"},
     "commit-reply": {"request_nonce"},
 }
@@ -62,8 +65,8 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _unb64(value: object, field: str, *, size: int | None = None) -> bytes:
-    if not isinstance(value, str) or len(value) > 200:
+def _unb64(value: object, field: str, *, size: int | None = None, limit: int = 200) -> bytes:
+    if not isinstance(value, str) or len(value) > limit:
         raise ProtocolError(f"field {field!r} must be a base64 string")
     try:
         data = base64.b64decode(value, validate=True)
@@ -101,6 +104,11 @@ class Message:
     @property
     def keys(self) -> tuple[tuple[str, str], ...]:
         return tuple((s, k) for s, k in self.fields["keys"])
+
+    @property
+    def answers(self) -> tuple[tuple[str, bytes], ...]:
+        """Exchange sources' answers (source, bytes), in config order (DESIGN v2 §3)."""
+        return tuple((s, base64.b64decode(a)) for s, a in self.fields["answers"])
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -230,9 +238,19 @@ def _check_fields(message: Message) -> None:
             if not item[0] or len(item[0]) > MAX_NAME:
                 raise ProtocolError("a source name in 'keys' is empty or too long")
             try:
-                check_key_id(item[1])
+                check_key_id(item[1], MAX_KEY_ID_ANY)  # the source's own limit: responder rules
             except (ValueError, TypeError) as exc:
                 raise ProtocolError(f"bad key ID in 'keys': {exc}") from None
+    if "answers" in names:
+        answers = message.fields["answers"]
+        if not isinstance(answers, list) or len(answers) > MAX_SOURCES:
+            raise ProtocolError(f"field 'answers' must list at most {MAX_SOURCES} answers")
+        for item in answers:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+                raise ProtocolError("each entry of 'answers' must be [source, base64]")
+            if not 0 < len(item[0]) <= MAX_NAME:
+                raise ProtocolError("a source name in 'answers' is empty or too long")
+            _unb64(item[1], "answers", limit=MAX_ANSWER_B64)
     if "labels" in names:
         labels = message.fields["labels"]
         if not isinstance(labels, list) or len(labels) > MAX_LABELS:

@@ -73,10 +73,14 @@ class Transcript:
     """(source name, key ID) pairs in config order."""
     initiator_nonce: bytes
     responder_nonce: bytes
+    labels: tuple[str, ...] = ()
+    """The shared sink labels, sorted (DESIGN v2 §4: both sides compared them)."""
+    answers: tuple[tuple[str, bytes], ...] = ()
+    """(source name, answer) of exchange sources, in config order; empty for plain sources."""
 
     def digest(self) -> bytes:
         parts = [
-            enc("qkdagent v1 transcript"),
+            enc("qkdagent v2 transcript"),
             enc(self.link),
             enc(self.initiator),
             enc(self.responder),
@@ -86,6 +90,11 @@ class Transcript:
         for source, key_id in self.key_ids:
             parts += [enc(source), enc(key_id)]
         parts += [enc(self.initiator_nonce), enc(self.responder_nonce)]
+        parts.append(len(self.labels).to_bytes(4, "big"))
+        parts += [enc(label) for label in self.labels]
+        parts.append(len(self.answers).to_bytes(4, "big"))
+        for source, answer in self.answers:
+            parts += [enc(source), enc(answer)]
         return hashlib.sha3_256(b"".join(parts)).digest()
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from . import protocol, ratchet
 from .identity import PeerIdentity
-from .secret import Secret
+from .secret import MAX_KEY_ID_BYTES, Secret
 from .state import LinkRecord, Pending
 
 
@@ -41,6 +41,8 @@ class LinkFacts:
     shared_labels: tuple[str, ...]
     """Sorted labels of the sinks that are not `local_only`."""
     start: ratchet.ChainStart
+    max_key_ids: tuple[int, ...] = ()
+    """Each source's longest key ID in bytes (empty: the default 256 for every source)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,10 @@ def on_rotate(
         return Refuse("auth", "message authentication failed", 403)
     if tuple(s for s, _ in message.keys) != facts.source_ids:
         return Refuse("sources", "the peer's sources differ from this link's", 400)
+    limits = facts.max_key_ids or (MAX_KEY_ID_BYTES,) * len(facts.source_ids)
+    for (source, key_id), limit in zip(message.keys, limits, strict=True):
+        if len(key_id.encode("utf-8")) > limit:
+            return Refuse("sources", f"key ID for source {source!r} is over {limit} bytes", 400)
     if message.labels != facts.shared_labels:
         return Refuse("labels", label_mismatch(facts.shared_labels, message.labels), 409)
     return Derive(chain_key, auth_key)

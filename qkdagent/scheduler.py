@@ -117,7 +117,10 @@ def after_success(clock: Clock, timing: Timing, now: float, rand: float) -> Cloc
 def after_failure(clock: Clock, timing: Timing, now: float) -> Clock:
     """Exponential backoff, capped, and never past the next regular rotation time."""
     failures = clock.failures + 1
-    delay = min(timing.backoff_max, timing.backoff_min * 2 ** (failures - 1), timing.interval)
+    # the exponent is capped: 2.0 ** 1024 would overflow after a long outage
+    delay = min(
+        timing.backoff_max, timing.backoff_min * 2.0 ** min(failures - 1, 60), timing.interval
+    )
     return replace(clock, next_attempt=now + delay, failures=failures)
 
 

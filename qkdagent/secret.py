@@ -14,6 +14,9 @@ import os
 from dataclasses import dataclass
 
 MAX_KEY_ID_BYTES = 256
+MAX_KEY_ID_ANY = 4096
+"""Hard cap on any key ID, whatever a source declares (an ML-KEM-1024 ciphertext in base64 is
+2,092 bytes)."""
 
 
 class Secret:
@@ -67,14 +70,15 @@ class Secret:
         return bool(self._buf)
 
 
-def check_key_id(key_id: object) -> str:
-    """Validate an opaque key ID from a source or a peer (non-empty text, ≤256 bytes, printable)."""
+def check_key_id(key_id: object, limit: int = MAX_KEY_ID_BYTES) -> str:
+    """Validate an opaque key ID from a source or a peer: non-empty printable text of at most
+    `limit` UTF-8 bytes (256 by default; a source may declare more, up to MAX_KEY_ID_ANY)."""
     if not isinstance(key_id, str):
         raise ValueError("key ID must be a string")
     if not key_id:
         raise ValueError("key ID is empty")
-    if len(key_id.encode("utf-8")) > MAX_KEY_ID_BYTES:
-        raise ValueError(f"key ID is longer than {MAX_KEY_ID_BYTES} bytes")
+    if len(key_id.encode("utf-8")) > limit:
+        raise ValueError(f"key ID is longer than {limit} bytes")
     if not key_id.isprintable():
         raise ValueError("key ID contains control characters")
     return key_id
@@ -88,7 +92,7 @@ class Key:
     value: Secret
 
     def __post_init__(self) -> None:
-        check_key_id(self.key_id)
+        check_key_id(self.key_id, MAX_KEY_ID_ANY)  # the source's own limit is checked by the core
         if not isinstance(self.value, Secret):
             raise TypeError("Key.value must be a Secret")
         if len(self.value) == 0:

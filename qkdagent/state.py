@@ -79,6 +79,18 @@ CREATE TABLE IF NOT EXISTS used_key_ids (
     PRIMARY KEY (link, source, key_id)
 );
 CREATE INDEX IF NOT EXISTS used_key_ids_seq ON used_key_ids (link, seq);
+CREATE TABLE IF NOT EXISTS source_state (
+    link TEXT NOT NULL,
+    source TEXT NOT NULL,
+    state BLOB NOT NULL,
+    PRIMARY KEY (link, source)
+);
+CREATE TABLE IF NOT EXISTS pending_source_state (
+    link TEXT NOT NULL,
+    source TEXT NOT NULL,
+    state BLOB NOT NULL,
+    PRIMARY KEY (link, source)
+);
 """
 
 
@@ -97,6 +109,8 @@ class Pending:
     outputs: dict[str, Secret]
     reply: bytes
     created_at: float
+    source_state: dict[str, bytes] = field(default_factory=dict)
+    """Exchange sources' per-link state for this epoch, committed with it."""
 
 
 @dataclass
@@ -110,6 +124,8 @@ class LinkRecord:
     committed_at: float | None
     outputs: dict[str, Secret] = field(default_factory=dict)
     pending: Pending | None = None
+    source_state: dict[str, bytes] = field(default_factory=dict)
+    """Exchange sources' per-link state (DESIGN v2 §3), as of the committed epoch."""
 
 
 def _ids_json(key_ids: tuple[tuple[str, str], ...]) -> str:
@@ -161,6 +177,11 @@ class StateStore:
         self._batch_lock = trio.Lock()
         self._queue: list[_Job] = []
         self._scrub_due = trio.Event()
+
+    @property
+    def threaded(self) -> bool:
+        """Whether writes run on a worker thread (and `scrub_log` should run beside them)."""
+        return self._threaded
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run a blocking store method on a worker thread, with group commit.
@@ -257,7 +278,25 @@ class StateStore:
             )
         }
         record.pending = self._load_pending(name)
+        record.source_state = self._load_source_state("source_state", name)
+        if record.pending is not None:
+            record.pending.source_state = self._load_source_state("pending_source_state", name)
         return record
+
+    def _load_source_state(self, table: str, name: str) -> dict[str, bytes]:
+        rows = self._db.execute(
+            f"SELECT source, state FROM {table} WHERE link = ?",  # noqa: S608 - fixed names
+            (name,),
+        )
+        return {source: bytes(state) for source, state in rows}
+
+    def _write_source_state(self, table: str, name: str, states: dict[str, bytes]) -> None:
+        self._db.execute(f"DELETE FROM {table} WHERE link = ?", (name,))  # noqa: S608
+        for source, state in states.items():
+            self._db.execute(
+                f"INSERT INTO {table} VALUES (?, ?, ?)",  # noqa: S608
+                (name, source, state),
+            )
 
     def _load_pending(self, name: str) -> Pending | None:
         row = self._db.execute(
@@ -301,6 +340,8 @@ class StateStore:
     def _reset(self, name: str, peer: str, chain_key: Secret, auth_key: Secret) -> None:
         self._db.execute("DELETE FROM outputs WHERE link = ?", (name,))
         self._db.execute("DELETE FROM pending WHERE link = ?", (name,))
+        self._write_source_state("source_state", name, {})
+        self._write_source_state("pending_source_state", name, {})
         self._db.execute(
             "INSERT OR REPLACE INTO links VALUES (?, ?, 0, ?, ?, '[]', NULL)",
             (name, peer, chain_key.reveal(), auth_key.reveal()),
@@ -344,6 +385,7 @@ class StateStore:
                     pending.created_at,
                 ),
             )
+            self._write_source_state("pending_source_state", name, pending.source_state)
 
     def commit(
         self,
@@ -356,8 +398,10 @@ class StateStore:
         outputs: dict[str, Secret],
         committed_at: float | None = None,
         mark_used: bool = False,
+        source_state: dict[str, bytes] | None = None,
     ) -> LinkRecord:
-        """Make `epoch` current, overwriting the previous chain key and outputs.
+        """Make `epoch` current, overwriting the previous chain key, outputs and source state
+        (`source_state` replaces the link's whole source state; None or {} clears it).
 
         With `mark_used`, the key IDs are recorded as used in the same transaction (and the
         commit is refused, changing nothing, if any was used before). Returns the new record.
@@ -386,14 +430,24 @@ class StateStore:
                     "INSERT INTO outputs VALUES (?, ?, ?)", (name, label, secret.reveal())
                 )
             self._db.execute("DELETE FROM pending WHERE link = ?", (name,))
+            self._write_source_state("pending_source_state", name, {})
+            states = source_state or {}
+            self._write_source_state("source_state", name, states)
             peer = self._db.execute("SELECT peer FROM links WHERE name = ?", (name,)).fetchone()[0]
         return LinkRecord(
-            name, peer, epoch, chain_key, auth_key, key_ids, committed_at, dict(outputs)
-        )
+            name, peer, epoch, chain_key, auth_key, key_ids, committed_at, dict(outputs),
+            source_state=dict(states),
+        )  # fmt: skip
 
     def drop(self, name: str) -> None:
         with self._tx():
-            for table in ("outputs", "pending", "used_key_ids"):
+            for table in (
+                "outputs",
+                "pending",
+                "used_key_ids",
+                "source_state",
+                "pending_source_state",
+            ):
                 self._db.execute(f"DELETE FROM {table} WHERE link = ?", (name,))  # noqa: S608
             self._db.execute("DELETE FROM links WHERE name = ?", (name,))
 

@@ -13,7 +13,7 @@ import trio.testing
 from qkdagent import KeyMeta, Link, Misconfigured, Options, PluginContext, Secret, Sink
 from qkdagent.components import SinkHandle
 from qkdagent.errors import StartupError
-from qkdagent.preparing import prepare_all
+from qkdagent.lifecycle import prepare_all
 
 Behaviour = Callable[[], Awaitable[None]]
 

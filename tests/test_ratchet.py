@@ -44,7 +44,7 @@ def _independent(case: dict) -> list[dict]:
         )
         prk = _extract(c, ikm)
         t = hashlib.sha3_256(
-            _enc("qkdagent v1 transcript")
+            _enc("qkdagent v2 transcript")
             + _enc(case["link"])
             + _enc(case["initiator"])
             + _enc(case["responder"])
@@ -53,6 +53,10 @@ def _independent(case: dict) -> list[dict]:
             + b"".join(_enc(s["source"]) + _enc(s["key_id"]) for s in srcs)
             + _enc(bytes.fromhex(ep["initiator_nonce"]))
             + _enc(bytes.fromhex(ep["responder_nonce"]))
+            + len(case["labels"]).to_bytes(4, "big")
+            + b"".join(_enc(label) for label in sorted(case["labels"]))
+            + len(ep["answers"]).to_bytes(4, "big")
+            + b"".join(_enc(a["source"]) + _enc(bytes.fromhex(a["answer"])) for a in ep["answers"])
         ).digest()
         conf = _expand32(prk, _enc("qkdagent v1 confirm") + t)
         result = {
@@ -102,6 +106,8 @@ def test_qkdagent_ratchet_matches_vectors(case: dict) -> None:
             tuple((i.source, i.key_id) for i in inputs),
             bytes.fromhex(ep["initiator_nonce"]),
             bytes.fromhex(ep["responder_nonce"]),
+            labels=tuple(sorted(case["labels"])),
+            answers=tuple((a["source"], bytes.fromhex(a["answer"])) for a in ep["answers"]),
         )
         keys = ratchet.rotate(chain, inputs, transcript, case["labels"])
         assert keys.chain_key.reveal().hex() == ep["chain_key"]

@@ -36,7 +36,7 @@ def test_secret_never_shows_its_bytes() -> None:
     assert secret.reveal() == bytes(32)
 
 
-@pytest.mark.parametrize("key_id", ["", "a\nb", "x" * 257, 5])
+@pytest.mark.parametrize("key_id", ["", "a\nb", "x" * 4097, 5])  # 4096: MAX_KEY_ID_ANY
 def test_bad_key_ids_are_refused(key_id: object) -> None:
     with pytest.raises((ValueError, TypeError)):
         Key(key_id, Secret(b"k" * 32))  # type: ignore[arg-type]
@@ -109,7 +109,7 @@ def test_protocol_roundtrip_and_mac() -> None:
         (_msg(epoch=0), "positive integer"),
         (_msg(keys=[]), "1-16 source keys"),
         (_msg(keys=[["s", ""]]), "bad key ID"),
-        (_msg(keys=[["s", "x" * 300]]), "longer than 256 bytes"),
+        (_msg(keys=[["s", "x" * 4097]]), "longer than 4096 bytes"),  # per source: rules
         (_msg(keys=[["s"]]), "[source, key_id]"),
         (_msg(nonce=b"short"), "must decode to 32 bytes"),
         (_msg(link="x" * 200), "1-128 characters"),
@@ -255,7 +255,7 @@ async def test_superseded_keys_leave_every_state_file_after_commit(
 
 
 def test_peer_error_text_cannot_forge_log_lines() -> None:
-    from qkdagent.link import _printable
+    from qkdagent.initiator import _printable
 
     forged = "bad\nWARNING qkdagent.link: link x: committed epoch 99\x1b[2J" + "y" * 500
     text = _printable(forged)

@@ -133,7 +133,11 @@ class AgentPair:
 
     async def start(self, name: str) -> Agent:
         """Start (or restart, with the same state dir) one side."""
-        agent = Agent(parse_config(self.configs[name]), network=self.network)
+        config = parse_config(self.configs[name])
+        transport = None
+        if self.network is not None:
+            transport = self.network.transport(name, f"https://{config.agent.listen}")
+        agent = Agent(config, transport=transport)
         stop, done = trio.Event(), trio.Event()
 
         async def run(task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED) -> None:

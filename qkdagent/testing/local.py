@@ -36,6 +36,10 @@ class LocalNetwork:
     def detach(self, url: str) -> None:
         self.handlers.pop(url, None)
 
+    def transport(self, name: str, url: str) -> LocalTransport:
+        """The in-process transport of agent `name`, reachable at `url`."""
+        return LocalTransport(self, name, url)
+
     def client(self, identity: PeerIdentity) -> LocalClient:
         """A client whose requests reach handlers as coming from a certificate naming
         `identity` (what mutual TLS would have shown the server)."""
@@ -69,6 +73,35 @@ class LocalClient:
 
     async def aclose(self) -> None:
         pass
+
+
+class LocalTransport:
+    """`qkdagent.transport.Transport` in process: requests are direct calls of the peer's
+    handler, state writes run inline (no thread for the autojump clock to leap over), and
+    there is no status endpoint (tests call `agent.describe()`)."""
+
+    threaded_state = False
+
+    def __init__(self, network: LocalNetwork, name: str, url: str) -> None:
+        self.network = network
+        self.identity = PeerIdentity(dns=(name,))
+        self.url = url
+
+    async def serve_peers(
+        self, handler: Handler, metrics: object, *, task_status: trio.TaskStatus[list[str]]
+    ) -> None:
+        self.network.attach(self.url, handler, self.identity)
+        try:
+            task_status.started([self.url])
+            await trio.sleep_forever()
+        finally:
+            self.network.detach(self.url)
+
+    async def serve_status(self, app: object, *, task_status: trio.TaskStatus[list[str]]) -> None:
+        task_status.started([])
+
+    def client(self) -> LocalClient:
+        return self.network.client(self.identity)
 
 
 class ConnectionRefused(httpx.ConnectError):

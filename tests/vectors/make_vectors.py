@@ -40,6 +40,11 @@ def main() -> None:
                 )
                 for name, size in sources
             ]
+            answers = tuple(
+                (name, det(f"{case} answer {name} {epoch}", 48))
+                for name, _ in sources
+                if name == "pqc"  # an exchange source (DESIGN v2 §3) answers the initiator
+            )
             transcript = ratchet.Transcript(
                 link,
                 "alice",
@@ -48,6 +53,8 @@ def main() -> None:
                 tuple((i.source, i.key_id) for i in inputs),
                 det(f"{case} nonce i {epoch}"),
                 det(f"{case} nonce r {epoch}"),
+                labels=tuple(sorted(labels)),
+                answers=answers,
             )
             keys = ratchet.rotate(chain, inputs, transcript, labels)
             epochs.append(
@@ -57,6 +64,7 @@ def main() -> None:
                         {"source": i.source, "key_id": i.key_id, "key": i.key.reveal().hex()}
                         for i in inputs
                     ],
+                    "answers": [{"source": n, "answer": a.hex()} for n, a in answers],
                     "initiator_nonce": transcript.initiator_nonce.hex(),
                     "responder_nonce": transcript.responder_nonce.hex(),
                     "transcript_hash": keys.transcript_hash.hex(),
@@ -83,7 +91,10 @@ def main() -> None:
         )
     print(
         json.dumps(
-            {"description": "qkdagent v1 key schedule test vectors, see README", "cases": cases},
+            {
+                "description": "qkdagent key schedule test vectors (transcript v2), see README",
+                "cases": cases,
+            },
             indent=2,
         )
     )

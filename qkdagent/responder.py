@@ -1,0 +1,192 @@
+"""The responder's side of a rotation (DESIGN §4 steps 3 and 5): carry out what the pure rules
+of `responder_rules.py` decide — fetch the keys by ID, derive, store the pending epoch durably,
+answer; commit and install on `commit`.
+
+Every refusal is decided before any state changes, and answered with an authenticated
+`refusal` bound to the request (DESIGN v2 §4).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import protocol, ratchet
+from . import responder_rules as rules
+from .errors import KeyNotFound, KeyReuseError, ProtocolError, QkdAgentError
+from .faults import crash_point
+from .identity import PeerIdentity
+from .interfaces import Answered
+from .state import Pending
+
+if TYPE_CHECKING:
+    from .link import LinkRuntime
+
+
+class Responder:
+    def __init__(self, link: LinkRuntime) -> None:
+        self.link = link
+        self.env = link.env
+        self.name = link.name
+        self.peer = link.config.peer
+
+    async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
+        """Answer a peer request; a refusal raises ProtocolError carrying its reply body."""
+        message = protocol.parse(body, expect=(action,))
+        rejected = rules.admit(self.link.facts, self.name, message, identity)
+        if rejected is not None:
+            raise ProtocolError(rejected.message, status=rejected.status)
+        conflict = rules.role_conflict(self.link.facts, action)
+        if conflict is not None:
+            raise self._refuse(conflict, body)
+        async with self.link.lock:
+            if action == "commit":
+                return await self._on_commit(message, body)
+            return await self._on_rotate(message, body)
+
+    def _refuse(self, refusal: rules.Refuse, body: bytes) -> ProtocolError:
+        """An authenticated refusal of the request `body` (DESIGN v2 §4), as an exception."""
+        reply = protocol.build_refusal(
+            refusal.code,
+            refusal.message,
+            link=self.name,
+            sender=self.env.agent_name,
+            receiver=self.peer,
+            epoch=rules.epoch_floor(self.link.record),
+            request=protocol.request_digest(body),
+            bootstrap_auth=self.link.start.auth_key,
+        )
+        return ProtocolError(refusal.message, status=refusal.status, body=reply)
+
+    async def _on_rotate(self, message: protocol.Message, body: bytes) -> bytes:
+        link = self.link
+        decision = rules.on_rotate(link.facts, link.record, message, body)
+        if isinstance(decision, rules.CommitPendingFirst):
+            await self.commit_pending(decision.pending)
+            decision = rules.on_rotate(link.facts, link.record, message, body)
+        if isinstance(decision, rules.Retransmit):
+            return decision.reply  # same answer, no state change
+        if isinstance(decision, rules.Refuse):
+            if decision.code == "labels":
+                link.failed(link.record.epoch, "peer", decision.message)
+            raise self._refuse(decision, body)
+        assert isinstance(decision, rules.Derive)
+        record = link.record
+        key_ids = message.keys
+        states = {} if message.kind == "resync" else record.source_state
+        answered: list[Answered] = []
+        # Key reuse is refused when the pending epoch is stored (one transaction with the check);
+        # a message with used IDs can only come from the authenticated peer (MAC checked above).
+        for source, (_, key_id) in zip(link.sources, key_ids, strict=True):
+            try:
+                answered.append(await source.answer(link.link, key_id, states.get(source.id)))
+            except KeyNotFound as exc:
+                link.failed(record.epoch, "source", f"source {source.id!r}: {exc}")
+                refusal = rules.Refuse("key-not-found", f"source {source.id!r}: {exc}", 409)
+                raise self._refuse(refusal, body) from None
+            except QkdAgentError as exc:
+                link.failed(record.epoch, "source", f"source {source.id!r}: {exc}")
+                refusal = rules.Refuse("source", f"source {source.id!r} failed", 503)
+                raise self._refuse(refusal, body) from None
+        crash_point("responder:keys-fetched")
+        nonce = protocol.new_nonce()
+        answers = tuple(
+            (source.id, a.answer)
+            for source, a in zip(link.sources, answered, strict=True)
+            if a.answer
+        )
+        transcript = ratchet.Transcript(
+            self.name,
+            self.peer,
+            self.env.agent_name,
+            message.epoch,
+            key_ids,
+            message.nonce,
+            nonce,
+            labels=link.sinks.shared_labels,
+            answers=answers,
+        )
+        inputs = [
+            ratchet.SourceInput(s, a.key.key_id, a.key.value)
+            for (s, _), a in zip(key_ids, answered, strict=True)
+        ]
+        derived = ratchet.rotate(decision.chain_key, inputs, transcript, link.sinks.labels)
+        reply = protocol.build(
+            message.kind + "-reply",
+            link=self.name,
+            sender=self.env.agent_name,
+            receiver=self.peer,
+            epoch=message.epoch,
+            auth_key=decision.auth_key,
+            nonce=nonce,
+            request_nonce=message.nonce,
+            confirm=ratchet.confirmation(derived, "responder"),
+            answers=[[source, protocol.b64(answer)] for source, answer in answers],
+        )
+        pending = Pending(
+            epoch=message.epoch,
+            kind=message.kind,
+            request_digest=protocol.request_digest(body),
+            key_ids=key_ids,
+            chain_key=derived.chain_key,
+            auth_key=derived.auth_key,
+            confirm_key=derived.confirm_key,
+            transcript_hash=derived.transcript_hash,
+            outputs=derived.outputs,
+            reply=reply,
+            created_at=time.time(),
+            source_state={
+                source.id: a.state
+                for source, a in zip(link.sources, answered, strict=True)
+                if a.state is not None
+            },
+        )
+        store = self.env.store
+        try:
+            await store.run(lambda: store.store_pending(self.name, pending, mark_used=True))
+        except KeyReuseError:
+            refusal = rules.Refuse("replay", "key ID already used on this link", 409)
+            raise self._refuse(refusal, body) from None
+        record.pending = pending
+        crash_point("responder:pending-stored")
+        return reply
+
+    async def _on_commit(self, message: protocol.Message, body: bytes) -> bytes:
+        link = self.link
+        decision = rules.on_commit(link.facts, link.record, message)
+        if isinstance(decision, rules.Refuse):
+            raise self._refuse(decision, body)
+        if isinstance(decision, rules.CommitPending):
+            await self.commit_pending(decision.pending)
+        return protocol.build(
+            "commit-reply",
+            link=self.name,
+            sender=self.env.agent_name,
+            receiver=self.peer,
+            epoch=message.epoch,
+            auth_key=link.record.auth_key,
+            request_nonce=message.nonce,
+        )
+
+    async def commit_pending(self, pending: Pending) -> None:
+        """Make the pending epoch current (with its sources' state), then install it."""
+        link = self.link
+        started = trio.current_time()
+        store = self.env.store
+        link.record = await store.run(
+            lambda: store.commit(
+                self.name,
+                epoch=pending.epoch,
+                chain_key=pending.chain_key,
+                auth_key=pending.auth_key,
+                key_ids=pending.key_ids,
+                outputs=pending.outputs,
+                source_state=pending.source_state,
+            )
+        )
+        crash_point("responder:committed")
+        failed = await link.sinks.install(link.record)
+        crash_point("responder:installed")
+        link.succeeded(started, pending.key_ids, failed)

@@ -1,0 +1,88 @@
+"""How an agent reaches its peers and is reached: the seam between the agent and the network.
+
+`HttpsTransport` is the real one: the peer API on mutual TLS (`peerserver.py`), the status
+endpoint on plain HTTP for loopback (hypercorn), and the kept-alive peer client
+(`peering.py`). The test kit's in-process transport (`qkdagent.testing.LocalNetwork`) has the
+same shape, so `Agent.run` never asks which one it has.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from .config import AgentSettings
+from .observability import Metrics
+from .peering import Handler, PeerClient, PeerReply
+from .peerserver import ServerLimits, serve_peers
+
+
+class PeerPoster(Protocol):
+    """Sends one MAC'd request to a peer and returns its reply (bounded, with the server's
+    certificate names); `httpx.HTTPError` or `trio.TooSlowError` when it cannot."""
+
+    async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Transport(Protocol):
+    threaded_state: bool
+    """Whether state writes run on a worker thread (real I/O) or inline (virtual-clock tests,
+    where a thread would let trio's autojump clock leap ahead while SQLite writes)."""
+
+    async def serve_peers(
+        self, handler: Handler, metrics: Metrics, *, task_status: trio.TaskStatus[list[str]]
+    ) -> None:
+        """Serve the peer API until cancelled; `task_status.started(urls)` once listening."""
+
+    async def serve_status(self, app: Any, *, task_status: trio.TaskStatus[list[str]]) -> None:
+        """Serve the status app (ASGI) until cancelled; started with its URLs (maybe none)."""
+
+    def client(self) -> PeerPoster:
+        """A client for requests to peers, closed by the agent when it stops."""
+
+
+class HttpsTransport:
+    """HTTPS with mutual TLS to peers; plain HTTP status on `status_listen`."""
+
+    threaded_state = True
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+
+    async def serve_peers(
+        self, handler: Handler, metrics: Metrics, *, task_status: trio.TaskStatus[list[str]]
+    ) -> None:
+        s = self.settings
+        limits = ServerLimits(
+            max_connections=s.max_connections,
+            max_per_address=s.max_connections_per_address,
+            handshake_timeout=s.handshake_timeout,
+            request_timeout=s.request_timeout,
+        )
+        await serve_peers(
+            handler,
+            listen=s.listen,
+            tls=s.tls,
+            limits=limits,
+            metrics=metrics,
+            task_status=task_status,
+        )
+
+    async def serve_status(self, app: Any, *, task_status: trio.TaskStatus[list[str]]) -> None:
+        if self.settings.status_listen is None:
+            task_status.started([])
+            return
+        config = HypercornConfig()
+        config.bind = [str(self.settings.status_listen)]
+        config.errorlog = logging.getLogger("qkdagent.http")
+        config.graceful_timeout = 0.5
+        await serve(app, config, shutdown_trigger=trio.sleep_forever, task_status=task_status)
+
+    def client(self) -> PeerClient:
+        return PeerClient(self.settings.tls, connections=self.settings.max_parallel_rotations)
