@@ -8,12 +8,15 @@ is the test kit's pytest plugin (its fixtures are found by module name).
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import qkdagent
 import qkdagent.testing
 
-PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+ROOT = Path(__file__).resolve().parents[1]
+PLUGINS = ROOT / "plugins"
+TEMPLATE = ROOT / "contrib" / "plugin-template"
 EXPORTS = {
     "qkdagent": {*qkdagent.__all__, "testing"},  # `from qkdagent import testing` is the kit
     "qkdagent.testing": set(qkdagent.testing.__all__),
@@ -64,9 +67,23 @@ def test_the_checker_sees_a_private_import() -> None:
 def test_plugins_import_only_the_public_api() -> None:
     files = sorted(p for p in PLUGINS.glob("*/*/**/*.py") if "build" not in p.parts)
     assert len(files) > 50  # the plugins' sources, tests and benchmarks
+    template = sorted(TEMPLATE.glob("*/**/*.py"))
+    assert len(template) >= 6  # the plugin template is held to the same rule
     offenders = {
-        str(path.relative_to(PLUGINS)): bad
-        for path in files
+        str(path.relative_to(ROOT)): bad
+        for path in files + template
         if (bad := private_imports(path.read_text(encoding="utf-8")))
     }
     assert offenders == {}
+
+
+def test_every_export_is_in_the_plugin_guide() -> None:
+    """Exporting a name makes it API: the author guide says what each one is for."""
+    guide = (ROOT / "docs" / "plugins.md").read_text(encoding="utf-8")
+    missing = [
+        f"{module}.{name}"
+        for module, names in EXPORTS.items()
+        for name in sorted(names - {"__version__", "testing"})
+        if not re.search(rf"\b{re.escape(name)}\b", guide)
+    ]
+    assert missing == []
