@@ -40,7 +40,6 @@ class MemoryPool:
     """While true, every call fails as an unreachable device would."""
     delay: float = 0.0
     keys: dict[str, bytes] = field(default_factory=dict)
-    issued: int = 0
     taken: int = 0
     keep_history: bool = False
     history: list[Key] = field(default_factory=list)
@@ -65,7 +64,6 @@ class MemoryPool:
         key_id = str(uuid.uuid4())
         value = os.urandom(self.key_size)
         self.keys[key_id] = value
-        self.issued += 1
         key = Key(key_id, Secret(value))
         if self.keep_history:
             self.history.append(key)
