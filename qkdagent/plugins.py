@@ -72,11 +72,6 @@ class Plugins:
         self.sources: dict[str, tuple[type[Source], str]] = {}
         self.sinks: dict[str, tuple[type[Sink], str]] = {}
 
-    @property
-    def hook(self) -> Any:
-        """The untyped pluggy relay; use `hooks` (kept until the last caller moves over)."""
-        return self.pm.hook
-
     def load(self, names: Iterable[str], *, group: str = PLUGIN_GROUP) -> None:
         available = installed(group)
         for name in names:
