@@ -23,7 +23,7 @@ from . import __version__
 from .components import Components
 from .config import BUILTIN_PLUGINS, AgentConfig, LinkConfig
 from .errors import ProtocolError
-from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
+from .events import ComponentEvent
 from .identity import PeerIdentity
 from .interfaces import PluginContext
 from .lifecycle import (
@@ -38,7 +38,7 @@ from .link import LinkRuntime
 from .linkenv import LinkEnv
 from .observability import Metrics, StatusApp
 from .plugins import Plugins
-from .services import Service, start_services
+from .services import start_services
 from .state import StateStore
 from .transport import HttpsTransport, PeerPoster, Transport
 
@@ -65,32 +65,6 @@ class _LinkTask:
     done: trio.Event = field(default_factory=trio.Event)
 
 
-class _Observers:
-    """The observation hooks, called so that a failing observer never stops the agent
-    (DESIGN §3): its exception is logged by type only (its text might quote anything)."""
-
-    def __init__(self, plugins: Plugins) -> None:
-        self._hook = plugins.hook
-
-    def _call(self, name: str, event: object) -> None:
-        try:
-            getattr(self._hook, name)(event=event)
-        except Exception as exc:
-            log.error("a %s hook implementation failed: %s", name, type(exc).__name__)
-
-    def after_rotation(self, event: RotationEvent) -> None:
-        self._call("qkdagent_after_rotation", event)
-
-    def on_rotation_error(self, event: RotationErrorEvent) -> None:
-        self._call("qkdagent_on_rotation_error", event)
-
-    def after_erase(self, event: EraseEvent) -> None:
-        self._call("qkdagent_after_erase", event)
-
-    def on_component_event(self, event: ComponentEvent) -> None:
-        self._call("qkdagent_on_component_event", event)
-
-
 class Agent:
     def __init__(
         self,
@@ -106,7 +80,7 @@ class Agent:
         self.name = config.agent.name
         self.plugins = plugins or Plugins()
         self.plugins.load((*BUILTIN_PLUGINS, *self.settings.plugins))
-        self.observers = _Observers(self.plugins)
+        self.hooks = self.plugins.hooks
         self.transport: Transport = transport or HttpsTransport(self.settings)
         self.metrics = Metrics()
         self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
@@ -226,7 +200,7 @@ class Agent:
             store=store,
             client=client,
             metrics=self.metrics,
-            observers=self.observers,
+            observers=self.hooks,
             report=self.report,
             # Bounds concurrent initiator rotations, so 10,000 links due at once do not open
             # 10,000 connections and requests to the peer and the sources.
@@ -239,9 +213,7 @@ class Agent:
         await prepare_all(components.handles())
 
     async def _start_services(self, nursery: trio.Nursery) -> None:
-        services: list[Service] = []
-        self.plugins.hook.qkdagent_register_services(register=services.append, context=self.context)
-        await start_services(nursery, services)
+        await start_services(nursery, self.hooks.register_services(self.context))
 
     async def _handle_peer(
         self, link: str, action: str, body: bytes, identity: PeerIdentity
@@ -394,7 +366,7 @@ class Agent:
         )  # fmt: skip
         self.metrics.component_events.labels(event.component, event.kind).inc()
         self.recent_events.append({"time": time.time(), **dataclasses.asdict(event)})
-        self.observers.on_component_event(event)
+        self.hooks.on_component_event(event)
 
     def link(self, name: str) -> LinkRuntime:
         return self.links[name].runtime

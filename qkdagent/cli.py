@@ -139,12 +139,12 @@ def main(argv: list[str] | None = None) -> int:
 def _plugin_command(name: str, argv: list[str]) -> int:
     setup_logging("text")
     plugins = Plugins()
+    registry = CommandRegistry()
     try:
         plugins.load([name], group=COMMAND_GROUP)
+        plugins.hooks.add_commands(registry)
     except PluginError as exc:
         return _fail(str(exc), 1)
-    registry = CommandRegistry()
-    plugins.hook.qkdagent_add_commands(cli=registry)
     command = registry.commands.get(name)
     if command is None:
         return _fail(f"the plugin declaring {name!r} did not add it", 1)

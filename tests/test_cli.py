@@ -114,11 +114,12 @@ def test_unknown_command_is_a_usage_error() -> None:
     assert info.value.code == 2
 
 
-def test_demo_and_simulated_sources_work_without_pytest() -> None:
+def test_demo_and_simulated_sources_work_without_pytest_or_the_test_kit() -> None:
     code = (
-        "import sys; sys.modules['pytest'] = None\n"
-        "import qkdagent.demo, qkdagent.builtin.memory\n"
-        "from qkdagent.testing import pair_configs, MemorySource, open_agent_pair\n"
+        "import sys; sys.modules['pytest'] = None; sys.modules['qkdagent.testing'] = None\n"
+        "import qkdagent.demo, qkdagent.builtin.memory, qkdagent.agent, qkdagent.cli\n"
+        "from qkdagent.builtin.loopback import pair_configs\n"
+        "from qkdagent.builtin.memory import MemorySource\n"
         "print('ok')\n"
     )
     result = subprocess.run(

@@ -14,7 +14,11 @@ from qkdagent.pki import write_test_pki
 from qkdagent.plugins import installed
 from qkdagent.testing import missing
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "contrib").glob("*/*.toml"))
+EXAMPLES = sorted(
+    p
+    for p in (Path(__file__).resolve().parent.parent / "contrib").glob("*/*.toml")
+    if p.name != "pyproject.toml"  # the plugin template's packaging, not an agent config
+)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)

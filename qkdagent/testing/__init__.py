@@ -19,8 +19,9 @@ agent, the CLI and the demo never import it (the simulated sources live in `qkda
 
 from __future__ import annotations
 
+from ..builtin.loopback import free_port, pair_configs
 from ..pki import LeafFiles, PkiFiles, write_test_pki
-from .agents import AgentPair, free_port, open_agent_pair, pair_configs
+from .agents import AgentPair, open_agent_pair
 from .components import build_component, running
 from .contracts import SinkContract, SourceContract, assert_not_leaked, secret_spellings
 from .hostile import Exchange, ManInTheMiddle, send_as

@@ -15,11 +15,6 @@ simulated link (`memory` source, pool named after the pair). The link is named `
 
 from __future__ import annotations
 
-import base64
-import collections
-import os
-import socket
-import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,88 +23,10 @@ from typing import Any
 import trio
 
 from ..agent import Agent
+from ..builtin.loopback import LINK, pair_configs
 from ..config import parse_config
-from ..fileutil import write_secret_file
-from ..pki import write_test_pki
 from ..secret import Secret
 from .local import LocalNetwork
-
-LINK = "alice-bob"
-NAMES = ("alice", "bob")
-
-
-_handed_out: collections.deque[int] = collections.deque(maxlen=4096)
-
-
-def free_port() -> int:
-    """A loopback TCP port free right now (the agent binds it with SO_REUSEADDR).
-
-    The kernel may return a port it just returned (it was closed again at once), so ports
-    this process handed out recently are never handed out twice: two agents of one pair, or a
-    server and its status listener, would otherwise get the same port now and then.
-    """
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in _handed_out:
-            _handed_out.append(port)
-            return port
-
-
-def pair_configs(
-    directory: Path,
-    *,
-    alice: Mapping[str, Any] | None = None,
-    bob: Mapping[str, Any] | None = None,
-    link: Mapping[str, Any] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Config dicts (as parsed TOML) for alice and bob, with PKI and bootstrap files written."""
-    directory.mkdir(parents=True, exist_ok=True)
-    pki = write_test_pki(directory / "pki", list(NAMES))
-    bootstrap = directory / "bootstrap.key"
-    write_secret_file(bootstrap, base64.b64encode(os.urandom(32)))
-    pool = f"pair-{uuid.uuid4().hex[:12]}"
-    ports = {name: free_port() for name in NAMES}
-    sides = {"alice": dict(alice or {}), "bob": dict(bob or {})}
-    configs: dict[str, dict[str, Any]] = {}
-    for name, side in sides.items():
-        peer = "bob" if name == "alice" else "alice"
-        sources = side.get("sources") or {"sim": {"type": "memory", "pool": pool}}
-        plugins = list(side.get("plugins", []))
-        test_kit = ("memory", "keydir")
-        if any(s.get("type") in test_kit for s in sources.values()) and "memory" not in plugins:
-            plugins.append("memory")
-        link_table = {
-            "peer": peer,
-            "peer_url": f"https://127.0.0.1:{ports[peer]}",
-            "bootstrap": {"file": str(bootstrap)},
-            "sources": list(sources),
-            "sinks": list(side.get("sinks", {})),
-            "interval": 120,
-            "reject_after": 180,
-            **(link or {}),
-            **side.get("link", {}),
-        }
-        configs[name] = {
-            "agent": {
-                "name": name,
-                "listen": f"127.0.0.1:{ports[name]}",
-                "state_dir": str(directory / name / "state"),
-                "status_listen": f"127.0.0.1:{free_port()}",
-                "plugins": plugins,
-                "tls": {
-                    "cert": str(pki[name].cert),
-                    "key": str(pki[name].key),
-                    "ca": str(pki.ca_cert),
-                },
-                **side.get("agent", {}),
-            },
-            "links": {LINK: link_table},
-            "sources": dict(sources),
-            "sinks": dict(side.get("sinks", {})),
-        }
-    return configs
 
 
 class AgentPair:
