@@ -12,7 +12,8 @@ import pytest
 from qkdagent_etsi014.sim import SimSettings, Simulator, make_pki, open_simulator
 from qkdagent_etsi014.source import Etsi014Source
 
-from qkdagent import Link, Options, PluginContext
+from qkdagent import Link
+from qkdagent.testing import build_component
 from qkdagent.testing.pytest_plugin import install_logging_guard
 
 
@@ -87,14 +88,22 @@ async def clients(sim: Simulator) -> AsyncIterator[Clients]:
 
 
 def make_source(
-    sim: Simulator, sae: str, state_dir: Path, name: str = "qkd", **options: Any
+    sim: Simulator,
+    sae: str,
+    state_dir: Path,
+    name: str = "qkd",
+    links: tuple[Link, ...] = (),
+    **options: Any,
 ) -> Etsi014Source:
-    table = sim.source_table(sae, **options)
-    table.pop("type")
-    opts = Options(table, where=f"sources.{name}")
-    source = Etsi014Source(name, opts, PluginContext(agent_name=sae, state_dir=state_dir))
-    opts.finish()
-    return source
+    """SAE `sae`'s source, built from the simulator's table as the agent builds it."""
+    return build_component(
+        Etsi014Source,
+        sim.source_table(sae, **options),
+        name=name,
+        links=links,
+        agent=sae,
+        state_dir=state_dir,
+    )
 
 
 @pytest.fixture
@@ -106,8 +115,7 @@ async def sources(sim: Simulator, tmp_path: Path) -> AsyncIterator[Any]:
     async def factory(
         sae: str, *, prepare: bool = True, links: tuple[Link, ...] = (), **options: Any
     ) -> Etsi014Source:
-        source = make_source(sim, sae, tmp_path, **options)
-        source.links = links
+        source = make_source(sim, sae, tmp_path, links=links, **options)
         made.append(source)
         if prepare:
             await source.prepare()

@@ -22,8 +22,8 @@ import pytest
 import trio
 from qkdagent_etsi014.source import MAX_RESPONSE_BYTES, Etsi014Source
 
-from qkdagent import Link, Options, PluginContext, SourceError, SourceUnavailable
-from qkdagent.testing import config_toml, pair_configs
+from qkdagent import Link, SourceError, SourceUnavailable
+from qkdagent.testing import build_component, config_toml, pair_configs
 
 from .fake_kme import MiB, fake_kme, flood, gzip_bomb, trickle
 
@@ -42,10 +42,7 @@ def source_for(url: str, pki: Path, state_dir: Path, **options: Any) -> Etsi014S
         "not_found_retries": 0,
         **options,
     }
-    opts = Options(table, where="sources.qkd")
-    source = Etsi014Source("qkd", opts, PluginContext("alice", state_dir))
-    opts.finish()
-    return source
+    return build_component(Etsi014Source, table, name="qkd", agent="alice", state_dir=state_dir)
 
 
 async def call(source: Etsi014Source, operation: str) -> object:

@@ -20,8 +20,8 @@ from qkdagent_etsi014.__main__ import main
 from qkdagent_etsi014.cli import configure, settings_from
 from qkdagent_etsi014.source import Etsi014Source
 
-from qkdagent import CommandRegistry, Link, Options, PluginContext
-from qkdagent.testing import missing
+from qkdagent import CommandRegistry, Link
+from qkdagent.testing import build_component, missing, running
 
 from .conftest import tls_context
 
@@ -178,14 +178,6 @@ def test_bad_settings_are_one_clear_line(tmp_path: Path, args: list[str], text: 
     assert_one_line_usage_error(run_cli("--pki", str(tmp_path / "pki"), *args), text)
 
 
-def _source(table: dict, name: str, state_dir: Path) -> Etsi014Source:
-    table = {k: v for k, v in table.items() if k != "type"}
-    options = Options(table, where="sources.qkd")
-    source = Etsi014Source("qkd", options, PluginContext(name, state_dir))
-    options.finish()
-    return source
-
-
 async def test_demo_link_service_fills_the_source_tables(tmp_path: Path) -> None:
     demo = qkdagent_etsi014.qkdagent_demo_link(tmp_path)
     assert demo.alice_sources["qkd"]["type"] == "etsi014"
@@ -194,17 +186,15 @@ async def test_demo_link_service_fills_the_source_tables(tmp_path: Path) -> None
         await nursery.start(demo.service.run)
         tables = {"alice": demo.alice_sources["qkd"], "bob": demo.bob_sources["qkd"]}
         assert all(t["kme_url"].startswith("https://127.0.0.1:") for t in tables.values())
-        sources = {name: _source(table, name, tmp_path) for name, table in tables.items()}
-        try:
-            for source in sources.values():
-                await source.prepare()
+        sources = {
+            name: build_component(Etsi014Source, table, name="qkd", agent=name, state_dir=tmp_path)
+            for name, table in tables.items()
+        }
+        async with running(*sources.values()):
             key = await sources["alice"].new_key(Link("l", "alice", "bob", True))
             same = await sources["bob"].key_by_id(Link("l", "bob", "alice", False), key.key_id)
             assert same.value == key.value
-        finally:
-            for source in sources.values():
-                await source.aclose()
-            nursery.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
     assert (tmp_path / "kme-pki" / "ca.pem").is_file()
 
 

@@ -27,7 +27,7 @@ from qkdagent import (
     SourceError,
     SourceUnavailable,
 )
-from qkdagent.testing import assert_not_leaked
+from qkdagent.testing import assert_not_leaked, build_component
 
 from .conftest import KMES
 
@@ -421,9 +421,7 @@ def mock_source(
         "not_found_retries": 0,
         **options,
     }
-    opts = Options(table, where="sources.qkd")
-    source = Etsi014Source("qkd", opts, PluginContext("alice", tmp_path))
-    opts.finish()
+    source = build_component(Etsi014Source, table, name="qkd", agent="alice", state_dir=tmp_path)
     handler = answer if callable(answer) else lambda request: answer
 
     def streamed(request: httpx.Request) -> httpx.Response:

@@ -13,8 +13,8 @@ from qkdagent_etsi014.identity import IdentityRule, fingerprint, mismatch
 from qkdagent_etsi014.sim import SimSettings, Simulator, make_pki, open_simulator
 from qkdagent_etsi014.source import Etsi014Source
 
-from qkdagent import ConfigError, Link, Misconfigured, Options, PluginContext, SourceError
-from qkdagent.testing import write_test_pki
+from qkdagent import ConfigError, Link, Misconfigured, SourceError
+from qkdagent.testing import build_component, write_test_pki
 
 from .conftest import KMES, Clients, make_source, tls_context
 
@@ -199,8 +199,7 @@ def test_kme_identity_config_errors(pki: Path, tmp_path: Path) -> None:
         ({"kme_identity": "header"}, "kme_identity: must be one of"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            opts = Options({**base, **options}, where="s")
-            Etsi014Source("q", opts, PluginContext("a", tmp_path))
+            build_component(Etsi014Source, {**base, **options}, state_dir=tmp_path)
 
 
 def test_mismatch_explains_itself(pki: Path) -> None:
