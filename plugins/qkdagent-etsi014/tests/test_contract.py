@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+from qkdagent_etsi014.sim import Simulator
 from qkdagent_etsi014.source import Etsi014Source
 
 from qkdagent.testing import SourceContract
@@ -14,16 +15,23 @@ FAST = {"not_found_retries": 2, "retry_backoff": 0.01}
 
 
 class TestEtsi014Source(SourceContract):
+    """alice (initiator) <-> bob (responder), SAE IDs = agent names, named explicitly."""
+
+    source_class = Etsi014Source
+
     @pytest.fixture
-    async def source_pair(self, sources) -> AsyncIterator[tuple[Etsi014Source, Etsi014Source]]:
-        # the contract's links are alice (initiator) <-> bob (responder); SAE IDs = agent names
-        alice = await sources("alice", peer_sae_ids={"bob": "bob"}, **FAST)
-        bob = await sources("bob", peer_sae_ids={"alice": "alice"}, **FAST)
-        yield alice, bob
+    def source_options(self, sim: Simulator) -> dict[str, Any]:
+        return sim.source_table("alice", peer_sae_ids={"bob": "bob"}, **FAST)
+
+    @pytest.fixture
+    def responder_options(self, sim: Simulator) -> dict[str, Any]:
+        return sim.source_table("bob", peer_sae_ids={"alice": "alice"}, **FAST)
 
 
 class TestEtsi014SourceGetOnly(SourceContract):
     """The same contract against a KME that offers only GET (source falls back by itself)."""
+
+    source_class = Etsi014Source
 
     @pytest.fixture
     def settings(self):
@@ -35,5 +43,9 @@ class TestEtsi014SourceGetOnly(SourceContract):
         return SimSettings(kmes=KMES, rate_bps=0.0, quirks=Quirks(only_method="GET"))
 
     @pytest.fixture
-    async def source_pair(self, sources) -> AsyncIterator[tuple[Etsi014Source, Etsi014Source]]:
-        yield await sources("alice", **FAST), await sources("bob", **FAST)
+    def source_options(self, sim: Simulator) -> dict[str, Any]:
+        return sim.source_table("alice", **FAST)
+
+    @pytest.fixture
+    def responder_options(self, sim: Simulator) -> dict[str, Any]:
+        return sim.source_table("bob", **FAST)
