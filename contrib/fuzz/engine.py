@@ -153,8 +153,9 @@ class Result:
         return self.inputs / self.seconds if self.seconds else 0.0
 
 
-class InputTimeout(Exception):
-    """One input ran longer than the per-input limit (a hang)."""
+class InputTimeout(BaseException):
+    """One input ran longer than the per-input limit (a hang). Not an Exception, so a target's
+    or parser's `except Exception` cannot swallow it."""
 
 
 def load_target(path: Path) -> ModuleType:
@@ -524,7 +525,9 @@ def run_hypothesis(
         check = hseed(seed)(check)
     try:
         check()
-    except Exception:  # noqa: S110 - recorded by run_one (the shrunk input is the smallest kept)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:  # noqa: S110 - recorded by run_one (the shrunk input is the smallest)
         pass
     runner.result.hypothesis_inputs = runner.result.inputs - start
     return sample
@@ -594,6 +597,8 @@ def minimize(target: Callable[[bytes], None], crash: Crash, *, attempts: int = 3
         return False
 
     data = crash.data
+    if crash.kind == InputTimeout.__name__:
+        return data  # each try could take as long as the hang itself
     chunk = max(1, len(data) // 2)
     while chunk >= 1 and attempts > 0:
         pos = 0
