@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 from qkdagent_hsm import Pkcs11Sink
 
-from qkdagent import Options, PluginContext
-from qkdagent.testing import require_binary
+from qkdagent import PluginContext
+from qkdagent.testing import build_component, require_binary
 from qkdagent.testing.pytest_plugin import install_logging_guard
 
 # The test bed (softhsm_paths) lives beside the tests, outside the shipped package.
@@ -135,8 +135,20 @@ def make_token(softhsm: SoftHsm, tmp_path: Path) -> Iterator[Callable[[], TestTo
 
 
 @pytest.fixture
+def token_table(softhsm: SoftHsm) -> Callable[..., dict[str, Any]]:
+    """`token_table(tok, **extra)` -> a `[sinks.NAME]` table for a sink on test token `tok`."""
+
+    def table(tok: TestToken, **extra: Any) -> dict[str, Any]:
+        # A test selecting the token by URI gives `uri` (module-path included) instead.
+        where = {} if "uri" in extra else {"token": tok.label, "module": softhsm.module}
+        return {**where, "pin": {"file": str(tok.pin_file)}, **extra}
+
+    return table
+
+
+@pytest.fixture
 async def sink_factory(
-    softhsm: SoftHsm, tmp_path: Path
+    token_table: Callable[..., dict[str, Any]], tmp_path: Path
 ) -> AsyncIterator[Callable[..., Pkcs11Sink]]:
     """Build (unprepared) sinks on a test token; every one is closed at teardown. Sinks with
     the same `agent` belong to one agent (one context, so one stash: worker and sessions)."""
@@ -146,13 +158,8 @@ async def sink_factory(
     def build(
         tok: TestToken, *, name: str = "hsm", agent: str = "alice", **extra: Any
     ) -> Pkcs11Sink:
-        # A test selecting the token by URI gives `uri` (module-path included) instead.
-        where = {} if "uri" in extra else {"token": tok.label, "module": softhsm.module}
-        data: dict[str, Any] = {**where, "pin": {"file": str(tok.pin_file)}, **extra}
-        options = Options(data, where=f"sinks.{name}")
         context = contexts.setdefault(agent, PluginContext(agent_name=agent, state_dir=tmp_path))
-        sink = Pkcs11Sink(name, options, context)
-        options.finish()
+        sink = build_component(Pkcs11Sink, token_table(tok, **extra), name=name, context=context)
         sinks.append(sink)
         return sink
 

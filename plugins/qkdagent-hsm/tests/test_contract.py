@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -15,25 +15,25 @@ from qkdagent.testing import SinkContract
 class TestSensitiveKeys(SinkContract):
     """Non-extractable, sensitive objects: verify() relies on the in-token HMAC alone."""
 
+    sink_class = Pkcs11Sink
+
     @pytest.fixture
-    async def sink(
-        self, make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
-    ) -> AsyncIterator[Pkcs11Sink]:
-        sink = sink_factory(make_token())
-        await sink.prepare()
-        yield sink
+    def sink_options(
+        self, make_token: Callable[[], Any], token_table: Callable[..., dict[str, Any]]
+    ) -> dict[str, Any]:
+        return token_table(make_token())
 
 
 class TestExtractableKeys(SinkContract):
     """Readable objects (for a consumer that reads CKA_VALUE): checked by reading back."""
 
+    sink_class = Pkcs11Sink
+
     @pytest.fixture
-    async def sink(
-        self, make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
-    ) -> AsyncIterator[Pkcs11Sink]:
-        sink = sink_factory(make_token(), sensitive=False, extractable=True)
-        await sink.prepare()
-        yield sink
+    def sink_options(
+        self, make_token: Callable[[], Any], token_table: Callable[..., dict[str, Any]]
+    ) -> dict[str, Any]:
+        return token_table(make_token(), sensitive=False, extractable=True)
 
     @pytest.fixture
     def read_back(self, sink: Pkcs11Sink) -> Any:
@@ -47,11 +47,13 @@ class TestExtractableKeys(SinkContract):
 class TestYubiHsmShape(SinkContract):
     """What a YubiHSM 2 needs: 2-byte IDs, HMAC key type, retired objects relabelled."""
 
+    sink_class = Pkcs11Sink
+
     @pytest.fixture
-    async def sink(
-        self, make_token: Callable[[], Any], sink_factory: Callable[..., Pkcs11Sink]
-    ) -> AsyncIterator[Pkcs11Sink]:
-        sink = sink_factory(
+    def sink_options(
+        self, make_token: Callable[[], Any], token_table: Callable[..., dict[str, Any]]
+    ) -> dict[str, Any]:
+        return token_table(
             make_token(),
             id_bytes=2,
             key_type="sha256_hmac",
@@ -59,5 +61,3 @@ class TestYubiHsmShape(SinkContract):
             retention=3,
             retired_label="{label}.old",
         )
-        await sink.prepare()
-        yield sink

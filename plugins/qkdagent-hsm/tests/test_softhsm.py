@@ -22,12 +22,10 @@ from qkdagent import (
     Link,
     Misconfigured,
     NotInstalled,
-    Options,
-    PluginContext,
     Secret,
     SinkError,
 )
-from qkdagent.testing import assert_not_leaked
+from qkdagent.testing import assert_not_leaked, build_component
 
 ALICE = Link("site", "alice", "bob", True)
 BOB = Link("site", "bob", "alice", False)
@@ -391,22 +389,16 @@ def test_token_code_refuses_to_run_off_the_worker_thread() -> None:
     ],
 )
 def test_bad_options_are_config_errors(data: dict[str, Any], message: str, tmp_path: Any) -> None:
-    options = Options(data, where="sinks.hsm")
     with pytest.raises(ConfigError, match=message):
-        Pkcs11Sink("hsm", options, PluginContext(agent_name="alice", state_dir=tmp_path))
-        options.finish()
+        build_component(Pkcs11Sink, data, name="hsm", state_dir=tmp_path)
 
 
 def test_uri_selects_token_and_module(tmp_path: Any) -> None:
-    options = Options(
-        {
-            "uri": "pkcs11:token=qkd%20agent;serial=42?module-path=/opt/p11/lib.so",
-            "pin": {"env": "HOME"},
-        },
-        where="sinks.hsm",
-    )
-    sink = Pkcs11Sink("hsm", options, PluginContext(agent_name="alice", state_dir=tmp_path))
-    options.finish()
+    table = {
+        "uri": "pkcs11:token=qkd%20agent;serial=42?module-path=/opt/p11/lib.so",
+        "pin": {"env": "HOME"},
+    }
+    sink = build_component(Pkcs11Sink, table, name="hsm", state_dir=tmp_path)
     assert sink.spec.module == "/opt/p11/lib.so"
     assert sink.spec.selector.label == "qkd agent" and sink.spec.selector.serial == "42"
 
@@ -444,16 +436,16 @@ async def test_cancelled_callers_never_interleave_token_operations(
     ],
 )
 def test_yubihsm_limits_are_checked(extra: dict[str, Any], message: str, tmp_path: Any) -> None:
-    options = Options({"token": "y", "pin": {"env": "HOME"}, **extra}, where="sinks.hsm")
-    sink = Pkcs11Sink("hsm", options, PluginContext(agent_name="alice", state_dir=tmp_path))
+    table = {"token": "y", "pin": {"env": "HOME"}, **extra}
+    sink = build_component(Pkcs11Sink, table, name="hsm", state_dir=tmp_path)
     info = token.TokenInfo("y", "0012345", "Yubico", "YubiHSM", 0)
     with pytest.raises(Misconfigured, match=message):
         sink._check_limits(token.OpenToken(("m", "s", 0), None, info))
 
 
 def test_yubihsm_defaults_to_its_label_limit(tmp_path: Any) -> None:
-    options = Options({"token": "y", "pin": {"env": "HOME"}, "id_bytes": 2}, where="sinks.hsm")
-    sink = Pkcs11Sink("hsm", options, PluginContext(agent_name="alice", state_dir=tmp_path))
+    table = {"token": "y", "pin": {"env": "HOME"}, "id_bytes": 2}
+    sink = build_component(Pkcs11Sink, table, name="hsm", state_dir=tmp_path)
     info = token.TokenInfo("y", "0012345", "Yubico", "YubiHSM", 0)
     sink._check_limits(token.OpenToken(("m", "s", 0), None, info))
     assert sink.label_limit == 40

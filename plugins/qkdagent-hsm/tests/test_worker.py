@@ -14,7 +14,8 @@ from qkdagent_hsm import Pkcs11Sink
 from qkdagent_hsm.state import HSM
 from qkdagent_hsm.worker import Worker, in_worker
 
-from qkdagent import Options, PluginContext
+from qkdagent import PluginContext
+from qkdagent.testing import build_component
 
 
 @pytest.fixture
@@ -114,8 +115,8 @@ def _sink(name: str, context: PluginContext) -> Pkcs11Sink:
     pin = context.state_dir / "pin"
     pin.write_text("1234\n")
     pin.chmod(0o600)
-    options = Options({"token": "t", "pin": {"file": str(pin)}}, where=f"sinks.{name}")
-    return Pkcs11Sink(name, options, context)
+    table = {"token": "t", "pin": {"file": str(pin)}}
+    return build_component(Pkcs11Sink, table, name=name, context=context)
 
 
 def test_sinks_of_one_agent_share_its_state_and_two_agents_share_nothing(
