@@ -13,6 +13,7 @@ import logging
 import re
 import sys
 import time
+from typing import TextIO
 
 FIELDS = ("link", "epoch", "stage", "sink", "reason", "component", "kind", "duration_ms")
 """Structured fields a log call may pass with `extra=`; JSON lines carry them as keys, so a
@@ -87,7 +88,7 @@ class JsonFormatter(logging.Formatter):
         return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
-class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class StderrHandler(logging.StreamHandler[TextIO]):
     """Writes each record to the `sys.stderr` of that moment, not the one at setup: a handler
     holding a stream that was since replaced and closed (pytest's capture does that) fails on
     every record ("I/O operation on closed file")."""
@@ -95,12 +96,12 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def __init__(self) -> None:
         super().__init__()
 
-    @property  # type: ignore[override]
-    def stream(self) -> object:
+    @property
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter
-    def stream(self, value: object) -> None:
+    def stream(self, value: TextIO) -> None:
         pass
 
 

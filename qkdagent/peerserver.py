@@ -321,7 +321,7 @@ class _Http:
                 if not self.server.admission.busy(self.conn):
                     raise _Close
                 self._phase("request", self.limits.request_timeout)
-            h.receive_data(data)
+            h.receive_data(bytes(data))  # a no-op for bytes; Stream may return a bytearray
 
     async def _exchange(self, request: h11.Request) -> None:
         if self.conn.phase == "idle":  # the whole request came with the previous one

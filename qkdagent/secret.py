@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import os
 from dataclasses import dataclass
+from typing import NoReturn
 
 MAX_KEY_ID_BYTES = 256
 MAX_KEY_ID_ANY = 4096
@@ -63,7 +64,7 @@ class Secret:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         raise TypeError("Secret values cannot be pickled")
 
     def __bool__(self) -> bool:

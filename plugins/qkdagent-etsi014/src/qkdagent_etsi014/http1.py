@@ -135,7 +135,8 @@ class Http1Connection:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            conn.receive_data(await self.stream.receive_some(self.limits.read_size))
+            data = await self.stream.receive_some(self.limits.read_size)
+            conn.receive_data(bytes(data))  # a no-op for bytes; Stream may return a bytearray
 
     async def _exchange(self, request: h11.Request) -> None:
         target: bytes = request.target

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from .supply import CsprngSupply, KeySupply, SupplyExhausted
 from .wire import MSG_KEY_ACCESS_ERROR, MSG_KEYS_NOT_FOUND, MSG_SIZE_MULTIPLE_OF_8
@@ -85,7 +85,12 @@ class Limits:
 # purpose: the garbage collector stops tracking such tuples, whereas with one object (and a set)
 # per key every full collection walked all parked keys (~0.3 s per 700,000: latency spikes).
 Parked = tuple[str, bytes, tuple[str, ...], tuple[str, ...], float]
-_MASTER, _VALUE, _NAMED, _WAITING, _READY_AT = range(5)
+# Literal indexes (Final), so the type checker knows each field's type.
+_MASTER: Final = 0
+_VALUE: Final = 1
+_NAMED: Final = 2
+_WAITING: Final = 3
+_READY_AT: Final = 4
 
 
 @dataclass

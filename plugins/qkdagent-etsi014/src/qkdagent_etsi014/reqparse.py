@@ -120,7 +120,7 @@ def enc_post(body: bytes) -> KeyRequest:
         if len(value) > 64:
             raise bad("additional_slave_SAE_IDs is too long")
         extra = tuple(value)
-    mandatory = ()
+    mandatory: tuple[str, ...] = ()
     if "extension_mandatory" in data:
         mandatory = _extensions("extension_mandatory", data["extension_mandatory"])
     if "extension_optional" in data:

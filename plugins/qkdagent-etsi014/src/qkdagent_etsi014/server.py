@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState
+from hypercorn.typing import ASGIFramework, ConnectionState
 
-from .app import KmeApp
+from .app import KmeApp, Receive, Scope, Send
 from .http1 import Http1Connection, Http1Limits
 from .identity import IdentityRule
 
@@ -102,11 +101,13 @@ class KmeServer:
         caller = self._identify(tls.getpeercert(binary_form=True))
         app = self.app
 
-        async def asgi(scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
             await app(scope, receive, send, caller)
 
         if tls.selected_alpn_protocol() == "h2":
-            await TCPServer(ASGIWrapper(asgi), config, context, ConnectionState({}), tls)
+            # KmeApp reads ASGI as plain dicts; hypercorn's TypedDict scope and events are dicts.
+            framework = cast(ASGIFramework, asgi)
+            await TCPServer(ASGIWrapper(framework), config, context, ConnectionState({}), tls)
             return
         try:
             server, client = stream.socket.getsockname()[:2], stream.socket.getpeername()[:2]

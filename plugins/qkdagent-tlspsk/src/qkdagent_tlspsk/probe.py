@@ -167,7 +167,14 @@ def handshake(
     key = secret.reveal()
 
     @_PSK_CLIENT_CB
-    def callback(_ssl, _hint, out_identity, max_identity, out_psk, max_psk):  # type: ignore[no-untyped-def]
+    def callback(
+        _ssl: int | None,
+        _hint: bytes | None,
+        out_identity: int,  # libssl's buffers: never NULL
+        max_identity: int,
+        out_psk: int,
+        max_psk: int,
+    ) -> int:
         if len(ident) + 1 > max_identity or len(key) > max_psk:
             return 0
         ctypes.memmove(out_identity, ident + b"\0", len(ident) + 1)

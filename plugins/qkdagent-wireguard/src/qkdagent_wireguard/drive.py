@@ -51,7 +51,7 @@ async def drive(exchange: Exchange[T], seconds: float, what: str, *, shield: boo
                     result = await outcome.acapture(trio.to_thread.run_sync, step)
                     step = result.send(exchange)
     except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+        return done.value
     finally:
         exchange.close()  # no-op when finished; else the backend drops its connection
     raise BackendError(f"{what} did not answer in time ({seconds:g} s)")
@@ -73,7 +73,7 @@ def drive_blocking(exchange: Exchange[T], timeout: float, what: str) -> T:
                 break
             step = next(exchange)
     except StopIteration as done:
-        return done.value  # type: ignore[no-any-return]
+        return done.value
     finally:
         exchange.close()
     raise BackendError(f"{what} did not answer in time ({timeout:g} s)")
@@ -97,7 +97,7 @@ def connect_unix(path: str | os.PathLike[str]) -> Exchange[socket.socket]:
     return sock
 
 
-def send_all(sock: socket.socket, data: bytes | bytearray) -> Exchange[None]:
+def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) -> Exchange[None]:
     """Send every byte of `data` (OSError on a broken connection)."""
     try:  # a request fits the socket buffer nearly always: no view, no generator step
         sent = sock.send(data)

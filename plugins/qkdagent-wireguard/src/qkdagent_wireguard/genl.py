@@ -205,8 +205,8 @@ class GenlWireGuard:
                     raise NetlinkError(errno.EBADMSG, "malformed netlink message")
                 body_view = data[offset + _NLMSGHDR.size : offset + length]
                 offset += (length + 3) & ~3
-                flags = pending.get(seq)
-                if flags is None:
+                request_flags = pending.get(seq)
+                if request_flags is None:
                     continue
                 if kind == NLMSG_ERROR:
                     (code,) = struct.unpack_from("=i", body_view)
@@ -217,7 +217,7 @@ class GenlWireGuard:
                     del pending[seq]
                 else:
                     results[seq].append(body_view[_GENLHDR.size :])
-                    if not mflags & NLM_F_MULTI and not flags & NLM_F_ACK:
+                    if not mflags & NLM_F_MULTI and not request_flags & NLM_F_ACK:
                         del pending[seq]
         return [results[seq] for seq in order]
 
@@ -240,9 +240,9 @@ class GenlWireGuard:
             requests.append((self.family, WG_CMD_GET_DEVICE, get, NLM_F_DUMP))
             answers = yield from self.transact(requests)
         finally:
-            for _, _, attrs, _ in requests:
-                if isinstance(attrs, bytearray):
-                    attrs[:] = bytes(len(attrs))
+            for _, _, sent_attrs, _ in requests:
+                if isinstance(sent_attrs, bytearray):
+                    sent_attrs[:] = bytes(len(sent_attrs))
         peers: dict[bytes, bytes | None] = {}
         for payload in answers[-1]:
             parse_device(payload, peers, wanted)
