@@ -29,6 +29,7 @@ from .fileutil import write_secret_file
 from .hookspecs import hookimpl
 from .interfaces import KeyMeta, Link, PluginContext, Sink, Source
 from .options import Options, check_template
+from .pki import PkiError, extend_test_pki, file_stem, write_test_pki
 from .secret import Key, Secret, check_key_id
 from .services import Service
 from .stash import Stash, StashKey
@@ -48,6 +49,7 @@ __all__ = [
     "Misconfigured",
     "NotInstalled",
     "Options",
+    "PkiError",
     "PluginContext",
     "ProtocolError",
     "QkdAgentError",
@@ -66,8 +68,11 @@ __all__ = [
     "__version__",
     "check_key_id",
     "check_template",
+    "extend_test_pki",
+    "file_stem",
     "hookimpl",
     "program_env",
     "run_program",
     "write_secret_file",
+    "write_test_pki",
 ]

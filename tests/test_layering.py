@@ -123,3 +123,25 @@ def test_the_demo_runs_with_the_test_kit_and_pytest_blocked(tmp_path: Path) -> N
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "2 rotations, secrets identical on both sides every time." in result.stdout
+
+
+def test_installed_plugins_load_and_run_their_commands_without_pytest() -> None:
+    """What an operator installs (`pip install qkdagent-etsi014`) has no pytest: every
+    bundled plugin's entry points and command modules import with pytest and the test kit
+    blocked (kme-sim's PKI once came from the test kit)."""
+    code = (
+        BLOCK
+        + "import importlib.metadata as md\n"
+        + "groups = ('qkdagent.plugins', 'qkdagent.commands', 'qkdagent.demo')\n"
+        + "eps = [ep for g in groups for ep in md.entry_points(group=g)]\n"
+        + "assert any(ep.value.startswith('qkdagent_etsi014') for ep in eps), eps\n"
+        + "for ep in eps:\n"
+        + "    ep.load()\n"
+        + "import qkdagent_etsi014.cli, qkdagent_etsi014.sim\n"
+        + "print('ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import trio
 
+from qkdagent import extend_test_pki
+
 from .app import Quirks
 from .identity import MODES, IdentityRule
 from .network import Limits
-from .pki import extend_pki
 from .sim import DEFAULT_KMES, SimSettings, Simulator, make_pki, run_simulator
 
 
@@ -224,7 +225,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("--pki DIR (or --make-pki DIR) is required")
     settings = settings_from(args)
     if (args.pki / "ca.pem").is_file():  # before trio starts: a PKI problem is one clear line
-        added = extend_pki(
+        added = extend_test_pki(
             args.pki, [*settings.kmes, *(s for v in settings.kmes.values() for s in v)]
         )
         if added:

@@ -6,7 +6,7 @@
 
 Certificates come from `make_pki` (a throw-away CA, one certificate per KME and per SAE with
 CN = the ID and SANs localhost/127.0.0.1/::1) unless `pki` names a directory that already has a
-CA: then names it has no certificate for get one from that CA (`pki.extend_pki`).
+CA: then names it has no certificate for get one from that CA (`qkdagent.extend_test_pki`).
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from typing import Any
 
 import trio
 
-from qkdagent.testing import write_test_pki
+from qkdagent import extend_test_pki, file_stem, write_test_pki
 
 from .app import DEFAULT_MAX_BODY, KmeApp, Quirks
 from .identity import IdentityRule
 from .network import KmeNetwork, Limits, SupplyFactory
-from .pki import extend_pki, safe_name
 from .server import KmeServer, server_ssl_context
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ def make_pki(directory: Path | str, kmes: Mapping[str, list[str]] = DEFAULT_KMES
 
 
 def pki_files(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{safe_name(name)}.pem", directory / f"{safe_name(name)}.key"
+    cert, key = directory / f"{file_stem(name)}.pem", directory / f"{file_stem(name)}.key"
     if not cert.is_file() or not key.is_file():
         raise FileNotFoundError(f"no certificate/key for {name!r} in {directory}")
     return cert, key
@@ -133,7 +132,7 @@ async def run_simulator(
         make_pki(directory, settings.kmes)
     else:  # names this directory was not made for get certificates from its CA
         names = [*settings.kmes, *(sae for saes in settings.kmes.values() for sae in saes)]
-        for name in extend_pki(directory, names):
+        for name in extend_test_pki(directory, names):
             log.info("kme-sim: issued a certificate for %s in %s", name, directory)
     network = KmeNetwork(
         {k: list(v) for k, v in settings.kmes.items()},
