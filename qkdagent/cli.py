@@ -368,6 +368,8 @@ def format_status(data: dict[str, Any]) -> str:
         state = "ok"
         if link.get("erased"):
             state = f"ERASED ({link['erased']})"
+        if link.get("erase_failed"):  # the old key may still be installed: say so first
+            state = f"ERASE FAILED, retrying ({', '.join(map(str, link['erase_failed']))})"
         if link.get("last_error"):
             state += f"; {link['last_error']}"
         cells = (

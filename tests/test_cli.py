@@ -257,3 +257,16 @@ def test_status_table_escapes_text_from_elsewhere() -> None:
     table = format_status({"agent": "alice\x1b]0;x\x07", "version": "1", "links": [link]})
     assert "\x1b" not in table and "\x07" not in table
     assert len(table.splitlines()) == 3 and "\\x1b[2J\\nalice-bob" in table
+
+
+def test_status_says_when_an_erase_failed() -> None:
+    link = {
+        "link": "alice-bob",
+        "peer": "bob",
+        "role": "responder",
+        "epoch": 4,
+        "erased": "reject_after",
+        "erase_failed": ["wg0"],
+    }
+    table = format_status({"agent": "alice", "version": "1", "links": [link]})
+    assert "ERASE FAILED, retrying (wg0)" in table and "ERASED" not in table
