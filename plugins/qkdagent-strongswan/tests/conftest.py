@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from qkdagent_strongswan import StrongswanPpkSink
 
-from qkdagent import ComponentEvent, Options, PluginContext
-from qkdagent.testing import require_binary, require_root
+from qkdagent import ComponentEvent, Link, PluginContext
+from qkdagent.testing import build_component, require_binary, require_root
 from qkdagent.testing.pytest_plugin import install_logging_guard
 
 from .testbed import CONN, PPK_ID, Charon, ConnSpec, Testbed
@@ -68,7 +68,9 @@ def make_sink(
 ) -> Iterator[Callable[..., StrongswanPpkSink]]:
     """`make_sink(charon, **options)`: a sink for that charon (not yet prepared)."""
 
-    def make(charon: Charon, name: str = "ppk", **options: Any) -> StrongswanPpkSink:
+    def make(
+        charon: Charon, name: str = "ppk", links: tuple[Link, ...] = (), **options: Any
+    ) -> StrongswanPpkSink:
         table: dict[str, Any] = {
             "socket": str(charon.vici_path),
             "ppk_id": PPK_ID,
@@ -78,10 +80,7 @@ def make_sink(
         }
         table.update(options)
         table = {k: v for k, v in table.items() if v is not None}
-        opts = Options(table, where=f"sinks.{name}")
         context = PluginContext(f"agent-{charon.side}", tmp_path, reporter=reported.append)
-        sink = StrongswanPpkSink(name, opts, context)
-        opts.finish()
-        return sink
+        return build_component(StrongswanPpkSink, table, name=name, context=context, links=links)
 
     yield make

@@ -8,21 +8,15 @@ import pytest
 import trio
 from qkdagent_strongswan import PpkRepair, StrongswanPpkSink
 
-from qkdagent import Options, PluginContext, SinkError
+from qkdagent import SinkError
+from qkdagent.testing import build_component
 
 
 class CountingSink(StrongswanPpkSink):
     """A sink whose `check_once()` only records when it ran (or fails, like a charon down)."""
 
-    def __init__(self, name: str, interval: float, tmp_path: Path, fail: bool = False) -> None:
-        opts = Options(
-            {"ppk_id": "qkd-gw", "socket": str(tmp_path / "none.vici"), "check_interval": interval},
-            where=f"sinks.{name}",
-        )
-        super().__init__(name, opts, PluginContext("alice", tmp_path))
-        opts.finish()
-        self.fail = fail
-        self.checks: list[float] = []
+    fail = False
+    checks: list[float]
 
     async def check_once(self) -> list[PpkRepair]:
         self.checks.append(trio.current_time())
@@ -31,11 +25,19 @@ class CountingSink(StrongswanPpkSink):
         return []
 
 
+def counting_sink(name: str, interval: float, tmp_path: Path, fail: bool = False) -> CountingSink:
+    table = {"ppk_id": "qkd-gw", "socket": str(tmp_path / "none.vici"), "check_interval": interval}
+    sink = build_component(CountingSink, table, name=name, state_dir=tmp_path)
+    sink.fail = fail
+    sink.checks = []
+    return sink
+
+
 async def test_each_sink_task_checks_at_its_interval(
     autojump_clock: trio.testing.MockClock, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    fast, slow = CountingSink("fast", 1.0, tmp_path), CountingSink("slow", 3.0, tmp_path)
-    broken, late = CountingSink("x", 2.0, tmp_path, True), CountingSink("late", 1.0, tmp_path)
+    fast, slow = counting_sink("fast", 1.0, tmp_path), counting_sink("slow", 3.0, tmp_path)
+    broken, late = counting_sink("x", 2.0, tmp_path, True), counting_sink("late", 1.0, tmp_path)
     start = trio.current_time()
     async with trio.open_nursery() as nursery:
         for sink in (slow, broken):

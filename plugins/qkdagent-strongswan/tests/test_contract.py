@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from qkdagent_strongswan import StrongswanPpkSink
 
+from qkdagent import Link
 from qkdagent.testing import SinkContract
 
 from .testbed import CONN, PPK_ID, ConnSpec, Testbed
@@ -16,22 +15,16 @@ class TestStrongswanPpkSinkUnload(SinkContract):
     """Default erase mode: the PPK is unloaded."""
 
     @pytest.fixture
-    async def sink(self, bed: Testbed, make_sink) -> AsyncIterator[StrongswanPpkSink]:
-        sink = make_sink(bed.a)
-        await sink.prepare()
-        yield sink
-        await sink.aclose()
+    def unprepared_sink(self, bed: Testbed, make_sink, link: Link) -> StrongswanPpkSink:
+        return make_sink(bed.a, links=(link,))
 
 
 class TestStrongswanPpkSinkRandom(SinkContract):
     """Erase mode `random`: a random PPK replaces the real one under the same id."""
 
     @pytest.fixture
-    async def sink(self, bed: Testbed, make_sink) -> AsyncIterator[StrongswanPpkSink]:
-        sink = make_sink(bed.a, erase="random")
-        await sink.prepare()
-        yield sink
-        await sink.aclose()
+    def unprepared_sink(self, bed: Testbed, make_sink, link: Link) -> StrongswanPpkSink:
+        return make_sink(bed.a, links=(link,), erase="random")
 
 
 class TestStrongswanPpkSinkVersioned(SinkContract):
@@ -42,8 +35,5 @@ class TestStrongswanPpkSinkVersioned(SinkContract):
         return [ConnSpec(CONN, None)], [ConnSpec(CONN, PPK_ID)]
 
     @pytest.fixture
-    async def sink(self, bed: Testbed, make_sink) -> AsyncIterator[StrongswanPpkSink]:
-        sink = make_sink(bed.a, versioned=True, keep_versions=1)
-        await sink.prepare()
-        yield sink
-        await sink.aclose()
+    def unprepared_sink(self, bed: Testbed, make_sink, link: Link) -> StrongswanPpkSink:
+        return make_sink(bed.a, links=(link,), versioned=True, keep_versions=1)

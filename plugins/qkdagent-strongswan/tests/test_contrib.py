@@ -11,7 +11,8 @@ import pytest
 import trio
 from qkdagent_strongswan import StrongswanPpkSink
 
-from qkdagent import KeyMeta, Link, Options, PluginContext, Secret
+from qkdagent import KeyMeta, Link, Secret
+from qkdagent.testing import build_component
 
 from .testbed import Testbed, established, wait_until
 
@@ -27,9 +28,7 @@ def sink_table(site: str) -> dict[str, object]:
 
 @pytest.mark.parametrize("site", ["a", "b"])
 def test_example_agent_configs_are_valid_sink_options(site: str, tmp_path: Path) -> None:
-    opts = Options(sink_table(site), where="sinks.ppk")
-    sink = StrongswanPpkSink("ppk", opts, PluginContext("x", tmp_path))
-    opts.finish()
+    sink = build_component(StrongswanPpkSink, sink_table(site), name="ppk", state_dir=tmp_path)
     assert sink.config.ppk_id == "qkd-site-ab"
     assert sink.config.ike == {"a": "site-b", "b": "site-a"}[site]
 
@@ -63,9 +62,9 @@ async def test_example_gateways_rotate_ppk_and_reauthenticate(
             "socket": str(charon.vici_path),
             "strongswan_conf": str(charon.strongswan_conf),
         }
-        opts = Options(table, where="sinks.ppk")
-        sinks[site] = StrongswanPpkSink("ppk", opts, PluginContext(site, tmp_path))
-        opts.finish()
+        sinks[site] = build_component(
+            StrongswanPpkSink, table, name="ppk", agent=site, state_dir=tmp_path
+        )
         await sinks[site].prepare()  # connection exists, its ppk_id matches, make-before-break
         assert sinks[site].make_before_break is True
     alice, bob = Link("site-ab", "alice", "bob", True), Link("site-ab", "bob", "alice", False)

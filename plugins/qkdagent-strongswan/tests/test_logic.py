@@ -25,7 +25,8 @@ from qkdagent_strongswan.logic import (
     with_ppk_id,
 )
 
-from qkdagent import ConfigError, Link, Options, PluginContext
+from qkdagent import ConfigError, Link, Options
+from qkdagent.testing import build_component
 
 INITIATOR = Link("ab", "alice", "bob", True)
 RESPONDER = Link("ab", "bob", "alice", False)
@@ -178,17 +179,16 @@ def test_conn_message_validation() -> None:
 
 
 def test_sink_repr_and_no_io_in_constructor(tmp_path: Path) -> None:
-    opts = Options({"ppk_id": "qkd-gw", "socket": str(tmp_path / "none.vici")}, where="s")
-    sink = StrongswanPpkSink("ppk", opts, PluginContext("alice", tmp_path))
-    opts.finish()
+    table = {"ppk_id": "qkd-gw", "socket": str(tmp_path / "none.vici")}
+    sink = build_component(StrongswanPpkSink, table, name="ppk", state_dir=tmp_path)
     assert "none.vici" in repr(sink) and sink.type_name == "strongswan-ppk"
 
 
 async def test_unreachable_charon_is_a_sink_error(tmp_path: Path) -> None:
     from qkdagent import KeyMeta, NotInstalled, Secret, SinkError
 
-    opts = Options({"ppk_id": "qkd-gw", "socket": str(tmp_path / "none.vici")}, where="s")
-    sink = StrongswanPpkSink("ppk", opts, PluginContext("alice", tmp_path))
+    table = {"ppk_id": "qkd-gw", "socket": str(tmp_path / "none.vici")}
+    sink = build_component(StrongswanPpkSink, table, name="ppk", state_dir=tmp_path)
     with pytest.raises(NotInstalled, match="does not exist"):
         await sink.prepare()
     with pytest.raises(SinkError, match="cannot connect to charon's VICI socket") as info:
