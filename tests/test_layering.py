@@ -145,3 +145,67 @@ def test_installed_plugins_load_and_run_their_commands_without_pytest() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "ok"
+
+
+def _module_level_imports(path: Path, module: str) -> set[str]:
+    """What `module` imports when it is imported: module-level imports outside
+    `if TYPE_CHECKING:` blocks (function-level imports run later and cannot form a cycle at
+    import time, but they are counted too: a cycle there is still a tangle)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    found: set[str] = set()
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):
+                continue
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    parts = parts[: len(parts) - node.level + 1]
+                    base = ".".join(filter(None, [*parts, base]))
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, ast.stmt):
+                    visit([child])
+
+    visit(tree.body)
+    return found
+
+
+def test_the_core_has_no_import_cycle() -> None:
+    root = PACKAGE.parent
+    modules = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if not name.startswith("qkdagent.testing"):
+            modules[name] = path
+    graph = {
+        name: {m for m in _module_level_imports(path, name) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+    # the package itself re-exports the API: importing `qkdagent` from a submodule is fine
+    graph = {n: deps - {"qkdagent"} for n, deps in graph.items()}
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def walk(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append([*stack[stack.index(dep) :], dep])
+            elif dep not in state:
+                walk(dep, [*stack, dep])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            walk(node, [node])
+    assert cycles == []
