@@ -21,16 +21,16 @@ import trio
 
 from . import __version__
 from .components import Components
-from .config import BUILTIN_PLUGINS, AgentConfig, LinkConfig
+from .config import AgentConfig, LinkConfig
 from .errors import ProtocolError
 from .events import ComponentEvent
 from .identity import PeerIdentity
-from .interfaces import PluginContext
 from .lifecycle import (
     ComponentTasks,
     assign_links,
     build_components,
     close_all,
+    load_components,
     plan_reload,
     prepare_all,
 )
@@ -78,16 +78,13 @@ class Agent:
         self.config = config
         self.settings = config.agent
         self.name = config.agent.name
-        self.plugins = plugins or Plugins()
-        self.plugins.load((*BUILTIN_PLUGINS, *self.settings.plugins))
-        self.hooks = self.plugins.hooks
-        self.transport: Transport = transport or HttpsTransport(self.settings)
         self.metrics = Metrics()
         self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
-        self.context = PluginContext(
-            self.name, self.settings.state_dir, config.file, reporter=self.report
+        self.plugins, self.context, self.components = load_components(
+            config, plugins=plugins, reporter=self.report
         )
-        self.components: Components = build_components(config, self.plugins, self.context)
+        self.hooks = self.plugins.hooks
+        self.transport: Transport = transport or HttpsTransport(self.settings)
         self.tasks = ComponentTasks(self.report)
         """The components' background tasks (`run()`)."""
         self.links: dict[str, _LinkTask] = {}

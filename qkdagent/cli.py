@@ -263,18 +263,14 @@ async def _reload(agent: Any, config_path: str) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """Everything `run` checks before it starts, without the peer, the ports or any change."""
     setup_logging("text")
-    from .config import BUILTIN_PLUGINS
-    from .interfaces import PluginContext
-    from .lifecycle import build_components
+    from .lifecycle import load_components
     from .validate import check_components, check_config
 
     try:
         config = load_config(args.config)
         check_config(config)
-        plugins = Plugins()
-        plugins.load((*BUILTIN_PLUGINS, *config.agent.plugins))
-        context = PluginContext(config.agent.name, config.agent.state_dir, config.file)
-        check_components(config, build_components(config, plugins, context))
+        _, _, components = load_components(config)
+        check_components(config, components)
     except (ConfigError, PluginError) as exc:
         return _fail(f"invalid config: {exc}")
     roles = ", ".join(

@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from .components import Components, Handle, SinkHandle, SourceHandle
-from .config import AgentConfig, ComponentConfig
+from .config import BUILTIN_PLUGINS, AgentConfig, ComponentConfig
 from .errors import ConfigError, QkdAgentError, StartupError
 from .events import ComponentEvent
 from .interfaces import Link, PluginContext, Sink, Source, _Configurable
@@ -123,6 +123,22 @@ class _OnceStarted:
 
 
 # -- build -------------------------------------------------------------------------------------
+
+
+def load_components(
+    config: AgentConfig,
+    *,
+    plugins: Plugins | None = None,
+    reporter: Callable[[ComponentEvent], None] | None = None,
+) -> tuple[Plugins, PluginContext, Components]:
+    """Load the plugins the config names (and the built-in ones), make the plugin context and
+    build every component: what `qkdagent check` validates is what `run` starts with."""
+    plugins = plugins or Plugins()
+    plugins.load((*BUILTIN_PLUGINS, *config.agent.plugins))
+    context = PluginContext(
+        config.agent.name, config.agent.state_dir, config.file, reporter=reporter
+    )
+    return plugins, context, build_components(config, plugins, context)
 
 
 def build_components(config: AgentConfig, plugins: Plugins, context: PluginContext) -> Components:
