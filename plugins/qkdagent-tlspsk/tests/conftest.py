@@ -16,8 +16,7 @@ import pytest
 import trio
 from qkdagent_tlspsk import TlsPskSink
 
-from qkdagent import Options, PluginContext
-from qkdagent.testing import free_port, require_binary
+from qkdagent.testing import build_component, free_port, require_binary
 from qkdagent.testing.pytest_plugin import install_logging_guard
 
 
@@ -28,10 +27,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def make_sink(tmp_path: Path, name: str = "psk", **options: Any) -> TlsPskSink:
-    opts = Options(options, where=f"sinks.{name}")
-    sink = TlsPskSink(name, opts, PluginContext("alice", tmp_path / f"state-{name}"))
-    opts.finish()
-    return sink
+    """alice's sink `name` built from `options` (not prepared)."""
+    return build_component(TlsPskSink, options, name=name, state_dir=tmp_path / f"state-{name}")
 
 
 def wait_listening(port: int, proc: subprocess.Popen[bytes], deadline: float = 10.0) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +13,11 @@ from qkdagent.testing import SinkContract
 
 
 class TestTlsPskContract(SinkContract):
+    sink_class = TlsPskSink
+
     @pytest.fixture(params=["stunnel", "nghttpx", "gnutls", "openssl", "nginx-patch"])
-    async def sink(
-        self, request: pytest.FixtureRequest, tmp_path: Path, h: Any
-    ) -> AsyncIterator[TlsPskSink]:
-        sink = h.make_sink(tmp_path, format=request.param, path=str(tmp_path / "psk.txt"))
-        await sink.prepare()
-        yield sink
-        await sink.aclose()
+    def sink_options(self, request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+        return {"format": request.param, "path": str(tmp_path / "psk.txt")}
 
     @pytest.fixture
     def read_back(self, sink: TlsPskSink) -> Any:

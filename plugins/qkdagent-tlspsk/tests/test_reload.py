@@ -52,6 +52,39 @@ async def test_failing_reload_command_is_an_install_failure(tmp_path: Path, h: A
     assert secret.reveal().hex() not in str(info.value)
 
 
+async def test_slow_reload_command_times_out_at_the_confirm_deadline(
+    tmp_path: Path, h: Any, autojump_clock: trio.testing.MockClock
+) -> None:
+    # Jump only after a real second of idleness: the killed `sleep` exits well before that, so
+    # trio's SIGTERM-then-wait is not skipped ahead to SIGKILL.
+    autojump_clock.autojump_threshold = 1.0
+    sink = h.make_sink(
+        tmp_path,
+        path=str(tmp_path / "psk"),
+        reload_command=["sleep", "600"],
+        confirm="none",
+        confirm_timeout=0.2,
+    )
+    await sink.prepare()
+    with pytest.raises(SinkError, match=r"^reload command sleep timed out after 0\.2 s$"):
+        await sink.install(LINK, Secret.random(32), meta(1))
+
+
+async def test_reload_command_gone_since_prepare_is_an_install_failure(
+    tmp_path: Path, h: Any
+) -> None:
+    tool = tmp_path / "reload-tool"
+    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.chmod(0o700)
+    sink = h.make_sink(
+        tmp_path, path=str(tmp_path / "psk"), reload_command=[str(tool)], confirm="none"
+    )
+    await sink.prepare()  # found on disk here
+    tool.unlink()
+    with pytest.raises(SinkError, match=r"^reload command reload-tool: cannot run: No such file"):
+        await sink.install(LINK, Secret.random(32), meta(1))
+
+
 async def test_missing_log_line_is_an_install_failure(tmp_path: Path, h: Any) -> None:
     sink = h.make_sink(
         tmp_path,

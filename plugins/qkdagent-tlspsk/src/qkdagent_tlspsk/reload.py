@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from qkdagent import SinkError
+from qkdagent import SinkError, program_env, run_program
 
 
 @dataclass(frozen=True)
@@ -67,27 +67,11 @@ async def send_signal(pid_file: Path, sig: signal.Signals) -> int:
 
 
 async def run_command(argv: list[str], deadline: float) -> None:
-    """Run an admin-configured reload command; a non-zero exit is an install failure."""
-    env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "LANG": "C"}
-    try:
-        with trio.fail_at(deadline):
-            result = await trio.run_process(
-                argv,
-                capture_stdout=True,
-                capture_stderr=True,
-                check=False,
-                env=env,
-                stdin=b"",
-            )
-    except trio.TooSlowError:
-        raise SinkError(f"reload command {argv[0]!r} did not finish in time") from None
-    except OSError as exc:
-        raise SinkError(f"cannot run reload command {argv[0]!r}: {exc.strerror}") from None
-    if result.returncode != 0:
-        tail = result.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
-        raise SinkError(
-            f"reload command {argv[0]!r} exited with {result.returncode}: {' | '.join(tail)}"
-        )
+    """Run an admin-configured reload command (the core's runner: clean env, no key, bounded,
+    killed at `deadline`); a non-zero exit is an install failure."""
+    await run_program(
+        argv, deadline=deadline, what="reload command", env=program_env({"LANG": "C"})
+    )
 
 
 def _scan(watch: LogWatch, offset: int) -> tuple[bool | None, int]:
