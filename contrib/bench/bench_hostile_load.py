@@ -17,7 +17,14 @@ It prints the rotations per second quiet and under attack, their ratio (target >
 peak RSS (from /proc). Everything stays on 127.0.0.0/8 and stops by itself after
 `--quiet` + `--attack` seconds (plus start-up, a minute or two in all).
 
+The attacker runs in this process, on the same cores as the agents. To tell "the attacker
+takes CPU from the agents" from "the server degrades", it can be confined: `--nice 19` (it gets
+only CPU the agents leave), `--attacker-cpus 1 --agent-cpus 0` (separate cores). Each window
+also prints the CPU of alice, bob, the attacker and everything else on the machine (other
+people's jobs make the figures noisy: repeat), and the rotation latency seen in the agents' logs.
+
     python3 contrib/bench/bench_hostile_load.py [--idle 1000 --slow 1000 --flood 8]
+        [--nice 19] [--attacker-cpus 1 --agent-cpus 0]
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import resource
 import ssl
 import subprocess
@@ -43,6 +51,66 @@ import trio
 from qkdagent.testing import config_toml, pair_configs, write_test_pki
 
 LINK = "alice-bob"
+_COMMITTED = re.compile(r"committed \((?:initiator|responder)\) in ([0-9.]+) ms")
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """CPU seconds a process used so far (user + system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent busy so far (all cores, from /proc/stat)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def cpus(text: str | None) -> set[int] | None:
+    return {int(x) for x in text.split(",")} if text else None
+
+
+def percentiles(values: list[float]) -> str:
+    if not values:
+        return "no rotations logged"
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    return (
+        f"n={len(ordered)} p50 {at(0.5):.0f} p90 {at(0.9):.0f} p99 {at(0.99):.0f} "
+        f"max {ordered[-1]:.0f} ms"
+    )
+
+
+@dataclass
+class Window:
+    """CPU and log offsets at the start of a measuring window; `close` gives the figures."""
+
+    agents: dict[str, Agent]
+    cpu: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, int] = field(default_factory=dict)
+    started: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.started = time.monotonic()
+        self.cpu = {n: cpu_seconds(a.proc.pid) for n, a in self.agents.items()}
+        self.cpu["attacker"] = cpu_seconds()
+        self.cpu["machine"] = machine_busy()
+        self.logs = {n: a.log_size() for n, a in self.agents.items()}
+
+    def close(self) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """Cores used per process (and by everything else) and rotation durations (ms)."""
+        seconds = time.monotonic() - self.started
+        now = {n: cpu_seconds(a.proc.pid) for n, a in self.agents.items()}
+        now["attacker"] = cpu_seconds()
+        now["machine"] = machine_busy()
+        used = {n: (now[n] - self.cpu[n]) / seconds for n in now}
+        used["others"] = used["machine"] - sum(used[n] for n in ("alice", "bob", "attacker"))
+        durations = {n: a.durations(self.logs[n], a.log_size()) for n, a in self.agents.items()}
+        return used, durations
 
 
 @dataclass
@@ -51,13 +119,19 @@ class Agent:
     proc: subprocess.Popen[bytes]
     status_url: str
     peer_port: int
+    log: Path
     peak_fds: int = 0
     peak_rss_kib: int = 0
 
-    def cpu(self) -> float:
-        """CPU seconds used so far (user + system)."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def log_size(self) -> int:
+        return self.log.stat().st_size
+
+    def durations(self, start: int, end: int) -> list[float]:
+        """Rotation durations (ms) this agent logged between two log offsets."""
+        with self.log.open("rb") as f:
+            f.seek(start)
+            text = f.read(end - start).decode(errors="replace")
+        return [float(ms) for ms in _COMMITTED.findall(text)]
 
     def sample(self) -> None:
         try:
@@ -78,7 +152,9 @@ class Attack:
     errors: int = 0
 
 
-def start_agents(directory: Path, interval: float, nofile: int) -> dict[str, Agent]:
+def start_agents(
+    directory: Path, interval: float, nofile: int, agent_cpus: set[int] | None
+) -> dict[str, Agent]:
     pki = write_test_pki(directory / "ca", ["alice", "bob", "mallory"])
     sides: dict[str, dict[str, Any]] = {}
     for name in ("alice", "bob"):
@@ -98,6 +174,8 @@ def start_agents(directory: Path, interval: float, nofile: int) -> dict[str, Age
 
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        if agent_cpus:
+            os.sched_setaffinity(0, agent_cpus)
 
     agents = {}
     for name in ("bob", "alice"):
@@ -116,6 +194,7 @@ def start_agents(directory: Path, interval: float, nofile: int) -> dict[str, Age
             proc,
             f"http://{agent['status_listen']}/status",
             int(agent["listen"].rsplit(":", 1)[1]),
+            directory / f"{name}.log",
         )
     return agents
 
@@ -283,13 +362,29 @@ async def attack(port: int, args: argparse.Namespace, mallory: ssl.SSLContext, s
             nursery.start_soon(flood, port, sources[i % len(sources)], mallory, stats)
 
 
+def mode(args: argparse.Namespace) -> str:
+    """Which way the attacker shares the machine with the agents."""
+    if not (args.nice or args.attacker_cpus or args.agent_cpus):
+        return "attacker shares all cores with the agents at the same priority (default)"
+    parts = []
+    if args.nice:
+        parts.append(f"attacker at nice {args.nice}")
+    if args.attacker_cpus:
+        parts.append(f"attacker on CPU {args.attacker_cpus}")
+    if args.agent_cpus:
+        parts.append(f"agents on CPU {args.agent_cpus}")
+    return ", ".join(parts)
+
+
 async def main(args: argparse.Namespace) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = args.idle + args.slow + args.flood + 512
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+    if args.attacker_cpus:
+        os.sched_setaffinity(0, cpus(args.attacker_cpus))
     with tempfile.TemporaryDirectory(prefix="qkdagent-hostile-") as tmp:
         directory = Path(tmp)
-        agents = start_agents(directory, args.interval, args.nofile)
+        agents = start_agents(directory, args.interval, args.nofile, cpus(args.agent_cpus))
         alice, bob = agents["alice"], agents["bob"]
         pki_dir = directory / "ca"
         mallory = ssl.create_default_context(cafile=str(pki_dir / "ca.pem"))
@@ -299,17 +394,19 @@ async def main(args: argparse.Namespace) -> None:
             async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
                 nursery.start_soon(sampler, agents)
                 await wait_epoch(http, alice, 3, 60)
-                cpu = {n: a.cpu() for n, a in agents.items()}
+                window = Window(agents)
                 quiet = await rate(http, alice, args.quiet)
-                quiet_cpu = {n: (a.cpu() - cpu[n]) / args.quiet for n, a in agents.items()}
+                quiet_cpu, quiet_ms = window.close()
                 if args.nice:
                     os.nice(args.nice)  # the attacker takes only CPU the agents leave
                 nursery.start_soon(attack, bob.peer_port, args, mallory, stats)
                 await trio.sleep(args.ramp)
                 held = stats.opened - stats.closed_by_server
-                cpu = {n: a.cpu() for n, a in agents.items()}
+                opened = stats.opened
+                window = Window(agents)
                 under = await rate(http, alice, args.attack)
-                attack_cpu = {n: (a.cpu() - cpu[n]) / args.attack for n, a in agents.items()}
+                attack_cpu, attack_ms = window.close()
+                opened = stats.opened - opened
                 bob_epoch = await epoch(http, bob)
                 nursery.cancel_scope.cancel()
         finally:
@@ -322,7 +419,9 @@ async def main(args: argparse.Namespace) -> None:
                 except subprocess.TimeoutExpired:
                     agent.proc.kill()
         bob_log = (directory / "bob.log").read_text(errors="replace")
+        alice_log = (directory / "alice.log").read_text(errors="replace")
     hostile = args.idle + args.slow + args.flood
+    print(f"mode: {mode(args)}")
     print(
         f"agents: interval {args.interval} s, nofile {args.nofile}, attacker "
         f"{'on the peer address' if args.same_address else 'on 16 other loopback addresses'}"
@@ -337,19 +436,33 @@ async def main(args: argparse.Namespace) -> None:
         f"({100 * under / quiet:.0f} % of quiet; bob at epoch {bob_epoch})"
     )
     print(
-        f"attack: {stats.opened} connections opened, {stats.closed_by_server} closed by the "
-        f"server, {stats.forged} forged requests answered {dict(sorted(stats.statuses.items()))}"
-        f", {stats.errors} connect/TLS errors"
+        f"attack: {stats.opened} connections opened ({opened / args.attack:.0f}/s in the "
+        f"window), {stats.closed_by_server} closed by the server, {stats.forged} forged "
+        f"requests answered {dict(sorted(stats.statuses.items()))}, {stats.errors} connect/TLS "
+        "errors"
     )
+    for label, used in (("quiet", quiet_cpu), ("attack", attack_cpu)):
+        print(
+            f"CPU {label + ':':7} "
+            + ", ".join(
+                f"{n} {100 * used[n]:.0f} %" for n in ("alice", "bob", "attacker", "others")
+            )
+            + f" of a core; machine {100 * used['machine']:.0f} % of {os.cpu_count()} cores"
+        )
+    for label, durations in (("quiet", quiet_ms), ("attack", attack_ms)):
+        print(
+            f"rotation time {label + ':':7} alice (initiator) {percentiles(durations['alice'])}; "
+            f"bob (responder) {percentiles(durations['bob'])}"
+        )
     for agent in agents.values():
         print(
             f"{agent.name}: peak {agent.peak_fds} descriptors, peak RSS "
-            f"{agent.peak_rss_kib / 1024:.1f} MiB, CPU {100 * quiet_cpu[agent.name]:.0f} % "
-            f"of a core quiet, {100 * attack_cpu[agent.name]:.0f} % under attack"
+            f"{agent.peak_rss_kib / 1024:.1f} MiB"
         )
     print(
         f"bob's log: {bob_log.count('Traceback')} tracebacks, "
-        f"{bob_log.count('peer API: refused')} summary lines, {len(bob_log.splitlines())} lines"
+        f"{bob_log.count('peer API: refused')} summary lines, {len(bob_log.splitlines())} lines; "
+        f"alice's log: {alice_log.count('WARNING')} warnings"
     )
 
 
@@ -369,5 +482,9 @@ if __name__ == "__main__":
         default=0,
         help="lower the attacker's CPU priority (it shares the machine's cores with the agents)",
     )
+    parser.add_argument(
+        "--attacker-cpus", help="confine the attacker (this process) to these CPUs, e.g. 1"
+    )
+    parser.add_argument("--agent-cpus", help="confine both agents to these CPUs, e.g. 0")
     parser.add_argument("--same-address", action="store_true", help="attack from 127.0.0.1")
     trio.run(main, parser.parse_args())
