@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from qkdagent_wireguard.sink import WireGuardSink
 
-from qkdagent import Options, PluginContext
-from qkdagent.testing import require_binary, require_root
+from qkdagent import Link, PluginContext
+from qkdagent.testing import build_component, require_binary, require_root
 from qkdagent.testing.pytest_plugin import install_logging_guard
 
 # The test beds (wg_testbed, wg_guestvm) live beside the tests, outside the shipped package.
@@ -49,12 +49,11 @@ def make_sink(tmp_path: Path) -> SinkFactory:
     sinks of one test belong to one agent (one context, so one stash)."""
     context = PluginContext("test", tmp_path)
 
-    def make(node: Node, peer: Node, name: str = "wg", **options: Any) -> WireGuardSink:
+    def make(
+        node: Node, peer: Node, name: str = "wg", links: tuple[Link, ...] = (), **options: Any
+    ) -> WireGuardSink:
         table = {"interface": node.iface, "peer_public_key": peer.public_text, **options}
-        opts = Options(table, where=f"sinks.{name}")
-        sink = WireGuardSink(name, opts, context)
-        opts.finish()
-        return sink
+        return build_component(WireGuardSink, table, name=name, context=context, links=links)
 
     return make
 

@@ -12,7 +12,8 @@ from qkdagent_wireguard.backend import BackendError, Op, Outcome
 from qkdagent_wireguard.batch import OPEN_BACKENDS, Backends, Shared
 from qkdagent_wireguard.sink import WireGuardSink
 
-from qkdagent import Options, PluginContext
+from qkdagent import PluginContext
+from qkdagent.testing import build_component
 
 
 class _Gate:
@@ -151,11 +152,8 @@ def test_sinks_of_one_agent_share_its_backends_and_two_agents_share_nothing(
     tmp_path: Path,
 ) -> None:
     def sink(name: str, context: PluginContext) -> WireGuardSink:
-        options = Options(
-            {"interface": "wg0", "peer_public_key": "A" * 43 + "=", "backend": "uapi"},
-            where=f"sinks.{name}",
-        )
-        return WireGuardSink(name, options, context)
+        table = {"interface": "wg0", "peer_public_key": "A" * 43 + "=", "backend": "uapi"}
+        return build_component(WireGuardSink, table, name=name, context=context)
 
     alice, bob = PluginContext("alice", tmp_path), PluginContext("bob", tmp_path)
     a1, a2, b1 = sink("a1", alice), sink("a2", alice), sink("b1", bob)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,38 +26,36 @@ class _ReadBackFromWg:
         return read
 
 
-class TestUapiSinkContract(_ReadBackFromWg, SinkContract):
-    @pytest.fixture
-    async def sink(self, userspace_pair: Pair, make_sink) -> AsyncIterator[WireGuardSink]:  # type: ignore[no-untyped-def]
-        sink = make_sink(userspace_pair.a, userspace_pair.b, backend="uapi")
-        await sink.prepare()
+class _ResolvesToUapi:
+    @pytest.fixture(autouse=True)
+    def resolved_to_uapi(self, sink: WireGuardSink) -> None:
+        """Checked once the suite has prepared the sink, before each test."""
         assert sink.resolved == "uapi"
-        yield sink
-        await sink.aclose()
 
 
-class TestAutoSinkContract(_ReadBackFromWg, SinkContract):
+class TestUapiSinkContract(_ReadBackFromWg, _ResolvesToUapi, SinkContract):
+    @pytest.fixture
+    def unprepared_sink(self, userspace_pair: Pair, make_sink, link: Link) -> WireGuardSink:  # type: ignore[no-untyped-def]
+        return make_sink(userspace_pair.a, userspace_pair.b, links=(link,), backend="uapi")
+
+
+class TestAutoSinkContract(_ReadBackFromWg, _ResolvesToUapi, SinkContract):
     """`auto` finds wireguard-go's control socket and uses it."""
 
     @pytest.fixture
-    async def sink(self, userspace_pair: Pair, make_sink) -> AsyncIterator[WireGuardSink]:  # type: ignore[no-untyped-def]
-        sink = make_sink(userspace_pair.a, userspace_pair.b)
-        await sink.prepare()
-        assert sink.resolved == "uapi"
-        yield sink
-        await sink.aclose()
+    def unprepared_sink(self, userspace_pair: Pair, make_sink, link: Link) -> WireGuardSink:  # type: ignore[no-untyped-def]
+        return make_sink(userspace_pair.a, userspace_pair.b, links=(link,))
 
 
 class TestBrokerSinkContract(_ReadBackFromWg, SinkContract):
     @pytest.fixture
-    async def sink(  # type: ignore[no-untyped-def]
-        self, userspace_pair: Pair, make_sink, broker_factory
-    ) -> AsyncIterator[WireGuardSink]:
+    def broker_socket(self, userspace_pair: Pair, broker_factory) -> Path:  # type: ignore[no-untyped-def]
         a, b = userspace_pair.a, userspace_pair.b
-        socket_path: Path = await trio.to_thread.run_sync(
-            broker_factory, "--allow", f"{a.iface}:{b.public_text}", "--backend", "uapi"
-        )
-        sink = make_sink(a, b, backend="broker", broker_socket=str(socket_path))
-        await sink.prepare()
-        yield sink
-        await sink.aclose()
+        return broker_factory("--allow", f"{a.iface}:{b.public_text}", "--backend", "uapi")
+
+    @pytest.fixture
+    def unprepared_sink(  # type: ignore[no-untyped-def]
+        self, userspace_pair: Pair, make_sink, broker_socket: Path, link: Link
+    ) -> WireGuardSink:
+        a, b = userspace_pair.a, userspace_pair.b
+        return make_sink(a, b, links=(link,), backend="broker", broker_socket=str(broker_socket))

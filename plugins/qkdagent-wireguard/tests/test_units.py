@@ -27,7 +27,8 @@ from qkdagent_wireguard.uapi import (
     split_reply,
 )
 
-from qkdagent import ConfigError, Options, PluginContext
+from qkdagent import ConfigError
+from qkdagent.testing import build_component
 
 PEER = os.urandom(32)
 PEER_B64 = base64.b64encode(PEER).decode()
@@ -137,10 +138,7 @@ def test_op_repr_hides_key() -> None:
 
 
 def _options(tmp_path: Path, **table: object) -> WireGuardSink:
-    opts = Options(table, where="sinks.wg")
-    sink = WireGuardSink("wg", opts, PluginContext("test", tmp_path))
-    opts.finish()
-    return sink
+    return build_component(WireGuardSink, table, name="wg", agent="test", state_dir=tmp_path)
 
 
 def test_config_reading(tmp_path: Path) -> None:
@@ -279,8 +277,8 @@ def test_example_configs_have_valid_wireguard_sinks(name: str, tmp_path: Path) -
     sinks = {k: v for k, v in config["sinks"].items() if v.get("type") == "wireguard"}
     assert sinks and "wireguard" in config["agent"]["plugins"]
     for sink_name, table in sinks.items():
-        options = Options({k: v for k, v in table.items() if k != "type"}, where=sink_name)
-        sink = WireGuardSink(sink_name, options, PluginContext("example", tmp_path))
-        options.finish()
+        sink = build_component(
+            WireGuardSink, table, name=sink_name, agent="example", state_dir=tmp_path
+        )
         assert len(sink.peer) == 32
         assert any(sink_name in link["sinks"] for link in config["links"].values())
