@@ -11,7 +11,7 @@ import base64
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,8 +24,8 @@ from qkdagent_wireguard.drive import drive_blocking
 from qkdagent_wireguard.sink import WireGuardSink
 from wg_testbed import Node, Pair, genkey
 
-from qkdagent import KeyMeta, Link, Misconfigured, Options, PluginContext, Secret, SinkError
-from qkdagent.testing import SinkContract, require_binary, require_root
+from qkdagent import KeyMeta, Link, Misconfigured, PluginContext, Secret, SinkError
+from qkdagent.testing import SinkContract, build_component, require_binary, require_root
 
 LINK = Link("site", "alice", "bob", True)
 
@@ -52,13 +52,21 @@ def dump(node: Node) -> dict[str, list[str]]:
     return {line.split("\t")[0]: line.split("\t") for line in lines}
 
 
-def make(pair: Pair, tmp_path: Path, **options: object) -> WireGuardSink:
+def make(
+    pair: Pair,
+    tmp_path: Path,
+    name: str = "wg",
+    links: tuple[Link, ...] = (),
+    context: PluginContext | None = None,
+    **options: object,
+) -> WireGuardSink:
+    """Agent "guest"'s sink for a's peer b (override with options); sinks given one `context`
+    belong to one agent and share its backends."""
     assert pair.a is not None and pair.b is not None
     table = {"interface": pair.a.iface, "peer_public_key": pair.b.public_text, **options}
-    opts = Options(table, where="sinks.wg")
-    sink = WireGuardSink("wg", opts, PluginContext("guest", tmp_path))
-    opts.finish()
-    return sink
+    if context is None:
+        context = PluginContext("guest", tmp_path)
+    return build_component(WireGuardSink, table, name=name, links=links, context=context)
 
 
 class TestNetlinkSinkContract(SinkContract):
@@ -74,11 +82,10 @@ class TestNetlinkSinkContract(SinkContract):
     library = "builtin"
 
     @pytest.fixture
-    async def sink(self, kernel_pair: Pair, tmp_path: Path) -> AsyncIterator[WireGuardSink]:
-        sink = make(kernel_pair, tmp_path, backend="netlink", netlink_library=self.library)
-        await sink.prepare()
-        yield sink
-        await sink.aclose()
+    def unprepared_sink(self, kernel_pair: Pair, tmp_path: Path, link: Link) -> WireGuardSink:
+        return make(
+            kernel_pair, tmp_path, links=(link,), backend="netlink", netlink_library=self.library
+        )
 
 
 class TestPyroute2SinkContract(TestNetlinkSinkContract):
@@ -144,12 +151,11 @@ async def test_zero_and_short_keys_are_refused(kernel_pair: Pair, tmp_path: Path
 async def test_unknown_peer_and_interface_are_reported(kernel_pair: Pair, tmp_path: Path) -> None:
     a, b = kernel_pair.a, kernel_pair.b
     _, stranger = genkey()
-    ghost = make(kernel_pair, tmp_path, backend="netlink")
-    ghost.peer, ghost.peer_text = stranger, base64.b64encode(stranger).decode()
+    stranger_text = base64.b64encode(stranger).decode()
+    ghost = make(kernel_pair, tmp_path, backend="netlink", peer_public_key=stranger_text)
     with pytest.raises(Misconfigured, match="has no peer"):
         await ghost.prepare()
-    nowhere = make(kernel_pair, tmp_path, backend="netlink")
-    nowhere.interface = "wqnone0"
+    nowhere = make(kernel_pair, tmp_path, backend="netlink", interface="wqnone0")
     with pytest.raises(Misconfigured, match="ENODEV"):
         await nowhere.prepare()
     sink = make(kernel_pair, tmp_path, backend="netlink")
@@ -196,12 +202,18 @@ async def test_many_peers_in_one_batch(kernel_pair: Pair, tmp_path: Path) -> Non
                     "allowed_ips": [f"10.216.0.{i + 1}/32"],
                 },
             )
-    sinks = []
-    for i, peer in enumerate(peers):
-        sink = make(kernel_pair, tmp_path, backend="netlink")
-        sink.name = f"wg{i}"
-        sink.peer, sink.peer_text = peer, base64.b64encode(peer).decode()
-        sinks.append(sink)
+    agent = PluginContext("guest", tmp_path)  # one agent: its sinks share one netlink backend
+    sinks = [
+        make(
+            kernel_pair,
+            tmp_path,
+            name=f"wg{i}",
+            context=agent,
+            backend="netlink",
+            peer_public_key=base64.b64encode(peer).decode(),
+        )
+        for i, peer in enumerate(peers)
+    ]
     async with trio.open_nursery() as nursery:
         for sink in sinks:
             nursery.start_soon(sink.prepare)
