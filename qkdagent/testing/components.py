@@ -23,7 +23,7 @@ import trio
 from ..interfaces import Link, PluginContext, Sink, Source
 from ..options import Options
 
-C = TypeVar("C", Source, Sink)
+C = TypeVar("C", bound="Source | Sink")
 
 
 def build_component(
