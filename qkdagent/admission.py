@@ -12,8 +12,18 @@ Connections come in three kinds:
   opens a new one).
 - *busy*: an established connection in the middle of a request; never evicted.
 
-Per source address (IPv4 address, IPv6 /64) there is a cap as well. The server applies the
-verdicts; this module only counts and decides, so every rule is unit-tested without sockets.
+Per source address (IPv4 address, IPv6 /64) there is a cap as well.
+
+Evicting on arrival has a cost: an attacker who reopens every closed socket at once turns it
+into a loop (arrive, evict, reopen, evict...) that runs as fast as the two processes can go,
+each turn a task, a close and a wake-up here. So, when the server is crowded, a newcomer may
+push an unauthenticated connection out only while its address has tokens left (`churn`: a
+token bucket per address); beyond that it is refused at accept (cheap: no task, no eviction)
+and the connections already held age out on their own deadlines. A peer on its own address
+keeps its whole budget, so its fresh handshake still gets in.
+
+The server applies the verdicts; this module only counts and decides, so every rule is
+unit-tested without sockets.
 """
 
 from __future__ import annotations
@@ -50,6 +60,32 @@ class Verdict:
 
 
 @dataclass
+class TokenBuckets:
+    """A token bucket per key: `rate` tokens a second, at most `burst` held. Only the
+    `max_keys` most recently used keys are remembered (a forgotten key starts full again), so
+    an attacker with many addresses costs bounded memory."""
+
+    rate: float
+    burst: float
+    max_keys: int = 4096
+    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """key -> (tokens, when counted), least recently used first."""
+
+    def take(self, key: str, now: float) -> bool:
+        """Spend one of `key`'s tokens at time `now`; False (nothing spent) if it has none."""
+        tokens, at = self._buckets.pop(key, (self.burst, now))
+        tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
+        allowed = tokens >= 1
+        self._buckets[key] = (tokens - 1 if allowed else tokens, now)
+        if len(self._buckets) > self.max_keys:
+            del self._buckets[next(iter(self._buckets))]
+        return allowed
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+@dataclass
 class _Conn:
     bucket: str
     state: str
@@ -62,6 +98,8 @@ class Admission:
     max_connections: int
     max_per_address: int
     max_handshaking: int
+    churn: TokenBuckets | None = None
+    """Per-address budget for pushing unauthenticated connections out (None: unlimited)."""
     _conns: dict[Hashable, _Conn] = field(default_factory=dict)
     _by_state: dict[str, dict[Hashable, None]] = field(
         default_factory=lambda: {HANDSHAKING: {}, HELLO: {}, IDLE: {}, BUSY: {}}
@@ -75,13 +113,16 @@ class Admission:
     def count(self, state: str) -> int:
         return len(self._by_state[state])
 
-    def admit(self, conn: Hashable, host: str) -> Verdict:
-        """Decide on a just-accepted connection from `host`; an admitted one is handshaking.
+    def admit(self, conn: Hashable, host: str, now: float = 0.0) -> Verdict:
+        """Decide on a just-accepted connection from `host` at time `now` (seconds, for the
+        churn budget); an admitted one is handshaking.
 
         Evicted connections are forgotten at once (their slots are free for this decision);
         the caller closes them.
         """
         bucket = address_key(host)
+        if self._crowded(bucket) and self.churn is not None and not self.churn.take(bucket, now):
+            return Verdict(False, reason="churn")
         evict: list[tuple[Hashable, str]] = []
         if self._per_bucket.get(bucket, 0) >= self.max_per_address:
             victim = self._first((HANDSHAKING, HELLO, IDLE), bucket)
@@ -104,6 +145,15 @@ class Admission:
         self._by_state[HANDSHAKING][conn] = None
         self._per_bucket[bucket] = self._per_bucket.get(bucket, 0) + 1
         return Verdict(True, tuple(evict))
+
+    def _crowded(self, bucket: str) -> bool:
+        """Whether a newcomer from `bucket` would push an unauthenticated connection out."""
+        unauthenticated = self.count(HANDSHAKING) + self.count(HELLO)
+        return unauthenticated > 0 and (
+            self._per_bucket.get(bucket, 0) >= self.max_per_address
+            or unauthenticated >= self.max_handshaking
+            or len(self._conns) >= self.max_connections
+        )
 
     def shed(self) -> Hashable | None:
         """The connection to close when the process runs out of descriptors (accept() failed

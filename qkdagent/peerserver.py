@@ -10,8 +10,13 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
   malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive.
 - Which connections to keep is decided by `admission.py` (handshaking connections capped
   separately, the oldest evicted first; per-address and total caps; idle ones shed under
-  pressure). The descriptor limit is raised to the hard limit at start and the caps stay
-  `fd_reserve` below it, so rotations, the state database, sinks and erases keep descriptors.
+  pressure; a per-address budget for evictions, beyond which newcomers are refused at accept).
+  The descriptor limit is raised to the hard limit at start and the caps stay `fd_reserve`
+  below it, so rotations, the state database, sinks and erases keep descriptors.
+- Sockets that never send a byte stay in the kernel (Linux `TCP_DEFER_ACCEPT`, for about the
+  handshake timeout): no descriptor, task or CPU here, and no evict-and-reopen loop with an
+  attacker who reopens every socket we close. Unauthenticated connections that we drop
+  (evicted, refused, silent past the deadline) are reset (RST), leaving no TIME_WAIT behind.
 - Every phase of a connection has a deadline: the TLS handshake, the idle wait between
   requests, the request head and body (slow senders are closed) and the reply.
 - Refused requests and dropped connections are counted (Prometheus) and summarised in one log
@@ -25,14 +30,16 @@ import errno
 import logging
 import math
 import resource
+import socket
 import ssl
+import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import h11
 import trio
 
-from .admission import Admission, Tally, connection_caps
+from .admission import Admission, Tally, TokenBuckets, connection_caps
 from .config import Address, TlsFiles
 from .errors import ProtocolError
 from .identity import PeerIdentity
@@ -47,6 +54,7 @@ log = logging.getLogger(__name__)
 ACTIONS = (b"rotate", b"commit", b"resync")
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _READ_SIZE = 16 * 1024
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,13 @@ class ServerLimits:
     """A refused body up to this size is read and dropped so the client sees the answer."""
     summary_interval: float = 60.0
     """Seconds between summary lines of refused requests and dropped connections."""
+    defer_accept: bool = True
+    """Leave connections that have sent nothing in the kernel for about `handshake_timeout`
+    (Linux; elsewhere ignored). Peers speak first (TLS ClientHello), so they never wait."""
+    churn_rate: float = 16.0
+    """Unauthenticated connections one address may push out per second when crowded."""
+    churn_burst: float = 64.0
+    """... and at once (a peer opens up to its `max_parallel_rotations` together)."""
 
 
 def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -118,8 +133,12 @@ async def serve_peers(
     connections, handshaking = connection_caps(
         limits.max_connections, limits.max_handshaking, soft, limits.fd_reserve
     )
-    admission = Admission(connections, min(limits.max_per_address, connections), handshaking)
+    churn = TokenBuckets(limits.churn_rate, limits.churn_burst)
+    admission = Admission(connections, min(limits.max_per_address, connections), handshaking, churn)
     listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+    if limits.defer_accept:
+        for listener in listeners:
+            defer_accept(listener.socket, limits.handshake_timeout)
     server = _Server(handler, context, limits, admission, metrics)
     urls = [_url(listener) for listener in listeners]
     log.debug(
@@ -135,6 +154,28 @@ async def serve_peers(
     finally:
         for listener in listeners:
             listener.socket.close()
+
+
+def defer_accept(sock: trio.socket.SocketType, seconds: float) -> bool:
+    """Have the kernel hand us a connection only once it has data (or after about `seconds`);
+    False where the platform has no such option."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None:
+        return False
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, option, max(1, math.ceil(seconds)))
+    except OSError:
+        return False
+    return True
+
+
+def reset(sock: trio.socket.SocketType) -> None:
+    """Close with RST: for connections that never authenticated, nothing is owed to them."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    except OSError:
+        pass
+    sock.close()
 
 
 def _url(listener: trio.SocketListener) -> str:
@@ -155,9 +196,13 @@ class _Conn:
         self.phase = "handshake"
 
     def evict(self) -> None:
-        """Close now (the descriptor is free at once) and stop its task."""
+        """Close now (the descriptor is free at once; reset if it never authenticated) and
+        stop its task."""
         self.evicted = True
-        self.tcp.socket.close()
+        if self.phase == "handshake":
+            reset(self.tcp.socket)
+        else:
+            self.tcp.socket.close()
         self.scope.cancel()
 
 
@@ -224,13 +269,13 @@ class _Server:
                 tcp.socket.close()
                 continue
             conn = _Conn(tcp, host)
-            verdict = self.admission.admit(conn, host)
+            verdict = self.admission.admit(conn, host, trio.current_time())
             for victim, reason in verdict.evict:
                 assert isinstance(victim, _Conn)
                 victim.evict()
                 self.dropped(victim, reason)
             if not verdict.admit:
-                tcp.socket.close()
+                reset(tcp.socket)
                 self.dropped(conn, verdict.reason or "refused")
                 continue
             conn.scope.deadline = trio.current_time() + self.limits.handshake_timeout
@@ -258,6 +303,7 @@ class _Server:
                         await stream.aclose()
             if conn.scope.cancelled_caught and not conn.evicted:
                 if conn.phase == "handshake":
+                    reset(conn.tcp.socket)
                     self.dropped(conn, "handshake-timeout")
                 elif conn.phase == "request":
                     self.dropped(conn, "request-timeout")

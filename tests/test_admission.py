@@ -9,6 +9,8 @@ from qkdagent.admission import (
     IDLE,
     Admission,
     Tally,
+    TokenBuckets,
+    Verdict,
     address_key,
     connection_caps,
 )
@@ -123,3 +125,42 @@ def test_tally_counts_everything_but_logs_only_a_few_lines_per_period() -> None:
     assert line == ("refused 5 requests, dropped 1 connections (5 x 403, 1 x handshake-timeout)")
     assert tally.summary() is None
     assert tally.drop("full")  # a new period, a new budget
+
+
+def test_token_buckets_refill_per_key_and_forget_the_least_recent() -> None:
+    buckets = TokenBuckets(rate=2, burst=3, max_keys=2)
+    assert [buckets.take("a", 0.0) for _ in range(4)] == [True, True, True, False]
+    assert buckets.take("b", 0.0)  # another key has its own budget
+    assert not buckets.take("a", 0.25)  # half a token is not one
+    assert buckets.take("a", 0.5) and not buckets.take("a", 0.5)
+    assert buckets.take("a", 100.0) and buckets.take("a", 100.0) and buckets.take("a", 100.0)
+    assert not buckets.take("a", 100.0)  # refilled to the burst, no more
+    buckets.take("c", 100.0)  # a third key: "b", used least recently, is forgotten
+    assert len(buckets) == 2
+
+
+def test_churn_budget_refuses_newcomers_instead_of_evicting_beyond_it() -> None:
+    churn = TokenBuckets(rate=1, burst=2)
+    adm = Admission(max_connections=100, max_per_address=100, max_handshaking=2, churn=churn)
+    for n in range(2):  # not crowded yet: no token spent
+        assert adm.admit(f"held{n}", "198.51.100.1", now=0).admit
+    assert len(churn) == 0
+    evicting = [adm.admit(f"x{n}", "198.51.100.1", now=0) for n in range(4)]
+    assert [v.admit for v in evicting] == [True, True, False, False]
+    assert evicting[2] == Verdict(False, reason="churn")  # nothing evicted for it
+    peer = adm.admit("peer", "192.0.2.2", now=0)  # another address keeps its budget
+    assert peer.admit and peer.evict == (("x0", "handshaking-full"),)
+    assert adm.admit("x9", "198.51.100.1", now=1).admit  # a second later: one more token
+
+
+def test_churn_budget_is_not_spent_on_established_connections() -> None:
+    churn = TokenBuckets(rate=1, burst=1)
+    adm = Admission(max_connections=3, max_per_address=100, max_handshaking=2, churn=churn)
+    for n in range(3):
+        adm.admit(f"peer{n}", "192.0.2.2", now=0)
+        adm.established(f"peer{n}")
+    for n in range(5):  # full of idle peers only: the oldest idle one goes, no budget needed
+        verdict = adm.admit(f"new{n}", "192.0.2.2", now=0)
+        assert verdict.admit
+        adm.established(f"new{n}")
+    assert len(churn) == 0

@@ -280,7 +280,9 @@ async def test_a_client_without_certificate_fails_the_handshake(tmp_path: Path) 
 
 
 async def test_a_connection_that_never_says_hello_is_closed(tmp_path: Path) -> None:
-    async with running(tmp_path, handshake_timeout=0.3, idle_timeout=60) as server:
+    async with running(
+        tmp_path, handshake_timeout=0.3, idle_timeout=60, defer_accept=False
+    ) as server:
         silent = await trio.open_tcp_stream("127.0.0.1", server.port)
         assert await closed_by_server(silent)
         assert server.dropped("handshake-timeout") == 1
@@ -310,7 +312,9 @@ async def test_a_trickling_sender_is_closed_after_the_request_timeout(tmp_path: 
 async def test_idle_flood_evicts_the_oldest_handshakes_and_a_peer_gets_through(
     tmp_path: Path,
 ) -> None:
-    async with running(tmp_path, max_handshaking=4, handshake_timeout=60) as server:
+    async with running(
+        tmp_path, max_handshaking=4, handshake_timeout=60, defer_accept=False
+    ) as server:
         idle = [await trio.open_tcp_stream("127.0.0.1", server.port) for _ in range(20)]
         async with httpx.AsyncClient(verify=server.context(), timeout=5) as http:
             reply = await http.post(server.url + ROTATE, content=b"{}")
@@ -321,9 +325,41 @@ async def test_idle_flood_evicts_the_oldest_handshakes_and_a_peer_gets_through(
             await stream.aclose()
 
 
+async def test_a_silent_socket_stays_in_the_kernel_until_it_speaks(tmp_path: Path) -> None:
+    async with running(tmp_path, max_handshaking=1, handshake_timeout=60) as server:
+        silent = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with httpx.AsyncClient(verify=server.context(), timeout=5) as http:
+            reply = await http.post(server.url + ROTATE, content=b"{}")
+        assert reply.status_code == 200
+        assert server.dropped("handshaking-full") == 0  # it held no handshake slot
+        late = trio.SSLStream(silent, server.context(), server_hostname="127.0.0.1")
+        response, _ = await exchange(late, post(ROTATE, 2), b"{}")  # a late talker is served
+        assert response.status_code == 200 and len(server.calls) == 2
+
+
+async def test_reopening_evicted_sockets_in_a_loop_is_refused_beyond_the_churn_budget(
+    tmp_path: Path,
+) -> None:
+    limits = {"max_handshaking": 2, "handshake_timeout": 60, "defer_accept": False}
+    async with running(tmp_path, churn_rate=0.001, churn_burst=3, **limits) as server:
+        # Connected before the server accepts any (a refusal resets them, so no trio connect)
+        socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(8)]
+        streams = [trio.SocketStream(trio.socket.from_stdlib_socket(s)) for s in socks]
+        for stream in streams[-3:]:  # 2 held, 3 that each pushed an older one out, 3 refused
+            assert await closed_by_server(stream, bound=5)
+        assert server.dropped("handshaking-full") == 3 and server.dropped("churn") == 3
+        for stream in streams:
+            await stream.aclose()
+
+
 class _FakeTcp:
     class socket:  # stands in for trio.SocketStream.socket
         closed = False
+        reset = False
+
+        @classmethod
+        def setsockopt(cls, *option: Any) -> None:
+            cls.reset = option[1] == socket.SO_LINGER
 
         @classmethod
         def close(cls) -> None:
@@ -363,6 +399,7 @@ async def test_running_out_of_descriptors_backs_off_sheds_and_logs_a_summary(
     assert sample == 1000  # every failure counted, none crashed the loop
     assert trio.current_time() - started >= 1000 * 0.05  # it backed off, it did not spin
     assert _FakeTcp.socket.closed and len(admission) == 0  # a handshake was shed
+    assert _FakeTcp.socket.reset  # with RST: it never authenticated
     lines = [r.getMessage() for r in caplog.records]
     assert sum("no-descriptors" in line and "closed" in line for line in lines) == 10
     assert "peer API: refused 0 requests, dropped 1000 connections" in caplog.text
