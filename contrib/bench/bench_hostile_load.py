@@ -101,8 +101,9 @@ class Window:
         self.cpu["machine"] = machine_busy()
         self.logs = {n: a.log_size() for n, a in self.agents.items()}
 
-    def close(self) -> tuple[dict[str, float], dict[str, list[float]]]:
-        """Cores used per process (and by everything else) and rotation durations (ms)."""
+    def close(self) -> tuple[dict[str, float], dict[str, list[float]], float]:
+        """Cores used per process (and by everything else), rotation durations (ms) and the
+        window's length (s)."""
         seconds = time.monotonic() - self.started
         now = {n: cpu_seconds(a.proc.pid) for n, a in self.agents.items()}
         now["attacker"] = cpu_seconds()
@@ -110,7 +111,7 @@ class Window:
         used = {n: (now[n] - self.cpu[n]) / seconds for n in now}
         used["others"] = used["machine"] - sum(used[n] for n in ("alice", "bob", "attacker"))
         durations = {n: a.durations(self.logs[n], a.log_size()) for n, a in self.agents.items()}
-        return used, durations
+        return used, durations, seconds
 
 
 @dataclass
@@ -396,7 +397,7 @@ async def main(args: argparse.Namespace) -> None:
                 await wait_epoch(http, alice, 3, 60)
                 window = Window(agents)
                 quiet = await rate(http, alice, args.quiet)
-                quiet_cpu, quiet_ms = window.close()
+                quiet_cpu, quiet_ms, quiet_s = window.close()
                 if args.nice:
                     os.nice(args.nice)  # the attacker takes only CPU the agents leave
                 nursery.start_soon(attack, bob.peer_port, args, mallory, stats)
@@ -405,7 +406,7 @@ async def main(args: argparse.Namespace) -> None:
                 opened = stats.opened
                 window = Window(agents)
                 under = await rate(http, alice, args.attack)
-                attack_cpu, attack_ms = window.close()
+                attack_cpu, attack_ms, attack_s = window.close()
                 opened = stats.opened - opened
                 bob_epoch = await epoch(http, bob)
                 nursery.cancel_scope.cancel()
@@ -449,16 +450,23 @@ async def main(args: argparse.Namespace) -> None:
             )
             + f" of a core; machine {100 * used['machine']:.0f} % of {os.cpu_count()} cores"
         )
-    for label, durations in (("quiet", quiet_ms), ("attack", attack_ms)):
+    for label, durations, seconds in (
+        ("quiet", quiet_ms, quiet_s),
+        ("attack", attack_ms, attack_s),
+    ):
         print(
             f"rotation time {label + ':':7} alice (initiator) {percentiles(durations['alice'])}; "
-            f"bob (responder) {percentiles(durations['bob'])}"
+            f"bob (responder) {percentiles(durations['bob'])}; "
+            f"{len(durations['alice']) / seconds:.2f}/s in alice's log over {seconds:.0f} s"
         )
     for agent in agents.values():
         print(
             f"{agent.name}: peak {agent.peak_fds} descriptors, peak RSS "
             f"{agent.peak_rss_kib / 1024:.1f} MiB"
         )
+    summaries = [line for line in bob_log.splitlines() if "peer API: refused" in line]
+    if summaries:
+        print("bob's last summary:", summaries[-1].split("peer API: ", 1)[1])
     print(
         f"bob's log: {bob_log.count('Traceback')} tracebacks, "
         f"{bob_log.count('peer API: refused')} summary lines, {len(bob_log.splitlines())} lines; "
