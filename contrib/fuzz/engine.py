@@ -453,7 +453,8 @@ class Runner:
         result = self.result
         result.inputs += 1
         if self.input_timeout is not None:
-            signal.setitimer(signal.ITIMER_REAL, self.input_timeout)
+            # repeats: an alarm landing where exceptions are ignored (a gc callback) comes again
+            signal.setitimer(signal.ITIMER_REAL, self.input_timeout, 1.0)
         start = time.perf_counter()
         try:
             self.target(data)
