@@ -1,0 +1,26 @@
+"""qkdagent-pqc: an ML-KEM (FIPS 203) key source (`mlkem`) with forward secrecy, and
+`qkdagent pqc keygen` for its static key pair.
+
+Thin on purpose: hook implementations only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import qkdagent
+from qkdagent import CommandRegistry, Source
+
+
+@qkdagent.hookimpl
+def qkdagent_register_sources(register: Callable[[type[Source]], None]) -> None:
+    from .source import MlkemSource
+
+    register(MlkemSource)
+
+
+@qkdagent.hookimpl
+def qkdagent_add_commands(cli: CommandRegistry) -> None:
+    from .cli import configure, run
+
+    cli.add("pqc", help="ML-KEM static keys for the mlkem source", configure=configure, run=run)
