@@ -1,0 +1,25 @@
+"""qkdagent-etsi004: ETSI GS QKD 004 key source (`etsi004`) and QKD module simulator (`qkdm-sim`).
+
+Thin on purpose: hook implementations only; importing this module imports no network code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import qkdagent
+from qkdagent import CommandRegistry, Source
+
+
+@qkdagent.hookimpl
+def qkdagent_register_sources(register: Callable[[type[Source]], None]) -> None:
+    from .source import Etsi004Source
+
+    register(Etsi004Source)
+
+
+@qkdagent.hookimpl
+def qkdagent_add_commands(cli: CommandRegistry) -> None:
+    from .cli import configure, run
+
+    cli.add("qkdm-sim", help="run simulated ETSI GS QKD 004 modules", configure=configure, run=run)

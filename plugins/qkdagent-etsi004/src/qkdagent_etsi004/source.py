@@ -1,0 +1,406 @@
+"""Source type `etsi004`: keys from a QKD module over ETSI GS QKD 004 (binary, mutual TLS).
+
+Roles (REFERENCE §2.1): the initiator opens a key stream with a null KSID and hands out
+`KSID:index` as key IDs, one fresh index per key; the responder opens the same KSID on its own
+module and reads that index. Both agree on the index through the key ID, never by assuming it.
+Streams stay open across rotations and are re-opened after CLOSE, TTL expiry, a module restart
+(status 3) or a transport error; they are closed on shutdown. A key is used only if the module
+answered status 0 for the very index asked, with exactly `key_chunk_size` bytes, not all zero,
+and (responder) an index this source has not read before.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from qkdagent import (
+    Key,
+    KeyNotFound,
+    Link,
+    Misconfigured,
+    Options,
+    PluginContext,
+    Secret,
+    Source,
+    SourceError,
+    SourceUnavailable,
+)
+
+from . import codec
+from .codec import Dialect, FrameError, QoS, Status
+from .transport import Endpoint, ModuleConnection, TransportError
+
+log = logging.getLogger(__name__)
+
+TRANSPORTS = ("binary-v2", "binary-v1")
+RESPONDER_STREAMS = 16
+"""KSIDs a responder keeps open (older ones are closed): an initiator re-opens rarely."""
+MAX_INDICES = 1 << 20
+"""Indices a responder remembers per stream (reuse refused); past it the stream is refused."""
+CLOSE_GRACE = 2.0
+
+
+def _split_address(text: str) -> str | None:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return "must be HOST:PORT"
+    return None
+
+
+def _certificate_names(der: bytes | None) -> list[str]:
+    if not der:
+        return []
+    cert = x509.load_der_x509_certificate(der)
+    names = [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names += san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        pass
+    return names
+
+
+@dataclass
+class KeyStream:
+    ksid: bytes
+    qos: QoS
+    opened: float
+    next_index: int = 0
+    read: set[int] = field(default_factory=set)
+
+
+class Etsi004Source(Source):
+    """An application's view of its QKD module. See the package README for every option."""
+
+    type_name = "etsi004"
+
+    def __init__(self, name: str, options: Options, context: PluginContext) -> None:
+        super().__init__(name, options, context)
+        address = options.string("module", check=_split_address)
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        self.transport: str = options.string("transport", "binary-v2", choices=TRANSPORTS)
+        self.dialect = Dialect(self.transport)
+        self.cert: Path = options.path("cert")
+        self.key_file: Path = options.path("key")
+        self.ca: Path = options.path("ca")
+        self.module_id: str | None = options.string("module_id", None, max_len=256)
+        self.endpoint = Endpoint(host, int(port), options.string("server_name", host))
+        self.source_uri: str = options.string(
+            "source_uri", f"qkd://{context.agent_name}", max_len=codec.MAX_URI
+        )
+        peers = options.table("peer_uris", {})
+        for agent, uri in peers.items():
+            if not isinstance(uri, str) or not uri or len(uri) > codec.MAX_URI:
+                options.fail("peer_uris", f"entry {agent!r} must be a URI string")
+        self.peer_uris: dict[str, str] = dict(peers)
+        self.qos = QoS(
+            key_chunk_size=options.integer("key_chunk_size", 32, min=16, max=codec.MAX_KEY_CHUNK),
+            max_bps=options.integer("max_bps", 0, min=0, max=codec.UINT32_MAX),
+            min_bps=options.integer("min_bps", 0, min=0, max=codec.UINT32_MAX),
+            jitter=options.integer("jitter", 0, min=0, max=codec.UINT32_MAX),
+            priority=options.integer("priority", 0, min=0, max=codec.UINT32_MAX),
+            timeout=options.integer("timeout", 5000, min=1, max=600_000),
+            ttl=options.integer("ttl", 3600, min=1, max=codec.UINT32_MAX),
+            metadata_mimetype=options.string(
+                "metadata_mimetype", "application/json", max_len=codec.MAX_MIMETYPE
+            ),
+        )
+        self.metadata_size: int = options.integer(
+            "metadata_size", 256, min=2, max=codec.MAX_METADATA
+        )
+        self.persistent: bool = options.boolean("persistent", self.dialect is Dialect.V1)
+        self.connect_timeout: float = options.number("connect_timeout", 3.0, positive=True)
+        self._streams: dict[str, KeyStream] = {}
+        """Initiator streams, per peer agent."""
+        self._joined: OrderedDict[bytes, KeyStream] = OrderedDict()
+        """Responder streams, per KSID."""
+        self._conn: ModuleConnection | None = None
+        self._conn_lock = trio.Lock()
+        self._open_lock = trio.Lock()
+        self._context: ssl.SSLContext | None = None
+
+    def __repr__(self) -> str:
+        return f"<Etsi004Source {self.name!r} module={self.endpoint.host}:{self.endpoint.port}>"
+
+    @property
+    def request_timeout(self) -> float:
+        """Seconds one exchange may take: the QoS timeout plus the connection set-up."""
+        return self.qos.timeout / 1000 + self.connect_timeout
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Load the TLS identity and prove the module answers the handshake as `module_id`."""
+        self._context = await trio.to_thread.run_sync(self._ssl_context)
+        try:
+            with trio.fail_after(self.connect_timeout):
+                conn = await self._connect()
+        except (TransportError, trio.TooSlowError) as exc:
+            raise SourceUnavailable(f"{self._where()}: {exc or 'connect timed out'}") from None
+        except SourceError as exc:
+            raise Misconfigured(str(exc)) from None
+        await conn.aclose()
+        log.info(
+            "source %s: QKD module %s reachable (%s)", self.name, self._where(), self.transport
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        for option, path in (("cert", self.cert), ("key", self.key_file), ("ca", self.ca)):
+            if not path.is_file():
+                raise Misconfigured(f"source {self.name!r}: {option} file {path} does not exist")
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca))
+            context.load_cert_chain(str(self.cert), str(self.key_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise Misconfigured(
+                f"source {self.name!r}: cannot load the TLS identity: {exc}"
+            ) from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    async def aclose(self) -> None:
+        """CLOSE every stream this source opened (best effort, bounded), then disconnect."""
+        streams = [*self._streams.values(), *self._joined.values()]
+        self._streams.clear()
+        self._joined.clear()
+        with trio.move_on_after(CLOSE_GRACE, shield=True):
+            for stream in streams:
+                try:
+                    await self._call(codec.CloseRequest(stream.ksid), codec.Service.CLOSE_RESPONSE)
+                except (SourceError, TransportError, FrameError):
+                    break
+        if self._conn is not None:
+            await self._conn.aclose()
+            self._conn = None
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return f"source {self.name!r}: module {self.endpoint.host}:{self.endpoint.port}"
+
+    async def _connect(self) -> ModuleConnection:
+        if self._context is None:
+            self._context = self._ssl_context()
+        conn = await ModuleConnection.connect(self.endpoint, self._context, self.dialect)
+        if self.module_id is not None and self.module_id not in _certificate_names(
+            conn.peer_certificate()
+        ):
+            await conn.aclose()
+            raise SourceError(
+                f"{self._where()}: its TLS certificate does not name module_id {self.module_id!r}"
+            )
+        return conn
+
+    async def _call(self, request: codec.Message, expect: codec.Service) -> codec.Message:
+        """One request/response within `request_timeout`; errors typed, connection dropped."""
+        try:
+            with trio.fail_after(self.request_timeout):
+                if not self.persistent:
+                    conn = await self._connect()
+                    try:
+                        return await conn.call(request, expect)
+                    finally:
+                        await conn.aclose()
+                async with self._conn_lock:
+                    if self._conn is None or self._conn.broken:
+                        if self._conn is not None:
+                            await self._conn.aclose()
+                        self._conn = await self._connect()
+                    try:
+                        return await self._conn.call(request, expect)
+                    finally:
+                        if self._conn.broken:
+                            await self._conn.aclose()
+                            self._conn = None
+        except trio.TooSlowError:
+            raise SourceUnavailable(f"{self._where()}: no answer within the timeout") from None
+        except TransportError as exc:
+            raise SourceUnavailable(f"{self._where()}: {exc}") from None
+        except FrameError as exc:
+            raise SourceError(f"{self._where()}: malformed answer refused: {exc}") from None
+
+    # -- OPEN_CONNECT ---------------------------------------------------------------------
+
+    def peer_uri(self, link: Link) -> str:
+        return self.peer_uris.get(link.peer, f"qkd://{link.peer}")
+
+    async def _open(self, link: Link, ksid: bytes) -> KeyStream:
+        source, destination = self.source_uri, self.peer_uri(link)
+        qos = self.qos
+        for _attempt in range(2):
+            request = codec.OpenConnectRequest(source, destination, qos, ksid)
+            answer = await self._call(request, codec.Service.OPEN_CONNECT_RESPONSE)
+            assert isinstance(answer, codec.OpenConnectResponse)
+            status = answer.status
+            if status in (Status.SUCCESSFUL, Status.PEER_NOT_CONNECTED):
+                return self._opened(answer, ksid, qos)
+            if status == Status.QOS_NOT_SATISFIABLE and answer.qos is not None:
+                problem = self._unacceptable(answer.qos)
+                if problem is not None:
+                    raise Misconfigured(f"{self._where()}: QoS counter-proposal refused: {problem}")
+                log.warning("%s: module granted less QoS than asked; accepted", self._where())
+                if answer.ksid != codec.NULL_KSID and (ksid in (codec.NULL_KSID, answer.ksid)):
+                    return self._opened(answer, ksid, answer.qos)
+                qos = answer.qos
+                continue
+            raise self._open_failure(status)
+        raise SourceError(
+            f"{self._where()}: OPEN_CONNECT refused the module's own counter-proposal"
+        )
+
+    def _opened(self, answer: codec.OpenConnectResponse, ksid: bytes, asked: QoS) -> KeyStream:
+        granted = answer.qos or asked
+        problem = self._unacceptable(granted)
+        if problem is not None:
+            raise Misconfigured(f"{self._where()}: OPEN_CONNECT granted unusable QoS: {problem}")
+        if answer.qos is None and ksid == codec.NULL_KSID:
+            raise SourceError(f"{self._where()}: OPEN_CONNECT answer carries no Key_stream_ID")
+        got = answer.ksid if answer.qos is not None else ksid
+        if ksid == codec.NULL_KSID and got == codec.NULL_KSID:
+            raise SourceError(f"{self._where()}: OPEN_CONNECT answered a null Key_stream_ID")
+        if ksid != codec.NULL_KSID and got != ksid:
+            raise SourceError(f"{self._where()}: OPEN_CONNECT answered another Key_stream_ID")
+        log.info(
+            "%s: key stream %s open (status %d, chunk %d bytes, ttl %d s)",
+            self._where(),
+            codec.ksid_text(got),
+            answer.status,
+            granted.key_chunk_size,
+            granted.ttl,
+        )
+        return KeyStream(got, granted, trio.current_time())
+
+    def _unacceptable(self, granted: QoS) -> str | None:
+        if granted.key_chunk_size != self.qos.key_chunk_size:
+            return f"key_chunk_size {granted.key_chunk_size}, configured {self.qos.key_chunk_size}"
+        if self.qos.min_bps and granted.max_bps < self.qos.min_bps:
+            return f"max_bps {granted.max_bps} is below the configured min_bps {self.qos.min_bps}"
+        if granted.ttl == 0:
+            return "ttl 0"
+        if granted.metadata_mimetype != self.qos.metadata_mimetype:
+            return f"metadata_mimetype {granted.metadata_mimetype[:60]!r}"
+        return None
+
+    def _open_failure(self, status: int) -> Exception:
+        where = f"{self._where()}: OPEN_CONNECT status {status}"
+        if status == Status.NO_QKD_CONNECTION:
+            return Misconfigured(f"{where} (no QKD connection: check source_uri and peer_uris)")
+        if status == Status.KSID_IN_USE:
+            return Misconfigured(f"{where} (Key_stream_ID in use by another application)")
+        if status == Status.QOS_NOT_SATISFIABLE:
+            return Misconfigured(f"{where} (QoS not satisfiable, no counter-proposal)")
+        if status in (Status.INSUFFICIENT_KEY, Status.GET_KEY_PEER_NOT_CONNECTED, Status.TIMEOUT):
+            return SourceUnavailable(f"{where} (try again later)")
+        return SourceError(f"{where} (not a valid OPEN_CONNECT status)")
+
+    # -- GET_KEY --------------------------------------------------------------------------
+
+    async def _get(self, stream: KeyStream, index: int) -> bytes:
+        """The key at `index`, checked; raises typed errors (status 3: `_Gone`)."""
+        capacity = self.metadata_size
+        for _attempt in range(2):
+            metadata = bytes(capacity) if self.dialect is Dialect.V2 else b""
+            request = codec.GetKeyRequest(stream.ksid, index, capacity, metadata)
+            answer = await self._call(request, codec.Service.GET_KEY_RESPONSE)
+            assert isinstance(answer, codec.GetKeyResponse)
+            where = f"{self._where()}: GET_KEY {codec.key_id(stream.ksid, index)}"
+            if answer.status == Status.METADATA_TOO_SMALL:
+                needed = answer.required_metadata_size
+                if not capacity < needed <= codec.MAX_METADATA:
+                    raise SourceError(f"{where}: status 8 asks for {needed} metadata bytes")
+                capacity = needed
+                continue
+            if answer.status == Status.SUCCESSFUL:
+                return self._checked(where, answer, stream, index)
+            if answer.status == Status.GET_KEY_PEER_NOT_CONNECTED:
+                raise _Gone(f"{where}: status 3 (stream unknown or peer not connected)")
+            if answer.status in (Status.INSUFFICIENT_KEY, Status.TIMEOUT):
+                raise SourceUnavailable(f"{where}: status {answer.status} (try again later)")
+            raise SourceError(f"{where}: status {answer.status} is not a GET_KEY answer")
+        raise SourceError(f"{self._where()}: status 8 again after resizing the metadata buffer")
+
+    def _checked(self, where: str, answer: codec.GetKeyResponse, s: KeyStream, index: int) -> bytes:
+        if answer.index != index:
+            raise SourceError(f"{where}: answer is for index {answer.index}; key not used")
+        if len(answer.key) != s.qos.key_chunk_size:
+            raise SourceError(
+                f"{where}: key of {len(answer.key)} bytes, {s.qos.key_chunk_size} negotiated; "
+                "key not used"
+            )
+        if not any(answer.key):
+            raise SourceError(f"{where}: key of all zero bytes refused")
+        return answer.key
+
+    def _expired(self, stream: KeyStream) -> bool:
+        return trio.current_time() - stream.opened >= stream.qos.ttl
+
+    async def new_key(self, link: Link) -> Key:
+        for attempt in range(2):
+            async with self._open_lock:
+                stream = self._streams.get(link.peer)
+                if stream is None or self._expired(stream) or stream.next_index > codec.UINT32_MAX:
+                    self._streams.pop(link.peer, None)
+                    stream = self._streams[link.peer] = await self._open(link, codec.NULL_KSID)
+                index = stream.next_index
+                stream.next_index += 1  # before the call: an index is never handed out twice
+            try:
+                key = await self._get(stream, index)
+            except _Gone as exc:
+                if self._streams.get(link.peer) is stream:
+                    del self._streams[link.peer]  # re-opened at once (module restarted?)
+                if attempt:
+                    raise SourceUnavailable(str(exc)) from None
+                continue
+            return Key(codec.key_id(stream.ksid, index), Secret(key))
+        raise AssertionError("unreachable")
+
+    async def key_by_id(self, link: Link, key_id: str) -> Key:
+        parsed = codec.parse_key_id(key_id)
+        if parsed is None:
+            await trio.lowlevel.checkpoint()
+            raise KeyNotFound(f"{self._where()}: key ID is not KSID:index")
+        ksid, index = parsed
+        async with self._open_lock:
+            stream = self._joined.get(ksid)
+            if stream is not None and self._expired(stream):
+                del self._joined[ksid]
+                stream = None
+            if stream is None:
+                stream = await self._open(link, ksid)
+                self._joined[ksid] = stream
+                while len(self._joined) > RESPONDER_STREAMS:
+                    _, old = self._joined.popitem(last=False)
+                    await self._close_quietly(old)
+            self._joined.move_to_end(ksid)
+            if index in stream.read:
+                raise KeyNotFound(f"{self._where()}: index {index} of this stream was read before")
+            if len(stream.read) >= MAX_INDICES:
+                raise KeyNotFound(f"{self._where()}: stream has served its {MAX_INDICES} keys")
+        try:
+            key = await self._get(stream, index)
+        except _Gone as exc:
+            self._joined.pop(ksid, None)
+            raise KeyNotFound(str(exc)) from None
+        if index in stream.read:  # a concurrent call for the same ID got it first
+            raise KeyNotFound(f"{self._where()}: index {index} of this stream was read before")
+        stream.read.add(index)
+        return Key(key_id, Secret(key))
+
+    async def _close_quietly(self, stream: KeyStream) -> None:
+        try:
+            await self._call(codec.CloseRequest(stream.ksid), codec.Service.CLOSE_RESPONSE)
+        except SourceError as exc:
+            log.info("%s: CLOSE of an old stream failed: %s", self._where(), exc)
+
+
+class _Gone(SourceError):
+    """Status 3: the module does not know the stream (any more)."""

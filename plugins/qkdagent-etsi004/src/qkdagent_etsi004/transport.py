@@ -1,0 +1,103 @@
+"""004 frames over TLS streams (trio): bounded reads, and a client for one QKD module.
+
+Reading a frame takes its 8-byte header first and refuses a length over the bound before any
+payload is read, so a hostile peer can make us hold at most the bound. A connection that carried
+a broken frame is closed: the byte stream cannot be trusted to be in step any more.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+import trio
+
+from . import codec
+from .codec import Dialect, FrameError, Header
+
+
+class TransportError(Exception):
+    """The connection failed or closed: nothing was (certainly) delivered."""
+
+
+async def read_exactly(stream: trio.abc.ReceiveStream, n: int) -> bytes:
+    """`n` bytes, or TransportError at EOF (a truncated frame)."""
+    data = bytearray()
+    while len(data) < n:
+        chunk = await stream.receive_some(min(65536, n - len(data)))
+        if not chunk:
+            raise TransportError(f"connection closed after {len(data)} of {n} bytes")
+        data += chunk
+    return bytes(data)
+
+
+async def read_frame(stream: trio.abc.ReceiveStream, *, max_length: int) -> tuple[Header, bytes]:
+    """One frame: header (length checked against `max_length` first), then its payload."""
+    head = bytearray()
+    while len(head) < codec.HEADER.size:
+        chunk = await stream.receive_some(codec.HEADER.size - len(head))
+        if not chunk:
+            if not head:
+                raise EOFError
+            raise TransportError(f"connection closed inside a frame header ({len(head)} bytes)")
+        head += chunk
+    header = codec.decode_header(bytes(head), max_length=max_length)
+    return header, await read_exactly(stream, header.length)
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    server_hostname: str
+
+
+class ModuleConnection:
+    """One mutually authenticated TLS connection to a module, one request at a time."""
+
+    def __init__(self, stream: trio.SSLStream[trio.SocketStream], dialect: Dialect) -> None:
+        self.stream = stream
+        self.dialect = dialect
+        self.broken = False
+
+    @classmethod
+    async def connect(
+        cls, endpoint: Endpoint, context: ssl.SSLContext, dialect: Dialect
+    ) -> ModuleConnection:
+        try:
+            tcp = await trio.open_tcp_stream(endpoint.host, endpoint.port)
+        except OSError as exc:
+            raise TransportError(f"cannot connect: {exc.strerror or exc}") from None
+        stream = trio.SSLStream(tcp, context, server_hostname=endpoint.server_hostname)
+        try:
+            await stream.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            await trio.aclose_forcefully(tcp)
+            cause = exc.__cause__ or exc
+            raise TransportError(f"TLS handshake failed: {cause}") from None
+        return cls(stream, dialect)
+
+    def peer_certificate(self) -> bytes | None:
+        der = self.stream.getpeercert(binary_form=True)
+        return der if isinstance(der, bytes) else None
+
+    async def call(self, message: codec.Message, expect: codec.Service) -> codec.Message:
+        """Send one request and read its response; FrameError/TransportError mark it broken."""
+        self.broken = True  # until the whole exchange succeeded
+        try:
+            await self.stream.send_all(codec.encode(self.dialect, message))
+            header, payload = await read_frame(self.stream, max_length=codec.MAX_RESPONSE_PAYLOAD)
+        except EOFError:
+            raise TransportError("the module closed the connection without answering") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise TransportError(f"connection failed: {type(exc).__name__}") from None
+        if header.dialect is not self.dialect:
+            raise FrameError(f"answer in version {'.'.join(map(str, header.version))}")
+        if header.service not in (expect, codec.Service.ERROR):
+            raise FrameError(f"answer has service 0x{header.service:02x}, not 0x{expect:02x}")
+        response = codec.decode_response(self.dialect, header.service, payload)
+        self.broken = False
+        return response
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
