@@ -430,7 +430,7 @@ def parse_key_id(key_id: str) -> tuple[bytes, int] | None:
     except ValueError:
         return None
     index = int(tail)
-    if index > UINT32_MAX or ksid == NULL_KSID or str(uuid.UUID(bytes=ksid)) != head.lower():
+    if index > UINT32_MAX or ksid == NULL_KSID or str(uuid.UUID(bytes=ksid)) != head:
         return None
     return ksid, index
 
