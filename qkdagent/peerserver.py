@@ -19,6 +19,10 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
   (evicted, refused, silent past the deadline) are reset (RST), leaving no TIME_WAIT behind.
 - Every phase of a connection has a deadline: the TLS handshake, the idle wait between
   requests, the request head and body (slow senders are closed) and the reply.
+- Refused requests cost a budget per source address (`refusal_rate`): beyond it, a connection
+  whose last request was refused waits for its address's next token before it is read again,
+  so a holder of a CA certificate flooding forged requests gets a bounded share of the CPU
+  however many connections it opens; connections that are not refused never wait.
 - Refused requests and dropped connections are counted (Prometheus) and summarised in one log
   line per minute; only the first few of each minute get a line of their own. A failing
   connection is logged by exception type at debug, never with a traceback.
@@ -39,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import h11
 import trio
 
-from .admission import Admission, Tally, TokenBuckets, connection_caps
+from .admission import Admission, Tally, TokenBuckets, address_key, connection_caps
 from .config import Address, TlsFiles
 from .errors import ProtocolError
 from .identity import PeerIdentity
@@ -93,6 +97,11 @@ class ServerLimits:
     """Unauthenticated connections one address may push out per second when crowded."""
     churn_burst: float = 64.0
     """... and at once (a peer opens up to its `max_parallel_rotations` together)."""
+    refusal_rate: float = 10.0
+    """Refused requests per second one address gets answered before its refused connections
+    wait (a peer agent backs off after a refusal, so it stays far below)."""
+    refusal_burst: float = 20.0
+    """... and at once."""
 
 
 def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -225,6 +234,7 @@ class _Server:
         self.admission = admission
         self.metrics = metrics
         self.tally = Tally()
+        self.refusals = TokenBuckets(limits.refusal_rate, limits.refusal_burst)
 
     # -- counting and logging ------------------------------------------------------------
 
@@ -330,6 +340,8 @@ class _Http:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
         self.declared = 0
         """The current request's content-length (0 if none or chunked)."""
+        self.was_refused = False
+        """Whether the last answer on this connection was an error."""
 
     def _phase(self, phase: str, timeout: float) -> None:
         self.conn.phase = phase
@@ -349,11 +361,22 @@ class _Http:
                 h.start_next_cycle()
                 if not self.server.admission.idle(self.conn):
                     return
+                if self.was_refused:
+                    await self._penalty()
         except h11.RemoteProtocolError as exc:
             if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 status = exc.error_status_hint
                 self.server.refused(status, "malformed HTTP request")
                 await self._send(status, error_body("http", "malformed HTTP request"), close=True)
+
+    async def _penalty(self) -> None:
+        """After a refusal, wait (idle, evictable) for the address's next refusal token."""
+        self.was_refused = False
+        self._phase("idle", self.limits.idle_timeout)
+        key = address_key(self.conn.host)
+        delay = self.server.refusals.delay(key, trio.current_time())
+        if delay > 0:
+            await trio.sleep(delay)
 
     async def _next_event(self) -> Any:
         h = self.h11
@@ -460,6 +483,7 @@ class _Http:
             data += h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage())
         except h11.LocalProtocolError:
             raise _Close from None
+        self.was_refused = status >= 400
         self._phase("reply", self.limits.request_timeout)
         await self.stream.send_all(data)
 

@@ -164,3 +164,13 @@ def test_churn_budget_is_not_spent_on_established_connections() -> None:
         assert verdict.admit
         adm.established(f"new{n}")
     assert len(churn) == 0
+
+
+def test_token_buckets_delay_queues_reservations_at_the_rate() -> None:
+    buckets = TokenBuckets(rate=10, burst=2)
+    assert [buckets.delay("a", 0.0) for _ in range(2)] == [0.0, 0.0]  # the burst
+    waits = [buckets.delay("a", 0.0) for _ in range(3)]  # then one every 0.1 s, in turn
+    assert [round(w, 6) for w in waits] == [0.1, 0.2, 0.3]
+    assert buckets.delay("b", 0.0) == 0.0  # other addresses are not held up
+    assert round(buckets.delay("a", 0.3), 6) == 0.1  # the queue drains at the rate
+    assert buckets.delay("a", 10.0) == 0.0  # and refills up to the burst

@@ -352,6 +352,23 @@ async def test_reopening_evicted_sockets_in_a_loop_is_refused_beyond_the_churn_b
             await stream.aclose()
 
 
+async def test_refused_requests_beyond_the_address_budget_wait_and_others_do_not(
+    tmp_path: Path,
+) -> None:
+    async with running(tmp_path, refusal_rate=0.001, refusal_burst=3) as server:
+        flood = await server.tls("mallory")
+        for _ in range(4):  # the budget, then one more answer before the wait
+            response, _ = await exchange(flood, post("/nope", 2), b"{}")
+            assert response.status_code == 404
+        with trio.move_on_after(1) as waited:  # the next token is 1,000 s away
+            await exchange(flood, post("/nope", 2), b"{}")
+        assert waited.cancelled_caught
+        peer = await server.tls()  # same address, nothing refused on it: served at once
+        response, _ = await exchange(peer, post(ROTATE, 2), b"{}")
+        assert response.status_code == 200 and len(server.calls) == 1
+        assert server.refused(404) == 4
+
+
 class _FakeTcp:
     class socket:  # stands in for trio.SocketStream.socket
         closed = False
