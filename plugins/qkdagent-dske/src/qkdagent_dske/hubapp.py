@@ -1,0 +1,331 @@
+"""The security hub's request handling: dske-python's hub API over a durable store.
+
+Transport-free: `Hub.handle(Request)` returns a `Response`; `hubserver.py` carries it over
+HTTP. Every request is checked completely before anything changes: a refused request (bad
+input, bad signature, reused PSRD, wrong client, unknown key ID) leaves the store as it was,
+except that an authentic request always consumes its own signing PSRD (so it cannot be
+replayed later, e.g. to make the hub hand out and delete a share that has arrived since).
+Each accepted request is one SQLite transaction, committed before the answer is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import trio
+
+from . import wire
+from .pool import Change, PoolBook, PsrdDb, PsrdError, PsrdExhausted, Statement
+from .wire import WireError
+
+log = logging.getLogger("qkdagent.dske.hub")
+
+HUB_SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (name TEXT PRIMARY KEY, encryptors TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shares (
+    slave TEXT NOT NULL, key_id TEXT NOT NULL, master TEXT NOT NULL, master_sae TEXT NOT NULL,
+    share_index INTEGER NOT NULL, value BLOB NOT NULL, created REAL NOT NULL,
+    PRIMARY KEY (slave, key_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: bytes
+    """The raw query string, as sent (signatures cover these bytes)."""
+    body: bytes
+    signature: str | None = None
+    peer_name: str | None = None
+    """The client certificate's name under mutual TLS; None over plain HTTP."""
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(repr=False)
+class StoredShare:
+    master: str
+    master_sae: str
+    share_index: int
+    value: bytes
+    created: float
+
+
+@dataclass(frozen=True)
+class HubSettings:
+    name: str
+    max_block: int = 1 << 20
+    share_ttl: float = 3600.0
+    require_tls_identity: bool = True
+
+
+class Refused(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _error(status: int, detail: str) -> Response:
+    return Response(status, wire.dump_json({"detail": detail}))
+
+
+def _query(raw: bytes, keys: set[str]) -> dict[str, str]:
+    if len(raw) > 1024:
+        raise Refused(414, "query string too long")
+    try:
+        pairs = parse_qsl(raw.decode("ascii"), keep_blank_values=True, strict_parsing=True)
+    except (UnicodeDecodeError, ValueError):
+        raise Refused(400, "malformed query string") from None
+    found = dict(pairs)
+    if len(found) != len(pairs) or set(found) != keys:
+        raise Refused(400, f"the query must hold exactly {', '.join(sorted(keys))}")
+    return found
+
+
+class Hub:
+    """One security hub: its clients, their PSRD pools and the shares in transit."""
+
+    def __init__(self, settings: HubSettings, db_path: Path) -> None:
+        self.settings = settings
+        self.db = PsrdDb(db_path, HUB_SCHEMA)
+        self.book: PoolBook = self.db.load()
+        self.clients: dict[str, tuple[str, ...]] = {
+            str(n): tuple(json.loads(str(e))) for n, e in self.db.query("SELECT * FROM clients")
+        }
+        self.shares: dict[tuple[str, str], StoredShare] = {
+            (str(r[0]), str(r[1])): StoredShare(
+                str(r[2]),
+                str(r[3]),
+                int(r[4]),
+                bytes(r[5]),
+                float(r[6]),  # type: ignore[arg-type]
+            )
+            for r in self.db.query("SELECT * FROM shares")
+        }
+        self.lock = trio.Lock()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __repr__(self) -> str:
+        return f"<Hub {self.settings.name!r} clients={len(self.clients)}>"
+
+    async def _commit(self, statements: Sequence[Statement]) -> None:
+        """Durable before the answer; shielded so that a cancelled request (its connection
+        timed out) cannot leave the in-memory view, applied right after, behind the disk."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.db.commit, statements)
+
+    # -- dispatch -------------------------------------------------------------------------------
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            route = self._route(request.path)
+            async with self.lock:
+                if route == ("oob", "registration"):
+                    return await self._register(request)
+                if route == ("oob", "psrd"):
+                    return await self._psrd(request)
+                if request.method == "POST":
+                    return await self._post_share(request)
+                return await self._get_share(request)
+        except Refused as exc:
+            return _error(exc.status, exc.detail)
+        except WireError as exc:
+            return _error(400, str(exc))
+
+    def _route(self, path: str) -> tuple[str, str]:
+        parts = path.split("/")
+        if len(parts) < 6 or parts[-4:-2] not in (["dske", "oob"], ["dske", "api"]):
+            raise Refused(404, "no such resource")
+        if parts[-5] != self.settings.name or parts[-2] != "v1":
+            raise Refused(404, "no such hub here")
+        route = (parts[-3], parts[-1])
+        if route not in (("oob", "registration"), ("oob", "psrd"), ("api", "key-share")):
+            raise Refused(404, "no such resource")
+        return route
+
+    def _identity(self, request: Request, client: str) -> None:
+        """Under mutual TLS the certificate must name the client it acts for."""
+        if request.peer_name is None:
+            if self.settings.require_tls_identity:
+                raise Refused(403, "a client certificate is required")
+            return
+        if request.peer_name != client:
+            raise Refused(403, "the client certificate does not name this client")
+
+    def _registered(self, client: str) -> None:
+        if client not in self.clients:
+            raise Refused(403, "client not registered")
+
+    # -- out of band ------------------------------------------------------------------------------
+
+    async def _register(self, request: Request) -> Response:
+        if request.method != "PUT":
+            raise Refused(405, "registration is PUT")
+        registration = wire.parse_registration(request.body)
+        self._identity(request, registration.client_name)
+        names = json.dumps(list(registration.encryptor_names))
+        await self._commit(
+            [("INSERT OR REPLACE INTO clients VALUES (?, ?)", (registration.client_name, names))]
+        )
+        self.clients[registration.client_name] = registration.encryptor_names
+        log.info("hub %s: client %s registered", self.settings.name, registration.client_name)
+        return Response(200, wire.dump_json({"hub_name": self.settings.name}))
+
+    async def _psrd(self, request: Request) -> Response:
+        if request.method != "GET":
+            raise Refused(405, "psrd is GET")
+        query = _query(request.query, {"client_name", "pool_owner", "size"})
+        client = wire.name(query["client_name"], "client_name")
+        self._identity(request, client)
+        self._registered(client)
+        owner = query["pool_owner"]
+        if owner not in ("client", "hub"):
+            raise Refused(400, "pool_owner is client or hub")
+        size_text = query["size"]
+        if not size_text.isdigit() or len(size_text) > 10:
+            raise Refused(400, "size must be a positive integer")
+        size = int(size_text)
+        if not 64 <= size <= self.settings.max_block:
+            raise Refused(400, f"size must be in 64..{self.settings.max_block}")
+        block = wire.PsrdBlock(str(uuid.uuid4()), os.urandom(size))
+        change = self.book.add(client, owner, block.block_uuid, block.data)
+        await self._commit(change.sql)
+        self.book.apply(change)
+        log.info(
+            "hub %s: %d bytes of %s-owned PSRD for %s", self.settings.name, size, owner, client
+        )
+        return Response(200, block.encode())
+
+    # -- key shares -------------------------------------------------------------------------------
+
+    def _verify(
+        self, request: Request, client: str, others: Sequence[wire.Allocation] = ()
+    ) -> tuple[wire.Allocation, list[bytes]]:
+        """The request's signature against the client-owned pool; the bytes of `others`."""
+        signature = wire.parse_signature(request.signature)
+        try:
+            key, *rest = self.book.peek(client, "client", [signature.allocation, *others])
+        except PsrdError as exc:
+            raise Refused(409 if "reuses" in str(exc) else 400, str(exc)) from None
+        if not signature.verify(key, request.query, request.body):
+            raise Refused(401, "bad DSKE-Signature")
+        return signature.allocation, rest
+
+    def _purge(self, now: float) -> list[Statement]:
+        cutoff = now - self.settings.share_ttl
+        old = [k for k, s in self.shares.items() if s.created < cutoff]
+        for k in old:
+            del self.shares[k]
+        return [("DELETE FROM shares WHERE created < ?", (cutoff,))] if old else []
+
+    async def _post_share(self, request: Request) -> Response:
+        if request.query:
+            raise Refused(400, "a key-share POST takes no query string")
+        post = wire.parse_share_post(request.body)
+        client = post.master_client_name
+        self._registered(client)
+        self._identity(request, client)
+        sig_alloc, (pad,) = self._verify(request, client, [post.encryption_key_allocation])
+        key = (post.slave_sae_id, post.user_key_id)
+        if key in self.shares:
+            raise Refused(409, "a share for this key ID is already held")
+        share = wire.xor(post.encrypted_share_value, pad)
+        body = b"null"
+        (signed, _), change = self._allocate_reply(client, body)
+        now = time.time()
+        used = self.book.consume([sig_alloc, post.encryption_key_allocation])
+        change.merge(used)
+        insert = (
+            "INSERT INTO shares VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (*key, client, post.master_sae_id, post.share_index, share, now),
+        )
+        await self._commit([*self._purge(now), *change.sql, insert])
+        self.book.apply(change)
+        self.shares[key] = StoredShare(client, post.master_sae_id, post.share_index, share, now)
+        log.info(
+            "hub %s: share %d of key %s from %s for %s stored",
+            self.settings.name,
+            post.share_index,
+            post.user_key_id,
+            client,
+            post.slave_sae_id,
+        )
+        return Response(200, body, ((wire.SIGNATURE_HEADER, signed),))
+
+    def _allocate_reply(
+        self, client: str, body: bytes, pad_size: int = 0
+    ) -> tuple[tuple[str, bytes], Change]:
+        """A hub-owned allocation for the answer's signature (and a pad): header, pad, change."""
+        sizes = [wire.SIGNING_KEY_SIZE] + ([pad_size] if pad_size else [])
+        try:
+            allocated, change = self.book.allocate(client, "hub", sizes)
+        except PsrdExhausted:
+            raise Refused(503, "hub-owned PSRD for this client is exhausted") from None
+        sig_alloc, sig_key = allocated[0]
+        pad = allocated[1][1] if pad_size else b""
+        return (wire.signature_header(sig_alloc, sig_key, b"", body), pad), change
+
+    async def _get_share(self, request: Request) -> Response:
+        if request.method != "GET":
+            raise Refused(405, "key-share is GET or POST")
+        query = _query(request.query, {"client_name", "key_id"})
+        client = wire.name(query["client_name"], "client_name")
+        key_id = wire.key_id(query["key_id"])
+        self._registered(client)
+        self._identity(request, client)
+        sig_alloc, _ = self._verify(request, client)
+        found = None
+        for name in (client, *self.clients[client]):
+            if (name, key_id) in self.shares:
+                found = (name, key_id)
+                break
+        if found is None:
+            used = self.book.consume([sig_alloc])
+            await self._commit(used.sql)
+            self.book.apply(used)
+            raise Refused(404, "no share for this key ID and client")
+        share = self.shares[found]
+        try:
+            allocated, change = self.book.allocate(
+                client, "hub", [len(share.value), wire.SIGNING_KEY_SIZE]
+            )
+        except PsrdExhausted:
+            raise Refused(503, "hub-owned PSRD for this client is exhausted") from None
+        (pad_alloc, pad), (reply_sig_alloc, reply_key) = allocated
+        reply = wire.ShareReply(share.share_index, pad_alloc, wire.xor(share.value, pad))
+        body = reply.encode()
+        header = wire.signature_header(reply_sig_alloc, reply_key, b"", body)
+        change.merge(self.book.consume([sig_alloc]))
+        delete = ("DELETE FROM shares WHERE slave = ? AND key_id = ?", found)
+        await self._commit([*change.sql, delete])
+        self.book.apply(change)
+        del self.shares[found]
+        log.info(
+            "hub %s: share %d of key %s delivered to %s",
+            self.settings.name,
+            share.share_index,
+            key_id,
+            client,
+        )
+        return Response(200, body, ((wire.SIGNATURE_HEADER, header),))
+
+
+__all__ = ["Hub", "HubSettings", "Request", "Response"]

@@ -1,0 +1,314 @@
+"""Source `dske`: keys established through n security hubs (dske-python's protocol).
+
+Initiator (`new_key`): a random secret, split k-of-n in dske-python's Shamir layout, one share
+per hub, each one-time-pad encrypted and signed with PSRD shared with that hub, posted to all
+hubs in parallel; the key stands once k hubs have taken their share. Responder (`key_by_id`):
+the shares fetched from all hubs in parallel, each answer's signature checked, decrypted, and
+the secret rebuilt from any k that agree with the digest share; a hub whose share disagrees is
+reported as lying. Shares received for a key that could not be rebuilt yet are kept (in memory)
+for the retry, because a hub deletes a share once it has delivered it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from qkdagent import (
+    ComponentEvent,
+    Key,
+    KeyNotFound,
+    Link,
+    Options,
+    PluginContext,
+    Secret,
+    Source,
+    SourceUnavailable,
+)
+
+from . import shamir, wire
+from .clientstore import BadReply, ClientPsrd
+from .hubclient import HubClient, HubDown, client_ssl_context
+
+log = logging.getLogger("qkdagent.dske")
+
+PENDING_KEYS = 64
+"""Keys whose shares are kept for a retry (each at most n shares of key_size bytes)."""
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    name: str
+    url: str
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+
+
+def _hub_name(url: str) -> str | None:
+    match = re.fullmatch(r"(https?)://[^/?#]+(/[^?#]*)?", url)
+    if not match:
+        return None
+    last = (match.group(2) or "").rstrip("/").rsplit("/", 1)[-1]
+    return last if wire.NAME.fullmatch(last) else None
+
+
+class DskeSource(Source):
+    type_name = "dske"
+
+    def __init__(self, name: str, options: Options, context: PluginContext) -> None:
+        super().__init__(name, options, context)
+        self.client_name: str = options.string(
+            "client_name", context.agent_name, check=_name_problem
+        )
+        self.peer_client: str | None = options.string("peer_client_name", None, check=_name_problem)
+        self.key_size: int = options.integer("key_size", 32, min=16, max=wire.MAX_SHARE)
+        self.timeout: float = options.number("request_timeout", 5.0, positive=True, max=120)
+        self.block_size: int = options.integer("psrd_block_size", 1 << 20, min=4096, max=1 << 26)
+        self.low_water: int = options.integer(
+            "psrd_low_water", self.block_size // 4, min=0, max=1 << 30
+        )
+        self.refill_every: float = options.number("refill_every", 5.0, positive=True, max=3600)
+        allow_http: bool = options.boolean("allow_plain_http", False)
+        table = options.sub("hubs")
+        hubs = []
+        for hub in table.names():
+            sub = table.sub(hub)
+            url = sub.string("url")
+            scheme = url.split(":", 1)[0]
+            if _hub_name(url) != hub:
+                sub.fail(
+                    "url", f"must end in the hub's name /{hub} (dske-python takes it from there)"
+                )
+            if scheme == "http" and not allow_http:
+                sub.fail("url", "plain HTTP needs allow_plain_http = true (labs, interop)")
+            tls = scheme == "https"
+            hubs.append(
+                HubConfig(
+                    hub,
+                    url,
+                    sub.path("ca", None) if tls else None,
+                    sub.path("cert", None) if tls else None,
+                    sub.path("key", None) if tls else None,
+                )
+            )
+            sub.finish()
+        if not 2 <= len(hubs) <= shamir.MAX_SHARES:
+            options.fail("hubs", f"needs 2..{shamir.MAX_SHARES} hubs, not {len(hubs)}")
+        self.hubs: tuple[HubConfig, ...] = tuple(hubs)
+        self.k: int = options.integer("k", min(3, len(hubs)), min=2, max=len(hubs))
+        self.psrd = ClientPsrd(context.state_dir / "plugins" / name / "psrd.sqlite")
+        self.clients: dict[str, HubClient] = {}
+        self.registered: set[str] = set()
+        self._pending: OrderedDict[str, dict[int, bytes]] = OrderedDict()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        self.context.private_dir(self.name)
+        await self.psrd.open()
+        for hub in self.hubs:
+            if hub.name not in self.clients:
+                context = None
+                if hub.url.startswith("https:"):
+                    context = client_ssl_context(hub.ca, hub.cert, hub.key)
+                self.clients[hub.name] = HubClient(
+                    hub.name, hub.url, ssl_context=context, timeout=self.timeout
+                )
+        await self.refill()
+
+    async def aclose(self) -> None:
+        for client in self.clients.values():
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+        self.clients.clear()
+        self.psrd.close()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Register with hubs that were down and keep every PSRD pool above `psrd_low_water`."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.refill_every)
+            await self.refill()
+
+    async def refill(self) -> None:
+        """Register where needed and fetch PSRD blocks for pools below the low-water mark;
+        a hub that fails is skipped (logged) and tried again on the next call."""
+        async with trio.open_nursery() as nursery:
+            for hub in self.hubs:
+                nursery.start_soon(self._refill_hub, hub.name)
+
+    async def _refill_hub(self, hub: str) -> None:
+        client = self.clients[hub]
+        try:
+            if hub not in self.registered:
+                body = wire.Registration(self.client_name, (self.client_name,)).encode()
+                reply = await client.call("PUT", "oob/v1/registration", body=body)
+                if reply.status != 200:
+                    raise BadReply(f"registration refused ({reply.status})")
+                if wire.parse_hub_name(reply.body) != hub:
+                    raise BadReply("the hub answered with another name")
+                self.registered.add(hub)
+                log.info(
+                    "source %s: registered as %s with hub %s", self.name, self.client_name, hub
+                )
+            for owner in ("client", "hub"):
+                if self.psrd.free(hub, owner) > self.low_water:
+                    continue
+                query = f"client_name={self.client_name}&pool_owner={owner}&size={self.block_size}"
+                reply = await client.call(
+                    "GET", "oob/v1/psrd", query=query.encode(), limit=self.block_size * 2
+                )
+                if reply.status != 200:
+                    raise BadReply(f"PSRD request refused ({reply.status})")
+                block = wire.parse_psrd_block(reply.body, limit=self.block_size)
+                await self.psrd.add_block(hub, owner, block)
+                log.info(
+                    "source %s: %d bytes of %s-owned PSRD from hub %s",
+                    self.name,
+                    len(block.data),
+                    owner,
+                    hub,
+                )
+        except (HubDown, BadReply, wire.WireError) as exc:
+            log.warning("source %s: hub %s: %s", self.name, hub, exc)
+
+    # -- initiator --------------------------------------------------------------------------------
+
+    async def new_key(self, link: Link) -> Key:
+        await self.psrd.open()
+        key_id = str(uuid.uuid4())
+        secret = os.urandom(self.key_size)
+        shares = shamir.split(secret, self.k, len(self.hubs))
+        wanted = {hub.name: [wire.SIGNING_KEY_SIZE, self.key_size] for hub in self.hubs}
+        allocated = await self.psrd.allocate(wanted)
+        slave = self.peer_client or link.peer
+        taken: list[str] = []
+
+        async def post(index: int, hub: str) -> None:
+            (sig_alloc, sig_key), (pad_alloc, pad) = allocated[hub]
+            x, value = shares[index]
+            body = wire.SharePost(
+                self.client_name,
+                self.client_name,
+                slave,
+                key_id,
+                x,
+                pad_alloc,
+                wire.xor(value, pad),
+            ).encode()
+            header = wire.signature_header(sig_alloc, sig_key, b"", body)
+            try:
+                reply = await self.clients[hub].call(
+                    "POST", "api/v1/key-share", body=body, signature=header
+                )
+                if reply.status != 200:
+                    raise BadReply(f"share refused ({reply.status})")
+                await self.psrd.verify_reply(hub, reply.signature, reply.body, [])
+            except (HubDown, BadReply) as exc:
+                log.warning("source %s: hub %s: key %s: %s", self.name, hub, key_id, exc)
+                return
+            taken.append(hub)
+
+        async with trio.open_nursery() as nursery:
+            for index, hub in enumerate(self.hubs):
+                if hub.name in allocated:
+                    nursery.start_soon(post, index, hub.name)
+        if len(taken) < self.k:
+            low = [h.name for h in self.hubs if h.name not in allocated]
+            detail = f"; PSRD exhausted for {', '.join(low)}" if low else ""
+            raise SourceUnavailable(
+                f"source {self.name!r}: only {len(taken)} of {len(self.hubs)} hubs took a share "
+                f"of key {key_id}, {self.k} needed{detail}"
+            )
+        return Key(key_id, Secret(secret))
+
+    # -- responder --------------------------------------------------------------------------------
+
+    async def key_by_id(self, link: Link, key_id: str) -> Key:
+        if not wire.KEY_ID.fullmatch(key_id):
+            raise KeyNotFound(f"source {self.name!r}: not a DSKE key ID")
+        await self.psrd.open()
+        have = self._pending.get(key_id, {})
+        missing = [h.name for i, h in enumerate(self.hubs) if i not in have]
+        allocated = await self.psrd.allocate({h: [wire.SIGNING_KEY_SIZE] for h in missing})
+        query = f"client_name={self.client_name}&key_id={key_id}".encode()
+        got: dict[int, bytes] = dict(have)
+        outcome: dict[str, str] = {}
+
+        async def fetch(hub: str) -> None:
+            ((sig_alloc, sig_key),) = allocated[hub]
+            header = wire.signature_header(sig_alloc, sig_key, query, b"")
+            try:
+                reply = await self.clients[hub].call(
+                    "GET", "api/v1/key-share", query=query, signature=header
+                )
+                if reply.status == 404:
+                    outcome[hub] = "no share"
+                    return
+                if reply.status != 200:
+                    raise BadReply(f"share request refused ({reply.status})")
+                try:
+                    share = wire.parse_share_reply(reply.body)
+                except wire.WireError as exc:
+                    raise BadReply(str(exc)) from None
+                (pad,) = await self.psrd.verify_reply(
+                    hub, reply.signature, reply.body, [share.encryption_key_allocation]
+                )
+            except (HubDown, BadReply) as exc:
+                outcome[hub] = str(exc)
+                log.warning("source %s: hub %s: key %s: %s", self.name, hub, key_id, exc)
+                return
+            value = wire.xor(share.encrypted_share_value, pad)
+            if share.share_index in got or len(value) != self.key_size:
+                outcome[hub] = "a duplicate or misshapen share"
+                return
+            got[share.share_index] = value
+            outcome[hub] = "ok"
+
+        async with trio.open_nursery() as nursery:
+            for hub in missing:
+                if hub in allocated:
+                    nursery.start_soon(fetch, hub)
+                else:
+                    outcome[hub] = "PSRD exhausted"
+        return self._rebuild(key_id, got, outcome)
+
+    def _rebuild(self, key_id: str, got: dict[int, bytes], outcome: dict[str, str]) -> Key:
+        if not got and outcome and all(v == "no share" for v in outcome.values()):
+            raise KeyNotFound(f"source {self.name!r}: no hub holds a share of key {key_id}")
+        problem = f"{len(got)} shares, {self.k} needed"
+        if len(got) >= self.k:
+            try:
+                secret, liars = shamir.recover_robust(sorted(got.items()), self.k)
+            except shamir.ShamirError as exc:
+                problem = str(exc)
+            else:
+                self._pending.pop(key_id, None)
+                for x in liars:
+                    hub = self.hubs[x].name if x < len(self.hubs) else f"index {x}"
+                    detail = f"hub {hub} returned a share of key {key_id} that breaks the digest"
+                    self.context.report(ComponentEvent(self.name, "lying_hub", detail))
+                return Key(key_id, Secret(secret))
+        self._pending[key_id] = got
+        self._pending.move_to_end(key_id)
+        while len(self._pending) > PENDING_KEYS:
+            self._pending.popitem(last=False)
+        failures = "; ".join(f"{h}: {v}" for h, v in sorted(outcome.items()) if v != "ok")
+        raise SourceUnavailable(
+            f"source {self.name!r}: key {key_id} not rebuilt ({problem}); {failures}; "
+            "the shares received are kept for a retry"
+        )
+
+
+def _name_problem(value: str) -> str | None:
+    if not wire.NAME.fullmatch(value):
+        return "must be 1..64 letters, digits, '.', '_' or '-'"
+    return None

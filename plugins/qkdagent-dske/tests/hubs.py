@@ -1,0 +1,85 @@
+"""In-process security hubs on loopback HTTPS (mutual TLS) for the tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+from qkdagent.testing import PkiFiles, write_test_pki
+
+from qkdagent_dske.hubapp import Hub, HubSettings
+from qkdagent_dske.hubserver import serve_hub, server_ssl_context
+
+
+@dataclass
+class RunningHub:
+    name: str
+    db_path: Path
+    pki: PkiFiles
+    nursery: trio.Nursery
+    port: int = 0
+    hub: Hub | None = None
+    scope: trio.CancelScope | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}/hub/{self.name}"
+
+    async def start(self) -> None:
+        self.hub = Hub(HubSettings(self.name, **self.settings), self.db_path)
+        leaf = self.pki[self.name]
+        context = server_ssl_context(leaf.cert, leaf.key, self.pki.ca_cert)
+        self.scope = trio.CancelScope()
+        hub, scope = self.hub, self.scope
+
+        async def serve(task_status: trio.TaskStatus[int]) -> None:
+            with scope:
+                try:
+                    await serve_hub(
+                        hub, port=self.port, ssl_context=context, task_status=task_status
+                    )
+                finally:
+                    hub.close()
+
+        self.port = await self.nursery.start(serve)
+
+    def stop(self) -> None:
+        """Take the hub down (its port stays reserved for `start`)."""
+        assert self.scope is not None
+        self.scope.cancel()
+
+    async def restart(self) -> None:
+        self.stop()
+        await trio.testing.wait_all_tasks_blocked()
+        await self.start()
+
+
+def hub_table(pki: PkiFiles, hubs: list[RunningHub], agent: str) -> dict[str, Any]:
+    leaf = pki[agent]
+    return {
+        h.name: {"url": h.url, "ca": str(pki.ca_cert), "cert": str(leaf.cert), "key": str(leaf.key)}
+        for h in hubs
+    }
+
+
+@asynccontextmanager
+async def open_hubs(
+    directory: Path, names: list[str], agents: tuple[str, ...] = ("alice", "bob"), **settings: Any
+) -> AsyncIterator[tuple[PkiFiles, list[RunningHub]]]:
+    pki = write_test_pki(directory / "pki", [*names, *agents])
+    async with trio.open_nursery() as nursery:
+        hubs = [
+            RunningHub(n, directory / "hubs" / f"{n}.sqlite", pki, nursery, settings=settings)
+            for n in names
+        ]
+        (directory / "hubs").mkdir(parents=True, exist_ok=True)
+        for hub in hubs:
+            await hub.start()
+        yield pki, hubs
+        nursery.cancel_scope.cancel()
