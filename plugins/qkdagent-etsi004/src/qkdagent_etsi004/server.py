@@ -75,6 +75,7 @@ class ModuleServer:
         """False (the v1 dialect as observed): a first OPEN_CONNECT answers 0, never 1."""
         self.accepted = 0
         self.refused_frames = 0
+        self.frame_timeout = FRAME_TIMEOUT
         self._connections: set[trio.CancelScope] = set()
         self._on_event = on_event
 
@@ -134,7 +135,7 @@ class ModuleServer:
         if idle.cancelled_caught or not first:
             return False
         try:
-            with trio.fail_after(FRAME_TIMEOUT):
+            with trio.fail_after(self.frame_timeout):
                 rest = await read_exactly(stream, codec.HEADER.size - len(first))
                 header = codec.decode_header(first + rest, max_length=codec.MAX_REQUEST_PAYLOAD)
                 payload = await read_exactly(stream, header.length)

@@ -317,7 +317,8 @@ class Etsi004Source(Source):
                 needed = answer.required_metadata_size
                 if not capacity < needed <= codec.MAX_METADATA:
                     raise SourceError(f"{where}: status 8 asks for {needed} metadata bytes")
-                capacity = needed
+                # headroom: metadata such as the key's age may grow between the two calls
+                capacity = min(codec.MAX_METADATA, needed + 64)
                 continue
             if answer.status == Status.SUCCESSFUL:
                 return self._checked(where, answer, stream, index)
