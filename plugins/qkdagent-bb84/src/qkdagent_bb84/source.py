@@ -1,0 +1,130 @@
+"""Source `bb84`: keys from a simulated BB84 link whose two ends are the two agents' sources.
+
+The initiator's source is Alice (`new_key` hands out her oldest pool piece), the responder's is
+Bob (`key_by_id` gives the piece with that ID, once). Both agents name the same `link` in their
+tables and must run in one process (the pair is a simulation, see `pool.py`). Each source's
+background task keeps the pool above `low_water` pieces by running blocks in a worker thread;
+an aborted block (QBER above threshold, failed verification, no finite-key length) is reported
+as a `ComponentEvent` and yields no key. A dry pool is a retryable `SourceUnavailable`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import trio
+from qkdagent import (
+    ComponentEvent,
+    Key,
+    KeyNotFound,
+    Link,
+    Misconfigured,
+    Options,
+    PluginContext,
+    Secret,
+    Source,
+    SourceUnavailable,
+)
+
+from .cascade import ALGORITHMS
+from .engine import Settings
+from .physics import Physics
+from .pool import Bb84Link
+
+KEY_ID = re.compile(r"^[0-9a-f]{8}-[0-9]{1,12}-[0-9]{1,9}$")
+"""The IDs this source issues; anything else from the peer is not found, without a lookup."""
+
+TRIES = 3
+"""Blocks `new_key` runs itself on a dry pool before it gives up (each may abort)."""
+
+
+def _settings(options: Options) -> Settings:
+    physics = {
+        "mu": options.number("mu", 0.5, min=0.001, max=10),
+        "decoy_mu": options.number("decoy_mu", 0.1, min=0, max=10),
+        "decoys": options.boolean("decoys", True),
+        "p_signal": options.number("p_signal", 0.6, min=0.01, max=1),
+        "p_decoy": options.number("p_decoy", 0.25, min=0, max=0.99),
+        "p_key_basis": options.number("p_key_basis", 0.7, min=0.01, max=0.99),
+        "fibre_loss_db_km": options.number("fibre_loss_db_km", 0.2, min=0, max=10),
+        "distance_km": options.number("distance_km", 25.0, min=0, max=1000),
+        "detector_efficiency": options.number("detector_efficiency", 0.2, min=0.001, max=1),
+        "dark_count": options.number("dark_count", 1e-6, min=0, max=0.1),
+        "misalignment": options.number("misalignment", 0.01, min=0, max=0.5),
+        "eve_intercept": options.number("eve_intercept", 0.0, min=0, max=1),
+        "eve_pns": options.boolean("eve_pns", False),
+    }
+    try:
+        phys = Physics(**physics)
+    except ValueError as exc:
+        options.fail("mu", str(exc))
+    return Settings(
+        physics=phys,
+        block_bits=options.integer("block_bits", 1_000_000, min=1_000, max=4_000_000),
+        qber_threshold=options.number("qber_threshold", 0.11, min=0.001, max=0.25),
+        cascade=options.string("cascade", "yanetal", choices=ALGORITHMS),
+        eps_sec=options.number("eps_sec", 1e-10, min=1e-30, max=0.1),
+        eps_cor=options.number("eps_cor", 1e-15, min=1e-30, max=0.1),
+    )
+
+
+class Bb84Source(Source):
+    type_name = "bb84"
+
+    def __init__(self, name: str, options: Options, context: PluginContext) -> None:
+        super().__init__(name, options, context)
+        self.link_name = options.string("link", "default", max_len=200)
+        self.key_size = options.integer("key_size", 32, min=16, max=1024)
+        self.low_water = options.integer("low_water", 8, min=0, max=1_000_000)
+        self.check_every = options.number("check_every", 1.0, positive=True, max=3600)
+        seed = options.integer("seed", -1, min=-1, max=2**63 - 1)
+        self.seed = None if seed < 0 else seed
+        self.settings = _settings(options)
+        self.sim: Bb84Link | None = None
+
+    async def prepare(self) -> None:
+        try:
+            self.sim = Bb84Link.named(self.link_name, self.settings, self.key_size, self.seed)
+        except ValueError as exc:
+            raise Misconfigured(f"source {self.name!r}: {exc}") from None
+
+    def _link(self) -> Bb84Link:
+        if self.sim is None:
+            raise SourceUnavailable(f"source {self.name!r} is not prepared")
+        return self.sim
+
+    async def _produce(self) -> None:
+        link = self._link()
+        result = await trio.to_thread.run_sync(link.produce, abandon_on_cancel=True)
+        if not result.ok:
+            detail = f"{result.status} (QBER estimate {result.qber_estimate:.4f})"
+            self.context.report(ComponentEvent(self.name, "block_aborted", detail))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the pool above `low_water` pieces."""
+        task_status.started()
+        while True:
+            if self.sim is not None and self.sim.level() < self.low_water:
+                await self._produce()
+            else:
+                await trio.sleep(self.check_every)
+
+    async def new_key(self, link: Link) -> Key:
+        sim = self._link()
+        for _ in range(TRIES + 1):
+            piece = sim.take_alice()
+            if piece is not None:
+                return Key(piece[0], Secret(piece[1]))
+            await self._produce()
+        last = sim.stats.last
+        reason = last.status if last is not None else "no block yet"
+        raise SourceUnavailable(f"source {self.name!r}: bb84 pool is dry ({reason})")
+
+    async def key_by_id(self, link: Link, key_id: str) -> Key:
+        await trio.lowlevel.checkpoint()
+        if not KEY_ID.match(key_id):
+            raise KeyNotFound(f"source {self.name!r}: not a key ID this source issues")
+        value = self._link().take_bob(key_id)
+        if value is None:
+            raise KeyNotFound(f"source {self.name!r} holds no key {key_id!r}")
+        return Key(key_id, Secret(value))

@@ -1,0 +1,108 @@
+"""The `bb84` source: contract, untrusted key IDs, aborts, and two agents rotating through it."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from qkdagent import (
+    ComponentEvent,
+    KeyNotFound,
+    Link,
+    Misconfigured,
+    PluginContext,
+    SourceUnavailable,
+)
+from qkdagent.testing import SourceContract, build_component, open_agent_pair, running
+
+from qkdagent_bb84 import Bb84Source
+from qkdagent_bb84.pool import Bb84Link
+
+ALICE = Link("ab", "alice", "bob", True)
+BOB = Link("ab", "bob", "alice", False)
+_names = itertools.count()
+
+FAST = {"decoys": False, "block_bits": 4_000, "low_water": 0, "seed": 5}
+"""Small blocks without decoys (Tomamichel et al. 2012 length): a block takes milliseconds."""
+
+
+@pytest.fixture
+def link_name() -> Iterator[str]:
+    name = f"test-{next(_names)}"
+    yield name
+    Bb84Link.forget(name)
+
+
+class TestBb84Source(SourceContract):
+    source_class = Bb84Source
+
+    @pytest.fixture
+    def source_options(self, link_name: str) -> dict[str, Any]:
+        return {**FAST, "link": link_name}
+
+
+async def test_peer_key_ids_are_checked_before_lookup(link_name: str, tmp_path: Path) -> None:
+    alice = build_component(Bb84Source, {**FAST, "link": link_name}, state_dir=tmp_path)
+    bob = build_component(Bb84Source, {**FAST, "link": link_name}, state_dir=tmp_path)
+    async with running(alice, bob):
+        key = await alice.new_key(ALICE)
+        for bad in ("../x", "", "0" * 300, key.key_id + "x", "zzzzzzzz-1-1"):
+            with pytest.raises(KeyNotFound):
+                await bob.key_by_id(BOB, bad)
+        assert (await bob.key_by_id(BOB, key.key_id)).value == key.value
+
+
+async def test_an_eavesdropped_link_gives_no_key_and_reports_aborts(
+    link_name: str, tmp_path: Path
+) -> None:
+    events: list[ComponentEvent] = []
+    context = PluginContext("alice", tmp_path, reporter=events.append)
+    table = {**FAST, "link": link_name, "eve_intercept": 1.0}
+    alice = build_component(Bb84Source, table, name="qkd", context=context)
+    async with running(alice):
+        with pytest.raises(SourceUnavailable, match="qber above threshold"):
+            await alice.new_key(ALICE)
+    assert events and all(e.kind == "block_aborted" for e in events)
+    assert Bb84Link._registry[link_name].stats.key_bits == 0
+
+
+async def test_both_ends_must_simulate_the_same_link(link_name: str, tmp_path: Path) -> None:
+    alice = build_component(Bb84Source, {**FAST, "link": link_name}, state_dir=tmp_path)
+    bob = build_component(
+        Bb84Source, {**FAST, "link": link_name, "distance_km": 80}, state_dir=tmp_path
+    )
+    with pytest.raises(Misconfigured, match="configured differently"):
+        async with running(alice, bob):
+            pass
+
+
+async def test_background_task_fills_the_pool(link_name: str, tmp_path: Path) -> None:
+    table = {**FAST, "link": link_name, "low_water": 20, "check_every": 0.01}
+    alice = build_component(Bb84Source, table, state_dir=tmp_path)
+    async with running(alice):
+        sim = Bb84Link._registry[link_name]
+        with trio.fail_after(30):
+            while sim.level() < 20:  # noqa: ASYNC110 - waiting on a worker thread
+                await trio.sleep(0.01)
+        assert sim.stats.blocks >= 1
+
+
+async def test_two_agents_rotate_through_bb84(link_name: str, tmp_path: Path) -> None:
+    table = {"type": "bb84", **FAST, "link": link_name, "low_water": 4}
+    sides = {
+        name: {
+            "plugins": ["bb84", "memory"],
+            "sources": {"qkd": dict(table)},
+            "sinks": {"rec": {"type": "recording"}},
+        }
+        for name in ("alice", "bob")
+    }
+    link = {"interval": 1, "reject_after": 30, "jitter": 0}
+    async with open_agent_pair(tmp_path / "pair", link=link, **sides) as pair:
+        await pair.wait_for_epoch(3)
+        assert pair.secret("alice", "rec") == pair.secret("bob", "rec")
+    assert Bb84Link._registry[link_name].stats.key_bits > 0
