@@ -10,10 +10,19 @@ from typing import Any
 
 import trio
 import trio.testing
+from qkdagent_dske.hubapp import Hub, HubSettings, Request, Response
+from qkdagent_dske.hubserver import serve_hub, server_ssl_context
+
 from qkdagent.testing import PkiFiles, write_test_pki
 
-from qkdagent_dske.hubapp import Hub, HubSettings
-from qkdagent_dske.hubserver import serve_hub, server_ssl_context
+
+class LyingHub(Hub):
+    """A malicious hub: it hands out a changed share (correctly signed and encrypted)."""
+
+    async def _get_share(self, request: Request) -> Response:
+        for share in self.shares.values():
+            share.value = bytes([share.value[0] ^ 0xA5]) + share.value[1:]
+        return await super()._get_share(request)
 
 
 @dataclass
@@ -26,13 +35,16 @@ class RunningHub:
     hub: Hub | None = None
     scope: trio.CancelScope | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    lying: bool = False
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}/hub/{self.name}"
 
     async def start(self) -> None:
-        self.hub = Hub(HubSettings(self.name, **self.settings), self.db_path)
+        self.hub = (LyingHub if self.lying else Hub)(
+            HubSettings(self.name, **self.settings), self.db_path
+        )
         leaf = self.pki[self.name]
         context = server_ssl_context(leaf.cert, leaf.key, self.pki.ca_cert)
         self.scope = trio.CancelScope()

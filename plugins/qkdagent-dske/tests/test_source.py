@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
-from qkdagent import ComponentEvent, KeyNotFound, Link, PluginContext, SourceUnavailable
-from qkdagent.testing import build_component, running
-
 from qkdagent_dske.source import DskeSource
+
+from qkdagent import ComponentEvent, KeyNotFound, Link, SourceUnavailable
+from qkdagent.testing import build_component, running
 
 from .hubs import RunningHub, hub_table, open_hubs
 
@@ -27,7 +26,9 @@ class Pair:
         self.events: list[ComponentEvent] = []
 
 
-def source(tmp_path: Path, pki: Any, hubs: list[RunningHub], agent: str, **extra: Any) -> DskeSource:
+def source(
+    tmp_path: Path, pki: Any, hubs: list[RunningHub], agent: str, **extra: Any
+) -> DskeSource:
     table = {"hubs": hub_table(pki, hubs, agent), "refill_every": 3600, **extra}
     return build_component(DskeSource, table, name="dske", agent=agent, state_dir=tmp_path / agent)
 
@@ -86,7 +87,7 @@ async def test_responder_keeps_shares_for_the_retry(pair: Pair) -> None:
 def lie(hub: RunningHub, key_id: str) -> None:
     """The hub changes the share it holds (in memory and on disk), as a malicious hub would."""
     assert hub.hub is not None
-    ((slot, share),) = [(k, s) for k, s in hub.hub.shares.items() if k[1] == key_id]
+    ((_slot, share),) = [(k, s) for k, s in hub.hub.shares.items() if k[1] == key_id]
     share.value = bytes([share.value[0] ^ 0x5A]) + share.value[1:]
     hub.hub.db.commit([("UPDATE shares SET value = ? WHERE key_id = ?", (share.value, key_id))])
 

@@ -1,0 +1,70 @@
+"""Fuzz target for everything the hub and the client parse from the peer.
+
+`target(data)` feeds the bytes to each parser (the first byte picks which); a parser may only
+refuse with `WireError`. Run it with atheris or the core's `contrib/fuzz/engine.py`:
+
+    python3 plugins/qkdagent-dske/fuzz/fuzz_dske_wire.py [seconds]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from qkdagent_dske import wire
+
+PARSERS = (
+    lambda d: wire.parse_signature(d),
+    lambda d: wire.parse_allocation_text(d.decode("latin-1")),
+    wire.parse_share_post,
+    wire.parse_share_reply,
+    wire.parse_registration,
+    wire.parse_hub_name,
+    lambda d: wire.parse_psrd_block(d, limit=4096),
+    lambda d: wire.parse_allocation_json(wire.load_json(d)),
+)
+
+SEEDS = (
+    b"\x00" + b"4f3c7b1e-2a8d-4c6e-9b0f-1d2e3f405162:0:32%" + b"A" * 43 + b"=",
+    b"\x02"
+    + wire.SharePost(
+        "carol",
+        "carol",
+        "conny",
+        "k1",
+        0,
+        wire.Allocation((wire.Fragment("4f3c7b1e-2a8d-4c6e-9b0f-1d2e3f405162", 32, 4),)),
+        b"abcd",
+    ).encode(),
+)
+
+
+def target(data: bytes) -> None:
+    if not data:
+        return
+    parser = PARSERS[data[0] % len(PARSERS)]
+    try:
+        parser(data[1:])
+    except wire.WireError:
+        pass
+
+
+def main(seconds: float) -> None:
+    import random
+
+    rng = random.Random(0)
+    end = time.monotonic() + seconds
+    runs = 0
+    while time.monotonic() < end:
+        seed = bytearray(rng.choice(SEEDS))
+        for _ in range(rng.randint(1, 8)):
+            pos = rng.randrange(len(seed))
+            seed[pos] = rng.randrange(256)
+        seed[0] = rng.randrange(len(PARSERS))
+        target(bytes(seed))
+        runs += 1
+    print(f"{runs} runs, no crash")
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 10.0)

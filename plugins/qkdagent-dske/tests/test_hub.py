@@ -1,0 +1,192 @@
+"""The hub against hostile and replayed requests: refused with a clear 4xx, nothing changed.
+
+Requests go straight to `Hub.handle` (the transport is tested in test_source.py and below), with
+a test client that keeps its own copy of the PSRD the hub hands out.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+
+import httpx
+import pytest
+from qkdagent_dske import wire
+from qkdagent_dske.hubapp import Hub, HubSettings, Request, Response
+from qkdagent_dske.pool import PoolBook
+
+from .hubs import open_hubs
+
+P = "/hub/hank/dske"
+
+
+class Client:
+    def __init__(self, hub: Hub, name: str) -> None:
+        self.hub, self.name, self.book = hub, name, PoolBook()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        query: bytes = b"",
+        body: bytes = b"",
+        signature: str | None = None,
+        peer: str | None = "",
+    ) -> Response:
+        return await self.hub.handle(
+            Request(method, P + path, query, body, signature, self.name if peer == "" else peer)
+        )
+
+    async def setup(self) -> None:
+        reg = wire.Registration(self.name, (self.name,)).encode()
+        assert (await self.call("PUT", "/oob/v1/registration", body=reg)).status == 200
+        for owner in ("client", "hub"):
+            q = f"client_name={self.name}&pool_owner={owner}&size=4096".encode()
+            reply = await self.call("GET", "/oob/v1/psrd", q)
+            block = wire.parse_psrd_block(reply.body, limit=4096)
+            self.book.apply(self.book.add("hank", owner, block.block_uuid, block.data))
+
+    def take(self, *sizes: int) -> list[tuple[wire.Allocation, bytes]]:
+        allocated, change = self.book.allocate("hank", "client", sizes)
+        self.book.apply(change)
+        return allocated
+
+    def post_body(self, key_id: str, share: bytes, slave: str = "conny") -> tuple[bytes, str]:
+        (sig, key), (pad_alloc, pad) = self.take(32, len(share))
+        body = wire.SharePost(
+            self.name, self.name, slave, key_id, 1, pad_alloc, wire.xor(share, pad)
+        ).encode()
+        return body, wire.signature_header(sig, key, b"", body)
+
+    def get_query(self, key_id: str) -> tuple[bytes, str]:
+        ((sig, key),) = self.take(32)
+        query = f"client_name={self.name}&key_id={key_id}".encode()
+        return query, wire.signature_header(sig, key, query, b"")
+
+
+def snapshot(hub: Hub) -> list[object]:
+    tables = ("blocks", "used", "shares")
+    return [hub.db.query(f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables]  # noqa: S608
+
+
+@pytest.fixture
+async def hub(tmp_path: Path):  # type: ignore[no-untyped-def]
+    hub = Hub(HubSettings("hank"), tmp_path / "hank.sqlite")
+    yield hub
+    hub.close()
+
+
+@pytest.fixture
+async def clients(hub: Hub) -> tuple[Client, Client, Client]:
+    out = (Client(hub, "carol"), Client(hub, "conny"), Client(hub, "mallory"))
+    for c in out:
+        await c.setup()
+    return out
+
+
+SHARE = bytes(range(32))
+
+
+async def test_share_relayed_once_to_the_named_client(hub: Hub, clients) -> None:  # type: ignore[no-untyped-def]
+    carol, conny, _ = clients
+    body, sig = carol.post_body("k1", SHARE)
+    reply = await carol.call("POST", "/api/v1/key-share", body=body, signature=sig)
+    assert (reply.status, reply.body) == (200, b"null")
+    query, sig = conny.get_query("k1")
+    reply = await conny.call("GET", "/api/v1/key-share", query, signature=sig)
+    assert reply.status == 200
+    share = wire.parse_share_reply(reply.body)
+    signature = wire.parse_signature(dict(reply.headers)[wire.SIGNATURE_HEADER])
+    key, pad = conny.book.peek(
+        "hank", "hub", [signature.allocation, share.encryption_key_allocation]
+    )
+    assert signature.verify(key, b"", reply.body)
+    assert wire.xor(share.encrypted_share_value, pad) == SHARE and share.share_index == 1
+    query, sig = conny.get_query("k1")
+    assert (await conny.call("GET", "/api/v1/key-share", query, signature=sig)).status == 404
+
+
+async def refused(client: Client, status: int, hub: Hub, **request: object) -> dict:
+    before = snapshot(hub)
+    reply = await client.call(**request)  # type: ignore[arg-type]
+    assert reply.status == status, reply.body
+    assert wire.SIGNATURE_HEADER not in dict(reply.headers)  # errors are unsigned
+    assert snapshot(hub) == before
+    return json.loads(reply.body)
+
+
+async def test_hostile_posts_change_nothing(hub: Hub, clients) -> None:  # type: ignore[no-untyped-def]
+    carol, _, mallory = clients
+    body, sig = carol.post_body("k1", SHARE)
+    tampered = body.replace(b'"share_index":1', b'"share_index":2')
+    post = {"method": "POST", "path": "/api/v1/key-share"}
+    await refused(carol, 401, hub, body=tampered, signature=sig, **post)
+    await refused(carol, 400, hub, body=body, signature=None, **post)
+    await refused(carol, 400, hub, body=b"{" * 70_000, signature=sig, **post)
+    # mallory's certificate cannot act for carol, and her own PSRD cannot sign for carol
+    await refused(carol, 403, hub, body=body, signature=sig, peer="mallory", **post)
+    _, m_sig = mallory.post_body("k1", SHARE)
+    detail = await refused(carol, 400, hub, body=body, signature=m_sig, **post)
+    assert "does not hold" in detail["detail"]
+    assert (await carol.call(body=body, signature=sig, **post)).status == 200
+    detail = await refused(carol, 409, hub, body=body, signature=sig, **post)  # a replay
+    assert "reuses PSRD" in detail["detail"]
+
+
+async def test_hostile_gets_change_nothing(hub: Hub, clients) -> None:  # type: ignore[no-untyped-def]
+    carol, conny, mallory = clients
+    body, sig = carol.post_body("k1", SHARE)
+    await carol.call("POST", "/api/v1/key-share", body=body, signature=sig)
+    get = {"method": "GET", "path": "/api/v1/key-share"}
+    query, m_sig = mallory.get_query("k1")
+    # mallory asks for conny's share with her own (valid) signature: not hers to get
+    reply = await mallory.call(query=query, signature=m_sig, **get)
+    assert reply.status == 404 and len(hub.shares) == 1
+    query, sig = conny.get_query("k1")
+    await refused(conny, 401, hub, query=query.replace(b"k1", b"k2"), signature=sig, **get)
+    await refused(conny, 403, hub, query=query, signature=sig, peer="mallory", **get)
+    await refused(conny, 400, hub, query=query + b"&x=1", signature=sig, **get)
+    await refused(conny, 400, hub, query=b"client_name=conny&key_id=../x", signature=sig, **get)
+    assert (await conny.call(query=query, signature=sig, **get)).status == 200
+
+
+async def test_unregistered_or_unknown_is_refused(hub: Hub, clients) -> None:  # type: ignore[no-untyped-def]
+    carol, _, _ = clients
+    stranger = Client(hub, "stranger")
+    q = b"client_name=stranger&pool_owner=client&size=4096"
+    await refused(stranger, 403, hub, method="GET", path="/oob/v1/psrd", query=q)
+    q = b"client_name=carol&pool_owner=client&size=999999999"
+    await refused(carol, 400, hub, method="GET", path="/oob/v1/psrd", query=q)
+    await refused(carol, 404, hub, method="GET", path="/../helen/dske/api/v1/key-share")
+    reply = await hub.handle(Request("GET", "/hub/helen/dske/oob/v1/psrd", b"", b""))
+    assert reply.status == 404
+
+
+async def test_plain_http_needs_no_certificate_but_tls_mode_does(tmp_path: Path) -> None:
+    hub = Hub(HubSettings("hank", require_tls_identity=True), tmp_path / "a.sqlite")
+    reg = wire.Registration("carol", ()).encode()
+    path = f"{P}/oob/v1/registration"
+    assert (await hub.handle(Request("PUT", path, b"", reg))).status == 403
+    hub.close()
+    hub = Hub(HubSettings("hank", require_tls_identity=False), tmp_path / "b.sqlite")
+    assert (await hub.handle(Request("PUT", path, b"", reg))).status == 200
+    hub.close()
+
+
+async def test_server_bounds_bodies_and_requires_client_certificates(tmp_path: Path) -> None:
+    async with open_hubs(tmp_path, ["hank"]) as (pki, (hank,)):
+        leaf = pki["carol"] if "carol" in pki.leaves else pki["alice"]
+        context = ssl.create_default_context(cafile=str(pki.ca_cert))
+        context.load_cert_chain(str(leaf.cert), str(leaf.key))
+        url = hank.url + "/dske/api/v1/key-share"
+        async with httpx.AsyncClient(verify=context) as http:
+            reply = await http.post(url, content=b"x" * (wire.MAX_BODY + 1))
+            assert reply.status_code == 413
+            reply = await http.post(url, content=b"{}")
+            assert reply.status_code == 400 and "lacks" in reply.json()["detail"]
+        bare = ssl.create_default_context(cafile=str(pki.ca_cert))
+        async with httpx.AsyncClient(verify=bare) as http:
+            with pytest.raises(httpx.HTTPError):
+                await http.post(url, content=b"{}")
+        assert hank.hub is not None and not hank.hub.shares
