@@ -278,7 +278,8 @@ def decode_qos(dialect: Dialect, reader: Reader) -> QoS:
         mimetype = _text(raw, "mimetype")
     else:
         mimetype = reader.cstring("mimetype", MAX_MIMETYPE)
-    return QoS(*ints, metadata_mimetype=mimetype)
+    a, b, c, d, e, f, g = ints
+    return QoS(a, b, c, d, e, f, g, mimetype)
 
 
 def _ksid(value: bytes) -> bytes:

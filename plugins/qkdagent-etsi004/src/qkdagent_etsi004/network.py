@@ -188,11 +188,11 @@ class ModuleNetwork:
             self.streams[ksid] = stream
             status = Status.PEER_NOT_CONNECTED if exact else Status.QOS_NOT_SATISFIABLE
             return OpenConnectResponse(status, granted, ksid)
-        stream = self.streams.get(req.ksid)
-        if stream is not None and stream.expired(now):
+        found = self.streams.get(req.ksid)
+        if found is not None and found.expired(now):
             del self.streams[req.ksid]
-            stream = None
-        if stream is None:  # a KSID this network never allocated (or forgot): wait for the peer
+            found = None
+        if found is None:  # a KSID this network never allocated (or forgot): wait for the peer
             stream = Stream(req.ksid, granted, link, now, None, tokens_at=now)
             stream.tokens = self._burst(stream)
             stream.apps[module] = app
@@ -200,6 +200,7 @@ class ModuleNetwork:
             self.streams[req.ksid] = stream
             status = Status.PEER_NOT_CONNECTED if exact else Status.QOS_NOT_SATISFIABLE
             return OpenConnectResponse(status, granted, req.ksid)
+        stream = found
         if stream.link != link:
             return OpenConnectResponse(Status.NO_QKD_CONNECTION, req.qos, req.ksid)
         holder = stream.apps.get(module)

@@ -137,7 +137,9 @@ class ModuleServer:
         try:
             with trio.fail_after(self.frame_timeout):
                 rest = await read_exactly(stream, codec.HEADER.size - len(first))
-                header = codec.decode_header(first + rest, max_length=codec.MAX_REQUEST_PAYLOAD)
+                header = codec.decode_header(
+                    bytes(first) + rest, max_length=codec.MAX_REQUEST_PAYLOAD
+                )
                 payload = await read_exactly(stream, header.length)
         except trio.TooSlowError:
             self._refuse(app, "frame not received within the timeout")
