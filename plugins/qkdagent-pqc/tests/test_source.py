@@ -199,3 +199,22 @@ class TestContract(SourceContract):
         answered = await responder.answer(links[1], key.key_id, None)
         with pytest.raises(SourceError):
             await responder.answer(links[1], key.key_id, answered.state)
+
+
+async def test_a_retried_rotation_decapsulates_with_the_committed_state(
+    static_keys: StaticKeys, tmp_path: Path
+) -> None:
+    """A rotation whose reply was lost is retried against the committed state, though the
+    responder already answered (and remembers) a newer key pair; a fresh source instance (a
+    restarted agent) does the same from the state alone."""
+    alice, bob = _pair(static_keys, tmp_path)
+    committed = await bob.answer(BOB, (await alice.offer(ALICE, None)).key_id, None)
+    lost = await bob.answer(
+        BOB, (await alice.offer(ALICE, committed.answer)).key_id, committed.state
+    )
+    assert lost.state != committed.state
+    retry = await alice.offer(ALICE, committed.answer)
+    assert (await bob.answer(BOB, retry.key_id, committed.state)).key.value == retry.value
+    restarted = build_component(MlkemSource, static_keys.table("bob"), links=(BOB,), agent="bob")
+    again = await alice.offer(ALICE, committed.answer)
+    assert (await restarted.answer(BOB, again.key_id, committed.state)).key.value == again.value
