@@ -235,6 +235,46 @@ async def sampler(agents: dict[str, Agent]) -> None:
         await trio.sleep(0.2)
 
 
+@dataclass
+class Probes:
+    """Fresh connections of a peer (alice's certificate, from 127.0.0.1): each a new TCP
+    connection, a mutual TLS handshake and one request; seconds taken, or None if it failed
+    within 5 s. The window a probe counts in is chosen by `window`."""
+
+    window: str = "quiet"
+    times: dict[str, list[float | None]] = field(default_factory=dict)
+
+    def summary(self, window: str) -> str:
+        times = self.times.get(window, [])
+        ok = sorted(1000 * t for t in times if t is not None)
+        if not ok:
+            return f"0 of {len(times)} got an answer"
+        return f"{len(ok)} of {len(times)} answered, p50 {ok[len(ok) // 2]:.0f} max {ok[-1]:.0f} ms"
+
+
+async def probe(port: int, context: ssl.SSLContext, probes: Probes, every: float) -> None:
+    request = h11.Request(
+        method="POST", target=f"/v1/links/{LINK}/probe", headers=[("host", "bob")]
+    )  # not an action: a 404 from the server itself, the link is not touched
+    while True:
+        window, started, took = probes.window, time.monotonic(), None
+        with trio.move_on_after(5):
+            try:
+                tcp = await trio.open_tcp_stream("127.0.0.1", port)
+                stream = trio.SSLStream(tcp, context, server_hostname="127.0.0.1")
+                client = h11.Connection(h11.CLIENT)
+                await stream.send_all(client.send(request) + client.send(h11.EndOfMessage()))
+                while not isinstance(event := client.next_event(), h11.Response):
+                    if event is h11.NEED_DATA:
+                        client.receive_data(await stream.receive_some(4096))
+                took = time.monotonic() - started
+                await stream.aclose()
+            except (OSError, trio.BrokenResourceError, h11.ProtocolError):
+                pass
+        probes.times.setdefault(window, []).append(took)
+        await trio.sleep(max(0.0, every - (time.monotonic() - started)))
+
+
 # -- the attacker ---------------------------------------------------------------------------
 
 
@@ -390,23 +430,30 @@ async def main(args: argparse.Namespace) -> None:
         pki_dir = directory / "ca"
         mallory = ssl.create_default_context(cafile=str(pki_dir / "ca.pem"))
         mallory.load_cert_chain(str(pki_dir / "mallory.pem"), str(pki_dir / "mallory.key"))
+        peer = ssl.create_default_context(cafile=str(pki_dir / "ca.pem"))
+        peer.load_cert_chain(str(pki_dir / "alice.pem"), str(pki_dir / "alice.key"))
+        probes = Probes()
         stats = Attack()
         try:
             async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
                 nursery.start_soon(sampler, agents)
                 await wait_epoch(http, alice, 3, 60)
+                nursery.start_soon(probe, bob.peer_port, peer, probes, args.probe_every)
                 window = Window(agents)
                 quiet = await rate(http, alice, args.quiet)
                 quiet_cpu, quiet_ms, quiet_s = window.close()
                 if args.nice:
                     os.nice(args.nice)  # the attacker takes only CPU the agents leave
                 nursery.start_soon(attack, bob.peer_port, args, mallory, stats)
+                probes.window = "ramp"
                 await trio.sleep(args.ramp)
+                probes.window = "attack"
                 held = stats.opened - stats.closed_by_server
                 opened = stats.opened
                 window = Window(agents)
                 under = await rate(http, alice, args.attack)
                 attack_cpu, attack_ms, attack_s = window.close()
+                probes.window = "after"
                 opened = stats.opened - opened
                 bob_epoch = await epoch(http, bob)
                 nursery.cancel_scope.cancel()
@@ -459,6 +506,10 @@ async def main(args: argparse.Namespace) -> None:
             f"bob (responder) {percentiles(durations['bob'])}; "
             f"{len(durations['alice']) / seconds:.2f}/s in alice's log over {seconds:.0f} s"
         )
+    print(
+        f"fresh peer connections (every {args.probe_every:g} s): quiet {probes.summary('quiet')}"
+        f"; under attack {probes.summary('attack')}"
+    )
     for agent in agents.values():
         print(
             f"{agent.name}: peak {agent.peak_fds} descriptors, peak RSS "
@@ -494,5 +545,8 @@ if __name__ == "__main__":
         "--attacker-cpus", help="confine the attacker (this process) to these CPUs, e.g. 1"
     )
     parser.add_argument("--agent-cpus", help="confine both agents to these CPUs, e.g. 0")
+    parser.add_argument(
+        "--probe-every", type=float, default=0.5, help="seconds between fresh peer connections"
+    )
     parser.add_argument("--same-address", action="store_true", help="attack from 127.0.0.1")
     trio.run(main, parser.parse_args())
