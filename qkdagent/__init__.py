@@ -27,7 +27,7 @@ from .errors import (
 from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
 from .fileutil import write_secret_file
 from .hookspecs import hookimpl
-from .interfaces import KeyMeta, Link, PluginContext, Sink, Source
+from .interfaces import Answered, KeyMeta, Link, PluginContext, Sink, Source
 from .options import Options, check_template
 from .pki import PkiError, extend_test_pki, file_stem, write_test_pki
 from .secret import Key, Secret, check_key_id
@@ -37,6 +37,7 @@ from .stash import Stash, StashKey
 __version__ = "0.1.0"
 
 __all__ = [
+    "Answered",
     "CommandRegistry",
     "ComponentEvent",
     "ConfigError",

@@ -15,14 +15,14 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
 from . import __version__
 from .components import Components
 from .config import AgentConfig, LinkConfig
-from .errors import ProtocolError
+from .errors import ProtocolError, ReloadFailed
 from .events import ComponentEvent
 from .identity import PeerIdentity
 from .lifecycle import (
@@ -38,6 +38,7 @@ from .link import LinkRuntime
 from .linkenv import LinkEnv
 from .observability import Metrics, StatusApp
 from .plugins import Plugins
+from .responder import NOT_A_PEER
 from .services import start_services
 from .state import StateStore
 from .transport import HttpsTransport, PeerPoster, Transport
@@ -56,6 +57,14 @@ class _Running:
     env: LinkEnv
     links: trio.Nursery
     servers: trio.Nursery
+
+
+@dataclass
+class _Retiring:
+    """A link runtime that no longer runs but still retries erasing some of its sinks."""
+
+    runtime: LinkRuntime
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 @dataclass
@@ -88,8 +97,8 @@ class Agent:
         self.tasks = ComponentTasks(self.report)
         """The components' background tasks (`run()`)."""
         self.links: dict[str, _LinkTask] = {}
-        self._erasing: dict[str, LinkRuntime] = {}
-        """Links a reload removed whose fail-closed erase failed and is being retried."""
+        self._erasing: dict[int, _Retiring] = {}
+        """Retired link runtimes (by id) whose fail-closed erase failed and is retried."""
         self.peer_urls: list[str] = []
         self.status_urls: list[str] = []
         self._stopping = False
@@ -220,6 +229,16 @@ class Agent:
             # While draining only commits are taken: they finish rotations already under way.
             raise ProtocolError("agent is shutting down", status=503)
         if task is None:
+            # Only a configured peer may learn which link names exist here: anyone else gets
+            # the answer a link with another peer would give.
+            if not any(
+                identity.matches(t.runtime.config.peer_identity) for t in self.links.values()
+            ):
+                raise ProtocolError(
+                    f"client certificate names {identity.describe()}, no peer of this agent",
+                    status=403,
+                    body=NOT_A_PEER,
+                )
             raise ProtocolError("unknown link", status=404)
         if not self._peer_calls:
             self._peer_idle = trio.Event()
@@ -239,6 +258,9 @@ class Agent:
         runtimes: list[LinkRuntime] = []
         limiter = trio.CapacityLimiter(LINK_OPEN_LIMIT)
 
+        for config in configs:
+            self._take_over_retired(config)
+
         async def open_one(config: LinkConfig) -> None:
             async with limiter:
                 sources = [self.components.sources[s] for s in config.sources]
@@ -253,44 +275,71 @@ class Agent:
             self.links[runtime.name] = task
             await links.start(_run_isolated, task)
 
-    async def _stop_link(self, name: str, *, erase: bool) -> None:
+    async def _stop_link(self, name: str) -> LinkRuntime:
+        """Stop a link's loop (after any exchange under way) and forget it; returns it."""
         task = self.links.pop(name)
         task.runtime.stop()
         async with task.runtime.lock:
             task.scope.cancel()
         await task.done.wait()
-        if not erase:
-            return
-        runtime = task.runtime
-        await runtime.erase("removed")
-        store = runtime.env.store
-        await store.run(store.drop, name)
-        self.metrics.forget(name)
-        if runtime.erase_failed:
-            # The link is gone from the config, not its old key from the consumer.
-            self._erasing[name] = runtime
-            self._state().links.start_soon(self._retry_removed_erase, runtime)
+        return task.runtime
 
-    async def _retry_removed_erase(self, runtime: LinkRuntime) -> None:
-        """Retry a removed link's failed erase with its backoff until it succeeds; then close
-        the sinks that only it still held (a reload leaves them open meanwhile)."""
+    async def _retire(
+        self, runtime: LinkRuntime, sink_ids: frozenset[str], *, drop_state: bool
+    ) -> None:
+        """Fail closed for sinks a link no longer feeds (the link removed, or the sink dropped
+        from it or reconfigured): erase them; a failed erase is retried in the background
+        until it succeeds, and the sink instance closed only then."""
+        if drop_state:
+            await runtime.erase("removed")
+            store = runtime.env.store
+            await store.run(store.drop, runtime.name)
+            if runtime.name not in self.links:
+                self.metrics.forget(runtime.name)
+        elif sink_ids:
+            await runtime.sinks.erase("removed", runtime.record.epoch, only=sink_ids)
+        if runtime.erase_failed:
+            retiring = _Retiring(runtime)
+            self._erasing[id(runtime)] = retiring
+            self._state().servers.start_soon(self._retry_retired_erase, retiring)
+
+    async def _retry_retired_erase(self, retiring: _Retiring) -> None:
+        """Retry a retired link's failed erase with its backoff until it succeeds (or a new
+        link of that name takes the sinks over); then close the sink instances nothing else
+        holds (a reload leaves them open meanwhile)."""
+        runtime = retiring.runtime
         timing = runtime.config.timing
         delay = timing.backoff_min
         try:
-            while runtime.erase_failed:
-                await trio.sleep(delay)
-                delay = min(delay * 2, timing.backoff_max)
-                await runtime.retry_erase()
-            self.metrics.forget(runtime.name)
+            with retiring.scope:
+                while runtime.erase_failed:
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, timing.backoff_max)
+                    await runtime.sinks.retry_erase(runtime.record.epoch)
+                if runtime.name not in self.links:
+                    self.metrics.forget(runtime.name)
         finally:
-            if self._erasing.get(runtime.name) is runtime:
-                del self._erasing[runtime.name]
+            self._erasing.pop(id(runtime), None)
             live = {id(h.sink) for h in self.components.sinks.values()}
-            held = {id(h.sink) for r in self._erasing.values() for h in r.sinks.handles}
+            held = {id(h.sink) for r in self._erasing.values() for h in r.runtime.sinks.handles}
             orphans = [h.sink for h in runtime.sinks.handles if id(h.sink) not in live | held]
             with trio.move_on_after(5, shield=True):
                 await self.tasks.stop(orphans)
                 await close_all(orphans)
+
+    def _take_over_retired(self, config: LinkConfig) -> None:
+        """A link starting under a name whose old runtime still retries erases: the sinks it
+        uses are the new runtime's now (its start-up installs or erases them), so the old one
+        stops touching them; with nothing left to erase, its retry ends."""
+        for retiring in list(self._erasing.values()):
+            runtime = retiring.runtime
+            if runtime.name != config.name:
+                continue
+            for sink_id in config.sinks:
+                if self.components.sinks[sink_id].sink is runtime.sinks.handle(sink_id).sink:
+                    runtime.erase_failed.pop(sink_id, None)
+            if not runtime.erase_failed:
+                retiring.scope.cancel()
 
     # -- reload ------------------------------------------------------------------------------
 
@@ -299,7 +348,9 @@ class Agent:
         their components built, prepared and closed without a restart.
 
         `[agent]` settings (name, listener, TLS, state dir, plugins) need a restart and are
-        kept as they are; a warning says so.
+        kept as they are; a warning says so. A sink that a link no longer feeds is erased
+        (fail closed) like the sinks of a removed link. If applying fails half-way, the links
+        it stopped and could not restart are erased, and `ReloadFailed` says which.
         """
         plan = plan_reload(self.config, new)
         if plan.agent_settings_changed:
@@ -327,15 +378,28 @@ class Agent:
                 await self.tasks.stop(new_only.all())
                 await close_all(new_only.all())
             raise
-        for name in plan.removed_links:
-            await self._stop_link(name, erase=True)
-        for name in plan.changed_links:
-            await self._stop_link(name, erase=False)
-        self.components = components
-        self.config = AgentConfig(new.file, self.settings, new.links, new.sources, new.sinks)
-        assign_links(components, self.config)
-        await self._start_links([new.links[n] for n in (*plan.changed_links, *plan.added_links)])
-        erasing = {id(h.sink) for r in self._erasing.values() for h in r.sinks.handles}
+        old_config = self.config
+        stopped: list[LinkRuntime] = []
+        try:
+            for name in plan.removed_links:
+                await self._retire(await self._stop_link(name), frozenset(), drop_state=True)
+            for name in plan.changed_links:
+                runtime = await self._stop_link(name)
+                stopped.append(runtime)
+                kept_sinks = set(new.links[name].sinks) - plan.changed_components
+                dropped = frozenset(set(old_config.links[name].sinks) - kept_sinks)
+                await self._retire(runtime, dropped, drop_state=False)
+            self.components = components
+            self.config = AgentConfig(new.file, self.settings, new.links, new.sources, new.sinks)
+            assign_links(components, self.config)
+            await self._start_links(
+                [new.links[n] for n in (*plan.changed_links, *plan.added_links)]
+            )
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:
+            await self._reload_failed(stopped, new_only, exc)
+        erasing = {id(h.sink) for r in self._erasing.values() for h in r.runtime.sinks.handles}
         stale = [
             h.component
             for h in keep.handles()
@@ -351,6 +415,31 @@ class Agent:
         }
         log.info("config reloaded: %s", summary)
         return summary
+
+    async def _reload_failed(
+        self, stopped: list[LinkRuntime], new_only: Components, exc: BaseException
+    ) -> NoReturn:
+        """Applying a reload failed after links were stopped: those not running again hold a
+        key nothing will rotate or erase on time any more, so erase them now (fail closed)."""
+        stranded = [r for r in stopped if r.name not in self.links]
+        with trio.move_on_after(30, shield=True):
+            for runtime in stranded:
+                await runtime.erase("reload-failed")
+            await self.tasks.stop([c for c in new_only.all() if not self._in_use(c)])
+        names = ", ".join(r.name for r in stranded) or "none"
+        raise ReloadFailed(
+            f"config reload failed while applying ({type(exc).__name__}); links stopped and "
+            f"erased: {names}; restart the agent to recover them"
+        ) from None
+
+    def _in_use(self, component: Any) -> bool:
+        for task in self.links.values():
+            runtime = task.runtime
+            if any(component is h.source for h in runtime.sources):
+                return True
+            if any(component is h.sink for h in runtime.sinks.handles):
+                return True
+        return False
 
     # -- observation -------------------------------------------------------------------------
 
@@ -376,7 +465,7 @@ class Agent:
             "peer_api": self.peer_urls,
             "links": [t.runtime.describe() for t in self.links.values()],
             "removed_links_erase_failed": {
-                name: sorted(r.erase_failed) for name, r in self._erasing.items()
+                r.runtime.name: sorted(r.runtime.erase_failed) for r in self._erasing.values()
             },
             "recent_component_events": list(self.recent_events),
         }

@@ -26,6 +26,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BUILTIN_PLUGINS = ("file", "exec")
 ROLES = ("initiator", "responder", "auto")
 MAX_CONFIG_BYTES = 16 << 20
+MAX_DOTTED_PARTS = 64
+"""Most parts a dotted key or table header may have (real configs use 3). tomllib's time grows
+about tenfold each time a key's parts double (6,000 parts: seconds; 200 KB of them: minutes),
+so such keys are refused before parsing."""
 MAX_DEPTH = 32
 """Deepest nesting of tables and lists accepted (real configs use 4); deeper is refused up
 front, so no later walk over the data (a plugin's, a reload's comparison) can recurse away."""
@@ -131,6 +135,7 @@ def load_config(path: str | Path) -> AgentConfig:
         text, _ = read_regular_file(path, limit=MAX_CONFIG_BYTES, what="config file")
     except FileCheckError as exc:
         raise ConfigError("(file)", str(exc), file=str(path)) from None
+    _check_dotted_keys(text, str(path))
     try:
         data = tomllib.loads(text.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -165,24 +170,68 @@ def parse_config(data: dict[str, Any], *, file: Path | None = None) -> AgentConf
     return AgentConfig(file, agent, links, sources, sinks)
 
 
+def _check_dotted_keys(text: bytes, file: str) -> None:
+    """Refuse a key or table header of more than MAX_DOTTED_PARTS parts, before tomllib sees
+    it (a linear scan; dots inside quoted strings and after `=` do not count)."""
+    in_multiline: bytes | None = None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if in_multiline is not None:
+            if line.count(in_multiline) % 2:
+                in_multiline = None
+            continue
+        dots, quote = 0, 0
+        for byte in line:
+            if quote:
+                if byte == quote:
+                    quote = 0
+            elif byte in (0x22, 0x27):  # " '
+                quote = byte
+            elif byte == 0x2E:  # .
+                dots += 1
+            elif byte in (0x3D, 0x23):  # = #: the key ends (or a comment starts)
+                break
+        if dots >= MAX_DOTTED_PARTS:
+            raise ConfigError(
+                f"(line {number})",
+                f"a key has more than {MAX_DOTTED_PARTS} dotted parts",
+                file=file,
+            )
+        for marker in (b'"""', b"'''"):
+            if line.count(marker) % 2:
+                in_multiline = marker
+                break
+
+
 def _check_depth(data: object, file: str | None) -> None:
-    """Refuse nesting deeper than MAX_DEPTH, naming where (iterative: no recursion here)."""
-    stack: list[tuple[object, str, int]] = [(data, "", 0)]
+    """Refuse nesting deeper than MAX_DEPTH, naming where (iterative: no recursion here).
+
+    The stack holds (value, parent entry, key) and a location is spelled out only for the
+    error: building every child's dotted path up front cost memory in keys times siblings.
+    """
+    stack: list[tuple[object, Any, str, int]] = [(data, None, "", 0)]
     while stack:
-        value, where, depth = stack.pop()
+        entry = stack.pop()
+        value, _, _, depth = entry
         if depth > MAX_DEPTH:
             raise ConfigError(
-                where or "(file)", f"nested deeper than {MAX_DEPTH} levels", file=file
+                _where(entry) or "(file)", f"nested deeper than {MAX_DEPTH} levels", file=file
             )
         if isinstance(value, dict):
-            items = [(str(k), v) for k, v in value.items()]
+            stack.extend((child, entry, str(key), depth + 1) for key, child in value.items())
         elif isinstance(value, list):
-            items = [(f"[{i}]", v) for i, v in enumerate(value)]
-        else:
-            continue
-        for key, child in items:
-            sep = "" if key.startswith("[") or not where else "."
-            stack.append((child, f"{where}{sep}{key}", depth + 1))
+            stack.extend((child, entry, f"[{i}]", depth + 1) for i, child in enumerate(value))
+
+
+def _where(entry: tuple[object, Any, str, int]) -> str:
+    parts: list[str] = []
+    node: object = entry
+    while isinstance(node, tuple) and node[1] is not None:
+        parts.append(node[2])
+        node = node[1]
+    text = ""
+    for key in reversed(parts):
+        text += key if key.startswith("[") or not text else f".{key}"
+    return text[:200]
 
 
 def _check_section_name(opts: Options, name: str) -> None:

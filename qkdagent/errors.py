@@ -25,6 +25,10 @@ class PluginError(QkdAgentError):
     """A plugin could not be loaded or registered (names the distribution)."""
 
 
+class ReloadFailed(QkdAgentError):
+    """Applying a new config failed half-way; says which links were stopped and erased."""
+
+
 class StartupError(QkdAgentError):
     """A component's `prepare()` failed or timed out, so the agent (or a reload) cannot start."""
 

@@ -129,11 +129,12 @@ class Answered:
     """What an exchange source's responder side returns (DESIGN v2 §3)."""
 
     key: Key
-    answer: bytes = b""
+    answer: bytes = field(default=b"", repr=False)
     """Sent MAC'd to the initiator in the `rotate-reply` (a KEM's next public key, say) and
     bound into the transcript; the initiator's source gets it in `accept_answer`."""
-    state: bytes | None = None
-    """The link's new source state, committed with the epoch (None: none kept)."""
+    state: bytes | None = field(default=None, repr=False)
+    """The link's new source state, committed with the epoch (None: none kept); it may be a
+    private key, so it is never in a repr."""
 
 
 class Source(_Configurable):

@@ -183,7 +183,13 @@ class LinkRuntime:
         self._erase_attempted()
 
     async def retry_erase(self) -> None:
-        await self.sinks.retry_erase(self.record.epoch)
+        """Retry the sinks whose erase failed. While the link is live (it rotated since), a
+        sink still listed failed its erase and then an install too: it gets the current key,
+        not an erase that would leave it keyless until the next rotation."""
+        if not self.clock.erased and self.record.epoch > 0:
+            await self.sinks.install(self.record, only=frozenset(self.sinks.erase_failed))
+        else:
+            await self.sinks.retry_erase(self.record.epoch)
         self._erase_attempted()
 
     def _erase_attempted(self) -> None:

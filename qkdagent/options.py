@@ -28,7 +28,7 @@ MAX_SECRET_BYTES = 64 * 1024
 """Largest secret file read (keys, PINs and bootstrap secrets are far smaller)."""
 _REFERENCE_FORMS = 'must be {file = "PATH"} or {env = "NAME"} or {credential = "NAME"}'
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
-_taken_env: dict[str, bytes] = {}
+_taken_env: dict[str, Secret] = {}
 """Secrets `{ env = ... }` took out of the environment, for a later load of the same config
 (a SIGHUP reload) in this process: the variable itself is gone by then."""
 
@@ -229,7 +229,7 @@ class Options:
         if size is not None and len(data) != size:
             self.fail(name, f"must hold {size} bytes, the referenced secret holds {len(data)}")
         if taken is not None:  # only a usable secret is taken: a failed load changes nothing
-            _taken_env[taken] = raw
+            _taken_env[taken] = Secret(raw)
             os.environ.pop(taken, None)  # unsetenv too: children no longer inherit it
         return Secret(data)
 
@@ -241,7 +241,7 @@ class Options:
         if raw is not None:
             return raw, env
         if env in _taken_env:
-            return _taken_env[env], None
+            return _taken_env[env].reveal(), None
         self.fail(name, f"environment variable {env} is not set")
 
     def _read_credential(self, name: str, credential: object) -> bytes:

@@ -25,6 +25,11 @@ if TYPE_CHECKING:
     from .link import LinkRuntime
 
 
+NOT_A_PEER = protocol.error_body("refused", "the client certificate is not a peer of this agent")
+"""What a stranger gets for a link with another peer and for an unknown link alike, so it
+cannot enumerate link names."""
+
+
 class Responder:
     def __init__(self, link: LinkRuntime) -> None:
         self.link = link
@@ -34,6 +39,9 @@ class Responder:
 
     async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
         """Answer a peer request; a refusal raises ProtocolError carrying its reply body."""
+        stranger = rules.admit_identity(self.link.facts, identity)
+        if stranger is not None:  # the detail for our log; the stranger learns nothing
+            raise ProtocolError(stranger.message, status=stranger.status, body=NOT_A_PEER)
         message = protocol.parse(body, expect=(action,))
         rejected = rules.admit(self.link.facts, self.name, message, identity)
         if rejected is not None:

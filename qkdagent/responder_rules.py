@@ -88,17 +88,26 @@ RotateDecision = Refuse | Retransmit | CommitPendingFirst | Derive
 CommitDecision = Refuse | CommitPending | Acknowledge
 
 
-def admit(
-    facts: LinkFacts, path_link: str, message: protocol.Message, identity: PeerIdentity
-) -> Reject | None:
-    """Whether the message may be considered at all: it names this link, comes from the
-    configured peer to us, over a connection whose certificate names that peer."""
+def admit_identity(facts: LinkFacts, identity: PeerIdentity) -> Reject | None:
+    """Checked before the body is even parsed: the connection's certificate must name this
+    link's peer (another CA-signed agent learns nothing and costs no parsing)."""
     if not identity.matches(facts.peer_identity):
         return Reject(
             f"client certificate names {identity.describe()}, not this link's peer "
             f"{facts.peer_identity!r}",
             403,
         )
+    return None
+
+
+def admit(
+    facts: LinkFacts, path_link: str, message: protocol.Message, identity: PeerIdentity
+) -> Reject | None:
+    """Whether the message may be considered at all: it names this link, comes from the
+    configured peer to us, over a connection whose certificate names that peer."""
+    rejected = admit_identity(facts, identity)
+    if rejected is not None:
+        return rejected
     if message.link != path_link or message.link != facts.link:
         return Reject("link name in the message does not match the path", 400)
     if message.sender != facts.peer or message.receiver != facts.local:
@@ -144,7 +153,7 @@ def on_rotate(
         floor = epoch_floor(record)
         if message.epoch <= floor:
             return Refuse("epoch", f"resync must move past epoch {floor}", 409)
-        if message.epoch > protocol.RESYNC_CEILING:
+        if message.epoch >= protocol.RESYNC_CEILING:  # the same bound as everywhere else
             return Refuse("epoch", "resync epoch above the ceiling", 400)
         chain_key, auth_key = facts.start.chain_key, facts.start.auth_key
     else:

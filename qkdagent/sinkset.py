@@ -39,9 +39,12 @@ class LinkSinks:
     def ids(self) -> list[str]:
         return [h.id for h in self.handles]
 
+    def handle(self, sink_id: str) -> SinkHandle:
+        return next(h for h in self.handles if h.id == sink_id)
+
     # -- install -------------------------------------------------------------------------------
 
-    async def install(self, record: LinkRecord) -> list[str]:
+    async def install(self, record: LinkRecord, only: frozenset[str] | None = None) -> list[str]:
         """Install the record's outputs into every sink at once; returns the sinks that failed.
 
         A sink added after the epoch was derived has no output yet: it is erased (fail closed)
@@ -72,11 +75,12 @@ class LinkSinks:
 
         async with trio.open_nursery() as nursery:
             for handle in self.handles:
-                nursery.start_soon(one, handle)
+                if only is None or handle.id in only:
+                    nursery.start_soon(one, handle)
         if self.erase_failed:  # a sink that now holds the new key no longer needs erasing
             self._outcome(
                 "rotation",
-                [s for s in self.erase_failed if s not in failed],
+                [s for s in self.erase_failed if s not in failed and (only is None or s in only)],
                 [],
                 how=f"the sink now holds epoch {record.epoch}'s key instead",
             )
@@ -103,7 +107,10 @@ class LinkSinks:
             )  # fmt: skip
         self._outcome(reason, erased, failed)
         self.env.metrics.erasures.labels(self.name, reason).inc()
-        self.env.observers.after_erase(EraseEvent(self.name, epoch, reason, tuple(sorted(erased))))
+        if erased or only is None:  # a retry that erased nothing is no news for observers
+            self.env.observers.after_erase(
+                EraseEvent(self.name, epoch, reason, tuple(sorted(erased)))
+            )
 
     async def retry_erase(self, epoch: int) -> None:
         """Erase again the sinks whose erase failed, each with the reason it was erased for."""

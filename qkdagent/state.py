@@ -109,8 +109,9 @@ class Pending:
     outputs: dict[str, Secret]
     reply: bytes
     created_at: float
-    source_state: dict[str, bytes] = field(default_factory=dict)
-    """Exchange sources' per-link state for this epoch, committed with it."""
+    source_state: dict[str, bytes] = field(default_factory=dict, repr=False)
+    """Exchange sources' per-link state for this epoch, committed with it (a KEM private
+    key, say: never in a repr)."""
 
 
 @dataclass
@@ -124,8 +125,9 @@ class LinkRecord:
     committed_at: float | None
     outputs: dict[str, Secret] = field(default_factory=dict)
     pending: Pending | None = None
-    source_state: dict[str, bytes] = field(default_factory=dict)
-    """Exchange sources' per-link state (DESIGN v2 §3), as of the committed epoch."""
+    source_state: dict[str, bytes] = field(default_factory=dict, repr=False)
+    """Exchange sources' per-link state (DESIGN v2 §3), as of the committed epoch (may hold
+    private keys: never in a repr)."""
 
 
 def _ids_json(key_ids: tuple[tuple[str, str], ...]) -> str:
@@ -199,11 +201,17 @@ class StateStore:
             return fn(*args)
         job = _Job(fn, args)
         self._queue.append(job)
-        async with self._batch_lock:
-            if not job.done:
-                batch, self._queue = self._queue, []
-                await trio.to_thread.run_sync(self._run_batch, batch)
-                self._scrub_due.set()
+        try:
+            async with self._batch_lock:
+                if not job.done:
+                    batch, self._queue = self._queue, []
+                    await trio.to_thread.run_sync(self._run_batch, batch)
+                    self._scrub_due.set()
+        except trio.Cancelled:
+            # Cancelled while waiting for the lock: a write no batch has taken yet must not
+            # commit later behind the caller's back (its caller believes it never happened).
+            self._queue = [queued for queued in self._queue if queued is not job]
+            raise
         return job.outcome()
 
     async def scrub_log(

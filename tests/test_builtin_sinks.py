@@ -1,4 +1,5 @@
-"""The built-in `file` and `exec` sinks and the `memory` and `keydir` sources against the contracts."""
+"""The built-in `file` and `exec` sinks and the `memory` and `keydir` sources against the
+contracts."""
 
 from __future__ import annotations
 

@@ -149,3 +149,135 @@ async def test_a_removed_links_failed_erase_is_retried_before_its_sink_closes(
         assert sink.current["alice-bob"] != installed
         assert closed == ["rec"]  # closed once nothing needs it any more
         assert pair.alice.describe()["removed_links_erase_failed"] == {}
+
+
+def _reloaded(pair, change) -> object:
+    import copy
+
+    from qkdagent.config import parse_config
+
+    config = copy.deepcopy(pair.configs["alice"])
+    change(config)
+    return parse_config(config)
+
+
+async def test_a_link_added_back_takes_its_sinks_over_from_the_old_erase_retry(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Review finding: the removed link's retry erased the re-added link's live key."""
+    one = {"sinks": {"rec": {"type": "recording"}}}
+    async with open_agent_pair(tmp_path, alice=one, bob=one, link=LINK, local=True) as pair:
+        await pair.wait_for_epoch(1, timeout=60)
+        sink = pair.sink("alice", "rec")
+        sink.erase_failures = 1
+        original = pair.configs["alice"]
+        await pair.alice.reload(_reloaded(pair, lambda c: c["links"].clear()))
+        assert pair.alice.describe()["removed_links_erase_failed"] == {"alice-bob": ["rec"]}
+        from qkdagent.config import parse_config
+
+        await pair.alice.reload(parse_config(original))
+        await pair.wait_for_epoch(pair.epoch("bob") + 1, timeout=60)
+        calls = len(sink.calls)
+        await trio.sleep(30)  # the old retry would have come after 1 s
+        assert not any(c.startswith("erase") for c in sink.calls[calls:])
+        assert sink.current["alice-bob"] == pair.secret("alice", "rec")
+        assert pair.alice.describe()["removed_links_erase_failed"] == {}
+
+
+async def test_a_sink_dropped_from_a_link_is_erased(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Review finding: a sink a reload takes off a link kept that link's key for good."""
+    two = {"sinks": {"rec": {"type": "recording"}, "extra": {"type": "recording", "label": "x"}}}
+    async with open_agent_pair(tmp_path, alice=two, bob=two, link=LINK, local=True) as pair:
+        await pair.wait_for_epoch(1, timeout=60)
+        extra = pair.sink("alice", "extra")
+        held = extra.current["alice-bob"]
+
+        def drop_extra(config: dict) -> None:
+            config["links"]["alice-bob"]["sinks"] = ["rec"]
+            config["sinks"]["extra"]["local_only"] = True  # kept configured, fed by no link
+
+        await pair.alice.reload(_reloaded(pair, drop_extra))
+        assert extra.calls[-1] == "erase:removed"
+        assert extra.current["alice-bob"] != held
+
+
+async def test_a_reload_that_fails_half_way_erases_the_links_it_stranded(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: a failure after a changed link was stopped left it without a timer and
+    its key installed for good."""
+    from qkdagent import link as link_module
+    from qkdagent.errors import ReloadFailed
+
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=LINK, local=True) as pair:
+        await pair.wait_for_epoch(1, timeout=60)
+        sink = pair.sink("alice", "rec")
+        held = sink.current["alice-bob"]
+
+        async def broken_open(*args: object, **kwargs: object) -> object:
+            raise OSError("disk gone")
+
+        monkeypatch.setattr(link_module.LinkRuntime, "open", broken_open)
+
+        def change(config: dict) -> None:
+            config["links"]["alice-bob"]["interval"] = 20
+
+        with pytest.raises(ReloadFailed, match="links stopped and erased: alice-bob"):
+            await pair.alice.reload(_reloaded(pair, change))
+        assert sink.calls[-1] == "erase:reload-failed"
+        assert sink.current["alice-bob"] != held
+
+
+async def test_a_sink_whose_erase_and_install_failed_gets_the_current_key_back(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Review finding: once the link rotated again, retrying the old erase left the sink
+    keyless until the next rotation; it is given the current key instead."""
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=LINK, local=True) as pair:
+        await pair.wait_for_epoch(1, timeout=60)
+        sink = pair.sink("bob", "rec")
+        sink.erase_failures = 1000
+        await pair.stop("alice")
+        await trio.sleep(31)  # reject_after: bob's erase fails, and keeps failing
+        assert pair.bob.link("alice-bob").describe()["erase_failed"] == ["rec"]
+        sink.fail = True  # ...and the next install fails too
+        await pair.start("alice")
+        await pair.wait_for_epoch(2, timeout=60)
+        assert pair.bob.link("alice-bob").describe()["erase_failed"] == ["rec"]
+        sink.fail = False
+        await trio.sleep(10)  # the retry comes within backoff_max
+        assert sink.calls[-1] == f"install:{pair.epoch('bob')}"
+        assert sink.current["alice-bob"] == pair.secret("bob", "rec")
+        assert pair.bob.link("alice-bob").describe()["erase_failed"] is None
+
+
+async def test_a_state_write_cancelled_before_its_batch_never_commits(tmp_path: Path) -> None:
+    """Review finding: a caller cancelled while waiting for the batch lock left its write
+    queued, and the next batch committed it behind the caller's back."""
+    from qkdagent.secret import Secret
+    from qkdagent.state import StateStore
+
+    store = StateStore(tmp_path / "state")
+    key = Secret(b"k" * 32)
+    await store.run(store.create, "l", "bob", key, key)
+    writing, done = trio.Event(), trio.Event()
+
+    async def batch_in_progress() -> None:
+        async with store._batch_lock:
+            writing.set()
+            await done.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batch_in_progress)
+        await writing.wait()
+        with trio.move_on_after(0.05):
+            await store.run(lambda: store.commit(
+                "l", epoch=7, chain_key=key, auth_key=key, key_ids=(), outputs={}
+            ))  # fmt: skip
+        done.set()
+    await store.run(store.load, "l")  # the next batch
+    record = await store.run(store.load, "l")
+    assert record is not None and record.epoch == 0
+    store.close()

@@ -255,18 +255,29 @@ async def test_a_client_certificate_of_another_agent_is_refused(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """mallory holds a certificate of the deployment CA and a genuine rotate of alice's (a
-    replay): bob refuses it for the certificate, before looking at the message."""
+    replay): bob refuses it for the certificate, before even parsing the message, and answers
+    an unknown link the same way (mallory cannot enumerate link names)."""
     async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=LINK, local=True) as pair:
         mitm = ManInTheMiddle.on(pair, "bob")
         await pair.wait_for_epoch(1, timeout=60)
         genuine = mitm.requests("rotate")[-1].body
         url = mitm.url
-        for action, body in (("rotate", genuine), ("commit", mitm.requests("commit")[-1].body)):
-            reply = await send_as(pair.network, "mallory", url, "alice-bob", action, body)
-            assert reply.status == 403
-            assert (
-                "names mallory, not this link's peer 'alice'" in json.loads(reply.body)["message"]
+        epoch = pair.epoch("bob")
+        replies = [
+            await send_as(pair.network, "mallory", url, link, action, body)
+            for link, action, body in (
+                ("alice-bob", "rotate", genuine),
+                ("alice-bob", "commit", mitm.requests("commit")[-1].body),
+                ("alice-bob", "rotate", DEEP),  # not parsed: no 400 "nested deeper"
+                ("no-such-link", "rotate", genuine),
             )
+        ]
+        assert {(r.status, r.body) for r in replies} == {(403, replies[0].body)}
+        assert "not a peer" in json.loads(replies[0].body)["message"]
+        assert pair.epoch("bob") == epoch
+        # a configured peer asking for a link that does not exist is told so
+        unknown = await send_as(pair.network, "alice", url, "no-such-link", "rotate", genuine)
+        assert unknown.status == 404
 
 
 async def test_different_sink_labels_refuse_the_rotation_and_name_them(

@@ -218,11 +218,12 @@ async def test_status_and_metrics_endpoints(quiet_pair) -> None:
 
 
 async def test_responder_sees_the_client_certificate_and_refuses_another_agent(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Mallory holds a certificate of the deployment CA: TLS admits her, but a correctly
     MAC'd rotate sent under her certificate is refused, and the same body under alice's is
     taken (the server hands the client certificate's names to the link)."""
+    caplog.set_level(logging.INFO, logger="qkdagent.peerserver")
     pki = write_test_pki(tmp_path / "ca", ["alice", "bob", "mallory"])
     sides = {
         name: {**REC, "agent": {"tls": {"cert": str(pki[name].cert), "key": str(pki[name].key),
@@ -239,7 +240,10 @@ async def test_responder_sees_the_client_certificate_and_refuses_another_agent(
         mallory.load_cert_chain(str(pki["mallory"].cert), str(pki["mallory"].key))
         async with httpx.AsyncClient(verify=mallory, timeout=5) as http:
             response = await http.post(_bob_url(pair, "rotate"), content=body)
-        assert response.status_code == 403 and "mallory" in response.text
+        # mallory learns nothing (not even whose link it is); bob's log names her
+        assert response.status_code == 403 and "not a peer" in response.text
+        assert "mallory" not in response.text and "alice" not in response.text
+        assert "client certificate names mallory" in caplog.text
         assert _bob_state(pair) == before
         async with _client(pair) as http:
             response = await http.post(_bob_url(pair, "rotate"), content=body)

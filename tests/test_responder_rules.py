@@ -101,6 +101,9 @@ ROTATE_CASES = [
     ("resync above the ceiling", {}, _record(),
      {"kind": "resync", "epoch": protocol.RESYNC_CEILING + 1, "auth": START.auth_key},
      rules.Refuse, "epoch"),
+    ("resync at the ceiling", {}, _record(),
+     {"kind": "resync", "epoch": protocol.RESYNC_CEILING, "auth": START.auth_key},
+     rules.Refuse, "epoch"),
     ("resync under the current key", {}, _record(), {"kind": "resync", "epoch": 9},
      rules.Refuse, "auth"),
 ]  # fmt: skip

@@ -97,8 +97,9 @@ class Detections:
 
     @classmethod
     def concat(cls, parts: list[Detections]) -> Detections:
+        arrays = {f: np.concatenate([getattr(p, f) for p in parts]) for f in _ARRAYS}
         return cls(
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in _ARRAYS),
+            **arrays,
             sent=np.sum([p.sent for p in parts], axis=0),
             pulses=sum(p.pulses for p in parts),
         )

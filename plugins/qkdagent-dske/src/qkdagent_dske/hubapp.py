@@ -112,8 +112,8 @@ class Hub:
             (str(r[0]), str(r[1])): StoredShare(
                 str(r[2]),
                 str(r[3]),
-                int(r[4]),
-                bytes(r[5]),
+                int(r[4]),  # type: ignore[call-overload]  # sqlite3 rows are untyped
+                bytes(r[5]),  # type: ignore[call-overload]
                 float(r[6]),  # type: ignore[arg-type]
             )
             for r in self.db.query("SELECT * FROM shares")

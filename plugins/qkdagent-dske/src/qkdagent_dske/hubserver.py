@@ -160,11 +160,11 @@ async def serve_hub(
 ) -> None:
     """Serve `hub` until cancelled; `task_status.started(port)` once listening."""
     limits = limits or ServerLimits()
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    tcp = await trio.open_tcp_listeners(port, host=host)
+    listeners: list[trio.SocketListener] | list[trio.SSLListener[trio.SocketStream]] = tcp
     if ssl_context is not None:
-        listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in listeners]
-    bound = listeners[0]
-    sock = bound.transport_listener.socket if isinstance(bound, trio.SSLListener) else bound.socket
+        listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in tcp]
+    sock = tcp[0].socket  # the TCP listener under any TLS wrapping: its bound port
     limiter = trio.CapacityLimiter(limits.max_connections)
 
     async def handler(stream: trio.abc.Stream) -> None:
