@@ -138,7 +138,7 @@ class Agent:
                     await self.tasks.start(servers, self.components.all())
                     await self._start_services(servers)
                     self.peer_urls = await servers.start(
-                        self.transport.serve_peers, self._handle_peer, self.metrics
+                        self.transport.serve_peers, self._handle_peer, self.metrics, self._is_peer
                     )
                     self.status_urls = await servers.start(
                         self.transport.serve_status, StatusApp(self.describe, self.metrics)
@@ -220,6 +220,10 @@ class Agent:
 
     async def _start_services(self, nursery: trio.Nursery) -> None:
         await start_services(nursery, self.hooks.register_services(self.context))
+
+    def _is_peer(self, identity: PeerIdentity) -> bool:
+        """Whether a client certificate names the peer of one of the configured links."""
+        return any(identity.matches(link.peer_identity) for link in self.config.links.values())
 
     async def _handle_peer(
         self, link: str, action: str, body: bytes, identity: PeerIdentity

@@ -30,6 +30,7 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import math
@@ -37,6 +38,7 @@ import resource
 import socket
 import ssl
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -73,6 +75,9 @@ class ServerLimits:
     """Connections held at once (lowered to fit the descriptor limit minus `fd_reserve`)."""
     max_per_address: int = 128
     """Connections from one IPv4 address or IPv6 /64."""
+    max_per_identity: int = 128
+    """Established connections per client certificate identity: one agent (even a
+    compromised peer) cannot hold the slots the other peers' connections need."""
     max_handshaking: int = 128
     """Connections before mutual TLS is done; beyond it the oldest of them is closed."""
     handshake_timeout: float = 5.0
@@ -134,9 +139,14 @@ async def serve_peers(
     tls: TlsFiles,
     limits: ServerLimits,
     metrics: Metrics | None = None,
+    is_peer: Callable[[PeerIdentity], bool] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the peer API on `listen` until cancelled; `task_status` gets its URLs."""
+    """Serve the peer API on `listen` until cancelled; `task_status` gets its URLs.
+
+    `is_peer` says whether a client certificate names a peer of one of the agent's links: a
+    connection whose certificate names none is reset right after the handshake, so holders
+    of other deployment-CA certificates never take an established slot."""
     context = server_ssl_context(tls)
     soft = raise_nofile_limit()
     connections, handshaking = connection_caps(
@@ -148,7 +158,7 @@ async def serve_peers(
     if limits.defer_accept:
         for listener in listeners:
             defer_accept(listener.socket, limits.handshake_timeout)
-    server = _Server(handler, context, limits, admission, metrics)
+    server = _Server(handler, context, limits, admission, metrics, is_peer)
     urls = [_url(listener) for listener in listeners]
     log.debug(
         "peer API %s: up to %d connections (%d handshaking, %d per address), nofile %d",
@@ -227,16 +237,33 @@ class _Server:
         limits: ServerLimits,
         admission: Admission,
         metrics: Metrics | None,
+        is_peer: Callable[[PeerIdentity], bool] | None = None,
     ) -> None:
         self.handler = handler
         self.context = context
         self.limits = limits
         self.admission = admission
         self.metrics = metrics
+        self.is_peer = is_peer
+        self.per_identity: collections.Counter[PeerIdentity] = collections.Counter()
         self.tally = Tally()
         self.refusals = TokenBuckets(limits.refusal_rate, limits.refusal_burst)
 
     # -- counting and logging ------------------------------------------------------------
+
+    def admit_identity(self, conn: _Conn, identity: PeerIdentity) -> bool:
+        """Only configured peers get an established slot, each at most `max_per_identity`."""
+        if self.is_peer is not None and not self.is_peer(identity):
+            reason = "not-a-peer"
+        elif self.per_identity[identity] >= self.limits.max_per_identity:
+            reason = "identity-full"
+        else:
+            return True
+        reset(conn.tcp.socket)
+        self.dropped(conn, reason)
+        log.debug("peer connection from %s (%s) refused: %s", conn.host,
+                  identity.describe(), reason)  # fmt: skip
+        return False
 
     def dropped(self, conn: _Conn | None, reason: str) -> None:
         if self.metrics is not None:
@@ -307,10 +334,18 @@ class _Server:
                     log.debug("TLS handshake from %s failed: %s", conn.host, cause)
                     return
                 identity = PeerIdentity.from_peercert(stream.getpeercert())
-                if self.admission.established(conn):
-                    await _Http(self, conn, stream, identity).serve()
-                    with trio.move_on_after(1):  # a clean close (close_notify) when we can
-                        await stream.aclose()
+                if not self.admit_identity(conn, identity):
+                    return
+                self.per_identity[identity] += 1
+                try:
+                    if self.admission.established(conn):
+                        await _Http(self, conn, stream, identity).serve()
+                        with trio.move_on_after(1):  # a clean close (close_notify) if we can
+                            await stream.aclose()
+                finally:
+                    self.per_identity[identity] -= 1
+                    if not self.per_identity[identity]:
+                        del self.per_identity[identity]
             if conn.scope.cancelled_caught and not conn.evicted:
                 if conn.phase == "handshake":
                     reset(conn.tcp.socket)

@@ -9,6 +9,7 @@ same shape, so `Agent.run` never asks which one it has.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import trio
@@ -16,6 +17,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from .config import AgentSettings
+from .identity import PeerIdentity
 from .observability import Metrics
 from .peering import Handler, PeerClient, PeerReply
 from .peerserver import ServerLimits, serve_peers
@@ -36,9 +38,15 @@ class Transport(Protocol):
     where a thread would let trio's autojump clock leap ahead while SQLite writes)."""
 
     async def serve_peers(
-        self, handler: Handler, metrics: Metrics, *, task_status: trio.TaskStatus[list[str]]
+        self,
+        handler: Handler,
+        metrics: Metrics,
+        is_peer: Callable[[PeerIdentity], bool],
+        *,
+        task_status: trio.TaskStatus[list[str]],
     ) -> None:
-        """Serve the peer API until cancelled; `task_status.started(urls)` once listening."""
+        """Serve the peer API until cancelled; `task_status.started(urls)` once listening.
+        `is_peer`: whether a client certificate names a peer of one of the agent's links."""
 
     async def serve_status(self, app: Any, *, task_status: trio.TaskStatus[list[str]]) -> None:
         """Serve the status app (ASGI) until cancelled; started with its URLs (maybe none)."""
@@ -56,7 +64,12 @@ class HttpsTransport:
         self.settings = settings
 
     async def serve_peers(
-        self, handler: Handler, metrics: Metrics, *, task_status: trio.TaskStatus[list[str]]
+        self,
+        handler: Handler,
+        metrics: Metrics,
+        is_peer: Callable[[PeerIdentity], bool],
+        *,
+        task_status: trio.TaskStatus[list[str]],
     ) -> None:
         s = self.settings
         limits = ServerLimits(
@@ -71,6 +84,7 @@ class HttpsTransport:
             tls=s.tls,
             limits=limits,
             metrics=metrics,
+            is_peer=is_peer,
             task_status=task_status,
         )
 

@@ -76,7 +76,10 @@ class Running:
 
 @asynccontextmanager
 async def running(
-    tmp_path: Path, handler: Handler | None = None, **limits: Any
+    tmp_path: Path,
+    handler: Handler | None = None,
+    is_peer: Callable[[PeerIdentity], bool] | None = None,
+    **limits: Any,
 ) -> AsyncIterator[Running]:
     pki = write_test_pki(tmp_path / "pki", ["alice", "bob", "mallory"])
     server = Running(0, pki, Metrics())
@@ -94,6 +97,7 @@ async def running(
                 tls=tls,
                 limits=ServerLimits(**limits),
                 metrics=server.metrics,
+                is_peer=is_peer,
                 task_status=task_status,
             )
         )
@@ -264,6 +268,37 @@ async def test_the_client_certificate_names_reach_the_handler(tmp_path: Path) ->
     assert alice.matches("alice") and not alice.matches("mallory")
     assert mallory.matches("mallory") and not mallory.matches("alice")
     assert "mallory" in mallory.dns and mallory.common_names == ("mallory",)
+
+
+async def test_a_certificate_naming_no_peer_gets_no_slot(tmp_path: Path) -> None:
+    """Review finding: any CA-certificate holder could fill every established slot with cheap
+    requests; now a certificate that names no configured peer is reset after the handshake,
+    and one identity holds at most `max_per_identity` connections."""
+    peers = {"alice"}
+    async with running(
+        tmp_path, is_peer=lambda i: any(i.matches(p) for p in peers), max_per_identity=2
+    ) as server:
+        async with httpx.AsyncClient(verify=server.context("mallory"), timeout=5) as http:
+            with pytest.raises(httpx.TransportError):
+                await http.post(server.url + ROTATE, content=b"{}")
+        assert not server.calls
+        refused = server.metrics.peer_connections_refused
+        assert refused.labels("not-a-peer")._value.get() == 1
+        held = []
+        for _ in range(2):  # alice's two slots, each proven established by an answer
+            stream = await server.tls(name="alice")
+            response, _ = await exchange(stream, post(ROTATE, 2), b"{}")
+            assert response.status_code == 200
+            held.append(stream)
+        third = await server.tls(name="alice")
+        with pytest.raises((trio.BrokenResourceError, trio.ClosedResourceError)):
+            await exchange(third, post(ROTATE, 2), b"{}")  # reset: identity-full
+        assert refused.labels("identity-full")._value.get() == 1
+        for stream in held:
+            await stream.aclose()
+        async with httpx.AsyncClient(verify=server.context("alice"), timeout=5) as http:
+            reply = await http.post(server.url + ROTATE, content=b"{}")  # a slot is free again
+        assert reply.status_code == 200
 
 
 async def test_a_client_without_certificate_fails_the_handshake(tmp_path: Path) -> None:

@@ -88,7 +88,12 @@ class LocalTransport:
         self.url = url
 
     async def serve_peers(
-        self, handler: Handler, metrics: object, *, task_status: trio.TaskStatus[list[str]]
+        self,
+        handler: Handler,
+        metrics: object,
+        is_peer: object,
+        *,
+        task_status: trio.TaskStatus[list[str]],
     ) -> None:
         self.network.attach(self.url, handler, self.identity)
         try:
