@@ -27,7 +27,12 @@ from qkdagent.testing.agents import LINK
 FUZZ = Path(__file__).resolve().parents[1] / "contrib" / "fuzz"
 MUTATIONS = 2000
 HYPOTHESIS = 200
-PLUGIN_OF = {"etsi014_client": "qkdagent_etsi014", "etsi014_sim": "qkdagent_etsi014"}
+PLUGIN_OF = {
+    "etsi014_client": "qkdagent_etsi014",
+    "etsi014_sim": "qkdagent_etsi014",
+    "etsi004": "qkdagent_etsi004",
+    "dske_wire": "qkdagent_dske",
+}
 
 
 def _load(path: Path) -> ModuleType:
