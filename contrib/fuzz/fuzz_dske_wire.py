@@ -11,8 +11,6 @@ from pathlib import Path
 
 _PLUGIN = Path(__file__).resolve().parents[2] / "plugins" / "qkdagent-dske"
 _PATH = _PLUGIN / "fuzz" / "fuzz_dske_wire.py"
-    Path(__file__).resolve().parents[2] / "plugins" / "qkdagent-dske" / "fuzz" / "fuzz_dske_wire.py"
-)
 _spec = importlib.util.spec_from_file_location("plugin_fuzz_dske_wire", _PATH)
 assert _spec is not None and _spec.loader is not None
 _module = importlib.util.module_from_spec(_spec)

@@ -11,12 +11,6 @@ from pathlib import Path
 
 _PLUGIN = Path(__file__).resolve().parents[2] / "plugins" / "qkdagent-etsi004"
 _PATH = _PLUGIN / "fuzz" / "fuzz_etsi004.py"
-    Path(__file__).resolve().parents[2]
-    / "plugins"
-    / "qkdagent-etsi004"
-    / "fuzz"
-    / "fuzz_etsi004.py"
-)
 _spec = importlib.util.spec_from_file_location("plugin_fuzz_etsi004", _PATH)
 assert _spec is not None and _spec.loader is not None
 _module = importlib.util.module_from_spec(_spec)
