@@ -22,6 +22,11 @@ token bucket per address); beyond that it is refused at accept (cheap: no task, 
 and the connections already held age out on their own deadlines. A peer on its own address
 keeps its whole budget, so its fresh handshake still gets in.
 
+A certificate that names no peer (a *stranger*) is reset after its handshake, and a stranger
+reopens at once: each turn a full TLS handshake here. So every stranger spends a token of its
+address (`strangers`); an address out of them is refused at accept, before any TLS work,
+until a token is back. (A peer behind the same address as a stranger waits with it.)
+
 The server applies the verdicts; this module only counts and decides, so every rule is
 unit-tested without sockets.
 """
@@ -91,6 +96,13 @@ class TokenBuckets:
             del self._buckets[next(iter(self._buckets))]
         return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
 
+    def peek(self, key: str, now: float) -> float:
+        """The tokens `key` has at time `now` (nothing spent)."""
+        if key not in self._buckets:
+            return self.burst
+        tokens, at = self._buckets[key]
+        return min(self.burst, tokens + max(0.0, now - at) * self.rate)
+
     def __len__(self) -> int:
         return len(self._buckets)
 
@@ -110,6 +122,8 @@ class Admission:
     max_handshaking: int
     churn: TokenBuckets | None = None
     """Per-address budget for pushing unauthenticated connections out (None: unlimited)."""
+    strangers: TokenBuckets | None = None
+    """Per-address budget of handshakes by certificates naming no peer (None: unlimited)."""
     _conns: dict[Hashable, _Conn] = field(default_factory=dict)
     _by_state: dict[str, dict[Hashable, None]] = field(
         default_factory=lambda: {HANDSHAKING: {}, HELLO: {}, IDLE: {}, BUSY: {}}
@@ -131,6 +145,8 @@ class Admission:
         the caller closes them.
         """
         bucket = address_key(host)
+        if self.strangers is not None and self.strangers.peek(bucket, now) < 1:
+            return Verdict(False, reason="stranger")
         if self._crowded(bucket) and self.churn is not None and not self.churn.take(bucket, now):
             return Verdict(False, reason="churn")
         evict: list[tuple[Hashable, str]] = []
@@ -164,6 +180,11 @@ class Admission:
             or unauthenticated >= self.max_handshaking
             or len(self._conns) >= self.max_connections
         )
+
+    def stranger(self, host: str, now: float) -> None:
+        """A certificate from `host` named no peer: its address spends a stranger token."""
+        if self.strangers is not None:
+            self.strangers.take(address_key(host), now)
 
     def shed(self) -> Hashable | None:
         """The connection to close when the process runs out of descriptors (accept() failed

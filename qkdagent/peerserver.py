@@ -19,6 +19,8 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
   (evicted, refused, silent past the deadline) are reset (RST), leaving no TIME_WAIT behind.
 - Every phase of a connection has a deadline: the TLS handshake, the idle wait between
   requests, the request head and body (slow senders are closed) and the reply.
+- A certificate naming no peer costs its address a stranger token; an address out of them is
+  refused at accept, so strangers reopening at once cannot make us handshake in a loop.
 - Refused requests cost a budget per source address (`refusal_rate`): beyond it, a connection
   whose last request was refused waits for its address's next token before it is read again,
   so a holder of a CA certificate flooding forged requests gets a bounded share of the CPU
@@ -107,6 +109,11 @@ class ServerLimits:
     wait (a peer agent backs off after a refusal, so it stays far below)."""
     refusal_burst: float = 20.0
     """... and at once."""
+    stranger_rate: float = 1.0
+    """Handshakes per second by certificates naming no peer that one address gets before its
+    new connections are refused at accept (before any TLS work)."""
+    stranger_burst: float = 8.0
+    """... and at once."""
 
 
 def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -153,7 +160,10 @@ async def serve_peers(
         limits.max_connections, limits.max_handshaking, soft, limits.fd_reserve
     )
     churn = TokenBuckets(limits.churn_rate, limits.churn_burst)
-    admission = Admission(connections, min(limits.max_per_address, connections), handshaking, churn)
+    strangers = TokenBuckets(limits.stranger_rate, limits.stranger_burst)
+    admission = Admission(
+        connections, min(limits.max_per_address, connections), handshaking, churn, strangers
+    )
     listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
     if limits.defer_accept:
         for listener in listeners:
@@ -255,6 +265,7 @@ class _Server:
         """Only configured peers get an established slot, each at most `max_per_identity`."""
         if self.is_peer is not None and not self.is_peer(identity):
             reason = "not-a-peer"
+            self.admission.stranger(conn.host, trio.current_time())
         elif self.per_identity[identity] >= self.limits.max_per_identity:
             reason = "identity-full"
         else:

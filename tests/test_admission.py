@@ -174,3 +174,17 @@ def test_token_buckets_delay_queues_reservations_at_the_rate() -> None:
     assert buckets.delay("b", 0.0) == 0.0  # other addresses are not held up
     assert round(buckets.delay("a", 0.3), 6) == 0.1  # the queue drains at the rate
     assert buckets.delay("a", 10.0) == 0.0  # and refills up to the burst
+
+
+def test_an_address_out_of_stranger_tokens_is_refused_at_accept_until_one_is_back() -> None:
+    strangers = TokenBuckets(rate=1, burst=2)
+    adm = Admission(max_connections=100, max_per_address=100, max_handshaking=100,
+                    strangers=strangers)  # fmt: skip
+    for n in range(2):  # two handshakes whose certificates named no peer
+        assert adm.admit(f"s{n}", "198.51.100.1", now=0).admit
+        adm.stranger("198.51.100.1", now=0)
+        adm.closed(f"s{n}")
+    assert adm.admit("s2", "198.51.100.1", now=0) == Verdict(False, reason="stranger")
+    assert adm.admit("peer", "192.0.2.2", now=0).admit  # other addresses are not held up
+    assert adm.admit("s3", "198.51.100.1", now=1).admit  # a token is back
+    assert strangers.peek("198.51.100.1", 1) == 1 and strangers.peek("unseen", 0) == 2

@@ -404,6 +404,19 @@ async def test_refused_requests_beyond_the_address_budget_wait_and_others_do_not
         assert server.refused(404) == 4
 
 
+async def test_a_stranger_reopening_at_once_is_refused_at_accept_beyond_its_budget(
+    tmp_path: Path,
+) -> None:
+    limits = {"stranger_rate": 0.001, "stranger_burst": 2}
+    async with running(tmp_path, is_peer=lambda i: i.matches("alice"), **limits) as server:
+        for _ in range(3):  # 2 handshakes, each reset after it; then reset at accept
+            with pytest.raises((OSError, trio.BrokenResourceError, trio.ClosedResourceError)):
+                stream = await server.tls("mallory")
+                await exchange(stream, post(ROTATE, 2), b"{}")
+        assert server.dropped("not-a-peer") == 2 and server.dropped("stranger") == 1
+        assert not server.calls
+
+
 class _FakeTcp:
     class socket:  # stands in for trio.SocketStream.socket
         closed = False
