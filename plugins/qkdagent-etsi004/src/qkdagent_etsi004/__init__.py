@@ -6,9 +6,10 @@ Thin on purpose: hook implementations only; importing this module imports no net
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import qkdagent
-from qkdagent import CommandRegistry, Source
+from qkdagent import CommandRegistry, DemoLink, Source
 
 
 @qkdagent.hookimpl
@@ -23,3 +24,10 @@ def qkdagent_add_commands(cli: CommandRegistry) -> None:
     from .cli import configure, run
 
     cli.add("qkdm-sim", help="run simulated ETSI GS QKD 004 modules", configure=configure, run=run)
+
+
+@qkdagent.hookimpl
+def qkdagent_demo_link(directory: Path) -> DemoLink:
+    from .demo import demo_link
+
+    return demo_link(directory)
