@@ -42,9 +42,9 @@ def test_core_demo_through_two_simulated_modules(tmp_path: Path) -> None:
     if qkdagent is None:
         missing("the core's `qkdagent` command is not installed")
         raise AssertionError("unreachable")
+    args = ["demo", "--source", "etsi004", "--rotations", "4", "--interval", "0.2"]
     result = subprocess.run(
-        [qkdagent, "demo", "--source", "etsi004", "--rotations", "4", "--interval", "0.2"]
-        + ["--dir", str(tmp_path)],
+        [qkdagent, *args, "--dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
