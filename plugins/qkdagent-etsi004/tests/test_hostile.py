@@ -275,7 +275,7 @@ async def test_silent_module_is_a_timeout_under_the_virtual_clock(
         "cert": str(pki / "alice.pem"),
         "key": str(pki / "alice.key"),
         "ca": str(pki / "ca.pem"),
-        "timeout": 30_000,
+        "qos_timeout": 30_000,
     }
     source = build_component(
         Etsi004Source, table, links=(ALICE,), agent="alice", state_dir=tmp_path

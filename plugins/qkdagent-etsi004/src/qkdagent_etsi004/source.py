@@ -108,7 +108,7 @@ class Etsi004Source(Source):
             min_bps=options.integer("min_bps", 0, min=0, max=codec.UINT32_MAX),
             jitter=options.integer("jitter", 0, min=0, max=codec.UINT32_MAX),
             priority=options.integer("priority", 0, min=0, max=codec.UINT32_MAX),
-            timeout=options.integer("timeout", 5000, min=1, max=600_000),
+            timeout=options.integer("qos_timeout", 5000, min=1, max=600_000),
             ttl=options.integer("ttl", 3600, min=1, max=codec.UINT32_MAX),
             metadata_mimetype=options.string(
                 "metadata_mimetype", "application/json", max_len=codec.MAX_MIMETYPE
