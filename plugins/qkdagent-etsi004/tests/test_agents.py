@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from qkdagent_etsi004 import codec
-from qkdagent_etsi004.sim import Simulator
+from qkdagent_etsi004.sim import SimSettings, Simulator, open_simulator
 
 from qkdagent.testing import open_agent_pair
+
+from .conftest import MODULES
 
 ROTATIONS = 100
 
@@ -71,3 +73,29 @@ async def test_stream_is_reopened_after_a_module_restart(
     for e, record in installs["alice"].items():
         if e in installs["bob"]:
             assert installs["bob"][e].fingerprint == record.fingerprint
+
+
+async def test_two_agents_rotate_100_times_over_the_rest_form(pki: Path, tmp_path: Path) -> None:
+    """qkd-module's plain-HTTP form (insecure opt-in): same secrets, one stream, fresh indices."""
+    async with open_simulator(pki, SimSettings(modules=MODULES, rest=True)) as sim:
+        async with open_agent_pair(
+            tmp_path / "agents",
+            alice=side(sim, "alice", "qkd-module"),
+            bob=side(sim, "bob", "qkd-module"),
+            link={"interval": 0.01, "jitter": 0, "reject_after": 30},
+        ) as pair:
+            await pair.wait_for_epoch(ROTATIONS, timeout=120)
+            installs = {
+                name: {r.epoch: r for r in pair.sink(name, "rec").installs}
+                for name in ("alice", "bob")
+            }
+    epochs = range(1, ROTATIONS + 1)
+    ids = [installs["alice"][e].key_ids[0] for e in epochs]
+    for epoch in epochs:
+        a, b = installs["alice"][epoch], installs["bob"][epoch]
+        assert a.fingerprint == b.fingerprint and a.key_ids == b.key_ids, epoch
+    assert len({installs["alice"][e].fingerprint for e in epochs}) == ROTATIONS
+    parsed = [codec.parse_key_id(i) for i in ids]
+    assert len({p[0] for p in parsed if p}) == 1, "the stream stays open across rotations"
+    indices = [p[1] for p in parsed if p]
+    assert indices == sorted(set(indices)), "the module's indices only grow"

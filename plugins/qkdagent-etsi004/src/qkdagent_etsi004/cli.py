@@ -41,6 +41,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=0, help="first module's port, then +1 ...")
     parser.add_argument("--rate", type=float, default=10_000_000.0, metavar="BITS/S")
     parser.add_argument("--ready-file", type=Path, help="write the addresses as JSON here")
+    parser.add_argument(
+        "--rest",
+        action="store_true",
+        help="INSECURE: also serve qkd-module's REST form on plain HTTP (keys in clear, no "
+        "authentication), one more port per module (--rest-port, then +1 ...)",
+    )
+    parser.add_argument("--rest-port", type=int, default=0, help="first module's REST port")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,8 +62,24 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--pki DIR (or --make-pki DIR) is required")
         if not 0 <= args.port <= 65535 - len(modules) or not args.rate >= 0:
             raise ValueError("--port or --rate out of range")
+        if not 0 <= args.rest_port <= 65535 - len(modules):
+            raise ValueError("--rest-port out of range")
         ports = {m: args.port + i if args.port else 0 for i, m in enumerate(modules)}
-        settings = SimSettings(modules=modules, host=args.host, ports=ports, rate_bps=args.rate)
+        rest_ports = {m: args.rest_port + i if args.rest_port else 0 for i, m in enumerate(modules)}
+        settings = SimSettings(
+            modules=modules,
+            host=args.host,
+            ports=ports,
+            rate_bps=args.rate,
+            rest=args.rest,
+            rest_ports=rest_ports,
+        )
+        if args.rest:
+            print(
+                "qkdm-sim: WARNING: --rest serves keys in clear over plain HTTP to anyone who "
+                "can connect (qkd-module's REST form); use it on loopback only",
+                file=sys.stderr,
+            )
         make_pki(args.pki, modules)
         trio.run(partial(_serve, args.pki, settings, args.ready_file))
         return 0
@@ -70,7 +93,12 @@ async def _serve(directory: Path, settings: SimSettings, ready_file: Path | None
         async with trio.open_nursery() as nursery:
             sim: Simulator = await nursery.start(run_simulator, directory, settings)
             for module in sim.describe():
-                print(f"{module['module_id']}: {module['address']} peer {module['peer']}")
+                rest = (
+                    f" REST (plain HTTP) {module['rest_address']}"
+                    if "rest_address" in module
+                    else ""
+                )
+                print(f"{module['module_id']}: {module['address']}{rest} peer {module['peer']}")
             sys.stdout.flush()
             if ready_file is not None:
                 tmp = trio.Path(f"{ready_file}.tmp")

@@ -21,6 +21,7 @@ import trio
 from qkdagent import extend_test_pki, file_stem, write_test_pki
 
 from .network import Limits, ModuleNetwork
+from .restserver import RestServer
 from .server import ModuleServer, server_ssl_context
 from .supply import KeySupply
 
@@ -56,6 +57,9 @@ class SimSettings:
     supply_factory: Callable[[str, str], KeySupply] | None = None
     clock: Callable[[], float] = time.monotonic
     v1_status_one: bool = False
+    rest: bool = False
+    """Also serve qkd-module's REST form (plain HTTP: keys in clear), one more port per module."""
+    rest_ports: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +68,8 @@ class Simulator:
     pki: Path
     servers: dict[str, ModuleServer] = field(default_factory=dict)
     addresses: dict[str, str] = field(default_factory=dict)
+    rest_servers: dict[str, RestServer] = field(default_factory=dict)
+    rest_addresses: dict[str, str] = field(default_factory=dict)
 
     def home(self, app: str) -> str:
         for module, apps in self.network.modules.items():
@@ -74,6 +80,17 @@ class Simulator:
     def source_table(self, app: str, /, **extra: Any) -> dict[str, Any]:
         """A `[sources.<id>]` table for an agent acting as application `app`."""
         module = self.home(app)
+        if extra.get("transport") == "qkd-module":
+            peer = self.network.peer[module]
+            address = self.rest_addresses[peer]
+            rest_table: dict[str, Any] = {
+                "type": "etsi004",
+                "module": self.rest_addresses[module],
+                "insecure": True,
+                "peer_uris": {a: address for a in sorted(self.network.modules[peer])},
+            }
+            rest_table.update(extra)
+            return rest_table
         table: dict[str, Any] = {
             "type": "etsi004",
             "module": self.addresses[module],
@@ -92,6 +109,7 @@ class Simulator:
                 "address": self.addresses[m],
                 "peer": self.network.peer.get(m),
                 "applications": sorted(self.network.modules[m]),
+                **({"rest_address": self.rest_addresses[m]} if m in self.rest_addresses else {}),
             }
             for m in self.servers
         ]
@@ -130,6 +148,16 @@ async def run_simulator(
             port = await nursery.start(server.run)
             host = f"[{settings.host}]" if ":" in settings.host else settings.host
             sim.addresses[module] = f"{host}:{port}"
+            if settings.rest:
+                rest = sim.rest_servers[module] = RestServer(
+                    network,
+                    module,
+                    sim.rest_addresses,
+                    settings.host,
+                    settings.rest_ports.get(module, 0),
+                )
+                port = await nursery.start(rest.run)
+                sim.rest_addresses[module] = f"{host}:{port}"
         task_status.started(sim)
 
 

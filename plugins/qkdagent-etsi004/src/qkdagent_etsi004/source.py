@@ -1,4 +1,5 @@
-"""Source type `etsi004`: keys from a QKD module over ETSI GS QKD 004 (binary, mutual TLS).
+"""Source type `etsi004`: keys from a QKD module over ETSI GS QKD 004 (binary over mutual TLS, or
+qkd-module's plain-HTTP REST form behind an explicit `insecure = true`).
 
 Roles (REFERENCE §2.1): the initiator opens a key stream with a null KSID and hands out
 `KSID:index` as key IDs, one fresh index per key; the responder opens the same KSID on its own
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from qkdagent import (
+    ComponentEvent,
     Key,
     KeyNotFound,
     Link,
@@ -34,13 +37,20 @@ from qkdagent import (
     SourceUnavailable,
 )
 
-from . import codec
+from . import codec, rest
 from .codec import Dialect, FrameError, QoS, Status
+from .restmodule import RestModule
 from .transport import Endpoint, ModuleConnection, TransportError
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("binary-v2", "binary-v1")
+TRANSPORTS = ("binary-v2", "binary-v1", "qkd-module")
+REST_WARNING = (
+    "transport qkd-module is plain HTTP without authentication: keys travel in clear and "
+    "anyone on the path can read or inject them (insecure = true)"
+)
+REST_STRIKES = 3
+"""Answers of 'stream unknown' ([None, -1, 1]) in a row before the initiator re-opens."""
 RESPONDER_STREAMS = 16
 """KSIDs a responder keeps open (older ones are closed): an initiator re-opens rarely."""
 MAX_INDICES = 1 << 20
@@ -88,12 +98,26 @@ class Etsi004Source(Source):
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         self.transport: str = options.string("transport", "binary-v2", choices=TRANSPORTS)
-        self.dialect = Dialect(self.transport)
-        self.cert: Path = options.path("cert")
-        self.key_file: Path = options.path("key")
-        self.ca: Path = options.path("ca")
-        self.module_id: str | None = options.string("module_id", None, max_len=256)
-        self.endpoint = Endpoint(host, int(port), options.string("server_name", host))
+        self.rest: RestModule | None = None
+        self.insecure: bool = options.boolean("insecure", False)
+        if self.transport == "qkd-module":
+            if not self.insecure:
+                options.fail("insecure", f"must be true to accept it: {REST_WARNING}")
+            options.warn("transport", REST_WARNING)
+        elif self.insecure:
+            options.fail("insecure", f"applies only to transport qkd-module, not {self.transport}")
+        rest_form = self.transport == "qkd-module"
+        self.dialect = Dialect.V2 if rest_form else Dialect(self.transport)
+        # plain HTTP has no TLS identity: cert/key/ca/module_id/server_name stay unknown options
+        self.cert: Path = Path() if rest_form else options.path("cert")
+        self.key_file: Path = Path() if rest_form else options.path("key")
+        self.ca: Path = Path() if rest_form else options.path("ca")
+        self.module_id: str | None = (
+            None if rest_form else options.string("module_id", None, max_len=256)
+        )
+        self.endpoint = Endpoint(
+            host, int(port), host if rest_form else options.string("server_name", host)
+        )
         self.source_uri: str = options.string(
             "source_uri", f"qkd://{context.agent_name}", max_len=codec.MAX_URI
         )
@@ -101,6 +125,10 @@ class Etsi004Source(Source):
         for agent, uri in peers.items():
             if not isinstance(uri, str) or not uri or len(uri) > codec.MAX_URI:
                 options.fail("peer_uris", f"entry {agent!r} must be a URI string")
+            if rest_form and (_split_address(uri) or not uri.isascii()):
+                options.fail("peer_uris", f"entry {agent!r}: the peer module's HOST:PORT")
+        if rest_form and not (self.source_uri.isascii() and self.source_uri.isprintable()):
+            options.fail("source_uri", "must be printable ASCII for transport qkd-module")
         self.peer_uris: dict[str, str] = dict(peers)
         self.qos = QoS(
             key_chunk_size=options.integer("key_chunk_size", 32, min=16, max=codec.MAX_KEY_CHUNK),
@@ -114,11 +142,18 @@ class Etsi004Source(Source):
                 "metadata_mimetype", "application/json", max_len=codec.MAX_MIMETYPE
             ),
         )
-        self.metadata_size: int = options.integer(
-            "metadata_size", 256, min=2, max=codec.MAX_METADATA
+        self.metadata_size: int = (
+            0 if rest_form else options.integer("metadata_size", 256, min=2, max=codec.MAX_METADATA)
         )
-        self.persistent: bool = options.boolean("persistent", self.dialect is Dialect.V1)
+        self.persistent: bool = not rest_form and options.boolean(
+            "persistent", self.dialect is Dialect.V1
+        )
         self.connect_timeout: float = options.number("connect_timeout", 3.0, positive=True)
+        if rest_form:
+            self.rest = RestModule(
+                host, int(port), self._where(), self.request_timeout, codec.MAX_KEY_CHUNK
+            )
+        self._strikes = 0
         self._streams: dict[str, KeyStream] = {}
         """Initiator streams, per peer agent."""
         self._joined: OrderedDict[bytes, KeyStream] = OrderedDict()
@@ -129,7 +164,9 @@ class Etsi004Source(Source):
         self._context: ssl.SSLContext | None = None
 
     def __repr__(self) -> str:
-        return f"<Etsi004Source {self.name!r} module={self.endpoint.host}:{self.endpoint.port}>"
+        where = f"{self.endpoint.host}:{self.endpoint.port}"
+        insecure = " INSECURE plain HTTP" if self.rest else ""
+        return f"<Etsi004Source {self.name!r} module={where} {self.transport}{insecure}>"
 
     @property
     def request_timeout(self) -> float:
@@ -140,6 +177,9 @@ class Etsi004Source(Source):
 
     async def prepare(self) -> None:
         """Load the TLS identity and prove the module answers the handshake as `module_id`."""
+        if self.rest is not None:
+            await self._prepare_rest(self.rest)
+            return
         self._context = await trio.to_thread.run_sync(self._ssl_context)
         try:
             with trio.fail_after(self.connect_timeout):
@@ -152,6 +192,24 @@ class Etsi004Source(Source):
         log.info(
             "source %s: QKD module %s reachable (%s)", self.name, self._where(), self.transport
         )
+
+    async def _prepare_rest(self, module: RestModule) -> None:
+        """Say loudly what the opt-in exposes, check every peer has a module address, and
+        prove the module answers (`/available_keys` changes nothing there)."""
+        log.warning("source %s: %s", self.name, REST_WARNING)
+        self.context.report(ComponentEvent(self.name, "insecure_transport", REST_WARNING))
+        for link in self.links:
+            if link.peer not in self.peer_uris:
+                raise Misconfigured(
+                    f"{self._where()}: peer_uris has no module HOST:PORT for peer {link.peer!r}"
+                )
+        try:
+            count = await module.available()
+        except SourceUnavailable:
+            raise
+        except SourceError as exc:
+            raise Misconfigured(f"{exc} (is this a qkd-module REST endpoint?)") from None
+        log.info("source %s: qkd-module %s reachable, %d keys", self.name, self._where(), count)
 
     def _ssl_context(self) -> ssl.SSLContext:
         for option, path in (("cert", self.cert), ("key", self.key_file), ("ca", self.ca)):
@@ -175,6 +233,9 @@ class Etsi004Source(Source):
         with trio.move_on_after(CLOSE_GRACE, shield=True):
             for stream in streams:
                 try:
+                    if self.rest is not None:
+                        await self.rest.close(codec.ksid_text(stream.ksid))
+                        continue
                     await self._call(codec.CloseRequest(stream.ksid), codec.Service.CLOSE_RESPONSE)
                 except (SourceError, TransportError, FrameError):
                     break
@@ -235,6 +296,14 @@ class Etsi004Source(Source):
 
     async def _open(self, link: Link, ksid: bytes) -> KeyStream:
         source, destination = self.source_uri, self.peer_uri(link)
+        if self.rest is not None:
+            asked = None if ksid == codec.NULL_KSID else codec.ksid_text(ksid)
+            request = rest.OpenRequest(
+                source, destination, self.qos.timeout, self.qos.key_chunk_size * 8, asked
+            )
+            got = await self.rest.open(request)
+            log.info("%s: key stream %s open (qkd-module)", self._where(), got)
+            return KeyStream(uuid.UUID(got).bytes, self.qos, trio.current_time())
         qos = self.qos
         for _attempt in range(2):
             request = codec.OpenConnectRequest(source, destination, qos, ksid)
@@ -344,7 +413,52 @@ class Etsi004Source(Source):
     def _expired(self, stream: KeyStream) -> bool:
         return trio.current_time() - stream.opened >= stream.qos.ttl
 
+    async def _rest_get(self, stream: KeyStream, index: int) -> tuple[bytes, int]:
+        """qkd-module GET_KEY (`index` -1: the first available); the key checked like binary's."""
+        assert self.rest is not None
+        answer = await self.rest.get_key(codec.ksid_text(stream.ksid), index)
+        where = f"{self._where()}: GET_KEY {codec.ksid_text(stream.ksid)}:{index}"
+        if answer.key is None:
+            if answer.index == -1 and index != -1:
+                raise _Gone(f"{where}: status 1 for no index (stream unknown?)")
+            if answer.index == -1:
+                self._strikes += 1
+                if self._strikes >= REST_STRIKES:
+                    raise _Gone(f"{where}: status 1 for no index {self._strikes} times")
+            raise SourceUnavailable(f"{where}: status 1, insufficient key (try again later)")
+        self._strikes = 0
+        got = answer.index
+        if index == -1 and not stream.next_index <= got <= codec.UINT32_MAX:
+            raise SourceError(f"{where}: answer is for index {got}, not a fresh one; key not used")
+        if index != -1 and got != index:
+            raise SourceError(f"{where}: answer is for index {got}; key not used")
+        if len(answer.key) != stream.qos.key_chunk_size:
+            raise SourceError(
+                f"{where}: key of {len(answer.key)} bytes, {stream.qos.key_chunk_size} asked; "
+                "key not used"
+            )
+        if not any(answer.key):
+            raise SourceError(f"{where}: key of all zero bytes refused")
+        return answer.key, got
+
+    async def _rest_new_key(self, link: Link) -> Key:
+        async with self._open_lock:
+            stream = self._streams.get(link.peer)
+            if stream is None or self._expired(stream):
+                self._streams.pop(link.peer, None)
+                stream = self._streams[link.peer] = await self._open(link, codec.NULL_KSID)
+            try:
+                key, index = await self._rest_get(stream, -1)
+            except _Gone as exc:
+                self._strikes = 0
+                del self._streams[link.peer]  # re-opened on the next call
+                raise SourceUnavailable(str(exc)) from None
+            stream.next_index = index + 1  # the module's indices only grow: never one twice
+        return Key(codec.key_id(stream.ksid, index), Secret(key))
+
     async def new_key(self, link: Link) -> Key:
+        if self.rest is not None:
+            return await self._rest_new_key(link)
         for attempt in range(2):
             async with self._open_lock:
                 stream = self._streams.get(link.peer)
@@ -387,7 +501,10 @@ class Etsi004Source(Source):
             if len(stream.read) >= MAX_INDICES:
                 raise KeyNotFound(f"{self._where()}: stream has served its {MAX_INDICES} keys")
         try:
-            key = await self._get(stream, index)
+            if self.rest is not None:
+                key, _ = await self._rest_get(stream, index)
+            else:
+                key = await self._get(stream, index)
         except _Gone as exc:
             self._joined.pop(ksid, None)
             raise KeyNotFound(str(exc)) from None
@@ -398,6 +515,9 @@ class Etsi004Source(Source):
 
     async def _close_quietly(self, stream: KeyStream) -> None:
         try:
+            if self.rest is not None:
+                await self.rest.close(codec.ksid_text(stream.ksid))
+                return
             await self._call(codec.CloseRequest(stream.ksid), codec.Service.CLOSE_RESPONSE)
         except SourceError as exc:
             log.info("%s: CLOSE of an old stream failed: %s", self._where(), exc)
