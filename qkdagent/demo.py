@@ -37,6 +37,9 @@ class _Observer:
         self.send.send_nowait(event)
 
 
+PREFERRED_DEMO = "etsi014"
+
+
 def _demo_link(source: str, directory: Path) -> tuple[DemoLink | None, str | None]:
     if source == "memory":
         return None, None
@@ -44,7 +47,8 @@ def _demo_link(source: str, directory: Path) -> tuple[DemoLink | None, str | Non
     if source == "auto":
         if not demos:
             return None, None
-        source = sorted(demos)[0]
+        # ETSI 014 is what the quick start installs and what most deployments run
+        source = PREFERRED_DEMO if PREFERRED_DEMO in demos else sorted(demos)[0]
     if source not in demos:
         raise QkdAgentError(f"no installed plugin offers a demo source named {source!r}")
     plugins = Plugins()
