@@ -31,6 +31,7 @@ PLUGIN_OF = {
     "etsi014_client": "qkdagent_etsi014",
     "etsi014_sim": "qkdagent_etsi014",
     "etsi004": "qkdagent_etsi004",
+    "etsi004_rest": "qkdagent_etsi004",
     "dske_wire": "qkdagent_dske",
 }
 

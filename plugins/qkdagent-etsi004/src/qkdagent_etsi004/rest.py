@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +50,9 @@ def parse_literal(data: bytes) -> Any:
     if len(data) > MAX_BODY:
         raise LiteralError(f"body of {len(data)} bytes exceeds {MAX_BODY}")
     try:
-        tree = ast.parse(data.decode("utf-8").strip(), mode="eval")
+        with warnings.catch_warnings():  # a module's odd literal is not our code to lint
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(data.decode("utf-8").strip(), mode="eval")
     except (SyntaxError, ValueError, UnicodeDecodeError, RecursionError, MemoryError):
         raise LiteralError("not a Python literal") from None
     return _value(tree.body, 0)
