@@ -187,12 +187,21 @@ async def test_a_wrong_static_key_is_a_clear_error_naming_the_link(
     wrong = make_keys(name="wrong")
     pqc = sides["alice"]["sources"]["pqc"]
     pqc["peer_public_keys"] = {"bob": base64.b64encode(wrong.public["bob"]).decode()}
+    problem = "holds the wrong public key for 'bob'"
+
+    def said() -> str:
+        return caplog.text + json.dumps(pair.alice.link("alice-bob").describe(), default=str)
+
     async with open_agent_pair(tmp_path, **sides, link=LINK, local=True) as pair:
+        # wait for a failed attempt (bounded) rather than assume one within a fixed sleep, then
+        # let several retries pass: none of them commits
+        with trio.fail_after(120):
+            while problem not in said():  # noqa: ASYNC110 - virtual clock
+                await trio.sleep(1)
         await trio.sleep(60)
         assert pair.epoch("alice") == pair.epoch("bob") == 0
-        status = json.dumps(pair.alice.link("alice-bob").describe(), default=str)
-    text = caplog.text + status
-    assert "alice-bob" in text and "holds the wrong public key for 'bob'" in text
+        text = said()
+    assert "alice-bob" in text and problem in text
 
 
 async def test_ml_kem_1024_over_real_mutual_tls(tmp_path: Path, make_keys: Any) -> None:
