@@ -298,10 +298,10 @@ class Etsi004Source(Source):
         source, destination = self.source_uri, self.peer_uri(link)
         if self.rest is not None:
             asked = None if ksid == codec.NULL_KSID else codec.ksid_text(ksid)
-            request = rest.OpenRequest(
+            rest_request = rest.OpenRequest(
                 source, destination, self.qos.timeout, self.qos.key_chunk_size * 8, asked
             )
-            got = await self.rest.open(request)
+            got = await self.rest.open(rest_request)
             log.info("%s: key stream %s open (qkd-module)", self._where(), got)
             return KeyStream(uuid.UUID(got).bytes, self.qos, trio.current_time())
         qos = self.qos
