@@ -16,10 +16,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-import typing
-from typing import Any
 
 from qkdagent import (
+    Answered,
     Key,
     KeyNotFound,
     Link,
@@ -32,10 +31,6 @@ from qkdagent import (
 )
 
 from . import kem
-
-# What `Source.answer` returns. The core does not export the name yet; the public contract's own
-# signature names it, so take it from there rather than import a private module.
-Answered: Any = typing.get_type_hints(Source.answer)["return"]
 
 
 class MlkemSource(Source):
@@ -114,7 +109,7 @@ class MlkemSource(Source):
             ) from None
         return Key(key_id, Secret(secret))
 
-    async def answer(self, link: Link, key_id: str, state: bytes | None) -> Any:
+    async def answer(self, link: Link, key_id: str, state: bytes | None) -> Answered:
         """Decapsulate with the current ephemeral (or static) private key; answer the next
         public key and keep the next private key as the link's state."""
         try:
