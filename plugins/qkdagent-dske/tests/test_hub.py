@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import ssl
+import stat
 from pathlib import Path
 
 import httpx
 import pytest
 from qkdagent_dske import wire
 from qkdagent_dske.hubapp import Hub, HubSettings, Request, Response
-from qkdagent_dske.pool import PoolBook
+from qkdagent_dske.pool import PoolBook, PsrdDb
 
 from .hubs import open_hubs
 
@@ -190,3 +191,21 @@ async def test_server_bounds_bodies_and_requires_client_certificates(tmp_path: P
             with pytest.raises(httpx.HTTPError):
                 await http.post(url, content=b"{}")
         assert hank.hub is not None and not hank.hub.shares
+
+
+def test_psrd_database_is_owner_only_and_zeroes_freed_content(tmp_path: Path) -> None:
+    """PSRD is pad material: 0700 directory, 0600 file (even if they were created looser) and
+    secure_delete, so purged shares and rewritten pages do not linger in the file."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    db_path = state / "pool.sqlite"
+    db_path.touch()
+    db_path.chmod(0o644)
+    db = PsrdDb(db_path)
+    try:
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+        assert db.query("PRAGMA secure_delete") == [(1,)]
+    finally:
+        db.close()

@@ -13,6 +13,7 @@ used, so a crash never hands out the same PSRD twice).
 from __future__ import annotations
 
 import bisect
+import os
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -209,10 +210,16 @@ class PsrdDb:
     """The SQLite file behind a `PoolBook` (and, on a hub, its clients and shares)."""
 
     def __init__(self, path: Path, extra_schema: str = "") -> None:
+        # PSRD is one-time-pad material: owner-only directory and file (SQLite gives its -wal
+        # and -shm files the database file's mode), also when they already existed.
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not path.exists():
-            path.touch(mode=0o600)
+        os.chmod(path.parent, 0o700)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
+        os.chmod(path, 0o600)
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        # zero deleted rows and freed pages (purged shares, rewritten blocks) instead of leaving
+        # used pad bytes in the file's free space
+        self.conn.execute("PRAGMA secure_delete = ON")
         self.conn.execute("PRAGMA journal_mode = WAL")
         self.conn.execute("PRAGMA synchronous = FULL")
         self.conn.executescript(SCHEMA + extra_schema)
