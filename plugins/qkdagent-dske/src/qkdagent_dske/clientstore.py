@@ -30,8 +30,9 @@ class ClientPsrd:
 
     async def open(self) -> None:
         if self.db is None:
-            self.db = await trio.to_thread.run_sync(PsrdDb, self.path)
-            self.book = self.db.load()
+            db = await trio.to_thread.run_sync(PsrdDb, self.path)
+            self.book = await trio.to_thread.run_sync(db.load)
+            self.db = db
 
     def close(self) -> None:
         if self.db is not None:
