@@ -60,6 +60,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(args: argparse.Namespace) -> int:
+    if args.plain_http:
+        log.warning(
+            "dske-hub %s: INSECURE --plain-http: no TLS and no client identities; anyone on "
+            "the path can read and forge requests (labs and interop only)",
+            args.name,
+        )
     args.state.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(args.state, 0o700)
     settings = HubSettings(

@@ -115,6 +115,13 @@ class DskeSource(Source):
         self.context.private_dir(self.name)
         await self.psrd.open()
         for hub in self.hubs:
+            if hub.url.startswith("http:"):
+                log.warning(
+                    "source %s: hub %s: INSECURE plain HTTP (allow_plain_http = true): "
+                    "anyone on the path can read and alter its traffic",
+                    self.name,
+                    hub.name,
+                )
             if hub.name not in self.clients:
                 context = None
                 if hub.url.startswith("https:"):
