@@ -15,6 +15,7 @@ import httpx
 import pytest
 from qkdagent_dske import wire
 from qkdagent_dske.hubapp import Hub, HubSettings, Request, Response
+from qkdagent_dske.hubclient import HubReply
 from qkdagent_dske.pool import PoolBook, PsrdDb
 
 from .hubs import open_hubs
@@ -209,3 +210,16 @@ def test_psrd_database_is_owner_only_and_zeroes_freed_content(tmp_path: Path) ->
         assert db.query("PRAGMA secure_delete") == [(1,)]
     finally:
         db.close()
+
+
+def test_reprs_never_show_bodies() -> None:
+    """A refill answer's body is a PSRD block: no repr (log line, traceback) may show it."""
+    pad = b"PSRD-PAD-BYTES-0123456789"
+    block = wire.PsrdBlock("b1", pad).encode()
+    for shown in (
+        Response(200, block),
+        Request("GET", "/oob/v1/psrd", b"", block),
+        HubReply(200, block, None),
+    ):
+        assert block not in repr(shown).encode() and b"UFNSRC1QQUQ" not in repr(shown).encode()
+        assert "body" not in repr(shown)

@@ -16,7 +16,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
@@ -44,7 +44,7 @@ class Request:
     path: str
     query: bytes
     """The raw query string, as sent (signatures cover these bytes)."""
-    body: bytes
+    body: bytes = field(repr=False)
     signature: str | None = None
     peer_name: str | None = None
     """The client certificate's name under mutual TLS; None over plain HTTP."""
@@ -53,7 +53,8 @@ class Request:
 @dataclass(frozen=True)
 class Response:
     status: int
-    body: bytes
+    body: bytes = field(repr=False)
+    """Hidden from reprs: a PSRD refill answer carries the block's bytes."""
     headers: tuple[tuple[str, str], ...] = ()
 
 

@@ -8,7 +8,7 @@ hostile hub cannot make the client buffer more than `limit` bytes.
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -23,7 +23,8 @@ class HubDown(Exception):
 @dataclass(frozen=True)
 class HubReply:
     status: int
-    body: bytes
+    body: bytes = field(repr=False)
+    """Hidden from reprs: a PSRD refill answer carries the block's bytes."""
     signature: str | None
 
 
