@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from qkdagent_bb84.cascade import ALGORITHMS, block_sizes, cascade
+from qkdagent_bb84.cascade import ALGORITHMS, CascadeResult, block_sizes, cascade
 from qkdagent_bb84.finitekey import h
 
 
@@ -72,3 +72,11 @@ def test_inputs_are_not_modified_and_lengths_must_match() -> None:
         cascade(alice, bob[:-1], 0.03, np.random.default_rng(0))
     with pytest.raises(ValueError):
         block_sizes("bogus", 0.03, 10)
+
+
+def test_result_repr_hides_the_key() -> None:
+    """Reconciled key bits are secret: a logged or traced result must not show them."""
+    key = np.ones(64, dtype=np.uint8)
+    shown = repr(CascadeResult(key=key, disclosed=3, rounds=2, flipped=1))
+    assert "disclosed=3" in shown
+    assert "key=" not in shown and "array" not in shown

@@ -30,7 +30,7 @@ Algorithms (block sizes per pass; Q is the estimated error rate; n the key lengt
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -61,7 +61,7 @@ ALGORITHMS = ("original", "yanetal", "option8")
 
 @dataclass
 class CascadeResult:
-    key: np.ndarray
+    key: np.ndarray = field(repr=False)
     """Bob's key after reconciliation (Alice's, unless an even number of errors survived)."""
     disclosed: int
     rounds: int

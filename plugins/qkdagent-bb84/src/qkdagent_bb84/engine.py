@@ -46,8 +46,8 @@ class Settings:
 
 @dataclass
 class Sifted:
-    key_alice: np.ndarray
-    key_bob: np.ndarray
+    key_alice: np.ndarray = field(repr=False)
+    key_bob: np.ndarray = field(repr=False)
     key_cls: np.ndarray
     test_cls: np.ndarray
     test_err: np.ndarray
