@@ -235,9 +235,7 @@ class Agent:
         if task is None:
             # Only a configured peer may learn which link names exist here: anyone else gets
             # the answer a link with another peer would give.
-            if not any(
-                identity.matches(t.runtime.config.peer_identity) for t in self.links.values()
-            ):
+            if not self._is_peer(identity):
                 raise ProtocolError(
                     f"client certificate names {identity.describe()}, no peer of this agent",
                     status=403,

@@ -35,19 +35,6 @@ class SourceHandle:
     def component(self) -> Source:
         return self.source
 
-    async def new_key(self, link: Link) -> Key:
-        key = await _guarded("new_key", self.timeout, SourceError, self.source.new_key(link))
-        return _checked(self.id, key)
-
-    async def key_by_id(self, link: Link, key_id: str) -> Key:
-        key = await _guarded(
-            "key_by_id", self.timeout, SourceError, self.source.key_by_id(link, key_id)
-        )
-        key = _checked(self.id, key)
-        if key.key_id != key_id:
-            raise SourceError(f"source {self.id!r} returned a different key ID than asked for")
-        return key
-
     @property
     def max_key_id(self) -> int:
         return min(self.source.max_key_id, MAX_KEY_ID_ANY)

@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .text import printable
+
 
 @dataclass(frozen=True)
 class PeerIdentity:
@@ -33,7 +35,7 @@ class PeerIdentity:
     def describe(self) -> str:
         """A short, log-safe rendering of the names (for 'certificate names X, not Y')."""
         names = [*self.dns, *self.uris] or list(self.common_names)
-        shown = ", ".join(_printable(n) for n in names[:4]) or "nothing"
+        shown = ", ".join(printable(n, 80) for n in names[:4]) or "nothing"
         return shown + (", ..." if len(names) > 4 else "")
 
     @classmethod
@@ -65,7 +67,3 @@ def _pairs(items: Iterable[Any]) -> list[tuple[str, str]]:
             if isinstance(key, str) and isinstance(value, str):
                 pairs.append((key, value))
     return pairs
-
-
-def _printable(text: str, limit: int = 80) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text[:limit])

@@ -21,6 +21,7 @@ from .faults import crash_point
 from .peering import PeerReply
 from .secret import Key, Secret
 from .state import LinkRecord
+from .text import printable
 
 if TYPE_CHECKING:
     from .link import LinkRuntime
@@ -101,7 +102,7 @@ class Initiator:
             refusal = self._refusal(reply, sent)
         if refusal is not None:
             raise RotationFailed(
-                "peer", f"peer refused {kind}: {refusal.code}: {_printable(refusal.message)}"
+                "peer", f"peer refused {kind}: {refusal.code}: {printable(refusal.message)}"
             )
         message = self._parse_reply(reply.body, kind + "-reply", epoch, auth_key, nonce)
         crash_point("initiator:reply-received")
@@ -247,7 +248,7 @@ class Initiator:
             try:
                 reply = await self.env.client.post(url, self.name, action, body)
             except httpx.HTTPError as exc:
-                error = _printable(f"{type(exc).__name__}: {exc}", 300)
+                error = printable(f"{type(exc).__name__}: {exc}", 300)
             except trio.TooSlowError:
                 error = "no complete reply in time"
             else:
@@ -291,7 +292,7 @@ class Initiator:
             refusal = self._refusal(reply, body)
             if refusal is not None:
                 raise RotationFailed(
-                    "commit", f"peer refused commit: {refusal.code}: {_printable(refusal.message)}"
+                    "commit", f"peer refused commit: {refusal.code}: {printable(refusal.message)}"
                 )
             self._parse_reply(reply.body, "commit-reply", record.epoch, record.auth_key, nonce)
         except RotationFailed as exc:
@@ -299,9 +300,3 @@ class Initiator:
                 "link %s: commit of epoch %d not acknowledged: %s", self.name, record.epoch, exc
             )
             self.link.commit_lost = True
-
-
-def _printable(text: object, limit: int = 200) -> str:
-    """A peer's error text is not authenticated: no control characters (log lines stay single
-    and unforgeable), bounded length."""
-    return "".join(c if c.isprintable() else "?" for c in str(text)[:limit])

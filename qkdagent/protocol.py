@@ -28,6 +28,7 @@ from typing import Any
 from .errors import ProtocolError
 from .ratchet import enc
 from .secret import MAX_KEY_ID_ANY, Secret, check_key_id
+from .text import printable
 
 VERSION = 1
 MAX_BODY = 64 * 1024
@@ -200,13 +201,13 @@ def parse(body: bytes, *, expect: tuple[str, ...]) -> Message:
         raise ProtocolError("message must be a JSON object")
     kind = data.get("kind")
     if not isinstance(kind, str) or kind not in expect:
-        raise ProtocolError(f"unexpected message kind {_printable(kind)!r}")
+        raise ProtocolError(f"unexpected message kind {printable(kind, 40)!r}")
     if set(data) != _COMMON | _FIELDS[kind]:
         missing = sorted((_COMMON | _FIELDS[kind]) - set(data))
         extra = sorted(set(data) - (_COMMON | _FIELDS[kind]))
         raise ProtocolError(f"message fields wrong (missing {missing[:5]}, unknown {extra[:5]})")
     if data["v"] != VERSION or isinstance(data["v"], bool):
-        raise ProtocolError(f"unsupported protocol version {_printable(data['v'], 20)}")
+        raise ProtocolError(f"unsupported protocol version {printable(data['v'], 20)}")
     for name in ("link", "from", "to"):
         value = data[name]
         if not isinstance(value, str) or not value or len(value) > MAX_NAME:
@@ -383,8 +384,3 @@ def verify_refusal(
         and hmac.compare_digest(refusal.request, request_digest(request))
         and hmac.compare_digest(_refusal_mac(bootstrap_auth, refusal.fields), refusal.mac)
     )
-
-
-def _printable(value: object, limit: int = 40) -> str:
-    """Untrusted text for an error message: bounded, no control characters."""
-    return "".join(c if c.isprintable() else "?" for c in str(value)[:limit])

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+import trio
 
 from qkdagent.fileutil import write_secret_file
 from qkdagent.pki import write_test_pki
@@ -51,3 +54,10 @@ type = "file"
 path = "{paths["dir"]}/psk.key"
 {extra}
 """
+
+
+async def until(predicate: Callable[[], bool], limit: float = 600) -> None:
+    """Wait (bounded, polling each second: under trio's virtual clock) until `predicate()`."""
+    with trio.fail_after(limit):
+        while not predicate():  # noqa: ASYNC110 - virtual clock
+            await trio.sleep(1)

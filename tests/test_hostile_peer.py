@@ -13,6 +13,7 @@ import trio.testing
 from qkdagent import protocol, ratchet
 from qkdagent.secret import Secret
 from qkdagent.testing import Exchange, ManInTheMiddle, open_agent_pair, send_as
+from tests.helpers import until
 
 REC = {"sinks": {"rec": {"type": "recording"}}}
 LINK = {"interval": 10, "reject_after": 600, "jitter": 0, "backoff_max": 5}
@@ -36,12 +37,6 @@ def _unauthenticated(pair, name: str) -> float:
     return metric.labels("alice-bob")._value.get()
 
 
-async def _until(predicate, limit: float = 600) -> None:
-    with trio.fail_after(limit):
-        while not predicate():  # noqa: ASYNC110 - virtual clock
-            await trio.sleep(1)
-
-
 async def test_deeply_nested_replies_fail_one_attempt_and_the_agent_lives(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -58,7 +53,7 @@ async def test_deeply_nested_replies_fail_one_attempt_and_the_agent_lives(
 
         mitm.tamper = nested
         epoch = pair.epoch("alice")
-        await _until(lambda: pair.epoch("alice") > epoch)
+        await until(lambda: pair.epoch("alice") > epoch)
         assert len(mitm.log) >= 6  # five pathological answers, then the genuine exchange
         status = _status(pair, "alice")
         assert status["failures"] >= 5 and pair.epoch("bob") == pair.epoch("alice")
@@ -96,7 +91,7 @@ async def test_a_forged_epoch_hint_neither_resyncs_nor_strands_the_link(
 
         mitm.tamper = forge
         epoch = pair.epoch("alice")
-        await _until(lambda: pair.epoch("alice") > epoch)
+        await until(lambda: pair.epoch("alice") > epoch)
         assert not mitm.requests("resync")  # no forged hint made alice resynchronise
         assert pair.epoch("alice") == pair.epoch("bob") == epoch + 1  # the chain just went on
         assert _unauthenticated(pair, "alice") == 4
@@ -126,7 +121,7 @@ async def test_a_genuine_refusal_of_an_altered_request_is_not_believed(
 
         mitm.tamper = alter
         epoch = pair.epoch("alice")
-        await _until(lambda: pair.epoch("alice") > epoch)
+        await until(lambda: pair.epoch("alice") > epoch)
         assert altered == 3 and not mitm.requests("resync")
         assert pair.epoch("alice") == pair.epoch("bob") == epoch + 1
 
@@ -164,7 +159,7 @@ async def test_an_authenticated_refusal_replayed_for_a_later_request_is_ignored(
 
         mitm.tamper = replay
         epoch = pair.epoch("alice")
-        await _until(lambda: pair.epoch("alice") > epoch)
+        await until(lambda: pair.epoch("alice") > epoch)
         assert replays == 3 and not mitm.requests("resync")
         assert _unauthenticated(pair, "alice") == 3
 
@@ -199,7 +194,7 @@ async def test_an_authentic_hint_above_the_ceiling_is_not_followed(
 
         mitm.tamper = rogue
         epoch = pair.epoch("alice")
-        await _until(lambda: pair.epoch("alice") > epoch)
+        await until(lambda: pair.epoch("alice") > epoch)
         assert forged == 2 and not mitm.requests("resync")
         assert "above any reachable epoch" in (_status(pair, "alice")["last_error"] or "")
         mitm.leave()
@@ -231,7 +226,7 @@ async def test_an_authentic_hint_still_resynchronises(
 
         shutil.rmtree(pair.configs["alice"]["agent"]["state_dir"])
         await pair.start("alice")
-        await _until(lambda: pair.epoch("alice") >= 4)
+        await until(lambda: pair.epoch("alice") >= 4)
         assert len(mitm.requests("resync")) == 1
         assert pair.secret("alice", "rec") == pair.secret("bob", "rec")
 
@@ -248,7 +243,7 @@ async def test_a_server_certificate_of_another_agent_is_refused(
         assert pair.epoch("alice") == epoch
         assert "naming mallory, not peer 'bob'" in _status(pair, "alice")["last_error"]
         mitm.leave()
-        await _until(lambda: pair.epoch("alice") > epoch)
+        await until(lambda: pair.epoch("alice") > epoch)
 
 
 async def test_a_client_certificate_of_another_agent_is_refused(

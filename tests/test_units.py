@@ -255,9 +255,9 @@ async def test_superseded_keys_leave_every_state_file_after_commit(
 
 
 def test_peer_error_text_cannot_forge_log_lines() -> None:
-    from qkdagent.initiator import _printable
+    from qkdagent.text import printable
 
     forged = "bad\nWARNING qkdagent.link: link x: committed epoch 99\x1b[2J" + "y" * 500
-    text = _printable(forged)
+    text = printable(forged)
     assert "\n" not in text and "\x1b" not in text and len(text) == 200
     assert text.startswith("bad?WARNING")

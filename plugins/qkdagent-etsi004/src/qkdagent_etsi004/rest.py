@@ -51,7 +51,8 @@ def parse_literal(data: bytes) -> Any:
         raise LiteralError(f"body of {len(data)} bytes exceeds {MAX_BODY}")
     try:
         with warnings.catch_warnings():  # a module's odd literal is not our code to lint
-            warnings.simplefilter("ignore", SyntaxWarning)
+            warnings.simplefilter("ignore", SyntaxWarning)  # e.g. "invalid decimal literal"
+            warnings.simplefilter("ignore", DeprecationWarning)  # e.g. "invalid escape"
             tree = ast.parse(data.decode("utf-8").strip(), mode="eval")
     except (SyntaxError, ValueError, UnicodeDecodeError, RecursionError, MemoryError):
         raise LiteralError("not a Python literal") from None
