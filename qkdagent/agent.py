@@ -427,7 +427,12 @@ class Agent:
         with trio.move_on_after(30, shield=True):
             for runtime in stranded:
                 await runtime.erase("reload-failed")
-            await self.tasks.stop([c for c in new_only.all() if not self._in_use(c)])
+            # new components nothing uses or holds: stopped and closed (those already swapped
+            # in are closed with the others when the agent stops)
+            held = {id(h.component) for h in self.components.handles()}
+            unused = [c for c in new_only.all() if id(c) not in held and not self._in_use(c)]
+            await self.tasks.stop(unused)
+            await close_all(unused)
         names = ", ".join(r.name for r in stranded) or "none"
         raise ReloadFailed(
             f"config reload failed while applying ({type(exc).__name__}); links stopped and "
