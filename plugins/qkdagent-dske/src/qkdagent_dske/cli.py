@@ -74,8 +74,11 @@ async def _main(args: argparse.Namespace) -> int:
         share_ttl=args.share_ttl,
         require_tls_identity=not args.plain_http,
     )
-    hub = Hub(settings, args.state / f"{args.name}.sqlite")
-    context = None if args.plain_http else server_ssl_context(args.cert, args.key, args.ca)
+    # SQLite and certificate files: off the trio thread
+    hub = await trio.to_thread.run_sync(Hub, settings, args.state / f"{args.name}.sqlite")
+    context = None
+    if not args.plain_http:
+        context = await trio.to_thread.run_sync(server_ssl_context, args.cert, args.key, args.ca)
     try:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(

@@ -125,7 +125,9 @@ class DskeSource(Source):
             if hub.name not in self.clients:
                 context = None
                 if hub.url.startswith("https:"):
-                    context = client_ssl_context(hub.ca, hub.cert, hub.key)
+                    context = await trio.to_thread.run_sync(
+                        client_ssl_context, hub.ca, hub.cert, hub.key
+                    )
                 self.clients[hub.name] = HubClient(
                     hub.name, hub.url, ssl_context=context, timeout=self.timeout
                 )
