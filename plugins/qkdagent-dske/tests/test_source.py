@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from qkdagent_dske.source import DskeSource
 
-from qkdagent import ComponentEvent, KeyNotFound, Link, SourceUnavailable
+from qkdagent import ComponentEvent, KeyNotFound, Link, Misconfigured, SourceUnavailable
 from qkdagent.testing import build_component, running
 
 from .hubs import RunningHub, hub_table, open_hubs
@@ -155,3 +155,21 @@ async def test_pools_survive_a_restart_without_reuse(tmp_path: Path) -> None:
             assert alice.psrd.free("hank", "client") == used  # nothing handed out again
             key = await alice.new_key(ALICE)  # the hub would refuse reused PSRD (409)
             assert (await bob.key_by_id(BOB, key.key_id)).value == key.value
+
+
+async def test_unloadable_tls_files_are_a_configuration_error(tmp_path: Path) -> None:
+    """A garbled certificate is Misconfigured at prepare, naming the hub, not a raw SSLError."""
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    hubs = {
+        n: {"url": f"https://127.0.0.1:9/{n}", "ca": str(garbage), "cert": str(garbage)}
+        for n in ("hank", "helen")
+    }
+    src = build_component(
+        DskeSource, {"hubs": hubs}, name="dske", agent="alice", state_dir=tmp_path / "alice"
+    )
+    try:
+        with pytest.raises(Misconfigured, match="hub hank: cannot load TLS files"):
+            await src.prepare()
+    finally:
+        await src.aclose()

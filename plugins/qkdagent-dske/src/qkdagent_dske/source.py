@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import ssl
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from qkdagent import (
     Key,
     KeyNotFound,
     Link,
+    Misconfigured,
     Options,
     PluginContext,
     Secret,
@@ -125,9 +127,14 @@ class DskeSource(Source):
             if hub.name not in self.clients:
                 context = None
                 if hub.url.startswith("https:"):
-                    context = await trio.to_thread.run_sync(
-                        client_ssl_context, hub.ca, hub.cert, hub.key
-                    )
+                    try:
+                        context = await trio.to_thread.run_sync(
+                            client_ssl_context, hub.ca, hub.cert, hub.key
+                        )
+                    except (ssl.SSLError, OSError) as exc:
+                        raise Misconfigured(
+                            f"source {self.name!r}: hub {hub.name}: cannot load TLS files: {exc}"
+                        ) from None
                 self.clients[hub.name] = HubClient(
                     hub.name, hub.url, ssl_context=context, timeout=self.timeout
                 )
