@@ -121,7 +121,8 @@ async def run_simulator(
     *,
     task_status: trio.TaskStatus[Simulator] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    directory = make_pki(directory, settings.modules)
+    # key generation, file writes and certificate loads: off the trio thread
+    directory = await trio.to_thread.run_sync(make_pki, directory, settings.modules)
     network = ModuleNetwork(
         {m: list(a) for m, a in settings.modules.items()},
         settings.pairs or default_pairs(settings.modules),
@@ -134,8 +135,11 @@ async def run_simulator(
     async with trio.open_nursery() as nursery:
         for module in settings.modules:
             stem = file_stem(module)
-            context = server_ssl_context(
-                directory / f"{stem}.pem", directory / f"{stem}.key", directory / "ca.pem"
+            context = await trio.to_thread.run_sync(
+                server_ssl_context,
+                directory / f"{stem}.pem",
+                directory / f"{stem}.key",
+                directory / "ca.pem",
             )
             server = sim.servers[module] = ModuleServer(
                 network,
