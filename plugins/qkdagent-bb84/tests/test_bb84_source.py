@@ -20,6 +20,7 @@ from qkdagent import (
 from qkdagent.testing import SourceContract, build_component, open_agent_pair, running
 
 from qkdagent_bb84 import Bb84Source
+from qkdagent_bb84.engine import Settings
 from qkdagent_bb84.pool import Bb84Link
 
 ALICE = Link("ab", "alice", "bob", True)
@@ -106,3 +107,10 @@ async def test_two_agents_rotate_through_bb84(link_name: str, tmp_path: Path) ->
         await pair.wait_for_epoch(3)
         assert pair.secret("alice", "rec") == pair.secret("bob", "rec")
     assert Bb84Link._registry[link_name].stats.key_bits > 0
+
+
+def test_link_repr_hides_the_seed() -> None:
+    """The simulation seed fixes every bit, so every key: no repr may show it."""
+    shown = repr(Bb84Link("repr-link", Settings(), 32, 987654321987))
+    assert "repr-link" in shown
+    assert "987654321987" not in shown and "seed" not in shown

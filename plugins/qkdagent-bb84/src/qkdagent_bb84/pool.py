@@ -34,7 +34,8 @@ class Bb84Link:
     name: str
     settings: Settings
     key_size: int
-    seed: int
+    seed: int = field(repr=False)
+    """Determines every simulated bit, so every key: secret."""
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))
     stats: LinkStats = field(default_factory=LinkStats)
     _alice: OrderedDict[str, bytes] = field(default_factory=OrderedDict, repr=False)
