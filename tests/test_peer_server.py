@@ -34,7 +34,7 @@ from qkdagent.identity import PeerIdentity
 from qkdagent.observability import Metrics
 from qkdagent.peerserver import ServerLimits, _Conn, _Server, serve_peers
 from qkdagent.pki import PkiFiles, write_test_pki
-from tests.procs import AgentProcess, process_pair, wait_until
+from qkdagent.testing.procs import AgentProcess, process_pair, wait_until
 
 Handler = Callable[[str, str, bytes, PeerIdentity], Awaitable[bytes]]
 

@@ -11,6 +11,8 @@
 - `assert_not_leaked`: fails if any spelling of a secret occurs in a text.
 - `write_test_pki`: a throw-away CA and leaf certificates for mutual TLS (simulators, tests).
 - `config_toml`: a config dict (as `pair_configs` returns) as TOML text, for agent processes.
+- `AgentProcess`, `process_pair`, `wait_until`, `CRASH_POINTS`, `CRASH_EXIT_CODE`: agents as
+  real processes, crashed at a rotation step with `QKDAGENT_CRASH_AT` and restarted.
 
 Fixtures live in `qkdagent.testing.pytest_plugin`; enable them with
 `pytest_plugins = ["qkdagent.testing.pytest_plugin"]` in a conftest. The kit needs pytest; the
@@ -20,6 +22,8 @@ agent, the CLI and the demo never import it (the simulated sources live in `qkda
 from __future__ import annotations
 
 from ..builtin.loopback import free_port, pair_configs
+from ..faults import CRASH_EXIT_CODE
+from ..faults import POINTS as CRASH_POINTS
 from ..pki import LeafFiles, PkiFiles, write_test_pki
 from .agents import AgentPair, open_agent_pair
 from .components import build_component, running
@@ -27,11 +31,15 @@ from .contracts import SinkContract, SourceContract, assert_not_leaked, secret_s
 from .hostile import Exchange, ManInTheMiddle, send_as
 from .local import LocalNetwork
 from .memory import InstallRecord, KeyDirSource, MemoryPool, MemorySource, RecordingSink
+from .procs import AgentProcess, process_pair, wait_until
 from .require import in_ci, missing, require_binary, require_root
 from .toml import config_toml
 
 __all__ = [
+    "CRASH_EXIT_CODE",
+    "CRASH_POINTS",
     "AgentPair",
+    "AgentProcess",
     "Exchange",
     "InstallRecord",
     "KeyDirSource",
@@ -52,10 +60,12 @@ __all__ = [
     "missing",
     "open_agent_pair",
     "pair_configs",
+    "process_pair",
     "require_binary",
     "require_root",
     "running",
     "secret_spellings",
     "send_as",
+    "wait_until",
     "write_test_pki",
 ]

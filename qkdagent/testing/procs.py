@@ -1,4 +1,8 @@
-"""Running agents as real processes (`python -m qkdagent run`) for signal and crash tests."""
+"""Agents as real processes (`python -m qkdagent run`), for signal and crash-injection tests.
+
+Public so plugins can crash their own agents at `qkdagent.faults` points (`QKDAGENT_CRASH_AT`)
+and check that both sides converge after a restart with the same state directory.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ from typing import Any
 
 import httpx
 
-from qkdagent.testing import pair_configs
-from qkdagent.testing.toml import config_toml
+from ..builtin.loopback import pair_configs
+from .toml import config_toml
 
 
 def process_pair(directory: Path, link: dict[str, Any] | None = None) -> dict[str, Path]:
