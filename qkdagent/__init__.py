@@ -5,7 +5,8 @@ in their tests), never from other modules of the package; `docs/plugins.md` is t
 Only what a plugin needs is exported: the component contract (`Source`, `Sink`, the values they
 receive, `PluginContext` and its stash), `Options`, the errors a plugin raises or catches, the
 hook marker and the event types observation hooks receive, and the helpers plugins share
-(`write_secret_file`, `run_program`). Errors only the core raises are not exported.
+(`write_secret_file`, `run_program`, the simulators' key-supply seam). Errors only the core
+raises are not exported.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEven
 from .fileutil import write_secret_file
 from .hookspecs import hookimpl
 from .interfaces import Answered, KeyMeta, Link, PluginContext, Sink, Source
+from .keysupply import (
+    CsprngSupply,
+    KeySupply,
+    SupplyExhausted,
+    SupplyFactory,
+    load_supply_factory,
+    parse_supply_spec,
+)
 from .options import Options, check_template
 from .pki import PkiError, extend_test_pki, file_stem, write_test_pki
 from .secret import Key, Secret, check_key_id
@@ -41,11 +50,13 @@ __all__ = [
     "CommandRegistry",
     "ComponentEvent",
     "ConfigError",
+    "CsprngSupply",
     "DemoLink",
     "EraseEvent",
     "Key",
     "KeyMeta",
     "KeyNotFound",
+    "KeySupply",
     "Link",
     "Misconfigured",
     "NotInstalled",
@@ -66,12 +77,16 @@ __all__ = [
     "StartupError",
     "Stash",
     "StashKey",
+    "SupplyExhausted",
+    "SupplyFactory",
     "__version__",
     "check_key_id",
     "check_template",
     "extend_test_pki",
     "file_stem",
     "hookimpl",
+    "load_supply_factory",
+    "parse_supply_spec",
     "program_env",
     "run_program",
     "write_secret_file",
