@@ -16,7 +16,8 @@ import pytest
 from qkdagent_dske import wire
 from qkdagent_dske.hubapp import Hub, HubSettings, Request, Response
 from qkdagent_dske.hubclient import HubReply
-from qkdagent_dske.pool import PoolBook, PsrdDb
+from qkdagent_dske.pool import PoolBook
+from qkdagent_dske.store import PsrdStore
 
 from .hubs import open_hubs
 
@@ -47,11 +48,10 @@ class Client:
             q = f"client_name={self.name}&pool_owner={owner}&size=4096".encode()
             reply = await self.call("GET", "/oob/v1/psrd", q)
             block = wire.parse_psrd_block(reply.body, limit=4096)
-            self.book.apply(self.book.add("hank", owner, block.block_uuid, block.data))
+            self.book.add("hank", owner, block.block_uuid, block.data)
 
     def take(self, *sizes: int) -> list[tuple[wire.Allocation, bytes]]:
-        allocated, change = self.book.allocate("hank", "client", sizes)
-        self.book.apply(change)
+        allocated, _ = self.book.allocate("hank", "client", sizes)
         return allocated
 
     def post_body(self, key_id: str, share: bytes, slave: str = "conny") -> tuple[bytes, str]:
@@ -68,7 +68,7 @@ class Client:
 
 
 def snapshot(hub: Hub) -> list[object]:
-    tables = ("blocks", "used", "shares")
+    tables = ("psrd_blocks", "psrd_used", "shares")
     return [hub.db.query(f"SELECT * FROM {t} ORDER BY 1, 2") for t in tables]  # noqa: S608
 
 
@@ -203,7 +203,7 @@ def test_psrd_database_is_owner_only_and_zeroes_freed_content(tmp_path: Path) ->
     db_path = state / "pool.sqlite"
     db_path.touch()
     db_path.chmod(0o644)
-    db = PsrdDb(db_path)
+    db = PsrdStore(db_path, "client")
     try:
         assert stat.S_IMODE(state.stat().st_mode) == 0o700
         assert stat.S_IMODE(db_path.stat().st_mode) == 0o600

@@ -89,7 +89,7 @@ def lie(hub: RunningHub, key_id: str) -> None:
     assert hub.hub is not None
     ((_slot, share),) = [(k, s) for k, s in hub.hub.shares.items() if k[1] == key_id]
     share.value = bytes([share.value[0] ^ 0x5A]) + share.value[1:]
-    hub.hub.db.commit([("UPDATE shares SET value = ? WHERE key_id = ?", (share.value, key_id))])
+    hub.hub.db.execute([("UPDATE shares SET value = ? WHERE key_id = ?", (share.value, key_id))])
 
 
 async def test_a_lying_hub_is_detected_and_left_out(pair: Pair) -> None:

@@ -5,7 +5,13 @@ HTTP. Every request is checked completely before anything changes: a refused req
 input, bad signature, reused PSRD, wrong client, unknown key ID) leaves the store as it was,
 except that an authentic request always consumes its own signing PSRD (so it cannot be
 replayed later, e.g. to make the hub hand out and delete a share that has arrived since).
-Each accepted request is one SQLite transaction, committed before the answer is sent.
+Each accepted request's change is durable (`store.PsrdStore`, group commit) before the answer
+is sent. The checks and the in-memory change run without an await in between, so concurrent
+requests need no lock and cannot both pass a check.
+
+A share in transit is stored as it arrived, encrypted under the sender's pad, and that pad
+(held in the PSRD block file, never in SQLite) is zeroed when the share is delivered or purged:
+the ciphertext left in SQLite's file or journal is then undecryptable.
 """
 
 from __future__ import annotations
@@ -20,10 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-import trio
-
 from . import wire
-from .pool import Change, PoolBook, PsrdDb, PsrdError, PsrdExhausted, Statement
+from .pool import Change, PoolBook, PsrdError, PsrdExhausted
+from .store import PsrdStore
 from .wire import WireError
 
 log = logging.getLogger("qkdagent.dske.hub")
@@ -32,8 +37,8 @@ HUB_SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (name TEXT PRIMARY KEY, encryptors TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS shares (
     slave TEXT NOT NULL, key_id TEXT NOT NULL, master TEXT NOT NULL, master_sae TEXT NOT NULL,
-    share_index INTEGER NOT NULL, value BLOB NOT NULL, created REAL NOT NULL,
-    PRIMARY KEY (slave, key_id)
+    share_index INTEGER NOT NULL, pad TEXT NOT NULL, value BLOB NOT NULL,
+    created REAL NOT NULL, PRIMARY KEY (slave, key_id)
 );
 """
 
@@ -63,7 +68,10 @@ class StoredShare:
     master: str
     master_sae: str
     share_index: int
+    pad: wire.Allocation
+    """The sender's pad, held in the client-owned pool until delivery."""
     value: bytes
+    """The share encrypted under `pad`, as it arrived."""
     created: float
 
 
@@ -104,22 +112,26 @@ class Hub:
 
     def __init__(self, settings: HubSettings, db_path: Path) -> None:
         self.settings = settings
-        self.db = PsrdDb(db_path, HUB_SCHEMA)
-        self.book: PoolBook = self.db.load()
-        self.clients: dict[str, tuple[str, ...]] = {
-            str(n): tuple(json.loads(str(e))) for n, e in self.db.query("SELECT * FROM clients")
-        }
-        self.shares: dict[tuple[str, str], StoredShare] = {
-            (str(r[0]), str(r[1])): StoredShare(
-                str(r[2]),
-                str(r[3]),
-                int(r[4]),  # type: ignore[call-overload]  # sqlite3 rows are untyped
-                bytes(r[5]),  # type: ignore[call-overload]
-                float(r[6]),  # type: ignore[arg-type]
-            )
-            for r in self.db.query("SELECT * FROM shares")
-        }
-        self.lock = trio.Lock()
+        self.db = PsrdStore(db_path, "hub", HUB_SCHEMA)
+        try:
+            self.clients: dict[str, tuple[str, ...]] = {
+                str(n): tuple(json.loads(str(e))) for n, e in self.db.query("SELECT * FROM clients")
+            }
+            self.shares: dict[tuple[str, str], StoredShare] = {
+                (str(r[0]), str(r[1])): StoredShare(
+                    str(r[2]),
+                    str(r[3]),
+                    int(r[4]),  # type: ignore[call-overload]  # sqlite3 rows are untyped
+                    wire.parse_allocation_text(str(r[5])),
+                    bytes(r[6]),  # type: ignore[call-overload]
+                    float(r[7]),  # type: ignore[arg-type]
+                )
+                for r in self.db.query("SELECT * FROM shares")
+            }
+            self.book: PoolBook = self.db.load(s.pad for s in self.shares.values())
+        except BaseException:
+            self.db.close()
+            raise
 
     def close(self) -> None:
         self.db.close()
@@ -127,25 +139,22 @@ class Hub:
     def __repr__(self) -> str:
         return f"<Hub {self.settings.name!r} clients={len(self.clients)}>"
 
-    async def _commit(self, statements: Sequence[Statement]) -> None:
-        """Durable before the answer; shielded so that a cancelled request (its connection
-        timed out) cannot leave the in-memory view, applied right after, behind the disk."""
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self.db.commit, statements)
+    async def _durable(self, change: Change) -> None:
+        """Durable before the answer (the store shields it: memory has changed already)."""
+        await self.db.durable(change)
 
     # -- dispatch -------------------------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:
         try:
             route = self._route(request.path)
-            async with self.lock:
-                if route == ("oob", "registration"):
-                    return await self._register(request)
-                if route == ("oob", "psrd"):
-                    return await self._psrd(request)
-                if request.method == "POST":
-                    return await self._post_share(request)
-                return await self._get_share(request)
+            if route == ("oob", "registration"):
+                return await self._register(request)
+            if route == ("oob", "psrd"):
+                return await self._psrd(request)
+            if request.method == "POST":
+                return await self._post_share(request)
+            return await self._get_share(request)
         except Refused as exc:
             return _error(exc.status, exc.detail)
         except WireError as exc:
@@ -183,10 +192,9 @@ class Hub:
         registration = wire.parse_registration(request.body)
         self._identity(request, registration.client_name)
         names = json.dumps(list(registration.encryptor_names))
-        await self._commit(
-            [("INSERT OR REPLACE INTO clients VALUES (?, ?)", (registration.client_name, names))]
-        )
         self.clients[registration.client_name] = registration.encryptor_names
+        sql = ("INSERT OR REPLACE INTO clients VALUES (?, ?)", (registration.client_name, names))
+        await self._durable(Change(sql=[sql]))
         log.info("hub %s: client %s registered", self.settings.name, registration.client_name)
         return Response(200, wire.dump_json({"hub_name": self.settings.name}))
 
@@ -207,9 +215,7 @@ class Hub:
         if not 64 <= size <= self.settings.max_block:
             raise Refused(400, f"size must be in 64..{self.settings.max_block}")
         block = wire.PsrdBlock(str(uuid.uuid4()), os.urandom(size))
-        change = self.book.add(client, owner, block.block_uuid, block.data)
-        await self._commit(change.sql)
-        self.book.apply(change)
+        await self._durable(self.book.add(client, owner, block.block_uuid, block.data))
         log.info(
             "hub %s: %d bytes of %s-owned PSRD for %s", self.settings.name, size, owner, client
         )
@@ -220,7 +226,8 @@ class Hub:
     def _verify(
         self, request: Request, client: str, others: Sequence[wire.Allocation] = ()
     ) -> tuple[wire.Allocation, list[bytes]]:
-        """The request's signature against the client-owned pool; the bytes of `others`."""
+        """The request's signature against the client-owned pool; the bytes of `others`.
+        Changes nothing (`consume` records them)."""
         signature = wire.parse_signature(request.signature)
         try:
             key, *rest = self.book.peek(client, "client", [signature.allocation, *others])
@@ -230,12 +237,19 @@ class Hub:
             raise Refused(401, "bad DSKE-Signature")
         return signature.allocation, rest
 
-    def _purge(self, now: float) -> list[Statement]:
+    def _forget(self, key: tuple[str, str]) -> tuple[bytes, Change]:
+        """Drop a share in transit: its row deleted, its pad zeroed; the share in clear."""
+        share = self.shares.pop(key)
+        pad, change = self.book.release(share.pad)
+        change.sql.append(("DELETE FROM shares WHERE slave = ? AND key_id = ?", key))
+        return wire.xor(share.value, pad), change
+
+    def _purge(self, now: float) -> Change:
         cutoff = now - self.settings.share_ttl
-        old = [k for k, s in self.shares.items() if s.created < cutoff]
-        for k in old:
-            del self.shares[k]
-        return [("DELETE FROM shares WHERE created < ?", (cutoff,))] if old else []
+        change = Change()
+        for key in [k for k, s in self.shares.items() if s.created < cutoff]:
+            change.merge(self._forget(key)[1])
+        return change
 
     async def _post_share(self, request: Request) -> Response:
         if request.query:
@@ -248,19 +262,24 @@ class Hub:
         key = (post.slave_sae_id, post.user_key_id)
         if key in self.shares:
             raise Refused(409, "a share for this key ID is already held")
-        share = wire.xor(post.encrypted_share_value, pad)
+        del pad  # the share stays encrypted under it until delivery
         body = b"null"
         (signed, _), change = self._allocate_reply(client, body)
         now = time.time()
-        used = self.book.consume([sig_alloc, post.encryption_key_allocation])
-        change.merge(used)
-        insert = (
-            "INSERT INTO shares VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (*key, client, post.master_sae_id, post.share_index, share, now),
+        change.merge(self.book.consume([sig_alloc]))
+        change.merge(self.book.consume([post.encryption_key_allocation], hold=True))
+        pad_text = post.encryption_key_allocation.header_text()
+        value = post.encrypted_share_value
+        change.sql.append(
+            (
+                "INSERT INTO shares VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (*key, client, post.master_sae_id, post.share_index, pad_text, value, now),
+            )
         )
-        await self._commit([*self._purge(now), *change.sql, insert])
-        self.book.apply(change)
-        self.shares[key] = StoredShare(client, post.master_sae_id, post.share_index, share, now)
+        self.shares[key] = StoredShare(
+            client, post.master_sae_id, post.share_index, post.encryption_key_allocation, value, now
+        )
+        await self._durable(self._purge(now).merge(change))
         log.info(
             "hub %s: share %d of key %s from %s for %s stored",
             self.settings.name,
@@ -299,9 +318,7 @@ class Hub:
                 found = (name, key_id)
                 break
         if found is None:
-            used = self.book.consume([sig_alloc])
-            await self._commit(used.sql)
-            self.book.apply(used)
+            await self._durable(self.book.consume([sig_alloc]))
             raise Refused(404, "no share for this key ID and client")
         share = self.shares[found]
         try:
@@ -311,14 +328,12 @@ class Hub:
         except PsrdExhausted:
             raise Refused(503, "hub-owned PSRD for this client is exhausted") from None
         (pad_alloc, pad), (reply_sig_alloc, reply_key) = allocated
-        reply = wire.ShareReply(share.share_index, pad_alloc, wire.xor(share.value, pad))
+        clear, forget = self._forget(found)
+        reply = wire.ShareReply(share.share_index, pad_alloc, wire.xor(clear, pad))
         body = reply.encode()
         header = wire.signature_header(reply_sig_alloc, reply_key, b"", body)
-        change.merge(self.book.consume([sig_alloc]))
-        delete = ("DELETE FROM shares WHERE slave = ? AND key_id = ?", found)
-        await self._commit([*change.sql, delete])
-        self.book.apply(change)
-        del self.shares[found]
+        change.merge(self.book.consume([sig_alloc])).merge(forget)
+        await self._durable(change)
         log.info(
             "hub %s: share %d of key %s delivered to %s",
             self.settings.name,

@@ -1,45 +1,30 @@
-"""PSRD pools: blocks of pre-shared random data, allocated once and never reused.
+"""PSRD pools: blocks of pre-shared random data, allocated once and never reused (pure).
 
 Each side of a client-hub pair keeps two pools per peer (dske-python's pool ownership): the one
 it allocates from ("mine": sequential, a pointer per block) and the one its peer allocates from
 ("theirs": the peer names byte ranges, which are checked against the ranges already used).
 
-`PoolBook` is the pure in-memory view; its methods return the SQL that records a change, and
-apply the change only through `apply()` once the caller has committed that SQL. `PsrdDb` is the
-SQLite file behind it (WAL, synchronous=FULL: an allocation is on disk before its bytes are
-used, so a crash never hands out the same PSRD twice).
+`PoolBook` is the in-memory view and changes at once (so concurrent callers never get the same
+bytes); each change returns a `Change`: the SQL that records it, the block ranges to overwrite
+with zeros on disk, the block files to write or delete. `store.PsrdStore` makes a `Change`
+durable, and callers use allocated bytes only once it is. Memory may run ahead of the disk,
+never behind: a crash in between wastes PSRD, it never hands the same PSRD out twice.
+
+Consumed bytes are zeroed in memory here and on disk by the store. One exception: a hub holds
+the pad of a share in transit (`consume(..., hold=True)`) until the share is delivered or
+purged (`release`), because it keeps the share encrypted under that pad instead of in clear.
 """
 
 from __future__ import annotations
 
 import bisect
-import os
-import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .wire import Allocation, Fragment
 
 Statement = tuple[str, tuple[object, ...]]
 _BIG = 1 << 62
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS blocks (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    uuid TEXT NOT NULL UNIQUE,
-    peer TEXT NOT NULL,
-    owner TEXT NOT NULL CHECK (owner IN ('client', 'hub')),
-    data BLOB NOT NULL,
-    next INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS used (
-    uuid TEXT NOT NULL,
-    start INTEGER NOT NULL,
-    stop INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS used_by_block ON used (uuid);
-"""
 
 
 class PsrdError(Exception):
@@ -55,10 +40,19 @@ class Block:
     uuid: str
     peer: str
     owner: str
-    data: bytes
+    size: int
+    data: bytearray
+    """The block's bytes, consumed ranges zeroed; empty once the block is retired."""
     next: int = 0
+    """Pools I allocate from: bytes below `next` are spent."""
     used: list[tuple[int, int]] = field(default_factory=list)
-    """Ranges the peer used (pools the peer allocates from), sorted by start."""
+    """Pools the peer allocates from: ranges it used, sorted and merged."""
+    held: int = 0
+    """Used ranges whose bytes are still kept (pads of shares in transit on a hub)."""
+    retired: bool = False
+
+    def __repr__(self) -> str:  # PSRD is key material: never shown
+        return f"<Block {self.uuid} {self.owner}-owned with {self.peer}>"
 
     def overlaps(self, start: int, stop: int) -> bool:
         i = bisect.bisect_right(self.used, (start, _BIG))
@@ -81,22 +75,31 @@ class Block:
             del used[i]
         used.insert(i, (start, stop))
 
+    def spent(self, mine: bool) -> bool:
+        if mine:
+            return self.next >= self.size
+        return self.used == [(0, self.size)] and not self.held
+
 
 @dataclass
 class Change:
-    """What an operation will change once its SQL is committed."""
+    """What makes an in-memory change durable, in this order: write `files` (new blocks),
+    commit `sql`, overwrite `wipe` ranges with zeros, delete the `retire` files."""
 
     sql: list[Statement] = field(default_factory=list)
-    pointers: list[tuple[Block, int]] = field(default_factory=list)
-    used: list[tuple[Block, int, int]] = field(default_factory=list)
-    blocks: list[Block] = field(default_factory=list)
+    files: list[tuple[str, bytes]] = field(default_factory=list, repr=False)
+    wipe: list[tuple[str, int, int]] = field(default_factory=list)
+    retire: list[str] = field(default_factory=list)
 
     def merge(self, other: Change) -> Change:
         self.sql += other.sql
-        self.pointers += other.pointers
-        self.used += other.used
-        self.blocks += other.blocks
+        self.files += other.files
+        self.wipe += other.wipe
+        self.retire += other.retire
         return self
+
+    def __bool__(self) -> bool:
+        return bool(self.sql or self.files or self.wipe or self.retire)
 
 
 class PoolBook:
@@ -104,60 +107,74 @@ class PoolBook:
 
     def __init__(self, blocks: Iterable[Block] = ()) -> None:
         self.blocks: dict[str, Block] = {}
+        self._pools: dict[tuple[str, str], list[Block]] = {}
         for block in blocks:
-            self.blocks[block.uuid] = block
+            self._insert(block)
+
+    def _insert(self, block: Block) -> None:
+        self.blocks[block.uuid] = block
+        self._pools.setdefault((block.peer, block.owner), []).append(block)
 
     def pool(self, peer: str, owner: str) -> list[Block]:
-        return [b for b in self.blocks.values() if b.peer == peer and b.owner == owner]
+        return self._pools.get((peer, owner), [])
 
     def free(self, peer: str, owner: str, *, mine: bool) -> int:
         """Bytes left: after the pointer in a pool I allocate from, unused in the peer's."""
         if mine:
-            return sum(len(b.data) - b.next for b in self.pool(peer, owner))
-        return sum(len(b.data) - sum(e - s for s, e in b.used) for b in self.pool(peer, owner))
+            return sum(b.size - b.next for b in self.pool(peer, owner))
+        return sum(b.size - sum(e - s for s, e in b.used) for b in self.pool(peer, owner))
 
     def add(self, peer: str, owner: str, uuid: str, data: bytes) -> Change:
         if uuid in self.blocks:
             raise PsrdError("a PSRD block with that UUID exists already")
-        block = Block(uuid, peer, owner, data)
-        sql = "INSERT INTO blocks (uuid, peer, owner, data) VALUES (?, ?, ?, ?)"
-        return Change(sql=[(sql, (uuid, peer, owner, data))], blocks=[block])
+        self._insert(Block(uuid, peer, owner, len(data), bytearray(data)))
+        sql = "INSERT INTO psrd_blocks (uuid, peer, owner, size) VALUES (?, ?, ?, ?)"
+        return Change(sql=[(sql, (uuid, peer, owner, len(data)))], files=[(uuid, data)])
+
+    def _retire(self, block: Block, change: Change, *, mine: bool) -> None:
+        if not block.retired and block.spent(mine):
+            block.retired = True
+            block.data = bytearray()
+            change.sql.append(("UPDATE psrd_blocks SET retired = 1 WHERE uuid = ?", (block.uuid,)))
+            change.retire.append(block.uuid)
 
     def allocate(
         self, peer: str, owner: str, sizes: Sequence[int]
     ) -> tuple[list[tuple[Allocation, bytes]], Change]:
-        """Sequential allocations from my pool; all or nothing (`PsrdExhausted`)."""
-        pool = self.pool(peer, owner)
-        pointers = {b.uuid: b.next for b in pool}
+        """Sequential allocations from my pool, all or nothing (`PsrdExhausted`); the bytes
+        are zeroed in memory at once and on disk by the store."""
+        pool = [b for b in self.pool(peer, owner) if b.next < b.size]
+        need = sum(sizes)
+        if need > sum(b.size - b.next for b in pool):
+            raise PsrdExhausted(f"PSRD pool ({owner}-owned) with {peer} is exhausted")
+        if not need:
+            return [], Change()
         result: list[tuple[Allocation, bytes]] = []
+        change = Change()
+        blocks = iter(pool)
+        block = next(blocks)
         for size in sizes:
             fragments: list[Fragment] = []
             parts: list[bytes] = []
             want = size
-            for block in pool:
-                if want == 0:
-                    break
-                start = pointers[block.uuid]
-                take = min(want, len(block.data) - start)
-                if take <= 0:
-                    continue
+            while want:
+                if block.next == block.size:
+                    block = next(blocks)
+                start = block.next
+                take = min(want, block.size - start)
                 fragments.append(Fragment(block.uuid, start, take))
-                parts.append(block.data[start : start + take])
-                pointers[block.uuid] = start + take
+                parts.append(bytes(block.data[start : start + take]))
+                block.data[start : start + take] = bytes(take)
+                block.next = start + take
+                change.wipe.append((block.uuid, start, start + take))
                 want -= take
-            if want:
-                raise PsrdExhausted(f"PSRD pool ({owner}-owned) with {peer} is exhausted")
             result.append((Allocation(tuple(fragments)), b"".join(parts)))
-        change = Change()
-        for block in pool:
-            if pointers[block.uuid] != block.next:
-                change.pointers.append((block, pointers[block.uuid]))
-                change.sql.append(
-                    (
-                        "UPDATE blocks SET next = ? WHERE uuid = ?",
-                        (pointers[block.uuid], block.uuid),
-                    )
-                )
+        touched = {u for u, _, _ in change.wipe}
+        for b in pool:
+            if b.uuid in touched:
+                sql = "UPDATE psrd_blocks SET next = ? WHERE uuid = ?"
+                change.sql.append((sql, (b.next, b.uuid)))
+                self._retire(b, change, mine=True)
         return result, change
 
     def peek(self, peer: str, owner: str, allocations: Sequence[Allocation]) -> list[bytes]:
@@ -171,7 +188,7 @@ class PoolBook:
                 block = self.blocks.get(f.block_uuid)
                 if block is None or block.peer != peer or block.owner != owner:
                     raise PsrdError("the allocation names a PSRD block this pool does not hold")
-                if f.end > len(block.data):
+                if f.end > block.size:
                     raise PsrdError("the allocation runs past the end of its PSRD block")
                 mine = seen.setdefault(block.uuid, [])
                 if block.overlaps(f.start, f.end) or any(
@@ -179,81 +196,41 @@ class PoolBook:
                 ):
                     raise PsrdError("the allocation reuses PSRD")
                 mine.append((f.start, f.end))
-                parts.append(block.data[f.start : f.end])
+                parts.append(bytes(block.data[f.start : f.end]))
             out.append(b"".join(parts))
         return out
 
-    def consume(self, allocations: Sequence[Allocation]) -> Change:
+    def consume(self, allocations: Sequence[Allocation], *, hold: bool = False) -> Change:
+        """Record the peer's allocations (already checked by `peek`) as used and zero their
+        bytes, unless `hold`: then they are kept until `release`."""
         change = Change()
         for allocation in allocations:
             for f in allocation.fragments:
                 block = self.blocks[f.block_uuid]
-                change.used.append((block, f.start, f.end))
+                block.mark(f.start, f.end)
                 change.sql.append(
                     (
-                        "INSERT INTO used (uuid, start, stop) VALUES (?, ?, ?)",
+                        "INSERT INTO psrd_used (uuid, start, stop) VALUES (?, ?, ?)",
                         (block.uuid, f.start, f.end),
                     )
                 )
+                if hold:
+                    block.held += 1
+                else:
+                    block.data[f.start : f.end] = bytes(f.size)
+                    change.wipe.append((block.uuid, f.start, f.end))
+                    self._retire(block, change, mine=False)
         return change
 
-    def apply(self, change: Change) -> None:
-        for block in change.blocks:
-            self.blocks[block.uuid] = block
-        for block, pointer in change.pointers:
-            block.next = pointer
-        for block, start, stop in change.used:
-            block.mark(start, stop)
-
-
-class PsrdDb:
-    """The SQLite file behind a `PoolBook` (and, on a hub, its clients and shares)."""
-
-    def __init__(self, path: Path, extra_schema: str = "") -> None:
-        # PSRD is one-time-pad material: owner-only directory and file (SQLite gives its -wal
-        # and -shm files the database file's mode), also when they already existed.
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(path.parent, 0o700)
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o600))
-        os.chmod(path, 0o600)
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        # zero deleted rows and freed pages (purged shares, rewritten blocks) instead of leaving
-        # used pad bytes in the file's free space
-        self.conn.execute("PRAGMA secure_delete = ON")
-        self.conn.execute("PRAGMA journal_mode = WAL")
-        self.conn.execute("PRAGMA synchronous = FULL")
-        self.conn.executescript(SCHEMA + extra_schema)
-
-    def load(self) -> PoolBook:
-        blocks = [
-            Block(uuid, peer, owner, bytes(data), nxt)
-            for uuid, peer, owner, data, nxt in self.conn.execute(
-                "SELECT uuid, peer, owner, data, next FROM blocks ORDER BY seq"
-            )
-        ]
-        book = PoolBook(blocks)
-        for uuid, start, stop in self.conn.execute("SELECT uuid, start, stop FROM used"):
-            if uuid in book.blocks:
-                book.blocks[uuid].mark(start, stop)
-        return book
-
-    def commit(self, statements: Sequence[Statement]) -> None:
-        """All statements in one durable transaction, or none of them."""
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, params in statements:
-                conn.execute(sql, params)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
-    def query(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
-        return list(self.conn.execute(sql, params))
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-Committer = Callable[[Sequence[Statement]], None]
+    def release(self, allocation: Allocation) -> tuple[bytes, Change]:
+        """The bytes of a held allocation, now zeroed (the share they encrypt is gone)."""
+        change = Change()
+        parts: list[bytes] = []
+        for f in allocation.fragments:
+            block = self.blocks[f.block_uuid]
+            parts.append(bytes(block.data[f.start : f.end]))
+            block.data[f.start : f.end] = bytes(f.size)
+            block.held -= 1
+            change.wipe.append((block.uuid, f.start, f.end))
+            self._retire(block, change, mine=False)
+        return b"".join(parts), change

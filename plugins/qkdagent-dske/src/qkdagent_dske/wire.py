@@ -84,6 +84,11 @@ def _uuid(text: object) -> str:
     return text.lower()
 
 
+def canonical_uuid(text: object) -> str:
+    """A block UUID in canonical form (also a safe file name), or `WireError`."""
+    return _uuid(text)
+
+
 def _count(value: object, what: str, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise WireError(f"{what} must be an integer in {low}..{high}")
