@@ -11,7 +11,8 @@ from pathlib import Path
 
 import trio
 
-from .sim import DEFAULT_MODULES, SimSettings, Simulator, make_pki, run_simulator
+from .sim import DEFAULT_MODULES, SimSettings, Simulator, default_pairs, make_pki, run_simulator
+from .supply import BUILTIN, supplies_for
 
 
 def _module(text: str) -> tuple[str, list[str]]:
@@ -39,8 +40,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="first module's port, then +1 ...")
-    parser.add_argument("--rate", type=float, default=10_000_000.0, metavar="BITS/S")
-    parser.add_argument("--ready-file", type=Path, help="write the addresses as JSON here")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=10_000_000.0,
+        metavar="BITS/S",
+        help="key rate of every simulated link (and the most a stream is granted)",
+    )
+    parser.add_argument(
+        "--supply",
+        metavar="NAME[:KEY=VALUE,...]",
+        help=f"where each link's key bits come from: {BUILTIN!r} (default: a CSPRNG at --rate) "
+        "or a supply installed by a plugin (entry-point group qkdagent.supplies), e.g. "
+        "bb84:distance_km=10",
+    )
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        help="once every module listens, write per module its address, dialects, module_id, "
+        "CA and the applications' certificate/key paths here as JSON (atomically)",
+    )
     parser.add_argument(
         "--rest",
         action="store_true",
@@ -48,6 +67,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "authentication), one more port per module (--rest-port, then +1 ...)",
     )
     parser.add_argument("--rest-port", type=int, default=0, help="first module's REST port")
+
+
+def settings_from(args: argparse.Namespace) -> SimSettings:
+    """Validated settings (ValueError naming the flag); `--supply` is loaded here, before
+    anything listens."""
+    modules = dict(args.module) if args.module else dict(DEFAULT_MODULES)
+    if len(modules) != len(args.module or modules):
+        raise ValueError("--module: a module ID is given twice")
+    seen: dict[str, str] = {}
+    for module, apps in modules.items():
+        for app in apps:
+            if seen.setdefault(app, module) != module:
+                raise ValueError(f"--module: application {app!r} is on {seen[app]} and {module}")
+    if not 0 <= args.port <= 65535 - len(modules) or not args.rate >= 0:
+        raise ValueError("--port or --rate out of range")
+    if not 0 <= args.rest_port <= 65535 - len(modules):
+        raise ValueError("--rest-port out of range")
+    supply_factory = supplies_for(args.supply, default_pairs(modules))
+    return SimSettings(
+        modules=modules,
+        host=args.host,
+        ports={m: args.port + i if args.port else 0 for i, m in enumerate(modules)},
+        rate_bps=args.rate,
+        supply_factory=supply_factory,
+        rest=args.rest,
+        rest_ports={m: args.rest_port + i if args.rest_port else 0 for i, m in enumerate(modules)},
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,32 +106,37 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if args.pki is None:
             raise ValueError("--pki DIR (or --make-pki DIR) is required")
-        if not 0 <= args.port <= 65535 - len(modules) or not args.rate >= 0:
-            raise ValueError("--port or --rate out of range")
-        if not 0 <= args.rest_port <= 65535 - len(modules):
-            raise ValueError("--rest-port out of range")
-        ports = {m: args.port + i if args.port else 0 for i, m in enumerate(modules)}
-        rest_ports = {m: args.rest_port + i if args.rest_port else 0 for i, m in enumerate(modules)}
-        settings = SimSettings(
-            modules=modules,
-            host=args.host,
-            ports=ports,
-            rate_bps=args.rate,
-            rest=args.rest,
-            rest_ports=rest_ports,
-        )
+        settings = settings_from(args)
         if args.rest:
             print(
                 "qkdm-sim: WARNING: --rest serves keys in clear over plain HTTP to anyone who "
                 "can connect (qkd-module's REST form); use it on loopback only",
                 file=sys.stderr,
             )
-        make_pki(args.pki, modules)
+        make_pki(args.pki, settings.modules)
         trio.run(partial(_serve, args.pki, settings, args.ready_file))
         return 0
-    except (ValueError, OSError) as exc:
-        print(f"qkdm-sim: {exc}", file=sys.stderr)
+    except BaseException as exc:  # only usage/setup errors become one line, the rest re-raise
+        problem = _expected(exc)
+        if problem is None:
+            raise
+        print(f"qkdm-sim: {problem}", file=sys.stderr)
         return 2
+
+
+def _expected(exc: BaseException) -> str | None:
+    """The message of a ValueError/OSError, also alone inside trio's exception groups (a port
+    in use is raised inside the server's nursery)."""
+    leaves = _leaves(exc)
+    if leaves and all(isinstance(leaf, (ValueError, OSError)) for leaf in leaves):
+        return " ".join(str(leaves[0]).split()) or type(leaves[0]).__name__
+    return None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 async def _serve(directory: Path, settings: SimSettings, ready_file: Path | None) -> None:

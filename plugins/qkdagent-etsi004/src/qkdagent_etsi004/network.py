@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
+from qkdagent import CsprngSupply, KeySupply, SupplyExhausted, SupplyFactory
+
 from .codec import (
     NULL_KSID,
     CloseRequest,
@@ -32,7 +34,6 @@ from .codec import (
     QoS,
     Status,
 )
-from .supply import CsprngSupply, KeySupply, SupplyExhausted
 
 MIMETYPES = ("application/json",)
 
@@ -128,7 +129,7 @@ class ModuleNetwork:
         *,
         limits: Limits | None = None,
         rate_bps: float = 10_000_000.0,
-        supply_factory: Callable[[str, str], KeySupply] | None = None,
+        supply_factory: SupplyFactory | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.modules = {m: set(apps) for m, apps in modules.items()}
@@ -140,7 +141,7 @@ class ModuleNetwork:
                 raise ValueError(f"module {a if a in self.peer else b!r} is in two links")
             self.peer[a], self.peer[b] = b, a
             self.supplies[(a, b)] = (
-                supply_factory(a, b)
+                supply_factory(*sorted((a, b)))  # the seam's contract: names sorted
                 if supply_factory
                 else CsprngSupply(
                     rate_bps=rate_bps, capacity_bits=max(1 << 20, int(rate_bps)), clock=clock

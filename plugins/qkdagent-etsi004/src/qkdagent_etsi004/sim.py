@@ -18,12 +18,12 @@ from typing import Any
 
 import trio
 
-from qkdagent import extend_test_pki, file_stem, write_test_pki
+from qkdagent import SupplyFactory, extend_test_pki, file_stem, write_test_pki
 
+from .codec import Dialect
 from .network import Limits, ModuleNetwork
 from .restserver import RestServer
 from .server import ModuleServer, server_ssl_context
-from .supply import KeySupply
 
 DEFAULT_MODULES: dict[str, list[str]] = {"QKDM_A": ["alice"], "QKDM_B": ["bob"]}
 
@@ -54,7 +54,8 @@ class SimSettings:
     ports: Mapping[str, int] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     rate_bps: float = 10_000_000.0
-    supply_factory: Callable[[str, str], KeySupply] | None = None
+    supply_factory: SupplyFactory | None = None
+    """Makes each module pair's key supply (`qkdagent.KeySupply`); None: CSPRNG at `rate_bps`."""
     clock: Callable[[], float] = time.monotonic
     v1_status_one: bool = False
     rest: bool = False
@@ -103,12 +104,23 @@ class Simulator:
         return table
 
     def describe(self) -> list[dict[str, Any]]:
+        """Per module what a client needs: address, dialects, module_id (the certificate's CN),
+        the CA, and each application's certificate and key (what `--ready-file` holds)."""
         return [
             {
                 "module_id": m,
                 "address": self.addresses[m],
+                "dialects": [d.value for d in Dialect],
                 "peer": self.network.peer.get(m),
                 "applications": sorted(self.network.modules[m]),
+                "ca": str(self.pki / "ca.pem"),
+                "credentials": {
+                    app: {
+                        "cert": str(self.pki / f"{file_stem(app)}.pem"),
+                        "key": str(self.pki / f"{file_stem(app)}.key"),
+                    }
+                    for app in sorted(self.network.modules[m])
+                },
                 **({"rest_address": self.rest_addresses[m]} if m in self.rest_addresses else {}),
             }
             for m in self.servers

@@ -1,61 +1,68 @@
-"""Where a simulated QKD link's key bits come from (the same seam as kme-sim's supply).
-
-`KeySupply` is structural: anything with `available_bits()` and `take(bits)` (kme-sim's
-`CsprngSupply`, a BB84 engine later) backs a 004 module, so one simulated link can feed a 014
-KME and a 004 module at once. Plugins cannot import each other, hence this small copy.
+"""qkdm-sim's key supplies: the core seam (`qkdagent.KeySupply`, `CsprngSupply`, entry-point
+supplies) plus what only the simulator needs, turning `--supply NAME[:KEY=VALUE,...]` into one
+supply per module pair before anything listens, so a bad spec or a failing engine is one clear
+`ValueError` (exit 2), never a traceback from inside the server.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Iterable
+
+from qkdagent import (
+    CsprngSupply,
+    KeySupply,
+    SupplyExhausted,
+    SupplyFactory,
+    load_supply_factory,
+    parse_supply_spec,
+)
+
+__all__ = [
+    "BUILTIN",
+    "CsprngSupply",
+    "KeySupply",
+    "SupplyExhausted",
+    "SupplyFactory",
+    "supplies_for",
+]
+
+BUILTIN = "csprng"
+"""The default supply's name: a CSPRNG link of the rate given by `--rate`."""
 
 
-class SupplyExhausted(Exception):
-    """The store holds fewer bits than requested; nothing was taken."""
+def supplies_for(spec: str | None, links: Iterable[tuple[str, str]]) -> SupplyFactory | None:
+    """The factory `--supply spec` names, its supplies made now for every link in `links`.
 
+    None for the built-in CSPRNG supply (the simulator makes it from `--rate`). A supply asked
+    for a link not made here is made on demand by the same factory.
+    """
+    if spec is None:
+        return None
+    name, options = parse_supply_spec(spec)
+    if name == BUILTIN:
+        if options:
+            raise ValueError(f"supply {BUILTIN!r} takes no options (its rate is --rate)")
+        return None
+    try:
+        factory = load_supply_factory(name, options)
+    except ValueError as exc:
+        raise ValueError(f"--supply {name}: {exc}") from None
+    except Exception as exc:  # a broken plugin: one line naming it, not its traceback
+        raise ValueError(f"--supply {name}: cannot load it ({type(exc).__name__}: {exc})") from None
+    made: dict[tuple[str, str], KeySupply] = {}
+    for a, b in links:
+        pair = (min(a, b), max(a, b))
+        try:
+            made[pair] = factory(*pair)
+        except Exception as exc:
+            raise ValueError(
+                f"--supply {name}: no supply for link {pair[0]}-{pair[1]} "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
 
-class KeySupply(Protocol):
-    def available_bits(self) -> int: ...
+    def prebuilt(a: str, b: str) -> KeySupply:
+        pair = (min(a, b), max(a, b))
+        supply = made.get(pair)
+        return supply if supply is not None else factory(*pair)
 
-    def take(self, bits: int) -> bytes: ...
-
-
-class CsprngSupply:
-    """A link producing `rate_bps` secret bits per second into a store of `capacity_bits`."""
-
-    def __init__(
-        self,
-        *,
-        rate_bps: float,
-        capacity_bits: int,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if rate_bps < 0 or capacity_bits <= 0:
-            raise ValueError("rate must be >= 0 and capacity > 0")
-        self.rate_bps = rate_bps
-        self.capacity_bits = capacity_bits
-        self._clock = clock
-        self._level = float(capacity_bits)
-        self._at = clock()
-
-    def available_bits(self) -> int:
-        now = self._clock()
-        if now > self._at:
-            self._level = min(self.capacity_bits, self._level + (now - self._at) * self.rate_bps)
-        self._at = now
-        return int(self._level)
-
-    def take(self, bits: int) -> bytes:
-        if bits < 0 or bits % 8:
-            raise ValueError("bits must be a non-negative multiple of 8")
-        if bits > self.available_bits():
-            raise SupplyExhausted(f"{bits} bits requested, {int(self._level)} stored")
-        self._level -= bits
-        return os.urandom(bits // 8)
-
-    def drain(self) -> None:
-        self.available_bits()
-        self._level = 0.0
+    return prebuilt

@@ -17,6 +17,7 @@ from .app import Quirks
 from .identity import MODES, IdentityRule
 from .network import Limits
 from .sim import DEFAULT_KMES, SimSettings, Simulator, make_pki, run_simulator
+from .supply import BUILTIN, supplies_for
 
 
 def _kme(text: str) -> tuple[str, list[str]]:
@@ -72,9 +73,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1_000_000.0,
         metavar="BITS/S",
-        help="secret key rate of every simulated link",
+        help="secret key rate of every simulated link (the csprng supply)",
     )
-    parser.add_argument("--initial-fill", type=float, default=1.0, help="store fill at start, 0..1")
+    parser.add_argument(
+        "--initial-fill",
+        type=float,
+        default=1.0,
+        help="store fill at start, 0..1 (the csprng supply)",
+    )
+    parser.add_argument(
+        "--supply",
+        metavar="NAME[:KEY=VALUE,...]",
+        help=f"where each link's key bits come from: {BUILTIN!r} (default: a CSPRNG at --rate) "
+        "or a supply installed by a plugin (entry-point group qkdagent.supplies), e.g. "
+        "bb84:distance_km=10",
+    )
     parser.add_argument(
         "--sync-delay",
         type=float,
@@ -163,6 +176,10 @@ def settings_from(args: argparse.Namespace) -> SimSettings:
         args.max_sae_id_count,
     )
     limits.check()
+    names = sorted(kmes)  # every pair, a KME with itself too (its SAEs share a local store)
+    supply_factory = supplies_for(
+        args.supply, [(a, b) for i, a in enumerate(names) for b in names[i:]]
+    )
     identity = IdentityRule(args.identity, dict((fp, sae) for fp, sae in args.fingerprint))
     quirks = Quirks(
         only_method=args.only_method,
@@ -180,6 +197,7 @@ def settings_from(args: argparse.Namespace) -> SimSettings:
         identity,
         quirks,
         args.max_body,
+        supply_factory=supply_factory,
     )
 
 

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .supply import CsprngSupply, KeySupply, SupplyExhausted
+from qkdagent import CsprngSupply, KeySupply, SupplyExhausted, SupplyFactory
+
 from .wire import MSG_KEY_ACCESS_ERROR, MSG_KEYS_NOT_FOUND, MSG_SIZE_MULTIPLE_OF_8
 
 
@@ -98,9 +99,6 @@ class Kme:
     kme_id: str
     saes: frozenset[str]
     parked: OrderedDict[str, Parked] = field(default_factory=OrderedDict)
-
-
-SupplyFactory = Callable[[str, str], KeySupply]
 
 
 def new_key_ids(count: int) -> list[str]:

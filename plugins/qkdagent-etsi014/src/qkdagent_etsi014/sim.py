@@ -21,11 +21,11 @@ from typing import Any
 
 import trio
 
-from qkdagent import extend_test_pki, file_stem, write_test_pki
+from qkdagent import SupplyFactory, extend_test_pki, file_stem, write_test_pki
 
 from .app import DEFAULT_MAX_BODY, KmeApp, Quirks
 from .identity import IdentityRule
-from .network import KmeNetwork, Limits, SupplyFactory
+from .network import KmeNetwork, Limits
 from .server import KmeServer, server_ssl_context
 
 log = logging.getLogger(__name__)

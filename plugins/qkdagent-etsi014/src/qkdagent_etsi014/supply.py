@@ -1,74 +1,70 @@
-"""Where a simulated QKD link's key bits come from.
-
-`KeySupply` is the seam a BB84 engine plugs into later: the KME network only asks how many bits
-are stored and takes bits out. `CsprngSupply` emulates a link of fixed secret key rate feeding a
-bounded store, with the bits themselves drawn from the OS CSPRNG at the moment they are taken.
+"""kme-sim's key supplies: the core seam (`qkdagent.KeySupply`, `CsprngSupply`, entry-point
+supplies) plus what only the simulator needs, turning `--supply NAME[:KEY=VALUE,...]` into one
+supply per KME pair before anything listens, so a bad spec or a failing engine is one clear
+`ValueError` (exit 2), never a traceback from inside a request.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Iterable
+
+from qkdagent import (
+    CsprngSupply,
+    KeySupply,
+    SupplyExhausted,
+    SupplyFactory,
+    load_supply_factory,
+    parse_supply_spec,
+)
+
+__all__ = [
+    "BUILTIN",
+    "CsprngSupply",
+    "KeySupply",
+    "SupplyExhausted",
+    "SupplyFactory",
+    "supplies_for",
+]
+
+BUILTIN = "csprng"
+"""The default supply's name: a CSPRNG link of `--rate`, filled to `--initial-fill` at start."""
 
 
-class SupplyExhausted(Exception):
-    """The store holds fewer bits than requested; nothing was taken."""
+def supplies_for(spec: str | None, links: Iterable[tuple[str, str]]) -> SupplyFactory | None:
+    """The factory `--supply spec` names, its supplies made now for every link in `links`.
 
+    None for the built-in CSPRNG supply (the simulator makes it from `--rate`). A supply asked
+    for a link not made here is made on demand by the same factory.
+    """
+    if spec is None:
+        return None
+    name, options = parse_supply_spec(spec)
+    if name == BUILTIN:
+        if options:
+            raise ValueError(
+                f"supply {BUILTIN!r} takes no options (it is set by --rate and --initial-fill)"
+            )
+        return None
+    try:
+        factory = load_supply_factory(name, options)
+    except ValueError as exc:
+        raise ValueError(f"--supply {name}: {exc}") from None
+    except Exception as exc:  # a broken plugin: one line naming it, not its traceback
+        raise ValueError(f"--supply {name}: cannot load it ({type(exc).__name__}: {exc})") from None
+    made: dict[tuple[str, str], KeySupply] = {}
+    for a, b in links:
+        pair = (min(a, b), max(a, b))
+        try:
+            made[pair] = factory(*pair)
+        except Exception as exc:
+            raise ValueError(
+                f"--supply {name}: no supply for link {pair[0]}-{pair[1]} "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
 
-class KeySupply(Protocol):
-    """Secret bits shared by the two ends of one QKD link."""
+    def prebuilt(a: str, b: str) -> KeySupply:
+        pair = (min(a, b), max(a, b))
+        supply = made.get(pair)
+        return supply if supply is not None else factory(*pair)
 
-    def available_bits(self) -> int:
-        """Bits stored right now (both ends hold the same amount)."""
-        ...
-
-    def take(self, bits: int) -> bytes:
-        """Remove `bits` bits (a multiple of 8) and return them; raise SupplyExhausted if short."""
-        ...
-
-
-class CsprngSupply:
-    """A link producing `rate_bps` secret bits per second into a store of `capacity_bits`."""
-
-    def __init__(
-        self,
-        *,
-        rate_bps: float,
-        capacity_bits: int,
-        initial_bits: int | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        if rate_bps < 0 or capacity_bits <= 0:
-            raise ValueError("rate must be >= 0 and capacity > 0")
-        self.rate_bps = rate_bps
-        self.capacity_bits = capacity_bits
-        self._clock = clock
-        self._level = float(capacity_bits if initial_bits is None else initial_bits)
-        self._level = min(self._level, capacity_bits)
-        self._at = clock()
-
-    def _refill(self) -> None:
-        now = self._clock()
-        if now > self._at:
-            self._level = min(self.capacity_bits, self._level + (now - self._at) * self.rate_bps)
-        self._at = now
-
-    def available_bits(self) -> int:
-        self._refill()
-        return int(self._level)
-
-    def take(self, bits: int) -> bytes:
-        if bits < 0 or bits % 8:
-            raise ValueError("bits must be a non-negative multiple of 8")
-        self._refill()
-        if bits > self._level:
-            raise SupplyExhausted(f"{bits} bits requested, {int(self._level)} stored")
-        self._level -= bits
-        return os.urandom(bits // 8)
-
-    def drain(self, keep_bits: int = 0) -> None:
-        """Empty the store down to `keep_bits` (tests: provoke 503 without waiting)."""
-        self._refill()
-        self._level = float(min(self._level, keep_bits))
+    return prebuilt
