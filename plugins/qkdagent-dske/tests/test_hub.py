@@ -27,6 +27,7 @@ P = "/hub/hank/dske"
 class Client:
     def __init__(self, hub: Hub, name: str) -> None:
         self.hub, self.name, self.book = hub, name, PoolBook()
+        self.last_pad = b""
 
     async def call(
         self,
@@ -56,6 +57,7 @@ class Client:
 
     def post_body(self, key_id: str, share: bytes, slave: str = "conny") -> tuple[bytes, str]:
         (sig, key), (pad_alloc, pad) = self.take(32, len(share))
+        self.last_pad = pad
         body = wire.SharePost(
             self.name, self.name, slave, key_id, 1, pad_alloc, wire.xor(share, pad)
         ).encode()
