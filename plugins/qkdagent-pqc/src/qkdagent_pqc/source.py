@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+from collections.abc import Callable
 
 from qkdagent import (
     Answered,
@@ -61,6 +62,8 @@ class MlkemSource(Source):
             except ValueError as exc:
                 peers.fail(peer, f"is not an {self.params.name} public key ({exc})")
         peers.finish()
+        self._generate: Callable[[], kem.PrivateKey] = self.params.generate
+        """Makes each next ephemeral key pair; the hybrid test vectors fix it to a seed."""
         self._last: dict[str, tuple[bytes, kem.PrivateKey, bytes]] = {}
         """Per link: the key pair this side answered last (seed, key, fingerprint), so the
         next `answer` skips re-deriving it from the state (about 100 µs). Replaced, not kept,
@@ -123,7 +126,7 @@ class MlkemSource(Source):
             secret = private.decapsulate(ciphertext)
         except ValueError:
             raise KeyNotFound(f"link {link.name!r}: the ciphertext does not decapsulate") from None
-        following = self.params.generate()
+        following = self._generate()
         public, seed = following.public_key().public_bytes_raw(), following.private_bytes_raw()
         self._last[link.name] = (seed, following, kem.fingerprint(self.params, public))
         return Answered(Key(key_id, Secret(secret)), answer=public, state=seed)
