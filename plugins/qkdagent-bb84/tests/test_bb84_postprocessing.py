@@ -9,7 +9,8 @@ import pytest
 
 from qkdagent_bb84 import engine
 from qkdagent_bb84.cascade import CascadeResult
-from qkdagent_bb84.engine import ABORT_VERIFY, OK, Settings, post_process, run_block, sift
+from qkdagent_bb84.channel import Channel
+from qkdagent_bb84.engine import ABORT_VERIFY, OK, Settings, post_process, run_block
 from qkdagent_bb84.finitekey import (
     DecoyBounds,
     asymptotic_fraction,
@@ -47,15 +48,17 @@ def test_verification_discards_a_block_with_a_residual_error(
 ) -> None:
     real = engine.cascade
 
-    def leaves_one_error(alice, bob, qber, rng, algorithm):  # type: ignore[no-untyped-def]
-        result = real(alice, bob, qber, rng, algorithm)
+    def leaves_one_error(alice, bob, qber, algorithm, channel):  # type: ignore[no-untyped-def]
+        result = real(alice, bob, qber, algorithm, channel)
         result.key[123] ^= 1  # a residual error Cascade did not see
         return CascadeResult(result.key, result.disclosed, result.rounds, result.flipped)
 
     det = engine.gather(SMALL, np.random.default_rng(4))
-    assert post_process(SMALL, sift(det), np.random.default_rng(5)).status == OK
+    key = b"k" * 32
+    ok = post_process(SMALL, det, np.random.default_rng(5), Channel.shared(key))
+    assert ok.status == OK
     monkeypatch.setattr(engine, "cascade", leaves_one_error)
-    result = post_process(SMALL, sift(det), np.random.default_rng(5))
+    result = post_process(SMALL, det, np.random.default_rng(5), Channel.shared(key))
     assert result.status == ABORT_VERIFY
     assert result.alice_key == result.bob_key == b""
 

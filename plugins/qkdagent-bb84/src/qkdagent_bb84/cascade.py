@@ -1,23 +1,33 @@
-"""Cascade information reconciliation, vectorised over blocks (pure: numpy arrays in and out).
+"""Cascade information reconciliation, vectorised over blocks and frames (pure: numpy in and out).
 
 Hand-written, not a library: no maintained Python Cascade exists (the published ones are
-teaching code at 0.05-0.2 Mbit/s that walk one block at a time in Python), and what makes this
-one fast is specific to how we hold the key: all odd blocks of a pass are bisected *together*,
-one numpy step per bisection level, which is also one round trip of the classical channel.
+teaching code at 0.05-0.2 Mbit/s that walk one block at a time in Python). What makes this one
+fast: all odd blocks of a pass, in every frame of a batch, are bisected *together*, one numpy
+step per bisection level, which is also one round trip of the classical channel; Alice's
+parities come from a prefix sum of her permuted key computed once per pass (her key never
+changes), so each of her answers is two lookups; Bob's parities are his prefix sums as the pass
+opened corrected by the flips he made since; and the permutations are public, fixed per (n,
+pass) and cached, because drawing a random permutation of 10^6 positions costs more than the
+rest of a pass. Fixed public permutations are as good as fresh ones: errors are independent
+from frame to frame, the permutations were never secret, and every parity is counted anyway;
+an adversary who shapes errors to defeat them gains a discarded block, which she can have by
+cutting the fibre.
 
-The protocol, both parties simulated here: for each pass Alice and Bob apply the same public
-random permutation, cut it into blocks of the pass's size, and Alice discloses every block
-parity. A block whose parities differ holds an odd number of errors; a bisection (Alice
-discloses the parity of the left half, Bob compares) finds one error, which Bob flips. Flipping
-a bit changes the parity of the block holding it in every earlier pass, which may turn an even
-block odd (the "cascade"); those are bisected in turn, until every block of every pass so far
-agrees. Blocks of one pass are disjoint, so one pass's odd blocks are corrected in one batch;
-batches of different passes never run together (they could find the same bit).
+The protocol: for each pass both ends apply the pass's public permutation, cut it into blocks of
+the pass's size, and Alice discloses every block parity. A block whose parities differ holds an
+odd number of errors; a bisection (Alice discloses the parity of the left half, Bob says which
+half he goes on with) finds one error, which Bob flips. Flipping a bit changes the parity of the
+block holding it in every earlier pass, which may turn an even block odd (the "cascade"); those
+are bisected in turn, until every block of every pass so far agrees. Blocks of one pass are
+disjoint, so one pass's odd blocks are corrected in one batch; batches of different passes
+never run together (they could find the same bit).
 
-Every parity Alice discloses is counted in `disclosed`; `rounds` counts the round trips (one per
-batch of block parities and one per bisection level of a batch).
+Both ends are simulated, each from its own key and from the messages it receives through the
+authenticated `Channel` (nothing else crosses). Every parity Alice discloses is counted, per
+frame, in `disclosed`; `rounds` counts the round trips (one per batch of block parities and one
+per bisection level of a batch), shared by the frames of a batch.
 
-Algorithms (block sizes per pass; Q is the estimated error rate; n the key length):
+Algorithms (block sizes per pass; Q is the estimated error rate; n the frame length):
 - `original` (Brassard-Salvail 1993): 4 passes, k1 = ceil(0.73/Q), k_i = 2 k_(i-1).
 - `yanetal` (Yan et al. 2008, "Cascade opt. (2)" of Martinez-Mateo et al. 2015): 10 passes,
   k1 = ceil(0.8/Q), k2 = 5 k1, then n/2. The default (f about 1.06-1.08).
@@ -30,13 +40,20 @@ Algorithms (block sizes per pass; Q is the estimated error rate; n the key lengt
 from __future__ import annotations
 
 import math
+import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .channel import ALICE, BOB, AuthError, Channel, pack_bits, unauthenticated, unpack_bits
 from .finitekey import h
 
 MIN_QBER = 1e-4
+ALGORITHMS = ("original", "yanetal", "option8")
+CACHE_BYTES = 256 << 20
+_PERM_DOMAIN = 0x63617363  # separates these public permutations from every other seeded stream
 
 
 def block_sizes(algorithm: str, qber: float, n: int) -> list[int]:
@@ -56,7 +73,40 @@ def block_sizes(algorithm: str, qber: float, n: int) -> list[int]:
     return [max(1, min(k, n)) for k in sizes]
 
 
-ALGORITHMS = ("original", "yanetal", "option8")
+class _PermutationCache:
+    """Public permutations (and inverses) by (n, pass), bounded in bytes, thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, n: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+        key = (n, index)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        rng = np.random.default_rng((_PERM_DOMAIN, n, index))
+        perm = np.arange(n, dtype=np.intp)  # intp: numpy indexes without converting
+        rng.shuffle(perm)
+        inv = np.empty(n, dtype=np.int32)
+        inv[perm] = np.arange(n, dtype=np.int32)
+        with self._lock:
+            self._items[key] = (perm, inv)
+            while len(self._items) > 1 and sum(12 * k[0] for k in self._items) > self.limit:
+                self._items.popitem(last=False)
+        return perm, inv
+
+
+PERMUTATIONS = _PermutationCache(CACHE_BYTES)
+
+
+def warm(n: int, algorithm: str = "yanetal") -> None:
+    """Build the public permutations for frames of n bits ahead of the first frame."""
+    for index in range(len(block_sizes(algorithm, 0.02, n))):
+        PERMUTATIONS.get(n, index)
 
 
 @dataclass
@@ -73,96 +123,201 @@ class CascadeResult:
         return self.disclosed / denom if denom > 0 else math.inf
 
 
+@dataclass
+class FramesResult:
+    """A batch of frames reconciled together: per-frame figures, shared round trips."""
+
+    keys: np.ndarray = field(repr=False)
+    disclosed: np.ndarray
+    flipped: np.ndarray
+    rounds: int
+
+
 class _Pass:
-    """One pass: its permutation (and inverse), block size and per-block parity difference."""
+    """One pass of a batch: permutation, block size, blocks per frame; each end's permuted key
+    as it was when the pass opened (Alice's never changes), their prefix parities computed on
+    the pass's first bisection, and the positions Bob has flipped since the pass opened."""
 
-    __slots__ = ("diff", "inv", "k", "perm")
+    __slots__ = (
+        "a_perm",
+        "a_pre",
+        "b_perm",
+        "b_pre",
+        "diff",
+        "flips",
+        "inv",
+        "k",
+        "per_frame",
+        "perm",
+        "sorted_flips",
+    )
 
-    def __init__(self, perm: np.ndarray, k: int, diff: np.ndarray) -> None:
-        self.perm = perm
-        self.inv = np.empty_like(perm)
-        self.inv[perm] = np.arange(perm.size, dtype=perm.dtype)
-        self.k = k
-        self.diff = diff
+    def __init__(self, perm: np.ndarray, inv: np.ndarray, k: int, n: int) -> None:
+        self.perm, self.inv, self.k = perm, inv, k
+        self.per_frame = -(-n // k)
+        self.diff = np.empty(0, dtype=np.uint8)
+        self.a_perm = self.b_perm = self.diff
+        self.a_pre: np.ndarray | None = None
+        self.b_pre: np.ndarray | None = None
+        self.flips: list[np.ndarray] = []
+        self.sorted_flips = np.empty(0, dtype=np.int64)
+
+    def permuted(self, flat: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(frame, position in the frame's permuted order) of flat key positions."""
+        frame, pos = np.divmod(flat, n)
+        return frame, self.inv[pos]
+
+    def prefixes(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.a_pre is None or self.b_pre is None:
+            self.a_pre, self.b_pre = _prefix(self.a_perm), _prefix(self.b_perm)
+        return self.a_pre, self.b_pre
+
+    def bob_flips(self, n: int) -> np.ndarray:
+        """Sorted flat permuted positions Bob flipped since the pass opened."""
+        if self.flips:
+            new = np.sort(np.concatenate(self.flips))
+            at = np.searchsorted(self.sorted_flips, new)
+            self.sorted_flips, self.flips = np.insert(self.sorted_flips, at, new), []
+        return self.sorted_flips
 
 
-def _range_parities(
-    bits: np.ndarray, perm: np.ndarray, starts: np.ndarray, ends: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Prefix parities over the concatenated permuted ranges [start, end) and each range's
-    offset into it: the parity of [a, b) inside range r is P[off_r+b-s_r] ^ P[off_r+a-s_r]."""
-    lengths = ends - starts
-    offsets = np.zeros(lengths.size, dtype=np.int64)
-    np.cumsum(lengths[:-1], out=offsets[1:])
-    total = int(lengths.sum())
-    pos = np.arange(total, dtype=np.int64) - np.repeat(offsets - starts, lengths)
-    prefix = np.zeros(total + 1, dtype=np.uint8)
-    np.bitwise_xor.accumulate(bits[perm[pos]], out=prefix[1:])
-    return prefix, offsets
+def _prefix(permuted: np.ndarray) -> np.ndarray:
+    """Row-wise prefix parities with a leading 0: pre[b] ^ pre[a] is the parity of [a, b)."""
+    out = np.zeros((permuted.shape[0], permuted.shape[1] + 1), dtype=np.uint8)
+    np.bitwise_xor.accumulate(permuted, axis=1, out=out[:, 1:])
+    return out
 
 
-def _bisect(alice: np.ndarray, bob: np.ndarray, p: _Pass, n: int) -> tuple[np.ndarray, int, int]:
-    """Bisect every odd block of pass `p` at once; return Bob's positions to flip, parities
-    disclosed and round trips."""
-    odd = np.flatnonzero(p.diff)
-    start = odd.astype(np.int64) * p.k
-    end = np.minimum(start + p.k, n)
-    a_pre, off = _range_parities(alice, p.perm, start, end)  # Alice answers from her key
-    b_pre, _ = _range_parities(bob, p.perm, start, end)  # Bob compares with his
-    lo, hi = start.copy(), end.copy()
-    disclosed = rounds = 0
+def _open_pass(
+    p: _Pass, alice: np.ndarray, bob: np.ndarray, channel: Channel, frames: int, n: int
+) -> None:
+    """Alice discloses every block parity of pass `p`; Bob learns which blocks disagree."""
+    starts = np.arange(0, n, p.k)
+    p.a_perm = np.take(alice, p.perm, axis=1)
+    a_par = np.bitwise_xor.reduceat(p.a_perm, starts, axis=1)
+    received = channel.send(ALICE, "cascade.parities", pack_bits(a_par.ravel()))
+    p.b_perm = np.take(bob, p.perm, axis=1)
+    b_par = np.bitwise_xor.reduceat(p.b_perm, starts, axis=1).ravel()
+    p.diff = unpack_bits(received, frames * p.per_frame, "parities") ^ b_par
+
+
+def _ranges(p: _Pass, blocks: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    frame, j = np.divmod(blocks.astype(np.int64), p.per_frame)
+    start = j * p.k
+    return frame, start, np.minimum(start + p.k, n)
+
+
+def _bisect(
+    p: _Pass, index: int, channel: Channel, frames: int, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Bisect every odd block of pass `p` (all frames) at once. Returns the flat positions Bob
+    flips, their frames, the parities disclosed per odd block, and the round trips."""
+    odd = np.flatnonzero(p.diff).astype(np.int32)
+    request = channel.send(BOB, "cascade.bisect", struct.pack("<H", index) + odd.tobytes())
+    # Alice: which pass and blocks Bob asks about (checked: a bad request aborts the block)
+    (asked_pass,) = struct.unpack_from("<H", request)
+    asked = np.frombuffer(request, dtype=np.int32, offset=2)
+    if (
+        asked_pass != index
+        or asked.size != odd.size
+        or (asked.size and not 0 <= int(asked.min()) <= int(asked.max()) < p.diff.size)
+    ):
+        raise AuthError("malformed bisection request")
+    a_pre, b_pre = p.prefixes()
+    a_flat, b_flat = a_pre.reshape(-1), b_pre.reshape(-1)
+    # Bob: his parities as the pass opened, corrected by his flips since (sorted positions)
+    flipped = p.bob_flips(n)
+    frame, start, end = _ranges(p, odd, n)
+    base = frame * (n + 1)
+    a_frame, a_start, a_end = _ranges(p, asked, n)
+    a_base = a_frame * (n + 1)
+    lo, hi = start.copy(), end.copy()  # Bob's search state
+    a_lo, a_hi = a_start.copy(), a_end.copy()  # Alice's, moved only by Bob's messages
+    steps = np.zeros(odd.size, dtype=np.int64)
+    rounds = 0
     active = np.flatnonzero(hi - lo > 1)
     while active.size:
-        left_end, r = lo[active], hi[active]
-        mid = (left_end + r) // 2
-        base = off[active] - start[active]
-        a_par = a_pre[base + mid] ^ a_pre[base + left_end]
-        b_par = b_pre[base + mid] ^ b_pre[base + left_end]
-        left = a_par != b_par
-        hi[active] = np.where(left, mid, r)
+        # Alice: parity of the left half of each range still open
+        al, ah = a_lo[active], a_hi[active]
+        am = (al + ah) // 2
+        ab = a_base[active]
+        a_par = a_flat[ab + am] ^ a_flat[ab + al]
+        answer = channel.send(ALICE, "cascade.answer", pack_bits(a_par))
+        # Bob: compare with his own, keep the half whose parities differ, tell Alice
+        left_end, right_end = lo[active], hi[active]
+        mid = (left_end + right_end) // 2
+        bb = base[active]
+        b_par = b_flat[bb + mid] ^ b_flat[bb + left_end]
+        if flipped.size:
+            fo = frame[active] * n
+            count = np.searchsorted(flipped, fo + mid) - np.searchsorted(flipped, fo + left_end)
+            b_par ^= (count & 1).astype(np.uint8)
+        left = unpack_bits(answer, active.size, "answer") != b_par
+        hi[active] = np.where(left, mid, right_end)
         lo[active] = np.where(left, left_end, mid)
-        disclosed += active.size
+        steps[active] += 1
         rounds += 1
+        told = unpack_bits(
+            channel.send(BOB, "cascade.direction", pack_bits(left)), active.size, "dir"
+        )
+        a_hi[active] = np.where(told, am, ah)
+        a_lo[active] = np.where(told, al, am)
         active = active[hi[active] - lo[active] > 1]
-    return p.perm[lo], disclosed, rounds
+    return frame * n + p.perm[lo], frame, steps, rounds
+
+
+def cascade_frames(
+    alice: np.ndarray,
+    bob: np.ndarray,
+    qber: float,
+    algorithm: str = "yanetal",
+    channel: Channel | None = None,
+) -> FramesResult:
+    """Reconcile Bob's frames with Alice's (uint8 0/1 arrays of shape (frames, n)), all frames
+    in the same round trips."""
+    if alice.shape != bob.shape or alice.ndim != 2:
+        raise ValueError("keys differ in shape (or are not frames x bits)")
+    frames, n = alice.shape
+    channel = channel if channel is not None else unauthenticated()
+    bob = bob.astype(np.uint8, copy=True)
+    alice = alice.astype(np.uint8, copy=False)
+    disclosed = np.zeros(frames, dtype=np.int64)
+    flipped = np.zeros(frames, dtype=np.int64)
+    if n == 0 or frames == 0:
+        return FramesResult(bob, disclosed, flipped, 0)
+    passes: list[_Pass] = []
+    rounds = 0
+    for index, k in enumerate(block_sizes(algorithm, qber, n)):
+        p = _Pass(*PERMUTATIONS.get(n, index), k, n)
+        _open_pass(p, alice, bob, channel, frames, n)
+        passes.append(p)
+        disclosed += p.per_frame
+        rounds += 1
+        while True:
+            todo = next((i for i, q in enumerate(passes) if q.diff.any()), None)
+            if todo is None:
+                break
+            flips, frame_of, steps, r = _bisect(passes[todo], todo, channel, frames, n)
+            rounds += r
+            disclosed += np.bincount(frame_of, weights=steps, minlength=frames).astype(np.int64)
+            flipped += np.bincount(frame_of, minlength=frames)
+            bob.reshape(-1)[flips] ^= 1
+            for q in passes:
+                fr, pos = q.permuted(flips, n)
+                np.bitwise_xor.at(q.diff, fr * q.per_frame + pos // q.k, 1)
+                q.flips.append(fr * n + pos)
+    return FramesResult(bob, disclosed, flipped, rounds)
 
 
 def cascade(
     alice: np.ndarray,
     bob: np.ndarray,
     qber: float,
-    rng: np.random.Generator,
     algorithm: str = "yanetal",
+    channel: Channel | None = None,
 ) -> CascadeResult:
-    """Reconcile Bob's key with Alice's (uint8 arrays of 0/1); `rng` is the public randomness
-    both sides share (the permutations)."""
-    n = int(alice.size)
-    if bob.size != n:
+    """Reconcile one frame: Bob's key with Alice's (uint8 arrays of 0/1)."""
+    if bob.size != alice.size:
         raise ValueError("keys differ in length")
-    bob = bob.astype(np.uint8, copy=True)
-    alice = alice.astype(np.uint8, copy=False)
-    if n == 0:
-        return CascadeResult(bob, 0, 0, 0)
-    dtype = np.int32 if n < 2**31 else np.int64
-    passes: list[_Pass] = []
-    disclosed = rounds = flipped = 0
-    for k in block_sizes(algorithm, qber, n):
-        perm = rng.permutation(n).astype(dtype, copy=False)
-        starts = np.arange(0, n, k)
-        a_par = np.bitwise_xor.reduceat(alice[perm], starts)
-        b_par = np.bitwise_xor.reduceat(bob[perm], starts)
-        passes.append(_Pass(perm, k, a_par ^ b_par))
-        disclosed += starts.size
-        rounds += 1
-        while True:
-            todo = next((p for p in passes if p.diff.any()), None)
-            if todo is None:
-                break
-            flips, d, r = _bisect(alice, bob, todo, n)
-            disclosed += d
-            rounds += r
-            flipped += flips.size
-            bob[flips] ^= 1
-            for p in passes:
-                np.bitwise_xor.at(p.diff, p.inv[flips] // p.k, 1)
-    return CascadeResult(bob, disclosed, rounds, flipped)
+    r = cascade_frames(alice.reshape(1, -1), bob.reshape(1, -1), qber, algorithm, channel)
+    return CascadeResult(r.keys.reshape(-1), int(r.disclosed[0]), r.rounds, int(r.flipped[0]))

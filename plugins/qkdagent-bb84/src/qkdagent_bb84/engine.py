@@ -10,12 +10,15 @@ one and vary another.
 
 from __future__ import annotations
 
+import secrets
+import struct
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .cascade import cascade
+from .channel import ALICE, BOB, AuthError, Channel, Tamper, pack_bits, unpack_bits
 from .finitekey import decoy_bounds, lim_length, tomamichel_length
 from .hashing import toeplitz_hash, verification_tag
 from .physics import KEY_BASIS, TEST_BASIS, Detections, Physics, simulate
@@ -24,6 +27,7 @@ OK = "ok"
 ABORT_QBER = "abort: qber above threshold"
 ABORT_VERIFY = "abort: verification failed"
 ABORT_LENGTH = "abort: no secret key left"
+ABORT_AUTH = "abort: classical message failed authentication"
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,8 @@ class Settings:
     eps_sec: float = 1e-10
     eps_cor: float = 1e-15
     auth_bits: int = 0
-    """Authentication key consumed per block (0 with an HMAC keyed from a configured secret)."""
+    """QKD key consumed by authentication per block: 0, the channel's HMAC is keyed from a
+    configured secret (see `channel.py`)."""
 
 
 @dataclass
@@ -100,6 +105,9 @@ class BlockResult:
     s1: float = 0.0
     phi: float = 0.5
     seconds: dict[str, float] = field(default_factory=dict)
+    messages: dict[str, int] = field(default_factory=dict)
+    """Classical messages of the block, per kind."""
+    detail: str = ""
     alice_key: bytes = field(default=b"", repr=False)
     bob_key: bytes = field(default=b"", repr=False)
 
@@ -137,10 +145,59 @@ def key_length(settings: Settings, s: Sifted, est: Estimate, leak: int) -> tuple
     return ell, float(n), est.qber
 
 
-def post_process(settings: Settings, s: Sifted, rng: np.random.Generator) -> BlockResult:
-    """Everything after the quantum phase; `rng` is the public randomness."""
+def _exchange_sifting(det: Detections, channel: Channel, limit: int) -> Sifted:
+    """Sifting and the disclosed sample over the channel, each end from what it received.
+
+    Bob announces his bases for the pulses he detected; Alice answers which match and each
+    pulse's intensity class; both keep the key-basis matches (the first `limit` of them: a
+    fixed frame length) and disclose their test-basis bits to each other."""
+    announced = channel.send(BOB, "sift.bases", pack_bits(det.b_basis))
+    count = det.cls.size
+    b_basis_at_alice = unpack_bits(announced, count, "bases")
+    same = det.a_basis == b_basis_at_alice
+    key_a = same & (det.a_basis == KEY_BASIS)
+    test_a = same & (det.a_basis == TEST_BASIS)
+    reply = channel.send(
+        ALICE, "sift.match", pack_bits(key_a) + pack_bits(test_a) + det.cls.tobytes()
+    )
+    size = (count + 7) // 8
+    if len(reply) != 2 * size + count:
+        raise AuthError("malformed sifting reply")
+    key_b = unpack_bits(reply[:size], count, "match").astype(bool)
+    test_b = unpack_bits(reply[size : 2 * size], count, "match").astype(bool)
+    cls = np.frombuffer(reply, dtype=np.uint8, offset=2 * size)
+    a_key, b_key = det.a_bit[key_a][:limit], det.b_bit[key_b][:limit]
+    a_test = det.a_bit[test_a]
+    b_test = det.b_bit[test_b]
+    from_alice = unpack_bits(
+        channel.send(ALICE, "sample.alice", pack_bits(a_test)), b_test.size, "sample"
+    )
+    from_bob = unpack_bits(
+        channel.send(BOB, "sample.bob", pack_bits(b_test)), a_test.size, "sample"
+    )
+    if not np.array_equal(from_alice ^ b_test, from_bob ^ a_test):
+        raise AuthError("the two ends disagree on the disclosed sample")
+    return Sifted(a_key, b_key, cls[key_b][:limit], cls[test_b], from_alice ^ b_test)
+
+
+def post_process(
+    settings: Settings, det: Detections, rng: np.random.Generator, channel: Channel
+) -> BlockResult:
+    """Everything after the quantum phase; `rng` is Alice's public randomness (hash seeds),
+    every message goes through the authenticated `channel`. A message that fails
+    authentication aborts the block with no key."""
+    try:
+        return _post_process(settings, det, rng, channel)
+    except AuthError as exc:
+        return BlockResult(ABORT_AUTH, detail=str(exc))
+
+
+def _post_process(
+    settings: Settings, det: Detections, rng: np.random.Generator, channel: Channel
+) -> BlockResult:
     clock = time.perf_counter
     t0 = clock()
+    s = _exchange_sifting(det, channel, settings.block_bits)
     n = int(s.key_alice.size)
     est = estimate(s)
     actual = float(np.mean(s.key_alice != s.key_bob)) if n else 0.5
@@ -150,16 +207,23 @@ def post_process(settings: Settings, s: Sifted, rng: np.random.Generator) -> Blo
     if est.sample == 0 or est.qber > settings.qber_threshold or n == 0:
         return result
     t1 = clock()
-    rec = cascade(s.key_alice, s.key_bob, est.qber, rng, settings.cascade)
+    rec = cascade(s.key_alice, s.key_bob, est.qber, settings.cascade, channel)
     t2 = clock()
     result.disclosed, result.rounds = rec.disclosed, rec.rounds + 1
     result.f = rec.efficiency(n, actual) if actual > 0 else 0.0
-    tag_seed = int(rng.integers(0, 2**63))  # public, drawn after reconciliation
+    # verification: Alice draws a fresh public seed after reconciliation and sends seed + tag
+    tag_seed = int(rng.integers(0, 2**63))
     tag_a = verification_tag(s.key_alice, np.random.default_rng(tag_seed), settings.verify_bits)
-    tag_b = verification_tag(rec.key, np.random.default_rng(tag_seed), settings.verify_bits)
+    message = channel.send(ALICE, "verify.tag", struct.pack("<Q", tag_seed) + pack_bits(tag_a))
+    if len(message) < 8:
+        raise AuthError("malformed verification tag")
+    (seed_b,) = struct.unpack_from("<Q", message)
+    tag_b = verification_tag(rec.key, np.random.default_rng(seed_b), settings.verify_bits)
+    same = pack_bits(tag_b) == message[8:]
+    verdict = channel.send(BOB, "verify.result", b"\x01" if same else b"\x00")
     t3 = clock()
-    result.seconds = {"estimate": t1 - t0, "cascade": t2 - t1, "verify": t3 - t2}
-    if not np.array_equal(tag_a, tag_b):
+    result.seconds = {"sift+estimate": t1 - t0, "cascade": t2 - t1, "verify": t3 - t2}
+    if verdict != b"\x01" or not same:
         result.status = ABORT_VERIFY
         return result
     leak = rec.disclosed + settings.verify_bits + settings.auth_bits
@@ -168,23 +232,41 @@ def post_process(settings: Settings, s: Sifted, rng: np.random.Generator) -> Blo
     if ell <= 0:
         result.status = ABORT_LENGTH
         return result
-    seed = rng.integers(0, 2, n + ell - 1, dtype=np.uint8)
-    result.alice_key = np.packbits(toeplitz_hash(s.key_alice, seed, ell)).tobytes()
-    result.bob_key = np.packbits(toeplitz_hash(rec.key, seed, ell)).tobytes()
+    pa_seed = int(rng.integers(0, 2**63))
+    message = channel.send(ALICE, "pa.seed", struct.pack("<QI", pa_seed, ell))
+    if len(message) != 12:
+        raise AuthError("malformed privacy-amplification seed")
+    seed_b, ell_b = struct.unpack("<QI", message)
+    if ell_b != ell:  # Bob computes the length from the same public figures
+        raise AuthError("the two ends disagree on the key length")
+    seed_bits = np.random.default_rng(pa_seed).integers(0, 2, n + ell - 1, dtype=np.uint8)
+    seed_bits_b = np.random.default_rng(seed_b).integers(0, 2, n + ell - 1, dtype=np.uint8)
+    result.alice_key = np.packbits(toeplitz_hash(s.key_alice, seed_bits, ell)).tobytes()
+    result.bob_key = np.packbits(toeplitz_hash(rec.key, seed_bits_b, ell)).tobytes()
     result.seconds["pa"] = clock() - t3
     result.key_bits = ell
     result.status = OK
     return result
 
 
-def run_block(settings: Settings, seed: int | tuple[int, ...]) -> BlockResult:
-    """One block from seed to keys; the same seed gives the same block."""
+def run_block(
+    settings: Settings,
+    seed: int | tuple[int, ...],
+    auth_key: bytes | None = None,
+    tamper: Tamper | None = None,
+) -> BlockResult:
+    """One block from seed to keys; the same seed gives the same block. `auth_key` keys the
+    classical channel's HMAC (a fresh random one when None); `tamper` is the tests' man in the
+    middle."""
     seq = np.random.SeedSequence(seed)
     quantum, public = (np.random.default_rng(s) for s in seq.spawn(2))
     t = time.perf_counter()
     det = gather(settings, quantum)
     t_q = time.perf_counter() - t
-    result = post_process(settings, sift(det), public)
+    key = auth_key if auth_key is not None else secrets.token_bytes(32)
+    channel = Channel.shared(key, tamper)
+    result = post_process(settings, det, public, channel)
+    result.messages = dict(channel.sent)
     result.pulses = det.pulses
     result.seconds["quantum"] = t_q
     return result
