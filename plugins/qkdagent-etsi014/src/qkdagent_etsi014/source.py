@@ -1,5 +1,8 @@
 """Source type `etsi014`: keys from a KME over ETSI GS QKD 014 (HTTPS with mutual TLS).
 
+Plain HTTP only with `insecure_http = true` (simulators such as quPSKd's, during a migration):
+the keys then cross the network in clear, which is logged at `check` and `prepare` and reported.
+
 The initiator calls Get key (`enc_keys`) naming the peer's SAE as slave; the responder calls Get
 key with key IDs (`dec_keys`) naming the peer's SAE as master. Every answer is validated
 (`wire.parse_key_container`) before a key is used. Keys are single-use on the KME, so:
@@ -30,6 +33,7 @@ import httpx
 import trio
 
 from qkdagent import (
+    ComponentEvent,
     Key,
     KeyNotFound,
     Link,
@@ -58,8 +62,16 @@ CLOSE_GRACE = 2.0
 """Seconds aclose() gives cancelled fetches to unwind, and then the connections to close."""
 
 
+INSECURE_HTTP_WARNING = (
+    "plain HTTP to the KME (insecure_http = true): the keys cross the network in clear and the "
+    "KME is not authenticated; use it only with a simulator while migrating"
+)
+
+
 def _check_url(url: str) -> str | None:
     parts = urlsplit(url)
+    if parts.scheme == "http":
+        return None  # allowed only with insecure_http (checked by the caller)
     if parts.scheme != "https":
         return "must be an https:// URL (ETSI GS QKD 014 requires HTTPS)"
     if not parts.hostname:
@@ -108,11 +120,24 @@ class Etsi014Source(Source):
     def __init__(self, name: str, options: Options, context: PluginContext) -> None:
         super().__init__(name, options, context)
         self.kme_url: str = options.string("kme_url", check=_check_url).rstrip("/")
-        self.cert: Path = options.path("cert")
-        self.key_file: Path = options.path("key")
-        self.ca: Path = options.path("ca")
+        self.insecure_http: bool = options.boolean("insecure_http", False)
+        self.plain: bool = urlsplit(self.kme_url).scheme == "http"
+        """Plain HTTP: no TLS identity (cert/key/ca are then unknown options)."""
+        if self.plain and not self.insecure_http:
+            options.fail(
+                "kme_url",
+                "must be an https:// URL (ETSI GS QKD 014 requires HTTPS); plain http:// only "
+                "with insecure_http = true in this source (keys in clear; simulators only)",
+            )
+        if self.insecure_http:
+            options.warn("insecure_http", INSECURE_HTTP_WARNING)
+        self.cert: Path = Path() if self.plain else options.path("cert")
+        self.key_file: Path = Path() if self.plain else options.path("key")
+        self.ca: Path = Path() if self.plain else options.path("ca")
         self.sae_id: str | None = options.string("sae_id", None, max_len=256)
         self.kme_id: str | None = options.string("kme_id", None, max_len=256)
+        if self.plain and self.kme_id is not None:
+            options.fail("kme_id", "needs an https:// KME: plain HTTP cannot confirm its identity")
         self.kme_identity: IdentityRule = _kme_identity(options)
         peers = options.table("peer_sae_ids", {})
         for agent, sae in peers.items():
@@ -144,13 +169,19 @@ class Etsi014Source(Source):
         self._fetches: Fetches[Key] = Fetches(f"source {name!r}: KME {self.kme_url}")
 
     def __repr__(self) -> str:
-        return f"<Etsi014Source {self.name!r} kme={self.kme_url!r} sae={self.sae_id!r}>"
+        insecure = " INSECURE plain HTTP" if self.plain else ""
+        return f"<Etsi014Source {self.name!r} kme={self.kme_url!r} sae={self.sae_id!r}{insecure}>"
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def prepare(self) -> None:
         """Load the TLS identity, then Get status for the peer SAE of every link (and every
         `peer_sae_ids` entry) and check the KME's identity and limits before the first rotation."""
+        if self.insecure_http:
+            log.warning("source %s: %s %s", self.name, self.kme_url, INSECURE_HTTP_WARNING)
+            self.context.report(
+                ComponentEvent(self.name, "insecure_transport", INSECURE_HTTP_WARNING)
+            )
         await self._open()
         targets = self._status_targets()
         if not targets:
@@ -158,14 +189,32 @@ class Etsi014Source(Source):
         for sae, users in targets.items():
             try:
                 status = await self.status(sae)
-            except Misconfigured as exc:
-                raise Misconfigured(f"{exc} (peer SAE of {users})") from None
+            except SourceUnavailable:
+                raise
+            except (Misconfigured, SourceError) as exc:
+                if self.insecure_http:
+                    self._status_unusable(sae, users, exc)
+                    continue
+                if isinstance(exc, Misconfigured):
+                    raise Misconfigured(f"{exc} (peer SAE of {users})") from None
+                raise
             problem = status.mismatch(self.key_size, self.kme_id, self.sae_id)
             if problem is not None:
                 raise Misconfigured(
                     f"source {self.name!r}: {self.kme_url}, peer SAE {sae!r} of {users}: {problem}"
                 )
             log.info("source %s: %s (%s)", self.name, status.describe(), users)
+
+    def _status_unusable(self, sae: str, users: str, exc: Exception) -> None:
+        """insecure_http: a simulator without a usable Get status (quPSKd's answers it with a
+        key container) is accepted; key size and limits are then checked per answer only."""
+        detail = (
+            f"{self.kme_url}: Get status for peer SAE {sae!r} ({users}) is unusable "
+            f"({type(exc).__name__}: {str(exc)[:200]}); accepted because of insecure_http, "
+            "key size and limits are not checked up front"
+        )
+        log.warning("source %s: %s", self.name, detail)
+        self.context.report(ComponentEvent(self.name, "status_unusable", detail))
 
     def _status_targets(self) -> dict[str, str]:
         """Peer SAE ID -> what needs it (for messages): `peer_sae_ids` entries, then links."""
@@ -202,7 +251,9 @@ class Etsi014Source(Source):
 
     async def _open(self) -> httpx.AsyncClient:
         if self._client is None:
-            context = await trio.to_thread.run_sync(self._ssl_context)
+            context: ssl.SSLContext | bool = (
+                True if self.plain else await trio.to_thread.run_sync(self._ssl_context)
+            )
             self._client = httpx.AsyncClient(
                 base_url=self.kme_url,
                 verify=context,
