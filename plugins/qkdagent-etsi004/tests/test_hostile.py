@@ -94,6 +94,21 @@ async def test_garbage_after_a_valid_frame(sim: Simulator) -> None:
     await still_serves(sim, Dialect.V1)
 
 
+async def test_frames_sent_together_are_each_answered_in_order(sim: Simulator) -> None:
+    """The server reads ahead: what follows a frame in the same record is the next frame."""
+    stream = await raw(sim)
+    opens = [codec.OpenConnectRequest("qkd://alice", "qkd://bob", QoS(32)) for _ in range(2)]
+    close = codec.CloseRequest(bytes(range(16)))
+    await stream.send_all(b"".join(codec.encode(Dialect.V2, m) for m in [*opens, close]))
+    services = []
+    for _ in range(3):
+        got = await answer(stream)
+        assert got is not None
+        services.append(got[0].service)
+    assert services == [codec.Service.OPEN_CONNECT_RESPONSE] * 2 + [codec.Service.CLOSE_RESPONSE]
+    await stream.aclose()
+
+
 async def test_failed_handshake_does_not_stop_the_server(sim: Simulator) -> None:
     host, _, port = sim.addresses["QKDM_A"].rpartition(":")
     tcp = await trio.open_tcp_stream(host, int(port))
@@ -231,6 +246,7 @@ LIES: dict[str, Callable[[Dialect], bytes]] = {
     "wrong service": lambda d: codec.encode(d, codec.CloseResponse(0)),
     "wrong version": lambda d: b"\x05" + get_key_frame(d, 0, 0, bytes(range(1, 33)))[1:],
     "error frame": lambda d: codec.encode_header(d, 0, 0),
+    "bytes after the answer": lambda d: get_key_frame(d, 0, 0, bytes(range(1, 33))) + b"\0junk",
 }
 
 

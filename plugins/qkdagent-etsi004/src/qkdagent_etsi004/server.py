@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from . import codec
 from .codec import Dialect, FrameError, Service, Status
 from .network import ModuleNetwork, Wait
-from .transport import TransportError, read_exactly
+from .transport import FrameReader, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -121,32 +121,30 @@ class ModuleServer:
         app = common_name(stream.getpeercert(binary_form=True)) or "?"
         self.accepted += 1
         self._event(f"connection from application {_clean(app)!r}")
+        reader = FrameReader(stream, max_length=codec.MAX_REQUEST_PAYLOAD)
         try:
-            while await self._one_frame(stream, app):
+            while await self._one_frame(stream, reader, app):
                 pass
         except (trio.BrokenResourceError, trio.ClosedResourceError, TransportError, OSError):
             pass
         self._event(f"connection from {_clean(app)!r} closed")
 
-    async def _one_frame(self, stream: trio.SSLStream[trio.SocketStream], app: str) -> bool:
+    async def _one_frame(self, stream: trio.abc.SendStream, reader: FrameReader, app: str) -> bool:
         """Serve one frame; False when the connection should end."""
-        with trio.move_on_after(IDLE_TIMEOUT) as idle:
-            first = await stream.receive_some(codec.HEADER.size)
-        if idle.cancelled_caught or not first:
-            return False
-        try:
-            with trio.fail_after(self.frame_timeout):
-                rest = await read_exactly(stream, codec.HEADER.size - len(first))
-                header = codec.decode_header(
-                    bytes(first) + rest, max_length=codec.MAX_REQUEST_PAYLOAD
-                )
-                payload = await read_exactly(stream, header.length)
-        except trio.TooSlowError:
-            self._refuse(app, "frame not received within the timeout")
-            return False
-        except FrameError as exc:
-            self._refuse(app, str(exc))
-            await self._send_error(stream, Dialect.V2)
+        # one cancel scope per frame (they cost): idle until a frame starts, then its deadline
+        with trio.CancelScope(deadline=trio.current_time() + IDLE_TIMEOUT) as scope:
+            if not reader.buffer and not await reader.receive_more():
+                return False
+            scope.deadline = trio.current_time() + self.frame_timeout
+            try:
+                header, payload = await reader.frame()
+            except FrameError as exc:
+                self._refuse(app, str(exc))
+                await self._send_error(stream, Dialect.V2)
+                return False
+        if scope.cancelled_caught:
+            if reader.buffer:
+                self._refuse(app, "frame not received within the timeout")
             return False
         dialect = header.dialect
         if header.service == Service.CLOSE_SERVER:
@@ -200,9 +198,7 @@ class ModuleServer:
         self.refused_frames += 1
         self._event(f"refused a frame from {_clean(app)!r}: {why}")
 
-    async def _send_error(
-        self, stream: trio.SSLStream[trio.SocketStream], dialect: Dialect
-    ) -> None:
+    async def _send_error(self, stream: trio.abc.SendStream, dialect: Dialect) -> None:
         try:
             await stream.send_all(codec.encode_header(dialect, Service.ERROR, 0))
         except (trio.BrokenResourceError, trio.ClosedResourceError):

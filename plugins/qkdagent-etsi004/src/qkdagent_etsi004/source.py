@@ -85,6 +85,14 @@ class KeyStream:
     opened: float
     next_index: int = 0
     read: set[int] = field(default_factory=set)
+    text: str = ""
+    """The KSID as UUID text (made once: every key ID carries it)."""
+
+    def __post_init__(self) -> None:
+        self.text = codec.ksid_text(self.ksid)
+
+    def key_id(self, index: int) -> str:
+        return f"{self.text}:{index}"
 
 
 class Etsi004Source(Source):
@@ -234,7 +242,7 @@ class Etsi004Source(Source):
             for stream in streams:
                 try:
                     if self.rest is not None:
-                        await self.rest.close(codec.ksid_text(stream.ksid))
+                        await self.rest.close(stream.text)
                         continue
                     await self._call(codec.CloseRequest(stream.ksid), codec.Service.CLOSE_RESPONSE)
                 except (SourceError, TransportError, FrameError):
@@ -381,7 +389,9 @@ class Etsi004Source(Source):
             request = codec.GetKeyRequest(stream.ksid, index, capacity, metadata)
             answer = await self._call(request, codec.Service.GET_KEY_RESPONSE)
             assert isinstance(answer, codec.GetKeyResponse)
-            where = f"{self._where()}: GET_KEY {codec.key_id(stream.ksid, index)}"
+            if answer.status == Status.SUCCESSFUL:
+                return self._checked(answer, stream, index)
+            where = f"{self._where()}: GET_KEY {stream.key_id(index)}"
             if answer.status == Status.METADATA_TOO_SMALL:
                 needed = answer.required_metadata_size
                 if not capacity < needed <= codec.MAX_METADATA:
@@ -389,8 +399,6 @@ class Etsi004Source(Source):
                 # headroom: metadata such as the key's age may grow between the two calls
                 capacity = min(codec.MAX_METADATA, needed + 64)
                 continue
-            if answer.status == Status.SUCCESSFUL:
-                return self._checked(where, answer, stream, index)
             if answer.status == Status.GET_KEY_PEER_NOT_CONNECTED:
                 raise _Gone(f"{where}: status 3 (stream unknown or peer not connected)")
             if answer.status in (Status.INSUFFICIENT_KEY, Status.TIMEOUT):
@@ -398,7 +406,10 @@ class Etsi004Source(Source):
             raise SourceError(f"{where}: status {answer.status} is not a GET_KEY answer")
         raise SourceError(f"{self._where()}: status 8 again after resizing the metadata buffer")
 
-    def _checked(self, where: str, answer: codec.GetKeyResponse, s: KeyStream, index: int) -> bytes:
+    def _checked(self, answer: codec.GetKeyResponse, s: KeyStream, index: int) -> bytes:
+        if answer.index == index and len(answer.key) == s.qos.key_chunk_size and any(answer.key):
+            return answer.key
+        where = f"{self._where()}: GET_KEY {s.key_id(index)}"
         if answer.index != index:
             raise SourceError(f"{where}: answer is for index {answer.index}; key not used")
         if len(answer.key) != s.qos.key_chunk_size:
@@ -406,18 +417,20 @@ class Etsi004Source(Source):
                 f"{where}: key of {len(answer.key)} bytes, {s.qos.key_chunk_size} negotiated; "
                 "key not used"
             )
-        if not any(answer.key):
-            raise SourceError(f"{where}: key of all zero bytes refused")
-        return answer.key
+        raise SourceError(f"{where}: key of all zero bytes refused")
 
     def _expired(self, stream: KeyStream) -> bool:
         return trio.current_time() - stream.opened >= stream.qos.ttl
 
+    def _usable(self, stream: KeyStream) -> bool:
+        """An initiator stream that may hand out its next index."""
+        return not self._expired(stream) and stream.next_index <= codec.UINT32_MAX
+
     async def _rest_get(self, stream: KeyStream, index: int) -> tuple[bytes, int]:
         """qkd-module GET_KEY (`index` -1: the first available); the key checked like binary's."""
         assert self.rest is not None
-        answer = await self.rest.get_key(codec.ksid_text(stream.ksid), index)
-        where = f"{self._where()}: GET_KEY {codec.ksid_text(stream.ksid)}:{index}"
+        answer = await self.rest.get_key(stream.text, index)
+        where = f"{self._where()}: GET_KEY {stream.text}:{index}"
         if answer.key is None:
             if answer.index == -1 and index != -1:
                 raise _Gone(f"{where}: status 1 for no index (stream unknown?)")
@@ -454,19 +467,22 @@ class Etsi004Source(Source):
                 del self._streams[link.peer]  # re-opened on the next call
                 raise SourceUnavailable(str(exc)) from None
             stream.next_index = index + 1  # the module's indices only grow: never one twice
-        return Key(codec.key_id(stream.ksid, index), Secret(key))
+        return Key(stream.key_id(index), Secret(key))
 
     async def new_key(self, link: Link) -> Key:
         if self.rest is not None:
             return await self._rest_new_key(link)
         for attempt in range(2):
-            async with self._open_lock:
-                stream = self._streams.get(link.peer)
-                if stream is None or self._expired(stream) or stream.next_index > codec.UINT32_MAX:
-                    self._streams.pop(link.peer, None)
-                    stream = self._streams[link.peer] = await self._open(link, codec.NULL_KSID)
-                index = stream.next_index
-                stream.next_index += 1  # before the call: an index is never handed out twice
+            stream = self._streams.get(link.peer)
+            if stream is None or not self._usable(stream):  # the lock only to (re-)open
+                async with self._open_lock:
+                    stream = self._streams.get(link.peer)
+                    if stream is None or not self._usable(stream):
+                        self._streams.pop(link.peer, None)
+                        stream = self._streams[link.peer] = await self._open(link, codec.NULL_KSID)
+            # no checkpoint between the check above and this: an index is handed out once
+            index = stream.next_index
+            stream.next_index += 1  # before the call: an index is never handed out twice
             try:
                 key = await self._get(stream, index)
             except _Gone as exc:
@@ -475,7 +491,7 @@ class Etsi004Source(Source):
                 if attempt:
                     raise SourceUnavailable(str(exc)) from None
                 continue
-            return Key(codec.key_id(stream.ksid, index), Secret(key))
+            return Key(stream.key_id(index), Secret(key))
         raise AssertionError("unreachable")
 
     async def key_by_id(self, link: Link, key_id: str) -> Key:
@@ -516,7 +532,7 @@ class Etsi004Source(Source):
     async def _close_quietly(self, stream: KeyStream) -> None:
         try:
             if self.rest is not None:
-                await self.rest.close(codec.ksid_text(stream.ksid))
+                await self.rest.close(stream.text)
                 return
             await self._call(codec.CloseRequest(stream.ksid), codec.Service.CLOSE_RESPONSE)
         except SourceError as exc:
