@@ -96,6 +96,20 @@ def proc_mem_mb(pid: int) -> tuple[float, float]:
     return values.get("VmHWM", float("nan")), values.get("VmRSS", float("nan"))
 
 
+def proc_switches(pid: int) -> int:
+    """Context switches (voluntary + involuntary) of all the process's threads so far."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                total += int(line.split()[1])
+    return total
+
+
 def pct(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
@@ -163,8 +177,12 @@ class Attached:
     def __init__(self) -> None:
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def pyspy(self, pid: int, out: Path, rate: int = 200) -> None:
+    def pyspy(self, pid: int, out: Path, rate: int = 200, gil: bool = True) -> None:
+        """`gil`: only samples holding the GIL, i.e. executing Python (perf shows ~70% of an
+        agent's CPU is the interpreter); without it, every sample of a thread not idle in a
+        known wait, which under load counts runnable-but-waiting threads too."""
         argv = ["py-spy", "record", "--format", "raw", "--rate", str(rate), "--nonblocking"]
+        argv += ["--gil"] if gil else []
         argv += ["--pid", str(pid), "--output", str(out)]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.procs.append((proc, out))
@@ -255,13 +273,16 @@ def run_reference(
         argv += ["--rotations", str(total), "--log", str(log), *common]
         initiator = popen(argv, d / "initiator.err")
         procs["initiator"] = initiator
-        return measure(
-            procs, {"kme-sim": kme_pid}, LogTail(log), _reference_line, args, d / "alice.psk",
-            d / "bob.psk", None, (initiator, responder),
+        result = measure(
+            procs, {"kme-sim": kme_pid}, LogTail(log), _reference_line, args, None,
+            (initiator, responder),
         )  # fmt: skip
+        initiator.wait(timeout=60)  # it stops after its last rotation
     finally:
         for proc in procs.values():
             stop(proc)
+    result["same_psk"] = same_file(d / "alice.psk", d / "bob.psk")
+    return result
 
 
 def _reference_line(line: str) -> float | None:
@@ -372,13 +393,20 @@ def run_qkdagent(
     procs = start_agents(d, paths)
     try:
         named = {"initiator": procs["alice"], "responder": procs["bob"]}
-        return measure(
+        result = measure(
             named, {"kme-sim": kme_pid}, LogTail(d / "alice.log"), _agent_line, args,
-            d / "alice" / "psk" / "alice-bob.psk", d / "bob" / "psk" / "alice-bob.psk",
             "qkdagent", tuple(procs.values()),
         )  # fmt: skip
+        stop(procs["alice"])  # the initiator first: its last commit reaches the responder
     finally:
         stop_agents(procs)
+    psk = "psk/alice-bob.psk"
+    result["same_psk"] = same_file(d / "alice" / psk, d / "bob" / psk)
+    return result
+
+
+def same_file(a: Path, b: Path) -> bool:
+    return a.exists() and b.exists() and a.read_bytes() == b.read_bytes()
 
 
 def measure(
@@ -387,8 +415,6 @@ def measure(
     tail: LogTail,
     parse: Any,
     args: argparse.Namespace,
-    psk_a: Path,
-    psk_b: Path,
     system: str | None,
     watch: tuple[subprocess.Popen[bytes], ...],
 ) -> dict[str, Any]:
@@ -416,7 +442,7 @@ def measure(
     if system is not None and args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         for role, proc in procs.items():
-            attached.pyspy(proc.pid, args.profile / f"{system}-{role}.txt")
+            attached.pyspy(proc.pid, args.profile / f"{system}-{role}.txt", gil=not args.active)
     if system is not None and args.strace:
         for role, proc in procs.items():
             attached.strace(proc.pid, Path(args.tmp) / f"strace-{role}.txt")
@@ -430,15 +456,15 @@ def measure(
     tail.lines()  # rotations during the attach are not measured
     pids = {**{r: p.pid for r, p in procs.items()}, **others}
     cpu0 = {r: proc_cpu(pid) for r, pid in pids.items()}
+    sw0 = {r: proc_switches(pid) for r, pid in pids.items()}
     t0 = time.monotonic()
     wait_for(advance(args.warmup + args.rotations), timeout, "measured rotations", list(watch))
     cpu1 = {r: proc_cpu(pid) for r, pid in pids.items()}
+    sw1 = {r: proc_switches(pid) for r, pid in pids.items()}
     t1 = time.monotonic()
     mem = {r: proc_mem_mb(pid) for r, pid in pids.items()}
     attached.finish()
     rotations = len(durations)
-    time.sleep(0.3)  # the responder's install follows the commit reply
-    same = psk_a.exists() and psk_b.exists() and psk_a.read_bytes() == psk_b.read_bytes()
     syscalls = {}
     if system is not None and args.strace:
         syscalls = {r: strace_counts(Path(args.tmp) / f"strace-{r}.txt") for r in procs}
@@ -448,7 +474,7 @@ def measure(
         "seconds": t1 - t0,
         "cpu_ms": {r: 1000 * (cpu1[r] - cpu0[r]) / max(rotations, 1) for r in pids},
         "mem": mem,
-        "same_psk": same,
+        "switches": {r: (sw1[r] - sw0[r]) / max(rotations, 1) for r in pids},
         "syscalls": syscalls,
     }
 
@@ -500,7 +526,8 @@ def run_scale(
         attached = Attached()
         if args.profile:
             for name, proc in procs.items():
-                attached.pyspy(proc.pid, args.profile / f"scale{args.links}-{name}.txt", 100)
+                out = args.profile / f"scale{args.links}-{name}.txt"
+                attached.pyspy(proc.pid, out, 100, gil=not args.active)
         attached.settle()
         first = links()
         cpu0 = {n: proc_cpu(p.pid) for n, p in procs.items()}
@@ -660,7 +687,7 @@ def cpu_lines(r: dict[str, Any]) -> list[str]:
         hwm, rss = r["mem"][role]
         out.append(
             f"      {role:<10} CPU {ms:6.2f} ms/rotation   RSS peak {hwm:6.1f} MB, "
-            f"now {rss:6.1f} MB"
+            f"now {rss:6.1f} MB   context switches/rotation {r['switches'][role]:5.1f}"
         )
     for role, counts in r.get("syscalls", {}).items():
         n = max(r["rotations"], 1)
@@ -796,6 +823,7 @@ def main() -> None:
     parser.add_argument("--scale-sink", choices=("file", "recording"), default="file")
     parser.add_argument("--parallel", type=int, default=64, help="[agent] max_parallel_rotations")
     parser.add_argument("--profile", type=Path, help="py-spy raw profiles into DIR")
+    parser.add_argument("--active", action="store_true", help="py-spy: all non-idle samples")
     parser.add_argument("--strace", action="store_true", help="count syscalls over (b)")
     parser.add_argument("--perf", type=Path, help="perf record (b)'s agents into DIR")
     parser.add_argument("--tmp", default=None, help="directory for temp files")
