@@ -6,9 +6,12 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from qkdagent_bb84.cascade import ALGORITHMS, CascadeResult, block_sizes, cascade
+from qkdagent_bb84.cascade import ALGORITHMS, CascadeResult, block_sizes, cascade, cascade_frames
 from qkdagent_bb84.finitekey import h
+from qkdagent_bb84.hashing import verification_tag
 
 
 def noisy(n: int, qber: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,3 +83,41 @@ def test_result_repr_hides_the_key() -> None:
     shown = repr(CascadeResult(key=key, disclosed=3, rounds=2, flipped=1))
     assert "disclosed=3" in shown
     assert "key=" not in shown and "array" not in shown
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(min_value=64, max_value=3_000),
+    rate=st.floats(min_value=0.0, max_value=0.11),
+    assumed=st.floats(min_value=0.001, max_value=0.11),
+    algorithm=st.sampled_from(ALGORITHMS),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_any_error_pattern_is_corrected_or_caught_by_verification(
+    n: int, rate: float, assumed: float, algorithm: str, seed: int
+) -> None:
+    """Below the abort threshold, whatever the errors and however wrong the QBER estimate:
+    Cascade's key equals Alice's, or the verification tag differs (the block is discarded).
+    Never a silent mismatch."""
+    rng = np.random.default_rng(seed)
+    alice = rng.integers(0, 2, n, dtype=np.uint8)
+    bob = alice ^ (rng.random(n) < rate).astype(np.uint8)
+    result = cascade(alice, bob, assumed, algorithm)
+    tags = [verification_tag(k, np.random.default_rng(seed)) for k in (alice, result.key)]
+    corrected = np.array_equal(result.key, alice)
+    assert corrected or not np.array_equal(*tags)
+    assert result.flipped >= 0 and result.disclosed >= math.ceil(
+        n / block_sizes(algorithm, assumed, n)[0]
+    )
+
+
+def test_frames_reconciled_together_match_frames_reconciled_alone() -> None:
+    """Batching frames shares round trips, never changes a frame's outcome or its parity count."""
+    alice = np.stack([noisy(2_000, 0.03, s)[0] for s in range(5)])
+    bob = np.stack([noisy(2_000, 0.03, s)[1] for s in range(5)])
+    batch = cascade_frames(alice, bob, 0.03)
+    for i in range(5):
+        alone = cascade(alice[i], bob[i], 0.03)
+        assert np.array_equal(batch.keys[i], alone.key)
+        assert batch.disclosed[i] == alone.disclosed and batch.flipped[i] == alone.flipped
+    assert batch.rounds < sum(cascade(alice[i], bob[i], 0.03).rounds for i in range(5))

@@ -155,7 +155,7 @@ class _Pass:
     def __init__(self, perm: np.ndarray, inv: np.ndarray, k: int, n: int) -> None:
         self.perm, self.inv, self.k = perm, inv, k
         self.per_frame = -(-n // k)
-        self.diff = np.empty(0, dtype=np.uint8)
+        self.diff: np.ndarray = np.empty(0, dtype=np.uint8)
         self.a_perm = self.b_perm = self.diff
         self.a_pre: np.ndarray | None = None
         self.b_pre: np.ndarray | None = None
