@@ -1,8 +1,10 @@
-"""HTTP calls to one security hub, with a kept-open connection pool and bounded reads.
+"""HTTP/1.1 calls to one security hub: h11 over kept-open trio streams, bounded reads.
 
-Only transport: signing, checking and PSRD bookkeeping are the source's (`source.py`). Every
-answer is read up to a limit without decompression (`identity` asked for, raw bytes read), so a
-hostile hub cannot make the client buffer more than `limit` bytes.
+Only transport: signing, checking and PSRD bookkeeping are the source's (`source.py`). A key
+costs one request per hub on each side, so this is the hot path: a small h11 client (a few
+hundred lines of httpx and httpcore per request less) with a pool of kept-open connections per
+hub. Every wait is bounded by `timeout`, the answer's head by h11 (`MAX_HEAD`) and its body by
+`limit`; no content decoding is asked for or done.
 """
 
 from __future__ import annotations
@@ -10,10 +12,15 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
-import httpx
+import h11
+import trio
 
 from . import wire
+
+MAX_HEAD = 16 * 1024
+MAX_CONNECTIONS = 8
 
 
 class HubDown(Exception):
@@ -36,6 +43,16 @@ def client_ssl_context(ca: Path | None, cert: Path | None, key: Path | None) -> 
     return context
 
 
+class _Stale(Exception):
+    """A kept-open connection the hub had closed before our request reached it."""
+
+
+@dataclass
+class _Conn:
+    stream: trio.abc.Stream
+    h11: h11.Connection
+
+
 class HubClient:
     def __init__(
         self,
@@ -47,19 +64,37 @@ class HubClient:
     ) -> None:
         self.name = name
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            verify=ssl_context if ssl_context is not None else True,
-            timeout=httpx.Timeout(timeout),
-            limits=httpx.Limits(max_connections=8, max_keepalive_connections=8),
-            headers={"accept-encoding": "identity"},
-            trust_env=False,
-        )
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("a hub URL is http(s)://host[:port]/path")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._authority = parts.netloc.rsplit("@", 1)[-1]
+        self._base = parts.path
+        self._tls = ssl_context if parts.scheme == "https" else None
+        if parts.scheme == "https" and self._tls is None:
+            self._tls = ssl.create_default_context()
+        self._timeout = timeout
+        self._idle: list[_Conn] = []
+        self._limit = trio.CapacityLimiter(MAX_CONNECTIONS)
 
     def __repr__(self) -> str:
         return f"<HubClient {self.name} {self.url}>"
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await trio.aclose_forcefully(conn.stream)
+
+    async def _connect(self) -> _Conn:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(self._host, self._port)
+        if self._tls is not None:
+            tls = trio.SSLStream(
+                stream, self._tls, server_hostname=self._host, https_compatible=True
+            )
+            await tls.do_handshake()
+            stream = tls
+        return _Conn(stream, h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD))
 
     async def call(
         self,
@@ -71,25 +106,96 @@ class HubClient:
         signature: str | None = None,
         limit: int = wire.MAX_BODY,
     ) -> HubReply:
-        url = f"{self.url}/dske/{path}" + (f"?{query.decode('ascii')}" if query else "")
-        headers = {}
+        target = f"{self._base}/dske/{path}".encode("ascii") + (b"?" + query if query else b"")
+        headers = [
+            ("host", self._authority),
+            ("accept-encoding", "identity"),
+            ("content-length", str(len(body or b""))),
+        ]
         if signature is not None:
-            headers[wire.SIGNATURE_HEADER] = signature
+            headers.append((wire.SIGNATURE_HEADER, signature))
         if body is not None:
-            headers["content-type"] = "application/json"
+            headers.append(("content-type", "application/json"))
+        request = h11.Request(method=method, target=target, headers=headers)
         try:
-            async with self._http.stream(method, url, content=body, headers=headers) as response:
-                data = bytearray()
-                async for chunk in response.aiter_raw():
-                    data += chunk
-                    if len(data) > limit:
-                        raise HubDown(f"hub {self.name}: the answer is larger than {limit} bytes")
-                return HubReply(
-                    response.status_code,
-                    bytes(data),
-                    response.headers.get(wire.SIGNATURE_HEADER),
-                )
-        except httpx.HTTPError as exc:
+            async with self._limit:
+                with trio.fail_after(self._timeout):
+                    while self._idle:  # kept-open connections first; a stale one is dropped
+                        conn = self._idle.pop()
+                        try:
+                            return await self._exchange(conn, request, body, limit, reused=True)
+                        except _Stale:
+                            continue
+                    conn = await self._connect()
+                    return await self._exchange(conn, request, body, limit, reused=False)
+        except trio.TooSlowError:
+            raise HubDown(f"hub {self.name}: no answer within {self._timeout:g} s") from None
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, _Stale) as exc:
             raise HubDown(f"hub {self.name}: {type(exc).__name__}") from None
+        except h11.ProtocolError:
+            raise HubDown(f"hub {self.name}: broke the HTTP exchange") from None
         except ssl.SSLError as exc:
             raise HubDown(f"hub {self.name}: TLS: {exc.reason}") from None
+
+    async def _exchange(
+        self, conn: _Conn, request: h11.Request, body: bytes | None, limit: int, *, reused: bool
+    ) -> HubReply:
+        keep = False
+        try:
+            data = conn.h11.send(request) or b""
+            if body:
+                data += conn.h11.send(h11.Data(data=body)) or b""
+            data += conn.h11.send(h11.EndOfMessage()) or b""
+            try:
+                await conn.stream.send_all(data)
+                response = await self._next(conn)
+            except (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                OSError,
+                h11.RemoteProtocolError,
+                _Stale,
+            ):
+                # nothing of an answer came: a kept-open connection the hub closed meanwhile
+                if reused:
+                    raise _Stale from None
+                raise
+            if not isinstance(response, h11.Response):
+                raise HubDown(f"hub {self.name}: no HTTP response")
+            chunks = bytearray()
+            while True:
+                try:
+                    event = await self._next(conn)
+                except _Stale:
+                    raise HubDown(f"hub {self.name}: the answer ended early") from None
+                if isinstance(event, h11.Data):
+                    chunks += event.data
+                    if len(chunks) > limit:
+                        raise HubDown(f"hub {self.name}: the answer is larger than {limit} bytes")
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    raise HubDown(f"hub {self.name}: the answer ended early")
+            signature = None
+            for name, value in response.headers:
+                if name == b"dske-signature":
+                    signature = value.decode("latin-1")
+            if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE:
+                conn.h11.start_next_cycle()
+                keep = True
+            return HubReply(response.status_code, bytes(chunks), signature)
+        finally:
+            if keep:
+                self._idle.append(conn)
+            else:
+                await trio.aclose_forcefully(conn.stream)
+
+    async def _next(self, conn: _Conn) -> object:
+        while True:
+            event = conn.h11.next_event()
+            if event is not h11.NEED_DATA:
+                if isinstance(event, h11.ConnectionClosed):
+                    raise _Stale
+                return event
+            data = await conn.stream.receive_some(64 * 1024)
+            conn.h11.receive_data(bytes(data))

@@ -6,10 +6,11 @@ synchronous=FULL, secure_delete) holds only metadata: block UUIDs, sizes, alloca
 used ranges (and, on a hub, clients and shares encrypted under held PSRD). No PSRD byte ever
 enters SQLite, so none lingers in its journal, WAL or free pages.
 
-A `Change` is made durable in one batch (`commit`), in this order: new block files written and
-fsynced before their rows; the SQL in one transaction; the consumed ranges overwritten in place
-with zeros and fdatasync'd; spent blocks zeroed whole and unlinked. Callers use allocated bytes
-only after their batch is durable, so an allocation is on disk before use. A crash between the
+A `Change` is made durable in one batch, in this order: new block files written and fsynced
+before their rows; the SQL in one transaction (`record`: callers use allocated bytes only once
+this returned, so an allocation is on disk before use); the consumed ranges overwritten in place
+with zeros and fdatasync'd, spent blocks zeroed whole and unlinked (`wipe`, before the next
+batch starts). A crash between the
 transaction and the zeroing leaves spent bytes in a block file, never reusable (the pointer and
 used ranges are committed); `load` zeroes them on the next start (the scrub), as it does
 orphaned files of blocks whose row never committed.
@@ -21,6 +22,7 @@ file for all changes that queued while the previous batch was on disk.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -51,6 +53,8 @@ CREATE INDEX IF NOT EXISTS psrd_used_by_block ON psrd_used (uuid);
 """
 
 _ZEROS = bytes(1 << 16)
+
+log = logging.getLogger("qkdagent.dske.store")
 
 
 class StoreError(Exception):
@@ -174,12 +178,20 @@ class PsrdStore:
 
     def commit(self, changes: Sequence[Change]) -> None:
         """Make `changes` durable, in the order the module docstring gives (blocking)."""
+        self.record(changes)
+        self.wipe(changes)
+
+    def record(self, changes: Sequence[Change]) -> None:
+        """New block files, then the SQL: what must be on disk before bytes are used."""
         files = [f for c in changes for f in c.files]
         for uuid, data in files:
             self._write_block(uuid, data)
         if files:
             self._sync_dir()
         self.execute([s for c in changes for s in c.sql])
+
+    def wipe(self, changes: Sequence[Change]) -> None:
+        """Zero what `changes` spent, in place, and destroy spent blocks."""
         touched: set[int] = set()
         for change in changes:
             for uuid, start, stop in change.wipe:
@@ -211,9 +223,11 @@ class PsrdStore:
         conn.execute("COMMIT")
 
     async def durable(self, change: Change) -> None:
-        """Return once `change` is on disk. Changes queued while a batch is being written go
-        together in the next one (group commit). Shielded: the in-memory view has changed
-        already, so the disk must follow even if the caller is cancelled."""
+        """Return once `change` is recorded on disk (`record`); its spent bytes are zeroed
+        (`wipe`) right after, before the next batch, while the callers go on. Changes queued
+        while a batch is being written go together in the next one (group commit). Shielded:
+        the in-memory view has changed already, so the disk must follow even if the caller is
+        cancelled."""
         if not change:
             return
         entry = _Pending(change)
@@ -224,14 +238,20 @@ class PsrdStore:
             if not entry.finished:
                 self._busy = True
                 batch, self._queue = self._queue, []
+                changes = [e.change for e in batch]
                 try:
-                    await trio.to_thread.run_sync(self.commit, [e.change for e in batch])
+                    await trio.to_thread.run_sync(self.record, changes)
                 except (OSError, sqlite3.Error) as exc:
                     for e in batch:
                         e.error = exc
                 for e in batch:
                     e.finished = True
                     e.wake.set()
+                if batch[0].error is None:
+                    try:
+                        await trio.to_thread.run_sync(self.wipe, changes)
+                    except OSError as exc:  # the scrub at the next open zeroes them
+                        log.error("PSRD store %s: zeroing spent PSRD failed: %s", self.path, exc)
                 if self._queue:
                     self._queue[0].wake.set()
                 else:
