@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from qkdagent import SupplyExhausted
-from qkdagent.keysupply import load_supply_factory, parse_supply_spec
+from qkdagent import SupplyExhausted, load_supply_factory, parse_supply_spec
 
 from qkdagent_bb84.supply import Bb84Supply, make_supply_factory, parse_options
 
