@@ -37,6 +37,7 @@ from .keysupply import (
     load_supply_factory,
     parse_supply_spec,
 )
+from .linkprotocol import ForeignLink, LinkProtocol
 from .options import Options, check_template
 from .pki import PkiError, extend_test_pki, file_stem, write_test_pki
 from .secret import Key, Secret, check_key_id
@@ -53,11 +54,13 @@ __all__ = [
     "CsprngSupply",
     "DemoLink",
     "EraseEvent",
+    "ForeignLink",
     "Key",
     "KeyMeta",
     "KeyNotFound",
     "KeySupply",
     "Link",
+    "LinkProtocol",
     "Misconfigured",
     "NotInstalled",
     "Options",

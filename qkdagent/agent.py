@@ -24,6 +24,7 @@ from .components import Components
 from .config import AgentConfig, LinkConfig
 from .errors import ProtocolError, ReloadFailed
 from .events import ComponentEvent
+from .foreignlink import ForeignLinkRuntime, insecure_warning
 from .identity import PeerIdentity
 from .lifecycle import (
     ComponentTasks,
@@ -34,7 +35,7 @@ from .lifecycle import (
     plan_reload,
     prepare_all,
 )
-from .link import LinkRuntime
+from .link import BaseLink, LinkRuntime
 from .linkenv import LinkEnv
 from .observability import Metrics, StatusApp
 from .plugins import Plugins
@@ -63,13 +64,13 @@ class _Running:
 class _Retiring:
     """A link runtime that no longer runs but still retries erasing some of its sinks."""
 
-    runtime: LinkRuntime
+    runtime: BaseLink
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 @dataclass
 class _LinkTask:
-    runtime: LinkRuntime
+    runtime: BaseLink
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -223,12 +224,18 @@ class Agent:
 
     def _is_peer(self, identity: PeerIdentity) -> bool:
         """Whether a client certificate names the peer of one of the configured links."""
-        return any(identity.matches(link.peer_identity) for link in self.config.links.values())
+        return any(
+            identity.matches(link.peer_identity)
+            for link in self.config.links.values()
+            if link.native  # a link of another protocol admits nobody to the peer API
+        )
 
     async def _handle_peer(
         self, link: str, action: str, body: bytes, identity: PeerIdentity
     ) -> bytes:
         task = self.links.get(link)
+        if task is not None and not task.runtime.config.native:
+            task = None  # served by its own protocol: to the peer API it does not exist
         if self._closed or (self._stopping and action != "commit"):
             # While draining only commits are taken: they finish rotations already under way.
             raise ProtocolError("agent is shutting down", status=503)
@@ -257,7 +264,7 @@ class Agent:
     async def _start_links(self, configs: list[LinkConfig]) -> None:
         """Open links concurrently (their state writes share group commits), then start them."""
         env, links = self._state().env, self._state().links
-        runtimes: list[LinkRuntime] = []
+        runtimes: list[BaseLink] = []
         limiter = trio.CapacityLimiter(LINK_OPEN_LIMIT)
 
         for config in configs:
@@ -267,7 +274,16 @@ class Agent:
             async with limiter:
                 sources = [self.components.sources[s] for s in config.sources]
                 sinks = [self.components.sinks[s] for s in config.sinks]
-                runtimes.append(await LinkRuntime.open(env, config, sources, sinks))
+                self.metrics.mark_insecure(
+                    config.name, config.protocol if config.insecure else None
+                )
+                if config.native:
+                    runtimes.append(await LinkRuntime.open(env, config, sources, sinks))
+                else:
+                    runner = self.components.protocols[config.name]
+                    runtimes.append(
+                        await ForeignLinkRuntime.open(env, config, sources, sinks, runner)
+                    )
 
         async with trio.open_nursery() as nursery:
             for config in configs:
@@ -277,7 +293,7 @@ class Agent:
             self.links[runtime.name] = task
             await links.start(_run_isolated, task)
 
-    async def _stop_link(self, name: str) -> LinkRuntime:
+    async def _stop_link(self, name: str) -> BaseLink:
         """Stop a link's loop (after any exchange under way) and forget it; returns it."""
         task = self.links.pop(name)
         task.runtime.stop()
@@ -287,7 +303,7 @@ class Agent:
         return task.runtime
 
     async def _retire(
-        self, runtime: LinkRuntime, sink_ids: frozenset[str], *, drop_state: bool
+        self, runtime: BaseLink, sink_ids: frozenset[str], *, drop_state: bool
     ) -> None:
         """Fail closed for sinks a link no longer feeds (the link removed, or the sink dropped
         from it or reconfigured): erase them; a failed erase is retried in the background
@@ -363,9 +379,14 @@ class Agent:
         def pick(cid: str, fresh: Any, kept: dict[str, Any]) -> Any:
             return fresh if cid in plan.changed_components else kept[cid]
 
+        restarted = {*plan.changed_links, *plan.added_links}
         components = Components(
             {cid: pick(cid, h, keep.sources) for cid, h in built.sources.items()},
             {cid: pick(cid, h, keep.sinks) for cid, h in built.sinks.items()},
+            {
+                name: protocol if name in restarted else keep.protocols[name]
+                for name, protocol in built.protocols.items()
+            },
         )
         new_only = Components(
             {c: h for c, h in components.sources.items() if c in plan.changed_components},
@@ -381,7 +402,7 @@ class Agent:
                 await close_all(new_only.all())
             raise
         old_config = self.config
-        stopped: list[LinkRuntime] = []
+        stopped: list[BaseLink] = []
         try:
             for name in plan.removed_links:
                 await self._retire(await self._stop_link(name), frozenset(), drop_state=True)
@@ -416,10 +437,13 @@ class Agent:
             "changed": list(plan.changed_links),
         }
         log.info("config reloaded: %s", summary)
+        for config in self.config.links.values():
+            if config.insecure and config.name not in restarted:  # those said so as they opened
+                log.warning(insecure_warning(config), extra={"link": config.name})
         return summary
 
     async def _reload_failed(
-        self, stopped: list[LinkRuntime], new_only: Components, exc: BaseException
+        self, stopped: list[BaseLink], new_only: Components, exc: BaseException
     ) -> NoReturn:
         """Applying a reload failed after links were stopped: those not running again hold a
         key nothing will rotate or erase on time any more, so erase them now (fail closed)."""
@@ -461,7 +485,9 @@ class Agent:
         self.recent_events.append({"time": time.time(), **dataclasses.asdict(event)})
         self.hooks.on_component_event(event)
 
-    def link(self, name: str) -> LinkRuntime:
+    def link(self, name: str) -> Any:
+        """A running link's runtime (`LinkRuntime`, or `ForeignLinkRuntime` for a link of
+        another protocol); typed loosely for tests, which reach into either."""
         return self.links[name].runtime
 
     def describe(self) -> dict[str, Any]:

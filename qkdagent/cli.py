@@ -273,11 +273,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         check_components(config, components)
     except (ConfigError, PluginError) as exc:
         return _fail(f"invalid config: {exc}")
+    from .foreignlink import insecure_warning
+
     roles = ", ".join(
-        f"{name} ({'initiator' if link.initiator else 'responder'})"
+        f"{name} ({'initiator' if link.initiator else 'responder'}"
+        f"{'' if link.native else ', protocol ' + link.protocol})"
         for name, link in config.links.items()
     )
     print(f"{args.config}: OK: agent {config.agent.name}, links: {roles or 'none'}")
+    for link in config.links.values():
+        if link.insecure:
+            print(f"WARNING: {insecure_warning(link)}")
     return 0
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Coroutine
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -18,6 +18,9 @@ from .errors import QkdAgentError, SinkError, SourceError, SourceUnavailable
 from .interfaces import Answered, KeyMeta, Link, Sink, Source
 from .protocol import MAX_ANSWER
 from .secret import MAX_KEY_ID_ANY, Key, Secret
+
+if TYPE_CHECKING:
+    from .linkprotocol import LinkProtocol
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -144,6 +147,8 @@ async def _guarded(
 class Components:
     sources: dict[str, SourceHandle]
     sinks: dict[str, SinkHandle]
+    protocols: dict[str, LinkProtocol] = field(default_factory=dict)
+    """Link name -> the protocol instance of each link of another protocol (`linkprotocol`)."""
 
     def handles(self) -> list[Handle]:
         """Every handle, sources first, each in config order."""

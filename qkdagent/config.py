@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BUILTIN_PLUGINS = ("file", "exec")
 ROLES = ("initiator", "responder", "auto")
+NATIVE = "native"
+"""The link protocol of DESIGN §4; another `protocol` is a plugin's (`LinkProtocol`)."""
 MAX_CONFIG_BYTES = 16 << 20
 MAX_DOTTED_PARTS = 64
 """Most parts a dotted key or table header may have (real configs use 3). tomllib's time grows
@@ -75,7 +77,8 @@ class TlsFiles:
 class AgentSettings:
     name: str
     listen: Address
-    tls: TlsFiles
+    tls: TlsFiles | None
+    """None only when no link uses the native protocol: the agent then serves no peer API."""
     state_dir: Path
     status_listen: Address | None
     plugins: tuple[str, ...]
@@ -99,11 +102,24 @@ class LinkConfig:
     role: str
     initiator: bool
     peer_identity: str
-    """The name the peer's certificate must carry (SAN DNS/URI, else CN)."""
-    bootstrap: Secret
+    """The name the peer's certificate must carry (SAN DNS/URI, else CN); "" for a link of
+    another protocol, which never admits anyone to the peer API."""
+    bootstrap: Secret | None
+    """None only for a link of another protocol (it has no qkdagent chain)."""
     timing: Timing
     sources: tuple[str, ...]
     sinks: tuple[str, ...]
+    protocol: str = NATIVE
+    insecure: bool = False
+    """The operator accepted a link protocol that does not authenticate its peer."""
+    protocol_options: Options | None = field(default=None, compare=False, repr=False)
+    """The rest of the link's table, for the protocol class to validate (another protocol)."""
+    protocol_snapshot: object = None
+    """What identifies `protocol_options` (a reload restarts the link when it changes)."""
+
+    @property
+    def native(self) -> bool:
+        return self.protocol == NATIVE
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,13 @@ def parse_config(data: dict[str, Any], *, file: Path | None = None) -> AgentConf
         _check_section_name(links_opts, name)
         links[name] = _link(links_opts.sub(name), name, agent, sources, sinks)
     links_opts.finish()
+    native = [name for name, link in links.items() if link.native]
+    if agent.tls is None and native:
+        raise ConfigError(
+            "agent.tls",
+            f"is required: link {native[0]!r} uses qkdagent's own protocol (mutual TLS)",
+            file=fname,
+        )
     root.finish()
     return AgentConfig(file, agent, links, sources, sinks)
 
@@ -241,7 +264,7 @@ def _check_section_name(opts: Options, name: str) -> None:
 
 
 def _agent(opts: Options) -> AgentSettings:
-    tls = opts.sub("tls")
+    tls = opts.sub("tls", None)
     settings = AgentSettings(
         name=opts.string("name", check=_check_name),
         listen=parse_address(opts, "listen", "0.0.0.0:7447"),  # type: ignore[arg-type]
@@ -249,7 +272,9 @@ def _agent(opts: Options) -> AgentSettings:
             cert=tls.path("cert", must_exist=True),
             key=tls.path("key", must_exist=True),
             ca=tls.path("ca", must_exist=True),
-        ),
+        )
+        if opts.has("tls")
+        else None,
         state_dir=opts.path("state_dir", Path("/var/lib/qkdagent")),
         status_listen=parse_address(opts, "status_listen", "127.0.0.1:7448"),
         plugins=tuple(opts.strings("plugins", [])),
@@ -307,6 +332,9 @@ def _link(
     peer = opts.string("peer", check=_check_name)
     if peer == agent.name:
         opts.fail("peer", f"is this agent's own name {peer!r}")
+    protocol = opts.string("protocol", NATIVE, check=_check_name)
+    if protocol != NATIVE:
+        return _foreign_link(opts, name, peer, protocol, agent, sources, sinks)
     url = opts.string("peer_url")
     try:
         parts = urlsplit(url)
@@ -329,6 +357,60 @@ def _link(
         max_len=255,
         check=lambda v: None if v.isprintable() and v.strip() == v else "must be printable text",
     )
+    role, initiator, timing = _role_and_timing(opts, agent, peer)
+    link_sources, link_sinks = _link_components(opts, sources, sinks)
+    bootstrap = opts.secret("bootstrap", encoding="base64", size=32)
+    opts.finish()
+    return LinkConfig(
+        name=name,
+        peer=peer,
+        peer_url=url.rstrip("/"),
+        role=role,
+        initiator=initiator,
+        peer_identity=peer_identity,
+        bootstrap=bootstrap,
+        timing=timing,
+        sources=link_sources,
+        sinks=link_sinks,
+    )
+
+
+def _foreign_link(
+    opts: Options,
+    name: str,
+    peer: str,
+    protocol: str,
+    agent: AgentSettings,
+    sources: dict[str, ComponentConfig],
+    sinks: dict[str, ComponentConfig],
+) -> LinkConfig:
+    """A link run by a plugin's protocol: the common settings here, the rest of the table
+    (`protocol_options`) validated by the protocol class once the plugins are loaded."""
+    role, initiator, timing = _role_and_timing(opts, agent, peer)
+    link_sources, link_sinks = _link_components(opts, sources, sinks)
+    insecure = opts.boolean("insecure", False)
+    for native_only in ("bootstrap", "peer_identity"):
+        if opts.has(native_only):
+            opts.fail(native_only, f"belongs to the native protocol, not {protocol!r}")
+    return LinkConfig(
+        name=name,
+        peer=peer,
+        peer_url="",
+        role=role,
+        initiator=initiator,
+        peer_identity="",
+        bootstrap=None,
+        timing=timing,
+        sources=link_sources,
+        sinks=link_sinks,
+        protocol=protocol,
+        insecure=insecure,
+        protocol_options=opts,
+        protocol_snapshot=opts.snapshot(),
+    )
+
+
+def _role_and_timing(opts: Options, agent: AgentSettings, peer: str) -> tuple[str, bool, Timing]:
     role = opts.string("role", "auto", choices=ROLES)
     initiator = role == "initiator" or (role == "auto" and agent.name < peer)
     interval = opts.number("interval", 120.0, positive=True, max=86400)
@@ -342,6 +424,12 @@ def _link(
         backoff_min=opts.number("backoff_min", 1.0, positive=True),
         backoff_max=opts.number("backoff_max", min(30.0, interval), positive=True),
     )
+    return role, initiator, timing
+
+
+def _link_components(
+    opts: Options, sources: dict[str, ComponentConfig], sinks: dict[str, ComponentConfig]
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     link_sources = opts.strings("sources", allow_empty=False)
     for source in link_sources:
         if source not in sources:
@@ -359,17 +447,4 @@ def _link(
                 "consumer its own `label` so they never share key bytes",
             )
         labels[label] = sink
-    bootstrap = opts.secret("bootstrap", encoding="base64", size=32)
-    opts.finish()
-    return LinkConfig(
-        name=name,
-        peer=peer,
-        peer_url=url.rstrip("/"),
-        role=role,
-        initiator=initiator,
-        peer_identity=peer_identity,
-        bootstrap=bootstrap,
-        timing=timing,
-        sources=tuple(link_sources),
-        sinks=tuple(link_sinks),
-    )
+    return tuple(link_sources), tuple(link_sinks)

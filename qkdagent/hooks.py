@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .commands import CommandRegistry, DemoLink
     from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
     from .interfaces import PluginContext, Sink, Source
+    from .linkprotocol import LinkProtocol
     from .services import Service
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class Hooks:
     ) -> None:
         """Each plugin (or only `plugin`) calls `register(cls)` for its sink types."""
         self._register("qkdagent_register_sinks", plugin, register=register)
+
+    def register_link_protocols(
+        self, register: Callable[[type[LinkProtocol]], None], *, plugin: str | None = None
+    ) -> None:
+        """Each plugin (or only `plugin`) calls `register(cls)` for its link protocols."""
+        self._register("qkdagent_register_link_protocols", plugin, register=register)
 
     def register_services(self, context: PluginContext) -> list[Service]:
         """The services every plugin registers for the agent `context` describes."""

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .commands import CommandRegistry, DemoLink
     from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
     from .interfaces import PluginContext, Sink, Source
+    from .linkprotocol import LinkProtocol
     from .services import Service
 
 PROJECT = "qkdagent"
@@ -52,6 +53,19 @@ def qkdagent_register_sinks(register: Callable[[type[Sink]], None]) -> None:
 
     When: once, as the plugin is loaded (agent start, `qkdagent check`).
     Parameters: `register(cls)` takes a `Sink` subclass with a unique `type_name`.
+    Result: none; every implementation is called.
+    Exception: start-up stops with a `PluginError` naming the plugin (as for sources).
+    """
+
+
+@hookspec
+def qkdagent_register_link_protocols(register: Callable[[type[LinkProtocol]], None]) -> None:
+    """Declare a peer protocol other than qkdagent's own, for links with `protocol = "<name>"`.
+
+    For migration only (DESIGN v2 §3): a link keeps qkdagent's sources, sinks, durable state
+    and fail-closed erase, while the protocol talks to a system that cannot be upgraded yet.
+    When: once, as the plugin is loaded (agent start, `qkdagent check`).
+    Parameters: `register(cls)` takes a `LinkProtocol` subclass with a unique `protocol_name`.
     Result: none; every implementation is called.
     Exception: start-up stops with a `PluginError` naming the plugin (as for sources).
     """

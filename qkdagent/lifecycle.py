@@ -32,6 +32,7 @@ from .config import BUILTIN_PLUGINS, AgentConfig, ComponentConfig
 from .errors import ConfigError, QkdAgentError, StartupError
 from .events import ComponentEvent
 from .interfaces import Link, PluginContext, Sink, Source, _Configurable
+from .linkprotocol import LinkProtocol
 from .plugins import Plugins
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,46 @@ def build_components(config: AgentConfig, plugins: Plugins, context: PluginConte
         )
         for cid, c in config.sinks.items()
     }
-    return Components(sources, sinks)
+    return Components(sources, sinks, build_protocols(config, plugins, context))
+
+
+def build_protocols(
+    config: AgentConfig, plugins: Plugins, context: PluginContext
+) -> dict[str, LinkProtocol]:
+    """One protocol instance per link of another protocol (options validated, no I/O). A
+    protocol that does not authenticate its peer needs the link's explicit `insecure = true`."""
+    built: dict[str, LinkProtocol] = {}
+    for name, link in config.links.items():
+        if link.native:
+            continue
+        options = link.protocol_options
+        assert options is not None  # config.py sets it for every link of another protocol
+        entry = plugins.link_protocols.get(link.protocol)
+        if entry is None:
+            known = ", ".join(sorted(plugins.link_protocols)) or "none"
+            raise options.error(
+                "protocol",
+                f"unknown link protocol {link.protocol!r} (known: native, {known}; is its "
+                "plugin listed in [agent] plugins?)",
+            )
+        cls = entry[0]
+        if not cls.authenticated and not link.insecure:
+            raise options.error(
+                "insecure",
+                f"protocol {link.protocol!r} does not authenticate its peer: anyone on the path "
+                "can read key IDs and reset or split the chain. Set insecure = true to accept "
+                "that while migrating",
+            )
+        try:
+            built[name] = cls(name, options, context)
+        except ConfigError:
+            raise
+        except Exception as exc:  # only the type: the message might quote an option's value
+            raise options.error(
+                "protocol", f"{cls.__name__} rejected its options ({type(exc).__name__})"
+            ) from None
+        options.finish()
+    return built
 
 
 def _make(

@@ -28,10 +28,18 @@ from .initiator import Initiator
 from .interfaces import Link
 from .linkenv import LinkEnv
 from .responder import Responder
+from .secret import Secret
 from .sinkset import LinkSinks
 from .state import LinkRecord
 
 log = logging.getLogger(__name__)
+
+
+def native_bootstrap(config: LinkConfig) -> Secret:
+    """The bootstrap secret a native link always has (config.py requires it)."""
+    if config.bootstrap is None:
+        raise ValueError(f"link {config.name!r} of protocol {config.protocol!r} has no bootstrap")
+    return config.bootstrap
 
 
 @dataclass
@@ -46,8 +54,12 @@ class LinkStatus:
     erased_reason: str | None = None
 
 
-class LinkRuntime:
-    """Build with `await LinkRuntime.open(...)`: a runtime always has its state loaded."""
+class BaseLink:
+    """What every link is, whatever its protocol: sinks, state record, fail-closed timer,
+    status and bookkeeping. `LinkRuntime` (the native protocol) and `ForeignLinkRuntime` (a
+    plugin's protocol) add how rotations happen."""
+
+    protocol = "native"
 
     def __init__(
         self,
@@ -64,18 +76,6 @@ class LinkRuntime:
         self.link = Link(config.name, env.agent_name, config.peer, config.initiator)
         self.sources = sources
         self.sinks = LinkSinks(env, self.link, sinks)
-        self.start = ratchet.chain_start(config.bootstrap, config.name)
-        self.facts = rules.LinkFacts(
-            link=config.name,
-            local=env.agent_name,
-            peer=config.peer,
-            peer_identity=config.peer_identity,
-            initiator=config.initiator,
-            source_ids=tuple(config.sources),
-            shared_labels=self.sinks.shared_labels,
-            start=self.start,
-            max_key_ids=tuple(s.max_key_id for s in sources),
-        )
         self.record = record
         self.clock = clock
         self.lock = trio.Lock()
@@ -85,23 +85,14 @@ class LinkRuntime:
         self.commit_lost = False
         """Set when the peer did not acknowledge a commit: the next rotation comes early."""
         self.rand: Callable[[], float] = random.random
-        self.initiator = Initiator(self)
-        self.responder = Responder(self)
 
-    # -- life cycle --------------------------------------------------------------------------
-
-    @classmethod
-    async def open(
-        cls,
-        env: LinkEnv,
-        config: LinkConfig,
-        sources: list[SourceHandle],
-        sinks: list[SinkHandle],
-    ) -> LinkRuntime:
-        """Load or create the link's state and put its sinks in a defined state: the current
-        key if it is fresh, else erased (fail closed)."""
+    @staticmethod
+    async def load_record(
+        env: LinkEnv, config: LinkConfig, peer: str, chain_key: Secret, auth_key: Secret
+    ) -> tuple[LinkRecord, scheduler.Clock, bool]:
+        """The link's stored state (a fresh epoch-0 one if none, or if it belongs to another
+        peer or protocol: `peer` tells), its clock, and whether its key is still fresh."""
         store = env.store
-        start = ratchet.chain_start(config.bootstrap, config.name)
         record = await store.run(store.load, config.name)
         if record is not None and rules.epoch_floor(record) >= protocol.RESYNC_CEILING:
             # Only a forged epoch hint of older versions could have put the link up here, from
@@ -111,25 +102,25 @@ class LinkRuntime:
                 config.name, record.epoch, extra={"link": config.name, "stage": "state"},
             )  # fmt: skip
             record = None
-        if record is None or record.peer != config.peer:
-            record = await store.run(
-                store.create, config.name, config.peer, start.chain_key, start.auth_key
-            )
+        if record is None or record.peer != peer:
+            record = await store.run(store.create, config.name, peer, chain_key, auth_key)
         now = trio.current_time()
         age = None if record.committed_at is None else max(0.0, time.time() - record.committed_at)
         fresh = record.epoch > 0 and age is not None and age < config.timing.reject_after
         clock = scheduler.start(
-            config.initiator,
+            config.initiator and config.native,
             now,
             last_success=(now - age) if fresh and age is not None else None,
             erased=not fresh,
         )
-        runtime = cls(env, config, sources, sinks, record, clock)
+        return record, clock, fresh
+
+    async def start_sinks(self, fresh: bool) -> None:
+        """Put the sinks in a defined state: the current key if it is fresh, else erased."""
         if fresh:
-            await runtime.sinks.install(record)
+            await self.sinks.install(self.record)
         else:
-            await runtime.erase("startup" if record.epoch == 0 else "reject_after")
-        return runtime
+            await self.erase("startup" if self.record.epoch == 0 else "reject_after")
 
     def stop(self) -> None:
         self.stopped = True
@@ -139,8 +130,18 @@ class LinkRuntime:
         self.wake.set()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The link's timer loop: rotate when due (initiator), erase when stale (both roles)."""
-        task_status.started()
+        raise NotImplementedError
+
+    async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
+        """A native peer API request for this link."""
+        raise NotImplementedError
+
+    async def _rotate(self) -> None:
+        """One initiator rotation (the native protocol's; a foreign one rotates by itself)."""
+
+    async def timer_loop(self) -> None:
+        """The link's timer: rotate when due (native initiator), erase when stale, retry a
+        failed erase, say once when nothing arrives (both roles and protocols)."""
         while not self.stopped:
             action = scheduler.decide(self.clock, self.config.timing, trio.current_time())
             if isinstance(action, scheduler.Wait):
@@ -148,7 +149,7 @@ class LinkRuntime:
                     await self.wake.wait()
                 self.wake = trio.Event()
             elif isinstance(action, scheduler.Rotate):
-                await self.initiator.rotate_once()
+                await self._rotate()
             else:
                 async with self.lock:
                     # a commit may have landed while we waited for the lock: decide again
@@ -159,16 +160,11 @@ class LinkRuntime:
                     elif isinstance(action, scheduler.RetryErase):
                         await self.retry_erase()
                     elif isinstance(action, scheduler.Starved):
-                        self._responder_starved()
+                        self._starved()
                         self.clock = scheduler.after_starved(self.clock)
 
-    async def rotate_once(self) -> bool:
-        """One initiator rotation attempt now; returns whether it committed."""
-        return await self.initiator.rotate_once()
-
-    async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
-        """A peer request for this link (see `Responder.handle`)."""
-        return await self.responder.handle(action, body, identity)
+    def _starved(self) -> None:
+        """Nothing committed within reject_after on a side that cannot rotate by itself."""
 
     # -- fail closed ---------------------------------------------------------------------------
 
@@ -199,23 +195,6 @@ class LinkRuntime:
             trio.current_time(),
             failed=bool(self.sinks.erase_failed),
         )
-
-    def _responder_starved(self) -> None:
-        """A responder cannot rotate by itself: say what to check (both sides responder is a
-        configuration no single side can detect, so name it)."""
-        message = (
-            f"no rotation from peer {self.config.peer!r} within reject_after "
-            f"({self.config.timing.reject_after:g} s): is it running, reachable, and configured "
-            "as the initiator (role = initiator or auto) for this link?"
-        )
-        self.status.last_error = f"peer: {message}"
-        self.status.last_error_at = time.time()
-        if self.record.epoch == 0:
-            # Never rotated: a configuration problem, worth a line. A link that did rotate
-            # and then went quiet was already reported by its reject_after erase.
-            log.warning(
-                "link %s: %s", self.name, message, extra={"link": self.name, "stage": "peer"}
-            )
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -279,7 +258,7 @@ class LinkRuntime:
         now_wall, now = time.time(), trio.current_time()
         committed = record.committed_at if record.epoch > 0 else None
         next_rotation = None
-        if self.config.initiator:
+        if self.clock.initiator:
             next_rotation = now_wall + max(0.0, self.clock.next_attempt - now)
         return {
             "link": self.name,
@@ -301,4 +280,87 @@ class LinkRuntime:
             else round(self.status.last_rotation_seconds * 1000, 3),
             "sources": [s.id for s in self.sources],
             "sinks": self.sinks.ids,
+            "protocol": self.protocol,
         }
+
+
+class LinkRuntime(BaseLink):
+    """The native protocol (DESIGN §4). Build with `await LinkRuntime.open(...)`: a runtime
+    always has its state loaded."""
+
+    def __init__(
+        self,
+        env: LinkEnv,
+        config: LinkConfig,
+        sources: list[SourceHandle],
+        sinks: list[SinkHandle],
+        record: LinkRecord,
+        clock: scheduler.Clock,
+    ) -> None:
+        super().__init__(env, config, sources, sinks, record, clock)
+        self.start = ratchet.chain_start(native_bootstrap(config), config.name)
+        self.facts = rules.LinkFacts(
+            link=config.name,
+            local=env.agent_name,
+            peer=config.peer,
+            peer_identity=config.peer_identity,
+            initiator=config.initiator,
+            source_ids=tuple(config.sources),
+            shared_labels=self.sinks.shared_labels,
+            start=self.start,
+            max_key_ids=tuple(s.max_key_id for s in sources),
+        )
+        self.initiator = Initiator(self)
+        self.responder = Responder(self)
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        env: LinkEnv,
+        config: LinkConfig,
+        sources: list[SourceHandle],
+        sinks: list[SinkHandle],
+    ) -> LinkRuntime:
+        """Load or create the link's state and put its sinks in a defined state: the current
+        key if it is fresh, else erased (fail closed)."""
+        start = ratchet.chain_start(native_bootstrap(config), config.name)
+        record, clock, fresh = await cls.load_record(
+            env, config, config.peer, start.chain_key, start.auth_key
+        )
+        runtime = cls(env, config, sources, sinks, record, clock)
+        await runtime.start_sinks(fresh)
+        return runtime
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await self.timer_loop()
+
+    async def _rotate(self) -> None:
+        await self.initiator.rotate_once()
+
+    async def rotate_once(self) -> bool:
+        """One initiator rotation attempt now; returns whether it committed."""
+        return await self.initiator.rotate_once()
+
+    async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
+        """A peer request for this link (see `Responder.handle`)."""
+        return await self.responder.handle(action, body, identity)
+
+    def _starved(self) -> None:
+        """A responder cannot rotate by itself: say what to check (both sides responder is a
+        configuration no single side can detect, so name it)."""
+        message = (
+            f"no rotation from peer {self.config.peer!r} within reject_after "
+            f"({self.config.timing.reject_after:g} s): is it running, reachable, and configured "
+            "as the initiator (role = initiator or auto) for this link?"
+        )
+        self.status.last_error = f"peer: {message}"
+        self.status.last_error_at = time.time()
+        if self.record.epoch == 0:
+            # Never rotated: a configuration problem, worth a line. A link that did rotate
+            # and then went quiet was already reported by its reject_after erase.
+            log.warning(
+                "link %s: %s", self.name, message, extra={"link": self.name, "stage": "peer"}
+            )

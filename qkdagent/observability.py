@@ -72,6 +72,12 @@ class Metrics:
             ["link"],
             registry=r,
         )
+        self.insecure = Gauge(
+            "qkdagent_link_insecure",
+            "1 for a link whose peer protocol is unauthenticated (insecure = true; migration)",
+            ["link", "protocol"],
+            registry=r,
+        )
         self.duration = Histogram(
             "qkdagent_rotation_duration_seconds",
             "Rotation time on this side, from start to its sinks installed",
@@ -91,6 +97,15 @@ class Metrics:
                 metric.remove(link)
             except KeyError:
                 pass
+        self.mark_insecure(link, None)
+
+    def mark_insecure(self, link: str, protocol: str | None) -> None:
+        """`qkdagent_link_insecure` is 1 for a link running an unauthenticated protocol
+        (`protocol`), and absent for any other link."""
+        for labels in [k for k in self.insecure._metrics if k[0] == link]:
+            self.insecure.remove(*labels)
+        if protocol is not None:
+            self.insecure.labels(link, protocol).set(1)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,7 @@ from . import hookspecs
 from .errors import PluginError
 from .hooks import Hooks
 from .interfaces import Sink, Source
+from .linkprotocol import LinkProtocol
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Plugins:
         self.loaded: dict[str, PluginInfo] = {}
         self.sources: dict[str, tuple[type[Source], str]] = {}
         self.sinks: dict[str, tuple[type[Sink], str]] = {}
+        self.link_protocols: dict[str, tuple[type[LinkProtocol], str]] = {}
 
     def load(self, names: Iterable[str], *, group: str = PLUGIN_GROUP) -> None:
         available = installed(group)
@@ -102,17 +104,25 @@ class Plugins:
         self._register_types(name, info)
 
     def _register_types(self, plugin: str, info: PluginInfo) -> None:
-        for table, base, call in (
-            (self.sources, Source, self.hooks.register_sources),
-            (self.sinks, Sink, self.hooks.register_sinks),
+        for table, base, attr, call in (
+            (self.sources, Source, "type_name", self.hooks.register_sources),
+            (self.sinks, Sink, "type_name", self.hooks.register_sinks),
+            (
+                self.link_protocols,
+                LinkProtocol,
+                "protocol_name",
+                self.hooks.register_link_protocols,
+            ),
         ):
 
-            def register(cls: Any, table: dict = table, base: type = base) -> None:
+            def register(
+                cls: Any, table: dict = table, base: type = base, attr: str = attr
+            ) -> None:
                 if not (isinstance(cls, type) and issubclass(cls, base)):
                     raise PluginError(f"{info.distribution} registered {cls!r}, not a {base}")
-                type_name = getattr(cls, "type_name", None)
-                if not isinstance(type_name, str) or not type_name:
-                    raise PluginError(f"{info.distribution}: {cls.__name__} has no type_name")
+                type_name = getattr(cls, attr, None)
+                if not isinstance(type_name, str) or not type_name or type_name == "native":
+                    raise PluginError(f"{info.distribution}: {cls.__name__} has no {attr}")
                 if type_name in table and table[type_name][0] is not cls:
                     raise PluginError(
                         f"{base.__name__.lower()} type {type_name!r} is registered by both "

@@ -22,6 +22,8 @@ from .observability import Metrics
 from .peering import Handler, PeerClient, PeerReply
 from .peerserver import ServerLimits, serve_peers
 
+log = logging.getLogger(__name__)
+
 
 class PeerPoster(Protocol):
     """Sends one MAC'd request to a peer and returns its reply (bounded, with the server's
@@ -72,6 +74,10 @@ class HttpsTransport:
         task_status: trio.TaskStatus[list[str]],
     ) -> None:
         s = self.settings
+        if s.tls is None:  # no link uses the native protocol (config.py checks it)
+            log.info("no peer API: no link uses qkdagent's own protocol")
+            task_status.started([])
+            return
         limits = ServerLimits(
             max_connections=s.max_connections,
             max_per_address=s.max_connections_per_address,
@@ -98,5 +104,17 @@ class HttpsTransport:
         config.graceful_timeout = 0.5
         await serve(app, config, shutdown_trigger=trio.sleep_forever, task_status=task_status)
 
-    def client(self) -> PeerClient:
+    def client(self) -> PeerPoster:
+        if self.settings.tls is None:
+            return _NoPeers()
         return PeerClient(self.settings.tls, connections=self.settings.max_parallel_rotations)
+
+
+class _NoPeers:
+    """The peer client of an agent without native links (and so without TLS settings)."""
+
+    async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply:
+        raise RuntimeError("this agent has no native links, so no peer client")
+
+    async def aclose(self) -> None:
+        pass

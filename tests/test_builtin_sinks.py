@@ -15,7 +15,7 @@ import pytest
 from qkdagent import KeyMeta, Link, PluginContext, Secret
 from qkdagent.builtin.exec_sink import ExecSink
 from qkdagent.builtin.file_sink import FileSink
-from qkdagent.errors import SinkError
+from qkdagent.errors import Misconfigured, SinkError
 from qkdagent.options import Options
 from qkdagent.testing import (
     KeyDirSource,
@@ -76,6 +76,42 @@ async def test_file_sink_erase_remove(tmp_path: Path) -> None:
     await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
     await sink.erase(LINK, "test")
     assert not (tmp_path / "bob.key").exists()
+
+
+async def test_file_sink_creates_missing_directories_0700_only_when_asked(
+    tmp_path: Path,
+) -> None:
+    meta = KeyMeta(1, ("k",), "file", 0)
+    fixed = {"path": str(tmp_path / "a" / "b" / "bob.key")}
+    plain = FileSink("f", Options(fixed, where="sinks.f"), _ctx(tmp_path))
+    with pytest.raises(Misconfigured, match="does not exist"):
+        await plain.prepare()
+    assert not (tmp_path / "a").exists()
+    old = os.umask(0o022)
+    try:
+        creating = FileSink(
+            "f", Options({**fixed, "create_dirs": True}, where="sinks.f"), _ctx(tmp_path)
+        )
+        await creating.prepare()  # a fixed directory is made at start-up
+        templated = _file_sink(tmp_path / "t" / "{link}", create_dirs=True)
+        await templated.prepare()  # a templated one only once the link is known
+        assert not (tmp_path / "t").exists()
+        await templated.install(LINK, Secret(os.urandom(32)), meta)
+    finally:
+        os.umask(old)
+    for directory in ("a", "a/b", "t", "t/contract"):
+        assert stat.S_IMODE((tmp_path / directory).stat().st_mode) == 0o700, directory
+    assert (tmp_path / "t" / "contract" / "bob.key").exists()
+
+
+async def test_a_relative_file_sink_path_resolves_against_the_config_directory(
+    tmp_path: Path,
+) -> None:
+    opts = Options({"path": "keys/bob.key", "create_dirs": True}, where="s", base_dir=tmp_path)
+    sink = FileSink("f", opts, _ctx(tmp_path))
+    await sink.prepare()
+    await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+    assert (tmp_path / "keys" / "bob.key").exists()
 
 
 HOOK = """#!/bin/sh

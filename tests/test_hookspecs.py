@@ -42,6 +42,7 @@ SPECS = {
     if name.startswith("qkdagent_")
 }
 PAIR_HOOKS = {  # exercised by a running agent pair below
+    "qkdagent_register_link_protocols",
     "qkdagent_register_sources",
     "qkdagent_register_sinks",
     "qkdagent_register_services",
@@ -113,6 +114,10 @@ class Observer:
     def qkdagent_register_sinks(self, register: Callable[..., None]) -> None:
         register(ReportingSink)
         self._seen("qkdagent_register_sinks", register)
+
+    @hookimpl
+    def qkdagent_register_link_protocols(self, register: Callable[..., None]) -> None:
+        self._seen("qkdagent_register_link_protocols", register)
 
     @hookimpl
     def qkdagent_register_services(

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from qkdagent.faults import CRASH_EXIT_CODE, POINTS
-from qkdagent.testing.toml import config_toml
 from qkdagent.testing.procs import AgentProcess, process_pair, wait_until
+from qkdagent.testing.toml import config_toml
 
 LINK = "alice-bob"
 COMMIT_RE = re.compile(r"link (\S+): epoch (\d+) committed \((\w+)\) in [\d.]+ ms, key IDs (\S+)")

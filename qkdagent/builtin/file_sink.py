@@ -2,6 +2,10 @@
 
 `format = "base64"` without a trailing newline is the format quPSKd writes and `wg set ...
 preshared-key FILE` reads; `hex` suits stunnel-style tools, `raw` the bytes as they are.
+A relative `path` resolves against the config file's directory. The directory must exist,
+unless `create_dirs = true`: then the missing directories are created with mode 0700 (at
+start-up, or at the first install for a path templated with `{link}`/`{peer}`), as quPSKd does
+for its key folder.
 """
 
 from __future__ import annotations
@@ -45,6 +49,24 @@ def decode(data: bytes, fmt: str) -> bytes | None:
         return None
 
 
+def make_private_dirs(directory: Path) -> None:
+    """Create `directory` and any missing parents with mode 0700 (whatever the umask); the
+    directories that already exist are left as they are."""
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:  # created meanwhile by someone else: leave it alone
+            continue
+        os.chmod(path, 0o700)
+
+
 class FileSink(Sink):
     type_name = "file"
 
@@ -59,6 +81,7 @@ class FileSink(Sink):
         problem = check_template(self.path_template, ("link", "peer"))
         if problem:
             options.fail("path", problem)
+        self.create_dirs = options.boolean("create_dirs", False)
 
     def path(self, link: Link) -> Path:
         return Path(self.path_template.format(link=link.name, peer=link.peer))
@@ -67,6 +90,8 @@ class FileSink(Sink):
         directory = Path(self.path_template).parent
         if "{" in str(directory):
             return
+        if self.create_dirs:
+            await self._make_dirs(directory)
         if not directory.is_dir():
             raise Misconfigured(f"sink {self.name!r}: directory {directory} does not exist")
         if not os.access(directory, os.W_OK):
@@ -75,8 +100,22 @@ class FileSink(Sink):
     async def install(self, link: Link, secret: Secret, meta: KeyMeta) -> None:
         await self._write(link, encode(secret.reveal(), self.format, self.newline))
 
+    async def _make_dirs(self, directory: Path) -> None:
+        try:
+            await trio.to_thread.run_sync(make_private_dirs, directory)
+        except OSError as exc:
+            raise Misconfigured(
+                f"sink {self.name!r}: cannot create directory {directory}: {exc.strerror}"
+            ) from None
+
     async def _write(self, link: Link, data: bytes) -> None:
         path = self.path(link)
+        if self.create_dirs and "{" in str(Path(self.path_template).parent):
+            try:
+                await trio.to_thread.run_sync(make_private_dirs, path.parent)
+            except OSError as exc:
+                message = f"sink {self.name!r}: cannot create {path.parent}: {exc.strerror}"
+                raise SinkError(message) from None
         try:
             await trio.to_thread.run_sync(write_secret_file, path, data)
         except OSError as exc:

@@ -77,6 +77,9 @@ def pair_configs(
             **(link or {}),
             **side.get("link", {}),
         }
+        if link_table.get("protocol", "native") != "native":
+            # a link of another protocol has its own peer settings (`linkprotocol.py`)
+            del link_table["peer_url"], link_table["bootstrap"]
         configs[name] = {
             "agent": {
                 "name": name,
