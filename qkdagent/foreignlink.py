@@ -80,7 +80,7 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
         self.source_ids = tuple(h.id for h in sources)
         self.interval = config.timing.interval
         self.reject_after = config.timing.reject_after
-        self._scope = trio.CancelScope()
+        self._scope: trio.CancelScope | None = None
 
     @classmethod
     async def open(
@@ -185,6 +185,10 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The core's timer (expiry erase, erase retries) beside the protocol's own task."""
+        if self.stopped:
+            task_status.started()
+            return
+        self._scope = trio.CancelScope()  # a new one each run: the agent restarts a failed run
         with self._scope:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.timer_loop)
@@ -193,7 +197,8 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
 
     def stop(self) -> None:
         super().stop()
-        self._scope.cancel()
+        if self._scope is not None:
+            self._scope.cancel()
 
     async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
         """Run the protocol; if it raises, log by type and place and start it again."""

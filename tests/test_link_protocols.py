@@ -319,3 +319,24 @@ def test_a_native_link_still_needs_the_agent_tls_files(tmp_path: Path) -> None:
     del config["agent"]["tls"]
     with pytest.raises(ConfigError, match="agent.tls.*link 'alice-bob' uses qkdagent's own"):
         parse_config(config)
+
+
+async def test_a_bug_in_the_cores_timer_restarts_the_whole_foreign_link(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qkdagent.link import BaseLink
+
+    original, broken = BaseLink.timer_loop, [1]
+
+    async def timer_loop(self: BaseLink) -> None:
+        if broken and self.protocol == "lockstep":
+            broken.pop()
+            raise KeyError("a bug")
+        await original(self)
+
+    monkeypatch.setattr(BaseLink, "timer_loop", timer_loop)
+    link = lockstep()
+    async with open_agent_pair(tmp_path, alice=SINKS, bob=SINKS, link=link, local=True) as pair:
+        await pair.wait_for_epoch(2, timeout=200)  # the link ran again after the failed run
+        assert not broken
+        assert pair.secret("alice", "psk").reveal() == pair.secret("bob", "psk").reveal()
