@@ -10,6 +10,8 @@ from pathlib import Path
 
 import trio
 
+from qkdagent import write_test_pki
+
 from . import wire
 from .hubapp import Hub, HubSettings
 from .hubserver import serve_hub, server_ssl_context
@@ -28,8 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Serve a DSKE security hub (dske-python's hub API under /<name>/dske/...) over HTTPS "
         "with mutual TLS; PSRD pools and shares in transit are kept in SQLite under --state."
     )
-    parser.add_argument("--name", type=_name, required=True, help="the hub's name")
-    parser.add_argument("--state", type=Path, required=True, help="state directory (0700)")
+    parser.add_argument("--name", type=_name, help="the hub's name (required to serve)")
+    parser.add_argument("--state", type=Path, help="state directory, 0700 (required to serve)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: a free port (see --ready-file)")
     parser.add_argument("--cert", type=Path, help="server certificate (PEM)")
@@ -45,9 +47,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ready-file", type=Path, help="written with the port once listening (for supervisors)"
     )
+    parser.add_argument(
+        "--make-pki",
+        type=Path,
+        metavar="DIR",
+        help="write a throw-away test PKI (ca.pem, <name>.pem/.key for --pki-names) and exit",
+    )
+    parser.add_argument(
+        "--pki-names",
+        default="hank,helen,hilary,holly,hugo,alice,bob",
+        help="comma-separated names for --make-pki (hubs and clients)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.make_pki:
+        names = [n for n in args.pki_names.split(",") if n]
+        if not names or not all(wire.NAME.fullmatch(n) for n in names):
+            log.error("dske-hub: --pki-names is a comma-separated list of names")
+            return 2
+        write_test_pki(args.make_pki, names)
+        print(f"wrote {args.make_pki}/ca.pem and a certificate and key for {', '.join(names)}")
+        return 0
+    if args.name is None or args.state is None:
+        log.error("dske-hub: --name and --state are required")
+        return 2
     if not args.plain_http and not (args.cert and args.key and args.ca):
         log.error("dske-hub: --cert, --key and --ca are required (or --plain-http)")
         return 2
