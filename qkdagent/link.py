@@ -85,6 +85,10 @@ class BaseLink:
         self.commit_lost = False
         """Set when the peer did not acknowledge a commit: the next rotation comes early."""
         self.rand: Callable[[], float] = random.random
+        self._setup()
+
+    def _setup(self) -> None:
+        """What a kind of link adds to the common state (the native roles, say)."""
 
     @staticmethod
     async def load_record(
@@ -288,27 +292,19 @@ class LinkRuntime(BaseLink):
     """The native protocol (DESIGN §4). Build with `await LinkRuntime.open(...)`: a runtime
     always has its state loaded."""
 
-    def __init__(
-        self,
-        env: LinkEnv,
-        config: LinkConfig,
-        sources: list[SourceHandle],
-        sinks: list[SinkHandle],
-        record: LinkRecord,
-        clock: scheduler.Clock,
-    ) -> None:
-        super().__init__(env, config, sources, sinks, record, clock)
+    def _setup(self) -> None:
+        config = self.config
         self.start = ratchet.chain_start(native_bootstrap(config), config.name)
         self.facts = rules.LinkFacts(
             link=config.name,
-            local=env.agent_name,
+            local=self.env.agent_name,
             peer=config.peer,
             peer_identity=config.peer_identity,
             initiator=config.initiator,
             source_ids=tuple(config.sources),
             shared_labels=self.sinks.shared_labels,
             start=self.start,
-            max_key_ids=tuple(s.max_key_id for s in sources),
+            max_key_ids=tuple(s.max_key_id for s in self.sources),
         )
         self.initiator = Initiator(self)
         self.responder = Responder(self)

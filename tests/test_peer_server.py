@@ -12,10 +12,7 @@ import resource
 import select
 import socket
 import ssl
-import subprocess
-import sys
 import time
-import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -485,18 +482,7 @@ class LimitedAgent(AgentProcess):
     """An agent process started with RLIMIT_NOFILE soft = hard = `nofile`."""
 
     def __init__(self, config: Path, log: Path, nofile: int) -> None:
-        self.config = config
-        self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qkdagent", "run", "-c", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(log, "ab"),
-            preexec_fn=_limited(nofile),
-        )
-        data = tomllib.loads(config.read_text())
-        self.status_url = f"http://{data['agent']['status_listen']}/status"
-        self.peer_port = int(data["agent"]["listen"].rsplit(":", 1)[1])
+        super().__init__(config, log, preexec=_limited(nofile))
 
     def descriptors(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/fd"))

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,17 @@ def process_pair(directory: Path, link: dict[str, Any] | None = None) -> dict[st
 
 
 class AgentProcess:
-    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+    """`qkdagent run -c CONFIG`, its stderr appended to `log`; `env` adds variables (such as
+    `QKDAGENT_CRASH_AT`), `preexec` runs in the child before exec (resource limits)."""
+
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        env: dict[str, str] | None = None,
+        *,
+        preexec: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
         self.log = log
         self.proc = subprocess.Popen(
@@ -49,9 +60,11 @@ class AgentProcess:
             stdout=subprocess.DEVNULL,
             stderr=open(log, "ab"),
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec,
         )
         data = tomllib.loads(config.read_text())
         self.status_url = f"http://{data['agent']['status_listen']}/status"
+        self.peer_port = int(data["agent"]["listen"].rsplit(":", 1)[1])
 
     def status(self) -> dict[str, Any] | None:
         try:
