@@ -72,3 +72,11 @@ class ProtocolError(QkdAgentError):
 
 class KeyReuseError(QkdAgentError):
     """A source handed out a key ID that this link has already used."""
+
+
+def named(kind: str, component: str, error: BaseException) -> str:
+    """`error`'s text prefixed with the component it came from, once: a plugin that already
+    names itself ("source 'kme': ...") is not named twice."""
+    prefix = f"{kind} {component!r}"
+    text = str(error)
+    return text if text.startswith(prefix) else f"{prefix}: {text}"

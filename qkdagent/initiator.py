@@ -16,7 +16,7 @@ import httpx
 import trio
 
 from . import protocol, ratchet
-from .errors import KeyReuseError, ProtocolError, QkdAgentError, SourceError
+from .errors import KeyReuseError, ProtocolError, QkdAgentError, SourceError, named
 from .faults import crash_point
 from .peering import PeerReply
 from .secret import Key, Secret
@@ -170,7 +170,7 @@ class Initiator:
             try:
                 keys.append((source.id, await source.offer(self.link.link, states.get(source.id))))
             except QkdAgentError as exc:
-                raise RotationFailed("source", f"source {source.id!r}: {exc}") from None
+                raise RotationFailed("source", named("source", source.id, exc)) from None
         return keys
 
     async def _accept(
@@ -190,7 +190,7 @@ class Initiator:
                     self.link.link, by_source.get(source.id, b""), states.get(source.id)
                 )
             except QkdAgentError as exc:
-                raise RotationFailed("source", f"source {source.id!r}: {exc}") from None
+                raise RotationFailed("source", named("source", source.id, exc)) from None
             if state is not None:
                 new[source.id] = state
         return new

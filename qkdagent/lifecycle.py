@@ -29,7 +29,7 @@ import trio
 
 from .components import Components, Handle, SinkHandle, SourceHandle
 from .config import BUILTIN_PLUGINS, AgentConfig, ComponentConfig
-from .errors import ConfigError, QkdAgentError, StartupError
+from .errors import ConfigError, QkdAgentError, StartupError, named
 from .events import ComponentEvent
 from .interfaces import Link, PluginContext, Sink, Source, _Configurable
 from .linkprotocol import LinkProtocol
@@ -258,7 +258,7 @@ async def prepare_all(handles: list[Handle]) -> None:
                         f"{handle.kind} {handle.id!r}: prepare() timed out"
                     )
                 except QkdAgentError as exc:
-                    error = StartupError(f"{handle.kind} {handle.id!r}: {exc}")
+                    error = StartupError(named(handle.kind, handle.id, exc))
                     error.__cause__ = exc
                 except Exception as exc:  # a plugin bug: re-raised as is, as before
                     error = exc

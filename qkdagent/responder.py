@@ -15,7 +15,7 @@ import trio
 
 from . import protocol, ratchet
 from . import responder_rules as rules
-from .errors import KeyNotFound, KeyReuseError, ProtocolError, QkdAgentError
+from .errors import KeyNotFound, KeyReuseError, ProtocolError, QkdAgentError, named
 from .faults import crash_point
 from .identity import PeerIdentity
 from .interfaces import Answered
@@ -91,11 +91,11 @@ class Responder:
             try:
                 answered.append(await source.answer(link.link, key_id, states.get(source.id)))
             except KeyNotFound as exc:
-                link.failed(record.epoch, "source", f"source {source.id!r}: {exc}")
-                refusal = rules.Refuse("key-not-found", f"source {source.id!r}: {exc}", 409)
+                link.failed(record.epoch, "source", named("source", source.id, exc))
+                refusal = rules.Refuse("key-not-found", named("source", source.id, exc), 409)
                 raise self._refuse(refusal, body) from None
             except QkdAgentError as exc:
-                link.failed(record.epoch, "source", f"source {source.id!r}: {exc}")
+                link.failed(record.epoch, "source", named("source", source.id, exc))
                 refusal = rules.Refuse("source", f"source {source.id!r} failed", 503)
                 raise self._refuse(refusal, body) from None
         crash_point("responder:keys-fetched")

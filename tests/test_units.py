@@ -261,3 +261,13 @@ def test_peer_error_text_cannot_forge_log_lines() -> None:
     text = printable(forged)
     assert "\n" not in text and "\x1b" not in text and len(text) == 200
     assert text.startswith("bad?WARNING")
+
+
+def test_a_component_is_named_once_in_an_error() -> None:
+    from qkdagent.errors import SourceUnavailable, named
+
+    assert named("source", "kme", SourceUnavailable("KME down")) == "source 'kme': KME down"
+    already = SourceUnavailable("source 'kme': hub h1 is down")
+    assert named("source", "kme", already) == "source 'kme': hub h1 is down"
+    other = SourceUnavailable("source 'kme2': x")  # another component's name is kept apart
+    assert named("source", "kme", other) == "source 'kme': source 'kme2': x"
