@@ -46,9 +46,16 @@ class TestBb84Source(SourceContract):
         return {**FAST, "link": link_name}
 
 
+def ends(table: dict[str, Any], tmp_path: Path, **kw: Any) -> tuple[Bb84Source, Bb84Source]:
+    """alice's (initiator) and bob's sources of one link, each with its own state directory."""
+    return (
+        build_component(Bb84Source, table, links=(ALICE,), state_dir=tmp_path / "a", **kw),
+        build_component(Bb84Source, table, links=(BOB,), state_dir=tmp_path / "b", **kw),
+    )
+
+
 async def test_peer_key_ids_are_checked_before_lookup(link_name: str, tmp_path: Path) -> None:
-    alice = build_component(Bb84Source, {**FAST, "link": link_name}, state_dir=tmp_path)
-    bob = build_component(Bb84Source, {**FAST, "link": link_name}, state_dir=tmp_path)
+    alice, bob = ends({**FAST, "link": link_name}, tmp_path)
     async with running(alice, bob):
         key = await alice.new_key(ALICE)
         for bad in ("../x", "", "0" * 300, key.key_id + "x", "zzzzzzzz-1-1"):
@@ -61,10 +68,11 @@ async def test_an_eavesdropped_link_gives_no_key_and_reports_aborts(
     link_name: str, tmp_path: Path
 ) -> None:
     events: list[ComponentEvent] = []
-    context = PluginContext("alice", tmp_path, reporter=events.append)
+    context = PluginContext("alice", tmp_path / "a", reporter=events.append)
     table = {**FAST, "link": link_name, "eve_intercept": 1.0}
-    alice = build_component(Bb84Source, table, name="qkd", context=context)
-    async with running(alice):
+    alice = build_component(Bb84Source, table, name="qkd", context=context, links=(ALICE,))
+    bob = build_component(Bb84Source, table, name="qkd", state_dir=tmp_path / "b")
+    async with running(alice, bob):
         with pytest.raises(SourceUnavailable, match="qber above threshold"):
             await alice.new_key(ALICE)
     assert events and all(e.kind == "block_aborted" for e in events)
@@ -72,9 +80,9 @@ async def test_an_eavesdropped_link_gives_no_key_and_reports_aborts(
 
 
 async def test_both_ends_must_simulate_the_same_link(link_name: str, tmp_path: Path) -> None:
-    alice = build_component(Bb84Source, {**FAST, "link": link_name}, state_dir=tmp_path)
+    alice = build_component(Bb84Source, {**FAST, "link": link_name}, state_dir=tmp_path / "a")
     bob = build_component(
-        Bb84Source, {**FAST, "link": link_name, "distance_km": 80}, state_dir=tmp_path
+        Bb84Source, {**FAST, "link": link_name, "distance_km": 80}, state_dir=tmp_path / "b"
     )
     with pytest.raises(Misconfigured, match="configured differently"):
         async with running(alice, bob):
@@ -83,13 +91,14 @@ async def test_both_ends_must_simulate_the_same_link(link_name: str, tmp_path: P
 
 async def test_background_task_fills_the_pool(link_name: str, tmp_path: Path) -> None:
     table = {**FAST, "link": link_name, "low_water": 20, "check_every": 0.01}
-    alice = build_component(Bb84Source, table, state_dir=tmp_path)
-    async with running(alice):
-        sim = Bb84Link._registry[link_name]
+    alice, bob = ends(table, tmp_path)
+    async with running(alice, bob):
+        assert alice.store is not None and bob.store is not None
         with trio.fail_after(30):
-            while sim.level() < 20:  # noqa: ASYNC110 - waiting on a worker thread
+            while alice.store.level() < 20:  # noqa: ASYNC110 - waiting on a worker thread
                 await trio.sleep(0.01)
-        assert sim.stats.blocks >= 1
+        sim = Bb84Link._registry[link_name]
+        assert sim.stats.blocks >= 1 and bob.store.level() >= 20
 
 
 async def test_two_agents_rotate_through_bb84(link_name: str, tmp_path: Path) -> None:

@@ -1,23 +1,27 @@
-"""A simulated BB84 link shared by the two agents of one process, and its two key pools.
+"""A simulated BB84 link shared by the two agents of one process, feeding each end's pool.
 
 Both ends of the simulated link live in one `Bb84Link`, found by name (`link = "..."` in both
 agents' source tables), as the core's `memory` source shares a `MemoryPool`: this is a
-simulation, and its keys are only as secret as the process. Each verified block puts Alice's
-final key into Alice's pool and Bob's into Bob's, cut into `key_size` pieces with the same IDs
-(`<run>-<block>-<piece>`, `run` random per link object so IDs never repeat after a restart).
-Alice's side hands out the oldest piece; Bob's side gives a piece only by ID, and only once.
-Blocks are produced in a worker thread; the pools are guarded by a lock.
+simulation, and its keys are only as secret as the process. Each agent's source attaches its own
+durable `KeyStore` (in that agent's state directory) as one end. A verified block is staged in
+every end's store, then published in each, the responder's first: a crash between the two leaves
+pieces only the responder holds (never named by the initiator), never an ID the initiator hands
+out that the responder lacks. Blocks run only while both ends are attached, so neither pool
+fills with pieces the other end never got. Key IDs are `<run>-<block>-<piece>`, `run` random
+per link object, so IDs never repeat after a restart; block numbers come from the stores'
+durable counters, so a seeded link never runs (never re-derives the key of) a block number
+twice.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 from .engine import BlockResult, Settings, run_block
+from .store import KeyStore
 
 
 @dataclass
@@ -30,6 +34,13 @@ class LinkStats:
 
 
 @dataclass
+class End:
+    store: KeyStore
+    alice: bool
+    """Gets Alice's final key (the initiator's end); the other end gets Bob's."""
+
+
+@dataclass
 class Bb84Link:
     name: str
     settings: Settings
@@ -38,8 +49,7 @@ class Bb84Link:
     """Determines every simulated bit, so every key: secret."""
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))
     stats: LinkStats = field(default_factory=LinkStats)
-    _alice: OrderedDict[str, bytes] = field(default_factory=OrderedDict, repr=False)
-    _bob: dict[str, bytes] = field(default_factory=dict, repr=False)
+    _ends: dict[str, End] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _next_block: int = 0
 
@@ -64,16 +74,32 @@ class Bb84Link:
         with cls._registry_lock:
             cls._registry.pop(name, None)
 
-    def level(self) -> int:
-        """Pieces Alice can still hand out."""
+    def attach(self, end: str, store: KeyStore, *, alice: bool) -> None:
+        """Make `store` the pool of end `end` (an agent); a link has at most two ends."""
         with self._lock:
-            return len(self._alice)
+            if end not in self._ends and len(self._ends) >= 2:
+                raise ValueError(f"bb84 link {self.name!r} already has two ends")
+            self._ends[end] = End(store, alice)
+            self._next_block = max(self._next_block, store.next_block)
+
+    def complete(self) -> bool:
+        """Both ends attached: blocks may run."""
+        with self._lock:
+            return len(self._ends) == 2
+
+    def detach(self, end: str, store: KeyStore) -> None:
+        with self._lock:
+            if end in self._ends and self._ends[end].store is store:
+                del self._ends[end]
 
     def produce(self) -> BlockResult:
         """Run one block (blocking: call it in a worker thread) and pool its keys if verified."""
         with self._lock:
             number = self._next_block
             self._next_block += 1
+            ends = list(self._ends.values())
+        for end in ends:  # before the block runs: its number is spent whatever happens next
+            end.store.reserve(number)
         result = run_block(self.settings, (self.seed, number))
         with self._lock:
             self.stats.blocks += 1
@@ -83,19 +109,10 @@ class Bb84Link:
                 self.stats.aborted += 1
                 return result
             self.stats.key_bits += result.key_bits
-            size = self.key_size
-            for piece in range(len(result.alice_key) // size):
-                key_id = f"{self.run_id}-{number}-{piece}"
-                self._alice[key_id] = result.alice_key[piece * size : (piece + 1) * size]
-                self._bob[key_id] = result.bob_key[piece * size : (piece + 1) * size]
+        block_id = f"{self.run_id}-{number}"
+        for end in ends:
+            key = result.alice_key if end.alice else result.bob_key
+            end.store.stage(block_id, key, self.key_size)
+        for end in sorted(ends, key=lambda e: e.alice):  # responders first
+            end.store.publish(block_id)
         return result
-
-    def take_alice(self) -> tuple[str, bytes] | None:
-        with self._lock:
-            if not self._alice:
-                return None
-            return self._alice.popitem(last=False)
-
-    def take_bob(self, key_id: str) -> bytes | None:
-        with self._lock:
-            return self._bob.pop(key_id, None)

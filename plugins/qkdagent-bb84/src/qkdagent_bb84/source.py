@@ -2,15 +2,21 @@
 
 The initiator's source is Alice (`new_key` hands out her oldest pool piece), the responder's is
 Bob (`key_by_id` gives the piece with that ID, once). Both agents name the same `link` in their
-tables and must run in one process (the pair is a simulation, see `pool.py`). Each source's
-background task keeps the pool above `low_water` pieces by running blocks in a worker thread;
-an aborted block (QBER above threshold, failed verification, no finite-key length) is reported
-as a `ComponentEvent` and yields no key. A dry pool is a retryable `SourceUnavailable`.
+tables and must run in one process (the pair is a simulation, see `pool.py`). Each end's pool is
+durable (`store.py`, in the agent's state directory): established key survives a restart and is
+destroyed on disk as it is handed out. Each source's background task keeps the pool above
+`low_water` pieces by running blocks (in a worker thread, or on the event loop with
+`worker_thread = false`, for small blocks under a virtual clock); an aborted block (QBER above
+threshold, failed verification, no finite-key length) is reported as a `ComponentEvent` and
+yields no key. A dry pool is a retryable `SourceUnavailable`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Callable
+from typing import TypeVar
 
 import trio
 from qkdagent import (
@@ -30,6 +36,9 @@ from .cascade import ALGORITHMS
 from .engine import Settings
 from .physics import Physics
 from .pool import Bb84Link
+from .store import KeyStore, StoreError
+
+T = TypeVar("T")
 
 KEY_ID = re.compile(r"^[0-9a-f]{8}-[0-9]{1,12}-[0-9]{1,9}$")
 """The IDs this source issues; anything else from the peer is not found, without a lookup."""
@@ -79,40 +88,80 @@ class Bb84Source(Source):
         self.check_every = options.number("check_every", 1.0, positive=True, max=3600)
         seed = options.integer("seed", -1, min=-1, max=2**63 - 1)
         self.seed = None if seed < 0 else seed
+        self.worker_thread = options.boolean("worker_thread", True)
         self.settings = _settings(options)
         self.sim: Bb84Link | None = None
+        self.store: KeyStore | None = None
+        self._end = ""
 
     async def prepare(self) -> None:
+        # one pool directory per (source, link name): a renamed link starts an empty pool
+        digest = hashlib.sha256(self.link_name.encode()).hexdigest()[:16]
+        directory = self.context.private_dir(f"bb84-{self.name}") / digest
         try:
-            self.sim = Bb84Link.named(self.link_name, self.settings, self.key_size, self.seed)
+            store = await self._call(KeyStore, directory)
+        except StoreError as exc:
+            raise Misconfigured(f"source {self.name!r}: {exc}") from None
+        try:
+            sim = Bb84Link.named(self.link_name, self.settings, self.key_size, self.seed)
+            self._end = str(directory)
+            sim.attach(self._end, store, alice=any(link.initiator for link in self.links))
         except ValueError as exc:
             raise Misconfigured(f"source {self.name!r}: {exc}") from None
+        self.sim, self.store = sim, store
 
-    def _link(self) -> Bb84Link:
-        if self.sim is None:
+    async def aclose(self) -> None:
+        if self.sim is not None and self.store is not None:
+            self.sim.detach(self._end, self.store)
+        self.sim = None
+
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
+        """Blocking work (a block, file I/O) in a worker thread, or inline without one."""
+        if self.worker_thread:
+            return await trio.to_thread.run_sync(fn, *args)
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    def _prepared(self) -> tuple[Bb84Link, KeyStore]:
+        if self.sim is None or self.store is None:
             raise SourceUnavailable(f"source {self.name!r} is not prepared")
-        return self.sim
+        return self.sim, self.store
 
     async def _produce(self) -> None:
-        link = self._link()
-        result = await trio.to_thread.run_sync(link.produce, abandon_on_cancel=True)
+        sim, _ = self._prepared()
+        if not sim.complete():
+            raise SourceUnavailable(
+                f"source {self.name!r}: the other end of bb84 link {self.link_name!r} "
+                "is not running"
+            )
+        try:
+            result = await self._call(sim.produce)
+        except OSError as exc:
+            raise SourceUnavailable(f"source {self.name!r}: bb84 pool: {exc.strerror}") from None
         if not result.ok:
             detail = f"{result.status} (QBER estimate {result.qber_estimate:.4f})"
             self.context.report(ComponentEvent(self.name, "block_aborted", detail))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Keep the pool above `low_water` pieces."""
+        """Keep the pool above `low_water` pieces (while the other end is attached)."""
         task_status.started()
         while True:
-            if self.sim is not None and self.sim.level() < self.low_water:
+            sim, store = self.sim, self.store
+            if sim and store and sim.complete() and store.level() < self.low_water:
                 await self._produce()
             else:
                 await trio.sleep(self.check_every)
 
+    async def _take(self, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return await self._call(fn, *args)
+        except OSError as exc:  # nothing was returned, so nothing is handed out twice
+            raise SourceUnavailable(f"source {self.name!r}: bb84 pool: {exc.strerror}") from None
+
     async def new_key(self, link: Link) -> Key:
-        sim = self._link()
+        sim, store = self._prepared()
         for _ in range(TRIES + 1):
-            piece = sim.take_alice()
+            piece = await self._take(store.take_oldest)
             if piece is not None:
                 return Key(piece[0], Secret(piece[1]))
             await self._produce()
@@ -124,7 +173,8 @@ class Bb84Source(Source):
         await trio.lowlevel.checkpoint()
         if not KEY_ID.match(key_id):
             raise KeyNotFound(f"source {self.name!r}: not a key ID this source issues")
-        value = self._link().take_bob(key_id)
+        _, store = self._prepared()
+        value = await self._take(store.take, key_id)
         if value is None:
             raise KeyNotFound(f"source {self.name!r} holds no key {key_id!r}")
         return Key(key_id, Secret(value))
