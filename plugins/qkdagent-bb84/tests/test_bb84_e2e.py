@@ -86,8 +86,8 @@ def kme_sources(ready: list[Any], pki: Path) -> tuple[Etsi014Source, Etsi014Sour
 
 def module_sources(ready: list[Any]) -> tuple[Etsi004Source, Etsi004Source]:
     tables = {
-        app: {"module": m["address"], "module_id": m["module_id"], "ca": m["ca"],
-              **m["credentials"][app]}  # fmt: skip
+        app: {"module": m["address"], "module_id": m["module_id"], "ca": m["ca"]}
+        | m["credentials"][app]
         for m in ready
         for app in m["applications"]
     }
