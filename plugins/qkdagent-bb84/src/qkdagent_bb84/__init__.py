@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from qkdagent import Source, hookimpl
+from qkdagent import CommandRegistry, Source, hookimpl
 
 from .source import Bb84Source
 
@@ -18,6 +18,14 @@ __version__ = "0.1.0"
 @hookimpl
 def qkdagent_register_sources(register: Callable[[type[Source]], None]) -> None:
     register(Bb84Source)
+
+
+@hookimpl
+def qkdagent_add_commands(cli: CommandRegistry) -> None:
+    from .cli import configure, run
+
+    cli.add("bb84", help="run a simulated BB84 link (run: per block; sweep: CSV, plot)",
+            configure=configure, run=run)  # fmt: skip
 
 
 __all__ = ["Bb84Source"]
