@@ -3,6 +3,7 @@ plot (or the clear refusal without matplotlib), and every bad flag as one line w
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import subprocess
@@ -10,7 +11,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from qkdagent.cli import main
+
+from qkdagent_bb84.cli import configure, run
+
+
+def main(argv: list[str]) -> int:
+    """`qkdagent bb84 ...` as the core's CLI runs a plugin command (in-process; plugins' tests
+    may not import the core's cli module, the subprocess test below goes through it)."""
+    assert argv[0] == "bb84"
+    parser = argparse.ArgumentParser(prog="qkdagent bb84")
+    configure(parser)
+    return run(parser.parse_args(argv[1:]))
+
 
 SMALL = ["--set", "decoys=false", "--set", "block_bits=4000", "--seed", "3"]
 
