@@ -12,13 +12,12 @@ import hmac
 import logging
 from typing import TYPE_CHECKING
 
-import httpx
 import trio
 
 from . import protocol, ratchet
 from .errors import KeyReuseError, ProtocolError, QkdAgentError, SourceError, named
 from .faults import crash_point
-from .peering import PeerReply
+from .peering import PeerReply, TransportError
 from .secret import Key, Secret
 from .state import LinkRecord
 from .text import printable
@@ -247,7 +246,7 @@ class Initiator:
         for attempt in range(REQUEST_RETRIES):
             try:
                 reply = await self.env.client.post(url, self.name, action, body)
-            except httpx.HTTPError as exc:
+            except TransportError as exc:
                 error = printable(f"{type(exc).__name__}: {exc}", 300)
             except trio.TooSlowError:
                 error = "no complete reply in time"

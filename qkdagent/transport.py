@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 class PeerPoster(Protocol):
     """Sends one MAC'd request to a peer and returns its reply (bounded, with the server's
-    certificate names); `httpx.HTTPError` or `trio.TooSlowError` when it cannot."""
+    certificate names); `h1client.TransportError` or `trio.TooSlowError` when it cannot."""
 
     async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply: ...
 

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from qkdagent.config import TlsFiles
-from qkdagent.peering import PeerClient, ReplyTooLarge
+from qkdagent.peering import PeerClient, ReplyTooLarge, TransportError
 from qkdagent.peerserver import server_ssl_context
 from qkdagent.pki import write_test_pki
 from qkdagent.protocol import MAX_BODY
@@ -135,3 +135,78 @@ async def test_the_server_certificate_names_reach_the_caller(tmp_path: Path) -> 
         nursery.cancel_scope.cancel()
     assert reply.status == 200 and reply.body == b"{}"
     assert reply.identity.matches("mallory") and not reply.identity.matches("bob")
+
+
+async def _keepalive_server(
+    tmp_path: Path, nursery: trio.Nursery, close_after: int | None
+) -> tuple[str, dict]:
+    """Answers `{}` to each request on a connection; after `close_after` replies on one
+    connection, the next request on it is read and the connection closed without a reply."""
+    context = server_ssl_context(_tls(tmp_path, "bob"))
+    seen = {"connections": 0, "requests": 0, "dropped": 0}
+
+    async def handle(stream: trio.SSLStream) -> None:
+        seen["connections"] += 1
+        answered, data = 0, b""
+        try:
+            await stream.do_handshake()
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(data) < length:
+                    data += await stream.receive_some(65536)
+                data = data[length:]
+                seen["requests"] += 1
+                if close_after is not None and answered >= close_after:
+                    seen["dropped"] += 1
+                    await stream.aclose()
+                    return
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                answered += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    listeners = await nursery.start(
+        partial(trio.serve_ssl_over_tcp, handle, 0, context, host="127.0.0.1")
+    )
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    return f"https://127.0.0.1:{port}", seen
+
+
+async def test_connections_are_kept_alive_and_reused(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        url, seen = await _keepalive_server(tmp_path, nursery, None)
+        client = PeerClient(_tls(tmp_path, "alice"), timeout=10)
+        for _ in range(5):
+            reply = await client.post(url, "alice-bob", "rotate", b"{}")
+            assert reply.status == 200 and reply.identity.matches("bob")
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert seen == {"connections": 1, "requests": 5, "dropped": 0}
+
+
+async def test_a_kept_connection_the_server_dropped_is_replaced_once(tmp_path: Path) -> None:
+    """The server takes the second request on a kept connection and closes it unanswered:
+    the client sends it once more on a new connection (the protocol answers a repeat
+    idempotently) and gets the reply there; a new connection closed unanswered is an error."""
+    async with trio.open_nursery() as nursery:
+        url, seen = await _keepalive_server(tmp_path, nursery, 1)
+        client = PeerClient(_tls(tmp_path, "alice"), timeout=10)
+        assert (await client.post(url, "alice-bob", "rotate", b"{}")).status == 200
+        assert (await client.post(url, "alice-bob", "rotate", b"{}")).status == 200
+        assert seen == {"connections": 2, "requests": 3, "dropped": 1}
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        url, seen = await _keepalive_server(tmp_path, nursery, 0)
+        client = PeerClient(_tls(tmp_path, "alice"), timeout=10)
+        with pytest.raises(TransportError, match="closed the connection"):
+            await client.post(url, "alice-bob", "rotate", b"{}")
+        assert seen == {"connections": 1, "requests": 1, "dropped": 1}  # no retry loop
+        await client.aclose()
+        nursery.cancel_scope.cancel()

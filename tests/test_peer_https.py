@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from qkdagent import protocol
-from qkdagent.peering import PeerClient
+from qkdagent.peering import PeerClient, TransportError
 from qkdagent.pki import write_test_pki
 from qkdagent.state import StateStore
 from qkdagent.testing import MemoryPool, assert_not_leaked, open_agent_pair
@@ -192,7 +192,7 @@ async def test_agent_refuses_a_server_outside_its_ca(quiet_pair, tmp_path: Path)
     from qkdagent.config import TlsFiles
 
     stranger = PeerClient(TlsFiles(other["alice"].cert, other["alice"].key, other.ca_cert))
-    with pytest.raises(httpx.TransportError):
+    with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
         await stranger.post(pair.configs["alice"]["links"][LINK]["peer_url"], LINK, "rotate", b"{}")
     await stranger.aclose()
 

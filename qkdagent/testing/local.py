@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-import httpx
 import trio
 
 from ..errors import ProtocolError
 from ..identity import PeerIdentity
-from ..peering import Handler, PeerReply
+from ..peering import Handler, PeerReply, TransportError
 from ..protocol import MAX_BODY, error_body
 
 Interceptor = Callable[["LocalClient", str, str, str, bytes], Awaitable[PeerReply]]
@@ -109,5 +108,5 @@ class LocalTransport:
         return self.network.client(self.identity)
 
 
-class ConnectionRefused(httpx.ConnectError):
-    """Raised like httpx.ConnectError when the peer is not attached."""
+class ConnectionRefused(TransportError):
+    """Raised as the real client's connection errors are when the peer is not attached."""
