@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--source",
         default="auto",
-        help="'memory' (simulated link), a plugin with a demo (e.g. etsi014), or 'auto'",
+        help="'memory' (simulated link), a plugin with a demo (e.g. etsi014), several for a "
+        "hybrid link (etsi014,pqc), or 'auto'",
     )
     demo.add_argument("--dir", help="keep the demo's files here instead of a temp dir")
 

@@ -40,23 +40,38 @@ class _Observer:
 PREFERRED_DEMO = "etsi014"
 
 
-def _demo_link(source: str, directory: Path) -> tuple[DemoLink | None, str | None]:
-    if source == "memory":
-        return None, None
+def _demo_links(spec: str, directory: Path) -> list[tuple[DemoLink, str]]:
+    """The demo links of `spec`: "memory" (none), "auto", or plugin names separated by commas
+    (`etsi014,pqc`: a hybrid link, every source's key mixed in, in that order)."""
+    if spec == "memory":
+        return []
     demos = installed(DEMO_GROUP)
-    if source == "auto":
+    if spec == "auto":
         if not demos:
-            return None, None
+            return []
         # ETSI 014 is what the quick start installs and what most deployments run
-        source = PREFERRED_DEMO if PREFERRED_DEMO in demos else sorted(demos)[0]
-    if source not in demos:
-        raise QkdAgentError(f"no installed plugin offers a demo source named {source!r}")
-    plugins = Plugins()
-    plugins.load([source], group=DEMO_GROUP)
-    link = plugins.hooks.demo_link(directory)
-    if link is None:
-        raise QkdAgentError(f"plugin {source!r} offered no demo link")
-    return link, source
+        spec = PREFERRED_DEMO if PREFERRED_DEMO in demos else sorted(demos)[0]
+    names = spec.split(",")
+    if len(set(names)) != len(names) or "memory" in names or "auto" in names:
+        raise QkdAgentError(f"--source {spec!r}: name each demo source once, or use memory/auto")
+    links: list[tuple[DemoLink, str]] = []
+    for source in names:
+        if source not in demos:
+            raise QkdAgentError(f"no installed plugin offers a demo source named {source!r}")
+        plugins = Plugins()
+        plugins.load([source], group=DEMO_GROUP)
+        # several: each its own directory (two plugins may both write, say, a pki/)
+        link = plugins.hooks.demo_link(directory / source if len(names) > 1 else directory)
+        if link is None:
+            raise QkdAgentError(f"plugin {source!r} offered no demo link")
+        links.append((link, source))
+    taken: set[str] = set()
+    for link, source in links:
+        clash = taken & (set(link.alice_sources) | set(link.bob_sources))
+        if clash:
+            raise QkdAgentError(f"demo sources clash: {source!r} reuses the source id {clash}")
+        taken |= set(link.alice_sources) | set(link.bob_sources)
+    return links
 
 
 def run_demo(*, rotations: int, interval: float, source: str, directory: str | None) -> int:
@@ -74,7 +89,7 @@ def run_demo(*, rotations: int, interval: float, source: str, directory: str | N
 async def _demo(rotations: int, interval: float, source: str, directory: Path) -> int:
     from .agent import Agent
 
-    demo_link, plugin = _demo_link(source, directory)
+    demo_links = _demo_links(source, directory)
     sides: dict[str, dict[str, Any]] = {}
     for name, peer in (("alice", "bob"), ("bob", "alice")):
         side: dict[str, Any] = {
@@ -82,9 +97,15 @@ async def _demo(rotations: int, interval: float, source: str, directory: Path) -
                 "psk": {"type": "file", "path": str(directory / name / f"{peer}.key")},
             }
         }
-        if demo_link is not None:
-            side["sources"] = demo_link.alice_sources if name == "alice" else demo_link.bob_sources
-            side["plugins"] = [plugin]
+        if demo_links:
+            side["sources"] = {
+                sid: table
+                for link, _ in demo_links
+                for sid, table in (
+                    link.alice_sources if name == "alice" else link.bob_sources
+                ).items()
+            }
+            side["plugins"] = [plugin for _, plugin in demo_links]
         sides[name] = side
     reject_after = max(3 * interval, interval + 5)
     configs = pair_configs(
@@ -95,15 +116,19 @@ async def _demo(rotations: int, interval: float, source: str, directory: Path) -
     )
     for name in ("alice", "bob"):
         (directory / name).mkdir(parents=True, exist_ok=True)
-    what = demo_link.description if demo_link else "a simulated QKD link (in-memory key pool)"
+    what = (
+        " + ".join(link.description for link, _ in demo_links)
+        if demo_links
+        else "a simulated QKD link (in-memory key pool)"
+    )
     print(f"qkdagent demo: alice <-> bob over mutual TLS on loopback, keys from {what}")
     print(f"files: {directory / 'alice' / 'bob.key'} and {directory / 'bob' / 'alice.key'}")
     send, receive = trio.open_memory_channel[Any](1000)
     progress = {"matched": 0}
     stops = {n: trio.Event() for n in ("bob", "alice")}
     async with trio.open_nursery() as services:
-        if demo_link is not None:
-            await services.start(demo_link.service.run)
+        for link, _ in demo_links:
+            await services.start(link.service.run)
         async with trio.open_nursery() as agents:
             for name in ("bob", "alice"):
                 plugins = Plugins()

@@ -42,6 +42,9 @@ def test_example_config_checks(
         if "bootstrap" in moved.name:
             moved.write_bytes(base64.b64encode(os.urandom(32)))
             moved.chmod(0o600)
+        elif moved.suffix == ".mlkem":  # an ML-KEM private key: its 64-byte seed, base64
+            moved.write_bytes(base64.b64encode(os.urandom(64)))
+            moved.chmod(0o600)
         elif moved.suffix == ".key":
             moved.write_bytes(pki["agent"].key.read_bytes())
             moved.chmod(0o600)

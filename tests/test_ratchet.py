@@ -12,7 +12,15 @@ import pytest
 from qkdagent import ratchet
 from qkdagent.secret import Secret
 
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "ratchet.json").read_text())["cases"]
+VECTOR_FILES = sorted((Path(__file__).parent / "vectors").glob("*.json"))
+VECTORS = [
+    case
+    for path in VECTOR_FILES
+    if path.name == "ratchet.json" or path.name.startswith("hybrid-")
+    for case in json.loads(path.read_text())["cases"]
+]
+"""ratchet.json, and the hybrid links' vectors (QKD + ML-KEM, from qkdagent-pqc) in the same
+format: their extra `mlkem` fields (how the ML-KEM secrets were made) are not needed here."""
 
 
 def _enc(data: bytes | str) -> bytes:
