@@ -4,7 +4,7 @@
 Each hub is its own `qkdagent dske-hub` process (mutual TLS, durable state in a temporary
 directory, started with --ready-file); both clients (alice the initiator, bob the responder)
 run in this process. Hub CPU comes from /proc/PID/stat (utime + stime of the five hub
-processes), client CPU from `time.process_time()`, both over the measured keys only (the
+processes), client CPU from `os.times()`, both over the measured keys only (the
 warm-up keys register, fetch PSRD and open the connections).
 
     python3 plugins/qkdagent-dske/bench/bench_dske.py [--keys 300] [--parallel 8]
@@ -34,10 +34,10 @@ HUBS = ["hank", "helen", "hilary", "holly", "hugo"]
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu(pid: int) -> float:
-    """utime + stime of a process in seconds (/proc/PID/stat fields 14 and 15)."""
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """utime and stime of a process in seconds (/proc/PID/stat fields 14 and 15)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 def start_hubs(path: Path) -> tuple[list[subprocess.Popen[bytes]], dict[str, int]]:
@@ -74,7 +74,7 @@ def hub_table(path: Path, ports: dict[str, int], agent: str) -> dict[str, dict[s
 
 
 def py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes]:
-    argv = ["py-spy", "record", "-f", "raw", "-r", "200", "--pid", str(pid)]
+    argv = ["py-spy", "record", "-f", "raw", "-r", "200", "--gil", "--pid", str(pid)]
     argv += ["-d", str(max(1, int(seconds))), "-o", str(out)]
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -126,14 +126,17 @@ async def measure(path: Path, ports: dict[str, int], pids: list[int], args: argp
             await trio.sleep(1.0)  # py-spy attaches
         before_free = free()
         hub0 = [proc_cpu(p) for p in pids]
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        cpu0, t0 = os.times(), time.perf_counter()
         await run_keys(args.keys)
-        elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-        hub_cpu = sum(proc_cpu(p) - c for p, c in zip(pids, hub0, strict=True))
+        elapsed, cpu1 = time.perf_counter() - t0, os.times()
+        cpu = (cpu1.user - cpu0.user, cpu1.system - cpu0.system)
+        hub1 = [proc_cpu(p) for p in pids]
+        hub_user = sum(b[0] - a[0] for a, b in zip(hub0, hub1, strict=True))
+        hub_sys = sum(b[1] - a[1] for a, b in zip(hub0, hub1, strict=True))
         used = before_free - free()
         for spy in spies:
             spy.wait()
-    return elapsed, cpu, hub_cpu, used, sorted(latencies)
+    return elapsed, cpu, (hub_user, hub_sys), used, sorted(latencies)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -155,8 +158,16 @@ def main(args: argparse.Namespace) -> None:
     print(f"latency p50: {latencies[len(latencies) // 2] * 1e3:.1f} ms")
     print(f"latency p99: {latencies[int(len(latencies) * 0.99)] * 1e3:.1f} ms")
     print(f"PSRD bytes per key (both clients' view): {used / keys:.0f}")
-    print(f"hub CPU per key (5 hubs together): {hub_cpu / keys * 1e3:.2f} ms")
-    print(f"client CPU per key (initiator + responder): {cpu / keys * 1e3:.2f} ms")
+    user, system = hub_cpu
+    print(
+        f"hub CPU per key (5 hubs together): {(user + system) / keys * 1e3:.2f} ms "
+        f"(user {user / keys * 1e3:.2f}, system {system / keys * 1e3:.2f})"
+    )
+    user, system = cpu
+    print(
+        f"client CPU per key (initiator + responder): {(user + system) / keys * 1e3:.2f} ms "
+        f"(user {user / keys * 1e3:.2f}, system {system / keys * 1e3:.2f})"
+    )
     print(f"hub exit codes after SIGTERM: {codes}")
 
 

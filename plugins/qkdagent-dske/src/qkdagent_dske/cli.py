@@ -98,8 +98,10 @@ async def _main(args: argparse.Namespace) -> int:
         share_ttl=args.share_ttl,
         require_tls_identity=not args.plain_http,
     )
-    # SQLite and certificate files: off the trio thread
-    hub = await trio.to_thread.run_sync(Hub, settings, args.state / f"{args.name}.sqlite")
+    # SQLite and certificate files: off the trio thread; then batches on it (inline: this
+    # process only serves the hub, whose every answer waits for its batch anyway)
+    db_path = args.state / f"{args.name}.sqlite"
+    hub = await trio.to_thread.run_sync(lambda: Hub(settings, db_path, inline=True))
     context = None
     if not args.plain_http:
         context = await trio.to_thread.run_sync(server_ssl_context, args.cert, args.key, args.ca)

@@ -2,7 +2,8 @@
 
 Allocations are on disk before their bytes are returned (a crash after that wastes the bytes,
 never reuses them); the hub's allocations are checked against the ranges it has used before,
-and recorded (and their bytes zeroed) only once the answer they sign has verified.
+and marked used (their bytes zeroed) once the answer they sign has verified; the source records
+them durably, one batch for all hubs of a key, before it returns or uses the key.
 """
 
 from __future__ import annotations
@@ -73,11 +74,13 @@ class ClientPsrd:
         await self._durable(change)
         return out
 
-    async def verify_reply(
+    def check_reply(
         self, hub: str, signature: str | None, body: bytes, others: Sequence[wire.Allocation]
-    ) -> list[bytes]:
-        """Check the hub's signature over `body` and record the hub-owned PSRD it and `others`
-        used; the bytes of `others` (the pad of a returned share)."""
+    ) -> tuple[list[bytes], Change]:
+        """Check the hub's signature over `body` and mark the hub-owned PSRD it and `others`
+        used (in memory, at once: concurrent replies cannot both pass); the bytes of `others`
+        (the pad of a returned share) and the change that records them, which the caller
+        makes durable (`record`, one for all hubs of a key) before acting on the answer."""
         try:
             parsed = wire.parse_signature(signature)
         except wire.WireError as exc:
@@ -88,6 +91,8 @@ class ClientPsrd:
             raise BadReply(str(exc)) from None
         if not parsed.verify(key, b"", body):
             raise BadReply("bad DSKE-Signature on the answer")
-        # no await between the check and the change: concurrent replies cannot both pass
-        await self._durable(self.book.consume([parsed.allocation, *others]))
-        return rest
+        return rest, self.book.consume([parsed.allocation, *others])
+
+    async def record(self, change: Change) -> None:
+        """Make `change` (from `check_reply`) durable."""
+        await self._durable(change)

@@ -110,9 +110,9 @@ def _query(raw: bytes, keys: set[str]) -> dict[str, str]:
 class Hub:
     """One security hub: its clients, their PSRD pools and the shares in transit."""
 
-    def __init__(self, settings: HubSettings, db_path: Path) -> None:
+    def __init__(self, settings: HubSettings, db_path: Path, *, inline: bool = False) -> None:
         self.settings = settings
-        self.db = PsrdStore(db_path, "hub", HUB_SCHEMA)
+        self.db = PsrdStore(db_path, "hub", HUB_SCHEMA, inline=inline)
         try:
             self.clients: dict[str, tuple[str, ...]] = {
                 str(n): tuple(json.loads(str(e))) for n, e in self.db.query("SELECT * FROM clients")

@@ -38,6 +38,7 @@ from qkdagent import (
 from . import shamir, wire
 from .clientstore import BadReply, ClientPsrd
 from .hubclient import HubClient, HubDown, client_ssl_context
+from .pool import Change
 
 log = logging.getLogger("qkdagent.dske")
 
@@ -207,6 +208,7 @@ class DskeSource(Source):
         allocated = await self.psrd.allocate(wanted)
         slave = self.peer_client or link.peer
         taken: list[str] = []
+        used = Change()  # the hub-owned PSRD of the verified answers
 
         async def post(index: int, hub: str) -> None:
             (sig_alloc, sig_key), (pad_alloc, pad) = allocated[hub]
@@ -227,16 +229,20 @@ class DskeSource(Source):
                 )
                 if reply.status != 200:
                     raise BadReply(f"share refused ({reply.status})")
-                await self.psrd.verify_reply(hub, reply.signature, reply.body, [])
+                _, change = self.psrd.check_reply(hub, reply.signature, reply.body, [])
+                used.merge(change)
             except (HubDown, BadReply) as exc:
                 log.warning("source %s: hub %s: key %s: %s", self.name, hub, key_id, exc)
                 return
             taken.append(hub)
 
-        async with trio.open_nursery() as nursery:
-            for index, hub in enumerate(self.hubs):
-                if hub.name in allocated:
-                    nursery.start_soon(post, index, hub.name)
+        try:
+            async with trio.open_nursery() as nursery:
+                for index, hub in enumerate(self.hubs):
+                    if hub.name in allocated:
+                        nursery.start_soon(post, index, hub.name)
+        finally:
+            await self.psrd.record(used)  # before the answers count (shielded)
         if len(taken) < self.k:
             low = [h.name for h in self.hubs if h.name not in allocated]
             detail = f"; PSRD exhausted for {', '.join(low)}" if low else ""
@@ -258,6 +264,7 @@ class DskeSource(Source):
         query = f"client_name={self.client_name}&key_id={key_id}".encode()
         got: dict[int, bytes] = dict(have)
         outcome: dict[str, str] = {}
+        used = Change()  # the hub-owned PSRD of the verified answers and pads
 
         async def fetch(hub: str) -> None:
             ((sig_alloc, sig_key),) = allocated[hub]
@@ -275,9 +282,10 @@ class DskeSource(Source):
                     share = wire.parse_share_reply(reply.body)
                 except wire.WireError as exc:
                     raise BadReply(str(exc)) from None
-                (pad,) = await self.psrd.verify_reply(
+                (pad,), change = self.psrd.check_reply(
                     hub, reply.signature, reply.body, [share.encryption_key_allocation]
                 )
+                used.merge(change)
             except (HubDown, BadReply) as exc:
                 outcome[hub] = str(exc)
                 log.warning("source %s: hub %s: key %s: %s", self.name, hub, key_id, exc)
@@ -289,12 +297,15 @@ class DskeSource(Source):
             got[share.share_index] = value
             outcome[hub] = "ok"
 
-        async with trio.open_nursery() as nursery:
-            for hub in missing:
-                if hub in allocated:
-                    nursery.start_soon(fetch, hub)
-                else:
-                    outcome[hub] = "PSRD exhausted"
+        try:
+            async with trio.open_nursery() as nursery:
+                for hub in missing:
+                    if hub in allocated:
+                        nursery.start_soon(fetch, hub)
+                    else:
+                        outcome[hub] = "PSRD exhausted"
+        finally:
+            await self.psrd.record(used)  # before the shares are used (shielded)
         return self._rebuild(key_id, got, outcome)
 
     def _rebuild(self, key_id: str, got: dict[int, bytes], outcome: dict[str, str]) -> Key:

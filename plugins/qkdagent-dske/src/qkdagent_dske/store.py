@@ -8,26 +8,30 @@ enters SQLite, so none lingers in its journal, WAL or free pages.
 
 A `Change` is made durable in one batch, in this order: new block files written and fsynced
 before their rows; the SQL in one transaction (`record`: callers use allocated bytes only once
-this returned, so an allocation is on disk before use); the consumed ranges overwritten in place
-with zeros and fdatasync'd, spent blocks zeroed whole and unlinked (`wipe`, before the next
-batch starts). A crash between the
-transaction and the zeroing leaves spent bytes in a block file, never reusable (the pointer and
-used ranges are committed); `load` zeroes them on the next start (the scrub), as it does
-orphaned files of blocks whose row never committed.
+it committed, so an allocation is on disk before use); the consumed ranges overwritten in place
+with zeros, spent blocks zeroed whole and unlinked (`wipe`). All of it is one worker-thread job
+per batch. The zeroed ranges are fdatasync'd at once when no batch waits, and under load with
+a later batch, at most `SYNC_EVERY` after theirs (one fdatasync per touched file and period,
+not per batch). A crash before the zeros reach the disk leaves spent bytes in a block file,
+never reusable (the pointer and used ranges are committed); `load` zeroes them on the next
+start (the scrub), as it does orphaned files of blocks whose row never committed.
 
-Concurrent callers share batches (group commit): one transaction and one fdatasync per touched
-file for all changes that queued while the previous batch was on disk.
+Concurrent callers share batches (group commit): one transaction for all changes that queued
+while the previous batch was on disk.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import trio
 
@@ -52,7 +56,11 @@ CREATE TABLE IF NOT EXISTS psrd_used (
 CREATE INDEX IF NOT EXISTS psrd_used_by_block ON psrd_used (uuid);
 """
 
+_T = TypeVar("_T")
 _ZEROS = bytes(1 << 16)
+SYNC_EVERY = 0.25
+"""Under load, zeroed ranges reach the disk (fdatasync) at most this many seconds after their
+batch; a crash before that leaves them to the scrub at the next open."""
 
 log = logging.getLogger("qkdagent.dske.store")
 
@@ -99,13 +107,19 @@ class PsrdStore:
     """One side's PSRD files and SQLite bookkeeping; `mine` is the owner this side allocates
     from ("client" on a client, "hub" on a hub)."""
 
-    def __init__(self, path: Path, mine: str, extra_schema: str = "") -> None:
+    def __init__(
+        self, path: Path, mine: str, extra_schema: str = "", *, inline: bool = False
+    ) -> None:
         # PSRD is one-time-pad material: owner-only directories and files (SQLite gives its
         # -wal and -shm files the database file's mode), also when they already existed.
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(path.parent, 0o700)
         self.path = path
         self.mine = mine
+        self.inline = inline
+        """Write batches on the trio thread (a hub's own process: its loop has nothing to do
+        that does not wait for the batch, and a thread hop costs more CPU than the batch's
+        Python work) instead of in a worker thread (inside the agent)."""
         self.blocks_dir = path.parent / f"{path.stem}-blocks"
         self.blocks_dir.mkdir(exist_ok=True, mode=0o700)
         os.chmod(self.blocks_dir, 0o700)
@@ -125,6 +139,8 @@ class PsrdStore:
             )
         self.conn.executescript(SCHEMA + extra_schema)
         self._fds: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._synced = 0.0
         self._queue: list[_Pending] = []
         self._busy = False
 
@@ -190,23 +206,41 @@ class PsrdStore:
             self._sync_dir()
         self.execute([s for c in changes for s in c.sql])
 
-    def wipe(self, changes: Sequence[Change]) -> None:
-        """Zero what `changes` spent, in place, and destroy spent blocks."""
-        touched: set[int] = set()
+    def wipe(self, changes: Sequence[Change], *, sync: bool = True) -> None:
+        """Zero what `changes` spent, in place, and destroy spent blocks; the zeroed block
+        files are fdatasync'd now (`sync`) or by a later call (`durable`: at most `SYNC_EVERY`
+        later)."""
         for change in changes:
             for uuid, start, stop in change.wipe:
-                fd = self._fd(uuid)
-                _zero(fd, start, stop)
-                touched.add(fd)
-        for fd in touched:
-            os.fdatasync(fd)
+                _zero(self._fd(uuid), start, stop)
+                self._dirty.add(uuid)
         retire = [u for c in changes for u in c.retire]
         for uuid in retire:
+            self._dirty.discard(uuid)
             if uuid in self._fds:
                 os.close(self._fds.pop(uuid))
             self._destroy(self._file(uuid))
         if retire:
             self._sync_dir()
+        if sync:
+            self.sync()
+
+    def sync(self) -> None:
+        """fdatasync the block files zeroed since the last call."""
+        dirty, self._dirty = self._dirty, set()
+        self._synced = time.monotonic()
+        for uuid in dirty:
+            os.fdatasync(self._fds[uuid])
+
+    def _batch(self, changes: Sequence[Change]) -> OSError | None:
+        """One worker-thread job per batch: `record`, then `wipe` (its error returned: the
+        changes are durable all the same, and the scrub at the next open zeroes the rest)."""
+        self.record(changes)
+        try:
+            self.wipe(changes, sync=time.monotonic() - self._synced >= SYNC_EVERY)
+        except OSError as exc:
+            return exc
+        return None
 
     def execute(self, statements: Sequence[Statement]) -> None:
         """All statements in one durable transaction, or none of them."""
@@ -215,19 +249,21 @@ class PsrdStore:
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for sql, params in statements:
-                conn.execute(sql, params)
+            # runs of the same statement (a batch's used ranges, pointers) in one executemany
+            for sql, group in itertools.groupby(statements, key=lambda s: s[0]):
+                conn.executemany(sql, [params for _, params in group])
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
 
     async def durable(self, change: Change) -> None:
-        """Return once `change` is recorded on disk (`record`); its spent bytes are zeroed
-        (`wipe`) right after, before the next batch, while the callers go on. Changes queued
-        while a batch is being written go together in the next one (group commit). Shielded:
-        the in-memory view has changed already, so the disk must follow even if the caller is
-        cancelled."""
+        """Return once `change` is recorded on disk (`record`) and its spent bytes are zeroed in
+        their block files (`wipe`); one worker-thread job per batch. Changes queued while a
+        batch is being written go together in the next one (group commit). The zeroed files
+        are fdatasync'd in the same job at most `SYNC_EVERY` apart under load, and at once
+        when the queue runs empty. Shielded: the in-memory view has changed already, so the
+        disk must follow even if the caller is cancelled."""
         if not change:
             return
         entry = _Pending(change)
@@ -237,27 +273,37 @@ class PsrdStore:
                 await entry.wake.wait()  # done, or woken to lead the next batch
             if not entry.finished:
                 self._busy = True
+                if self.inline:  # let the requests already read queue their changes too
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    await trio.lowlevel.cancel_shielded_checkpoint()
                 batch, self._queue = self._queue, []
-                changes = [e.change for e in batch]
+                wiped: OSError | None = None
                 try:
-                    await trio.to_thread.run_sync(self.record, changes)
+                    wiped = await self._run(self._batch, [e.change for e in batch])
                 except (OSError, sqlite3.Error) as exc:
                     for e in batch:
                         e.error = exc
                 for e in batch:
                     e.finished = True
                     e.wake.set()
-                if batch[0].error is None:
+                if not self._queue and self._dirty:  # idle: the zeros to disk now
                     try:
-                        await trio.to_thread.run_sync(self.wipe, changes)
-                    except OSError as exc:  # the scrub at the next open zeroes them
-                        log.error("PSRD store %s: zeroing spent PSRD failed: %s", self.path, exc)
+                        await self._run(self.sync)
+                    except OSError as exc:
+                        wiped = exc
+                if wiped is not None:  # the scrub at the next open zeroes them
+                    log.error("PSRD store %s: zeroing spent PSRD failed: %s", self.path, wiped)
                 if self._queue:
                     self._queue[0].wake.set()
                 else:
                     self._busy = False
         if entry.error is not None:
             raise StoreError(f"PSRD store {self.path}: {entry.error}") from None
+
+    async def _run(self, fn: Callable[..., _T], *args: Any) -> _T:
+        if self.inline:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -317,6 +363,10 @@ class PsrdStore:
         return list(self.conn.execute(sql, params))
 
     def close(self) -> None:
+        try:
+            self.sync()
+        except OSError as exc:  # the scrub at the next open zeroes them
+            log.error("PSRD store %s: zeroing spent PSRD failed: %s", self.path, exc)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
