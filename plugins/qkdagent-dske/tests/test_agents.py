@@ -1,4 +1,5 @@
-"""Two real agents rotating through our hubs: one hub down, one lying."""
+"""Two real agents rotating 100 times through our hubs (identical secrets every epoch): one
+hub down, one lying."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from qkdagent.testing import open_agent_pair
 
 from .hubs import hub_table, open_hubs
 
-ROTATIONS = 30
+ROTATIONS = 100
 
 
 async def test_agents_rotate_through_hubs_with_one_down_and_one_lying(
@@ -38,7 +39,7 @@ async def test_agents_rotate_through_hubs_with_one_down_and_one_lying(
             bob=side("bob"),
             link={"interval": 0.01, "jitter": 0, "reject_after": 60},
         ) as pair:
-            await pair.wait_for_epoch(ROTATIONS, timeout=80)
+            await pair.wait_for_epoch(ROTATIONS, timeout=75)
             installs = {
                 name: {r.epoch: r for r in pair.sink(name, "rec").installs}
                 for name in ("alice", "bob")
