@@ -94,6 +94,8 @@ class Peer:
     errors: list[str] = field(default_factory=list)
     client_enabled: bool = True
     installed: trio.Event = field(default_factory=trio.Event)
+    override: Any = None
+    """Tests: target -> (status, body) to answer instead (a hostile peer), or None."""
 
     def __post_init__(self) -> None:
         self.psk = self.initial()
@@ -135,6 +137,10 @@ class Peer:
 
     async def respond(self, target: str) -> tuple[int, bytes]:
         self.served.append(target)
+        if self.override is not None:
+            answer = self.override(target)
+            if answer is not None:
+                return answer
         if target in ("/new", "/rotate"):
             if target == "/new":
                 self.psk = self.initial()
