@@ -21,12 +21,15 @@ WHERE = "/tmp/bb84"  # noqa: S108 - where the examples put their files
 
 
 def relocate(text: str, tmp_path: Path) -> str:
-    """WHERE moves under tmp_path, with a PKI and the bootstrap secret."""
+    """WHERE moves under tmp_path, with a PKI, the bootstrap secret and the channel secret."""
     root = tmp_path / "bb84"
     write_test_pki(root / "pki", ["alice", "bob", "KME_A", "KME_B"])
     bootstrap = root / "alice-bob.bootstrap"
     bootstrap.write_bytes(base64.b64encode(os.urandom(32)))
     bootstrap.chmod(0o600)
+    channel = root / "channel.key"  # the bb84 sources' classical-channel HMAC secret
+    channel.write_bytes(base64.b64encode(os.urandom(32)))
+    channel.chmod(0o600)
     return text.replace(f"{WHERE}/", f"{root}/")
 
 

@@ -175,7 +175,7 @@ class _Pass:
         """Both ends' prefix parities, computed for the rows of `frames` not done yet (late
         passes find odd blocks in a few frames of a batch: the others never need them)."""
         if self.a_pre is None or self.b_pre is None:
-            shape = (self.a_key.shape[0], self.a_key.shape[1] + 1)
+            shape = (self.a_key.shape[0], self.a_key.shape[-1] + 1)
             self.a_pre, self.b_pre = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
             self.have = np.zeros(shape[0], dtype=bool)
         rows = np.unique(frames)

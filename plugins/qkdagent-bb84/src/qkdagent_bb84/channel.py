@@ -80,6 +80,13 @@ class Channel:
         return payload
 
 
+def block_key(secret: bytes, block_id: str) -> bytes:
+    """The HMAC key of one block, from the configured secret and the block's public ID: the
+    sequence numbers restart every block, so one key per block keeps a message recorded in one
+    block from verifying in another."""
+    return hmac.digest(secret, f"qkdagent-bb84 channel\0{block_id}".encode(), "sha256")
+
+
 def pack_bits(bits: np.ndarray) -> bytes:
     return np.packbits(bits).tobytes()
 

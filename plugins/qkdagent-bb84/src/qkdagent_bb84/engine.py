@@ -252,19 +252,23 @@ def _post_process(
 def run_block(
     settings: Settings,
     seed: int | tuple[int, ...],
-    auth_key: bytes | None = None,
+    auth_key: bytes | tuple[bytes, bytes] | None = None,
     tamper: Tamper | None = None,
 ) -> BlockResult:
     """One block from seed to keys; the same seed gives the same block. `auth_key` keys the
-    classical channel's HMAC (a fresh random one when None); `tamper` is the tests' man in the
+    classical channel's HMAC (a fresh random one when None; a pair: Alice's copy and Bob's, which
+    must agree or every message fails authentication); `tamper` is the tests' man in the
     middle."""
     seq = np.random.SeedSequence(seed)
     quantum, public = (np.random.default_rng(s) for s in seq.spawn(2))
     t = time.perf_counter()
     det = gather(settings, quantum)
     t_q = time.perf_counter() - t
-    key = auth_key if auth_key is not None else secrets.token_bytes(32)
-    channel = Channel.shared(key, tamper)
+    if auth_key is None:
+        auth_key = secrets.token_bytes(32)
+    if isinstance(auth_key, bytes):
+        auth_key = (auth_key, auth_key)
+    channel = Channel(auth_key[0], auth_key[1], tamper)
     result = post_process(settings, det, public, channel)
     result.messages = dict(channel.sent)
     result.pulses = det.pulses

@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
+from .channel import block_key
 from .engine import BlockResult, Settings, run_block
 from .store import KeyStore
 
@@ -38,6 +39,8 @@ class End:
     store: KeyStore
     alice: bool
     """Gets Alice's final key (the initiator's end); the other end gets Bob's."""
+    auth_secret: bytes | None = field(default=None, repr=False)
+    """This end's copy of the classical channel's HMAC secret (None: a random key per block)."""
 
 
 @dataclass
@@ -74,12 +77,18 @@ class Bb84Link:
         with cls._registry_lock:
             cls._registry.pop(name, None)
 
-    def attach(self, end: str, store: KeyStore, *, alice: bool) -> None:
-        """Make `store` the pool of end `end` (an agent); a link has at most two ends."""
+    def attach(
+        self, end: str, store: KeyStore, *, alice: bool, auth_secret: bytes | None = None
+    ) -> None:
+        """Make `store` the pool of end `end` (an agent); a link has at most two ends, and
+        either both or neither have an authentication secret."""
         with self._lock:
             if end not in self._ends and len(self._ends) >= 2:
                 raise ValueError(f"bb84 link {self.name!r} already has two ends")
-            self._ends[end] = End(store, alice)
+            others = [e for name, e in self._ends.items() if name != end]
+            if any((e.auth_secret is None) != (auth_secret is None) for e in others):
+                raise ValueError(f"bb84 link {self.name!r}: auth_key is set at one end only")
+            self._ends[end] = End(store, alice, auth_secret)
             self._next_block = max(self._next_block, store.next_block)
 
     def complete(self) -> bool:
@@ -92,6 +101,14 @@ class Bb84Link:
             if end in self._ends and self._ends[end].store is store:
                 del self._ends[end]
 
+    @staticmethod
+    def _auth(ends: list[End], block_id: str) -> tuple[bytes, bytes] | None:
+        """(Alice's, Bob's) HMAC keys of a block from each end's own secret, or None (random)."""
+        secrets_ = [e.auth_secret for e in sorted(ends, key=lambda e: not e.alice)]
+        if len(secrets_) != 2 or secrets_[0] is None or secrets_[1] is None:
+            return None
+        return block_key(secrets_[0], block_id), block_key(secrets_[1], block_id)
+
     def produce(self) -> BlockResult:
         """Run one block (blocking: call it in a worker thread) and pool its keys if verified."""
         with self._lock:
@@ -100,7 +117,8 @@ class Bb84Link:
             ends = list(self._ends.values())
         for end in ends:  # before the block runs: its number is spent whatever happens next
             end.store.reserve(number)
-        result = run_block(self.settings, (self.seed, number))
+        block_id = f"{self.run_id}-{number}"
+        result = run_block(self.settings, (self.seed, number), self._auth(ends, block_id))
         with self._lock:
             self.stats.blocks += 1
             self.stats.pulses += result.pulses
@@ -109,7 +127,6 @@ class Bb84Link:
                 self.stats.aborted += 1
                 return result
             self.stats.key_bits += result.key_bits
-        block_id = f"{self.run_id}-{number}"
         for end in ends:
             key = result.alice_key if end.alice else result.bob_key
             end.store.stage(block_id, key, self.key_size)

@@ -89,6 +89,11 @@ class Bb84Source(Source):
         seed = options.integer("seed", -1, min=-1, max=2**63 - 1)
         self.seed = None if seed < 0 else seed
         self.worker_thread = options.boolean("worker_thread", True)
+        # the classical channel's HMAC secret, the same at both ends (`{file = ...}`, base64);
+        # without it each block gets a random key (both ends are in this process anyway)
+        self.auth_key: Secret | None = options.secret("auth_key", None, encoding="base64")
+        if self.auth_key is not None and len(self.auth_key.reveal()) < 16:
+            options.fail("auth_key", "must hold at least 16 bytes")
         self.settings = _settings(options)
         self.sim: Bb84Link | None = None
         self.store: KeyStore | None = None
@@ -105,7 +110,12 @@ class Bb84Source(Source):
         try:
             sim = Bb84Link.named(self.link_name, self.settings, self.key_size, self.seed)
             self._end = str(directory)
-            sim.attach(self._end, store, alice=any(link.initiator for link in self.links))
+            sim.attach(
+                self._end,
+                store,
+                alice=any(link.initiator for link in self.links),
+                auth_secret=self.auth_key.reveal() if self.auth_key is not None else None,
+            )
         except ValueError as exc:
             raise Misconfigured(f"source {self.name!r}: {exc}") from None
         self.sim, self.store = sim, store
