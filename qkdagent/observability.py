@@ -12,36 +12,76 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .asgi import lifespan, respond
+from .metricstore import LabelledCollector, LabelledValues
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.rotations = Counter("qkdagent_rotations", "Committed rotations", ["link"], registry=r)
-        self.failures = Counter(
-            "qkdagent_rotation_failures", "Failed rotation attempts", ["link", "stage"], registry=r
+
+        def per_link(name: str, doc: str, labels: list[str], kind: str) -> LabelledValues:
+            return LabelledValues(name, doc, ["link", *labels], kind)
+
+        # Per-link families: plain floats (`metricstore.py`); at 10,000 links prometheus_client's
+        # child objects were the largest part of the agent's memory.
+        self.rotations = per_link("qkdagent_rotations", "Committed rotations", [], "counter")
+        self.failures = per_link(
+            "qkdagent_rotation_failures", "Failed rotation attempts", ["stage"], "counter"
         )
-        self.installs = Counter(
-            "qkdagent_sink_installs", "Sink installs", ["link", "sink", "result"], registry=r
+        self.installs = per_link(
+            "qkdagent_sink_installs", "Sink installs", ["sink", "result"], "counter"
         )
-        self.erasures = Counter(
-            "qkdagent_erasures",
-            "Fail-closed erasures of a link's sinks",
-            ["link", "reason"],
-            registry=r,
+        self.erasures = per_link(
+            "qkdagent_erasures", "Fail-closed erasures of a link's sinks", ["reason"], "counter"
         )
+        self.epoch = per_link("qkdagent_link_epoch", "Committed epoch", [], "gauge")
+        self.erase_failed = per_link(
+            "qkdagent_link_erase_failed_sinks",
+            "Sinks of a link whose fail-closed erase failed and is being retried",
+            [],
+            "gauge",
+        )
+        self.unauthenticated_refusals = per_link(
+            "qkdagent_unauthenticated_refusals",
+            "Peer refusals whose MAC did not verify (ignored: possible man in the middle)",
+            [],
+            "counter",
+        )
+        self.last_success = per_link(
+            "qkdagent_link_last_success_timestamp_seconds",
+            "Unix time of the last committed rotation",
+            [],
+            "gauge",
+        )
+        self.insecure = per_link(
+            "qkdagent_link_insecure",
+            "1 for a link whose peer protocol is unauthenticated (insecure = true; migration)",
+            ["protocol"],
+            "gauge",
+        )
+        self._per_link = [
+            self.rotations,
+            self.failures,
+            self.installs,
+            self.erasures,
+            self.epoch,
+            self.erase_failed,
+            self.unauthenticated_refusals,
+            self.last_success,
+            self.insecure,
+        ]
+        r.register(LabelledCollector(self._per_link))
         self.component_events = Counter(
             "qkdagent_component_events",
             "Events sources and sinks reported outside rotations (e.g. a repaired credential)",
             ["component", "kind"],
             registry=r,
         )
-        self.epoch = Gauge("qkdagent_link_epoch", "Committed epoch", ["link"], registry=r)
         self.peer_connections_refused = Counter(
             "qkdagent_peer_connections_refused",
             "Peer API connections refused or closed early (caps, handshake, slow senders)",
@@ -52,30 +92,6 @@ class Metrics:
             "qkdagent_peer_requests_refused",
             "Peer API requests answered with an error status",
             ["status"],
-            registry=r,
-        )
-        self.erase_failed = Gauge(
-            "qkdagent_link_erase_failed_sinks",
-            "Sinks of a link whose fail-closed erase failed and is being retried",
-            ["link"],
-            registry=r,
-        )
-        self.unauthenticated_refusals = Counter(
-            "qkdagent_unauthenticated_refusals",
-            "Peer refusals whose MAC did not verify (ignored: possible man in the middle)",
-            ["link"],
-            registry=r,
-        )
-        self.last_success = Gauge(
-            "qkdagent_link_last_success_timestamp_seconds",
-            "Unix time of the last committed rotation",
-            ["link"],
-            registry=r,
-        )
-        self.insecure = Gauge(
-            "qkdagent_link_insecure",
-            "1 for a link whose peer protocol is unauthenticated (insecure = true; migration)",
-            ["link", "protocol"],
             registry=r,
         )
         self.duration = Histogram(
@@ -92,18 +108,14 @@ class Metrics:
         self.duration.observe(duration)
 
     def forget(self, link: str) -> None:
-        for metric in (self.rotations, self.epoch, self.last_success, self.erase_failed):
-            try:
-                metric.remove(link)
-            except KeyError:
-                pass
-        self.mark_insecure(link, None)
+        """A removed link's per-link figures go (its failures, installs and erasures too)."""
+        for family in self._per_link:
+            family.discard(link)
 
     def mark_insecure(self, link: str, protocol: str | None) -> None:
         """`qkdagent_link_insecure` is 1 for a link running an unauthenticated protocol
         (`protocol`), and absent for any other link."""
-        for labels in [k for k in self.insecure._metrics if k[0] == link]:
-            self.insecure.remove(*labels)
+        self.insecure.discard(link)
         if protocol is not None:
             self.insecure.labels(link, protocol).set(1)
 

@@ -33,7 +33,7 @@ async def test_a_failed_erase_is_retried_until_the_key_is_gone(
         status = pair.bob.link("alice-bob").describe()
         assert status["erase_failed"] == ["rec"]
         assert sink.current["alice-bob"] == installed  # the old key is still there...
-        metric = pair.bob.metrics.erase_failed.labels("alice-bob")._value.get()
+        metric = pair.bob.metrics.erase_failed.labels("alice-bob").get()
         assert metric == 1
         events = [e for e in pair.bob.recent_events if e["kind"] == "erase_failed"]
         assert len(events) == 1 and events[0]["component"] == "rec"
@@ -47,7 +47,7 @@ async def test_a_failed_erase_is_retried_until_the_key_is_gone(
         assert sink.current["alice-bob"] != installed
         status = pair.bob.link("alice-bob").describe()
         assert status["erase_failed"] is None and status["erased"] == "reject_after"
-        assert pair.bob.metrics.erase_failed.labels("alice-bob")._value.get() == 0
+        assert pair.bob.metrics.erase_failed.labels("alice-bob").get() == 0
         assert [e["kind"] for e in pair.bob.recent_events][-1] == "erase_recovered"
         calls = len(sink.calls)
         await trio.sleep(120)

@@ -34,7 +34,7 @@ def _status(pair, name: str) -> dict:
 
 def _unauthenticated(pair, name: str) -> float:
     metric = pair.agents[name].metrics.unauthenticated_refusals
-    return metric.labels("alice-bob")._value.get()
+    return metric.labels("alice-bob").get()
 
 
 async def test_deeply_nested_replies_fail_one_attempt_and_the_agent_lives(

@@ -1,0 +1,86 @@
+"""Per-link counters and gauges as plain floats, exposed through a Prometheus collector.
+
+prometheus_client keeps a child object per label set (a value object with its lock, and a
+`_created` value for counters): about 600 bytes each, and with eight per-link metrics that was
+the largest part of what one link costs at 10,000 links (issue 18). These families keep one
+float per label set in a dict and build the samples only when `/metrics` is scraped. Names,
+label names and values are exposed as before (counters as `<name>_total`), without the
+`_created` samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class LabelledValues:
+    """One counter or gauge family; `labels(...)` gives a cheap handle to one value."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str], kind: str) -> None:
+        if kind not in ("counter", "gauge"):
+            raise ValueError(f"kind must be counter or gauge, not {kind!r}")
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.kind = kind
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def labels(self, *values: str) -> _Value:
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}")
+        return _Value(self, tuple(str(v) for v in values))
+
+    def remove(self, *values: str) -> None:
+        del self.values[tuple(str(v) for v in values)]
+
+    def discard(self, first_label: str) -> None:
+        """Drop every label set whose first label is `first_label` (a link that is gone)."""
+        for key in [k for k in self.values if k[0] == first_label]:
+            del self.values[key]
+
+    def family(self) -> Metric:
+        cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = cls(self.name, self.documentation, labels=list(self.labelnames))
+        for key, value in list(self.values.items()):
+            family.add_metric(list(key), value)
+        return family
+
+
+class _Value:
+    __slots__ = ("_family", "_key")
+
+    def __init__(self, family: LabelledValues, key: tuple[str, ...]) -> None:
+        self._family = family
+        self._key = key
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0 and self._family.kind == "counter":
+            raise ValueError("counters only go up")
+        values = self._family.values
+        values[self._key] = values.get(self._key, 0.0) + amount
+
+    def set(self, value: float) -> None:
+        if self._family.kind == "counter":
+            raise ValueError("a counter is not set")
+        self._family.values[self._key] = float(value)
+
+    def get(self) -> float:
+        return self._family.values.get(self._key, 0.0)
+
+
+class LabelledCollector(Collector):
+    """Exposes a set of `LabelledValues` families when the registry is scraped."""
+
+    def __init__(self, families: list[LabelledValues]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.family()
+
+    def describe(self) -> Iterator[Metric]:
+        """The families, for the registry's check that no name is registered twice."""
+        return self.collect()

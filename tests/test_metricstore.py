@@ -1,0 +1,45 @@
+"""Per-link metric families kept as plain floats, exposed like prometheus_client's."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from qkdagent.metricstore import LabelledCollector, LabelledValues
+from qkdagent.observability import Metrics
+
+
+def test_counters_and_gauges_expose_as_prometheus_client_does() -> None:
+    counter = LabelledValues("x_rotations", "Rotations", ["link"], "counter")
+    gauge = LabelledValues("x_epoch", "Epoch", ["link", "peer"], "gauge")
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(LabelledCollector([counter, gauge]))
+    counter.labels("a").inc()
+    counter.labels("a").inc(2)
+    gauge.labels("a", "bob").set(7)
+    text = generate_latest(registry).decode()
+    assert 'x_rotations_total{link="a"} 3.0' in text
+    assert "# TYPE x_rotations_total counter" in text
+    assert 'x_epoch{link="a",peer="bob"} 7.0' in text
+    assert registry.get_sample_value("x_rotations_total", {"link": "a"}) == 3.0
+    with pytest.raises(ValueError):
+        counter.labels("a").inc(-1)
+    with pytest.raises(ValueError):
+        counter.labels("a").set(1)
+    with pytest.raises(ValueError):
+        gauge.labels("a")  # a label missing
+
+
+def test_a_forgotten_link_leaves_no_sample() -> None:
+    metrics = Metrics()
+    for link in ("a", "ab"):
+        metrics.rotation_done(link, 1, 0.01)
+        metrics.failures.labels(link, "peer").inc()
+        metrics.installs.labels(link, "psk", "ok").inc()
+        metrics.mark_insecure(link, "qupskd")
+    metrics.forget("a")
+    text = metrics.exposition().decode()
+    assert 'link="a"' not in text
+    assert text.count('link="ab"') == 6  # rotations, failures, installs, epoch, last, insecure
+    metrics.mark_insecure("ab", None)
+    assert "qkdagent_link_insecure{" not in metrics.exposition().decode()
