@@ -17,8 +17,7 @@ from qkdagent_qupskd.net import network
 from qkdagent.testing import open_agent_pair
 
 from .memnet import MemoryNetwork
-from .qupskd_peer import Peer
-from .test_interop import ALICE, agent_psk, alice_side, bob_config, protocol, start_alice, until
+from .test_interop import ALICE, agent_psk, alice_side, bob_peer, protocol, start_alice, until
 
 Answer = Callable[[str], tuple[int, bytes] | None]
 
@@ -55,7 +54,7 @@ async def test_a_bad_answer_fails_the_exchange_without_touching_state(
     answer: Answer,
     problem: str,
 ) -> None:
-    peer = Peer(bob_config(), memnet, psk_file=tmp_path / "bob.key", client_enabled=False)
+    peer = bob_peer(tmp_path, memnet, client_enabled=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
         async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:
@@ -79,7 +78,7 @@ async def test_a_bad_answer_fails_the_exchange_without_touching_state(
 async def test_a_reused_key_id_is_refused(
     tmp_path: Path, memnet: MemoryNetwork, clock: trio.testing.MockClock
 ) -> None:
-    peer = Peer(bob_config(), memnet, psk_file=tmp_path / "bob.key", client_enabled=False)
+    peer = bob_peer(tmp_path, memnet, client_enabled=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
         async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:

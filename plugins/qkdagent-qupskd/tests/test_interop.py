@@ -13,8 +13,7 @@ from typing import Any
 import trio
 import trio.testing
 
-from qkdagent.testing import open_agent_pair
-from qkdagent.testing.agents import AgentPair
+from qkdagent.testing import AgentPair, open_agent_pair
 
 from .memnet import MemoryNetwork
 from .qupskd_peer import Peer
@@ -22,6 +21,13 @@ from .qupskd_peer import Peer
 ALICE = ("127.0.0.1", 5555)
 BOB = ("127.0.0.1", 5556)
 PSK_TEXT = "thisisverysecret"
+
+
+def bob_peer(tmp_path: Path, memnet: MemoryNetwork, **options: Any) -> Peer:
+    """quPSKd's bob, its fake KME paired with alice's `keydir` source."""
+    keydir = tmp_path / "kme"
+    keydir.mkdir(exist_ok=True, mode=0o700)
+    return Peer(bob_config(), memnet, psk_file=tmp_path / "bob.key", keydir=keydir, **options)
 
 
 def bob_config() -> dict[str, Any]:
@@ -46,7 +52,7 @@ def alice_side(tmp_path: Path, **link: Any) -> dict[str, Any]:
     psk.write_text(PSK_TEXT)
     psk.chmod(0o600)
     return {
-        "sources": {"kme": {"type": "qupskd-fake"}},
+        "sources": {"kme": {"type": "keydir", "directory": str(tmp_path / "kme")}},
         "sinks": {"psk": {"type": "recording"}},
         "link": {
             "protocol": "qupskd",
@@ -99,7 +105,7 @@ async def _compare_rotations(pair: AgentPair, peer: Peer, count: int) -> None:
 async def test_qkdagent_as_caller_50_rotations_identical_psks(
     tmp_path: Path, memnet: MemoryNetwork, clock: trio.testing.MockClock
 ) -> None:
-    peer = Peer(bob_config(), memnet, psk_file=tmp_path / "bob.key", client_enabled=False)
+    peer = bob_peer(tmp_path, memnet, client_enabled=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
         async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:
@@ -110,7 +116,7 @@ async def test_qkdagent_as_caller_50_rotations_identical_psks(
             calls = peer.peer_calls()
             assert calls[:3] == ["/new", "/ack", "/rotate"]
             assert calls.count("/new") == 1 and calls.count("/ack") == 50
-            assert 49 * 120 <= trio.current_time() - began < 49 * 120 + 60
+            assert 49 * 120 <= trio.current_time() - began < 49 * 120 + 300
             status = protocol(pair)
             assert status["insecure"] is True and status["protocol"] == "qupskd"
             assert status["qupskd_last_role"] == "caller" and status["qupskd_called"] == 50
@@ -121,7 +127,7 @@ async def test_qkdagent_as_caller_50_rotations_identical_psks(
 async def test_qkdagent_as_receiver_50_rotations_identical_psks(
     tmp_path: Path, memnet: MemoryNetwork, clock: trio.testing.MockClock
 ) -> None:
-    peer = Peer(bob_config(), memnet, psk_file=tmp_path / "bob.key")
+    peer = bob_peer(tmp_path, memnet)
     memnet.down.add(BOB)  # the agent's own /new attempts fail until quPSKd is up
     async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:
         await start_alice(pair)
@@ -141,7 +147,7 @@ async def test_qkdagent_as_receiver_50_rotations_identical_psks(
 async def test_max_wait_expiry_sets_a_random_psk_then_new_resynchronises(
     tmp_path: Path, memnet: MemoryNetwork, clock: trio.testing.MockClock
 ) -> None:
-    peer = Peer(bob_config(), memnet, psk_file=tmp_path / "bob.key")
+    peer = bob_peer(tmp_path, memnet)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
         async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:
@@ -172,7 +178,7 @@ async def test_max_wait_expiry_sets_a_random_psk_then_new_resynchronises(
 async def test_a_restart_continues_the_chain_from_the_committed_state(
     tmp_path: Path, memnet: MemoryNetwork, clock: trio.testing.MockClock
 ) -> None:
-    peer = Peer(bob_config(), memnet, psk_file=tmp_path / "bob.key", client_enabled=False)
+    peer = bob_peer(tmp_path, memnet, client_enabled=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
         async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:

@@ -4,13 +4,16 @@ over is printed; a broken or hostile quPSKd file is one line and exit 2, nothing
 
 from __future__ import annotations
 
+import argparse
 import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
+from qkdagent_qupskd import migrate_cli
 
-from qkdagent.cli import main
 from qkdagent.testing import write_test_pki
 
 ALICE = """
@@ -44,6 +47,22 @@ remote_SAE_ID = "sae_alice"
 """
 
 
+def main(args: list[str]) -> int:
+    """`qkdagent migrate ...` in-process (argparse as the CLI builds it)."""
+    assert args[0] == "migrate"
+    parser = argparse.ArgumentParser(prog="qkdagent migrate")
+    migrate_cli.configure(parser)
+    return migrate_cli.run(parser.parse_args(args[1:]))
+
+
+def qkdagent(*args: str) -> tuple[int, str]:
+    """A built-in command as the operator runs it (the CLI module is not plugin API)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "qkdagent", *args], capture_output=True, text=True, timeout=60
+    )
+    return done.returncode, done.stdout + done.stderr
+
+
 def migrate(tmp_path: Path, name: str, text: str, *extra: str) -> tuple[int, Path]:
     source = tmp_path / f"qupskd_{name}.toml"
     source.write_text(text)
@@ -56,7 +75,9 @@ def migrate(tmp_path: Path, name: str, text: str, *extra: str) -> tuple[int, Pat
     return main(["migrate", "qupskd", str(source), "-o", str(out), *args, *extra]), out
 
 
-@pytest.mark.parametrize(("name", "text", "peer"), [("alice", ALICE, "bob"), ("bob", BOB, "alice")])
+@pytest.mark.parametrize(
+    ("name", "text", "peer"), [("alice", ALICE, "bob"), ("bob", BOB, "alice")], ids=["alice", "bob"]
+)
 def test_the_seed_examples_become_two_configs_that_check(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, peer: str
 ) -> None:
@@ -75,22 +96,20 @@ def test_the_seed_examples_become_two_configs_that_check(
     assert source["peer_sae_ids"] == {peer: f"sae_{peer}"}
     sink = phase1["sinks"]["psk"]
     assert sink["path"] == f"./psk/{name}/bob.key" and sink["format"] == "base64"
-    psk = out / "alice-bob.qupskd-psk"
+    psk = out / "alice-bob.qupskd-psk.key"
     assert psk.read_text() == "thisisverysecret" and psk.stat().st_mode & 0o077 == 0
     # `qkdagent check` still wants a file sink's directory to exist even with create_dirs = true
     # (core gap, see README); the agent itself creates it at start
     (out / "psk" / name).mkdir(parents=True)
-    assert main(["check", "-c", str(out / f"{name}-phase1.toml")]) == 0
-    checked = capsys.readouterr().out
-    assert "does not authenticate its peer" in checked and "OK" in checked
+    code, checked = qkdagent("check", "-c", str(out / f"{name}-phase1.toml"))
+    assert code == 0 and "does not authenticate its peer" in checked and "OK" in checked
     # phase 2: the native protocol with a bootstrap secret from gen-bootstrap
     phase2 = tomllib.loads((out / f"{name}-phase2.toml").read_text())
     native = phase2["links"]["alice-bob"]
     assert "protocol" not in native and native["peer_url"] == "https://192.0.2.2:7447"
-    assert main(["gen-bootstrap", str(out / native["bootstrap"]["file"])]) == 0
-    assert main(["check", "-c", str(out / f"{name}-phase2.toml")]) == 0
-    checked = capsys.readouterr().out
-    assert "does not authenticate" not in checked and "OK" in checked
+    assert qkdagent("gen-bootstrap", str(out / native["bootstrap"]["file"]))[0] == 0
+    code, checked = qkdagent("check", "-c", str(out / f"{name}-phase2.toml"))
+    assert code == 0 and "does not authenticate" not in checked and "OK" in checked
 
 
 def test_a_wireguard_site_gets_a_wireguard_sink(
@@ -107,7 +126,7 @@ def test_a_wireguard_site_gets_a_wireguard_sink(
     }
     assert "wireguard" in phase1["agent"]["plugins"]
     assert "phase 2 peer_url guessed as https://localhost:7447" in capsys.readouterr().out
-    assert main(["check", "-c", str(out / "alice-phase1.toml")]) == 0
+    assert qkdagent("check", "-c", str(out / "alice-phase1.toml"))[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -146,3 +165,31 @@ def test_existing_files_are_not_overwritten_without_force(
     assert migrate(tmp_path, "alice", ALICE)[0] == 2
     assert "--force" in capsys.readouterr().err
     assert migrate(tmp_path, "alice", ALICE, "--force")[0] == 0
+
+
+CONTRIB = Path(__file__).resolve().parents[3] / "contrib" / "qupskd"
+
+
+def test_the_contrib_examples_are_what_migrate_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """contrib/qupskd/alice-phase{1,2}.toml are the output for contrib/qupskd/qupskd/alice.toml,
+    with the two files that sit next to the configs moved to /etc/qkdagent (`qkdagent check` of
+    every contrib example runs in tests/test_examples.py)."""
+    source = tmp_path / "qupskd" / "alice.toml"
+    source.parent.mkdir()
+    shutil.copy(CONTRIB / "qupskd" / "alice.toml", source)
+    out = tmp_path / "out"
+    args = ["-o", str(out), "--peer-url", "https://192.0.2.2:7447"]
+    assert main(["migrate", "qupskd", str(source), *args]) == 0
+    capsys.readouterr()
+    for phase in (1, 2):
+        text = (out / f"alice-phase{phase}.toml").read_text()
+        text = text.replace(
+            'psk = { file = "alice-bob.qupskd-psk.key" }   # quPSKd: psk (0600, next to this file)',
+            'psk = { file = "/etc/qkdagent/alice-bob.qupskd-psk.key" }   # quPSKd: psk (migrate '
+            "writes it, 0600)",
+        )
+        text = text.replace('"alice-bob.bootstrap" }', '"/etc/qkdagent/alice-bob.bootstrap" }')
+        text = text.replace("(alice.toml)", "(qupskd/alice.toml)")
+        assert text == (CONTRIB / f"alice-phase{phase}.toml").read_text(), f"phase {phase}"

@@ -205,7 +205,7 @@ def plan(
             "create_dirs = true                   # as quPSKd (here mode 0700; the file is 0600)\n"
         )
     psk = data.get("psk")
-    psk_file = f"{link}.qupskd-psk"
+    psk_file = f"{link}.qupskd-psk.key"
     bootstrap_file = f"{link}.bootstrap"
     native = peer_native_url or f"https://{remote_host}:7447"
     if peer_native_url is None:

@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             raise MigrateError(f"{', '.join(existing)} exist; use --force to overwrite")
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
         for path, data in files.items():
-            if path.name.endswith(".qupskd-psk"):
+            if path.name.endswith(".qupskd-psk.key"):
                 write_secret_file(path, data)
             else:
                 path.write_bytes(data)
