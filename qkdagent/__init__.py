@@ -38,6 +38,7 @@ from .keysupply import (
     parse_supply_spec,
 )
 from .linkprotocol import ForeignLink, LinkProtocol
+from .metricstore import LabelledValues, PluginMetrics
 from .options import Options, check_template
 from .pki import PkiError, extend_test_pki, file_stem, write_test_pki
 from .secret import Key, Secret, check_key_id
@@ -59,6 +60,7 @@ __all__ = [
     "KeyMeta",
     "KeyNotFound",
     "KeySupply",
+    "LabelledValues",
     "Link",
     "LinkProtocol",
     "Misconfigured",
@@ -66,6 +68,7 @@ __all__ = [
     "Options",
     "PkiError",
     "PluginContext",
+    "PluginMetrics",
     "ProtocolError",
     "QkdAgentError",
     "RotationErrorEvent",

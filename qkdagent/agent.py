@@ -91,7 +91,7 @@ class Agent:
         self.metrics = Metrics()
         self.recent_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         self.plugins, self.context, self.components = load_components(
-            config, plugins=plugins, reporter=self.report
+            config, plugins=plugins, reporter=self.report, metrics=self.metrics.plugins
         )
         self.hooks = self.plugins.hooks
         self.transport: Transport = transport or HttpsTransport(self.settings)

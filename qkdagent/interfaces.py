@@ -18,6 +18,7 @@ import trio
 
 from .errors import SourceError
 from .events import ComponentEvent
+from .metricstore import PluginMetrics
 from .options import Options
 from .secret import Key, Secret
 from .stash import Stash
@@ -62,6 +63,9 @@ class PluginContext:
     reporter: Callable[[ComponentEvent], None] | None = field(
         default=None, repr=False, compare=False
     )
+    metrics: PluginMetrics = field(default_factory=PluginMetrics, repr=False, compare=False)
+    """Counters and gauges the plugin publishes on the agent's `/metrics` (label them by
+    component: `context.metrics.gauge("qkdagent_acme_pool_bits", "...", ["source"])`)."""
     """Set by the agent: turns reports into a hook call, a metric and a log line."""
 
     def report(self, event: ComponentEvent) -> None:

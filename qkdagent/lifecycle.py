@@ -33,6 +33,7 @@ from .errors import ConfigError, QkdAgentError, StartupError, named
 from .events import ComponentEvent
 from .interfaces import Link, PluginContext, Sink, Source, _Configurable
 from .linkprotocol import LinkProtocol
+from .metricstore import PluginMetrics
 from .plugins import Plugins
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,18 @@ def load_components(
     *,
     plugins: Plugins | None = None,
     reporter: Callable[[ComponentEvent], None] | None = None,
+    metrics: PluginMetrics | None = None,
 ) -> tuple[Plugins, PluginContext, Components]:
     """Load the plugins the config names (and the built-in ones), make the plugin context and
     build every component: what `qkdagent check` validates is what `run` starts with."""
     plugins = plugins or Plugins()
     plugins.load((*BUILTIN_PLUGINS, *config.agent.plugins))
     context = PluginContext(
-        config.agent.name, config.agent.state_dir, config.file, reporter=reporter
+        config.agent.name,
+        config.agent.state_dir,
+        config.file,
+        reporter=reporter,
+        metrics=metrics or PluginMetrics(),
     )
     return plugins, context, build_components(config, plugins, context)
 

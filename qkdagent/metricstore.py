@@ -10,7 +10,8 @@ label names and values are exposed as before (counters as `<name>_total`), witho
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -71,14 +72,64 @@ class _Value:
         return self._family.values.get(self._key, 0.0)
 
 
-class LabelledCollector(Collector):
-    """Exposes a set of `LabelledValues` families when the registry is scraped."""
+class PluginMetrics:
+    """Counters and gauges a plugin publishes on its agent's `/metrics` (`context.metrics`):
+    a pool's level, a simulated link's rate. Names start with `qkdagent_`; the components of
+    one plugin asking for the same name (same kind and labels) share the family, so label it by
+    component. Without an agent (`qkdagent check`, unit tests) the values are kept, not shown."""
 
-    def __init__(self, families: list[LabelledValues]) -> None:
+    NAME = re.compile(r"^qkdagent_[a-z0-9_]{1,100}$")
+    LABEL = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")
+
+    def __init__(self) -> None:
+        self._families: dict[str, LabelledValues] = {}
+
+    def gauge(
+        self, name: str, documentation: str, labelnames: Sequence[str] = ()
+    ) -> LabelledValues:
+        return self._family(name, documentation, labelnames, "gauge")
+
+    def counter(
+        self, name: str, documentation: str, labelnames: Sequence[str] = ()
+    ) -> LabelledValues:
+        """Exposed as `<name>_total`."""
+        return self._family(name, documentation, labelnames, "counter")
+
+    def families(self) -> list[LabelledValues]:
+        return list(self._families.values())
+
+    def _family(
+        self, name: str, documentation: str, labelnames: Sequence[str], kind: str
+    ) -> LabelledValues:
+        if not self.NAME.match(name) or name.endswith("_total"):
+            raise ValueError(f"metric name {name!r}: qkdagent_ and [a-z0-9_], no _total suffix")
+        if any(not self.LABEL.match(label) for label in labelnames):
+            raise ValueError(f"metric {name}: label names are [a-z_][a-z0-9_]*")
+        existing = self._families.get(name)
+        if existing is not None:
+            if existing.kind != kind or existing.labelnames != tuple(labelnames):
+                raise ValueError(
+                    f"metric {name} is already a {existing.kind} {existing.labelnames}"
+                )
+            return existing
+        family = LabelledValues(name, documentation, list(labelnames), kind)
+        self._families[name] = family
+        return family
+
+
+class LabelledCollector(Collector):
+    """Exposes `LabelledValues` families (fixed ones, and `more()`'s) when scraped."""
+
+    def __init__(
+        self,
+        families: list[LabelledValues],
+        more: Callable[[], list[LabelledValues]] = list,
+    ) -> None:
         self.families = families
+        self.more = more
 
     def collect(self) -> Iterator[Metric]:
-        for family in self.families:
+        for family in [*self.families, *self.more()]:
             yield family.family()
 
     def describe(self) -> Iterator[Metric]:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .asgi import lifespan, respond
-from .metricstore import LabelledCollector, LabelledValues
+from .metricstore import LabelledCollector, LabelledValues, PluginMetrics
 
 
 class Metrics:
@@ -75,7 +75,9 @@ class Metrics:
             self.last_success,
             self.insecure,
         ]
-        r.register(LabelledCollector(self._per_link))
+        self.plugins = PluginMetrics()
+        """What plugins publish (`PluginContext.metrics`)."""
+        r.register(LabelledCollector(self._per_link, self.plugins.families))
         self.component_events = Counter(
             "qkdagent_component_events",
             "Events sources and sinks reported outside rotations (e.g. a repaired credential)",

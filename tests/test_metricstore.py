@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -43,3 +45,22 @@ def test_a_forgotten_link_leaves_no_sample() -> None:
     assert text.count('link="ab"') == 6  # rotations, failures, installs, epoch, last, insecure
     metrics.mark_insecure("ab", None)
     assert "qkdagent_link_insecure{" not in metrics.exposition().decode()
+
+
+async def test_a_plugin_publishes_gauges_on_its_agents_metrics(tmp_path: Path) -> None:
+    from qkdagent.testing import open_agent_pair
+
+    async with open_agent_pair(tmp_path, local=True) as pair:
+        metrics = pair.alice.context.metrics
+        level = metrics.gauge("qkdagent_test_pool_bits", "Bits in the pool", ["source"])
+        assert metrics.gauge("qkdagent_test_pool_bits", "again", ["source"]) is level
+        level.labels("sim").set(4096)
+        assert 'qkdagent_test_pool_bits{source="sim"} 4096.0' in (
+            pair.alice.metrics.exposition().decode()
+        )
+        assert "qkdagent_test_pool_bits" not in pair.bob.metrics.exposition().decode()
+        with pytest.raises(ValueError, match="already a gauge"):
+            metrics.counter("qkdagent_test_pool_bits", "x", ["source"])
+        for bad in ("pool_bits", "qkdagent_x_total", "qkdagent_Bad"):
+            with pytest.raises(ValueError):
+                metrics.gauge(bad, "x")
