@@ -144,3 +144,28 @@ async def test_the_client_bounds_what_it_reads(
         with pytest.raises(http.HttpError, match="cannot connect"):
             await http.get(memnet, "nobody", 1, "/new", within=10, max_body=16)
         nursery.cancel_scope.cancel()
+
+
+async def test_the_tcp_endpoint_binds_the_configured_address_only() -> None:
+    """quPSKd's qupskd_bind: a listener on 127.0.0.1 is not reachable as 127.0.0.2 (a wildcard
+    bind would be, on Linux loopback)."""
+    from qkdagent_qupskd.net import TcpNetwork
+
+    from qkdagent.testing import free_port
+
+    async def ok(method: str, target: str) -> tuple[int, bytes]:
+        return 200, b"{}"
+
+    async def answer(stream: trio.abc.Stream) -> None:
+        await http.serve_one(stream, ok, within=5)
+
+    port = free_port()
+    tcp = TcpNetwork()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: tcp.serve("127.0.0.1", port, answer, task_status=task_status)
+        )
+        assert (await http.get(tcp, "127.0.0.1", port, "/new", within=5, max_body=100))[0] == 200
+        with pytest.raises(http.HttpError, match="cannot connect"):
+            await http.get(tcp, "127.0.0.2", port, "/new", within=5, max_body=100)
+        nursery.cancel_scope.cancel()
