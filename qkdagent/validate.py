@@ -107,7 +107,7 @@ def check_components(config: AgentConfig, components: Components) -> None:
         sink = handle.sink
         if isinstance(sink, FileSink):
             for link in _links_of(config, cid):
-                _check_sink_dir(config, cid, sink.path(link).parent)
+                _check_sink_dir(config, cid, sink.path(link).parent, create=sink.create_dirs)
         elif isinstance(sink, ExecSink):
             for key, command in (("command", sink.command), ("erase_command", sink.erase_command)):
                 if command:
@@ -120,7 +120,12 @@ def _links_of(config: AgentConfig, cid: str) -> Iterator[Link]:
             yield Link(link.name, config.agent.name, link.peer, link.initiator)
 
 
-def _check_sink_dir(config: AgentConfig, cid: str, directory: Path) -> None:
+def _check_sink_dir(config: AgentConfig, cid: str, directory: Path, *, create: bool) -> None:
+    """The sink's directory is writable; with `create_dirs`, the nearest existing parent is
+    (the sink makes the rest at start-up; `check` changes nothing)."""
+    if create:
+        while not directory.exists() and directory.parent != directory:
+            directory = directory.parent
     if not directory.is_dir():
         raise _error(config, f"sinks.{cid}.path", f"directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):

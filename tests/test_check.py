@@ -133,6 +133,16 @@ def test_file_sink_directory_is_checked_per_link(
     assert "OK" in _check(tmp_path, text, capsys, code=0)
 
 
+def test_a_file_sink_that_creates_its_directories_needs_a_writable_parent(
+    tmp_path: Path, paths: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = alice_config(paths, extra="create_dirs = true").replace(
+        f"{paths['dir']}/psk.key", f"{paths['dir']}/a/{{peer}}/psk"
+    )
+    assert "OK" in _check(tmp_path, text, capsys, code=0)
+    assert not (tmp_path / "a").exists()  # check creates nothing
+
+
 @pytest.mark.parametrize(
     ("hook", "key", "message"),
     [

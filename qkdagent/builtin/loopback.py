@@ -78,8 +78,12 @@ def pair_configs(
             **side.get("link", {}),
         }
         if link_table.get("protocol", "native") != "native":
-            # a link of another protocol has its own peer settings (`linkprotocol.py`)
-            del link_table["peer_url"], link_table["bootstrap"]
+            # a link of another protocol has its own peer settings (`linkprotocol.py`): drop
+            # what this function made up for the native one, keep what the caller gave
+            given = {**(link or {}), **side.get("link", {})}
+            for key in ("peer_url", "bootstrap"):
+                if key not in given:
+                    del link_table[key]
         configs[name] = {
             "agent": {
                 "name": name,
