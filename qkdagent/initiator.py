@@ -44,6 +44,38 @@ class Initiator:
         self.env = link.env
         self.config = link.config
         self.name = link.name
+        self._prefetched: tuple[LinkRecord, list[tuple[str, Key]]] | None = None
+        """Source keys taken ahead for the next rotation from this record (its state)."""
+        self._prefetch_for: float | None = None
+        """The rotation time the last prefetch was made (or tried) for: one try per rotation."""
+
+    # -- prefetch ------------------------------------------------------------------------------
+
+    def wants_prefetch(self, due: float) -> bool:
+        return self._prefetch_for != due
+
+    async def prefetch(self, due: float) -> None:
+        """Take the keys of the rotation due at `due` now. They serve only a rotation from the
+        same committed record (its epoch and source state); any other use takes fresh keys,
+        and keys taken ahead are used by one attempt at most, whatever its outcome. A crash
+        loses them: their IDs never left this process, so nothing can use them twice. A
+        failure here is not reported: the rotation fetches again and reports its own."""
+        self._prefetch_for = due
+        link = self.link
+        async with self.env.rotation_slots, link.lock:
+            record = link.record
+            try:
+                with trio.fail_after(self.env.rotation_timeout):
+                    keys = await self._offers(record.source_state)
+            except (RotationFailed, trio.TooSlowError):
+                return
+            self._prefetched = (record, keys)
+
+    def _take_prefetched(self, record: LinkRecord) -> list[tuple[str, Key]] | None:
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is None or prefetched[0] is not record:
+            return None
+        return prefetched[1]
 
     async def rotate_once(self) -> bool:
         """One rotation attempt under the link's lock; returns whether it committed."""
@@ -69,7 +101,7 @@ class Initiator:
     async def _rotate(self, started: float) -> None:
         link = self.link
         record = link.record
-        keys = await self._offers(record.source_state)
+        keys = self._take_prefetched(record) or await self._offers(record.source_state)
         crash_point("initiator:keys-fetched")
         key_ids = self._key_ids(keys)
         epoch = record.epoch + 1

@@ -35,6 +35,15 @@ from .state import LinkRecord
 log = logging.getLogger(__name__)
 
 
+PREFETCH_LEAD = 1.0
+"""Seconds before a rotation is due that the initiator takes its source keys (at most 5 % of
+the interval): long enough for a KME round trip, short enough for any key-retrieval window."""
+
+
+def prefetch_lead(interval: float) -> float:
+    return min(PREFETCH_LEAD, interval * 0.05)
+
+
 def native_bootstrap(config: LinkConfig) -> Secret:
     """The bootstrap secret a native link always has (config.py requires it)."""
     if config.bootstrap is None:
@@ -149,9 +158,7 @@ class BaseLink:
         while not self.stopped:
             action = scheduler.decide(self.clock, self.config.timing, trio.current_time())
             if isinstance(action, scheduler.Wait):
-                with trio.move_on_at(action.until):
-                    await self.wake.wait()
-                self.wake = trio.Event()
+                await self._wait(action.until)
             elif isinstance(action, scheduler.Rotate):
                 await self._rotate()
             else:
@@ -166,6 +173,12 @@ class BaseLink:
                     elif isinstance(action, scheduler.Starved):
                         self._starved()
                         self.clock = scheduler.after_starved(self.clock)
+
+    async def _wait(self, until: float) -> None:
+        """Sleep until `until` or a poke."""
+        with trio.move_on_at(until):
+            await self.wake.wait()
+        self.wake = trio.Event()
 
     def _starved(self) -> None:
         """Nothing committed within reject_after on a side that cannot rotate by itself."""
@@ -335,6 +348,19 @@ class LinkRuntime(BaseLink):
 
     async def _rotate(self) -> None:
         await self.initiator.rotate_once()
+
+    async def _wait(self, until: float) -> None:
+        """An initiator takes the next rotation's source keys `PREFETCH_LEAD` before it is due
+        (`Initiator.prefetch`), so the sources' round trips are off the rotation's path."""
+        if not self.clock.initiator or until != self.clock.next_attempt or self.clock.failures:
+            # after a failure the retry fetches its own keys: no double load on a failing source
+            await super()._wait(until)
+            return
+        early = until - prefetch_lead(self.config.timing.interval)
+        if trio.current_time() >= early and self.initiator.wants_prefetch(until):
+            await self.initiator.prefetch(until)
+            return
+        await super()._wait(early if trio.current_time() < early else until)
 
     async def rotate_once(self) -> bool:
         """One initiator rotation attempt now; returns whether it committed."""

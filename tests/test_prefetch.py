@@ -1,0 +1,107 @@
+"""The initiator takes its source keys shortly before a rotation is due (issue 18), and a key
+taken ahead serves one attempt from the record it was taken for, never two."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from qkdagent.link import prefetch_lead
+from qkdagent.testing import MemoryPool, open_agent_pair
+
+REC = {"sinks": {"rec": {"type": "recording"}}}
+INTERVAL = 100.0
+
+
+def _issued(pair, log: list[tuple[float, str]]) -> MemoryPool:  # type: ignore[no-untyped-def]
+    """Record (time, key ID) of every key alice's source hands out."""
+    pool = MemoryPool.named(pair.configs["alice"]["sources"]["sim"]["pool"])
+    issue = pool.issue
+
+    def logged():  # type: ignore[no-untyped-def]
+        log.append((trio.current_time(), ""))  # before: a pool that is down raises
+        key = issue()
+        log[-1] = (log[-1][0], key.key_id)
+        return key
+
+    pool.issue = logged  # type: ignore[method-assign]
+    return pool
+
+
+async def test_keys_are_taken_a_lead_ahead_and_used_by_the_rotation(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    link = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0}
+    log: list[tuple[float, str]] = []
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
+    ) as pair:
+        pool = _issued(pair, log)
+        await pair.start("bob")
+        await pair.start("alice")
+        start = trio.current_time()
+        await trio.sleep(5 * INTERVAL + 10)  # rotations at 0, 100, ..., 500
+        installs = pair.sink("alice", "rec").installs
+        committed = [r.key_ids[0] for r in installs]
+    lead = prefetch_lead(INTERVAL)
+    assert len(installs) == 6 and committed == [key_id for _, key_id in log]
+    assert not pool.keys  # every key taken was used: none wasted, none used twice
+    # each rotation after the first used a key taken `lead` before it was due
+    for n, (at, _) in enumerate(log[1:], start=1):
+        assert abs((at - start) - (n * INTERVAL - lead)) < 0.01, (n, at - start)
+    # ... and the rotations themselves kept their schedule
+    for n, record in enumerate(installs):
+        assert abs((record.time - start) - n * INTERVAL) < 0.01, (n, record.time - start)
+
+
+async def test_a_failed_attempt_never_reuses_keys_taken_ahead(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    link = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0}
+    log: list[tuple[float, str]] = []
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
+    ) as pair:
+        pool = _issued(pair, log)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        assert pair.network is not None
+        bob_url = pair.configs["alice"]["links"]["alice-bob"]["peer_url"]
+        # bob unreachable from just after the prefetch of rotation 2 until a while later
+        await trio.sleep(INTERVAL - 0.5)
+        assert len(log) == 2  # the keys for rotation 2 were taken ahead
+        pair.network.down.add(bob_url)
+        await trio.sleep(20)
+        pair.network.down.discard(bob_url)
+        await pair.wait_for_epoch(2, timeout=200)
+        ids = [key_id for _, key_id in log]
+        assert len(ids) == len(set(ids))  # no key ID handed out or sent twice
+        assert len(log) >= 3  # the retries took fresh keys
+        epoch2 = pair.sink("alice", "rec").installs[-1].key_ids[0]
+        assert epoch2 != log[1][1]  # not the keys the failed attempt sent
+        assert pool.keys.keys() >= {key_id for _, key_id in log[1:-1]}  # sent, never taken
+
+
+async def test_a_failing_source_is_not_asked_twice_per_attempt(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    link = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0, "backoff_max": 8}
+    log: list[tuple[float, str]] = []
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
+    ) as pair:
+        pool = _issued(pair, log)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        pool.down = True
+        calls_before = len(log)
+        failures_before = pair.alice.link("alice-bob").status.failures
+        await trio.sleep(INTERVAL + 60)
+        failures = pair.alice.link("alice-bob").status.failures - failures_before
+        calls = len(log) - calls_before
+    assert failures >= 5
+    assert calls == failures + 1  # one prefetch before the due time, then one per attempt
