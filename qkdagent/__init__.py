@@ -36,6 +36,7 @@ from .keysupply import (
     SupplyFactory,
     load_supply_factory,
     parse_supply_spec,
+    prebuilt_supplies,
 )
 from .linkprotocol import ForeignLink, LinkProtocol
 from .metricstore import LabelledValues, PluginMetrics
@@ -93,6 +94,7 @@ __all__ = [
     "hookimpl",
     "load_supply_factory",
     "parse_supply_spec",
+    "prebuilt_supplies",
     "program_env",
     "run_program",
     "write_secret_file",

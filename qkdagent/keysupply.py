@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from typing import Protocol
 
@@ -127,3 +127,46 @@ def load_supply_factory(name: str, options: dict[str, str]) -> SupplyFactory:
     if not callable(factory):
         raise ValueError(f"key supply {name!r}: its entry point did not return a factory")
     return factory
+
+
+BUILTIN = "csprng"
+"""The simulators' default supply: `CsprngSupply`, set by their own rate flags."""
+
+
+def prebuilt_supplies(
+    spec: str | None, links: Iterable[tuple[str, str]], *, builtin_flags: str = "--rate"
+) -> SupplyFactory | None:
+    """What a simulator's `--supply spec` names, its supplies made now for every link in
+    `links`, so a bad spec or a failing engine is one clear `ValueError` before anything
+    listens, never a traceback from inside a server. None for the built-in CSPRNG supply (the
+    simulator makes it from `builtin_flags`). A link not made here is made on demand."""
+    if spec is None:
+        return None
+    name, options = parse_supply_spec(spec)
+    if name == BUILTIN:
+        if options:
+            raise ValueError(f"supply {BUILTIN!r} takes no options (it is set by {builtin_flags})")
+        return None
+    try:
+        factory = load_supply_factory(name, options)
+    except ValueError as exc:
+        raise ValueError(f"--supply {name}: {exc}") from None
+    except Exception as exc:  # a broken plugin: one line naming it, not its traceback
+        raise ValueError(f"--supply {name}: cannot load it ({type(exc).__name__}: {exc})") from None
+    made: dict[tuple[str, str], KeySupply] = {}
+    for a, b in links:
+        pair = (min(a, b), max(a, b))
+        try:
+            made[pair] = factory(*pair)
+        except Exception as exc:
+            raise ValueError(
+                f"--supply {name}: no supply for link {pair[0]}-{pair[1]} "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
+
+    def prebuilt(a: str, b: str) -> KeySupply:
+        pair = (min(a, b), max(a, b))
+        supply = made.get(pair)
+        return supply if supply is not None else factory(*pair)
+
+    return prebuilt

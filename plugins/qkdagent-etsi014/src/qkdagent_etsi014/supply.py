@@ -1,8 +1,5 @@
-"""kme-sim's key supplies: the core seam (`qkdagent.KeySupply`, `CsprngSupply`, entry-point
-supplies) plus what only the simulator needs, turning `--supply NAME[:KEY=VALUE,...]` into one
-supply per KME pair before anything listens, so a bad spec or a failing engine is one clear
-`ValueError` (exit 2), never a traceback from inside a request.
-"""
+"""kme-sim's key supplies: the core seam (`qkdagent.KeySupply`, `CsprngSupply`,
+entry-point supplies, `prebuilt_supplies`) with kme-sim's flags."""
 
 from __future__ import annotations
 
@@ -13,8 +10,7 @@ from qkdagent import (
     KeySupply,
     SupplyExhausted,
     SupplyFactory,
-    load_supply_factory,
-    parse_supply_spec,
+    prebuilt_supplies,
 )
 
 __all__ = [
@@ -27,44 +23,8 @@ __all__ = [
 ]
 
 BUILTIN = "csprng"
-"""The default supply's name: a CSPRNG link of `--rate`, filled to `--initial-fill` at start."""
 
 
 def supplies_for(spec: str | None, links: Iterable[tuple[str, str]]) -> SupplyFactory | None:
-    """The factory `--supply spec` names, its supplies made now for every link in `links`.
-
-    None for the built-in CSPRNG supply (the simulator makes it from `--rate`). A supply asked
-    for a link not made here is made on demand by the same factory.
-    """
-    if spec is None:
-        return None
-    name, options = parse_supply_spec(spec)
-    if name == BUILTIN:
-        if options:
-            raise ValueError(
-                f"supply {BUILTIN!r} takes no options (it is set by --rate and --initial-fill)"
-            )
-        return None
-    try:
-        factory = load_supply_factory(name, options)
-    except ValueError as exc:
-        raise ValueError(f"--supply {name}: {exc}") from None
-    except Exception as exc:  # a broken plugin: one line naming it, not its traceback
-        raise ValueError(f"--supply {name}: cannot load it ({type(exc).__name__}: {exc})") from None
-    made: dict[tuple[str, str], KeySupply] = {}
-    for a, b in links:
-        pair = (min(a, b), max(a, b))
-        try:
-            made[pair] = factory(*pair)
-        except Exception as exc:
-            raise ValueError(
-                f"--supply {name}: no supply for link {pair[0]}-{pair[1]} "
-                f"({type(exc).__name__}: {exc})"
-            ) from None
-
-    def prebuilt(a: str, b: str) -> KeySupply:
-        pair = (min(a, b), max(a, b))
-        supply = made.get(pair)
-        return supply if supply is not None else factory(*pair)
-
-    return prebuilt
+    """`--supply spec`'s factory with its supplies made for `links` (None: the CSPRNG one)."""
+    return prebuilt_supplies(spec, links, builtin_flags="--rate and --initial-fill")
