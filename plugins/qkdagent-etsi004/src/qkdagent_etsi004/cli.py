@@ -67,6 +67,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "authentication), one more port per module (--rest-port, then +1 ...)",
     )
     parser.add_argument("--rest-port", type=int, default=0, help="first module's REST port")
+    parser.add_argument(
+        "--close-after-request",
+        action="store_true",
+        help="close each connection after one answer, as the ETSI reference module does "
+        "(default: connections stay open for further requests)",
+    )
 
 
 def settings_from(args: argparse.Namespace) -> SimSettings:
@@ -92,6 +98,7 @@ def settings_from(args: argparse.Namespace) -> SimSettings:
         rate_bps=args.rate,
         supply_factory=supply_factory,
         rest=args.rest,
+        close_after_request=args.close_after_request,
         rest_ports={m: args.rest_port + i if args.rest_port else 0 for i, m in enumerate(modules)},
     )
 

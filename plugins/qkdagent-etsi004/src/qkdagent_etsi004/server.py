@@ -64,6 +64,7 @@ class ModuleServer:
         port: int = 0,
         *,
         v1_status_one: bool = False,
+        close_after_request: bool = False,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.network = network
@@ -73,6 +74,8 @@ class ModuleServer:
         self.port = port
         self.v1_status_one = v1_status_one
         """False (the v1 dialect as observed): a first OPEN_CONNECT answers 0, never 1."""
+        self.close_after_request = close_after_request
+        """True: like the ETSI reference module, close (close_notify, FIN) after each answer."""
         self.accepted = 0
         self.refused_frames = 0
         self.frame_timeout = FRAME_TIMEOUT
@@ -91,10 +94,14 @@ class ModuleServer:
             task_status.started(self.port)
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
-    def restart(self) -> None:
-        """Drop every connection and all the module's streams (a module restart)."""
+    def disconnect(self) -> None:
+        """Drop every connection (no close_notify), keeping the streams."""
         for scope in list(self._connections):
             scope.cancel()
+
+    def restart(self) -> None:
+        """Drop every connection and all the module's streams (a module restart)."""
+        self.disconnect()
         self.network.restart(self.module_id)
         self._event("restarted: every stream and connection dropped")
 
@@ -124,7 +131,10 @@ class ModuleServer:
         reader = FrameReader(stream, max_length=codec.MAX_REQUEST_PAYLOAD)
         try:
             while await self._one_frame(stream, reader, app):
-                pass
+                if self.close_after_request:
+                    with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                        await stream.aclose()  # close_notify, then the socket
+                    break
         except (trio.BrokenResourceError, trio.ClosedResourceError, TransportError, OSError):
             pass
         self._event(f"connection from {_clean(app)!r} closed")

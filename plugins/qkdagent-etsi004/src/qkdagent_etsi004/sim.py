@@ -58,6 +58,8 @@ class SimSettings:
     """Makes each module pair's key supply (`qkdagent.KeySupply`); None: CSPRNG at `rate_bps`."""
     clock: Callable[[], float] = time.monotonic
     v1_status_one: bool = False
+    close_after_request: bool = False
+    """Modules close each connection after one answer, as the ETSI reference module does."""
     rest: bool = False
     """Also serve qkd-module's REST form (plain HTTP: keys in clear), one more port per module."""
     rest_ports: Mapping[str, int] = field(default_factory=dict)
@@ -111,6 +113,7 @@ class Simulator:
                 "module_id": m,
                 "address": self.addresses[m],
                 "dialects": [d.value for d in Dialect],
+                "keeps_connections": not self.servers[m].close_after_request,
                 "peer": self.network.peer.get(m),
                 "applications": sorted(self.network.modules[m]),
                 "ca": str(self.pki / "ca.pem"),
@@ -160,6 +163,7 @@ async def run_simulator(
                 settings.host,
                 settings.ports.get(module, 0),
                 v1_status_one=settings.v1_status_one,
+                close_after_request=settings.close_after_request,
             )
             port = await nursery.start(server.run)
             host = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -40,7 +40,8 @@ from qkdagent import (
 from . import codec, rest
 from .codec import Dialect, FrameError, QoS, Status
 from .restmodule import RestModule
-from .transport import Endpoint, ModuleConnection, TransportError
+from .reuse import Learned, Persistence, ReusePolicy, parse_persistent
+from .transport import Endpoint, Idle, ModuleConnection, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ RESPONDER_STREAMS = 16
 MAX_INDICES = 1 << 20
 """Indices a responder remembers per stream (reuse refused); past it the stream is refused."""
 CLOSE_GRACE = 2.0
+CLOSE_WAIT = 0.2
+"""Seconds after an answer `persistent = "auto"` waits, while it does not know the module keeps
+connections, for the module to close a kept one before reusing it (a request written into a
+connection the module is closing may have been executed: it is never resent)."""
 
 
 def _split_address(text: str) -> str | None:
@@ -153,9 +158,13 @@ class Etsi004Source(Source):
         self.metadata_size: int = (
             0 if rest_form else options.integer("metadata_size", 256, min=2, max=codec.MAX_METADATA)
         )
-        self.persistent: bool = not rest_form and options.boolean(
-            "persistent", self.dialect is Dialect.V1
-        )
+        self.reuse = ReusePolicy(Persistence.NEVER)
+        if not rest_form:
+            default = True if self.dialect is Dialect.V1 else "auto"
+            mode = parse_persistent(options.raw("persistent", default))
+            if mode is None:
+                options.fail("persistent", 'must be true, false or "auto"')
+            self.reuse = ReusePolicy(mode)
         self.connect_timeout: float = options.number("connect_timeout", 3.0, positive=True)
         if rest_form:
             self.rest = RestModule(
@@ -270,32 +279,81 @@ class Etsi004Source(Source):
         return conn
 
     async def _call(self, request: codec.Message, expect: codec.Service) -> codec.Message:
-        """One request/response within `request_timeout`; errors typed, connection dropped."""
+        """One request/response within `request_timeout`; errors typed, connection dropped.
+
+        A request is written once, on one connection, and never again by this source: a
+        connection the module closed is found out before anything is written to it (and
+        replaced); one that fails after the request was written is one failed attempt, as the
+        module may have executed the request (a GET_KEY index is single-use).
+        """
         try:
             with trio.fail_after(self.request_timeout):
-                if not self.persistent:
+                if not self.reuse.keep(trio.current_time()):
                     conn = await self._connect()
                     try:
                         return await conn.call(request, expect)
                     finally:
                         await conn.aclose()
                 async with self._conn_lock:
-                    if self._conn is None or self._conn.broken:
-                        if self._conn is not None:
-                            await self._conn.aclose()
-                        self._conn = await self._connect()
-                    try:
-                        return await self._conn.call(request, expect)
-                    finally:
-                        if self._conn.broken:
-                            await self._conn.aclose()
-                            self._conn = None
+                    return await self._call_kept(request, expect)
         except trio.TooSlowError:
             raise SourceUnavailable(f"{self._where()}: no answer within the timeout") from None
         except TransportError as exc:
             raise SourceUnavailable(f"{self._where()}: {exc}") from None
         except FrameError as exc:
             raise SourceError(f"{self._where()}: malformed answer refused: {exc}") from None
+
+    async def _call_kept(self, request: codec.Message, expect: codec.Service) -> codec.Message:
+        """The request on the kept connection if the module left it open, else on a new one
+        that is kept in turn (caller holds `_conn_lock`)."""
+        conn = self._conn
+        if conn is not None:
+            state = await conn.idle(0.0 if self.reuse.learned is Learned.KEEPS else CLOSE_WAIT)
+            if state is not Idle.OPEN:
+                await conn.aclose()
+                conn = self._conn = None
+                if state is Idle.CLOSED:
+                    self._learn_close()
+        if conn is None:
+            conn = self._conn = await self._connect()
+        reused = conn.answered > 0
+        try:
+            answer = await conn.call(request, expect)
+        except TransportError:
+            if reused:  # written into a connection the module was closing, perhaps
+                self._learn_close()
+            raise
+        finally:
+            if conn.broken:
+                await conn.aclose()
+                self._conn = None
+        if reused and self.reuse.saw_reuse():
+            log.info("%s: the module keeps connections open; one is reused", self._where())
+        if not self.reuse.keep(trio.current_time()):
+            await conn.aclose()
+            self._conn = None
+        return answer
+
+    def _learn_close(self) -> None:
+        if not self.reuse.saw_close(trio.current_time()):
+            return
+        if self.reuse.mode is Persistence.AUTO:
+            log.info(
+                "%s: the module closed a kept connection; a connection per request "
+                "(looked at again in %.0f s)",
+                self._where(),
+                self.reuse.reprobe_after,
+            )
+        else:
+            log.info("%s: the module closed a kept connection (persistent = true)", self._where())
+
+    @property
+    def module_keeps_connections(self) -> bool | None:
+        """What was last seen of the module: None until a kept connection was reused or found
+        closed (always None with `persistent = false`)."""
+        if self.reuse.learned is Learned.UNKNOWN:
+            return None
+        return self.reuse.learned is Learned.KEEPS
 
     # -- OPEN_CONNECT ---------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ pure Python; receives were a quarter of the time per GET_KEY).
 
 from __future__ import annotations
 
+import enum
+import select
 import ssl
 from dataclasses import dataclass
 
@@ -95,6 +97,39 @@ class FrameReader:
         return header, payload
 
 
+PROBE_TIMEOUT = 0.5
+"""Seconds a probe of an idle connection may take once the kernel says bytes are waiting (an EOF
+or a close_notify record is already there: reading it does not wait)."""
+
+
+class Idle(enum.Enum):
+    """What an idle kept connection holds before the next request is written."""
+
+    OPEN = "open"
+    CLOSED = "closed by the module"
+    UNUSABLE = "bytes nobody asked for"
+
+
+def _socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket under a TLS stream over TCP; None for in-memory streams."""
+    transport = getattr(stream, "transport_stream", None)
+    sock = getattr(transport, "socket", None)
+    return sock if isinstance(sock, trio.socket.SocketType) else None
+
+
+def _waiting(sock: trio.socket.SocketType) -> bool:
+    """Whether bytes or an EOF wait in the kernel for `sock` (never waits)."""
+    fd = sock.fileno()
+    if fd < 0:
+        return True  # closed on our side: reading says so at once
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)  # POLLHUP/POLLERR always reported
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([fd], [], [], 0)
+    return bool(readable)
+
+
 @dataclass(frozen=True)
 class Endpoint:
     host: str
@@ -109,6 +144,9 @@ class ModuleConnection:
         self.stream = stream
         self.dialect = dialect
         self.broken = False
+        self.answered = 0
+        """Requests this connection carried to a complete answer."""
+        self.answered_at = 0.0
         self.reader = FrameReader(stream, max_length=codec.MAX_RESPONSE_PAYLOAD)
 
     @classmethod
@@ -137,11 +175,16 @@ class ModuleConnection:
         self.broken = True  # until the whole exchange succeeded
         try:
             await self.stream.send_all(codec.encode(self.dialect, message))
-            header, payload = await self.reader.frame()
-        except EOFError:
-            raise TransportError("the module closed the connection without answering") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            raise TransportError(f"connection failed: {type(exc).__name__}") from None
+            raise TransportError(f"sending the request failed: {type(exc).__name__}") from None
+        try:
+            header, payload = await self.reader.frame()
+        except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            how = "" if isinstance(exc, EOFError) else f" ({type(exc).__name__})"
+            raise TransportError(
+                f"the module closed the connection without answering{how}; the request may "
+                "have been executed and is not sent again"
+            ) from None
         if header.dialect is not self.dialect:
             raise FrameError(f"answer in version {'.'.join(map(str, header.version))}")
         if header.service not in (expect, codec.Service.ERROR):
@@ -150,7 +193,45 @@ class ModuleConnection:
             raise FrameError(f"{len(self.reader.buffer)} unexpected bytes after the answer")
         response = codec.decode_response(self.dialect, header.service, payload)
         self.broken = False
+        self.answered += 1
+        self.answered_at = trio.current_time()
         return response
+
+    async def idle(self, grace: float = 0.0) -> Idle:
+        """Whether this connection, idle since its last answer, can carry the next request.
+
+        Writes nothing, so a connection found closed costs no request: the module cannot have
+        seen one. Reads only when the kernel holds bytes or an EOF (a module closing sends
+        close_notify and FIN; `receive_some` then ends at once), bounded by PROBE_TIMEOUT. With
+        `grace`, waits up to that long after the last answer for such bytes to arrive: a module
+        that closes after each answer may not have closed yet when the next request follows at
+        once (an OPEN_CONNECT then a GET_KEY). Whatever was there, a connection not OPEN is
+        marked broken. Streams without a socket (in-memory) count as OPEN.
+        """
+        if self.broken:
+            return Idle.CLOSED
+        if self.reader.buffer:
+            self.broken = True
+            return Idle.UNUSABLE
+        sock = _socket(self.stream)
+        if sock is None:
+            return Idle.OPEN
+        waiting = _waiting(sock)
+        left = self.answered_at + grace - trio.current_time()
+        if not waiting and left > 0:
+            with trio.move_on_after(left):
+                await trio.lowlevel.wait_readable(sock)
+                waiting = True
+        if not waiting:
+            return Idle.OPEN
+        self.broken = True
+        try:
+            with trio.move_on_after(PROBE_TIMEOUT):
+                more = await self.reader.receive_more()
+                return Idle.UNUSABLE if more else Idle.CLOSED
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return Idle.CLOSED  # EOF without close_notify, or reset
+        return Idle.UNUSABLE  # part of a TLS record, or a record that is not data
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
