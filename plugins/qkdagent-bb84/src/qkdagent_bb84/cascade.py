@@ -47,7 +47,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .channel import ALICE, BOB, AuthError, Channel, pack_bits, unauthenticated, unpack_bits
+from .channel import (
+    ALICE,
+    BOB,
+    AuthError,
+    Messages,
+    pack_bits,
+    unauthenticated,
+    unpack_bits,
+)
 from .finitekey import h
 
 MIN_QBER = 1e-4
@@ -225,7 +233,7 @@ def _prefix(bits: np.ndarray) -> np.ndarray:
 
 
 def _open_pass(
-    p: _Pass, alice: np.ndarray, bob: np.ndarray, channel: Channel, frames: int, n: int
+    p: _Pass, alice: np.ndarray, bob: np.ndarray, channel: Messages, frames: int, n: int
 ) -> None:
     """Alice discloses every block parity of pass `p`; Bob learns which blocks disagree.
 
@@ -262,7 +270,7 @@ def _ranges(p: _Pass, blocks: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _bisect(
-    p: _Pass, index: int, channel: Channel, frames: int, n: int
+    p: _Pass, index: int, channel: Messages, frames: int, n: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """Bisect every odd block of pass `p` (all frames) at once. Returns the flat positions Bob
     flips, their frames, the parities disclosed per odd block, and the round trips."""
@@ -326,7 +334,7 @@ def cascade_frames(
     bob: np.ndarray,
     qber: float,
     algorithm: str = "yanetal",
-    channel: Channel | None = None,
+    channel: Messages | None = None,
 ) -> FramesResult:
     """Reconcile Bob's frames with Alice's (uint8 0/1 arrays of shape (frames, n)), all frames
     in the same round trips."""
@@ -369,7 +377,7 @@ def cascade(
     bob: np.ndarray,
     qber: float,
     algorithm: str = "yanetal",
-    channel: Channel | None = None,
+    channel: Messages | None = None,
 ) -> CascadeResult:
     """Reconcile one frame: Bob's key with Alice's (uint8 arrays of 0/1)."""
     if bob.size != alice.size:

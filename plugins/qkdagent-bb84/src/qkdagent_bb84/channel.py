@@ -20,6 +20,7 @@ import hmac
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -35,7 +36,19 @@ class AuthError(Exception):
     """A classical message failed authentication: the block must abort."""
 
 
-def _mac(key: bytes, sender: str, seq: int, kind: str, payload: bytes) -> bytes:
+class ChannelError(Exception):
+    """The connection to the other end failed (closed, timed out): the block must abort."""
+
+
+class Messages(Protocol):
+    """What the engine sends through: the in-process `Channel` or a `NetEnd` (`netend.py`)."""
+
+    def send(self, sender: str, kind: str, payload: bytes) -> bytes: ...
+
+    def knows(self, role: str) -> bool: ...
+
+
+def mac(key: bytes, sender: str, seq: int, kind: str, payload: bytes) -> bytes:
     header = f"{sender}\0{seq}\0{kind}\0{len(payload)}\0".encode()
     return hmac.digest(key, header + payload, "sha256")
 
@@ -58,6 +71,10 @@ class Channel:
         # per direction: [sender's next sequence number, receiver's expected one]
         self._seq = {ALICE: [0, 0], BOB: [0, 0]}
 
+    def knows(self, role: str) -> bool:
+        """Whether this process holds `role`'s own data (in-process: both ends)."""
+        return True
+
     @classmethod
     def shared(cls, key: bytes, tamper: Tamper | None = None) -> Channel:
         return cls(key, key, tamper)
@@ -67,13 +84,13 @@ class Channel:
         counters = self._seq[sender]
         own = self.alice_key if sender == ALICE else self.bob_key
         peer = self.bob_key if sender == ALICE else self.alice_key
-        tag = _mac(own, sender, counters[0], kind, payload)
+        tag = mac(own, sender, counters[0], kind, payload)
         counters[0] += 1
         self.sent[kind] += 1
         self.bytes_sent += len(payload) + TAG_BYTES
         if self.tamper is not None:
             payload, tag = self.tamper(sender, kind, payload, tag)
-        expected = _mac(peer, sender, counters[1], kind, payload)
+        expected = mac(peer, sender, counters[1], kind, payload)
         counters[1] += 1
         if not hmac.compare_digest(tag, expected):
             raise AuthError(f"classical message {kind!r} from {sender} failed authentication")

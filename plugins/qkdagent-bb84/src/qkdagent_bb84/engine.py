@@ -10,6 +10,8 @@ one and vary another.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import secrets
 import struct
 import time
@@ -18,9 +20,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cascade import cascade
-from .channel import ALICE, BOB, AuthError, Channel, Tamper, pack_bits, unpack_bits
+from .channel import (
+    ALICE,
+    BOB,
+    AuthError,
+    Channel,
+    ChannelError,
+    Messages,
+    Tamper,
+    pack_bits,
+    unpack_bits,
+)
 from .finitekey import decoy_bounds, lim_length, tomamichel_length
+from .frames import BlockStart, encode_block_start
 from .hashing import toeplitz_hash, verification_tag
+from .netend import NetEnd
 from .physics import KEY_BASIS, TEST_BASIS, Detections, Physics, simulate
 
 OK = "ok"
@@ -28,6 +42,7 @@ ABORT_QBER = "abort: qber above threshold"
 ABORT_VERIFY = "abort: verification failed"
 ABORT_LENGTH = "abort: no secret key left"
 ABORT_AUTH = "abort: classical message failed authentication"
+ABORT_CHANNEL = "abort: classical channel failed"
 
 
 @dataclass(frozen=True)
@@ -145,7 +160,7 @@ def key_length(settings: Settings, s: Sifted, est: Estimate, leak: int) -> tuple
     return ell, float(n), est.qber
 
 
-def _exchange_sifting(det: Detections, channel: Channel, limit: int) -> Sifted:
+def _exchange_sifting(det: Detections, channel: Messages, limit: int) -> Sifted:
     """Sifting and the disclosed sample over the channel, each end from what it received.
 
     Bob announces his bases for the pulses he detected; Alice answers which match and each
@@ -167,21 +182,25 @@ def _exchange_sifting(det: Detections, channel: Channel, limit: int) -> Sifted:
     test_b = unpack_bits(reply[size : 2 * size], count, "match").astype(bool)
     cls = np.frombuffer(reply, dtype=np.uint8, offset=2 * size)
     a_key, b_key = det.a_bit[key_a][:limit], det.b_bit[key_b][:limit]
+    if not channel.knows(ALICE):  # Bob's process: Alice's values are placeholders, never used
+        a_key = np.zeros_like(b_key)
     a_test = det.a_bit[test_a]
     b_test = det.b_bit[test_b]
     from_alice = unpack_bits(
         channel.send(ALICE, "sample.alice", pack_bits(a_test)), b_test.size, "sample"
     )
     from_bob = unpack_bits(
-        channel.send(BOB, "sample.bob", pack_bits(b_test)), a_test.size, "sample"
+        channel.send(BOB, "sample.bob", pack_bits(b_test)),
+        a_test.size if channel.knows(ALICE) else b_test.size,
+        "sample",
     )
-    if not np.array_equal(from_alice ^ b_test, from_bob ^ a_test):
+    if channel.knows(ALICE) and not np.array_equal(from_alice ^ b_test, from_bob ^ a_test):
         raise AuthError("the two ends disagree on the disclosed sample")
     return Sifted(a_key, b_key, cls[key_b][:limit], cls[test_b], from_alice ^ b_test)
 
 
 def post_process(
-    settings: Settings, det: Detections, rng: np.random.Generator, channel: Channel
+    settings: Settings, det: Detections, rng: np.random.Generator, channel: Messages
 ) -> BlockResult:
     """Everything after the quantum phase; `rng` is Alice's public randomness (hash seeds),
     every message goes through the authenticated `channel`. A message that fails
@@ -190,17 +209,20 @@ def post_process(
         return _post_process(settings, det, rng, channel)
     except AuthError as exc:
         return BlockResult(ABORT_AUTH, detail=str(exc))
+    except ChannelError as exc:
+        return BlockResult(ABORT_CHANNEL, detail=str(exc))
 
 
 def _post_process(
-    settings: Settings, det: Detections, rng: np.random.Generator, channel: Channel
+    settings: Settings, det: Detections, rng: np.random.Generator, channel: Messages
 ) -> BlockResult:
     clock = time.perf_counter
     t0 = clock()
     s = _exchange_sifting(det, channel, settings.block_bits)
     n = int(s.key_alice.size)
     est = estimate(s)
-    actual = float(np.mean(s.key_alice != s.key_bob)) if n else 0.5
+    both = channel.knows(ALICE) and channel.knows(BOB)
+    actual = float(np.mean(s.key_alice != s.key_bob)) if n and both else math.nan
     result = BlockResult(
         ABORT_QBER, sifted=n, sample=est.sample, qber_estimate=est.qber, qber_actual=actual
     )
@@ -210,7 +232,8 @@ def _post_process(
     rec = cascade(s.key_alice, s.key_bob, est.qber, settings.cascade, channel)
     t2 = clock()
     result.disclosed, result.rounds = rec.disclosed, rec.rounds + 1
-    result.f = rec.efficiency(n, actual) if actual > 0 else 0.0
+    truth = actual if both else est.qber  # Bob's process: the estimate, all he knows
+    result.f = rec.efficiency(n, truth) if truth > 0 else 0.0
     # verification: Alice draws a fresh public seed after reconciliation and sends seed + tag
     tag_seed = int(rng.integers(0, 2**63))
     tag_a = verification_tag(s.key_alice, np.random.default_rng(tag_seed), settings.verify_bits)
@@ -274,3 +297,58 @@ def run_block(
     result.pulses = det.pulses
     result.seconds["quantum"] = t_q
     return result
+
+
+def fingerprint(settings: Settings, key_size: int) -> bytes:
+    """What both processes must agree on (every length and bound depends on it)."""
+    return hashlib.sha256(f"{settings!r}\0{key_size}".encode()).digest()[:16]
+
+
+def _finish(result: BlockResult, det: Detections, end: NetEnd, seconds: float) -> BlockResult:
+    result.messages = dict(end.sent)
+    result.pulses = det.pulses
+    result.seconds["quantum"] = seconds
+    return result
+
+
+def run_alice(
+    settings: Settings, seed: int | tuple[int, ...], end: NetEnd, block_id: str, print_: bytes
+) -> BlockResult:
+    """Alice's end of a block with Bob in another process: simulate the quantum phase (both
+    ends' detections, seeded), send Bob his detection record in `block.start` (the stand-in for
+    the quantum channel), then post-process over `end`."""
+    seq = np.random.SeedSequence(seed)
+    quantum, public = (np.random.default_rng(s) for s in seq.spawn(2))
+    t = time.perf_counter()
+    det = gather(settings, quantum)
+    t_q = time.perf_counter() - t
+    start = BlockStart(
+        block_id, print_, det.pulses, det.cls.size, pack_bits(det.b_basis), pack_bits(det.b_bit)
+    )
+    try:
+        end.send(ALICE, "block.start", encode_block_start(start))
+    except ChannelError as exc:
+        return _finish(BlockResult(ABORT_CHANNEL, detail=str(exc)), det, end, t_q)
+    return _finish(post_process(settings, det, public, end), det, end, t_q)
+
+
+def bob_detections(start: BlockStart) -> Detections:
+    """Bob's view of the quantum phase: his bases and bits; Alice's values are placeholders."""
+    count = start.count
+    zeros = np.zeros(count, dtype=np.uint8)
+    return Detections(
+        cls=zeros,
+        a_bit=zeros,
+        a_basis=zeros,
+        b_basis=unpack_bits(start.b_basis, count, "record"),
+        b_bit=unpack_bits(start.b_bit, count, "record"),
+        sent=np.zeros(3, dtype=np.int64),
+        pulses=start.pulses,
+    )
+
+
+def run_bob(settings: Settings, start: BlockStart, end: NetEnd) -> BlockResult:
+    """Bob's end of a block whose `block.start` (already authenticated) is `start`."""
+    det = bob_detections(start)
+    # Alice's public randomness is hers: Bob's draws are placeholders replaced by her messages
+    return _finish(post_process(settings, det, np.random.default_rng(0), end), det, end, 0.0)

@@ -163,6 +163,23 @@ class KeyStore:
         with self._lock:
             self._staged[block_id] = (tmp, final, size)
 
+    def discard(self, block_id: str) -> None:
+        """Destroy a staged block that will not be published (the other end did not confirm)."""
+        with self._lock:
+            staged = self._staged.pop(block_id, None)
+        if staged is not None:
+            _destroy(staged[0])
+
+    def holds(self, block_id: str) -> bool:
+        """Whether the pool has (unused pieces of) block `block_id`, or has it staged."""
+        with self._lock:
+            return block_id in self._blocks or block_id in self._staged
+
+    def bits(self) -> int:
+        """Unused key bits in the pool (a metric)."""
+        with self._lock:
+            return sum(len(b.unused) * b.size * 8 for b in self._blocks.values())
+
     def publish(self, block_id: str) -> None:
         """Make a staged block part of the pool (rename, then fsync the directory)."""
         with self._lock:
