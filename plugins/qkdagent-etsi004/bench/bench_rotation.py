@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Rotation latency of two agents through two simulated QKD modules (ETSI 004, binary v1 and
-binary v2) beside the same two agents through two simulated KMEs (ETSI 014), in one run.
+binary v2) beside the same two agents through two simulated KMEs (ETSI 014), in one run. Binary v2
+runs with its default `persistent = "auto"` twice: against modules that keep connections and
+against modules that close them after each answer (`close_after_request`, the ETSI reference
+module's way), where auto falls back to a connection per request.
 
 Each path: alice and bob are real agents (HTTPS with mutual TLS between them on loopback, `file`
 sinks), each taking keys from its own module or KME over loopback mutual TLS; the link rotates
@@ -33,10 +36,10 @@ import qkdagent
 from qkdagent import RotationEvent
 from qkdagent.testing import open_agent_pair
 
-PATHS = ("binary-v2", "binary-v2 persistent", "binary-v1", "etsi014")
+PATHS = ("binary-v2", "binary-v2 closing", "binary-v1", "etsi014")
 LABELS = {
-    "binary-v2": "004 binary-v2 (connection per request, its default)",
-    "binary-v2 persistent": "004 binary-v2 persistent = true",
+    "binary-v2": "004 binary-v2 auto, module keeps connections",
+    "binary-v2 closing": "004 binary-v2 auto, module closes per request",
     "binary-v1": "004 binary-v1 (persistent)",
     "etsi014": "014 through kme-sim",
 }
@@ -63,10 +66,11 @@ async def tables(path: str, directory: Path) -> AsyncIterator[Callable[[str], di
         async with open_kme_pair(directory / "kme", rate_bps=1e7) as kme:
             yield lambda app: kme.source_table(app)
     else:
-        async with open_qkdm_pair(directory / "qkdm", rate_bps=1e7) as qkdm:
-            transport, _, persistent = path.partition(" ")
-            extra = {"persistent": True} if persistent else {}
-            yield lambda app: qkdm.source_table(app, transport=transport, **extra)
+        transport, _, closing = path.partition(" ")
+        async with open_qkdm_pair(
+            directory / "qkdm", rate_bps=1e7, close_after_request=bool(closing)
+        ) as qkdm:
+            yield lambda app: qkdm.source_table(app, transport=transport)
 
 
 async def one_path(
