@@ -122,6 +122,20 @@ async def test_two_agents_rotate_100_times_through_bb84(
         installs = {
             name: {r.epoch: r for r in pair.sink(name, "rec").installs} for name in ("alice", "bob")
         }
+        shown = {name: exposed(pair.agents[name].metrics.exposition()) for name in ("alice", "bob")}
+    # the agents' /metrics: both pools' levels; the blocks, QBER and rate of whichever end ran them
+    for name in ("alice", "bob"):
+        assert shown[name]['qkdagent_bb84_pool_bits{source="qkd"}'] >= 0
+    counted = (
+        s.get(f'qkdagent_bb84_{kind}_total{{source="qkd"}}', 0)
+        for s in shown.values()
+        for kind in ("blocks", "blocks_aborted")
+    )
+    assert sum(counted) == Bb84Link._registry[link_name].stats.blocks > 0
+    ran = next(s for s in shown.values() if 'qkdagent_bb84_blocks_total{source="qkd"}' in s)
+    assert 0 < ran['qkdagent_bb84_qber{source="qkd"}'] < 0.05
+    assert ran['qkdagent_bb84_key_rate_bits_per_second{source="qkd"}'] > 0
+    assert 0 < ran['qkdagent_bb84_key_bits_per_pulse{source="qkd"}'] < 1
     epochs = range(1, ROTATIONS + 1)
     for epoch in epochs:
         a, b = installs["alice"][epoch], installs["bob"][epoch]
@@ -147,6 +161,12 @@ async def test_two_agents_rotate_over_https_with_blocks_in_worker_threads(
     async with open_agent_pair(tmp_path / "pair", link=link, **sides) as pair:
         await pair.wait_for_epoch(2)
         assert pair.secret("alice", "rec") == pair.secret("bob", "rec")
+
+
+def exposed(text: bytes) -> dict[str, float]:
+    """Sample name with labels -> value, from a Prometheus text exposition."""
+    samples = (line.rsplit(" ", 1) for line in text.decode().splitlines() if line[:1] != "#")
+    return {name: float(value) for name, value in samples}
 
 
 def test_link_repr_hides_the_seed() -> None:

@@ -73,10 +73,11 @@ class Initiator:
         secret: bytes,
         store: KeyStore,
         report: Report,
+        on_block: Callable[[BlockResult], None],
     ) -> None:
         self.config, self.settings, self.print_ = config, settings, print_
         self.key_size, self._seed, self._secret, self.store = key_size, seed, secret, store
-        self.report = report
+        self.report, self.on_block = report, on_block
         self.run_id = secrets.token_hex(4)
         self.stream: FramedStream | None = None
         self._lock = trio.Lock()
@@ -139,6 +140,9 @@ class Initiator:
         except ChannelError as exc:
             self.report("connection_lost", str(exc))
             return good
+        except OSError as exc:  # the pool's disk: the block is lost, the link starts over
+            self.report("block_aborted", f"bb84 pool: {exc.strerror or exc}")
+            return good
 
     async def block(self) -> BlockResult:
         """One block over the current connection (serialised: one block at a time)."""
@@ -155,7 +159,9 @@ class Initiator:
                 ThreadTransport(stream),
                 local=frozenset((ALICE, BOB)),
             )
-            return await trio.to_thread.run_sync(self._alice_block, number, block_id, end)
+            result = await trio.to_thread.run_sync(self._alice_block, number, block_id, end)
+        self.on_block(result)
+        return result
 
     def _alice_block(self, number: int, block_id: str, end: NetEnd) -> BlockResult:
         result = run_alice(self.settings, (self._seed, number), end, block_id, self.print_)
@@ -241,7 +247,11 @@ class Responder:
                 return
             if start is None or end is None:
                 continue  # a keep-alive
-            result = await trio.to_thread.run_sync(self._bob_block, start, end)
+            try:
+                result = await trio.to_thread.run_sync(self._bob_block, start, end)
+            except (AuthError, OSError) as exc:  # the pool's disk; a record that cannot be read
+                self.report("block_aborted", f"{type(exc).__name__}: {exc}"[:200])
+                return
             self.on_block(result)
             if result.status in BROKEN:
                 return

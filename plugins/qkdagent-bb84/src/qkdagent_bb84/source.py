@@ -210,8 +210,9 @@ class Bb84Source(Source):
             else:
                 seed = self.seed if self.seed is not None else secrets.randbits(63)
                 self.initiator = Initiator(
-                    config, self.settings, print_, self.key_size, seed, secret, store, self._event
-                )
+                    config, self.settings, print_, self.key_size, seed, secret, store, self._event,
+                    self._record,
+                )  # fmt: skip
         except (OSError, ValueError) as exc:  # unreadable TLS files
             raise Misconfigured(f"source {self.name!r}: TLS: {exc}") from None
         self.store = store
@@ -269,7 +270,6 @@ class Bb84Source(Source):
                 raise SourceUnavailable(f"source {self.name!r}: bb84 peer: {exc}") from None
             except (OSError, StoreError) as exc:
                 raise SourceUnavailable(f"source {self.name!r}: bb84 pool: {exc}") from None
-            self._record(result)
             return result
         if self.responder is not None:
             return None  # Bob's blocks are Alice's to start

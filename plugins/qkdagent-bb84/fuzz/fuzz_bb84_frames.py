@@ -1,0 +1,65 @@
+"""Fuzz target for what a bb84 responder parses from the peer before any HMAC check.
+
+`target(data)` feeds the bytes to a parser (the first byte picks which): a whole frame, a frame
+header, a frame body, a `block.start` payload. A parser may only refuse with `FrameError`. Run it
+with atheris or on its own (random mutations of valid frames):
+
+    python3 plugins/qkdagent-bb84/fuzz/fuzz_bb84_frames.py [seconds]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from qkdagent_bb84 import frames
+
+PARSERS = (
+    frames.parse_frame,
+    lambda d: frames.body_length(d[: frames.HEADER]),
+    frames.parse_body,
+    frames.parse_block_start,
+)
+
+_START = frames.encode_block_start(
+    frames.BlockStart("0a1b2c3d-7", bytes(16), 1000, 20, b"\x55\xaa\x0f", b"\x01\x02\x03")
+)
+SEEDS = (
+    b"\x00" + frames.encode_frame("sift.bases", b"\x01\x02\x03", bytes(32)),
+    b"\x00" + frames.encode_frame("block.start", _START, bytes(32)),
+    b"\x01" + frames.encode_frame("ping", b"", bytes(32))[:4],
+    b"\x02" + frames.encode_frame("pa.seed", bytes(12), bytes(32))[4:],
+    b"\x03" + _START,
+)
+
+
+def target(data: bytes) -> None:
+    if not data:
+        return
+    parser = PARSERS[data[0] % len(PARSERS)]
+    try:
+        parser(data[1:])
+    except frames.FrameError:
+        pass
+
+
+def main(seconds: float) -> None:
+    import random
+
+    rng = random.Random(0)  # noqa: S311 - reproducible mutations, not secrets
+    end = time.monotonic() + seconds
+    runs = 0
+    while time.monotonic() < end:
+        seed = bytearray(rng.choice(SEEDS))
+        for _ in range(rng.randint(1, 8)):
+            pos = rng.randrange(len(seed))
+            seed[pos] = rng.randrange(256)
+        if rng.random() < 0.2:
+            del seed[rng.randrange(len(seed)) :]
+        target(bytes(seed))
+        runs += 1
+    print(f"{runs} runs, no crash")
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 10.0)
