@@ -371,6 +371,12 @@ class Agent:
         it stopped and could not restart are erased, and `ReloadFailed` says which.
         """
         plan = plan_reload(self.config, new)
+        native = [name for name, link in new.links.items() if link.native]
+        if self.settings.tls is None and native:
+            raise ReloadFailed(
+                f"config reload refused: link {native[0]!r} uses qkdagent's own protocol, and "
+                "this agent started without [agent.tls]; add it and restart the agent"
+            )
         if plan.agent_settings_changed:
             log.warning("config reload: [agent] changes need a restart; they are not applied")
         built = build_components(new, self.plugins, self.context)

@@ -34,6 +34,9 @@ log = logging.getLogger("qkdagent.link")
 
 STATE = ":protocol"
 """The protocol's state among the link's source states (no source id has a colon)."""
+ERASED = ":erased"
+"""Set durably when the sinks were erased: the committed key is dead even before reject_after
+(the protocol gave it up, as quPSKd does at expiry), so a restart must not put it back."""
 MIN_SECRET = 16
 RESTART_MIN = 1.0
 RESTART_MAX = 60.0
@@ -80,7 +83,7 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
         self.source_ids = tuple(h.id for h in sources)
         self.interval = config.timing.interval
         self.reject_after = config.timing.reject_after
-        self._scope: trio.CancelScope | None = None
+        self._protocol_scope: trio.CancelScope | None = None
 
     @classmethod
     async def open(
@@ -95,6 +98,9 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
         record, clock, fresh = await cls.load_record(
             env, config, f"{config.peer} via {config.protocol}", unused, unused
         )
+        if fresh and ERASED in record.source_state:
+            fresh = False  # erased since its commit: stays erased (start_sinks erases again)
+            clock = scheduler.after_erase(clock)
         runtime = cls(env, config, sources, sinks, record, clock, runner)
         if config.insecure:
             log.warning(insecure_warning(config), extra={"link": config.name})
@@ -114,6 +120,13 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
     @property
     def state(self) -> bytes | None:
         return self.record.source_state.get(STATE)
+
+    async def _mark_erased(self) -> None:
+        if ERASED in self.record.source_state or self.record.epoch == 0:
+            return
+        store = self.env.store
+        await store.run(store.set_source_state, self.name, ERASED, b"1")
+        self.record.source_state[ERASED] = b"1"
 
     def _source(self, source: str | None) -> SourceHandle:
         for handle in self.sources:
@@ -170,12 +183,15 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
         return self.record.epoch
 
     async def erase(self, reason: str) -> None:
-        """Fail closed now (the protocol's call), or from the timer that holds the lock."""
+        """Fail closed now (the protocol's call), or from the timer that holds the lock; the
+        erasure is recorded durably first, so a restart does not reinstall the dead key."""
         if self.lock.statistics().owner is trio.lowlevel.current_task():
+            await self._mark_erased()
             await super().erase(reason)
             return
         async with self.lock:
             self.clock = scheduler.after_erase(self.clock)
+            await self._mark_erased()
             await super().erase(reason)
 
     def report_failure(self, stage: str, message: str) -> None:
@@ -188,26 +204,38 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
         if self.stopped:
             task_status.started()
             return
-        self._scope = trio.CancelScope()  # a new one each run: the agent restarts a failed run
-        with self._scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.timer_loop)
-                await nursery.start(self._supervise)
-                task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.timer_loop)  # ends on stop(), after an erase under way
+            await nursery.start(self._supervise)
+            task_status.started()
 
     def stop(self) -> None:
+        """The protocol stops at once (a commit under way finishes: it is shielded); the
+        core's timer ends after any erase it is doing, as a native link's does."""
         super().stop()
-        if self._scope is not None:
-            self._scope.cancel()
+        if self._protocol_scope is not None:
+            self._protocol_scope.cancel()
 
     async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
         """Run the protocol; if it raises, log by type and place and start it again."""
         status = _OnceStarted(task_status)
         delay = RESTART_MIN
+        # a new scope each run: the agent restarts a run that failed with a bug
+        self._protocol_scope = scope = trio.CancelScope()
+        if self.stopped:
+            scope.cancel()
+        with scope:
+            await self._protocol_loop(status, delay)
+        status.started()
+
+    async def _protocol_loop(self, status: _OnceStarted, delay: float) -> None:
         while True:
+            began = trio.current_time()
             try:
                 await self.runner.run(self, task_status=status)
             except Exception as exc:
+                if trio.current_time() - began > RESTART_MAX:
+                    delay = RESTART_MIN  # it ran well for a while: a fresh failure, short wait
                 frames = traceback.extract_tb(exc.__traceback__)
                 where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
                 message = f"protocol {self.protocol!r} stopped: {type(exc).__name__}{where}"
@@ -218,6 +246,8 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
                 self.status.last_error = f"protocol: {message}"
                 self.status.last_error_at = time.time()
             else:
+                if trio.current_time() - began > RESTART_MAX:
+                    delay = RESTART_MIN
                 message = f"protocol {self.protocol!r} returned; restarting it in {delay:g} s"
                 log.error("link %s: %s", self.name, message, extra={"link": self.name})
             status.started()

@@ -205,6 +205,8 @@ class H1Client:
             keep = http.our_state is h11.DONE and http.their_state is h11.DONE
             if keep:
                 http.start_next_cycle()
+                # bytes after the reply are no answer to anything we sent: never reuse
+                keep = not http.trailing_data[0]
             return Reply(status, payload, connection.identity)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise TransportError(f"connection to {origin.authority} broke: {exc}") from None

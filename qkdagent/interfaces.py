@@ -63,10 +63,10 @@ class PluginContext:
     reporter: Callable[[ComponentEvent], None] | None = field(
         default=None, repr=False, compare=False
     )
+    """Set by the agent: turns reports into a hook call, a metric and a log line."""
     metrics: PluginMetrics = field(default_factory=PluginMetrics, repr=False, compare=False)
     """Counters and gauges the plugin publishes on the agent's `/metrics` (label them by
     component: `context.metrics.gauge("qkdagent_acme_pool_bits", "...", ["source"])`)."""
-    """Set by the agent: turns reports into a hook call, a metric and a log line."""
 
     def report(self, event: ComponentEvent) -> None:
         """Tell the agent about something noteworthy outside a rotation (never key bytes).

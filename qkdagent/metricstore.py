@@ -11,7 +11,7 @@ label names and values are exposed as before (counters as `<name>_total`), witho
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -83,6 +83,12 @@ class PluginMetrics:
 
     def __init__(self) -> None:
         self._families: dict[str, LabelledValues] = {}
+        self._reserved: set[str] = set()
+
+    def reserve(self, names: Iterable[str]) -> None:
+        """Names the agent itself exposes: a plugin family of that name (or one its samples
+        would collide with) would make every scrape of `/metrics` fail."""
+        self._reserved.update(names)
 
     def gauge(
         self, name: str, documentation: str, labelnames: Sequence[str] = ()
@@ -103,6 +109,10 @@ class PluginMetrics:
     ) -> LabelledValues:
         if not self.NAME.match(name) or name.endswith("_total"):
             raise ValueError(f"metric name {name!r}: qkdagent_ and [a-z0-9_], no _total suffix")
+        samples = {name, f"{name}_total", f"{name}_created", f"{name}_bucket"}
+        taken = {n.removesuffix(suffix) for n in self._reserved for suffix in ("", "_total")}
+        if samples & (self._reserved | taken) or name.removesuffix("_total") in taken:
+            raise ValueError(f"metric name {name!r} is the agent's own")
         if any(not self.LABEL.match(label) for label in labelnames):
             raise ValueError(f"metric {name}: label names are [a-z_][a-z0-9_]*")
         existing = self._families.get(name)

@@ -77,7 +77,6 @@ class Metrics:
         ]
         self.plugins = PluginMetrics()
         """What plugins publish (`PluginContext.metrics`)."""
-        r.register(LabelledCollector(self._per_link, self.plugins.families))
         self.component_events = Counter(
             "qkdagent_component_events",
             "Events sources and sinks reported outside rotations (e.g. a repaired credential)",
@@ -102,6 +101,10 @@ class Metrics:
             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        own = [f.name for f in self._per_link]
+        own += [m.name for m in r.collect()]  # prometheus_client's (counters without _total)
+        self.plugins.reserve(own)
+        r.register(LabelledCollector(self._per_link, self.plugins.families))
 
     def rotation_done(self, link: str, epoch: int, duration: float) -> None:
         self.rotations.labels(link).inc()

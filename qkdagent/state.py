@@ -306,6 +306,16 @@ class StateStore:
                 (name, source, state),
             )
 
+    def set_source_state(self, name: str, source: str, state: bytes | None) -> None:
+        """Replace (None: delete) one entry of the link's committed source state, on its own
+        (a foreign link's durable marks; a rotation's commit replaces the whole state)."""
+        with self._tx():
+            self._db.execute(
+                "DELETE FROM source_state WHERE link = ? AND source = ?", (name, source)
+            )
+            if state is not None:
+                self._db.execute("INSERT INTO source_state VALUES (?, ?, ?)", (name, source, state))
+
     def _load_pending(self, name: str) -> Pending | None:
         row = self._db.execute(
             "SELECT epoch, kind, request_digest, key_ids, chain_key, auth_key, confirm_key, "

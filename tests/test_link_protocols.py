@@ -340,3 +340,67 @@ async def test_a_bug_in_the_cores_timer_restarts_the_whole_foreign_link(
         await pair.wait_for_epoch(2, timeout=200)  # the link ran again after the failed run
         assert not broken
         assert pair.secret("alice", "psk").reveal() == pair.secret("bob", "psk").reveal()
+
+
+async def test_an_erase_the_protocol_asked_for_survives_a_restart(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The protocol gave the key up (quPSKd's expiry) before reject_after: a restart within
+    reject_after must not put it back."""
+    link = lockstep(drive=False, reject_after=300)
+    async with open_agent_pair(tmp_path, alice=SINKS, bob=SINKS, link=link, local=True) as pair:
+        await until(lambda: "alice" in LINKS)
+        key = await LINKS["alice"].new_key()
+        await LINKS["alice"].commit(Secret(b"k" * 32), [key.key_id], state=b"chain")
+        await LINKS["alice"].erase("protocol-expiry")
+        await pair.stop("alice")
+        del LINKS["alice"]
+        await pair.start("alice")
+        await until(lambda: "alice" in LINKS)
+        alice = LINKS["alice"]
+        assert alice.erased and alice.epoch == 1 and alice.state == b"chain"
+        sink = recorded(pair, "alice")
+        assert sink.installs == [] and sink.erasures[-1][2] == "reject_after"
+        # a new commit makes the link live again, and a restart then keeps its key
+        key = await alice.new_key()
+        await alice.commit(Secret(b"m" * 32), [key.key_id], state=b"chain2")
+        await pair.stop("alice")
+        await pair.start("alice")
+        await until(lambda: recorded(pair, "alice").installs != [])
+        assert [r.epoch for r in recorded(pair, "alice").installs] == [2]
+
+
+async def test_stopping_a_foreign_link_lets_an_expiry_erase_finish(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    slow = {"sinks": {"psk": {"type": "recording", "erase_delay": 5}}}
+    link = lockstep(drive=False, reject_after=30)
+    async with open_agent_pair(tmp_path, alice=slow, bob=SINKS, link=link, local=True) as pair:
+        await until(lambda: "alice" in LINKS)
+        key = await LINKS["alice"].new_key()
+        started = trio.current_time()
+        await LINKS["alice"].commit(Secret(b"k" * 32), [key.key_id])
+        sink = recorded(pair, "alice")
+        await trio.sleep(started + 31 - trio.current_time())  # the expiry erase is under way
+        assert [r for r in sink.erasures if r[2] == "reject_after"] == []
+        await pair.stop("alice")  # SIGTERM now: the erase still completes
+        assert [r[2] for r in sink.erasures][-1] == "reject_after"
+
+
+async def test_a_reload_adding_a_native_link_to_an_agent_without_tls_is_refused(
+    tmp_path: Path,
+) -> None:
+    from qkdagent.errors import ReloadFailed
+
+    link = lockstep(interval=0.2)
+    async with open_agent_pair(tmp_path, alice=SINKS, bob=SINKS, link=link, start=False) as pair:
+        for name in ("bob", "alice"):
+            del pair.configs[name]["agent"]["tls"]
+            await pair.start(name)
+        native = pair_configs(tmp_path / "native", alice=SINKS, bob=SINKS)["alice"]
+        config = copy.deepcopy(pair.configs["alice"])
+        config["agent"]["tls"] = native["agent"]["tls"]  # valid now, but only after a restart
+        config["links"]["second"] = native["links"][LINK]
+        with pytest.raises(ReloadFailed, match="started without \\[agent.tls\\]"):
+            await pair.alice.reload(parse_config(config))
+        assert set(pair.alice.links) == {LINK}

@@ -64,3 +64,16 @@ async def test_a_plugin_publishes_gauges_on_its_agents_metrics(tmp_path: Path) -
         for bad in ("pool_bits", "qkdagent_x_total", "qkdagent_Bad"):
             with pytest.raises(ValueError):
                 metrics.gauge(bad, "x")
+
+
+def test_a_plugin_cannot_take_a_name_the_agent_exposes() -> None:
+    metrics = Metrics()
+    for name in (
+        "qkdagent_link_epoch",  # a per-link family
+        "qkdagent_rotations",  # exposed as qkdagent_rotations_total
+        "qkdagent_rotation_duration_seconds",  # a histogram
+        "qkdagent_component_events",  # a prometheus_client counter
+    ):
+        with pytest.raises(ValueError, match="the agent's own"):
+            metrics.plugins.gauge(name, "x")
+    metrics.plugins.gauge("qkdagent_acme_pool_bits", "fine")

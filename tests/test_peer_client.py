@@ -210,3 +210,26 @@ async def test_a_kept_connection_the_server_dropped_is_replaced_once(tmp_path: P
         assert seen == {"connections": 1, "requests": 1, "dropped": 1}  # no retry loop
         await client.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_bytes_after_a_reply_are_not_taken_as_the_next_reply(tmp_path: Path) -> None:
+    """A server that sends two replies to one request: the second never answers the next
+    request (the connection is not reused)."""
+
+    async def answer(stream: trio.SSLStream, sent: dict) -> None:
+        await stream.send_all(
+            b'HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{"a":1}'
+            b'HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{"b":2}'
+        )
+        sent["bytes"] += 1
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        url, sent = await _serve(tmp_path, nursery, "bob", answer)
+        client = PeerClient(_tls(tmp_path, "alice"), timeout=5)
+        first = await client.post(url, "alice-bob", "rotate", b"{}")
+        second = await client.post(url, "alice-bob", "commit", b"{}")
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+    assert first.body == b'{"a":1}' and second.body == b'{"a":1}'  # a new connection answered
+    assert sent["bytes"] == 2

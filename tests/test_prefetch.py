@@ -105,3 +105,28 @@ async def test_a_failing_source_is_not_asked_twice_per_attempt(
         calls = len(log) - calls_before
     assert failures >= 5
     assert calls == failures + 1  # one prefetch before the due time, then one per attempt
+
+
+async def test_keys_taken_ahead_serve_only_the_record_they_were_taken_for(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """If the link's committed record changes between the prefetch and the rotation (another
+    epoch, a resync, new source state), the keys taken ahead are not used."""
+    import dataclasses
+
+    link = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0}
+    log: list[tuple[float, str]] = []
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
+    ) as pair:
+        _issued(pair, log)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        await trio.sleep(INTERVAL - 0.5)  # rotation 2's keys were taken ahead
+        assert len(log) == 2
+        runtime = pair.alice.link("alice-bob")
+        runtime.record = dataclasses.replace(runtime.record)  # same content, another record
+        await pair.wait_for_epoch(2)
+        used = pair.sink("alice", "rec").installs[-1].key_ids[0]
+    assert len(log) == 3 and used == log[2][1] != log[1][1]

@@ -36,6 +36,7 @@ class RecordingSink(Sink):
     def __init__(self, name: str, options: Options, context: PluginContext) -> None:
         super().__init__(name, options, context)
         self.delay = options.number("delay", 0.0, min=0)
+        self.erase_delay = options.number("erase_delay", 0.0, min=0)
         self.fail = options.boolean("fail", False)
         self.erase_failures = options.integer("erase_failures", 0, min=0)
         """How many of the next erase calls fail (as a full disk or a stopped daemon would);
@@ -81,7 +82,10 @@ class RecordingSink(Sink):
         return current is not None and current == secret
 
     async def erase(self, link: Link, reason: str) -> None:
-        await trio.lowlevel.checkpoint()
+        if self.erase_delay:
+            await trio.sleep(self.erase_delay)
+        else:
+            await trio.lowlevel.checkpoint()
         if self.erase_failures:
             self.erase_failures -= 1
             self.calls.append(f"erase-failed:{reason}")
