@@ -11,6 +11,7 @@ import os
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,8 @@ from qkdagent_bb84.frames import (
     parse_block_start,
     parse_frame,
 )
+from qkdagent_bb84.stream import FramedStream
+from qkdagent_bb84.tls import TlsFiles, server_context
 
 ALICE_LINK = Link("ab", "alice", "bob", True)
 BOB_LINK = Link("ab", "bob", "alice", False)
@@ -200,7 +203,7 @@ async def test_garbage_from_a_tls_peer_aborts_the_block_and_leaves_the_pool(
     secret = base64.b64decode(secret_file.read_bytes())
     events = Events()
     # a frame cut short is waited for until the deadline: a short one for this test
-    async with responder(tmp_path, {**b_table, "timeout": 0.5}, events) as bob:
+    async with responder(tmp_path, {**b_table, "timeout": 0.5, "idle_timeout": 0.5}, events) as bob:
         assert bob.store is not None
         pool = bob.store.directory
         for what, data in GARBAGE.items():
@@ -304,3 +307,29 @@ def test_frames_round_trip_and_a_cut_frame_is_refused(
     assert body_length(data[:4]) == len(data) - 4
     with pytest.raises(FrameError):
         body_length((MAX_FRAME + 1).to_bytes(4, "big"))
+
+
+async def test_a_connection_dropped_mid_block_gives_alice_no_key(tmp_path: Path) -> None:
+    """A 'Bob' that reads the block's first message and hangs up: the block aborts, nothing
+    enters Alice's pool, and she connects again (with backoff)."""
+    a_table, _, _ = pki_tables(tmp_path)
+    pki = tmp_path / "pki"
+    context = server_context(TlsFiles(pki / "bob.pem", pki / "bob.key", pki / "ca.pem"))
+    accepted: list[int] = []
+
+    async def hang_up(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        accepted.append(1)
+        await FramedStream(stream, 5).receive_body()  # block.start
+        await trio.aclose_forcefully(stream)
+
+    async with trio.open_nursery() as nursery:
+        serve = partial(trio.serve_ssl_over_tcp, host="127.0.0.1")
+        listeners = await nursery.start(serve, hang_up, 0, context)
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        alice = initiator(tmp_path, a_table, port, backoff_max=0.1)
+        async with running(alice):
+            await wait_for(lambda: metric(alice, "qkdagent_bb84_blocks_aborted") >= 2, "aborts")
+            assert alice.store is not None and alice.store.level() == 0
+            assert not list(alice.store.directory.glob("*.key*"))
+        nursery.cancel_scope.cancel()
+    assert len(accepted) >= 2
