@@ -1,6 +1,6 @@
 """Fixtures: the in-memory network under the protocol and a virtual clock for it. In-process
-tests give the agent the test kit's `keydir` source, shared with the quPSKd peer's fake KME
-(tests/qupskd_peer.py); the process tests use the real 014 source over plain HTTP."""
+tests give the agent the test kit's `memory` source, its keys shared with the quPSKd peer's
+fake KME (tests/qupskd_peer.py); the process tests use the real 014 source over plain HTTP."""
 
 from __future__ import annotations
 
@@ -21,10 +21,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
-    """Virtual time that jumps only after 5 ms of real idleness: the agent commits in a worker
-    thread, and with a zero threshold time would leap to the next timer (a peer's expiry) while
-    a commit is running. Tests then poll in whole seconds to stay fast."""
-    return trio.testing.MockClock(autojump_threshold=0.005)
+    """Virtual time that jumps as soon as everything waits: the in-process pairs use no threads
+    (the test kit's local network keeps the state store inline, the `memory` source shares its
+    keys with the quPSKd peer's fake KME), so no timer can fire while a commit is running."""
+    return trio.testing.MockClock(autojump_threshold=0)
 
 
 @pytest.fixture

@@ -36,11 +36,10 @@ def fake_key(key_id: str) -> str:
     return base64.b64encode(hashlib.sha3_256(key_id.encode()).digest()).decode()
 
 
-def fake_kme(target: str, keydir: Path | None = None) -> tuple[int, bytes]:
-    """quPSKd's fake KME. With `keydir` (in-process tests, where the agent's source is the test
-    kit's `keydir`), it is one end of a KME pair through that directory: a key it hands out is
-    also left there for the agent, and a key the agent's source left there is the one it
-    returns for that ID."""
+def fake_kme(target: str, shared: dict[str, bytes] | None = None) -> tuple[int, bytes]:
+    """quPSKd's fake KME. With `shared` (in-process tests: the key store of the agent's test-kit
+    `memory` source), it is one end of a KME pair: a key it hands out is also left there for
+    the agent, and a key the agent's source left there is the one it returns for that ID."""
     parts = urlsplit(target)
     ids = parse_qs(parts.query).get("key_ID")
     if parts.path.endswith("dec_keys"):
@@ -48,15 +47,14 @@ def fake_kme(target: str, keydir: Path | None = None) -> tuple[int, bytes]:
             return 400, b"key_ID parameter is required"
         key_id = ids[0]
         key = fake_key(key_id)
-        if keydir is not None and (keydir / key_id).is_file():
-            key = base64.b64encode((keydir / key_id).read_bytes()).decode()
-            (keydir / key_id).unlink()
+        held = shared.pop(key_id, None) if shared is not None else None
+        if held is not None:
+            key = base64.b64encode(held).decode()
     else:
         key_id = str(uuid.uuid4())
         key = fake_key(key_id)
-        if keydir is not None:
-            (keydir / key_id).write_bytes(base64.b64decode(key))
-            (keydir / key_id).chmod(0o600)
+        if shared is not None:
+            shared[key_id] = base64.b64decode(key)
     return 200, json.dumps({"keys": [{"key": key, "key_ID": key_id}]}).encode()
 
 
@@ -106,7 +104,8 @@ class Peer:
     errors: list[str] = field(default_factory=list)
     client_enabled: bool = True
     installed: trio.Event = field(default_factory=trio.Event)
-    keydir: Path | None = None
+    shared: dict[str, bytes] | None = None
+    """The agent's memory source's key store, for the fake KME (in-process tests)."""
     override: Any = None
     """Tests: target -> (status, body) to answer instead (a hostile peer), or None."""
 
@@ -164,7 +163,7 @@ class Peer:
             self.derive()
             return 200, json.dumps({"status": "ok"}).encode()
         if target.startswith("/api/v1/keys/") and self.config.get("enable_fake_qkd_api"):
-            return fake_kme(target, self.keydir)
+            return fake_kme(target, self.shared)
         return 404, b"404 Not Found"
 
     async def handle(self, stream: trio.abc.Stream) -> None:

@@ -14,10 +14,8 @@ import trio.testing
 from qkdagent_qupskd import http
 from qkdagent_qupskd.net import network
 
-from qkdagent.testing import open_agent_pair
-
 from .memnet import MemoryNetwork
-from .test_interop import ALICE, agent_psk, alice_side, bob_peer, protocol, start_alice, until
+from .test_interop import ALICE, agent_psk, alice_pair, bob_peer, protocol, start_alice, until
 
 Answer = Callable[[str], tuple[int, bytes] | None]
 
@@ -57,7 +55,7 @@ async def test_a_bad_answer_fails_the_exchange_without_touching_state(
     peer = bob_peer(tmp_path, memnet, client_enabled=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
-        async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:
+        async with alice_pair(tmp_path) as pair:
             await start_alice(pair)
             await until(lambda: pair.epoch("alice") >= 2)
             link = pair.alice.link("alice-bob")
@@ -81,7 +79,7 @@ async def test_a_reused_key_id_is_refused(
     peer = bob_peer(tmp_path, memnet, client_enabled=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
-        async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:
+        async with alice_pair(tmp_path) as pair:
             await start_alice(pair)
             await until(lambda: pair.epoch("alice") >= 1)
             used = peer.key_id
@@ -108,7 +106,7 @@ async def test_the_endpoint_serves_only_the_three_gets_and_refuses_desynchronisi
     tmp_path: Path, memnet: MemoryNetwork, clock: trio.testing.MockClock
 ) -> None:
     memnet.down.add(("127.0.0.1", 5556))  # no peer: the agent stays unsynchronised
-    async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:
+    async with alice_pair(tmp_path) as pair:
         await start_alice(pair)
         for target, method in (("/", "GET"), ("/new", "POST"), ("/api/v1/keys/x/status", "GET")):
             assert (await _ask(target, method))[0] == 404

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import trio
 import trio.testing
 
-from qkdagent.testing import AgentPair, open_agent_pair
+from qkdagent.testing import AgentPair, MemoryPool, open_agent_pair
 
 from .memnet import MemoryNetwork
 from .qupskd_peer import Peer
@@ -23,11 +24,15 @@ BOB = ("127.0.0.1", 5556)
 PSK_TEXT = "thisisverysecret"
 
 
+def pool_name(tmp_path: Path) -> str:
+    return f"qupskd-{tmp_path.name}"
+
+
 def bob_peer(tmp_path: Path, memnet: MemoryNetwork, **options: Any) -> Peer:
-    """quPSKd's bob, its fake KME paired with alice's `keydir` source."""
-    keydir = tmp_path / "kme"
-    keydir.mkdir(exist_ok=True, mode=0o700)
-    return Peer(bob_config(), memnet, psk_file=tmp_path / "bob.key", keydir=keydir, **options)
+    """quPSKd's bob, its fake KME paired with alice's `memory` source (no threads, so the
+    virtual clock jumps only when everything waits)."""
+    shared = MemoryPool.named(pool_name(tmp_path)).keys
+    return Peer(bob_config(), memnet, psk_file=tmp_path / "bob.key", shared=shared, **options)
 
 
 def bob_config() -> dict[str, Any]:
@@ -52,7 +57,7 @@ def alice_side(tmp_path: Path, **link: Any) -> dict[str, Any]:
     psk.write_text(PSK_TEXT)
     psk.chmod(0o600)
     return {
-        "sources": {"kme": {"type": "keydir", "directory": str(tmp_path / "kme")}},
+        "sources": {"kme": {"type": "memory", "pool": pool_name(tmp_path)}},
         "sinks": {"psk": {"type": "recording"}},
         "link": {
             "protocol": "qupskd",
@@ -64,6 +69,11 @@ def alice_side(tmp_path: Path, **link: Any) -> dict[str, Any]:
         },
         "plugins": ["qupskd", "memory"],
     }
+
+
+def alice_pair(tmp_path: Path) -> AbstractAsyncContextManager[AgentPair]:
+    """Alice's agent (not started) in process: the test kit's local network, no threads."""
+    return open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False, local=True)
 
 
 async def start_alice(pair: AgentPair) -> None:
@@ -108,7 +118,7 @@ async def test_qkdagent_as_caller_50_rotations_identical_psks(
     peer = bob_peer(tmp_path, memnet, client_enabled=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
-        async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:
+        async with alice_pair(tmp_path) as pair:
             await start_alice(pair)
             began = trio.current_time()
             await _compare_rotations(pair, peer, 50)
@@ -129,7 +139,7 @@ async def test_qkdagent_as_receiver_50_rotations_identical_psks(
 ) -> None:
     peer = bob_peer(tmp_path, memnet)
     memnet.down.add(BOB)  # the agent's own /new attempts fail until quPSKd is up
-    async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:
+    async with alice_pair(tmp_path) as pair:
         await start_alice(pair)
         await trio.sleep(20)
         assert pair.epoch("alice") == 0 and protocol(pair)["qupskd_failed"] >= 3
@@ -150,7 +160,7 @@ async def test_max_wait_expiry_sets_a_random_psk_then_new_resynchronises(
     peer = bob_peer(tmp_path, memnet)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
-        async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:
+        async with alice_pair(tmp_path) as pair:
             await start_alice(pair)
             await until(lambda: peer.rotations >= 3 and pair.epoch("alice") >= 3)
             await until(lambda: peer.psk_file.read_bytes() == agent_psk(pair))  # type: ignore[union-attr]
@@ -181,7 +191,7 @@ async def test_a_restart_continues_the_chain_from_the_committed_state(
     peer = bob_peer(tmp_path, memnet, client_enabled=False)
     async with trio.open_nursery() as nursery:
         await nursery.start(peer.run)
-        async with open_agent_pair(tmp_path, alice=alice_side(tmp_path), start=False) as pair:
+        async with alice_pair(tmp_path) as pair:
             await start_alice(pair)
             await _compare_rotations(pair, peer, 2)
             await pair.stop("alice")
