@@ -27,6 +27,9 @@ from .errors import (
 )
 from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
 from .fileutil import write_secret_file
+from .h1client import ConnectFailed, EncodedReply, ReplyTooLarge, TransportError
+from .h1client import H1Client as HttpClient
+from .h1client import Reply as HttpReply
 from .hookspecs import hookimpl
 from .interfaces import Answered, KeyMeta, Link, PluginContext, Sink, Source
 from .keysupply import (
@@ -53,10 +56,14 @@ __all__ = [
     "CommandRegistry",
     "ComponentEvent",
     "ConfigError",
+    "ConnectFailed",
     "CsprngSupply",
     "DemoLink",
+    "EncodedReply",
     "EraseEvent",
     "ForeignLink",
+    "HttpClient",
+    "HttpReply",
     "Key",
     "KeyMeta",
     "KeyNotFound",
@@ -72,6 +79,7 @@ __all__ = [
     "PluginMetrics",
     "ProtocolError",
     "QkdAgentError",
+    "ReplyTooLarge",
     "RotationErrorEvent",
     "RotationEvent",
     "Secret",
@@ -86,6 +94,7 @@ __all__ = [
     "StashKey",
     "SupplyExhausted",
     "SupplyFactory",
+    "TransportError",
     "__version__",
     "check_key_id",
     "check_template",

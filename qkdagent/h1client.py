@@ -1,5 +1,8 @@
 """A lean HTTP/1.1 client over trio's TLS streams: kept-alive connections, bounded replies.
 
+Used for the peer API and offered to plugins (`qkdagent.HttpClient`) for their servers'
+APIs (a KME's), where httpx's per-request cost showed the same way.
+
 Why not httpx here: a rotation makes a few small requests to one peer, and httpx spent most of
 the initiator's CPU per rotation on them (about 3 ms of Python for two posts: its async context
 managers, URL parsing, a poll() of every idle connection in the pool, a `getpeercert()` per
@@ -36,31 +39,45 @@ class TransportError(Exception):
     names what, never the body."""
 
 
+class ConnectFailed(TransportError):
+    """No connection could be made (refused, unreachable, timed out, TLS handshake refused):
+    nothing was sent."""
+
+
 class ReplyTooLarge(TransportError):
     """The reply is over the caller's limit, or encoded: the rest is not read."""
+
+
+class EncodedReply(ReplyTooLarge):
+    """The reply has a content encoding, though none was asked for (it could expand without
+    bound): it is not read."""
 
 
 @dataclass(frozen=True)
 class Reply:
     status: int
     body: bytes
-    identity: PeerIdentity
-    """The names in the certificate the answering server presented."""
+    identity: PeerIdentity = field(default_factory=PeerIdentity)
+    """The names in the certificate the answering server presented (none over plain HTTP)."""
+    certificate: bytes | None = field(default=None, repr=False)
+    """That certificate, DER (None over plain HTTP)."""
 
 
 @dataclass
 class _Connection:
-    stream: trio.SSLStream[trio.SocketStream]
+    stream: trio.SSLStream[trio.SocketStream] | trio.SocketStream
     http: h11.Connection
     identity: PeerIdentity
+    certificate: bytes | None
     idle_since: float = field(default=0.0)
 
     def stale(self, now: float, expiry: float) -> bool:
         """Too long idle, or the server closed it meanwhile (EOF or an alert is readable)."""
         if now - self.idle_since > expiry:
             return True
-        sock = self.stream.transport_stream.socket
-        return bool(sock.is_readable())
+        stream = self.stream
+        tcp = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        return bool(tcp.socket.is_readable())
 
     async def aclose(self) -> None:
         with trio.move_on_after(1) as scope:
@@ -76,25 +93,37 @@ class _Origin:
     host: str
     port: int
     authority: str
+    prefix: str
+    """The base URL's path (a KME under https://host/kme1), prepended to each target."""
 
 
 class H1Client:
-    """Kept-alive HTTPS/1.1 connections to a few origins (peers); not thread-safe."""
+    """Kept-alive HTTP/1.1 connections to a few origins (peers, KMEs); not thread-safe.
+
+    HTTPS with `context`; plain HTTP only with `context=None` and `plain_http=True` (an
+    explicit, insecure opt-in of the caller's: nothing is authenticated or secret then).
+    """
 
     def __init__(
         self,
-        context: ssl.SSLContext,
+        context: ssl.SSLContext | None,
         *,
+        plain_http: bool = False,
         headers: Sequence[tuple[str, str]] = (),
         idle_expiry: float = 100.0,
         max_idle_per_origin: int = 64,
+        connect_timeout: float | None = None,
     ) -> None:
+        if (context is None) != plain_http:
+            raise ValueError("HTTPS needs an SSL context; plain HTTP needs plain_http=True")
         self._context = context
+        self._scheme = "http" if plain_http else "https"
         self._headers = [(k.encode(), v.encode()) for k, v in headers]
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._origins: dict[str, _Origin] = {}
         self.idle_expiry = idle_expiry
         self.max_idle = max_idle_per_origin
+        self.connect_timeout = connect_timeout
         self._closed = False
 
     def _origin(self, base_url: str) -> _Origin:
@@ -102,31 +131,46 @@ class H1Client:
         if origin is None:
             try:
                 parts = urlsplit(base_url)
-                port = parts.port or 443
+                port = parts.port or (443 if parts.scheme == "https" else 80)
             except ValueError:
                 raise TransportError(f"not a usable URL: {base_url[:200]!r}") from None
             host = parts.hostname
-            if parts.scheme != "https" or not host or parts.path not in ("", "/"):
-                raise TransportError(f"not an https://HOST[:PORT] URL: {base_url[:200]!r}")
+            if parts.scheme != self._scheme or not host or parts.query or parts.fragment:
+                raise TransportError(f"not a {self._scheme}://HOST[:PORT] URL: {base_url[:200]!r}")
             authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            origin = _Origin(host, port, authority)
+            origin = _Origin(host, port, authority, parts.path.rstrip("/"))
             if len(self._origins) < 4096:
                 self._origins[base_url] = origin
         return origin
 
     async def post(self, base_url: str, path: str, body: bytes, *, limit: int) -> Reply:
-        """POST `body` to `path` at `base_url` (https://HOST[:PORT]); the reply body is read up
-        to `limit` bytes."""
+        """POST `body` to `path` at `base_url`; the reply body is read up to `limit` bytes."""
+        return await self.request("POST", base_url, path, body, limit=limit)
+
+    async def request(
+        self,
+        method: str,
+        base_url: str,
+        target: str,
+        body: bytes | None = None,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        limit: int,
+    ) -> Reply:
+        """One request (`target`: path and query under `base_url`); the reply body is read up
+        to `limit` bytes. `ConnectFailed` when no connection could be made."""
         origin = self._origin(base_url)
+        extra = [(k.encode(), v.encode()) for k, v in headers]
+        args = (method, origin.prefix + target, body, extra, limit)
         connection = await self._take(origin)
         if connection is not None:
             try:
-                return await self._exchange(origin, connection, path, body, limit)
+                return await self._exchange(origin, connection, *args)
             except _NoReply:
                 pass  # closed by the server before it took the request: once more, anew
         connection = await self._connect(origin)
         try:
-            return await self._exchange(origin, connection, path, body, limit)
+            return await self._exchange(origin, connection, *args)
         except _NoReply as exc:
             raise TransportError(f"{origin.authority} closed the connection: {exc}") from None
 
@@ -158,48 +202,62 @@ class H1Client:
         return True
 
     async def _connect(self, origin: _Origin) -> _Connection:
+        timeout = self.connect_timeout if self.connect_timeout is not None else float("inf")
+        with trio.move_on_after(timeout) as scope:
+            connection = await self._open(origin)
+        if scope.cancelled_caught:
+            raise ConnectFailed(f"cannot connect to {origin.authority}: timed out")
+        return connection
+
+    async def _open(self, origin: _Origin) -> _Connection:
+        http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         try:
             tcp = await trio.open_tcp_stream(origin.host, origin.port)
         except OSError as exc:
-            raise TransportError(f"cannot connect to {origin.authority}: {exc.strerror}") from None
+            reason = exc.strerror or type(exc).__name__
+            raise ConnectFailed(f"cannot connect to {origin.authority}: {reason}") from None
+        if self._context is None:
+            return _Connection(tcp, http, PeerIdentity(), None)
         stream = trio.SSLStream(tcp, self._context, server_hostname=origin.host)
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:
             await tcp.aclose()
-            reason = exc.__cause__ if exc.__cause__ is not None else exc
-            raise TransportError(f"TLS with {origin.authority} failed: {reason}") from None
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            raise ConnectFailed(f"TLS with {origin.authority} failed: {cause}") from None
         except BaseException:
             await tcp.aclose()
             raise
         peercert = stream.getpeercert()
         identity = PeerIdentity.from_peercert(peercert) if peercert else PeerIdentity()
-        http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-        return _Connection(stream, http, identity)
+        der = stream.getpeercert(binary_form=True)
+        return _Connection(stream, http, identity, der if isinstance(der, bytes) else None)
 
     # -- one request ---------------------------------------------------------------------------
 
     async def _exchange(
-        self, origin: _Origin, connection: _Connection, path: str, body: bytes, limit: int
+        self,
+        origin: _Origin,
+        connection: _Connection,
+        method: str,
+        target: str,
+        body: bytes | None,
+        headers: list[tuple[bytes, bytes]],
+        limit: int,
     ) -> Reply:
         http = connection.http
         keep = False
         try:
+            fields = [(b"host", origin.authority.encode()), (b"accept-encoding", b"identity")]
+            if body is not None:
+                fields.append((b"content-length", str(len(body)).encode()))
             request = h11.Request(
-                method="POST",
-                target=path,
-                headers=[
-                    (b"host", origin.authority.encode()),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"accept-encoding", b"identity"),
-                    *self._headers,
-                ],
+                method=method, target=target, headers=[*fields, *self._headers, *headers]
             )
-            parts = (
-                http.send(request),
-                http.send(h11.Data(data=body)),
-                http.send(h11.EndOfMessage()),
-            )
+            parts = [http.send(request)]
+            if body:
+                parts.append(http.send(h11.Data(data=body)))
+            parts.append(http.send(h11.EndOfMessage()))
             await connection.stream.send_all(b"".join(p for p in parts if p))
             status, payload = await self._read(connection, limit)
             keep = http.our_state is h11.DONE and http.their_state is h11.DONE
@@ -207,7 +265,7 @@ class H1Client:
                 http.start_next_cycle()
                 # bytes after the reply are no answer to anything we sent: never reuse
                 keep = not http.trailing_data[0]
-            return Reply(status, payload, connection.identity)
+            return Reply(status, payload, connection.identity, connection.certificate)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise TransportError(f"connection to {origin.authority} broke: {exc}") from None
         except h11.ProtocolError as exc:
@@ -253,6 +311,7 @@ class _NoReply(Exception):
 def _check_head(headers: Iterable[tuple[bytes, bytes]], limit: int) -> None:
     for name, value in headers:
         if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-            raise ReplyTooLarge("reply has a content encoding, which was not asked for")
+            encoding = value.strip()[:40].decode("ascii", "replace")
+            raise EncodedReply(f"reply has a content encoding ({encoding!r}), not asked for")
         if name == b"content-length" and value.strip().isdigit() and int(value) > limit:
             raise ReplyTooLarge(f"reply declares {int(value)} bytes, over {limit}")

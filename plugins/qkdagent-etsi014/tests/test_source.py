@@ -30,6 +30,7 @@ from qkdagent import (
 from qkdagent.testing import assert_not_leaked, build_component
 
 from .conftest import KMES
+from .httpx_kme import HttpxKme
 
 ALICE = Link("l", "alice", "bob", True)
 BOB = Link("l", "bob", "alice", False)
@@ -431,9 +432,7 @@ def mock_source(
             given.status_code, headers=given.headers, stream=httpx.ByteStream(given.content)
         )
 
-    source._client = httpx.AsyncClient(
-        base_url=source.kme_url, transport=httpx.MockTransport(streamed)
-    )
+    source._client = HttpxKme(httpx.AsyncClient(transport=httpx.MockTransport(streamed)))
     return source
 
 

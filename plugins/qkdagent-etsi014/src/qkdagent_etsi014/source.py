@@ -10,8 +10,9 @@ key with key IDs (`dec_keys`) naming the peer's SAE as master. Every answer is v
 - only calls that certainly delivered nothing are retried (`retry.classify`);
 - with `kme_id` set, every answer must come over a connection whose server certificate names that
   KME (`kme_identity` rule, REFERENCE §1.1); the JSON `source_KME_ID` alone proves nothing;
-- every HTTP exchange has a total deadline (`connect_timeout + request_timeout`), not only httpx's
-  per-read timeouts, which a KME trickling one byte at a time never trips;
+- every HTTP exchange (the core's `HttpClient`: kept-alive HTTP/1.1, h11) has a total deadline
+  (`connect_timeout + request_timeout`), not only per-read timeouts, which a KME trickling one
+  byte at a time never trips;
 - the caller's cancellation (the agent's per-call timeout, shutdown) is honoured at once: key
   fetches run in the background (`inflight`), and a key that arrives for a caller that has left
   is held: the next `new_key` for that peer, or a repeated `key_by_id` for that ID, gets it
@@ -21,29 +22,36 @@ key with key IDs (`dec_keys`) naming the peer's SAE as master. Every answer is v
 
 from __future__ import annotations
 
+import json
 import logging
 import ssl
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote, urlsplit
+from typing import Any, Protocol
+from urllib.parse import quote, urlencode, urlsplit
 
-import httpx
 import trio
 
 from qkdagent import (
     ComponentEvent,
+    ConnectFailed,
+    EncodedReply,
+    HttpClient,
+    HttpReply,
     Key,
     KeyNotFound,
     Link,
     Misconfigured,
     Options,
     PluginContext,
+    ReplyTooLarge,
     Secret,
     Source,
     SourceError,
     SourceUnavailable,
+    TransportError,
 )
 
 from . import wire
@@ -102,14 +110,21 @@ def _kme_identity(options: Options) -> IdentityRule:
         options.fail("kme_fingerprints" if mode == "fingerprint" else "kme_identity", str(exc))
 
 
-def _server_certificate(response: httpx.Response) -> bytes | None:
-    """The DER certificate the KME presented on the connection that carried `response`."""
-    stream = response.extensions.get("network_stream")
-    ssl_object = stream.get_extra_info("ssl_object") if stream is not None else None
-    if ssl_object is None:
-        return None
-    der = ssl_object.getpeercert(binary_form=True)
-    return der if isinstance(der, bytes) else None
+class KmeHttp(Protocol):
+    """What the source needs of an HTTP client (`qkdagent.HttpClient`; tests give a fake)."""
+
+    async def request(
+        self,
+        method: str,
+        base_url: str,
+        target: str,
+        body: bytes | None = None,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        limit: int,
+    ) -> HttpReply: ...
+
+    async def aclose(self) -> None: ...
 
 
 class Etsi014Source(Source):
@@ -159,7 +174,7 @@ class Etsi014Source(Source):
         self.keepalive_expiry: float = options.number("keepalive_expiry", 4.0, min=0, max=3600)
         self.limits: dict[str, wire.KmeStatus] = {}
         """Get status answers per peer SAE ID (filled by prepare())."""
-        self._client: httpx.AsyncClient | None = None
+        self._client: KmeHttp | None = None
         self._spare: dict[str, deque[Key]] = {}
         self._held: OrderedDict[tuple[str, str], Key] = OrderedDict()
         self._warned: set[str] = set()
@@ -249,22 +264,16 @@ class Etsi014Source(Source):
         self._held.clear()
         self._spare.clear()
 
-    async def _open(self) -> httpx.AsyncClient:
+    async def _open(self) -> KmeHttp:
         if self._client is None:
-            context: ssl.SSLContext | bool = (
-                True if self.plain else await trio.to_thread.run_sync(self._ssl_context)
-            )
-            self._client = httpx.AsyncClient(
-                base_url=self.kme_url,
-                verify=context,
-                trust_env=False,
-                follow_redirects=False,
-                timeout=httpx.Timeout(self.request_timeout, connect=self.connect_timeout),
-                limits=httpx.Limits(
-                    max_connections=8,
-                    max_keepalive_connections=4,
-                    keepalive_expiry=self.keepalive_expiry,
-                ),
+            context = None if self.plain else await trio.to_thread.run_sync(self._ssl_context)
+            self._client = HttpClient(
+                context,
+                plain_http=self.plain,
+                headers=(("user-agent", "qkdagent-etsi014"),),
+                idle_expiry=self.keepalive_expiry,
+                max_idle_per_origin=4,
+                connect_timeout=self.connect_timeout,
             )
         return self._client
 
@@ -477,22 +486,37 @@ class Etsi014Source(Source):
         background, see `inflight`, so a cancelled caller loses no key it could have had)."""
         client = await self._open()
         path = f"/api/v1/keys/{quote(sae, safe='')}/{operation}"
+        if query:
+            path += "?" + urlencode(query)
+        payload = None if body is None else json.dumps(body).encode()
+        headers = (("content-type", "application/json"),) if payload is not None else ()
         try:
-            # httpx's read timeout is per read: a KME trickling a byte at a time never trips it
+            # the whole exchange is bounded, not each read: a KME trickling a byte at a time
+            # would otherwise hold the call for ever
             with trio.fail_after(self.connect_timeout + self.request_timeout):
-                status_code, data, der = await self._send(client, method, path, query, body)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+                reply = await client.request(
+                    method, self.kme_url, path, payload, headers=headers, limit=MAX_RESPONSE_BYTES
+                )
+        except ConnectFailed as exc:
             self._connect_error = str(exc) or type(exc).__name__
             return None, b""
-        except (httpx.TimeoutException, trio.TooSlowError):
+        except trio.TooSlowError:
             raise SourceUnavailable(
                 f"{self._where(operation, sae)}: no answer within the timeout "
                 "(a key handed out meanwhile is lost)"
             ) from None
-        except httpx.HTTPError as exc:
+        except EncodedReply as exc:
+            raise SourceError(f"KME {self.kme_url}: answer refused: {exc}") from None
+        except ReplyTooLarge:
+            raise SourceError(
+                f"KME {self.kme_url}: answer is larger than {MAX_RESPONSE_BYTES} bytes"
+            ) from None
+        except TransportError as exc:
             raise SourceUnavailable(
                 f"{self._where(operation, sae)}: {type(exc).__name__}: {exc}"
             ) from None
+        status_code, data = reply.status, reply.body
+        der = reply.certificate if self.kme_id is not None else None
         if self.kme_id is not None and (der is None or der != self._kme_der):
             self._confirm_kme(operation, sae, der, prepare=prepare)
         return status_code, data
@@ -510,45 +534,6 @@ class Etsi014Source(Source):
             f"{self.kme_id!r} ({self.kme_identity.mode} rule): {problem}; answer discarded"
         )
         raise Misconfigured(text) if prepare else SourceError(text)
-
-    async def _send(
-        self,
-        client: httpx.AsyncClient,
-        method: str,
-        path: str,
-        query: dict[str, str] | None,
-        body: dict[str, Any] | None,
-    ) -> tuple[int, bytes, bytes | None]:
-        """Status, body and (with `kme_id` set) the DER server certificate of the connection.
-
-        The body is read raw (no decompression: a small compressed body could expand past any
-        bound within one read) and stops past `MAX_RESPONSE_BYTES`."""
-        request = client.build_request(
-            method, path, params=query, json=body, headers={"Accept-Encoding": "identity"}
-        )
-        response = await client.send(request, stream=True)
-        try:
-            too_large = SourceError(
-                f"KME {self.kme_url}: answer is larger than {MAX_RESPONSE_BYTES} bytes"
-            )
-            encoding = response.headers.get("content-encoding", "identity").strip().lower()
-            if encoding != "identity":
-                raise SourceError(
-                    f"KME {self.kme_url}: answer has Content-Encoding {encoding[:40]!r} "
-                    "although identity was asked for"
-                )
-            length = response.headers.get("content-length", "")
-            if length.isdigit() and int(length) > MAX_RESPONSE_BYTES:
-                raise too_large
-            der = _server_certificate(response) if self.kme_id is not None else None
-            data = bytearray()
-            async for chunk in response.aiter_raw():
-                data += chunk
-                if len(data) > MAX_RESPONSE_BYTES:
-                    raise too_large
-            return response.status_code, bytes(data), der
-        finally:
-            await response.aclose()
 
     def _parse_one(self, operation: str, sae: str, data: bytes, expected: str | None) -> Key:
         try:
