@@ -64,11 +64,13 @@ class AgentProcess:
         )
         data = tomllib.loads(config.read_text())
         self.status_url = f"http://{data['agent']['status_listen']}/status"
+        self.status_timeout = 10.0
+        """Seconds a /status read may take (10,000 links make a document of megabytes)."""
         self.peer_port = int(data["agent"]["listen"].rsplit(":", 1)[1])
 
     def status(self) -> dict[str, Any] | None:
         try:
-            return httpx.get(self.status_url, timeout=1).json()
+            return httpx.get(self.status_url, timeout=self.status_timeout).json()
         except (httpx.HTTPError, ValueError):
             return None
 

@@ -92,8 +92,12 @@ def _hwm_mb(pid: int) -> float:
 
 
 def _links(proc: AgentProcess) -> list[dict[str, Any]]:
-    status = proc.status()
-    return [] if status is None else list(status["links"])
+    """The links of /status; an unanswered status is an error, never "no rotations"."""
+    for _ in range(3):
+        status = proc.status()
+        if status is not None:
+            return list(status["links"])
+    raise RuntimeError(f"{proc.status_url} did not answer (three tries)")
 
 
 def run(kind: str, args: argparse.Namespace) -> None:
@@ -109,7 +113,8 @@ def run(kind: str, args: argparse.Namespace) -> None:
             while True:
                 time.sleep(1)
                 procs["alice"].epochs()  # fails at once if an agent died
-                links = _links(procs["alice"])
+                status = procs["alice"].status()
+                links = [] if status is None else list(status["links"])
                 if len(links) == args.links and all(x["epoch"] >= 1 for x in links):
                     break
             startup = time.monotonic() - started
