@@ -17,10 +17,9 @@ from qkdagent_etsi004.codec import Dialect, QoS
 from qkdagent_etsi004.server import server_ssl_context
 from qkdagent_etsi004.sim import Simulator
 from qkdagent_etsi004.source import Etsi004Source
-from qkdagent_etsi004.supply import CsprngSupply
 from qkdagent_etsi004.transport import read_frame
 
-from qkdagent import KeyNotFound, Misconfigured, SourceError, SourceUnavailable
+from qkdagent import CsprngSupply, KeyNotFound, Misconfigured, SourceError, SourceUnavailable
 from qkdagent.testing import build_component
 
 from .conftest import ALICE, BOB

@@ -9,7 +9,8 @@ import pytest
 from qkdagent_etsi014 import wire
 from qkdagent_etsi014.network import ApiError, KeyRequest, KmeNetwork, Limits
 from qkdagent_etsi014.retry import Backoff, Outcome, classify, settle_no_route
-from qkdagent_etsi014.supply import CsprngSupply, SupplyExhausted
+
+from qkdagent import CsprngSupply, SupplyExhausted
 
 
 class FakeClock:

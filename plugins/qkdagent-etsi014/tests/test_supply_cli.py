@@ -16,12 +16,9 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from qkdagent_etsi014 import supply as kme_supply
 from qkdagent_etsi014.__main__ import main
 from qkdagent_etsi014.cli import configure, settings_from
 from qkdagent_etsi014.sim import open_simulator
-
-import qkdagent
 
 from .conftest import tls_context
 
@@ -94,11 +91,6 @@ def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     configure(parser)
     return parser.parse_args(list(argv))
-
-
-def test_the_simulator_supply_module_is_the_core_seam() -> None:
-    assert kme_supply.CsprngSupply is qkdagent.CsprngSupply
-    assert kme_supply.SupplyExhausted is qkdagent.SupplyExhausted
 
 
 async def test_supply_from_an_entry_point_backs_every_link(

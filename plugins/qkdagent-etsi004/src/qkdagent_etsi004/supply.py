@@ -5,22 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from qkdagent import (
-    CsprngSupply,
-    KeySupply,
-    SupplyExhausted,
-    SupplyFactory,
-    prebuilt_supplies,
-)
-
-__all__ = [
-    "BUILTIN",
-    "CsprngSupply",
-    "KeySupply",
-    "SupplyExhausted",
-    "SupplyFactory",
-    "supplies_for",
-]
+from qkdagent import SupplyFactory, prebuilt_supplies
 
 BUILTIN = "csprng"
 
