@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import trio
 from qkdagent.testing import open_agent_pair
 
 Provision = Callable[..., list[Path]]
@@ -30,9 +31,15 @@ async def test_agents_rotate_through_the_plugin(provision: Provision, tmp_path: 
     link = {"interval": 1, "reject_after": 30, "jitter": 0}
     async with open_agent_pair(tmp_path / "pair", link=link, **sides) as pair:
         await pair.wait_for_epoch(2)
-        alice_secret = pair.secret("alice", "psk")
-        assert alice_secret == pair.secret("bob", "psk")
-        held = (tmp_path / "bob" / "alice.psk").read_text()
-        assert bytes.fromhex(held) == alice_secret.reveal() or pair.epoch("bob") > 2
+        # bob installs right after he commits: wait (bounded) until his file holds the epoch
+        # both sides derived (rotations go on meanwhile, so read both each time)
+        with trio.fail_after(10):
+            while True:
+                alice_secret = pair.secret("alice", "psk")
+                held = (tmp_path / "bob" / "alice.psk").read_text()
+                same = alice_secret == pair.secret("bob", "psk")
+                if same and bytes.fromhex(held) == alice_secret.reveal():
+                    break
+                await trio.sleep(0.05)
     used = 20 - len(list(alice_dir.iterdir()))
     assert used >= 2 and len(list(bob_dir.iterdir())) <= 20 - 2  # both sides consumed keys
