@@ -1,0 +1,22 @@
+"""The qkdagent-bb84 plugin's fuzz target, for run_fuzz.py and tests/test_fuzz.py.
+
+The target lives with its plugin (plugins/qkdagent-bb84/fuzz/), next to the frame parser it
+exercises; this file only makes the runner find it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine import load_target
+
+_PLUGIN = load_target(
+    Path(__file__).resolve().parents[2]
+    / "plugins"
+    / "qkdagent-bb84"
+    / "fuzz"
+    / "fuzz_bb84_frames.py"
+)
+target = _PLUGIN.target
+SEEDS = list(_PLUGIN.SEEDS)
+FORMAT = getattr(_PLUGIN, "FORMAT", None)
