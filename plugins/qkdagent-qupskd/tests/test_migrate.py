@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from qkdagent_qupskd import migrate_cli
+from qkdagent_qupskd.migrate import MigrateError, plan, read_qupskd
 
 from qkdagent.testing import write_test_pki
 
@@ -193,3 +194,15 @@ def test_the_contrib_examples_are_what_migrate_writes(
         text = text.replace('"alice-bob.bootstrap" }', '"/etc/qkdagent/alice-bob.bootstrap" }')
         text = text.replace("(alice.toml)", "(qupskd/alice.toml)")
         assert text == (CONTRIB / f"alice-phase{phase}.toml").read_text(), f"phase {phase}"
+
+
+@pytest.mark.parametrize("opening", ["[", "{y = "], ids=["arrays", "inline-tables"])
+def test_a_deeply_nested_qupskd_config_is_a_migrate_error(opening: str) -> None:
+    text = "x = " + opening * (60_000 // len(opening))
+    with pytest.raises(MigrateError, match="nested too deeply"):
+        read_qupskd(text)
+
+
+def test_the_plan_repr_never_shows_the_psk() -> None:
+    made = plan(read_qupskd(ALICE), source="alice.toml")
+    assert made.psk and made.psk not in repr(made)

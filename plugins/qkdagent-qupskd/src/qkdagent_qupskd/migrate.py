@@ -47,7 +47,7 @@ class Plan:
     link: str
     phase1: str
     phase2: str
-    psk: str | None
+    psk: str | None = field(repr=False)
     """quPSKd's `psk`, to be written to `psk_file` (0600) next to the configs."""
     psk_file: str
     bootstrap_file: str
@@ -67,6 +67,8 @@ def read_qupskd(text: str) -> dict[str, Any]:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise MigrateError(f"the quPSKd config is not TOML: {str(exc)[:120]}") from None
+    except RecursionError:  # tomllib recurses per nested array or inline table
+        raise MigrateError("the quPSKd config is nested too deeply") from None
     for key, kind in KNOWN.items():
         if key in data and (
             not isinstance(data[key], kind) or isinstance(data[key], bool) != (kind is bool)
