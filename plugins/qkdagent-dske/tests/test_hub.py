@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import ssl
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -186,6 +187,13 @@ async def test_server_bounds_bodies_and_requires_client_certificates(tmp_path: P
         url = hank.url + "/dske/api/v1/key-share"
         async with httpx.AsyncClient(verify=context) as http:
             reply = await http.post(url, content=b"x" * (wire.MAX_BODY + 1))
+            assert reply.status_code == 413
+
+            async def chunked() -> AsyncIterator[bytes]:  # no content-length up front
+                for _ in range(wire.MAX_BODY // 1024 + 1):
+                    yield b"x" * 1024
+
+            reply = await http.post(url, content=chunked())
             assert reply.status_code == 413
             reply = await http.post(url, content=b"{}")
             assert reply.status_code == 400 and "lacks" in reply.json()["detail"]

@@ -96,11 +96,13 @@ async def _exchange(
         await _send(conn, stream, Response(413, b'{"detail":"body too large"}'))
         raise _Close
     chunks: list[bytes] = []
+    size = 0  # a running total: re-summing every chunk would be quadratic in tiny chunks
     while True:
         part = await _next_event(conn, stream)
         if isinstance(part, h11.Data):
             chunks.append(bytes(part.data))
-            if sum(map(len, chunks)) > wire.MAX_BODY:  # chunked bodies have no length up front
+            size += len(part.data)
+            if size > wire.MAX_BODY:  # chunked bodies have no length up front
                 await _send(conn, stream, Response(413, b'{"detail":"body too large"}'))
                 raise _Close
         elif isinstance(part, h11.EndOfMessage):
