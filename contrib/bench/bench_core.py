@@ -198,16 +198,19 @@ def cmd_hold(args: argparse.Namespace) -> None:
     )
 
 
-def _proc_cpu(pid: int) -> float:
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process, its threads included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _proc_hwm_mb(pid: int) -> float:
+def proc_mem_mb(pid: int) -> tuple[float, float]:
+    """(peak RSS, current RSS) of a process in MB."""
+    values = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        if line.startswith(("VmHWM:", "VmRSS:")):
+            values[line[:5]] = int(line.split()[1]) / 1024
+    return values.get("VmHWM", float("nan")), values.get("VmRSS", float("nan"))
 
 
 def _status(url: str) -> dict[str, Any]:
@@ -244,16 +247,16 @@ def cmd_procs(args: argparse.Namespace) -> None:
                 if len(links) == args.links and all(x["epoch"] >= 1 for x in links):
                     break
             startup = time.monotonic() - started
-            cpu0 = {n: _proc_cpu(p.pid) for n, p in procs.items()}
+            cpu0 = {n: proc_cpu(p.pid) for n, p in procs.items()}
             first = _status(status_urls["alice"])["links"]
             epochs0 = sum(x["epoch"] for x in first)
             failures0 = sum(x["failures"] for x in first)
             t0 = time.monotonic()
             time.sleep(args.seconds)
-            cpu1 = {n: _proc_cpu(p.pid) for n, p in procs.items()}
+            cpu1 = {n: proc_cpu(p.pid) for n, p in procs.items()}
             t1 = time.monotonic()
             final = {n: _status(u)["links"] for n, u in status_urls.items()}
-            hwm = {n: _proc_hwm_mb(p.pid) for n, p in procs.items()}
+            hwm = {n: proc_mem_mb(p.pid)[0] for n, p in procs.items()}
         finally:
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
@@ -314,4 +317,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -64,12 +64,13 @@ for _path in reversed([str(HERE), *SRC_PATHS]):  # this checkout, whatever is in
         sys.path.insert(0, _path)
 
 import httpx  # noqa: E402
+from bench_core import pct, proc_cpu, proc_mem_mb  # noqa: E402
 
 from qkdagent.builtin.loopback import free_port, pair_configs  # noqa: E402
+from qkdagent.fileutil import write_secret_file  # noqa: E402
 from qkdagent.testing.toml import config_toml  # noqa: E402
 
 REFERENCE = HERE / "qupskd_reference.py"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def child_env() -> dict[str, str]:
@@ -79,21 +80,6 @@ def child_env() -> dict[str, str]:
 
 
 # -- /proc ---------------------------------------------------------------------------------------
-
-
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of a process, its threads included."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def proc_mem_mb(pid: int) -> tuple[float, float]:
-    """(peak RSS, current RSS) in MB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(("VmHWM:", "VmRSS:")):
-            values[line[:5]] = int(line.split()[1]) / 1024
-    return values.get("VmHWM", float("nan")), values.get("VmRSS", float("nan"))
 
 
 def proc_switches(pid: int) -> int:
@@ -108,11 +94,6 @@ def proc_switches(pid: int) -> int:
             if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
                 total += int(line.split()[1])
     return total
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else float("nan")
 
 
 class LogTail:
@@ -251,8 +232,7 @@ def run_reference(
 ) -> dict[str, Any]:
     d = tmp / "reference"
     d.mkdir()
-    (d / "psk").write_text(base64.b64encode(os.urandom(32)).decode())
-    (d / "psk").chmod(0o600)
+    write_secret_file(d / "psk", base64.b64encode(os.urandom(32)))  # 0600 from the start
     common = ["--ca", str(pki / "ca.pem"), "--psk-file", str(d / "psk")]
     if args.kme_reconnect:
         common.append("--kme-reconnect")
