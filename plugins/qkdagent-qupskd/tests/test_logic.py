@@ -52,6 +52,7 @@ def test_chain_state_round_trips_and_refuses_garbage() -> None:
         b'{"v": 1, "psk": "' + b"!" * 44 + b'", "caller": true}',
         b'{"v": 1, "psk": "' + state.psk.encode() + b'", "caller": "yes"}',
         b"{" * 5000,
+        b"[" * 4000,
     ):
         with pytest.raises(chain.ChainError):
             chain.ChainState.decode(bad)
@@ -73,6 +74,8 @@ def test_chain_state_round_trips_and_refuses_garbage() -> None:
         (b'{"status": "ok", "key_ID": "a\\nb"}', "characters"),
         (b'{"status": "ok", "key_ID": "a=b"}', "characters"),
         (b'{"status": "ok", "key_ID": "' + b"k" * 20000 + b'"}', "larger than"),
+        (b"[" * 5000, "nested too deeply"),
+        (b'{"a":' * 3000, "nested too deeply"),
     ],
 )
 def test_hostile_key_answers_are_refused(body: bytes, problem: str) -> None:

@@ -76,7 +76,7 @@ class ChainState:
             raise ChainError("stored chain state is too large")
         try:
             value = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise ChainError("stored chain state is not JSON") from None
         if not isinstance(value, dict) or value.get("v") != STATE_VERSION:
             raise ChainError("stored chain state has an unknown version")

@@ -53,7 +53,8 @@ def _host(text: str) -> str | None:
 def split_listen(text: str) -> tuple[str, int] | str:
     host, sep, port = text.rpartition(":")
     checked = _host(host)
-    if not sep or checked is None or not port.isdigit() or not 0 < int(port) < 65536:
+    digits = port.isascii() and port.isdigit()  # isdigit() alone passes "²", int() refuses it
+    if not sep or checked is None or not digits or not 0 < int(port) < 65536:
         return 'must be "HOST:PORT" (quPSKd\'s qupskd_bind and qupskd_port)'
     return checked, int(port)
 

@@ -40,8 +40,8 @@ def _object(body: bytes) -> dict[str, Any]:
         raise WireError(f"answer is larger than {MAX_ANSWER_BYTES} bytes")
     try:
         value = json.loads(body.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        raise WireError("answer is not JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):  # json recurses per nesting level
+        raise WireError("answer is not JSON (or nested too deeply)") from None
     if not isinstance(value, dict):
         raise WireError(f"answer is a JSON {type(value).__name__}, not an object")
     status = value.get("status")
