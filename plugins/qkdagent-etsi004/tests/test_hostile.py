@@ -302,3 +302,27 @@ async def test_silent_module_is_a_timeout_under_the_virtual_clock(
         assert trio.current_time() - start == pytest.approx(source.request_timeout, abs=0.5)
     finally:
         await source.aclose()
+
+
+async def test_concurrent_reads_of_one_id_send_one_get_key(
+    sim: Simulator, sources: Callable[..., Any]
+) -> None:
+    """Two key_by_id for the same ID at once: the module sees one GET_KEY for it, one call gets
+    the key and the other KeyNotFound."""
+    alice, bob = await sources("alice"), await sources("bob")
+    key = await alice.new_key(ALICE)
+    before = sim.network.stats["get_key"]
+    got: list[Any] = []
+
+    async def read() -> None:
+        try:
+            got.append(await bob.key_by_id(BOB, key.key_id))
+        except KeyNotFound as exc:
+            got.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        nursery.start_soon(read)
+    assert sim.network.stats["get_key"] - before == 1
+    assert sorted(type(g).__name__ for g in got) == ["Key", "KeyNotFound"]
+    assert [g.value for g in got if not isinstance(g, KeyNotFound)] == [key.value]

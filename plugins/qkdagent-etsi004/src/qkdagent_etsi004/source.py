@@ -90,6 +90,8 @@ class KeyStream:
     opened: float
     next_index: int = 0
     read: set[int] = field(default_factory=set)
+    asking: set[int] = field(default_factory=set)
+    """Indices a `key_by_id` call is reading right now (a GET_KEY is never sent twice at once)."""
     text: str = ""
     """The KSID as UUID text (made once: every key ID carries it)."""
 
@@ -574,6 +576,9 @@ class Etsi004Source(Source):
                 raise KeyNotFound(f"{self._where()}: index {index} of this stream was read before")
             if len(stream.read) >= MAX_INDICES:
                 raise KeyNotFound(f"{self._where()}: stream has served its {MAX_INDICES} keys")
+            if index in stream.asking:
+                raise KeyNotFound(f"{self._where()}: index {index} is being read by another call")
+            stream.asking.add(index)  # before the lock is let go: one GET_KEY per index at once
         try:
             if self.rest is not None:
                 key, _ = await self._rest_get(stream, index)
@@ -582,8 +587,8 @@ class Etsi004Source(Source):
         except _Gone as exc:
             self._joined.pop(ksid, None)
             raise KeyNotFound(str(exc)) from None
-        if index in stream.read:  # a concurrent call for the same ID got it first
-            raise KeyNotFound(f"{self._where()}: index {index} of this stream was read before")
+        finally:
+            stream.asking.discard(index)
         stream.read.add(index)
         return Key(key_id, Secret(key))
 
