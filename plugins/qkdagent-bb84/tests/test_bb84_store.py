@@ -116,6 +116,28 @@ def test_a_crash_mid_block_loses_the_block(tmp_path: Path) -> None:
     assert alice2.next_block == 8  # the cut-off block's number is never run again
 
 
+def test_a_block_whose_write_fails_leaves_no_key_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills mid-write: the half-written staged file is zeroed and removed at once,
+    not left holding key until the next open's scrub."""
+    store = KeyStore(tmp_path / "a")
+    key = os.urandom(4096)
+    real_write = os.write
+
+    def half_then_full(fd: int, data: bytes | memoryview) -> int:
+        if len(data) < len(key):
+            raise OSError(28, "No space left on device")
+        return real_write(fd, bytes(data)[: len(key) // 2])
+
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError, match="No space"):
+        store.stage("0123abcd-7", key, 32)
+    monkeypatch.undo()
+    assert not list((tmp_path / "a").glob("*.new")) and not store.holds("0123abcd-7")
+    assert key[:64] not in disk_bytes(tmp_path / "a")
+
+
 def test_a_crash_between_the_two_ends_publishing_leaves_no_id_alice_can_hand_out(
     tmp_path: Path,
 ) -> None:

@@ -192,6 +192,34 @@ async def test_an_orphaned_block_file_is_destroyed_at_open(tmp_path: Path) -> No
         store.close()
 
 
+def test_a_block_file_whose_write_fails_leaves_no_psrd_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills mid-write of a refilled block: the half-written file is zeroed and
+    removed at once, not left holding PSRD until the next open's scrub."""
+    path = tmp_path / "psrd.sqlite"
+    store = PsrdStore(path, "client")
+    try:
+        book = store.load()
+        data = os.urandom(4096)
+        real_write = os.write
+
+        def half_then_full(fd: int, view: bytes | memoryview) -> int:
+            if len(view) < len(data):
+                raise OSError(28, "No space left on device")
+            return real_write(fd, bytes(view)[: len(data) // 2])
+
+        change = book.add("hank", "hub", "6f1f4f5e-9a52-4d7e-8a3b-2f0e1c7d9b10", data)
+        monkeypatch.setattr(os, "write", half_then_full)
+        with pytest.raises(OSError, match="No space"):
+            store.commit([change])
+        monkeypatch.undo()
+        assert not list((tmp_path / "psrd-blocks").iterdir())
+        assert not [c for c in chunks(data) if c in disk(tmp_path)]
+    finally:
+        store.close()
+
+
 async def test_no_bytes_are_handed_out_unless_their_allocation_is_on_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -20,6 +20,7 @@ mid-way) are zeroed and unlinked, so that block is lost, never half-used.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -52,14 +53,21 @@ def _zero(fd: int, start: int, stop: int) -> None:
 
 
 def _write_new(path: Path, data: bytes) -> None:
+    """Create `path` (0600, never an existing file) holding `data`, fsynced; a write that fails
+    (disk full) destroys what it wrote: no partial key waits for the next open's scrub."""
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _destroy(path)
+        raise
 
 
 def _destroy(path: Path) -> None:

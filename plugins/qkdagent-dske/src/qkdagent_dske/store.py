@@ -23,6 +23,7 @@ while the previous batch was on disk.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
 import logging
 import os
@@ -160,7 +161,7 @@ class PsrdStore:
         return fd
 
     def _sync_dir(self) -> None:
-        fd = os.open(self.blocks_dir, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(self.blocks_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
@@ -169,20 +170,26 @@ class PsrdStore:
     def _write_block(self, uuid: str, data: bytes) -> None:
         final = self._file(uuid)
         tmp = final.with_name(final.name + ".new")
-        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:  # disk full: no partial PSRD waits for the next open's scrub
+            with contextlib.suppress(OSError):
+                self._destroy(tmp)
+            raise
         os.replace(tmp, final)
 
     def _destroy(self, path: Path) -> None:
         """Zero a whole block file on disk, then unlink it (unlinking alone frees the disk
         blocks with the bytes still in them)."""
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             _zero(fd, 0, os.fstat(fd).st_size)
             os.fdatasync(fd)
