@@ -17,41 +17,22 @@ nothing.
 from __future__ import annotations
 
 import argparse
-import base64
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench_rotation import mlkem_tables  # this directory: run as a script
 from qkdagent_pqc import kem
 
-from qkdagent import write_secret_file
 from qkdagent.testing import AgentProcess, config_toml, pair_configs
 
 NAMES = ("alice", "bob")
 
 
-def _pqc_tables(directory: Path) -> dict[str, dict[str, Any]]:
-    params = kem.PARAMETER_SETS[kem.DEFAULT]
-    files, public = {}, {}
-    for name in NAMES:
-        private = params.generate()
-        files[name] = directory / f"{name}.mlkem"
-        write_secret_file(files[name], base64.b64encode(private.private_bytes_raw()))
-        public[name] = base64.b64encode(private.public_key().public_bytes_raw()).decode()
-    return {
-        name: {
-            "type": "mlkem",
-            "private_key": {"file": str(files[name])},
-            "peer_public_keys": {peer: public[peer]},
-        }
-        for name, peer in (("alice", "bob"), ("bob", "alice"))
-    }
-
-
 def write_configs(directory: Path, keys: Path, kind: str, args: argparse.Namespace) -> list[Path]:
-    pqc = _pqc_tables(directory)
+    pqc = mlkem_tables(directory, kem.PARAMETER_SETS[kem.DEFAULT])
     sides = {}
     for name in NAMES:
         sources: dict[str, Any] = {}

@@ -27,7 +27,7 @@ from qkdagent.testing import build_component, open_agent_pair
 LINK = {"interval": 10, "reject_after": 600, "jitter": 0, "backoff_max": 5}
 
 
-def _keys(directory: Path, params: kem.ParameterSet) -> dict[str, dict[str, Any]]:
+def mlkem_tables(directory: Path, params: kem.ParameterSet) -> dict[str, dict[str, Any]]:
     directory.mkdir(parents=True, exist_ok=True)
     seeds, public = {}, {}
     for name in ("alice", "bob"):
@@ -48,7 +48,7 @@ def _keys(directory: Path, params: kem.ParameterSet) -> dict[str, dict[str, Any]
 
 async def _pair_run(directory: Path, kind: str, rotations: int, params: kem.ParameterSet) -> None:
     pool = f"bench-{uuid.uuid4().hex[:8]}"
-    pqc = _keys(directory, params)
+    pqc = mlkem_tables(directory, params)
     sides = {}
     for name in ("alice", "bob"):
         sources: dict[str, Any] = {}
@@ -76,7 +76,7 @@ async def _pair_run(directory: Path, kind: str, rotations: int, params: kem.Para
 
 def _source_cost(params: kem.ParameterSet, count: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        tables = _keys(Path(tmp), params)
+        tables = mlkem_tables(Path(tmp), params)
         alice = build_component(MlkemSource, tables["alice"], agent="alice")
         bob = build_component(MlkemSource, tables["bob"], agent="bob")
     a, b = Link("l", "alice", "bob", True), Link("l", "bob", "alice", False)
