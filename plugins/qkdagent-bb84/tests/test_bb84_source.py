@@ -32,6 +32,19 @@ FAST = {"decoys": False, "block_bits": 4_000, "low_water": 0, "seed": 5}
 """Small blocks without decoys (Tomamichel et al. 2012 length): a block takes milliseconds."""
 
 
+def agents(table: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Both agents' config (the bb84 source `table`, a recording sink) and a fast link."""
+    sides = {
+        name: {
+            "plugins": ["bb84", "memory"],
+            "sources": {"qkd": dict(table)},
+            "sinks": {"rec": {"type": "recording"}},
+        }
+        for name in ("alice", "bob")
+    }
+    return sides, {"interval": 1, "reject_after": 30, "jitter": 0}
+
+
 @pytest.fixture
 def link_name() -> Iterator[str]:
     name = f"test-{next(_names)}"
@@ -108,15 +121,7 @@ async def test_two_agents_rotate_100_times_through_bb84(
     """Under the virtual clock (in-process agents, blocks on the event loop): 100 epochs, each
     secret the same at both ends, from 100 different key IDs."""
     table = {"type": "bb84", **FAST, "link": link_name, "low_water": 4, "worker_thread": False}
-    sides = {
-        name: {
-            "plugins": ["bb84", "memory"],
-            "sources": {"qkd": dict(table)},
-            "sinks": {"rec": {"type": "recording"}},
-        }
-        for name in ("alice", "bob")
-    }
-    link = {"interval": 1, "reject_after": 30, "jitter": 0}
+    sides, link = agents(table)
     async with open_agent_pair(tmp_path / "pair", link=link, local=True, **sides) as pair:
         await pair.wait_for_epoch(ROTATIONS, timeout=ROTATIONS * 10)
         installs = {
@@ -149,15 +154,7 @@ async def test_two_agents_rotate_over_https_with_blocks_in_worker_threads(
     link_name: str, tmp_path: Path
 ) -> None:
     table = {"type": "bb84", **FAST, "link": link_name, "low_water": 4}
-    sides = {
-        name: {
-            "plugins": ["bb84", "memory"],
-            "sources": {"qkd": dict(table)},
-            "sinks": {"rec": {"type": "recording"}},
-        }
-        for name in ("alice", "bob")
-    }
-    link = {"interval": 1, "reject_after": 30, "jitter": 0}
+    sides, link = agents(table)
     async with open_agent_pair(tmp_path / "pair", link=link, **sides) as pair:
         await pair.wait_for_epoch(2)
         assert pair.secret("alice", "rec") == pair.secret("bob", "rec")
@@ -182,15 +179,7 @@ async def test_agents_restarted_take_up_the_pool_they_left(
     """Both agents stop (the process dies: a new simulated link), then start again with the same
     state directories: the next epochs use keys established before, never one used before."""
     table = {"type": "bb84", **FAST, "link": link_name, "low_water": 40, "worker_thread": False}
-    sides = {
-        name: {
-            "plugins": ["bb84", "memory"],
-            "sources": {"qkd": dict(table)},
-            "sinks": {"rec": {"type": "recording"}},
-        }
-        for name in ("alice", "bob")
-    }
-    link = {"interval": 1, "reject_after": 30, "jitter": 0}
+    sides, link = agents(table)
     async with open_agent_pair(tmp_path / "pair", link=link, local=True, **sides) as pair:
         await pair.wait_for_epoch(3, timeout=100)
         before = {i for r in pair.sink("alice", "rec").installs for i in r.key_ids}
