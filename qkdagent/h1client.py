@@ -11,7 +11,8 @@ parses with) doing all HTTP parsing:
 
 - one connection per request in flight, kept alive and reused (LIFO) per host; an idle
   connection the server has closed is noticed before reuse (it reads as readable), and a
-  request on a reused connection that gets no reply byte at all is sent once more on a new one
+  request on a reused connection that gets no reply byte at all (EOF or a reset, as when the
+  server's close crossed the request) is sent once more on a new one
   (the peer protocol answers a repeated request idempotently);
 - the server's certificate names are read once per connection;
 - a reply is read at most `limit` bytes, undecoded (no content encoding is asked for or
@@ -258,7 +259,10 @@ class H1Client:
             if body:
                 parts.append(http.send(h11.Data(data=body)))
             parts.append(http.send(h11.EndOfMessage()))
-            await connection.stream.send_all(b"".join(p for p in parts if p))
+            try:
+                await connection.stream.send_all(b"".join(p for p in parts if p))
+            except trio.BrokenResourceError as exc:
+                raise _NoReply(f"reset while sending ({exc})") from None
             status, payload = await self._read(connection, limit)
             keep = http.our_state is h11.DONE and http.their_state is h11.DONE
             if keep:
@@ -283,7 +287,12 @@ class H1Client:
         while True:
             event = http.next_event()
             if event is h11.NEED_DATA:
-                data = await connection.stream.receive_some(65536)
+                try:
+                    data = await connection.stream.receive_some(65536)
+                except trio.BrokenResourceError as exc:
+                    if got_bytes:
+                        raise
+                    raise _NoReply(f"reset before any reply byte ({exc})") from None
                 if not data and not got_bytes:
                     raise _NoReply("no reply")
                 got_bytes = got_bytes or bool(data)
@@ -305,7 +314,8 @@ class H1Client:
 
 
 class _NoReply(Exception):
-    """The connection ended before any byte of a reply: the server never took the request."""
+    """The connection ended (closed or reset) before any byte of a reply: the server never
+    took the request."""
 
 
 def _check_head(headers: Iterable[tuple[bytes, bytes]], limit: int) -> None:
