@@ -62,7 +62,10 @@ class ExchangeSource(Source):
     async def offer(self, link: Link, state: bytes | None) -> Key:
         peer = X25519PublicKey.from_public_bytes(state or _public(self.static))
         ephemeral = X25519PrivateKey.generate()
-        shared = ephemeral.exchange(peer)
+        try:
+            shared = ephemeral.exchange(peer)
+        except ValueError:  # a low-order point the peer answered
+            raise SourceError("the peer's last answer is not a usable X25519 public key") from None
         key_id = base64.urlsafe_b64encode(_public(ephemeral)).decode()
         return Key(key_id, Secret(hashlib.sha3_256(shared).digest()))
 
@@ -70,9 +73,9 @@ class ExchangeSource(Source):
         mine = X25519PrivateKey.from_private_bytes(state) if state else self.static
         try:
             theirs = X25519PublicKey.from_public_bytes(base64.urlsafe_b64decode(key_id))
+            shared = mine.exchange(theirs)  # ValueError on a low-order point
         except ValueError:
             raise KeyNotFound("key ID is not an X25519 public key") from None
-        shared = mine.exchange(theirs)
         following = X25519PrivateKey.generate()
         self.answers.append(_public(following))
         return Answered(

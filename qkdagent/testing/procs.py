@@ -54,14 +54,15 @@ class AgentProcess:
     ) -> None:
         self.config = config
         self.log = log
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qkdagent", "run", "-c", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(log, "ab"),
-            env={**os.environ, **(env or {})},
-            preexec_fn=preexec,
-        )
+        with open(log, "ab") as stderr:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "qkdagent", "run", "-c", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env={**os.environ, **(env or {})},
+                preexec_fn=preexec,
+            )
         data = tomllib.loads(config.read_text())
         self.status_url = f"http://{data['agent']['status_listen']}/status"
         self.status_timeout = 10.0
