@@ -12,7 +12,6 @@ import collections
 import dataclasses
 import logging
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -22,7 +21,7 @@ import trio
 from . import __version__
 from .components import Components
 from .config import AgentConfig, LinkConfig
-from .errors import ProtocolError, ReloadFailed
+from .errors import ProtocolError, ReloadFailed, raised_at
 from .events import ComponentEvent
 from .foreignlink import ForeignLinkRuntime, insecure_warning
 from .identity import PeerIdentity
@@ -528,8 +527,7 @@ async def _run_isolated(
                     await runtime.run()
                     return
                 except Exception as exc:
-                    frames = traceback.extract_tb(exc.__traceback__)
-                    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+                    where = raised_at(exc)
                     log.error(
                         "link %s: unexpected %s%s; the link restarts in %g s (a bug)",
                         runtime.name, type(exc).__name__, where, delay,

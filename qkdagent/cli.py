@@ -26,7 +26,7 @@ import trio
 from . import __version__
 from .commands import CommandRegistry
 from .config import load_config
-from .errors import ConfigError, PluginError, QkdAgentError
+from .errors import ConfigError, PluginError, QkdAgentError, raised_at
 from .fileutil import FileCheckError, write_secret_file
 from .logsetup import escape_control, setup_logging
 from .plugins import COMMAND_GROUP, DEMO_GROUP, Plugins, describe_installed, installed
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line, by type and place (QKDAGENT_DEBUG=1 shows all)
         if os.environ.get("QKDAGENT_DEBUG"):
             raise
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        where = raised_at(exc)
         return _fail(
             f"unexpected {type(exc).__name__}{where} (a bug; QKDAGENT_DEBUG=1 shows the stack)", 1
         )

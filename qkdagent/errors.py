@@ -5,6 +5,8 @@ Messages never contain key bytes: errors end up in logs, status output and peer 
 
 from __future__ import annotations
 
+import traceback
+
 
 class QkdAgentError(Exception):
     """Base of every error qkdagent raises on purpose."""
@@ -80,3 +82,10 @@ def named(kind: str, component: str, error: BaseException) -> str:
     prefix = f"{kind} {component!r}"
     text = str(error)
     return text if text.startswith(prefix) else f"{prefix}: {text}"
+
+
+def raised_at(error: BaseException) -> str:
+    """Where `error` was raised, as " at FILE:LINE" of the innermost frame ("" without a
+    traceback): a bug is named by type and place, never by its message (it might quote a key)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,8 +21,9 @@ import trio
 from . import scheduler
 from .components import SinkHandle, SourceHandle
 from .config import LinkConfig
-from .errors import ProtocolError, SinkError, SourceError
+from .errors import ProtocolError, SinkError, SourceError, raised_at
 from .identity import PeerIdentity
+from .lifecycle import RESTART_MAX, RESTART_MIN, OnceStarted
 from .link import BaseLink
 from .linkenv import LinkEnv
 from .linkprotocol import ForeignLink, LinkProtocol
@@ -38,8 +38,6 @@ ERASED = ":erased"
 """Set durably when the sinks were erased: the committed key is dead even before reject_after
 (the protocol gave it up, as quPSKd does at expiry), so a restart must not put it back."""
 MIN_SECRET = 16
-RESTART_MIN = 1.0
-RESTART_MAX = 60.0
 
 
 def insecure_warning(config: LinkConfig) -> str:
@@ -48,20 +46,6 @@ def insecure_warning(config: LinkConfig) -> str:
         "(insecure = true): anyone on the path can read the key IDs, reset the chain or make "
         "the two sides disagree; use it only while migrating"
     )
-
-
-class _OnceStarted:
-    """The protocol's task status: only its first `started()` (of a first run, or of a run
-    that failed before it started) reaches the link."""
-
-    def __init__(self, inner: trio.TaskStatus[None]) -> None:
-        self._inner = inner
-        self.done = False
-
-    def started(self, value: None = None) -> None:
-        if not self.done:
-            self.done = True
-            self._inner.started()
 
 
 class ForeignLinkRuntime(BaseLink, ForeignLink):
@@ -218,7 +202,7 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
 
     async def _supervise(self, task_status: trio.TaskStatus[None]) -> None:
         """Run the protocol; if it raises, log by type and place and start it again."""
-        status = _OnceStarted(task_status)
+        status = OnceStarted(task_status)
         delay = RESTART_MIN
         # a new scope each run: the agent restarts a run that failed with a bug
         self._protocol_scope = scope = trio.CancelScope()
@@ -228,7 +212,7 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
             await self._protocol_loop(status, delay)
         status.started()
 
-    async def _protocol_loop(self, status: _OnceStarted, delay: float) -> None:
+    async def _protocol_loop(self, status: OnceStarted, delay: float) -> None:
         while True:
             began = trio.current_time()
             try:
@@ -236,8 +220,7 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
             except Exception as exc:
                 if trio.current_time() - began > RESTART_MAX:
                     delay = RESTART_MIN  # it ran well for a while: a fresh failure, short wait
-                frames = traceback.extract_tb(exc.__traceback__)
-                where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+                where = raised_at(exc)
                 message = f"protocol {self.protocol!r} stopped: {type(exc).__name__}{where}"
                 log.error(
                     "link %s: %s; restarting it in %g s", self.name, message, delay,

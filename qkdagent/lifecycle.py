@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +28,7 @@ import trio
 
 from .components import Components, Handle, SinkHandle, SourceHandle
 from .config import BUILTIN_PLUGINS, AgentConfig, ComponentConfig
-from .errors import ConfigError, QkdAgentError, StartupError, named
+from .errors import ConfigError, QkdAgentError, StartupError, named, raised_at
 from .events import ComponentEvent
 from .interfaces import Link, PluginContext, Sink, Source, _Configurable
 from .linkprotocol import LinkProtocol
@@ -88,7 +87,7 @@ class ComponentTasks:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         delay = RESTART_MIN
-        status = _OnceStarted(task_status)
+        status = OnceStarted(task_status)
         try:
             with running.scope:
                 while True:
@@ -104,15 +103,14 @@ class ComponentTasks:
             running.done.set()
 
     def _failed(self, component: Component, exc: Exception, delay: float) -> None:
-        frames = traceback.extract_tb(exc.__traceback__)
-        where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        where = raised_at(exc)
         detail = f"its task raised {type(exc).__name__}{where}; restarting in {delay:g} s"
         self._report(ComponentEvent(component.name, "task_failed", detail))
 
 
-class _OnceStarted:
+class OnceStarted:
     """A task status whose `started()` may be called again (by a restarted task): only the
-    first call reaches the agent."""
+    first call reaches the agent (also a foreign link's protocol task's)."""
 
     def __init__(self, inner: trio.TaskStatus[None]) -> None:
         self._inner = inner
