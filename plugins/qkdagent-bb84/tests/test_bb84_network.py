@@ -270,6 +270,26 @@ def test_options_are_checked(tmp_path: Path) -> None:
             build_component(Bb84Source, table)
 
 
+@pytest.mark.parametrize("end", ["alice", "bob"])
+async def test_an_unusable_certificate_is_misconfigured_at_start(tmp_path: Path, end: str) -> None:
+    """A certificate file that exists (so the config passes) but holds no certificate: the
+    source refuses to start, rather than retrying connections (Alice) or failing its listener
+    (Bob) with nothing said at start."""
+    a_table, b_table, _ = pki_tables(tmp_path)
+    bad = tmp_path / "bad.pem"
+    bad.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
+    if end == "alice":
+        table = {**a_table, "connect": "127.0.0.1:1", "tls": {**a_table["tls"], "cert": str(bad)}}
+        link = ALICE_LINK
+    else:
+        table = {**b_table, "tls": {**b_table["tls"], "cert": str(bad)}}
+        link = BOB_LINK
+    source = build_component(Bb84Source, table, links=(link,), state_dir=tmp_path / "x")
+    with pytest.raises(Misconfigured, match="TLS"):
+        async with running(source):
+            pass
+
+
 async def test_the_roles_follow_the_link(tmp_path: Path) -> None:
     _, b_table, _ = pki_tables(tmp_path)
     wrong = build_component(Bb84Source, b_table, links=(ALICE_LINK,), state_dir=tmp_path / "x")

@@ -78,6 +78,7 @@ class Initiator:
         self.config, self.settings, self.print_ = config, settings, print_
         self.key_size, self._seed, self._secret, self.store = key_size, seed, secret, store
         self.report, self.on_block = report, on_block
+        self._context = client_context(config.tls)  # unreadable files: refused at prepare
         self.run_id = secrets.token_hex(4)
         self.stream: FramedStream | None = None
         self._lock = trio.Lock()
@@ -89,7 +90,7 @@ class Initiator:
         c = self.config
         with trio.fail_after(c.timeout):
             tcp = await trio.open_tcp_stream(c.host, c.port)
-            tls = trio.SSLStream(tcp, client_context(c.tls), server_hostname=c.peer_name)
+            tls = trio.SSLStream(tcp, self._context, server_hostname=c.peer_name)
             try:
                 await tls.do_handshake()
             except BaseException:
@@ -201,6 +202,7 @@ class Responder:
         self.config, self.settings, self.print_ = config, settings, print_
         self.key_size, self._secret, self.store = key_size, secret, store
         self.report, self.on_block = report, on_block
+        self._context = server_context(config.tls)  # unreadable files: refused at prepare
         self._lock = trio.Lock()
         self._current: trio.CancelScope | None = None
 
@@ -211,8 +213,7 @@ class Responder:
         c = self.config
         tcp = await trio.open_tcp_listeners(c.port, host=c.host or None)
         port = int(tcp[0].socket.getsockname()[1])
-        context = server_context(c.tls)
-        listeners = [trio.SSLListener(listener, context) for listener in tcp]
+        listeners = [trio.SSLListener(listener, self._context) for listener in tcp]
         async with trio.open_nursery() as nursery:
             task_status.started(port)
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
