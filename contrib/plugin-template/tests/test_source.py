@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +67,27 @@ async def test_a_wrong_size_key_file_is_refused_and_gone(
         with pytest.raises(SourceError, match="is not 32 bytes"):
             await alice.new_key(ALICE)
     assert list(alice_dir.iterdir()) == []  # single use, even when unusable
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+async def test_a_key_that_is_no_regular_file_is_refused_not_followed(
+    provision: Provision, tmp_path: Path, kind: str
+) -> None:
+    alice_dir, _ = provision(0)
+    outside = tmp_path / "outside"
+    outside.write_bytes(bytes(range(32)))
+    if kind == "symlink":
+        (alice_dir / "k000000").symlink_to(outside)
+    else:
+        os.mkfifo(alice_dir / "k000000")  # opened for reading, it would block forever
+    alice = build_component(
+        SharedDirSource, {"directory": str(alice_dir), "low_water": 0}, state_dir=tmp_path
+    )
+    async with running(alice):
+        with trio.fail_after(10), pytest.raises(SourceError):
+            await alice.new_key(ALICE)
+    assert list(alice_dir.iterdir()) == []  # single use, even when unusable
+    assert outside.read_bytes() == bytes(range(32))
 
 
 def test_options_are_checked_when_the_config_is_read(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import uuid
 from pathlib import Path
 
@@ -57,10 +58,7 @@ class SharedDirSource(Source):
         self._lock = locks.setdefault(os.path.abspath(self.directory), trio.Lock())
 
     async def prepare(self) -> None:
-        if not self.directory.is_dir():
-            raise Misconfigured(f"source {self.name!r}: {self.directory} is not a directory")
-        if not os.access(self.directory, os.R_OK | os.W_OK | os.X_OK):
-            raise Misconfigured(f"source {self.name!r}: cannot take keys from {self.directory}")
+        await trio.to_thread.run_sync(self._check_directory)  # file system calls can block
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Report once when fewer than `low_water` keys are left, and again after a refill."""
@@ -85,6 +83,12 @@ class SharedDirSource(Source):
             return await trio.to_thread.run_sync(self._take, key_id)
 
     # -- blocking helpers, run in a worker thread ---------------------------------------------
+
+    def _check_directory(self) -> None:
+        if not self.directory.is_dir():
+            raise Misconfigured(f"source {self.name!r}: {self.directory} is not a directory")
+        if not os.access(self.directory, os.R_OK | os.W_OK | os.X_OK):
+            raise Misconfigured(f"source {self.name!r}: cannot take keys from {self.directory}")
 
     def _names(self) -> list[str]:
         try:
@@ -115,8 +119,16 @@ class SharedDirSource(Source):
         except OSError as exc:
             raise SourceUnavailable(f"source {self.name!r}: {exc.strerror}") from None
         try:
-            with open(taken, "rb") as fh:
-                value = fh.read(self.key_size + 1)  # bounded: never more than one key
+            # not through a symbolic link, never blocking on a FIFO, only a regular file
+            fd = os.open(taken, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise SourceError(f"source {self.name!r}: key {key_id!r} is not a file")
+                value = os.read(fd, self.key_size + 1)  # bounded: never more than one key
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise SourceError(f"source {self.name!r}: key {key_id!r}: {exc.strerror}") from None
         finally:
             taken.unlink()
         if len(value) != self.key_size:
