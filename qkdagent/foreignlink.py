@@ -168,14 +168,21 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
 
     async def erase(self, reason: str) -> None:
         """Fail closed now (the protocol's call), or from the timer that holds the lock; the
-        erasure is recorded durably first, so a restart does not reinstall the dead key."""
+        erasure is recorded durably first, so a restart does not reinstall the dead key. The
+        sinks are erased even when that record fails (the error is raised after), and a stop
+        lets an erase under way finish, as it lets a commit (each sink call has its timeout)."""
         if self.lock.statistics().owner is trio.lowlevel.current_task():
-            await self._mark_erased()
-            await super().erase(reason)
+            await self._erase_recorded(reason)
             return
         async with self.lock:
-            self.clock = scheduler.after_erase(self.clock)
+            with trio.CancelScope(shield=True):
+                self.clock = scheduler.after_erase(self.clock)
+                await self._erase_recorded(reason)
+
+    async def _erase_recorded(self, reason: str) -> None:
+        try:
             await self._mark_erased()
+        finally:
             await super().erase(reason)
 
     def report_failure(self, stage: str, message: str) -> None:

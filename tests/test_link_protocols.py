@@ -370,6 +370,31 @@ async def test_an_erase_the_protocol_asked_for_survives_a_restart(
         assert [r.epoch for r in recorded(pair, "alice").installs] == [2]
 
 
+async def test_an_erase_the_store_cannot_record_still_erases_the_sinks(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The protocol gives its key up but the durable erased mark fails (a full disk): the
+    sinks are erased all the same (fail closed), and the protocol sees the error."""
+    link = lockstep(drive=False, reject_after=300)
+    async with open_agent_pair(tmp_path, alice=SINKS, bob=SINKS, link=link, local=True) as pair:
+        await until(lambda: "alice" in LINKS)
+        alice = LINKS["alice"]
+        key = await alice.new_key()
+        await alice.commit(Secret(b"k" * 32), [key.key_id], state=b"chain")
+        sink = recorded(pair, "alice")
+        erasures = len(sink.erasures)
+
+        def full(*args: object) -> None:
+            raise OSError("disk full")
+
+        store = alice.env.store  # type: ignore[attr-defined]
+        monkeypatch.setattr(store, "set_source_state", full)
+        with pytest.raises(OSError, match="disk full"):
+            await alice.erase("protocol-expiry")
+        assert alice.erased
+        assert len(sink.erasures) == erasures + 1 and sink.erasures[-1][2] == "protocol-expiry"
+
+
 async def test_stopping_a_foreign_link_lets_an_expiry_erase_finish(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
