@@ -326,3 +326,24 @@ async def test_concurrent_reads_of_one_id_send_one_get_key(
     assert sim.network.stats["get_key"] - before == 1
     assert sorted(type(g).__name__ for g in got) == ["Key", "KeyNotFound"]
     assert [g.value for g in got if not isinstance(g, KeyNotFound)] == [key.value]
+
+
+async def test_encrypted_application_key_is_refused_without_a_prompt(
+    sim: Simulator, sources: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A passphrase-protected key fails prepare() with a clear Misconfigured: OpenSSL must not
+    ask for the passphrase on the terminal (a hung agent)."""
+    from cryptography.hazmat.primitives import serialization
+
+    plain = serialization.load_pem_private_key((sim.pki / "alice.key").read_bytes(), None)
+    encrypted = tmp_path / "alice-encrypted.key"
+    encrypted.write_bytes(
+        plain.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    encrypted.chmod(0o600)
+    with pytest.raises(Misconfigured, match="is encrypted"):
+        await sources("alice", key=str(encrypted))

@@ -208,3 +208,28 @@ def test_mismatch_explains_itself(pki: Path) -> None:
     assert mismatch(IdentityRule(), der, "KME_B") == "its subject CN is 'KME_A'"
     assert mismatch(IdentityRule(), None, "KME_A") == "no certificate is available"
     assert mismatch(IdentityRule(), b"junk", "KME_A") == "it has no usable subject CN"
+
+
+async def test_encrypted_client_key_is_refused_without_a_prompt(
+    sim: Simulator, pki: Path, tmp_path: Path
+) -> None:
+    """A passphrase-protected key fails prepare() with a clear Misconfigured: OpenSSL must not
+    ask for the passphrase on the terminal (a hung agent)."""
+    from cryptography.hazmat.primitives import serialization
+
+    plain = serialization.load_pem_private_key((pki / "alice.key").read_bytes(), None)
+    encrypted = tmp_path / "alice-encrypted.key"
+    encrypted.write_bytes(
+        plain.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    encrypted.chmod(0o600)
+    source = _source(sim, tmp_path, key=str(encrypted))
+    try:
+        with pytest.raises(Misconfigured, match="is encrypted"):
+            await source.prepare()
+    finally:
+        await source.aclose()

@@ -83,6 +83,15 @@ def _certificate_names(der: bytes | None) -> list[str]:
     return names
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    """An encrypted TLS key fails to load instead of OpenSSL prompting on the terminal."""
+    raise _EncryptedKey
+
+
 @dataclass
 class KeyStream:
     ksid: bytes
@@ -236,7 +245,12 @@ class Etsi004Source(Source):
                 raise Misconfigured(f"source {self.name!r}: {option} file {path} does not exist")
         try:
             context = ssl.create_default_context(cafile=str(self.ca))
-            context.load_cert_chain(str(self.cert), str(self.key_file))
+            context.load_cert_chain(str(self.cert), str(self.key_file), password=_no_password)
+        except _EncryptedKey:
+            raise Misconfigured(
+                f"source {self.name!r}: key file {self.key_file} is encrypted (a passphrase is "
+                "never asked for: give an unencrypted key, readable by the agent only)"
+            ) from None
         except (ssl.SSLError, OSError) as exc:
             raise Misconfigured(
                 f"source {self.name!r}: cannot load the TLS identity: {exc}"
@@ -269,7 +283,7 @@ class Etsi004Source(Source):
 
     async def _connect(self) -> ModuleConnection:
         if self._context is None:
-            self._context = self._ssl_context()
+            self._context = await trio.to_thread.run_sync(self._ssl_context)
         conn = await ModuleConnection.connect(self.endpoint, self._context, self.dialect)
         if self.module_id is not None and self.module_id not in _certificate_names(
             conn.peer_certificate()

@@ -110,6 +110,15 @@ def _kme_identity(options: Options) -> IdentityRule:
         options.fail("kme_fingerprints" if mode == "fingerprint" else "kme_identity", str(exc))
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    """An encrypted TLS key fails to load instead of OpenSSL prompting on the terminal."""
+    raise _EncryptedKey
+
+
 class KmeHttp(Protocol):
     """What the source needs of an HTTP client (`qkdagent.HttpClient`; tests give a fake)."""
 
@@ -283,7 +292,12 @@ class Etsi014Source(Source):
                 raise Misconfigured(f"source {self.name!r}: {option} file {path} does not exist")
         try:
             context = ssl.create_default_context(cafile=str(self.ca))
-            context.load_cert_chain(str(self.cert), str(self.key_file))
+            context.load_cert_chain(str(self.cert), str(self.key_file), password=_no_password)
+        except _EncryptedKey:
+            raise Misconfigured(
+                f"source {self.name!r}: key file {self.key_file} is encrypted (a passphrase is "
+                "never asked for: give an unencrypted key, readable by the agent only)"
+            ) from None
         except (ssl.SSLError, OSError) as exc:
             raise Misconfigured(
                 f"source {self.name!r}: cannot load the TLS client identity or CA: {exc}"
