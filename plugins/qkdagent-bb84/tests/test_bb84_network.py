@@ -353,3 +353,31 @@ async def test_a_connection_dropped_mid_block_gives_alice_no_key(tmp_path: Path)
             assert not list(alice.store.directory.glob("*.key*"))
         nursery.cancel_scope.cancel()
     assert len(accepted) >= 2
+
+
+async def test_connections_beyond_the_cap_are_closed_at_once(tmp_path: Path) -> None:
+    """One connection more than Bob's cap, none doing a TLS handshake: exactly one is closed at
+    once, long before the 30 s handshake deadline would free a slot."""
+    from qkdagent_bb84.netlink import MAX_CONNECTIONS
+
+    _, b_table, _ = pki_tables(tmp_path)
+    async with responder(tmp_path, {**b_table, "timeout": 30}) as bob:
+        streams = [
+            await trio.open_tcp_stream("127.0.0.1", bob.port) for _ in range(MAX_CONNECTIONS + 1)
+        ]
+        closed: list[int] = []
+
+        async def watch(index: int) -> None:
+            try:
+                if await streams[index].receive_some(1) == b"":
+                    closed.append(index)
+            except trio.BrokenResourceError:
+                closed.append(index)
+
+        with trio.move_on_after(5):  # far below the handshake deadline
+            async with trio.open_nursery() as nursery:
+                for index in range(len(streams)):
+                    nursery.start_soon(watch, index)
+        for stream in streams:
+            await stream.aclose()
+    assert len(closed) == 1

@@ -35,6 +35,11 @@ BROKEN = (ABORT_AUTH, ABORT_CHANNEL)
 """Block outcomes after which the connection is closed (the two ends may be out of step)."""
 
 
+MAX_CONNECTIONS = 16
+"""Connections Bob holds at once (handshaking or serving); more are closed at once. Alice
+needs one; a few more cover reconnects racing a stale connection."""
+
+
 @dataclass(frozen=True)
 class NetConfig:
     host: str
@@ -205,6 +210,7 @@ class Responder:
         self._context = server_context(config.tls)  # unreadable files: refused at prepare
         self._lock = trio.Lock()
         self._current: trio.CancelScope | None = None
+        self._slots = trio.Semaphore(MAX_CONNECTIONS)
 
     def __repr__(self) -> str:
         return f"<Responder {self.config.host}:{self.config.port}>"
@@ -219,6 +225,17 @@ class Responder:
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
     async def _handle(self, tls: trio.SSLStream[trio.SocketStream]) -> None:
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:  # a flood of connections: the peer needs one, at most a few
+            await trio.aclose_forcefully(tls)
+            return
+        try:
+            await self._handle_admitted(tls)
+        finally:
+            self._slots.release()
+
+    async def _handle_admitted(self, tls: trio.SSLStream[trio.SocketStream]) -> None:
         try:
             try:
                 with trio.fail_after(self.config.timeout):
