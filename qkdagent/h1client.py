@@ -32,7 +32,9 @@ import trio
 from .identity import PeerIdentity
 
 MAX_HEAD = 16 * 1024
-"""Largest reply head (status line and headers) accepted."""
+"""Largest reply head h11 buffers while it is incomplete. A head that arrives whole in one read
+may be longer (up to the 64 KiB read size): what a reply can make the client hold is bounded by
+that read plus `limit`."""
 
 
 class TransportError(Exception):
@@ -114,6 +116,7 @@ class H1Client:
         idle_expiry: float = 100.0,
         max_idle_per_origin: int = 64,
         connect_timeout: float | None = None,
+        timeout: float | None = 60.0,
     ) -> None:
         if (context is None) != plain_http:
             raise ValueError("HTTPS needs an SSL context; plain HTTP needs plain_http=True")
@@ -125,6 +128,9 @@ class H1Client:
         self.idle_expiry = idle_expiry
         self.max_idle = max_idle_per_origin
         self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        """Each request's total deadline (`trio.TooSlowError`), a backstop: callers bound their
+        calls more tightly themselves (`trio.fail_after`)."""
         self._closed = False
 
     def _origin(self, base_url: str) -> _Origin:
@@ -159,7 +165,20 @@ class H1Client:
         limit: int,
     ) -> Reply:
         """One request (`target`: path and query under `base_url`); the reply body is read up
-        to `limit` bytes. `ConnectFailed` when no connection could be made."""
+        to `limit` bytes. `ConnectFailed` when no connection could be made; `trio.TooSlowError`
+        past the client's `timeout`."""
+        with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
+            return await self._request(method, base_url, target, body, headers, limit)
+
+    async def _request(
+        self,
+        method: str,
+        base_url: str,
+        target: str,
+        body: bytes | None,
+        headers: Sequence[tuple[str, str]],
+        limit: int,
+    ) -> Reply:
         origin = self._origin(base_url)
         extra = [(k.encode(), v.encode()) for k, v in headers]
         args = (method, origin.prefix + target, body, extra, limit)

@@ -233,3 +233,20 @@ async def test_bytes_after_a_reply_are_not_taken_as_the_next_reply(tmp_path: Pat
         nursery.cancel_scope.cancel()
     assert first.body == b'{"a":1}' and second.body == b'{"a":1}'  # a new connection answered
     assert sent["bytes"] == 2
+
+
+async def test_the_http_client_bounds_a_request_by_itself(tmp_path: Path) -> None:
+    """A plugin that forgets its own deadline still gets one: the client's `timeout`."""
+    from qkdagent import HttpClient
+    from qkdagent.peering import client_ssl_context
+
+    async def answer(stream: trio.SSLStream, sent: dict) -> None:
+        await trio.sleep_forever()  # took the request, never answers
+
+    async with trio.open_nursery() as nursery:
+        url, _ = await _serve(tmp_path, nursery, "bob", answer)
+        client = HttpClient(client_ssl_context(_tls(tmp_path, "alice")), timeout=0.5)
+        with pytest.raises(trio.TooSlowError):
+            await client.request("GET", url, "/", limit=100)
+        await client.aclose()
+        nursery.cancel_scope.cancel()
