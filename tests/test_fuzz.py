@@ -33,6 +33,8 @@ PLUGIN_OF = {
     "etsi004": "qkdagent_etsi004",
     "etsi004_rest": "qkdagent_etsi004",
     "dske_wire": "qkdagent_dske",
+    "bb84_frames": "qkdagent_bb84",
+    "qupskd_wire": "qkdagent_qupskd",
 }
 
 
