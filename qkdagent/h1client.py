@@ -117,6 +117,7 @@ class H1Client:
         max_idle_per_origin: int = 64,
         connect_timeout: float | None = None,
         timeout: float | None = 60.0,
+        resend_unanswered: bool = True,
     ) -> None:
         if (context is None) != plain_http:
             raise ValueError("HTTPS needs an SSL context; plain HTTP needs plain_http=True")
@@ -129,6 +130,10 @@ class H1Client:
         self.max_idle = max_idle_per_origin
         self.connect_timeout = connect_timeout
         self.timeout = timeout
+        self.resend_unanswered = resend_unanswered
+        """Whether a request a kept connection took and never answered is sent once more on a
+        new one. Right for requests the server answers idempotently (the peer API); wrong
+        where each request consumes something (a KME's keys): False raises instead."""
         """Each request's total deadline (`trio.TooSlowError`), a backstop: callers bound their
         calls more tightly themselves (`trio.fail_after`)."""
         self._closed = False
@@ -187,7 +192,12 @@ class H1Client:
             try:
                 return await self._exchange(origin, connection, *args)
             except _NoReply:
-                pass  # closed by the server before it took the request: once more, anew
+                if not self.resend_unanswered:
+                    raise TransportError(
+                        f"{origin.authority} closed a kept connection without answering: the "
+                        "request may have been executed; it is not sent again"
+                    ) from None
+                # most likely closed by the server before it took the request: once more, anew
         connection = await self._connect(origin)
         try:
             return await self._exchange(origin, connection, *args)

@@ -212,6 +212,24 @@ async def test_a_kept_connection_the_server_dropped_is_replaced_once(tmp_path: P
         nursery.cancel_scope.cancel()
 
 
+async def test_a_client_for_consuming_requests_never_sends_one_twice(tmp_path: Path) -> None:
+    """With `resend_unanswered=False` (a KME's key requests), a request a kept connection took
+    and never answered is an error, not sent again: it may have been executed."""
+    from qkdagent import HttpClient
+    from qkdagent.peering import client_ssl_context
+
+    async with trio.open_nursery() as nursery:
+        url, seen = await _keepalive_server(tmp_path, nursery, 1)
+        context = client_ssl_context(_tls(tmp_path, "alice"))
+        client = HttpClient(context, resend_unanswered=False)
+        assert (await client.request("POST", url, "/keys", b"{}", limit=100)).status == 200
+        with pytest.raises(TransportError, match="may have been executed"):
+            await client.request("POST", url, "/keys", b"{}", limit=100)
+        assert seen == {"connections": 1, "requests": 2, "dropped": 1}  # sent once only
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_bytes_after_a_reply_are_not_taken_as_the_next_reply(tmp_path: Path) -> None:
     """A server that sends two replies to one request: the second never answers the next
     request (the connection is not reused)."""

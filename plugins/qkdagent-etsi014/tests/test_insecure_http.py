@@ -231,3 +231,12 @@ async def test_an_unusable_status_is_refused_over_https_without_the_flag(
         assert events.kinds() == ["insecure_transport", "status_unusable"]
     finally:
         await tolerant.aclose()
+
+
+async def test_a_kme_request_is_never_sent_twice_by_the_http_client(tmp_path: Path) -> None:
+    """A KME call takes a key: the source's client never resends one a kept connection took
+    without answering (the core's client does that only for idempotent peer requests)."""
+    source = plain_source("http://127.0.0.1:1", tmp_path)
+    client = await source._open()
+    assert client.resend_unanswered is False  # type: ignore[attr-defined]
+    await source.aclose()

@@ -283,6 +283,8 @@ class Etsi014Source(Source):
                 idle_expiry=self.keepalive_expiry,
                 max_idle_per_origin=4,
                 connect_timeout=self.connect_timeout,
+                # a KME call takes a key: one that may have been executed is never resent
+                resend_unanswered=False,
             )
         return self._client
 
