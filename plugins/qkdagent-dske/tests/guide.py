@@ -201,7 +201,8 @@ class GuideHub:
             pools[args["client_name"]].add(block_uuid, data)
             reply = {"block_uuid": block_uuid, "data": base64.b64encode(data).decode()}
             return 200, json.dumps(reply).encode(), ""
-        assert path.endswith("/api/v1/key-share")
+        if not path.endswith("/api/v1/key-share"):  # as dske-python (FastAPI) does
+            return 404, b'{"detail":"Not Found"}', ""
         fragments, tag = parse_header(headers["dske-signature"])
         if method == "POST":
             post = json.loads(body)

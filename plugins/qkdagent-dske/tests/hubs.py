@@ -19,10 +19,17 @@ from qkdagent.testing import PkiFiles, write_test_pki
 class LyingHub(Hub):
     """A malicious hub: it hands out a changed share (correctly signed and encrypted)."""
 
-    async def _get_share(self, request: Request) -> Response:
+    def _tamper(self) -> None:
         for share in self.shares.values():
             share.value = bytes([share.value[0] ^ 0xA5]) + share.value[1:]
+
+    async def _get_share(self, request: Request) -> Response:
+        self._tamper()
         return await super()._get_share(request)
+
+    async def _fetch_batch(self, request: Request) -> Response:
+        self._tamper()
+        return await super()._fetch_batch(request)
 
 
 @dataclass

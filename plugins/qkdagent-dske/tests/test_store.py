@@ -72,12 +72,16 @@ async def test_spent_psrd_is_gone_from_every_file_of_clients_and_hubs(tmp_path: 
             spent: list[bytes] = []
             unspent: list[bytes] = []
             for s in sources:
+                # batch signing keys allocated but not used yet: the hub still holds them
+                reserved = {(f.block_uuid, f.start) for a in s.psrd.reserved() for f in a.fragments}
                 for block in s.psrd.book.blocks.values():
                     data = fresh[block.uuid]
                     ranges = [(0, block.next)] if block.owner == "client" else block.used
                     assert ranges and ranges[0][1] >= 64  # this block was used
                     for start, stop in ranges:
-                        spent += chunks(data[start:stop])
+                        for at in range(start, stop - 15, 16):
+                            if not any((block.uuid, at - d) in reserved for d in range(-15, 32)):
+                                spent.append(data[at : at + 16])
                     unspent += chunks(data[ranges[-1][1] :])[:4]
             everything = disk(tmp_path)
             # hubs hold the same PSRD: their copies of the spent ranges are gone too

@@ -23,11 +23,17 @@ class BadReply(Exception):
     for this exchange."""
 
 
+SIGNING_RESERVE = 8
+"""Batch signing keys allocated per durable commit (a crash wastes at most these)."""
+
+
 class ClientPsrd:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.store: PsrdStore | None = None
         self.book = PoolBook()
+        self._signing: dict[str, list[tuple[wire.Allocation, bytes]]] = {}
+        """Per hub, client-owned signing keys allocated (durably) and not used yet."""
 
     async def open(self) -> None:
         if self.store is None:
@@ -40,6 +46,7 @@ class ClientPsrd:
             self.store = store
 
     def close(self) -> None:
+        self._signing.clear()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -73,6 +80,24 @@ class ClientPsrd:
             change.merge(one)
         await self._durable(change)
         return out
+
+    async def signing_key(self, hub: str) -> tuple[wire.Allocation, bytes]:
+        """32 client-owned bytes to sign one batch: from a reserve that is allocated
+        `SIGNING_RESERVE` at a time in one durable commit (`PsrdExhausted` if the pool is)."""
+        reserve = self._signing.setdefault(hub, [])
+        if not reserve:
+            sizes = [wire.SIGNING_KEY_SIZE] * SIGNING_RESERVE
+            try:
+                allocated, change = self.book.allocate(hub, "client", sizes)
+            except PsrdExhausted:
+                allocated, change = self.book.allocate(hub, "client", sizes[:1])
+            await self._durable(change)
+            reserve.extend(reversed(allocated))
+        return reserve.pop()
+
+    def reserved(self) -> list[wire.Allocation]:
+        """Signing keys allocated and not used yet (spent here, still unspent at the hub)."""
+        return [a for keys in self._signing.values() for a, _ in keys]
 
     def check_reply(
         self, hub: str, signature: str | None, body: bytes, others: Sequence[wire.Allocation]

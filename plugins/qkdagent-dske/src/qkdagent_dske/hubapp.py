@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
-from . import wire
+from . import batchwire, wire
+from .batchwire import ItemResult
 from .pool import Change, PoolBook, PsrdError, PsrdExhausted
 from .store import PsrdStore
 from .wire import WireError
@@ -41,6 +42,15 @@ CREATE TABLE IF NOT EXISTS shares (
     created REAL NOT NULL, PRIMARY KEY (slave, key_id)
 );
 """
+
+
+ROUTES = (
+    ("oob", "registration"),
+    ("oob", "psrd"),
+    ("api", "key-share"),
+    ("api", "key-shares"),  # the batch extension (batchwire.py)
+    ("api", "key-shares-fetch"),
+)
 
 
 @dataclass(frozen=True)
@@ -152,6 +162,10 @@ class Hub:
                 return await self._register(request)
             if route == ("oob", "psrd"):
                 return await self._psrd(request)
+            if route == ("api", "key-shares"):
+                return await self._post_batch(request)
+            if route == ("api", "key-shares-fetch"):
+                return await self._fetch_batch(request)
             if request.method == "POST":
                 return await self._post_share(request)
             return await self._get_share(request)
@@ -167,7 +181,7 @@ class Hub:
         if parts[-5] != self.settings.name or parts[-2] != "v1":
             raise Refused(404, "no such hub here")
         route = (parts[-3], parts[-1])
-        if route not in (("oob", "registration"), ("oob", "psrd"), ("api", "key-share")):
+        if route not in ROUTES:
             raise Refused(404, "no such resource")
         return route
 
@@ -258,16 +272,40 @@ class Hub:
         client = post.master_client_name
         self._registered(client)
         self._identity(request, client)
-        sig_alloc, (pad,) = self._verify(request, client, [post.encryption_key_allocation])
-        key = (post.slave_sae_id, post.user_key_id)
-        if key in self.shares:
-            raise Refused(409, "a share for this key ID is already held")
-        del pad  # the share stays encrypted under it until delivery
+        sig_alloc, _ = self._verify(request, client, [post.encryption_key_allocation])
+        self._check_post(client, post)
         body = b"null"
         (signed, _), change = self._allocate_reply(client, body)
         now = time.time()
         change.merge(self.book.consume([sig_alloc]))
-        change.merge(self.book.consume([post.encryption_key_allocation], hold=True))
+        change.merge(self._store_post(client, post, now))
+        await self._durable(self._purge(now).merge(change))
+        log.info(
+            "hub %s: share %d of key %s from %s for %s stored",
+            self.settings.name,
+            post.share_index,
+            post.user_key_id,
+            client,
+            post.slave_sae_id,
+        )
+        return Response(200, body, ((wire.SIGNATURE_HEADER, signed),))
+
+    def _check_post(self, client: str, post: wire.SharePost) -> None:
+        """Refuse a share another client's PSRD would sign, that is held already, or whose pad
+        is unknown or used (also by an earlier item of the same batch). Changes nothing."""
+        if post.master_client_name != client:
+            raise Refused(403, "the share names another master client")
+        if (post.slave_sae_id, post.user_key_id) in self.shares:
+            raise Refused(409, "a share for this key ID is already held")
+        try:
+            self.book.peek(client, "client", [post.encryption_key_allocation])
+        except PsrdError as exc:
+            raise Refused(409 if "reuses" in str(exc) else 400, str(exc)) from None
+
+    def _store_post(self, client: str, post: wire.SharePost, now: float) -> Change:
+        """Hold a checked share, encrypted under its pad (kept until delivery)."""
+        key = (post.slave_sae_id, post.user_key_id)
+        change = self.book.consume([post.encryption_key_allocation], hold=True)
         pad_text = post.encryption_key_allocation.header_text()
         value = post.encrypted_share_value
         change.sql.append(
@@ -279,16 +317,7 @@ class Hub:
         self.shares[key] = StoredShare(
             client, post.master_sae_id, post.share_index, post.encryption_key_allocation, value, now
         )
-        await self._durable(self._purge(now).merge(change))
-        log.info(
-            "hub %s: share %d of key %s from %s for %s stored",
-            self.settings.name,
-            post.share_index,
-            post.user_key_id,
-            client,
-            post.slave_sae_id,
-        )
-        return Response(200, body, ((wire.SIGNATURE_HEADER, signed),))
+        return change
 
     def _allocate_reply(
         self, client: str, body: bytes, pad_size: int = 0
@@ -303,6 +332,13 @@ class Hub:
         pad = allocated[1][1] if pad_size else b""
         return (wire.signature_header(sig_alloc, sig_key, b"", body), pad), change
 
+    def _find(self, client: str, key_id: str) -> tuple[str, str] | None:
+        """The share of `key_id` for `client` or one of its encryptors (the sender named it)."""
+        for name in (client, *self.clients[client]):
+            if (name, key_id) in self.shares:
+                return (name, key_id)
+        return None
+
     async def _get_share(self, request: Request) -> Response:
         if request.method != "GET":
             raise Refused(405, "key-share is GET or POST")
@@ -312,11 +348,7 @@ class Hub:
         self._registered(client)
         self._identity(request, client)
         sig_alloc, _ = self._verify(request, client)
-        found = None
-        for name in (client, *self.clients[client]):
-            if (name, key_id) in self.shares:
-                found = (name, key_id)
-                break
+        found = self._find(client, key_id)
         if found is None:
             await self._durable(self.book.consume([sig_alloc]))
             raise Refused(404, "no share for this key ID and client")
@@ -340,6 +372,111 @@ class Hub:
             share.share_index,
             key_id,
             client,
+        )
+        return Response(200, body, ((wire.SIGNATURE_HEADER, header),))
+
+    # -- batches (our extension, batchwire.py) ---------------------------------------------
+
+    def _batch_open(self, request: Request, client: str) -> wire.Allocation:
+        """A batch's client: registered, named by the certificate, and its signature good; the
+        signing allocation (consumed by the caller once nothing can refuse the batch)."""
+        if request.query:
+            raise Refused(400, "a batch takes no query string")
+        self._registered(client)
+        self._identity(request, client)
+        return self._verify(request, client)[0]
+
+    async def _post_batch(self, request: Request) -> Response:
+        if request.method == "GET":  # the probe: this hub serves batches
+            return Response(200, batchwire.encode_capabilities(batchwire.MAX_ITEMS))
+        if request.method != "POST":
+            raise Refused(405, "key-shares is GET (probe) or POST")
+        batch = batchwire.parse_post_batch(request.body)
+        client = batch.client_name
+        sig_alloc = self._batch_open(request, client)
+        try:
+            ((reply_alloc, reply_key),), change = self.book.allocate(
+                client, "hub", [wire.SIGNING_KEY_SIZE]
+            )
+        except PsrdExhausted:
+            raise Refused(503, "hub-owned PSRD for this client is exhausted") from None
+        change.merge(self.book.consume([sig_alloc]))
+        now = time.time()
+        results = []
+        events: list[str] = []  # one log line per batch, naming each share
+        for post in batch.shares:
+            try:
+                if isinstance(post, WireError):
+                    raise Refused(400, str(post))
+                self._check_post(client, post)
+            except Refused as exc:
+                results.append(ItemResult(exc.status, exc.detail))
+                continue
+            change.merge(self._store_post(client, post, now))
+            results.append(ItemResult(200))
+            events.append(
+                f"share {post.share_index} of key {post.user_key_id} from {client} "
+                f"for {post.slave_sae_id} stored"
+            )
+        body = batchwire.encode_post_results(results)
+        header = wire.signature_header(reply_alloc, reply_key, b"", body)
+        await self._durable(self._purge(now).merge(change))
+        refused = len(results) - len(events)
+        log.info(
+            "hub %s: batch from %s, %d refused: %s",
+            self.settings.name,
+            client,
+            refused,
+            "; ".join(events),
+        )
+        return Response(200, body, ((wire.SIGNATURE_HEADER, header),))
+
+    async def _fetch_batch(self, request: Request) -> Response:
+        if request.method != "POST":
+            raise Refused(405, "key-shares-fetch is POST")
+        batch = batchwire.parse_fetch_batch(request.body)
+        client = batch.client_name
+        sig_alloc = self._batch_open(request, client)
+        found: dict[str, tuple[str, str]] = {}
+        for key_id in batch.key_ids:
+            if isinstance(key_id, str) and key_id not in found:
+                slot = self._find(client, key_id)
+                if slot is not None:
+                    found[key_id] = slot
+        sizes = [wire.SIGNING_KEY_SIZE] + [len(self.shares[s].value) for s in found.values()]
+        try:
+            allocated, change = self.book.allocate(client, "hub", sizes)
+        except PsrdExhausted:
+            raise Refused(503, "hub-owned PSRD for this client is exhausted") from None
+        (reply_alloc, reply_key), pads = allocated[0], iter(allocated[1:])
+        change.merge(self.book.consume([sig_alloc]))
+        results = []
+        events: list[str] = []
+        for key_id in batch.key_ids:
+            if isinstance(key_id, WireError):
+                results.append(batchwire.FetchResult("", ItemResult(400, str(key_id))))
+                continue
+            slot = found.pop(key_id, None)
+            if slot is None:
+                missing = ItemResult(404, "no share for this key ID and client")
+                results.append(batchwire.FetchResult(key_id, missing))
+                continue
+            share = self.shares[slot]
+            pad_alloc, pad = next(pads)
+            clear, forget = self._forget(slot)
+            change.merge(forget)
+            reply = wire.ShareReply(share.share_index, pad_alloc, wire.xor(clear, pad))
+            results.append(batchwire.FetchResult(key_id, ItemResult(200), reply))
+            events.append(f"share {share.share_index} of key {key_id} delivered to {client}")
+        body = batchwire.encode_fetch_results(results)
+        header = wire.signature_header(reply_alloc, reply_key, b"", body)
+        await self._durable(change)
+        log.info(
+            "hub %s: batch for %s, %d not found: %s",
+            self.settings.name,
+            client,
+            len(results) - len(events),
+            "; ".join(events),
         )
         return Response(200, body, ((wire.SIGNATURE_HEADER, header),))
 

@@ -7,6 +7,11 @@ the shares fetched from all hubs in parallel, each answer's signature checked, d
 the secret rebuilt from any k that agree with the digest share; a hub whose share disagrees is
 reported as lying. Shares received for a key that could not be rebuilt yet are kept (in memory)
 for the retry, because a hub deletes a share once it has delivered it.
+
+Batching (our extension, `batchwire.py`): a hub that answers the probe (sent with the first
+refill, and again after a hub stopped serving batches) gets concurrent posts and fetches
+coalesced into batches (`batcher.py`), each one signed request and one signed answer; a hub
+that answers 404 (dske-python) gets one request per share, as do hubs not probed yet.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import ssl
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -35,15 +41,30 @@ from qkdagent import (
     SourceUnavailable,
 )
 
-from . import shamir, wire
+from . import batchwire, shamir, wire
+from .batcher import BatchFailed, Coalescer
 from .clientstore import BadReply, ClientPsrd
-from .hubclient import HubClient, HubDown, client_ssl_context
-from .pool import Change
+from .hubclient import HubClient, HubDown, HubReply, client_ssl_context
+from .pool import Change, PsrdExhausted
 
 log = logging.getLogger("qkdagent.dske")
 
+SIG = wire.SIGNING_KEY_SIZE
 PENDING_KEYS = 64
 """Keys whose shares are kept for a retry (each at most n shares of key_size bytes)."""
+
+
+@dataclass(frozen=True, repr=False)
+class Fetched:
+    """One key's share from a batch fetch: its index and value (decrypted), or why not."""
+
+    status: int
+    detail: str = ""
+    share_index: int = -1
+    value: bytes = b""
+
+    def __repr__(self) -> str:
+        return f"<Fetched {self.status} index={self.share_index}>"
 
 
 @dataclass(frozen=True)
@@ -79,6 +100,7 @@ class DskeSource(Source):
             "psrd_low_water", self.block_size // 4, min=0, max=1 << 30
         )
         self.refill_every: float = options.number("refill_every", 5.0, positive=True, max=3600)
+        self.batch: bool = options.boolean("batch", True)
         allow_http: bool = options.boolean("allow_plain_http", False)
         table = options.sub("hubs")
         hubs = []
@@ -111,6 +133,17 @@ class DskeSource(Source):
         self.clients: dict[str, HubClient] = {}
         self.registered: set[str] = set()
         self._pending: OrderedDict[str, dict[int, bytes]] = OrderedDict()
+        self.batching: dict[str, int] = {}
+        """Hubs known to serve batches, and their largest batch."""
+        self.unbatched: set[str] = set()
+        """Hubs that answered the probe with 404 (dske-python): one request per share."""
+        # a batch item's size on the wire (post, or fetch answer), so a batch stays in MAX_BODY
+        self._per_body = max(1, (wire.MAX_BODY * 3 // 4) // (400 + 2 * self.key_size))
+        self.posters: dict[str, Coalescer[bytes, batchwire.ItemResult]] = {}
+        self.fetchers: dict[str, Coalescer[str, Fetched]] = {}
+        for config in self.hubs:
+            self.posters[config.name] = Coalescer(partial(self._send_posts, config.name))
+            self.fetchers[config.name] = Coalescer(partial(self._send_fetches, config.name))
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -194,8 +227,85 @@ class DskeSource(Source):
                     owner,
                     hub,
                 )
+            if self.batch and hub not in self.batching and hub not in self.unbatched:
+                await self._probe(hub)
         except (HubDown, BadReply, wire.WireError) as exc:
             log.warning("source %s: hub %s: %s", self.name, hub, exc)
+
+    async def _probe(self, hub: str) -> None:
+        """Does the hub serve batches? 200 with its limit: yes; 404 or 405 (dske-python's
+        answer to an unknown route): no, one request per share until a restart; anything
+        else: not known yet (asked again at the next refill)."""
+        reply = await self.clients[hub].call("GET", batchwire.POST_PATH)
+        if reply.status == 200:
+            most = min(batchwire.parse_capabilities(reply.body), self._per_body)
+            self.posters[hub].max_items = self.fetchers[hub].max_items = most
+            self.batching[hub] = most
+            log.info("source %s: hub %s takes batches of up to %d shares", self.name, hub, most)
+        elif reply.status in (404, 405):
+            self.unbatched.add(hub)
+            log.info(
+                "source %s: hub %s serves no batches (%d): one request per share",
+                self.name,
+                hub,
+                reply.status,
+            )
+
+    async def _batch_call(self, hub: str, path: str, body: bytes) -> HubReply:
+        """One signed batch request; `BatchFailed` unless the hub answered 200."""
+        try:
+            sig_alloc, sig_key = await self.psrd.signing_key(hub)
+        except PsrdExhausted:
+            raise BatchFailed("PSRD exhausted") from None
+        header = wire.signature_header(sig_alloc, sig_key, b"", body)
+        try:
+            reply = await self.clients[hub].call("POST", path, body=body, signature=header)
+        except HubDown as exc:
+            raise BatchFailed(str(exc)) from None
+        if reply.status in (404, 405):  # the hub was replaced by one without batches
+            if self.batching.pop(hub, None) is not None:
+                log.warning(
+                    "source %s: hub %s no longer serves batches: one request per share "
+                    "until it is probed again",
+                    self.name,
+                    hub,
+                )
+        if reply.status != 200:
+            raise BatchFailed(f"batch refused ({reply.status})")
+        return reply
+
+    async def _send_posts(self, hub: str, bodies: list[bytes]) -> list[batchwire.ItemResult]:
+        body = batchwire.encode_post_batch(self.client_name, bodies)
+        reply = await self._batch_call(hub, batchwire.POST_PATH, body)
+        try:
+            _, change = self.psrd.check_reply(hub, reply.signature, reply.body, [])
+        except BadReply as exc:
+            raise BatchFailed(str(exc)) from None
+        await self.psrd.record(change)
+        try:
+            return batchwire.parse_post_results(reply.body, len(bodies))
+        except wire.WireError as exc:
+            raise BatchFailed(f"a signed but malformed answer: {exc}") from None
+
+    async def _send_fetches(self, hub: str, key_ids: list[str]) -> list[Fetched]:
+        body = batchwire.encode_fetch_batch(self.client_name, key_ids)
+        reply = await self._batch_call(hub, batchwire.FETCH_PATH, body)
+        try:
+            results = batchwire.parse_fetch_results(reply.body, key_ids)
+            pads = [r.share.encryption_key_allocation for r in results if r.share is not None]
+            values, change = self.psrd.check_reply(hub, reply.signature, reply.body, pads)
+        except (wire.WireError, BadReply) as exc:
+            raise BatchFailed(str(exc)) from None
+        await self.psrd.record(change)  # before the shares are used (shielded)
+        out = []
+        pad = iter(values)
+        for r in results:
+            if r.share is None:
+                out.append(Fetched(r.result.status, r.result.detail))
+            else:
+                value = wire.xor(r.share.encrypted_share_value, next(pad))
+                out.append(Fetched(200, "", r.share.share_index, value))
+        return out
 
     # -- initiator --------------------------------------------------------------------------------
 
@@ -204,14 +314,18 @@ class DskeSource(Source):
         key_id = str(uuid.uuid4())
         secret = os.urandom(self.key_size)
         shares = shamir.split(secret, self.k, len(self.hubs))
-        wanted = {hub.name: [wire.SIGNING_KEY_SIZE, self.key_size] for hub in self.hubs}
+        batched = {h.name for h in self.hubs if h.name in self.batching}
+        wanted = {
+            hub.name: [self.key_size] if hub.name in batched else [SIG, self.key_size]
+            for hub in self.hubs
+        }
         allocated = await self.psrd.allocate(wanted)
         slave = self.peer_client or link.peer
         taken: list[str] = []
         used = Change()  # the hub-owned PSRD of the verified answers
 
         async def post(index: int, hub: str) -> None:
-            (sig_alloc, sig_key), (pad_alloc, pad) = allocated[hub]
+            *sig, (pad_alloc, pad) = allocated[hub]
             x, value = shares[index]
             body = wire.SharePost(
                 self.client_name,
@@ -222,6 +336,25 @@ class DskeSource(Source):
                 pad_alloc,
                 wire.xor(value, pad),
             ).encode()
+            if not sig:
+                try:
+                    result = await self.posters[hub].submit(body)
+                except BatchFailed as exc:
+                    log.warning("source %s: hub %s: key %s: %s", self.name, hub, key_id, exc)
+                    return
+                if result.status != 200:
+                    log.warning(
+                        "source %s: hub %s: key %s: share refused (%d): %s",
+                        self.name,
+                        hub,
+                        key_id,
+                        result.status,
+                        result.detail,
+                    )
+                    return
+                taken.append(hub)
+                return
+            ((sig_alloc, sig_key),) = sig
             header = wire.signature_header(sig_alloc, sig_key, b"", body)
             try:
                 reply = await self.clients[hub].call(
@@ -260,13 +393,32 @@ class DskeSource(Source):
         await self.psrd.open()
         have = self._pending.get(key_id, {})
         missing = [h.name for i, h in enumerate(self.hubs) if i not in have]
-        allocated = await self.psrd.allocate({h: [wire.SIGNING_KEY_SIZE] for h in missing})
+        batched = {h for h in missing if h in self.batching}
+        allocated = await self.psrd.allocate({h: [SIG] for h in missing if h not in batched})
         query = f"client_name={self.client_name}&key_id={key_id}".encode()
         got: dict[int, bytes] = dict(have)
         outcome: dict[str, str] = {}
         used = Change()  # the hub-owned PSRD of the verified answers and pads
 
         async def fetch(hub: str) -> None:
+            if hub in batched:
+                try:
+                    fetched = await self.fetchers[hub].submit(key_id)
+                except BatchFailed as exc:
+                    outcome[hub] = str(exc)
+                    log.warning("source %s: hub %s: key %s: %s", self.name, hub, key_id, exc)
+                    return
+                if fetched.status == 404:
+                    outcome[hub] = "no share"
+                    return
+                if fetched.status != 200:
+                    outcome[hub] = f"share request refused ({fetched.status}): {fetched.detail}"
+                    log.warning(
+                        "source %s: hub %s: key %s: %s", self.name, hub, key_id, outcome[hub]
+                    )
+                    return
+                keep(hub, fetched.share_index, fetched.value)
+                return
             ((sig_alloc, sig_key),) = allocated[hub]
             header = wire.signature_header(sig_alloc, sig_key, query, b"")
             try:
@@ -290,17 +442,19 @@ class DskeSource(Source):
                 outcome[hub] = str(exc)
                 log.warning("source %s: hub %s: key %s: %s", self.name, hub, key_id, exc)
                 return
-            value = wire.xor(share.encrypted_share_value, pad)
-            if share.share_index in got or len(value) != self.key_size:
+            keep(hub, share.share_index, wire.xor(share.encrypted_share_value, pad))
+
+        def keep(hub: str, index: int, value: bytes) -> None:
+            if index in got or len(value) != self.key_size:
                 outcome[hub] = "a duplicate or misshapen share"
                 return
-            got[share.share_index] = value
+            got[index] = value
             outcome[hub] = "ok"
 
         try:
             async with trio.open_nursery() as nursery:
                 for hub in missing:
-                    if hub in allocated:
+                    if hub in allocated or hub in batched:
                         nursery.start_soon(fetch, hub)
                     else:
                         outcome[hub] = "PSRD exhausted"

@@ -210,7 +210,8 @@ def dump_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("ascii")
 
 
-def _object(value: object, keys: set[str], optional: frozenset[str] = frozenset()) -> dict:
+def json_object(value: object, keys: set[str], optional: frozenset[str] = frozenset()) -> dict:
+    """`value` as a JSON object with exactly `keys` and any of `optional`, or `WireError`."""
     if not isinstance(value, dict):
         raise WireError("the body must be a JSON object")
     missing = keys - set(value)
@@ -246,7 +247,7 @@ class Registration:
 
 
 def parse_registration(body: bytes) -> Registration:
-    obj = _object(load_json(body), {"client_name"}, frozenset({"encryptor_names"}))
+    obj = json_object(load_json(body), {"client_name"}, frozenset({"encryptor_names"}))
     names = obj.get("encryptor_names", [])
     if not isinstance(names, list) or len(names) > MAX_NAMES:
         raise WireError(f"encryptor_names must be a list of at most {MAX_NAMES} names")
@@ -255,7 +256,7 @@ def parse_registration(body: bytes) -> Registration:
 
 
 def parse_hub_name(body: bytes) -> str:
-    return name(_object(load_json(body), {"hub_name"})["hub_name"], "hub_name")
+    return name(json_object(load_json(body), {"hub_name"})["hub_name"], "hub_name")
 
 
 @dataclass(frozen=True, repr=False)
@@ -277,7 +278,7 @@ def parse_psrd_block(body: bytes, *, limit: int) -> PsrdBlock:
         obj = json.loads(body)
     except (ValueError, RecursionError):
         raise WireError("the body is not JSON") from None
-    obj = _object(obj, {"block_uuid", "data"})
+    obj = json_object(obj, {"block_uuid", "data"})
     data = b64decode(obj["data"], "data", limit)
     if not data:
         raise WireError("a PSRD block is not empty")
@@ -320,8 +321,8 @@ def _share_fields(obj: dict) -> tuple[int, Allocation, bytes]:
     return index, allocation, value
 
 
-def parse_share_post(body: bytes) -> SharePost:
-    keys = {
+SHARE_POST_KEYS = frozenset(
+    {
         "master_client_name",
         "master_sae_id",
         "slave_sae_id",
@@ -330,7 +331,17 @@ def parse_share_post(body: bytes) -> SharePost:
         "encryption_key_allocation",
         "encrypted_share_value",
     }
-    obj = _object(load_json(body), keys)
+)
+SHARE_REPLY_KEYS = frozenset({"share_index", "encryption_key_allocation", "encrypted_share_value"})
+
+
+def parse_share_post(body: bytes) -> SharePost:
+    return share_post_from(load_json(body))
+
+
+def share_post_from(value: object) -> SharePost:
+    """A share POST from its parsed JSON (also one item of a batch)."""
+    obj = json_object(value, set(SHARE_POST_KEYS))
     index, allocation, value = _share_fields(obj)
     return SharePost(
         name(obj["master_client_name"], "master_client_name"),
@@ -363,8 +374,12 @@ class ShareReply:
 
 
 def parse_share_reply(body: bytes) -> ShareReply:
-    keys = {"share_index", "encryption_key_allocation", "encrypted_share_value"}
-    return ShareReply(*_share_fields(_object(load_json(body), keys)))
+    return share_reply_from(load_json(body))
+
+
+def share_reply_from(value: object, extra: frozenset[str] = frozenset()) -> ShareReply:
+    """A share GET's answer from its parsed JSON; `extra` keys are allowed (a batch item's)."""
+    return ShareReply(*_share_fields(json_object(value, set(SHARE_REPLY_KEYS), extra)))
 
 
 def xor(data: bytes, pad: bytes) -> bytes:
