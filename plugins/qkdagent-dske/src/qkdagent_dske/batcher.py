@@ -4,7 +4,8 @@ An item submitted while no batch is in flight is sent at once, alone; items subm
 is in flight queue up and go together, as one batch, as soon as it returns. So a lone call pays
 one round trip as before, and under load the batch grows with the load (up to `max_items`),
 which is what amortises a request's fixed cost (TLS, HTTP, signature, durable commit) over
-many keys.
+many keys. A full queue (`max_items` waiting) is sent at once, beside the batch in flight (at
+most `max_in_flight` at a time), so the bound on a batch does not bound the throughput.
 
 The caller whose item heads the queue sends the batch (no background task): when it is done,
 the head of what queued meanwhile is woken to send the next. A caller cancelled while queued
@@ -32,6 +33,8 @@ class BatchFailed(Exception):
 class _Slot(Generic[I, R]):
     item: I
     wake: trio.Event = field(default_factory=trio.Event)
+    taken: bool = False
+    """In a batch (sent or being sent)."""
     done: bool = False
     result: R | None = None
     error: str | None = None
@@ -42,26 +45,37 @@ class Coalescer(Generic[I, R]):
     batch and returns one result per item, in order, or raises `BatchFailed`."""
 
     def __init__(
-        self, send: Callable[[list[I]], Awaitable[Sequence[R]]], max_items: int = 64
+        self,
+        send: Callable[[list[I]], Awaitable[Sequence[R]]],
+        max_items: int = 64,
+        max_in_flight: int = 4,
     ) -> None:
         self._send = send
         self.max_items = max_items
+        self.max_in_flight = max_in_flight
         self._queue: list[_Slot[I, R]] = []
-        self._busy = False
+        self._in_flight = 0
         self._turn: _Slot[I, R] | None = None
+        """The queued caller woken to send the next batch (counts as in flight)."""
         self.batches = 0
         """Batches sent (for tests and metrics)."""
 
     async def submit(self, item: I) -> R:
         slot: _Slot[I, R] = _Slot(item)
         self._queue.append(slot)
-        if self._busy:
+        busy = self._in_flight + (self._turn is not None)
+        full = len(self._queue) >= self.max_items and busy < self.max_in_flight
+        if busy and not full:
             try:
-                await slot.wake.wait()  # done, or woken to send the next batch
+                while True:  # done, or woken to send the next batch (unless taken since)
+                    await slot.wake.wait()
+                    if slot.done or not slot.taken:
+                        break
             except BaseException:
-                if not slot.done:
+                if not slot.taken:
                     self._queue.remove(slot)
                     if self._turn is slot:
+                        self._turn = None
                         self._pass_turn()
                 raise
         if not slot.done:
@@ -71,11 +85,17 @@ class Coalescer(Generic[I, R]):
         return slot.result  # type: ignore[return-value]  # set with done, or error is
 
     async def _lead(self, slot: _Slot[I, R]) -> None:
-        self._busy = True
-        self._turn = None
+        if self._turn is slot:
+            self._turn = None
+        self._in_flight += 1
         self._queue.remove(slot)
         batch = [slot, *self._queue[: self.max_items - 1]]
         del self._queue[: len(batch) - 1]
+        for s in batch:
+            s.taken = True
+            if s is self._turn:  # woken to send, taken by a full batch first: wait for it
+                self._turn = None
+                s.wake = trio.Event()
         self.batches += 1
         try:
             results = await self._send([s.item for s in batch])
@@ -92,15 +112,14 @@ class Coalescer(Generic[I, R]):
                     s.error = "the batch was not completed"
                 s.done = True
                 s.wake.set()
+            self._in_flight -= 1
             self._pass_turn()
 
     def _pass_turn(self) -> None:
-        if self._queue:
+        """Wake the head of the queue to send it, unless one is woken already."""
+        if self._queue and self._turn is None:
             self._turn = self._queue[0]
             self._turn.wake.set()
-        else:
-            self._turn = None
-            self._busy = False
 
 
 __all__ = ["BatchFailed", "Coalescer"]

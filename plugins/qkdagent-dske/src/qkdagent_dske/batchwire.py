@@ -158,17 +158,15 @@ class FetchResult:
     def __repr__(self) -> str:
         return f"<FetchResult {self.key_id} {self.result.status}>"
 
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"key_id": self.key_id, **self.result.to_json()}
-        if self.share is not None:
-            out["share_index"] = self.share.share_index
-            out["encryption_key_allocation"] = self.share.encryption_key_allocation.to_json()
-            out["encrypted_share_value"] = wire.b64encode(self.share.encrypted_share_value)
-        return out
+    def encode(self) -> bytes:
+        head = b'{"key_id":' + wire.dump_json(self.key_id)
+        if self.share is None:
+            return head + b"," + wire.dump_json(self.result.to_json())[1:]
+        return head + b',"status":200,' + self.share.json_fields().encode("ascii") + b"}"
 
 
 def encode_fetch_results(results: list[FetchResult]) -> bytes:
-    return wire.dump_json({"shares": [r.to_json() for r in results]})
+    return b'{"shares":[' + b",".join(r.encode() for r in results) + b"]}"
 
 
 def parse_fetch_results(body: bytes, asked: list[str]) -> list[FetchResult]:

@@ -14,6 +14,7 @@ Pure: no I/O. Errors are `ShamirError` (a share set that is inconsistent or malf
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import itertools
@@ -69,14 +70,19 @@ def interpolate(shares: Sequence[Share], x: int) -> bytes:
             return value
     (length,) = lengths
     log_product = sum(LOG[index ^ x] for index in xs)
-    result = bytearray(length)
+    result = 0
     for index, value in shares:
         denominator = sum(LOG[index ^ other] for other in xs if other != index)
         basis = (log_product - LOG[index ^ x] - denominator) % 255
-        for position, byte in enumerate(value):
-            if byte:
-                result[position] ^= EXP[(LOG[byte] + basis) % 255]
-    return bytes(result)
+        # every byte times the Lagrange coefficient at once: a 256-byte table per coefficient
+        result ^= int.from_bytes(value.translate(_times(basis)), "big")
+    return result.to_bytes(length, "big")
+
+
+@functools.cache
+def _times(log_factor: int) -> bytes:
+    """The table of b * EXP[log_factor] over GF(2^8), for `bytes.translate`."""
+    return bytes([0, *(EXP[(LOG[b] + log_factor) % 255] for b in range(1, 256))])
 
 
 def split(
