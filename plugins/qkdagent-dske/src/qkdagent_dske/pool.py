@@ -180,7 +180,7 @@ class PoolBook:
     def peek(self, peer: str, owner: str, allocations: Sequence[Allocation]) -> list[bytes]:
         """The bytes of the peer's allocations, refused if unknown, out of range or used
         (also against each other). Changes nothing: `consume` records them."""
-        seen: dict[str, list[tuple[int, int]]] = {}
+        ranges: list[tuple[str, int, int]] = []
         out: list[bytes] = []
         for allocation in allocations:
             parts: list[bytes] = []
@@ -190,14 +190,21 @@ class PoolBook:
                     raise PsrdError("the allocation names a PSRD block this pool does not hold")
                 if f.end > block.size:
                     raise PsrdError("the allocation runs past the end of its PSRD block")
-                mine = seen.setdefault(block.uuid, [])
-                if block.overlaps(f.start, f.end) or any(
-                    a < f.end and f.start < b for a, b in mine
-                ):
+                if block.overlaps(f.start, f.end):
                     raise PsrdError("the allocation reuses PSRD")
-                mine.append((f.start, f.end))
+                ranges.append((block.uuid, f.start, f.end))
                 parts.append(bytes(block.data[f.start : f.end]))
             out.append(b"".join(parts))
+        # against each other: sorted, each range must start after every earlier one's end
+        ranges.sort()
+        last, reach = "", 0
+        for uuid, start, stop in ranges:
+            if uuid == last and start < reach:
+                raise PsrdError("the allocation reuses PSRD")
+            if uuid != last:
+                last, reach = uuid, stop
+            else:
+                reach = max(reach, stop)
         return out
 
     def consume(self, allocations: Sequence[Allocation], *, hold: bool = False) -> Change:
