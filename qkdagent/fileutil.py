@@ -6,17 +6,23 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import QkdAgentError
 
 
-def write_secret_file(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600) -> None:
+def write_secret_file(
+    path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600, durable: bool = True
+) -> None:
     """Write `data` to `path` atomically with `mode` (default 0600).
 
-    The temp file is created 0600 in the same directory, fsynced, renamed over the target and the
-    directory fsynced, so a reader sees the old or the new content, never a mix, and the bytes are
-    never readable by others even for an instant.
+    The temp file is created 0600 in the same directory, written, renamed over the target, so a
+    reader sees the old or the new content, never a mix, and the bytes are never readable by
+    others even for an instant. `durable` (the default) fsyncs the file before the rename and
+    the directory after it; without it the caller owes a `sync_written(path)` later (a sink
+    whose content the agent rewrites from its own durable state at start-up, so only the
+    moment the file becomes durable moves, not what it holds).
     """
     target = Path(path)
     directory = target.parent
@@ -27,7 +33,8 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes, *, mode: int = 
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
         os.close(fd)
         fd = -1
         os.replace(tmp, target)
@@ -39,11 +46,48 @@ def write_secret_file(path: str | os.PathLike[str], data: bytes, *, mode: int = 
         except FileNotFoundError:
             pass
         raise
+    if durable:
+        sync_directory(directory)
+
+
+def sync_directory(directory: str | os.PathLike[str]) -> None:
+    """fsync a directory, making the renames and unlinks in it durable."""
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def sync_written(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Make files written with `durable=False` durable: each file (whatever its content is
+    now; a missing one is skipped), then each directory once. Raises the first OSError after
+    trying them all."""
+    error: OSError | None = None
+    directories: dict[Path, None] = {}
+    for path in paths:
+        target = Path(path)
+        directories[target.parent] = None
+        try:
+            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            error = error or exc
+            continue
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            error = error or exc
+        finally:
+            os.close(fd)
+    for directory in directories:
+        try:
+            sync_directory(directory)
+        except OSError as exc:
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 class FileCheckError(QkdAgentError):

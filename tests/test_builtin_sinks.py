@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import trio
 
 from qkdagent import KeyMeta, Link, PluginContext, Secret
 from qkdagent.builtin.exec_sink import ExecSink
@@ -209,3 +210,114 @@ class TestKeyDirSource(SourceContract):
     @pytest.fixture
     def source_options(self, tmp_path: Path) -> dict[str, object]:
         return {"type": "keydir", "directory": str(tmp_path / "shared")}
+
+
+# -- durability of the file sink ---------------------------------------------------------------
+
+
+@pytest.fixture
+def fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths fsync'd (files and directories), in order, from any thread."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    return synced
+
+
+async def _synced(fsyncs: list[str], *paths: Path) -> None:
+    with trio.fail_after(10):
+        while not all(str(p) in fsyncs for p in paths):  # noqa: ASYNC110 - a worker thread
+            await trio.sleep(0.005)
+
+
+async def test_file_sink_without_its_task_installs_durably(
+    tmp_path: Path, fsyncs: list[str]
+) -> None:
+    sink = _file_sink(tmp_path)
+    await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+    assert fsyncs and fsyncs[-1] == str(tmp_path)  # the directory, after the file's data
+    assert any(p.startswith(str(tmp_path / ".bob.key.")) for p in fsyncs)
+
+
+async def test_file_sink_task_makes_installs_durable_after_they_return(
+    tmp_path: Path, fsyncs: list[str]
+) -> None:
+    sink = _file_sink(tmp_path)
+    secret = Secret(os.urandom(32))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await sink.install(LINK, secret, KeyMeta(1, ("k",), "file", 0))
+        # in place at once, for any reader; its fsync comes from the task
+        assert base64.b64decode((tmp_path / "bob.key").read_bytes()) == secret.reveal()
+        await _synced(fsyncs, tmp_path / "bob.key", tmp_path)
+        nursery.cancel_scope.cancel()
+    assert fsyncs.index(str(tmp_path / "bob.key")) < fsyncs.index(str(tmp_path))
+
+
+async def test_file_sink_erase_is_durable_before_it_returns_even_with_its_task(
+    tmp_path: Path, fsyncs: list[str]
+) -> None:
+    for on_erase in ("random", "remove"):
+        sink = _file_sink(tmp_path, on_erase=on_erase)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            (tmp_path / "bob.key").write_bytes(b"old")
+            fsyncs.clear()
+            await sink.erase(LINK, "test")
+            assert fsyncs and fsyncs[-1] == str(tmp_path)  # before erase returned
+            assert not (tmp_path / "bob.key").exists() or (
+                tmp_path / "bob.key"
+            ).read_bytes() != b"old"
+            nursery.cancel_scope.cancel()
+
+
+async def test_file_sink_task_syncs_what_is_left_when_cancelled(
+    tmp_path: Path, fsyncs: list[str]
+) -> None:
+    sink = _file_sink(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+        nursery.cancel_scope.cancel()  # before the task got to run
+    assert str(tmp_path / "bob.key") in fsyncs and fsyncs[-1] == str(tmp_path)
+    # once the task is gone, installs are durable on their own again
+    fsyncs.clear()
+    await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(2, ("k",), "file", 0))
+    assert fsyncs and fsyncs[-1] == str(tmp_path)
+
+
+async def test_file_sink_sync_failure_is_logged_and_the_task_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = os.fsync
+    failing = [True]
+    synced: list[str] = []
+
+    def fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if failing[0]:
+            raise OSError(5, "Input/output error")
+        synced.append(path)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sink = _file_sink(tmp_path)
+    secret = Secret(os.urandom(32))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await sink.install(LINK, secret, KeyMeta(1, ("k",), "file", 0))
+        with trio.fail_after(10):
+            while "could not be made durable" not in caplog.text:  # noqa: ASYNC110
+                await trio.sleep(0.005)
+        failing[0] = False
+        await sink.install(LINK, secret, KeyMeta(2, ("k",), "file", 0))  # the task still runs
+        await _synced(synced, tmp_path / "bob.key", tmp_path)  # and this one is synced
+        nursery.cancel_scope.cancel()
+    assert "Input/output error" in caplog.text
+    assert secret.reveal().hex() not in caplog.text
+    assert base64.b64encode(secret.reveal()).decode() not in caplog.text

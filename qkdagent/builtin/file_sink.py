@@ -6,26 +6,39 @@ A relative `path` resolves against the config file's directory. The directory mu
 unless `create_dirs = true`: then the missing directories are created with mode 0700 (at
 start-up, or at the first install for a path templated with `{link}`/`{peer}`), as quPSKd does
 for its key folder.
+
+Durability: the agent's state store is the durable record of the key (committed before any
+install), and at start-up every sink is rewritten from it (the current key, or erased), so a
+rotation's file need not be on disk before the rotation ends. While the sink's task runs, an
+install renames the file into place and returns; the task fsyncs the file and its directory
+just after, off the rotation's path (a failure is logged). An erase (fail-closed) is durable
+before it returns, as is every write made while the task is not running.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import trio
 
 from ..errors import Misconfigured, SinkError
-from ..fileutil import write_secret_file
+from ..fileutil import sync_directory, sync_written, write_secret_file
 from ..hookspecs import hookimpl
 from ..interfaces import KeyMeta, Link, PluginContext, Sink
 from ..options import Options, check_template
 from ..secret import Secret
 
 FORMATS = ("base64", "hex", "raw")
+FINAL_SYNC_TIMEOUT = 10.0
+"""Seconds the task, when cancelled, may spend making the last installs durable."""
+
+log = logging.getLogger("qkdagent.sink")
 
 
 def encode(secret: bytes, fmt: str, newline: bool) -> bytes:
@@ -82,6 +95,13 @@ class FileSink(Sink):
         if problem:
             options.fail("path", problem)
         self.create_dirs = options.boolean("create_dirs", False)
+        self._unsynced: dict[Path, int] = {}
+        """Files renamed into place whose fsync the task still owes, with their install's
+        number (a file installed again while being synced stays owed)."""
+        self._installs = 0
+        self._sync_wanted = trio.Event()
+        self._syncing = False
+        """Whether the task runs: only then may an install leave its fsync to it."""
 
     def path(self, link: Link) -> Path:
         return Path(self.path_template.format(link=link.name, peer=link.peer))
@@ -97,8 +117,47 @@ class FileSink(Sink):
         if not os.access(directory, os.W_OK):
             raise Misconfigured(f"sink {self.name!r}: directory {directory} is not writable")
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Make installed files durable just after their install (see the module docstring)."""
+        self._syncing = True
+        try:
+            task_status.started()
+            while True:
+                await self._sync_wanted.wait()
+                self._sync_wanted = trio.Event()
+                await self._sync_unsynced()
+        finally:
+            self._syncing = False
+            with trio.move_on_after(FINAL_SYNC_TIMEOUT, shield=True):
+                await self._sync_unsynced()
+
+    async def _sync_unsynced(self) -> None:
+        owed = dict(self._unsynced)
+        if not owed:
+            return
+        try:
+            await trio.to_thread.run_sync(sync_written, list(owed))
+        except OSError as exc:
+            log.warning(
+                "sink %s: installed key files are in place but could not be made durable: %s "
+                "(the agent rewrites them from its state at start-up)",
+                self.name,
+                exc.strerror or type(exc).__name__,
+            )
+        for path, number in owed.items():  # done with, well or not (a failure is not retried)
+            if self._unsynced.get(path) == number:
+                del self._unsynced[path]
+
     async def install(self, link: Link, secret: Secret, meta: KeyMeta) -> None:
-        await self._write(link, encode(secret.reveal(), self.format, self.newline))
+        deferred = self._syncing
+        path = await self._write(
+            link, encode(secret.reveal(), self.format, self.newline), durable=not deferred
+        )
+        if deferred:
+            self._installs += 1
+            self._unsynced.pop(path, None)  # re-inserted last: the dict keeps install order
+            self._unsynced[path] = self._installs
+            self._sync_wanted.set()
 
     async def _make_dirs(self, directory: Path) -> None:
         try:
@@ -108,7 +167,7 @@ class FileSink(Sink):
                 f"sink {self.name!r}: cannot create directory {directory}: {exc.strerror}"
             ) from None
 
-    async def _write(self, link: Link, data: bytes) -> None:
+    async def _write(self, link: Link, data: bytes, *, durable: bool) -> Path:
         path = self.path(link)
         if self.create_dirs and "{" in str(Path(self.path_template).parent):
             try:
@@ -117,9 +176,10 @@ class FileSink(Sink):
                 message = f"sink {self.name!r}: cannot create {path.parent}: {exc.strerror}"
                 raise SinkError(message) from None
         try:
-            await trio.to_thread.run_sync(write_secret_file, path, data)
+            await trio.to_thread.run_sync(partial(write_secret_file, path, data, durable=durable))
         except OSError as exc:
             raise SinkError(f"sink {self.name!r}: cannot write {path}: {exc.strerror}") from None
+        return path
 
     async def verify(self, link: Link, secret: Secret, meta: KeyMeta) -> bool | None:
         try:
@@ -130,15 +190,24 @@ class FileSink(Sink):
         return held is not None and Secret(held) == secret
 
     async def erase(self, link: Link, reason: str) -> None:
+        """Fail closed, durably: the old key is gone from the file before this returns."""
         if self.on_erase == "remove":
+            path = self.path(link)
             try:
-                await trio.Path(self.path(link)).unlink()
-            except FileNotFoundError:
-                pass
+                await trio.to_thread.run_sync(_remove_durably, path)
             except OSError as exc:
                 raise SinkError(f"sink {self.name!r}: cannot remove: {exc.strerror}") from None
             return
-        await self.install(link, Secret.random(32), KeyMeta(0, (), self.name, 0.0))
+        data = encode(Secret.random(32).reveal(), self.format, self.newline)
+        await self._write(link, data, durable=True)
+
+
+def _remove_durably(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    sync_directory(path.parent)
 
 
 @hookimpl
