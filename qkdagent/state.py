@@ -8,17 +8,19 @@ them through `StateStore.run` on one worker thread.
 `secure_delete` zeroes freed pages so overwritten chain keys do not linger in the database file.
 It does not reach the write-ahead log, which keeps every older page image until a checkpoint:
 so `wal_checkpoint(TRUNCATE)` moves the new pages into the database (overwriting the old ones)
-and empties the log within `SCRUB_DELAY` of every commit. The agent runs that as a background
-task (`scrub_log`), so no caller waits for the checkpoint's fsyncs and a burst of commits
-shares one; inline stores (virtual-clock tests) checkpoint right after each commit. The
-filesystem and storage below may still keep old blocks, which no user-space program can rule
-out (see README, "Security properties and limits").
+and empties the log within `SCRUB_DELAY` of every commit (sooner, once commits pause: see
+`scrub_time`). The agent runs that as a background task (`scrub_log`), so no caller waits for
+the checkpoint's fsyncs and a burst of commits shares one; inline stores (virtual-clock tests)
+checkpoint right after each commit. The filesystem and storage below may still keep old
+blocks, which no user-space program can rule out (see README, "Security properties and
+limits").
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sqlite3
 import stat
@@ -37,7 +39,12 @@ from .secret import Secret
 T = TypeVar("T")
 SCRUB_DELAY = 0.2
 """Seconds from a commit to the checkpoint that removes the keys it superseded from every
-state file (commits within it share the checkpoint)."""
+state file, at most (commits within it share the checkpoint)."""
+SCRUB_QUIET = 0.02
+"""The checkpoint comes sooner once the store has had no commit for this long: between
+rotations rather than in the middle of the next one (it holds the writer for its fsyncs)."""
+SCRUB_MIN_GAP = 0.1
+"""...but no sooner than this after the previous checkpoint, so steady traffic shares them."""
 USED_KEY_ID_RETENTION = 100_000
 """Used key IDs remembered per link; older ones are pruned (sources delete them anyway)."""
 
@@ -130,6 +137,12 @@ class LinkRecord:
     private keys: never in a repr)."""
 
 
+def scrub_time(last_commit: float, last_scrub: float, latest: float) -> float:
+    """When the checkpoint owed since a commit should run: once commits have paused for
+    SCRUB_QUIET (and SCRUB_MIN_GAP after the last one), at the latest at `latest`."""
+    return min(latest, max(last_commit + SCRUB_QUIET, last_scrub + SCRUB_MIN_GAP))
+
+
 def _ids_json(key_ids: tuple[tuple[str, str], ...]) -> str:
     return json.dumps([list(pair) for pair in key_ids])
 
@@ -179,6 +192,8 @@ class StateStore:
         self._batch_lock = trio.Lock()
         self._queue: list[_Job] = []
         self._scrub_due = trio.Event()
+        self._last_commit = -math.inf
+        self._last_scrub = -math.inf
 
     @property
     def threaded(self) -> bool:
@@ -206,6 +221,7 @@ class StateStore:
                 if not job.done:
                     batch, self._queue = self._queue, []
                     await trio.to_thread.run_sync(self._run_batch, batch)
+                    self._last_commit = trio.current_time()
                     self._scrub_due.set()
         except trio.Cancelled:
             # Cancelled while waiting for the lock: a write no batch has taken yet must not
@@ -222,10 +238,17 @@ class StateStore:
         task_status.started()
         while True:
             await self._scrub_due.wait()
-            await trio.sleep(SCRUB_DELAY)
+            latest = trio.current_time() + SCRUB_DELAY
+            while True:
+                now = trio.current_time()
+                due = scrub_time(self._last_commit, self._last_scrub, latest)
+                if now >= due:
+                    break
+                await trio.sleep_until(due)
             self._scrub_due = trio.Event()
             async with self._batch_lock:  # the connection is used by one thread at a time
                 await trio.to_thread.run_sync(self._scrub)
+            self._last_scrub = trio.current_time()
 
     def _run_batch(self, batch: list[_Job]) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import importlib.metadata as md
 import pickle
 from functools import partial
@@ -271,3 +272,16 @@ def test_a_component_is_named_once_in_an_error() -> None:
     assert named("source", "kme", already) == "source 'kme': hub h1 is down"
     other = SourceUnavailable("source 'kme2': x")  # another component's name is kept apart
     assert named("source", "kme", other) == "source 'kme': source 'kme2': x"
+
+
+def test_checkpoint_waits_for_a_pause_in_commits_but_never_past_scrub_delay() -> None:
+    from qkdagent.state import SCRUB_DELAY, SCRUB_MIN_GAP, SCRUB_QUIET, scrub_time
+
+    latest = 100.0 + SCRUB_DELAY  # the first unscrubbed commit was at 100
+    # one rotation's commits, then quiet: the checkpoint follows the pause, not SCRUB_DELAY
+    assert scrub_time(100.005, -math.inf, latest) == pytest.approx(100.005 + SCRUB_QUIET)
+    assert scrub_time(100.005, -math.inf, latest) < latest
+    # a checkpoint just ran: steady traffic waits SCRUB_MIN_GAP to share the next one
+    assert scrub_time(100.0, 99.99, latest) == pytest.approx(99.99 + SCRUB_MIN_GAP)
+    # commits that never pause: SCRUB_DELAY bounds the wait all the same
+    assert scrub_time(100.0 + SCRUB_DELAY - 0.001, -math.inf, latest) == latest
