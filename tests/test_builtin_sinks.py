@@ -270,9 +270,9 @@ async def test_file_sink_erase_is_durable_before_it_returns_even_with_its_task(
             fsyncs.clear()
             await sink.erase(LINK, "test")
             assert fsyncs and fsyncs[-1] == str(tmp_path)  # before erase returned
-            assert not (tmp_path / "bob.key").exists() or (
-                tmp_path / "bob.key"
-            ).read_bytes() != b"old"
+            assert (
+                not (tmp_path / "bob.key").exists() or (tmp_path / "bob.key").read_bytes() != b"old"
+            )
             nursery.cancel_scope.cancel()
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import importlib.metadata as md
+import math
 import pickle
 from functools import partial
 from pathlib import Path
