@@ -1,7 +1,9 @@
 """Fuzz target for everything the hub and the client parse from the peer.
 
-`target(data)` feeds the bytes to each parser (the first byte picks which); a parser may only
-refuse with `WireError`. Run it with atheris or the core's `contrib/fuzz/engine.py`:
+`target(data)` feeds the bytes to each parser (the first byte picks which), the batch
+extension's included (`batchwire`: a batch of posts or fetches on the hub, their answers and
+the probe's on the client); a parser may only refuse with `WireError`. Run it with atheris or
+the core's `contrib/fuzz/engine.py`:
 
     python3 plugins/qkdagent-dske/fuzz/fuzz_dske_wire.py [seconds]
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from qkdagent_dske import wire
+from qkdagent_dske import batchwire, wire
 
 PARSERS = (
     lambda d: wire.parse_signature(d),
@@ -22,7 +24,16 @@ PARSERS = (
     wire.parse_hub_name,
     lambda d: wire.parse_psrd_block(d, limit=4096),
     lambda d: wire.parse_allocation_json(wire.load_json(d)),
+    batchwire.parse_post_batch,
+    batchwire.parse_fetch_batch,
+    lambda d: batchwire.parse_post_results(d, 2),
+    lambda d: batchwire.parse_fetch_results(d, ["k1", "k2"]),
+    batchwire.parse_capabilities,
 )
+
+_PAD = wire.Allocation((wire.Fragment("4f3c7b1e-2a8d-4c6e-9b0f-1d2e3f405162", 32, 4),))
+_POST = wire.SharePost("carol", "carol", "conny", "k1", 0, _PAD, b"abcd").encode()
+_REPLY = wire.ShareReply(3, _PAD, b"abcd")
 
 SEEDS = (
     b"\x00" + b"4f3c7b1e-2a8d-4c6e-9b0f-1d2e3f405162:0:32%" + b"A" * 43 + b"=",
@@ -36,6 +47,17 @@ SEEDS = (
         wire.Allocation((wire.Fragment("4f3c7b1e-2a8d-4c6e-9b0f-1d2e3f405162", 32, 4),)),
         b"abcd",
     ).encode(),
+    b"\x08" + batchwire.encode_post_batch("carol", [_POST, b"{}"]),
+    b"\x09" + batchwire.encode_fetch_batch("conny", ["k1", "k2"]),
+    b"\x0a" + b'{"results":[{"status":200},{"status":409,"detail":"reuses PSRD"}]}',
+    b"\x0b"
+    + batchwire.encode_fetch_results(
+        [
+            batchwire.FetchResult("k1", batchwire.ItemResult(200), _REPLY),
+            batchwire.FetchResult("k2", batchwire.ItemResult(404, "no share")),
+        ]
+    ),
+    b"\x0c" + batchwire.encode_capabilities(128),
 )
 
 

@@ -32,6 +32,15 @@ class LyingHub(Hub):
         return await super()._fetch_batch(request)
 
 
+class NoBatchHub(Hub):
+    """A hub as dske-python's: no batch routes (404, as FastAPI answers an unknown path)."""
+
+    async def handle(self, request: Request) -> Response:
+        if request.path.endswith(("/key-shares", "/key-shares-fetch")):
+            return Response(404, b'{"detail":"Not Found"}')
+        return await super().handle(request)
+
+
 @dataclass
 class RunningHub:
     name: str
@@ -43,15 +52,15 @@ class RunningHub:
     scope: trio.CancelScope | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     lying: bool = False
+    batches: bool = True
 
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}/hub/{self.name}"
 
     async def start(self) -> None:
-        self.hub = (LyingHub if self.lying else Hub)(
-            HubSettings(self.name, **self.settings), self.db_path
-        )
+        cls = LyingHub if self.lying else Hub if self.batches else NoBatchHub
+        self.hub = cls(HubSettings(self.name, **self.settings), self.db_path)
         leaf = self.pki[self.name]
         context = server_ssl_context(leaf.cert, leaf.key, self.pki.ca_cert)
         self.scope = trio.CancelScope()

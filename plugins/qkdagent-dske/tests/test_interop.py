@@ -45,6 +45,8 @@ async def test_guide_clients_through_our_hubs(tmp_path: Path) -> None:
             await alice.setup()
             await bert.setup()
             async with running(ours):
+                # our responder fetches in batches what the guide client posted one by one
+                assert set(ours.batching) == set(NAMES)
                 for responder in ("bert", "bob"):
                     secret, key_id = os.urandom(32), f"guide-{responder}"
                     for (x, share), hub in zip(split(secret, 2, 3), NAMES, strict=True):
@@ -86,6 +88,9 @@ async def test_our_clients_through_guide_hubs(tmp_path: Path, nursery: trio.Nurs
     try:
         await bert.setup()
         async with running(alice, bob):
+            # the guide hubs answer the batch probe 404, as dske-python's do: one request
+            # per share from then on
+            assert alice.unbatched == bob.unbatched == set(NAMES) and not alice.batching
             alice.peer_client = "bert"
             key = await alice.new_key(ALICE)
             got = [await bert.get_share(name, key.key_id) for name in NAMES]

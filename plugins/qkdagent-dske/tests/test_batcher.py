@@ -1,0 +1,157 @@
+"""The coalescer under concurrency, driven step by step (no sleeps): a lone call goes at once,
+calls made while a batch is in flight go together when it returns, a full queue goes beside
+it, failures and cancellations reach exactly the callers they concern."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import trio
+import trio.testing
+from qkdagent_dske.batcher import BatchFailed, Coalescer
+
+
+class Hub:
+    """A fake sender: records each batch and answers it when the test opens its gate."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gates: list[trio.Event] = []
+        self.fail: str | None = None
+
+    async def send(self, items: list[int]) -> Sequence[str]:
+        self.batches.append(list(items))
+        gate = trio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        if self.fail:
+            raise BatchFailed(self.fail)
+        return [f"r{i}" for i in items]
+
+
+async def call(coalescer: Coalescer[int, str], item: int, out: dict[int, str]) -> None:
+    try:
+        out[item] = await coalescer.submit(item)
+    except BatchFailed as exc:
+        out[item] = f"failed: {exc}"
+
+
+async def test_a_lone_call_goes_at_once_and_the_rest_queue_for_one_batch(
+    nursery: trio.Nursery,
+) -> None:
+    hub, out = Hub(), {}
+    coalescer = Coalescer(hub.send, max_items=64)
+    nursery.start_soon(call, coalescer, 1, out)
+    await trio.testing.wait_all_tasks_blocked()
+    assert hub.batches == [[1]]  # no timer: sent before anything else happened
+    for i in range(2, 7):
+        nursery.start_soon(call, coalescer, i, out)
+    await trio.testing.wait_all_tasks_blocked()
+    assert hub.batches == [[1]]  # queued behind the one in flight
+    hub.gates[0].set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert sorted(hub.batches[1]) == [2, 3, 4, 5, 6] and len(hub.batches) == 2
+    assert out == {1: "r1"}
+    hub.gates[1].set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert out == {i: f"r{i}" for i in range(1, 7)} and coalescer.batches == 2
+
+
+async def test_a_full_queue_goes_beside_the_batch_in_flight(nursery: trio.Nursery) -> None:
+    hub, out = Hub(), {}
+    coalescer = Coalescer(hub.send, max_items=3, max_in_flight=2)
+    for i in range(1, 8):
+        nursery.start_soon(call, coalescer, i, out)
+        await trio.testing.wait_all_tasks_blocked()
+    # 1 alone; 2, 3, 4 filled the queue and went at once; 5, 6, 7 wait (2 in flight)
+    assert hub.batches == [[1], [4, 2, 3]]
+    hub.gates[1].set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert hub.batches == [[1], [4, 2, 3], [5, 6, 7]]
+    for gate in (hub.gates[0], hub.gates[2]):
+        gate.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert out == {i: f"r{i}" for i in range(1, 8)}
+
+
+async def test_a_failed_batch_fails_its_items_only(nursery: trio.Nursery) -> None:
+    hub, out = Hub(), {}
+    coalescer = Coalescer(hub.send)
+    for i in (1, 2, 3):
+        nursery.start_soon(call, coalescer, i, out)
+        await trio.testing.wait_all_tasks_blocked()
+    hub.fail = "hub down"
+    hub.gates[0].set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert out == {1: "failed: hub down"} and hub.batches[1] == [2, 3]
+    hub.fail = None
+    hub.gates[1].set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert out == {1: "failed: hub down", 2: "r2", 3: "r3"}
+
+
+async def test_cancelled_callers_leave_the_queue_or_fail_their_batch(
+    nursery: trio.Nursery,
+) -> None:
+    hub, out = Hub(), {}
+    coalescer = Coalescer(hub.send)
+    scopes = {i: trio.CancelScope() for i in range(1, 5)}
+
+    async def cancellable(i: int) -> None:
+        with scopes[i]:
+            await call(coalescer, i, out)
+
+    for i in range(1, 5):
+        nursery.start_soon(cancellable, i)
+        await trio.testing.wait_all_tasks_blocked()
+    scopes[2].cancel()  # queued: it just leaves
+    await trio.testing.wait_all_tasks_blocked()
+    hub.gates[0].set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert hub.batches == [[1], [3, 4]]
+    scopes[3].cancel()  # 3 sends the batch in flight: 4 in it fails, is never left hanging
+    await trio.testing.wait_all_tasks_blocked()
+    assert out == {1: "r1", 4: "failed: the batch was not completed"}
+    nursery.start_soon(call, coalescer, 5, out)  # the coalescer is usable afterwards
+    await trio.testing.wait_all_tasks_blocked()
+    hub.gates[2].set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert out[5] == "r5" and hub.batches[2] == [5]
+
+
+async def test_a_caller_woken_to_send_but_cancelled_passes_the_turn_on(
+    nursery: trio.Nursery,
+) -> None:
+    hub, out = Hub(), {}
+    coalescer = Coalescer(hub.send, max_items=2, max_in_flight=1)
+    scope = trio.CancelScope()
+
+    async def first_in_queue() -> None:
+        with scope:
+            await call(coalescer, 2, out)
+
+    nursery.start_soon(call, coalescer, 1, out)
+    await trio.testing.wait_all_tasks_blocked()
+    nursery.start_soon(first_in_queue)
+    await trio.testing.wait_all_tasks_blocked()
+    nursery.start_soon(call, coalescer, 3, out)
+    await trio.testing.wait_all_tasks_blocked()
+    hub.gates[0].set()  # wakes 2 to send [2, 3] ...
+    scope.cancel()  # ... but 2 is cancelled before it runs
+    await trio.testing.wait_all_tasks_blocked()
+    assert hub.batches == [[1], [3]]
+    hub.gates[1].set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert out == {1: "r1", 3: "r3"}
+
+
+def test_results_must_match_items() -> None:
+    async def short(items: list[int]) -> Sequence[str]:
+        return []
+
+    async def main() -> None:
+        with pytest.raises(BatchFailed, match="one result per item"):
+            await Coalescer(short).submit(1)
+
+    trio.run(main)

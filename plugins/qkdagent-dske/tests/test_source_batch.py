@@ -1,0 +1,116 @@
+"""The `dske` source's batching over loopback HTTPS: concurrent keys coalesced into batches at
+hubs that serve them (and less PSRD per key), one request per share at hubs that do not
+(dske-python's 404), and the fall-back when a hub stops serving batches."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from qkdagent_dske.source import DskeSource
+
+from qkdagent import Key
+from qkdagent.testing import build_component, running
+
+from .hubs import hub_table, open_hubs
+from .test_source import ALICE, BOB
+
+NAMES = ["hank", "helen", "hilary"]
+KEYS = 40
+
+
+def sources(tmp_path: Path, pki: Any, hubs: Any, **extra: Any) -> tuple[DskeSource, DskeSource]:
+    def one(agent: str) -> DskeSource:
+        table = {"hubs": hub_table(pki, hubs, agent), "k": 2, "refill_every": 3600, **extra}
+        return build_component(
+            DskeSource, table, name="dske", agent=agent, state_dir=tmp_path / agent
+        )
+
+    return one("alice"), one("bob")
+
+
+def free(*clients: DskeSource) -> int:
+    return sum(c.psrd.free(h, o) for c in clients for h in NAMES for o in ("client", "hub"))
+
+
+async def round_trip(alice: DskeSource, bob: DskeSource, count: int) -> None:
+    """`count` keys made at once, then fetched at once; every pair identical."""
+    made: list[Key] = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(count):
+            nursery.start_soon(lambda: _append(made, alice.new_key(ALICE)))
+    got: dict[str, Key] = {}
+
+    async def fetch(key_id: str) -> None:
+        got[key_id] = await bob.key_by_id(BOB, key_id)
+
+    async with trio.open_nursery() as nursery:
+        for key in made:
+            nursery.start_soon(fetch, key.key_id)
+    assert len(made) == count and all(got[k.key_id].value == k.value for k in made)
+
+
+async def _append(out: list[Key], call: Any) -> None:
+    out.append(await call)
+
+
+async def test_concurrent_keys_go_in_batches_and_spend_less_psrd(tmp_path: Path) -> None:
+    async with open_hubs(tmp_path, NAMES) as (pki, hubs):
+        alice, bob = sources(tmp_path, pki, hubs)
+        async with running(alice, bob):
+            assert set(alice.batching) == set(bob.batching) == set(NAMES)  # probed at start
+            before = free(alice, bob)
+            await round_trip(alice, bob, KEYS)
+            batched = before - free(alice, bob)
+            for hub in NAMES:
+                assert 1 <= alice.posters[hub].batches < KEYS
+                assert 1 <= bob.fetchers[hub].batches < KEYS
+            alice.batching.clear()  # as against hubs without batches: one request per share
+            bob.batching.clear()
+            before = free(alice, bob)
+            await round_trip(alice, bob, KEYS)
+            single = before - free(alice, bob)
+    assert single == KEYS * len(NAMES) * (2 * 32 + 4 * 32)  # dske-python's 192 B per hub
+    # a pad each way per hub, and the batches' signatures shared by their keys
+    assert KEYS * len(NAMES) * 2 * 32 < batched < single / 2
+
+
+async def test_hubs_without_batches_get_one_request_per_share(tmp_path: Path) -> None:
+    async with open_hubs(tmp_path, NAMES) as (pki, hubs):
+        for hub in hubs:  # restarted as dske-python-like hubs, before the clients start
+            hub.batches = False
+            await hub.restart()
+        alice, bob = sources(tmp_path, pki, hubs)
+        async with running(alice, bob):
+            assert alice.unbatched == bob.unbatched == set(NAMES) and not alice.batching
+            await round_trip(alice, bob, 5)
+            assert all(c.posters[h].batches == 0 for c in (alice, bob) for h in NAMES)
+            assert all(c.fetchers[h].batches == 0 for c in (alice, bob) for h in NAMES)
+
+
+async def test_a_hub_that_stops_serving_batches_gets_single_requests(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "qkdagent.dske")
+    async with open_hubs(tmp_path, NAMES) as (pki, hubs):
+        alice, bob = sources(tmp_path, pki, hubs)
+        async with running(alice, bob):
+            await round_trip(alice, bob, 2)
+            hubs[0].batches = False  # hank comes back without the batch routes
+            await hubs[0].restart()
+            key = await alice.new_key(ALICE)  # its batch is refused: 2 of 3 hubs take it
+            assert "hank" not in alice.batching and "no longer serves batches" in caplog.text
+            assert hubs[0].hub is not None and not hubs[0].hub.shares
+            await alice.refill()  # the next refill probes again: 404
+            assert "hank" in alice.unbatched
+            assert (await bob.key_by_id(BOB, key.key_id)).value == key.value
+            assert "hank" not in bob.batching  # its batch fetch got the 404
+            await bob.refill()
+            assert "hank" in bob.unbatched
+            key = await alice.new_key(ALICE)
+            assert len(hubs[0].hub.shares) == 1  # a single POST reached hank
+            assert (await bob.key_by_id(BOB, key.key_id)).value == key.value
+            assert not hubs[0].hub.shares
