@@ -7,8 +7,12 @@ run in this process. Hub CPU comes from /proc/PID/stat (utime + stime of the fiv
 processes), client CPU from `os.times()`, both over the measured keys only (the
 warm-up keys register, fetch PSRD and open the connections).
 
-    python3 plugins/qkdagent-dske/bench/bench_dske.py [--keys 300] [--parallel 8]
+    python3 plugins/qkdagent-dske/bench/bench_dske.py [--keys 3000] [--parallel 256]
+        [--no-batch]      # one request per share, as against dske-python's hubs
         [--profile DIR]   # py-spy record -f raw of one hub and of the clients, into DIR
+
+`--parallel` is the number of keys in flight at once: one agent pair with that many links
+rotating together (the batching coalesces their requests per hub).
 """
 
 from __future__ import annotations
@@ -83,7 +87,12 @@ async def measure(path: Path, ports: dict[str, int], pids: list[int], args: argp
     sources = [
         build_component(
             DskeSource,
-            {"hubs": hub_table(path, ports, agent), "k": 3, "refill_every": 3600},
+            {
+                "hubs": hub_table(path, ports, agent),
+                "k": 3,
+                "refill_every": 3600,
+                "batch": args.batch,
+            },
             name="dske",
             agent=agent,
             state_dir=path / agent,
@@ -124,7 +133,11 @@ async def measure(path: Path, ports: dict[str, int], pids: list[int], args: argp
                 py_spy(os.getpid(), args.profile / "clients.txt", seconds),
             ]
             await trio.sleep(1.0)  # py-spy attaches
-        before_free = free()
+
+        def requests() -> int:
+            return sum(alice.posters[h].batches + bob.fetchers[h].batches for h in HUBS)
+
+        before_free, before_requests = free(), requests()
         hub0 = [proc_cpu(p) for p in pids]
         cpu0, t0 = os.times(), time.perf_counter()
         await run_keys(args.keys)
@@ -134,9 +147,10 @@ async def measure(path: Path, ports: dict[str, int], pids: list[int], args: argp
         hub_user = sum(b[0] - a[0] for a, b in zip(hub0, hub1, strict=True))
         hub_sys = sum(b[1] - a[1] for a, b in zip(hub0, hub1, strict=True))
         used = before_free - free()
+        batches = requests() - before_requests
         for spy in spies:
             spy.wait()
-    return elapsed, cpu, (hub_user, hub_sys), used, sorted(latencies)
+    return elapsed, cpu, (hub_user, hub_sys), used, batches, sorted(latencies)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -146,18 +160,27 @@ def main(args: argparse.Namespace) -> None:
         procs, ports = start_hubs(path)
         try:
             pids = [p.pid for p in procs]
-            elapsed, cpu, hub_cpu, used, latencies = trio.run(measure, path, ports, pids, args)
+            measured = trio.run(measure, path, ports, pids, args)
+            elapsed, cpu, hub_cpu, used, batches, latencies = measured
         finally:
             for proc in procs:
                 proc.terminate()
             codes = [proc.wait(10) for proc in procs]
     keys = args.keys
     cores = os.cpu_count()
-    print(f"keys: {keys}, parallel: {args.parallel}, hubs: 5 processes, k: 3, cores: {cores}")
+    mode = "batches" if args.batch else "one request per share"
+    print(
+        f"keys: {keys}, parallel: {args.parallel}, hubs: 5 processes, k: 3, cores: {cores}, {mode}"
+    )
     print(f"keys/s: {keys / elapsed:.1f}")
     print(f"latency p50: {latencies[len(latencies) // 2] * 1e3:.1f} ms")
     print(f"latency p99: {latencies[int(len(latencies) * 0.99)] * 1e3:.1f} ms")
     print(f"PSRD bytes per key (both clients' view): {used / keys:.0f}")
+    if args.batch:
+        print(
+            f"batch requests per key (all hubs, both sides): {batches / keys:.3f} "
+            f"({keys * 10 / max(batches, 1):.1f} shares per batch)"
+        )
     user, system = hub_cpu
     print(
         f"hub CPU per key (5 hubs together): {(user + system) / keys * 1e3:.2f} ms "
@@ -173,8 +196,9 @@ def main(args: argparse.Namespace) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--keys", type=int, default=300)
-    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--keys", type=int, default=3000)
+    parser.add_argument("--parallel", type=int, default=256)
+    parser.add_argument("--no-batch", dest="batch", action="store_false")
     parser.add_argument("--profile", type=Path, help="write py-spy raw profiles here")
     logging.basicConfig(level=logging.WARNING)
     main(parser.parse_args())
