@@ -4,17 +4,23 @@
     python contrib/bench/bench_core.py scale [--links 1,100,1000,10000] [--seconds 20]
     python contrib/bench/bench_core.py hold [--links 10000] [--interval 120] [--seconds 300]
     python contrib/bench/bench_core.py procs [--links 10000] [--interval 120] [--seconds 300]
+        [--runs 3]
+    python contrib/bench/bench_core.py memory [--links 10000] [--side alice|bob] [--top 25]
 
 `latency`, `scale` and `hold` run both agents in this process over real loopback HTTPS with
 mutual TLS, with the in-memory source and recording sinks, state in a temp dir; CPU and peak
 RSS are this process's (both agents together). `procs` runs each agent as its own
-`qkdagent run` process (key source: the `keydir` test source on /dev/shm) and reports CPU and
-peak RSS per agent. Prints figures; asserts nothing.
+`qkdagent run` process (key source: the `keydir` test source on /dev/shm, file sinks there
+too) and reports per agent the time to ready (every link opened) and the RSS then, CPU per
+rotation and RSS over the window; `--runs N` gives min/median/max. `memory` runs one agent in
+this process under tracemalloc (its peer a process) and prints the top allocation sites in bytes
+per link. Prints figures; asserts nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import logging
 import os
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -217,27 +224,66 @@ def _status(url: str) -> dict[str, Any]:
     return httpx.get(url, timeout=60).json()
 
 
-def cmd_procs(args: argparse.Namespace) -> None:
+def _wait_ready(log: Path, proc: subprocess.Popen[bytes], started: float) -> tuple[float, float]:
+    """Seconds from spawn until the agent logs "ready" (every link opened, its sinks in a
+    defined state), and its RSS then (MB); read from its log, so the agent is not touched."""
+    offset = 0
+    while True:
+        with open(log, "rb") as f:
+            f.seek(max(0, offset - 20))  # the marker may straddle two reads
+            data = f.read()
+        if b" ready: " in data:
+            return time.monotonic() - started, proc_mem_mb(proc.pid)[1]
+        offset += len(data) - min(offset, 20)
+        if proc.poll() is not None:
+            raise SystemExit(f"bench: agent exited before it was ready (see {log})")
+        time.sleep(0.05)
+
+
+def process_configs(
+    tmp: Path, keys: Path, out: Path, args: argparse.Namespace
+) -> dict[str, dict[str, Any]]:
+    """The pair's configs for `procs` and `memory`: keydir source (on /dev/shm), file sinks
+    (or recording ones, which keep every install), JSON logs."""
+    base = configs(tmp, args.links, args.interval, 0.1, args.parallel)
+    for name, config in base.items():
+        config["sources"] = {"sim": {"type": "keydir", "directory": str(keys)}}
+        if args.sink == "file":
+            (out / name).mkdir()
+            config["sinks"] = {"rec": {"type": "file", "path": str(out / name / "{link}.psk")}}
+        config["agent"]["plugins"] = ["memory"]
+        config["agent"]["log_format"] = "json"
+    return base
+
+
+def spawn(config: dict[str, Any], tmp: Path, name: str) -> subprocess.Popen[bytes]:
+    path = tmp / f"{name}.toml"
+    path.write_text(config_toml(config))
+    return subprocess.Popen(
+        [sys.executable, "-m", "qkdagent", "run", "-c", str(path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / f"{name}.log", "wb"),
+    )
+
+
+def procs_once(args: argparse.Namespace) -> dict[str, Any]:
+    """One run of `procs`: two `qkdagent run` processes, N links; figures per agent."""
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    with tempfile.TemporaryDirectory(dir=shm) as keys, tempfile.TemporaryDirectory() as tmp:
-        base = configs(Path(tmp), args.links, args.interval, 0.1, args.parallel)
-        procs, status_urls = {}, {}
+    with (
+        tempfile.TemporaryDirectory(dir=shm) as keys,
+        tempfile.TemporaryDirectory(dir=shm) as out,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        base = process_configs(Path(tmp), Path(keys), Path(out), args)
+        procs, status_urls, logs = {}, {}, {}
+        started = time.monotonic()
         for name in ("bob", "alice"):
-            config = base[name]
-            config["sources"] = {"sim": {"type": "keydir", "directory": keys}}
-            config["agent"]["plugins"] = ["memory"]
-            config["agent"]["log_format"] = "json"
-            path = Path(tmp) / f"{name}.toml"
-            path.write_text(config_toml(config))
-            status_urls[name] = f"http://{config['agent']['status_listen']}/status"
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "qkdagent", "run", "-c", str(path)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=open(Path(tmp) / f"{name}.log", "wb"),
-            )
+            status_urls[name] = f"http://{base[name]['agent']['status_listen']}/status"
+            logs[name] = Path(tmp) / f"{name}.log"
+            procs[name] = spawn(base[name], Path(tmp), name)
         try:
-            started = time.monotonic()
+            ready = {n: _wait_ready(logs[n], p, started) for n, p in procs.items()}
             while True:
                 time.sleep(1)
                 try:
@@ -246,50 +292,161 @@ def cmd_procs(args: argparse.Namespace) -> None:
                     continue
                 if len(links) == args.links and all(x["epoch"] >= 1 for x in links):
                     break
-            startup = time.monotonic() - started
-            cpu0 = {n: proc_cpu(p.pid) for n, p in procs.items()}
+            rotated = time.monotonic() - started
+            # All links rotated at start-up; the window opens when the second round begins
+            # (interval minus jitter later), so it holds rotations and not only the quiet gap.
+            while max(x["epoch"] for x in _status(status_urls["alice"])["links"]) < 2:
+                time.sleep(2)
             first = _status(status_urls["alice"])["links"]
             epochs0 = sum(x["epoch"] for x in first)
             failures0 = sum(x["failures"] for x in first)
+            cpu0 = {n: proc_cpu(p.pid) for n, p in procs.items()}
             t0 = time.monotonic()
             time.sleep(args.seconds)
             cpu1 = {n: proc_cpu(p.pid) for n, p in procs.items()}
             t1 = time.monotonic()
+            mem = {n: proc_mem_mb(p.pid) for n, p in procs.items()}
             final = {n: _status(u)["links"] for n, u in status_urls.items()}
-            hwm = {n: proc_mem_mb(p.pid)[0] for n, p in procs.items()}
         finally:
             for proc in procs.values():
                 proc.send_signal(signal.SIGTERM)
             for proc in procs.values():
-                proc.wait(timeout=60)
+                proc.wait(timeout=120)
     rotations = sum(x["epoch"] for x in final["alice"]) - epochs0
     rate = rotations / (t1 - t0)
-    lat = [x["last_rotation_ms"] for x in final["alice"] if x["last_rotation_ms"] is not None]
     ages = [x["key_age"] for x in final["alice"] + final["bob"] if x["key_age"] is not None]
+    return {
+        "ready_s": {n: r[0] for n, r in ready.items()},
+        "ready_rss_mb": {n: r[1] for n, r in ready.items()},
+        "rotated_s": rotated,
+        "rate": rate,
+        "cpu_ms": {n: 1000 * (cpu1[n] - cpu0[n]) / max(rotations, 1) for n in procs},
+        "core": {n: (cpu1[n] - cpu0[n]) / (t1 - t0) for n in procs},
+        "peak_rss_mb": {n: m[0] for n, m in mem.items()},
+        "rss_mb": {n: m[1] for n, m in mem.items()},
+        "lat": [x["last_rotation_ms"] for x in final["alice"] if x["last_rotation_ms"]],
+        "failures": sum(x["failures"] for x in final["alice"]) - failures0,
+        "erased": sum(1 for x in final["alice"] + final["bob"] if x["erased"]),
+        "oldest_key_s": max(ages),
+    }
+
+
+def _spread(values: list[float], fmt: str = ".2f") -> str:
+    """min/median/max of several runs (one value when there was one run)."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{low:{fmt}}/{mid:{fmt}}/{high:{fmt}}"
+
+
+def cmd_procs(args: argparse.Namespace) -> None:
+    runs = []
+    for i in range(args.runs):
+        runs.append(r := procs_once(args))
+        print(
+            f"run {i + 1}: ready {r['ready_s']['alice']:.1f}/{r['ready_s']['bob']:.1f} s, "
+            f"{r['rate']:.1f} rot/s, CPU ms/rotation {r['cpu_ms']['alice']:.2f}/"
+            f"{r['cpu_ms']['bob']:.2f}, peak RSS {r['peak_rss_mb']['alice']:.0f}/"
+            f"{r['peak_rss_mb']['bob']:.0f} MB (alice/bob)",
+            flush=True,
+        )
     print(
-        f"{args.links} links, interval {args.interval} s, each agent its own process, "
-        f"measured {args.seconds:.0f} s after all links' first rotation ({startup:.1f} s)"
+        f"{args.links} links, interval {args.interval} s, keydir source, {args.sink} sinks, "
+        f"each agent its own process, {args.seconds:.0f} s measured from the start of the "
+        f"second round of rotations; {len(runs)} run(s), min/median/max"
     )
+
+    def each(key: str, name: str) -> list[float]:
+        return [r[key][name] for r in runs]
+
     print(
-        f"  rotations/s sustained: {rate:.1f} (expected ≈ {args.links / args.interval / 0.95:.1f})"
+        f"  all links rotated once after {_spread([r['rotated_s'] for r in runs], '.1f')} s; "
+        f"rotations/s {_spread([r['rate'] for r in runs], '.1f')} "
+        f"(expected ≈ {args.links / args.interval / 0.95:.1f})"
     )
     for name in ("alice", "bob"):
-        share = (cpu1[name] - cpu0[name]) / (t1 - t0)
         print(
-            f"  {name:<5} ({'initiator' if name == 'alice' else 'responder'}): CPU {share:.2f} "
-            f"of a core, {1000 * share / max(rate, 1e-9):.2f} ms/rotation, "
-            f"peak RSS {hwm[name]:.0f} MB"
+            f"  {name:<5} ({'initiator' if name == 'alice' else 'responder'}): "
+            f"startup to ready {_spread(each('ready_s', name), '.1f')} s at RSS "
+            f"{_spread(each('ready_rss_mb', name), '.0f')} MB; CPU "
+            f"{_spread(each('cpu_ms', name))} ms/rotation ({_spread(each('core', name))} "
+            f"of a core); RSS peak {_spread(each('peak_rss_mb', name), '.0f')} MB, "
+            f"end {_spread(each('rss_mb', name), '.0f')} MB"
         )
+    lat = [x for r in runs for x in r["lat"]]
     print(
         f"  latest rotation per link (initiator): p50 {pct(lat, 50):.1f} ms, "
         f"p99 {pct(lat, 99):.1f} ms"
     )
-    failures = sum(x["failures"] for x in final["alice"]) - failures0
-    erased = sum(1 for x in final["alice"] + final["bob"] if x["erased"])
     print(
-        f"  failed attempts {failures}, links erased {erased}, oldest key {max(ages):.0f} s "
+        f"  failed attempts {_spread([r['failures'] for r in runs], '.0f')}, links erased "
+        f"{_spread([r['erased'] for r in runs], '.0f')}, oldest key "
+        f"{_spread([r['oldest_key_s'] for r in runs], '.0f')} s "
         f"(reject_after {max(args.interval * 1.5, 10):.0f} s)"
     )
+
+
+async def _traced_agent(config: dict[str, Any], links: int, settle: float) -> float:
+    """Run one agent until each of its links committed once and `settle` more seconds;
+    returns the seconds from start to ready (every link opened)."""
+    stop = trio.Event()
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        agent = Agent(parse_config(config))
+        await nursery.start(partial(agent.run, shutdown_trigger=stop.wait))
+        ready = trio.current_time() - started
+        while sum(agent.link(n).record.epoch >= 1 for n in agent.links) < links:  # noqa: ASYNC110
+            await trio.sleep(0.5)
+        await trio.sleep(settle)
+        gc.collect()
+        memory["snapshot"] = tracemalloc.take_snapshot()
+        stop.set()
+    return ready
+
+
+memory: dict[str, tracemalloc.Snapshot] = {}
+
+
+def cmd_memory(args: argparse.Namespace) -> None:
+    """tracemalloc of one agent at N links (its peer a `qkdagent run` process), after every
+    link's first rotation: the top allocation sites, and bytes per link."""
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    with (
+        tempfile.TemporaryDirectory(dir=shm) as keys,
+        tempfile.TemporaryDirectory(dir=shm) as out,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        base = process_configs(Path(tmp), Path(keys), Path(out), args)
+        peer = "bob" if args.side == "alice" else "alice"
+        proc = spawn(base[peer], Path(tmp), peer)
+        try:
+            tracemalloc.start(args.frames)
+            ready = trio.run(_traced_agent, base[args.side], args.links, args.settle)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+    snapshot = memory["snapshot"].filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<unknown>")]
+    )
+    stats = snapshot.statistics("traceback" if args.frames > 1 else "lineno")
+    total = sum(s.size for s in stats)
+    role = "initiator" if args.side == "alice" else "responder"
+    print(
+        f"{args.side} ({role}), {args.links} links, after every link's first rotation "
+        f"(+{args.settle:g} s); ready after {ready:.1f} s under tracemalloc"
+    )
+    print(
+        f"  traced: {total / 2**20:.1f} MB, {total / args.links:.0f} bytes per link; "
+        f"top {args.top} sites:"
+    )
+    print(f"  {'KB':>8} {'B/link':>7} {'blocks':>8}  where")
+    root = str(Path(__file__).resolve().parents[2])
+    for stat in stats[: args.top]:
+        frames = [f"{f.filename.replace(root + '/', '')}:{f.lineno}" for f in stat.traceback]
+        print(
+            f"  {stat.size / 1024:>8.0f} {stat.size / args.links:>7.0f} {stat.count:>8}  "
+            + " < ".join(frames)
+        )
 
 
 def main() -> None:
@@ -311,8 +468,25 @@ def main() -> None:
     p.add_argument("--links", type=int, default=10000)
     p.add_argument("--interval", type=float, default=120.0)
     p.add_argument("--seconds", type=float, default=300.0)
+    p.add_argument("--runs", type=int, default=1, help="repeat; prints min/median/max")
+    p.add_argument("--sink", choices=("file", "recording"), default="file")
+    p = sub.add_parser("memory")
+    p.add_argument("--links", type=int, default=10000)
+    p.add_argument("--interval", type=float, default=120.0)
+    p.add_argument("--parallel", type=int, default=64, help="[agent] max_parallel_rotations")
+    p.add_argument("--sink", choices=("file", "recording"), default="file")
+    p.add_argument("--side", choices=("alice", "bob"), default="alice")
+    p.add_argument("--settle", type=float, default=5.0, help="seconds after the first rotations")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--frames", type=int, default=1, help="traceback depth per site")
     args = parser.parse_args()
-    commands = {"latency": cmd_latency, "scale": cmd_scale, "hold": cmd_hold, "procs": cmd_procs}
+    commands = {
+        "latency": cmd_latency,
+        "scale": cmd_scale,
+        "hold": cmd_hold,
+        "procs": cmd_procs,
+        "memory": cmd_memory,
+    }
     commands[args.cmd](args)
 
 
