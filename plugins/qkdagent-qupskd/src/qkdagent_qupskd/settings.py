@@ -53,7 +53,8 @@ def _host(text: str) -> str | None:
 def split_listen(text: str) -> tuple[str, int] | str:
     host, sep, port = text.rpartition(":")
     checked = _host(host)
-    digits = port.isascii() and port.isdigit()  # isdigit() alone passes "²", int() refuses it
+    # isdigit() alone passes "²", which int() refuses; int() refuses over 4,300 digits too
+    digits = port.isascii() and port.isdigit() and len(port) <= 5
     if not sep or checked is None or not digits or not 0 < int(port) < 65536:
         return 'must be "HOST:PORT" (quPSKd\'s qupskd_bind and qupskd_port)'
     return checked, int(port)
