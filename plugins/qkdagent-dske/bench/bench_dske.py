@@ -135,7 +135,7 @@ async def measure(path: Path, ports: dict[str, int], pids: list[int], args: argp
             await trio.sleep(1.0)  # py-spy attaches
 
         def requests() -> int:
-            return sum(alice.posters[h].batches + bob.fetchers[h].batches for h in HUBS)
+            return sum(alice.batches_sent.values()) + sum(bob.batches_sent.values())
 
         before_free, before_requests = free(), requests()
         hub0 = [proc_cpu(p) for p in pids]

@@ -66,8 +66,8 @@ async def test_concurrent_keys_go_in_batches_and_spend_less_psrd(tmp_path: Path)
             await round_trip(alice, bob, KEYS)
             batched = before - free(alice, bob)
             for hub in NAMES:
-                assert 1 <= alice.posters[hub].batches < KEYS
-                assert 1 <= bob.fetchers[hub].batches < KEYS
+                assert 1 <= alice.batches_sent["post", hub] < KEYS
+                assert 1 <= bob.batches_sent["fetch", hub] < KEYS
             alice.batching.clear()  # as against hubs without batches: one request per share
             bob.batching.clear()
             before = free(alice, bob)
@@ -87,8 +87,7 @@ async def test_hubs_without_batches_get_one_request_per_share(tmp_path: Path) ->
         async with running(alice, bob):
             assert alice.unbatched == bob.unbatched == set(NAMES) and not alice.batching
             await round_trip(alice, bob, 5)
-            assert all(c.posters[h].batches == 0 for c in (alice, bob) for h in NAMES)
-            assert all(c.fetchers[h].batches == 0 for c in (alice, bob) for h in NAMES)
+            assert not alice.batches_sent and not bob.batches_sent
 
 
 async def test_a_hub_that_stops_serving_batches_gets_single_requests(

@@ -21,10 +21,11 @@ import os
 import re
 import ssl
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -46,6 +47,7 @@ from .batcher import BatchFailed, Coalescer
 from .clientstore import BadReply, ClientPsrd
 from .hubclient import HubClient, HubDown, HubReply, client_ssl_context
 from .pool import Change, PsrdExhausted
+from .store import StoreError
 
 log = logging.getLogger("qkdagent.dske")
 
@@ -65,6 +67,11 @@ class Fetched:
 
     def __repr__(self) -> str:
         return f"<Fetched {self.status} index={self.share_index}>"
+
+
+PostOutcome = batchwire.ItemResult | str
+"""A share's result in a batch post, or why its batch failed at that hub."""
+FetchOutcome = Fetched | str
 
 
 @dataclass(frozen=True)
@@ -139,11 +146,14 @@ class DskeSource(Source):
         """Hubs that answered the probe with 404 (dske-python): one request per share."""
         # a batch item's size on the wire (post, or fetch answer), so a batch stays in MAX_BODY
         self._per_body = max(1, (wire.MAX_BODY * 3 // 4) // (400 + 2 * self.key_size))
-        self.posters: dict[str, Coalescer[bytes, batchwire.ItemResult]] = {}
-        self.fetchers: dict[str, Coalescer[str, Fetched]] = {}
-        for config in self.hubs:
-            self.posters[config.name] = Coalescer(partial(self._send_posts, config.name))
-            self.fetchers[config.name] = Coalescer(partial(self._send_fetches, config.name))
+        # one item per key (its shares for every batching hub), one batch per hub per send:
+        # a key costs one wait, not one task and one wait per hub
+        self.poster: Coalescer[dict[str, bytes], dict[str, PostOutcome]] = Coalescer(self._post_all)
+        self.fetcher: Coalescer[tuple[str, frozenset[str]], dict[str, FetchOutcome]] = Coalescer(
+            self._fetch_all
+        )
+        self.batches_sent: Counter[tuple[str, str]] = Counter()
+        """Batch requests sent, by ("post" or "fetch", hub)."""
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -239,8 +249,8 @@ class DskeSource(Source):
         reply = await self.clients[hub].call("GET", batchwire.POST_PATH)
         if reply.status == 200:
             most = min(batchwire.parse_capabilities(reply.body), self._per_body)
-            self.posters[hub].max_items = self.fetchers[hub].max_items = most
             self.batching[hub] = most
+            self.poster.max_items = self.fetcher.max_items = min(self.batching.values())
             log.info("source %s: hub %s takes batches of up to %d shares", self.name, hub, most)
         elif reply.status in (404, 405):
             self.unbatched.add(hub)
@@ -263,7 +273,9 @@ class DskeSource(Source):
         except HubDown as exc:
             raise BatchFailed(str(exc)) from None
         if reply.status in (404, 405):  # the hub was replaced by one without batches
-            if self.batching.pop(hub, None) is not None:
+            if self.batching.pop(hub, None) is not None and self.batching:
+                self.poster.max_items = self.fetcher.max_items = min(self.batching.values())
+            if hub not in self.batching:
                 log.warning(
                     "source %s: hub %s no longer serves batches: one request per share "
                     "until it is probed again",
@@ -274,8 +286,49 @@ class DskeSource(Source):
             raise BatchFailed(f"batch refused ({reply.status})")
         return reply
 
+    async def _per_hub(
+        self,
+        wanted: Sequence[Iterable[str]],
+        send: Callable[[str, list[int]], Awaitable[Sequence[object]]],
+    ) -> list[dict[str, Any]]:
+        """For items each wanting some hubs: one `send(hub, item indices)` per hub, all hubs in
+        parallel; per item, each hub's result or why that hub's batch failed."""
+        results: list[dict[str, Any]] = [{} for _ in wanted]
+        hubs: dict[str, list[int]] = {}
+        for i, item in enumerate(wanted):
+            for hub in item:
+                hubs.setdefault(hub, []).append(i)
+
+        async def one(hub: str, indices: list[int]) -> None:
+            try:
+                got = await send(hub, indices)
+            except (BatchFailed, StoreError) as exc:  # a failed record: the answers are unused
+                got = [str(exc)] * len(indices)
+            for i, result in zip(indices, got, strict=True):
+                results[i][hub] = result
+
+        async with trio.open_nursery() as nursery:
+            for hub, indices in hubs.items():
+                nursery.start_soon(one, hub, indices)
+        return results
+
+    async def _post_all(self, items: list[dict[str, bytes]]) -> list[dict[str, PostOutcome]]:
+        async def send(hub: str, indices: list[int]) -> Sequence[object]:
+            return await self._send_posts(hub, [items[i][hub] for i in indices])
+
+        return await self._per_hub(items, send)
+
+    async def _fetch_all(
+        self, items: list[tuple[str, frozenset[str]]]
+    ) -> list[dict[str, FetchOutcome]]:
+        async def send(hub: str, indices: list[int]) -> Sequence[object]:
+            return await self._send_fetches(hub, [items[i][0] for i in indices])
+
+        return await self._per_hub([hubs for _, hubs in items], send)
+
     async def _send_posts(self, hub: str, bodies: list[bytes]) -> list[batchwire.ItemResult]:
         body = batchwire.encode_post_batch(self.client_name, bodies)
+        self.batches_sent["post", hub] += 1
         reply = await self._batch_call(hub, batchwire.POST_PATH, body)
         try:
             _, change = self.psrd.check_reply(hub, reply.signature, reply.body, [])
@@ -289,6 +342,7 @@ class DskeSource(Source):
 
     async def _send_fetches(self, hub: str, key_ids: list[str]) -> list[Fetched]:
         body = batchwire.encode_fetch_batch(self.client_name, key_ids)
+        self.batches_sent["fetch", hub] += 1
         reply = await self._batch_call(hub, batchwire.FETCH_PATH, body)
         try:
             results = batchwire.parse_fetch_results(reply.body, key_ids)
@@ -324,25 +378,30 @@ class DskeSource(Source):
         taken: list[str] = []
         used = Change()  # the hub-owned PSRD of the verified answers
 
-        async def post(index: int, hub: str) -> None:
-            *sig, (pad_alloc, pad) = allocated[hub]
-            x, value = shares[index]
-            body = wire.SharePost(
-                self.client_name,
-                self.client_name,
-                slave,
-                key_id,
-                x,
-                pad_alloc,
-                wire.xor(value, pad),
-            ).encode()
-            if not sig:
-                try:
-                    result = await self.posters[hub].submit(body)
-                except BatchFailed as exc:
-                    log.warning("source %s: hub %s: key %s: %s", self.name, hub, key_id, exc)
-                    return
-                if result.status != 200:
+        bodies: dict[str, bytes] = {}
+        for (x, value), config in zip(shares, self.hubs, strict=True):
+            if config.name in allocated:
+                pad_alloc, pad = allocated[config.name][-1]
+                bodies[config.name] = wire.SharePost(
+                    self.client_name,
+                    self.client_name,
+                    slave,
+                    key_id,
+                    x,
+                    pad_alloc,
+                    wire.xor(value, pad),
+                ).encode()
+        in_batch = {h: b for h, b in bodies.items() if h in batched}
+
+        async def post_batched() -> None:
+            try:
+                results = await self.poster.submit(in_batch)
+            except BatchFailed as exc:
+                results = dict.fromkeys(in_batch, str(exc))
+            for hub, result in results.items():
+                if isinstance(result, str):
+                    log.warning("source %s: hub %s: key %s: %s", self.name, hub, key_id, result)
+                elif result.status != 200:
                     log.warning(
                         "source %s: hub %s: key %s: share refused (%d): %s",
                         self.name,
@@ -351,10 +410,12 @@ class DskeSource(Source):
                         result.status,
                         result.detail,
                     )
-                    return
-                taken.append(hub)
-                return
-            ((sig_alloc, sig_key),) = sig
+                else:
+                    taken.append(hub)
+
+        async def post(hub: str) -> None:
+            body = bodies[hub]
+            ((sig_alloc, sig_key), _) = allocated[hub]
             header = wire.signature_header(sig_alloc, sig_key, b"", body)
             try:
                 reply = await self.clients[hub].call(
@@ -369,13 +430,19 @@ class DskeSource(Source):
                 return
             taken.append(hub)
 
-        try:
-            async with trio.open_nursery() as nursery:
-                for index, hub in enumerate(self.hubs):
-                    if hub.name in allocated:
-                        nursery.start_soon(post, index, hub.name)
-        finally:
-            await self.psrd.record(used)  # before the answers count (shielded)
+        single = [h for h in bodies if h not in batched]
+        if not single:  # every share in a batch: no task of its own
+            if in_batch:
+                await post_batched()
+        else:
+            try:
+                async with trio.open_nursery() as nursery:
+                    if in_batch:
+                        nursery.start_soon(post_batched)
+                    for hub in single:
+                        nursery.start_soon(post, hub)
+            finally:
+                await self.psrd.record(used)  # before the answers count (shielded)
         if len(taken) < self.k:
             low = [h.name for h in self.hubs if h.name not in allocated]
             detail = f"; PSRD exhausted for {', '.join(low)}" if low else ""
@@ -400,25 +467,25 @@ class DskeSource(Source):
         outcome: dict[str, str] = {}
         used = Change()  # the hub-owned PSRD of the verified answers and pads
 
-        async def fetch(hub: str) -> None:
-            if hub in batched:
-                try:
-                    fetched = await self.fetchers[hub].submit(key_id)
-                except BatchFailed as exc:
-                    outcome[hub] = str(exc)
-                    log.warning("source %s: hub %s: key %s: %s", self.name, hub, key_id, exc)
-                    return
-                if fetched.status == 404:
+        async def fetch_batched() -> None:
+            try:
+                results = await self.fetcher.submit((key_id, frozenset(batched)))
+            except BatchFailed as exc:
+                results = dict.fromkeys(batched, str(exc))
+            for hub, fetched in results.items():
+                if isinstance(fetched, str):
+                    outcome[hub] = fetched
+                elif fetched.status == 404:
                     outcome[hub] = "no share"
-                    return
-                if fetched.status != 200:
+                    continue
+                elif fetched.status != 200:
                     outcome[hub] = f"share request refused ({fetched.status}): {fetched.detail}"
-                    log.warning(
-                        "source %s: hub %s: key %s: %s", self.name, hub, key_id, outcome[hub]
-                    )
-                    return
-                keep(hub, fetched.share_index, fetched.value)
-                return
+                else:
+                    keep(hub, fetched.share_index, fetched.value)
+                    continue
+                log.warning("source %s: hub %s: key %s: %s", self.name, hub, key_id, outcome[hub])
+
+        async def fetch(hub: str) -> None:
             ((sig_alloc, sig_key),) = allocated[hub]
             header = wire.signature_header(sig_alloc, sig_key, query, b"")
             try:
@@ -451,15 +518,23 @@ class DskeSource(Source):
             got[index] = value
             outcome[hub] = "ok"
 
-        try:
-            async with trio.open_nursery() as nursery:
-                for hub in missing:
-                    if hub in allocated or hub in batched:
-                        nursery.start_soon(fetch, hub)
-                    else:
-                        outcome[hub] = "PSRD exhausted"
-        finally:
-            await self.psrd.record(used)  # before the shares are used (shielded)
+        single = [h for h in missing if h not in batched]
+        for hub in single:
+            if hub not in allocated:
+                outcome[hub] = "PSRD exhausted"
+        if not single:  # every share in a batch: no task of its own
+            if batched:
+                await fetch_batched()
+        else:
+            try:
+                async with trio.open_nursery() as nursery:
+                    if batched:
+                        nursery.start_soon(fetch_batched)
+                    for hub in single:
+                        if hub in allocated:
+                            nursery.start_soon(fetch, hub)
+            finally:
+                await self.psrd.record(used)  # before the shares are used (shielded)
         return self._rebuild(key_id, got, outcome)
 
     def _rebuild(self, key_id: str, got: dict[int, bytes], outcome: dict[str, str]) -> Key:
