@@ -9,9 +9,10 @@ reported as lying. Shares received for a key that could not be rebuilt yet are k
 for the retry, because a hub deletes a share once it has delivered it.
 
 Batching (our extension, `batchwire.py`): a hub that answers the probe (sent with the first
-refill, and again after a hub stopped serving batches) gets concurrent posts and fetches
-coalesced into batches (`batcher.py`), each one signed request and one signed answer; a hub
-that answers 404 (dske-python) gets one request per share, as do hubs not probed yet.
+refill, and again after a hub stopped serving batches) gets concurrent keys' posts and fetches
+coalesced into batches (`batcher.py`: one queued item per key, one request per hub per batch),
+each one signed request and one signed answer; a hub that answers 404 (dske-python) gets one
+request per share, as do hubs not probed yet.
 """
 
 from __future__ import annotations
