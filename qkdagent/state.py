@@ -3,7 +3,8 @@
 Everything a side needs to converge after a crash is written (fsync'd) before any sink is touched:
 the committed epoch with its chain/auth keys and sink outputs, a pending epoch with the exact reply
 that was sent for it, and every key ID the link has used. The methods are blocking; the agent calls
-them through `StateStore.run` on one worker thread.
+them through `StateStore.run`: on the event loop while commits are fast, else on a worker thread
+(`inline.InlineGate`), one caller at a time.
 
 `secure_delete` zeroes freed pages so overwritten chain keys do not linger in the database file.
 It does not reach the write-ahead log, which keeps every older page image until a checkpoint:
@@ -27,6 +28,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +36,7 @@ import trio
 
 from .errors import KeyReuseError
 from .fileutil import FileCheckError, private_dir
+from .inline import InlineGate
 from .secret import Secret
 
 T = TypeVar("T")
@@ -189,6 +192,8 @@ class StateStore:
         self._db.execute("PRAGMA secure_delete=ON")
         self._db.executescript(_SCHEMA)
         self._threaded = threaded
+        self.gate = InlineGate()
+        """Where commits run: on the loop while they are fast (no thread hop), else threads."""
         self._batch_lock = trio.Lock()
         self._queue: list[_Job] = []
         self._scrub_due = trio.Event()
@@ -201,7 +206,8 @@ class StateStore:
         return self._threaded
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        """Run a blocking store method on a worker thread, with group commit.
+        """Run a blocking store method with group commit, on the event loop while commits are
+        fast (`InlineGate`: a thread hop cost more than the commit), else on a worker thread.
 
         Calls that arrive while a batch is being written are queued; the next one to get the
         lock runs the whole queue in one transaction (each call in its own savepoint, so one
@@ -220,7 +226,7 @@ class StateStore:
             async with self._batch_lock:
                 if not job.done:
                     batch, self._queue = self._queue, []
-                    await trio.to_thread.run_sync(self._run_batch, batch)
+                    await self.gate.run(partial(self._run_batch, batch))
                     self._last_commit = trio.current_time()
                     self._scrub_due.set()
         except trio.Cancelled:
@@ -247,7 +253,7 @@ class StateStore:
                 await trio.sleep_until(due)
             self._scrub_due = trio.Event()
             async with self._batch_lock:  # the connection is used by one thread at a time
-                await trio.to_thread.run_sync(self._scrub)
+                await self.gate.run(self._scrub)
             self._last_scrub = trio.current_time()
 
     def _run_batch(self, batch: list[_Job]) -> None:

@@ -27,7 +27,7 @@ measured. CPU is utime+stime from /proc/PID/stat over the measured rotations, pe
 RSS is VmHWM (peak) and VmRSS at the end. Prints figures; asserts only that both sides of each
 system ended on the same PSK file.
 
-`--profile DIR` attaches `py-spy record --format raw` (200 Hz, non-blocking) to both qkdagent
+`--profile DIR` attaches `py-spy record --format raw` (1000 Hz, non-blocking) to both qkdagent
 agents over (b)'s measured window (and (d)'s, with `--links`), then prints the flame summary;
 `--strace` counts each agent's system calls over (b)'s window (`strace -c`: fsyncs per rotation,
 reads, writes...); `--perf DIR` runs `perf record -g` on both agents over (b)'s window (native
@@ -158,7 +158,7 @@ class Attached:
     def __init__(self) -> None:
         self.procs: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def pyspy(self, pid: int, out: Path, rate: int = 200, gil: bool = True) -> None:
+    def pyspy(self, pid: int, out: Path, rate: int = 1000, gil: bool = True) -> None:
         """`gil`: only samples holding the GIL, i.e. executing Python (perf shows ~70% of an
         agent's CPU is the interpreter); without it, every sample of a thread not idle in a
         known wait, which under load counts runnable-but-waiting threads too."""

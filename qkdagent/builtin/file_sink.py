@@ -10,8 +10,9 @@ for its key folder.
 Durability: the agent's state store is the durable record of the key (committed before any
 install), and at start-up every sink is rewritten from it (the current key, or erased), so a
 rotation's file need not be on disk before the rotation ends. While the sink's task runs, an
-install renames the file into place and returns; the task fsyncs the file and its directory
-just after, off the rotation's path (a failure is logged). An erase (fail-closed) is durable
+install renames the file into place and returns (on the event loop while that is fast: a
+thread hop cost more than the write); the task fsyncs the files and their directory within
+SYNC_DELAY, off the rotation's path (a failure is logged). An erase (fail-closed) is durable
 before it returns, as is every write made while the task is not running.
 """
 
@@ -30,11 +31,14 @@ import trio
 from ..errors import Misconfigured, SinkError
 from ..fileutil import sync_directory, sync_written, write_secret_file
 from ..hookspecs import hookimpl
+from ..inline import InlineGate
 from ..interfaces import KeyMeta, Link, PluginContext, Sink
 from ..options import Options, check_template
 from ..secret import Secret
 
 FORMATS = ("base64", "hex", "raw")
+SYNC_DELAY = 0.1
+"""Seconds from an install to its fsync, at most: installs within it share one."""
 FINAL_SYNC_TIMEOUT = 10.0
 """Seconds the task, when cancelled, may spend making the last installs durable."""
 
@@ -102,6 +106,7 @@ class FileSink(Sink):
         self._sync_wanted = trio.Event()
         self._syncing = False
         """Whether the task runs: only then may an install leave its fsync to it."""
+        self._gate = InlineGate()
 
     def path(self, link: Link) -> Path:
         return Path(self.path_template.format(link=link.name, peer=link.peer))
@@ -124,6 +129,7 @@ class FileSink(Sink):
             task_status.started()
             while True:
                 await self._sync_wanted.wait()
+                await trio.sleep(SYNC_DELAY)
                 self._sync_wanted = trio.Event()
                 await self._sync_unsynced()
         finally:
@@ -175,8 +181,12 @@ class FileSink(Sink):
             except OSError as exc:
                 message = f"sink {self.name!r}: cannot create {path.parent}: {exc.strerror}"
                 raise SinkError(message) from None
+        write = partial(write_secret_file, path, data, durable=durable)
         try:
-            await trio.to_thread.run_sync(partial(write_secret_file, path, data, durable=durable))
+            if durable:
+                await trio.to_thread.run_sync(write)
+            else:
+                await self._gate.run(write)
         except OSError as exc:
             raise SinkError(f"sink {self.name!r}: cannot write {path}: {exc.strerror}") from None
         return path

@@ -1,0 +1,62 @@
+"""InlineGate: short blocking calls run on the event loop, slow ones send the next to threads."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import trio
+
+from qkdagent.inline import InlineGate
+
+
+def where() -> int:
+    return threading.get_ident()
+
+
+async def test_fast_calls_run_on_the_event_loop() -> None:
+    gate = InlineGate(limit=math.inf)
+    for _ in range(3):
+        assert await gate.run(where) == threading.get_ident()
+    assert (gate.inline_calls, gate.threaded_calls) == (3, 0)
+
+
+async def test_a_slow_call_sends_the_next_ones_to_a_thread_until_the_cooldown_ends() -> None:
+    gate = InlineGate(limit=0.0, cooldown=3600)  # every call counts as slow
+    assert await gate.run(where) == threading.get_ident()  # not known to be slow yet
+    assert await gate.run(where) != threading.get_ident()
+    assert await gate.run(where) != threading.get_ident()
+    assert (gate.inline_calls, gate.threaded_calls) == (1, 2)
+    gate = InlineGate(limit=0.0, cooldown=0.0)  # the cooldown is over at once
+    await gate.run(where)
+    assert await gate.run(where) == threading.get_ident()
+
+
+async def test_a_threaded_call_that_is_fast_again_does_not_extend_the_cooldown() -> None:
+    gate = InlineGate(limit=math.inf, cooldown=3600)
+    gate.measured(1.0)  # over no limit: nothing changes
+    assert gate.inline()
+    gate = InlineGate(limit=0.5, cooldown=3600)
+    gate.measured(0.6)
+    assert not gate.inline()
+
+
+async def test_errors_reach_the_caller_from_either_path() -> None:
+    def boom() -> None:
+        raise OSError(5, "Input/output error")
+
+    for gate in (InlineGate(limit=math.inf), InlineGate(limit=0.0, cooldown=3600)):
+        with pytest.raises(OSError, match="Input/output"):
+            await gate.run(boom)
+        with pytest.raises(OSError, match="Input/output"):
+            await gate.run(boom)
+
+
+async def test_a_caller_cancelled_before_the_call_runs_nothing() -> None:
+    gate = InlineGate(limit=math.inf)
+    calls: list[int] = []
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await gate.run(lambda: calls.append(1))
+    assert scope.cancelled_caught and calls == []
