@@ -2,11 +2,14 @@
 
 A hop to a worker thread and back costs 0.3-0.5 ms of wall time and about as much CPU when the
 thread was idle (two cold wake-ups), more than the call itself on a fast disk: on the rotation
-path that was a third of the latency. Blocking the loop is only acceptable while the calls stay
-short, so the gate watches how long they take: a call over `limit` sends the following calls
-to a worker thread for `cooldown` seconds (while they are measured there too), after which the
-loop is tried again. A disk that is always slow therefore costs one slow call per cooldown on
-the loop, at most.
+path that was a third of the latency. Blocking the loop is only acceptable while it stays
+rare and short, so the gate watches the calls:
+
+- a call over `limit` (a disk in trouble) sends the following calls to a worker thread for
+  `cooldown` seconds, after which the loop is tried again: a disk that is always slow blocks
+  the loop once per cooldown, at most;
+- the calls run on the loop may block it for at most `budget` of every second; past that, the
+  rest of the second's calls go to threads (where concurrent commits share a transaction).
 """
 
 from __future__ import annotations
@@ -19,23 +22,35 @@ import trio
 
 T = TypeVar("T")
 
-LIMIT = 0.002
+LIMIT = 0.02
 """Seconds a call may take and still be run on the event loop next time."""
 COOLDOWN = 30.0
 """Seconds calls stay on worker threads after one took longer than LIMIT."""
+BUDGET = 0.1
+"""Seconds per second the loop may spend blocked in calls run on it."""
 
 
 class InlineGate:
-    def __init__(self, limit: float = LIMIT, cooldown: float = COOLDOWN) -> None:
+    def __init__(
+        self, limit: float = LIMIT, cooldown: float = COOLDOWN, budget: float = BUDGET
+    ) -> None:
         self.limit = limit
         self.cooldown = cooldown
+        self.budget = budget
         self._threaded_until = -1.0
+        self._second = -1.0
+        """Start of the current one-second window of the budget."""
+        self._spent = 0.0
+        """Seconds the loop was blocked in this window."""
         self.inline_calls = 0
         self.threaded_calls = 0
 
     def inline(self) -> bool:
         """Whether the next call may block the loop."""
-        return time.monotonic() >= self._threaded_until
+        now = time.monotonic()
+        if now - self._second >= 1.0:
+            self._second, self._spent = now, 0.0
+        return now >= self._threaded_until and self._spent < self.budget
 
     def measured(self, seconds: float) -> None:
         """Record how long a call took (wherever it ran)."""
@@ -43,7 +58,7 @@ class InlineGate:
             self._threaded_until = time.monotonic() + self.cooldown
 
     async def run(self, fn: Callable[[], T]) -> T:
-        """`fn()` on the loop while calls are short, else on a worker thread (never
+        """`fn()` on the loop while calls are short and rare, else on a worker thread (never
         abandoned: a cancelled caller still waits for a started call to finish)."""
         if self.inline():
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -52,7 +67,9 @@ class InlineGate:
             try:
                 return fn()
             finally:
-                self.measured(time.perf_counter() - started)
+                took = time.perf_counter() - started
+                self._spent += took
+                self.measured(took)
                 await trio.lowlevel.cancel_shielded_checkpoint()
         self.threaded_calls += 1
         return await trio.to_thread.run_sync(self._timed, fn)

@@ -60,3 +60,13 @@ async def test_a_caller_cancelled_before_the_call_runs_nothing() -> None:
         scope.cancel()
         await gate.run(lambda: calls.append(1))
     assert scope.cancelled_caught and calls == []
+
+
+async def test_calls_on_the_loop_stop_once_they_used_the_budget_of_the_second() -> None:
+    gate = InlineGate(limit=math.inf, budget=1e-12)  # any blocking at all uses it up
+    assert await gate.run(where) == threading.get_ident()  # the window's first call
+    assert await gate.run(where) != threading.get_ident()
+    assert (gate.inline_calls, gate.threaded_calls) == (1, 1)
+    gate = InlineGate(limit=math.inf, budget=math.inf)
+    for _ in range(5):
+        assert await gate.run(where) == threading.get_ident()
