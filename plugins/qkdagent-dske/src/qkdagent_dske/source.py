@@ -273,16 +273,16 @@ class DskeSource(Source):
             reply = await self.clients[hub].call("POST", path, body=body, signature=header)
         except HubDown as exc:
             raise BatchFailed(str(exc)) from None
-        if reply.status in (404, 405):  # the hub was replaced by one without batches
-            if self.batching.pop(hub, None) is not None and self.batching:
+        # a hub replaced by one without batches (logged once: later batches queued already)
+        if reply.status in (404, 405) and self.batching.pop(hub, None) is not None:
+            if self.batching:
                 self.poster.max_items = self.fetcher.max_items = min(self.batching.values())
-            if hub not in self.batching:
-                log.warning(
-                    "source %s: hub %s no longer serves batches: one request per share "
-                    "until it is probed again",
-                    self.name,
-                    hub,
-                )
+            log.warning(
+                "source %s: hub %s no longer serves batches: one request per share "
+                "until it is probed again",
+                self.name,
+                hub,
+            )
         if reply.status != 200:
             raise BatchFailed(f"batch refused ({reply.status})")
         return reply
