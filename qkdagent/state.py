@@ -10,7 +10,7 @@ them through `StateStore.run`: on the event loop while commits are fast, else on
 It does not reach the write-ahead log, which keeps every older page image until a checkpoint:
 so `wal_checkpoint(TRUNCATE)` moves the new pages into the database (overwriting the old ones)
 and empties the log within `SCRUB_DELAY` of every commit (sooner, once commits pause: see
-`scrub_time`). The agent runs that as a background task (`scrub_log`), so no caller waits for
+`settle.Settle`). The agent runs that as a background task (`scrub_log`), so no caller waits for
 the checkpoint's fsyncs and a burst of commits shares one; inline stores (virtual-clock tests)
 checkpoint right after each commit. The filesystem and storage below may still keep old
 blocks, which no user-space program can rule out (see README, "Security properties and
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import sqlite3
 import stat
@@ -38,6 +37,7 @@ from .errors import KeyReuseError
 from .fileutil import FileCheckError, private_dir
 from .inline import InlineGate
 from .secret import Secret
+from .settle import Settle
 
 T = TypeVar("T")
 SCRUB_DELAY = 0.2
@@ -140,12 +140,6 @@ class LinkRecord:
     private keys: never in a repr)."""
 
 
-def scrub_time(last_commit: float, last_scrub: float, latest: float) -> float:
-    """When the checkpoint owed since a commit should run: once commits have paused for
-    SCRUB_QUIET (and SCRUB_MIN_GAP after the last one), at the latest at `latest`."""
-    return min(latest, max(last_commit + SCRUB_QUIET, last_scrub + SCRUB_MIN_GAP))
-
-
 def _ids_json(key_ids: tuple[tuple[str, str], ...]) -> str:
     return json.dumps([list(pair) for pair in key_ids])
 
@@ -196,9 +190,7 @@ class StateStore:
         """Where commits run: on the loop while they are fast (no thread hop), else threads."""
         self._batch_lock = trio.Lock()
         self._queue: list[_Job] = []
-        self._scrub_due = trio.Event()
-        self._last_commit = -math.inf
-        self._last_scrub = -math.inf
+        self._scrub = Settle(bound=SCRUB_DELAY, quiet=SCRUB_QUIET, min_gap=SCRUB_MIN_GAP)
 
     @property
     def threaded(self) -> bool:
@@ -227,8 +219,7 @@ class StateStore:
                 if not job.done:
                     batch, self._queue = self._queue, []
                     await self.gate.run(partial(self._run_batch, batch))
-                    self._last_commit = trio.current_time()
-                    self._scrub_due.set()
+                    self._scrub.changed()
         except trio.Cancelled:
             # Cancelled while waiting for the lock: a write no batch has taken yet must not
             # commit later behind the caller's back (its caller believes it never happened).
@@ -243,18 +234,10 @@ class StateStore:
         each commit. Cancel it before `close()` (which checkpoints one last time)."""
         task_status.started()
         while True:
-            await self._scrub_due.wait()
-            latest = trio.current_time() + SCRUB_DELAY
-            while True:
-                now = trio.current_time()
-                due = scrub_time(self._last_commit, self._last_scrub, latest)
-                if now >= due:
-                    break
-                await trio.sleep_until(due)
-            self._scrub_due = trio.Event()
+            await self._scrub.due()
             async with self._batch_lock:  # the connection is used by one thread at a time
-                await self.gate.run(self._scrub)
-            self._last_scrub = trio.current_time()
+                await self.gate.run(self._checkpoint)
+            self._scrub.ran()
 
     def _run_batch(self, batch: list[_Job]) -> None:
         try:
@@ -274,7 +257,7 @@ class StateStore:
             for job in batch:
                 job.done = True
 
-    def _scrub(self) -> None:
+    def _checkpoint(self) -> None:
         """Empty the write-ahead log so superseded keys do not outlive their commit there.
 
         The data is durable already (COMMIT fsync'd the log); a failed checkpoint only leaves
@@ -286,7 +269,7 @@ class StateStore:
             pass
 
     def close(self) -> None:
-        self._scrub()
+        self._checkpoint()
         self._db.close()
 
     # -- reads -------------------------------------------------------------------------------
@@ -499,7 +482,7 @@ class StateStore:
             self._db.execute("DELETE FROM links WHERE name = ?", (name,))
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self._db, self._scrub)
+        return _Transaction(self._db, self._checkpoint)
 
 
 class _Transaction:

@@ -275,7 +275,12 @@ def test_a_component_is_named_once_in_an_error() -> None:
 
 
 def test_checkpoint_waits_for_a_pause_in_commits_but_never_past_scrub_delay() -> None:
-    from qkdagent.state import SCRUB_DELAY, SCRUB_MIN_GAP, SCRUB_QUIET, scrub_time
+    from functools import partial as bind
+
+    from qkdagent.settle import settle_time
+    from qkdagent.state import SCRUB_DELAY, SCRUB_MIN_GAP, SCRUB_QUIET
+
+    scrub_time = bind(settle_time, quiet=SCRUB_QUIET, min_gap=SCRUB_MIN_GAP)
 
     latest = 100.0 + SCRUB_DELAY  # the first unscrubbed commit was at 100
     # one rotation's commits, then quiet: the checkpoint follows the pause, not SCRUB_DELAY

@@ -11,9 +11,10 @@ Durability: the agent's state store is the durable record of the key (committed 
 install), and at start-up every sink is rewritten from it (the current key, or erased), so a
 rotation's file need not be on disk before the rotation ends. While the sink's task runs, an
 install renames the file into place and returns (on the event loop while that is fast: a
-thread hop cost more than the write); the task fsyncs the files and their directory within
-SYNC_DELAY, off the rotation's path (a failure is logged). An erase (fail-closed) is durable
-before it returns, as is every write made while the task is not running.
+thread hop cost more than the write); the task fsyncs the files and their directory once
+installs pause, within SYNC_DELAY, off the rotation's path (a failure is logged). An erase
+(fail-closed) is durable before it returns, as is every write made while the task is not
+running.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ from ..inline import InlineGate
 from ..interfaces import KeyMeta, Link, PluginContext, Sink
 from ..options import Options, check_template
 from ..secret import Secret
+from ..settle import Settle
 
 FORMATS = ("base64", "hex", "raw")
-SYNC_DELAY = 0.1
+SYNC_DELAY = 1.0
 """Seconds from an install to its fsync, at most: installs within it share one."""
+SYNC_QUIET = 0.02
+"""...sooner once installs have paused this long (between rotations, not in the next one)."""
 FINAL_SYNC_TIMEOUT = 10.0
 """Seconds the task, when cancelled, may spend making the last installs durable."""
 
@@ -103,7 +107,7 @@ class FileSink(Sink):
         """Files renamed into place whose fsync the task still owes, with their install's
         number (a file installed again while being synced stays owed)."""
         self._installs = 0
-        self._sync_wanted = trio.Event()
+        self._owed = Settle(bound=SYNC_DELAY, quiet=SYNC_QUIET, min_gap=SYNC_QUIET)
         self._syncing = False
         """Whether the task runs: only then may an install leave its fsync to it."""
         self._gate = InlineGate()
@@ -128,10 +132,9 @@ class FileSink(Sink):
         try:
             task_status.started()
             while True:
-                await self._sync_wanted.wait()
-                await trio.sleep(SYNC_DELAY)
-                self._sync_wanted = trio.Event()
+                await self._owed.due()
                 await self._sync_unsynced()
+                self._owed.ran()
         finally:
             self._syncing = False
             with trio.move_on_after(FINAL_SYNC_TIMEOUT, shield=True):
@@ -142,7 +145,7 @@ class FileSink(Sink):
         if not owed:
             return
         try:
-            await trio.to_thread.run_sync(sync_written, list(owed))
+            await self._gate.run(partial(sync_written, list(owed)))
         except OSError as exc:
             log.warning(
                 "sink %s: installed key files are in place but could not be made durable: %s "
@@ -163,7 +166,7 @@ class FileSink(Sink):
             self._installs += 1
             self._unsynced.pop(path, None)  # re-inserted last: the dict keeps install order
             self._unsynced[path] = self._installs
-            self._sync_wanted.set()
+            self._owed.changed()
 
     async def _make_dirs(self, directory: Path) -> None:
         try:
