@@ -181,10 +181,23 @@ class StateStore:
             os.close(fd)
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA secure_delete=ON")
-        self._db.executescript(_SCHEMA)
+        try:
+            # One process owns the state: the exclusive lock, taken at the first access and
+            # held until close, keeps a second agent off this state_dir (it would reuse key
+            # IDs) and spares each transaction its lock calls and the WAL its shared memory.
+            self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA secure_delete=ON")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            if "locked" in str(exc):
+                raise FileCheckError(
+                    f"state file {path} is in use by another process (another agent with the "
+                    "same state_dir?)"
+                ) from None
+            raise FileCheckError(f"cannot use state file {path}: {exc}") from None
         self._threaded = threaded
         self.gate = InlineGate()
         """Where commits run: on the loop while they are fast (no thread hop), else threads."""

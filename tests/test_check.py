@@ -250,3 +250,16 @@ def test_real_state_dir_is_made_private(tmp_path: Path) -> None:
     state.chmod(0o755)
     StateStore(state).close()
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+
+def test_a_second_store_on_the_same_state_dir_is_refused_until_the_first_closes(
+    tmp_path: Path,
+) -> None:
+    """Two agents on one state_dir could each use a key ID once: the second is refused."""
+    state = tmp_path / "state"
+    first = StateStore(state)
+    with pytest.raises(FileCheckError, match="in use by another process"):
+        StateStore(state)
+    assert not (state / "state.db-shm").exists()  # no shared memory: one owner
+    first.close()
+    StateStore(state).close()
