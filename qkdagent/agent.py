@@ -34,8 +34,8 @@ from .lifecycle import (
     plan_reload,
     prepare_all,
 )
-from .link import BaseLink, LinkRuntime
-from .linkenv import LinkEnv
+from .link import LINK_RESTART_MAX, LINK_RESTART_MIN, BaseLink, LinkRuntime
+from .linkenv import LinkEnv, LinkTimers
 from .observability import Metrics, StatusApp
 from .plugins import Plugins
 from .responder import NOT_A_PEER
@@ -46,8 +46,6 @@ from .transport import HttpsTransport, PeerPoster, Transport
 log = logging.getLogger(__name__)
 
 LINK_OPEN_LIMIT = 64
-LINK_RESTART_MIN = 1.0
-LINK_RESTART_MAX = 60.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +67,9 @@ class _Retiring:
 
 @dataclass
 class _LinkTask:
+    """A link with a task of its own (another protocol's; native links have none: the agent's
+    `LinkTimers` wakes them)."""
+
     runtime: BaseLink
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     done: trio.Event = field(default_factory=trio.Event)
@@ -96,7 +97,9 @@ class Agent:
         self.transport: Transport = transport or HttpsTransport(self.settings)
         self.tasks = ComponentTasks(self.report)
         """The components' background tasks (`run()`)."""
-        self.links: dict[str, _LinkTask] = {}
+        self.links: dict[str, BaseLink] = {}
+        self._tasks: dict[str, _LinkTask] = {}
+        """The links that run a task of their own (`BaseLink.timed_by_agent` false)."""
         self._erasing: dict[int, _Retiring] = {}
         """Retired link runtimes (by id) whose fail-closed erase failed and is retried."""
         self.peer_urls: list[str] = []
@@ -165,6 +168,7 @@ class Agent:
         drained_by = trio.current_time()
         async with trio.open_nursery() as links:
             self._running = _Running(env, links, servers)
+            await links.start(env.timers.run)
             await self._start_links(list(self.config.links.values()))
             log.info(
                 "agent %s ready: %d links, peer API %s",
@@ -177,8 +181,9 @@ class Agent:
             log.info("agent %s stopping: draining in-flight rotations", self.name)
             self._stopping = True
             drained_by = trio.current_time() + self.settings.drain_timeout
-            for task in self.links.values():
-                task.runtime.stop()
+            for runtime in self.links.values():
+                runtime.stop()
+            env.timers.stop()
             links.cancel_scope.deadline = drained_by
         # Responder work too: a commit being installed finishes (same deadline).
         with trio.move_on_at(drained_by):
@@ -212,6 +217,7 @@ class Agent:
             # 10,000 connections and requests to the peer and the sources.
             rotation_slots=trio.CapacityLimiter(self.settings.max_parallel_rotations),
             rotation_timeout=self.settings.rotation_timeout,
+            timers=LinkTimers(),
         )
 
     async def _prepare(self, components: Components, config: AgentConfig) -> None:
@@ -232,13 +238,13 @@ class Agent:
     async def _handle_peer(
         self, link: str, action: str, body: bytes, identity: PeerIdentity
     ) -> bytes:
-        task = self.links.get(link)
-        if task is not None and not task.runtime.config.native:
-            task = None  # served by its own protocol: to the peer API it does not exist
+        runtime = self.links.get(link)
+        if runtime is not None and not runtime.config.native:
+            runtime = None  # served by its own protocol: to the peer API it does not exist
         if self._closed or (self._stopping and action != "commit"):
             # While draining only commits are taken: they finish rotations already under way.
             raise ProtocolError("agent is shutting down", status=503)
-        if task is None:
+        if runtime is None:
             # Only a configured peer may learn which link names exist here: anyone else gets
             # the answer a link with another peer would give.
             if not self._is_peer(identity):
@@ -252,7 +258,7 @@ class Agent:
             self._peer_idle = trio.Event()
         self._peer_calls += 1
         try:
-            return await task.runtime.handle(action, body, identity)
+            return await runtime.handle(action, body, identity)
         finally:
             self._peer_calls -= 1
             if not self._peer_calls:
@@ -288,18 +294,26 @@ class Agent:
             for config in configs:
                 nursery.start_soon(open_one, config)
         for runtime in sorted(runtimes, key=lambda r: r.name):
-            task = _LinkTask(runtime)
-            self.links[runtime.name] = task
-            await links.start(_run_isolated, task)
+            self.links[runtime.name] = runtime
+            if runtime.timed_by_agent:
+                runtime.poke()  # looks at its timer at once
+            else:
+                task = _LinkTask(runtime)
+                self._tasks[runtime.name] = task
+                await links.start(_run_isolated, task)
 
     async def _stop_link(self, name: str) -> BaseLink:
-        """Stop a link's loop (after any exchange under way) and forget it; returns it."""
-        task = self.links.pop(name)
-        task.runtime.stop()
-        async with task.runtime.lock:
+        """Stop a link's timer (after any exchange under way) and forget it; returns it."""
+        runtime = self.links.pop(name)
+        task = self._tasks.pop(name, None)
+        if task is None:
+            await runtime.halt()
+            return runtime
+        runtime.stop()
+        async with runtime.lock:
             task.scope.cancel()
         await task.done.wait()
-        return task.runtime
+        return runtime
 
     async def _retire(
         self, runtime: BaseLink, sink_ids: frozenset[str], *, drop_state: bool
@@ -469,8 +483,7 @@ class Agent:
         ) from None
 
     def _in_use(self, component: Any) -> bool:
-        for task in self.links.values():
-            runtime = task.runtime
+        for runtime in self.links.values():
             if any(component is h.source for h in runtime.sources):
                 return True
             if any(component is h.sink for h in runtime.sinks.handles):
@@ -493,7 +506,7 @@ class Agent:
     def link(self, name: str) -> Any:
         """A running link's runtime (`LinkRuntime`, or `ForeignLinkRuntime` for a link of
         another protocol); typed loosely for tests, which reach into either."""
-        return self.links[name].runtime
+        return self.links[name]
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -501,7 +514,7 @@ class Agent:
             "version": __version__,
             "time": time.time(),
             "peer_api": self.peer_urls,
-            "links": [t.runtime.describe() for t in self.links.values()],
+            "links": [runtime.describe() for runtime in self.links.values()],
             "removed_links_erase_failed": {
                 r.runtime.name: sorted(r.runtime.erase_failed) for r in self._erasing.values()
             },
@@ -512,7 +525,8 @@ class Agent:
 async def _run_isolated(
     task: _LinkTask, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run a link's loop so that nothing it raises stops the agent or the other links.
+    """Run a link's own task (another protocol's) so that nothing it raises stops the agent or
+    the other links.
 
     An exception here is a bug (the loop handles every expected failure itself): it is logged
     by type and place (its message might quote a key), and the loop restarts after a backoff.

@@ -10,6 +10,7 @@ happens before any state changes. What the link needs from the agent comes in on
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from . import protocol, ratchet, scheduler
 from . import responder_rules as rules
 from .components import SinkHandle, SourceHandle
 from .config import LinkConfig
+from .errors import raised_at
 from .events import RotationErrorEvent, RotationEvent
 from .identity import PeerIdentity
 from .initiator import Initiator
@@ -34,6 +36,10 @@ from .state import LinkRecord
 
 log = logging.getLogger(__name__)
 
+
+LINK_RESTART_MIN = 1.0
+LINK_RESTART_MAX = 60.0
+"""Backoff before a link looks again after a bug in its timer work."""
 
 PREFETCH_LEAD = 1.0
 """Seconds before a rotation is due that the initiator takes its source keys (at most 5 % of
@@ -88,12 +94,19 @@ class BaseLink:
         self.record = record
         self.clock = clock
         self.lock = trio.Lock()
-        self.wake = trio.Event()
         self.status = LinkStatus()
         self.stopped = False
         self.commit_lost = False
         """Set when the peer did not acknowledge a commit: the next rotation comes early."""
         self.rand: Callable[[], float] = random.random
+        self._wake: trio.Event | None = None
+        """Set to wake the link's own timer task (`timer_loop`; links the agent times have none)."""
+        self._step: trio.CancelScope | None = None
+        """The work under way for the agent's timer (`_run_step`), if any."""
+        self._stepped: trio.Event | None = None
+        """Set when that work ends, for `halt()` (made only when someone waits)."""
+        self._poked = False
+        self._bug_delay = LINK_RESTART_MIN
         self._setup()
 
     def _setup(self) -> None:
@@ -136,13 +149,25 @@ class BaseLink:
             await self.erase("startup" if self.record.epoch == 0 else "reject_after")
 
     def stop(self) -> None:
+        """No more timer work (an exchange or step under way finishes: see `halt`)."""
         self.stopped = True
-        self.wake.set()
+        if self.timed_by_agent:
+            self.env.timers.discard(self)
+        self.poke()
 
     def poke(self) -> None:
-        self.wake.set()
+        """Decide again now: a commit or a stop changed what is due."""
+        if self._wake is not None:
+            self._wake.set()
+        if not self.timed_by_agent or self.stopped:
+            return
+        if self._step is not None:
+            self._poked = True  # decided again when the work under way ends
+        else:
+            self.env.timers.wake_at(self, trio.current_time())
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The link's own task (for a link the agent does not time: `timed_by_agent`)."""
         raise NotImplementedError
 
     async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
@@ -152,13 +177,21 @@ class BaseLink:
     async def _rotate(self) -> None:
         """One initiator rotation (the native protocol's; a foreign one rotates by itself)."""
 
-    async def timer_loop(self) -> None:
-        """The link's timer: rotate when due (native initiator), erase when stale, retry a
-        failed erase, say once when nothing arrives (both roles and protocols)."""
+    # -- timer ---------------------------------------------------------------------------------
+
+    async def tick(self) -> float:
+        """Do what is due now until nothing is: rotate (native initiator), erase when stale,
+        retry a failed erase, say once when nothing arrives (both roles and protocols).
+        Returns when to look again."""
         while not self.stopped:
-            action = scheduler.decide(self.clock, self.config.timing, trio.current_time())
+            self._poked = False  # deciding now: an earlier poke is answered
+            now = trio.current_time()
+            action = scheduler.decide(self.clock, self.config.timing, now)
             if isinstance(action, scheduler.Wait):
-                await self._wait(action.until)
+                wake = self._wake_time(action.until, now)
+                if wake is not None:
+                    return wake
+                await self._early(action.until)
             elif isinstance(action, scheduler.Rotate):
                 await self._rotate()
             else:
@@ -173,12 +206,102 @@ class BaseLink:
                     elif isinstance(action, scheduler.Starved):
                         self._starved()
                         self.clock = scheduler.after_starved(self.clock)
+        return math.inf
 
-    async def _wait(self, until: float) -> None:
-        """Sleep until `until` or a poke."""
-        with trio.move_on_at(until):
-            await self.wake.wait()
-        self.wake = trio.Event()
+    def _wake_time(self, until: float, now: float) -> float | None:
+        """When to look again for a `Wait(until)`, or None when `_early` has work now."""
+        return until
+
+    async def _early(self, until: float) -> None:
+        """Work ahead of a rotation due at `until` (the native initiator's prefetch)."""
+
+    async def timer_loop(self) -> None:
+        """The timer as the link's own task (a link of another protocol runs one)."""
+        self._wake = trio.Event()
+        while not self.stopped:
+            until = await self.tick()
+            with trio.move_on_at(until):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    # -- timer, for links the agent times (one task for all: `LinkTimers`) ----------------------
+
+    timed_by_agent = False
+    """True: the agent's `LinkTimers` wakes the link and runs its work; no task of its own."""
+
+    def due(self) -> None:
+        """The agent's timer says the link's time has come: look again, and start a task only
+        when there is work (a rotation, a prefetch, an erase)."""
+        if self.stopped:
+            return
+        if self._step is not None:
+            self._poked = True
+            return
+        now = trio.current_time()
+        try:
+            wake = self._plan(now)
+        except Exception as exc:
+            wake = self._bug(exc)
+        if wake is not None:
+            self.env.timers.wake_at(self, wake)
+            return
+        self._step = trio.CancelScope()
+        self.env.timers.spawn(self._run_step, self._step)
+
+    def _plan(self, now: float) -> float | None:
+        """When to look again if nothing is due now; None if something is."""
+        action = scheduler.decide(self.clock, self.config.timing, now)
+        if isinstance(action, scheduler.Wait):
+            return self._wake_time(action.until, now)
+        return None
+
+    async def _run_step(self, scope: trio.CancelScope) -> None:
+        """Do the link's due work (its own task, so it delays no other link's), then arm the
+        timer again. An exception is a bug: logged by type and place (its message might quote
+        a key), and the link looks again after a backoff."""
+        wake: float | None = None
+        try:
+            with scope:
+                try:
+                    wake = await self.tick()
+                    self._bug_delay = LINK_RESTART_MIN
+                except Exception as exc:
+                    wake = self._bug(exc)
+        finally:
+            self._step = None
+            if self._stepped is not None:
+                self._stepped.set()
+                self._stepped = None
+        if wake is None or self.stopped:
+            return  # halted
+        if self._poked:
+            self._poked = False
+            wake = trio.current_time()
+        self.env.timers.wake_at(self, wake)
+
+    def _bug(self, exc: Exception) -> float:
+        delay = self._bug_delay
+        self._bug_delay = min(delay * 2, LINK_RESTART_MAX)
+        log.error(
+            "link %s: unexpected %s%s; the link restarts in %g s (a bug)",
+            self.name, type(exc).__name__, raised_at(exc), delay,
+            extra={"link": self.name, "stage": "internal"},
+        )  # fmt: skip
+        self.status.last_error = f"internal: unexpected {type(exc).__name__}"
+        self.status.last_error_at = time.time()
+        return trio.current_time() + delay
+
+    async def halt(self) -> None:
+        """Stop the agent-timed link: an exchange under way (it holds the lock) finishes, work
+        still waiting to start is cancelled; returns when none of its work runs."""
+        self.stop()
+        async with self.lock:
+            if self._step is not None:
+                self._step.cancel()
+        if self._step is not None:
+            if self._stepped is None:
+                self._stepped = trio.Event()
+            await self._stepped.wait()
 
     def _starved(self) -> None:
         """Nothing committed within reject_after on a side that cannot rotate by itself."""
@@ -342,25 +465,26 @@ class LinkRuntime(BaseLink):
         await runtime.start_sinks(fresh)
         return runtime
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        await self.timer_loop()
+    timed_by_agent = True
 
     async def _rotate(self) -> None:
         await self.initiator.rotate_once()
 
-    async def _wait(self, until: float) -> None:
+    def _wake_time(self, until: float, now: float) -> float | None:
         """An initiator takes the next rotation's source keys `PREFETCH_LEAD` before it is due
-        (`Initiator.prefetch`), so the sources' round trips are off the rotation's path."""
-        if not self.clock.initiator or until != self.clock.next_attempt or self.clock.failures:
+        (`Initiator.prefetch`, in `_early`), so the sources' round trips are off the rotation's
+        path."""
+        clock = self.clock
+        if not clock.initiator or until != clock.next_attempt or clock.failures:
             # after a failure the retry fetches its own keys: no double load on a failing source
-            await super()._wait(until)
-            return
+            return until
         early = until - prefetch_lead(self.config.timing.interval)
-        if trio.current_time() >= early and self.initiator.wants_prefetch(until):
-            await self.initiator.prefetch(until)
-            return
-        await super()._wait(early if trio.current_time() < early else until)
+        if now < early:
+            return early
+        return None if self.initiator.wants_prefetch(until) else until
+
+    async def _early(self, until: float) -> None:
+        await self.initiator.prefetch(until)
 
     async def rotate_once(self) -> bool:
         """One initiator rotation attempt now; returns whether it committed."""

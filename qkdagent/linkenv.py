@@ -7,12 +7,14 @@ modules do not import each other.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
+from . import scheduler
 from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
 from .observability import Metrics
 from .state import StateStore
@@ -29,6 +31,62 @@ class Observers(Protocol):
     def after_erase(self, event: EraseEvent) -> None: ...
 
 
+log = logging.getLogger(__name__)
+
+
+class Timed(Protocol):
+    def due(self) -> None:
+        """Its time has come. Called by the timer task: must not block."""
+
+
+class LinkTimers:
+    """One task wakes each link when its timer is due, from one heap of due times (issue 18:
+    a sleeping task, cancel scope and event per link were a large part of what 10,000 links
+    cost). A link's work then runs in a task of its own (`spawn`), so a slow or failing link
+    never delays another's."""
+
+    def __init__(self) -> None:
+        self._queue: scheduler.DueQueue[Timed] = scheduler.DueQueue()
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._stopping = False
+
+    def wake_at(self, item: Timed, when: float) -> None:
+        earlier = when < self._queue.next_due()
+        self._queue.set(item, when)
+        if earlier:
+            self._changed.set()
+
+    def discard(self, item: Timed) -> None:
+        self._queue.discard(item)
+
+    def spawn(self, work: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run a link's work in a task of its own (the agent waits for it when it stops)."""
+        if self._nursery is None:
+            raise RuntimeError("the link timers are not running")
+        self._nursery.start_soon(work, *args)
+
+    def stop(self) -> None:
+        """No more wake-ups: `run` returns once the work under way has ended."""
+        self._stopping = True
+        self._changed.set()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while not self._stopping:
+                with trio.move_on_at(self._queue.next_due()):
+                    await self._changed.wait()
+                if self._changed.is_set():
+                    self._changed = trio.Event()
+                for item in self._queue.pop_due(trio.current_time()):
+                    try:
+                        item.due()
+                    except Exception as exc:  # a bug in one link must not stop all timers
+                        log.error("a link's timer raised %s (a bug)", type(exc).__name__)
+
+
 @dataclass(frozen=True)
 class LinkEnv:
     agent_name: str
@@ -41,3 +99,5 @@ class LinkEnv:
     rotation_slots: trio.CapacityLimiter
     """Bounds concurrent initiator rotations of the agent (and its connections to peers)."""
     rotation_timeout: float
+    timers: LinkTimers
+    """Wakes the links whose timer is due (one task for all of them)."""

@@ -1,13 +1,17 @@
 """When to rotate, when to give up and erase: pure functions of (link timing, now).
 
 Times are trio clock seconds, so the running agent can be tested under a virtual clock and these
-functions without any clock at all.
+functions without any clock at all. `DueQueue` holds every link's next wake-up in one heap, so
+one task can serve all links' timers.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
 
 
 @dataclass(frozen=True)
@@ -140,3 +144,60 @@ def after_erase_attempt(clock: Clock, timing: Timing, now: float, *, failed: boo
 
 def after_starved(clock: Clock) -> Clock:
     return replace(clock, starved_reported=True)
+
+
+K = TypeVar("K")
+
+
+class DueQueue(Generic[K]):
+    """The next due time of each of many keys, earliest first (a heap).
+
+    Setting a key's time again supersedes its entry: the old one stays in the heap and is
+    dropped when it surfaces, and the heap is rebuilt once such stale entries outnumber the
+    live ones, so its size stays proportional to the number of keys.
+    """
+
+    __slots__ = ("_due", "_heap", "_order")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, K]] = []
+        self._due: dict[K, tuple[float, int]] = {}
+        self._order = itertools.count()
+        """Ties break by insertion order; keys are never compared."""
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def when(self, key: K) -> float | None:
+        entry = self._due.get(key)
+        return None if entry is None else entry[0]
+
+    def set(self, key: K, when: float) -> None:
+        entry = (when, next(self._order))
+        self._due[key] = entry
+        heapq.heappush(self._heap, (*entry, key))
+        if len(self._heap) > 2 * len(self._due) + 64:
+            self._heap = [(*e, k) for k, e in self._due.items()]
+            heapq.heapify(self._heap)
+
+    def discard(self, key: K) -> None:
+        self._due.pop(key, None)
+
+    def next_due(self) -> float:
+        """The earliest due time (infinity when empty)."""
+        heap = self._heap
+        while heap:
+            when, order, key = heap[0]
+            if self._due.get(key) == (when, order):
+                return when
+            heapq.heappop(heap)
+        return math.inf
+
+    def pop_due(self, now: float) -> list[K]:
+        """The keys due at `now`, earliest first; they leave the queue."""
+        due = []
+        while self.next_due() <= now and self._heap:
+            key = heapq.heappop(self._heap)[2]
+            del self._due[key]
+            due.append(key)
+        return due

@@ -1,0 +1,194 @@
+"""One timer task for all links (issue 18): the due-time heap, and running agents with many
+links under trio's virtual clock (isolation, fail-closed deadlines, no task per idle link)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from qkdagent.scheduler import DueQueue
+from qkdagent.testing import open_agent_pair
+
+REC = {"sinks": {"rec": {"type": "recording"}}}
+LINK = {"interval": 10, "jitter": 0, "reject_after": 30}
+
+
+# -- DueQueue (pure) -----------------------------------------------------------------------------
+
+
+def test_due_queue_pops_due_keys_earliest_first_and_ties_in_insertion_order() -> None:
+    queue: DueQueue[str] = DueQueue()
+    for key, when in (("c", 3.0), ("a", 1.0), ("b", 1.0), ("d", 9.0)):
+        queue.set(key, when)
+    assert queue.next_due() == 1.0 and len(queue) == 4
+    assert queue.pop_due(0.5) == []
+    assert queue.pop_due(3.0) == ["a", "b", "c"]
+    assert len(queue) == 1 and queue.when("d") == 9.0 and queue.when("a") is None
+    assert queue.pop_due(math.inf) == ["d"]
+    assert queue.next_due() == math.inf
+
+
+def test_setting_a_key_again_supersedes_its_time_and_discard_forgets_it() -> None:
+    queue: DueQueue[str] = DueQueue()
+    queue.set("a", 5.0)
+    queue.set("a", 50.0)  # later: the stale 5.0 entry must not fire
+    queue.set("b", 20.0)
+    queue.set("b", 2.0)  # earlier
+    queue.set("c", 1.0)
+    queue.discard("c")
+    queue.discard("missing")
+    assert queue.next_due() == 2.0
+    assert queue.pop_due(10.0) == ["b"]
+    assert queue.pop_due(49.0) == []
+    assert queue.pop_due(50.0) == ["a"]
+    assert len(queue) == 0
+
+
+def test_the_heap_stays_proportional_to_the_keys_however_often_they_are_set() -> None:
+    queue: DueQueue[int] = DueQueue()
+    for round_ in range(200):
+        for key in range(100):
+            queue.set(key, float(round_ * 100 + key))
+    assert len(queue) == 100
+    assert len(queue._heap) <= 2 * 100 + 64
+    assert queue.pop_due(math.inf) == list(range(100))
+
+
+# -- running agents ------------------------------------------------------------------------------
+
+
+def many_links(pair: Any, names: list[str], **changes: Any) -> None:
+    """Copies of the pair's link under other names, on both sides."""
+    for config in pair.configs.values():
+        template = config["links"]["alice-bob"]
+        for name in names:
+            config["links"][name] = {**template, **changes}
+
+
+async def start(pair: Any) -> None:
+    await pair.start("bob")
+    await pair.start("alice")
+
+
+def installs(pair: Any, side: str, link: str) -> list[float]:
+    return [r.time for r in pair.sink(side, "rec").installs if r.link == link]
+
+
+async def test_a_stuck_link_delays_no_other_link(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from qkdagent.link import LinkRuntime
+
+    rotate = LinkRuntime._rotate
+
+    async def stuck_for_one(self: LinkRuntime) -> None:
+        if self.name == "stuck":
+            await trio.sleep_forever()
+        await rotate(self)
+
+    monkeypatch.setattr(LinkRuntime, "_rotate", stuck_for_one)
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        many_links(pair, ["stuck"])
+        await start(pair)
+        began = trio.current_time()
+        await trio.sleep(95)
+        times = [t - began for t in installs(pair, "alice", "alice-bob")]
+    assert len(times) == 10  # at 0, 10, ..., 90 although "stuck" never finished its first
+    assert all(abs(t - 10 * i) < 1 for i, t in enumerate(times))
+
+
+async def test_every_link_is_erased_at_its_reject_after_deadline(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    names = [f"link{i:02d}" for i in range(40)]
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        many_links(pair, names)
+        names.append("alice-bob")
+        await start(pair)
+        with trio.fail_after(60):
+            while any(pair.bob.link(n).record.epoch < 1 for n in names):  # noqa: ASYNC110
+                await trio.sleep(0.5)
+        last = {n: installs(pair, "bob", n)[-1] for n in names}
+        await pair.stop("alice")  # no more rotations: bob must erase every link on time
+        await trio.sleep(40)
+        erasures = [e for e in pair.sink("bob", "rec").erasures if e[2] == "reject_after"]
+    by_link = {link: when for when, link, _ in erasures}
+    assert sorted(by_link) == sorted(names) and len(erasures) == len(names)  # each once
+    assert all(0 <= by_link[n] - (last[n] + 30) < 0.5 for n in names)
+
+
+def task_count() -> int:
+    tasks, nurseries = 0, list(trio.lowlevel.current_root_task().child_nurseries)
+    while nurseries:
+        nursery = nurseries.pop()
+        tasks += len(nursery.child_tasks)
+        for task in nursery.child_tasks:
+            nurseries.extend(task.child_nurseries)
+    return tasks
+
+
+async def idle_tasks(directory: Path, links: int) -> int:
+    """Tasks of an agent pair with `links` links, between two rotations."""
+    async with open_agent_pair(
+        directory, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        many_links(pair, [f"extra{i:03d}" for i in range(links - 1)])
+        await start(pair)
+        await trio.sleep(5)  # every link rotated once; the next rotations are due at 10
+        assert all(pair.alice.link(n).record.epoch == 1 for n in pair.alice.links)
+        return task_count()
+
+
+async def test_an_idle_link_has_no_task_of_its_own(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    one = await idle_tasks(tmp_path / "one", 1)
+    many = await idle_tasks(tmp_path / "many", 100)
+    assert many == one
+
+
+async def test_a_bug_in_one_links_timer_is_retried_with_backoff_and_spares_the_others(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qkdagent.link import LinkRuntime
+
+    tick = LinkRuntime.tick
+    bugs: list[float] = []
+
+    async def buggy_for_one(self: LinkRuntime) -> float:
+        if self.name == "buggy" and self.config.initiator:
+            bugs.append(trio.current_time())
+            raise KeyError("key 0123abcd")
+        return await tick(self)
+
+    monkeypatch.setattr(LinkRuntime, "tick", buggy_for_one)
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        many_links(pair, ["buggy"])
+        await start(pair)
+        began = trio.current_time()
+        await trio.sleep(95)
+        times = installs(pair, "alice", "alice-bob")
+        status = pair.alice.link("buggy").describe()
+    assert len(times) == 10
+    gaps = [round(b - a) for a, b in itertools.pairwise(bugs)]
+    assert gaps[:6] == [1, 2, 4, 8, 16, 32] and bugs[0] - began < 1
+    assert status["last_error"] == "internal: unexpected KeyError" and status["epoch"] == 0
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert sum("link buggy: unexpected KeyError" in line for line in lines) == len(bugs)
+    assert not any("0123abcd" in line for line in lines)
