@@ -217,7 +217,7 @@ class Agent:
             # 10,000 connections and requests to the peer and the sources.
             rotation_slots=trio.CapacityLimiter(self.settings.max_parallel_rotations),
             rotation_timeout=self.settings.rotation_timeout,
-            timers=LinkTimers(),
+            timers=LinkTimers(self.settings.max_parallel_rotations),
         )
 
     async def _prepare(self, components: Components, config: AgentConfig) -> None:

@@ -106,6 +106,8 @@ class BaseLink:
         self._stepped: trio.Event | None = None
         """Set when that work ends, for `halt()` (made only when someone waits)."""
         self._poked = False
+        self._queued = False
+        """Waiting at `LinkTimers`' gate to start rotation work."""
         self._bug_delay = LINK_RESTART_MIN
         self._setup()
 
@@ -231,31 +233,57 @@ class BaseLink:
 
     def due(self) -> None:
         """The agent's timer says the link's time has come: look again, and start a task only
-        when there is work (a rotation, a prefetch, an erase)."""
+        when there is work. Rotation work (a rotation, a prefetch: both take a rotation slot)
+        waits its turn at `LinkTimers`' gate instead of as a task parked on the slots, so a
+        burst of due links costs no task each; an erase never waits there."""
         if self.stopped:
             return
         if self._step is not None:
             self._poked = True
             return
         now = trio.current_time()
+        action: scheduler.Action | None = None
+        wake: float | None = None
         try:
-            wake = self._plan(now)
+            action = scheduler.decide(self.clock, self.config.timing, now)
+            if isinstance(action, scheduler.Wait):
+                wake = self._wake_time(action.until, now)
         except Exception as exc:
             wake = self._bug(exc)
         if wake is not None:
+            self._queued = False
             self.env.timers.wake_at(self, wake)
-            return
+        elif isinstance(action, scheduler.Rotate | scheduler.Wait):
+            self._arm_deadline()
+            if not self._queued:
+                self._queued = True
+                self.env.timers.enqueue(self)
+        else:
+            self._queued = False
+            self._start_step(gated=False)
+
+    def _arm_deadline(self) -> None:
+        """While its rotation waits at the gate, the link's erase deadline stays armed."""
+        clock, timing = self.clock, self.config.timing
+        wake = math.inf if clock.erased else clock.last_success + timing.reject_after
+        if clock.erase_retry_at is not None:
+            wake = min(wake, clock.erase_retry_at)
+        self.env.timers.wake_at(self, wake)
+
+    def begin_gated(self) -> bool:
+        """The gate's turn for the link's queued rotation work; False if it no longer waits."""
+        if not self._queued or self.stopped or self._step is not None:
+            return False
+        self._queued = False
+        self.env.timers.discard(self)  # the step arms the timer again when it ends
+        self._start_step(gated=True)
+        return True
+
+    def _start_step(self, *, gated: bool) -> None:
         self._step = trio.CancelScope()
-        self.env.timers.spawn(self._run_step, self._step)
+        self.env.timers.spawn(self._run_step, self._step, gated)
 
-    def _plan(self, now: float) -> float | None:
-        """When to look again if nothing is due now; None if something is."""
-        action = scheduler.decide(self.clock, self.config.timing, now)
-        if isinstance(action, scheduler.Wait):
-            return self._wake_time(action.until, now)
-        return None
-
-    async def _run_step(self, scope: trio.CancelScope) -> None:
+    async def _run_step(self, scope: trio.CancelScope, gated: bool) -> None:
         """Do the link's due work (its own task, so it delays no other link's), then arm the
         timer again. An exception is a bug: logged by type and place (its message might quote
         a key), and the link looks again after a backoff."""
@@ -272,6 +300,8 @@ class BaseLink:
             if self._stepped is not None:
                 self._stepped.set()
                 self._stepped = None
+            if gated:
+                self.env.timers.release()
         if wake is None or self.stopped:
             return  # halted
         if self._poked:

@@ -192,3 +192,30 @@ async def test_a_bug_in_one_links_timer_is_retried_with_backoff_and_spares_the_o
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert sum("link buggy: unexpected KeyError" in line for line in lines) == len(bugs)
     assert not any("0123abcd" in line for line in lines)
+
+
+async def test_links_due_at_once_wait_at_the_gate_not_as_tasks(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    slow = {"sinks": {"rec": {"type": "recording", "delay": 0.5}}, "agent": {}}
+    slow["agent"]["max_parallel_rotations"] = 3
+    names = [f"link{i:03d}" for i in range(60)]
+    async with open_agent_pair(
+        tmp_path,
+        alice=slow,
+        bob=REC,
+        link={**LINK, "interval": 600, "reject_after": 900},
+        local=True,
+        start=False,
+    ) as pair:
+        many_links(pair, names)
+        await pair.start("bob")
+        idle = task_count()
+        await pair.start("alice")
+        most = 0
+        while any(pair.alice.link(n).record.epoch < 1 for n in pair.alice.links):
+            most = max(most, task_count() - idle)
+            await trio.sleep(0.1)
+        rotated = [n for n in pair.alice.links if pair.alice.link(n).record.epoch == 1]
+    assert len(rotated) == 61
+    assert most < 40  # 61 links due at once; without the gate each had a task from the start
