@@ -1,7 +1,9 @@
 """The running agent: plugins, components, state, the transport's servers and the link tasks.
 
 Structured concurrency: one nursery holds the servers, plugin services and component tasks, an
-inner one the link loops. Shutdown stops scheduling, lets in-flight rotations finish within
+inner one the links: one `LinkTimers` task wakes every native link and runs each link's due work
+in a task of its own; a link of another protocol has its own task. Shutdown stops scheduling,
+lets in-flight rotations finish within
 `drain_timeout`, then cancels; the peer server stays up meanwhile so the peer can still commit.
 A shutdown asked for during start-up (a SIGTERM while components prepare) ends the start-up.
 """
