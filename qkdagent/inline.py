@@ -10,6 +10,13 @@ rare and short, so the gate watches the calls:
   the loop once per cooldown, at most;
 - the calls run on the loop may block it for at most `budget` of every second; past that, the
   rest of the second's calls go to threads (where concurrent commits share a transaction).
+
+The gate learns that a call was slow only once it returns: a call that stalls (an fsync behind
+heavy writeback) blocks the loop, every link's timers and the peer API with it, for as long as
+it stalls, once per cooldown. `loop_gate()` is shared by everything on one event loop (the state
+store and every file sink), so one slow call moves them all to threads. Background work that is
+not on a rotation's path (checkpoints, deferred fsyncs) does not use the gate: it always runs on
+a thread, where a stall delays nothing else.
 """
 
 from __future__ import annotations
@@ -22,12 +29,25 @@ import trio
 
 T = TypeVar("T")
 
-LIMIT = 0.02
+LIMIT = 0.01
 """Seconds a call may take and still be run on the event loop next time."""
 COOLDOWN = 30.0
 """Seconds calls stay on worker threads after one took longer than LIMIT."""
 BUDGET = 0.1
 """Seconds per second the loop may spend blocked in calls run on it."""
+
+
+_LOOP_GATE: trio.lowlevel.RunVar[InlineGate] = trio.lowlevel.RunVar("qkdagent_inline_gate")
+
+
+def loop_gate() -> InlineGate:
+    """The gate of the running event loop (one per `trio.run`, shared by its agents)."""
+    try:
+        return _LOOP_GATE.get()
+    except LookupError:
+        gate = InlineGate()
+        _LOOP_GATE.set(gate)
+        return gate
 
 
 class InlineGate:

@@ -25,17 +25,21 @@ class Settle:
         self.min_gap = min_gap
         self._owed = trio.Event()
         self._last_change = -math.inf
+        self._first_change = -math.inf
+        """When the first change not yet covered by a run came."""
         self._last_run = -math.inf
 
     def changed(self) -> None:
         """A change that the work must follow (call from the trio thread)."""
         self._last_change = trio.current_time()
-        self._owed.set()
+        if not self._owed.is_set():
+            self._first_change = self._last_change
+            self._owed.set()
 
     async def due(self) -> None:
         """Return when the work for the changes so far should run; call `ran()` after it."""
         await self._owed.wait()
-        latest = trio.current_time() + self.bound
+        latest = self._first_change + self.bound  # even if the previous run took a while
         while True:
             due = settle_time(
                 self._last_change,

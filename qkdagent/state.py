@@ -4,7 +4,7 @@ Everything a side needs to converge after a crash is written (fsync'd) before an
 the committed epoch with its chain/auth keys and sink outputs, a pending epoch with the exact reply
 that was sent for it, and every key ID the link has used. The methods are blocking; the agent calls
 them through `StateStore.run`: on the event loop while commits are fast, else on a worker thread
-(`inline.InlineGate`), one caller at a time.
+(`inline.loop_gate`), one caller at a time.
 
 `secure_delete` zeroes freed pages so overwritten chain keys do not linger in the database file.
 It does not reach the write-ahead log, which keeps every older page image until a checkpoint:
@@ -35,7 +35,7 @@ import trio
 
 from .errors import KeyReuseError
 from .fileutil import FileCheckError, private_dir
-from .inline import InlineGate
+from .inline import InlineGate, loop_gate
 from .secret import Secret
 from .settle import Settle
 
@@ -180,7 +180,8 @@ class StateStore:
         finally:
             os.close(fd)
         self.path = path
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # timeout=0: another owner is reported at once, not after SQLite's 5 s busy wait
+        self._db = sqlite3.connect(path, timeout=0, check_same_thread=False, isolation_level=None)
         try:
             # One process owns the state: the exclusive lock, taken at the first access and
             # held until close, keeps a second agent off this state_dir (it would reuse key
@@ -199,8 +200,9 @@ class StateStore:
                 ) from None
             raise FileCheckError(f"cannot use state file {path}: {exc}") from None
         self._threaded = threaded
-        self.gate = InlineGate()
-        """Where commits run: on the loop while they are fast (no thread hop), else threads."""
+        self.gate: InlineGate | None = None
+        """Where commits run: on the loop while they are fast (no thread hop), else threads;
+        None: the running loop's shared gate."""
         self._batch_lock = trio.Lock()
         self._queue: list[_Job] = []
         self._scrub = Settle(bound=SCRUB_DELAY, quiet=SCRUB_QUIET, min_gap=SCRUB_MIN_GAP)
@@ -212,7 +214,7 @@ class StateStore:
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run a blocking store method with group commit, on the event loop while commits are
-        fast (`InlineGate`: a thread hop cost more than the commit), else on a worker thread.
+        fast (`inline.loop_gate`: a thread hop cost more than the commit), else on a thread.
 
         Calls that arrive while a batch is being written are queued; the next one to get the
         lock runs the whole queue in one transaction (each call in its own savepoint, so one
@@ -228,16 +230,28 @@ class StateStore:
         job = _Job(fn, args)
         self._queue.append(job)
         try:
-            async with self._batch_lock:
-                if not job.done:
-                    batch, self._queue = self._queue, []
-                    await self.gate.run(partial(self._run_batch, batch))
-                    self._scrub.changed()
+            await self._batch_lock.acquire()
         except trio.Cancelled:
-            # Cancelled while waiting for the lock: a write no batch has taken yet must not
-            # commit later behind the caller's back (its caller believes it never happened).
-            self._queue = [queued for queued in self._queue if queued is not job]
-            raise
+            if any(queued is job for queued in self._queue):
+                # No batch has taken it: it must not commit later behind the caller's back
+                # (its caller believes it never happened).
+                self._queue = [queued for queued in self._queue if queued is not job]
+                raise
+            # A batch took it and runs whole: the caller learns its outcome like that of any
+            # write already under way (the cancellation reaches it at its next checkpoint).
+            with trio.CancelScope(shield=True):
+                await self._batch_lock.acquire()
+        try:
+            if not job.done:
+                # The batch holds other callers' writes: once taken it runs whole, whatever
+                # happens to this caller.
+                with trio.CancelScope(shield=True):
+                    batch, self._queue = self._queue, []
+                    gate = self.gate or loop_gate()
+                    await gate.run(partial(self._run_batch, batch))
+                    self._scrub.changed()
+        finally:
+            self._batch_lock.release()
         return job.outcome()
 
     async def scrub_log(
@@ -249,7 +263,8 @@ class StateStore:
         while True:
             await self._scrub.due()
             async with self._batch_lock:  # the connection is used by one thread at a time
-                await self.gate.run(self._checkpoint)
+                # off every rotation's path: on a thread, where a stalled fsync blocks nothing
+                await trio.to_thread.run_sync(self._checkpoint)
             self._scrub.ran()
 
     def _run_batch(self, batch: list[_Job]) -> None:

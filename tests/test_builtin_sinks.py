@@ -321,3 +321,56 @@ async def test_file_sink_sync_failure_is_logged_and_the_task_goes_on(
     assert "Input/output error" in caplog.text
     assert secret.reveal().hex() not in caplog.text
     assert base64.b64encode(secret.reveal()).decode() not in caplog.text
+
+
+async def test_an_install_under_way_when_the_task_stops_is_synced_by_the_install(
+    tmp_path: Path, fsyncs: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import math
+    import threading
+
+    import qkdagent.builtin.file_sink as file_sink
+    from qkdagent.inline import loop_gate
+
+    started, release = threading.Event(), threading.Event()
+    real_write = file_sink.write_secret_file
+
+    def held_write(*args: object, **kwargs: object) -> None:  # a write the test lets finish
+        started.set()
+        release.wait(10)
+        real_write(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(file_sink, "write_secret_file", held_write)
+    loop_gate()._threaded_until = math.inf  # writes go to a thread, as on a slow disk
+    sink = _file_sink(tmp_path)
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as tasks:
+            await tasks.start(sink.run)
+            meta = KeyMeta(1, ("k",), "file", 0)
+            outer.start_soon(sink.install, LINK, Secret(os.urandom(32)), meta)
+            await trio.to_thread.run_sync(started.wait, 10)
+            tasks.cancel_scope.cancel()  # a reload stops the task while the write is under way
+        assert not sink._syncing
+        release.set()
+    assert (tmp_path / "bob.key").exists()
+    assert str(tmp_path / "bob.key") in fsyncs and fsyncs[-1] == str(tmp_path)
+
+
+async def test_a_file_installed_again_during_its_sync_stays_owed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import qkdagent.builtin.file_sink as file_sink
+
+    sink = _file_sink(tmp_path)
+    path = tmp_path / "bob.key"
+    sink._unsynced[path] = 1
+
+    def sync_while_reinstalled(paths: list[Path]) -> None:
+        sink._unsynced[path] = 2  # an install of the same file lands meanwhile
+
+    monkeypatch.setattr(file_sink, "sync_written", sync_while_reinstalled)
+    await sink._sync_unsynced()
+    assert sink._unsynced == {path: 2}
+    monkeypatch.setattr(file_sink, "sync_written", lambda paths: None)
+    await sink._sync_unsynced()
+    assert sink._unsynced == {}

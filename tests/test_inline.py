@@ -70,3 +70,15 @@ async def test_calls_on_the_loop_stop_once_they_used_the_budget_of_the_second() 
     gate = InlineGate(limit=math.inf, budget=math.inf)
     for _ in range(5):
         assert await gate.run(where) == threading.get_ident()
+
+
+def test_one_gate_per_event_loop_shared_by_its_users() -> None:
+    from qkdagent.inline import loop_gate
+
+    async def two_lookups() -> tuple[InlineGate, InlineGate]:
+        return loop_gate(), loop_gate()
+
+    first = trio.run(two_lookups)
+    second = trio.run(two_lookups)
+    assert first[0] is first[1]  # the store and every file sink see one gate ...
+    assert second[0] is not first[0]  # ... of their own loop

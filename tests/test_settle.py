@@ -53,3 +53,34 @@ async def test_runs_are_min_gap_apart_and_nothing_is_due_without_a_change(
     with trio.move_on_after(100) as scope:
         await settle.due()  # no change since: never due
     assert scope.cancelled_caught
+
+
+async def test_the_bound_counts_from_the_first_change_even_while_work_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Changes that arrive while a slow run is under way wait no longer than the bound
+    (counted from their arrival), not the rest of the run and then the bound again."""
+    settle = Settle(bound=1.0, quiet=0.02, min_gap=0.02)
+    waiting: list[float] = []  # arrival times of changes no run has covered yet
+    lateness: list[float] = []
+
+    async def worker() -> None:
+        while True:
+            await settle.due()
+            now = trio.current_time()
+            lateness.extend(now - t for t in waiting)
+            waiting.clear()
+            await trio.sleep(0.5)  # slow work (an fsync on a slow disk)
+            settle.ran()
+
+    async def changes() -> None:
+        for _ in range(300):
+            waiting.append(trio.current_time())
+            settle.changed()
+            await trio.sleep(0.01)  # never a pause of `quiet`
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker)
+        await changes()
+        nursery.cancel_scope.cancel()
+    assert lateness and max(lateness) <= 1.0 + 1e-9

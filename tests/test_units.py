@@ -290,3 +290,93 @@ def test_checkpoint_waits_for_a_pause_in_commits_but_never_past_scrub_delay() ->
     assert scrub_time(100.0, 99.99, latest) == pytest.approx(99.99 + SCRUB_MIN_GAP)
     # commits that never pause: SCRUB_DELAY bounds the wait all the same
     assert scrub_time(100.0 + SCRUB_DELAY - 0.001, -math.inf, latest) == latest
+
+
+def test_a_batch_taken_by_a_caller_cancelled_at_the_lock_still_runs_whole(tmp_path: Path) -> None:
+    """The caller handed the lock takes every queued write; cancelled in that same tick, it
+    must not drop the others' writes (they would return None as if committed)."""
+    import trio.testing
+
+    from qkdagent.state import StateStore
+
+    store = StateStore(tmp_path / "s")
+    ran: list[str] = []
+    results: dict[str, object] = {}
+
+    def write(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await store._batch_lock.acquire()  # say, a checkpoint under way
+            scope_b = trio.CancelScope()
+
+            async def b() -> None:
+                with scope_b:
+                    results["b"] = await store.run(write, "b")
+
+            async def c() -> None:
+                results["c"] = await store.run(write, "c")
+
+            nursery.start_soon(b)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(c)
+            await trio.testing.wait_all_tasks_blocked()
+            store._batch_lock.release()  # handed to b, which takes [b, c]
+            scope_b.cancel()
+
+    trio.run(main)
+    store.close()
+    assert sorted(ran) == ["b", "c"]
+    assert results["c"] == "c"
+
+
+def test_a_caller_cancelled_after_another_batch_took_its_write_gets_its_outcome(
+    tmp_path: Path,
+) -> None:
+    """A write that a running batch holds happens whatever becomes of its caller, so the
+    caller is told how it went (as when a thread has started), not Cancelled."""
+    import trio.testing
+
+    from qkdagent.state import StateStore
+
+    store = StateStore(tmp_path / "s")
+    results: dict[str, object] = {}
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await store._batch_lock.acquire()
+            scope_c = trio.CancelScope()
+
+            async def b() -> None:
+                results["b"] = await store.run(lambda: "b")
+
+            async def c() -> None:
+                with scope_c:
+                    results["c"] = await store.run(lambda: "c")
+                    await trio.lowlevel.checkpoint()  # where the cancellation lands
+                    results["after"] = True
+
+            nursery.start_soon(b)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(c)
+            await trio.testing.wait_all_tasks_blocked()
+            store._batch_lock.release()  # handed to b, which takes [b, c] ...
+            await trio.lowlevel.checkpoint()
+            scope_c.cancel()  # ... while c still waits for the lock
+
+    trio.run(main)
+    store.close()
+    assert results == {"b": "b", "c": "c"}
+
+
+def test_the_checkpoint_bound_is_scrub_delay(tmp_path: Path) -> None:
+    """DESIGN §5: the WAL is checkpointed within 0.2 s of a commit (Settle keeps the bound:
+    tests/test_settle.py)."""
+    from qkdagent.state import SCRUB_DELAY, StateStore
+
+    store = StateStore(tmp_path / "s")
+    assert SCRUB_DELAY <= 0.2
+    assert store._scrub.bound == SCRUB_DELAY
+    store.close()

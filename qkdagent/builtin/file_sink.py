@@ -32,7 +32,7 @@ import trio
 from ..errors import Misconfigured, SinkError
 from ..fileutil import sync_directory, sync_written, write_secret_file
 from ..hookspecs import hookimpl
-from ..inline import InlineGate
+from ..inline import loop_gate
 from ..interfaces import KeyMeta, Link, PluginContext, Sink
 from ..options import Options, check_template
 from ..secret import Secret
@@ -110,7 +110,6 @@ class FileSink(Sink):
         self._owed = Settle(bound=SYNC_DELAY, quiet=SYNC_QUIET, min_gap=SYNC_QUIET)
         self._syncing = False
         """Whether the task runs: only then may an install leave its fsync to it."""
-        self._gate = InlineGate()
 
     def path(self, link: Link) -> Path:
         return Path(self.path_template.format(link=link.name, peer=link.peer))
@@ -145,7 +144,8 @@ class FileSink(Sink):
         if not owed:
             return
         try:
-            await self._gate.run(partial(sync_written, list(owed)))
+            # off the rotation's path: on a thread, where a stalled fsync blocks nothing
+            await trio.to_thread.run_sync(sync_written, list(owed))
         except OSError as exc:
             log.warning(
                 "sink %s: installed key files are in place but could not be made durable: %s "
@@ -162,11 +162,21 @@ class FileSink(Sink):
         path = await self._write(
             link, encode(secret.reveal(), self.format, self.newline), durable=not deferred
         )
-        if deferred:
-            self._installs += 1
-            self._unsynced.pop(path, None)  # re-inserted last: the dict keeps install order
-            self._unsynced[path] = self._installs
-            self._owed.changed()
+        if not deferred:
+            return
+        if not self._syncing:  # the task stopped while we wrote: nobody is left to owe it to
+            await self._sync_now(path)
+            return
+        self._installs += 1
+        self._unsynced.pop(path, None)  # re-inserted last: the dict keeps install order
+        self._unsynced[path] = self._installs
+        self._owed.changed()
+
+    async def _sync_now(self, path: Path) -> None:
+        try:
+            await trio.to_thread.run_sync(sync_written, [path])
+        except OSError as exc:
+            raise SinkError(f"sink {self.name!r}: cannot sync {path}: {exc.strerror}") from None
 
     async def _make_dirs(self, directory: Path) -> None:
         try:
@@ -189,7 +199,7 @@ class FileSink(Sink):
             if durable:
                 await trio.to_thread.run_sync(write)
             else:
-                await self._gate.run(write)
+                await loop_gate().run(write)
         except OSError as exc:
             raise SinkError(f"sink {self.name!r}: cannot write {path}: {exc.strerror}") from None
         return path
