@@ -37,11 +37,17 @@ async def call(coalescer: Coalescer[int, str], item: int, out: dict[int, str]) -
         out[item] = f"failed: {exc}"
 
 
+async def served(nursery: trio.Nursery, coalescer: Coalescer[int, str]) -> Coalescer[int, str]:
+    """The coalescer with its batch task running (as the source's run() does)."""
+    await nursery.start(coalescer.serve)
+    return coalescer
+
+
 async def test_a_lone_call_goes_at_once_and_the_rest_queue_for_one_batch(
     nursery: trio.Nursery,
 ) -> None:
     hub, out = Hub(), {}
-    coalescer = Coalescer(hub.send, max_items=64)
+    coalescer = await served(nursery, Coalescer(hub.send, max_items=64))
     nursery.start_soon(call, coalescer, 1, out)
     await trio.testing.wait_all_tasks_blocked()
     assert hub.batches == [[1]]  # no timer: sent before anything else happened
@@ -60,15 +66,15 @@ async def test_a_lone_call_goes_at_once_and_the_rest_queue_for_one_batch(
 
 async def test_a_full_queue_goes_beside_the_batch_in_flight(nursery: trio.Nursery) -> None:
     hub, out = Hub(), {}
-    coalescer = Coalescer(hub.send, max_items=3, max_in_flight=2)
+    coalescer = await served(nursery, Coalescer(hub.send, max_items=3, max_in_flight=2))
     for i in range(1, 8):
         nursery.start_soon(call, coalescer, i, out)
         await trio.testing.wait_all_tasks_blocked()
     # 1 alone; 2, 3, 4 filled the queue and went at once; 5, 6, 7 wait (2 in flight)
-    assert hub.batches == [[1], [4, 2, 3]]
+    assert hub.batches == [[1], [2, 3, 4]]
     hub.gates[1].set()
     await trio.testing.wait_all_tasks_blocked()
-    assert hub.batches == [[1], [4, 2, 3], [5, 6, 7]]
+    assert hub.batches == [[1], [2, 3, 4], [5, 6, 7]]
     for gate in (hub.gates[0], hub.gates[2]):
         gate.set()
     await trio.testing.wait_all_tasks_blocked()
@@ -77,7 +83,7 @@ async def test_a_full_queue_goes_beside_the_batch_in_flight(nursery: trio.Nurser
 
 async def test_a_failed_batch_fails_its_items_only(nursery: trio.Nursery) -> None:
     hub, out = Hub(), {}
-    coalescer = Coalescer(hub.send)
+    coalescer = await served(nursery, Coalescer(hub.send))
     for i in (1, 2, 3):
         nursery.start_soon(call, coalescer, i, out)
         await trio.testing.wait_all_tasks_blocked()
@@ -91,11 +97,14 @@ async def test_a_failed_batch_fails_its_items_only(nursery: trio.Nursery) -> Non
     assert out == {1: "failed: hub down", 2: "r2", 3: "r3"}
 
 
-async def test_cancelled_callers_leave_the_queue_or_fail_their_batch(
-    nursery: trio.Nursery,
-) -> None:
+async def test_a_cancelled_caller_abandons_only_its_own_wait(nursery: trio.Nursery) -> None:
+    """Queued, it leaves the queue; in a batch in flight, the batch goes on for the others and
+    its result goes to `orphan` (a hub deletes what it delivered: the owner keeps it)."""
     hub, out = Hub(), {}
-    coalescer = Coalescer(hub.send)
+    orphans: list[tuple[int, str]] = []
+    coalescer = await served(
+        nursery, Coalescer(hub.send, orphan=lambda i, r: orphans.append((i, r)))
+    )
     scopes = {i: trio.CancelScope() for i in range(1, 5)}
 
     async def cancellable(i: int) -> None:
@@ -107,12 +116,16 @@ async def test_cancelled_callers_leave_the_queue_or_fail_their_batch(
         await trio.testing.wait_all_tasks_blocked()
     scopes[2].cancel()  # queued: it just leaves
     await trio.testing.wait_all_tasks_blocked()
+    assert coalescer.queued == 2
     hub.gates[0].set()
     await trio.testing.wait_all_tasks_blocked()
-    assert hub.batches == [[1], [3, 4]]
-    scopes[3].cancel()  # 3 sends the batch in flight: 4 in it fails, is never left hanging
+    assert hub.batches == [[1], [3, 4]] and out == {1: "r1"}
+    scopes[3].cancel()  # 3 was first in the batch in flight: it leaves, the batch goes on
     await trio.testing.wait_all_tasks_blocked()
-    assert out == {1: "r1", 4: "failed: the batch was not completed"}
+    assert out == {1: "r1"} and not orphans and len(hub.batches) == 2
+    hub.gates[1].set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert out == {1: "r1", 4: "r4"} and orphans == [(3, "r3")]
     nursery.start_soon(call, coalescer, 5, out)  # the coalescer is usable afterwards
     await trio.testing.wait_all_tasks_blocked()
     hub.gates[2].set()
@@ -120,38 +133,34 @@ async def test_cancelled_callers_leave_the_queue_or_fail_their_batch(
     assert out[5] == "r5" and hub.batches[2] == [5]
 
 
-async def test_a_caller_woken_to_send_but_cancelled_passes_the_turn_on(
+async def test_without_its_task_nothing_is_sent_and_stopping_it_fails_every_wait(
     nursery: trio.Nursery,
 ) -> None:
     hub, out = Hub(), {}
-    coalescer = Coalescer(hub.send, max_items=2, max_in_flight=1)
-    scope = trio.CancelScope()
+    coalescer = Coalescer(hub.send)
+    with pytest.raises(BatchFailed, match="not running"):
+        await coalescer.submit(1)
+    task = trio.CancelScope()
 
-    async def first_in_queue() -> None:
-        with scope:
-            await call(coalescer, 2, out)
+    async def serve() -> None:
+        with task:
+            await coalescer.serve()
 
-    nursery.start_soon(call, coalescer, 1, out)
+    nursery.start_soon(serve)
     await trio.testing.wait_all_tasks_blocked()
-    nursery.start_soon(first_in_queue)
+    for i in (1, 2):  # 1 in flight, 2 queued
+        nursery.start_soon(call, coalescer, i, out)
+        await trio.testing.wait_all_tasks_blocked()
+    task.cancel()  # the source's run() stops (shutdown, reload)
     await trio.testing.wait_all_tasks_blocked()
-    nursery.start_soon(call, coalescer, 3, out)
-    await trio.testing.wait_all_tasks_blocked()
-    hub.gates[0].set()  # wakes 2 to send [2, 3] ...
-    scope.cancel()  # ... but 2 is cancelled before it runs
-    await trio.testing.wait_all_tasks_blocked()
-    assert hub.batches == [[1], [3]]
-    hub.gates[1].set()
-    await trio.testing.wait_all_tasks_blocked()
-    assert out == {1: "r1", 3: "r3"}
+    assert out == {1: "failed: the batch was not completed", 2: "failed: the source's task stopped"}
+    assert not coalescer.serving and hub.batches == [[1]]
 
 
-def test_results_must_match_items() -> None:
+async def test_results_must_match_items(nursery: trio.Nursery) -> None:
     async def short(items: list[int]) -> Sequence[str]:
         return []
 
-    async def main() -> None:
-        with pytest.raises(BatchFailed, match="one result per item"):
-            await Coalescer(short).submit(1)
-
-    trio.run(main)
+    coalescer = await served(nursery, Coalescer(short))
+    with pytest.raises(BatchFailed, match="one result per item"):
+        await coalescer.submit(1)

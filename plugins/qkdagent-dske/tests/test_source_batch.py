@@ -5,11 +5,13 @@ hubs that serve them (and less PSRD per key), one request per share at hubs that
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from qkdagent_dske.hubapp import Hub, Request, Response
 from qkdagent_dske.source import DskeSource
 
 from qkdagent import Key
@@ -113,3 +115,100 @@ async def test_a_hub_that_stops_serving_batches_gets_single_requests(
             assert len(hubs[0].hub.shares) == 1  # a single POST reached hank
             assert (await bob.key_by_id(BOB, key.key_id)).value == key.value
             assert not hubs[0].hub.shares
+
+
+class Progress:
+    """Wait for a condition that other tasks change (they call `notify`), without sleeping."""
+
+    def __init__(self) -> None:
+        self._changed = trio.Event()
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._changed.wait()
+
+
+async def test_a_caller_that_leaves_cuts_no_batch_short(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Key 1's caller times out while key 1 heads a batch fetch with key 2, after the hubs
+    delivered (and deleted) both shares: key 2 still gets its key, and a retry of key 1
+    rebuilds it from the shares kept for it, without asking any hub again."""
+    progress = Progress()
+    gates: list[trio.Event] = []
+    real = Hub._fetch_batch
+
+    async def gated(self: Hub, request: Request) -> Response:
+        response = await real(self, request)  # delivered: the shares are deleted, durably
+        gate = trio.Event()
+        gates.append(gate)
+        progress.notify()
+        await gate.wait()  # the answer is slow on its way back
+        return response
+
+    monkeypatch.setattr(Hub, "_fetch_batch", gated)
+    async with open_hubs(tmp_path, NAMES) as (pki, hubs):
+        alice, bob = sources(tmp_path, pki, hubs)
+        async with running(alice, bob):
+            keys = [await alice.new_key(ALICE) for _ in range(3)]
+            submitted: list[str] = []
+            submit = bob.fetcher.submit
+
+            async def noted(item: tuple[str, frozenset[str]]) -> dict[str, Any]:
+                submitted.append(item[0])
+                progress.notify()  # it queues before its waiter runs again
+                return await submit(item)
+
+            monkeypatch.setattr(bob.fetcher, "submit", noted)
+            got: dict[int, Key] = {}
+            timeout = trio.CancelScope()
+
+            async def fetch(i: int) -> None:
+                got[i] = await bob.key_by_id(BOB, keys[i].key_id)
+                progress.notify()
+
+            async def times_out() -> None:
+                with timeout:
+                    await fetch(1)
+                progress.notify()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(fetch, 0)
+                await progress.until(lambda: len(gates) == len(NAMES))  # key 0's batch
+                nursery.start_soon(times_out)  # key 1 queues first: it heads the next batch
+                await progress.until(lambda: keys[1].key_id in submitted)
+                nursery.start_soon(fetch, 2)
+                await progress.until(lambda: keys[2].key_id in submitted)
+                for gate in gates:
+                    gate.set()
+                await progress.until(lambda: len(gates) == 2 * len(NAMES))  # keys 1 and 2
+                assert 0 in got and all(not h.hub.shares for h in hubs if h.hub)
+                timeout.cancel()
+                await progress.until(lambda: timeout.cancelled_caught)
+                for gate in gates:
+                    gate.set()
+            assert got[0].value == keys[0].value and got[2].value == keys[2].value
+            assert 1 not in got
+            sent = sum(bob.batches_sent.values())
+            assert (await bob.key_by_id(BOB, keys[1].key_id)).value == keys[1].value
+            assert sum(bob.batches_sent.values()) == sent  # rebuilt from the shares kept
+
+
+async def test_without_its_task_the_source_sends_one_request_per_share(tmp_path: Path) -> None:
+    """Batches are sent by the source's run() task; before it starts (or while the agent
+    restarts it) keys still go through, one request per share."""
+    async with open_hubs(tmp_path, NAMES) as (pki, hubs):
+        alice, bob = sources(tmp_path, pki, hubs)
+        try:
+            await alice.prepare()
+            await bob.prepare()
+            assert set(alice.batching) == set(NAMES) and not alice.poster.serving
+            await round_trip(alice, bob, 3)
+            assert not alice.batches_sent and not bob.batches_sent
+        finally:
+            await alice.aclose()
+            await bob.aclose()

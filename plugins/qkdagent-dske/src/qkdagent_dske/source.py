@@ -151,7 +151,7 @@ class DskeSource(Source):
         # a key costs one wait, not one task and one wait per hub
         self.poster: Coalescer[dict[str, bytes], dict[str, PostOutcome]] = Coalescer(self._post_all)
         self.fetcher: Coalescer[tuple[str, frozenset[str]], dict[str, FetchOutcome]] = Coalescer(
-            self._fetch_all
+            self._fetch_all, orphan=self._orphaned_fetch
         )
         self.batches_sent: Counter[tuple[str, str]] = Counter()
         """Batch requests sent, by ("post" or "fetch", hub)."""
@@ -193,11 +193,15 @@ class DskeSource(Source):
         self.psrd.close()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Register with hubs that were down and keep every PSRD pool above `psrd_low_water`."""
-        task_status.started()
-        while True:
-            await trio.sleep(self.refill_every)
-            await self.refill()
+        """Send the batches (in tasks of this one, so that no caller's timeout cuts one short),
+        register with hubs that were down and keep every PSRD pool above `psrd_low_water`."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.poster.serve)
+            await nursery.start(self.fetcher.serve)
+            task_status.started()
+            while True:
+                await trio.sleep(self.refill_every)
+                await self.refill()
 
     async def refill(self) -> None:
         """Register where needed and fetch PSRD blocks for pools below the low-water mark;
@@ -369,7 +373,9 @@ class DskeSource(Source):
         key_id = str(uuid.uuid4())
         secret = os.urandom(self.key_size)
         shares = shamir.split(secret, self.k, len(self.hubs))
-        batched = {h.name for h in self.hubs if h.name in self.batching}
+        # batches are sent by the run() task: without it (not started yet, or being restarted)
+        # every share goes in a request of its own
+        batched = {h.name for h in self.hubs if h.name in self.batching and self.poster.serving}
         wanted = {
             hub.name: [self.key_size] if hub.name in batched else [SIG, self.key_size]
             for hub in self.hubs
@@ -461,7 +467,7 @@ class DskeSource(Source):
         await self.psrd.open()
         have = self._pending.get(key_id, {})
         missing = [h.name for i, h in enumerate(self.hubs) if i not in have]
-        batched = {h for h in missing if h in self.batching}
+        batched = {h for h in missing if h in self.batching and self.fetcher.serving}
         allocated = await self.psrd.allocate({h: [SIG] for h in missing if h not in batched})
         query = f"client_name={self.client_name}&key_id={key_id}".encode()
         got: dict[int, bytes] = dict(have)
@@ -534,9 +540,35 @@ class DskeSource(Source):
                     for hub in single:
                         if hub in allocated:
                             nursery.start_soon(fetch, hub)
-            finally:
-                await self.psrd.record(used)  # before the shares are used (shielded)
+            except BaseException:  # the caller left: keep what arrived (the hubs deleted it)
+                await self.psrd.record(used)
+                self._stash(key_id, got)
+                raise
+            await self.psrd.record(used)  # before the shares are used (shielded)
         return self._rebuild(key_id, got, outcome)
+
+    def _orphaned_fetch(
+        self, item: tuple[str, frozenset[str]], results: dict[str, FetchOutcome]
+    ) -> None:
+        """A batch fetch returned after its caller left: keep the shares for the retry (the hubs
+        have deleted them; their PSRD was recorded before they were decrypted)."""
+        key_id = item[0]
+        shares = {
+            r.share_index: r.value
+            for r in results.values()
+            if isinstance(r, Fetched) and r.status == 200 and len(r.value) == self.key_size
+        }
+        if shares:
+            self._stash(key_id, shares)
+
+    def _stash(self, key_id: str, shares: dict[int, bytes]) -> None:
+        """Add shares of a key not rebuilt yet to those kept for its retry (`PENDING_KEYS`)."""
+        kept = self._pending.setdefault(key_id, {})
+        for index, value in shares.items():
+            kept.setdefault(index, value)
+        self._pending.move_to_end(key_id)
+        while len(self._pending) > PENDING_KEYS:
+            self._pending.popitem(last=False)
 
     def _rebuild(self, key_id: str, got: dict[int, bytes], outcome: dict[str, str]) -> Key:
         if not got and outcome and all(v == "no share" for v in outcome.values()):
@@ -554,10 +586,7 @@ class DskeSource(Source):
                     detail = f"hub {hub} returned a share of key {key_id} that breaks the digest"
                     self.context.report(ComponentEvent(self.name, "lying_hub", detail))
                 return Key(key_id, Secret(secret))
-        self._pending[key_id] = got
-        self._pending.move_to_end(key_id)
-        while len(self._pending) > PENDING_KEYS:
-            self._pending.popitem(last=False)
+        self._stash(key_id, got)
         failures = "; ".join(f"{h}: {v}" for h, v in sorted(outcome.items()) if v != "ok")
         raise SourceUnavailable(
             f"source {self.name!r}: key {key_id} not rebuilt ({problem}); {failures}; "
