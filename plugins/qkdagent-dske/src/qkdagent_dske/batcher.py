@@ -134,14 +134,16 @@ class Coalescer(Generic[I, R]):
             for s in batch:
                 s.error = f"the batch failed ({type(exc).__name__})"
         finally:
+            cut = False
             for s in batch:
-                if s.result is None and s.error is None:  # cancelled: the owner stopped
+                if s.result is None and s.error is None:  # cancelled: the owner stops
                     s.error = "the batch was not completed"
+                    cut = True
                 s.done.set()
                 if s.abandoned and s.result is not None and self._orphan is not None:
                     self._orphan(s.item, s.result)
             self._in_flight -= 1
-            if self._nursery is not None and not self._nursery.cancel_scope.cancel_called:
+            if self._nursery is not None and not cut:
                 if self._queue:  # what queued meanwhile goes now
                     self._start()
                 while len(self._queue) >= self.max_items and self._in_flight < self.max_in_flight:
