@@ -146,7 +146,7 @@ class Agent:
                         self.transport.serve_peers, self._handle_peer, self.metrics, self._is_peer
                     )
                     self.status_urls = await servers.start(
-                        self.transport.serve_status, StatusApp(self.describe, self.metrics)
+                        self.transport.serve_status, StatusApp(self._status, self.metrics)
                     )
                 if not starting.cancelled_caught:
                     await self._run_links(servers, env, stop, task_status)
@@ -511,12 +511,17 @@ class Agent:
         return self.links[name]
 
     def describe(self) -> dict[str, Any]:
+        return {**self._status(), "links": [r.describe() for r in self.links.values()]}
+
+    def _status(self) -> dict[str, Any]:
+        """The status document for /status: its links described one at a time as they are
+        encoded (`observability.status_json`)."""
         return {
             "agent": self.name,
             "version": __version__,
             "time": time.time(),
             "peer_api": self.peer_urls,
-            "links": [runtime.describe() for runtime in self.links.values()],
+            "links": (r.describe() for r in list(self.links.values())),
             "removed_links_erase_failed": {
                 r.runtime.name: sorted(r.runtime.erase_failed) for r in self._erasing.values()
             },
