@@ -10,7 +10,7 @@ from qkdagent_dske import batchwire, wire
 from qkdagent_dske.hubapp import Hub, Response
 
 from . import test_hub
-from .test_hub import SHARE, Client, refused, snapshot
+from .test_hub import SHARE, Client, refused, register, snapshot
 
 hub = test_hub.hub  # the same fixtures: a hub, and carol, conny and mallory registered with it
 clients = test_hub.clients
@@ -146,3 +146,13 @@ async def test_hub_owned_psrd_exhausted_refuses_the_whole_batch(hub: Hub, client
     body = batchwire.encode_fetch_batch("conny", ["k1"])
     reply = await conny.call(body=body, signature=signed(conny, body), **FETCH)
     assert reply.status == 503 and snapshot(hub) == before and len(hub.shares) == 1
+
+
+async def test_a_claimed_encryptor_name_takes_no_share_through_a_batch(hub: Hub, clients) -> None:  # type: ignore[no-untyped-def]
+    """The review's attack: mallory registers conny as one of her encryptors, then fetches
+    conny's share in a batch (in clear to her, deleted for conny). Her claim is refused."""
+    carol, conny, mallory = clients
+    assert [r.status for r in await post_batch(carol, [item(carol, "k1")])] == [200]
+    assert (await register(mallory, "conny")).status == 409
+    assert await fetch_batch(mallory, ["k1"]) == [(404, None)] and len(hub.shares) == 1
+    assert await fetch_batch(conny, ["k1"]) == [(200, SHARE)]

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 from qkdagent_dske import wire
-from qkdagent_dske.hubapp import Hub, HubSettings, Request, Response
+from qkdagent_dske.hubapp import DISPUTED, Hub, HubSettings, Request, Response
 from qkdagent_dske.hubclient import HubReply
-from qkdagent_dske.pool import PoolBook
+from qkdagent_dske.pool import Change, PoolBook
 from qkdagent_dske.store import PsrdStore
 
 from .hubs import open_hubs
@@ -233,3 +233,64 @@ def test_reprs_never_show_bodies() -> None:
     ):
         assert block not in repr(shown).encode() and b"UFNSRC1QQUQ" not in repr(shown).encode()
         assert "body" not in repr(shown)
+
+
+def registrations(hub: Hub) -> list[object]:
+    return [hub.db.query("SELECT * FROM clients ORDER BY 1"), dict(hub.clients), dict(hub.owners)]
+
+
+async def register(client: Client, *encryptors: str, name: str | None = None) -> Response:
+    reg = wire.Registration(name or client.name, (name or client.name, *encryptors)).encode()
+    return await client.call("PUT", "/oob/v1/registration", body=reg, peer=name or client.name)
+
+
+async def test_no_client_can_claim_another_clients_name(hub: Hub, clients) -> None:  # type: ignore[no-untyped-def]
+    """A client that registered another client's name as one of its encryptors would be
+    handed (and the hub would delete) that client's shares: refused, nothing changed; an
+    encryptor name is one client's only, and no client registers under a name claimed so."""
+    carol, conny, mallory = clients
+    body, sig = carol.post_body("k1", SHARE, slave="conny")
+    assert (await carol.call("POST", "/api/v1/key-share", body=body, signature=sig)).status == 200
+    before = registrations(hub)
+    reply = await register(mallory, "conny")
+    assert reply.status == 409 and b"belongs to another client" in reply.body
+    assert registrations(hub) == before
+    query, m_sig = mallory.get_query("k1")
+    reply = await mallory.call("GET", "/api/v1/key-share", query, signature=m_sig)
+    assert reply.status == 404 and len(hub.shares) == 1  # conny's share stays conny's
+    assert (await register(mallory, "sae-m")).status == 200  # a name nobody has: hers
+    before = registrations(hub)
+    assert (await register(carol, "sae-m")).status == 409
+    reply = await register(Client(hub, "sae-m"))  # a client under a claimed name
+    assert reply.status == 409 and b"claimed as an encryptor" in reply.body
+    assert registrations(hub) == before
+    assert (await register(mallory)).status == 200  # re-registered without it: free again
+    assert (await register(carol, "sae-m")).status == 200
+    body, sig = conny.post_body("k2", SHARE, slave="sae-m")
+    assert (await conny.call("POST", "/api/v1/key-share", body=body, signature=sig)).status == 200
+    query, m_sig = mallory.get_query("k2")
+    reply = await mallory.call("GET", "/api/v1/key-share", query, signature=m_sig)
+    assert reply.status == 404
+    query, c_sig = carol.get_query("k2")
+    reply = await carol.call("GET", "/api/v1/key-share", query, signature=c_sig)
+    assert reply.status == 200
+
+
+async def test_claims_a_store_kept_from_before_are_not_honoured(tmp_path: Path) -> None:
+    """A store written before claims were exclusive: a claim of another client's name is
+    ignored, and a name two clients claimed goes to neither."""
+    hub = Hub(HubSettings("hank", require_tls_identity=False), tmp_path / "hank.sqlite")
+    rows = {"carol": ["carol", "sae"], "conny": ["conny"], "mallory": ["mallory", "conny", "sae"]}
+    sql = [("INSERT INTO clients VALUES (?, ?)", (n, json.dumps(e))) for n, e in rows.items()]
+    hub.db.record([Change(sql=sql)])
+    hub.close()
+    hub = Hub(HubSettings("hank", require_tls_identity=False), tmp_path / "hank.sqlite")
+    try:
+        assert hub.owners["conny"] == "conny" and hub.owners["sae"] == DISPUTED
+        hub.shares[("conny", "k1")] = hub.shares[("sae", "k1")] = object()  # type: ignore[assignment]
+        assert hub._find("mallory", "k1") is None and hub._find("carol", "k1") is None
+        assert hub._find("conny", "k1") == ("conny", "k1")
+        assert (await register(Client(hub, "sae"))).status == 409
+    finally:
+        hub.shares.clear()
+        hub.close()

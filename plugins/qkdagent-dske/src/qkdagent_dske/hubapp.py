@@ -100,6 +100,23 @@ class Refused(Exception):
         self.detail = detail
 
 
+DISPUTED = ""
+"""The owner of a name that several clients claimed (a store written before claims were
+exclusive): shares addressed to it go to nobody but a client of that name."""
+
+
+def _owners(clients: dict[str, tuple[str, ...]]) -> dict[str, str]:
+    """Who receives shares addressed to each name: a client its own name; an encryptor name
+    (an SAE) the one client that claimed it, never another client's own name."""
+    owners = {name: name for name in clients}
+    for client, names in sorted(clients.items()):
+        for name in names:
+            if name != client and name not in clients:
+                held = owners.get(name)
+                owners[name] = client if held in (None, client) else DISPUTED
+    return owners
+
+
 def _error(status: int, detail: str) -> Response:
     return Response(status, wire.dump_json({"detail": detail}))
 
@@ -139,6 +156,8 @@ class Hub:
                 for r in self.db.query("SELECT * FROM shares")
             }
             self.book: PoolBook = self.db.load(s.pad for s in self.shares.values())
+            self.owners: dict[str, str] = _owners(self.clients)
+            """Name (a client's, or an encryptor it claimed) -> the client its shares go to."""
         except BaseException:
             self.db.close()
             raise
@@ -204,13 +223,36 @@ class Hub:
         if request.method != "PUT":
             raise Refused(405, "registration is PUT")
         registration = wire.parse_registration(request.body)
-        self._identity(request, registration.client_name)
+        client = registration.client_name
+        self._identity(request, client)
+        claimed = set(registration.encryptor_names) - {client}
+        self._check_claims(client, claimed)
+        for name in set(self.clients.get(client, ())) - claimed:  # names it no longer claims
+            if self.owners.get(name) == client and name != client:
+                del self.owners[name]
+        self.owners.update(dict.fromkeys([client, *claimed], client))
+        self.clients[client] = registration.encryptor_names
         names = json.dumps(list(registration.encryptor_names))
-        self.clients[registration.client_name] = registration.encryptor_names
-        sql = ("INSERT OR REPLACE INTO clients VALUES (?, ?)", (registration.client_name, names))
+        sql = ("INSERT OR REPLACE INTO clients VALUES (?, ?)", (client, names))
         await self._durable(Change(sql=[sql]))
-        log.info("hub %s: client %s registered", self.settings.name, registration.client_name)
+        log.info("hub %s: client %s registered", self.settings.name, client)
         return Response(200, wire.dump_json({"hub_name": self.settings.name}))
+
+    def _check_claims(self, client: str, claimed: set[str]) -> None:
+        """Shares addressed to a name go to the client that owns it: a client may not take a
+        name another client owns (its own name or an encryptor it claimed), nor register under
+        a name another client claimed as an encryptor. Changes nothing."""
+        problem = None
+        if self.owners.get(client, client) != client:
+            problem = f"the name {client} is claimed as an encryptor by another client"
+        for name in sorted(claimed):
+            if self.owners.get(name, client) != client:
+                problem = f"the encryptor name {name} belongs to another client"
+        if problem is not None:
+            log.warning(
+                "hub %s: registration of %s refused: %s", self.settings.name, client, problem
+            )
+            raise Refused(409, problem)
 
     async def _psrd(self, request: Request) -> Response:
         if request.method != "GET":
@@ -333,9 +375,12 @@ class Hub:
         return (wire.signature_header(sig_alloc, sig_key, b"", body), pad), change
 
     def _find(self, client: str, key_id: str) -> tuple[str, str] | None:
-        """The share of `key_id` for `client` or one of its encryptors (the sender named it)."""
-        for name in (client, *self.clients[client]):
-            if (name, key_id) in self.shares:
+        """The share of `key_id` for `client` or one of the encryptors it owns (the sender named
+        it)."""
+        if (client, key_id) in self.shares:
+            return (client, key_id)
+        for name in self.clients[client]:
+            if (name, key_id) in self.shares and self.owners.get(name) == client:
                 return (name, key_id)
         return None
 
