@@ -10,6 +10,7 @@ from typing import Any
 
 import trio
 import trio.testing
+from qkdagent_dske import batchwire
 from qkdagent_dske.hubapp import Hub, HubSettings, Request, Response
 from qkdagent_dske.hubserver import serve_hub, server_ssl_context
 
@@ -41,6 +42,25 @@ class NoBatchHub(Hub):
         return await super().handle(request)
 
 
+class SmallBatchHub(Hub):
+    """A hub that takes batches of at most `max_batch` items (its probe answer says so, and
+    it refuses larger batches with 413)."""
+
+    max_batch = 2
+
+    async def handle(self, request: Request) -> Response:
+        if request.path.endswith(("/key-shares", "/key-shares-fetch")):
+            if request.method == "GET":
+                return Response(200, batchwire.encode_capabilities(self.max_batch))
+            try:
+                count = len(batchwire.parse_post_batch(request.body).shares)
+            except batchwire.WireError:
+                count = len(batchwire.parse_fetch_batch(request.body).key_ids)
+            if count > self.max_batch:
+                return Response(413, b'{"detail":"too many items"}')
+        return await super().handle(request)
+
+
 @dataclass
 class RunningHub:
     name: str
@@ -53,6 +73,7 @@ class RunningHub:
     settings: dict[str, Any] = field(default_factory=dict)
     lying: bool = False
     batches: bool = True
+    small_batches: bool = False
 
     @property
     def url(self) -> str:
@@ -60,6 +81,7 @@ class RunningHub:
 
     async def start(self) -> None:
         cls = LyingHub if self.lying else Hub if self.batches else NoBatchHub
+        cls = SmallBatchHub if self.small_batches else cls
         self.hub = cls(HubSettings(self.name, **self.settings), self.db_path)
         leaf = self.pki[self.name]
         context = server_ssl_context(leaf.cert, leaf.key, self.pki.ca_cert)

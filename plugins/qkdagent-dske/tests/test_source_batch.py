@@ -4,6 +4,7 @@ hubs that serve them (and less PSRD per key), one request per share at hubs that
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -212,3 +213,29 @@ async def test_without_its_task_the_source_sends_one_request_per_share(tmp_path:
         finally:
             await alice.aclose()
             await bob.aclose()
+
+
+async def test_a_hub_that_takes_small_batches_limits_only_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One hub's probe answer (2 items) bounds the batches to that hub, which gets each batch
+    in parts; the other hubs still get the whole batch in one request."""
+    sizes: dict[str, list[int]] = {n: [] for n in NAMES}
+    real = Hub.handle
+
+    async def recording(self: Hub, request: Request) -> Response:
+        if request.method == "POST" and request.path.endswith(("/key-shares", "-fetch")):
+            batch = json.loads(request.body)
+            sizes[self.settings.name].append(len(batch.get("shares", batch.get("key_ids"))))
+        return await real(self, request)
+
+    monkeypatch.setattr(Hub, "handle", recording)
+    async with open_hubs(tmp_path, NAMES) as (pki, hubs):
+        hubs[0].small_batches = True
+        await hubs[0].restart()
+        alice, bob = sources(tmp_path, pki, hubs)
+        async with running(alice, bob):
+            assert alice.batching["hank"] == 2 and alice.batching["helen"] > 2
+            await round_trip(alice, bob, 12)
+    assert max(sizes["hank"]) <= 2 and sum(sizes["hank"]) == 2 * 12  # every share, in parts
+    assert max(sizes["helen"]) > 2 and max(sizes["hilary"]) > 2

@@ -149,9 +149,14 @@ class DskeSource(Source):
         self._per_body = max(1, (wire.MAX_BODY * 3 // 4) // (400 + 2 * self.key_size))
         # one item per key (its shares for every batching hub), one batch per hub per send:
         # a key costs one wait, not one task and one wait per hub
-        self.poster: Coalescer[dict[str, bytes], dict[str, PostOutcome]] = Coalescer(self._post_all)
+        # a key costs one wait, not one task and one wait per hub; a hub that takes smaller
+        # batches gets each batch in several requests (`_per_hub`), the other hubs in one
+        most = min(batchwire.MAX_ITEMS, self._per_body)
+        self.poster: Coalescer[dict[str, bytes], dict[str, PostOutcome]] = Coalescer(
+            self._post_all, max_items=most
+        )
         self.fetcher: Coalescer[tuple[str, frozenset[str]], dict[str, FetchOutcome]] = Coalescer(
-            self._fetch_all, orphan=self._orphaned_fetch
+            self._fetch_all, max_items=most, orphan=self._orphaned_fetch
         )
         self.batches_sent: Counter[tuple[str, str]] = Counter()
         """Batch requests sent, by ("post" or "fetch", hub)."""
@@ -255,7 +260,6 @@ class DskeSource(Source):
         if reply.status == 200:
             most = min(batchwire.parse_capabilities(reply.body), self._per_body)
             self.batching[hub] = most
-            self.poster.max_items = self.fetcher.max_items = min(self.batching.values())
             log.info("source %s: hub %s takes batches of up to %d shares", self.name, hub, most)
         elif reply.status in (404, 405):
             self.unbatched.add(hub)
@@ -279,8 +283,6 @@ class DskeSource(Source):
             raise BatchFailed(str(exc)) from None
         # a hub replaced by one without batches (logged once: later batches queued already)
         if reply.status in (404, 405) and self.batching.pop(hub, None) is not None:
-            if self.batching:
-                self.poster.max_items = self.fetcher.max_items = min(self.batching.values())
             log.warning(
                 "source %s: hub %s no longer serves batches: one request per share "
                 "until it is probed again",
@@ -296,8 +298,9 @@ class DskeSource(Source):
         wanted: Sequence[Iterable[str]],
         send: Callable[[str, list[int]], Awaitable[Sequence[object]]],
     ) -> list[dict[str, Any]]:
-        """For items each wanting some hubs: one `send(hub, item indices)` per hub, all hubs in
-        parallel; per item, each hub's result or why that hub's batch failed."""
+        """For items each wanting some hubs: one `send(hub, item indices)` per hub (or per part of
+        at most the hub's largest batch), all in parallel; per item, each hub's result or why
+        that hub's batch failed."""
         results: list[dict[str, Any]] = [{} for _ in wanted]
         hubs: dict[str, list[int]] = {}
         for i, item in enumerate(wanted):
@@ -314,7 +317,9 @@ class DskeSource(Source):
 
         async with trio.open_nursery() as nursery:
             for hub, indices in hubs.items():
-                nursery.start_soon(one, hub, indices)
+                most = self.batching.get(hub, len(indices))
+                for start in range(0, len(indices), most):
+                    nursery.start_soon(one, hub, indices[start : start + most])
         return results
 
     async def _post_all(self, items: list[dict[str, bytes]]) -> list[dict[str, PostOutcome]]:
