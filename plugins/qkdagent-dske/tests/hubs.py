@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 
 import trio
 import trio.testing
-from qkdagent_dske import batchwire
+from qkdagent_dske import batchwire, wire
 from qkdagent_dske.hubapp import Hub, HubSettings, Request, Response
 from qkdagent_dske.hubserver import serve_hub, server_ssl_context
 
@@ -40,6 +41,39 @@ class NoBatchHub(Hub):
         if request.path.endswith(("/key-shares", "/key-shares-fetch")):
             return Response(404, b'{"detail":"Not Found"}')
         return await super().handle(request)
+
+
+class ReorderingHub(Hub):
+    """A malicious hub: it answers a batch fetch with its items reversed, signed afresh (it
+    holds the hub-owned PSRD)."""
+
+    reordered = 0
+
+    async def _fetch_batch(self, request: Request) -> Response:
+        response = await super()._fetch_batch(request)
+        answer = json.loads(response.body)
+        if response.status != 200 or len(answer["shares"]) < 2:
+            return response
+        self.reordered += 1
+        body = json.dumps({"shares": answer["shares"][::-1]}).encode()
+        client = json.loads(request.body)["client_name"]
+        ((alloc, key),), _ = self.book.allocate(client, "hub", [wire.SIGNING_KEY_SIZE])
+        return Response(
+            200, body, ((wire.SIGNATURE_HEADER, wire.signature_header(alloc, key, b"", body)),)
+        )
+
+
+class ForgingHub(Hub):
+    """A hub (or whoever sits in its place) whose batch post answers carry a forged MAC."""
+
+    async def _post_batch(self, request: Request) -> Response:
+        response = await super()._post_batch(request)
+        if response.status != 200 or request.method != "POST":
+            return response
+        header = dict(response.headers)[wire.SIGNATURE_HEADER]
+        allocation, mac = header.split("%")
+        forged = allocation + "%" + ("A" if mac[0] != "A" else "B") + mac[1:]
+        return Response(200, response.body, ((wire.SIGNATURE_HEADER, forged),))
 
 
 class SmallBatchHub(Hub):
@@ -74,6 +108,8 @@ class RunningHub:
     lying: bool = False
     batches: bool = True
     small_batches: bool = False
+    kind: type[Hub] | None = None
+    """A hub class to run instead (a hostile one)."""
 
     @property
     def url(self) -> str:
@@ -81,7 +117,7 @@ class RunningHub:
 
     async def start(self) -> None:
         cls = LyingHub if self.lying else Hub if self.batches else NoBatchHub
-        cls = SmallBatchHub if self.small_batches else cls
+        cls = SmallBatchHub if self.small_batches else self.kind or cls
         self.hub = cls(HubSettings(self.name, **self.settings), self.db_path)
         leaf = self.pki[self.name]
         context = server_ssl_context(leaf.cert, leaf.key, self.pki.ca_cert)

@@ -12,13 +12,14 @@ from typing import Any
 
 import pytest
 import trio
+from qkdagent_dske import shamir
 from qkdagent_dske.hubapp import Hub, Request, Response
-from qkdagent_dske.source import DskeSource
+from qkdagent_dske.source import DskeSource, Fetched
 
-from qkdagent import Key
+from qkdagent import ComponentEvent, Key, SourceUnavailable
 from qkdagent.testing import build_component, running
 
-from .hubs import hub_table, open_hubs
+from .hubs import ForgingHub, ReorderingHub, hub_table, open_hubs
 from .test_source import ALICE, BOB
 
 NAMES = ["hank", "helen", "hilary"]
@@ -239,3 +240,42 @@ async def test_a_hub_that_takes_small_batches_limits_only_its_own(
             await round_trip(alice, bob, 12)
     assert max(sizes["hank"]) <= 2 and sum(sizes["hank"]) == 2 * 12  # every share, in parts
     assert max(sizes["helen"]) > 2 and max(sizes["hilary"]) > 2
+
+
+async def test_a_hub_that_reorders_its_signed_fetch_answer_fails_its_own_shares_only(
+    tmp_path: Path,
+) -> None:
+    """Its answer, correctly signed, pairs shares with the wrong key IDs: the client refuses
+    that hub's answer as a whole (no share of it used, no lying hub to outvote), and the
+    shares of the other hubs rebuild each key."""
+    async with open_hubs(tmp_path, NAMES) as (pki, hubs):
+        hubs[0].kind = ReorderingHub
+        await hubs[0].restart()
+        alice, bob = sources(tmp_path, pki, hubs)
+        events: list[ComponentEvent] = []
+        object.__setattr__(bob.context, "reporter", events.append)
+        async with running(alice, bob):
+            keys = [await alice.new_key(ALICE) for _ in range(3)]
+            asked = [(k.key_id, frozenset(NAMES)) for k in keys]
+            results = await bob._fetch_all(asked)  # one batch of three keys at each hub
+            assert isinstance(hubs[0].hub, ReorderingHub) and hubs[0].hub.reordered == 1
+            for key, got in zip(keys, results, strict=True):
+                assert "not the ones asked" in str(got["hank"])
+                shares = [(f.share_index, f.value) for h, f in got.items() if h != "hank"]
+                assert all(isinstance(f, Fetched) for h, f in got.items() if h != "hank")
+                assert shamir.recover(sorted(shares)) == key.value.reveal()
+        assert not events
+
+
+async def test_a_forged_batch_post_answer_does_not_count_as_taken(tmp_path: Path) -> None:
+    """The hub stored the share, but its answer's signature is forged: with k = n the key
+    fails (retryable), as that hub's share cannot be counted."""
+    async with open_hubs(tmp_path, NAMES) as (pki, hubs):
+        hubs[0].kind = ForgingHub
+        await hubs[0].restart()
+        alice, bob = sources(tmp_path, pki, hubs, k=3)
+        async with running(alice, bob):
+            assert "hank" in alice.batching
+            with pytest.raises(SourceUnavailable, match="only 2 of 3 hubs took a share"):
+                await alice.new_key(ALICE)
+            assert hubs[0].hub is not None and len(hubs[0].hub.shares) == 1
