@@ -164,3 +164,21 @@ async def test_results_must_match_items(nursery: trio.Nursery) -> None:
     coalescer = await served(nursery, Coalescer(short))
     with pytest.raises(BatchFailed, match="one result per item"):
         await coalescer.submit(1)
+
+
+async def test_no_batch_exceeds_max_items_however_long_the_queue(nursery: trio.Nursery) -> None:
+    """With every place in flight taken, the queue grows past `max_items`; as places free up
+    it leaves in batches of at most `max_items`, in order, and every item gets its result."""
+    hub, out = Hub(), {}
+    coalescer = await served(nursery, Coalescer(hub.send, max_items=3, max_in_flight=2))
+    for i in range(1, 13):
+        nursery.start_soon(call, coalescer, i, out)
+        await trio.testing.wait_all_tasks_blocked()
+    assert hub.batches == [[1], [2, 3, 4]] and coalescer.queued == 8  # saturated
+    while len(out) < 12:
+        for gate in hub.gates:
+            gate.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert all(len(batch) <= 3 for batch in hub.batches)
+    assert [i for batch in hub.batches for i in batch] == list(range(1, 13))
+    assert out == {i: f"r{i}" for i in range(1, 13)} and coalescer.queued == 0
