@@ -39,6 +39,8 @@ class RotationFailed(Exception):
 
 
 class Initiator:
+    __slots__ = ("_prefetch_for", "_prefetched", "config", "env", "link", "name")
+
     def __init__(self, link: LinkRuntime) -> None:
         self.link = link
         self.env = link.env

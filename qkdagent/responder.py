@@ -31,6 +31,8 @@ cannot enumerate link names."""
 
 
 class Responder:
+    __slots__ = ("env", "link", "name", "peer")
+
     def __init__(self, link: LinkRuntime) -> None:
         self.link = link
         self.env = link.env

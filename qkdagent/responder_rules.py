@@ -27,7 +27,7 @@ from .secret import MAX_KEY_ID_BYTES, Secret
 from .state import LinkRecord, Pending
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LinkFacts:
     """What the rules need to know about the link's configuration."""
 

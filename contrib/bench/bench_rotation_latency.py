@@ -503,6 +503,13 @@ def run_scale(
 
         wait_for(all_rotated, 900, f"{args.links} links' first rotation", list(procs.values()))
         startup = time.monotonic() - started
+
+        def second_round() -> bool:  # the first round is start-up's burst: measure the next
+            time.sleep(1)
+            return any(x["epoch"] >= 2 for x in links())
+
+        wait_for(second_round, args.scale_interval * 2 + 60, "the second round of rotations",
+                 list(procs.values()))  # fmt: skip
         attached = Attached()
         if args.profile:
             for name, proc in procs.items():

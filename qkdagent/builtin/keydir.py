@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import uuid
+from functools import partial
 from pathlib import Path
-
-import trio
 
 from ..errors import KeyNotFound
 from ..fileutil import write_secret_file
+from ..inline import loop_gate
 from ..interfaces import Link, PluginContext, Source
 from ..options import Options
 from ..secret import Key, Secret
@@ -35,11 +35,12 @@ class KeyDirSource(Source):
     async def new_key(self, link: Link) -> Key:
         key_id = str(uuid.uuid4())
         value = os.urandom(self.key_size)
-        await trio.to_thread.run_sync(write_secret_file, self.directory / key_id, value)
+        # small file operations: on the loop while they are fast (inline.loop_gate)
+        await loop_gate().run(partial(write_secret_file, self.directory / key_id, value))
         return Key(key_id, Secret(value))
 
     async def key_by_id(self, link: Link, key_id: str) -> Key:
-        return await trio.to_thread.run_sync(self._take, key_id)
+        return await loop_gate().run(partial(self._take, key_id))
 
     def _take(self, key_id: str) -> Key:
         if "/" in key_id or key_id.startswith("."):
