@@ -37,12 +37,13 @@ from .lifecycle import (
     prepare_all,
 )
 from .link import LINK_RESTART_MAX, LINK_RESTART_MIN, BaseLink, LinkRuntime
-from .linkenv import LinkEnv, LinkTimers
+from .linkenv import LinkEnv
 from .observability import Metrics, StatusApp
 from .plugins import Plugins
 from .responder import NOT_A_PEER
 from .services import start_services
 from .state import StateStore
+from .timers import LinkTimers
 from .transport import HttpsTransport, PeerPoster, Transport
 
 log = logging.getLogger(__name__)

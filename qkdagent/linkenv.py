@@ -7,18 +7,16 @@ modules do not import each other.
 
 from __future__ import annotations
 
-import collections
-import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
-from . import scheduler
 from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
 from .observability import Metrics
 from .state import StateStore
+from .timers import LinkTimers
 from .transport import PeerPoster
 
 
@@ -30,95 +28,6 @@ class Observers(Protocol):
     def on_rotation_error(self, event: RotationErrorEvent) -> None: ...
 
     def after_erase(self, event: EraseEvent) -> None: ...
-
-
-log = logging.getLogger(__name__)
-
-
-class Timed(Protocol):
-    def due(self) -> None:
-        """Its time has come. Called by the timer task: must not block."""
-
-    def begin_gated(self) -> bool:
-        """Its turn at the gate: start the queued work (and `release()` when it ends), or
-        return False if it no longer waits."""
-
-
-class LinkTimers:
-    """One task wakes each link when its timer is due, from one heap of due times (issue 18:
-    a sleeping task, cancel scope and event per link were a large part of what 10,000 links
-    cost). A link's work then runs in a task of its own (`spawn`), so a slow or failing link
-    never delays another's.
-
-    Work that needs a rotation slot passes a gate of `limit` (the agent's
-    `max_parallel_rotations`): the links beyond it wait in a queue, not as tasks parked on the
-    slots, so 10,000 links due at once (start-up) cost no task each. A slow rotation holds its
-    place as it holds its slot, no longer than the rotation timeout."""
-
-    def __init__(self, limit: int = 64) -> None:
-        self._queue: scheduler.DueQueue[Timed] = scheduler.DueQueue()
-        self._changed = trio.Event()
-        self._nursery: trio.Nursery | None = None
-        self._stopping = False
-        self.limit = limit
-        self._gated = 0
-        self._waiting: collections.deque[Timed] = collections.deque()
-
-    def wake_at(self, item: Timed, when: float) -> None:
-        earlier = when < self._queue.next_due()
-        self._queue.set(item, when)
-        if earlier:
-            self._changed.set()
-
-    def discard(self, item: Timed) -> None:
-        self._queue.discard(item)
-
-    def spawn(self, work: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Run a link's work in a task of its own (the agent waits for it when it stops)."""
-        if self._nursery is None:
-            raise RuntimeError("the link timers are not running")
-        self._nursery.start_soon(work, *args)
-
-    def enqueue(self, item: Timed) -> None:
-        """`item.begin_gated()` when the gate has room (at once if it has now)."""
-        self._waiting.append(item)
-        self._admit()
-
-    def release(self) -> None:
-        """Gated work ended: its place goes to the next in the queue."""
-        self._gated -= 1
-        self._admit()
-
-    def _admit(self) -> None:
-        while self._waiting and self._gated < self.limit:
-            item = self._waiting.popleft()
-            try:
-                started = item.begin_gated()
-            except Exception as exc:  # a bug in one link must not stop the queue
-                log.error("a link's timer raised %s (a bug)", type(exc).__name__)
-                continue
-            if started:
-                self._gated += 1
-
-    def stop(self) -> None:
-        """No more wake-ups: `run` returns once the work under way has ended."""
-        self._stopping = True
-        self._changed.set()
-
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            while not self._stopping:
-                with trio.move_on_at(self._queue.next_due()):
-                    await self._changed.wait()
-                if self._changed.is_set():
-                    self._changed = trio.Event()
-                for item in self._queue.pop_due(trio.current_time()):
-                    try:
-                        item.due()
-                    except Exception as exc:  # a bug in one link must not stop all timers
-                        log.error("a link's timer raised %s (a bug)", type(exc).__name__)
 
 
 @dataclass(frozen=True)
