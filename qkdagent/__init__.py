@@ -5,7 +5,7 @@ in their tests), never from other modules of the package; `docs/plugins.md` is t
 Only what a plugin needs is exported: the component contract (`Source`, `Sink`, the values they
 receive, `PluginContext` and its stash), `Options`, the errors a plugin raises or catches, the
 hook marker and the event types observation hooks receive, and the helpers plugins share
-(`write_secret_file`, `run_program`, the simulators' key-supply seam). Errors only the core
+(`write_secret_file` and the durable key-file helpers, `run_program`, the simulators' key-supply seam). Errors only the core
 raises are not exported.
 """
 
@@ -26,7 +26,13 @@ from .errors import (
     StartupError,
 )
 from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
-from .fileutil import write_secret_file
+from .fileutil import (
+    create_secret_file,
+    destroy_file,
+    sync_directory,
+    write_secret_file,
+    zero_range,
+)
 from .h1client import ConnectFailed, EncodedReply, ReplyTooLarge, TransportError
 from .h1client import H1Client as HttpClient
 from .h1client import Reply as HttpReply
@@ -98,6 +104,8 @@ __all__ = [
     "__version__",
     "check_key_id",
     "check_template",
+    "create_secret_file",
+    "destroy_file",
     "extend_test_pki",
     "file_stem",
     "hookimpl",
@@ -106,6 +114,8 @@ __all__ = [
     "prebuilt_supplies",
     "program_env",
     "run_program",
+    "sync_directory",
     "write_secret_file",
     "write_test_pki",
+    "zero_range",
 ]

@@ -3,6 +3,7 @@ regular files only, and private directories that a symbolic link cannot redirect
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -57,6 +58,49 @@ def sync_directory(directory: str | os.PathLike[str]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+_ZEROS = bytes(1 << 16)
+
+
+def zero_range(fd: int, start: int, stop: int) -> None:
+    """Overwrite bytes `start`..`stop` of an open file with zeros (the caller syncs)."""
+    while start < stop:
+        start += os.pwrite(fd, _ZEROS[: min(len(_ZEROS), stop - start)], start)
+
+
+def create_secret_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Create `path` holding `data`: mode 0600, never over an existing file or through a
+    symbolic link, fsynced before it returns. A write that fails (disk full) destroys what it
+    wrote, so no partial key waits on disk for someone to clean it up. For stores that keep key
+    material in files of their own (the caller makes the directory entry durable)."""
+    target = Path(path)
+    fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            destroy_file(target)
+        raise
+
+
+def destroy_file(path: str | os.PathLike[str]) -> None:
+    """Zero a file's bytes on disk (fdatasync'd), then unlink it: unlinking alone leaves the
+    bytes in the freed blocks. The caller makes the unlink durable (`sync_directory`)."""
+    target = Path(path)
+    fd = os.open(target, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        zero_range(fd, 0, os.fstat(fd).st_size)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    target.unlink()
 
 
 def sync_written(paths: Iterable[str | os.PathLike[str]]) -> None:

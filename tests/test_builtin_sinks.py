@@ -374,3 +374,17 @@ async def test_a_file_installed_again_during_its_sync_stays_owed(
     monkeypatch.setattr(file_sink, "sync_written", lambda paths: None)
     await sink._sync_unsynced()
     assert sink._unsynced == {}
+
+
+def test_key_files_are_created_private_once_and_destroyed_zeroed(tmp_path: Path) -> None:
+    from qkdagent import create_secret_file, destroy_file
+
+    path = tmp_path / "block.key"
+    create_secret_file(path, b"\x07" * 1000)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_bytes() == b"\x07" * 1000
+    with pytest.raises(FileExistsError):
+        create_secret_file(path, b"other")  # never over an existing file
+    witness = tmp_path / "witness"
+    os.link(path, witness)  # sees the same blocks after the unlink
+    destroy_file(path)
+    assert not path.exists() and witness.read_bytes() == bytes(1000)

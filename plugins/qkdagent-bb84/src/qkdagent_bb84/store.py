@@ -20,7 +20,6 @@ mid-way) are zeroed and unlinked, so that block is lost, never half-used.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import threading
@@ -28,57 +27,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qkdagent import create_secret_file, destroy_file, sync_directory, zero_range
+
 _FILE = re.compile(r"^([0-9a-f]{8}-[0-9]{1,12})\.([0-9]{2,4})\.key$")
 _ID = re.compile(r"^([0-9a-f]{8}-[0-9]{1,12})-([0-9]{1,9})$")
 _COUNTER = "next-block"
 _MAX_COUNTER = 32
-_ZEROS = bytes(1 << 16)
 
 
 class StoreError(Exception):
     """The pool directory could not be read or written (its message names no key bytes)."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _zero(fd: int, start: int, stop: int) -> None:
-    while start < stop:
-        start += os.pwrite(fd, _ZEROS[: min(len(_ZEROS), stop - start)], start)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Create `path` (0600, never an existing file) holding `data`, fsynced; a write that fails
-    (disk full) destroys what it wrote: no partial key waits for the next open's scrub."""
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            _destroy(path)
-        raise
-
-
-def _destroy(path: Path) -> None:
-    """Zero a file on disk, then unlink it (unlinking alone leaves the bytes in free blocks)."""
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        _zero(fd, 0, os.fstat(fd).st_size)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
-    path.unlink()
 
 
 @dataclass
@@ -126,7 +84,7 @@ class KeyStore:
         for entry in os.scandir(self.directory):
             path = Path(entry.path)
             if entry.name.endswith(".new") and entry.is_file(follow_symlinks=False):
-                _destroy(path)  # a block a crash cut off: lost, never half-used
+                destroy_file(path)  # a block a crash cut off: lost, never half-used
                 continue
             match = _FILE.match(entry.name)
             if match and entry.is_file(follow_symlinks=False):
@@ -143,7 +101,7 @@ class KeyStore:
             if unused:
                 self._blocks[match.group(1)] = _Block(path, size, unused)
             else:
-                _destroy(path)
+                destroy_file(path)
 
     # -- blocks arriving ----------------------------------------------------------------------
 
@@ -155,9 +113,9 @@ class KeyStore:
             final = self.directory / _COUNTER
             tmp = final.with_name(_COUNTER + ".tmp")
             tmp.unlink(missing_ok=True)
-            _write_new(tmp, str(number + 1).encode())
+            create_secret_file(tmp, str(number + 1).encode())
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            sync_directory(self.directory)
             self.next_block = number + 1
 
     def stage(self, block_id: str, key: bytes, size: int) -> None:
@@ -167,7 +125,7 @@ class KeyStore:
         final = self.directory / f"{block_id}.{size}.key"
         tmp = final.with_name(final.name + ".new")
         whole = len(key) // size * size
-        _write_new(tmp, key[:whole])
+        create_secret_file(tmp, key[:whole])
         with self._lock:
             self._staged[block_id] = (tmp, final, size)
 
@@ -176,7 +134,7 @@ class KeyStore:
         with self._lock:
             staged = self._staged.pop(block_id, None)
         if staged is not None:
-            _destroy(staged[0])
+            destroy_file(staged[0])
 
     def holds(self, block_id: str) -> bool:
         """Whether the pool has (unused pieces of) block `block_id`, or has it staged."""
@@ -193,7 +151,7 @@ class KeyStore:
         with self._lock:
             tmp, final, size = self._staged.pop(block_id)
             os.replace(tmp, final)
-            _fsync_dir(self.directory)
+            sync_directory(self.directory)
             pieces = os.stat(final).st_size // size
             if pieces:
                 self._blocks[block_id] = _Block(final, size, dict.fromkeys(range(pieces)))
@@ -233,7 +191,7 @@ class KeyStore:
         fd = os.open(block.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             value = os.pread(fd, block.size, start)
-            _zero(fd, start, start + block.size)
+            zero_range(fd, start, start + block.size)
             os.fdatasync(fd)
         finally:
             os.close(fd)

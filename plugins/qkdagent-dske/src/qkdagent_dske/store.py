@@ -23,7 +23,6 @@ while the previous batch was on disk.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import itertools
 import logging
 import os
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+
+from qkdagent import create_secret_file, destroy_file, sync_directory, zero_range
 
 from . import wire
 from .pool import Block, Change, PoolBook, PsrdError, Statement
@@ -58,7 +59,6 @@ CREATE INDEX IF NOT EXISTS psrd_used_by_block ON psrd_used (uuid);
 """
 
 _T = TypeVar("_T")
-_ZEROS = bytes(1 << 16)
 SYNC_EVERY = 0.25
 """Under load, zeroed ranges reach the disk (fdatasync) at most this many seconds after their
 batch; a crash before that leaves them to the scrub at the next open."""
@@ -76,12 +76,6 @@ class _Pending:
     wake: trio.Event = field(default_factory=trio.Event)
     finished: bool = False
     error: BaseException | None = None
-
-
-def _zero(fd: int, start: int, stop: int) -> None:
-    while start < stop:
-        n = os.pwrite(fd, _ZEROS[: min(len(_ZEROS), stop - start)], start)
-        start += n
 
 
 def _subtract(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -161,41 +155,17 @@ class PsrdStore:
         return fd
 
     def _sync_dir(self) -> None:
-        fd = os.open(self.blocks_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_directory(self.blocks_dir)
 
     def _write_block(self, uuid: str, data: bytes) -> None:
         final = self._file(uuid)
         tmp = final.with_name(final.name + ".new")
-        flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600)
-        try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except BaseException:  # disk full: no partial PSRD waits for the next open's scrub
-            with contextlib.suppress(OSError):
-                self._destroy(tmp)
-            raise
+        create_secret_file(tmp, data)  # disk full: no partial PSRD waits for the next scrub
         os.replace(tmp, final)
 
     def _destroy(self, path: Path) -> None:
-        """Zero a whole block file on disk, then unlink it (unlinking alone frees the disk
-        blocks with the bytes still in them)."""
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            _zero(fd, 0, os.fstat(fd).st_size)
-            os.fdatasync(fd)
-        finally:
-            os.close(fd)
-        path.unlink()
+        """Zero a whole block file on disk, then unlink it."""
+        destroy_file(path)
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -219,7 +189,7 @@ class PsrdStore:
         later)."""
         for change in changes:
             for uuid, start, stop in change.wipe:
-                _zero(self._fd(uuid), start, stop)
+                zero_range(self._fd(uuid), start, stop)
                 self._dirty.add(uuid)
         retire = [u for c in changes for u in c.retire]
         for uuid in retire:
@@ -357,7 +327,7 @@ class PsrdStore:
                 if any(block.data[start:stop]):
                     block.data[start:stop] = bytes(stop - start)
                     fd = self._fd(uuid)
-                    _zero(fd, start, stop)
+                    zero_range(fd, start, stop)
             if fd is not None:
                 os.fdatasync(fd)
             blocks.append(block)
