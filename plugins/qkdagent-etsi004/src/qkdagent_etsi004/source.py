@@ -35,6 +35,7 @@ from qkdagent import (
     Source,
     SourceError,
     SourceUnavailable,
+    client_ssl_context,
 )
 
 from . import codec, rest
@@ -81,15 +82,6 @@ def _certificate_names(der: bytes | None) -> list[str]:
     except x509.ExtensionNotFound:
         pass
     return names
-
-
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> bytes:
-    """An encrypted TLS key fails to load instead of OpenSSL prompting on the terminal."""
-    raise _EncryptedKey
 
 
 @dataclass
@@ -240,23 +232,7 @@ class Etsi004Source(Source):
         log.info("source %s: qkd-module %s reachable, %d keys", self.name, self._where(), count)
 
     def _ssl_context(self) -> ssl.SSLContext:
-        for option, path in (("cert", self.cert), ("key", self.key_file), ("ca", self.ca)):
-            if not path.is_file():
-                raise Misconfigured(f"source {self.name!r}: {option} file {path} does not exist")
-        try:
-            context = ssl.create_default_context(cafile=str(self.ca))
-            context.load_cert_chain(str(self.cert), str(self.key_file), password=_no_password)
-        except _EncryptedKey:
-            raise Misconfigured(
-                f"source {self.name!r}: key file {self.key_file} is encrypted (a passphrase is "
-                "never asked for: give an unencrypted key, readable by the agent only)"
-            ) from None
-        except (ssl.SSLError, OSError) as exc:
-            raise Misconfigured(
-                f"source {self.name!r}: cannot load the TLS identity: {exc}"
-            ) from None
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        return context
+        return client_ssl_context(self.cert, self.key_file, self.ca, what=f"source {self.name!r}")
 
     async def aclose(self) -> None:
         """CLOSE every stream this source opened (best effort, bounded), then disconnect."""

@@ -52,6 +52,7 @@ from qkdagent import (
     SourceError,
     SourceUnavailable,
     TransportError,
+    client_ssl_context,
 )
 
 from . import wire
@@ -108,15 +109,6 @@ def _kme_identity(options: Options) -> IdentityRule:
         return IdentityRule(mode, table if mode == "fingerprint" else {})
     except ValueError as exc:
         options.fail("kme_fingerprints" if mode == "fingerprint" else "kme_identity", str(exc))
-
-
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> bytes:
-    """An encrypted TLS key fails to load instead of OpenSSL prompting on the terminal."""
-    raise _EncryptedKey
 
 
 class KmeHttp(Protocol):
@@ -289,23 +281,7 @@ class Etsi014Source(Source):
         return self._client
 
     def _ssl_context(self) -> ssl.SSLContext:
-        for option, path in (("cert", self.cert), ("key", self.key_file), ("ca", self.ca)):
-            if not path.is_file():
-                raise Misconfigured(f"source {self.name!r}: {option} file {path} does not exist")
-        try:
-            context = ssl.create_default_context(cafile=str(self.ca))
-            context.load_cert_chain(str(self.cert), str(self.key_file), password=_no_password)
-        except _EncryptedKey:
-            raise Misconfigured(
-                f"source {self.name!r}: key file {self.key_file} is encrypted (a passphrase is "
-                "never asked for: give an unencrypted key, readable by the agent only)"
-            ) from None
-        except (ssl.SSLError, OSError) as exc:
-            raise Misconfigured(
-                f"source {self.name!r}: cannot load the TLS client identity or CA: {exc}"
-            ) from None
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        return context
+        return client_ssl_context(self.cert, self.key_file, self.ca, what=f"source {self.name!r}")
 
     # -- the three ETSI 014 calls ---------------------------------------------------------
 
