@@ -28,6 +28,7 @@ from ..pki import LeafFiles, PkiFiles, write_test_pki
 from .agents import AgentPair, open_agent_pair
 from .components import build_component, running
 from .contracts import SinkContract, SourceContract, assert_not_leaked, secret_spellings
+from .fuzzloop import mutation_loop
 from .hostile import Exchange, ManInTheMiddle, send_as
 from .local import LocalNetwork
 from .memory import InstallRecord, KeyDirSource, MemoryPool, MemorySource, RecordingSink
@@ -58,6 +59,7 @@ __all__ = [
     "free_port",
     "in_ci",
     "missing",
+    "mutation_loop",
     "open_agent_pair",
     "pair_configs",
     "process_pair",

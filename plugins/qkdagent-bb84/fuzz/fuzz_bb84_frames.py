@@ -10,7 +10,8 @@ with atheris or on its own (random mutations of valid frames):
 from __future__ import annotations
 
 import sys
-import time
+
+from qkdagent.testing import mutation_loop
 
 from qkdagent_bb84 import frames
 
@@ -44,21 +45,7 @@ def target(data: bytes) -> None:
 
 
 def main(seconds: float) -> None:
-    import random
-
-    rng = random.Random(0)  # noqa: S311 - reproducible mutations, not secrets
-    end = time.monotonic() + seconds
-    runs = 0
-    while time.monotonic() < end:
-        seed = bytearray(rng.choice(SEEDS))
-        for _ in range(rng.randint(1, 8)):
-            pos = rng.randrange(len(seed))
-            seed[pos] = rng.randrange(256)
-        if rng.random() < 0.2:
-            del seed[rng.randrange(len(seed)) :]
-        target(bytes(seed))
-        runs += 1
-    print(f"{runs} runs, no crash")
+    mutation_loop(target, SEEDS, seconds, selectors=len(PARSERS), truncate=0.2)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ the core's `contrib/fuzz/engine.py`:
 from __future__ import annotations
 
 import sys
-import time
 
 from qkdagent_dske import batchwire, wire
+
+from qkdagent.testing import mutation_loop
 
 PARSERS = (
     lambda d: wire.parse_signature(d),
@@ -72,20 +73,7 @@ def target(data: bytes) -> None:
 
 
 def main(seconds: float) -> None:
-    import random
-
-    rng = random.Random(0)
-    end = time.monotonic() + seconds
-    runs = 0
-    while time.monotonic() < end:
-        seed = bytearray(rng.choice(SEEDS))
-        for _ in range(rng.randint(1, 8)):
-            pos = rng.randrange(len(seed))
-            seed[pos] = rng.randrange(256)
-        seed[0] = rng.randrange(len(PARSERS))
-        target(bytes(seed))
-        runs += 1
-    print(f"{runs} runs, no crash")
+    mutation_loop(target, SEEDS, seconds, selectors=len(PARSERS))
 
 
 if __name__ == "__main__":

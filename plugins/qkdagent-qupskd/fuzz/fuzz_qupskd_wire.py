@@ -11,10 +11,11 @@ return a message instead). Run it with atheris or standalone:
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 
 from qkdagent_qupskd import chain, migrate, settings, wire
+
+from qkdagent.testing import mutation_loop
 
 
 def _address(parse: Callable[[str], tuple[str, int] | str], data: bytes) -> None:
@@ -56,19 +57,7 @@ def target(data: bytes) -> None:
 
 
 def main(seconds: float) -> None:
-    import random
-
-    rng = random.Random(0)
-    end = time.monotonic() + seconds
-    runs = 0
-    while time.monotonic() < end:
-        seed = bytearray(rng.choice(SEEDS))
-        for _ in range(rng.randint(1, 8)):
-            pos = rng.randrange(1, len(seed))
-            seed[pos] = rng.randrange(256)
-        target(bytes(seed))
-        runs += 1
-    print(f"{runs} runs, no crash")
+    mutation_loop(target, SEEDS, seconds, selectors=len(PARSERS))
 
 
 if __name__ == "__main__":
