@@ -42,6 +42,10 @@ class SourceHandle:
     def max_key_id(self) -> int:
         return min(self.source.max_key_id, MAX_KEY_ID_ANY)
 
+    @property
+    def fetch_ahead(self) -> bool:
+        return bool(self.source.fetch_ahead)
+
     async def offer(self, link: Link, state: bytes | None) -> Key:
         """Initiator: a fresh key, the source seeing the link's committed source state."""
         key = _checked(

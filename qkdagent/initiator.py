@@ -30,6 +30,16 @@ log = logging.getLogger("qkdagent.link")
 REQUEST_RETRIES = 3
 
 
+def _error_code(body: bytes) -> str | None:
+    """The `error` of an unauthenticated error body, if it is one."""
+    try:
+        data = protocol.load_json(body)
+    except ProtocolError:
+        return None
+    code = data.get("error") if isinstance(data, dict) else None
+    return code if isinstance(code, str) else None
+
+
 class RotationFailed(Exception):
     """A rotation attempt ended without a commit; `stage` says where."""
 
@@ -39,7 +49,7 @@ class RotationFailed(Exception):
 
 
 class Initiator:
-    __slots__ = ("_prefetch_for", "_prefetched", "config", "env", "link", "name")
+    __slots__ = ("_announces", "_prefetch_for", "_prefetched", "config", "env", "link", "name")
 
     def __init__(self, link: LinkRuntime) -> None:
         self.link = link
@@ -50,6 +60,9 @@ class Initiator:
         """Source keys taken ahead for the next rotation from this record (its state)."""
         self._prefetch_for: float | None = None
         """The rotation time the last prefetch was made (or tried) for: one try per rotation."""
+        self._announces = any(source.fetch_ahead for source in link.sources)
+        """Whether a prefetch tells the peer the key IDs (`announce`); off for a peer that
+        does not know the message."""
 
     # -- prefetch ------------------------------------------------------------------------------
 
@@ -72,6 +85,36 @@ class Initiator:
             except (RotationFailed, trio.TooSlowError):
                 return
             self._prefetched = (record, keys)
+            if self._announces:
+                with trio.move_on_after(self.env.rotation_timeout):
+                    await self._announce(record, self._key_ids(keys))
+
+    async def _announce(self, record: LinkRecord, key_ids: tuple[tuple[str, str], ...]) -> None:
+        """Name the next rotation's key IDs to the peer, which fetches them ahead (one attempt;
+        whatever happens, the rotation is the same, only its path may be shorter)."""
+        body = protocol.build(
+            "announce",
+            link=self.name,
+            sender=self.env.agent_name,
+            receiver=self.config.peer,
+            epoch=record.epoch + 1,
+            auth_key=record.auth_key,
+            keys=[list(pair) for pair in key_ids],
+            nonce=protocol.new_nonce(),
+        )
+        try:
+            reply = await self.env.client.post(self.config.peer_url, self.name, "announce", body)
+        except TransportError as exc:
+            log.debug("link %s: announce not delivered: %s", self.name, exc)
+            return
+        if reply.status == 404 and _error_code(reply.body) == "not-found":
+            self._announces = False
+            log.info(
+                "link %s: the peer does not take announced key IDs (an older qkdagent?); its "
+                "sources' fetches stay on the rotation's path",
+                self.name,
+                extra={"link": self.name},
+            )
 
     def _take_prefetched(self, record: LinkRecord) -> list[tuple[str, Key]] | None:
         prefetched, self._prefetched = self._prefetched, None

@@ -156,6 +156,11 @@ class Source(_Configurable):
 
     max_key_id: ClassVar[int] = 256
     """Longest key ID (UTF-8 bytes) this source hands out; a KEM ciphertext needs more."""
+    fetch_ahead: bool = False
+    """Whether `key_by_id` waits on a remote service (a KME, a hub). An initiator whose link
+    has such a source announces the next rotation's key IDs when it takes its keys ahead, so
+    the peer fetches them before the rotation starts instead of in the middle of it (which
+    costs each side one more message per rotation)."""
 
     @abc.abstractmethod
     async def new_key(self, link: Link) -> Key:

@@ -54,7 +54,12 @@ _FIELDS: dict[str, set[str]] = {
     "resync-reply": {"nonce", "request_nonce", "confirm", "answers"},
     "commit": {"nonce", "confirm"},
     "commit-reply": {"request_nonce"},
+    "announce": {"keys", "nonce"},
+    "announce-reply": {"request_nonce"},
 }
+"""`announce` (an extension of DESIGN §4, see docs/design-deviations.md): the initiator names
+the key IDs of the rotation to epoch n+1 ahead of it, MAC'd under epoch n's auth key, so the
+responder fetches them before the `rotate` arrives. It changes no state on either side."""
 _COMMON = {"v", "kind", "link", "from", "to", "epoch", "mac"}
 
 

@@ -1,6 +1,7 @@
 """The responder's side of a rotation (DESIGN §4 steps 3 and 5): carry out what the pure rules
 of `responder_rules.py` decide — fetch the keys by ID, derive, store the pending epoch durably,
-answer; commit and install on `commit`.
+answer; commit and install on `commit`. On an `announce` it fetches the next rotation's keys
+ahead and holds them, in memory only, for that rotation (`FetchedAhead`).
 
 Every refusal is decided before any state changes, and answered with an authenticated
 `refusal` bound to the request (DESIGN v2 §4).
@@ -8,7 +9,9 @@ Every refusal is decided before any state changes, and answered with an authenti
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
@@ -19,10 +22,29 @@ from .errors import KeyNotFound, KeyReuseError, ProtocolError, QkdAgentError, na
 from .faults import crash_point
 from .identity import PeerIdentity
 from .interfaces import Answered
-from .state import Pending
+from .state import LinkRecord, Pending
 
 if TYPE_CHECKING:
     from .link import LinkRuntime
+
+log = logging.getLogger("qkdagent.link")
+
+HOLD_AHEAD = 30.0
+"""Seconds keys fetched ahead (on an `announce`) are kept for the rotation that names them;
+the initiator announces at most `link.PREFETCH_LEAD` (1 s) before it rotates."""
+
+
+@dataclass(eq=False)
+class FetchedAhead:
+    """Keys fetched on an `announce`, for the one rotate from `record` that names `key_ids`.
+
+    Whatever that rotate's outcome, they serve it only: a key a source handed out is never
+    asked for again, and one never handed out twice (the store still refuses used IDs)."""
+
+    record: LinkRecord
+    key_ids: tuple[tuple[str, str], ...]
+    expires: float
+    answered: dict[str, Answered] = field(default_factory=dict, repr=False)
 
 
 NOT_A_PEER = protocol.error_body("refused", "the client certificate is not a peer of this agent")
@@ -31,13 +53,14 @@ cannot enumerate link names."""
 
 
 class Responder:
-    __slots__ = ("env", "link", "name", "peer")
+    __slots__ = ("_ahead", "env", "link", "name", "peer")
 
     def __init__(self, link: LinkRuntime) -> None:
         self.link = link
         self.env = link.env
         self.name = link.name
         self.peer = link.config.peer
+        self._ahead: FetchedAhead | None = None
 
     async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
         """Answer a peer request; a refusal raises ProtocolError carrying its reply body."""
@@ -52,9 +75,12 @@ class Responder:
         if conflict is not None:
             raise self._refuse(conflict, body)
         async with self.link.lock:
-            if action == "commit":
+            if action == "announce":
+                return await self._on_announce(message, body)
+            if action == "commit":  # (a repeated commit leaves keys fetched ahead alone)
                 return await self._on_commit(message, body)
-            return await self._on_rotate(message, body)
+            ahead, self._ahead = self._ahead, None  # for the next rotate only, whatever it names
+            return await self._on_rotate(message, body, ahead)
 
     def _refuse(self, refusal: rules.Refuse, body: bytes) -> ProtocolError:
         """An authenticated refusal of the request `body` (DESIGN v2 §4), as an exception."""
@@ -70,7 +96,55 @@ class Responder:
         )
         return ProtocolError(refusal.message, status=refusal.status, body=reply)
 
-    async def _on_rotate(self, message: protocol.Message, body: bytes) -> bytes:
+    async def _on_announce(self, message: protocol.Message, body: bytes) -> bytes:
+        """Fetch the announced keys now, so the `rotate` naming them does not wait for its
+        sources. A key a source fails to give is fetched again by the rotate (the source's
+        error is the rotate's to report); one it gave is held for it."""
+        link = self.link
+        decision = rules.on_announce(link.facts, link.record, message)
+        if isinstance(decision, rules.Refuse):
+            raise self._refuse(decision, body)
+        key_ids = message.keys
+        ahead = self._ahead
+        now = trio.current_time()
+        if ahead is None or ahead.record is not link.record or ahead.key_ids != key_ids:
+            ahead = FetchedAhead(link.record, key_ids, now + HOLD_AHEAD)
+        self._ahead = ahead
+        states = link.record.source_state
+        for source, (_, key_id) in zip(link.sources, key_ids, strict=True):
+            if source.id in ahead.answered:
+                continue  # a repeated announce: each key is fetched once
+            try:
+                ahead.answered[source.id] = await source.answer(
+                    link.link, key_id, states.get(source.id)
+                )
+            except QkdAgentError as exc:
+                log.debug("link %s: fetching ahead from source %s: %s", self.name, source.id, exc)
+        return protocol.build(
+            "announce-reply",
+            link=self.name,
+            sender=self.env.agent_name,
+            receiver=self.peer,
+            epoch=message.epoch,
+            auth_key=link.record.auth_key,
+            request_nonce=message.nonce,
+        )
+
+    def _held(self, ahead: FetchedAhead | None, message: protocol.Message) -> dict[str, Answered]:
+        """What was fetched ahead for this very rotate (same record, same key IDs, in time)."""
+        if (
+            ahead is None
+            or message.kind != "rotate"
+            or ahead.record is not self.link.record
+            or ahead.key_ids != message.keys
+            or trio.current_time() > ahead.expires
+        ):
+            return {}
+        return ahead.answered
+
+    async def _on_rotate(
+        self, message: protocol.Message, body: bytes, ahead: FetchedAhead | None = None
+    ) -> bytes:
         link = self.link
         decision = rules.on_rotate(link.facts, link.record, message, body)
         if isinstance(decision, rules.CommitPendingFirst):
@@ -86,10 +160,14 @@ class Responder:
         record = link.record
         key_ids = message.keys
         states = {} if message.kind == "resync" else record.source_state
+        held = self._held(ahead, message)
         answered: list[Answered] = []
         # Key reuse is refused when the pending epoch is stored (one transaction with the check);
         # a message with used IDs can only come from the authenticated peer (MAC checked above).
         for source, (_, key_id) in zip(link.sources, key_ids, strict=True):
+            if source.id in held:
+                answered.append(held[source.id])
+                continue
             try:
                 answered.append(await source.answer(link.link, key_id, states.get(source.id)))
             except KeyNotFound as exc:

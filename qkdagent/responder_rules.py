@@ -14,6 +14,7 @@ Decisions:
   commit it, then decide again.
 - `Derive`: accept; derive the next epoch from these chain and auth keys.
 - `CommitPending` / `Acknowledge`: a commit for the pending epoch, or a repeat for the current.
+- `FetchAhead`: an `announce` of the next rotation's key IDs: fetch them now, change nothing.
 """
 
 from __future__ import annotations
@@ -84,8 +85,14 @@ class Acknowledge:
     pass
 
 
+@dataclass(frozen=True)
+class FetchAhead:
+    pass
+
+
 RotateDecision = Refuse | Retransmit | CommitPendingFirst | Derive
 CommitDecision = Refuse | CommitPending | Acknowledge
+AnnounceDecision = Refuse | FetchAhead
 
 
 def admit_identity(facts: LinkFacts, identity: PeerIdentity) -> Reject | None:
@@ -162,15 +169,45 @@ def on_rotate(
         chain_key, auth_key = record.chain_key, record.auth_key
     if not protocol.verify_mac(message, auth_key):
         return Refuse("auth", "message authentication failed", 403)
+    wrong_keys = check_keys(facts, message)
+    if wrong_keys is not None:
+        return wrong_keys
+    if message.labels != facts.shared_labels:
+        return Refuse("labels", label_mismatch(facts.shared_labels, message.labels), 409)
+    return Derive(chain_key, auth_key)
+
+
+def check_keys(facts: LinkFacts, message: protocol.Message) -> Refuse | None:
+    """The message names one key per source of this link, in config order, each within its
+    source's key ID limit."""
     if tuple(s for s, _ in message.keys) != facts.source_ids:
         return Refuse("sources", "the peer's sources differ from this link's", 400)
     limits = facts.max_key_ids or (MAX_KEY_ID_BYTES,) * len(facts.source_ids)
     for (source, key_id), limit in zip(message.keys, limits, strict=True):
         if len(key_id.encode("utf-8")) > limit:
             return Refuse("sources", f"key ID for source {source!r} is over {limit} bytes", 400)
-    if message.labels != facts.shared_labels:
-        return Refuse("labels", label_mismatch(facts.shared_labels, message.labels), 409)
-    return Derive(chain_key, auth_key)
+    return None
+
+
+def on_announce(
+    facts: LinkFacts, record: LinkRecord, message: protocol.Message
+) -> AnnounceDecision:
+    """An `announce`: the key IDs of the rotation to the next epoch, sent ahead of it. Only
+    for a link with nothing pending (a pending epoch is settled by the next rotate or commit
+    first), for exactly the next epoch, under the current auth key."""
+    conflict = role_conflict(facts, message.kind)
+    if conflict is not None:
+        return conflict
+    if record.pending is not None:
+        return Refuse("pending", "an epoch is pending: nothing is fetched ahead", 409)
+    if message.epoch != record.epoch + 1:
+        return Refuse("epoch", f"expected epoch {record.epoch + 1}", 409)
+    if not protocol.verify_mac(message, record.auth_key):
+        return Refuse("auth", "message authentication failed", 403)
+    wrong_keys = check_keys(facts, message)
+    if wrong_keys is not None:
+        return wrong_keys
+    return FetchAhead()
 
 
 def on_commit(facts: LinkFacts, record: LinkRecord, message: protocol.Message) -> CommitDecision:

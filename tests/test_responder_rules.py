@@ -64,6 +64,8 @@ def _msg(kind: str = "rotate", *, epoch: int = 6, auth: Secret = CURRENT_AUTH, *
     fields: dict = {"nonce": b"n" * 32}
     if kind in ("rotate", "resync"):
         fields |= {"keys": [["kme", "k"]], "labels": ["wg0"]}
+    elif kind == "announce":
+        fields |= {"keys": [["kme", "k"]]}
     else:
         fields["confirm"] = ratchet.confirmation(PENDING_KEYS, "initiator")
     fields |= extra
@@ -152,6 +154,34 @@ COMMIT_CASES = [
     ("other epoch than pending", _record(5, _pending()), {"epoch": 9, "auth": PENDING_AUTH},
      rules.Refuse, "pending"),
 ]  # fmt: skip
+
+
+ANNOUNCE_CASES = [
+    ("next epoch, good MAC", {}, _record(), {}, rules.FetchAhead, None),
+    ("both initiators", {"initiator": True}, _record(), {}, rules.Refuse, "role"),
+    ("an epoch pending", {}, _record(5, _pending()), {"epoch": 7, "auth": PENDING_AUTH},
+     rules.Refuse, "pending"),
+    ("epoch too high", {}, _record(), {"epoch": 7}, rules.Refuse, "epoch"),
+    ("epoch replayed", {}, _record(), {"epoch": 5}, rules.Refuse, "epoch"),
+    ("bad MAC", {}, _record(), {"auth": WRONG}, rules.Refuse, "auth"),
+    ("under the bootstrap key", {}, _record(), {"auth": START.auth_key}, rules.Refuse, "auth"),
+    ("other sources", {}, _record(), {"keys": [["qkd", "k"]]}, rules.Refuse, "sources"),
+    ("key ID over a declared max", {"max_key_ids": (20,)}, _record(),
+     {"keys": [["kme", "k" * 21]]}, rules.Refuse, "sources"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("facts_change", "record", "args", "expected", "code"),
+    [case[1:] for case in ANNOUNCE_CASES],
+    ids=[case[0] for case in ANNOUNCE_CASES],
+)
+def test_announce_rules(facts_change, record, args, expected, code) -> None:
+    message, _ = _msg("announce", **args)
+    decision = rules.on_announce(replace(FACTS, **facts_change), record, message)
+    assert type(decision) is expected
+    if code is not None:
+        assert decision.code == code
 
 
 @pytest.mark.parametrize(

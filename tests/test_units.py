@@ -380,3 +380,36 @@ def test_the_checkpoint_bound_is_scrub_delay(tmp_path: Path) -> None:
     assert SCRUB_DELAY <= 0.2
     assert store._scrub.bound == SCRUB_DELAY
     store.close()
+
+
+def test_the_background_checkpoint_leaves_a_started_log_without_keys(tmp_path: Path) -> None:
+    """After the checkpoint the log is started again by a commit holding no key, so the next
+    rotation's commit does not pay the log header's extra fsync (issue 18); superseded keys
+    are gone from every file all the same, and the log holds none."""
+    from qkdagent.state import SCRUB_DELAY, StateStore
+
+    state = tmp_path / "state"
+    store = StateStore(state)
+    wal = state / "state.db-wal"
+    old, new = Secret.random(), Secret.random()
+
+    def files() -> bytes:
+        return b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.scrub_log)
+            await store.run(store.create, "l", "peer", old, Secret.random())
+            commit = partial(store.commit, "l", epoch=1, chain_key=new, auth_key=Secret.random(),
+                             key_ids=(("src", "id-1"),), outputs={})  # fmt: skip
+            await store.run(commit)
+            with trio.fail_after(SCRUB_DELAY + 10):
+                while old.reveal() in files() or new.reveal() in wal.read_bytes():  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    header_and_one_frame = 32 + 24 + 4096
+    assert wal.stat().st_size == header_and_one_frame
+    assert new.reveal() in files()  # the scan does see the current key (in the database)
+    store.close()

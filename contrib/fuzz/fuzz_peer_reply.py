@@ -15,7 +15,7 @@ from qkdagent import peering, protocol
 from qkdagent.errors import ProtocolError
 from qkdagent.secret import Secret
 
-KINDS = ("rotate-reply", "resync-reply", "commit-reply")
+KINDS = ("rotate-reply", "resync-reply", "commit-reply", "announce-reply")
 FORMAT = "json"
 DICTIONARY = [f'"{kind}"'.encode() for kind in (*KINDS, "refusal", "epoch", "error")]
 _KEY = Secret(os.urandom(32))

@@ -10,7 +10,7 @@ import peer_seeds
 from qkdagent import protocol
 from qkdagent.errors import ProtocolError
 
-KINDS = ("rotate", "resync", "commit")
+KINDS = ("rotate", "resync", "commit", "announce")
 FORMAT = "json"
 SEEDS = peer_seeds.seeds(KINDS)
 STRATEGY = peer_seeds.strategy(KINDS)

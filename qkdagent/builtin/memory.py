@@ -89,6 +89,8 @@ class MemorySource(Source):
         pool = options.string("pool", "default", max_len=200)
         size = options.integer("key_size", 32, min=16, max=4096)
         self.pool = MemoryPool.named(pool, size)
+        # a pool standing in for a remote source (its `delay` a round trip): announce ahead
+        self.fetch_ahead = options.boolean("fetch_ahead", False)
 
     async def new_key(self, link: Link) -> Key:
         await self._pause()

@@ -94,6 +94,7 @@ def _hub_name(url: str) -> str | None:
 
 class DskeSource(Source):
     type_name = "dske"
+    fetch_ahead = True  # key_by_id asks k hubs for shares: announce ahead
 
     def __init__(self, name: str, options: Options, context: PluginContext) -> None:
         super().__init__(name, options, context)

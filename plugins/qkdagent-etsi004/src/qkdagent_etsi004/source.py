@@ -106,6 +106,8 @@ class KeyStream:
 class Etsi004Source(Source):
     """An application's view of its QKD module. See the package README for every option."""
 
+    fetch_ahead = True  # key_by_id is a round trip to the module: announce ahead
+
     type_name = "etsi004"
 
     def __init__(self, name: str, options: Options, context: PluginContext) -> None:

@@ -131,6 +131,8 @@ class KmeHttp(Protocol):
 class Etsi014Source(Source):
     """An SAE's view of its KME. See the package README for every option."""
 
+    fetch_ahead = True  # key_by_id is a round trip to the module: announce ahead
+
     type_name = "etsi014"
 
     def __init__(self, name: str, options: Options, context: PluginContext) -> None:

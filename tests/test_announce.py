@@ -1,0 +1,249 @@
+"""`announce` (issue 18): an initiator whose link has a remote source names the next rotation's
+key IDs when it takes them ahead, and the responder fetches them before the `rotate` arrives,
+so neither side's source round trip is on the rotation's path. Keys fetched ahead serve the
+one rotate that names them; nothing is ever fetched or used twice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+from qkdagent.builtin.memory import MemoryPool
+from qkdagent.link import prefetch_lead
+from qkdagent.peering import PeerReply
+from qkdagent.protocol import error_body
+from qkdagent.testing import open_agent_pair
+
+REC = {"sinks": {"rec": {"type": "recording"}}}
+INTERVAL = 100.0
+DELAY = 0.2
+"""The pool's simulated round trip (virtual seconds) for every key it issues or gives."""
+LINK = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0}
+
+
+def _ahead(pair: Any, on: bool = True) -> MemoryPool:  # type: ignore[misc]
+    for name in ("alice", "bob"):
+        pair.configs[name]["sources"]["sim"]["fetch_ahead"] = on
+    pool = MemoryPool.named(pair.configs["alice"]["sources"]["sim"]["pool"])
+    pool.delay = DELAY
+    return pool
+
+
+def _taken(pool: MemoryPool, log: list[tuple[float, str]]) -> None:
+    """Record (time, key ID) of every attempt of bob's side to take a key from the pool."""
+    take = pool.take
+
+    def logged(key_id: str):  # type: ignore[no-untyped-def]
+        if not pool.down:
+            log.append((trio.current_time(), key_id))
+        return take(key_id)
+
+    pool.take = logged  # type: ignore[method-assign]
+
+
+async def _durations(tmp_path: Path, fetch_ahead: bool) -> tuple[list[float], list[float], Any]:
+    """Rotation durations (alice's install time minus the due time) and bob's take times
+    relative to each due time, over four rotations after the first."""
+    takes: list[tuple[float, str]] = []
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        pool = _ahead(pair, fetch_ahead)
+        _taken(pool, takes)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        await trio.sleep(4 * INTERVAL + 10)
+        installs = pair.sink("alice", "rec").installs
+        bob_installs = pair.sink("bob", "rec").installs
+        assert not pool.keys  # every key issued was taken once: none wasted
+        assert [r.key_ids for r in installs] == [r.key_ids for r in bob_installs]
+    # each rotation is due an interval after the previous one committed
+    due = [r.time + INTERVAL for r in installs[:4]]
+    durations = [r.time - d for r, d in zip(installs[1:], due, strict=True)]
+    offsets = [t - d for (t, _), d in zip(takes[1:], due, strict=True)]
+    assert [k for _, k in takes] == [r.key_ids[0] for r in installs]
+    return durations, offsets, pair
+
+
+async def test_announced_keys_are_fetched_before_the_rotation_and_leave_its_path(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    without, offsets_without, _ = await _durations(tmp_path / "off", fetch_ahead=False)
+    with_, offsets_with, _ = await _durations(tmp_path / "on", fetch_ahead=True)
+    lead = prefetch_lead(INTERVAL)
+    # without: bob's fetch starts when the rotate arrives, so the rotation waits for it
+    assert all(DELAY - 0.001 < d < 2 * DELAY for d in without), without
+    assert all(0 < o < 2 * DELAY for o in offsets_without), offsets_without
+    # with: bob fetched right after alice's prefetch, a lead before the rotation was due
+    assert all(abs(o - (-lead + 2 * DELAY)) < 0.01 for o in offsets_with), offsets_with
+    assert all(d < 0.01 for d in with_), with_
+
+
+async def test_keys_fetched_ahead_serve_only_the_rotate_that_names_them(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The initiator's record changes after its announce (so its keys taken ahead are not
+    used): the rotate names fresh keys, which bob fetches; the announced ones are not used."""
+    import dataclasses
+
+    takes: list[tuple[float, str]] = []
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        pool = _ahead(pair)
+        _taken(pool, takes)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        await trio.sleep(INTERVAL - 0.3)  # rotation 2's keys taken and announced
+        assert len(takes) == 2
+        announced = takes[1][1]
+        runtime = pair.alice.link("alice-bob")
+        runtime.record = dataclasses.replace(runtime.record)  # same content, another record
+        await pair.wait_for_epoch(2)
+        used = pair.sink("bob", "rec").installs[-1].key_ids[0]
+        assert used == pair.sink("alice", "rec").installs[-1].key_ids[0]
+    assert used != announced and [k for _, k in takes] == [takes[0][1], announced, used]
+
+
+def _intercept(pair: Any, action: str, fn: Any) -> list[str]:  # type: ignore[misc]
+    """Route alice's `action` requests to bob through `fn(client, url, link, body)`; the
+    returned list records every action alice sent."""
+    url = pair.configs["alice"]["links"]["alice-bob"]["peer_url"]
+    seen: list[str] = []
+
+    async def interceptor(client, peer_url, link, act, body):  # type: ignore[no-untyped-def]
+        seen.append(act)
+        if act == action:
+            return await fn(client, peer_url, link, body)
+        return await client.deliver(peer_url, link, act, body)
+
+    assert pair.network is not None
+    pair.network.interceptors[url] = interceptor
+    return seen
+
+
+async def test_a_repeated_announce_fetches_nothing_twice(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    takes: list[tuple[float, str]] = []
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        pool = _ahead(pair)
+        _taken(pool, takes)
+
+        async def twice(client, url, link, body):  # type: ignore[no-untyped-def]
+            first = await client.deliver(url, link, "announce", body)
+            again = await client.deliver(url, link, "announce", body)
+            assert first.status == again.status == 200
+            return again
+
+        seen = _intercept(pair, "announce", twice)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        await trio.sleep(3 * INTERVAL + 10)
+        assert pair.epoch("bob") == 4
+    assert seen.count("announce") == 3
+    keys = [k for _, k in takes]
+    assert len(keys) == 4 and len(set(keys)) == 4  # one take per rotation, none repeated
+
+
+async def test_a_source_that_fails_ahead_is_asked_again_by_the_rotate(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        pool = _ahead(pair)
+
+        async def while_down(client, url, link, body):  # type: ignore[no-untyped-def]
+            pool.down = True
+            try:
+                return await client.deliver(url, link, "announce", body)
+            finally:
+                pool.down = False
+
+        _intercept(pair, "announce", while_down)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        await trio.sleep(2 * INTERVAL + 10)
+        assert pair.epoch("alice") == pair.epoch("bob") == 3
+        assert pair.alice.link("alice-bob").status.failures == 0
+        assert not pool.keys
+
+
+async def test_a_peer_without_announce_is_asked_once_and_still_rotates(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An older responder answers 404 "not-found" (unknown path): the initiator stops
+    announcing on that link and rotates as before."""
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        _ahead(pair)
+
+        async def unknown(client, url, link, body):  # type: ignore[no-untyped-def]
+            return PeerReply(404, error_body("not-found", "unknown path"), client.identity)
+
+        seen = _intercept(pair, "announce", unknown)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        await trio.sleep(3 * INTERVAL + 10)
+        assert pair.epoch("bob") == 4
+        assert pair.alice.link("alice-bob").status.failures == 0
+    assert seen.count("announce") == 1
+
+
+async def test_an_announce_refused_for_another_reason_keeps_announcing(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        _ahead(pair)
+
+        async def busy(client, url, link, body):  # type: ignore[no-untyped-def]
+            return PeerReply(503, error_body("busy", "try later"), client.identity)
+
+        seen = _intercept(pair, "announce", busy)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        await trio.sleep(3 * INTERVAL + 10)
+        assert pair.epoch("bob") == 4
+    assert seen.count("announce") == 3
+
+
+async def test_keys_fetched_ahead_are_not_used_once_the_responders_record_changed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """They were fetched for the record (epoch, source state) the announce was checked
+    against: from any other, the rotate fetches for itself (here the source no longer has the
+    key, so that attempt fails and the next one takes fresh keys)."""
+    import dataclasses
+
+    takes: list[tuple[float, str]] = []
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        pool = _ahead(pair)
+        _taken(pool, takes)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        await trio.sleep(INTERVAL - 0.3)
+        assert len(takes) == 2
+        runtime = pair.bob.link("alice-bob")
+        runtime.record = dataclasses.replace(runtime.record)
+        await pair.wait_for_epoch(2)
+        assert pair.alice.link("alice-bob").status.failures == 1
+    announced = takes[1][1]
+    assert [k for _, k in takes].count(announced) == 2  # asked again, not taken from memory
