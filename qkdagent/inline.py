@@ -73,7 +73,7 @@ class InlineGate:
         return now >= self._threaded_until and self._spent < self.budget
 
     def measured(self, seconds: float) -> None:
-        """Record how long a call took (wherever it ran)."""
+        """Record how long a call on the loop took."""
         if seconds > self.limit:
             self._threaded_until = time.monotonic() + self.cooldown
 
@@ -92,11 +92,8 @@ class InlineGate:
                 self.measured(took)
                 await trio.lowlevel.cancel_shielded_checkpoint()
         self.threaded_calls += 1
-        return await trio.to_thread.run_sync(self._timed, fn)
-
-    def _timed(self, fn: Callable[[], T]) -> T:
-        started = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.measured(time.perf_counter() - started)
+        # Not timed: on a thread the call also waits for the interpreter lock, held by the loop
+        # and other threads, so under load its wall time says nothing about the disk, and it
+        # would keep the gate on threads for good (each thread's wait makes the next one
+        # longer). Only a call on the loop tells; the next one after the cooldown finds out.
+        return await trio.to_thread.run_sync(fn)

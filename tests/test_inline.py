@@ -42,6 +42,18 @@ async def test_a_threaded_call_that_is_fast_again_does_not_extend_the_cooldown()
     assert not gate.inline()
 
 
+async def test_a_call_on_a_thread_however_long_never_extends_the_cooldown() -> None:
+    """On a thread a call also waits for the interpreter lock: under load its wall time says
+    nothing about the disk, and counting it kept a loaded agent on threads for good."""
+    import time
+
+    gate = InlineGate(limit=0.001, cooldown=3600)
+    await gate.run(lambda: time.sleep(0.002))  # on the loop, slow: the cooldown starts
+    until = gate._threaded_until
+    assert await gate.run(lambda: (time.sleep(0.01), where())[1]) != threading.get_ident()
+    assert gate._threaded_until == until
+
+
 async def test_errors_reach_the_caller_from_either_path() -> None:
     def boom() -> None:
         raise OSError(5, "Input/output error")
