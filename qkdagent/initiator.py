@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import trio
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("qkdagent.link")
 
 REQUEST_RETRIES = 3
+ANNOUNCE_PAUSE = 3600.0
+"""Seconds an initiator stops announcing to a peer that does not know the message."""
 
 
 def _error_code(body: bytes) -> str | None:
@@ -49,7 +52,10 @@ class RotationFailed(Exception):
 
 
 class Initiator:
-    __slots__ = ("_announces", "_prefetch_for", "_prefetched", "config", "env", "link", "name")
+    __slots__ = (
+        "_announce_paused_until", "_announces", "_prefetch_for", "_prefetched", "config", "env",
+        "link", "name",
+    )  # fmt: skip
 
     def __init__(self, link: LinkRuntime) -> None:
         self.link = link
@@ -61,8 +67,9 @@ class Initiator:
         self._prefetch_for: float | None = None
         """The rotation time the last prefetch was made (or tried) for: one try per rotation."""
         self._announces = any(source.fetch_ahead for source in link.sources)
-        """Whether a prefetch tells the peer the key IDs (`announce`); off for a peer that
-        does not know the message."""
+        """Whether a prefetch tells the peer the key IDs (`announce`)."""
+        self._announce_paused_until = -math.inf
+        """Until when not to, after a peer answered that it does not know the message."""
 
     # -- prefetch ------------------------------------------------------------------------------
 
@@ -85,7 +92,7 @@ class Initiator:
             except (RotationFailed, trio.TooSlowError):
                 return
             self._prefetched = (record, keys)
-            if self._announces:
+            if self._announces and trio.current_time() >= self._announce_paused_until:
                 with trio.move_on_after(self.env.rotation_timeout):
                     await self._announce(record, self._key_ids(keys))
 
@@ -104,15 +111,20 @@ class Initiator:
         )
         try:
             reply = await self.env.client.post(self.config.peer_url, self.name, "announce", body)
-        except TransportError as exc:
-            log.debug("link %s: announce not delivered: %s", self.name, exc)
+        except (TransportError, trio.TooSlowError) as exc:
+            log.debug("link %s: announce not delivered: %s", self.name, type(exc).__name__)
             return
-        if reply.status == 404 and _error_code(reply.body) == "not-found":
-            self._announces = False
+        if (
+            reply.status == 404
+            and _error_code(reply.body) == "not-found"
+            and reply.identity.matches(self.config.peer_identity)
+        ):
+            self._announce_paused_until = trio.current_time() + ANNOUNCE_PAUSE
             log.info(
                 "link %s: the peer does not take announced key IDs (an older qkdagent?); its "
-                "sources' fetches stay on the rotation's path",
+                "sources' fetches stay on the rotation's path (asking again in %d s)",
                 self.name,
+                ANNOUNCE_PAUSE,
                 extra={"link": self.name},
             )
 

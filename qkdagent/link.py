@@ -516,6 +516,10 @@ class LinkRuntime(BaseLink):
     async def _early(self, until: float) -> None:
         await self.initiator.prefetch(until)
 
+    async def erase(self, reason: str) -> None:
+        self.responder.drop_ahead()
+        await super().erase(reason)
+
     async def rotate_once(self) -> bool:
         """One initiator rotation attempt now; returns whether it committed."""
         return await self.initiator.rotate_once()

@@ -5,9 +5,9 @@ Why not hypercorn: it does not expose the client certificate to the application 
 responder could not check `peer_identity`), has no handshake timeout or connection caps, and
 at EMFILE it logged a traceback per accept while rotations stalled. This server is small:
 
-- `POST /v1/links/<link>/<rotate|commit|resync>` only (404 other paths, 405 other methods, 413
-  bodies over `protocol.MAX_BODY` refused from content-length or while streaming, 400
-  malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive.
+- `POST /v1/links/<link>/<rotate|commit|resync|announce>` only (404 other paths, 405 other
+  methods, 413 bodies over `protocol.MAX_BODY` refused from content-length or while streaming,
+  400 malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive.
 - Which connections to keep is decided by `admission.py` (handshaking connections capped
   separately, the oldest evicted first; per-address and total caps; idle ones shed under
   pressure; a per-address budget for evictions, beyond which newcomers are refused at accept).

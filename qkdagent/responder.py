@@ -29,17 +29,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("qkdagent.link")
 
-HOLD_AHEAD = 30.0
-"""Seconds keys fetched ahead (on an `announce`) are kept for the rotation that names them;
-the initiator announces at most `link.PREFETCH_LEAD` (1 s) before it rotates."""
-
 
 @dataclass(eq=False)
 class FetchedAhead:
     """Keys fetched on an `announce`, for the one rotate from `record` that names `key_ids`.
 
-    Whatever that rotate's outcome, they serve it only: a key a source handed out is never
-    asked for again, and one never handed out twice (the store still refuses used IDs)."""
+    The next rotate or resync takes them, whatever it names and whatever its outcome; they
+    are dropped at `expires` (the link's `reject_after`) and when the link erases its sinks.
+    A rotate naming keys already dropped asks its sources again and, from a source that
+    deletes a key once delivered (ETSI 014, DSKE), gets key-not-found: one failed attempt,
+    and the initiator retries with fresh keys. No key is used twice: the store still refuses
+    used IDs."""
 
     record: LinkRecord
     key_ids: tuple[tuple[str, str], ...]
@@ -108,7 +108,7 @@ class Responder:
         ahead = self._ahead
         now = trio.current_time()
         if ahead is None or ahead.record is not link.record or ahead.key_ids != key_ids:
-            ahead = FetchedAhead(link.record, key_ids, now + HOLD_AHEAD)
+            ahead = FetchedAhead(link.record, key_ids, now + link.config.timing.reject_after)
         self._ahead = ahead
         states = link.record.source_state
         for source, (_, key_id) in zip(link.sources, key_ids, strict=True):
@@ -129,6 +129,10 @@ class Responder:
             auth_key=link.record.auth_key,
             request_nonce=message.nonce,
         )
+
+    def drop_ahead(self) -> None:
+        """Forget keys fetched ahead (the link failed closed: no rotation is coming)."""
+        self._ahead = None
 
     def _held(self, ahead: FetchedAhead | None, message: protocol.Message) -> dict[str, Answered]:
         """What was fetched ahead for this very rotate (same record, same key IDs, in time)."""

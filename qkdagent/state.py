@@ -13,9 +13,9 @@ and empties the log within `SCRUB_DELAY` of every commit (sooner, once commits p
 `settle.Settle`). The agent runs that as a background task (`scrub_log`), so no caller waits for
 the checkpoint's fsyncs and a burst of commits shares one, and then starts the emptied log with
 a commit of a counter (no key), so the next rotation's commit does not also pay the log
-header's fsync; inline stores (virtual-clock tests) checkpoint right after each commit. The filesystem and storage below may still keep old
-blocks, which no user-space program can rule out (see README, "Security properties and
-limits").
+header's fsync; inline stores (virtual-clock tests) checkpoint right after each commit. The
+filesystem and storage below may still keep old blocks, which no user-space program can rule
+out (see README, "Security properties and limits").
 """
 
 from __future__ import annotations

@@ -179,18 +179,27 @@ async def test_a_source_that_fails_ahead_is_asked_again_by_the_rotate(
         assert not pool.keys
 
 
-async def test_a_peer_without_announce_is_asked_once_and_still_rotates(
+def _server(pair: Any) -> Any:  # type: ignore[misc]
+    """The identity bob's server presents (what alice's transport checks replies against)."""
+    url = pair.configs["alice"]["links"]["alice-bob"]["peer_url"]
+    return pair.network.handlers[url][1]
+
+
+async def test_a_peer_without_announce_is_asked_again_only_after_a_pause(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """An older responder answers 404 "not-found" (unknown path): the initiator stops
-    announcing on that link and rotates as before."""
+    announcing on that link for ANNOUNCE_PAUSE, rotating as before, then asks again (the peer
+    may have been upgraded)."""
+    from qkdagent.initiator import ANNOUNCE_PAUSE
+
     async with open_agent_pair(
         tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
     ) as pair:
         _ahead(pair)
 
         async def unknown(client, url, link, body):  # type: ignore[no-untyped-def]
-            return PeerReply(404, error_body("not-found", "unknown path"), client.identity)
+            return PeerReply(404, error_body("not-found", "unknown path"), _server(pair))
 
         seen = _intercept(pair, "announce", unknown)
         await pair.start("bob")
@@ -199,7 +208,81 @@ async def test_a_peer_without_announce_is_asked_once_and_still_rotates(
         await trio.sleep(3 * INTERVAL + 10)
         assert pair.epoch("bob") == 4
         assert pair.alice.link("alice-bob").status.failures == 0
-    assert seen.count("announce") == 1
+        assert seen.count("announce") == 1
+        await trio.sleep(ANNOUNCE_PAUSE)
+        assert seen.count("announce") == 2
+
+
+async def test_a_not_found_from_a_server_that_is_not_the_peer_is_ignored(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        _ahead(pair)
+
+        async def stranger(client, url, link, body):  # type: ignore[no-untyped-def]
+            return PeerReply(404, error_body("not-found", "unknown path"), client.identity)
+
+        seen = _intercept(pair, "announce", stranger)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        await trio.sleep(3 * INTERVAL + 10)
+    assert seen.count("announce") == 3
+
+
+async def test_an_announce_that_times_out_is_no_failure(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The peer client's own deadline (trio.TooSlowError) ends the announce like a lost
+    reply: nothing is reported, and the rotation is on time."""
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        _ahead(pair)
+
+        async def too_slow(client, url, link, body):  # type: ignore[no-untyped-def]
+            await client.deliver(url, link, "announce", body)
+            raise trio.TooSlowError
+
+        _intercept(pair, "announce", too_slow)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        await trio.sleep(3 * INTERVAL + 10)
+        status = pair.alice.link("alice-bob").status
+        assert pair.epoch("bob") == 4
+        assert status.failures == 0 and status.last_error is None
+
+
+async def test_keys_fetched_ahead_are_dropped_when_the_link_fails_closed(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The initiator announced and never rotated: the responder's reject_after erase also
+    forgets the keys it fetched for that rotation."""
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        _ahead(pair)
+        assert pair.network is not None
+        bob_url = pair.configs["alice"]["links"]["alice-bob"]["peer_url"]
+
+        async def then_gone(client, url, link, body):  # type: ignore[no-untyped-def]
+            reply = await client.deliver(url, link, "announce", body)
+            pair.network.down.add(bob_url)  # the rotate never arrives
+            return reply
+
+        _intercept(pair, "announce", then_gone)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        await trio.sleep(INTERVAL)
+        responder = pair.bob.link("alice-bob").responder
+        assert responder._ahead is not None and responder._ahead.answered
+        await trio.sleep(3 * INTERVAL)
+        assert pair.bob.link("alice-bob").status.erased_reason == "reject_after"
+        assert responder._ahead is None
 
 
 async def test_an_announce_refused_for_another_reason_keeps_announcing(
