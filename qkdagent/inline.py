@@ -5,9 +5,10 @@ thread was idle (two cold wake-ups), more than the call itself on a fast disk: o
 path that was a third of the latency. Blocking the loop is only acceptable while it stays
 rare and short, so the gate watches the calls:
 
-- a call over `limit` (a disk in trouble) sends the following calls to a worker thread for
-  `cooldown` seconds, after which the loop is tried again: a disk that is always slow blocks
-  the loop once per cooldown, at most;
+- a call over `limit` on the loop (a disk in trouble), or over `stall` on a thread, sends the
+  following calls to a worker thread for `cooldown` seconds, after which the loop is tried
+  again: a disk that stalls keeps them on threads, one that is merely slow blocks the loop
+  once per cooldown, at most;
 - the calls run on the loop may block it for at most `budget` of every second; past that, the
   rest of the second's calls go to threads (where concurrent commits share a transaction).
 
@@ -35,6 +36,9 @@ COOLDOWN = 30.0
 """Seconds calls stay on worker threads after one took longer than LIMIT."""
 BUDGET = 0.1
 """Seconds per second the loop may spend blocked in calls run on it."""
+STALL = 0.1
+"""Seconds a call on a worker thread may take before it, too, extends the cooldown: well above
+what waiting for the interpreter lock adds under load, so only a disk in real trouble."""
 
 
 _LOOP_GATE: trio.lowlevel.RunVar[InlineGate] = trio.lowlevel.RunVar("qkdagent_inline_gate")
@@ -52,9 +56,14 @@ def loop_gate() -> InlineGate:
 
 class InlineGate:
     def __init__(
-        self, limit: float = LIMIT, cooldown: float = COOLDOWN, budget: float = BUDGET
+        self,
+        limit: float = LIMIT,
+        cooldown: float = COOLDOWN,
+        budget: float = BUDGET,
+        stall: float = STALL,
     ) -> None:
         self.limit = limit
+        self.stall = stall
         self.cooldown = cooldown
         self.budget = budget
         self._threaded_until = -1.0
@@ -92,8 +101,16 @@ class InlineGate:
                 self.measured(took)
                 await trio.lowlevel.cancel_shielded_checkpoint()
         self.threaded_calls += 1
-        # Not timed: on a thread the call also waits for the interpreter lock, held by the loop
-        # and other threads, so under load its wall time says nothing about the disk, and it
-        # would keep the gate on threads for good (each thread's wait makes the next one
-        # longer). Only a call on the loop tells; the next one after the cooldown finds out.
-        return await trio.to_thread.run_sync(fn)
+        return await trio.to_thread.run_sync(self._timed, fn)
+
+    def _timed(self, fn: Callable[[], T]) -> T:
+        """On a thread a call also waits for the interpreter lock, held by the loop and other
+        threads: under load its wall time says little about the disk, and holding it to
+        `limit` kept a busy agent on threads for good (each thread's wait made the next one
+        longer). Only a stall past `stall` extends the cooldown from here."""
+        started = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            if time.perf_counter() - started > self.stall:
+                self._threaded_until = time.monotonic() + self.cooldown

@@ -42,16 +42,22 @@ async def test_a_threaded_call_that_is_fast_again_does_not_extend_the_cooldown()
     assert not gate.inline()
 
 
-async def test_a_call_on_a_thread_however_long_never_extends_the_cooldown() -> None:
+async def test_a_call_on_a_thread_extends_the_cooldown_only_if_it_stalled() -> None:
     """On a thread a call also waits for the interpreter lock: under load its wall time says
-    nothing about the disk, and counting it kept a loaded agent on threads for good."""
+    little about the disk, and holding it to `limit` kept a loaded agent on threads for good.
+    A stall past `stall` still does."""
     import time
 
-    gate = InlineGate(limit=0.001, cooldown=3600)
+    gate = InlineGate(limit=0.001, cooldown=3600, stall=3600)
     await gate.run(lambda: time.sleep(0.002))  # on the loop, slow: the cooldown starts
     until = gate._threaded_until
     assert await gate.run(lambda: (time.sleep(0.01), where())[1]) != threading.get_ident()
     assert gate._threaded_until == until
+    gate = InlineGate(limit=0.001, cooldown=3600, stall=0.005)
+    await gate.run(lambda: time.sleep(0.002))
+    until = gate._threaded_until
+    await gate.run(lambda: time.sleep(0.01))
+    assert gate._threaded_until > until
 
 
 async def test_errors_reach_the_caller_from_either_path() -> None:
