@@ -411,5 +411,7 @@ def test_the_background_checkpoint_leaves_a_started_log_without_keys(tmp_path: P
     trio.run(main)
     header_and_one_frame = 32 + 24 + 4096
     assert wal.stat().st_size == header_and_one_frame
+    full = 2
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == full  # commits stay durable
     assert new.reveal() in files()  # the scan does see the current key (in the database)
     store.close()
