@@ -120,15 +120,7 @@ class Responder:
                 )
             except QkdAgentError as exc:
                 log.debug("link %s: fetching ahead from source %s: %s", self.name, source.id, exc)
-        return protocol.build(
-            "announce-reply",
-            link=self.name,
-            sender=self.env.agent_name,
-            receiver=self.peer,
-            epoch=message.epoch,
-            auth_key=link.record.auth_key,
-            request_nonce=message.nonce,
-        )
+        return self._acknowledge("announce-reply", message)
 
     def drop_ahead(self) -> None:
         """Forget keys fetched ahead (the link failed closed: no rotation is coming)."""
@@ -252,13 +244,17 @@ class Responder:
             raise self._refuse(decision, body)
         if isinstance(decision, rules.CommitPending):
             await self.commit_pending(decision.pending)
+        return self._acknowledge("commit-reply", message)
+
+    def _acknowledge(self, kind: str, message: protocol.Message) -> bytes:
+        """A reply that only says the request was taken, MAC'd under the current auth key."""
         return protocol.build(
-            "commit-reply",
+            kind,
             link=self.name,
             sender=self.env.agent_name,
             receiver=self.peer,
             epoch=message.epoch,
-            auth_key=link.record.auth_key,
+            auth_key=self.link.record.auth_key,
             request_nonce=message.nonce,
         )
 
