@@ -71,6 +71,16 @@ def test_pathological_nesting_is_a_protocol_error(body: bytes) -> None:
         protocol.parse_refusal(body)
 
 
+def test_nesting_up_to_the_limit_is_accepted_and_one_more_refused() -> None:
+    limit = protocol.MAX_JSON_DEPTH
+    nested: list = []
+    for _ in range(limit - 1):
+        nested = [nested]
+    assert protocol.load_json(b"[" * limit + b"]" * limit) == nested
+    with pytest.raises(ProtocolError, match="nested deeper"):
+        protocol.load_json(b"[" * (limit + 1) + b"]" * (limit + 1))
+
+
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     assert protocol.nesting_depth(b'{"a":"[[[[[[[[[[[[[[\\"[[[["}') == 1
     assert protocol.load_json(b'{"a":"[[[[[[[[[[[[[[[[[["}') == {"a": "[" * 18}
