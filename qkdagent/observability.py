@@ -52,6 +52,13 @@ class Metrics:
             [],
             "counter",
         )
+        self.fetched_ahead = per_link(
+            "qkdagent_keys_fetched_ahead",
+            "Source keys a responder fetched on an announce: used by the rotate naming them, "
+            "or dropped (another rotate came first, the link failed closed or they expired)",
+            ["result"],
+            "counter",
+        )
         self.last_success = per_link(
             "qkdagent_link_last_success_timestamp_seconds",
             "Unix time of the last committed rotation",
@@ -72,6 +79,7 @@ class Metrics:
             self.epoch,
             self.erase_failed,
             self.unauthenticated_refusals,
+            self.fetched_ahead,
             self.last_success,
             self.insecure,
         ]

@@ -45,6 +45,8 @@ class FetchedAhead:
     key_ids: tuple[tuple[str, str], ...]
     expires: float
     answered: dict[str, Answered] = field(default_factory=dict, repr=False)
+    used: bool = False
+    """Whether the rotate naming them took them (for the metric)."""
 
 
 NOT_A_PEER = protocol.error_body("refused", "the client certificate is not a peer of this agent")
@@ -80,7 +82,11 @@ class Responder:
             if action == "commit":  # (a repeated commit leaves keys fetched ahead alone)
                 return await self._on_commit(message, body)
             ahead, self._ahead = self._ahead, None  # for the next rotate only, whatever it names
-            return await self._on_rotate(message, body, ahead)
+            try:
+                return await self._on_rotate(message, body, ahead)
+            finally:
+                if ahead is not None and not ahead.used:
+                    self._dropped(ahead)
 
     def _refuse(self, refusal: rules.Refuse, body: bytes) -> ProtocolError:
         """An authenticated refusal of the request `body` (DESIGN v2 §4), as an exception."""
@@ -108,6 +114,7 @@ class Responder:
         ahead = self._ahead
         now = trio.current_time()
         if ahead is None or ahead.record is not link.record or ahead.key_ids != key_ids:
+            self._dropped(ahead)
             ahead = FetchedAhead(link.record, key_ids, now + link.config.timing.reject_after)
         self._ahead = ahead
         states = link.record.source_state
@@ -124,7 +131,12 @@ class Responder:
 
     def drop_ahead(self) -> None:
         """Forget keys fetched ahead (the link failed closed: no rotation is coming)."""
+        self._dropped(self._ahead)
         self._ahead = None
+
+    def _dropped(self, ahead: FetchedAhead | None) -> None:
+        if ahead is not None and ahead.answered:
+            self.env.metrics.fetched_ahead.labels(self.name, "dropped").inc(len(ahead.answered))
 
     def _held(self, ahead: FetchedAhead | None, message: protocol.Message) -> dict[str, Answered]:
         """What was fetched ahead for this very rotate (same record, same key IDs, in time)."""
@@ -157,6 +169,9 @@ class Responder:
         key_ids = message.keys
         states = {} if message.kind == "resync" else record.source_state
         held = self._held(ahead, message)
+        if held and ahead is not None:
+            ahead.used = True
+            self.env.metrics.fetched_ahead.labels(self.name, "used").inc(len(held))
         answered: list[Answered] = []
         # Key reuse is refused when the pending epoch is stored (one transaction with the check);
         # a message with used IDs can only come from the authenticated peer (MAC checked above).

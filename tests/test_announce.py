@@ -87,6 +87,10 @@ async def _rotating(
         yield pair, pool, seen
 
 
+def _fetched_ahead(pair: Any, result: str) -> float:  # type: ignore[misc]
+    return float(pair.bob.metrics.fetched_ahead.labels("alice-bob", result).get())
+
+
 def _server(pair: Any) -> Any:  # type: ignore[misc]
     """The identity bob's server presents (what alice's transport checks replies against)."""
     url = pair.configs["alice"]["links"]["alice-bob"]["peer_url"]
@@ -116,6 +120,8 @@ async def _durations(tmp_path: Path, fetch_ahead: bool) -> tuple[list[float], li
         bob_installs = pair.sink("bob", "rec").installs
         assert not pool.keys  # every key issued was taken once: none wasted
         assert [r.key_ids for r in installs] == [r.key_ids for r in bob_installs]
+        used = 4 if fetch_ahead else 0  # rotations 2 to 5; the first one takes no keys ahead
+        assert (_fetched_ahead(pair, "used"), _fetched_ahead(pair, "dropped")) == (used, 0)
     # each rotation is due an interval after the previous one committed
     due = [r.time + INTERVAL for r in installs[:4]]
     durations = [r.time - d for r, d in zip(installs[1:], due, strict=True)]
@@ -154,6 +160,7 @@ async def test_keys_fetched_ahead_serve_only_the_rotate_that_names_them(
         used = pair.sink("bob", "rec").installs[-1].key_ids[0]
         assert used == pair.sink("alice", "rec").installs[-1].key_ids[0]
         assert pair.alice.link("alice-bob").status.failures == 0  # bob used no other key
+        assert _fetched_ahead(pair, "dropped") == 1
     assert used != announced and [k for _, k in takes] == [takes[0][1], announced, used]
 
 
@@ -296,3 +303,4 @@ async def test_keys_fetched_ahead_are_dropped_when_the_link_fails_closed(
         await trio.sleep(3 * INTERVAL)
         assert pair.bob.link("alice-bob").status.erased_reason == "reject_after"
         assert responder._ahead is None
+        assert _fetched_ahead(pair, "dropped") == 1
