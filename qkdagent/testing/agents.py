@@ -92,6 +92,25 @@ class AgentPair:
             while min(self.epoch(n) for n in self.agents) < epoch:  # noqa: ASYNC110
                 await trio.sleep(0.01)
 
+    async def wait_for_installs(
+        self,
+        epoch: int,
+        sink: str,
+        *,
+        timeout: float = 30.0,  # noqa: ASYNC109
+    ) -> None:
+        """Wait until both sides' `recording` sink `sink` holds an install of `epoch` or later.
+
+        A side commits an epoch before it installs it, so right after `wait_for_epoch` the
+        last install may still be under way (bounded, polls every 10 ms)."""
+
+        def installed(name: str) -> int:
+            return max((r.epoch for r in self.sink(name, sink).installs), default=0)
+
+        with trio.fail_after(timeout):
+            while min(installed(n) for n in self.agents) < epoch:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
 
 @asynccontextmanager
 async def open_agent_pair(

@@ -124,6 +124,7 @@ async def test_two_agents_rotate_100_times_through_bb84(
     sides, link = agents(table)
     async with open_agent_pair(tmp_path / "pair", link=link, local=True, **sides) as pair:
         await pair.wait_for_epoch(ROTATIONS, timeout=ROTATIONS * 10)
+        await pair.wait_for_installs(ROTATIONS, "rec")
         installs = {
             name: {r.epoch: r for r in pair.sink(name, "rec").installs} for name in ("alice", "bob")
         }

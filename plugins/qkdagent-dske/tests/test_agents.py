@@ -40,6 +40,7 @@ async def test_agents_rotate_through_hubs_with_one_down_and_one_lying(
             link={"interval": 0.01, "jitter": 0, "reject_after": 60},
         ) as pair:
             await pair.wait_for_epoch(ROTATIONS, timeout=75)
+            await pair.wait_for_installs(ROTATIONS, "rec")
             installs = {
                 name: {r.epoch: r for r in pair.sink(name, "rec").installs}
                 for name in ("alice", "bob")

@@ -32,6 +32,7 @@ async def test_two_agents_rotate_100_times_with_identical_secrets(
         link={"interval": 0.01, "jitter": 0, "reject_after": 30},
     ) as pair:
         await pair.wait_for_epoch(ROTATIONS, timeout=120)
+        await pair.wait_for_installs(ROTATIONS, "rec")
         installs = {
             name: {r.epoch: r for r in pair.sink(name, "rec").installs} for name in ("alice", "bob")
         }
@@ -85,6 +86,7 @@ async def test_two_agents_rotate_100_times_over_the_rest_form(pki: Path, tmp_pat
             link={"interval": 0.01, "jitter": 0, "reject_after": 30},
         ) as pair:
             await pair.wait_for_epoch(ROTATIONS, timeout=120)
+            await pair.wait_for_installs(ROTATIONS, "rec")
             installs = {
                 name: {r.epoch: r for r in pair.sink(name, "rec").installs}
                 for name in ("alice", "bob")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import trio
 from qkdagent_etsi014.sim import Simulator
 from qkdagent_etsi014.wire import UUID_RE
 
@@ -31,12 +30,7 @@ async def test_two_agents_rotate_100_times_with_identical_secrets(
         link={"interval": 0.01, "jitter": 0, "reject_after": 30},
     ) as pair:
         await pair.wait_for_epoch(ROTATIONS, timeout=120)
-        with trio.fail_after(10):  # a side installs right after its epoch is committed
-            while any(  # noqa: ASYNC110 - polls the sinks the agents fill
-                ROTATIONS not in {r.epoch for r in pair.sink(n, "rec").installs}
-                for n in ("alice", "bob")
-            ):
-                await trio.sleep(0.01)
+        await pair.wait_for_installs(ROTATIONS, "rec")
         installs = {
             name: {r.epoch: r for r in pair.sink(name, "rec").installs} for name in ("alice", "bob")
         }
