@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -241,20 +242,22 @@ async def test_a_peer_without_announce_is_asked_again_only_after_a_pause(
         assert seen.count("announce") == 2
 
 
-async def test_a_not_found_from_a_server_that_is_not_the_peer_is_ignored(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+@pytest.mark.parametrize(
+    ("status", "code", "from_peer"),
+    [(404, "not-found", False), (503, "busy", True)],
+    ids=["not-found from a server that is not the peer", "busy"],
+)
+async def test_any_other_answer_to_an_announce_keeps_announcing(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    status: int,
+    code: str,
+    from_peer: bool,
 ) -> None:
-    stranger = _answering(404, "not-found", from_peer=False)
-    async with _rotating(tmp_path, stranger) as (_, _, seen):
-        await trio.sleep(3 * INTERVAL + 10)
-    assert seen.count("announce") == 3
-
-
-async def test_an_announce_refused_for_another_reason_keeps_announcing(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
-    busy = _answering(503, "busy", from_peer=True)
-    async with _rotating(tmp_path, busy) as (pair, _, seen):
+    """Only the peer's own "not-found" pauses announcing; a stranger's (unauthenticated) or
+    any other refusal is one lost announce, and the rotations go on."""
+    answer = _answering(status, code, from_peer=from_peer)
+    async with _rotating(tmp_path, answer) as (pair, _, seen):
         await trio.sleep(3 * INTERVAL + 10)
         assert pair.epoch("bob") == 4
     assert seen.count("announce") == 3
