@@ -39,6 +39,7 @@ from .lifecycle import (
 from .link import LINK_RESTART_MAX, LINK_RESTART_MIN, BaseLink, LinkRuntime
 from .linkenv import LinkEnv
 from .observability import Metrics, StatusApp
+from .peering import ReplyNow
 from .plugins import Plugins
 from .responder import NOT_A_PEER
 from .services import start_services
@@ -239,7 +240,12 @@ class Agent:
         )
 
     async def _handle_peer(
-        self, link: str, action: str, body: bytes, identity: PeerIdentity
+        self,
+        link: str,
+        action: str,
+        body: bytes,
+        identity: PeerIdentity,
+        reply_now: ReplyNow | None = None,
     ) -> bytes:
         runtime = self.links.get(link)
         if runtime is not None and not runtime.config.native:
@@ -261,7 +267,7 @@ class Agent:
             self._peer_idle = trio.Event()
         self._peer_calls += 1
         try:
-            return await runtime.handle(action, body, identity)
+            return await runtime.handle(action, body, identity, reply_now)
         finally:
             self._peer_calls -= 1
             if not self._peer_calls:

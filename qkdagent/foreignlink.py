@@ -27,6 +27,7 @@ from .lifecycle import RESTART_MAX, RESTART_MIN, OnceStarted
 from .link import BaseLink
 from .linkenv import LinkEnv
 from .linkprotocol import ForeignLink, LinkProtocol
+from .peering import ReplyNow
 from .secret import Key, Secret
 from .state import LinkRecord
 
@@ -244,7 +245,13 @@ class ForeignLinkRuntime(BaseLink, ForeignLink):
             await trio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX)
 
-    async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
+    async def handle(
+        self,
+        action: str,
+        body: bytes,
+        identity: PeerIdentity,
+        reply_now: ReplyNow | None = None,
+    ) -> bytes:
         raise ProtocolError("unknown link", status=404)
 
     def _starved(self) -> None:

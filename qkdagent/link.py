@@ -29,6 +29,7 @@ from .identity import PeerIdentity
 from .initiator import Initiator
 from .interfaces import Link
 from .linkenv import LinkEnv
+from .peering import ReplyNow
 from .responder import Responder
 from .secret import Secret
 from .sinkset import LinkSinks
@@ -172,8 +173,14 @@ class BaseLink:
         """The link's own task (for a link the agent does not time: `timed_by_agent`)."""
         raise NotImplementedError
 
-    async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
-        """A native peer API request for this link."""
+    async def handle(
+        self,
+        action: str,
+        body: bytes,
+        identity: PeerIdentity,
+        reply_now: ReplyNow | None = None,
+    ) -> bytes:
+        """A native peer API request for this link (`reply_now`: see `peering.ReplyNow`)."""
         raise NotImplementedError
 
     async def _rotate(self) -> None:
@@ -524,9 +531,15 @@ class LinkRuntime(BaseLink):
         """One initiator rotation attempt now; returns whether it committed."""
         return await self.initiator.rotate_once()
 
-    async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
+    async def handle(
+        self,
+        action: str,
+        body: bytes,
+        identity: PeerIdentity,
+        reply_now: ReplyNow | None = None,
+    ) -> bytes:
         """A peer request for this link (see `Responder.handle`)."""
-        return await self.responder.handle(action, body, identity)
+        return await self.responder.handle(action, body, identity, reply_now)
 
     def _starved(self) -> None:
         """A responder cannot rotate by itself: say what to check (both sides responder is a

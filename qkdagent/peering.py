@@ -21,9 +21,15 @@ from .protocol import MAX_BODY
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[str, str, bytes, PeerIdentity], Awaitable[bytes]]
-"""(link name, action, body, the client certificate's names) -> reply body; raises
-ProtocolError for a refused request."""
+ReplyNow = Callable[[bytes], Awaitable[None]]
+"""Sends a handler's 200 reply before the handler returns, so the peer need not wait for work
+that follows (the responder's install after its durable commit). It never raises: a reply that
+cannot be sent closes the connection once the handler is done, as a lost reply would. The
+handler then returns the same body, which is not sent again."""
+
+Handler = Callable[[str, str, bytes, PeerIdentity, ReplyNow], Awaitable[bytes]]
+"""(link name, action, body, the client certificate's names, how to reply early) -> reply
+body; raises ProtocolError for a refused request (only before replying early)."""
 
 
 def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -67,4 +73,4 @@ class PeerClient:
         await self._client.aclose()
 
 
-__all__ = ["Handler", "PeerClient", "PeerReply", "ReplyTooLarge", "TransportError"]
+__all__ = ["Handler", "PeerClient", "PeerReply", "ReplyNow", "ReplyTooLarge", "TransportError"]

@@ -7,7 +7,9 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
 
 - `POST /v1/links/<link>/<rotate|commit|resync|announce>` only (404 other paths, 405 other
   methods, 413 bodies over `protocol.MAX_BODY` refused from content-length or while streaming,
-  400 malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive.
+  400 malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive. A handler may
+  reply before it returns (`peering.ReplyNow`: the responder acknowledges a durable commit,
+  then installs); the connection's next request is read once the handler is done.
 - Which connections to keep is decided by `admission.py` (handshaking connections capped
   separately, the oldest evicted first; per-address and total caps; idle ones shed under
   pressure; a per-address budget for evictions, beyond which newcomers are refused at accept).
@@ -388,6 +390,10 @@ class _Http:
         """The current request's content-length (0 if none or chunked)."""
         self.was_refused = False
         """Whether the last answer on this connection was an error."""
+        self.replied_early = False
+        """Whether the handler of the current request has sent its reply already."""
+        self.broken = False
+        """Whether an early reply could not be sent whole (the connection closes)."""
 
     def _phase(self, phase: str, timeout: float) -> None:
         self.conn.phase = phase
@@ -465,15 +471,43 @@ class _Http:
             return
         self.conn.phase = "handler"
         self.conn.scope.deadline = math.inf  # bounded by the link's own timeouts
+        self.replied_early = self.broken = False
         try:
-            status, reply = 200, await self.server.handler(link, action, body, self.identity)
+            status, reply = (
+                200,
+                await self.server.handler(link, action, body, self.identity, self._reply_now),
+            )
         except ProtocolError as exc:
             status, reply = exc.status, exc.body or error_body("refused", str(exc))
             self.server.refused(status, f"{action} for link {link[:64]!r}: {exc}")
         except Exception as exc:  # a bug behind the handler: one 500, no traceback
             status, reply = 500, error_body("internal", "internal error")
             self.server.refused(500, f"{action} for link {link[:64]!r}: {type(exc).__name__}")
+        if self.replied_early:  # answered already: whatever the handler did next stays here
+            if self.broken:
+                raise _Close
+            return
         await self._send(status, reply)
+
+    async def _reply_now(self, body: bytes) -> None:
+        """The handler's 200 reply, sent while the handler goes on (`peering.ReplyNow`). Its
+        own deadline bounds the send, not the connection's scope, which would cancel the
+        handler's work with it; a send that fails or times out closes the connection after
+        the handler, like a lost reply."""
+        if self.replied_early:
+            return
+        self.replied_early = True
+        try:
+            data = self._response(200, body, close=False)
+        except _Close:
+            self.broken = True
+            return
+        with trio.move_on_after(self.limits.request_timeout) as scope:
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.broken = True
+        self.broken = self.broken or scope.cancelled_caught
 
     async def _read_body(self) -> bytes | None:
         """The body, or None if it is over MAX_BODY (by content-length, before reading any of
@@ -520,6 +554,12 @@ class _Http:
         return h.their_state is h11.DONE
 
     async def _send(self, status: int, body: bytes, *, close: bool = False) -> None:
+        data = self._response(status, body, close=close)
+        self._phase("reply", self.limits.request_timeout)
+        await self.stream.send_all(data)
+
+    def _response(self, status: int, body: bytes, *, close: bool) -> bytes:
+        """The reply's bytes (h11 moves to DONE on our side)."""
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         h = self.h11
         if close or self._too_much_left(h):
@@ -530,8 +570,7 @@ class _Http:
         except h11.LocalProtocolError:
             raise _Close from None
         self.was_refused = status >= 400
-        self._phase("reply", self.limits.request_timeout)
-        await self.stream.send_all(data)
+        return data
 
     def _too_much_left(self, h: h11.Connection) -> bool:
         """Whether the unread rest of the request body is declared too large to discard."""

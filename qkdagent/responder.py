@@ -22,6 +22,7 @@ from .errors import KeyNotFound, KeyReuseError, ProtocolError, QkdAgentError, na
 from .faults import crash_point
 from .identity import PeerIdentity
 from .interfaces import Answered
+from .peering import ReplyNow
 from .state import LinkRecord, Pending
 
 if TYPE_CHECKING:
@@ -64,8 +65,16 @@ class Responder:
         self.peer = link.config.peer
         self._ahead: FetchedAhead | None = None
 
-    async def handle(self, action: str, body: bytes, identity: PeerIdentity) -> bytes:
-        """Answer a peer request; a refusal raises ProtocolError carrying its reply body."""
+    async def handle(
+        self,
+        action: str,
+        body: bytes,
+        identity: PeerIdentity,
+        reply_now: ReplyNow | None = None,
+    ) -> bytes:
+        """Answer a peer request; a refusal raises ProtocolError carrying its reply body.
+        `reply_now` (`peering.ReplyNow`), if given, acknowledges a `commit` as soon as it is
+        durable, before the install."""
         stranger = rules.admit_identity(self.link.facts, identity)
         if stranger is not None:  # the detail for our log; the stranger learns nothing
             raise ProtocolError(stranger.message, status=stranger.status, body=NOT_A_PEER)
@@ -80,7 +89,7 @@ class Responder:
             if action == "announce":
                 return await self._on_announce(message, body)
             if action == "commit":  # (a repeated commit leaves keys fetched ahead alone)
-                return await self._on_commit(message, body)
+                return await self._on_commit(message, body, reply_now)
             ahead, self._ahead = self._ahead, None  # for the next rotate only, whatever it names
             try:
                 return await self._on_rotate(message, body, ahead)
@@ -252,14 +261,25 @@ class Responder:
         crash_point("responder:pending-stored")
         return reply
 
-    async def _on_commit(self, message: protocol.Message, body: bytes) -> bytes:
+    async def _on_commit(
+        self, message: protocol.Message, body: bytes, reply_now: ReplyNow | None
+    ) -> bytes:
         link = self.link
         decision = rules.on_commit(link.facts, link.record, message)
         if isinstance(decision, rules.Refuse):
             raise self._refuse(decision, body)
-        if isinstance(decision, rules.CommitPending):
-            await self.commit_pending(decision.pending)
-        return self._acknowledge("commit-reply", message)
+        if not isinstance(decision, rules.CommitPending):
+            return self._acknowledge("commit-reply", message)  # committed already: a repeat
+        started = trio.current_time()
+        await self._commit(decision.pending)
+        reply = self._acknowledge("commit-reply", message)
+        if reply_now is not None:
+            # The acknowledgement says the commit is durable, which it is: the initiator's
+            # rotation ends now, while this side installs (under the link's lock still, so
+            # the next request for the link finds it installed). DESIGN §4 step 5.
+            await reply_now(reply)
+        await self._install(started, decision.pending)
+        return reply
 
     def _acknowledge(self, kind: str, message: protocol.Message) -> bytes:
         """A reply that only says the request was taken, MAC'd under the current auth key."""
@@ -275,8 +295,12 @@ class Responder:
 
     async def commit_pending(self, pending: Pending) -> None:
         """Make the pending epoch current (with its sources' state), then install it."""
-        link = self.link
         started = trio.current_time()
+        await self._commit(pending)
+        await self._install(started, pending)
+
+    async def _commit(self, pending: Pending) -> None:
+        link = self.link
         store = self.env.store
         link.record = await store.run(
             lambda: store.commit(
@@ -290,6 +314,9 @@ class Responder:
             )
         )
         crash_point("responder:committed")
+
+    async def _install(self, started: float, pending: Pending) -> None:
+        link = self.link
         failed = await link.sinks.install(link.record)
         crash_point("responder:installed")
         link.succeeded(started, pending.key_ids, failed)

@@ -29,11 +29,12 @@ from qkdagent.config import Address, TlsFiles
 from qkdagent.errors import ProtocolError
 from qkdagent.identity import PeerIdentity
 from qkdagent.observability import Metrics
+from qkdagent.peering import ReplyNow
 from qkdagent.peerserver import ServerLimits, _Conn, _Server, serve_peers
 from qkdagent.pki import PkiFiles, write_test_pki
 from qkdagent.testing.procs import AgentProcess, process_pair, wait_until
 
-Handler = Callable[[str, str, bytes, PeerIdentity], Awaitable[bytes]]
+Handler = Callable[[str, str, bytes, PeerIdentity, ReplyNow], Awaitable[bytes]]
 
 
 @dataclass
@@ -81,7 +82,9 @@ async def running(
     pki = write_test_pki(tmp_path / "pki", ["alice", "bob", "mallory"])
     server = Running(0, pki, Metrics())
 
-    async def record(link: str, action: str, body: bytes, identity: PeerIdentity) -> bytes:
+    async def record(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
         server.calls.append((link, action, body, identity))
         return b'{"ok":true}'
 
@@ -196,7 +199,9 @@ async def test_routes_statuses_and_keep_alive(tmp_path: Path) -> None:
 async def test_handler_refusals_and_failures(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def handler(link: str, action: str, body: bytes, identity: PeerIdentity) -> bytes:
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
         if action == "rotate":
             raise ProtocolError("wrong epoch", status=409, body=b'{"error":"epoch","epoch":3}')
         if action == "commit":
@@ -215,6 +220,76 @@ async def test_handler_refusals_and_failures(
             reply = await http.post(server.url + ROTATE, content=b"{}")  # still serving
             assert reply.status_code == 409
     assert "RecursionError" in caplog.text and "Traceback" not in caplog.text
+
+
+async def test_a_handler_replies_early_and_goes_on_with_the_connection_held(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`reply_now`: the client has the 200 while the handler still works (the responder's
+    install after its commit); the body the handler then returns is not sent again, the
+    connection serves the next request once the handler is done, and a bug after the early
+    reply is counted, never answered a second time."""
+    release = trio.Event()
+    finished: list[str] = []
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        await reply_now(b'{"early":true}')
+        await reply_now(b'{"twice":true}')  # a second early reply is ignored
+        await release.wait()
+        finished.append(action)
+        if action == "resync":
+            raise RecursionError("after the reply")
+        return b'{"late":true}'
+
+    caplog.set_level(logging.DEBUG)
+    async with running(tmp_path, handler) as server:
+        stream = await server.tls()
+        with trio.fail_after(10):  # a reply that waited for the handler would never come
+            response, body = await exchange(stream, post(ROTATE, 2), b"{}")
+        assert response.status_code == 200 and body == b'{"early":true}'
+        assert finished == []
+        release.set()
+        # The same connection: each request is read once the previous handler is done.
+        response, body = await exchange(stream, post(ROTATE, 2), b"{}")
+        assert response.status_code == 200 and body == b'{"early":true}'
+        assert finished[:1] == ["rotate"]
+        response, body = await exchange(stream, post("/v1/links/alice-bob/resync", 2), b"{}")
+        assert response.status_code == 200 and body == b'{"early":true}'
+        assert finished[:2] == ["rotate", "rotate"]
+        response, body = await exchange(stream, post(ROTATE, 2), b"{}")  # no stray 500
+        assert response.status_code == 200 and body == b'{"early":true}'
+        assert finished[:3] == ["rotate", "rotate", "resync"]
+        assert server.refused(500) == 1
+    assert "RecursionError" in caplog.text
+
+
+async def test_an_early_reply_the_client_does_not_take_leaves_the_handler_working(
+    tmp_path: Path,
+) -> None:
+    """A client that stops reading: the early reply's send gives up at its own deadline, the
+    handler's work after it still runs whole (it is not cancelled with the connection), and
+    then the connection is closed."""
+    entered = trio.Event()
+    finished = trio.Event()
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        entered.set()
+        await reply_now(b"{}" + b" " * 20_000_000)  # more than the socket buffers hold
+        await trio.lowlevel.checkpoint()
+        finished.set()
+        return b"{}"
+
+    async with running(tmp_path, handler, request_timeout=0.5) as server:
+        stream = await server.tls()
+        await stream.send_all(h11.Connection(h11.CLIENT).send(post(ROTATE, 2)) + b"{}")
+        with trio.fail_after(10):
+            await entered.wait()
+            await finished.wait()
+        assert await closed_by_server(stream)
 
 
 async def test_oversized_bodies_are_refused_without_being_read(tmp_path: Path) -> None:

@@ -100,14 +100,14 @@ async def run_pair(
 ) -> dict[str, Any]:
     cfg = configs(directory, links, interval, jitter)
     collector = Collector()
+    responder = Collector()  # bob's installs: a rotation ends when both sides installed
     stops = {"alice": trio.Event(), "bob": trio.Event()}
     started = time.monotonic()
     async with trio.open_nursery() as nursery:
         agents = {}
         for name in ("bob", "alice"):
             plugins = Plugins()
-            if name == "alice":
-                plugins.add("bench", collector, "bench")
+            plugins.add("bench", collector if name == "alice" else responder, "bench")
             agent = Agent(parse_config(cfg[name]), plugins=plugins)
             await nursery.start(partial(agent.run, shutdown_trigger=stops[name].wait))
             agents[name] = agent
@@ -122,7 +122,14 @@ async def run_pair(
             while agents["alice"].links:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         stops["bob"].set()
-    window = [e for t, e in collector.events if t0 <= t <= t1]
+    window = [(t, e) for t, e in collector.events if t0 <= t <= t1]
+    # bob acknowledges alice's commit once durable and installs after: his event may come last
+    installed = {(e.link, e.epoch): t for t, e in responder.events}
+    durations = [
+        max(t, installed[e.link, e.epoch]) - (t - e.duration)
+        for t, e in window
+        if (e.link, e.epoch) in installed
+    ]
     per_link: dict[str, list[float]] = {}
     for t, e in collector.events:
         per_link.setdefault(e.link, []).append(t)
@@ -142,7 +149,7 @@ async def run_pair(
         "errors": sum(1 for t in collector.error_times if t0 <= t <= t1),
         "erasures": len(collector.erasures),
         "max_gap_s": max_gap,
-        "durations": [e.duration for e in window],
+        "durations": durations,
         "links_rotated": len(per_link),
     }
 

@@ -19,13 +19,15 @@ What one run measures, in this order, on loopback:
 (d) with `--links N`: two `qkdagent run` processes carrying N links (`--scale-source keydir` on
     /dev/shm, as `bench_core.py procs`, or `etsi014`), at `--scale-interval`.
 
-Latency is the initiator's rotation from its start to both sides installed (qkdagent: the
-`duration_ms` of the initiator's "committed" log line, which ends after the commit is
-acknowledged; the reference: `/rotate` to its own file written, after `/ack` was answered, i.e.
-after the responder wrote). Rotations are `--rate` per second; the first `--warmup` are not
-measured. CPU is utime+stime from /proc/PID/stat over the measured rotations, per process;
-RSS is VmHWM (peak) and VmRSS at the end. Prints figures; asserts only that both sides of each
-system ended on the same PSK file.
+Latency is the initiator's rotation from its start to both sides installed. qkdagent: from the
+start of the initiator's rotation (its "committed" log line's time less its `duration_ms`) to
+the later of that line and the responder's "committed" line for the same epoch (each side logs
+it after its install; the responder acknowledges the commit once it is durable and installs
+after, so its line may come last). The reference: `/rotate` to its own file written, after
+`/ack` was answered, i.e. after the responder wrote. Rotations are `--rate` per second; the
+first `--warmup` are not measured. CPU is utime+stime from /proc/PID/stat over the measured
+rotations, per process; RSS is VmHWM (peak) and VmRSS at the end. Prints figures; asserts only
+that both sides of each system ended on the same PSK file.
 
 `--profile DIR` attaches `py-spy record --format raw` (1000 Hz, non-blocking) to both qkdagent
 agents over (b)'s measured window (and (d)'s, with `--links`), then prints the flame summary;
@@ -41,6 +43,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import datetime
 import json
 import logging
 import os
@@ -336,14 +339,29 @@ def agent_configs(
     return paths
 
 
-def _agent_line(line: str) -> float | None:
+def _agent_line(line: str) -> tuple[int, float, float] | None:
+    """(epoch, start, end) of a side's rotation from its "committed" line (epoch seconds)."""
     if '"duration_ms"' not in line or "committed" not in line:
         return None
     try:
         record = json.loads(line)
-    except ValueError:
+        end = datetime.datetime.fromisoformat(record["ts"]).timestamp()
+        return int(record["epoch"]), end - float(record["duration_ms"]) / 1000, end
+    except (ValueError, KeyError, TypeError):
         return None
-    return record.get("duration_ms") if isinstance(record, dict) else None
+
+
+def both_installed(initiator: list[tuple[int, float, float]], responder_log: Path) -> list[float]:
+    """Milliseconds from each initiator rotation's start to the later side's install."""
+    ends = {}
+    for line in LogTail(responder_log).lines():
+        parsed = _agent_line(line)
+        if parsed is not None:
+            ends[parsed[0]] = parsed[2]
+    missing = [epoch for epoch, _, _ in initiator if epoch not in ends]
+    if missing:
+        raise SystemExit(f"bench: the responder logged no commit of epoch(s) {missing[:5]}")
+    return [1000 * (max(end, ends[epoch]) - start) for epoch, start, end in initiator]
 
 
 def start_agents(d: Path, paths: dict[str, Path]) -> dict[str, subprocess.Popen[bytes]]:
@@ -380,6 +398,7 @@ def run_qkdagent(
         stop(procs["alice"])  # the initiator first: its last commit reaches the responder
     finally:
         stop_agents(procs)
+    result["durations"] = both_installed(result["durations"], d / "bob.log")
     psk = "psk/alice-bob.psk"
     result["same_psk"] = same_file(d / "alice" / psk, d / "bob" / psk)
     return result
@@ -400,7 +419,7 @@ def measure(
 ) -> dict[str, Any]:
     """Count rotations from the initiator's log: CPU snapshots after `warmup` and after
     `warmup + rotations`; the durations in between."""
-    durations: list[float] = []
+    durations: list[Any] = []  # what `parse` makes of a line
     seen = 0
 
     def advance(target: int) -> Any:
@@ -411,7 +430,7 @@ def measure(
                 if value is not None:
                     seen += 1
                     if seen > args.warmup:
-                        durations.append(float(value))
+                        durations.append(value)
             return seen >= target
 
         return check

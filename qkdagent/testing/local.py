@@ -1,13 +1,16 @@
 """An in-process "network" for agents under trio's virtual clock.
 
 Real sockets and worker threads make trio's autojump clock leap ahead while the OS works, so
-virtual-time tests connect agents through this object instead: a request is a direct call of the
-peer agent's handler, with the same status mapping the HTTP server applies.
+virtual-time tests connect agents through this object instead: a request is a call of the peer
+agent's handler, with the same status mapping the HTTP server applies. As in the server, a
+handler that replies early (`peering.ReplyNow`) goes on in the peer's own task (its transport's
+nursery) while the requester has its reply.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import trio
 
@@ -26,14 +29,26 @@ class LocalNetwork:
         """URLs currently unreachable (a stopped or partitioned agent)."""
         self.interceptors: dict[str, Interceptor] = {}
         """URL -> what stands in the path to it (see `qkdagent.testing.ManInTheMiddle`)."""
+        self.servers: dict[str, trio.Nursery] = {}
+        """URL -> where its handlers go on after replying early (the serving task's)."""
 
-    def attach(self, url: str, handler: Handler, identity: PeerIdentity) -> None:
-        """Serve `url` with `handler`, as a server whose certificate names `identity`."""
+    def attach(
+        self,
+        url: str,
+        handler: Handler,
+        identity: PeerIdentity,
+        nursery: trio.Nursery | None = None,
+    ) -> None:
+        """Serve `url` with `handler`, as a server whose certificate names `identity`; with
+        `nursery`, a handler may reply early and go on there (else its caller waits for it)."""
         self.handlers[url] = (handler, identity)
+        if nursery is not None:
+            self.servers[url] = nursery
         self.down.discard(url)
 
     def detach(self, url: str) -> None:
         self.handlers.pop(url, None)
+        self.servers.pop(url, None)
 
     def transport(self, name: str, url: str) -> LocalTransport:
         """The in-process transport of agent `name`, reachable at `url`."""
@@ -65,13 +80,58 @@ class LocalClient:
         handler, server = served
         if len(body) > MAX_BODY:
             return PeerReply(413, error_body("refused", "too large"), server)
+        serve = partial(self._serve, handler, server, link, action, body)
+        nursery = self.network.servers.get(peer_url)
+        if nursery is None:
+            status = _Kept()
+            await serve(status)
+            assert status.reply is not None
+            return status.reply
+        reply: PeerReply = await nursery.start(serve)
+        return reply
+
+    async def _serve(
+        self,
+        handler: Handler,
+        server: PeerIdentity,
+        link: str,
+        action: str,
+        body: bytes,
+        task_status: trio.TaskStatus[PeerReply],
+    ) -> None:
+        """One request as the server's connection task runs it: the reply goes back when the
+        handler gives it, early or at its return. A handler's bug raises (in the caller, or
+        in the serving task once it replied): tests see it."""
+        replied = False
+
+        async def reply_now(reply: bytes) -> None:
+            nonlocal replied
+            if not replied:
+                replied = True
+                task_status.started(PeerReply(200, reply, server))
+            await trio.lowlevel.checkpoint()
+
         try:
-            return PeerReply(200, await handler(link, action, body, self.identity), server)
+            answer = await handler(link, action, body, self.identity, reply_now)
+            reply = PeerReply(200, answer, server)
         except ProtocolError as exc:
-            return PeerReply(exc.status, exc.body or error_body("refused", str(exc)), server)
+            if replied:
+                raise
+            reply = PeerReply(exc.status, exc.body or error_body("refused", str(exc)), server)
+        if not replied:
+            task_status.started(reply)
 
     async def aclose(self) -> None:
         pass
+
+
+class _Kept:
+    """The reply of a handler served in its caller's task (no serving nursery)."""
+
+    reply: PeerReply | None = None
+
+    def started(self, value: PeerReply | None = None) -> None:
+        self.reply = value
 
 
 class LocalTransport:
@@ -94,10 +154,11 @@ class LocalTransport:
         *,
         task_status: trio.TaskStatus[list[str]],
     ) -> None:
-        self.network.attach(self.url, handler, self.identity)
         try:
-            task_status.started([self.url])
-            await trio.sleep_forever()
+            async with trio.open_nursery() as nursery:
+                self.network.attach(self.url, handler, self.identity, nursery)
+                task_status.started([self.url])
+                await trio.sleep_forever()
         finally:
             self.network.detach(self.url)
 
