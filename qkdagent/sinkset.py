@@ -73,9 +73,12 @@ class LinkSinks:
                     extra={"link": self.name, "sink": handle.id, "stage": "install"},
                 )  # fmt: skip
 
-        async with trio.open_nursery() as nursery:
-            for handle in self.handles:
-                if only is None or handle.id in only:
+        chosen = [h for h in self.handles if only is None or h.id in only]
+        if len(chosen) == 1:  # the common case: no task to spawn (a scheduler pass each)
+            await one(chosen[0])
+        else:
+            async with trio.open_nursery() as nursery:
+                for handle in chosen:
                     nursery.start_soon(one, handle)
         if self.erase_failed:  # a sink that now holds the new key no longer needs erasing
             self._outcome(

@@ -192,6 +192,10 @@ def test_json_logs_are_one_object_per_line() -> None:
         data["msg"] == "epoch 5" and data["level"] == "info" and data["logger"] == "qkdagent.link"
     )
     assert data["ts"].endswith("Z")
+    import datetime
+
+    stamp = datetime.datetime.fromisoformat(data["ts"]).timestamp()  # microseconds
+    assert abs(stamp - record.created) < 2e-6 and len(data["ts"].split(".")[1]) == 7
 
 
 async def test_state_files_are_private(tmp_path: Path) -> None:
@@ -383,35 +387,49 @@ def test_the_checkpoint_bound_is_scrub_delay(tmp_path: Path) -> None:
 
 
 def test_the_background_checkpoint_leaves_a_started_log_without_keys(tmp_path: Path) -> None:
-    """After the checkpoint the log is started again by a commit holding no key, so the next
-    rotation's commit does not pay the log header's extra fsync (issue 18); superseded keys
-    are gone from every file all the same, and the log holds none."""
-    from qkdagent.state import SCRUB_DELAY, StateStore
+    """After the checkpoint the log is laid down again, keyless padding started by a commit
+    holding no key, so the next rotation's commit neither pays the log header's extra fsync
+    nor extends the file (issue 18); superseded keys are gone from every file all the same,
+    and the log holds none."""
+    from qkdagent.state import SCRUB_DELAY, WAL_PAD_MIN, LinkRecord, StateStore
 
     state = tmp_path / "state"
     store = StateStore(state)
     wal = state / "state.db-wal"
-    old, new = Secret.random(), Secret.random()
+    old, new, newer = Secret.random(), Secret.random(), Secret.random()
 
     def files() -> bytes:
         return b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
+
+    def commit(epoch: int, chain_key: Secret) -> partial[LinkRecord]:
+        return partial(store.commit, "l", epoch=epoch, chain_key=chain_key,
+                       auth_key=Secret.random(), key_ids=(("src", f"id-{epoch}"),),
+                       outputs={})  # fmt: skip
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(store.scrub_log)
             await store.run(store.create, "l", "peer", old, Secret.random())
-            commit = partial(store.commit, "l", epoch=1, chain_key=new, auth_key=Secret.random(),
-                             key_ids=(("src", "id-1"),), outputs={})  # fmt: skip
-            await store.run(commit)
+            await store.run(commit(1, new))
             with trio.fail_after(SCRUB_DELAY + 10):
                 while old.reveal() in files() or new.reveal() in wal.read_bytes():  # noqa: ASYNC110
                     await trio.sleep(0.02)
-            nursery.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()  # (the checkpoint under way on its thread finishes)
 
     trio.run(main)
-    header_and_one_frame = 32 + 24 + 4096
-    assert wal.stat().st_size == header_and_one_frame
+    padded = wal.stat().st_size
+    assert padded >= WAL_PAD_MIN and new.reveal() not in wal.read_bytes()
     full = 2
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == full  # commits stay durable
     assert new.reveal() in files()  # the scan does see the current key (in the database)
+
+    async def again() -> None:
+        await store.run(commit(2, newer))
+
+    trio.run(again)
+    assert wal.stat().st_size == padded  # written over the padding, not appended
+    assert newer.reveal() in wal.read_bytes()
+    # the log holds the counter's frame and this commit's, nothing older
+    _, frames, _ = store._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert 1 < frames < 10
     store.close()
