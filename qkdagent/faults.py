@@ -17,6 +17,7 @@ POINTS = (
     "responder:keys-fetched",
     "responder:pending-stored",
     "responder:committed",
+    "responder:acknowledged",
     "responder:installed",
 )
 CRASH_EXIT_CODE = 86

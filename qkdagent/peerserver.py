@@ -9,7 +9,8 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
   methods, 413 bodies over `protocol.MAX_BODY` refused from content-length or while streaming,
   400 malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive. A handler may
   reply before it returns (`peering.ReplyNow`: the responder acknowledges a durable commit,
-  then installs); the connection's next request is read once the handler is done.
+  then installs): it runs as a task of its own, so what it does after replying holds up
+  neither the reply nor the connection's next request (another link's, say).
 - Which connections to keep is decided by `admission.py` (handshaking connections capped
   separately, the oldest evicted first; per-address and total caps; idle ones shed under
   pressure; a per-address budget for evictions, beyond which newcomers are refused at accept).
@@ -44,6 +45,7 @@ import ssl
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -170,7 +172,6 @@ async def serve_peers(
     if limits.defer_accept:
         for listener in listeners:
             defer_accept(listener.socket, limits.handshake_timeout)
-    server = _Server(handler, context, limits, admission, metrics, is_peer)
     urls = [_url(listener) for listener in listeners]
     log.debug(
         "peer API %s: up to %d connections (%d handshaking, %d per address), nofile %d",
@@ -178,6 +179,7 @@ async def serve_peers(
     )  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
+            server = _Server(handler, context, limits, admission, metrics, is_peer, nursery)
             for listener in listeners:
                 nursery.start_soon(server.accept_loop, listener, nursery)
             nursery.start_soon(server.summaries)
@@ -250,8 +252,11 @@ class _Server:
         admission: Admission,
         metrics: Metrics | None,
         is_peer: Callable[[PeerIdentity], bool] | None = None,
+        nursery: trio.Nursery | None = None,
     ) -> None:
         self.handler = handler
+        self.nursery = nursery
+        """Where handlers go on after replying early (None: in the connection's task)."""
         self.context = context
         self.limits = limits
         self.admission = admission
@@ -390,10 +395,6 @@ class _Http:
         """The current request's content-length (0 if none or chunked)."""
         self.was_refused = False
         """Whether the last answer on this connection was an error."""
-        self.replied_early = False
-        """Whether the handler of the current request has sent its reply already."""
-        self.broken = False
-        """Whether an early reply could not be sent whole (the connection closes)."""
 
     def _phase(self, phase: str, timeout: float) -> None:
         self.conn.phase = phase
@@ -471,43 +472,50 @@ class _Http:
             return
         self.conn.phase = "handler"
         self.conn.scope.deadline = math.inf  # bounded by the link's own timeouts
-        self.replied_early = self.broken = False
-        try:
-            status, reply = (
-                200,
-                await self.server.handler(link, action, body, self.identity, self._reply_now),
-            )
-        except ProtocolError as exc:
-            status, reply = exc.status, exc.body or error_body("refused", str(exc))
-            self.server.refused(status, f"{action} for link {link[:64]!r}: {exc}")
-        except Exception as exc:  # a bug behind the handler: one 500, no traceback
-            status, reply = 500, error_body("internal", "internal error")
-            self.server.refused(500, f"{action} for link {link[:64]!r}: {type(exc).__name__}")
-        if self.replied_early:  # answered already: whatever the handler did next stays here
-            if self.broken:
-                raise _Close
-            return
+        call = partial(self._handle, link, action, body)
+        if self.server.nursery is None:
+            answer = _Answer()
+            await call(answer)
+            status, reply = answer.value
+        else:
+            status, reply = await self.server.nursery.start(call)
         await self._send(status, reply)
 
-    async def _reply_now(self, body: bytes) -> None:
-        """The handler's 200 reply, sent while the handler goes on (`peering.ReplyNow`). Its
-        own deadline bounds the send, not the connection's scope, which would cancel the
-        handler's work with it; a send that fails or times out closes the connection after
-        the handler, like a lost reply."""
-        if self.replied_early:
-            return
-        self.replied_early = True
+    async def _handle(
+        self,
+        link: str,
+        action: str,
+        body: bytes,
+        task_status: trio.TaskStatus[tuple[int, bytes]],
+    ) -> None:
+        """The handler, as a task started from the connection's: `task_status` gets its answer
+        early (`peering.ReplyNow`: the task then goes on in the server's nursery while the
+        connection sends the answer and reads its next request) or when it returns. Until it
+        answers it is cancelled with the connection, as before; after, only with the server."""
+        replied = False
+
+        async def reply_now(reply: bytes) -> None:
+            nonlocal replied
+            if not replied:
+                replied = True
+                task_status.started((200, reply))
+
+        what, message = f"{action} for link {link[:64]!r}", ""
         try:
-            data = self._response(200, body, close=False)
-        except _Close:
-            self.broken = True
-            return
-        with trio.move_on_after(self.limits.request_timeout) as scope:
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.broken = True
-        self.broken = self.broken or scope.cancelled_caught
+            answer = await self.server.handler(link, action, body, self.identity, reply_now)
+            status, reply = 200, answer
+        except ProtocolError as exc:
+            status, reply = exc.status, exc.body or error_body("refused", str(exc))
+            message = f"{what}: {exc}"
+        except Exception as exc:  # a bug behind the handler: one 500, no traceback
+            status, reply = 500, error_body("internal", "internal error")
+            message = f"{what}: {type(exc).__name__}"
+        if not replied:
+            if status != 200:
+                self.server.refused(status, message)
+            task_status.started((status, reply))
+        elif status != 200:  # answered already: the peer has its 200; only we learn of it
+            log.error("peer API: %s failed after its reply was sent", message)
 
     async def _read_body(self) -> bytes | None:
         """The body, or None if it is over MAX_BODY (by content-length, before reading any of
@@ -554,12 +562,6 @@ class _Http:
         return h.their_state is h11.DONE
 
     async def _send(self, status: int, body: bytes, *, close: bool = False) -> None:
-        data = self._response(status, body, close=close)
-        self._phase("reply", self.limits.request_timeout)
-        await self.stream.send_all(data)
-
-    def _response(self, status: int, body: bytes, *, close: bool) -> bytes:
-        """The reply's bytes (h11 moves to DONE on our side)."""
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
         h = self.h11
         if close or self._too_much_left(h):
@@ -570,8 +572,19 @@ class _Http:
         except h11.LocalProtocolError:
             raise _Close from None
         self.was_refused = status >= 400
-        return data
+        self._phase("reply", self.limits.request_timeout)
+        await self.stream.send_all(data)
 
     def _too_much_left(self, h: h11.Connection) -> bool:
         """Whether the unread rest of the request body is declared too large to discard."""
         return h.their_state is h11.SEND_BODY and self.declared > self.limits.discard_limit
+
+
+class _Answer:
+    """A handler's answer when it runs in the connection's own task (no server nursery)."""
+
+    value: tuple[int, bytes] = (500, b"")
+
+    def started(self, value: tuple[int, bytes] | None = None) -> None:
+        if value is not None:
+            self.value = value

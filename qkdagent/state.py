@@ -52,7 +52,7 @@ rotations rather than in the middle of the next one (it holds the writer for its
 SCRUB_MIN_GAP = 0.1
 """...but no sooner than this after the previous checkpoint, so steady traffic shares them."""
 WAL_PAD_MIN = 16 * 1024
-WAL_PAD_MAX = 256 * 1024
+WAL_PAD_MAX = 128 * 1024
 """Bytes of keyless log the checkpoint lays down for the next commits to overwrite: what the
 commits since the previous checkpoint wrote, within these bounds (each byte of it costs a
 write to the log and one to the database, off the path)."""
@@ -302,15 +302,22 @@ class StateStore:
             for job in batch:
                 job.done = True
 
-    def _checkpoint(self) -> int:
-        """Empty the write-ahead log so superseded keys do not outlive their commit there;
-        returns how many pages (frames) it held.
+    def _checkpoint(self) -> None:
+        """Empty the write-ahead log so superseded keys do not outlive their commit there.
 
         The data is durable already (COMMIT fsync'd the log); a failed checkpoint only leaves
         old page images in the log until the next commit, so it is not an error for callers.
         """
         try:
-            row = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        except sqlite3.Error:
+            pass
+
+    def _log_pages(self) -> int:
+        """Pages (frames) in the log, copied into the database on the way (a TRUNCATE
+        checkpoint reports none: it counts after emptying the log)."""
+        try:
+            row = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error:
             return 0
         return max(0, int(row[1])) if row else 0
@@ -331,7 +338,8 @@ class StateStore:
         syncs the log and the database, and the next commit's fsync covers the counter's
         frame. Under the batch lock, so no other write sees the lowered setting.
         """
-        written = self._checkpoint() * self._page_size
+        written = self._log_pages() * self._page_size
+        self._checkpoint()
         try:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._write(
@@ -574,7 +582,7 @@ class StateStore:
 class _Transaction:
     """A transaction, or a savepoint when one is already open (inside a group commit)."""
 
-    def __init__(self, db: sqlite3.Connection, after_commit: Callable[[], object]) -> None:
+    def __init__(self, db: sqlite3.Connection, after_commit: Callable[[], None]) -> None:
         self.db = db
         self.after_commit = after_commit
         self.nested = False

@@ -391,7 +391,7 @@ def test_the_background_checkpoint_leaves_a_started_log_without_keys(tmp_path: P
     holding no key, so the next rotation's commit neither pays the log header's extra fsync
     nor extends the file (issue 18); superseded keys are gone from every file all the same,
     and the log holds none."""
-    from qkdagent.state import SCRUB_DELAY, WAL_PAD_MIN, LinkRecord, StateStore
+    from qkdagent.state import SCRUB_DELAY, WAL_PAD_MIN, LinkRecord, Pending, StateStore
 
     state = tmp_path / "state"
     store = StateStore(state)
@@ -402,9 +402,19 @@ def test_the_background_checkpoint_leaves_a_started_log_without_keys(tmp_path: P
         return b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
 
     def commit(epoch: int, chain_key: Secret) -> partial[LinkRecord]:
-        return partial(store.commit, "l", epoch=epoch, chain_key=chain_key,
-                       auth_key=Secret.random(), key_ids=(("src", f"id-{epoch}"),),
-                       outputs={})  # fmt: skip
+        """A responder's rotation as it reaches the store: the pending epoch with its key IDs
+        marked used, then its commit with the sink outputs (about ten log pages)."""
+        outputs = {"psk": Secret.random()}
+        key_ids = (("src", f"id-{epoch}"),)
+        pending = Pending(epoch, "rotate", b"d" * 32, key_ids, chain_key, Secret.random(),
+                          Secret.random(), b"t" * 32, outputs, b"{}" * 200, 0.0)  # fmt: skip
+
+        def both() -> LinkRecord:
+            store.store_pending("l", pending, mark_used=True)
+            return store.commit("l", epoch=epoch, chain_key=chain_key, auth_key=Secret.random(),
+                                key_ids=key_ids, outputs=outputs)  # fmt: skip
+
+        return partial(both)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

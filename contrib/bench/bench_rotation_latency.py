@@ -797,9 +797,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 )
             lat = s["lat"]
             print(
-                f"      latest rotation per link: p50 {pct(lat, 50):.1f} ms, p99 "
-                f"{pct(lat, 99):.1f} ms; failed attempts {s['failures']}, links erased "
-                f"{s['erased']}"
+                "      latest rotation per link (initiator, to the peer's durable-commit ack): "
+                f"p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms; "
+                f"failed attempts {s['failures']}, links erased {s['erased']}"
             )
     if args.profile:
         for path in sorted(args.profile.glob("*.txt")):

@@ -44,6 +44,8 @@ class LocalNetwork:
         self.handlers[url] = (handler, identity)
         if nursery is not None:
             self.servers[url] = nursery
+        else:
+            self.servers.pop(url, None)
         self.down.discard(url)
 
     def detach(self, url: str) -> None:
