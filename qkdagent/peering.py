@@ -23,9 +23,10 @@ log = logging.getLogger(__name__)
 
 ReplyNow = Callable[[bytes], Awaitable[None]]
 """Sends a handler's 200 reply before the handler returns, so the peer need not wait for work
-that follows (the responder's install after its durable commit). It never raises: a reply that
-cannot be sent closes the connection once the handler is done, as a lost reply would. The
-handler then returns the same body, which is not sent again."""
+that follows (the responder's install after its durable commit); it returns once the reply
+was sent (or failed, which closes the connection, as a lost reply would). It never raises. A
+server may decline (too many handlers of that client going on): the reply then goes when the
+handler returns. Either way the handler returns the same body, which is not sent twice."""
 
 Handler = Callable[[str, str, bytes, PeerIdentity, ReplyNow], Awaitable[bytes]]
 """(link name, action, body, the client certificate's names, how to reply early) -> reply

@@ -179,7 +179,7 @@ async def serve_peers(
     )  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
-            server = _Server(handler, context, limits, admission, metrics, is_peer, nursery)
+            server = _Server(handler, context, limits, admission, metrics, nursery, is_peer)
             for listener in listeners:
                 nursery.start_soon(server.accept_loop, listener, nursery)
             nursery.start_soon(server.summaries)
@@ -251,12 +251,14 @@ class _Server:
         limits: ServerLimits,
         admission: Admission,
         metrics: Metrics | None,
+        nursery: trio.Nursery,
         is_peer: Callable[[PeerIdentity], bool] | None = None,
-        nursery: trio.Nursery | None = None,
     ) -> None:
         self.handler = handler
         self.nursery = nursery
-        """Where handlers go on after replying early (None: in the connection's task)."""
+        """Where each request's handler runs (and goes on after replying early)."""
+        self.going_on: collections.Counter[PeerIdentity] = collections.Counter()
+        """Handlers still running after their early reply, per client identity."""
         self.context = context
         self.limits = limits
         self.admission = admission
@@ -472,47 +474,60 @@ class _Http:
             return
         self.conn.phase = "handler"
         self.conn.scope.deadline = math.inf  # bounded by the link's own timeouts
-        call = partial(self._handle, link, action, body)
-        if self.server.nursery is None:
-            answer = _Answer()
-            await call(answer)
-            status, reply = answer.value
-        else:
-            status, reply = await self.server.nursery.start(call)
-        await self._send(status, reply)
+        sent = trio.Event()
+        status, reply = await self.server.nursery.start(
+            partial(self._handle, link, action, body, sent)
+        )
+        try:
+            await self._send(status, reply)
+        finally:
+            sent.set()
 
     async def _handle(
         self,
         link: str,
         action: str,
         body: bytes,
+        sent: trio.Event,
         task_status: trio.TaskStatus[tuple[int, bytes]],
     ) -> None:
         """The handler, as a task started from the connection's: `task_status` gets its answer
-        early (`peering.ReplyNow`: the task then goes on in the server's nursery while the
-        connection sends the answer and reads its next request) or when it returns. Until it
-        answers it is cancelled with the connection, as before; after, only with the server."""
-        replied = False
+        early (`peering.ReplyNow`, which returns once the connection has sent it; the task
+        then goes on in the server's nursery while the connection reads its next request) or
+        when it returns. Until it answers it is cancelled with the connection, as before;
+        after, only with the server. Handlers going on after an early reply are capped per
+        client identity (`max_per_identity`): past it, a handler answers when it returns."""
+        server, identity = self.server, self.identity
+        replied = early = False
 
         async def reply_now(reply: bytes) -> None:
-            nonlocal replied
-            if not replied:
-                replied = True
-                task_status.started((200, reply))
+            nonlocal replied, early
+            if replied or server.going_on[identity] >= self.limits.max_per_identity:
+                return
+            replied = early = True
+            server.going_on[identity] += 1
+            task_status.started((200, reply))
+            await sent.wait()
 
         what, message = f"{action} for link {link[:64]!r}", ""
         try:
-            answer = await self.server.handler(link, action, body, self.identity, reply_now)
-            status, reply = 200, answer
-        except ProtocolError as exc:
-            status, reply = exc.status, exc.body or error_body("refused", str(exc))
-            message = f"{what}: {exc}"
-        except Exception as exc:  # a bug behind the handler: one 500, no traceback
-            status, reply = 500, error_body("internal", "internal error")
-            message = f"{what}: {type(exc).__name__}"
+            try:
+                answer = await server.handler(link, action, body, identity, reply_now)
+                status, reply = 200, answer
+            except ProtocolError as exc:
+                status, reply = exc.status, exc.body or error_body("refused", str(exc))
+                message = f"{what}: {exc}"
+            except Exception as exc:  # a bug behind the handler: one 500, no traceback
+                status, reply = 500, error_body("internal", "internal error")
+                message = f"{what}: {type(exc).__name__}"
+        finally:
+            if early:
+                server.going_on[identity] -= 1
+                if not server.going_on[identity]:
+                    del server.going_on[identity]
         if not replied:
             if status != 200:
-                self.server.refused(status, message)
+                server.refused(status, message)
             task_status.started((status, reply))
         elif status != 200:  # answered already: the peer has its 200; only we learn of it
             log.error("peer API: %s failed after its reply was sent", message)
@@ -578,13 +593,3 @@ class _Http:
     def _too_much_left(self, h: h11.Connection) -> bool:
         """Whether the unread rest of the request body is declared too large to discard."""
         return h.their_state is h11.SEND_BODY and self.declared > self.limits.discard_limit
-
-
-class _Answer:
-    """A handler's answer when it runs in the connection's own task (no server nursery)."""
-
-    value: tuple[int, bytes] = (500, b"")
-
-    def started(self, value: tuple[int, bytes] | None = None) -> None:
-        if value is not None:
-            self.value = value

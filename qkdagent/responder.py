@@ -278,7 +278,6 @@ class Responder:
             # rotation ends now, while this side installs (under the link's lock still, so
             # the next request for the link finds it installed). DESIGN §4 step 5.
             await reply_now(reply)
-            await trio.lowlevel.checkpoint()  # the connection's task sends it
             crash_point("responder:acknowledged")
         await self._install(started, decision.pending)
         return reply

@@ -268,6 +268,44 @@ async def test_a_handler_replies_early_and_the_connection_reads_on(
     assert "resync for link 'slow': RecursionError failed after its reply" in caplog.text
 
 
+async def test_handlers_going_on_after_an_early_reply_are_capped_per_client(
+    tmp_path: Path,
+) -> None:
+    """Past `max_per_identity` handlers of one client still running after their early
+    reply, a handler answers only when it returns: a peer pipelining commits on one
+    connection cannot make the server hold unbounded work."""
+    release, second_waits = trio.Event(), trio.Event()
+    finished: list[str] = []
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        await reply_now(b'{"early":true}')
+        if link == "two":
+            second_waits.set()
+        await release.wait()
+        finished.append(link)
+        return b'{"late":true}'
+
+    async with running(tmp_path, handler, max_per_identity=1) as server:
+        stream = await server.tls()
+        replies: list[bytes] = []
+
+        async def second() -> None:
+            _, body = await exchange(stream, post("/v1/links/two/commit", 2), b"{}")
+            replies.append(body)
+
+        with trio.fail_after(10):
+            _, body = await exchange(stream, post("/v1/links/one/commit", 2), b"{}")
+            assert body == b'{"early":true}' and finished == []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(second)
+                await second_waits.wait()  # while the first still goes on
+                release.set()
+        assert replies == [b'{"late":true}']  # answered when it returned, not early
+        assert sorted(finished) == ["one", "two"]
+
+
 async def test_an_early_reply_the_client_does_not_take_leaves_the_handler_working(
     tmp_path: Path,
 ) -> None:
@@ -526,7 +564,7 @@ async def test_running_out_of_descriptors_backs_off_sheds_and_logs_a_summary(
     metrics = Metrics()
     admission = Admission(max_connections=8, max_per_address=8, max_handshaking=4)
     limits = ServerLimits(summary_interval=60)
-    server = _Server(None, None, limits, admission, metrics)  # type: ignore[arg-type]
+    server = _Server(None, None, limits, admission, metrics, None)  # type: ignore[arg-type]
     waiting = _Conn(_FakeTcp, "198.51.100.1")  # type: ignore[arg-type]
     admission.admit(waiting, "198.51.100.1")
     started = trio.current_time()
