@@ -313,9 +313,10 @@ class StateStore:
         except sqlite3.Error:
             pass
 
-    def _log_pages(self) -> int:
-        """Pages (frames) in the log, copied into the database on the way (a TRUNCATE
-        checkpoint reports none: it counts after emptying the log)."""
+    def _checkpoint_passive(self) -> int:
+        """Copy the log into the database, leaving the file as it is; returns how many pages
+        (frames) the log held (a TRUNCATE checkpoint reports none: it counts after emptying
+        the log)."""
         try:
             row = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error:
@@ -338,7 +339,7 @@ class StateStore:
         syncs the log and the database, and the next commit's fsync covers the counter's
         frame. Under the batch lock, so no other write sees the lowered setting.
         """
-        written = self._log_pages() * self._page_size
+        written = self._checkpoint_passive() * self._page_size
         self._checkpoint()
         try:
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -347,7 +348,7 @@ class StateStore:
                 "ON CONFLICT (id) DO UPDATE SET pad = randomblob(?1)",
                 (min(max(written, WAL_PAD_MIN), WAL_PAD_MAX),),
             )
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self._checkpoint_passive()
             self._write(
                 "INSERT INTO wal_warm VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET n = n + 1", ()
             )

@@ -37,15 +37,12 @@ class LocalNetwork:
         url: str,
         handler: Handler,
         identity: PeerIdentity,
-        nursery: trio.Nursery | None = None,
+        nursery: trio.Nursery,
     ) -> None:
-        """Serve `url` with `handler`, as a server whose certificate names `identity`; with
-        `nursery`, a handler may reply early and go on there (else its caller waits for it)."""
+        """Serve `url` with `handler`, as a server whose certificate names `identity`, running
+        each request's handler in `nursery` (where it goes on after replying early)."""
         self.handlers[url] = (handler, identity)
-        if nursery is not None:
-            self.servers[url] = nursery
-        else:
-            self.servers.pop(url, None)
+        self.servers[url] = nursery
         self.down.discard(url)
 
     def detach(self, url: str) -> None:
@@ -83,13 +80,7 @@ class LocalClient:
         if len(body) > MAX_BODY:
             return PeerReply(413, error_body("refused", "too large"), server)
         serve = partial(self._serve, handler, server, link, action, body)
-        nursery = self.network.servers.get(peer_url)
-        if nursery is None:
-            status = _Kept()
-            await serve(status)
-            assert status.reply is not None
-            return status.reply
-        reply: PeerReply = await nursery.start(serve)
+        reply: PeerReply = await self.network.servers[peer_url].start(serve)
         return reply
 
     async def _serve(
@@ -125,15 +116,6 @@ class LocalClient:
 
     async def aclose(self) -> None:
         pass
-
-
-class _Kept:
-    """The reply of a handler served in its caller's task (no serving nursery)."""
-
-    reply: PeerReply | None = None
-
-    def started(self, value: PeerReply | None = None) -> None:
-        self.reply = value
 
 
 class LocalTransport:
