@@ -47,6 +47,7 @@ async def test_a_hundred_applications_get_streams_of_their_own(
 ) -> None:
     got: dict[int, tuple[list[Key], list[Key]]] = {}
     made: list[Etsi004Source] = []
+    responders: dict[int, Etsi004Source] = {}  # by pair: the tasks start in any order
     async with open_simulator(crowd_pki, modules=crowd_modules()) as sim:
         try:
 
@@ -56,6 +57,7 @@ async def test_a_hundred_applications_get_streams_of_their_own(
                 initiator = source(sim, a, to_b, tmp_path, transport=transport, persistent=True)
                 responder = source(sim, b, to_a, tmp_path, transport=transport, persistent=True)
                 made.extend((initiator, responder))
+                responders[i] = responder
                 sent = [await initiator.new_key(to_b) for _ in range(KEYS)]
                 read = [await responder.key_by_id(to_a, k.key_id) for k in reversed(sent)]
                 got[i] = (sent, read[::-1])
@@ -66,7 +68,7 @@ async def test_a_hundred_applications_get_streams_of_their_own(
             # a responder cannot read another pair's stream: its KSID is held on its module
             stranger = Link("l", "b1", "a1", False)
             with pytest.raises(Misconfigured, match="status 5"):
-                await made[3].key_by_id(stranger, got[0][0][0].key_id)
+                await responders[1].key_by_id(stranger, got[0][0][0].key_id)
             streams = {ksid: dict(s.apps) for ksid, s in sim.network.streams.items()}
             assert sum(server.accepted for server in sim.servers.values()) >= 2 * PAIRS
         finally:
