@@ -314,6 +314,7 @@ class Agent:
     async def _stop_link(self, name: str) -> BaseLink:
         """Stop a link's timer (after any exchange under way) and forget it; returns it."""
         runtime = self.links.pop(name)
+        runtime.retired = True  # requests already waiting for its lock are refused
         task = self._tasks.pop(name, None)
         if task is None:
             await runtime.halt()

@@ -97,6 +97,9 @@ class BaseLink:
         self.lock = trio.Lock()
         self.status = LinkStatus()
         self.stopped = False
+        self.retired = False
+        """Set when the agent removes or replaces the link (a reload): it erases or hands over
+        the sinks next, so a peer request that gets the lock after that must change nothing."""
         self.commit_lost = False
         """Set when the peer did not acknowledge a commit: the next rotation comes early."""
         self.rand: Callable[[], float] = random.random

@@ -86,6 +86,11 @@ class Responder:
         if conflict is not None:
             raise self._refuse(conflict, body)
         async with self.link.lock:
+            if self.link.retired:
+                # Removed or reconfigured while this request waited for the lock: the agent
+                # erases the sinks or hands them to the new link next, and state written now
+                # would come after that (an install after the "removed" erase).
+                raise ProtocolError("link removed or reconfigured", status=503)
             if action == "announce":
                 return await self._on_announce(message, body)
             if action == "commit":  # (a repeated commit leaves keys fetched ahead alone)

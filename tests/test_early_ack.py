@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from qkdagent.hookspecs import hookimpl
@@ -74,3 +75,54 @@ def bob_status(pair: Any) -> Any:  # type: ignore[misc]
 
 def installs(pair: Any) -> list[str]:  # type: ignore[misc]
     return [call for call in pair.sink("bob", "rec").calls if call.startswith("install:")]
+
+
+async def test_a_link_removed_while_bob_installs_ends_with_its_erase(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Bob removes the link (a reload) while he installs epoch 1 after its early ack and
+    alice's next rotate waits for his lock: the erase is the sink's last call, and a request
+    that gets the old link's lock after the removal began (the waiting rotate, any later one)
+    is refused and changes nothing."""
+    import copy
+
+    from qkdagent import protocol
+    from qkdagent.config import parse_config
+    from qkdagent.errors import ProtocolError
+    from qkdagent.identity import PeerIdentity
+
+    async with open_agent_pair(tmp_path, alice=ALICE, bob=BOB, link=LINK, local=True) as pair:
+        await pair.wait_for_epoch(1)
+        old = pair.bob.link("alice-bob")
+        sink = pair.sink("bob", "rec")
+        assert installs(pair) == []  # bob installs epoch 1, holding the link's lock
+        rotated: list[bool] = []
+
+        async def rotate() -> None:
+            rotated.append(await pair.alice.link("alice-bob").rotate_once())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rotate)
+            while old.lock.statistics().tasks_waiting < 1:  # noqa: ASYNC110 - alice waits
+                await trio.sleep(0.01)
+            config = copy.deepcopy(pair.configs["bob"])
+            del config["links"]["alice-bob"]
+            await pair.bob.reload(parse_config(config))
+        assert rotated == [False]
+        assert old.record.pending is None and old.record.epoch == 1
+        assert installs(pair) == ["install:1"]
+        assert sink.calls[-1] == "erase:removed"
+        assert sink.erasures[-1][1:] == ("alice-bob", "removed")
+        announce = protocol.build(  # what the old runtime would otherwise take
+            "announce",
+            link="alice-bob",
+            sender="alice",
+            receiver="bob",
+            epoch=old.record.epoch + 1,
+            auth_key=old.record.auth_key,
+            keys=[[old.sources[0].id, "k-next"]],
+            nonce=protocol.new_nonce(),
+        )
+        with pytest.raises(ProtocolError) as refused:
+            await old.handle("announce", announce, PeerIdentity(dns=("alice",)))
+        assert refused.value.status == 503
