@@ -217,8 +217,15 @@ def cmd_hold(args: argparse.Namespace) -> None:
 
 def proc_cpu(pid: int) -> float:
     """CPU seconds (user + system) of a process, its threads included."""
+    return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """CPU seconds of a process in user mode and in the kernel (its fsyncs' and sockets'
+    work), its threads included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def proc_mem_mb(pid: int) -> tuple[float, float]:

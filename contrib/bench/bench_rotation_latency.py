@@ -67,7 +67,7 @@ for _path in reversed([str(HERE), *SRC_PATHS]):  # this checkout, whatever is in
         sys.path.insert(0, _path)
 
 import httpx  # noqa: E402
-from bench_core import pct, proc_cpu, proc_mem_mb  # noqa: E402
+from bench_core import pct, proc_cpu, proc_cpu_split, proc_mem_mb  # noqa: E402
 
 from qkdagent.builtin.loopback import free_port, pair_configs  # noqa: E402
 from qkdagent.fileutil import write_secret_file  # noqa: E402
@@ -454,11 +454,11 @@ def measure(
     seen = args.warmup
     tail.lines()  # rotations during the attach are not measured
     pids = {**{r: p.pid for r, p in procs.items()}, **others}
-    cpu0 = {r: proc_cpu(pid) for r, pid in pids.items()}
+    cpu0 = {r: proc_cpu_split(pid) for r, pid in pids.items()}
     sw0 = {r: proc_switches(pid) for r, pid in pids.items()}
     t0 = time.monotonic()
     wait_for(advance(args.warmup + args.rotations), timeout, "measured rotations", list(watch))
-    cpu1 = {r: proc_cpu(pid) for r, pid in pids.items()}
+    cpu1 = {r: proc_cpu_split(pid) for r, pid in pids.items()}
     sw1 = {r: proc_switches(pid) for r, pid in pids.items()}
     t1 = time.monotonic()
     mem = {r: proc_mem_mb(pid) for r, pid in pids.items()}
@@ -471,7 +471,8 @@ def measure(
         "durations": durations,
         "rotations": rotations,
         "seconds": t1 - t0,
-        "cpu_ms": {r: 1000 * (cpu1[r] - cpu0[r]) / max(rotations, 1) for r in pids},
+        "cpu_ms": {r: 1000 * (sum(cpu1[r]) - sum(cpu0[r])) / max(rotations, 1) for r in pids},
+        "sys_ms": {r: 1000 * (cpu1[r][1] - cpu0[r][1]) / max(rotations, 1) for r in pids},
         "mem": mem,
         "switches": {r: (sw1[r] - sw0[r]) / max(rotations, 1) for r in pids},
         "syscalls": syscalls,
@@ -692,7 +693,8 @@ def cpu_lines(r: dict[str, Any]) -> list[str]:
     for role, ms in r["cpu_ms"].items():
         hwm, rss = r["mem"][role]
         out.append(
-            f"      {role:<10} CPU {ms:6.2f} ms/rotation   RSS peak {hwm:6.1f} MB, "
+            f"      {role:<10} CPU {ms:6.2f} ms/rotation (kernel {r['sys_ms'][role]:5.2f})   "
+            f"RSS peak {hwm:6.1f} MB, "
             f"now {rss:6.1f} MB   context switches/rotation {r['switches'][role]:5.1f}"
         )
     for role, counts in r.get("syscalls", {}).items():
