@@ -317,10 +317,10 @@ def procs_once(args: argparse.Namespace) -> dict[str, Any]:
             first = _status(status_urls["alice"])["links"]
             epochs0 = sum(x["epoch"] for x in first)
             failures0 = sum(x["failures"] for x in first)
-            cpu0 = {n: proc_cpu(p.pid) for n, p in procs.items()}
+            cpu0 = {n: proc_cpu_split(p.pid) for n, p in procs.items()}
             t0 = time.monotonic()
             time.sleep(args.seconds)
-            cpu1 = {n: proc_cpu(p.pid) for n, p in procs.items()}
+            cpu1 = {n: proc_cpu_split(p.pid) for n, p in procs.items()}
             t1 = time.monotonic()
             mem = {n: proc_mem_mb(p.pid) for n, p in procs.items()}
             final = {n: _status(u)["links"] for n, u in status_urls.items()}
@@ -337,8 +337,9 @@ def procs_once(args: argparse.Namespace) -> dict[str, Any]:
         "ready_rss_mb": {n: r[1] for n, r in ready.items()},
         "rotated_s": rotated,
         "rate": rate,
-        "cpu_ms": {n: 1000 * (cpu1[n] - cpu0[n]) / max(rotations, 1) for n in procs},
-        "core": {n: (cpu1[n] - cpu0[n]) / (t1 - t0) for n in procs},
+        "cpu_ms": {n: 1000 * (sum(cpu1[n]) - sum(cpu0[n])) / max(rotations, 1) for n in procs},
+        "sys_ms": {n: 1000 * (cpu1[n][1] - cpu0[n][1]) / max(rotations, 1) for n in procs},
+        "core": {n: (sum(cpu1[n]) - sum(cpu0[n])) / (t1 - t0) for n in procs},
         "peak_rss_mb": {n: m[0] for n, m in mem.items()},
         "rss_mb": {n: m[1] for n, m in mem.items()},
         "lat": [x["last_rotation_ms"] for x in final["alice"] if x["last_rotation_ms"]],
@@ -386,7 +387,8 @@ def cmd_procs(args: argparse.Namespace) -> None:
             f"  {name:<5} ({'initiator' if name == 'alice' else 'responder'}): "
             f"startup to ready {_spread(each('ready_s', name), '.1f')} s at RSS "
             f"{_spread(each('ready_rss_mb', name), '.0f')} MB; CPU "
-            f"{_spread(each('cpu_ms', name))} ms/rotation ({_spread(each('core', name))} "
+            f"{_spread(each('cpu_ms', name))} ms/rotation (kernel {_spread(each('sys_ms', name))}; "
+            f"{_spread(each('core', name))} "
             f"of a core); RSS peak {_spread(each('peak_rss_mb', name), '.0f')} MB, "
             f"end {_spread(each('rss_mb', name), '.0f')} MB"
         )

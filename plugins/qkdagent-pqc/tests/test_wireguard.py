@@ -140,9 +140,13 @@ async def test_a_hundred_rotations_into_wireguard_go(
             with trio.fail_after(10):  # bob installs once alice's commit reaches him
                 while agents.bob.link("alice-bob").record.epoch < last:  # noqa: ASYNC110
                     await trio.sleep(0.05)
+            # bob acknowledges the commit once durable and installs after: wait for his sinks
+            await agents.wait_for_installs(last, "rec", timeout=10)
             secret = agents.secret("alice", "wg")
             assert secret == agents.secret("bob", "wg")
-            assert await _held(wg_pair) == (secret.reveal(), secret.reveal())
+            with trio.fail_after(10):  # the wg sink installs beside "rec", not before it
+                while await _held(wg_pair) != (secret.reveal(), secret.reveal()):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
             for name in ("alice", "bob"):
                 installs = agents.agents[name].metrics.installs
                 assert installs.labels("alice-bob", "wg", "error").get() == 0

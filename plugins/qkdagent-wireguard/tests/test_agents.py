@@ -60,9 +60,13 @@ async def test_two_agents_rotate_psks_and_fail_closed(userspace_pair: Pair, tmp_
         assert len(fingerprints) == 3
         # the keys came from the KMEs: alice fetched at KME_A, bob by key ID at KME_B
         assert sim.apps["KME_A"].stats["keys"] >= 3 and sim.apps["KME_B"].stats["keys"] >= 3
-        last = agents.secret("alice", "wg").reveal()
-
         await agents.stop("bob")
+        # A rotation under way when bob stopped is finished by his drain: take the PSK alice
+        # holds once her sink has her latest key.
+        with trio.fail_after(10):
+            while (await held(userspace_pair))[0] != agents.secret("alice", "wg").reveal():  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        last = agents.secret("alice", "wg").reveal()
         # reject_after (6 s) with the peer gone: alice replaces the PSK by a random one.
         with trio.fail_after(20):
             while True:
