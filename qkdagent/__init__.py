@@ -5,8 +5,9 @@ in their tests), never from other modules of the package; `docs/plugins.md` is t
 Only what a plugin needs is exported: the component contract (`Source`, `Sink`, the values they
 receive, `PluginContext` and its stash), `Options`, the errors a plugin raises or catches, the
 hook marker and the event types observation hooks receive, and the helpers plugins share
-(`write_secret_file` and the durable key-file helpers, `client_ssl_context`, `run_program`,
-the simulators' key-supply seam). Errors only the core raises are not exported.
+(`write_secret_file` and the durable key-file helpers, `client_ssl_context` and
+`load_tls_identity`, `run_program`, the simulators' key-supply seam). Errors only the core
+raises are not exported.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from .pki import PkiError, extend_test_pki, file_stem, write_test_pki
 from .secret import Key, Secret, check_key_id
 from .services import Service
 from .stash import Stash, StashKey
-from .tlsclient import client_ssl_context
+from .tlsclient import client_ssl_context, load_tls_identity
 
 __version__ = "0.1.0"
 
@@ -112,6 +113,7 @@ __all__ = [
     "file_stem",
     "hookimpl",
     "load_supply_factory",
+    "load_tls_identity",
     "parse_supply_spec",
     "prebuilt_supplies",
     "program_env",

@@ -18,6 +18,7 @@ from .config import TlsFiles
 from .h1client import H1Client, ReplyTooLarge, TransportError
 from .identity import PeerIdentity
 from .protocol import MAX_BODY
+from .tlsclient import load_tls_identity
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ body; raises ProtocolError for a refused request (only before replying early).""
 def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    load_tls_identity(ctx, tls.cert, tls.key, what="agent.tls")
     return ctx
 
 

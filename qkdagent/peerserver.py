@@ -56,6 +56,7 @@ from .config import Address, TlsFiles
 from .errors import ProtocolError
 from .identity import PeerIdentity
 from .protocol import MAX_BODY, error_body
+from .tlsclient import load_tls_identity
 
 if TYPE_CHECKING:
     from .observability import Metrics
@@ -125,7 +126,7 @@ def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    load_tls_identity(ctx, tls.cert, tls.key, what="agent.tls")
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 

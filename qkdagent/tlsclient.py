@@ -1,5 +1,6 @@
-"""A plugin's TLS client context from configured files (a KME, a QKD module, a hub), with the
-errors an operator can act on."""
+"""TLS contexts from configured files (a plugin's client to a KME, a QKD module, a hub; a
+simulator's or the agent's server), with the errors an operator can act on, and never a
+passphrase prompt."""
 
 from __future__ import annotations
 
@@ -18,22 +19,36 @@ def _no_password() -> bytes:
     raise _EncryptedKey
 
 
+def load_tls_identity(context: ssl.SSLContext, cert: Path, key: Path | None, *, what: str) -> None:
+    """Load our certificate chain and key (None: the key is in `cert`) into `context`, a
+    client's or a server's. An encrypted key is refused: OpenSSL would otherwise ask for its
+    passphrase on the terminal, and a process started from one would hang at start-up.
+    `Misconfigured` names `what` and the file (a missing file, that encrypted key, a PEM
+    that does not load or a key that does not match the certificate)."""
+    for option, path in (("cert", cert), ("key", key)):
+        if path is not None and not path.is_file():
+            raise Misconfigured(f"{what}: {option} file {path} does not exist")
+    try:
+        context.load_cert_chain(str(cert), str(key) if key else None, password=_no_password)
+    except _EncryptedKey:
+        raise Misconfigured(
+            f"{what}: key file {key or cert} is encrypted (a passphrase is never asked for: "
+            "give an unencrypted key, readable by this process only)"
+        ) from None
+    except (ssl.SSLError, OSError) as exc:
+        raise Misconfigured(f"{what}: cannot load the TLS certificate and key: {exc}") from None
+
+
 def client_ssl_context(cert: Path, key: Path, ca: Path, *, what: str) -> ssl.SSLContext:
     """Mutual-TLS client context: `cert`/`key` our identity, `ca` the server's CA (TLS 1.2 at
     least, hostname checked). `Misconfigured` names `what` (say "source 'kme'") and the file: a
     missing file, an encrypted key (a passphrase is never asked for) or an unusable PEM."""
-    for option, path in (("cert", cert), ("key", key), ("ca", ca)):
-        if not path.is_file():
-            raise Misconfigured(f"{what}: {option} file {path} does not exist")
+    if not ca.is_file():
+        raise Misconfigured(f"{what}: ca file {ca} does not exist")
     try:
         context = ssl.create_default_context(cafile=str(ca))
-        context.load_cert_chain(str(cert), str(key), password=_no_password)
-    except _EncryptedKey:
-        raise Misconfigured(
-            f"{what}: key file {key} is encrypted (a passphrase is never asked for: give an "
-            "unencrypted key, readable by the agent only)"
-        ) from None
     except (ssl.SSLError, OSError) as exc:
-        raise Misconfigured(f"{what}: cannot load the TLS client identity or CA: {exc}") from None
+        raise Misconfigured(f"{what}: cannot load the CA file {ca}: {exc}") from None
+    load_tls_identity(context, cert, key, what=what)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context

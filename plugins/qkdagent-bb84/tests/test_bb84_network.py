@@ -290,6 +290,37 @@ async def test_an_unusable_certificate_is_misconfigured_at_start(tmp_path: Path,
             pass
 
 
+def encrypted_copy(key: str, out: Path) -> Path:
+    from cryptography.hazmat.primitives import serialization
+
+    loaded = serialization.load_pem_private_key(Path(key).read_bytes(), None)
+    out.write_bytes(
+        loaded.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    out.chmod(0o600)
+    return out
+
+
+@pytest.mark.parametrize("end", ["alice", "bob"])
+async def test_an_encrypted_key_is_refused_not_prompted_for(tmp_path: Path, end: str) -> None:
+    """OpenSSL would ask for the passphrase on the terminal and the agent hang at prepare:
+    the source refuses the key instead, naming it."""
+    a_table, b_table, _ = pki_tables(tmp_path)
+    table, link = (a_table, ALICE_LINK) if end == "alice" else (b_table, BOB_LINK)
+    encrypted = encrypted_copy(table["tls"]["key"], tmp_path / "encrypted.key")
+    table = {**table, "tls": {**table["tls"], "key": str(encrypted)}}
+    if end == "alice":
+        table["connect"] = "127.0.0.1:1"
+    source = build_component(Bb84Source, table, links=(link,), state_dir=tmp_path / "x")
+    with pytest.raises(Misconfigured, match=r"key file .*encrypted\.key is encrypted"):
+        async with running(source):
+            pass
+
+
 async def test_the_roles_follow_the_link(tmp_path: Path) -> None:
     _, b_table, _ = pki_tables(tmp_path)
     wrong = build_component(Bb84Source, b_table, links=(ALICE_LINK,), state_dir=tmp_path / "x")

@@ -108,3 +108,32 @@ async def test_hub_processes_serve_keys_and_keep_shares_across_sigterm(tmp_path:
         assert f"of key {second.key_id} delivered to bob" in log
         assert log.count("stopping") == 2
         assert_not_leaked(log, [first.value, second.value])
+
+
+def test_a_hub_with_an_encrypted_key_exits_2_naming_it(tmp_path: Path) -> None:
+    """No passphrase prompt (the process would wait on its terminal): exit 2 and one line."""
+    import subprocess
+
+    from cryptography.hazmat.primitives import serialization
+
+    pki = write_test_pki(tmp_path / "pki", ["hank"])
+    key = serialization.load_pem_private_key(pki["hank"].key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    argv = [
+        sys.executable, "-m", "qkdagent", "dske-hub", "--name", "hank",
+        "--state", str(tmp_path / "hank"), "--port", "0", "--cert", str(pki["hank"].cert),
+        "--key", str(encrypted), "--ca", str(pki.ca_cert),
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "encrypted.key is encrypted" in done.stderr
+    assert "Traceback" not in done.stderr and "PEM pass phrase" not in done.stderr

@@ -173,3 +173,39 @@ async def test_unloadable_tls_files_are_a_configuration_error(tmp_path: Path) ->
             await src.prepare()
     finally:
         await src.aclose()
+
+
+async def test_an_encrypted_hub_client_key_is_refused_not_prompted_for(tmp_path: Path) -> None:
+    """OpenSSL would ask for the passphrase on the terminal (an agent started from one hung
+    at prepare): the key is refused, naming the hub and the file."""
+    from cryptography.hazmat.primitives import serialization
+
+    from qkdagent import write_test_pki
+
+    pki = write_test_pki(tmp_path / "pki", ["alice"])
+    key = serialization.load_pem_private_key(pki["alice"].key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    hubs = {
+        n: {
+            "url": f"https://127.0.0.1:9/{n}",
+            "ca": str(pki.ca_cert),
+            "cert": str(pki["alice"].cert),
+            "key": str(encrypted),
+        }
+        for n in ("hank", "helen")
+    }
+    src = build_component(
+        DskeSource, {"hubs": hubs}, name="dske", agent="alice", state_dir=tmp_path / "alice"
+    )
+    try:
+        with pytest.raises(Misconfigured, match=r"hub hank: key file .*encrypted\.key is encrypt"):
+            await src.prepare()
+    finally:
+        await src.aclose()

@@ -213,6 +213,8 @@ class Bb84Source(Source):
                     config, self.settings, print_, self.key_size, seed, secret, store, self._event,
                     self._record,
                 )  # fmt: skip
+        except Misconfigured as exc:  # an encrypted or unusable key (never a prompt)
+            raise Misconfigured(f"source {self.name!r}: {exc}") from None
         except (OSError, ValueError) as exc:  # unreadable TLS files
             raise Misconfigured(f"source {self.name!r}: TLS: {exc}") from None
         self.store = store

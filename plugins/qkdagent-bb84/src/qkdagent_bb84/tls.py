@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qkdagent import load_tls_identity
+
 ALPN = "qkdagent-bb84/1"
 
 
@@ -29,7 +31,7 @@ def _load(ctx: ssl.SSLContext, files: TlsFiles) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cafile=str(files.ca))
-    ctx.load_cert_chain(str(files.cert), str(files.key))
+    load_tls_identity(ctx, files.cert, files.key, what="bb84 link")
     ctx.set_alpn_protocols([ALPN])
     return ctx
 

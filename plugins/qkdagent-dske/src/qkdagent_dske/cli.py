@@ -6,11 +6,12 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 from pathlib import Path
 
 import trio
 
-from qkdagent import write_test_pki
+from qkdagent import Misconfigured, write_test_pki
 
 from . import wire
 from .hubapp import Hub, HubSettings
@@ -104,7 +105,16 @@ async def _main(args: argparse.Namespace) -> int:
     hub = await trio.to_thread.run_sync(lambda: Hub(settings, db_path, inline=True))
     context = None
     if not args.plain_http:
-        context = await trio.to_thread.run_sync(server_ssl_context, args.cert, args.key, args.ca)
+        try:
+            context = await trio.to_thread.run_sync(
+                server_ssl_context, args.cert, args.key, args.ca
+            )
+        except Misconfigured as exc:  # never a passphrase prompt: an encrypted key is refused
+            log.error("%s", exc)
+            return 2
+        except (ssl.SSLError, OSError) as exc:  # the CA file
+            log.error("dske-hub: cannot load --ca %s: %s", args.ca, exc)
+            return 2
     try:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(

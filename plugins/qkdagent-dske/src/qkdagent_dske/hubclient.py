@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
+from qkdagent import load_tls_identity
+
 from . import wire
 
 MAX_HEAD = 16 * 1024
@@ -35,11 +37,16 @@ class HubReply:
     signature: str | None
 
 
-def client_ssl_context(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+def client_ssl_context(
+    ca: Path | None, cert: Path | None, key: Path | None, *, what: str
+) -> ssl.SSLContext:
+    """A hub's TLS client context: `ca` (None: the system's CAs), our certificate if the hub
+    asks for one (`key` None: in `cert`). `Misconfigured` names `what` and the file; an
+    encrypted key is refused, never prompted for (`load_tls_identity`)."""
     context = ssl.create_default_context(cafile=str(ca) if ca else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if cert is not None:
-        context.load_cert_chain(str(cert), str(key) if key else None)
+        load_tls_identity(context, cert, key, what=what)
     return context
 
 

@@ -16,6 +16,8 @@ from urllib.parse import unquote
 import h11
 import trio
 
+from qkdagent import load_tls_identity
+
 from . import wire
 from .hubapp import Hub, Request, Response
 
@@ -37,7 +39,7 @@ def server_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_mode = ssl.CERT_REQUIRED
-    context.load_cert_chain(str(cert), str(key))
+    load_tls_identity(context, cert, key, what="dske-hub")
     return context
 
 

@@ -25,6 +25,7 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,6 @@ class DskeSource(Source):
         # a batch item's size on the wire (post, or fetch answer), so a batch stays in MAX_BODY
         self._per_body = max(1, (wire.MAX_BODY * 3 // 4) // (400 + 2 * self.key_size))
         # one item per key (its shares for every batching hub), one batch per hub per send:
-        # a key costs one wait, not one task and one wait per hub
         # a key costs one wait, not one task and one wait per hub; a hub that takes smaller
         # batches gets each batch in several requests (`_per_hub`), the other hubs in one
         most = min(batchwire.MAX_ITEMS, self._per_body)
@@ -178,14 +178,13 @@ class DskeSource(Source):
             if hub.name not in self.clients:
                 context = None
                 if hub.url.startswith("https:"):
+                    what = f"source {self.name!r}: hub {hub.name}"
                     try:
                         context = await trio.to_thread.run_sync(
-                            client_ssl_context, hub.ca, hub.cert, hub.key
+                            partial(client_ssl_context, hub.ca, hub.cert, hub.key, what=what)
                         )
-                    except (ssl.SSLError, OSError) as exc:
-                        raise Misconfigured(
-                            f"source {self.name!r}: hub {hub.name}: cannot load TLS files: {exc}"
-                        ) from None
+                    except (ssl.SSLError, OSError) as exc:  # the CA file
+                        raise Misconfigured(f"{what}: cannot load TLS files: {exc}") from None
                 self.clients[hub.name] = HubClient(
                     hub.name, hub.url, ssl_context=context, timeout=self.timeout
                 )

@@ -17,6 +17,8 @@ import trio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from qkdagent import load_tls_identity
+
 from . import codec
 from .codec import Dialect, FrameError, Service, Status
 from .network import ModuleNetwork, Wait
@@ -34,7 +36,7 @@ MAX_CONNECTIONS = 2048
 
 def server_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
-    context.load_cert_chain(str(cert), str(key))
+    load_tls_identity(context, cert, key, what="etsi004 module simulator")
     context.verify_mode = ssl.CERT_REQUIRED
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context

@@ -24,6 +24,8 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
 
+from qkdagent import load_tls_identity
+
 from .app import KmeApp, Receive, Scope, Send
 from .http1 import Http1Connection, Http1Limits
 from .identity import IdentityRule
@@ -41,7 +43,7 @@ class ListenError(OSError):
 def server_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     """TLS ≥ 1.2, client certificate required and verified against `ca`."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
-    context.load_cert_chain(str(cert), str(key))
+    load_tls_identity(context, cert, key, what="kme-sim")
     context.verify_mode = ssl.CERT_REQUIRED
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["h2", "http/1.1"])
