@@ -114,6 +114,9 @@ class Agent:
         self._peer_idle = trio.Event()
         self._closed = False
         self._running: _Running | None = None
+        self._reconfiguring: frozenset[str] = frozenset()
+        """Links a reload is restarting: between the old runtime and the new, their peer gets
+        a 503 (try again), not a 404 (a commit it would not resend)."""
 
     # -- running -----------------------------------------------------------------------------
 
@@ -262,6 +265,8 @@ class Agent:
                     status=403,
                     body=NOT_A_PEER,
                 )
+            if link in self._reconfiguring:
+                raise ProtocolError("link is being reconfigured", status=503)
             raise ProtocolError("unknown link", status=404)
         if not self._peer_calls:
             self._peer_idle = trio.Event()
@@ -314,13 +319,13 @@ class Agent:
     async def _stop_link(self, name: str) -> BaseLink:
         """Stop a link's timer (after any exchange under way) and forget it; returns it."""
         runtime = self.links.pop(name)
-        runtime.retired = True  # requests already waiting for its lock are refused
         task = self._tasks.pop(name, None)
         if task is None:
-            await runtime.halt()
+            await runtime.halt(retire=True)
             return runtime
         runtime.stop()
-        async with runtime.lock:
+        async with runtime.lock:  # a request queued ahead of this finishes first
+            runtime.retired = True
             task.scope.cancel()
         await task.done.wait()
         return runtime
@@ -432,6 +437,7 @@ class Agent:
             raise
         old_config = self.config
         stopped: list[BaseLink] = []
+        self._reconfiguring = frozenset(plan.changed_links)
         try:
             for name in plan.removed_links:
                 await self._retire(await self._stop_link(name), frozenset(), drop_state=True)
@@ -451,6 +457,8 @@ class Agent:
             raise
         except BaseException as exc:
             await self._reload_failed(stopped, new_only, exc)
+        finally:
+            self._reconfiguring = frozenset()
         erasing = {id(h.sink) for r in self._erasing.values() for h in r.runtime.sinks.handles}
         stale = [
             h.component

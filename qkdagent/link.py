@@ -98,8 +98,9 @@ class BaseLink:
         self.status = LinkStatus()
         self.stopped = False
         self.retired = False
-        """Set when the agent removes or replaces the link (a reload): it erases or hands over
-        the sinks next, so a peer request that gets the lock after that must change nothing."""
+        """Set, under the lock, when the agent removes or replaces the link (a reload): it
+        erases or hands over the sinks next, so a peer request that gets the lock after that
+        must change nothing."""
         self.commit_lost = False
         """Set when the peer did not acknowledge a commit: the next rotation comes early."""
         self.rand: Callable[[], float] = random.random
@@ -331,11 +332,14 @@ class BaseLink:
         self.status.last_error_at = time.time()
         return trio.current_time() + delay
 
-    async def halt(self) -> None:
-        """Stop the agent-timed link: an exchange under way (it holds the lock) finishes, work
-        still waiting to start is cancelled; returns when none of its work runs."""
+    async def halt(self, *, retire: bool = False) -> None:
+        """Stop the agent-timed link: an exchange under way (it holds the lock) finishes, and
+        so do peer requests queued for the lock ahead of this; work still waiting to start is
+        cancelled; returns when none of its work runs. `retire`: the agent removes or replaces
+        the link, so requests that get the lock after this are refused (`retired`)."""
         self.stop()
         async with self.lock:
+            self.retired = self.retired or retire
             if self._step is not None:
                 self._step.cancel()
         if self._step is not None:

@@ -87,9 +87,9 @@ class Responder:
             raise self._refuse(conflict, body)
         async with self.link.lock:
             if self.link.retired:
-                # Removed or reconfigured while this request waited for the lock: the agent
-                # erases the sinks or hands them to the new link next, and state written now
-                # would come after that (an install after the "removed" erase).
+                # The agent stopped this runtime to remove or replace the link (requests
+                # queued ahead of that finished first): it erases the sinks or hands them to
+                # the new runtime next, and state written now would come after that.
                 raise ProtocolError("link removed or reconfigured", status=503)
             if action == "announce":
                 return await self._on_announce(message, body)

@@ -210,20 +210,25 @@ def on_announce(
     return FetchAhead()
 
 
+def pending_keys(pending: Pending) -> ratchet.EpochKeys:
+    """The epoch keys the responder derived and stored with its pending epoch."""
+    return ratchet.EpochKeys(
+        pending.epoch,
+        pending.chain_key,
+        pending.auth_key,
+        pending.confirm_key,
+        pending.outputs,
+        pending.transcript_hash,
+    )
+
+
 def on_commit(facts: LinkFacts, record: LinkRecord, message: protocol.Message) -> CommitDecision:
     """A `commit`: the initiator committed the pending epoch and proves its keys once more."""
     pending = record.pending
     if pending is not None and message.epoch == pending.epoch:
         if not protocol.verify_mac(message, pending.auth_key):
             return Refuse("auth", "message authentication failed", 403)
-        keys = ratchet.EpochKeys(
-            pending.epoch,
-            pending.chain_key,
-            pending.auth_key,
-            pending.confirm_key,
-            pending.outputs,
-            pending.transcript_hash,
-        )
+        keys = pending_keys(pending)
         if not hmac.compare_digest(message.confirm, ratchet.confirmation(keys, "initiator")):
             return Refuse("confirm", "key confirmation failed", 403)
         return CommitPending(pending)

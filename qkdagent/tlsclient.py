@@ -19,24 +19,31 @@ def _no_password() -> bytes:
     raise _EncryptedKey
 
 
-def load_tls_identity(context: ssl.SSLContext, cert: Path, key: Path | None, *, what: str) -> None:
+def load_tls_identity(
+    context: ssl.SSLContext, cert: Path | str, key: Path | str | None, *, what: str
+) -> None:
     """Load our certificate chain and key (None: the key is in `cert`) into `context`, a
     client's or a server's. An encrypted key is refused: OpenSSL would otherwise ask for its
     passphrase on the terminal, and a process started from one would hang at start-up.
     `Misconfigured` names `what` and the file (a missing file, that encrypted key, a PEM
     that does not load or a key that does not match the certificate)."""
+    cert = Path(cert)
+    key = None if key is None else Path(key)
     for option, path in (("cert", cert), ("key", key)):
         if path is not None and not path.is_file():
             raise Misconfigured(f"{what}: {option} file {path} does not exist")
     try:
-        context.load_cert_chain(str(cert), str(key) if key else None, password=_no_password)
+        context.load_cert_chain(cert, key, password=_no_password)
     except _EncryptedKey:
         raise Misconfigured(
             f"{what}: key file {key or cert} is encrypted (a passphrase is never asked for: "
             "give an unencrypted key, readable by this process only)"
         ) from None
     except (ssl.SSLError, OSError) as exc:
-        raise Misconfigured(f"{what}: cannot load the TLS certificate and key: {exc}") from None
+        files = cert if key is None else f"{cert} and {key}"
+        raise Misconfigured(
+            f"{what}: cannot load the TLS certificate and key {files}: {exc}"
+        ) from None
 
 
 def client_ssl_context(cert: Path, key: Path, ca: Path, *, what: str) -> ssl.SSLContext:

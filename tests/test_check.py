@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from qkdagent.cli import main
 from qkdagent.fileutil import FileCheckError
 from qkdagent.state import StateStore
+from qkdagent.testing import encrypted_key_copy
 from tests.helpers import alice_config, write_agent_files
 
 
@@ -33,16 +33,7 @@ def _check(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str], *, cod
 
 
 def _encrypted_key(paths: dict[str, str], tmp_path: Path) -> str:
-    key = serialization.load_pem_private_key(Path(paths["alice_key"]).read_bytes(), None)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(b"pass"),
-    )
-    out = tmp_path / "encrypted.key"
-    out.write_bytes(pem)
-    out.chmod(0o600)
-    return str(out)
+    return str(encrypted_key_copy(paths["alice_key"], tmp_path / "encrypted.key"))
 
 
 @pytest.mark.parametrize(

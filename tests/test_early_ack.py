@@ -11,8 +11,10 @@ import pytest
 import trio
 
 from qkdagent.hookspecs import hookimpl
+from qkdagent.identity import PeerIdentity
 from qkdagent.testing import open_agent_pair
 
+ALICE_ID = PeerIdentity(dns=("alice",))
 INSTALL = 5.0
 """Virtual seconds bob's sink takes to install."""
 LINK = {"interval": 100.0, "reject_after": 300.0, "jitter": 0}
@@ -81,48 +83,77 @@ async def test_a_link_removed_while_bob_installs_ends_with_its_erase(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Bob removes the link (a reload) while he installs epoch 1 after its early ack and
-    alice's next rotate waits for his lock: the erase is the sink's last call, and a request
-    that gets the old link's lock after the removal began (the waiting rotate, any later one)
-    is refused and changes nothing."""
+    alice's next rotate waits for his lock: that rotate, queued ahead of the removal, is
+    answered first; the erase is the sink's last call; and a request that gets the old
+    runtime's lock after the removal began (here alice's commit of epoch 2, which would
+    install it after the erase) is refused and changes nothing."""
     import copy
 
-    from qkdagent import protocol
+    from qkdagent import protocol, ratchet, responder_rules
     from qkdagent.config import parse_config
     from qkdagent.errors import ProtocolError
-    from qkdagent.identity import PeerIdentity
 
     async with open_agent_pair(tmp_path, alice=ALICE, bob=BOB, link=LINK, local=True) as pair:
         await pair.wait_for_epoch(1)
         old = pair.bob.link("alice-bob")
         sink = pair.sink("bob", "rec")
         assert installs(pair) == []  # bob installs epoch 1, holding the link's lock
-        rotated: list[bool] = []
-
-        async def rotate() -> None:
-            rotated.append(await pair.alice.link("alice-bob").rotate_once())
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(rotate)
+            nursery.start_soon(pair.alice.link("alice-bob").rotate_once)
             while old.lock.statistics().tasks_waiting < 1:  # noqa: ASYNC110 - alice waits
                 await trio.sleep(0.01)
             config = copy.deepcopy(pair.configs["bob"])
             del config["links"]["alice-bob"]
             await pair.bob.reload(parse_config(config))
-        assert rotated == [False]
-        assert old.record.pending is None and old.record.epoch == 1
+        pending = old.record.pending  # the queued rotate was answered before the removal
+        assert pending is not None and pending.epoch == 2
         assert installs(pair) == ["install:1"]
         assert sink.calls[-1] == "erase:removed"
         assert sink.erasures[-1][1:] == ("alice-bob", "removed")
-        announce = protocol.build(  # what the old runtime would otherwise take
-            "announce",
+        keys = responder_rules.pending_keys(pending)
+        commit = protocol.build(
+            "commit",
             link="alice-bob",
             sender="alice",
             receiver="bob",
-            epoch=old.record.epoch + 1,
-            auth_key=old.record.auth_key,
-            keys=[[old.sources[0].id, "k-next"]],
+            epoch=2,
+            auth_key=pending.auth_key,
             nonce=protocol.new_nonce(),
+            confirm=ratchet.confirmation(keys, "initiator"),
         )
         with pytest.raises(ProtocolError) as refused:
-            await old.handle("announce", announce, PeerIdentity(dns=("alice",)))
+            await old.handle("commit", commit, ALICE_ID)
         assert refused.value.status == 503
+        assert sink.calls[-1] == "erase:removed" and old.record.epoch == 1
+
+
+async def test_a_link_being_reconfigured_answers_503_not_404(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Between the old runtime and the new (a reload that changes the link), the peer gets
+    a 503, which it retries, not a 404, after which it would not resend its commit; a
+    stranger still learns nothing."""
+    import copy
+
+    from qkdagent.config import parse_config
+    from qkdagent.errors import ProtocolError
+
+    async with open_agent_pair(tmp_path, alice=ALICE, bob=BOB, link=LINK, local=True) as pair:
+        await pair.wait_for_epoch(1)
+        old = pair.bob.link("alice-bob")
+        config = copy.deepcopy(pair.configs["bob"])
+        config["links"]["alice-bob"]["interval"] = LINK["interval"] + 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pair.bob.reload, parse_config(config))
+            while "alice-bob" in pair.bob.links:  # noqa: ASYNC110 - the reload stops it
+                await trio.sleep(0.01)
+            with pytest.raises(ProtocolError) as waiting:
+                await pair.bob._handle_peer("alice-bob", "commit", b"{}", ALICE_ID)
+            assert waiting.value.status == 503
+            with pytest.raises(ProtocolError) as stranger:
+                await pair.bob._handle_peer("alice-bob", "commit", b"{}", PeerIdentity())
+            assert stranger.value.status == 403
+        assert pair.bob.link("alice-bob") is not old  # the new runtime serves it
+        with pytest.raises(ProtocolError) as unknown:
+            await pair.bob._handle_peer("no-such-link", "commit", b"{}", ALICE_ID)
+        assert unknown.value.status == 404

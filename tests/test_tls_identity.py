@@ -8,25 +8,12 @@ import ssl
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
 
 from qkdagent import Misconfigured, client_ssl_context, load_tls_identity, write_test_pki
 from qkdagent.config import TlsFiles
 from qkdagent.peering import client_ssl_context as peer_client_context
 from qkdagent.peerserver import server_ssl_context
-
-
-def encrypted_copy(key: Path, out: Path) -> Path:
-    loaded = serialization.load_pem_private_key(key.read_bytes(), None)
-    out.write_bytes(
-        loaded.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"passphrase"),
-        )
-    )
-    out.chmod(0o600)
-    return out
+from qkdagent.testing import encrypted_key_copy
 
 
 @pytest.fixture
@@ -34,7 +21,7 @@ def files(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
     """(cert, key, encrypted key, ca)"""
     pki = write_test_pki(tmp_path / "pki", ["alice"])
     leaf = pki["alice"]
-    return leaf.cert, leaf.key, encrypted_copy(leaf.key, tmp_path / "enc.key"), pki.ca_cert
+    return leaf.cert, leaf.key, encrypted_key_copy(leaf.key, tmp_path / "enc.key"), pki.ca_cert
 
 
 def test_an_encrypted_key_is_refused_without_a_prompt(
@@ -66,7 +53,9 @@ def test_a_key_in_the_certificate_file_and_the_errors(
     load_tls_identity(context, both, None, what="x")  # the key is in the certificate file
     with pytest.raises(Misconfigured, match=r"^x: key file .*nowhere\.key does not exist"):
         load_tls_identity(context, cert, tmp_path / "nowhere.key", what="x")
-    with pytest.raises(Misconfigured, match="^x: cannot load the TLS certificate and key"):
-        load_tls_identity(context, cert, ca, what="x")  # a certificate, not a key
+    with pytest.raises(Misconfigured, match=r"^x: cannot load the TLS certificate and key .*"):
+        load_tls_identity(context, str(cert), str(ca), what="x")  # a certificate, not a key
+    with pytest.raises(Misconfigured, match=r"and .*ca\.pem: "):  # names both files
+        load_tls_identity(context, cert, ca, what="x")
     with pytest.raises(Misconfigured, match=r"^x: ca file .*nowhere\.pem does not exist"):
         client_ssl_context(cert, key, tmp_path / "nowhere.pem", what="x")

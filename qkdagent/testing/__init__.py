@@ -34,6 +34,7 @@ from .local import LocalNetwork
 from .memory import InstallRecord, KeyDirSource, MemoryPool, MemorySource, RecordingSink
 from .procs import AgentProcess, process_pair, wait_until
 from .require import in_ci, missing, require_binary, require_root
+from .tlsfiles import encrypted_key_copy
 from .toml import config_toml
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "assert_not_leaked",
     "build_component",
     "config_toml",
+    "encrypted_key_copy",
     "free_port",
     "in_ci",
     "missing",

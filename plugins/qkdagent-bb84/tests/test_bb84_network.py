@@ -31,7 +31,7 @@ from qkdagent import (
     extend_test_pki,
     write_test_pki,
 )
-from qkdagent.testing import build_component, running
+from qkdagent.testing import build_component, encrypted_key_copy, running
 
 from qkdagent_bb84 import Bb84Source
 from qkdagent_bb84.channel import ALICE, block_key, mac, pack_bits
@@ -290,28 +290,13 @@ async def test_an_unusable_certificate_is_misconfigured_at_start(tmp_path: Path,
             pass
 
 
-def encrypted_copy(key: str, out: Path) -> Path:
-    from cryptography.hazmat.primitives import serialization
-
-    loaded = serialization.load_pem_private_key(Path(key).read_bytes(), None)
-    out.write_bytes(
-        loaded.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"passphrase"),
-        )
-    )
-    out.chmod(0o600)
-    return out
-
-
 @pytest.mark.parametrize("end", ["alice", "bob"])
 async def test_an_encrypted_key_is_refused_not_prompted_for(tmp_path: Path, end: str) -> None:
     """OpenSSL would ask for the passphrase on the terminal and the agent hang at prepare:
     the source refuses the key instead, naming it."""
     a_table, b_table, _ = pki_tables(tmp_path)
     table, link = (a_table, ALICE_LINK) if end == "alice" else (b_table, BOB_LINK)
-    encrypted = encrypted_copy(table["tls"]["key"], tmp_path / "encrypted.key")
+    encrypted = encrypted_key_copy(table["tls"]["key"], tmp_path / "encrypted.key")
     table = {**table, "tls": {**table["tls"], "key": str(encrypted)}}
     if end == "alice":
         table["connect"] = "127.0.0.1:1"

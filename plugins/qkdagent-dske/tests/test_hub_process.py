@@ -12,7 +12,14 @@ import trio
 from qkdagent_dske.source import DskeSource
 
 from qkdagent import Link
-from qkdagent.testing import PkiFiles, assert_not_leaked, build_component, running, write_test_pki
+from qkdagent.testing import (
+    PkiFiles,
+    assert_not_leaked,
+    build_component,
+    encrypted_key_copy,
+    running,
+    write_test_pki,
+)
 
 ALICE = Link("l", "alice", "bob", True)
 BOB = Link("l", "bob", "alice", False)
@@ -114,18 +121,8 @@ def test_a_hub_with_an_encrypted_key_exits_2_naming_it(tmp_path: Path) -> None:
     """No passphrase prompt (the process would wait on its terminal): exit 2 and one line."""
     import subprocess
 
-    from cryptography.hazmat.primitives import serialization
-
     pki = write_test_pki(tmp_path / "pki", ["hank"])
-    key = serialization.load_pem_private_key(pki["hank"].key.read_bytes(), None)
-    encrypted = tmp_path / "encrypted.key"
-    encrypted.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"passphrase"),
-        )
-    )
+    encrypted = encrypted_key_copy(pki["hank"].key, tmp_path / "encrypted.key")
     argv = [
         sys.executable, "-m", "qkdagent", "dske-hub", "--name", "hank",
         "--state", str(tmp_path / "hank"), "--port", "0", "--cert", str(pki["hank"].cert),
@@ -137,3 +134,4 @@ def test_a_hub_with_an_encrypted_key_exits_2_naming_it(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "encrypted.key is encrypted" in done.stderr
     assert "Traceback" not in done.stderr and "PEM pass phrase" not in done.stderr
+    assert not (tmp_path / "hank").exists()  # refused before any state was made

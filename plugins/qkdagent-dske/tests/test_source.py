@@ -11,7 +11,7 @@ import pytest
 from qkdagent_dske.source import DskeSource
 
 from qkdagent import ComponentEvent, KeyNotFound, Link, Misconfigured, SourceUnavailable
-from qkdagent.testing import build_component, running
+from qkdagent.testing import build_component, encrypted_key_copy, running, write_test_pki
 
 from .hubs import RunningHub, hub_table, open_hubs
 
@@ -178,20 +178,8 @@ async def test_unloadable_tls_files_are_a_configuration_error(tmp_path: Path) ->
 async def test_an_encrypted_hub_client_key_is_refused_not_prompted_for(tmp_path: Path) -> None:
     """OpenSSL would ask for the passphrase on the terminal (an agent started from one hung
     at prepare): the key is refused, naming the hub and the file."""
-    from cryptography.hazmat.primitives import serialization
-
-    from qkdagent import write_test_pki
-
     pki = write_test_pki(tmp_path / "pki", ["alice"])
-    key = serialization.load_pem_private_key(pki["alice"].key.read_bytes(), None)
-    encrypted = tmp_path / "encrypted.key"
-    encrypted.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"passphrase"),
-        )
-    )
+    encrypted = encrypted_key_copy(pki["alice"].key, tmp_path / "encrypted.key")
     hubs = {
         n: {
             "url": f"https://127.0.0.1:9/{n}",

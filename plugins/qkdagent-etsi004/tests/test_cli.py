@@ -22,8 +22,8 @@ from qkdagent_etsi004.sim import SimSettings, open_simulator
 from qkdagent_etsi004.source import Etsi004Source
 from qkdagent_etsi004.transport import Endpoint, ModuleConnection
 
-from qkdagent import Link
-from qkdagent.testing import build_component, running
+from qkdagent import Link, file_stem
+from qkdagent.testing import build_component, encrypted_key_copy, running
 
 ALICE = Link("l", "alice", "bob", True)
 BOB = Link("l", "bob", "alice", False)
@@ -259,3 +259,22 @@ def _client_context(module: dict[str, Any], app: str) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=module["ca"])
     context.load_cert_chain(module["credentials"][app]["cert"], module["credentials"][app]["key"])
     return context
+
+
+@pytest.mark.parametrize("damage", ["garbage", "encrypted"])
+def test_an_unusable_module_key_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    """A module key that does not load, or is encrypted (never prompted for): exit 2."""
+    from qkdagent_etsi004.sim import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    key = pki / f"{file_stem('QKDM_A')}.key"
+    if damage == "garbage":
+        key.write_text("-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    else:
+        encrypted_key_copy(key, key)
+    assert cli.run(parse("--pki", str(pki))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkdm-sim: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert ("is encrypted" in err) == (damage == "encrypted"), err

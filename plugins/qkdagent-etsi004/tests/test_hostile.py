@@ -20,7 +20,7 @@ from qkdagent_etsi004.source import Etsi004Source
 from qkdagent_etsi004.transport import read_frame
 
 from qkdagent import CsprngSupply, KeyNotFound, Misconfigured, SourceError, SourceUnavailable
-from qkdagent.testing import build_component
+from qkdagent.testing import build_component, encrypted_key_copy
 
 from .conftest import ALICE, BOB
 
@@ -333,17 +333,6 @@ async def test_encrypted_application_key_is_refused_without_a_prompt(
 ) -> None:
     """A passphrase-protected key fails prepare() with a clear Misconfigured: OpenSSL must not
     ask for the passphrase on the terminal (a hung agent)."""
-    from cryptography.hazmat.primitives import serialization
-
-    plain = serialization.load_pem_private_key((sim.pki / "alice.key").read_bytes(), None)
-    encrypted = tmp_path / "alice-encrypted.key"
-    encrypted.write_bytes(
-        plain.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"passphrase"),
-        )
-    )
-    encrypted.chmod(0o600)
+    encrypted = encrypted_key_copy(sim.pki / "alice.key", tmp_path / "alice-encrypted.key")
     with pytest.raises(Misconfigured, match="is encrypted"):
         await sources("alice", key=str(encrypted))

@@ -21,7 +21,7 @@ from qkdagent_etsi014.cli import configure, settings_from
 from qkdagent_etsi014.source import Etsi014Source
 
 from qkdagent import CommandRegistry, Link
-from qkdagent.testing import build_component, missing, running
+from qkdagent.testing import build_component, encrypted_key_copy, missing, running
 
 from .conftest import tls_context
 
@@ -238,3 +238,18 @@ def test_core_demo_through_two_simulated_kmes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ETSI GS QKD 014" in result.stdout
     assert "3 rotations, secrets identical on both sides every time." in result.stdout
+
+
+@pytest.mark.parametrize("damage", ["garbage", "encrypted"])
+def test_an_unusable_kme_key_is_one_clear_line(tmp_path: Path, damage: str) -> None:
+    """A KME key that does not load, or is encrypted (never prompted for): exit 2, one line."""
+    pki = tmp_path / "pki"
+    assert main(["kme-sim", "--make-pki", str(pki)]) == 0
+    key = pki / "KME_A.key"
+    if damage == "garbage":
+        key.write_text("-----BEGIN PRIVATE KEY-----\nnot base64\n-----END PRIVATE KEY-----\n")
+    else:
+        encrypted_key_copy(key, key)
+    result = run_cli("--pki", str(pki))
+    assert_one_line_usage_error(result, "kme-sim: ")
+    assert ("is encrypted" in result.stderr) == (damage == "encrypted"), result.stderr

@@ -14,7 +14,7 @@ from qkdagent_etsi014.sim import SimSettings, Simulator, make_pki, open_simulato
 from qkdagent_etsi014.source import Etsi014Source
 
 from qkdagent import ConfigError, Link, Misconfigured, SourceError
-from qkdagent.testing import build_component, write_test_pki
+from qkdagent.testing import build_component, encrypted_key_copy, write_test_pki
 
 from .conftest import KMES, Clients, make_source, tls_context
 
@@ -215,18 +215,7 @@ async def test_encrypted_client_key_is_refused_without_a_prompt(
 ) -> None:
     """A passphrase-protected key fails prepare() with a clear Misconfigured: OpenSSL must not
     ask for the passphrase on the terminal (a hung agent)."""
-    from cryptography.hazmat.primitives import serialization
-
-    plain = serialization.load_pem_private_key((pki / "alice.key").read_bytes(), None)
-    encrypted = tmp_path / "alice-encrypted.key"
-    encrypted.write_bytes(
-        plain.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"passphrase"),
-        )
-    )
-    encrypted.chmod(0o600)
+    encrypted = encrypted_key_copy(pki / "alice.key", tmp_path / "alice-encrypted.key")
     source = _source(sim, tmp_path, key=str(encrypted))
     try:
         with pytest.raises(Misconfigured, match="is encrypted"):

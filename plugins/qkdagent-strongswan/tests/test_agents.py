@@ -59,7 +59,9 @@ async def test_agents_rotate_reauthenticate_repair_and_fail_closed(
                 )
             # The next rotation (2 s on) may come while these run: each check is retried on
             # the key of the moment until it holds (a switch-over can lose one ping).
-            await poll_until(lambda: bed.a.ping().returncode == 0, 10)
+            with trio.fail_after(15):  # ping blocks: off the loop the agents share
+                while (await trio.to_thread.run_sync(bed.a.ping)).returncode != 0:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
             bob_link = Link("alice-bob", "bob", "alice", False)
             with trio.fail_after(10):
                 while True:

@@ -61,12 +61,11 @@ async def test_two_agents_rotate_psks_and_fail_closed(userspace_pair: Pair, tmp_
         # the keys came from the KMEs: alice fetched at KME_A, bob by key ID at KME_B
         assert sim.apps["KME_A"].stats["keys"] >= 3 and sim.apps["KME_B"].stats["keys"] >= 3
         await agents.stop("bob")
-        # A rotation under way when bob stopped is finished by his drain: take the PSK alice
-        # holds once her sink has her latest key.
-        with trio.fail_after(10):
-            while (await held(userspace_pair))[0] != agents.secret("alice", "wg").reveal():  # noqa: ASYNC110
-                await trio.sleep(0.05)
-        last = agents.secret("alice", "wg").reveal()
+        # A rotation of alice's under way as bob stopped may still commit and install (his
+        # drain took its rotate): her link's lock is held until it ends.
+        async with agents.alice.link("alice-bob").lock:
+            last = agents.secret("alice", "wg").reveal()
+            assert (await held(userspace_pair))[0] == last
         # reject_after (6 s) with the peer gone: alice replaces the PSK by a random one.
         with trio.fail_after(20):
             while True:
@@ -75,5 +74,6 @@ async def test_two_agents_rotate_psks_and_fail_closed(userspace_pair: Pair, tmp_
                 await trio.sleep(0.1)
         alice_psk = (await held(userspace_pair))[0]
         assert alice_psk is not None and any(alice_psk) and alice_psk != last
+        assert agents.alice.link("alice-bob").status.erased_reason == "reject_after"
         assert not await trio.to_thread.run_sync(userspace_pair.fresh_handshake, 2.0)
         assert a.latest_handshake(b) == 0

@@ -31,7 +31,7 @@ def _load(ctx: ssl.SSLContext, files: TlsFiles) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cafile=str(files.ca))
-    load_tls_identity(ctx, files.cert, files.key, what="bb84 link")
+    load_tls_identity(ctx, files.cert, files.key, what="TLS")
     ctx.set_alpn_protocols([ALPN])
     return ctx
 

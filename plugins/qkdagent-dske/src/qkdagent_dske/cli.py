@@ -91,18 +91,7 @@ async def _main(args: argparse.Namespace) -> int:
             "the path can read and forge requests (labs and interop only)",
             args.name,
         )
-    args.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(args.state, 0o700)
-    settings = HubSettings(
-        args.name,
-        max_block=args.max_block,
-        share_ttl=args.share_ttl,
-        require_tls_identity=not args.plain_http,
-    )
-    # SQLite and certificate files: off the trio thread; then batches on it (inline: this
-    # process only serves the hub, whose every answer waits for its batch anyway)
-    db_path = args.state / f"{args.name}.sqlite"
-    hub = await trio.to_thread.run_sync(lambda: Hub(settings, db_path, inline=True))
+    # certificate files first: a bad one leaves no state behind
     context = None
     if not args.plain_http:
         try:
@@ -115,6 +104,18 @@ async def _main(args: argparse.Namespace) -> int:
         except (ssl.SSLError, OSError) as exc:  # the CA file
             log.error("dske-hub: cannot load --ca %s: %s", args.ca, exc)
             return 2
+    args.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(args.state, 0o700)
+    settings = HubSettings(
+        args.name,
+        max_block=args.max_block,
+        share_ttl=args.share_ttl,
+        require_tls_identity=not args.plain_http,
+    )
+    # SQLite off the trio thread; then batches on it (inline: this
+    # process only serves the hub, whose every answer waits for its batch anyway)
+    db_path = args.state / f"{args.name}.sqlite"
+    hub = await trio.to_thread.run_sync(lambda: Hub(settings, db_path, inline=True))
     try:
         async with trio.open_nursery() as nursery:
             port = await nursery.start(

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import trio
 
+from qkdagent import Misconfigured
+
 from .sim import DEFAULT_MODULES, SimSettings, Simulator, default_pairs, make_pki, run_simulator
 from .supply import BUILTIN, supplies_for
 
@@ -132,10 +134,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _expected(exc: BaseException) -> str | None:
-    """The message of a ValueError/OSError, also alone inside trio's exception groups (a port
-    in use is raised inside the server's nursery)."""
+    """The message of a ValueError/OSError/Misconfigured (an unusable key), also alone inside
+    trio's exception groups (a port in use is raised inside the server's nursery)."""
     leaves = _leaves(exc)
-    if leaves and all(isinstance(leaf, (ValueError, OSError)) for leaf in leaves):
+    if leaves and all(isinstance(leaf, (ValueError, OSError, Misconfigured)) for leaf in leaves):
         return " ".join(str(leaves[0]).split()) or type(leaves[0]).__name__
     return None
 

@@ -36,7 +36,7 @@ MAX_CONNECTIONS = 2048
 
 def server_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
-    load_tls_identity(context, cert, key, what="etsi004 module simulator")
+    load_tls_identity(context, cert, key, what="qkdm-sim")
     context.verify_mode = ssl.CERT_REQUIRED
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context

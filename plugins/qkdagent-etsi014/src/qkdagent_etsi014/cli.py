@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from qkdagent import extend_test_pki
+from qkdagent import Misconfigured, extend_test_pki
 
 from .app import Quirks
 from .identity import MODES, IdentityRule
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
 def _expected(exc: BaseException) -> str | None:
     """The message of a usage or setup error (also alone inside trio's exception groups)."""
     leaves = _leaves(exc)
-    if leaves and all(isinstance(leaf, (ValueError, OSError)) for leaf in leaves):
+    if leaves and all(isinstance(leaf, (ValueError, OSError, Misconfigured)) for leaf in leaves):
         first = leaves[0]
         if isinstance(first, OSError) and first.filename is not None:
             return f"{first.filename}: {first.strerror or first}"
