@@ -125,6 +125,9 @@ def test_sighup_adds_and_removes_links(tmp_path: Path) -> None:
     finally:
         for proc in procs.values():
             proc.stop()
+    # the start-up heap left the collector's work once ready, and each reload settled it again
+    settled = (tmp_path / "alice.log").read_text().count("heap settled after ")
+    assert settled == 3, (tmp_path / "alice.log").read_text()[-2000:]
 
 
 def reload_alice(tmp_path: Path, edit: Callable[[str], str], logged: str) -> str:
