@@ -24,13 +24,13 @@ Interceptor = Callable[["LocalClient", str, str, str, bytes], Awaitable[PeerRepl
 
 class LocalNetwork:
     def __init__(self) -> None:
-        self.handlers: dict[str, tuple[Handler, PeerIdentity]] = {}
+        self.handlers: dict[str, tuple[Handler, PeerIdentity, trio.Nursery]] = {}
+        """URL -> its handler, the identity its certificate names, and where each request's
+        handler runs (the serving task's nursery: it goes on there after replying early)."""
         self.down: set[str] = set()
         """URLs currently unreachable (a stopped or partitioned agent)."""
         self.interceptors: dict[str, Interceptor] = {}
         """URL -> what stands in the path to it (see `qkdagent.testing.ManInTheMiddle`)."""
-        self.servers: dict[str, trio.Nursery] = {}
-        """URL -> where its handlers go on after replying early (the serving task's)."""
 
     def attach(
         self,
@@ -41,13 +41,11 @@ class LocalNetwork:
     ) -> None:
         """Serve `url` with `handler`, as a server whose certificate names `identity`, running
         each request's handler in `nursery` (where it goes on after replying early)."""
-        self.handlers[url] = (handler, identity)
-        self.servers[url] = nursery
+        self.handlers[url] = (handler, identity, nursery)
         self.down.discard(url)
 
     def detach(self, url: str) -> None:
         self.handlers.pop(url, None)
-        self.servers.pop(url, None)
 
     def transport(self, name: str, url: str) -> LocalTransport:
         """The in-process transport of agent `name`, reachable at `url`."""
@@ -76,11 +74,11 @@ class LocalClient:
         served = self.network.handlers.get(peer_url)
         if served is None or peer_url in self.network.down:
             raise ConnectionRefused(f"{peer_url} is not reachable")
-        handler, server = served
+        handler, server, nursery = served
         if len(body) > MAX_BODY:
             return PeerReply(413, error_body("refused", "too large"), server)
         serve = partial(self._serve, handler, server, link, action, body)
-        reply: PeerReply = await self.network.servers[peer_url].start(serve)
+        reply: PeerReply = await nursery.start(serve)
         return reply
 
     async def _serve(

@@ -112,8 +112,8 @@ async def _main(args: argparse.Namespace) -> int:
         share_ttl=args.share_ttl,
         require_tls_identity=not args.plain_http,
     )
-    # SQLite off the trio thread; then batches on it (inline: this
-    # process only serves the hub, whose every answer waits for its batch anyway)
+    # SQLite off the trio thread; then batches on it (inline: this process only serves the
+    # hub, whose every answer waits for its batch anyway)
     db_path = args.state / f"{args.name}.sqlite"
     hub = await trio.to_thread.run_sync(lambda: Hub(settings, db_path, inline=True))
     try:
