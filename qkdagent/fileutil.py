@@ -4,9 +4,10 @@ regular files only, and private directories that a symbolic link cannot redirect
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,9 +26,9 @@ def write_secret_file(
     whose content the agent rewrites from its own durable state at start-up, so only the
     moment the file becomes durable moves, not what it holds).
     """
-    target = Path(path)
-    directory = target.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    target = os.fspath(path)
+    directory = os.path.dirname(target) or "."
+    fd, tmp = _create_temp(target)
     try:
         os.fchmod(fd, mode)
         view = memoryview(data)
@@ -49,6 +50,20 @@ def write_secret_file(
         raise
     if durable:
         sync_directory(directory)
+
+
+def _create_temp(target: str) -> tuple[int, str]:
+    """A new 0600 file beside `target`, opened for writing: what `tempfile.mkstemp` does,
+    without its 40 µs of Python (on every file sink install's path)."""
+    head, name = os.path.split(target)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = os.path.join(head, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", target)
 
 
 def sync_directory(directory: str | os.PathLike[str]) -> None:
