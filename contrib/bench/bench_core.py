@@ -382,6 +382,13 @@ def cmd_procs(args: argparse.Namespace) -> None:
         f"rotations/s {_spread([r['rate'] for r in runs], '.1f')} "
         f"(expected ≈ {args.links / args.interval / 0.95:.1f})"
     )
+    if args.seconds < args.interval:
+        # start-up opens every link at once, so the second round is bunched: a shorter window
+        # sees only that burst (more batching per commit and per wake than a steady state)
+        print(
+            f"  (the window is shorter than the interval: it measures the bunched second round; "
+            f"--seconds {args.interval:.0f} covers a whole interval)"
+        )
     for name in ("alice", "bob"):
         print(
             f"  {name:<5} ({'initiator' if name == 'alice' else 'responder'}): "
