@@ -311,9 +311,15 @@ def procs_once(args: argparse.Namespace) -> dict[str, Any]:
                     break
             rotated = time.monotonic() - started
             # All links rotated at start-up; the window opens when the second round begins
-            # (interval minus jitter later), so it holds rotations and not only the quiet gap.
-            while max(x["epoch"] for x in _status(status_urls["alice"])["links"]) < 2:
-                time.sleep(2)
+            # (interval minus jitter later), so it holds rotations and not only the quiet gap:
+            # once 1% of the links are on it (one link retried at start-up is not the round),
+            # polled often enough for a round of a few seconds (a /status at 10,000 links is
+            # not free: at most every 2 s).
+            started_round = max(1, args.links // 100)
+            while (
+                sum(x["epoch"] >= 2 for x in _status(status_urls["alice"])["links"]) < started_round
+            ):
+                time.sleep(min(2.0, args.interval / 50))
             first = _status(status_urls["alice"])["links"]
             epochs0 = sum(x["epoch"] for x in first)
             failures0 = sum(x["failures"] for x in first)
