@@ -525,8 +525,8 @@ def run_scale(
         startup = time.monotonic() - started
 
         def second_round() -> bool:  # the first round is start-up's burst: measure the next
-            time.sleep(1)
-            return any(x["epoch"] >= 2 for x in links())
+            time.sleep(1)  # (once 1% of the links are on it: one retried link is no round)
+            return sum(x["epoch"] >= 2 for x in links()) >= max(1, args.links // 100)
 
         wait_for(second_round, args.scale_interval * 2 + 60, "the second round of rotations",
                  list(procs.values()))  # fmt: skip
