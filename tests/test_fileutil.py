@@ -95,11 +95,83 @@ def test_a_taken_temporary_name_is_not_used(
 ) -> None:
     """A file already at the random name (a leftover, or someone else's) is never opened or
     replaced: another name is drawn."""
-    names = iter(["aaaaaaaaaaaa", "bbbbbbbbbbbb"])
-    monkeypatch.setattr(fileutil.secrets, "token_hex", lambda n: next(names))
-    squatter = tmp_path / ".psk.aaaaaaaaaaaa.tmp"
+    names = iter(["aaaaaaaa", "bbbbbbbb"])
+    monkeypatch.setattr(fileutil.secrets, "token_urlsafe", lambda n: next(names))
+    squatter = tmp_path / ".psk.aaaaaaaa.tmp"
     squatter.write_bytes(b"not ours")
     write_secret_file(tmp_path / "psk", b"new")
+    assert next(names, None) is None  # the second name was drawn
     assert squatter.read_bytes() == b"not ours"
     assert (tmp_path / "psk").read_bytes() == b"new"
     assert _leftovers(tmp_path) == [squatter.name]
+
+
+def test_the_temporary_file_is_private_from_its_creation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Never readable by others even for an instant: created 0600 whatever the umask, before
+    `mode` is set (here a public 0644, as for a public key)."""
+    seen: list[int] = []
+    real_fchmod = os.fchmod
+
+    def fchmod(fd: int, mode: int) -> None:
+        seen.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        real_fchmod(fd, mode)
+
+    monkeypatch.setattr(fileutil.os, "fchmod", fchmod)
+    previous = os.umask(0)
+    try:
+        write_secret_file(tmp_path / "pub", b"x", mode=0o644)
+    finally:
+        os.umask(previous)
+    assert seen == [0o600]
+    assert stat.S_IMODE((tmp_path / "pub").stat().st_mode) == 0o644
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_an_interrupted_write_leaves_no_temp_file_and_no_descriptor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "psk"
+    write_secret_file(target, b"old")
+
+    def interrupted(fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileutil.os, "fsync", interrupted)
+    before = _open_fds()
+    with pytest.raises(KeyboardInterrupt):
+        write_secret_file(target, b"new")
+    assert _open_fds() == before
+    assert target.read_bytes() == b"old"
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_durable_syncs_the_file_before_the_rename_and_the_directory_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, durable: bool
+) -> None:
+    target = tmp_path / "psk"
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fileutil.os, "fsync", fsync)
+    monkeypatch.setattr(fileutil.os, "replace", replace)
+    write_secret_file(target, b"new", durable=durable)
+    assert events == (["file", "rename", "dir"] if durable else ["rename"])
+
+
+def test_a_trailing_slash_names_the_file(tmp_path: Path) -> None:
+    write_secret_file(f"{tmp_path}/psk/", b"new")
+    assert (tmp_path / "psk").read_bytes() == b"new"

@@ -1,7 +1,7 @@
 """Rotation latency and CPU per rotation: qkdagent against a quPSKd-equivalent reference, one run.
 
     python contrib/bench/bench_rotation_latency.py [--rotations 200] [--rate 1] [--repeat 1]
-        [--skip-inproc] [--links 10000 --scale-seconds 60 --scale-interval 120]
+        [--skip-inproc] [--links 10000 --scale-seconds 120 --scale-interval 120]
         [--profile DIR] [--strace]
     python contrib/bench/bench_rotation_latency.py flame DIR/*.txt    # summarise py-spy raw output
 
@@ -826,7 +826,7 @@ def main() -> None:
     parser.add_argument("--kme-reconnect", action="store_true", help="reference: TLS per call")
     parser.add_argument("--links", type=int, default=0, help="(d): N links (e.g. 10000)")
     parser.add_argument("--scale-interval", type=float, default=120.0)
-    parser.add_argument("--scale-seconds", type=float, default=60.0)
+    parser.add_argument("--scale-seconds", type=float, default=120.0)
     parser.add_argument("--scale-source", choices=("keydir", "etsi014"), default="keydir")
     parser.add_argument("--scale-sink", choices=("file", "recording"), default="file")
     parser.add_argument("--parallel", type=int, default=64, help="[agent] max_parallel_rotations")
