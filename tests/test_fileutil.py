@@ -41,22 +41,19 @@ def test_mode_is_set_whatever_the_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "pub").stat().st_mode) == 0o644
 
 
-def test_a_directory_in_the_way_is_refused_and_left_alone(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("inside", "durable"), [(True, False), (False, True)])
+def test_a_directory_in_the_way_is_refused_and_left_alone(
+    tmp_path: Path, inside: bool, durable: bool
+) -> None:
     target = tmp_path / "psk"
     target.mkdir()
-    (target / "inside").write_bytes(b"kept")
+    if inside:
+        (target / "inside").write_bytes(b"kept")
     with pytest.raises(IsADirectoryError):
-        write_secret_file(target, b"new", durable=False)
-    assert (target / "inside").read_bytes() == b"kept"
-    assert _leftovers(tmp_path) == []
-
-
-def test_an_empty_directory_in_the_way_is_refused_too(tmp_path: Path) -> None:
-    target = tmp_path / "psk"
-    target.mkdir()
-    with pytest.raises(IsADirectoryError):
-        write_secret_file(target, b"new")
-    assert target.is_dir()
+        write_secret_file(target, b"new", durable=durable)
+    assert sorted(p.name for p in target.iterdir()) == (["inside"] if inside else [])
+    if inside:
+        assert (target / "inside").read_bytes() == b"kept"
     assert _leftovers(tmp_path) == []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,8 +120,6 @@ async def test_hub_processes_serve_keys_and_keep_shares_across_sigterm(tmp_path:
 
 def test_a_hub_with_an_encrypted_key_exits_2_naming_it(tmp_path: Path) -> None:
     """No passphrase prompt (the process would wait on its terminal): exit 2 and one line."""
-    import subprocess
-
     pki = write_test_pki(tmp_path / "pki", ["hank"])
     encrypted = encrypted_key_copy(pki["hank"].key, tmp_path / "encrypted.key")
     argv = [

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 from qkdagent_etsi004 import cli, codec
-from qkdagent_etsi004.sim import SimSettings, open_simulator
+from qkdagent_etsi004.sim import SimSettings, make_pki, open_simulator
 from qkdagent_etsi004.source import Etsi004Source
 from qkdagent_etsi004.transport import Endpoint, ModuleConnection
 
@@ -266,8 +266,6 @@ def test_an_unusable_module_key_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
 ) -> None:
     """A module key that does not load, or is encrypted (never prompted for): exit 2."""
-    from qkdagent_etsi004.sim import make_pki
-
     pki = make_pki(tmp_path / "pki")
     key = pki / f"{file_stem('QKDM_A')}.key"
     if damage == "garbage":
