@@ -86,15 +86,15 @@ class TokenBuckets:
             del self._buckets[next(iter(self._buckets))]
         return allowed
 
-    def delay(self, key: str, now: float) -> float:
-        """Reserve one of `key`'s tokens at time `now`: seconds until it is there (0: now).
-        Tokens reserved ahead go negative, so waiters queue up at `rate`."""
+    def delay(self, key: str, now: float, cost: float = 1.0) -> float:
+        """Reserve `cost` of `key`'s tokens at time `now`: seconds until they are there (0:
+        now). Tokens reserved ahead go negative, so waiters queue up at `rate`."""
         tokens, at = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
-        self._buckets[key] = (tokens - 1, now)
+        self._buckets[key] = (tokens - cost, now)
         if len(self._buckets) > self.max_keys:
             del self._buckets[next(iter(self._buckets))]
-        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+        return 0.0 if tokens >= cost else (cost - tokens) / self.rate
 
     def peek(self, key: str, now: float) -> float:
         """The tokens `key` has at time `now` (nothing spent)."""

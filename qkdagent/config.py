@@ -417,12 +417,18 @@ def _role_and_timing(opts: Options, agent: AgentSettings, peer: str) -> tuple[st
     reject_after = opts.number("reject_after", 180.0, positive=True, max=7 * 86400)
     if reject_after <= interval:
         opts.fail("reject_after", f"must be longer than interval ({interval:g} s)")
+    margin = reject_after - interval
     timing = Timing(
         interval=interval,
         jitter=opts.number("jitter", 0.1, min=0, max=0.5),
         reject_after=reject_after,
         backoff_min=opts.number("backoff_min", 1.0, positive=True),
         backoff_max=opts.number("backoff_max", min(30.0, interval), positive=True),
+        # at most a tenth of the interval, and half the margin before reject_after, so a
+        # rotation put off to the grid still comes well before its key is erased
+        grid=opts.number(
+            "grid", min(1.0, interval / 120, margin / 2), min=0, max=min(interval / 10, margin / 2)
+        ),
     )
     return role, initiator, timing
 

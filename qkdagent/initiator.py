@@ -33,16 +33,6 @@ ANNOUNCE_PAUSE = 3600.0
 """Seconds an initiator stops announcing to a peer that does not know the message."""
 
 
-def _error_code(body: bytes) -> str | None:
-    """The `error` of an unauthenticated error body, if it is one."""
-    try:
-        data = protocol.load_json(body)
-    except ProtocolError:
-        return None
-    code = data.get("error") if isinstance(data, dict) else None
-    return code if isinstance(code, str) else None
-
-
 class RotationFailed(Exception):
     """A rotation attempt ended without a commit; `stage` says where."""
 
@@ -116,7 +106,7 @@ class Initiator:
             return
         if (
             reply.status == 404
-            and _error_code(reply.body) == "not-found"
+            and protocol.error_code(reply.body) == "not-found"
             and reply.identity.matches(self.config.peer_identity)
         ):
             self._announce_paused_until = trio.current_time() + ANNOUNCE_PAUSE

@@ -103,6 +103,16 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.peer_batches = Counter(
+            "qkdagent_peer_batches_received",
+            "Batches of several links' requests received from peers (issue 18)",
+            registry=r,
+        )
+        self.peer_batched_requests = Counter(
+            "qkdagent_peer_batched_requests_received",
+            "Requests that came in those batches",
+            registry=r,
+        )
         self.duration = Histogram(
             "qkdagent_rotation_duration_seconds",
             "Rotation time on this side, from start to its sinks installed",

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import trio
 
 from .config import TlsFiles
-from .h1client import H1Client, ReplyTooLarge, TransportError
+from .h1client import H1Client, Reply, ReplyTooLarge, TransportError
 from .identity import PeerIdentity
-from .protocol import MAX_BODY
+from .peerbatch import Coalescer
 from .tlsclient import load_tls_identity
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,9 @@ class PeerReply:
 
 class PeerClient:
     """Kept-alive connections to peers (`h1client.H1Client`); requests carry already MAC'd
-    bodies. A reply is read at most `MAX_BODY` bytes, undecoded, and each request has a total
-    deadline, not only a per-read timeout: a trickling peer cannot hold a rotation."""
+    bodies, and those waiting for the same peer go as one batch (`peerbatch`). A reply is read
+    at most `MAX_BODY` bytes (a batch's `batchwire.MAX_BATCH`), undecoded, and each request has
+    a total deadline, not only a per-read timeout: a trickling peer cannot hold a rotation."""
 
     def __init__(self, tls: TlsFiles, *, timeout: float = 10.0, connections: int = 16) -> None:
         self.timeout = timeout
@@ -64,11 +65,15 @@ class PeerClient:
             max_idle_per_origin=max(4, connections),
         )
 
+        self.batches = Coalescer(self._post)
+        """Requests that wait for the same peer go together (`peerbatch`)."""
+
+    async def _post(self, peer_url: str, path: str, body: bytes, limit: int) -> Reply:
+        return await self._client.post(peer_url, path, body, limit=limit)
+
     async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply:
         with trio.fail_after(self.timeout):
-            reply = await self._client.post(
-                peer_url, f"/v1/links/{link}/{action}", body, limit=MAX_BODY
-            )
+            reply = await self.batches.post(peer_url, link, action, body)
         return PeerReply(reply.status, reply.body, reply.identity)
 
     async def aclose(self) -> None:

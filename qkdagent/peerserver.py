@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 import h11
 import trio
 
+from . import batchwire
 from .admission import Admission, Tally, TokenBuckets, address_key, connection_caps
 from .config import Address, TlsFiles
 from .errors import ProtocolError
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ACTIONS = (b"rotate", b"commit", b"resync", b"announce")
+ACTIONS = tuple(action.encode() for action in batchwire.ACTIONS)
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _READ_SIZE = 16 * 1024
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
@@ -119,6 +120,9 @@ class ServerLimits:
     new connections are refused at accept (before any TLS work)."""
     stranger_burst: float = 8.0
     """... and at once."""
+    max_batched_per_identity: int = 256
+    """Items of batches under way per client identity: a batch over it is answered 503 (the
+    agent's own client keeps at most 4 batches of 64 in flight to a peer)."""
 
 
 def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -260,6 +264,8 @@ class _Server:
         """Where each request's handler runs (and goes on after replying early)."""
         self.going_on: collections.Counter[PeerIdentity] = collections.Counter()
         """Handlers still running after their early reply, per client identity."""
+        self.batched: collections.Counter[PeerIdentity] = collections.Counter()
+        """Items of batches being answered, per client identity."""
         self.context = context
         self.limits = limits
         self.admission = admission
@@ -396,8 +402,9 @@ class _Http:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
         self.declared = 0
         """The current request's content-length (0 if none or chunked)."""
-        self.was_refused = False
-        """Whether the last answer on this connection was an error."""
+        self.refusals = 0
+        """Refused requests in the last answer on this connection (a batch's items count
+        one each)."""
 
     def _phase(self, phase: str, timeout: float) -> None:
         self.conn.phase = phase
@@ -417,7 +424,7 @@ class _Http:
                 h.start_next_cycle()
                 if not self.server.admission.idle(self.conn):
                     return
-                if self.was_refused:
+                if self.refusals:
                     await self._penalty()
         except h11.RemoteProtocolError as exc:
             if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -426,11 +433,12 @@ class _Http:
                 await self._send(status, error_body("http", "malformed HTTP request"), close=True)
 
     async def _penalty(self) -> None:
-        """After a refusal, wait (idle, evictable) for the address's next refusal token."""
-        self.was_refused = False
+        """After a refusal, wait (idle, evictable) for the address's next refusal tokens, one
+        per refused request."""
+        cost, self.refusals = self.refusals, 0
         self._phase("idle", self.limits.idle_timeout)
         key = address_key(self.conn.host)
-        delay = self.server.refusals.delay(key, trio.current_time())
+        delay = self.server.refusals.delay(key, trio.current_time(), cost)
         if delay > 0:
             await trio.sleep(delay)
 
@@ -458,6 +466,9 @@ class _Http:
             if name == b"content-length":
                 self.declared = int(value)  # h11 checked that it is digits
         path = request.target.partition(b"?")[0]
+        if path == b"/v1/batch":
+            await self._batch(request)
+            return
         parts = path.split(b"/")
         if len(parts) != 5 or parts[:3] != [b"", b"v1", b"links"] or parts[4] not in ACTIONS:
             self.server.refused(404, "request for an unknown path")
@@ -468,7 +479,7 @@ class _Http:
             await self._send(405, error_body("method", "use POST"))
             return
         link, action = parts[3].decode("ascii", "replace"), parts[4].decode("ascii")
-        body = await self._read_body()
+        body = await self._read_body(MAX_BODY)
         if body is None:
             self.server.refused(413, f"{action} with a body over {MAX_BODY} bytes")
             await self._send(413, error_body("too-large", f"body larger than {MAX_BODY} bytes"))
@@ -483,6 +494,57 @@ class _Http:
             await self._send(status, reply)
         finally:
             sent.set()
+
+    async def _batch(self, request: h11.Request) -> None:
+        """Several links' requests in one (`batchwire`): each item goes to the handler as if it
+        had come alone on this connection, all of them side by side, and the reply carries
+        each one's status and body once every item has answered (early or not)."""
+        server, identity = self.server, self.identity
+        if request.method != b"POST":
+            server.refused(405, f"{request.method[:16]!r} batch request")
+            await self._send(405, error_body("method", "use POST"))
+            return
+        data = await self._read_body(batchwire.MAX_BATCH)
+        if data is None:
+            server.refused(413, f"batch over {batchwire.MAX_BATCH} bytes")
+            await self._send(413, error_body("too-large", "batch too large"))
+            return
+        try:
+            items = batchwire.decode_request(data)
+        except ProtocolError as exc:
+            server.refused(exc.status, f"malformed batch: {exc}")
+            await self._send(exc.status, error_body("batch", str(exc)))
+            return
+        if server.batched[identity] + len(items) > self.limits.max_batched_per_identity:
+            server.refused(503, f"batch of {len(items)} from a client with many under way")
+            await self._send(503, error_body("busy", "too many batched requests under way"))
+            return
+        if server.metrics is not None:
+            server.metrics.peer_batches.inc()
+            server.metrics.peer_batched_requests.inc(len(items))
+        self.conn.phase = "handler"
+        self.conn.scope.deadline = math.inf  # bounded by the links' own timeouts
+        sent = trio.Event()
+        answers: list[batchwire.Answer] = [batchwire.Answer(500, b"")] * len(items)
+
+        async def answer(index: int, item: batchwire.Item) -> None:
+            start = partial(self._handle, item.link, item.action, item.body, sent)
+            answers[index] = batchwire.Answer(*await server.nursery.start(start))
+
+        server.batched[identity] += len(items)
+        try:
+            async with trio.open_nursery() as nursery:
+                for index, item in enumerate(items):
+                    nursery.start_soon(answer, index, item)
+        finally:
+            server.batched[identity] -= len(items)
+            if not server.batched[identity]:
+                del server.batched[identity]
+        try:
+            await self._send(200, batchwire.encode_reply(answers))
+        finally:
+            sent.set()
+        self.refusals = sum(a.status >= 400 for a in answers)
 
     async def _handle(
         self,
@@ -533,10 +595,10 @@ class _Http:
         elif status != 200:  # answered already: the peer has its 200; only we learn of it
             log.error("peer API: %s failed after its reply was sent", message)
 
-    async def _read_body(self) -> bytes | None:
-        """The body, or None if it is over MAX_BODY (by content-length, before reading any of
+    async def _read_body(self, limit: int) -> bytes | None:
+        """The body, or None if it is over `limit` (by content-length, before reading any of
         it, or while streaming); nothing over the bound is ever buffered."""
-        if self.declared > MAX_BODY:
+        if self.declared > limit:
             return None
         h = self.h11
         if h.they_are_waiting_for_100_continue:
@@ -549,7 +611,7 @@ class _Http:
             event = await self._next_event()
             if isinstance(event, h11.Data):
                 size += len(event.data)
-                if size > MAX_BODY:
+                if size > limit:
                     return None
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -587,7 +649,7 @@ class _Http:
             data += h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage())
         except h11.LocalProtocolError:
             raise _Close from None
-        self.was_refused = status >= 400
+        self.refusals = int(status >= 400)
         self._phase("reply", self.limits.request_timeout)
         await self.stream.send_all(data)
 

@@ -276,6 +276,16 @@ def verify_mac(message: Message, auth_key: Secret) -> bool:
     return hmac.compare_digest(compute_mac(auth_key, message.fields), message.mac)
 
 
+def error_code(body: bytes) -> str | None:
+    """The `error` of an unauthenticated error body, if it is one."""
+    try:
+        data = load_json(body)
+    except ProtocolError:
+        return None
+    code = data.get("error") if isinstance(data, dict) else None
+    return code if isinstance(code, str) else None
+
+
 def error_body(code: str, message: str) -> bytes:
     """An unauthenticated error reply (a request that could not be parsed or routed): the
     receiver counts it as a failed attempt and acts on nothing in it."""

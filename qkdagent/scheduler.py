@@ -24,6 +24,10 @@ class Timing:
     reject_after: float = 180.0
     backoff_min: float = 1.0
     backoff_max: float = 30.0
+    grid: float = 0.0
+    """Regular rotations start on multiples of this many seconds (0: whenever due), so that
+    links whose rotations fall close together rotate together and their requests to a peer
+    share batches (issue 18). A rotation comes at most this much later."""
 
 
 @dataclass(frozen=True)
@@ -106,12 +110,15 @@ def start(initiator: bool, now: float, *, last_success: float | None, erased: bo
 
 
 def after_success(clock: Clock, timing: Timing, now: float, rand: float) -> Clock:
-    """Next rotation one interval later, shortened by up to `jitter` (rand in [0, 1))."""
-    spacing = timing.interval * (1.0 - timing.jitter * rand)
+    """Next rotation one interval later, shortened by up to `jitter` (rand in [0, 1)), then
+    put off to the next multiple of `grid`."""
+    due = now + timing.interval * (1.0 - timing.jitter * rand)
+    if timing.grid > 0:
+        due = max(due, math.ceil(due / timing.grid) * timing.grid)
     return replace(
         clock,
         last_success=now,
-        next_attempt=now + spacing,
+        next_attempt=due,
         failures=0,
         erased=False,
         starved_reported=False,

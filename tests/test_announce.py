@@ -26,7 +26,7 @@ REC = {"sinks": {"rec": {"type": "recording"}}}
 INTERVAL = 100.0
 DELAY = 0.2
 """The pool's simulated round trip (virtual seconds) for every key it issues or gives."""
-LINK = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0}
+LINK = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0, "grid": 0}
 
 Announce = Callable[[Any, str, str, bytes], Awaitable[PeerReply]]
 """What stands in alice's path for her announces: (client, url, link, body) -> reply."""

@@ -270,6 +270,9 @@ def process_configs(
             config["sinks"] = {"rec": {"type": "file", "path": str(out / name / "{link}.psk")}}
         config["agent"]["plugins"] = ["memory"]
         config["agent"]["log_format"] = "json"
+        if getattr(args, "grid", None) is not None:
+            for link in config["links"].values():
+                link["grid"] = args.grid
     return base
 
 
@@ -323,11 +326,14 @@ def procs_once(args: argparse.Namespace) -> dict[str, Any]:
             first = _status(status_urls["alice"])["links"]
             epochs0 = sum(x["epoch"] for x in first)
             failures0 = sum(x["failures"] for x in first)
+            metrics_url = status_urls["bob"].replace("/status", "/metrics")
+            batched0 = _batched(metrics_url)
             cpu0 = {n: proc_cpu_split(p.pid) for n, p in procs.items()}
             t0 = time.monotonic()
             time.sleep(args.seconds)
             cpu1 = {n: proc_cpu_split(p.pid) for n, p in procs.items()}
             t1 = time.monotonic()
+            batched1 = _batched(metrics_url)
             mem = {n: proc_mem_mb(p.pid) for n, p in procs.items()}
             final = {n: _status(u)["links"] for n, u in status_urls.items()}
         finally:
@@ -352,7 +358,23 @@ def procs_once(args: argparse.Namespace) -> dict[str, Any]:
         "failures": sum(x["failures"] for x in final["alice"]) - failures0,
         "erased": sum(1 for x in final["alice"] + final["bob"] if x["erased"]),
         "oldest_key_s": max(ages),
+        "batches": batched1[0] - batched0[0],
+        "batched": batched1[1] - batched0[1],
     }
+
+
+def _batched(url: str) -> tuple[float, float]:
+    """Batches and the requests they carried, received so far (the responder's metrics)."""
+    found = {"batches": 0.0, "batched": 0.0}
+    names = {
+        "qkdagent_peer_batches_received_total": "batches",
+        "qkdagent_peer_batched_requests_received_total": "batched",
+    }
+    for line in httpx.get(url, timeout=60).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in names:
+            found[names[name]] = float(value)
+    return found["batches"], found["batched"]
 
 
 def _spread(values: list[float], fmt: str = ".2f") -> str:
@@ -405,6 +427,11 @@ def cmd_procs(args: argparse.Namespace) -> None:
             f"of a core); RSS peak {_spread(each('peak_rss_mb', name), '.0f')} MB, "
             f"end {_spread(each('rss_mb', name), '.0f')} MB"
         )
+    batches = sum(r["batches"] for r in runs)
+    print(
+        f"  requests in batches: {sum(r['batched'] for r in runs):.0f} in {batches:.0f} batches "
+        f"(about {2 * sum(r['rate'] * args.seconds for r in runs):.0f} requests in all)"
+    )
     lat = [x for r in runs for x in r["lat"]]
     print(
         "  latest rotation per link (initiator, to the peer's durable-commit ack): "
@@ -502,6 +529,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=300.0)
     p.add_argument("--runs", type=int, default=1, help="repeat; prints min/median/max")
     p.add_argument("--sink", choices=("file", "recording"), default="file")
+    p.add_argument("--grid", type=float, help="the links' grid (default: the agent's)")
     p = sub.add_parser("memory")
     p.add_argument("--links", type=int, default=10000)
     p.add_argument("--interval", type=float, default=120.0)
