@@ -66,6 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ACTIONS = tuple(action.encode() for action in batchwire.ACTIONS)
+BATCH_PATH = b"/v1/batch"
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _READ_SIZE = 16 * 1024
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
@@ -466,7 +467,7 @@ class _Http:
             if name == b"content-length":
                 self.declared = int(value)  # h11 checked that it is digits
         path = request.target.partition(b"?")[0]
-        if path == b"/v1/batch":
+        if path == BATCH_PATH:
             await self._batch(request)
             return
         parts = path.split(b"/")

@@ -72,6 +72,39 @@ def test_reject_after_must_exceed_interval(tmp_path: Path, paths: dict[str, str]
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    ("link", "grid"),
+    [
+        ("", 1.0),  # the defaults: interval 120, reject_after 180
+        ("interval = 12\nreject_after = 60", 0.1),  # interval / 120
+        ("interval = 100\nreject_after = 100.5", 0.25),  # half the margin before the erase
+        ("grid = 0", 0.0),
+        ("grid = 5", 5.0),
+    ],
+)
+def test_the_rotation_grid_defaults_to_what_the_timing_allows(
+    tmp_path: Path, paths: dict[str, str], link: str, grid: float
+) -> None:
+    config = load_config(_write(tmp_path, alice_config(paths, link=link)))
+    assert config.links["alice-bob"].timing.grid == grid
+
+
+@pytest.mark.parametrize(
+    ("link", "bound"),
+    [
+        ("grid = 12.5", "12"),
+        ("grid = -1", "0"),
+        ("interval = 100\nreject_after = 104\ngrid = 3", "2"),
+    ],
+)
+def test_a_grid_that_could_delay_a_rotation_too_long_is_refused(
+    tmp_path: Path, paths: dict[str, str], link: str, bound: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(_write(tmp_path, alice_config(paths, link=link)))
+    assert info.value.key == "links.alice-bob.grid" and bound in info.value.message
+
+
 def test_inline_secret_is_refused(tmp_path: Path, paths: dict[str, str]) -> None:
     text = alice_config(paths).replace(
         f'bootstrap = {{ file = "{paths["bootstrap"]}" }}', 'bootstrap = "c2VjcmV0"'

@@ -54,7 +54,7 @@ TARGETS = engine.discover(FUZZ)
 
 
 def test_every_core_target_is_there() -> None:
-    assert {"peer_request", "peer_reply", "config", "secret_ref"} <= set(TARGETS)
+    assert {"peer_request", "peer_reply", "peer_batch", "config", "secret_ref"} <= set(TARGETS)
 
 
 def _describe(result: Any) -> str:

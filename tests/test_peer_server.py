@@ -6,12 +6,14 @@ rotating while 2,000 idle connections are held against their peer port."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import resource
 import select
 import socket
 import ssl
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -23,7 +25,9 @@ import h11
 import httpx
 import pytest
 import trio
+import trio.testing
 
+from qkdagent import batchwire
 from qkdagent.admission import Admission
 from qkdagent.config import Address, TlsFiles
 from qkdagent.errors import ProtocolError
@@ -32,6 +36,7 @@ from qkdagent.observability import Metrics
 from qkdagent.peering import ReplyNow
 from qkdagent.peerserver import ServerLimits, _Conn, _Server, serve_peers
 from qkdagent.pki import PkiFiles, write_test_pki
+from qkdagent.protocol import error_body
 from qkdagent.testing.procs import AgentProcess, process_pair, wait_until
 
 Handler = Callable[[str, str, bytes, PeerIdentity, ReplyNow], Awaitable[bytes]]
@@ -663,3 +668,157 @@ def test_two_thousand_idle_connections_at_a_1024_limit_leave_rotations_going(
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     log = (tmp_path / "bob.log").read_text()
     assert "Traceback" not in log
+
+
+# -- batches (issue 18) --------------------------------------------------------------------
+
+
+def _batch(*items: tuple[str, str, bytes]) -> bytes:
+    return batchwire.encode_request([batchwire.Item(*item) for item in items])
+
+
+async def test_a_batch_is_answered_item_by_item_as_if_each_came_alone(tmp_path: Path) -> None:
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        calls.append((link, action, body, identity))
+        if link == "refused":
+            raise ProtocolError("wrong epoch", status=409, body=b'{"error":"epoch"}')
+        if link == "bug":
+            raise RecursionError("deep")
+        return b"answer-" + body
+
+    calls: list[tuple[str, str, bytes, PeerIdentity]] = []
+    async with running(tmp_path, handler) as server:
+        stream = await server.tls()
+        data = _batch(("a", "rotate", b"1"), ("refused", "commit", b"2"), ("bug", "resync", b"3"),
+                      ("b", "announce", b"4"))  # fmt: skip
+        response, body = await exchange(stream, post("/v1/batch", len(data)), data)
+        assert response.status_code == 200
+        assert batchwire.decode_reply(body, 4) == [
+            batchwire.Answer(200, b"answer-1"),
+            batchwire.Answer(409, b'{"error":"epoch"}'),
+            batchwire.Answer(500, error_body("internal", "internal error")),
+            batchwire.Answer(200, b"answer-4"),
+        ]
+        assert sorted((c[0], c[1], c[2]) for c in calls) == [
+            ("a", "rotate", b"1"), ("b", "announce", b"4"), ("bug", "resync", b"3"),
+            ("refused", "commit", b"2"),
+        ]  # fmt: skip
+        assert all(c[3].matches("alice") for c in calls)  # the connection's certificate
+        response, body = await exchange(stream, post(ROTATE, 1), b"5")  # kept alive
+        assert response.status_code == 200 and body == b"answer-5"
+        assert server.refused(409) == 1 and server.refused(500) == 1
+        sample = server.metrics.registry.get_sample_value
+        assert sample("qkdagent_peer_batches_received_total") == 1
+        assert sample("qkdagent_peer_batched_requests_received_total") == 4
+
+
+async def test_a_batch_runs_its_items_side_by_side_and_answers_once_all_have(
+    tmp_path: Path,
+) -> None:
+    """Item `a` waits for item `b` (which it could not, one after the other); a commit that
+    replies early counts as answered, and goes on after the batch's reply is sent."""
+    b_ran, release, finished = trio.Event(), trio.Event(), trio.Event()
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        if link == "a":
+            await b_ran.wait()
+        elif link == "b":
+            b_ran.set()
+        else:
+            await reply_now(b"early")
+            await release.wait()
+            finished.set()
+        return link.encode()
+
+    async with running(tmp_path, handler) as server:
+        stream = await server.tls()
+        data = _batch(("a", "rotate", b""), ("b", "rotate", b""), ("c", "commit", b""))
+        with trio.fail_after(10):
+            _, body = await exchange(stream, post("/v1/batch", len(data)), data)
+        assert [a.body for a in batchwire.decode_reply(body, 3)] == [b"a", b"b", b"early"]
+        assert not finished.is_set()
+        release.set()
+        with trio.fail_after(10):
+            await finished.wait()
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"QKB1\x00\x00", 400),
+        (b"not a batch", 400),
+        (_batch(("a", "rotate", b"{}"))[:-1], 400),
+        (b"QKB1\x00\x01\x00\x01a" + struct.pack(">I", 2**31) + b"x", 413),
+    ],
+)
+async def test_a_malformed_batch_is_refused_and_reaches_no_handler(
+    tmp_path: Path, data: bytes, status: int
+) -> None:
+    async with running(tmp_path) as server:
+        stream = await server.tls()
+        response, body = await exchange(stream, post("/v1/batch", len(data)), data)
+        assert response.status_code == status and json.loads(body)["error"] == "batch"
+        response, _ = await exchange(stream, post(ROTATE, 2), b"{}")  # kept alive
+        assert response.status_code == 200
+        assert len(server.calls) == 1 and server.refused(status) == 1
+
+
+async def test_an_oversized_or_unposted_batch_is_refused_unread(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        stream = await server.tls()
+        request = post("/v1/batch", batchwire.MAX_BATCH + 1)
+        await stream.send_all(h11.Connection(h11.CLIENT).send(request))  # and no body
+        data = b""
+        with trio.fail_after(10):  # answered from the content-length, before any of the body
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(4096)
+        assert data.startswith(b"HTTP/1.1 413 ")
+        async with httpx.AsyncClient(verify=server.context(), timeout=5) as http:
+            reply = await http.get(server.url + "/v1/batch")
+            assert reply.status_code == 405 and reply.json()["error"] == "method"
+        assert server.calls == []
+
+
+async def test_batches_past_the_per_client_bound_are_answered_busy(tmp_path: Path) -> None:
+    release = trio.Event()
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        await release.wait()
+        return b"{}"
+
+    async with running(tmp_path, handler, max_batched_per_identity=5) as server:
+        first, second = await server.tls(), await server.tls()
+        three = _batch(*[(f"l{i}", "rotate", b"{}") for i in range(3)])
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(exchange, first, post("/v1/batch", len(three)), three)
+                await trio.testing.wait_all_tasks_blocked()
+                response, body = await exchange(second, post("/v1/batch", len(three)), three)
+                assert response.status_code == 503 and json.loads(body)["error"] == "busy"
+                two = _batch(("m", "rotate", b"{}"), ("n", "rotate", b"{}"))
+                nursery.start_soon(exchange, second, post("/v1/batch", len(two)), two)
+                await trio.testing.wait_all_tasks_blocked()
+                release.set()
+        assert server.refused(503) == 1
+
+
+async def test_each_refused_item_of_a_batch_costs_a_refusal_token(tmp_path: Path) -> None:
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        raise ProtocolError("bad MAC", status=403)
+
+    async with running(tmp_path, handler, refusal_rate=0.001, refusal_burst=4) as server:
+        flood = await server.tls("mallory")
+        forged = _batch(*[(f"l{i}", "rotate", b"{}") for i in range(5)])
+        response, _ = await exchange(flood, post("/v1/batch", len(forged)), forged)
+        assert response.status_code == 200 and server.refused(403) == 5
+        with trio.move_on_after(1) as waited:  # 5 refusals against a burst of 4: it waits
+            await exchange(flood, post(ROTATE, 2), b"{}")
+        assert waited.cancelled_caught

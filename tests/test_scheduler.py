@@ -78,3 +78,17 @@ def test_restart_keeps_reject_deadline_from_last_success() -> None:
     clock = s.start(True, 1000, last_success=900, erased=False)
     assert s.decide(clock, T, 1000) == s.Rotate()
     assert s.decide(s.after_failure(clock, T, 1000), T, 1080) == s.Erase("reject_after")
+
+
+def test_a_grid_puts_the_next_rotation_off_to_its_next_multiple() -> None:
+    grid = s.Timing(interval=120, jitter=0.1, grid=0.5)
+    plain = s.Timing(interval=120, jitter=0.1)
+    clock = s.start(True, 0, last_success=None, erased=False)
+    for now, rand in ((0.3, 0.0), (10.26, 0.5), (7.0, 0.999), (3.5, 0.0)):
+        due = s.after_success(clock, grid, now, rand).next_attempt
+        unaligned = s.after_success(clock, plain, now, rand).next_attempt
+        assert unaligned <= due < unaligned + 0.5
+        assert math.isclose(due * 2, round(due * 2))
+    # links whose rotations fall within one step of the grid start together
+    dues = {s.after_success(clock, grid, 10 + i / 100, 0.0).next_attempt for i in range(1, 40)}
+    assert dues == {130.5}

@@ -1,0 +1,428 @@
+"""Batches of peer requests (issue 18): the container (`batchwire`), strict and bounded both
+ways, and the client's coalescing (`peerbatch`): what goes alone, what goes together, what a
+peer without batches gets, and that no request is lost or answered with another's reply."""
+
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from qkdagent import batchwire, peerserver
+from qkdagent.batchwire import Answer, Item
+from qkdagent.builtin.memory import MemoryPool
+from qkdagent.errors import ProtocolError
+from qkdagent.h1client import Reply, TransportError
+from qkdagent.identity import PeerIdentity
+from qkdagent.peerbatch import BATCH_PATH, FALLBACK_PAUSE, Coalescer
+from qkdagent.protocol import MAX_BODY, error_body
+from qkdagent.testing import open_agent_pair
+
+ITEMS = [
+    Item("link00001", "rotate", b'{"kind":"rotate"}'),
+    Item("alice-bob", "commit", b""),
+    Item("x" * 255, "announce", b"\x00\xff" * 10),
+    Item("l", "resync", b"{}"),
+]
+
+
+# -- the container -------------------------------------------------------------------------
+
+
+def test_requests_and_replies_round_trip() -> None:
+    assert batchwire.decode_request(batchwire.encode_request(ITEMS)) == ITEMS
+    answers = [Answer(200, b"{}"), Answer(409, b'{"error":"epoch"}'), Answer(500, b"")]
+    assert batchwire.decode_reply(batchwire.encode_reply(answers), 3) == answers
+    data = batchwire.encode_request(ITEMS)
+    assert len(data) == batchwire.empty_request_size() + sum(map(batchwire.item_size, ITEMS))
+
+
+def test_every_cut_of_a_request_or_reply_is_refused() -> None:
+    request = batchwire.encode_request(ITEMS)
+    reply = batchwire.encode_reply([Answer(200, b"{}"), Answer(404, b"x" * 300)])
+    for cut in range(len(request)):
+        with pytest.raises(ProtocolError):
+            batchwire.decode_request(request[:cut])
+    for cut in range(len(reply)):
+        with pytest.raises(ProtocolError):
+            batchwire.decode_reply(reply[:cut], 2)
+    with pytest.raises(ProtocolError, match="after its last item"):
+        batchwire.decode_request(request + b"\x00")
+    with pytest.raises(ProtocolError, match="after its last item"):
+        batchwire.decode_reply(reply + b"\x00", 2)
+
+
+def _request(count: int, *items: bytes) -> bytes:
+    return batchwire.REQUEST_MAGIC + struct.pack(">H", count) + b"".join(items)
+
+
+def _item(action: int, name: bytes, body: bytes, length: int | None = None) -> bytes:
+    size = len(body) if length is None else length
+    return struct.pack(">BB", action, len(name)) + name + struct.pack(">I", size) + body
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [
+        (b"QKB2" + _request(1, _item(0, b"l", b""))[4:], 400, "not a batch"),
+        (_request(0), 400, "0 items"),
+        (_request(65, *[_item(0, b"l", b"")] * 65), 400, "65 items"),
+        (_request(1, _item(4, b"l", b"")), 400, "unknown action"),
+        (_request(1, _item(0, b"", b"")), 400, "empty link name"),
+        (_request(1, _item(0, b"a/b\x7f", b"")), 400, "printable"),
+        (_request(1, _item(0, "é".encode(), b"")), 400, "printable"),
+        (_request(1, _item(0, b"l", b"", MAX_BODY + 1)), 413, "over"),
+        (_request(1, _item(0, b"l", b"", 2**32 - 1)), 413, "over"),
+        (_request(2, _item(0, b"l", b"")), 400, "cut short"),
+        (b"QKB1" + b"\xff" * (batchwire.MAX_BATCH - 3), 413, "larger than"),
+    ],
+)
+def test_malformed_requests_are_refused_with_a_status(
+    data: bytes, status: int, message: str
+) -> None:
+    with pytest.raises(ProtocolError, match=message) as caught:
+        batchwire.decode_request(data)
+    assert caught.value.status == status
+
+
+def test_a_reply_must_answer_exactly_the_items_sent() -> None:
+    reply = batchwire.encode_reply([Answer(200, b"{}")] * 3)
+    with pytest.raises(ProtocolError, match="3 answers for 2"):
+        batchwire.decode_reply(reply, 2)
+    for status in (0, 99, 600, 65535):
+        bad = batchwire.REPLY_MAGIC + struct.pack(">HHI", 1, status, 0)
+        with pytest.raises(ProtocolError, match="status"):
+            batchwire.decode_reply(bad, 1)
+    huge = batchwire.REPLY_MAGIC + struct.pack(">HHI", 1, 200, MAX_BODY + 1)
+    with pytest.raises(ProtocolError, match="over"):
+        batchwire.decode_reply(huge + b"x" * (MAX_BODY + 1), 1)
+    with pytest.raises(ProtocolError, match="not a batch reply"):
+        batchwire.decode_reply(batchwire.encode_request(ITEMS), 4)
+
+
+def test_encoding_refuses_what_no_peer_would_decode() -> None:
+    for items in ([], [ITEMS[0]] * 65):
+        with pytest.raises(ValueError, match="items"):
+            batchwire.encode_request(items)
+    for item in (Item("", "rotate", b""), Item("x" * 256, "rotate", b""),
+                 Item("l", "rotate", b"x" * (MAX_BODY + 1))):  # fmt: skip
+        with pytest.raises(ValueError, match="out of bounds"):
+            batchwire.encode_request([item])
+    with pytest.raises(ValueError, match="over"):
+        batchwire.encode_request([Item("l", "rotate", b"x" * MAX_BODY)] * 9)
+
+
+def test_reprs_show_sizes_not_bodies() -> None:
+    secretish = b"c2VjcmV0"
+    assert "c2Vj" not in repr(Item("l", "rotate", secretish))
+    assert "c2Vj" not in repr(Answer(200, secretish))
+
+
+# -- coalescing ----------------------------------------------------------------------------
+
+SERVER = PeerIdentity(dns=("bob",))
+
+
+class FakePeer:
+    """Stands in for the HTTP client: records what was sent, answers each item with its own
+    body reversed (so a reply given to the wrong request shows), and can be held."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[Item] | Item]] = []
+        self.hold = trio.Event()
+        self.hold.set()
+        self.batch_status = 200
+        self.batch_body: bytes | None = None
+        self.fail_batch: TransportError | None = None
+
+    def held(self) -> trio.Event:
+        self.hold = trio.Event()
+        return self.hold
+
+    async def send(self, url: str, path: str, body: bytes, limit: int) -> Reply:
+        hold = self.hold
+        if path == BATCH_PATH:
+            assert limit == batchwire.MAX_BATCH
+            items = batchwire.decode_request(body)
+            self.sent.append((url, items))
+            await hold.wait()
+            if self.fail_batch is not None:
+                raise self.fail_batch
+            if self.batch_status != 200:
+                return Reply(self.batch_status, self.batch_body or b"", SERVER)
+            answers = [Answer(200, i.body[::-1]) for i in items]
+            return Reply(200, self.batch_body or batchwire.encode_reply(answers), SERVER)
+        assert limit == MAX_BODY
+        _, _, _, link, action = path.split("/")
+        self.sent.append((url, Item(link, action, body)))
+        await hold.wait()
+        return Reply(200, body[::-1], SERVER)
+
+
+async def _post_all(
+    coalescer: Coalescer,
+    requests: list[tuple[str, str]],
+    url: str = "https://bob",
+    *,
+    release: trio.Event | None = None,
+) -> dict[str, Reply | Exception]:
+    """Post each request in turn (each one queued or sent before the next), then set
+    `release` (the peer's hold) and wait for every answer."""
+    results: dict[str, Reply | Exception] = {}
+
+    async def one(link: str, action: str) -> None:
+        try:
+            results[link] = await coalescer.post(url, link, action, f"body-{link}".encode())
+        except TransportError as exc:
+            results[link] = exc
+
+    async with trio.open_nursery() as nursery:
+        for link, action in requests:
+            nursery.start_soon(one, link, action)
+            await trio.testing.wait_all_tasks_blocked()
+        if release is not None:
+            release.set()
+    return results
+
+
+async def test_a_lone_request_goes_alone_on_its_own_path() -> None:
+    peer = FakePeer()
+    coalescer = Coalescer(peer.send)
+    reply = await coalescer.post("https://bob", "alice-bob", "rotate", b"abc")
+    assert reply == Reply(200, b"cba", SERVER)
+    assert peer.sent == [("https://bob", Item("alice-bob", "rotate", b"abc"))]
+    assert coalescer.batches == 0
+
+
+async def test_requests_queued_behind_a_full_peer_go_as_one_batch_each_with_its_answer() -> None:
+    peer = FakePeer()
+    coalescer = Coalescer(peer.send, in_flight=2)
+    requests = [(f"link{i}", "rotate") for i in range(10)]
+    results = await _post_all(coalescer, requests, release=peer.held())
+    assert all(results[f"link{i}"] == Reply(200, f"body-link{i}".encode()[::-1], SERVER)
+               for i in range(10))  # fmt: skip
+    alone = [s for _, s in peer.sent if isinstance(s, Item)]
+    batches = [s for _, s in peer.sent if isinstance(s, list)]
+    assert [i.link for i in alone] == ["link0", "link1"]  # the two places, at once
+    assert [[i.link for i in b] for b in batches] == [[f"link{i}" for i in range(2, 10)]]
+    assert (coalescer.batches, coalescer.batched) == (1, 8)
+
+
+async def test_peers_queue_apart() -> None:
+    """One place per peer, both taken: neither peer's request waits for the other's."""
+    peer = FakePeer()
+    hold = peer.held()
+    coalescer = Coalescer(peer.send, in_flight=1)
+    async with trio.open_nursery() as nursery:
+        for url in ("https://bob", "https://carol"):
+            nursery.start_soon(coalescer.post, url, "a", "rotate", b"x")
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted((url, s) for url, s in peer.sent) == [
+            ("https://bob", Item("a", "rotate", b"x")),
+            ("https://carol", Item("a", "rotate", b"x")),
+        ]
+        hold.set()
+
+
+async def test_a_batch_is_cut_at_the_item_and_byte_bounds() -> None:
+    peer = FakePeer()
+    coalescer = Coalescer(peer.send, in_flight=1)
+    count = batchwire.MAX_ITEMS + 6
+    requests = [(f"l{i:03d}", "commit") for i in range(count)]
+    results = await _post_all(coalescer, requests, release=peer.held())
+    assert len(results) == count and all(isinstance(r, Reply) for r in results.values())
+    sizes = [len(s) if isinstance(s, list) else 1 for _, s in peer.sent]
+    assert sizes == [1, batchwire.MAX_ITEMS, 5]
+
+    big = b"x" * MAX_BODY  # seven of these fill a batch (MAX_BATCH is 8 x MAX_BODY)
+    peer.sent.clear()
+    hold = peer.held()
+    waiters: list[Reply] = []
+
+    async def one(i: int) -> None:
+        waiters.append(await coalescer.post("https://bob", f"b{i}", "rotate", big))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(12):
+            nursery.start_soon(one, i)
+            await trio.testing.wait_all_tasks_blocked()
+        hold.set()
+    sizes = [len(s) if isinstance(s, list) else 1 for _, s in peer.sent]
+    assert sizes == [1, 7, 4] and len(waiters) == 12
+
+
+async def test_a_peer_without_batches_is_sent_each_item_alone_and_asked_again_later(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    peer = FakePeer()
+    peer.batch_status, peer.batch_body = 404, error_body("not-found", "unknown path")
+    coalescer = Coalescer(peer.send, in_flight=1)
+
+    async def round_of(n: int) -> list[str]:
+        peer.sent.clear()
+        requests = [(f"l{i}", "rotate") for i in range(n)]
+        results = await _post_all(coalescer, requests, release=peer.held())
+        assert all(results[f"l{i}"] == Reply(200, f"body-l{i}".encode()[::-1], SERVER)
+                   for i in range(n))  # fmt: skip
+        return ["batch" if isinstance(s, list) else s.link for _, s in peer.sent]
+
+    first = await round_of(4)
+    assert first[:2] == ["l0", "batch"] and sorted(first[2:]) == ["l1", "l2", "l3"]
+    again = await round_of(4)  # within the pause: no batch asked
+    assert "batch" not in again and sorted(again) == ["l0", "l1", "l2", "l3"]
+    await trio.sleep(FALLBACK_PAUSE)
+    later = await round_of(3)
+    assert later.count("batch") == 1
+    assert coalescer.batches == 0
+
+
+@pytest.mark.parametrize("failure", ["status", "garbled", "transport", "short"])
+async def test_a_failed_batch_is_one_failed_attempt_for_each_item(failure: str) -> None:
+    peer = FakePeer()
+    if failure == "status":
+        peer.batch_status, peer.batch_body = 503, error_body("busy", "too many")
+    elif failure == "garbled":
+        peer.batch_body = b"QKR1\x00\x03" + b"\x00" * 5
+    elif failure == "short":  # a well-formed reply with one answer too few
+        peer.batch_body = batchwire.encode_reply([Answer(200, b"{}")] * 2)
+    else:
+        peer.fail_batch = TransportError("connection reset")
+    coalescer = Coalescer(peer.send, in_flight=1)
+    requests = [(f"l{i}", "rotate") for i in range(4)]
+    results = await _post_all(coalescer, requests, release=peer.held())
+    assert isinstance(results["l0"], Reply)  # it went alone
+    failed = [results[f"l{i}"] for i in (1, 2, 3)]
+    assert all(isinstance(r, TransportError) for r in failed), failed
+    assert coalescer.batches == 0
+    assert not coalescer._peers["https://bob"].queue
+    # and the peer is asked for batches again at once: only a 404 pauses them
+    peer.batch_status, peer.batch_body, peer.fail_batch = 200, None, None
+    requests = [(f"m{i}", "rotate") for i in range(3)]
+    results = await _post_all(coalescer, requests, release=peer.held())
+    assert all(isinstance(r, Reply) for r in results.values()) and coalescer.batches == 1
+
+
+async def test_a_sender_cancelled_mid_batch_fails_the_others_and_a_cancelled_waiter_is_dropped(
+) -> None:  # fmt: skip
+    peer = FakePeer()
+    hold = peer.held()
+    coalescer = Coalescer(peer.send, in_flight=1)
+    outcome: dict[str, object] = {}
+
+    async def post(link: str, scope: trio.CancelScope | None = None) -> None:
+        try:
+            if scope is None:
+                outcome[link] = await coalescer.post("https://bob", link, "rotate", b"x")
+            else:
+                with scope:
+                    outcome[link] = await coalescer.post("https://bob", link, "rotate", b"x")
+                if scope.cancelled_caught:
+                    outcome[link] = "cancelled"
+        except TransportError as exc:
+            outcome[link] = exc
+
+    first, quitter, sender = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
+    with trio.fail_after(10):  # "other" waiting forever for a dropped batch would hang here
+        await _cancel_mid_batch(post, peer, hold, first, quitter, sender)
+    assert outcome["quitter"] == "cancelled" and outcome["sender"] == "cancelled"
+    assert isinstance(outcome["first"], Reply)
+    assert isinstance(outcome["other"], TransportError)
+    assert "dropped" in str(outcome["other"])
+    (batch,) = [s for _, s in peer.sent if isinstance(s, list)]
+    assert [i.link for i in batch] == ["sender", "other"]
+    assert not coalescer._peers["https://bob"].queue
+    assert coalescer._peers["https://bob"].places.value == 1  # every place given back
+
+
+# -- two agents over HTTPS -----------------------------------------------------------------
+
+REC = {"sinks": {"rec": {"type": "recording"}}}
+SLOW_TAKE = 0.3
+"""Seconds every source call takes: bob's first rotates hold their places that long, so the
+other links' requests queue behind them, whatever the machine's speed."""
+
+
+async def _rotate_many(tmp_path: Path, names: list[str]) -> Any:  # type: ignore[misc]
+    """Start a pair over HTTPS with `names` as extra links (a slow source), wait until every
+    link has rotated once on both sides with the same installs, and return the pair's agents'
+    batch figures (alice's client, bob's server)."""
+    link = {"interval": 60, "reject_after": 120}
+    async with open_agent_pair(tmp_path, alice=REC, bob=REC, link=link, start=False) as pair:
+        for config in pair.configs.values():
+            template = config["links"]["alice-bob"]
+            for name in names:
+                config["links"][name] = dict(template)
+        pool = MemoryPool.named(pair.configs["alice"]["sources"]["sim"]["pool"])
+        pool.delay = SLOW_TAKE
+        await pair.start("bob")
+        await pair.start("alice")
+        every = [*names, "alice-bob"]
+
+        def first(side: str, name: str) -> Any:  # type: ignore[misc]
+            found = [r for r in pair.sink(side, "rec").installs if r.link == name]
+            return found[0] if found else None
+
+        with trio.fail_after(60):
+            while any(first(s, n) is None for n in every for s in ("alice", "bob")):  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        for name in every:  # the same keys and the same secret on both sides, for every link
+            mine, theirs = first("alice", name), first("bob", name)
+            assert mine.epoch == theirs.epoch == 1
+            assert (mine.key_ids, mine.fingerprint) == (theirs.key_ids, theirs.fingerprint)
+        assert len({first("alice", n).fingerprint for n in every}) == len(every)
+        coalescer = pair.alice.client.batches  # type: ignore[attr-defined]
+        sample = pair.bob.metrics.registry.get_sample_value
+        return (
+            coalescer,
+            sample("qkdagent_peer_batches_received_total"),
+            sample("qkdagent_peer_batched_requests_received_total"),
+        )
+
+
+async def test_agents_with_many_links_share_batches_over_https(tmp_path: Path) -> None:
+    names = [f"link{i:02d}" for i in range(30)]
+    coalescer, batches, batched = await _rotate_many(tmp_path, names)
+    # 31 rotations start together; the first 4 rotates go alone (4 places) and are held by
+    # bob's slow source, so the others' rotates queue; then every commit follows
+    assert coalescer.batches >= 1 and coalescer.batched >= 31 - 4
+    assert (batches, batched) == (coalescer.batches, coalescer.batched)
+
+
+async def test_a_peer_without_batches_gets_every_request_alone_over_https(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bob as an older qkdagent: /v1/batch is an unknown path (404 not-found). Alice's one
+    batch is refused, its items go one by one, and she asks no more batches."""
+    monkeypatch.setattr(peerserver, "BATCH_PATH", b"/v1/not-yet")
+    caplog.set_level(logging.INFO, logger="qkdagent.peerbatch")
+    names = [f"link{i:02d}" for i in range(30)]
+    coalescer, batches, batched = await _rotate_many(tmp_path, names)
+    assert (coalescer.batches, batches, batched) == (0, 0, 0)
+    assert next(iter(coalescer._peers.values())).unbatched_until > trio.current_time()
+    assert caplog.text.count("does not take batched requests") == 1
+
+
+async def _cancel_mid_batch(  # type: ignore[no-untyped-def]
+    post, peer: FakePeer, hold: trio.Event, *scopes: trio.CancelScope
+) -> None:
+    first, quitter, sender = scopes
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post, "first", first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(post, "sender", sender)  # queued; it will send the batch
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(post, "quitter", quitter)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(post, "other")
+        await trio.testing.wait_all_tasks_blocked()
+        quitter.cancel()  # gives up while queued: never sent
+        await trio.testing.wait_all_tasks_blocked()
+        peer.held()  # what is sent from now on is held
+        hold.set()  # "first" is answered; "sender" takes the place and sends the batch
+        await trio.testing.wait_all_tasks_blocked()
+        sender.cancel()  # its deadline, mid-batch
