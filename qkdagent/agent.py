@@ -142,6 +142,7 @@ class Agent:
                 with starting:
                     await self._prepare(self.components, self.config)
                     client = self.transport.client()
+                    await servers.start(client.run)
                     env = self._env(store, client)
                     if store.threaded:  # checkpoints run in the background
                         await servers.start(store.scrub_log)

@@ -13,12 +13,14 @@ Hand-written, because no library frames a few length-prefixed byte strings more 
 
     request: b"QKB1" | count u16 | count x item
              item: action u8 | name length u8 | name | body length u32 | body
-    reply:   b"QKR1" | count u16 | count x answer
-             answer: status u16 | body length u32 | body
+    reply:   b"QKR1" | count u16 | count x answer, each as soon as it is ready
+             answer: index u16 | status u16 | body length u32 | body
 
 `action` indexes `ACTIONS`; names are ASCII (a link name is at most 64 characters, so 255 is
-ample). Every length is checked against what is left before anything is sliced: a decoder
-never reads past the end, never holds more than its input, and raises `ProtocolError` for any
+ample); `index` is the item's place in the request, and each is answered exactly once. The
+reply is streamed (chunked), so an item that takes long holds up no other item's answer.
+Every length is checked against what is left before anything is sliced: a decoder never reads
+past the end, holds at most one answer beyond its input, and raises `ProtocolError` for any
 defect.
 """
 
@@ -37,13 +39,12 @@ REPLY_MAGIC = b"QKR1"
 MAX_ITEMS = 64
 """Items in one batch (a peer's default `max_parallel_rotations`)."""
 MAX_BATCH = 512 * 1024
-"""Largest batch request or reply. A client stops adding items before a request would pass
-it; a reply's items are answers to those, each far below `MAX_BODY`."""
+"""Largest batch request (a client stops adding items before a request would pass it)."""
 
 _COUNT = struct.Struct(">H")
 _REQUEST_ITEM = struct.Struct(">BB")
 _LENGTH = struct.Struct(">I")
-_REPLY_ITEM = struct.Struct(">HI")
+_ANSWER = struct.Struct(">HHI")
 _ACTION_CODES = {name: code for code, name in enumerate(ACTIONS)}
 
 
@@ -122,31 +123,83 @@ def decode_request(data: bytes) -> list[Item]:
     return items
 
 
+def reply_head(count: int) -> bytes:
+    return REPLY_MAGIC + _COUNT.pack(count)
+
+
+def encode_answer(index: int, answer: Answer) -> bytes:
+    return _ANSWER.pack(index, answer.status, len(answer.body)) + answer.body
+
+
+def reply_limit(count: int) -> int:
+    """The most bytes an honest reply to `count` items can hold."""
+    return len(REPLY_MAGIC) + _COUNT.size + count * (_ANSWER.size + MAX_BODY)
+
+
 def encode_reply(answers: Sequence[Answer]) -> bytes:
-    parts = [REPLY_MAGIC, _COUNT.pack(len(answers))]
-    for answer in answers:
-        parts += [_REPLY_ITEM.pack(answer.status, len(answer.body)), answer.body]
+    """A whole reply, answers in order (the server streams them as they come instead)."""
+    parts = [reply_head(len(answers))]
+    parts += [encode_answer(index, answer) for index, answer in enumerate(answers)]
     return b"".join(parts)
 
 
+class ReplyReader:
+    """Reads a streamed batch reply to `count` items as it arrives: `feed` returns the answers
+    completed by each piece, `finish` checks that every item was answered, once."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._buffer = bytearray()
+        self._head = False
+        self._answered: set[int] = set()
+
+    def feed(self, data: bytes) -> list[tuple[int, Answer]]:
+        buffer = self._buffer
+        buffer += data
+        if not self._head:
+            size = len(REPLY_MAGIC) + _COUNT.size
+            if len(buffer) < size:
+                if not REPLY_MAGIC.startswith(bytes(buffer[: len(REPLY_MAGIC)])):
+                    raise ProtocolError("not a batch reply")
+                return []
+            if buffer[: len(REPLY_MAGIC)] != REPLY_MAGIC:
+                raise ProtocolError("not a batch reply")
+            (got,) = _COUNT.unpack_from(buffer, len(REPLY_MAGIC))
+            if got != self.count:
+                raise ProtocolError(f"batch reply has {got} answers for {self.count} requests")
+            del buffer[:size]
+            self._head = True
+        done: list[tuple[int, Answer]] = []
+        while len(buffer) >= _ANSWER.size:
+            index, status, length = _ANSWER.unpack_from(buffer)
+            if index >= self.count or index in self._answered:
+                raise ProtocolError("batch reply answers an item it has no answer for")
+            if not 100 <= status <= 599:
+                raise ProtocolError("batch reply with an invalid status")
+            if length > MAX_BODY:
+                raise ProtocolError(f"batch answer over {MAX_BODY} bytes")
+            if len(buffer) < _ANSWER.size + length:
+                break
+            body = bytes(buffer[_ANSWER.size : _ANSWER.size + length])
+            del buffer[: _ANSWER.size + length]
+            self._answered.add(index)
+            done.append((index, Answer(status, body)))
+        if buffer and len(self._answered) == self.count:
+            raise ProtocolError("batch reply has bytes after its last answer")
+        return done
+
+    def finish(self) -> None:
+        if not self._head or len(self._answered) != self.count or self._buffer:
+            raise ProtocolError("batch reply cut short")
+
+
 def decode_reply(data: bytes, count: int) -> list[Answer]:
-    """The answers of a batch reply, which must hold exactly `count` (the request's items,
-    in their order); `ProtocolError` otherwise."""
-    got, at = _header(data, REPLY_MAGIC, "batch reply")
-    if got != count:
-        raise ProtocolError(f"batch reply has {got} answers for {count} requests")
-    answers: list[Answer] = []
-    for _ in range(got):
-        status, length = _unpack(_REPLY_ITEM, data, at)
-        at += _REPLY_ITEM.size
-        if not 100 <= status <= 599:
-            raise ProtocolError("batch reply with an invalid status")
-        if length > MAX_BODY:
-            raise ProtocolError(f"batch answer over {MAX_BODY} bytes")
-        answers.append(Answer(status, _take(data, at, length)))
-        at += length
-    _end(data, at, "batch reply")
-    return answers
+    """The answers of a whole batch reply to `count` items, in the items' order;
+    `ProtocolError` for any defect."""
+    reader = ReplyReader(count)
+    answers = dict(reader.feed(data))
+    reader.finish()
+    return [answers[index] for index in range(count)]
 
 
 def _header(data: bytes, magic: bytes, what: str) -> tuple[int, int]:

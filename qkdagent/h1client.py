@@ -22,7 +22,7 @@ parses with) doing all HTTP parsing:
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -35,6 +35,11 @@ MAX_HEAD = 16 * 1024
 """Largest reply head h11 buffers while it is incomplete. A head that arrives whole in one read
 may be longer (up to the 64 KiB read size): what a reply can make the client hold is bounded by
 that read plus `limit`."""
+
+
+OnData = Callable[[bytes, PeerIdentity], None]
+"""Takes a streamed reply's body piece by piece, with the names in the certificate of the
+server sending it; what it raises ends the request."""
 
 
 class TransportError(Exception):
@@ -155,9 +160,13 @@ class H1Client:
                 self._origins[base_url] = origin
         return origin
 
-    async def post(self, base_url: str, path: str, body: bytes, *, limit: int) -> Reply:
-        """POST `body` to `path` at `base_url`; the reply body is read up to `limit` bytes."""
-        return await self.request("POST", base_url, path, body, limit=limit)
+    async def post(
+        self, base_url: str, path: str, body: bytes, *, limit: int, on_data: OnData | None = None
+    ) -> Reply:
+        """POST `body` to `path` at `base_url`; the reply body is read up to `limit` bytes
+        (given to `on_data` piece by piece as it arrives, if it is a 2xx and `on_data` given:
+        the `Reply` then has an empty body)."""
+        return await self.request("POST", base_url, path, body, limit=limit, on_data=on_data)
 
     async def request(
         self,
@@ -168,12 +177,13 @@ class H1Client:
         *,
         headers: Sequence[tuple[str, str]] = (),
         limit: int,
+        on_data: OnData | None = None,
     ) -> Reply:
         """One request (`target`: path and query under `base_url`); the reply body is read up
         to `limit` bytes. `ConnectFailed` when no connection could be made; `trio.TooSlowError`
         past the client's `timeout`."""
         with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
-            return await self._request(method, base_url, target, body, headers, limit)
+            return await self._request(method, base_url, target, body, headers, limit, on_data)
 
     async def _request(
         self,
@@ -183,10 +193,11 @@ class H1Client:
         body: bytes | None,
         headers: Sequence[tuple[str, str]],
         limit: int,
+        on_data: OnData | None = None,
     ) -> Reply:
         origin = self._origin(base_url)
         extra = [(k.encode(), v.encode()) for k, v in headers]
-        args = (method, origin.prefix + target, body, extra, limit)
+        args = (method, origin.prefix + target, body, extra, limit, on_data)
         connection = await self._take(origin)
         if connection is not None:
             try:
@@ -274,6 +285,7 @@ class H1Client:
         body: bytes | None,
         headers: list[tuple[bytes, bytes]],
         limit: int,
+        on_data: OnData | None,
     ) -> Reply:
         http = connection.http
         keep = False
@@ -292,7 +304,7 @@ class H1Client:
                 await connection.stream.send_all(b"".join(p for p in parts if p))
             except trio.BrokenResourceError as exc:
                 raise _NoReply(f"reset while sending ({exc})") from None
-            status, payload = await self._read(connection, limit)
+            status, payload = await self._read(connection, limit, on_data)
             keep = http.our_state is h11.DONE and http.their_state is h11.DONE
             if keep:
                 http.start_next_cycle()
@@ -307,7 +319,9 @@ class H1Client:
             if not (keep and self._give_back(origin, connection)):
                 await connection.aclose()
 
-    async def _read(self, connection: _Connection, limit: int) -> tuple[int, bytes]:
+    async def _read(
+        self, connection: _Connection, limit: int, on_data: OnData | None = None
+    ) -> tuple[int, bytes]:
         http = connection.http
         status = 0
         chunks: list[bytes] = []
@@ -330,11 +344,16 @@ class H1Client:
             if isinstance(event, h11.Response):
                 status = event.status_code
                 _check_head(event.headers, limit)
+                if not 200 <= status < 300:
+                    on_data = None
             elif isinstance(event, h11.Data):
                 size += len(event.data)
                 if size > limit:
                     raise ReplyTooLarge(f"reply larger than {limit} bytes")
-                chunks.append(bytes(event.data))
+                if on_data is not None:
+                    on_data(bytes(event.data), connection.identity)
+                else:
+                    chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
                 return status, b"".join(chunks)
             elif isinstance(event, h11.ConnectionClosed):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import trio
 
 from .config import TlsFiles
-from .h1client import H1Client, Reply, ReplyTooLarge, TransportError
+from .h1client import H1Client, OnData, Reply, ReplyTooLarge, TransportError
 from .identity import PeerIdentity
 from .peerbatch import Coalescer
 from .tlsclient import load_tls_identity
@@ -65,11 +65,17 @@ class PeerClient:
             max_idle_per_origin=max(4, connections),
         )
 
-        self.batches = Coalescer(self._post)
+        self.batches = Coalescer(self._post, timeout=timeout)
         """Requests that wait for the same peer go together (`peerbatch`)."""
 
-    async def _post(self, peer_url: str, path: str, body: bytes, limit: int) -> Reply:
-        return await self._client.post(peer_url, path, body, limit=limit)
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send batches from tasks of the client's own until cancelled (`peerbatch`)."""
+        await self.batches.run(task_status=task_status)
+
+    async def _post(
+        self, peer_url: str, path: str, body: bytes, limit: int, on_data: OnData | None
+    ) -> Reply:
+        return await self._client.post(peer_url, path, body, limit=limit, on_data=on_data)
 
     async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply:
         with trio.fail_after(self.timeout):

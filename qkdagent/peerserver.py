@@ -121,9 +121,9 @@ class ServerLimits:
     new connections are refused at accept (before any TLS work)."""
     stranger_burst: float = 8.0
     """... and at once."""
-    max_batched_per_identity: int = 256
+    max_batched_per_identity: int = 1024
     """Items of batches under way per client identity: a batch over it is answered 503 (the
-    agent's own client keeps at most 4 batches of 64 in flight to a peer)."""
+    agent's own client keeps at most 2 batches of 64 in flight to a peer)."""
 
 
 def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -498,8 +498,9 @@ class _Http:
 
     async def _batch(self, request: h11.Request) -> None:
         """Several links' requests in one (`batchwire`): each item goes to the handler as if it
-        had come alone on this connection, all of them side by side, and the reply carries
-        each one's status and body once every item has answered (early or not)."""
+        had come alone on this connection, all of them side by side, and each one's answer is
+        streamed as soon as it is given (early or at the handler's return), so one slow item
+        holds up no other. An item that answered early goes on once its answer is sent."""
         server, identity = self.server, self.identity
         if request.method != b"POST":
             server.refused(405, f"{request.method[:16]!r} batch request")
@@ -512,10 +513,13 @@ class _Http:
             return
         try:
             items = batchwire.decode_request(data)
+            if len({item.link for item in items}) != len(items):
+                raise ProtocolError("batch names a link twice")
         except ProtocolError as exc:
             server.refused(exc.status, f"malformed batch: {exc}")
             await self._send(exc.status, error_body("batch", str(exc)))
             return
+        del data
         if server.batched[identity] + len(items) > self.limits.max_batched_per_identity:
             server.refused(503, f"batch of {len(items)} from a client with many under way")
             await self._send(503, error_body("busy", "too many batched requests under way"))
@@ -523,29 +527,63 @@ class _Http:
         if server.metrics is not None:
             server.metrics.peer_batches.inc()
             server.metrics.peer_batched_requests.inc(len(items))
-        self.conn.phase = "handler"
-        self.conn.scope.deadline = math.inf  # bounded by the links' own timeouts
-        sent = trio.Event()
-        answers: list[batchwire.Answer] = [batchwire.Answer(500, b"")] * len(items)
-
-        async def answer(index: int, item: batchwire.Item) -> None:
-            start = partial(self._handle, item.link, item.action, item.body, sent)
-            answers[index] = batchwire.Answer(*await server.nursery.start(start))
-
         server.batched[identity] += len(items)
         try:
-            async with trio.open_nursery() as nursery:
-                for index, item in enumerate(items):
-                    nursery.start_soon(answer, index, item)
+            await self._stream_answers(items)
         finally:
             server.batched[identity] -= len(items)
             if not server.batched[identity]:
                 del server.batched[identity]
-        try:
-            await self._send(200, batchwire.encode_reply(answers))
-        finally:
-            sent.set()
-        self.refusals = sum(a.status >= 400 for a in answers)
+
+    async def _stream_answers(self, items: list[batchwire.Item]) -> None:
+        h, stream, server = self.h11, self.stream, self.server
+        self.conn.phase = "handler"
+        self.conn.scope.deadline = math.inf  # bounded by the links' own timeouts
+        sending = trio.Lock()
+        ready: list[bytes] = []
+        """Answers given and not yet sent: whoever sends next sends them all in one chunk (a
+        group commit answers many items at once)."""
+        refused = 0
+
+        async def send(*events: Any) -> None:
+            async with sending:
+                if ready:
+                    events = (h11.Data(data=b"".join(ready)), *events)
+                    ready.clear()
+                if not events:
+                    return  # sent by an earlier writer
+                try:
+                    data = b"".join(h.send(event) for event in events)
+                except h11.LocalProtocolError:
+                    raise _Close from None
+                with trio.move_on_after(self.limits.request_timeout) as slow:
+                    await stream.send_all(data)
+            if slow.cancelled_caught:  # the client does not read: give up the connection
+                raise _Close
+
+        async def answer(index: int, item: batchwire.Item) -> None:
+            nonlocal refused
+            sent = trio.Event()
+            try:
+                start = partial(self._handle, item.link, item.action, item.body, sent)
+                status, body = await server.nursery.start(start)
+                refused += status >= 400
+                ready.append(batchwire.encode_answer(index, batchwire.Answer(status, body)))
+                await send()
+            finally:
+                sent.set()  # an item that answered early goes on, whatever became of its answer
+
+        # no content-length: h11 sends the answers chunked, each as it comes
+        headers = [(b"content-type", b"application/octet-stream")]
+        await send(
+            h11.Response(status_code=200, headers=headers),
+            h11.Data(data=batchwire.reply_head(len(items))),
+        )
+        async with trio.open_nursery() as nursery:
+            for index, item in enumerate(items):
+                nursery.start_soon(answer, index, item)
+        await send(h11.EndOfMessage())
+        self.refusals = refused
 
     async def _handle(
         self,

@@ -31,6 +31,10 @@ class PeerPoster(Protocol):
 
     async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply: ...
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The client's background work (batches to peers), until cancelled; the agent runs
+        it while it runs."""
+
     async def aclose(self) -> None: ...
 
 
@@ -115,6 +119,9 @@ class _NoPeers:
 
     async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply:
         raise RuntimeError("this agent has no native links, so no peer client")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
 
     async def aclose(self) -> None:
         pass

@@ -21,6 +21,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from qkdagent import batchwire
 from qkdagent.testing import in_ci, missing, open_agent_pair
 from qkdagent.testing.agents import LINK
 
@@ -217,6 +218,53 @@ def test_fuzzed_peer_requests_over_https_are_4xx_and_change_nothing(live: LivePa
     assert live.run(live.pair.alice.link(LINK).rotate_once)  # the link still rotates
     after = live.state()
     assert after[0][0] == after[1][0] == before[0][0] + 1
+
+
+def test_fuzzed_batches_over_https_are_refused_item_by_item_and_change_nothing(
+    live: LivePair,
+) -> None:
+    """Batches (issue 18): mangled containers, and well-formed ones carrying fuzzed requests
+    for the real link: the batch is a 4xx, or a 200 whose every item is a 4xx; no state moves."""
+    batches = _load(TARGETS["peer_batch"])
+    requests = _load(TARGETS["peer_request"])
+    items = st.lists(
+        st.tuples(st.sampled_from(requests.KINDS), requests.STRATEGY), min_size=1, max_size=8
+    ).map(lambda pairs: batchwire.encode_request([batchwire.Item(LINK, a, b) for a, b in pairs]))
+    mangled = st.builds(
+        lambda seed, rnd: engine.Mutator(rnd, list(batches.SEEDS), None, []).mutate(),
+        st.integers(),
+        st.randoms(use_true_random=False),
+    )
+    before = live.state()
+    outcomes: list[str] = []
+    with live.client("alice") as as_alice, live.client("bob") as as_bob:
+
+        @settings(
+            max_examples=50,
+            derandomize=True,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(st.sampled_from(["alice", "bob"]), st.one_of(items, mangled))
+        def post(name: str, body: bytes) -> None:
+            http = as_bob if name == "alice" else as_alice
+            url = live.url(name, "rotate").replace(f"/v1/links/{LINK}/rotate", "/v1/batch")
+            reply = http.post(url, content=body)
+            if reply.status_code == 200:
+                count = int.from_bytes(body[4:6], "big")
+                answers = batchwire.decode_reply(reply.content, count)
+                assert all(400 <= a.status < 500 for a in answers), answers
+                outcomes.append("items")
+            else:
+                assert 400 <= reply.status_code < 500, (reply.status_code, body[:200])
+                outcomes.append("batch")
+            assert live.state() == before
+
+        post()
+    assert {"items", "batch"} <= set(outcomes)
+    assert live.state() == before
+    assert live.run(live.pair.alice.link(LINK).rotate_once)  # the link still rotates
 
 
 async def _answer_once(stream: trio.SSLStream, status: int, body: bytes) -> None:

@@ -17,7 +17,7 @@ from qkdagent import batchwire, peerserver
 from qkdagent.batchwire import Answer, Item
 from qkdagent.builtin.memory import MemoryPool
 from qkdagent.errors import ProtocolError
-from qkdagent.h1client import Reply, TransportError
+from qkdagent.h1client import OnData, Reply, TransportError
 from qkdagent.identity import PeerIdentity
 from qkdagent.peerbatch import BATCH_PATH, FALLBACK_PAUSE, Coalescer
 from qkdagent.protocol import MAX_BODY, error_body
@@ -53,7 +53,7 @@ def test_every_cut_of_a_request_or_reply_is_refused() -> None:
             batchwire.decode_reply(reply[:cut], 2)
     with pytest.raises(ProtocolError, match="after its last item"):
         batchwire.decode_request(request + b"\x00")
-    with pytest.raises(ProtocolError, match="after its last item"):
+    with pytest.raises(ProtocolError, match="after its last answer"):
         batchwire.decode_reply(reply + b"\x00", 2)
 
 
@@ -95,14 +95,37 @@ def test_a_reply_must_answer_exactly_the_items_sent() -> None:
     with pytest.raises(ProtocolError, match="3 answers for 2"):
         batchwire.decode_reply(reply, 2)
     for status in (0, 99, 600, 65535):
-        bad = batchwire.REPLY_MAGIC + struct.pack(">HHI", 1, status, 0)
+        bad = batchwire.REPLY_MAGIC + struct.pack(">HHHI", 1, 0, status, 0)
         with pytest.raises(ProtocolError, match="status"):
             batchwire.decode_reply(bad, 1)
-    huge = batchwire.REPLY_MAGIC + struct.pack(">HHI", 1, 200, MAX_BODY + 1)
+    huge = batchwire.REPLY_MAGIC + struct.pack(">HHHI", 1, 0, 200, MAX_BODY + 1)
     with pytest.raises(ProtocolError, match="over"):
-        batchwire.decode_reply(huge + b"x" * (MAX_BODY + 1), 1)
+        batchwire.decode_reply(huge, 1)  # refused from the length, before any of the body
     with pytest.raises(ProtocolError, match="not a batch reply"):
         batchwire.decode_reply(batchwire.encode_request(ITEMS), 4)
+    with pytest.raises(ProtocolError, match="not a batch reply"):
+        batchwire.ReplyReader(1).feed(b"QKX")  # known wrong from its first bytes
+    head = batchwire.reply_head(2)
+    for index in (2, 7, 65535):  # an item that was not asked
+        with pytest.raises(ProtocolError, match="no answer for"):
+            batchwire.decode_reply(head + batchwire.encode_answer(index, Answer(200, b"")), 2)
+    twice = head + batchwire.encode_answer(1, Answer(200, b"a")) * 2
+    with pytest.raises(ProtocolError, match="no answer for"):
+        batchwire.decode_reply(twice, 2)
+    with pytest.raises(ProtocolError, match="cut short"):
+        batchwire.decode_reply(head + batchwire.encode_answer(1, Answer(200, b"a")), 2)
+
+
+def test_a_streamed_reply_is_read_answer_by_answer_in_any_order() -> None:
+    answers = {2: Answer(200, b"two"), 0: Answer(409, b"zero"), 1: Answer(200, b"")}
+    data = batchwire.reply_head(3) + b"".join(batchwire.encode_answer(i, a)
+                                              for i, a in answers.items())  # fmt: skip
+    reader = batchwire.ReplyReader(3)
+    got = [pair for byte in range(len(data)) for pair in reader.feed(data[byte : byte + 1])]
+    reader.finish()
+    assert got == list(answers.items())  # each as soon as its last byte came
+    assert batchwire.decode_reply(data, 3) == [answers[0], answers[1], answers[2]]
+    assert len(data) <= batchwire.reply_limit(3)
 
 
 def test_encoding_refuses_what_no_peer_would_decode() -> None:
@@ -139,25 +162,48 @@ class FakePeer:
         self.batch_status = 200
         self.batch_body: bytes | None = None
         self.fail_batch: TransportError | None = None
+        self.garbled = False
+        self.unanswered: set[int] = set()
+        self.slow: set[str] = set()
+        """Links whose batched answer comes last, once `release_slow` is set."""
+        self.release_slow = trio.Event()
 
     def held(self) -> trio.Event:
         self.hold = trio.Event()
         return self.hold
 
-    async def send(self, url: str, path: str, body: bytes, limit: int) -> Reply:
+    async def send(
+        self, url: str, path: str, body: bytes, limit: int, on_data: OnData | None
+    ) -> Reply:
         hold = self.hold
         if path == BATCH_PATH:
-            assert limit == batchwire.MAX_BATCH
             items = batchwire.decode_request(body)
+            assert limit == batchwire.reply_limit(len(items)) and on_data is not None
             self.sent.append((url, items))
-            await hold.wait()
-            if self.fail_batch is not None:
-                raise self.fail_batch
             if self.batch_status != 200:
+                await hold.wait()
                 return Reply(self.batch_status, self.batch_body or b"", SERVER)
-            answers = [Answer(200, i.body[::-1]) for i in items]
-            return Reply(200, self.batch_body or batchwire.encode_reply(answers), SERVER)
-        assert limit == MAX_BODY
+            on_data(batchwire.reply_head(len(items)), SERVER)
+            if self.garbled:
+                on_data(b"\xff" * 8, SERVER)
+            # answers stream in reverse order, the first item's once the hold is released;
+            # those of `slow` links only once `release_slow` is
+            for index in reversed(range(len(items))):
+                if items[index].link in self.slow or index in self.unanswered:
+                    continue
+                if index == 0:
+                    await hold.wait()
+                    if self.fail_batch is not None:
+                        raise self.fail_batch
+                answer = Answer(200, items[index].body[::-1])
+                on_data(batchwire.encode_answer(index, answer), SERVER)
+            if self.slow:
+                await self.release_slow.wait()
+                for index, item in enumerate(items):
+                    if item.link in self.slow:
+                        on_data(batchwire.encode_answer(index, Answer(200, b"slow")), SERVER)
+            return Reply(200, b"", SERVER)
+        assert limit == MAX_BODY and on_data is None
         _, _, _, link, action = path.split("/")
         self.sent.append((url, Item(link, action, body)))
         await hold.wait()
@@ -282,57 +328,116 @@ async def test_a_peer_without_batches_is_sent_each_item_alone_and_asked_again_la
 
 
 @pytest.mark.parametrize("failure", ["status", "garbled", "transport", "short"])
-async def test_a_failed_batch_is_one_failed_attempt_for_each_item(failure: str) -> None:
+async def test_a_failed_batch_fails_the_items_it_did_not_answer(failure: str) -> None:
+    """Items answered before the failure keep their answers; the others fail once each."""
     peer = FakePeer()
     if failure == "status":
         peer.batch_status, peer.batch_body = 503, error_body("busy", "too many")
     elif failure == "garbled":
-        peer.batch_body = b"QKR1\x00\x03" + b"\x00" * 5
-    elif failure == "short":  # a well-formed reply with one answer too few
-        peer.batch_body = batchwire.encode_reply([Answer(200, b"{}")] * 2)
+        peer.garbled = True
+    elif failure == "short":  # a well-formed reply without the first item's answer
+        peer.unanswered = {0}
     else:
         peer.fail_batch = TransportError("connection reset")
     coalescer = Coalescer(peer.send, in_flight=1)
     requests = [(f"l{i}", "rotate") for i in range(4)]
     results = await _post_all(coalescer, requests, release=peer.held())
     assert isinstance(results["l0"], Reply)  # it went alone
-    failed = [results[f"l{i}"] for i in (1, 2, 3)]
-    assert all(isinstance(r, TransportError) for r in failed), failed
+    answered = {f"l{i}" for i in (1, 2, 3) if isinstance(results[f"l{i}"], Reply)}
+    assert answered == ({"l2", "l3"} if failure in ("transport", "short") else set())
+    assert all(isinstance(results[f"l{i}"], TransportError) for i in (1, 2, 3)
+               if f"l{i}" not in answered)  # fmt: skip
     assert coalescer.batches == 0
     assert not coalescer._peers["https://bob"].queue
     # and the peer is asked for batches again at once: only a 404 pauses them
-    peer.batch_status, peer.batch_body, peer.fail_batch = 200, None, None
+    peer.batch_status, peer.garbled, peer.unanswered, peer.fail_batch = 200, False, set(), None
     requests = [(f"m{i}", "rotate") for i in range(3)]
     results = await _post_all(coalescer, requests, release=peer.held())
     assert all(isinstance(r, Reply) for r in results.values()) and coalescer.batches == 1
 
 
-async def test_a_sender_cancelled_mid_batch_fails_the_others_and_a_cancelled_waiter_is_dropped(
-) -> None:  # fmt: skip
+@pytest.mark.parametrize(("status", "code"), [(400, "batch"), (413, "too-large")])
+async def test_a_batch_refused_for_its_shape_goes_item_by_item(status: int, code: str) -> None:
+    """A peer with other bounds (another version): that batch's items go alone, and the
+    next batch is tried again."""
     peer = FakePeer()
+    peer.batch_status, peer.batch_body = status, error_body(code, "no")
+    coalescer = Coalescer(peer.send, in_flight=1)
+    results = await _post_all(coalescer, [(f"l{i}", "rotate") for i in range(4)],
+                              release=peer.held())  # fmt: skip
+    assert all(results[f"l{i}"] == Reply(200, f"body-l{i}".encode()[::-1], SERVER)
+               for i in range(4))  # fmt: skip
+    kinds = ["batch" if isinstance(sent, list) else sent.link for _, sent in peer.sent]
+    assert kinds[:2] == ["l0", "batch"] and sorted(kinds[2:]) == ["l1", "l2", "l3"]
+    assert next(iter(coalescer._peers.values())).unbatched_until < 0
+
+
+async def test_a_slow_item_holds_up_no_other_item_of_its_batch() -> None:
+    peer = FakePeer()
+    peer.slow = {"l2"}
+    coalescer = Coalescer(peer.send, in_flight=1)
+    results: dict[str, Reply] = {}
+
+    async def one(link: str) -> None:
+        results[link] = await coalescer.post("https://bob", link, "rotate", link.encode())
+
+    hold = peer.held()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(coalescer.run)  # as in the agent: the batch is not its sender's
+        for i in range(5):
+            nursery.start_soon(one, f"l{i}")
+            await trio.testing.wait_all_tasks_blocked()
+        hold.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(results) == ["l0", "l1", "l3", "l4"]  # all but the slow one, at once
+        peer.release_slow.set()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert results["l2"].body == b"slow" and results["l3"].body == b"3l"
+    assert coalescer._peers["https://bob"].places.value == 1
+
+
+@pytest.mark.parametrize("owned", [True, False], ids=["run", "no-run"])
+async def test_a_cancelled_caller_only_stops_waiting_while_the_coalescer_runs(
+    owned: bool,
+) -> None:
+    """ "sender" takes the place and so carries the batch with "other" (whose answer is slow);
+    then its caller gives up. With `run` going, the batch is the coalescer's: "other" still
+    gets its answer. Without, the batch goes down with its sender: "other" fails once. A
+    caller that gives up while queued is never sent."""
+    peer = FakePeer()
+    peer.slow = {"other"}
     hold = peer.held()
     coalescer = Coalescer(peer.send, in_flight=1)
     outcome: dict[str, object] = {}
 
     async def post(link: str, scope: trio.CancelScope | None = None) -> None:
         try:
-            if scope is None:
+            with scope or trio.CancelScope():
                 outcome[link] = await coalescer.post("https://bob", link, "rotate", b"x")
-            else:
-                with scope:
-                    outcome[link] = await coalescer.post("https://bob", link, "rotate", b"x")
-                if scope.cancelled_caught:
-                    outcome[link] = "cancelled"
+            if scope is not None and scope.cancelled_caught:
+                outcome[link] = "cancelled"
         except TransportError as exc:
             outcome[link] = exc
 
     first, quitter, sender = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
     with trio.fail_after(10):  # "other" waiting forever for a dropped batch would hang here
-        await _cancel_mid_batch(post, peer, hold, first, quitter, sender)
-    assert outcome["quitter"] == "cancelled" and outcome["sender"] == "cancelled"
-    assert isinstance(outcome["first"], Reply)
-    assert isinstance(outcome["other"], TransportError)
-    assert "dropped" in str(outcome["other"])
+        async with trio.open_nursery() as nursery:
+            if owned:
+                await nursery.start(coalescer.run)
+            await _cancel_mid_batch(nursery, post, peer, hold, first, quitter, sender)
+            assert outcome["sender"] == "cancelled"
+            assert ("other" in outcome) is not owned
+            peer.hold.set()  # the batch goes on (when it is the coalescer's)
+            peer.release_slow.set()
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert outcome["quitter"] == "cancelled" and isinstance(outcome["first"], Reply)
+    if owned:
+        assert outcome["other"] == Reply(200, b"slow", SERVER)
+    else:
+        assert isinstance(outcome["other"], TransportError)
+        assert "without its answer" in str(outcome["other"])
     (batch,) = [s for _, s in peer.sent if isinstance(s, list)]
     assert [i.link for i in batch] == ["sender", "other"]
     assert not coalescer._peers["https://bob"].queue
@@ -407,11 +512,12 @@ async def test_a_peer_without_batches_gets_every_request_alone_over_https(
     assert caplog.text.count("does not take batched requests") == 1
 
 
-async def _cancel_mid_batch(  # type: ignore[no-untyped-def]
-    post, peer: FakePeer, hold: trio.Event, *scopes: trio.CancelScope
-) -> None:
+def _cancel_mid_batch(  # type: ignore[no-untyped-def]
+    nursery: trio.Nursery, post, peer: FakePeer, hold: trio.Event, *scopes: trio.CancelScope
+) -> Any:  # type: ignore[misc]
     first, quitter, sender = scopes
-    async with trio.open_nursery() as nursery:
+
+    async def steps() -> None:
         nursery.start_soon(post, "first", first)
         await trio.testing.wait_all_tasks_blocked()
         nursery.start_soon(post, "sender", sender)  # queued; it will send the batch
@@ -426,3 +532,6 @@ async def _cancel_mid_batch(  # type: ignore[no-untyped-def]
         hold.set()  # "first" is answered; "sender" takes the place and sends the batch
         await trio.testing.wait_all_tasks_blocked()
         sender.cancel()  # its deadline, mid-batch
+        await trio.testing.wait_all_tasks_blocked()
+
+    return steps()

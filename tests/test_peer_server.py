@@ -746,6 +746,58 @@ async def test_a_batch_runs_its_items_side_by_side_and_answers_once_all_have(
             await finished.wait()
 
 
+async def test_each_answer_of_a_batch_is_streamed_as_soon_as_it_is_given(tmp_path: Path) -> None:
+    """A slow item holds up no other's answer, and an item that answered early goes on as
+    soon as its own answer is sent (here it is what lets the slow one finish)."""
+    committed_on = trio.Event()
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        if link == "slow":
+            await committed_on.wait()
+        elif link == "commit":
+            await reply_now(b"acknowledged")
+            committed_on.set()  # only once its answer is out
+        return link.encode()
+
+    async with running(tmp_path, handler) as server:
+        stream = await server.tls()
+        data = _batch(("slow", "rotate", b""), ("fast", "rotate", b""), ("commit", "commit", b""))
+        client = h11.Connection(h11.CLIENT)
+        await stream.send_all(
+            client.send(post("/v1/batch", len(data))) + client.send(h11.Data(data=data))
+            + client.send(h11.EndOfMessage())
+        )  # fmt: skip
+        reader, answers = batchwire.ReplyReader(3), {}
+        with trio.fail_after(10):
+            while True:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    assert event.status_code == 200
+                elif isinstance(event, h11.Data):
+                    for index, answer in reader.feed(bytes(event.data)):
+                        assert index != 0 or {1, 2} <= set(answers)  # the slow one last
+                        answers[index] = answer.body
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+        reader.finish()
+        assert answers == {0: b"slow", 1: b"fast", 2: b"acknowledged"}
+
+
+async def test_a_batch_naming_a_link_twice_is_refused(tmp_path: Path) -> None:
+    """An honest initiator has one request per link under way; the same commit twice in one
+    batch could have one wait for the lock the other holds."""
+    async with running(tmp_path) as server:
+        stream = await server.tls()
+        data = _batch(("a", "commit", b"{}"), ("b", "rotate", b"{}"), ("a", "commit", b"{}"))
+        response, body = await exchange(stream, post("/v1/batch", len(data)), data)
+        assert response.status_code == 400 and b"twice" in body
+        assert server.calls == []
+
+
 @pytest.mark.parametrize(
     ("data", "status"),
     [

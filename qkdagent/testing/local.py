@@ -112,6 +112,9 @@ class LocalClient:
         if not replied:
             task_status.started(reply)
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()  # requests are direct calls: nothing to batch
+
     async def aclose(self) -> None:
         pass
 
