@@ -181,6 +181,9 @@ class Coalescer:
         except TransportError as exc:
             for waiting in batch:
                 waiting.settle(None, exc)
+        except trio.TooSlowError:  # the HTTP client's own backstop
+            for waiting in batch:
+                waiting.settle(None, TransportError("no complete reply in time"))
         finally:  # cancelled or failed: the others try again
             for waiting in batch:
                 waiting.settle(None, TransportError("its batch ended without its answer"))

@@ -1,5 +1,5 @@
 """Batch containers (`batchwire`, issue 18): a request as the peer server decodes it, and a
-reply as the client decodes it. Only ProtocolError may come out, and what decodes must encode
+reply as the client decodes it, whole and streamed in pieces. Only ProtocolError may come out, and what decodes must encode
 back to the same bytes (the format has one encoding per content).
 
 Run: python3 contrib/fuzz/run_fuzz.py --target peer_batch
@@ -22,6 +22,8 @@ SEEDS = [
 ] + [
     batchwire.encode_reply([batchwire.Answer(200, body) for body in _BODIES[:3]]),
     batchwire.encode_reply([batchwire.Answer(409, b'{"error":"epoch"}')]),
+    batchwire.reply_head(3)
+    + b"".join(batchwire.encode_answer(i, batchwire.Answer(200, b"{}")) for i in (2, 0, 1)),
 ]
 DICTIONARY = [batchwire.REQUEST_MAGIC, batchwire.REPLY_MAGIC, b"\x00\x40", b"\xff\xff\xff\xff"]
 STRATEGY = st.lists(
@@ -48,3 +50,12 @@ def target(data: bytes) -> None:
         except ProtocolError:
             continue
         assert batchwire.encode_reply(answers) == data
+    # as the client reads a streamed reply: in pieces, answers in any order
+    reader = batchwire.ReplyReader(3)
+    try:
+        half = len(data) // 2
+        got = dict(reader.feed(data[:half]) + reader.feed(data[half:]))
+        reader.finish()
+    except ProtocolError:
+        return
+    assert sorted(got) == [0, 1, 2]
