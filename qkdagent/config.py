@@ -38,7 +38,7 @@ front, so no later walk over the data (a plugin's, a reload's comparison) can re
 
 
 def _check_name(value: str) -> str | None:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         return "must be 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
     return None
 

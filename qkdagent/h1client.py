@@ -31,6 +31,11 @@ import trio
 
 from .identity import PeerIdentity
 
+MAX_ERROR = 64 * 1024
+"""Largest error reply read when a streamed one was asked for."""
+MAX_PIECES = 4096
+"""Body pieces (h11 `Data` events) one reply may come in: a chunked body of one-byte chunks
+would cost far more to parse than its size says (an honest one arrives in a few dozen)."""
 MAX_HEAD = 16 * 1024
 """Largest reply head h11 buffers while it is incomplete. A head that arrives whole in one read
 may be longer (up to the 64 KiB read size): what a reply can make the client hold is bounded by
@@ -325,7 +330,7 @@ class H1Client:
         http = connection.http
         status = 0
         chunks: list[bytes] = []
-        size = 0
+        size = pieces = 0
         got_bytes = False
         while True:
             event = http.next_event()
@@ -344,12 +349,15 @@ class H1Client:
             if isinstance(event, h11.Response):
                 status = event.status_code
                 _check_head(event.headers, limit)
-                if not 200 <= status < 300:
-                    on_data = None
+                if not 200 <= status < 300 and on_data is not None:
+                    on_data, limit = None, min(limit, MAX_ERROR)  # an error, read whole
             elif isinstance(event, h11.Data):
                 size += len(event.data)
+                pieces += 1
                 if size > limit:
                     raise ReplyTooLarge(f"reply larger than {limit} bytes")
+                if pieces > MAX_PIECES:
+                    raise ReplyTooLarge(f"reply in more than {MAX_PIECES} pieces")
                 if on_data is not None:
                     on_data(bytes(event.data), connection.identity)
                 else:

@@ -6,29 +6,34 @@ wait for the same peer now go together (`batchwire`), and the peer runs their ha
 side, so their durable commits meet in one group commit as well.
 
 The rule is Nagle's, so nothing waits that need not: a request goes at once, alone and on the
-plain `/v1/links/...` path, while fewer than `in_flight` requests to its peer are under way
-and none is queued. Otherwise it queues, and the first queued request to get a free place
-sends everything queued (up to `batchwire.MAX_ITEMS` items and `MAX_BATCH` bytes) as one
+plain `/v1/links/...` path, while fewer than `in_flight` requests to its peer hold a place
+and none is queued. Otherwise it queues, and when a place is free the head of the queue sends
+everything queued, in order (up to `batchwire.MAX_ITEMS` items and `MAX_BATCH` bytes), as one
 batch. A lone link's rotation never queues, so its latency is what it was; links whose
 rotations fall together (the scheduler's `grid`) share requests.
 
-Isolation: the peer streams each item's answer as soon as it has it, and each waiting request
-returns with its own answer, so a slow item holds up no other. While `run` is going, a batch
-is sent by a task of the coalescer's own, under the client's timeout counted from the send: a
-request whose caller gives up (its rotation's deadline) only stops waiting, and the others in
-its batch are unaffected. Without `run`, the request that takes the place sends the batch in
-its own task (and returns once the whole batch is answered), and if it is cancelled the others
-get a `TransportError`: one failed attempt.
+Isolation:
+- the peer streams each item's answer as soon as it has it, and each waiting request returns
+  with its own answer, so a slow item holds up no other item of its batch;
+- a batch steps aside (stops holding a place) once its answers begin, and any request stops
+  holding others back after `STALL`, so a slow request delays the next batch by at most that;
+  at most `MAX_OUTSTANDING` requests are under way to a peer all the same;
+- while `run` is going, a batch is sent by a task of the coalescer's own, for as long as one
+  of its callers still waits (at most the client's timeout): a caller that gives up (its
+  rotation's deadline) only stops waiting. Without `run`, the head of the queue sends the
+  batch in its own task (and returns once the whole batch is answered), and if it is
+  cancelled the others get a `TransportError`: one failed attempt.
 
-A peer that does not know `/v1/batch` (an older qkdagent: 404 `not-found`) is sent each item
-alone, and not asked again for `FALLBACK_PAUSE`; one that refuses a batch as malformed or too
-large (another version's bounds) has that batch's items sent alone. Those answers are not
-authenticated beyond TLS, but they can only cost performance: the items go unbatched.
+A peer that does not know `/v1/batch` (an older qkdagent: 404 `not-found`) is sent every
+request alone, as before batches, and not asked again for `FALLBACK_PAUSE`; one that refuses a
+batch as malformed or too large (another version's bounds) has that batch's items sent alone.
+Those answers are not authenticated beyond TLS, but they can only cost performance.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -45,6 +50,12 @@ log = logging.getLogger(__name__)
 
 IN_FLIGHT = 2
 """Requests under way to one peer before the next ones queue and go together."""
+STALL = 0.2
+"""Seconds after which a request still under way stops holding others back (it counts toward
+`MAX_OUTSTANDING` only): a slow item delays the next batch by at most this."""
+MAX_OUTSTANDING = 8
+"""Requests (alone or batched) under way to one peer at most, stalled ones included (the
+peer server's `max_batches_per_identity`)."""
 FALLBACK_PAUSE = 3600.0
 """Seconds a peer that does not know batches is sent requests one by one."""
 BATCH_PATH = "/v1/batch"
@@ -56,10 +67,12 @@ Send = Callable[[str, str, bytes, int, OnData | None], Awaitable[Reply]]
 class _Waiting:
     """A queued request and, once answered, its reply or why there is none."""
 
-    __slots__ = ("done", "error", "item", "queued", "reply", "taken")
+    __slots__ = ("deadline", "done", "error", "item", "queued", "reply", "taken")
 
-    def __init__(self, item: batchwire.Item) -> None:
+    def __init__(self, item: batchwire.Item, deadline: float) -> None:
         self.item = item
+        self.deadline = deadline
+        """Its caller's: past it nobody waits for the answer."""
         self.taken = False
         self.queued = trio.CancelScope()
         """Its wait for a place, called off once another request's batch takes it."""
@@ -78,12 +91,71 @@ class _Waiting:
         return self.reply
 
 
+class _Places:
+    """Places for the requests under way to one peer. A place counts toward `limit` until it
+    is given back, has been held for `STALL`, or its batch has begun to answer; it counts
+    toward `MAX_OUTSTANDING` until it is given back."""
+
+    __slots__ = ("_freed", "_held", "_tokens", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._held: dict[int, float] = {}
+        """Place -> when it was taken, oldest first."""
+        self._tokens = itertools.count()
+        self._freed = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    def _active(self, now: float) -> list[float]:
+        """When each place not yet stalled was taken (a place stalls at `taken + STALL`: the
+        very time a waiter sleeps until, so that it finds it stalled when it wakes)."""
+        return [t for t in self._held.values() if t + STALL > now]
+
+    def room(self, now: float) -> bool:
+        return len(self._held) < MAX_OUTSTANDING and len(self._active(now)) < self.limit
+
+    def take(self, now: float) -> int:
+        token = next(self._tokens)
+        self._held[token] = now
+        return token
+
+    def give_back(self, token: int) -> None:
+        if self._held.pop(token, None) is not None:
+            self.nudge()
+
+    def step_aside(self, token: int) -> None:
+        """Stop holding others back (a batch whose answers have begun), still counting
+        toward `MAX_OUTSTANDING` until given back."""
+        if self._held.get(token, -math.inf) > -math.inf:
+            self._held[token] = -math.inf
+            self.nudge()
+
+    def nudge(self) -> None:
+        """Have the waiters look again (a place came back, or the queue's head changed)."""
+        self._freed.set()
+        self._freed = trio.Event()
+
+    async def wait_for_turn(self, first: Callable[[], bool]) -> None:
+        """Until there is room and `first()` (the waiter is at the head of the queue)."""
+        while True:
+            now = trio.current_time()
+            if first() and self.room(now):
+                return
+            wake = math.inf
+            active = self._active(now)
+            if first() and len(self._held) < MAX_OUTSTANDING:
+                wake = active[len(active) - self.limit] + STALL  # room once enough stall
+            with trio.move_on_at(wake):
+                await self._freed.wait()
+
+
 class _Peer:
     __slots__ = ("places", "queue", "unbatched_until")
 
     def __init__(self, in_flight: int) -> None:
-        self.places = trio.Semaphore(in_flight)
-        """Requests (alone or batched) that may be under way; waiters are served in order."""
+        self.places = _Places(in_flight)
         self.queue: collections.deque[_Waiting] = collections.deque()
         self.unbatched_until = -math.inf
 
@@ -121,63 +193,71 @@ class Coalescer:
 
     async def post(self, url: str, link: str, action: str, body: bytes) -> Reply:
         peer = self._peer(url)
-        if not peer.queue and peer.places.value > 0:
-            peer.places.acquire_nowait()
+        item = batchwire.Item(link, action, body)
+        now = trio.current_time()
+        if now < peer.unbatched_until or len(body) > MAX_BODY:
+            return await self._alone(url, item)  # as before batches (a peer answers 413)
+        places = peer.places
+        if not peer.queue and places.room(now):
+            place = places.take(now)
             try:
-                return await self._alone(url, batchwire.Item(link, action, body))
+                return await self._alone(url, item)
             finally:
-                peer.places.release()
-        waiting = _Waiting(batchwire.Item(link, action, body))
+                places.give_back(place)
+        waiting = _Waiting(item, trio.current_effective_deadline())
         peer.queue.append(waiting)
         try:
-            placed = False
-            with waiting.queued:
-                await peer.places.acquire()
-                placed = True
-            # Places go in order of asking, and the queue is in that order too: whoever gets
-            # one first finds its own request at the head, or already on its way.
-            if waiting.taken:
-                if placed:
-                    peer.places.release()
-            else:
+            while not waiting.taken:
+                waiting.queued = trio.CancelScope()
+                with waiting.queued:
+                    await places.wait_for_turn(lambda: waiting.taken or peer.queue[0] is waiting)
+                if waiting.taken:
+                    break
+                # There is room, and this request heads the queue (no checkpoint since): the
+                # queue goes, as much as a batch holds, in the order it came.
+                place = places.take(trio.current_time())
                 batch = _take(peer.queue)
+                places.nudge()  # a new head, if anything is left
                 if self._nursery is not None:
-                    self._nursery.start_soon(self._owned, url, peer, batch)
+                    self._nursery.start_soon(self._owned, url, peer, batch, place)
                 else:
                     try:
-                        await self._send_queued(url, peer, batch)
+                        await self._send_queued(url, peer, batch, place)
                     finally:
-                        peer.places.release()
+                        places.give_back(place)
             await waiting.done.wait()
         finally:
             if not waiting.taken:
                 peer.queue.remove(waiting)
+                places.nudge()
         return waiting.result()
 
     async def _alone(self, url: str, item: batchwire.Item) -> Reply:
         path = f"/v1/links/{item.link}/{item.action}"
         return await self._send(url, path, item.body, MAX_BODY, None)
 
-    async def _owned(self, url: str, peer: _Peer, batch: list[_Waiting]) -> None:
-        """A batch sent by the coalescer's task: its place is given back when it ends."""
+    async def _owned(self, url: str, peer: _Peer, batch: list[_Waiting], place: int) -> None:
+        """A batch sent by the coalescer's task, for as long as one of its callers waits (at
+        most `timeout`)."""
+        deadline = min(trio.current_time() + self.timeout, max(w.deadline for w in batch))
         try:
-            with trio.move_on_after(self.timeout):
-                await self._send_queued(url, peer, batch)
+            with trio.move_on_at(deadline):
+                await self._send_queued(url, peer, batch, place)
         except Exception as exc:  # a bug must not end the coalescer: each item fails once
             log.error("a batch to %s failed with %s (a bug)", url, type(exc).__name__)
         finally:
-            peer.places.release()
+            peer.places.give_back(place)
             for waiting in batch:
                 waiting.settle(None, TransportError(f"no answer from {url} in time"))
 
-    async def _send_queued(self, url: str, peer: _Peer, batch: list[_Waiting]) -> None:
+    async def _send_queued(self, url: str, peer: _Peer, batch: list[_Waiting], place: int) -> None:
         try:
             if len(batch) == 1:
                 batch[0].settle(await self._alone(url, batch[0].item))
             elif trio.current_time() < peer.unbatched_until:
                 await self._one_by_one(url, batch)
             else:
-                await self._batch(url, peer, batch)
+                await self._batch(url, peer, batch, place)
         except TransportError as exc:
             for waiting in batch:
                 waiting.settle(None, exc)
@@ -188,13 +268,16 @@ class Coalescer:
             for waiting in batch:
                 waiting.settle(None, TransportError("its batch ended without its answer"))
 
-    async def _batch(self, url: str, peer: _Peer, batch: list[_Waiting]) -> None:
+    async def _batch(self, url: str, peer: _Peer, batch: list[_Waiting], place: int) -> None:
         request = batchwire.encode_request([w.item for w in batch])
         reader = batchwire.ReplyReader(len(batch))
 
         def answered(data: bytes, identity: PeerIdentity) -> None:
             for index, answer in reader.feed(data):
                 batch[index].settle(Reply(answer.status, answer.body, identity))
+                # the peer is answering: what queued meanwhile may go (a slow item of this
+                # batch holds up no other request)
+                peer.places.step_aside(place)
 
         limit = batchwire.reply_limit(len(batch))
         try:
@@ -224,6 +307,8 @@ class Coalescer:
                 waiting.settle(await self._alone(url, waiting.item))
             except TransportError as exc:
                 waiting.settle(None, exc)
+            except trio.TooSlowError:
+                waiting.settle(None, TransportError("no complete reply in time"))
 
         async with trio.open_nursery() as nursery:
             for waiting in batch:

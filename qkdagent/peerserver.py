@@ -121,9 +121,10 @@ class ServerLimits:
     new connections are refused at accept (before any TLS work)."""
     stranger_burst: float = 8.0
     """... and at once."""
-    max_batched_per_identity: int = 1024
-    """Items of batches under way per client identity: a batch over it is answered 503 (the
-    agent's own client keeps at most 2 batches of 64 in flight to a peer)."""
+    max_batches_per_identity: int = 8
+    """Batch requests (of up to 64 items and 512 KiB each) under way per client identity,
+    from the moment their head is read: past it a batch is answered 503 unread. The agent's
+    own client keeps at most 8 under way to a peer (`peerbatch.MAX_OUTSTANDING`)."""
 
 
 def server_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
@@ -265,8 +266,8 @@ class _Server:
         """Where each request's handler runs (and goes on after replying early)."""
         self.going_on: collections.Counter[PeerIdentity] = collections.Counter()
         """Handlers still running after their early reply, per client identity."""
-        self.batched: collections.Counter[PeerIdentity] = collections.Counter()
-        """Items of batches being answered, per client identity."""
+        self.batches: collections.Counter[PeerIdentity] = collections.Counter()
+        """Batch requests being read or answered, per client identity."""
         self.context = context
         self.limits = limits
         self.admission = admission
@@ -506,6 +507,30 @@ class _Http:
             server.refused(405, f"{request.method[:16]!r} batch request")
             await self._send(405, error_body("method", "use POST"))
             return
+        if not any(name == b"content-length" for name, _ in request.headers):
+            # a chunked body of one-byte chunks would cost far more to parse than its size
+            server.refused(411, "batch without a content-length")
+            await self._send(411, error_body("batch", "content-length required"), close=True)
+            return
+        # Refused before the body is read: a client with its batches' share under way, or an
+        # address whose refusal budget is spent (a batch would run up to 64 refused handlers).
+        key = address_key(self.conn.host)
+        if server.batches[identity] >= self.limits.max_batches_per_identity or (
+            server.refusals.peek(key, trio.current_time()) < 1
+        ):
+            server.refused(503, "batch from a client with many under way or many refused")
+            await self._send(503, error_body("busy", "too many batches under way"))
+            return
+        server.batches[identity] += 1
+        try:
+            await self._batch_items()
+        finally:
+            server.batches[identity] -= 1
+            if not server.batches[identity]:
+                del server.batches[identity]
+
+    async def _batch_items(self) -> None:
+        server = self.server
         data = await self._read_body(batchwire.MAX_BATCH)
         if data is None:
             server.refused(413, f"batch over {batchwire.MAX_BATCH} bytes")
@@ -520,22 +545,15 @@ class _Http:
             await self._send(exc.status, error_body("batch", str(exc)))
             return
         del data
-        if server.batched[identity] + len(items) > self.limits.max_batched_per_identity:
-            server.refused(503, f"batch of {len(items)} from a client with many under way")
-            await self._send(503, error_body("busy", "too many batched requests under way"))
-            return
         if server.metrics is not None:
             server.metrics.peer_batches.inc()
             server.metrics.peer_batched_requests.inc(len(items))
-        server.batched[identity] += len(items)
-        try:
-            await self._stream_answers(items)
-        finally:
-            server.batched[identity] -= len(items)
-            if not server.batched[identity]:
-                del server.batched[identity]
+        await self._stream_answers(items)
 
     async def _stream_answers(self, items: list[batchwire.Item]) -> None:
+        """Every item's handler runs to its end, as a lone request's does, whatever becomes
+        of the connection: a client that goes away or stops reading loses its answers (the
+        connection is closed once every item has answered), never a handler's work."""
         h, stream, server = self.h11, self.stream, self.server
         self.conn.phase = "handler"
         self.conn.scope.deadline = math.inf  # bounded by the links' own timeouts
@@ -543,23 +561,26 @@ class _Http:
         ready: list[bytes] = []
         """Answers given and not yet sent: whoever sends next sends them all in one chunk (a
         group commit answers many items at once)."""
+        broken = False
         refused = 0
 
         async def send(*events: Any) -> None:
+            nonlocal broken
             async with sending:
                 if ready:
                     events = (h11.Data(data=b"".join(ready)), *events)
                     ready.clear()
-                if not events:
-                    return  # sent by an earlier writer
+                if broken or not events:
+                    return  # nobody to send to, or sent by an earlier writer
                 try:
                     data = b"".join(h.send(event) for event in events)
-                except h11.LocalProtocolError:
-                    raise _Close from None
-                with trio.move_on_after(self.limits.request_timeout) as slow:
-                    await stream.send_all(data)
-            if slow.cancelled_caught:  # the client does not read: give up the connection
-                raise _Close
+                    with trio.move_on_after(self.limits.request_timeout) as slow:
+                        await stream.send_all(data)
+                except (h11.LocalProtocolError, trio.BrokenResourceError,
+                        trio.ClosedResourceError):  # fmt: skip
+                    broken = True
+                    return
+                broken = slow.cancelled_caught  # the client does not read
 
         async def answer(index: int, item: batchwire.Item) -> None:
             nonlocal refused
@@ -584,6 +605,8 @@ class _Http:
                 nursery.start_soon(answer, index, item)
         await send(h11.EndOfMessage())
         self.refusals = refused
+        if broken:
+            raise _Close
 
     async def _handle(
         self,

@@ -39,6 +39,7 @@ def test_valid_config_loads(tmp_path: Path, paths: dict[str, str]) -> None:
     [
         (('name = "alice"', "name = 7"), "agent.name", "must be a string, not an integer"),
         (('name = "alice"', 'name = "a b"'), "agent.name", "letters, digits"),
+        (('name = "alice"', 'name = "alice\\n"'), "agent.name", "letters, digits"),
         (('listen = "127.0.0.1:17447"', 'listen = "nowhere"'), "agent.listen", "HOST:PORT"),
         (('peer = "bob"', 'peer = "alice"'), "links.alice-bob.peer", "own name"),
         (

@@ -224,12 +224,17 @@ def test_fuzzed_batches_over_https_are_refused_item_by_item_and_change_nothing(
     live: LivePair,
 ) -> None:
     """Batches (issue 18): mangled containers, and well-formed ones carrying fuzzed requests
-    for the real link: the batch is a 4xx, or a 200 whose every item is a 4xx; no state moves."""
+    for the real link and others: the batch is a 4xx (or a 503 once the address has spent its
+    refusal budget), or a 200 whose every item is a 4xx; no state moves."""
     batches = _load(TARGETS["peer_batch"])
     requests = _load(TARGETS["peer_request"])
     items = st.lists(
         st.tuples(st.sampled_from(requests.KINDS), requests.STRATEGY), min_size=1, max_size=8
-    ).map(lambda pairs: batchwire.encode_request([batchwire.Item(LINK, a, b) for a, b in pairs]))
+    ).map(  # the real link once, and links the agent does not have (a batch names each once)
+        lambda pairs: batchwire.encode_request(
+            [batchwire.Item(f"{LINK}{i or ''}", a, b) for i, (a, b) in enumerate(pairs)]
+        )
+    )
     mangled = st.builds(
         lambda seed, rnd: engine.Mutator(rnd, list(batches.SEEDS), None, []).mutate(),
         st.integers(),
@@ -256,6 +261,9 @@ def test_fuzzed_batches_over_https_are_refused_item_by_item_and_change_nothing(
                 answers = batchwire.decode_reply(reply.content, count)
                 assert all(400 <= a.status < 500 for a in answers), answers
                 outcomes.append("items")
+            elif reply.status_code == 503:  # the address's refusal budget is spent
+                assert reply.json()["error"] == "busy"
+                outcomes.append("busy")
             else:
                 assert 400 <= reply.status_code < 500, (reply.status_code, body[:200])
                 outcomes.append("batch")

@@ -5,6 +5,7 @@ peer without batches gets, and that no request is lost or answered with another'
 from __future__ import annotations
 
 import logging
+import random
 import struct
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from qkdagent.builtin.memory import MemoryPool
 from qkdagent.errors import ProtocolError
 from qkdagent.h1client import OnData, Reply, TransportError
 from qkdagent.identity import PeerIdentity
-from qkdagent.peerbatch import BATCH_PATH, FALLBACK_PAUSE, Coalescer
+from qkdagent.peerbatch import BATCH_PATH, FALLBACK_PAUSE, MAX_OUTSTANDING, STALL, Coalescer
 from qkdagent.protocol import MAX_BODY, error_body
 from qkdagent.testing import open_agent_pair
 
@@ -394,7 +395,7 @@ async def test_a_slow_item_holds_up_no_other_item_of_its_batch() -> None:
         await trio.testing.wait_all_tasks_blocked()
         nursery.cancel_scope.cancel()
     assert results["l2"].body == b"slow" and results["l3"].body == b"3l"
-    assert coalescer._peers["https://bob"].places.value == 1
+    assert len(coalescer._peers["https://bob"].places) == 0
 
 
 @pytest.mark.parametrize("owned", [True, False], ids=["run", "no-run"])
@@ -441,7 +442,7 @@ async def test_a_cancelled_caller_only_stops_waiting_while_the_coalescer_runs(
     (batch,) = [s for _, s in peer.sent if isinstance(s, list)]
     assert [i.link for i in batch] == ["sender", "other"]
     assert not coalescer._peers["https://bob"].queue
-    assert coalescer._peers["https://bob"].places.value == 1  # every place given back
+    assert len(coalescer._peers["https://bob"].places) == 0  # every place given back
 
 
 # -- two agents over HTTPS -----------------------------------------------------------------
@@ -535,3 +536,98 @@ def _cancel_mid_batch(  # type: ignore[no-untyped-def]
         await trio.testing.wait_all_tasks_blocked()
 
     return steps()
+
+
+# -- places: a slow request holds up others for at most STALL ------------------------------
+
+
+async def test_a_stalled_request_stops_holding_the_queue_and_outstanding_ones_are_capped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    peer = FakePeer()
+    hold = peer.held()  # nothing is ever answered until the end
+    coalescer = Coalescer(peer.send, in_flight=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.post, "https://bob", "l0", "rotate", b"x")
+        await trio.testing.wait_all_tasks_blocked()
+        for link in ("l1", "l2"):
+            nursery.start_soon(coalescer.post, "https://bob", link, "rotate", b"x")
+            await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(STALL * 0.9)
+        assert len(peer.sent) == 1  # l1 and l2 wait for l0's place...
+        await trio.sleep(STALL * 0.2)
+        assert [_links(s) for _, s in peer.sent] == [["l0"], ["l1", "l2"]]  # ...until it stalls
+        for i in range(3, 20):  # one more every stall: at most MAX_OUTSTANDING under way
+            nursery.start_soon(coalescer.post, "https://bob", f"l{i}", "rotate", b"x")
+            await trio.sleep(STALL * 1.5)
+        assert len(peer.sent) == MAX_OUTSTANDING
+        hold.set()
+    assert len(coalescer._peers["https://bob"].places) == 0 and coalescer.batches >= 1
+    assert sorted(x for _, s in peer.sent for x in _links(s)) == sorted(f"l{i}" for i in range(20))
+
+
+def _links(sent: list[Item] | Item) -> list[str]:
+    return [i.link for i in sent] if isinstance(sent, list) else [sent.link]
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_every_request_gets_its_own_answer_or_fails_whatever_befalls_the_batches(
+    seed: int, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A randomised run: slow, failed, refused and partly answered batches, callers that give
+    up, two peers, and the coalescer's task stopping midway (half the seeds). No request is
+    answered with another's reply, every one ends, and every place is given back."""
+    rnd = random.Random(seed)
+
+    async def send(url: str, path: str, body: bytes, limit: int, on_data: OnData | None) -> Reply:
+        await trio.sleep(rnd.choice([0, 0.01, 0.5, 3, 20]))
+        if rnd.random() < 0.1:
+            raise TransportError("reset")
+        if path != BATCH_PATH:
+            return Reply(200, body[::-1], SERVER)
+        items = batchwire.decode_request(body)
+        assert on_data is not None and len({i.link for i in items}) == len(items)
+        if rnd.random() < 0.1:
+            return Reply(rnd.choice([400, 404, 503]), error_body("batch", "no"), SERVER)
+        on_data(batchwire.reply_head(len(items)), SERVER)
+        for index in rnd.sample(range(len(items)), len(items)):
+            if rnd.random() < 0.05:
+                continue  # never answered
+            await trio.sleep(rnd.choice([0, 0.1, 4]))
+            on_data(batchwire.encode_answer(index, Answer(200, items[index].body[::-1])), SERVER)
+        return Reply(200, b"", SERVER)
+
+    coalescer = Coalescer(send, timeout=10.0, in_flight=rnd.choice([1, 2, 3]))
+    ended: list[str] = []
+
+    async def post(n: int) -> None:
+        await trio.sleep(rnd.random() * 30)
+        body = f"body{n}".encode()
+        with trio.move_on_after(rnd.choice([0.001, 1, 5, 10, 100])):
+            try:
+                reply = await coalescer.post(rnd.choice(["u1", "u2"]), f"l{n}", "rotate", body)
+                assert reply.body == body[::-1]
+            except TransportError:
+                pass
+        ended.append(f"l{n}")
+
+    with trio.fail_after(600):
+        async with trio.open_nursery() as outer:
+            running = trio.CancelScope()
+
+            async def run(task_status: trio.TaskStatus[None]) -> None:
+                with running:
+                    await coalescer.run(task_status=task_status)
+
+            if seed % 2:
+                await outer.start(run)
+            async with trio.open_nursery() as posts:
+                for n in range(200):
+                    posts.start_soon(post, n)
+                if seed % 4 == 1:
+                    await trio.sleep(15)
+                    running.cancel()  # the agent stops the client's task midway
+            running.cancel()
+    assert len(ended) == 200
+    for peer in coalescer._peers.values():
+        assert not peer.queue and len(peer.places) == 0

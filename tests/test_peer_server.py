@@ -835,7 +835,9 @@ async def test_an_oversized_or_unposted_batch_is_refused_unread(tmp_path: Path) 
         assert server.calls == []
 
 
-async def test_batches_past_the_per_client_bound_are_answered_busy(tmp_path: Path) -> None:
+async def test_batches_past_the_per_client_bound_are_answered_busy_unread(
+    tmp_path: Path,
+) -> None:
     release = trio.Event()
 
     async def handler(
@@ -844,7 +846,7 @@ async def test_batches_past_the_per_client_bound_are_answered_busy(tmp_path: Pat
         await release.wait()
         return b"{}"
 
-    async with running(tmp_path, handler, max_batched_per_identity=5) as server:
+    async with running(tmp_path, handler, max_batches_per_identity=1) as server:
         first, second = await server.tls(), await server.tls()
         three = _batch(*[(f"l{i}", "rotate", b"{}") for i in range(3)])
         with trio.fail_after(10):
@@ -853,11 +855,21 @@ async def test_batches_past_the_per_client_bound_are_answered_busy(tmp_path: Pat
                 await trio.testing.wait_all_tasks_blocked()
                 response, body = await exchange(second, post("/v1/batch", len(three)), three)
                 assert response.status_code == 503 and json.loads(body)["error"] == "busy"
-                two = _batch(("m", "rotate", b"{}"), ("n", "rotate", b"{}"))
-                nursery.start_soon(exchange, second, post("/v1/batch", len(two)), two)
-                await trio.testing.wait_all_tasks_blocked()
                 release.set()
-        assert server.refused(503) == 1
+            two = _batch(("m", "rotate", b"{}"), ("n", "rotate", b"{}"))
+            response, _ = await exchange(second, post("/v1/batch", len(two)), two)
+            assert response.status_code == 200  # the first batch is done: room again (and
+        assert server.refused(503) == 1  # the connection was kept after the 503)
+
+
+async def test_a_batch_without_content_length_is_refused_and_closed(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        stream = await server.tls()
+        data = _batch(("a", "rotate", b"{}"))
+        response, body = await exchange(stream, post("/v1/batch", chunked=True), data)
+        assert response.status_code == 411 and json.loads(body)["error"] == "batch"
+        assert await closed_by_server(stream)
+        assert server.calls == []
 
 
 async def test_each_refused_item_of_a_batch_costs_a_refusal_token(tmp_path: Path) -> None:
@@ -874,3 +886,64 @@ async def test_each_refused_item_of_a_batch_costs_a_refusal_token(tmp_path: Path
         with trio.move_on_after(1) as waited:  # 5 refusals against a burst of 4: it waits
             await exchange(flood, post(ROTATE, 2), b"{}")
         assert waited.cancelled_caught
+
+
+async def test_batched_handlers_run_to_their_end_when_the_client_goes_away(
+    tmp_path: Path,
+) -> None:
+    """As a lone request's handler does: a client that resets the connection mid-batch loses
+    the answers still to come, never a handler's work (a responder's install, say)."""
+    release = {"a": trio.Event(), "b": trio.Event()}
+    outcome: dict[str, str] = {}
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        try:
+            if link in release:
+                await release[link].wait()
+            outcome[link] = "finished"
+        except trio.Cancelled:
+            outcome[link] = "cancelled"
+            raise
+        return b"{}"
+
+    async with running(tmp_path, handler) as server:
+        stream = await server.tls()
+        data = _batch(("a", "rotate", b"{}"), ("b", "rotate", b"{}"), ("fast", "rotate", b"{}"))
+        client = h11.Connection(h11.CLIENT)
+        await stream.send_all(
+            client.send(post("/v1/batch", len(data))) + client.send(h11.Data(data=data))
+            + client.send(h11.EndOfMessage())
+        )  # fmt: skip
+        with trio.fail_after(10):
+            while "fast" not in outcome:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        sock = stream.transport_stream.socket
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset: the server's next write fails
+        release["a"].set()
+        await trio.testing.wait_all_tasks_blocked()  # a's answer met the reset connection
+        assert outcome == {"fast": "finished", "a": "finished"}
+        release["b"].set()
+        with trio.fail_after(10):
+            while "b" not in outcome:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        assert outcome["b"] == "finished"
+
+
+async def test_an_address_out_of_refusal_tokens_gets_its_batches_refused_unread(
+    tmp_path: Path,
+) -> None:
+    """A batch could run 64 refused handlers for one token: once an address is in deficit,
+    its batches are answered 503 before any item runs (lone requests wait as before)."""
+    async with running(tmp_path, refusal_rate=0.001, refusal_burst=2) as server:
+        flood = await server.tls("mallory")
+        for _ in range(2):
+            response, _ = await exchange(flood, post("/nope", 2), b"{}")
+            assert response.status_code == 404
+        other = await server.tls()  # same address
+        data = _batch(("a", "rotate", b"{}"), ("b", "rotate", b"{}"))
+        response, body = await exchange(other, post("/v1/batch", len(data)), data)
+        assert response.status_code == 503 and json.loads(body)["error"] == "busy"
+        assert server.calls == []
