@@ -52,8 +52,9 @@ class PeerReply:
 class PeerClient:
     """Kept-alive connections to peers (`h1client.H1Client`); requests carry already MAC'd
     bodies, and those waiting for the same peer go as one batch (`peerbatch`). A reply is read
-    at most `MAX_BODY` bytes (a batch's `batchwire.MAX_BATCH`), undecoded, and each request has
-    a total deadline, not only a per-read timeout: a trickling peer cannot hold a rotation."""
+    at most `MAX_BODY` bytes (a batch's, `batchwire.reply_limit`: each answer at most that),
+    undecoded, and each request has a total deadline, not only a per-read timeout: a trickling
+    peer cannot hold a rotation."""
 
     def __init__(self, tls: TlsFiles, *, timeout: float = 10.0, connections: int = 16) -> None:
         self.timeout = timeout
