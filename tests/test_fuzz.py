@@ -176,6 +176,25 @@ class LivePair:
         return httpx.Client(verify=ctx, timeout=10)
 
 
+LIVE_EXAMPLES = settings(
+    max_examples=50,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+"""Hypothesis settings of the tests against a live pair (one pair serves every example)."""
+
+
+def _mutated(seeds: list[bytes], fmt: str | None) -> st.SearchStrategy[bytes]:
+    """Seeds mutated by the fuzz engine, reproducibly."""
+    return st.builds(
+        lambda seed, rnd: engine.Mutator(rnd, list(seeds), fmt, []).mutate(),
+        st.integers(),
+        st.randoms(use_true_random=False),
+    )
+
+
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[LivePair]:
     with LivePair(tmp_path) as pair:
@@ -185,25 +204,13 @@ def live(tmp_path: Path) -> Iterator[LivePair]:
 def test_fuzzed_peer_requests_over_https_are_4xx_and_change_nothing(live: LivePair) -> None:
     requests = _load(TARGETS["peer_request"])
     bodies = st.one_of(
-        requests.STRATEGY,
-        st.sampled_from(requests.SEEDS),
-        st.builds(
-            lambda seed, rnd: engine.Mutator(rnd, list(requests.SEEDS), "json", []).mutate(),
-            st.integers(),
-            st.randoms(use_true_random=False),
-        ),
+        requests.STRATEGY, st.sampled_from(requests.SEEDS), _mutated(requests.SEEDS, "json")
     )
     before = live.state()
     statuses: list[int] = []
     with live.client("alice") as as_alice, live.client("bob") as as_bob:
 
-        @settings(
-            max_examples=50,
-            derandomize=True,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
+        @LIVE_EXAMPLES
         @given(st.sampled_from(["alice", "bob"]), st.sampled_from(requests.KINDS), bodies)
         def post(name: str, action: str, body: bytes) -> None:
             http = as_bob if name == "alice" else as_alice  # each agent hears from its peer
@@ -235,22 +242,12 @@ def test_fuzzed_batches_over_https_are_refused_item_by_item_and_change_nothing(
             [batchwire.Item(f"{LINK}{i or ''}", a, b) for i, (a, b) in enumerate(pairs)]
         )
     )
-    mangled = st.builds(
-        lambda seed, rnd: engine.Mutator(rnd, list(batches.SEEDS), None, []).mutate(),
-        st.integers(),
-        st.randoms(use_true_random=False),
-    )
+    mangled = _mutated(batches.SEEDS, None)
     before = live.state()
     outcomes: list[str] = []
     with live.client("alice") as as_alice, live.client("bob") as as_bob:
 
-        @settings(
-            max_examples=50,
-            derandomize=True,
-            deadline=None,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
+        @LIVE_EXAMPLES
         @given(st.sampled_from(["alice", "bob"]), st.one_of(items, mangled))
         def post(name: str, body: bytes) -> None:
             http = as_bob if name == "alice" else as_alice

@@ -677,6 +677,16 @@ def _batch(*items: tuple[str, str, bytes]) -> bytes:
     return batchwire.encode_request([batchwire.Item(*item) for item in items])
 
 
+async def send_batch(stream: trio.abc.Stream, data: bytes) -> h11.Connection:
+    """Send a batch request whole; the client connection reads what comes back."""
+    client = h11.Connection(h11.CLIENT)
+    await stream.send_all(
+        client.send(post("/v1/batch", len(data))) + client.send(h11.Data(data=data))
+        + client.send(h11.EndOfMessage())
+    )  # fmt: skip
+    return client
+
+
 async def test_a_batch_is_answered_item_by_item_as_if_each_came_alone(tmp_path: Path) -> None:
     async def handler(
         link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
@@ -718,7 +728,7 @@ async def test_a_batch_runs_its_items_side_by_side_and_answers_once_all_have(
     tmp_path: Path,
 ) -> None:
     """Item `a` waits for item `b` (which it could not, one after the other); a commit that
-    replies early counts as answered, and goes on after the batch's reply is sent."""
+    replies early counts as answered, and goes on after its answer is sent."""
     b_ran, release, finished = trio.Event(), trio.Event(), trio.Event()
 
     async def handler(
@@ -764,11 +774,7 @@ async def test_each_answer_of_a_batch_is_streamed_as_soon_as_it_is_given(tmp_pat
     async with running(tmp_path, handler) as server:
         stream = await server.tls()
         data = _batch(("slow", "rotate", b""), ("fast", "rotate", b""), ("commit", "commit", b""))
-        client = h11.Connection(h11.CLIENT)
-        await stream.send_all(
-            client.send(post("/v1/batch", len(data))) + client.send(h11.Data(data=data))
-            + client.send(h11.EndOfMessage())
-        )  # fmt: skip
+        client = await send_batch(stream, data)
         reader, answers = batchwire.ReplyReader(3), {}
         with trio.fail_after(10):
             while True:
@@ -911,11 +917,7 @@ async def test_batched_handlers_run_to_their_end_when_the_client_goes_away(
     async with running(tmp_path, handler) as server:
         stream = await server.tls()
         data = _batch(("a", "rotate", b"{}"), ("b", "rotate", b"{}"), ("fast", "rotate", b"{}"))
-        client = h11.Connection(h11.CLIENT)
-        await stream.send_all(
-            client.send(post("/v1/batch", len(data))) + client.send(h11.Data(data=data))
-            + client.send(h11.EndOfMessage())
-        )  # fmt: skip
+        await send_batch(stream, data)
         with trio.fail_after(10):
             while "fast" not in outcome:  # noqa: ASYNC110
                 await trio.sleep(0.01)
