@@ -11,6 +11,8 @@ from __future__ import annotations
 import hmac
 import logging
 import math
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -33,6 +35,17 @@ ANNOUNCE_PAUSE = 3600.0
 """Seconds an initiator stops announcing to a peer that does not know the message."""
 
 
+@dataclass(frozen=True, eq=False)
+class _Prefetched:
+    """What a prefetch prepared for the rotation from `record`: used by one attempt at most."""
+
+    record: LinkRecord
+    keys: list[tuple[str, Key]] = field(repr=False)
+    body: bytes = field(repr=False)
+    """The `rotate` naming the keys' IDs, MAC'd under the record's auth key."""
+    nonce: bytes = field(repr=False)
+
+
 class RotationFailed(Exception):
     """A rotation attempt ended without a commit; `stage` says where."""
 
@@ -52,8 +65,9 @@ class Initiator:
         self.env = link.env
         self.config = link.config
         self.name = link.name
-        self._prefetched: tuple[LinkRecord, list[tuple[str, Key]]] | None = None
-        """Source keys taken ahead for the next rotation from this record (its state)."""
+        self._prefetched: _Prefetched | None = None
+        """Source keys taken ahead for the next rotation from this record (its state), and
+        the `rotate` naming them."""
         self._prefetch_for: float | None = None
         """The rotation time the last prefetch was made (or tried) for: one try per rotation."""
         self._announces = any(source.fetch_ahead for source in link.sources)
@@ -81,7 +95,11 @@ class Initiator:
                     keys = await self._offers(record.source_state)
             except (RotationFailed, trio.TooSlowError):
                 return
-            self._prefetched = (record, keys)
+            # the rotate that will name them, built now, off the rotation's path
+            body, nonce = self._build(
+                "rotate", record.epoch + 1, self._key_ids(keys), record.auth_key
+            )
+            self._prefetched = _Prefetched(record, keys, body, nonce)
             if self._announces and trio.current_time() >= self._announce_paused_until:
                 with trio.move_on_after(self.env.rotation_timeout):
                     await self._announce(record, self._key_ids(keys))
@@ -118,11 +136,11 @@ class Initiator:
                 extra={"link": self.name},
             )
 
-    def _take_prefetched(self, record: LinkRecord) -> list[tuple[str, Key]] | None:
+    def _take_prefetched(self, record: LinkRecord) -> _Prefetched | None:
         prefetched, self._prefetched = self._prefetched, None
-        if prefetched is None or prefetched[0] is not record:
+        if prefetched is None or prefetched.record is not record:
             return None
-        return prefetched[1]
+        return prefetched
 
     async def rotate_once(self) -> bool:
         """One rotation attempt under the link's lock; returns whether it committed."""
@@ -148,13 +166,18 @@ class Initiator:
     async def _rotate(self, started: float) -> None:
         link = self.link
         record = link.record
-        keys = self._take_prefetched(record) or await self._offers(record.source_state)
-        crash_point("initiator:keys-fetched")
-        key_ids = self._key_ids(keys)
         epoch = record.epoch + 1
         kind, chain_key, auth_key = "rotate", record.chain_key, record.auth_key
+        prefetched = self._take_prefetched(record)
+        if prefetched is None:
+            keys = await self._offers(record.source_state)
+            sent, nonce = self._build(kind, epoch, self._key_ids(keys), auth_key)
+        else:  # the keys, and the rotate naming them, prepared ahead
+            keys, sent, nonce = prefetched.keys, prefetched.body, prefetched.nonce
+        crash_point("initiator:keys-fetched")
+        key_ids = self._key_ids(keys)
         states: dict[str, bytes] = record.source_state
-        reply, nonce, sent = await self._exchange(kind, epoch, key_ids, auth_key)
+        reply = await self._post(kind, sent)
         refusal = self._refusal(reply, sent)
         if refusal is not None and refusal.code == "epoch":
             if refusal.epoch >= protocol.RESYNC_CEILING:
@@ -176,7 +199,8 @@ class Initiator:
             key_ids = self._key_ids(keys)
             epoch = max(record.epoch, refusal.epoch) + 1
             kind, chain_key, auth_key = "resync", link.start.chain_key, link.start.auth_key
-            reply, nonce, sent = await self._exchange(kind, epoch, key_ids, auth_key)
+            sent, nonce = self._build(kind, epoch, key_ids, auth_key)
+            reply = await self._post(kind, sent)
             refusal = self._refusal(reply, sent)
         if refusal is not None:
             raise RotationFailed(
@@ -204,18 +228,20 @@ class Initiator:
         store = self.env.store
         try:
             # One transaction: the key IDs recorded as used, the epoch and the sources' state.
-            link.record = await store.run(
-                lambda: store.commit(
-                    self.name,
-                    epoch=epoch,
-                    chain_key=derived.chain_key,
-                    auth_key=derived.auth_key,
-                    key_ids=key_ids,
-                    outputs=derived.outputs,
-                    mark_used=True,
-                    source_state=new_states,
-                )
+            # Durable before anything leaves: this commit decides the rotation (the responder
+            # installs on the `commit` that follows it).
+            commit_epoch = partial(
+                store.commit,
+                self.name,
+                epoch=epoch,
+                chain_key=derived.chain_key,
+                auth_key=derived.auth_key,
+                key_ids=key_ids,
+                outputs=derived.outputs,
+                mark_used=True,
+                source_state=new_states,
             )
+            link.record = await store.run(commit_epoch)
         except KeyReuseError as exc:
             raise RotationFailed("source", str(exc)) from None
         crash_point("initiator:committed")
@@ -273,10 +299,10 @@ class Initiator:
                 new[source.id] = state
         return new
 
-    async def _exchange(
+    def _build(
         self, kind: str, epoch: int, key_ids: tuple[tuple[str, str], ...], auth_key: Secret
-    ) -> tuple[PeerReply, bytes, bytes]:
-        """Send a rotate or resync; returns the reply, our nonce and the body we sent."""
+    ) -> tuple[bytes, bytes]:
+        """A rotate or resync naming `key_ids`, and its nonce (fresh: one per message)."""
         nonce = protocol.new_nonce()
         body = protocol.build(
             kind,
@@ -289,7 +315,7 @@ class Initiator:
             labels=list(self.link.sinks.shared_labels),
             nonce=nonce,
         )
-        return await self._post(kind, body), nonce, body
+        return body, nonce
 
     def _refusal(self, reply: PeerReply, sent: bytes) -> protocol.Refusal | None:
         """None for a 200; the peer's authenticated refusal; else one failed attempt.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -258,7 +259,7 @@ class Responder:
         )
         store = self.env.store
         try:
-            await store.run(lambda: store.store_pending(self.name, pending, mark_used=True))
+            await store.run(partial(store.store_pending, self.name, pending, mark_used=True))
         except KeyReuseError:
             refusal = rules.Refuse("replay", "key ID already used on this link", 409)
             raise self._refuse(refusal, body) from None
@@ -279,9 +280,10 @@ class Responder:
         await self._commit(decision.pending)
         reply = self._acknowledge("commit-reply", message)
         if reply_now is not None:
-            # The acknowledgement says the commit is durable, which it is: the initiator's
-            # rotation ends now, while this side installs (under the link's lock still, so
-            # the next request for the link finds it installed). DESIGN §4 step 5.
+            # The acknowledgement says the epoch is committed, and its keys are durable (see
+            # `_commit`): the initiator's rotation ends now, while this side installs (under
+            # the link's lock still, so the next request for the link finds it installed).
+            # DESIGN §4 step 5.
             await reply_now(reply)
             crash_point("responder:acknowledged")
         await self._install(started, decision.pending)
@@ -306,19 +308,29 @@ class Responder:
         await self._install(started, pending)
 
     async def _commit(self, pending: Pending) -> None:
+        """Make the pending epoch current, without an fsync of its own (`durable=False`).
+
+        Everything the install and a restart need is on disk already: the pending epoch, its
+        outputs and its used key IDs were made durable before the reply that offered it. A
+        crash of the process keeps this commit (the operating system holds the log); a power
+        loss before the next fsync (the next durable commit, or the checkpoint within
+        `state.SCRUB_DELAY`) leaves the pending epoch, which the initiator's next `rotate`,
+        MAC'd under its auth key, commits first, as after a lost `commit` (DESIGN §4 step 5).
+        The initiator's commit, which decides the rotation, stays durable before anything
+        leaves it."""
         link = self.link
         store = self.env.store
-        link.record = await store.run(
-            lambda: store.commit(
-                self.name,
-                epoch=pending.epoch,
-                chain_key=pending.chain_key,
-                auth_key=pending.auth_key,
-                key_ids=pending.key_ids,
-                outputs=pending.outputs,
-                source_state=pending.source_state,
-            )
+        commit = partial(
+            store.commit,
+            self.name,
+            epoch=pending.epoch,
+            chain_key=pending.chain_key,
+            auth_key=pending.auth_key,
+            key_ids=pending.key_ids,
+            outputs=pending.outputs,
+            source_state=pending.source_state,
         )
+        link.record = await store.run(commit, durable=False)
         crash_point("responder:committed")
 
     async def _install(self, started: float, pending: Pending) -> None:

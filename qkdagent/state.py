@@ -2,9 +2,11 @@
 
 Everything a side needs to converge after a crash is written (fsync'd) before any sink is touched:
 the committed epoch with its chain/auth keys and sink outputs, a pending epoch with the exact reply
-that was sent for it, and every key ID the link has used. The methods are blocking; the agent calls
-them through `StateStore.run`: on the event loop while commits are fast, else on a worker thread
-(`inline.loop_gate`), one caller at a time.
+that was sent for it, and every key ID the link has used. (The responder's commit of a pending
+epoch is the one write that is not fsync'd on its own: its keys are on disk with the pending
+epoch, and a lost commit is recovered by the protocol; see `StateStore.run`.) The methods are
+blocking; the agent calls them through `StateStore.run`: on the event loop while commits are
+fast, else on a worker thread (`inline.loop_gate`), one caller at a time.
 
 `secure_delete` zeroes freed pages so overwritten chain keys do not linger in the database file.
 It does not reach the write-ahead log, which keeps every older page image until a checkpoint:
@@ -205,6 +207,7 @@ class StateStore:
             self._db.execute("PRAGMA locking_mode=EXCLUSIVE")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            self._sync_full = True
             self._db.execute("PRAGMA secure_delete=ON")
             self._db.executescript(_SCHEMA)
             self._page_size = int(self._db.execute("PRAGMA page_size").fetchone()[0])
@@ -229,7 +232,7 @@ class StateStore:
         """Whether writes run on a worker thread (and `scrub_log` should run beside them)."""
         return self._threaded
 
-    async def run(self, fn: Callable[..., T], *args: object) -> T:
+    async def run(self, fn: Callable[..., T], *args: object, durable: bool = True) -> T:
         """Run a blocking store method with group commit, on the event loop while commits are
         fast (`inline.loop_gate`: a thread hop cost more than the commit), else on a thread.
 
@@ -238,13 +241,20 @@ class StateStore:
         failing call changes nothing and the others still commit) with a single fsync. A call
         returns only after the transaction holding its writes is durable.
 
+        `durable=False` is for a write whose loss the protocol recovers from (the responder's
+        commit of a pending epoch that is itself durable: see `Responder._commit`). A batch of
+        only such writes commits without an fsync (`synchronous=NORMAL`): it survives a crash
+        of the process, as the operating system holds the log, but not a power loss before
+        the next fsync, which the next durable commit or the checkpoint (`scrub_log`, within
+        `SCRUB_DELAY`) makes. A batch with any durable write is durable whole.
+
         Unthreaded (virtual-clock tests only) it runs inline: a worker thread would let trio's
         autojump clock leap ahead while SQLite writes.
         """
         if not self._threaded:
             await trio.lowlevel.checkpoint()
             return fn(*args)
-        job = _Job(fn, args)
+        job = _Job(fn, args, durable)
         self._queue.append(job)
         try:
             await self._batch_lock.acquire()
@@ -284,8 +294,24 @@ class StateStore:
                 await trio.to_thread.run_sync(self._checkpoint_and_warm)
             self._scrub.ran()
 
+    def _synchronous(self, full: bool) -> None:
+        """Whether commits fsync the log (FULL) or leave it to the next one that does (NORMAL).
+        Set outside any transaction. FULL is restored after every lowered write, and checked
+        again before every batch that must be durable, so no such batch follows a lowered
+        setting that could not be restored."""
+        if full != self._sync_full:
+            self._db.execute("PRAGMA synchronous=FULL" if full else "PRAGMA synchronous=NORMAL")
+            self._sync_full = full
+
+    def _restore_full(self) -> None:
+        try:
+            self._synchronous(True)
+        except sqlite3.Error:
+            pass  # the next durable batch sets it before it begins, or fails
+
     def _run_batch(self, batch: list[_Job]) -> None:
         try:
+            self._synchronous(any(job.durable for job in batch))
             self._db.execute("BEGIN IMMEDIATE")
             for job in batch:
                 try:
@@ -299,6 +325,7 @@ class StateStore:
             for job in batch:
                 job.error = job.error or exc
         finally:
+            self._restore_full()
             for job in batch:
                 job.done = True
 
@@ -342,7 +369,7 @@ class StateStore:
         written = self._checkpoint_passive() * self._page_size
         self._checkpoint()
         try:
-            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._synchronous(False)
             self._write(
                 "INSERT INTO wal_pad VALUES (1, randomblob(?1)) "
                 "ON CONFLICT (id) DO UPDATE SET pad = randomblob(?1)",
@@ -356,7 +383,7 @@ class StateStore:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
         finally:
-            self._db.execute("PRAGMA synchronous=FULL")
+            self._restore_full()
 
     def _write(self, sql: str, args: tuple[object, ...]) -> None:
         self._db.execute("BEGIN IMMEDIATE")
@@ -608,6 +635,8 @@ class _Transaction:
 class _Job:
     fn: Callable[..., Any]
     args: tuple[object, ...]
+    durable: bool = True
+    """Whether the caller needs the write on disk when it returns (see `StateStore.run`)."""
     done: bool = False
     result: Any = None
     error: BaseException | None = None

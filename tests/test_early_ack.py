@@ -1,6 +1,8 @@
-"""The responder acknowledges a `commit` once it is durable and installs after (issue 18): the
+"""The responder acknowledges a `commit` once it is committed and installs after (issue 18): the
 initiator's rotation no longer waits for the responder's sinks, and nothing reaches the link
-before that install is done (it holds the link's lock)."""
+before that install is done (it holds the link's lock). The commit itself is not fsync'd on its
+own: the pending epoch it makes current already is, and a commit lost to a power loss is
+recovered as a lost `commit` message is."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ class _SeenAtAck:
         self.seen.append((event.epoch, bob.record.epoch, installs))
 
 
-async def test_the_initiator_is_done_once_the_responder_commit_is_durable(
+async def test_the_initiator_is_done_once_the_responder_has_committed(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     async with open_agent_pair(
@@ -157,3 +159,73 @@ async def test_a_link_being_reconfigured_answers_503_not_404(
         with pytest.raises(ProtocolError) as unknown:
             await pair.bob._handle_peer("no-such-link", "commit", b"{}", ALICE_ID)
         assert unknown.value.status == 404
+
+
+async def test_only_the_responder_commit_leaves_its_fsync_to_the_next(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What each side writes, and whether it must be on disk before the side goes on: the
+    responder's pending epoch (with its key IDs) and the initiator's commit, which decides
+    the rotation, are durable; the responder's commit of that pending epoch is not."""
+    from qkdagent.state import StateStore
+
+    writes: list[tuple[Path, str, bool]] = []
+    real_run = StateStore.run
+
+    async def spy(self: StateStore, fn: Any, *args: Any, durable: bool = True) -> Any:
+        name = getattr(fn, "func", fn).__name__
+        writes.append((self.state_dir, name, durable))
+        return await real_run(self, fn, *args, durable=durable)
+
+    monkeypatch.setattr(StateStore, "run", spy)
+    async with open_agent_pair(tmp_path, alice=ALICE, bob=ALICE, link=LINK, local=True) as pair:
+        await pair.wait_for_installs(3, "rec", timeout=4 * LINK["interval"])
+        alice_dir = Path(pair.configs["alice"]["agent"]["state_dir"])
+    rotation = {(side == alice_dir, name, durable) for side, name, durable in writes
+                if name in ("commit", "store_pending")}  # fmt: skip
+    assert rotation == {
+        (True, "commit", True),
+        (False, "store_pending", True),
+        (False, "commit", False),
+    }
+
+
+async def test_a_responder_commit_lost_with_the_power_is_made_by_the_next_rotate(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """What a power loss right after bob's commit of epoch n+1 leaves him (its fsync came
+    later): epoch n and the durable pending n+1. Emulated by putting back his state file as
+    it was when alice's commit reached him. Alice's next rotate, under n+1's auth key, makes
+    bob commit n+1 first: both reach n+2 with the same key, no resync, no key ID twice."""
+    import shutil
+
+    from qkdagent.testing.hostile import Exchange, ManInTheMiddle
+
+    link = {"interval": 100.0, "reject_after": 300.0, "jitter": 0}
+    async with open_agent_pair(tmp_path, alice=ALICE, bob=ALICE, link=link, local=True) as pair:
+        await pair.wait_for_installs(1, "rec")
+        state = Path(pair.configs["bob"]["agent"]["state_dir"]) / "state.db"
+        saved = tmp_path / "as-on-disk.db"
+        mitm = ManInTheMiddle.on(pair, "bob")
+
+        async def snapshot_at_commit(exchange: Exchange) -> Any:
+            if exchange.action == "commit" and not saved.exists():
+                shutil.copyfile(state, saved)  # epoch 1 and pending 2, checkpointed
+            return await exchange.forward()
+
+        mitm.tamper = snapshot_at_commit
+        await pair.wait_for_installs(2, "rec", timeout=2 * link["interval"])
+        await pair.stop("bob")
+        for stale in state.parent.glob("state.db*"):
+            stale.unlink()
+        shutil.copyfile(saved, state)
+        bob = await pair.start("bob")
+        record = bob.link("alice-bob").record
+        assert record.epoch == 1 and record.pending is not None and record.pending.epoch == 2
+        assert pair.epoch("alice") == 2
+        await pair.wait_for_installs(3, "rec", timeout=2 * link["interval"])
+        assert pair.epoch("alice") == pair.epoch("bob") == 3
+        assert pair.secret("alice", "rec") == pair.secret("bob", "rec")
+        assert not mitm.requests("resync")
+        used = [r.key_ids for r in pair.sink("alice", "rec").installs]
+        assert len(used) == len(set(used))

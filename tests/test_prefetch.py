@@ -130,3 +130,44 @@ async def test_keys_taken_ahead_serve_only_the_record_they_were_taken_for(
         await pair.wait_for_epoch(2)
         used = pair.sink("alice", "rec").installs[-1].key_ids[0]
     assert len(log) == 3 and used == log[2][1] != log[1][1]
+
+
+async def test_the_rotate_is_built_with_its_keys_ahead_and_serves_one_attempt(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The prefetch also builds the `rotate` naming its keys (off the rotation's path). That
+    message is sent by one attempt (and its retransmissions) only: the next attempt sends
+    another, with fresh keys and a fresh nonce."""
+    from qkdagent import protocol
+    from qkdagent.testing.hostile import Exchange, ManInTheMiddle
+
+    link = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0}
+    log: list[tuple[float, str]] = []
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
+    ) as pair:
+        _issued(pair, log)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        mitm = ManInTheMiddle.on(pair, "bob")
+        sent: list[tuple[float, bytes]] = []
+
+        async def fail_first_attempt(exchange: Exchange) -> object:
+            if exchange.action != "rotate":
+                return await exchange.forward()
+            sent.append((trio.current_time(), exchange.body))
+            if len(sent) <= 3:  # every retransmission of the first attempt
+                return exchange.forged(500, b"{}")
+            return await exchange.forward()
+
+        mitm.tamper = fail_first_attempt  # type: ignore[assignment]
+        await trio.sleep(INTERVAL - 0.5)  # rotation 2's keys were taken ahead
+        prepared = pair.alice.link("alice-bob").initiator._prefetched
+        assert prepared is not None and not sent
+        await pair.wait_for_epoch(2, timeout=2 * INTERVAL)
+    first, retry = (protocol.parse(body, expect=("rotate",)) for body in (sent[0][1], sent[3][1]))
+    assert [body for _, body in sent[:3]] == [prepared.body] * 3  # built ahead, retransmitted
+    assert first.keys == (("sim", log[1][1]),)
+    assert retry.nonce != first.nonce and retry.keys != first.keys
+    assert retry.keys == (("sim", pair.sink("alice", "rec").installs[-1].key_ids[0]),)

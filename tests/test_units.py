@@ -259,6 +259,35 @@ async def test_superseded_keys_leave_every_state_file_after_commit(
     store.close()
 
 
+async def test_only_a_batch_of_non_durable_writes_commits_without_an_fsync(tmp_path: Path) -> None:
+    """`durable=False` lowers `synchronous` for its own batch only: FULL (2) is back for the
+    next write, and a batch that also holds a durable write is durable whole."""
+    from qkdagent.state import StateStore
+
+    store = StateStore(tmp_path / "state")
+
+    def mode() -> int:
+        return int(store._db.execute("PRAGMA synchronous").fetchone()[0])
+
+    await store.run(store.create, "l", "peer", Secret.random(), Secret.random())
+    assert await store.run(mode) == 2
+    assert await store.run(mode, durable=False) == 1  # NORMAL: no fsync at its commit
+    assert mode() == 2 and await store.run(mode) == 2
+    seen: list[tuple[bool, int]] = []
+
+    async def queue(durable: bool) -> None:
+        seen.append((durable, await store.run(mode, durable=durable)))
+
+    async with trio.open_nursery() as nursery:
+        async with store._batch_lock:  # a batch under way: both calls queue for the next
+            nursery.start_soon(queue, False)
+            nursery.start_soon(queue, True)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(store._queue) == 2
+    assert sorted(seen) == [(False, 2), (True, 2)]
+    store.close()
+
+
 def test_peer_error_text_cannot_forge_log_lines() -> None:
     from qkdagent.text import printable
 
