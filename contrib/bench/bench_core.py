@@ -102,14 +102,22 @@ async def run_pair(
     collector = Collector()
     responder = Collector()  # bob's installs: a rotation ends when both sides installed
     stops = {"alice": trio.Event(), "bob": trio.Event()}
+    ended = {"alice": trio.Event(), "bob": trio.Event()}
     started = time.monotonic()
+
+    async def run(agent: Agent, name: str, task_status: trio.TaskStatus[None]) -> None:
+        try:
+            await agent.run(shutdown_trigger=stops[name].wait, task_status=task_status)
+        finally:
+            ended[name].set()
+
     async with trio.open_nursery() as nursery:
         agents = {}
         for name in ("bob", "alice"):
             plugins = Plugins()
             plugins.add("bench", collector if name == "alice" else responder, "bench")
             agent = Agent(parse_config(cfg[name]), plugins=plugins)
-            await nursery.start(partial(agent.run, shutdown_trigger=stops[name].wait))
+            await nursery.start(run, agent, name)
             agents[name] = agent
         ready = time.monotonic() - started
         cpu0, t0 = cpu(), trio.current_time()
@@ -119,8 +127,7 @@ async def run_pair(
         n1 = len(collector.events)
         stops["alice"].set()  # the initiator first, so shutdown causes no failed rotations
         with trio.move_on_after(30):
-            while agents["alice"].links:  # noqa: ASYNC110
-                await trio.sleep(0.05)
+            await ended["alice"].wait()
         stops["bob"].set()
     window = [(t, e) for t, e in collector.events if t0 <= t <= t1]
     # bob acknowledges alice's commit once durable and installs after: his event may come last
