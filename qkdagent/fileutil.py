@@ -9,6 +9,7 @@ import os
 import secrets
 import stat
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import QkdAgentError
@@ -65,6 +66,110 @@ def _create_temp(target: str) -> tuple[int, str]:
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no unused temporary file name", target)
+
+
+SPARE_PREFIX = ".qkdagent-spare-"
+
+
+@dataclass(frozen=True)
+class Spare:
+    """An empty private file made ahead in a directory, open for writing, that one later
+    atomic write there fills and renames into place (`write_via_spare`): that write then
+    creates no file on its path."""
+
+    fd: int
+    path: str
+
+
+def create_spare(directory: str | os.PathLike[str]) -> Spare:
+    """A new empty 0600 file in `directory` (named `SPARE_PREFIX`..., never over another)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        path = os.path.join(directory, f"{SPARE_PREFIX}{secrets.token_urlsafe(6)}.tmp")
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        return Spare(fd, path)
+    raise FileExistsError(errno.EEXIST, "no unused spare file name", os.fspath(directory))
+
+
+def write_via_spare(spare: Spare, target: str | os.PathLike[str], data: bytes) -> int | None:
+    """Replace `target` with `data` atomically, as `write_secret_file(..., durable=False)`
+    does, through `spare` (an unused spare in the target's directory; consumed whatever
+    happens). Returns a descriptor (`O_PATH`) holding the replaced file, or None if there
+    was none: its inode, the previous content, is freed when the caller closes it.
+
+    Creating the new file and freeing the old are most of an atomic write's cost on ext4
+    here (0.6 ms between rotations, against 0.2 through a spare with the old file held):
+    both move off the caller's path, to where the spare is made and the descriptor closed.
+    The spare's name is checked to still be the file written before it is renamed, so a
+    name swapped meanwhile is never renamed into place."""
+    fd = spare.fd
+    try:
+        mine = os.fstat(fd)
+    except BaseException:
+        discard_spare(spare)
+        raise
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        if not _same_file(spare.path, mine):
+            raise FileExistsError(errno.EEXIST, "spare file replaced under its name", spare.path)
+        try:
+            held: int | None = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            held = None
+        try:
+            os.replace(spare.path, target)
+        except BaseException:
+            if held is not None:
+                os.close(held)
+            raise
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if _same_file(spare.path, mine):
+                os.unlink(spare.path)
+        raise
+    return held
+
+
+def _same_file(path: str, st: os.stat_result) -> bool:
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino)
+
+
+def discard_spare(spare: Spare) -> None:
+    """Close and remove an unused spare (best effort: an empty file holds no secret)."""
+    with contextlib.suppress(OSError):
+        os.close(spare.fd)
+    with contextlib.suppress(OSError):
+        os.unlink(spare.path)
+
+
+def remove_stale_spares(directory: str | os.PathLike[str]) -> None:
+    """Remove spares an earlier run left in `directory` (a crash leaves its spares: empty
+    files). Best effort; only regular files named as spares are touched."""
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.startswith(SPARE_PREFIX) and entry.name.endswith(".tmp"):
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False):
+                        os.unlink(entry.path)
 
 
 def sync_directory(directory: str | os.PathLike[str]) -> None:

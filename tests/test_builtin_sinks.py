@@ -4,16 +4,19 @@ contracts."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import trio
 
-from qkdagent import KeyMeta, Link, PluginContext, Secret
+from qkdagent import KeyMeta, Link, PluginContext, Secret, fileutil
+from qkdagent.builtin import file_spares
 from qkdagent.builtin.exec_sink import ExecSink
 from qkdagent.builtin.file_sink import FileSink
 from qkdagent.errors import Misconfigured, SinkError
@@ -257,6 +260,70 @@ async def test_file_sink_task_makes_installs_durable_after_they_return(
         await _synced(fsyncs, tmp_path / "bob.key", tmp_path)
         nursery.cancel_scope.cancel()
     assert fsyncs.index(str(tmp_path / "bob.key")) < fsyncs.index(str(tmp_path))
+
+
+def _spares(directory: Path) -> dict[str, int]:
+    """The spare files in `directory`, by name, with their inodes."""
+    prefix = fileutil.SPARE_PREFIX
+    return {p.name: p.stat().st_ino for p in directory.iterdir() if p.name.startswith(prefix)}
+
+
+def _held() -> list[str]:
+    """What this process holds open of files no longer named (the replaced key files)."""
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return [link for link in links if link.endswith("bob.key (deleted)")]
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    with trio.fail_after(10):
+        while not condition():  # noqa: ASYNC110 - the sink's task works on a thread
+            await trio.sleep(0.005)
+
+
+async def test_file_sink_installs_through_spares_its_task_makes(tmp_path: Path) -> None:
+    """The second install writes into a spare made by the task after the first, holding the
+    file it replaced until the task closes it; the task's stop leaves nothing behind. A
+    spare left by an earlier run is removed."""
+    stale = tmp_path / f"{fileutil.SPARE_PREFIX}crashed.tmp"
+    stale.write_bytes(b"")
+    sink = _file_sink(tmp_path)
+    key = tmp_path / "bob.key"
+    secrets = [Secret(os.urandom(32)) for _ in range(3)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await sink.install(LINK, secrets[0], KeyMeta(1, ("k",), "file", 0))  # none ready yet
+        await _until(lambda: len(_spares(tmp_path)) == file_spares.SPARES_PER_DIRECTORY)
+        assert not stale.exists()
+        spares = set(_spares(tmp_path).values())
+        for n in (1, 2):
+            await sink.install(LINK, secrets[n], KeyMeta(n + 1, ("k",), "file", 0))
+            assert base64.b64decode(key.read_bytes()) == secrets[n].reveal()
+            assert key.stat().st_ino in spares and stat.S_IMODE(key.stat().st_mode) == 0o600
+            spares.discard(key.stat().st_ino)
+            assert _held() == [f"{key} (deleted)"]  # the previous key, until the task runs
+            await _until(lambda: not _held())
+            await _until(lambda: len(_spares(tmp_path)) == file_spares.SPARES_PER_DIRECTORY)
+            spares |= set(_spares(tmp_path).values())
+        nursery.cancel_scope.cancel()
+    assert _spares(tmp_path) == {} and not _held()
+
+
+async def test_an_erase_lets_go_of_every_replaced_file_first(tmp_path: Path) -> None:
+    """Fail closed: once an erase returns, no earlier key of the sink is held in a file
+    an install replaced (the task, which would close it later, is held up here)."""
+    sink = _file_sink(tmp_path)
+    await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+    sink._spares.add({tmp_path: [fileutil.create_spare(tmp_path)]})
+    sink._syncing = True  # as while its task runs, which does not get to close anything
+    await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(2, ("k",), "file", 0))
+    assert _held() == [f"{tmp_path / 'bob.key'} (deleted)"]
+    await sink.erase(LINK, "test")
+    assert not _held()
+    sink._syncing = False
+    file_spares.discard(*sink._spares.drain())
 
 
 async def test_file_sink_erase_is_durable_before_it_returns_even_with_its_task(

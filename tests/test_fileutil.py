@@ -172,3 +172,69 @@ def test_durable_syncs_the_file_before_the_rename_and_the_directory_after(
 def test_a_trailing_slash_names_the_file(tmp_path: Path) -> None:
     write_secret_file(f"{tmp_path}/psk/", b"new")
     assert (tmp_path / "psk").read_bytes() == b"new"
+
+
+# -- writes through a spare made ahead (the file sink's install) -------------------------------
+
+
+def test_a_write_through_a_spare_replaces_the_file_and_holds_the_old_one(tmp_path: Path) -> None:
+    target = tmp_path / "psk"
+    write_secret_file(target, b"old")
+    old_inode = target.stat().st_ino
+    previous = os.umask(0)
+    try:
+        spare = fileutil.create_spare(tmp_path)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(os.stat(spare.path).st_mode) == 0o600  # private from its creation
+    spare_inode = os.stat(spare.path).st_ino
+    held = fileutil.write_via_spare(spare, target, b"new")
+    assert held is not None
+    try:
+        assert target.read_bytes() == b"new" and target.stat().st_ino == spare_inode
+        assert stat.S_IMODE(target.stat().st_mode) == 0o600
+        assert os.fstat(held).st_ino == old_inode and os.fstat(held).st_nlink == 0  # no name
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["psk"]
+    fresh = fileutil.create_spare(tmp_path)
+    assert fileutil.write_via_spare(fresh, tmp_path / "new-file", b"first") is None
+    assert (tmp_path / "new-file").read_bytes() == b"first"
+
+
+def test_a_spare_whose_name_was_swapped_is_never_renamed_into_place(tmp_path: Path) -> None:
+    target = tmp_path / "psk"
+    write_secret_file(target, b"old")
+    spare = fileutil.create_spare(tmp_path)
+    os.unlink(spare.path)
+    Path(spare.path).write_bytes(b"planted")  # another file under the spare's name
+    before = _open_fds()
+    with pytest.raises(FileExistsError):
+        fileutil.write_via_spare(spare, target, b"new")
+    assert target.read_bytes() == b"old"
+    assert Path(spare.path).read_bytes() == b"planted"  # not ours: left where it is
+    assert len(_open_fds()) == len(before) - 1  # the spare closed, nothing else left open
+
+
+def test_a_failed_write_through_a_spare_removes_it_and_leaves_the_target(tmp_path: Path) -> None:
+    target = tmp_path / "psk"
+    target.mkdir()
+    spare = fileutil.create_spare(tmp_path)
+    before = _open_fds()
+    with pytest.raises(IsADirectoryError):
+        fileutil.write_via_spare(spare, target, b"new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["psk"] and target.is_dir()
+    assert len(_open_fds()) == len(before) - 1  # the spare closed, nothing else left open
+
+
+def test_only_spares_left_by_an_earlier_run_are_removed(tmp_path: Path) -> None:
+    prefix = fileutil.SPARE_PREFIX
+    (tmp_path / f"{prefix}abc.tmp").write_bytes(b"")
+    (tmp_path / f"{prefix}dir.tmp").mkdir()
+    (tmp_path / f"{prefix}link.tmp").symlink_to(tmp_path / "psk")
+    (tmp_path / "psk").write_bytes(b"kept")
+    (tmp_path / f"{prefix}abc.other").write_bytes(b"kept")
+    fileutil.remove_stale_spares(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([f"{prefix}dir.tmp", f"{prefix}link.tmp", "psk", f"{prefix}abc.other"])
+    assert (tmp_path / "psk").read_bytes() == b"kept"

@@ -14,7 +14,9 @@ install renames the file into place and returns (on the event loop while that is
 thread hop cost more than the write); the task fsyncs the files and their directory once
 installs pause, within SYNC_DELAY, off the rotation's path (a failure is logged). An erase
 (fail-closed) is durable before it returns, as is every write made while the task is not
-running.
+running. While the task runs, an install also writes into a spare made ahead and holds the
+file it replaces for the task to close (`file_spares`): creating and freeing files is most
+of an atomic write's cost.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from pathlib import Path
 import trio
 
 from ..errors import Misconfigured, SinkError
-from ..fileutil import sync_directory, sync_written, write_secret_file
+from ..fileutil import sync_directory, sync_written, write_secret_file, write_via_spare
 from ..hookspecs import hookimpl
 from ..inline import loop_gate
 from ..interfaces import KeyMeta, Link, PluginContext, Sink
 from ..options import Options, check_template
 from ..secret import Secret
 from ..settle import Settle
+from . import file_spares
 
 FORMATS = ("base64", "hex", "raw")
 SYNC_DELAY = 1.0
@@ -110,6 +113,7 @@ class FileSink(Sink):
         self._owed = Settle(bound=SYNC_DELAY, quiet=SYNC_QUIET, min_gap=SYNC_QUIET)
         self._syncing = False
         """Whether the task runs: only then may an install leave its fsync to it."""
+        self._spares = file_spares.SparePool()
 
     def path(self, link: Link) -> Path:
         return Path(self.path_template.format(link=link.name, peer=link.peer))
@@ -138,9 +142,16 @@ class FileSink(Sink):
             self._syncing = False
             with trio.move_on_after(FINAL_SYNC_TIMEOUT, shield=True):
                 await self._sync_unsynced()
+                await trio.to_thread.run_sync(file_spares.discard, *self._spares.drain())
 
     async def _sync_unsynced(self) -> None:
         owed = dict(self._unsynced)
+        if self._spares.has_work():
+            # the files installs replaced closed, the next spares made (shielded: what the
+            # thread opens is registered, never lost to a cancellation)
+            work = self._spares.work()
+            with trio.CancelScope(shield=True):
+                self._spares.add(await trio.to_thread.run_sync(file_spares.do_work, work))
         if not owed:
             return
         try:
@@ -198,11 +209,24 @@ class FileSink(Sink):
         try:
             if durable:
                 await trio.to_thread.run_sync(write)
-            else:
+            elif not await self._write_via_spare(path, data):
                 await loop_gate().run(write)
         except OSError as exc:
             raise SinkError(f"sink {self.name!r}: cannot write {path}: {exc.strerror}") from None
         return path
+
+    async def _write_via_spare(self, path: Path, data: bytes) -> bool:
+        """Write through a spare, if the task runs and one is ready; False: write as before
+        (none ready, or it failed: the spare is gone either way)."""
+        spare = self._spares.take(path.parent) if self._syncing else None
+        if spare is None:
+            return False
+        try:
+            self._spares.hold(await loop_gate().run(partial(write_via_spare, spare, path, data)))
+        except OSError as exc:
+            log.debug("sink %s: write through a spare failed (%s)", self.name, exc.strerror)
+            return False
+        return True
 
     async def verify(self, link: Link, secret: Secret, meta: KeyMeta) -> bool | None:
         try:
@@ -213,7 +237,11 @@ class FileSink(Sink):
         return held is not None and Secret(held) == secret
 
     async def erase(self, link: Link, reason: str) -> None:
-        """Fail closed, durably: the old key is gone from the file before this returns."""
+        """Fail closed, durably: the old key is gone from the file before this returns, and
+        no file an install replaced is held any more."""
+        held = self._spares.release()
+        if held:
+            await trio.to_thread.run_sync(file_spares.close_all, held)
         if self.on_erase == "remove":
             path = self.path(link)
             try:
