@@ -22,7 +22,7 @@ What one run measures, in this order, on loopback:
 Latency is the initiator's rotation from its start to both sides installed. qkdagent: from the
 start of the initiator's rotation (its "committed" log line's time less its `duration_ms`) to
 the later of that line and the responder's "committed" line for the same epoch (each side logs
-it after its install; the responder acknowledges the commit once it is durable and installs
+it after its install; the responder acknowledges the commit once committed and installs
 after, so its line may come last). The reference: `/rotate` to its own file written, after
 `/ack` was answered, i.e. after the responder wrote. Rotations are `--rate` per second; the
 first `--warmup` are not measured. CPU is utime+stime from /proc/PID/stat over the measured
