@@ -32,7 +32,13 @@ from pathlib import Path
 import trio
 
 from ..errors import Misconfigured, SinkError
-from ..fileutil import sync_directory, sync_written, write_secret_file, write_via_spare
+from ..fileutil import (
+    Spare,
+    sync_directory,
+    sync_written,
+    write_secret_file,
+    write_via_spare,
+)
 from ..hookspecs import hookimpl
 from ..inline import loop_gate
 from ..interfaces import KeyMeta, Link, PluginContext, Sink
@@ -141,28 +147,31 @@ class FileSink(Sink):
         finally:
             self._syncing = False
             with trio.move_on_after(FINAL_SYNC_TIMEOUT, shield=True):
-                await self._sync_unsynced()
-                await trio.to_thread.run_sync(file_spares.discard, *self._spares.drain())
+                await self._sync_unsynced(final=True)
 
-    async def _sync_unsynced(self) -> None:
+    async def _sync_unsynced(self, *, final: bool = False) -> None:
+        """One pass: the installed files made durable, the files installs replaced closed,
+        and the next spares made (`final`: every spare removed instead), in one thread call,
+        off the rotation's path (a stalled fsync blocks nothing there). Shielded: what the
+        thread opens is registered, never lost to a cancellation."""
         owed = dict(self._unsynced)
-        if self._spares.has_work():
-            # the files installs replaced closed, the next spares made (shielded: what the
-            # thread opens is registered, never lost to a cancellation)
-            work = self._spares.work()
-            with trio.CancelScope(shield=True):
-                self._spares.add(await trio.to_thread.run_sync(file_spares.do_work, work))
-        if not owed:
+        if final:
+            held, spares = self._spares.drain()
+            work = file_spares.Work(held)
+        else:
+            spares = []
+            work = self._spares.work() if self._spares.has_work() else file_spares.Work()
+        if not owed and not work.held and not work.wanted and not spares:
             return
-        try:
-            # off the rotation's path: on a thread, where a stalled fsync blocks nothing
-            await trio.to_thread.run_sync(sync_written, list(owed))
-        except OSError as exc:
+        with trio.CancelScope(shield=True):
+            made, error = await trio.to_thread.run_sync(_task_pass, list(owed), work, spares)
+            self._spares.add(made)
+        if error is not None:
             log.warning(
                 "sink %s: installed key files are in place but could not be made durable: %s "
                 "(the agent rewrites them from its state at start-up)",
                 self.name,
-                exc.strerror or type(exc).__name__,
+                error.strerror or type(error).__name__,
             )
         for path, number in owed.items():  # done with, well or not (a failure is not retried)
             if self._unsynced.get(path) == number:
@@ -251,6 +260,22 @@ class FileSink(Sink):
             return
         data = encode(Secret.random(32).reveal(), self.format, self.newline)
         await self._write(link, data, durable=True)
+
+
+def _task_pass(
+    owed: list[Path], work: file_spares.Work, spares: list[Spare]
+) -> tuple[dict[Path, list[Spare]], OSError | None]:
+    """The sink task's file work (see `FileSink._sync_unsynced`): fsyncs first, then the
+    spares' work (`spares`: to remove). Returns the spares made and the fsyncs' error."""
+    error = None
+    if owed:
+        try:
+            sync_written(owed)
+        except OSError as exc:
+            error = exc
+    made = file_spares.do_work(work)
+    file_spares.discard([], spares)
+    return made, error
 
 
 def _remove_durably(path: Path) -> None:
