@@ -75,30 +75,37 @@ SPARE_PREFIX = ".qkdagent-spare-"
 class Spare:
     """An empty private file made ahead in a directory, open for writing, that one later
     atomic write there fills and renames into place (`write_via_spare`): that write then
-    creates no file on its path."""
+    creates no file on its path. The directory is held too (`dir_fd`), so the spare is
+    found, renamed or removed in it even if the directory is moved meanwhile."""
 
     fd: int
-    path: str
+    dir_fd: int
+    name: str
 
 
 def create_spare(directory: str | os.PathLike[str]) -> Spare:
     """A new empty 0600 file in `directory` (named `SPARE_PREFIX`..., never over another)."""
+    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(100):
-        path = os.path.join(directory, f"{SPARE_PREFIX}{secrets.token_urlsafe(6)}.tmp")
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:
-            continue
-        try:
-            os.fchmod(fd, 0o600)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-        return Spare(fd, path)
-    raise FileExistsError(errno.EEXIST, "no unused spare file name", os.fspath(directory))
+    try:
+        for _ in range(100):
+            name = f"{SPARE_PREFIX}{secrets.token_urlsafe(6)}.tmp"
+            try:
+                fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
+            except FileExistsError:
+                continue
+            try:
+                os.fchmod(fd, 0o600)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=dir_fd)
+                raise
+            return Spare(fd, dir_fd, name)
+        raise FileExistsError(errno.EEXIST, "no unused spare file name", os.fspath(directory))
+    except BaseException:
+        os.close(dir_fd)
+        raise
 
 
 def write_via_spare(spare: Spare, target: str | os.PathLike[str], data: bytes) -> int | None:
@@ -110,60 +117,69 @@ def write_via_spare(spare: Spare, target: str | os.PathLike[str], data: bytes) -
     Creating the new file and freeing the old are most of an atomic write's cost on ext4
     here (0.6 ms between rotations, against 0.2 through a spare with the old file held):
     both move off the caller's path, to where the spare is made and the descriptor closed.
-    The spare's name is checked to still be the file written before it is renamed, so a
-    name swapped meanwhile is never renamed into place."""
-    fd = spare.fd
+    Nothing is written unless the spare's name is still the file opened, and a spare that
+    took the data and was not renamed is removed: no key stays behind in a spare."""
     try:
-        mine = os.fstat(fd)
+        mine = os.fstat(spare.fd)
+        if not _is_spare(spare, mine):
+            raise FileExistsError(errno.EEXIST, "spare file replaced under its name", spare.name)
     except BaseException:
-        discard_spare(spare)
+        _close(spare)  # not ours any more (or unknown): left where it is, unwritten
         raise
     try:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view) :]
+                view = view[os.write(spare.fd, view) :]
         finally:
-            os.close(fd)
-        if not _same_file(spare.path, mine):
-            raise FileExistsError(errno.EEXIST, "spare file replaced under its name", spare.path)
+            os.close(spare.fd)
         try:
             held: int | None = os.open(target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
             held = None
         try:
-            os.replace(spare.path, target)
+            os.replace(spare.name, target, src_dir_fd=spare.dir_fd)
         except BaseException:
             if held is not None:
                 os.close(held)
             raise
     except BaseException:
         with contextlib.suppress(OSError):
-            if _same_file(spare.path, mine):
-                os.unlink(spare.path)
+            if _is_spare(spare, mine):
+                os.unlink(spare.name, dir_fd=spare.dir_fd)
         raise
+    finally:
+        os.close(spare.dir_fd)
     return held
 
 
-def _same_file(path: str, st: os.stat_result) -> bool:
+def _is_spare(spare: Spare, st: os.stat_result) -> bool:
     try:
-        named = os.stat(path, follow_symlinks=False)
+        named = os.stat(spare.name, dir_fd=spare.dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     return (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino)
 
 
+def _close(spare: Spare) -> None:
+    for fd in (spare.fd, spare.dir_fd):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def discard_spare(spare: Spare) -> None:
-    """Close and remove an unused spare (best effort: an empty file holds no secret)."""
+    """Remove an unused spare (if its name is still it) and close it. Best effort: an
+    unused spare is empty."""
     with contextlib.suppress(OSError):
-        os.close(spare.fd)
-    with contextlib.suppress(OSError):
-        os.unlink(spare.path)
+        if _is_spare(spare, os.fstat(spare.fd)):
+            os.unlink(spare.name, dir_fd=spare.dir_fd)
+    _close(spare)
 
 
 def remove_stale_spares(directory: str | os.PathLike[str]) -> None:
-    """Remove spares an earlier run left in `directory` (a crash leaves its spares: empty
-    files). Best effort; only regular files named as spares are touched."""
+    """Remove files named as spares from `directory`: an earlier run's (a crash leaves its
+    spares: empty files) or those of another sink writing there, which then writes as if
+    it had none. Best effort; only regular files named as spares are touched."""
     with contextlib.suppress(OSError), os.scandir(directory) as entries:
         for entry in entries:
             if entry.name.startswith(SPARE_PREFIX) and entry.name.endswith(".tmp"):

@@ -313,11 +313,12 @@ class Responder:
         Everything the install and a restart need is on disk already: the pending epoch, its
         outputs and its used key IDs were made durable before the reply that offered it. A
         crash of the process keeps this commit (the operating system holds the log); a power
-        loss before the next fsync (the next durable commit, or the checkpoint within
+        loss before the next fsync (the next durable commit, or the checkpoint within about
         `state.SCRUB_DELAY`) leaves the pending epoch, which the initiator's next `rotate`,
-        MAC'd under its auth key, commits first, as after a lost `commit` (DESIGN §4 step 5).
-        The initiator's commit, which decides the rotation, stays durable before anything
-        leaves it."""
+        MAC'd under its auth key, commits first (DESIGN §4 step 5). Until that regular
+        rotation the two sides hold different keys: availability, not secrecy, is what the
+        saved fsync risks (docs/design-deviations.md). The initiator's commit, which decides
+        the rotation, stays durable before anything leaves it."""
         link = self.link
         store = self.env.store
         commit = partial(

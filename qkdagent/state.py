@@ -4,7 +4,7 @@ Everything a side needs to converge after a crash is written (fsync'd) before an
 the committed epoch with its chain/auth keys and sink outputs, a pending epoch with the exact reply
 that was sent for it, and every key ID the link has used. (The responder's commit of a pending
 epoch is the one write that is not fsync'd on its own: its keys are on disk with the pending
-epoch, and a lost commit is recovered by the protocol; see `StateStore.run`.) The methods are
+epoch, and the protocol commits it again after a power loss; see `StateStore.run`.) The methods are
 blocking; the agent calls them through `StateStore.run`: on the event loop while commits are
 fast, else on a worker thread (`inline.loop_gate`), one caller at a time.
 

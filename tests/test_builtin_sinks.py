@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import math
 import os
 import stat
 import sys
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
+import qkdagent.builtin.file_sink as file_sink_module
 from qkdagent import KeyMeta, Link, PluginContext, Secret, fileutil
 from qkdagent.builtin import file_spares
 from qkdagent.builtin.exec_sink import ExecSink
@@ -268,13 +271,19 @@ def _spares(directory: Path) -> dict[str, int]:
     return {p.name: p.stat().st_ino for p in directory.iterdir() if p.name.startswith(prefix)}
 
 
-def _held() -> list[str]:
-    """What this process holds open of files no longer named (the replaced key files)."""
+def _held(directory: Path) -> list[str]:
+    """What this process holds open of key files in `directory` no longer named (the files
+    installs replaced)."""
     links = []
     for fd in os.listdir("/proc/self/fd"):
         with contextlib.suppress(OSError):
             links.append(os.readlink(f"/proc/self/fd/{fd}"))
-    return [link for link in links if link.endswith("bob.key (deleted)")]
+    return [link for link in links if link == f"{directory / 'bob.key'} (deleted)"]
+
+
+def _ready(sink: FileSink, directory: Path) -> int:
+    """Spares the sink has ready for `directory` (made, and handed back by its task)."""
+    return len(sink._spares._spares.get(directory, []))
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -295,7 +304,8 @@ async def test_file_sink_installs_through_spares_its_task_makes(tmp_path: Path) 
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run)
         await sink.install(LINK, secrets[0], KeyMeta(1, ("k",), "file", 0))  # none ready yet
-        await _until(lambda: len(_spares(tmp_path)) == file_spares.SPARES_PER_DIRECTORY)
+        await _until(lambda: _ready(sink, tmp_path) == file_spares.SPARES_PER_DIRECTORY)
+        assert len(_spares(tmp_path)) == file_spares.SPARES_PER_DIRECTORY
         assert not stale.exists()
         spares = set(_spares(tmp_path).values())
         for n in (1, 2):
@@ -303,12 +313,12 @@ async def test_file_sink_installs_through_spares_its_task_makes(tmp_path: Path) 
             assert base64.b64decode(key.read_bytes()) == secrets[n].reveal()
             assert key.stat().st_ino in spares and stat.S_IMODE(key.stat().st_mode) == 0o600
             spares.discard(key.stat().st_ino)
-            assert _held() == [f"{key} (deleted)"]  # the previous key, until the task runs
-            await _until(lambda: not _held())
-            await _until(lambda: len(_spares(tmp_path)) == file_spares.SPARES_PER_DIRECTORY)
+            assert _held(tmp_path) == [f"{key} (deleted)"]  # the previous key, until the task runs
+            await _until(lambda: not _held(tmp_path))
+            await _until(lambda: _ready(sink, tmp_path) == file_spares.SPARES_PER_DIRECTORY)
             spares |= set(_spares(tmp_path).values())
         nursery.cancel_scope.cancel()
-    assert _spares(tmp_path) == {} and not _held()
+    assert _spares(tmp_path) == {} and not _held(tmp_path)
 
 
 async def test_an_erase_lets_go_of_every_replaced_file_first(tmp_path: Path) -> None:
@@ -319,10 +329,123 @@ async def test_an_erase_lets_go_of_every_replaced_file_first(tmp_path: Path) -> 
     sink._spares.add({tmp_path: [fileutil.create_spare(tmp_path)]})
     sink._syncing = True  # as while its task runs, which does not get to close anything
     await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(2, ("k",), "file", 0))
-    assert _held() == [f"{tmp_path / 'bob.key'} (deleted)"]
+    assert _held(tmp_path) == [f"{tmp_path / 'bob.key'} (deleted)"]
     await sink.erase(LINK, "test")
-    assert not _held()
+    assert not _held(tmp_path)
     sink._syncing = False
+    file_spares.discard(*sink._spares.drain())
+
+
+async def test_an_erase_waits_for_a_pass_under_way_and_a_cancelled_one_keeps_nothing(
+    tmp_path: Path,
+) -> None:
+    """Review findings: an erase during the task's pass returned while the pass still held
+    an earlier key, and an erase cancelled at the wrong moment lost the held files for good."""
+    sink = _file_sink(tmp_path)
+    await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+    sink._spares.add({tmp_path: [fileutil.create_spare(tmp_path)]})
+    sink._syncing = True  # as while its task runs
+    await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(2, ("k",), "file", 0))
+    assert len(_held(tmp_path)) == 1
+    release = trio.Event()
+
+    async def a_pass_under_way(task_status: trio.TaskStatus[None]) -> None:
+        async with sink._pass:
+            task_status.started()
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a_pass_under_way)
+        with trio.move_on_after(0.05):
+            await sink.erase(LINK, "cancelled")  # cancelled while it waits for the pass
+        assert len(_held(tmp_path)) == len(sink._spares._held) == 1  # still the pool's
+        nursery.start_soon(sink.erase, LINK, "test")
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(_held(tmp_path)) == 1  # the erase waits for the pass
+        release.set()
+    assert not _held(tmp_path)
+    sink._syncing = False
+    file_spares.discard(*sink._spares.drain())
+
+
+async def test_a_cancelled_install_loses_no_spare_and_no_held_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: an install cancelled around its write lost the spare it took (or the
+    file it replaced): every spare on disk stays the pool's, every held file too."""
+    import threading
+
+    from qkdagent.inline import loop_gate
+
+    gate = loop_gate()
+    sink = _file_sink(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+        await _until(lambda: _ready(sink, tmp_path) == file_spares.SPARES_PER_DIRECTORY)
+        for epoch in (2, 3):
+            with trio.CancelScope() as scope:
+                scope.cancel()  # before the write (the gate checks first) ...
+                await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(epoch, ("k",), "f", 0))
+            assert _ready(sink, tmp_path) == len(_spares(tmp_path))
+        with trio.CancelScope() as scope:  # ... and while it runs on a thread
+            monkeypatch.setattr(gate, "_threaded_until", math.inf)
+            started, go_on = threading.Event(), threading.Event()
+            real = file_sink_module.write_via_spare
+
+            def slow(spare: fileutil.Spare, target: Path, data: bytes) -> int | None:
+                started.set()
+                go_on.wait(5)
+                return real(spare, target, data)
+
+            monkeypatch.setattr(file_sink_module, "write_via_spare", slow)
+            async with trio.open_nursery() as inner:
+                inner.start_soon(
+                    sink.install, LINK, Secret(os.urandom(32)), KeyMeta(4, ("k",), "f", 0)
+                )
+                await trio.to_thread.run_sync(started.wait, 5)
+                scope.cancel()
+                go_on.set()
+        monkeypatch.setattr(gate, "_threaded_until", -1.0)
+        assert _ready(sink, tmp_path) == len(_spares(tmp_path)) == 1  # one used, none lost
+        assert len(_held(tmp_path)) == len(sink._spares._held) == 1  # the pool's, to close
+        nursery.cancel_scope.cancel()
+    assert not _held(tmp_path) and _spares(tmp_path) == {}
+
+
+async def test_an_install_on_a_thread_across_the_task_stop_leaves_nothing_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: an install on a worker thread when the sink's task stopped for good
+    added its replaced file to the pool after the task's last pass."""
+    import threading
+
+    from qkdagent.inline import loop_gate
+
+    sink = _file_sink(tmp_path)
+    in_thread = threading.Event()
+    go_on = threading.Event()
+    real = file_sink_module.write_via_spare
+
+    def slow(spare: fileutil.Spare, target: Path, data: bytes) -> int | None:
+        in_thread.set()
+        go_on.wait(5)
+        return real(spare, target, data)
+
+    gate = loop_gate()
+    async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sink.run)
+            await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+            await _until(lambda: _ready(sink, tmp_path) == file_spares.SPARES_PER_DIRECTORY)
+            monkeypatch.setattr(file_sink_module, "write_via_spare", slow)
+            monkeypatch.setattr(gate, "_threaded_until", math.inf)  # calls go to threads
+            outer.start_soon(sink.install, LINK, Secret(os.urandom(32)), KeyMeta(2, ("k",), "f", 0))
+            await trio.to_thread.run_sync(in_thread.wait, 5)
+            nursery.cancel_scope.cancel()  # the task stops while the install writes
+        go_on.set()
+    monkeypatch.setattr(gate, "_threaded_until", -1.0)
+    assert not _held(tmp_path)
     file_spares.discard(*sink._spares.drain())
 
 
@@ -455,3 +578,18 @@ def test_key_files_are_created_private_once_and_destroyed_zeroed(tmp_path: Path)
     os.link(path, witness)  # sees the same blocks after the unlink
     destroy_file(path)
     assert not path.exists() and witness.read_bytes() == bytes(1000)
+
+
+async def test_no_spares_in_a_templated_directory(tmp_path: Path) -> None:
+    """A directory of a link's own (`{link}` or `{peer}` in it) gets no spares: they would
+    stay behind, and keep it from being removed, once the link is gone."""
+    opts = Options({"path": str(tmp_path / "{peer}" / "key"), "create_dirs": True}, where="sinks.f")
+    sink = FileSink("f", opts, _ctx(tmp_path))
+    opts.finish()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        for epoch in (1, 2, 3):
+            await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(epoch, ("k",), "f", 0))
+            assert not sink._spares.has_work()  # no spare wanted, so no pass makes one
+        assert sorted(p.name for p in (tmp_path / "bob").iterdir()) == ["key"]
+        nursery.cancel_scope.cancel()

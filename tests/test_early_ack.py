@@ -195,8 +195,10 @@ async def test_a_responder_commit_lost_with_the_power_is_made_by_the_next_rotate
 ) -> None:
     """What a power loss right after bob's commit of epoch n+1 leaves him (its fsync came
     later): epoch n and the durable pending n+1. Emulated by putting back his state file as
-    it was when alice's commit reached him. Alice's next rotate, under n+1's auth key, makes
-    bob commit n+1 first: both reach n+2 with the same key, no resync, no key ID twice."""
+    it was when alice's commit reached him. Until alice's next regular rotation the two hold
+    different keys (the availability this fsync's saving costs); that rotate, under n+1's
+    auth key, makes bob commit n+1 first: both reach n+2 with the same key, no resync, no
+    key ID twice."""
     import shutil
 
     from qkdagent.testing.hostile import Exchange, ManInTheMiddle
@@ -223,6 +225,8 @@ async def test_a_responder_commit_lost_with_the_power_is_made_by_the_next_rotate
         record = bob.link("alice-bob").record
         assert record.epoch == 1 and record.pending is not None and record.pending.epoch == 2
         assert pair.epoch("alice") == 2
+        assert [r.epoch for r in pair.sink("bob", "rec").installs] == [1]  # epoch 1's key
+        assert pair.sink("bob", "rec").current["alice-bob"] != pair.secret("alice", "rec")
         await pair.wait_for_installs(3, "rec", timeout=2 * link["interval"])
         assert pair.epoch("alice") == pair.epoch("bob") == 3
         assert pair.secret("alice", "rec") == pair.secret("bob", "rec")

@@ -186,8 +186,9 @@ def test_a_write_through_a_spare_replaces_the_file_and_holds_the_old_one(tmp_pat
         spare = fileutil.create_spare(tmp_path)
     finally:
         os.umask(previous)
-    assert stat.S_IMODE(os.stat(spare.path).st_mode) == 0o600  # private from its creation
-    spare_inode = os.stat(spare.path).st_ino
+    named = tmp_path / spare.name
+    assert stat.S_IMODE(named.stat().st_mode) == 0o600  # private from its creation
+    spare_inode = named.stat().st_ino
     held = fileutil.write_via_spare(spare, target, b"new")
     assert held is not None
     try:
@@ -202,18 +203,24 @@ def test_a_write_through_a_spare_replaces_the_file_and_holds_the_old_one(tmp_pat
     assert (tmp_path / "new-file").read_bytes() == b"first"
 
 
-def test_a_spare_whose_name_was_swapped_is_never_renamed_into_place(tmp_path: Path) -> None:
+def test_a_spare_whose_name_was_swapped_is_never_written_nor_renamed(tmp_path: Path) -> None:
     target = tmp_path / "psk"
     write_secret_file(target, b"old")
     spare = fileutil.create_spare(tmp_path)
-    os.unlink(spare.path)
-    Path(spare.path).write_bytes(b"planted")  # another file under the spare's name
+    named = tmp_path / spare.name
+    probe = os.dup(spare.fd)  # the spare's file, which no name reaches any more
+    named.unlink()
+    named.write_bytes(b"planted")  # another file under the spare's name
     before = _open_fds()
-    with pytest.raises(FileExistsError):
-        fileutil.write_via_spare(spare, target, b"new")
+    try:
+        with pytest.raises(FileExistsError):
+            fileutil.write_via_spare(spare, target, b"new")
+        assert os.fstat(probe).st_size == 0  # the key was never written into it
+    finally:
+        os.close(probe)
     assert target.read_bytes() == b"old"
-    assert Path(spare.path).read_bytes() == b"planted"  # not ours: left where it is
-    assert len(_open_fds()) == len(before) - 1  # the spare closed, nothing else left open
+    assert named.read_bytes() == b"planted"  # not ours: left where it is
+    assert len(_open_fds()) == len(before) - 3  # the spare, its directory, the probe
 
 
 def test_a_failed_write_through_a_spare_removes_it_and_leaves_the_target(tmp_path: Path) -> None:
@@ -224,10 +231,32 @@ def test_a_failed_write_through_a_spare_removes_it_and_leaves_the_target(tmp_pat
     with pytest.raises(IsADirectoryError):
         fileutil.write_via_spare(spare, target, b"new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["psk"] and target.is_dir()
-    assert len(_open_fds()) == len(before) - 1  # the spare closed, nothing else left open
+    assert len(_open_fds()) == len(before) - 2  # the spare and its directory closed
 
 
-def test_only_spares_left_by_an_earlier_run_are_removed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("renamable", [True, False])
+def test_a_spare_in_a_directory_moved_aside_leaves_no_key_behind(
+    tmp_path: Path, renamable: bool
+) -> None:
+    """Review finding: the spares made before the sink's directory was moved aside (and a
+    new one made) took the key and stayed, named, in the old directory."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    spare = fileutil.create_spare(keys)
+    keys.rename(tmp_path / "keys.old")
+    keys.mkdir()
+    target = keys / "psk"
+    if renamable:
+        assert fileutil.write_via_spare(spare, target, b"new key") is None
+        assert target.read_bytes() == b"new key"
+    else:
+        target.mkdir()  # the rename fails after the write
+        with pytest.raises(IsADirectoryError):
+            fileutil.write_via_spare(spare, target, b"new key")
+    assert list((tmp_path / "keys.old").iterdir()) == []
+
+
+def test_only_files_named_as_spares_are_removed(tmp_path: Path) -> None:
     prefix = fileutil.SPARE_PREFIX
     (tmp_path / f"{prefix}abc.tmp").write_bytes(b"")
     (tmp_path / f"{prefix}dir.tmp").mkdir()

@@ -120,6 +120,9 @@ class FileSink(Sink):
         self._syncing = False
         """Whether the task runs: only then may an install leave its fsync to it."""
         self._spares = file_spares.SparePool()
+        self._pass = trio.Lock()
+        """Held by the task's pass over the files and by an erase letting go of them."""
+        self._templated_dir = "{" in str(Path(self.path_template).parent)
 
     def path(self, link: Link) -> Path:
         return Path(self.path_template.format(link=link.name, peer=link.peer))
@@ -164,8 +167,9 @@ class FileSink(Sink):
         if not owed and not work.held and not work.wanted and not spares:
             return
         with trio.CancelScope(shield=True):
-            made, error = await trio.to_thread.run_sync(_task_pass, list(owed), work, spares)
-            self._spares.add(made)
+            async with self._pass:
+                made, error = await trio.to_thread.run_sync(_task_pass, list(owed), work, spares)
+                self._spares.add(made)
         if error is not None:
             log.warning(
                 "sink %s: installed key files are in place but could not be made durable: %s "
@@ -225,17 +229,36 @@ class FileSink(Sink):
         return path
 
     async def _write_via_spare(self, path: Path, data: bytes) -> bool:
-        """Write through a spare, if the task runs and one is ready; False: write as before
-        (none ready, or it failed: the spare is gone either way)."""
-        spare = self._spares.take(path.parent) if self._syncing else None
+        """Write through a spare, if the task runs, the directory is not templated (no
+        spares are left in a directory a link of its own may lose) and a spare is ready;
+        False: write as before (none ready, or it failed: the spare is gone then)."""
+        if not self._syncing or self._templated_dir:
+            return False
+        spare = self._spares.take(path.parent)
         if spare is None:
             return False
+        write = _Once(partial(write_via_spare, spare, path, data))
         try:
-            self._spares.hold(await loop_gate().run(partial(write_via_spare, spare, path, data)))
+            await loop_gate().run(write)
         except OSError as exc:
             log.debug("sink %s: write through a spare failed (%s)", self.name, exc.strerror)
             return False
+        except BaseException:  # cancelled: before the write (the spare is unused) or after it
+            if not write.started:
+                self._spares.put_back(path.parent, spare)
+            self._keep(write.result)
+            raise
+        self._keep(write.result)
         return True
+
+    def _keep(self, held: int | None) -> None:
+        """A replaced file, for the task to close; closed now if the task has stopped."""
+        if held is None:
+            return
+        if self._syncing:
+            self._spares.hold(held)
+        else:
+            file_spares.close_all([held])
 
     async def verify(self, link: Link, secret: Secret, meta: KeyMeta) -> bool | None:
         try:
@@ -248,9 +271,8 @@ class FileSink(Sink):
     async def erase(self, link: Link, reason: str) -> None:
         """Fail closed, durably: the old key is gone from the file before this returns, and
         no file an install replaced is held any more."""
-        held = self._spares.release()
-        if held:
-            await trio.to_thread.run_sync(file_spares.close_all, held)
+        async with self._pass:  # a task pass under way closes what it took first
+            file_spares.close_all(self._spares.release())  # here: no cancellation between
         if self.on_erase == "remove":
             path = self.path(link)
             try:
@@ -260,6 +282,20 @@ class FileSink(Sink):
             return
         data = encode(Secret.random(32).reveal(), self.format, self.newline)
         await self._write(link, data, durable=True)
+
+
+class _Once:
+    """A call run by the event loop's gate, telling afterwards whether it started and what
+    it returned, even when the caller was cancelled around it."""
+
+    def __init__(self, call: Callable[[], int | None]) -> None:
+        self.call = call
+        self.started = False
+        self.result: int | None = None
+
+    def __call__(self) -> None:
+        self.started = True
+        self.result = self.call()
 
 
 def _task_pass(

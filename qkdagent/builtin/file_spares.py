@@ -59,10 +59,13 @@ class SparePool:
             return None
         return spares.pop()
 
-    def hold(self, fd: int | None) -> None:
+    def put_back(self, directory: Path, spare: Spare) -> None:
+        """A spare taken and not used (its write was cancelled before it started)."""
+        self._spares.setdefault(directory, []).append(spare)
+
+    def hold(self, fd: int) -> None:
         """A replaced file, held until the next `work` closes it."""
-        if fd is not None:
-            self._held.append(fd)
+        self._held.append(fd)
 
     def has_work(self) -> bool:
         return bool(self._held or self._wanted)
