@@ -441,7 +441,7 @@ def cmd_procs(args: argparse.Namespace) -> None:
     )
     lat = [x for r in runs for x in r["lat"]]
     print(
-        "  latest rotation per link (initiator, to the peer's durable-commit ack): "
+        "  latest rotation per link (initiator, to the peer's commit ack): "
         f"p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms"
     )
     print(

@@ -799,7 +799,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 )
             lat = s["lat"]
             print(
-                "      latest rotation per link (initiator, to the peer's durable-commit ack): "
+                "      latest rotation per link (initiator, to the peer's commit ack): "
                 f"p50 {pct(lat, 50):.1f} ms, p99 {pct(lat, 99):.1f} ms; "
                 f"failed attempts {s['failures']}, links erased {s['erased']}"
             )
