@@ -3,7 +3,10 @@ taken ahead serves one attempt from the record it was taken for, never two."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import trio
 import trio.testing
@@ -13,6 +16,23 @@ from qkdagent.testing import MemoryPool, open_agent_pair
 
 REC = {"sinks": {"rec": {"type": "recording"}}}
 INTERVAL = 100.0
+
+
+@asynccontextmanager
+async def _pair_at_epoch_1(
+    tmp_path: Path, **link: object
+) -> AsyncIterator[tuple[Any, list[tuple[float, str]], MemoryPool]]:
+    """A pair that committed epoch 1, with the log of the keys alice's source hands out."""
+    options = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0, **link}
+    log: list[tuple[float, str]] = []
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=options, local=True, start=False
+    ) as pair:
+        pool = _issued(pair, log)
+        await pair.start("bob")
+        await pair.start("alice")
+        await pair.wait_for_epoch(1)
+        yield pair, log, pool
 
 
 def _issued(pair, log: list[tuple[float, str]]) -> MemoryPool:  # type: ignore[no-untyped-def]
@@ -59,15 +79,7 @@ async def test_keys_are_taken_a_lead_ahead_and_used_by_the_rotation(
 async def test_a_failed_attempt_never_reuses_keys_taken_ahead(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    link = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0}
-    log: list[tuple[float, str]] = []
-    async with open_agent_pair(
-        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
-    ) as pair:
-        pool = _issued(pair, log)
-        await pair.start("bob")
-        await pair.start("alice")
-        await pair.wait_for_epoch(1)
+    async with _pair_at_epoch_1(tmp_path) as (pair, log, pool):
         assert pair.network is not None
         bob_url = pair.configs["alice"]["links"]["alice-bob"]["peer_url"]
         # bob unreachable from just after the prefetch of rotation 2 until a while later
@@ -88,15 +100,7 @@ async def test_a_failed_attempt_never_reuses_keys_taken_ahead(
 async def test_a_failing_source_is_not_asked_twice_per_attempt(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    link = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0, "backoff_max": 8}
-    log: list[tuple[float, str]] = []
-    async with open_agent_pair(
-        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
-    ) as pair:
-        pool = _issued(pair, log)
-        await pair.start("bob")
-        await pair.start("alice")
-        await pair.wait_for_epoch(1)
+    async with _pair_at_epoch_1(tmp_path, backoff_max=8) as (pair, log, pool):
         pool.down = True
         calls_before = len(log)
         failures_before = pair.alice.link("alice-bob").status.failures
@@ -114,15 +118,7 @@ async def test_keys_taken_ahead_serve_only_the_record_they_were_taken_for(
     epoch, a resync, new source state), the keys taken ahead are not used."""
     import dataclasses
 
-    link = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0}
-    log: list[tuple[float, str]] = []
-    async with open_agent_pair(
-        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
-    ) as pair:
-        _issued(pair, log)
-        await pair.start("bob")
-        await pair.start("alice")
-        await pair.wait_for_epoch(1)
+    async with _pair_at_epoch_1(tmp_path) as (pair, log, _):
         await trio.sleep(INTERVAL - 0.5)  # rotation 2's keys were taken ahead
         assert len(log) == 2
         runtime = pair.alice.link("alice-bob")
@@ -141,15 +137,7 @@ async def test_the_rotate_is_built_with_its_keys_ahead_and_serves_one_attempt(
     from qkdagent import protocol
     from qkdagent.testing.hostile import Exchange, ManInTheMiddle
 
-    link = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0}
-    log: list[tuple[float, str]] = []
-    async with open_agent_pair(
-        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
-    ) as pair:
-        _issued(pair, log)
-        await pair.start("bob")
-        await pair.start("alice")
-        await pair.wait_for_epoch(1)
+    async with _pair_at_epoch_1(tmp_path) as (pair, log, _):
         mitm = ManInTheMiddle.on(pair, "bob")
         sent: list[tuple[float, bytes]] = []
 
