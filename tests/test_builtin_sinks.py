@@ -333,39 +333,68 @@ async def test_an_erase_lets_go_of_every_replaced_file_first(tmp_path: Path) -> 
     await sink.erase(LINK, "test")
     assert not _held(tmp_path)
     sink._syncing = False
-    file_spares.discard(*sink._spares.drain())
+    file_spares.discard([], sink._spares.drain())
 
 
-async def test_an_erase_waits_for_a_pass_under_way_and_a_cancelled_one_keeps_nothing(
-    tmp_path: Path,
+async def test_an_erase_during_a_task_pass_neither_waits_for_it_nor_leaves_a_key_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Review findings: an erase during the task's pass returned while the pass still held
-    an earlier key, and an erase cancelled at the wrong moment lost the held files for good."""
-    sink = _file_sink(tmp_path)
-    await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
-    sink._spares.add({tmp_path: [fileutil.create_spare(tmp_path)]})
-    sink._syncing = True  # as while its task runs
-    await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(2, ("k",), "file", 0))
-    assert len(_held(tmp_path)) == 1
-    release = trio.Event()
+    """Review findings: an erase could return while a pass of the task still held an
+    earlier key (taken, to be closed after its fsyncs), and then it waited for those
+    fsyncs. A pass closes what it takes at once; an erase closes the rest at once."""
+    import threading
 
-    async def a_pass_under_way(task_status: trio.TaskStatus[None]) -> None:
-        async with sink._pass:
-            task_status.started()
-            await release.wait()
+    sink = _file_sink(tmp_path)
+    in_sync, go_on = threading.Event(), threading.Event()
+    synced_after_erase: list[bool] = []
+    real = file_sink_module.sync_written
+
+    def stalled(paths: list[Path]) -> None:
+        in_sync.set()
+        go_on.wait(30)
+        real(paths)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(a_pass_under_way)
-        with trio.move_on_after(0.05):
-            await sink.erase(LINK, "cancelled")  # cancelled while it waits for the pass
-        assert len(_held(tmp_path)) == len(sink._spares._held) == 1  # still the pool's
-        nursery.start_soon(sink.erase, LINK, "test")
-        await trio.testing.wait_all_tasks_blocked()
-        assert len(_held(tmp_path)) == 1  # the erase waits for the pass
-        release.set()
-    assert not _held(tmp_path)
-    sink._syncing = False
-    file_spares.discard(*sink._spares.drain())
+        await nursery.start(sink.run)
+        await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+        await _until(lambda: _ready(sink, tmp_path) == file_spares.SPARES_PER_DIRECTORY)
+        monkeypatch.setattr(file_sink_module, "sync_written", stalled)
+        await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(2, ("k",), "file", 0))
+        assert len(_held(tmp_path)) == 1
+        await trio.to_thread.run_sync(in_sync.wait, 10)  # the pass is in its fsyncs ...
+        assert not _held(tmp_path)  # ... having closed the file it took first
+        await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(3, ("k",), "file", 0))
+        assert len(_held(tmp_path)) == 1
+        await sink.erase(LINK, "test")
+        synced_after_erase.append(go_on.is_set())
+        assert not _held(tmp_path)
+        go_on.set()
+        nursery.cancel_scope.cancel()
+    assert synced_after_erase == [False]  # the erase did not wait for the stalled pass
+
+
+async def test_a_spare_taken_by_an_install_cancelled_after_the_task_stopped_is_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: an install cancelled together with the sink's task put its unused
+    spare back into a pool the task's last pass had already emptied."""
+    from qkdagent.inline import loop_gate
+
+    sink = _file_sink(tmp_path)
+    sink._spares.add({tmp_path: [fileutil.create_spare(tmp_path)]})
+    sink._syncing = True
+
+    class Cancelled(BaseException):
+        """Stands for trio's, which only trio raises."""
+
+    async def stopped_then_cancelled(fn: Callable[[], object]) -> object:
+        sink._syncing = False  # the task's last pass ran meanwhile
+        raise Cancelled  # as the gate's check would, before the write
+
+    monkeypatch.setattr(loop_gate(), "run", stopped_then_cancelled)
+    with pytest.raises(Cancelled):
+        await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+    assert _spares(tmp_path) == {} and sink._spares.drain() == []
 
 
 async def test_a_cancelled_install_loses_no_spare_and_no_held_file(
@@ -446,7 +475,7 @@ async def test_an_install_on_a_thread_across_the_task_stop_leaves_nothing_held(
         go_on.set()
     monkeypatch.setattr(gate, "_threaded_until", -1.0)
     assert not _held(tmp_path)
-    file_spares.discard(*sink._spares.drain())
+    file_spares.discard([], sink._spares.drain())
 
 
 async def test_file_sink_erase_is_durable_before_it_returns_even_with_its_task(

@@ -267,3 +267,31 @@ def test_only_files_named_as_spares_are_removed(tmp_path: Path) -> None:
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([f"{prefix}dir.tmp", f"{prefix}link.tmp", "psk", f"{prefix}abc.other"])
     assert (tmp_path / "psk").read_bytes() == b"kept"
+
+
+def test_a_spare_moved_away_before_its_rename_takes_no_key_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: between the last check of the spare's name and the rename, another
+    writer in the directory moves the spare away and puts a file of its own there. That
+    file is what gets renamed into place: the write fails (the caller writes anew), and the
+    key is truncated out of the moved spare."""
+    target = tmp_path / "psk"
+    write_secret_file(target, b"old")
+    spare = fileutil.create_spare(tmp_path)
+    real_open = os.open
+
+    def racing_open(path: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_PATH:  # just before the rename
+            os.rename(tmp_path / spare.name, tmp_path / "moved")
+            (tmp_path / spare.name).write_bytes(b"planted")
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fileutil.os, "open", racing_open)
+    before = _open_fds()
+    with pytest.raises(FileExistsError):
+        fileutil.write_via_spare(spare, target, b"new key")
+    monkeypatch.undo()
+    assert (tmp_path / "moved").read_bytes() == b""  # no key left in it
+    assert target.read_bytes() == b"planted"
+    assert len(_open_fds()) == len(before) - 2  # the spare, its directory; nothing held

@@ -120,8 +120,6 @@ class FileSink(Sink):
         self._syncing = False
         """Whether the task runs: only then may an install leave its fsync to it."""
         self._spares = file_spares.SparePool()
-        self._pass = trio.Lock()
-        """Held by the task's pass over the files and by an erase letting go of them."""
         self._templated_dir = "{" in str(Path(self.path_template).parent)
 
     def path(self, link: Link) -> Path:
@@ -153,23 +151,20 @@ class FileSink(Sink):
                 await self._sync_unsynced(final=True)
 
     async def _sync_unsynced(self, *, final: bool = False) -> None:
-        """One pass: the installed files made durable, the files installs replaced closed,
-        and the next spares made (`final`: every spare removed instead), in one thread call,
-        off the rotation's path (a stalled fsync blocks nothing there). Shielded: what the
-        thread opens is registered, never lost to a cancellation."""
+        """One pass: the files installs replaced closed (here, with no await between taking
+        and closing them, so an erase never finds them in between), then in one thread call,
+        off the rotation's path (a stalled fsync blocks nothing there): the installed files
+        made durable and the next spares made (`final`: every spare removed instead).
+        Shielded: what the thread opens is registered, never lost to a cancellation."""
+        file_spares.close_all(self._spares.release())
         owed = dict(self._unsynced)
-        if final:
-            held, spares = self._spares.drain()
-            work = file_spares.Work(held)
-        else:
-            spares = []
-            work = self._spares.work() if self._spares.has_work() else file_spares.Work()
-        if not owed and not work.held and not work.wanted and not spares:
+        spares = self._spares.drain() if final else []
+        work = self._spares.work() if not final and self._spares.has_work() else None
+        if not owed and work is None and not spares:
             return
         with trio.CancelScope(shield=True):
-            async with self._pass:
-                made, error = await trio.to_thread.run_sync(_task_pass, list(owed), work, spares)
-                self._spares.add(made)
+            made, error = await trio.to_thread.run_sync(_task_pass, list(owed), work, spares)
+            self._spares.add(made)
         if error is not None:
             log.warning(
                 "sink %s: installed key files are in place but could not be made durable: %s "
@@ -245,7 +240,10 @@ class FileSink(Sink):
             return False
         except BaseException:  # cancelled: before the write (the spare is unused) or after it
             if not write.started:
-                self._spares.put_back(path.parent, spare)
+                if self._syncing:
+                    self._spares.put_back(path.parent, spare)
+                else:  # the task's last pass is over: nobody would remove it
+                    file_spares.discard([], [spare])
             self._keep(write.result)
             raise
         self._keep(write.result)
@@ -271,8 +269,7 @@ class FileSink(Sink):
     async def erase(self, link: Link, reason: str) -> None:
         """Fail closed, durably: the old key is gone from the file before this returns, and
         no file an install replaced is held any more."""
-        async with self._pass:  # a task pass under way closes what it took first
-            file_spares.close_all(self._spares.release())  # here: no cancellation between
+        file_spares.close_all(self._spares.release())  # here: no await between the two
         if self.on_erase == "remove":
             path = self.path(link)
             try:
@@ -299,17 +296,17 @@ class _Once:
 
 
 def _task_pass(
-    owed: list[Path], work: file_spares.Work, spares: list[Spare]
+    owed: list[Path], work: file_spares.Work | None, spares: list[Spare]
 ) -> tuple[dict[Path, list[Spare]], OSError | None]:
     """The sink task's file work (see `FileSink._sync_unsynced`): fsyncs first, then the
-    spares' work (`spares`: to remove). Returns the spares made and the fsyncs' error."""
+    next spares (`spares`: to remove). Returns the spares made and the fsyncs' error."""
     error = None
     if owed:
         try:
             sync_written(owed)
         except OSError as exc:
             error = exc
-    made = file_spares.do_work(work)
+    made = file_spares.do_work(work) if work is not None else {}
     file_spares.discard([], spares)
     return made, error
 

@@ -3,9 +3,9 @@ directory the sink writes, and the replaced files its installs still hold.
 
 An atomic write on ext4 spends most of its time creating the new file and freeing the old
 one. Through a spare, with the old file held open, an install does neither: the sink's task
-makes the next spares and closes the held files (which frees them) off the rotation's path,
-on its thread, after the installs it makes durable. `SparePool` is the bookkeeping, on the
-event loop; `do_work` and `discard` are the file work, on that thread.
+closes the held files (which frees them) at its next pass, between rotations, and makes the
+next spares on its thread, after the installs it makes durable. `SparePool` is the
+bookkeeping, on the event loop; `do_work` and `discard` are the file work, on that thread.
 
 Bounds: `SPARES_PER_DIRECTORY` open spares in at most `MAX_DIRECTORIES` directories, and at
 most `MAX_HELD` replaced files held; past them an install writes as before. A held file is
@@ -29,10 +29,9 @@ MAX_HELD = 256
 
 @dataclass
 class Work:
-    """What the task's thread does next: close `held`, then make `wanted[d]` spares in each
-    directory `d` (removing an earlier run's from the directories in `first` before)."""
+    """What the task's thread does next: make `wanted[d]` spares in each directory `d`
+    (removing an earlier run's from the directories in `first` before)."""
 
-    held: list[int] = field(default_factory=list)
     wanted: dict[Path, int] = field(default_factory=dict)
     first: set[Path] = field(default_factory=set)
 
@@ -68,12 +67,12 @@ class SparePool:
         self._held.append(fd)
 
     def has_work(self) -> bool:
-        return bool(self._held or self._wanted)
+        """Whether a directory wants spares."""
+        return bool(self._wanted)
 
     def work(self) -> Work:
         """Hand the pending work to the task (which must run `do_work` with it, then `add`)."""
-        work = Work(self._held, {}, set())
-        self._held = []
+        work = Work()
         for directory in self._wanted:
             missing = SPARES_PER_DIRECTORY - len(self._spares.get(directory, ()))
             if missing > 0:
@@ -89,22 +88,22 @@ class SparePool:
             self._spares.setdefault(directory, []).extend(spares)
 
     def release(self) -> list[int]:
-        """Every held file, to close now (an erase: no earlier key stays reachable)."""
+        """Every held file, to close now, before any await (the task's pass; an erase: no
+        earlier key stays reachable)."""
         held, self._held = self._held, []
         return held
 
-    def drain(self) -> tuple[list[int], list[Spare]]:
-        """Everything, to close and remove (the task is stopping)."""
+    def drain(self) -> list[Spare]:
+        """Every spare, to remove (the task is stopping)."""
         spares = [spare for pool in self._spares.values() for spare in pool]
         self._spares = {}
         self._wanted = set()
-        return self.release(), spares
+        return spares
 
 
 def do_work(work: Work) -> dict[Path, list[Spare]]:
-    """Close the held files, then make the wanted spares (a directory that refuses one gets
-    no more this time: its installs write as before)."""
-    close_all(work.held)
+    """Make the wanted spares (a directory that refuses one gets no more this time: its
+    installs write as before)."""
     made: dict[Path, list[Spare]] = {}
     for directory, count in work.wanted.items():
         if directory in work.first:
