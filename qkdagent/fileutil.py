@@ -8,7 +8,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,18 +54,26 @@ def write_secret_file(
 
 
 def _create_temp(target: str) -> tuple[int, str]:
-    """A new 0600 file beside `target`, opened for writing: what `tempfile.mkstemp` does
-    (48 random bits in 8 characters, from `secrets`), without its 40 µs of Python (on every
-    file sink install's path)."""
+    """A new 0600 file beside `target`, opened for writing (its path returned)."""
     head, name = os.path.split(target)
+    return _create_private(lambda token: os.path.join(head, f".{name}.{token}.tmp"))
+
+
+def _create_private(
+    name_for: Callable[[str], str], *, dir_fd: int | None = None
+) -> tuple[int, str]:
+    """A new 0600 file opened for writing, at `name_for(token)` for a fresh random token,
+    never over another file or through a symbolic link: what `tempfile.mkstemp` does (48
+    random bits in 8 characters, from `secrets`), without its 40 µs of Python (on every file
+    sink install's path). Returns the descriptor and the name used."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(100):
-        tmp = os.path.join(head, f".{name}.{secrets.token_urlsafe(6)}.tmp")
+        name = name_for(secrets.token_urlsafe(6))
         try:
-            return os.open(tmp, flags, 0o600), tmp
+            return os.open(name, flags, 0o600, dir_fd=dir_fd), name
         except FileExistsError:
             continue
-    raise FileExistsError(errno.EEXIST, "no unused temporary file name", target)
+    raise FileExistsError(errno.EEXIST, "no unused file name", name_for("*"))
 
 
 SPARE_PREFIX = ".qkdagent-spare-"
@@ -86,26 +94,19 @@ class Spare:
 def create_spare(directory: str | os.PathLike[str]) -> Spare:
     """A new empty 0600 file in `directory` (named `SPARE_PREFIX`..., never over another)."""
     dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        for _ in range(100):
-            name = f"{SPARE_PREFIX}{secrets.token_urlsafe(6)}.tmp"
-            try:
-                fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
-            except FileExistsError:
-                continue
-            try:
-                os.fchmod(fd, 0o600)
-            except BaseException:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=dir_fd)
-                raise
-            return Spare(fd, dir_fd, name)
-        raise FileExistsError(errno.EEXIST, "no unused spare file name", os.fspath(directory))
+        fd, name = _create_private(lambda token: f"{SPARE_PREFIX}{token}.tmp", dir_fd=dir_fd)
+        try:
+            os.fchmod(fd, 0o600)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
+            raise
     except BaseException:
         os.close(dir_fd)
         raise
+    return Spare(fd, dir_fd, name)
 
 
 def write_via_spare(spare: Spare, target: str | os.PathLike[str], data: bytes) -> int | None:

@@ -333,7 +333,7 @@ async def test_an_erase_lets_go_of_every_replaced_file_first(tmp_path: Path) -> 
     await sink.erase(LINK, "test")
     assert not _held(tmp_path)
     sink._syncing = False
-    file_spares.discard([], sink._spares.drain())
+    file_spares.discard(sink._spares.drain())
 
 
 async def test_an_erase_during_a_task_pass_neither_waits_for_it_nor_leaves_a_key_held(
@@ -475,7 +475,7 @@ async def test_an_install_on_a_thread_across_the_task_stop_leaves_nothing_held(
         go_on.set()
     monkeypatch.setattr(gate, "_threaded_until", -1.0)
     assert not _held(tmp_path)
-    file_spares.discard([], sink._spares.drain())
+    file_spares.discard(sink._spares.drain())
 
 
 async def test_file_sink_erase_is_durable_before_it_returns_even_with_its_task(

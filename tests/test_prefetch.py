@@ -19,10 +19,11 @@ INTERVAL = 100.0
 
 
 @asynccontextmanager
-async def _pair_at_epoch_1(
-    tmp_path: Path, **link: object
+async def _running_pair(
+    tmp_path: Path, *, epoch: int = 1, **link: object
 ) -> AsyncIterator[tuple[Any, list[tuple[float, str]], MemoryPool]]:
-    """A pair that committed epoch 1, with the log of the keys alice's source hands out."""
+    """A pair once it committed `epoch` (0: as soon as both started), with the log of the
+    keys alice's source hands out."""
     options = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0, **link}
     log: list[tuple[float, str]] = []
     async with open_agent_pair(
@@ -31,7 +32,8 @@ async def _pair_at_epoch_1(
         pool = _issued(pair, log)
         await pair.start("bob")
         await pair.start("alice")
-        await pair.wait_for_epoch(1)
+        if epoch:
+            await pair.wait_for_epoch(epoch)
         yield pair, log, pool
 
 
@@ -53,14 +55,7 @@ def _issued(pair, log: list[tuple[float, str]]) -> MemoryPool:  # type: ignore[n
 async def test_keys_are_taken_a_lead_ahead_and_used_by_the_rotation(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    link = {"interval": INTERVAL, "reject_after": 3 * INTERVAL, "jitter": 0}
-    log: list[tuple[float, str]] = []
-    async with open_agent_pair(
-        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
-    ) as pair:
-        pool = _issued(pair, log)
-        await pair.start("bob")
-        await pair.start("alice")
+    async with _running_pair(tmp_path, epoch=0) as (pair, log, pool):
         start = trio.current_time()
         await trio.sleep(5 * INTERVAL + 10)  # rotations at 0, 100, ..., 500
         installs = pair.sink("alice", "rec").installs
@@ -79,7 +74,7 @@ async def test_keys_are_taken_a_lead_ahead_and_used_by_the_rotation(
 async def test_a_failed_attempt_never_reuses_keys_taken_ahead(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with _pair_at_epoch_1(tmp_path) as (pair, log, pool):
+    async with _running_pair(tmp_path) as (pair, log, pool):
         assert pair.network is not None
         bob_url = pair.configs["alice"]["links"]["alice-bob"]["peer_url"]
         # bob unreachable from just after the prefetch of rotation 2 until a while later
@@ -100,7 +95,7 @@ async def test_a_failed_attempt_never_reuses_keys_taken_ahead(
 async def test_a_failing_source_is_not_asked_twice_per_attempt(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with _pair_at_epoch_1(tmp_path, backoff_max=8) as (pair, log, pool):
+    async with _running_pair(tmp_path, backoff_max=8) as (pair, log, pool):
         pool.down = True
         calls_before = len(log)
         failures_before = pair.alice.link("alice-bob").status.failures
@@ -118,7 +113,7 @@ async def test_keys_taken_ahead_serve_only_the_record_they_were_taken_for(
     epoch, a resync, new source state), the keys taken ahead are not used."""
     import dataclasses
 
-    async with _pair_at_epoch_1(tmp_path) as (pair, log, _):
+    async with _running_pair(tmp_path) as (pair, log, _):
         await trio.sleep(INTERVAL - 0.5)  # rotation 2's keys were taken ahead
         assert len(log) == 2
         runtime = pair.alice.link("alice-bob")
@@ -137,7 +132,7 @@ async def test_the_rotate_is_built_with_its_keys_ahead_and_serves_one_attempt(
     from qkdagent import protocol
     from qkdagent.testing.hostile import Exchange, ManInTheMiddle
 
-    async with _pair_at_epoch_1(tmp_path) as (pair, log, _):
+    async with _running_pair(tmp_path) as (pair, log, _):
         mitm = ManInTheMiddle.on(pair, "bob")
         sent: list[tuple[float, bytes]] = []
 

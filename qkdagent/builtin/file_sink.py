@@ -243,7 +243,7 @@ class FileSink(Sink):
                 if self._syncing:
                     self._spares.put_back(path.parent, spare)
                 else:  # the task's last pass is over: nobody would remove it
-                    file_spares.discard([], [spare])
+                    file_spares.discard([spare])
             self._keep(write.result)
             raise
         self._keep(write.result)
@@ -307,7 +307,7 @@ def _task_pass(
         except OSError as exc:
             error = exc
     made = file_spares.do_work(work) if work is not None else {}
-    file_spares.discard([], spares)
+    file_spares.discard(spares)
     return made, error
 
 

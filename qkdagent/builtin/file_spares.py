@@ -122,7 +122,6 @@ def close_all(fds: list[int]) -> None:
             os.close(fd)
 
 
-def discard(held: list[int], spares: list[Spare]) -> None:
-    close_all(held)
+def discard(spares: list[Spare]) -> None:
     for spare in spares:
         discard_spare(spare)
