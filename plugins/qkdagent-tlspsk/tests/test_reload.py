@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from qkdagent_tlspsk.reload import parse_signal
+from qkdagent_tlspsk import reload
+from qkdagent_tlspsk.reload import LogWatch, parse_signal
 
 from qkdagent import KeyMeta, Link, Secret, SinkError
 from qkdagent.testing import MemoryPool, open_agent_pair
@@ -109,6 +110,57 @@ async def test_failure_line_is_reported(tmp_path: Path, h: Any) -> None:
     await sink.prepare()
     with pytest.raises(SinkError, match="rejected the new PSK file"):
         await sink.install(LINK, Secret.random(32), meta(1))
+
+
+WATCH_OK, WATCH_BAD = "Configuration successful", "Configuration failed"
+NOISE = b"LOG5[42]: Service [srv] accepted connection from 127.0.0.1:40000\n"
+
+
+def watch(path: Path) -> LogWatch:
+    return LogWatch(path, WATCH_OK, WATCH_BAD)
+
+
+@pytest.mark.parametrize("noise_chunks", [0.5, 1, 1.5, 70])
+def test_the_verdict_is_found_behind_more_log_than_one_read(
+    tmp_path: Path, noise_chunks: float
+) -> None:
+    """A busy consumer may log megabytes of connections between the reload and its verdict;
+    the scan moves on past each chunk instead of re-reading the first one."""
+    log = tmp_path / "c.log"
+    log.write_bytes(b"old: Configuration successful\n")
+    offset = log.stat().st_size
+    noise = NOISE * int(noise_chunks * reload.SCAN_CHUNK / len(NOISE))
+    with log.open("ab") as fh:
+        fh.write(noise)
+    verdict, offset = reload._scan(watch(log), offset)
+    assert verdict is None
+    with log.open("ab") as fh:
+        fh.write(b"LOG5[ui]: Configuration successful\n")
+    while verdict is None:  # a 70-chunk backlog takes two scans (64 chunks each at most)
+        last = offset
+        verdict, offset = reload._scan(watch(log), offset)
+        assert verdict is True or offset > last
+    assert verdict is True
+
+
+def test_a_partial_last_line_is_read_again_and_a_huge_line_is_skipped(tmp_path: Path) -> None:
+    log = tmp_path / "c.log"
+    log.write_bytes(b"x" * (reload.SCAN_CHUNK * 2 + 7) + b"\n" + b"LOG5[ui]: Configuration succ")
+    verdict, offset = reload._scan(watch(log), 0)
+    assert verdict is None
+    assert offset == reload.SCAN_CHUNK * 2 + 8, "stops at the start of the partial line"
+    with log.open("ab") as fh:
+        fh.write(b"essful\n")
+    assert reload._scan(watch(log), offset) == (True, offset)
+
+
+def test_a_failure_in_the_same_lines_wins_and_truncation_restarts(tmp_path: Path) -> None:
+    log = tmp_path / "c.log"
+    log.write_bytes(NOISE * 1000)
+    offset = log.stat().st_size
+    log.write_bytes(b"x: Configuration successful\nx: Configuration failed\n")  # rotated
+    assert reload._scan(watch(log), offset)[0] is False
+    assert reload._scan(watch(tmp_path / "absent.log"), 5) == (None, 5)
 
 
 @pytest.mark.parametrize("content", ["", "abc", "1", "99999999999"])

@@ -74,25 +74,38 @@ async def run_command(argv: list[str], deadline: float) -> None:
     )
 
 
+SCAN_CHUNK = 1 << 20
+SCAN_CHUNKS = 64  # per scan: a log growing faster than 64 MiB per poll is read over several
+
+
 def _scan(watch: LogWatch, offset: int) -> tuple[bool | None, int]:
+    """Look for the verdict in the complete lines after `offset`; return it and where the next
+    scan starts. The offset moves past every complete line read, so a busy consumer (stunnel
+    logs each connection) cannot push the verdict out of sight however much it logs between
+    two scans; a partial last line is read again next time."""
     try:
         with watch.path.open("rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < offset:  # rotated or truncated: read from the start
+            if os.fstat(fh.fileno()).st_size < offset:  # rotated or truncated: from the start
                 offset = 0
             fh.seek(offset)
-            chunk = fh.read(1 << 20)
+            for _ in range(SCAN_CHUNKS):
+                chunk = fh.read(SCAN_CHUNK)
+                end = chunk.rfind(b"\n") + 1
+                if end == 0 and len(chunk) == SCAN_CHUNK:
+                    # A line longer than a chunk: skip on, keeping enough of its tail to catch
+                    # a verdict cut in two.
+                    end = SCAN_CHUNK - 4 * max(len(watch.success), len(watch.failure))
+                complete = chunk[:end].decode("utf-8", "replace")
+                if watch.failure in complete:
+                    return False, offset
+                if watch.success in complete:
+                    return True, offset
+                offset += end
+                if len(chunk) < SCAN_CHUNK:
+                    break
+                fh.seek(offset)
     except FileNotFoundError:
-        return None, offset
-    text = chunk.decode("utf-8", "replace")
-    # Only whole lines count; a partial last line is read again next time.
-    complete = text.rsplit("\n", 1)[0] if "\n" in text else ""
-    failure = watch.failure in complete
-    success = watch.success in complete
-    if failure:
-        return False, offset
-    if success:
-        return True, offset
+        pass
     return None, offset
 
 
