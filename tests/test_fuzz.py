@@ -36,6 +36,7 @@ PLUGIN_OF = {
     "dske_wire": "qkdagent_dske",
     "bb84_frames": "qkdagent_bb84",
     "qupskd_wire": "qkdagent_qupskd",
+    "tlspsk_files": "qkdagent_tlspsk",
 }
 
 

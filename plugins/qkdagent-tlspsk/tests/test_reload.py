@@ -112,55 +112,122 @@ async def test_failure_line_is_reported(tmp_path: Path, h: Any) -> None:
         await sink.install(LINK, Secret.random(32), meta(1))
 
 
-WATCH_OK, WATCH_BAD = "Configuration successful", "Configuration failed"
 NOISE = b"LOG5[42]: Service [srv] accepted connection from 127.0.0.1:40000\n"
+OK_LINE = b"LOG5[ui]: Configuration successful\n"
+BAD_LINE = b"LOG3[ui]: Configuration failed\n"
+CHUNK = 4096  # the scan's read size in these tests, so a many-chunk log stays small
+
+
+@pytest.fixture
+def small_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(reload, "SCAN_CHUNK", CHUNK)
 
 
 def watch(path: Path) -> LogWatch:
-    return LogWatch(path, WATCH_OK, WATCH_BAD)
+    return LogWatch(path, "Configuration successful", "Configuration failed")
 
 
-@pytest.mark.parametrize("noise_chunks", [0.5, 1, 1.5, 70])
+def noise(size: int) -> bytes:
+    return (NOISE * (size // len(NOISE) + 1))[:size]
+
+
+def scan_until_verdict(log: Path, pos: reload.LogPosition) -> bool:
+    verdict = None
+    for _ in range(1000):
+        last = pos
+        verdict, pos = reload._scan(watch(log), pos)
+        if verdict is not None:
+            return verdict
+        assert pos != last, "each scan of a log with whole lines in it moves on"
+    raise AssertionError("no verdict")
+
+
+@pytest.mark.parametrize("chunks", [0.5, 1, 1.5, 5, 200])
 def test_the_verdict_is_found_behind_more_log_than_one_read(
-    tmp_path: Path, noise_chunks: float
+    tmp_path: Path, small_reads: None, chunks: float
 ) -> None:
     """A busy consumer may log megabytes of connections between the reload and its verdict;
-    the scan moves on past each chunk instead of re-reading the first one."""
+    the scan moves on past each read instead of reading the first one again."""
     log = tmp_path / "c.log"
-    log.write_bytes(b"old: Configuration successful\n")
-    offset = log.stat().st_size
-    noise = NOISE * int(noise_chunks * reload.SCAN_CHUNK / len(NOISE))
+    log.write_bytes(b"old: " + OK_LINE)  # before the reload: never counted
+    pos = reload.log_offset(watch(log))
+    assert reload._scan(watch(log), pos) == (None, pos)
     with log.open("ab") as fh:
-        fh.write(noise)
-    verdict, offset = reload._scan(watch(log), offset)
-    assert verdict is None
+        fh.write(noise(int(chunks * CHUNK) - 1) + b"\n")
+    assert reload._scan(watch(log), pos)[0] is None
     with log.open("ab") as fh:
-        fh.write(b"LOG5[ui]: Configuration successful\n")
-    while verdict is None:  # a 70-chunk backlog takes two scans (64 chunks each at most)
-        last = offset
-        verdict, offset = reload._scan(watch(log), offset)
-        assert verdict is True or offset > last
-    assert verdict is True
+        fh.write(OK_LINE)
+    assert scan_until_verdict(log, pos) is True
 
 
-def test_a_partial_last_line_is_read_again_and_a_huge_line_is_skipped(tmp_path: Path) -> None:
+def test_a_scan_reads_a_bounded_amount(
+    tmp_path: Path, small_reads: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reload, "SCAN_CHUNKS", 3)
     log = tmp_path / "c.log"
-    log.write_bytes(b"x" * (reload.SCAN_CHUNK * 2 + 7) + b"\n" + b"LOG5[ui]: Configuration succ")
-    verdict, offset = reload._scan(watch(log), 0)
-    assert verdict is None
-    assert offset == reload.SCAN_CHUNK * 2 + 8, "stops at the start of the partial line"
-    with log.open("ab") as fh:
-        fh.write(b"essful\n")
-    assert reload._scan(watch(log), offset) == (True, offset)
+    log.write_bytes(noise(10 * CHUNK) + OK_LINE)
+    verdict, pos = reload._scan(watch(log), reload.LogPosition(None, 0))
+    assert verdict is None and 2 * CHUNK < pos.offset <= 3 * CHUNK
+    assert scan_until_verdict(log, pos) is True
 
 
-def test_a_failure_in_the_same_lines_wins_and_truncation_restarts(tmp_path: Path) -> None:
+def test_a_partial_last_line_is_read_again(tmp_path: Path, small_reads: None) -> None:
     log = tmp_path / "c.log"
-    log.write_bytes(NOISE * 1000)
-    offset = log.stat().st_size
-    log.write_bytes(b"x: Configuration successful\nx: Configuration failed\n")  # rotated
-    assert reload._scan(watch(log), offset)[0] is False
-    assert reload._scan(watch(tmp_path / "absent.log"), 5) == (None, 5)
+    log.write_bytes(noise(CHUNK + 100) + b"\n" + OK_LINE[:-9])
+    verdict, pos = reload._scan(watch(log), reload.LogPosition(None, 0))
+    assert verdict is None and pos.offset == CHUNK + 101, "stops where the partial line starts"
+    with log.open("ab") as fh:
+        fh.write(OK_LINE[-9:])
+    assert reload._scan(watch(log), pos)[0] is True
+
+
+@pytest.mark.parametrize("shift", range(-30, 31, 3))
+@pytest.mark.parametrize("line", [OK_LINE, BAD_LINE])
+def test_a_verdict_cut_by_a_read_inside_a_huge_line_is_seen(
+    tmp_path: Path, small_reads: None, shift: int, line: bytes
+) -> None:
+    """Inside one line longer than a read, the next read starts a verdict's length back."""
+    log = tmp_path / "c.log"
+    verdict_at = 3 * CHUNK + shift  # around the third read's end
+    log.write_bytes(b"x" * (verdict_at - 10) + line[:-1] + b"y" * 2 * CHUNK + b"\n")
+    assert scan_until_verdict(log, reload.LogPosition(None, 0)) is (line == OK_LINE)
+
+
+@pytest.mark.parametrize("gap", [0, 10, CHUNK, 3 * CHUNK])
+def test_the_verdict_written_first_decides(tmp_path: Path, small_reads: None, gap: int) -> None:
+    """Within one read or across reads: this reload's line comes before a later reload's."""
+    for first, second, expected in ((OK_LINE, BAD_LINE, True), (BAD_LINE, OK_LINE, False)):
+        log = tmp_path / "c.log"
+        log.write_bytes(first + noise(gap) + b"\n" + second)
+        assert scan_until_verdict(log, reload.LogPosition(None, 0)) is expected
+
+
+def test_a_replaced_or_truncated_log_is_read_from_its_start(tmp_path: Path) -> None:
+    log = tmp_path / "c.log"
+    log.write_bytes(noise(1000))
+    pos = reload.log_offset(watch(log))
+    replacement = tmp_path / "new.log"
+    replacement.write_bytes(OK_LINE + noise(5000))  # longer than the old offset
+    replacement.rename(log)
+    assert reload._scan(watch(log), pos)[0] is True
+    pos = reload.log_offset(watch(log))
+    with log.open("r+b") as fh:
+        fh.truncate(0)
+        fh.write(BAD_LINE)
+    assert reload._scan(watch(log), pos)[0] is False
+
+
+async def test_an_absent_log_is_waited_for_and_an_unreadable_one_fails(tmp_path: Path) -> None:
+    log = tmp_path / "c.log"
+    pos = reload.log_offset(watch(log))
+    assert pos == reload.LogPosition(None, 0)
+    assert reload._scan(watch(log), pos) == (None, pos)
+    log.write_bytes(NOISE + OK_LINE)  # appears after the reload: read whole
+    await reload.wait_for_log(watch(log), pos, trio.current_time() + 5)
+    log.unlink()
+    log.mkdir()
+    with pytest.raises(SinkError, match="cannot read the log"):
+        await reload.wait_for_log(watch(log), pos, trio.current_time() + 5)
 
 
 @pytest.mark.parametrize("content", ["", "abc", "1", "99999999999"])

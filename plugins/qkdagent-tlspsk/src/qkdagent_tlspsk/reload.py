@@ -46,13 +46,23 @@ def read_pid(pid_file: Path) -> int:
     return int(text)
 
 
-def log_offset(watch: LogWatch | None) -> int:
+@dataclass(frozen=True)
+class LogPosition:
+    """Where the consumer's log stood before a reload: which file, and how far it went."""
+
+    file: tuple[int, int] | None
+    """(st_dev, st_ino); None when there was no log yet."""
+    offset: int
+
+
+def log_offset(watch: LogWatch | None) -> LogPosition:
     if watch is None:
-        return 0
+        return LogPosition(None, 0)
     try:
-        return watch.path.stat().st_size
-    except FileNotFoundError:
-        return 0
+        st = watch.path.stat()
+    except OSError:  # absent (read from the start once it appears) or unreadable (_scan says)
+        return LogPosition(None, 0)
+    return LogPosition((st.st_dev, st.st_ino), st.st_size)
 
 
 async def send_signal(pid_file: Path, sig: signal.Signals) -> int:
@@ -75,45 +85,63 @@ async def run_command(argv: list[str], deadline: float) -> None:
 
 
 SCAN_CHUNK = 1 << 20
-SCAN_CHUNKS = 64  # per scan: a log growing faster than 64 MiB per poll is read over several
+SCAN_CHUNKS = 64  # per scan: a log growing faster than 64 MiB a poll is read over several
 
 
-def _scan(watch: LogWatch, offset: int) -> tuple[bool | None, int]:
-    """Look for the verdict in the complete lines after `offset`; return it and where the next
-    scan starts. The offset moves past every complete line read, so a busy consumer (stunnel
-    logs each connection) cannot push the verdict out of sight however much it logs between
-    two scans; a partial last line is read again next time."""
+def _first_verdict(text: bytes, watch: LogWatch) -> bool | None:
+    """The verdict written first in `text` (the consumer's line for this reload comes before
+    any later reload's), or None."""
+    found = [
+        (at, verdict)
+        for needle, verdict in ((watch.failure, False), (watch.success, True))
+        if (at := text.find(needle.encode())) >= 0
+    ]
+    return min(found)[1] if found else None
+
+
+def _scan(watch: LogWatch, pos: LogPosition) -> tuple[bool | None, LogPosition]:
+    """Look for the verdict in the complete lines after `pos`; return it and where the next
+    scan starts. The position moves past every complete line read, so a busy consumer
+    (stunnel logs each connection) cannot push the verdict out of sight however much it logs
+    between two scans; a partial last line is read again next time. A log replaced (another
+    file under the name) or truncated is read from its start."""
+    overlap = max(len(watch.success.encode()), len(watch.failure.encode())) - 1
     try:
         with watch.path.open("rb") as fh:
-            if os.fstat(fh.fileno()).st_size < offset:  # rotated or truncated: from the start
+            st = os.fstat(fh.fileno())
+            file, offset = (st.st_dev, st.st_ino), pos.offset
+            if file != pos.file or st.st_size < offset:
                 offset = 0
-            fh.seek(offset)
             for _ in range(SCAN_CHUNKS):
+                fh.seek(offset)
                 chunk = fh.read(SCAN_CHUNK)
                 end = chunk.rfind(b"\n") + 1
-                if end == 0 and len(chunk) == SCAN_CHUNK:
-                    # A line longer than a chunk: skip on, keeping enough of its tail to catch
-                    # a verdict cut in two.
-                    end = SCAN_CHUNK - 4 * max(len(watch.success), len(watch.failure))
-                complete = chunk[:end].decode("utf-8", "replace")
-                if watch.failure in complete:
-                    return False, offset
-                if watch.success in complete:
-                    return True, offset
-                offset += end
+                if end:
+                    verdict, advance = _first_verdict(chunk[:end], watch), end
+                elif len(chunk) == SCAN_CHUNK:
+                    # One line longer than a chunk: the next read starts `overlap` bytes back,
+                    # so a verdict cut here is whole in one of the two.
+                    verdict, advance = _first_verdict(chunk, watch), SCAN_CHUNK - overlap
+                else:
+                    break  # a partial last line: read again next time
+                if verdict is not None:
+                    return verdict, LogPosition(file, offset)
+                offset += advance
                 if len(chunk) < SCAN_CHUNK:
                     break
-                fh.seek(offset)
     except FileNotFoundError:
-        pass
-    return None, offset
+        return None, pos
+    return None, LogPosition(file, offset)
 
 
-async def wait_for_log(watch: LogWatch, offset: int, deadline: float) -> None:
-    """Wait (bounded) for the success line written after `offset`; raise on failure/timeout."""
+async def wait_for_log(watch: LogWatch, pos: LogPosition, deadline: float) -> None:
+    """Wait (bounded) for the success line written after `pos`; raise on failure/timeout."""
     delay = 0.005
     while True:
-        verdict, offset = await trio.to_thread.run_sync(_scan, watch, offset)
+        try:
+            verdict, pos = await trio.to_thread.run_sync(_scan, watch, pos)
+        except OSError as exc:
+            raise SinkError(f"cannot read the log {watch.path}: {exc.strerror}") from None
         if verdict is True:
             return
         if verdict is False:

@@ -366,7 +366,7 @@ class TlsPskSink(Sink):
     ) -> None:
         """Reload, then confirm: the log line, the new key accepted, removed keys refused."""
         deadline = trio.current_time() + self.confirm_timeout
-        offset = await trio.to_thread.run_sync(reload.log_offset, self.log_watch)
+        log_pos = await trio.to_thread.run_sync(reload.log_offset, self.log_watch)
         if self.pid_file is not None:
             assert self.reload_signal is not None
             if consumer_optional and not await trio.to_thread.run_sync(self._consumer_running):
@@ -376,7 +376,7 @@ class TlsPskSink(Sink):
         elif self.reload_command is not None:
             await reload.run_command(self.reload_command, deadline)
         if self.log_watch is not None and (self.pid_file or self.reload_command):
-            await reload.wait_for_log(self.log_watch, offset, deadline)
+            await reload.wait_for_log(self.log_watch, log_pos, deadline)
         if self.probe_target is None:
             return
         if identity is not None and secret is not None:

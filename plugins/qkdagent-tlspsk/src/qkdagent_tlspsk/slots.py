@@ -97,7 +97,10 @@ def dumps(slots: list[Slot]) -> bytes:
 
 def loads(data: bytes) -> list[Slot]:
     """Parse bookkeeping; raises ValueError on anything unexpected."""
-    doc = json.loads(data)
+    try:
+        doc = json.loads(data)
+    except RecursionError:  # nested deeper than the parser recurses
+        raise ValueError("slot file nested too deeply") from None
     if (
         not isinstance(doc, dict)
         or doc.get("version") != 1

@@ -1,0 +1,124 @@
+"""Fuzz target for everything the TLS-PSK plugin reads back from disk that another program or a
+person may have written: the PSK file in each format, the slot bookkeeping, the consumer's pid
+file and the consumer's log, which the reload confirmation scans.
+
+`target(data)` feeds the bytes to one of them (the first byte picks which). A parser may only
+refuse with its own error (`FormatError`, `ValueError` for the slots, `SinkError` for the pid
+file); the log scan may not fail at all, and must reach the verdict a plain search of the same
+complete lines finds (the scan reads in 64-byte pieces here, so the pieces' edges, long lines
+and partial last lines are all exercised). Run it standalone:
+
+    python3 plugins/qkdagent-tlspsk/fuzz/fuzz_tlspsk_files.py [seconds]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from qkdagent_tlspsk import reload, slots
+from qkdagent_tlspsk.formats import FORMATS, FormatError
+
+from qkdagent import SinkError
+from qkdagent.testing import mutation_loop
+
+_DIR = Path(tempfile.mkdtemp(prefix="fuzz-tlspsk-"))
+_FILE = _DIR / "input"
+_WATCH = reload.LogWatch(_FILE, "Configuration successful", "Configuration failed")
+_PIECE = 64
+
+
+def _format(name: str) -> Callable[[bytes], object]:
+    return FORMATS[name].parse
+
+
+def _pid(data: bytes) -> None:
+    _FILE.write_bytes(data)
+    pid = reload.read_pid(_FILE)
+    assert 1 < pid < 2**22
+
+
+def _first(text: bytes) -> bool | None:
+    found = [
+        (at, verdict)
+        for needle, verdict in ((_WATCH.failure, False), (_WATCH.success, True))
+        if (at := text.find(needle.encode())) >= 0
+    ]
+    return min(found)[1] if found else None
+
+
+def _log(data: bytes) -> None:
+    _FILE.write_bytes(data)
+    saved = reload.SCAN_CHUNK
+    reload.SCAN_CHUNK = _PIECE
+    try:
+        pos, verdict = reload.LogPosition(None, 0), None
+        for _ in range(len(data) + 2):
+            verdict, after = reload._scan(_WATCH, pos)
+            assert after.offset >= pos.offset, "a scan never moves back"
+            if verdict is not None or (after.offset == pos.offset and pos.file is not None):
+                break
+            pos = after
+    finally:
+        reload.SCAN_CHUNK = saved
+    assert pos.offset <= len(data)
+    # The first verdict in the complete lines is the one found. Past the last newline, a
+    # verdict may be seen early only inside a line longer than a read (which is not waited
+    # for), and then it is still the first one in the file.
+    complete = _first(data[: data.rfind(b"\n") + 1])
+    if complete is not None:
+        assert verdict is complete
+    else:
+        assert verdict is None or verdict is _first(data)
+
+
+PARSERS: tuple[Callable[[bytes], object], ...] = (
+    *(_format(name) for name in sorted(FORMATS)),
+    slots.loads,
+    _pid,
+    _log,
+)
+ERRORS = (FormatError, ValueError, SinkError)
+
+_KEY = "ab" * 32
+_KEY = "ab" * 32
+_STUNNEL_LOG = (
+    b"2026.12.05 22:04:34 LOG5[ui]: Reading configuration from file /etc/stunnel.conf\n"
+    + b"2026.12.05 22:04:34 LOG5[7]: Service [srv] accepted connection from 127.0.0.1:4\n" * 3
+    + b"2026.12.05 22:04:34 LOG5[ui]: Configuration successful\n"
+    + b"2026.12.05 22:04:35 LOG3[ui]: Configuration failed\n"
+)
+SEEDS = (  # the first byte picks the parser: the formats in name order, then the rest
+    b"\x00" + f"6463312d646332:{_KEY}\n".encode(),  # gnutls (hex identity)
+    b"\x01" + f"dc1-dc2.7:{_KEY}\n# note\n\n".encode(),  # nghttpx
+    b"\x02" + f"dc1-dc2.7:{{HEX}}{_KEY}\n".encode(),  # nginx-patch
+    b"\x03" + _KEY.encode(),  # openssl
+    b"\x04" + f"dc1-dc2.7:{_KEY}\ndc1-dc2.6:{_KEY}\n".encode(),  # stunnel
+    b"\x05"
+    + slots.dumps([slots.Slot("dc1-dc2.7", "dc1-dc2", 7, None), slots.Slot("x", "l", 6, 1.5)]),
+    b"\x05" + b"[" * 5000,
+    b"\x0612345\n",
+    b"\x07" + _STUNNEL_LOG,
+    b"\x07" + b"x" * 200 + b"Configuration failed" + b"y" * 100,
+)
+
+
+def target(data: bytes) -> None:
+    if not data:
+        return
+    parser = PARSERS[data[0] % len(PARSERS)]
+    try:
+        parser(data[1:])
+    except ERRORS:
+        if parser is _log:
+            raise
+
+
+def main(seconds: float) -> None:
+    mutation_loop(target, SEEDS, seconds, selectors=len(PARSERS))
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 10.0)
