@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qkdagent import batchwire
-from qkdagent.testing import in_ci, missing, open_agent_pair
+from qkdagent.testing import in_ci, missing, open_agent_pair, selecting_target
 from qkdagent.testing.agents import LINK
 
 FUZZ = Path(__file__).resolve().parents[1] / "contrib" / "fuzz"
@@ -102,6 +102,25 @@ def test_the_engine_reports_a_crash_and_where_it_escaped() -> None:
     (crash,) = result.distinct.values()
     assert crash.kind == "RecursionError" and result.crashes > 0
     assert engine.minimize(target, crash).count(b"[") + crash.data.count(b"{") > 100
+
+
+def test_a_selecting_target_lets_through_only_its_parsers_refusals() -> None:
+    def refuse(data: bytes) -> None:
+        raise ValueError("refused")
+
+    def crash(data: bytes) -> None:
+        raise KeyError(data)
+
+    target = selecting_target([refuse, crash, refuse], [(ValueError,), (ValueError,), ()])
+    target(b"")
+    target(b"\x00abc")  # parser 0 refuses as allowed
+    target(b"\x03abc")  # byte 0 wraps around: parser 0 again
+    with pytest.raises(KeyError):
+        target(b"\x01abc")
+    with pytest.raises(ValueError):
+        target(b"\x02abc")  # parser 2 may not fail at all
+    with pytest.raises(ValueError, match="one tuple of refusals per parser"):
+        selecting_target([refuse], [])
 
 
 # --- over real HTTPS --------------------------------------------------------------------------

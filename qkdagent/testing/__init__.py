@@ -28,7 +28,7 @@ from ..pki import LeafFiles, PkiFiles, write_test_pki
 from .agents import AgentPair, open_agent_pair
 from .components import build_component, running
 from .contracts import SinkContract, SourceContract, assert_not_leaked, secret_spellings
-from .fuzzloop import mutation_loop
+from .fuzzloop import mutation_loop, selecting_target
 from .hostile import Exchange, ManInTheMiddle, send_as
 from .local import LocalNetwork
 from .memory import InstallRecord, KeyDirSource, MemoryPool, MemorySource, RecordingSink
@@ -69,6 +69,7 @@ __all__ = [
     "require_root",
     "running",
     "secret_spellings",
+    "selecting_target",
     "send_as",
     "wait_until",
     "write_test_pki",

@@ -7,6 +7,30 @@ import random
 import time
 from collections.abc import Callable, Sequence
 
+Refusals = tuple[type[BaseException], ...]
+
+
+def selecting_target(
+    parsers: Sequence[Callable[[bytes], object]], refusals: Sequence[Refusals]
+) -> Callable[[bytes], None]:
+    """A target whose first byte picks one of `parsers` (drawn at random by `mutation_loop`
+    with `selectors=len(parsers)`) and feeds it the rest; the parser may refuse with the
+    errors of the same index in `refusals` (a parser that must not fail gets `()`), anything
+    else escapes as a crash."""
+    if len(parsers) != len(refusals):
+        raise ValueError("one tuple of refusals per parser")
+
+    def target(data: bytes) -> None:
+        if not data:
+            return
+        index = data[0] % len(parsers)
+        try:
+            parsers[index](data[1:])
+        except refusals[index]:
+            pass
+
+    return target
+
 
 def mutation_loop(
     target: Callable[[bytes], None],

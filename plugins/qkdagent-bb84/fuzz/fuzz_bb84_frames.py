@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from qkdagent.testing import mutation_loop
+from qkdagent.testing import mutation_loop, selecting_target
 
 from qkdagent_bb84 import frames
 
@@ -34,14 +34,7 @@ SEEDS = (
 )
 
 
-def target(data: bytes) -> None:
-    if not data:
-        return
-    parser = PARSERS[data[0] % len(PARSERS)]
-    try:
-        parser(data[1:])
-    except frames.FrameError:
-        pass
+target = selecting_target(PARSERS, [(frames.FrameError,)] * len(PARSERS))
 
 
 def main(seconds: float) -> None:

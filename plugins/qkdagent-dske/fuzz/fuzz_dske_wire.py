@@ -14,7 +14,7 @@ import sys
 
 from qkdagent_dske import batchwire, wire
 
-from qkdagent.testing import mutation_loop
+from qkdagent.testing import mutation_loop, selecting_target
 
 PARSERS = (
     lambda d: wire.parse_signature(d),
@@ -62,14 +62,7 @@ SEEDS = (
 )
 
 
-def target(data: bytes) -> None:
-    if not data:
-        return
-    parser = PARSERS[data[0] % len(PARSERS)]
-    try:
-        parser(data[1:])
-    except wire.WireError:
-        pass
+target = selecting_target(PARSERS, [(wire.WireError,)] * len(PARSERS))
 
 
 def main(seconds: float) -> None:

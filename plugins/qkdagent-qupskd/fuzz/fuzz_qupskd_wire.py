@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from qkdagent_qupskd import chain, migrate, settings, wire
 
-from qkdagent.testing import mutation_loop
+from qkdagent.testing import mutation_loop, selecting_target
 
 
 def _address(parse: Callable[[str], tuple[str, int] | str], data: bytes) -> None:
@@ -46,14 +46,7 @@ SEEDS = (
 )
 
 
-def target(data: bytes) -> None:
-    if not data:
-        return
-    parser = PARSERS[data[0] % len(PARSERS)]
-    try:
-        parser(data[1:])
-    except ERRORS:
-        pass
+target = selecting_target(PARSERS, [ERRORS] * len(PARSERS))
 
 
 def main(seconds: float) -> None:

@@ -22,7 +22,7 @@ from qkdagent_tlspsk import reload, slots
 from qkdagent_tlspsk.formats import FORMATS, FormatError
 
 from qkdagent import SinkError
-from qkdagent.testing import mutation_loop
+from qkdagent.testing import mutation_loop, selecting_target
 
 _DIR = Path(tempfile.mkdtemp(prefix="fuzz-tlspsk-"))
 _FILE = _DIR / "input"
@@ -80,7 +80,7 @@ PARSERS: tuple[Callable[[bytes], object], ...] = (
     _pid,
     _log,
 )
-ERRORS = (FormatError, ValueError, SinkError)
+REFUSALS = (*((FormatError,) for _ in FORMATS), (ValueError,), (SinkError,), ())
 
 _KEY = "ab" * 32
 _KEY = "ab" * 32
@@ -105,15 +105,7 @@ SEEDS = (  # the first byte picks the parser: the formats in name order, then th
 )
 
 
-def target(data: bytes) -> None:
-    if not data:
-        return
-    parser = PARSERS[data[0] % len(PARSERS)]
-    try:
-        parser(data[1:])
-    except ERRORS:
-        if parser is _log:
-            raise
+target = selecting_target(PARSERS, REFUSALS)
 
 
 def main(seconds: float) -> None:

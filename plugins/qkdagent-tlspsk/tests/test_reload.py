@@ -230,7 +230,7 @@ async def test_an_absent_log_is_waited_for_and_an_unreadable_one_fails(tmp_path:
         await reload.wait_for_log(watch(log), pos, trio.current_time() + 5)
 
 
-@pytest.mark.parametrize("content", ["", "abc", "1", "99999999999"])
+@pytest.mark.parametrize("content", ["", "abc", "1", "99999999999", "9" * 5000, "0000001"])
 async def test_bad_pid_files_are_install_failures(tmp_path: Path, h: Any, content: str) -> None:
     pid_file = tmp_path / "c.pid"
     pid_file.write_text(content)

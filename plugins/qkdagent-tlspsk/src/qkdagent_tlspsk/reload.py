@@ -41,7 +41,7 @@ def read_pid(pid_file: Path) -> int:
         raise SinkError(f"cannot read pid file {pid_file}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise SinkError(f"pid file {pid_file} is not ASCII") from None
-    if not text.isdigit() or not 1 < int(text) < 2**22:
+    if not (text.isdigit() and len(text) <= 7) or not 1 < int(text) < 2**22:
         raise SinkError(f"pid file {pid_file} does not hold a process id")
     return int(text)
 
