@@ -55,6 +55,7 @@ from .pki import PkiError, extend_test_pki, file_stem, write_test_pki
 from .secret import Key, Secret, check_key_id
 from .services import Service
 from .stash import Stash, StashKey
+from .text import decimal
 from .tlsclient import client_ssl_context, load_tls_identity
 
 __version__ = "0.1.0"
@@ -108,6 +109,7 @@ __all__ = [
     "check_template",
     "client_ssl_context",
     "create_secret_file",
+    "decimal",
     "destroy_file",
     "extend_test_pki",
     "file_stem",

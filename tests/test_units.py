@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import trio
 
-from qkdagent import Key, Secret, Sink, hookimpl, protocol
+from qkdagent import Key, Secret, Sink, decimal, hookimpl, protocol
 from qkdagent.errors import ConfigError, PluginError, ProtocolError
 from qkdagent.options import Options
 from qkdagent.plugins import Plugins
@@ -472,3 +472,23 @@ def test_the_background_checkpoint_leaves_a_started_log_without_keys(tmp_path: P
     _, frames, _ = store._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     assert 1 < frames < 10
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "digits", "value"),
+    [
+        ("0", 5, 0),
+        ("65535", 5, 65535),
+        ("007", 3, 7),
+        ("123456", 5, None),  # too many digits for the caller
+        ("", 5, None),
+        ("\u00b2", 5, None),  # str.isdigit() passes it; int() refuses it
+        ("\u0663", 5, None),  # an Arabic-Indic three: int() reads it, but it is not ASCII
+        ("9" * 5000, 10_000, None),  # within the caller's bound, over int()'s
+        ("-1", 5, None),
+        (" 1", 5, None),
+        ("1_0", 5, None),
+    ],
+)
+def test_decimal_reads_only_bounded_ascii_digits(text: str, digits: int, value: int | None) -> None:
+    assert decimal(text, digits) == value

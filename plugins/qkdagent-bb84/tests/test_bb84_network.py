@@ -260,6 +260,7 @@ def test_options_are_checked(tmp_path: Path) -> None:
         {**b_table, "connect": "127.0.0.1:1"},
         {**a_table, "connect": "nohost"},
         {**a_table, "connect": "127.0.0.1:0"},
+        {**a_table, "connect": "127.0.0.1:\u00b2"},
         {**a_table, "connect": "127.0.0.1:1", "worker_thread": False},
         {**{k: v for k, v in a_table.items() if k != "auth_key"}, "connect": "127.0.0.1:1"},
         {**a_table, "connect": "127.0.0.1:1", "tls": {**a_table["tls"], "ca": "/nonexistent"}},

@@ -48,7 +48,11 @@ def test_qos_timeout_in_milliseconds_beside_the_core_timeout(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     ("option", "value", "text"),
-    [("qos_timeout", 0, "qos_timeout"), ("transport", "binary-v3", "transport")],
+    [
+        ("qos_timeout", 0, "qos_timeout"),
+        ("transport", "binary-v3", "transport"),
+        ("module", "127.0.0.1:\u00b2", "module"),  # isdigit() passes it, int() refuses it
+    ],
 )
 def test_bad_options_are_named(tmp_path: Path, option: str, value: Any, text: str) -> None:
     result = _check(tmp_path, **{option: value})

@@ -155,6 +155,8 @@ def test_uri_parsing() -> None:
         ("pkcs11:token=a?pin-source=file:/p", "pin-source"),
         ("pkcs11:token=a;colour=red", "unknown path attribute"),
         ("pkcs11:slot-id=x", "decimal"),
+        ("pkcs11:slot-id=\u00b2", "decimal"),  # isdigit() passes it, int() refuses it
+        ("pkcs11:slot-id=" + "9" * 5000, "decimal"),  # over int()'s digit limit
         ("pkcs11:token", "not name=value"),
         ("pkcs11:token=%ff", "UTF-8"),
     ],

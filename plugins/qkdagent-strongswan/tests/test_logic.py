@@ -18,6 +18,7 @@ from qkdagent_strongswan.logic import (
     names,
     newest_uid,
     parse_conn_message,
+    parse_uid,
     ppk_in_effect,
     should_reauth,
     stale_versions,
@@ -116,6 +117,13 @@ def sa(uid: str, state: str, ppk: str | None = "yes") -> dict[str, object]:
     if ppk is not None:
         out["ppk"] = ppk
     return out
+
+
+@pytest.mark.parametrize(
+    ("uid", "parsed"), [("7", 7), (7, 7), ("\u00b2", None), ("9" * 5000, None), ("-1", None)]
+)
+def test_charon_unique_ids(uid: object, parsed: int | None) -> None:
+    assert parse_uid(uid) == parsed
 
 
 def test_tracker_done_when_a_new_sa_is_established() -> None:

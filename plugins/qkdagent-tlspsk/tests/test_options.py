@@ -21,6 +21,7 @@ from qkdagent import ConfigError
         ({"identity_style": "cqptoolkit", "identity": "{link}.{epoch}"}, "identity", "fixed by"),
         ({"role": "client", "probe": "127.0.0.1:1"}, "probe", "server-side"),
         ({"probe": "localhost"}, "probe", "HOST:PORT"),
+        ({"probe": "localhost:\u00b2"}, "probe", "HOST:PORT"),
         ({"pid_file": "p", "reload_command": ["true"]}, "reload_command", "either"),
         ({"reload_signal": "HUP"}, "reload_signal", "needs pid_file"),
         ({"pid_file": "p", "reload_signal": "NOPE"}, "reload_signal", "not a signal"),

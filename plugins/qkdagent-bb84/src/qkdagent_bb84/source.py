@@ -33,6 +33,7 @@ from qkdagent import (
     Secret,
     Source,
     SourceUnavailable,
+    decimal,
 )
 
 from .cascade import ALGORITHMS
@@ -87,9 +88,10 @@ def _address(options: Options, name: str, *, listen: bool) -> tuple[str, int]:
     """`HOST:PORT` (`[v6]:PORT`); port 0 (any free port) only to listen."""
     text = options.string(name, max_len=300)
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    number = decimal(port, 5)
+    if not sep or number is None or not 0 <= number <= 65535:
         options.fail(name, "must be HOST:PORT")
-    if int(port) == 0 and not listen:
+    if number == 0 and not listen:
         options.fail(name, "needs a port")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     if not host or any(c.isspace() or c in "/[]@" for c in host):

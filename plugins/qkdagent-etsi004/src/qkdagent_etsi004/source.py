@@ -36,6 +36,7 @@ from qkdagent import (
     SourceError,
     SourceUnavailable,
     client_ssl_context,
+    decimal,
 )
 
 from . import codec, rest
@@ -66,7 +67,8 @@ connection the module is closing may have been executed: it is never resent)."""
 
 def _split_address(text: str) -> str | None:
     host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    number = decimal(port, 5)
+    if not sep or not host or number is None or not 0 < number < 65536:
         return "must be HOST:PORT"
     return None
 

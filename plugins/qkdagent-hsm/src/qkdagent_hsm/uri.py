@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
+from qkdagent import decimal
+
 TOKEN_ATTRS = {
     "token": "label",
     "manufacturer": "manufacturer",
@@ -106,9 +108,9 @@ def parse_uri(uri: str) -> ParsedUri:
         if name in TOKEN_ATTRS:
             fields[TOKEN_ATTRS[name]] = value
         elif name in SLOT_ATTRS:
-            if not value.isdigit():
+            slot_id = decimal(value, 20)
+            if slot_id is None:
                 raise UriError("slot-id must be a decimal number")
-            slot_id = int(value)
         elif name not in IGNORED_LIBRARY_ATTRS and not name.startswith("slot-"):
             raise UriError(f"unknown path attribute {name!r}")
     module_path = None

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from qkdagent import Link
+from qkdagent import Link, decimal
 
 from .config import PpkConfig, render
 
@@ -136,7 +136,7 @@ def sa_uses_ppk(sa: Mapping[str, object]) -> bool | None:
 def parse_uid(value: object) -> int | None:
     """charon's unique id of an IKE SA (`uniqueid` in list-sas), None if it is not a number."""
     text = str(value)
-    return int(text) if text.isdigit() else None
+    return decimal(text, 20)
 
 
 def newest_uid(sas: Iterable[Mapping[str, object]]) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from qkdagent import SinkError, program_env, run_program
+from qkdagent import SinkError, decimal, program_env, run_program
 
 
 @dataclass(frozen=True)
@@ -41,9 +41,10 @@ def read_pid(pid_file: Path) -> int:
         raise SinkError(f"cannot read pid file {pid_file}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise SinkError(f"pid file {pid_file} is not ASCII") from None
-    if not (text.isdigit() and len(text) <= 7) or not 1 < int(text) < 2**22:
+    pid = decimal(text, 7)
+    if pid is None or not 1 < pid < 2**22:
         raise SinkError(f"pid file {pid_file} does not hold a process id")
-    return int(text)
+    return pid
 
 
 @dataclass(frozen=True)

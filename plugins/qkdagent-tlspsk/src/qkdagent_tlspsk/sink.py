@@ -29,6 +29,7 @@ from qkdagent import (
     Secret,
     Sink,
     SinkError,
+    decimal,
     write_secret_file,
 )
 
@@ -46,7 +47,8 @@ not on trio's clock; also the wait before retrying a failed removal."""
 
 def _check_hostport(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    number = decimal(port, 5)
+    if not sep or not host or number is None or not 0 < number < 65536:
         return "must be HOST:PORT"
     return None
 

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from qkdagent import decimal
+
 from .auto import AutoBackend
 from .backend import Backend
 from .broker import Broker, bind_socket, parse_allow, serve
@@ -20,11 +22,13 @@ from .uapi import UapiBackend
 
 
 def _uid(text: str) -> int:
-    return int(text) if text.isdigit() else pwd.getpwnam(text).pw_uid
+    number = decimal(text, 10)
+    return number if number is not None else pwd.getpwnam(text).pw_uid
 
 
 def _gid(text: str) -> int:
-    return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
+    number = decimal(text, 10)
+    return number if number is not None else grp.getgrnam(text).gr_gid
 
 
 def build_parser() -> argparse.ArgumentParser:
