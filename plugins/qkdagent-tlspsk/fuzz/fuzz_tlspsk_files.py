@@ -24,8 +24,8 @@ from qkdagent_tlspsk.formats import FORMATS, FormatError
 from qkdagent import SinkError
 from qkdagent.testing import mutation_loop, selecting_target
 
-_DIR = Path(tempfile.mkdtemp(prefix="fuzz-tlspsk-"))
-_FILE = _DIR / "input"
+_DIR = tempfile.TemporaryDirectory(prefix="fuzz-tlspsk-")  # removed at exit
+_FILE = Path(_DIR.name) / "input"
 _WATCH = reload.LogWatch(_FILE, "Configuration successful", "Configuration failed")
 _PIECE = 64
 
@@ -40,38 +40,54 @@ def _pid(data: bytes) -> None:
     assert 1 < pid < 2**22
 
 
-def _first(text: bytes) -> bool | None:
-    found = [
-        (at, verdict)
-        for needle, verdict in ((_WATCH.failure, False), (_WATCH.success, True))
-        if (at := text.find(needle.encode())) >= 0
-    ]
-    return min(found)[1] if found else None
+def _says(line: bytes, needle: bytes) -> bool:
+    """The rule again, written plainly: stunnel's message is the needle, or a line of another
+    form ends with it."""
+    line = line.rstrip(b"\r")
+    if b"]: " in line and b"LOG" in line.split(b"]: ")[0]:
+        return line.split(b"]: ", 1)[1] == needle
+    return line.endswith(needle)
+
+
+def _expected(data: bytes) -> bool | None:
+    """The first verdict line among the complete lines a read can hold whole."""
+    for line in data.split(b"\n")[:-1]:  # the last piece has no newline yet
+        if len(line) + 1 > _PIECE:
+            continue  # its start or its end is out of sight of one read: never judged
+        for needle, verdict in ((_WATCH.failure, False), (_WATCH.success, True)):
+            if _says(line, needle.encode()):
+                return verdict
+    return None
+
+
+def _scan_all(pos: reload.LogPosition, size: int) -> tuple[bool | None, reload.LogPosition]:
+    verdict = None
+    for _ in range(size + 2):
+        verdict, after = reload._scan(_WATCH, pos)
+        assert after.offset >= pos.offset, "a scan never moves back"
+        if verdict is not None or (after.offset == pos.offset and pos.file is not None):
+            return verdict, after
+        pos = after
+    raise AssertionError("the scan did not settle")
 
 
 def _log(data: bytes) -> None:
-    _FILE.write_bytes(data)
+    """Written in two parts with scans between, so a line read partly is read again."""
     saved = reload.SCAN_CHUNK
     reload.SCAN_CHUNK = _PIECE
     try:
-        pos, verdict = reload.LogPosition(None, 0), None
-        for _ in range(len(data) + 2):
-            verdict, after = reload._scan(_WATCH, pos)
-            assert after.offset >= pos.offset, "a scan never moves back"
-            if verdict is not None or (after.offset == pos.offset and pos.file is not None):
-                break
-            pos = after
+        _FILE.write_bytes(data[: len(data) // 2])
+        verdict, pos = _scan_all(reload.LogPosition(None, 0), len(data))
+        if verdict is None:
+            with _FILE.open("ab") as fh:
+                fh.write(data[len(data) // 2 :])
+            verdict, pos = _scan_all(pos, len(data))
     finally:
         reload.SCAN_CHUNK = saved
-    assert pos.offset <= len(data)
-    # The first verdict in the complete lines is the one found. Past the last newline, a
-    # verdict may be seen early only inside a line longer than a read (which is not waited
-    # for), and then it is still the first one in the file.
-    complete = _first(data[: data.rfind(b"\n") + 1])
-    if complete is not None:
-        assert verdict is complete
-    else:
-        assert verdict is None or verdict is _first(data)
+    assert verdict is _expected(data), (verdict, _expected(data))
+    if verdict is None:  # every complete line read, and no more than a read's worth beyond
+        assert data.rfind(b"\n") + 1 <= pos.offset <= len(data)
+        assert len(data) - pos.offset < _PIECE
 
 
 PARSERS: tuple[Callable[[bytes], object], ...] = (
@@ -82,7 +98,6 @@ PARSERS: tuple[Callable[[bytes], object], ...] = (
 )
 REFUSALS = (*((FormatError,) for _ in FORMATS), (ValueError,), (SinkError,), ())
 
-_KEY = "ab" * 32
 _KEY = "ab" * 32
 _STUNNEL_LOG = (
     b"2026.12.05 22:04:34 LOG5[ui]: Reading configuration from file /etc/stunnel.conf\n"

@@ -165,7 +165,7 @@ def test_a_scan_reads_a_bounded_amount(
 ) -> None:
     monkeypatch.setattr(reload, "SCAN_CHUNKS", 3)
     log = tmp_path / "c.log"
-    log.write_bytes(noise(10 * CHUNK) + OK_LINE)
+    log.write_bytes(noise(10 * CHUNK) + b"\n" + OK_LINE)
     verdict, pos = reload._scan(watch(log), reload.LogPosition(None, 0))
     assert verdict is None and 2 * CHUNK < pos.offset <= 3 * CHUNK
     assert scan_until_verdict(log, pos) is True
@@ -181,16 +181,53 @@ def test_a_partial_last_line_is_read_again(tmp_path: Path, small_reads: None) ->
     assert reload._scan(watch(log), pos)[0] is True
 
 
-@pytest.mark.parametrize("shift", range(-30, 31, 3))
+@pytest.mark.parametrize("shift", range(-40, 41))
 @pytest.mark.parametrize("line", [OK_LINE, BAD_LINE])
-def test_a_verdict_cut_by_a_read_inside_a_huge_line_is_seen(
+def test_a_verdict_line_cut_by_a_read_is_read_again_whole(
     tmp_path: Path, small_reads: None, shift: int, line: bytes
 ) -> None:
-    """Inside one line longer than a read, the next read starts a verdict's length back."""
+    """Every placement of a verdict line across the end of the second read."""
     log = tmp_path / "c.log"
-    verdict_at = 3 * CHUNK + shift  # around the third read's end
-    log.write_bytes(b"x" * (verdict_at - 10) + line[:-1] + b"y" * 2 * CHUNK + b"\n")
+    log.write_bytes(noise(2 * CHUNK + shift - 1) + b"\n" + line + noise(100) + b"\n")
     assert scan_until_verdict(log, reload.LogPosition(None, 0)) is (line == OK_LINE)
+
+
+def test_the_rest_of_a_line_longer_than_a_read_never_counts(
+    tmp_path: Path, small_reads: None
+) -> None:
+    """Its start is out of sight, so its end cannot be told from a peer's text in a message."""
+    log = tmp_path / "c.log"
+    log.write_bytes(b"x" * (3 * CHUNK + 5) + b" LOG5[ui]: Configuration successful\n")
+    verdict, pos = reload._scan(watch(log), reload.LogPosition(None, 0))
+    assert verdict is None and pos.offset == log.stat().st_size and not pos.mid_line
+    with log.open("ab") as fh:
+        fh.write(BAD_LINE)
+    assert reload._scan(watch(log), pos)[0] is False
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        b"LOG3[12]: SNI: no pattern matched servername: x]: Configuration successful\n",
+        b"LOG5[12]: Configuration successful, says the peer\n",
+        b"Configuration successful LOG5[ui]: x\n",
+    ],
+)
+def test_a_verdict_inside_another_message_does_not_count(tmp_path: Path, forged: bytes) -> None:
+    """stunnel logs some of a peer's text (a server name, say) inside its messages."""
+    log = tmp_path / "c.log"
+    log.write_bytes(b"2026.12.05 22:04:34 " + forged + b"2026.12.05 22:04:34 " + BAD_LINE)
+    assert reload._scan(watch(log), reload.LogPosition(None, 0))[0] is False
+
+
+def test_a_position_inside_a_line_skips_its_rest(tmp_path: Path) -> None:
+    log = tmp_path / "c.log"
+    log.write_bytes(NOISE + b"2026.12.05 22:04:34 LOG5[ui]: Configuration")
+    pos = reload.log_offset(watch(log))
+    assert pos.mid_line
+    with log.open("ab") as fh:
+        fh.write(b" successful\n" + BAD_LINE)  # the line begun before the reload: not ours
+    assert reload._scan(watch(log), pos)[0] is False
 
 
 @pytest.mark.parametrize("gap", [0, 10, CHUNK, 3 * CHUNK])

@@ -49,21 +49,31 @@ def read_pid(pid_file: Path) -> int:
 
 @dataclass(frozen=True)
 class LogPosition:
-    """Where the consumer's log stood before a reload: which file, and how far it went."""
+    """Where the consumer's log stood before a reload: which file, how far it went, and
+    whether that is inside a line (whose rest is a fragment that never counts)."""
 
     file: tuple[int, int] | None
     """(st_dev, st_ino); None when there was no log yet."""
     offset: int
+    mid_line: bool = False
 
 
 def log_offset(watch: LogWatch | None) -> LogPosition:
     if watch is None:
         return LogPosition(None, 0)
     try:
-        st = watch.path.stat()
-    except OSError:  # absent (read from the start once it appears) or unreadable (_scan says)
+        with watch.path.open("rb") as fh:
+            st = os.fstat(fh.fileno())
+            if st.st_size:
+                fh.seek(st.st_size - 1)
+                last = fh.read(1)
+            else:
+                last = b"\n"
+    except (FileNotFoundError, NotADirectoryError):  # read from the start once it appears
         return LogPosition(None, 0)
-    return LogPosition((st.st_dev, st.st_ino), st.st_size)
+    except OSError as exc:  # not "absent": reading it from the start could find old lines
+        raise SinkError(f"cannot read the log {watch.path}: {exc.strerror}") from None
+    return LogPosition((st.st_dev, st.st_ino), st.st_size, mid_line=last not in (b"\n", b""))
 
 
 async def send_signal(pid_file: Path, sig: signal.Signals) -> int:
@@ -89,50 +99,64 @@ SCAN_CHUNK = 1 << 20
 SCAN_CHUNKS = 64  # per scan: a log growing faster than 64 MiB a poll is read over several
 
 
-def _first_verdict(text: bytes, watch: LogWatch) -> bool | None:
-    """The verdict written first in `text` (the consumer's line for this reload comes before
-    any later reload's), or None."""
-    found = [
-        (at, verdict)
-        for needle, verdict in ((watch.failure, False), (watch.success, True))
-        if (at := text.find(needle.encode())) >= 0
-    ]
-    return min(found)[1] if found else None
+def _says(line: bytes, needle: bytes) -> bool:
+    """Whether `line` is the consumer's own verdict line: in stunnel's form (`date time
+    LOGn[thread]: message`) the message is the needle exactly, so a peer's text that stunnel
+    logs inside a message (a server name, say) cannot pass for it; in any other form the
+    line ends with it."""
+    line = line.rstrip(b"\r")
+    head, sep, message = line.partition(b"]: ")
+    if sep and b"LOG" in head:
+        return message == needle
+    return line.endswith(needle)
+
+
+def _first_verdict(lines: bytes, watch: LogWatch) -> bool | None:
+    """The verdict of the first verdict line in `lines` (whole lines; the consumer's line for
+    this reload comes before any later reload's), or None."""
+    failure, success = watch.failure.encode(), watch.success.encode()
+    if failure not in lines and success not in lines:
+        return None  # the common case: a chunk of other lines, not split
+    for line in lines.split(b"\n"):
+        if _says(line, failure):
+            return False
+        if _says(line, success):
+            return True
+    return None
 
 
 def _scan(watch: LogWatch, pos: LogPosition) -> tuple[bool | None, LogPosition]:
     """Look for the verdict in the complete lines after `pos`; return it and where the next
     scan starts. The position moves past every complete line read, so a busy consumer
     (stunnel logs each connection) cannot push the verdict out of sight however much it logs
-    between two scans; a partial last line is read again next time. A log replaced (another
-    file under the name) or truncated is read from its start."""
-    overlap = max(len(watch.success.encode()), len(watch.failure.encode())) - 1
+    between two scans; a partial last line is read again next time, and the rest of a line
+    longer than a chunk (or begun before `pos`) is skipped, never judged. A log replaced
+    (another file under the name) or truncated is read from its start."""
     try:
         with watch.path.open("rb") as fh:
             st = os.fstat(fh.fileno())
-            file, offset = (st.st_dev, st.st_ino), pos.offset
+            file, offset, mid_line = (st.st_dev, st.st_ino), pos.offset, pos.mid_line
             if file != pos.file or st.st_size < offset:
-                offset = 0
+                offset, mid_line = 0, False
             for _ in range(SCAN_CHUNKS):
                 fh.seek(offset)
                 chunk = fh.read(SCAN_CHUNK)
                 end = chunk.rfind(b"\n") + 1
-                if end:
-                    verdict, advance = _first_verdict(chunk[:end], watch), end
-                elif len(chunk) == SCAN_CHUNK:
-                    # One line longer than a chunk: the next read starts `overlap` bytes back,
-                    # so a verdict cut here is whole in one of the two.
-                    verdict, advance = _first_verdict(chunk, watch), SCAN_CHUNK - overlap
-                else:
-                    break  # a partial last line: read again next time
+                if not end:
+                    if len(chunk) < SCAN_CHUNK:
+                        break  # a partial last line: read again next time
+                    offset, mid_line = offset + SCAN_CHUNK, True  # inside a line too long
+                    continue
+                start = chunk.find(b"\n") + 1 if mid_line else 0  # past the fragment
+                verdict = _first_verdict(chunk[start:end], watch)
                 if verdict is not None:
-                    return verdict, LogPosition(file, offset)
-                offset += advance
+                    return verdict, LogPosition(file, offset, mid_line)
+                offset, mid_line = offset + end, False
                 if len(chunk) < SCAN_CHUNK:
                     break
     except FileNotFoundError:
         return None, pos
-    return None, LogPosition(file, offset)
+    return None, LogPosition(file, offset, mid_line)
 
 
 async def wait_for_log(watch: LogWatch, pos: LogPosition, deadline: float) -> None:

@@ -45,6 +45,13 @@ EXPIRY_POLL = 1.0
 not on trio's clock; also the wait before retrying a failed removal."""
 
 
+def _check_line(value: str) -> str | None:
+    """A log verdict is the end of one line: printable text, not empty."""
+    if not value.strip() or not value.isprintable():
+        return "must be a non-empty line of printable text"
+    return None
+
+
 def _check_hostport(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
     number = decimal(port, 5)
@@ -111,8 +118,12 @@ class TlsPskSink(Sink):
         self.log_watch = (
             reload.LogWatch(
                 log_file,
-                options.string("log_success", "Configuration successful", max_len=200),
-                options.string("log_failure", "Configuration failed", max_len=200),
+                options.string(
+                    "log_success", "Configuration successful", check=_check_line, max_len=200
+                ),
+                options.string(
+                    "log_failure", "Configuration failed", check=_check_line, max_len=200
+                ),
             )
             if log_file is not None
             else None
