@@ -161,8 +161,9 @@ async def test_unregistered_or_unknown_is_refused(hub: Hub, clients) -> None:  #
     stranger = Client(hub, "stranger")
     q = b"client_name=stranger&pool_owner=client&size=4096"
     await refused(stranger, 403, hub, method="GET", path="/oob/v1/psrd", query=q)
-    q = b"client_name=carol&pool_owner=client&size=999999999"
-    await refused(carol, 400, hub, method="GET", path="/oob/v1/psrd", query=q)
+    for size in (b"999999999", b"%C2%B2", b"4096%20"):  # too big; "\u00b2" passes isdigit()
+        q = b"client_name=carol&pool_owner=client&size=" + size
+        await refused(carol, 400, hub, method="GET", path="/oob/v1/psrd", query=q)
     await refused(carol, 404, hub, method="GET", path="/../helen/dske/api/v1/key-share")
     reply = await hub.handle(Request("GET", "/hub/helen/dske/oob/v1/psrd", b"", b""))
     assert reply.status == 404

@@ -41,12 +41,19 @@ def _pid(data: bytes) -> None:
 
 
 def _says(line: bytes, needle: bytes) -> bool:
-    """The rule again, written plainly: stunnel's message is the needle, or a line of another
-    form ends with it."""
+    """The rule again, written plainly: after the first `LOGn[...]: ` the rest is the needle;
+    without one, the line is the needle or ends with ": " and it."""
     line = line.rstrip(b"\r")
-    if b"]: " in line and b"LOG" in line.split(b"]: ")[0]:
-        return line.split(b"]: ", 1)[1] == needle
-    return line.endswith(needle)
+    for at in range(len(line)):
+        if (
+            line.startswith(b"LOG", at)
+            and line[at + 3 : at + 4] in b"01234567"
+            and (line[at + 4 : at + 5] == b"[")
+        ):
+            close = line.find(b"]", at + 5)
+            if close >= 0 and line[close : close + 3] == b"]: ":
+                return line[close + 3 :] == needle
+    return line == needle or line.endswith(b": " + needle)
 
 
 def _expected(data: bytes) -> bool | None:

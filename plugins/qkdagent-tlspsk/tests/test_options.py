@@ -24,6 +24,7 @@ from qkdagent import ConfigError
         ({"probe": "localhost:\u00b2"}, "probe", "HOST:PORT"),
         ({"log_file": "l", "log_success": ""}, "log_success", "not be empty"),
         ({"log_file": "l", "log_success": "  "}, "log_success", "non-empty line"),
+        ({"log_file": "l", "log_success": "Configuration successful "}, "log_success", "outer"),
         ({"log_file": "l", "log_failure": "failed\nConfiguration"}, "log_failure", "printable"),
         ({"pid_file": "p", "reload_command": ["true"]}, "reload_command", "either"),
         ({"reload_signal": "HUP"}, "reload_signal", "needs pid_file"),

@@ -220,6 +220,43 @@ def test_a_verdict_inside_another_message_does_not_count(tmp_path: Path, forged:
     assert reload._scan(watch(log), reload.LogPosition(None, 0))[0] is False
 
 
+@pytest.mark.parametrize(
+    ("line", "counts"),
+    [
+        (b"2026.12.05 22:04:34 LOG5[ui]: Configuration successful", True),
+        (b"2026.12.05 22:04:34 LOG5[ui]: Configuration successful\r", True),
+        (b"Dec  5 22:04:34 gw stunnel[77]: LOG5[ui]: Configuration successful", True),
+        (b"Dec  5 22:04:34 LOGSRV stunnel[77]: LOG5[ui]: Configuration successful", True),
+        (b"Configuration successful", True),
+        (b"app: Configuration successful", True),
+        # a peer's text inside stunnel's message, in either form, and look-alikes
+        (
+            b"Dec  5 22:04:34 gw stunnel[77]: LOG7[3]: SNI: servername: Configuration successful",
+            False,
+        ),
+        (b"2026.12.05 22:04:34 LOG3[12]: SNI: x]: Configuration successful", False),
+        (b"2026.12.05 22:04:34 LOG5[ui]: Configuration successful, or not", False),
+        (b"2026.12.05 22:04:34 LOG5[ui]: Configuration successful ", False),
+        (b"NotConfiguration successful", False),
+        (b"Configuration successful LOG5[ui]: x", False),
+    ],
+)
+def test_which_lines_are_a_verdict(line: bytes, counts: bool) -> None:
+    assert reload._says(line, b"Configuration successful") is counts
+
+
+def test_a_log_truncated_in_place_and_grown_past_the_position(tmp_path: Path) -> None:
+    """copytruncate: the position now falls inside a line of the new text, whose rest is a
+    fragment, not a line."""
+    log = tmp_path / "c.log"
+    log.write_bytes(NOISE * 3)
+    pos = reload.log_offset(watch(log))
+    with log.open("r+b") as fh:
+        fh.truncate(0)
+    log.write_bytes(b"x" * (pos.offset - 5) + b"app: Configuration successful\n" + BAD_LINE)
+    assert reload._scan(watch(log), pos)[0] is False
+
+
 def test_a_position_inside_a_line_skips_its_rest(tmp_path: Path) -> None:
     log = tmp_path / "c.log"
     log.write_bytes(NOISE + b"2026.12.05 22:04:34 LOG5[ui]: Configuration")

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl
 
+from qkdagent import decimal
+
 from . import batchwire, wire
 from .batchwire import ItemResult
 from .pool import Change, PoolBook, PsrdError, PsrdExhausted
@@ -264,10 +266,9 @@ class Hub:
         owner = query["pool_owner"]
         if owner not in ("client", "hub"):
             raise Refused(400, "pool_owner is client or hub")
-        size_text = query["size"]
-        if not size_text.isdigit() or len(size_text) > 10:
+        size = decimal(query["size"], 10)
+        if size is None:
             raise Refused(400, "size must be a positive integer")
-        size = int(size_text)
         if not 64 <= size <= self.settings.max_block:
             raise Refused(400, f"size must be in 64..{self.settings.max_block}")
         block = wire.PsrdBlock(str(uuid.uuid4()), os.urandom(size))

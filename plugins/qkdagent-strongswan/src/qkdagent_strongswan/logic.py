@@ -42,7 +42,9 @@ def stale_versions(loaded: Iterable[str], prefix: str, current: int, keep: int) 
 
     Ids of other links or of operators (not `<prefix><digits>`) are never touched.
     """
-    pattern = re.compile(re.escape(prefix) + r"(\d+)")
+    pattern = re.compile(
+        re.escape(prefix) + r"([0-9]{1,20})"
+    )  # ASCII only: \d takes any script's digits
     stale = []
     for secret_id in loaded:
         match = pattern.fullmatch(secret_id)
@@ -52,7 +54,7 @@ def stale_versions(loaded: Iterable[str], prefix: str, current: int, keep: int) 
 
 
 def link_versions(loaded: Iterable[str], prefix: str) -> list[str]:
-    pattern = re.compile(re.escape(prefix) + r"\d+")
+    pattern = re.compile(re.escape(prefix) + r"[0-9]{1,20}")
     return sorted(s for s in loaded if pattern.fullmatch(s))
 
 
@@ -189,7 +191,7 @@ def version_at_least(version: str, wanted: tuple[int, ...]) -> bool:
     """Compare a daemon version string ('5.9.8', '6.0.0dr1') with `wanted`."""
     parts = []
     for chunk in version.split("."):
-        digits = re.match(r"\d+", chunk)
+        digits = re.match(r"[0-9]{1,20}", chunk)
         if not digits:
             break
         parts.append(int(digits.group()))

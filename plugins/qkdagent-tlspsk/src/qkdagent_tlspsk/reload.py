@@ -9,6 +9,7 @@ a log line and keeps serving its old keys.
 from __future__ import annotations
 
 import os
+import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,16 +100,20 @@ SCAN_CHUNK = 1 << 20
 SCAN_CHUNKS = 64  # per scan: a log growing faster than 64 MiB a poll is read over several
 
 
+_STUNNEL_PREFIX = re.compile(rb"LOG[0-7]\[[^\]]*\]: ")
+"""What stunnel puts before each message (`LOG5[ui]: `), after its date or syslog's host."""
+
+
 def _says(line: bytes, needle: bytes) -> bool:
-    """Whether `line` is the consumer's own verdict line: in stunnel's form (`date time
-    LOGn[thread]: message`) the message is the needle exactly, so a peer's text that stunnel
-    logs inside a message (a server name, say) cannot pass for it; in any other form the
-    line ends with it."""
+    """Whether `line` is the consumer's own verdict line. Where stunnel's `LOGn[thread]: `
+    prefix starts the message (in its own log form or syslog's), the message is the needle
+    exactly, so a peer's text that stunnel logs inside a message (a server name, say) cannot
+    pass for it; in a log of another form the line is the needle, or ends with ": " and it."""
     line = line.rstrip(b"\r")
-    head, sep, message = line.partition(b"]: ")
-    if sep and b"LOG" in head:
-        return message == needle
-    return line.endswith(needle)
+    prefix = _STUNNEL_PREFIX.search(line)
+    if prefix is not None:
+        return line[prefix.end() :] == needle
+    return line == needle or line.endswith(b": " + needle)
 
 
 def _first_verdict(lines: bytes, watch: LogWatch) -> bool | None:
@@ -138,6 +143,12 @@ def _scan(watch: LogWatch, pos: LogPosition) -> tuple[bool | None, LogPosition]:
             file, offset, mid_line = (st.st_dev, st.st_ino), pos.offset, pos.mid_line
             if file != pos.file or st.st_size < offset:
                 offset, mid_line = 0, False
+            elif offset and not mid_line:
+                # Truncated in place and grown past `pos` since (copytruncate): then the
+                # byte before it is no longer the end of a line, and what follows is a
+                # fragment.
+                fh.seek(offset - 1)
+                mid_line = fh.read(1) != b"\n"
             for _ in range(SCAN_CHUNKS):
                 fh.seek(offset)
                 chunk = fh.read(SCAN_CHUNK)
