@@ -373,6 +373,39 @@ async def test_an_erase_during_a_task_pass_neither_waits_for_it_nor_leaves_a_key
     assert synced_after_erase == [False]  # the erase did not wait for the stalled pass
 
 
+async def test_a_stalled_last_fsync_does_not_hold_up_the_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The task's last pass (its fsyncs) is bounded by FINAL_SYNC_TIMEOUT: a disk stalled for
+    minutes (seen on this VM) must not hold up the agent's stop."""
+    import threading
+
+    monkeypatch.setattr(file_sink_module, "FINAL_SYNC_TIMEOUT", 0.2)
+    monkeypatch.setattr(file_sink_module, "SYNC_DELAY", 3600.0)  # only the last pass syncs
+    monkeypatch.setattr(file_sink_module, "SYNC_QUIET", 3600.0)
+    sink = _file_sink(tmp_path)
+    in_sync, go_on, finished = threading.Event(), threading.Event(), threading.Event()
+    real = file_sink_module.sync_written
+
+    def stalled(paths: list[Path]) -> None:
+        in_sync.set()
+        go_on.wait(120)
+        real(paths)
+        finished.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)
+        monkeypatch.setattr(file_sink_module, "sync_written", stalled)
+        await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+        nursery.cancel_scope.cancel()
+    stopped_before_the_fsync_ended = not finished.is_set()
+    go_on.set()
+    assert in_sync.is_set() and stopped_before_the_fsync_ended
+    assert "not made durable within 0.2 s" in caplog.text
+    assert (tmp_path / "bob.key").stat().st_mode & 0o777 == 0o600
+    await trio.to_thread.run_sync(finished.wait, 10)  # the fsync still ends on its own
+
+
 async def test_a_spare_taken_by_an_install_cancelled_after_the_task_stopped_is_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -424,7 +457,7 @@ async def test_a_cancelled_install_loses_no_spare_and_no_held_file(
 
             def slow(spare: fileutil.Spare, target: Path, data: bytes) -> int | None:
                 started.set()
-                go_on.wait(5)
+                go_on.wait(120)
                 return real(spare, target, data)
 
             monkeypatch.setattr(file_sink_module, "write_via_spare", slow)
@@ -458,7 +491,7 @@ async def test_an_install_on_a_thread_across_the_task_stop_leaves_nothing_held(
 
     def slow(spare: fileutil.Spare, target: Path, data: bytes) -> int | None:
         in_thread.set()
-        go_on.wait(5)
+        go_on.wait(120)
         return real(spare, target, data)
 
     gate = loop_gate()

@@ -155,16 +155,33 @@ class FileSink(Sink):
         and closing them, so an erase never finds them in between), then in one thread call,
         off the rotation's path (a stalled fsync blocks nothing there): the installed files
         made durable and the next spares made (`final`: every spare removed instead).
-        Shielded: what the thread opens is registered, never lost to a cancellation."""
+        Shielded: what the thread opens is registered, never lost to a cancellation. The
+        final pass opens nothing, so the task's FINAL_SYNC_TIMEOUT may leave it running."""
         file_spares.close_all(self._spares.release())
         owed = dict(self._unsynced)
         spares = self._spares.drain() if final else []
         work = self._spares.work() if not final and self._spares.has_work() else None
         if not owed and work is None and not spares:
             return
-        with trio.CancelScope(shield=True):
-            made, error = await trio.to_thread.run_sync(_task_pass, list(owed), work, spares)
-            self._spares.add(made)
+        if final:
+            # Makes nothing to register, so it may be left to finish on its own: a stalled
+            # fsync does not hold up the agent's stop past FINAL_SYNC_TIMEOUT.
+            try:
+                _, error = await trio.to_thread.run_sync(
+                    _task_pass, list(owed), None, spares, abandon_on_cancel=True
+                )
+            except trio.Cancelled:
+                log.warning(
+                    "sink %s: the last installed key files were not made durable within %g s "
+                    "(left to the system; the agent rewrites them from its state at start-up)",
+                    self.name,
+                    FINAL_SYNC_TIMEOUT,
+                )
+                raise
+        else:
+            with trio.CancelScope(shield=True):
+                made, error = await trio.to_thread.run_sync(_task_pass, list(owed), work, spares)
+                self._spares.add(made)
         if error is not None:
             log.warning(
                 "sink %s: installed key files are in place but could not be made durable: %s "
