@@ -4,9 +4,9 @@ file and the consumer's log, which the reload confirmation scans.
 
 `target(data)` feeds the bytes to one of them (the first byte picks which). A parser may only
 refuse with its own error (`FormatError`, `ValueError` for the slots, `SinkError` for the pid
-file); the log scan may not fail at all, and must reach the verdict a plain search of the same
-complete lines finds (the scan reads in 64-byte pieces here, so the pieces' edges, long lines
-and partial last lines are all exercised). Run it standalone:
+file); the log scan may not fail at all, and must reach the verdict that the verdict-line rule,
+applied plainly line by line, finds (the scan reads in 64-byte pieces here, so the pieces'
+edges, long lines and partial last lines are all exercised). Run it standalone:
 
     python3 plugins/qkdagent-tlspsk/fuzz/fuzz_tlspsk_files.py [seconds]
 """

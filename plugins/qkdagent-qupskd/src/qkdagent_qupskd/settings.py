@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from qkdagent import Options, Secret
+from qkdagent import Options, Secret, decimal
 
 from .timers import Waits
 
@@ -53,11 +53,10 @@ def _host(text: str) -> str | None:
 def split_listen(text: str) -> tuple[str, int] | str:
     host, sep, port = text.rpartition(":")
     checked = _host(host)
-    # isdigit() alone passes "²", which int() refuses; int() refuses over 4,300 digits too
-    digits = port.isascii() and port.isdigit() and len(port) <= 5
-    if not sep or checked is None or not digits or not 0 < int(port) < 65536:
+    number = decimal(port, 5)
+    if not sep or checked is None or number is None or not 0 < number < 65536:
         return 'must be "HOST:PORT" (quPSKd\'s qupskd_bind and qupskd_port)'
-    return checked, int(port)
+    return checked, number
 
 
 def split_peer_url(text: str) -> tuple[str, int] | str:

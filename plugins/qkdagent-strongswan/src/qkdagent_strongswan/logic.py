@@ -42,9 +42,7 @@ def stale_versions(loaded: Iterable[str], prefix: str, current: int, keep: int) 
 
     Ids of other links or of operators (not `<prefix><digits>`) are never touched.
     """
-    pattern = re.compile(
-        re.escape(prefix) + r"([0-9]{1,20})"
-    )  # ASCII only: \d takes any script's digits
+    pattern = re.compile(re.escape(prefix) + r"([0-9]{1,20})")  # ASCII: \d takes any script's
     stale = []
     for secret_id in loaded:
         match = pattern.fullmatch(secret_id)

@@ -46,8 +46,8 @@ not on trio's clock; also the wait before retrying a failed removal."""
 
 
 def _check_line(value: str) -> str | None:
-    """A log verdict is the end of one line: printable text, not empty."""
-    if not value.strip() or not value.isprintable() or value != value.strip():
+    """A log verdict is a line's message: printable text, not empty, no outer spaces."""
+    if not value.strip() or value != value.strip() or not value.isprintable():
         return "must be a non-empty line of printable text, without outer spaces"
     return None
 
