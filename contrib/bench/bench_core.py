@@ -1,6 +1,6 @@
 """Core benchmark: rotation latency of one link, and an agent pair carrying many links.
 
-    python contrib/bench/bench_core.py latency [--rotations 500]
+    python contrib/bench/bench_core.py latency [--rotations 500] [--runs 3] [--in-situ]
     python contrib/bench/bench_core.py scale [--links 1,100,1000,10000] [--seconds 20]
     python contrib/bench/bench_core.py hold [--links 10000] [--interval 120] [--seconds 300]
     python contrib/bench/bench_core.py procs [--links 10000] [--interval 120] [--seconds 300]
@@ -20,7 +20,9 @@ per link. Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import importlib
 import itertools
 import logging
 import os
@@ -167,20 +169,82 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(p / 100 * len(values)))] if values else float("nan")
 
 
+class InSitu:
+    """Times a few pure functions of the rotation's path as they run in it, to set beside the
+    same calls repeated in a tight loop: how much slower the path's code runs once per rotation,
+    with the caches it left cold while the agents waited, than warm (`--in-situ`)."""
+
+    NAMES = (("protocol", "build"), ("protocol", "parse"), ("ratchet", "rotate"))
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {}
+        self.last: dict[str, tuple[Any, tuple[Any, ...], dict[str, Any]]] = {}
+        self._saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self) -> InSitu:
+        for module_name, name in self.NAMES:
+            module = importlib.import_module(f"qkdagent.{module_name}")
+            original = getattr(module, name)
+            self._saved.append((module, name, original))
+            setattr(module, name, self._timed(f"{module_name}.{name}", original))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module, name, original in self._saved:
+            setattr(module, name, original)
+
+    def _timed(self, key: str, original: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds.setdefault(key, []).append(time.perf_counter() - started)
+                self.last[key] = (original, args, kwargs)
+
+        return timed
+
+    def report(self) -> None:
+        print("  in the path (median of its calls) against the last call repeated warm:")
+        for key, values in self.seconds.items():
+            original, args, kwargs = self.last[key]
+            loops = 2000
+            started = time.perf_counter()
+            for _ in range(loops):
+                original(*args, **kwargs)
+            warm = (time.perf_counter() - started) / loops
+            situ = statistics.median(values)
+            print(
+                f"    {key:18} {situ * 1e6:6.1f} us in the path, {warm * 1e6:6.1f} us warm "
+                f"(x{situ / warm:.1f}, {len(values)} calls)"
+            )
+
+
 def cmd_latency(args: argparse.Namespace) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        # interval long enough that rotations never overlap: measures one rotation end to end
-        seconds = args.rotations * 0.05
-        result = trio.run(run_pair, Path(tmp), 1, 0.05, 0.0, seconds)
-    d = [x * 1000 for x in result["durations"]]
-    print(f"one link, loopback mTLS, in-memory source: {len(d)} rotations")
-    print(
-        f"  start -> both sides installed: p50 {pct(d, 50):.2f} ms  p90 {pct(d, 90):.2f} ms  "
-        f"p99 {pct(d, 99):.2f} ms  max {max(d):.2f} ms  (mean {statistics.mean(d):.2f})"
-    )
-    print(f"  CPU per rotation (both agents): {result['cpu_ms_per_rotation']:.2f} ms")
-    if result["unmatched"]:
-        print(f"  ({result['unmatched']} rotations left out: no install seen on the responder)")
+    runs = []
+    for i in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            # interval long enough that rotations never overlap: measures one rotation end to end
+            seconds = args.rotations * 0.05
+            with InSitu() if args.in_situ else contextlib.nullcontext() as timed:
+                result = trio.run(run_pair, Path(tmp), 1, 0.05, 0.0, seconds)
+        d = [x * 1000 for x in result["durations"]]
+        runs.append((pct(d, 50), pct(d, 99), result["cpu_ms_per_rotation"]))
+        print(f"one link, loopback mTLS, in-memory source: {len(d)} rotations (run {i + 1})")
+        print(
+            f"  start -> both sides installed: p50 {pct(d, 50):.2f} ms  p90 {pct(d, 90):.2f} ms  "
+            f"p99 {pct(d, 99):.2f} ms  max {max(d):.2f} ms  (mean {statistics.mean(d):.2f})"
+        )
+        print(f"  CPU per rotation (both agents): {result['cpu_ms_per_rotation']:.2f} ms")
+        if result["unmatched"]:
+            print(f"  ({result['unmatched']} rotations left out: no install seen on the responder)")
+        if timed is not None:
+            timed.report()
+    if len(runs) > 1:
+        p50s, p99s, cpus = zip(*runs, strict=True)
+        print(f"over {len(runs)} runs (min/median/max):")
+        print(f"  p50 {_spread(list(p50s))} ms, p99 {_spread(list(p99s))} ms")
+        print(f"  CPU per rotation (both agents) {_spread(list(cpus))} ms")
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
@@ -521,6 +585,8 @@ def main() -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("latency")
     p.add_argument("--rotations", type=int, default=500)
+    p.add_argument("--runs", type=int, default=1, help="repeat; prints min/median/max")
+    p.add_argument("--in-situ", action="store_true", help="time path functions against warm")
     p = sub.add_parser("scale")
     p.add_argument("--links", default="1,100,1000,10000")
     p.add_argument("--interval", type=float, default=5.0)
