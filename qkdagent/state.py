@@ -500,16 +500,21 @@ class StateStore:
         )
 
     def _mark_used(self, name: str, key_ids: tuple[tuple[str, str], ...]) -> None:
-        for source, key_id in key_ids:
-            if self.is_used(name, source, key_id):
-                raise KeyReuseError(f"key ID {key_id!r} of source {source!r} was already used")
+        """Record the key IDs as used; `KeyReuseError` if one was (the primary key refuses
+        it: the caller's transaction or savepoint then rolls back whatever was inserted)."""
         seq = self._db.execute(
             "SELECT COALESCE(MAX(seq), 0) FROM used_key_ids WHERE link = ?", (name,)
         ).fetchone()[0]
         for offset, (source, key_id) in enumerate(key_ids, start=1):
-            self._db.execute(
-                "INSERT INTO used_key_ids VALUES (?, ?, ?, ?)", (name, source, key_id, seq + offset)
-            )
+            try:
+                self._db.execute(
+                    "INSERT INTO used_key_ids VALUES (?, ?, ?, ?)",
+                    (name, source, key_id, seq + offset),
+                )
+            except sqlite3.IntegrityError:
+                raise KeyReuseError(
+                    f"key ID {key_id!r} of source {source!r} was already used"
+                ) from None
         self._db.execute(
             "DELETE FROM used_key_ids WHERE link = ? AND seq <= ?",
             (name, seq + len(key_ids) - USED_KEY_ID_RETENTION),
@@ -562,9 +567,9 @@ class StateStore:
         with self._tx():
             if mark_used:
                 self._mark_used(name, key_ids)
-            cur = self._db.execute(
+            updated = self._db.execute(
                 "UPDATE links SET epoch = ?, chain_key = ?, auth_key = ?, key_ids = ?, "
-                "committed_at = ? WHERE name = ?",
+                "committed_at = ? WHERE name = ? RETURNING peer",
                 (
                     epoch,
                     chain_key.reveal(),
@@ -573,9 +578,10 @@ class StateStore:
                     committed_at,
                     name,
                 ),
-            )
-            if cur.rowcount != 1:
+            ).fetchone()
+            if updated is None:
                 raise KeyError(f"link {name!r} has no state")
+            peer = updated[0]
             self._db.execute("DELETE FROM outputs WHERE link = ?", (name,))
             for label, secret in outputs.items():
                 self._db.execute(
@@ -585,7 +591,6 @@ class StateStore:
             self._write_source_state("pending_source_state", name, {})
             states = source_state or {}
             self._write_source_state("source_state", name, states)
-            peer = self._db.execute("SELECT peer FROM links WHERE name = ?", (name,)).fetchone()[0]
         return LinkRecord(
             name, peer, epoch, chain_key, auth_key, key_ids, committed_at, dict(outputs),
             source_state=dict(states),

@@ -37,7 +37,10 @@ class LinkTimers:
 
     def __init__(self, limit: int = 64) -> None:
         self._queue: scheduler.DueQueue[Timed] = scheduler.DueQueue()
-        self._changed = trio.Event()
+        self._stopped = trio.Event()
+        self._sleep: trio.CancelScope | None = None
+        """The timer task's wait for the earliest due time, while it waits: an earlier wake-up
+        moves its deadline (no task step, where waking the task to re-arm cost one)."""
         self._nursery: trio.Nursery | None = None
         self._stopping = False
         self.limit = limit
@@ -45,10 +48,10 @@ class LinkTimers:
         self._waiting: collections.deque[Timed] = collections.deque()
 
     def wake_at(self, item: Timed, when: float) -> None:
-        earlier = when < self._queue.next_due()
         self._queue.set(item, when)
-        if earlier:
-            self._changed.set()
+        sleep = self._sleep
+        if sleep is not None and when < sleep.deadline:
+            sleep.deadline = when  # otherwise the task reads the queue before it waits again
 
     def discard(self, item: Timed) -> None:
         self._queue.discard(item)
@@ -83,17 +86,16 @@ class LinkTimers:
     def stop(self) -> None:
         """No more wake-ups: `run` returns once the work under way has ended."""
         self._stopping = True
-        self._changed.set()
+        self._stopped.set()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
             while not self._stopping:
-                with trio.move_on_at(self._queue.next_due()):
-                    await self._changed.wait()
-                if self._changed.is_set():
-                    self._changed = trio.Event()
+                with trio.move_on_at(self._queue.next_due()) as self._sleep:
+                    await self._stopped.wait()
+                self._sleep = None
                 for item in self._queue.pop_due(trio.current_time()):
                     try:
                         item.due()

@@ -492,3 +492,47 @@ def test_the_background_checkpoint_leaves_a_started_log_without_keys(tmp_path: P
 )
 def test_decimal_reads_only_bounded_ascii_digits(text: str, digits: int, value: int | None) -> None:
     assert decimal(text, digits) == value
+
+
+def test_a_reused_key_id_in_a_group_commit_changes_nothing_and_the_others_commit(
+    tmp_path: Path,
+) -> None:
+    """Key reuse is refused by the used-key table's primary key: a rotation naming a new and
+    a used key ID marks neither (its savepoint rolls back the insert made before the refusal),
+    and the rotations sharing its group commit still commit."""
+    from qkdagent.errors import KeyReuseError
+    from qkdagent.state import StateStore
+
+    store = StateStore(tmp_path / "s")
+    chain, auth = Secret.random(), Secret.random()
+    store.create("a", "peer", chain, auth)
+    store.create("b", "peer", chain, auth)
+    store.commit("a", epoch=1, chain_key=chain, auth_key=auth, key_ids=(("q", "used"),),
+                 outputs={}, mark_used=True)  # fmt: skip
+
+    def commit(link: str, epoch: int, ids: tuple[tuple[str, str], ...]) -> partial[object]:
+        keys = {"chain_key": Secret.random(), "auth_key": Secret.random()}
+        return partial(store.commit, link, epoch=epoch, key_ids=ids, outputs={}, mark_used=True,
+                       **keys)  # fmt: skip
+
+    async def main() -> list[object]:
+        results: list[object] = [None, None]
+
+        async def one(i: int, job: partial[object]) -> None:
+            try:
+                results[i] = await store.run(job)
+            except KeyReuseError as exc:
+                results[i] = exc
+
+        async with trio.open_nursery() as nursery:  # queued together: one batch
+            nursery.start_soon(one, 0, commit("a", 2, (("p", "new"), ("q", "used"))))
+            nursery.start_soon(one, 1, commit("b", 1, (("q", "fresh"),)))
+        return results
+
+    refused, committed = trio.run(main)
+    assert isinstance(refused, KeyReuseError) and "'used'" in str(refused)
+    assert not isinstance(committed, Exception) and store.load("b").epoch == 1
+    assert store.load("a").epoch == 1  # unchanged
+    assert not store.is_used("a", "p", "new")  # the insert before the refusal rolled back
+    assert store.is_used("a", "q", "used") and store.is_used("b", "q", "fresh")
+    store.close()
