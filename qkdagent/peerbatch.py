@@ -26,7 +26,9 @@ Isolation:
 
 A peer that does not know `/v1/batch` (an older qkdagent: 404 `not-found`) is sent every
 request alone, as before batches, and not asked again for `FALLBACK_PAUSE`; one that refuses a
-batch as malformed or too large (another version's bounds) has that batch's items sent alone.
+batch as malformed or too large (another version's bounds) has that batch's items sent alone,
+and one that answers it 503 `busy` (no batch from us for now) gets them alone, and every
+request alone for `BUSY_PAUSE`.
 Those answers are not authenticated beyond TLS, but they can only cost performance.
 """
 
@@ -58,6 +60,11 @@ MAX_OUTSTANDING = 8
 peer server's `max_batches_per_identity`)."""
 FALLBACK_PAUSE = 3600.0
 """Seconds a peer that does not know batches is sent requests one by one."""
+BUSY_PAUSE = 10.0
+"""Seconds a peer that answered a batch 503 `busy` is sent requests one by one: it takes no
+batch from our identity or address for now (too many under way, or the address spent its
+refusal budget: a removed link's 404s, another client behind the same address), and takes
+lone requests all the same."""
 BATCH_PATH = "/v1/batch"
 
 Send = Callable[[str, str, bytes, int, OnData | None], Awaitable[Reply]]
@@ -297,6 +304,9 @@ class Coalescer:
                 "peer %s does not take batched requests (an older qkdagent?): sending them one "
                 "by one (asking again in %d s)", url, FALLBACK_PAUSE,
             )  # fmt: skip
+        elif reply.status == 503 and code == "busy":
+            peer.unbatched_until = max(peer.unbatched_until, trio.current_time() + BUSY_PAUSE)
+            log.debug("peer %s is busy for batches: sending requests one by one", url)
         elif not ((reply.status == 400 and code == "batch") or reply.status == 413):
             raise TransportError(f"the peer answered a batch with HTTP {reply.status}")
         await self._one_by_one(url, batch)

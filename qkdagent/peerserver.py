@@ -7,7 +7,8 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
 
 - `POST /v1/links/<link>/<rotate|commit|resync|announce>` only (404 other paths, 405 other
   methods, 413 bodies over `protocol.MAX_BODY` refused from content-length or while streaming,
-  400 malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive. A handler may
+  411 a transfer-encoding (bodies come with a content-length, in at most `MAX_BODY_PIECES`
+  reads), 400 malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive. A handler may
   reply before it returns (`peering.ReplyNow`: the responder acknowledges a durable commit,
   then installs): it runs as a task of its own, so what it does after replying holds up
   neither the reply nor the connection's next request (another link's, say).
@@ -24,10 +25,11 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
   requests, the request head and body (slow senders are closed) and the reply.
 - A certificate naming no peer costs its address a stranger token; an address out of them is
   refused at accept, so strangers reopening at once cannot make us handshake in a loop.
-- Refused requests cost a budget per source address (`refusal_rate`): beyond it, a connection
-  whose last request was refused waits for its address's next token before it is read again,
-  so a holder of a CA certificate flooding forged requests gets a bounded share of the CPU
-  however many connections it opens; connections that are not refused never wait.
+- Refused requests cost a budget per source address (`refusal_rate`), charged as each is
+  refused (a batch's items one by one, whatever becomes of the connection): beyond it, a
+  connection whose requests were refused waits for the tokens they reserved before it is read
+  again, so a holder of a CA certificate flooding forged requests gets a bounded share of the
+  CPU however many connections it opens; connections that are not refused never wait.
 - Refused requests and dropped connections are counted (Prometheus) and summarised in one log
   line per minute; only the first few of each minute get a line of their own. A failing
   connection is logged by exception type at debug, never with a traceback.
@@ -69,6 +71,10 @@ ACTIONS = tuple(action.encode() for action in batchwire.ACTIONS)
 BATCH_PATH = b"/v1/batch"
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _READ_SIZE = 16 * 1024
+MAX_BODY_PIECES = 4096
+"""Reads (h11 `Data` events) a request body may come in: an honest one arrives in TLS records
+of up to 16 KiB, a few dozen at most; one of many tiny records costs far more to take in than
+its size says. Past it the connection is closed."""
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
 
 
@@ -404,9 +410,9 @@ class _Http:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
         self.declared = 0
         """The current request's content-length (0 if none or chunked)."""
-        self.refusals = 0
-        """Refused requests in the last answer on this connection (a batch's items count
-        one each)."""
+        self.penalty_until = -math.inf
+        """When the refusal tokens this connection's refused requests reserved are there:
+        it reads no request before (`_penalty`)."""
 
     def _phase(self, phase: str, timeout: float) -> None:
         self.conn.phase = phase
@@ -426,7 +432,7 @@ class _Http:
                 h.start_next_cycle()
                 if not self.server.admission.idle(self.conn):
                     return
-                if self.refusals:
+                if self.penalty_until > trio.current_time():
                     await self._penalty()
         except h11.RemoteProtocolError as exc:
             if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -435,14 +441,17 @@ class _Http:
                 await self._send(status, error_body("http", "malformed HTTP request"), close=True)
 
     async def _penalty(self) -> None:
-        """After a refusal, wait (idle, evictable) for the address's next refusal tokens, one
-        per refused request."""
-        cost, self.refusals = self.refusals, 0
+        """After a refusal, wait (idle, evictable) for the refusal tokens it reserved."""
         self._phase("idle", self.limits.idle_timeout)
-        key = address_key(self.conn.host)
-        delay = self.server.refusals.delay(key, trio.current_time(), cost)
-        if delay > 0:
-            await trio.sleep(delay)
+        await trio.sleep_until(self.penalty_until)
+
+    def _refused(self, cost: int = 1) -> None:
+        """Reserve the address's refusal tokens for refused requests, when they are refused
+        (a batch's item as it answers): charged even if the connection then breaks or the
+        client resets it, before its other answers are sent."""
+        now = trio.current_time()
+        delay = self.server.refusals.delay(address_key(self.conn.host), now, cost)
+        self.penalty_until = max(self.penalty_until, now + delay)
 
     async def _next_event(self) -> Any:
         h = self.h11
@@ -467,6 +476,13 @@ class _Http:
         for name, value in request.headers:
             if name == b"content-length":
                 self.declared = int(value)  # h11 checked that it is digits
+            elif name == b"transfer-encoding":
+                # Our clients always send a content-length. A chunked body of one-byte chunks
+                # costs far more to parse than its size says (seconds of CPU for 512 KiB), and
+                # h11 takes chunked over a content-length sent beside it.
+                self.server.refused(411, "request with a transfer-encoding")
+                await self._send(411, error_body("length", "content-length required"), close=True)
+                return
         path = request.target.partition(b"?")[0]
         if path == BATCH_PATH:
             await self._batch(request)
@@ -508,7 +524,7 @@ class _Http:
             await self._send(405, error_body("method", "use POST"))
             return
         if not any(name == b"content-length" for name, _ in request.headers):
-            # a chunked body of one-byte chunks would cost far more to parse than its size
+            # (a transfer-encoding was refused in `_exchange`): no body framing at all
             server.refused(411, "batch without a content-length")
             await self._send(411, error_body("batch", "content-length required"), close=True)
             return
@@ -562,7 +578,6 @@ class _Http:
         """Answers given and not yet sent: whoever sends next sends them all in one chunk (a
         group commit answers many items at once)."""
         broken = False
-        refused = 0
 
         async def send(*events: Any) -> None:
             nonlocal broken
@@ -583,12 +598,12 @@ class _Http:
                 broken = slow.cancelled_caught  # the client does not read
 
         async def answer(index: int, item: batchwire.Item) -> None:
-            nonlocal refused
             sent = trio.Event()
             try:
                 start = partial(self._handle, item.link, item.action, item.body, sent)
                 status, body = await server.nursery.start(start)
-                refused += status >= 400
+                if status >= 400:
+                    self._refused()
                 ready.append(batchwire.encode_answer(index, batchwire.Answer(status, body)))
                 await send()
             finally:
@@ -604,7 +619,6 @@ class _Http:
             for index, item in enumerate(items):
                 nursery.start_soon(answer, index, item)
         await send(h11.EndOfMessage())
-        self.refusals = refused
         if broken:
             raise _Close
 
@@ -676,6 +690,9 @@ class _Http:
                 if size > limit:
                     return None
                 chunks.append(bytes(event.data))
+                if len(chunks) > MAX_BODY_PIECES:
+                    self.server.dropped(self.conn, "request-pieces")
+                    raise _Close
             elif isinstance(event, h11.EndOfMessage):
                 return b"".join(chunks)
             else:
@@ -690,12 +707,13 @@ class _Http:
         if h.client_is_waiting_for_100_continue or h.their_state is not h11.SEND_BODY:
             return False
         self._phase("request", self.limits.request_timeout)
-        budget = self.limits.discard_limit
+        budget, pieces = self.limits.discard_limit, 0
         while h.their_state is h11.SEND_BODY:
             event = await self._next_event()
             if isinstance(event, h11.Data):
                 budget -= len(event.data)
-                if budget < 0:
+                pieces += 1
+                if budget < 0 or pieces > MAX_BODY_PIECES:
                     return False
             elif not isinstance(event, h11.EndOfMessage):
                 return False
@@ -711,7 +729,8 @@ class _Http:
             data += h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage())
         except h11.LocalProtocolError:
             raise _Close from None
-        self.refusals = int(status >= 400)
+        if status >= 400:
+            self._refused()
         self._phase("reply", self.limits.request_timeout)
         await self.stream.send_all(data)
 
