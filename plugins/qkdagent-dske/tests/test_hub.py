@@ -11,9 +11,11 @@ import ssl
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import trio
 from qkdagent_dske import wire
 from qkdagent_dske.hubapp import DISPUTED, Hub, HubSettings, Request, Response
 from qkdagent_dske.hubclient import HubReply
@@ -196,6 +198,20 @@ async def test_server_bounds_bodies_and_requires_client_certificates(tmp_path: P
 
             reply = await http.post(url, content=chunked())
             assert reply.status_code == 413
+
+            # small, in too many pieces to parse (sent whole: the hub reads all before it closes)
+            host, _, port = urlsplit(url).netloc.rpartition(":")
+            tls = await trio.open_ssl_over_tcp_stream(
+                host, int(port), ssl_context=context, https_compatible=True
+            )
+            head = f"POST {urlsplit(url).path} HTTP/1.1\r\nhost: {host}\r\n"
+            head += "transfer-encoding: chunked\r\n\r\n"
+            pieces = b"1\r\nx\r\n" * (wire.MAX_BODY_PIECES + 1) + b"0\r\n\r\n"
+            await tls.send_all(head.encode() + pieces)
+            answer = b""
+            while data := await tls.receive_some(65536):
+                answer += data
+            assert answer.startswith(b"HTTP/1.1 413 ") and b"pieces" in answer
             reply = await http.post(url, content=b"{}")
             assert reply.status_code == 400 and "lacks" in reply.json()["detail"]
         bare = ssl.create_default_context(cafile=str(pki.ca_cert))

@@ -57,6 +57,22 @@ async def test_an_oversized_answer_is_cut_off(nursery: trio.Nursery) -> None:
     await client.aclose()
 
 
+async def test_an_answer_in_too_many_pieces_is_cut_off(nursery: trio.Nursery) -> None:
+    """A lying hub's answer in one-byte chunks costs about 5 us a piece to parse, on the
+    agent's loop: past `wire.MAX_BODY_PIECES` the call fails, whatever the size allows."""
+    from qkdagent_dske import wire
+
+    async def tiny_chunks(stream: trio.SocketStream, n: int) -> bool:
+        head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        await stream.send_all(head + b"1\r\nx\r\n" * (wire.MAX_BODY_PIECES + 10) + b"0\r\n\r\n")
+        return True
+
+    client = await serve(nursery, tiny_chunks)
+    with pytest.raises(HubDown, match="more than 4096 pieces"):
+        await client.call("GET", "api/v1/key-share", limit=1 << 20)
+    await client.aclose()
+
+
 async def test_a_kept_open_connection_the_hub_closed_is_replaced(nursery: trio.Nursery) -> None:
     async def once_per_connection(stream: trio.SocketStream, n: int) -> bool:
         await stream.send_all(answer(f"{n}".encode()))

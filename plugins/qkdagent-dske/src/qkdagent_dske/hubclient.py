@@ -170,6 +170,7 @@ class HubClient:
             if not isinstance(response, h11.Response):
                 raise HubDown(f"hub {self.name}: no HTTP response")
             chunks = bytearray()
+            pieces = 0
             while True:
                 try:
                     event = await self._next(conn)
@@ -177,8 +178,14 @@ class HubClient:
                     raise HubDown(f"hub {self.name}: the answer ended early") from None
                 if isinstance(event, h11.Data):
                     chunks += event.data
+                    pieces += 1
                     if len(chunks) > limit:
                         raise HubDown(f"hub {self.name}: the answer is larger than {limit} bytes")
+                    if pieces > wire.MAX_BODY_PIECES:
+                        raise HubDown(
+                            f"hub {self.name}: the answer came in more than "
+                            f"{wire.MAX_BODY_PIECES} pieces"
+                        )
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 else:

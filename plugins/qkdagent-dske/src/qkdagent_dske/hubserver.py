@@ -107,6 +107,9 @@ async def _exchange(
             if size > wire.MAX_BODY:  # chunked bodies have no length up front
                 await _send(conn, stream, Response(413, b'{"detail":"body too large"}'))
                 raise _Close
+            if len(chunks) > wire.MAX_BODY_PIECES:
+                await _send(conn, stream, Response(413, b'{"detail":"body in too many pieces"}'))
+                raise _Close
         elif isinstance(part, h11.EndOfMessage):
             break
         else:

@@ -28,6 +28,10 @@ MAC_SIZE = 32
 MAX_FRAGMENTS = 16
 MAX_HEADER = 2048
 MAX_BODY = 64 * 1024
+MAX_BODY_PIECES = 4096
+"""Reads (h11 `Data` events) one HTTP body, request or reply, may come in. An honest body
+arrives in TLS records of up to 16 KiB (a 2 MiB PSRD reply in about 130); one sent in
+thousands of one-byte chunks costs about 5 us each to parse, seconds for a few hundred KiB."""
 MAX_SHARE = 1024
 MAX_BLOCK_SIZE = 64 << 20
 MAX_NAMES = 64
