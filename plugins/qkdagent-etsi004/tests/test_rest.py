@@ -125,6 +125,35 @@ async def test_simulator_refuses_other_methods_and_slow_senders(rsim: Simulator)
     assert await call(rsim, "QKDM_A", "/available_keys", b"") == (200, [0])
 
 
+async def test_bodies_in_too_many_pieces_are_refused_both_ways(rsim: Simulator) -> None:
+    """A body of one-byte chunks costs about 5 us a piece to parse: the simulator refuses such
+    a request (413), and the client such an answer, past `rest.MAX_BODY_PIECES`."""
+    from qkdagent_etsi004.restclient import HttpError
+
+    chunks = b"1\r\n0\r\n" * (rest.MAX_BODY_PIECES + 1) + b"0\r\n\r\n"
+    host, _, port = rsim.rest_addresses["QKDM_A"].rpartition(":")
+    stream = await trio.open_tcp_stream(host, int(port))
+    await stream.send_all(
+        b"POST /available_keys HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    )
+    with trio.fail_after(5):
+        assert (await stream.receive_some(100)).startswith(b"HTTP/1.1 413")
+    await stream.aclose()
+
+    async def tiny_pieces(tcp: trio.SocketStream) -> None:
+        while b"\r\n\r\n" not in await tcp.receive_some(65536):
+            pass
+        await tcp.send_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+        await tcp.aclose()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, tiny_pieces, 0, host="127.0.0.1"))
+        with pytest.raises(HttpError, match="pieces"):
+            await post("127.0.0.1", listener.socket.getsockname()[1], "/get_key", b"[]",
+                       limit=rest.MAX_BODY)  # fmt: skip
+        nursery.cancel_scope.cancel()
+
+
 # -- the source against the simulator ----------------------------------------------------------
 
 

@@ -143,6 +143,17 @@ async def test_the_client_bounds_what_it_reads(
             await http.get(memnet, "nobody", 1, "/new", within=10, max_body=16)
         nursery.cancel_scope.cancel()
 
+    async def tiny_pieces(stream: trio.abc.Stream) -> None:  # 5 us a piece to parse
+        head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        await stream.send_all(head + b"1\r\nx\r\n" * (http.MAX_BODY_PIECES + 1))
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(memnet.serve, "chunky", 1, tiny_pieces)
+        with pytest.raises(http.HttpError, match="more than 4096 pieces"):
+            await http.get(memnet, "chunky", 1, "/new", within=10, max_body=1 << 20)
+        nursery.cancel_scope.cancel()
+
 
 async def test_the_tcp_endpoint_binds_the_configured_address_only() -> None:
     """quPSKd's qupskd_bind: a listener on 127.0.0.1 is not reachable as 127.0.0.2 (a wildcard

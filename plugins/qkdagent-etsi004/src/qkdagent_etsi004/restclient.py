@@ -2,7 +2,8 @@
 
 One request per connection (`Connection: close`), as the module's Flask server expects. No
 `Content-Type` is sent: Flask hands a form-typed body to `request.form`, and the module reads
-`request.data`. The status line and headers are bounded by h11, the body by `limit`.
+`request.data`. The status line and headers are bounded by h11, the body by `limit` (and
+`rest.MAX_BODY_PIECES` reads).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import h11
 import trio
 
+from .rest import MAX_BODY_PIECES
 from .transport import TransportError
 
 
@@ -54,6 +56,7 @@ async def _exchange(
     )
     status: int | None = None
     received = bytearray()
+    pieces = 0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -62,8 +65,11 @@ async def _exchange(
             status = event.status_code
         elif isinstance(event, h11.Data):
             received += event.data
+            pieces += 1
             if len(received) > limit:
                 raise HttpError(f"answer longer than {limit} bytes")
+            if pieces > MAX_BODY_PIECES:
+                raise HttpError(f"answer in more than {MAX_BODY_PIECES} pieces")
         elif isinstance(event, h11.EndOfMessage):
             if status is None:
                 raise HttpError("no status line")

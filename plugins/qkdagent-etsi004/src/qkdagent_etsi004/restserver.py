@@ -98,6 +98,7 @@ class RestServer:
     async def _read(self, tcp: trio.SocketStream, conn: h11.Connection) -> tuple[str | None, bytes]:
         target: str | None = None
         body = bytearray()
+        pieces = 0
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -111,8 +112,11 @@ class RestServer:
                     raise _Refused(404, "unknown path")
             elif isinstance(event, h11.Data):
                 body += event.data
+                pieces += 1
                 if len(body) > rest.MAX_BODY:
                     raise _Refused(413, "body too long")
+                if pieces > rest.MAX_BODY_PIECES:
+                    raise _Refused(413, "body in too many pieces")
             elif isinstance(event, h11.EndOfMessage):
                 return target, bytes(body)
             elif isinstance(event, h11.ConnectionClosed):

@@ -46,6 +46,9 @@ class Http1Limits:
     """Largest request line plus headers (h11 answers 431 beyond)."""
     drain_limit: int = 1 << 20
     """Request body bytes discarded after an early answer before the connection is closed."""
+    max_body_pieces: int = 4096
+    """Reads (h11 `Data` events) a request body may come in, taken or discarded: one of
+    one-byte chunks costs about 5 us a piece to parse (an honest one comes in a few)."""
     read_size: int = 64 * 1024
 
 
@@ -159,16 +162,21 @@ class Http1Connection:
         started: list[Any] = []
         body: list[bytes] = []
         sent = False
+        pieces = 0
 
         async def receive() -> Message:
+            nonlocal pieces
             if self.conn.their_state is not h11.SEND_BODY:
                 return {"type": "http.disconnect"}
+            if pieces >= self.limits.max_body_pieces:
+                return {"type": "http.disconnect"}  # the app refuses it; `_drain` closes
             if self.conn.they_are_waiting_for_100_continue:
                 await self.stream.send_all(
                     self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
                 )
             event = await self._next_event()
             if isinstance(event, h11.Data):
+                pieces += 1
                 return {"type": "http.request", "body": bytes(event.data), "more_body": True}
             if isinstance(event, h11.EndOfMessage):
                 return {"type": "http.request", "body": b"", "more_body": False}
@@ -217,13 +225,14 @@ class Http1Connection:
             return True
         if conn.client_is_waiting_for_100_continue or conn.their_state is not h11.SEND_BODY:
             return False  # the client may never send the body we did not ask for
-        budget = self.limits.drain_limit
+        budget, pieces = self.limits.drain_limit, self.limits.max_body_pieces
         try:
             while conn.their_state is h11.SEND_BODY:
                 event = await self._next_event()
                 if isinstance(event, h11.Data):
                     budget -= len(event.data)
-                    if budget < 0:
+                    pieces -= 1
+                    if budget < 0 or pieces < 0:
                         return False
                 elif not isinstance(event, h11.EndOfMessage):
                     return False

@@ -13,6 +13,9 @@ from .net import Network
 
 MAX_HEAD_BYTES = 8192
 READ_CHUNK = 4096
+MAX_BODY_PIECES = 4096
+"""Reads (h11 `Data` events) an answer body may come in: one of one-byte chunks costs about
+5 us a piece to parse, where an honest one arrives in a few."""
 SERVER_NAME = b"qkdagent-qupskd"
 
 Respond = Callable[[str, str], Awaitable[tuple[int, bytes]]]
@@ -122,6 +125,7 @@ async def _exchange(
     await stream.send_all((conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b""))
     status: int | None = None
     body = bytearray()
+    pieces = 0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -133,8 +137,11 @@ async def _exchange(
                     raise HttpError(f"answer to {path} is larger than {max_body} bytes")
         elif isinstance(event, h11.Data):
             body += event.data
+            pieces += 1
             if len(body) > max_body:
                 raise HttpError(f"answer to {path} is larger than {max_body} bytes")
+            if pieces > MAX_BODY_PIECES:
+                raise HttpError(f"answer to {path} came in more than {MAX_BODY_PIECES} pieces")
         elif isinstance(event, h11.EndOfMessage):
             if status is None:
                 raise HttpError(f"no status line in the answer to {path}")
