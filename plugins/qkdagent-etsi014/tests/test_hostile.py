@@ -313,3 +313,28 @@ async def test_fuzz_over_https_never_5xx_and_errors_consume_nothing(
                 assert network_snapshot(sim.network) == before
             elif operation == "enc_keys":
                 assert len(answer["keys"]) >= 1
+
+
+async def test_a_body_in_too_many_pieces_is_refused_before_it_is_read_whole() -> None:
+    """HTTP/2 DATA frames of one byte each (or HTTP/1.1 reads) cost a parse each: past
+    `MAX_BODY_PIECES` ASGI messages the request is refused, within the size bound or not."""
+    from qkdagent_etsi014.app import MAX_BODY_PIECES
+
+    app = fresh_app()
+    scope = {"type": "http", "method": "POST", "path": ENC, "raw_path": ENC.encode(),
+             "query_string": b"", "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+    received = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        received += 1
+        return {"type": "http.request", "body": b"", "more_body": True}  # (no size bound hit)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    before = snapshot(app)
+    await app(scope, receive, send, "alice")
+    assert sent[0]["status"] == 400 and "pieces" in json.loads(sent[1]["body"])["message"]
+    assert received == MAX_BODY_PIECES + 1 and snapshot(app) == before

@@ -31,6 +31,8 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 PREFIX = b"/api/v1/keys/"
 DEFAULT_MAX_BODY = 64 * 1024
+MAX_BODY_PIECES = 4096
+"""ASGI body messages a request may come in (HTTP/2 DATA frames, HTTP/1.1 reads)."""
 
 
 @dataclass(frozen=True)
@@ -182,5 +184,7 @@ class KmeApp:
             if size > self.max_body:
                 raise ApiError(400, f"request body is larger than {self.max_body} bytes")
             chunks.append(chunk)
+            if len(chunks) > MAX_BODY_PIECES:  # HTTP/2: one-byte DATA frames, each parsed
+                raise ApiError(400, f"request body in more than {MAX_BODY_PIECES} pieces")
             if not message.get("more_body", False):
                 return b"".join(chunks)

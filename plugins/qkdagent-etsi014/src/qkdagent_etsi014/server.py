@@ -54,6 +54,7 @@ def _hypercorn_config() -> HypercornConfig:
     config = HypercornConfig()
     config.keep_alive_max_requests = 1 << 30
     config.keep_alive_timeout = 30
+    config.read_timeout = 30  # a stream that stops sending mid-request is not held for good
     config.accesslog = None
     config.errorlog = None
     return config
