@@ -692,6 +692,7 @@ class _Http:
                 chunks.append(bytes(event.data))
                 if len(chunks) > MAX_BODY_PIECES:
                     self.server.dropped(self.conn, "request-pieces")
+                    self._refused()  # charged to the address, as a refused request is
                     raise _Close
             elif isinstance(event, h11.EndOfMessage):
                 return b"".join(chunks)
@@ -713,7 +714,10 @@ class _Http:
             if isinstance(event, h11.Data):
                 budget -= len(event.data)
                 pieces += 1
-                if budget < 0 or pieces > MAX_BODY_PIECES:
+                if pieces > MAX_BODY_PIECES:
+                    self._refused()
+                    return False
+                if budget < 0:
                     return False
             elif not isinstance(event, h11.EndOfMessage):
                 return False

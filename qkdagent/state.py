@@ -511,7 +511,9 @@ class StateStore:
                     "INSERT INTO used_key_ids VALUES (?, ?, ?, ?)",
                     (name, source, key_id, seq + offset),
                 )
-            except sqlite3.IntegrityError:
+            except sqlite3.IntegrityError as exc:
+                if exc.sqlite_errorname != "SQLITE_CONSTRAINT_PRIMARYKEY":
+                    raise
                 raise KeyReuseError(
                     f"key ID {key_id!r} of source {source!r} was already used"
                 ) from None
@@ -567,9 +569,9 @@ class StateStore:
         with self._tx():
             if mark_used:
                 self._mark_used(name, key_ids)
-            updated = self._db.execute(
+            cur = self._db.execute(
                 "UPDATE links SET epoch = ?, chain_key = ?, auth_key = ?, key_ids = ?, "
-                "committed_at = ? WHERE name = ? RETURNING peer",
+                "committed_at = ? WHERE name = ?",
                 (
                     epoch,
                     chain_key.reveal(),
@@ -578,10 +580,9 @@ class StateStore:
                     committed_at,
                     name,
                 ),
-            ).fetchone()
-            if updated is None:
+            )
+            if cur.rowcount != 1:
                 raise KeyError(f"link {name!r} has no state")
-            peer = updated[0]
             self._db.execute("DELETE FROM outputs WHERE link = ?", (name,))
             for label, secret in outputs.items():
                 self._db.execute(
@@ -591,6 +592,7 @@ class StateStore:
             self._write_source_state("pending_source_state", name, {})
             states = source_state or {}
             self._write_source_state("source_state", name, states)
+            peer = self._db.execute("SELECT peer FROM links WHERE name = ?", (name,)).fetchone()[0]
         return LinkRecord(
             name, peer, epoch, chain_key, auth_key, key_ids, committed_at, dict(outputs),
             source_state=dict(states),

@@ -1000,3 +1000,27 @@ async def test_a_batch_item_refused_costs_its_token_even_if_the_client_then_rese
         stream = await server.tls("mallory")
         response, body = await exchange(stream, post("/v1/batch", len(forged)), forged)
         assert response.status_code == 503 and json.loads(body)["error"] == "busy"
+
+
+async def test_a_body_in_too_many_reads_closes_the_connection_and_costs_a_refusal(
+    tmp_path: Path,
+) -> None:
+    """Thousands of one-byte TLS records cost a parse each: past MAX_BODY_PIECES the
+    connection is closed, the handler never runs, and the address pays a refusal token."""
+    from qkdagent.peerserver import MAX_BODY_PIECES
+
+    async with running(tmp_path, refusal_rate=0.001, refusal_burst=1) as server:
+        stream = await server.tls("mallory")
+        size = MAX_BODY_PIECES + 10
+        await stream.send_all(h11.Connection(h11.CLIENT).send(post(ROTATE, size)))
+        try:
+            for _ in range(size):
+                await stream.send_all(b"x")  # a TLS record each
+        except trio.BrokenResourceError:
+            pass  # closed under us: what is tested
+        assert await closed_by_server(stream)
+        assert not server.calls and server.dropped("request-pieces") == 1
+        batch = await server.tls("mallory")
+        forged = _batch(("l0", "rotate", b"{}"))
+        response, body = await exchange(batch, post("/v1/batch", len(forged)), forged)
+        assert response.status_code == 503 and json.loads(body)["error"] == "busy"

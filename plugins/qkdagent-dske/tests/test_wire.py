@@ -178,3 +178,12 @@ def test_fuzz_seeds_reach_the_parsers() -> None:
     """The seeds parse (so mutations of them explore past the first check)."""
     wire.parse_share_post(FUZZ.SEEDS[1][1:])
     assert wire.parse_signature(FUZZ.SEEDS[0][1:]).allocation.size == 32
+
+
+def test_a_body_may_come_in_as_many_pieces_as_an_honest_one_of_its_bound_needs() -> None:
+    """A PSRD answer of the largest block arrives in TLS records of 16 KiB: its pieces must
+    fit under the cap its size bound gives (a fixed 4096 cut off blocks over about 48 MiB)."""
+    largest = wire.MAX_BLOCK_SIZE * 2  # what a refill asks for at most
+    records = -(-(largest * 4 // 3) // 16384)  # base64 of it, in 16 KiB records
+    assert records <= wire.body_pieces(largest)
+    assert wire.body_pieces(wire.MAX_BODY) == wire.MAX_BODY_PIECES

@@ -193,20 +193,32 @@ async def test_unread_body_beyond_the_drain_limit_closes() -> None:
 
 
 @pytest.mark.parametrize("mode", ["read", "ignore-body"])
-async def test_a_body_in_too_many_pieces_is_cut_off_and_the_connection_closed(mode: str) -> None:
-    """One-byte chunks cost about 5 us a piece to parse: past `max_body_pieces` the app sees
-    the request end (it refuses it) and the rest is not read; the connection closes."""
+@pytest.mark.parametrize("count", [10, 11, 1000])
+async def test_a_body_in_too_many_pieces_is_cut_off_and_the_connection_closed(
+    mode: str, count: int
+) -> None:
+    """One-byte chunks cost about 5 us a piece to parse: past `max_body_pieces` (taken and
+    discarded together) the app sees the request end (it refuses it), the rest is not read,
+    and the connection closes, a pipelined request unanswered. At the bound all is kept."""
     app = Recorder(mode=mode)
     async with trio.open_nursery() as nursery:
         stream, done = await start(nursery, app, max_body_pieces=10)
         head = b"POST /p HTTP/1.1\r\nhost: kme\r\ntransfer-encoding: chunked\r\n\r\n"
-        nursery.start_soon(stream.send_all, head + b"1\r\nz\r\n" * 1000 + b"0\r\n\r\n")
+        body = b"1\r\nz\r\n" * count + b"0\r\n\r\n"
+        nursery.start_soon(stream.send_all, head + body + b"GET /next HTTP/1.1\r\nhost: k\r\n\r\n")
         with trio.fail_after(5):
-            data = await read_to_eof(stream)
+            if count <= 10:
+                reader = Reader(stream)
+                assert (await reader.response("POST"))[0] == 200
+                assert (await reader.response())[0] == 200  # kept: the next one is answered
+                await stream.aclose()
+            else:
+                data = await read_to_eof(stream)
+                assert data.startswith(b"HTTP/1.1 200 ") and data.count(b"HTTP/1.1") == 1
             await done.wait()
         nursery.cancel_scope.cancel()
-    assert data.startswith(b"HTTP/1.1 200 ") and len(app.scopes) == 1
-    assert app.bodies == [b"z" * 10 if mode == "read" else b""]
+    taken = b"z" * min(count, 10) if mode == "read" else b""
+    assert app.bodies[0] == taken and len(app.scopes) == (2 if count <= 10 else 1)
 
 
 async def test_expect_100_continue_is_answered_when_the_body_is_read() -> None:

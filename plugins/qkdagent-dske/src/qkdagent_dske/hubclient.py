@@ -181,10 +181,10 @@ class HubClient:
                     pieces += 1
                     if len(chunks) > limit:
                         raise HubDown(f"hub {self.name}: the answer is larger than {limit} bytes")
-                    if pieces > wire.MAX_BODY_PIECES:
+                    if pieces > wire.body_pieces(limit):
                         raise HubDown(
                             f"hub {self.name}: the answer came in more than "
-                            f"{wire.MAX_BODY_PIECES} pieces"
+                            f"{wire.body_pieces(limit)} pieces"
                         )
                 elif isinstance(event, h11.EndOfMessage):
                     break

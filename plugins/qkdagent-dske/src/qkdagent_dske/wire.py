@@ -29,9 +29,17 @@ MAX_FRAGMENTS = 16
 MAX_HEADER = 2048
 MAX_BODY = 64 * 1024
 MAX_BODY_PIECES = 4096
-"""Reads (h11 `Data` events) one HTTP body, request or reply, may come in. An honest body
-arrives in TLS records of up to 16 KiB (a 2 MiB PSRD reply in about 130); one sent in
-thousands of one-byte chunks costs about 5 us each to parse, seconds for a few hundred KiB."""
+"""Reads (h11 `Data` events) one HTTP body, request or reply, may come in (`body_pieces`). An
+honest body arrives in TLS records of up to 16 KiB (a 2 MiB PSRD reply in about 170); one sent
+in thousands of one-byte chunks costs about 5 us each to parse, seconds for a few hundred KiB."""
+
+
+def body_pieces(limit: int) -> int:
+    """The reads a body of at most `limit` bytes may come in: `MAX_BODY_PIECES`, or one per
+    8 KiB of a larger bound (a 64 MiB PSRD block's base64 is about 5,500 records of 16 KiB)."""
+    return max(MAX_BODY_PIECES, limit // 8192)
+
+
 MAX_SHARE = 1024
 MAX_BLOCK_SIZE = 64 << 20
 MAX_NAMES = 64

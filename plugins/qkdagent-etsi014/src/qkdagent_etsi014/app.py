@@ -32,7 +32,12 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 PREFIX = b"/api/v1/keys/"
 DEFAULT_MAX_BODY = 64 * 1024
 MAX_BODY_PIECES = 4096
-"""ASGI body messages a request may come in (HTTP/2 DATA frames, HTTP/1.1 reads)."""
+"""ASGI body messages a request may come in (HTTP/2 DATA frames, HTTP/1.1 reads), or one per
+8 KiB of a larger `max_body` (`body_pieces`): an honest body comes in records of 16 KiB."""
+
+
+def body_pieces(max_body: int) -> int:
+    return max(MAX_BODY_PIECES, max_body // 8192)
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,7 @@ class KmeApp:
             if size > self.max_body:
                 raise ApiError(400, f"request body is larger than {self.max_body} bytes")
             chunks.append(chunk)
-            if len(chunks) > MAX_BODY_PIECES:  # HTTP/2: one-byte DATA frames, each parsed
-                raise ApiError(400, f"request body in more than {MAX_BODY_PIECES} pieces")
+            if len(chunks) > body_pieces(self.max_body):  # HTTP/2: one-byte DATA frames
+                raise ApiError(400, f"request body in more than {len(chunks) - 1} pieces")
             if not message.get("more_body", False):
                 return b"".join(chunks)

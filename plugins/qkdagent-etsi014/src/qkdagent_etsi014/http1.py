@@ -98,6 +98,8 @@ class Http1Connection:
         self.server = server
         self.client = client
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head)
+        self._pieces = 0
+        """Body reads of the current request, taken and discarded alike."""
 
     async def serve(self) -> None:
         try:
@@ -162,21 +164,22 @@ class Http1Connection:
         started: list[Any] = []
         body: list[bytes] = []
         sent = False
-        pieces = 0
+        self._pieces = 0
 
         async def receive() -> Message:
-            nonlocal pieces
             if self.conn.their_state is not h11.SEND_BODY:
                 return {"type": "http.disconnect"}
-            if pieces >= self.limits.max_body_pieces:
-                return {"type": "http.disconnect"}  # the app refuses it; `_drain` closes
+            if self._pieces > self.limits.max_body_pieces:
+                return {"type": "http.disconnect"}
             if self.conn.they_are_waiting_for_100_continue:
                 await self.stream.send_all(
                     self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
                 )
             event = await self._next_event()
             if isinstance(event, h11.Data):
-                pieces += 1
+                self._pieces += 1
+                if self._pieces > self.limits.max_body_pieces:
+                    return {"type": "http.disconnect"}  # the app refuses it; `_drain` closes
                 return {"type": "http.request", "body": bytes(event.data), "more_body": True}
             if isinstance(event, h11.EndOfMessage):
                 return {"type": "http.request", "body": b"", "more_body": False}
@@ -225,14 +228,16 @@ class Http1Connection:
             return True
         if conn.client_is_waiting_for_100_continue or conn.their_state is not h11.SEND_BODY:
             return False  # the client may never send the body we did not ask for
-        budget, pieces = self.limits.drain_limit, self.limits.max_body_pieces
+        budget = self.limits.drain_limit
         try:
             while conn.their_state is h11.SEND_BODY:
+                if self._pieces > self.limits.max_body_pieces:
+                    return False  # (the app was cut off, or the rest is as many pieces)
                 event = await self._next_event()
                 if isinstance(event, h11.Data):
                     budget -= len(event.data)
-                    pieces -= 1
-                    if budget < 0 or pieces < 0:
+                    self._pieces += 1
+                    if budget < 0:
                         return False
                 elif not isinstance(event, h11.EndOfMessage):
                     return False

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import cast
@@ -26,7 +26,7 @@ from hypercorn.typing import ASGIFramework, ConnectionState
 
 from qkdagent import load_tls_identity
 
-from .app import KmeApp, Receive, Scope, Send
+from .app import KmeApp, Receive, Scope, Send, body_pieces
 from .http1 import Http1Connection, Http1Limits
 from .identity import IdentityRule
 
@@ -117,7 +117,8 @@ class KmeServer:
         except OSError:  # the peer is already gone
             await trio.aclose_forcefully(tls)
             return
-        connection = Http1Connection(tls, asgi, limits=HTTP1_LIMITS, server=server, client=client)
+        limits = replace(HTTP1_LIMITS, max_body_pieces=body_pieces(app.max_body))
+        connection = Http1Connection(tls, asgi, limits=limits, server=server, client=client)
         try:
             await connection.serve()
         except Exception:  # one broken connection must not stop the KME (serve_listeners would)
