@@ -409,7 +409,7 @@ class _Http:
         self.identity = identity
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
         self.declared = 0
-        """The current request's content-length (0 if none or chunked)."""
+        """The current request's content-length (0 if none)."""
         self.penalty_until = -math.inf
         """When the refusal tokens this connection's refused requests reserved are there:
         it reads no request before (`_penalty`)."""

@@ -10,12 +10,14 @@ import json
 import ssl
 import stat
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 import trio
+import trio.testing
 from qkdagent_dske import wire
 from qkdagent_dske.hubapp import DISPUTED, Hub, HubSettings, Request, Response
 from qkdagent_dske.hubclient import HubReply
@@ -311,3 +313,37 @@ async def test_claims_a_store_kept_from_before_are_not_honoured(tmp_path: Path) 
     finally:
         hub.shares.clear()
         hub.close()
+
+
+async def test_stalled_handshakes_never_hold_the_places_of_authenticated_clients(
+    tmp_path: Path,
+) -> None:
+    """Connections that open and send nothing need no certificate: they wait in the handshake,
+    capped on its own with the oldest dropped, not in one of `max_connections` (before, two of
+    them held both places here for the whole handshake bound)."""
+    from qkdagent_dske.hubserver import ServerLimits, serve_hub, server_ssl_context
+
+    from qkdagent.testing import write_test_pki
+
+    pki = write_test_pki(tmp_path / "pki", ["hank", "alice"])
+    hub = Hub(HubSettings("hank"), tmp_path / "hub.sqlite")
+    server = server_ssl_context(pki["hank"].cert, pki["hank"].key, pki.ca_cert)
+    client = ssl.create_default_context(cafile=str(pki.ca_cert))
+    client.load_cert_chain(str(pki["alice"].cert), str(pki["alice"].key))
+    limits = ServerLimits(handshake=60, max_connections=2, max_handshaking=2)
+    async with trio.open_nursery() as nursery:
+        serve = partial(serve_hub, hub, ssl_context=server, limits=limits)
+        port = await nursery.start(serve)
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(10):  # well within the 60 s handshake bound
+            tls = await trio.open_ssl_over_tcp_stream(
+                "127.0.0.1", port, ssl_context=client, https_compatible=True
+            )
+            await tls.send_all(b"GET /hub/hank/nothing HTTP/1.1\r\nhost: hank\r\n\r\n")
+            assert (await tls.receive_some(100)).startswith(b"HTTP/1.1 ")
+        assert await idle[0].receive_some(10) == b""  # the oldest was dropped for it
+        for stream in [*idle, tls]:
+            await trio.aclose_forcefully(stream)
+        nursery.cancel_scope.cancel()
+    hub.close()

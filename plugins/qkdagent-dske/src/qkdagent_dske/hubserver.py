@@ -1,7 +1,9 @@
 """The hub's HTTP/1.1 server: h11 on trio, HTTPS with mutual TLS (or plain HTTP by opt-in).
 
 One task per connection, keep-alive, every wait bounded in time and every read in size: the
-request head by h11 (`MAX_HEAD`), the body by `wire.MAX_BODY` (413 beyond, connection closed).
+request head by h11 (`MAX_HEAD`), the body by `wire.MAX_BODY` (413 beyond, connection closed)
+and `wire.MAX_BODY_PIECES` reads. TLS handshakes are capped on their own, the oldest dropped
+for a newcomer, before a connection takes one of `max_connections`.
 The client certificate's common name is handed to the hub as the caller's identity.
 """
 
@@ -32,6 +34,11 @@ class ServerLimits:
     request: float = 30.0
     handshake: float = 10.0
     max_connections: int = 512
+    """Connections served at once, once their TLS handshake is done (more wait their turn)."""
+    max_handshaking: int = 128
+    """TLS handshakes under way at once, outside `max_connections`: past it the oldest is
+    dropped, so connections that never finish one (no certificate needed) cannot hold the
+    places of clients that did."""
 
 
 def server_ssl_context(cert: Path, key: Path, ca: Path) -> ssl.SSLContext:
@@ -156,6 +163,34 @@ async def serve_connection(hub: Hub, stream: trio.abc.Stream, limits: ServerLimi
         await trio.aclose_forcefully(stream)
 
 
+async def _handshake(
+    stream: trio.SSLStream[trio.abc.Stream],
+    limits: ServerLimits,
+    handshaking: dict[trio.CancelScope, None],
+) -> bool:
+    """The TLS handshake, before the connection takes one of `max_connections`: at most
+    `max_handshaking` at once, the oldest dropped for a newcomer (an honest handshake takes
+    milliseconds, so what is dropped is what stalls). False: the connection is closed."""
+    with trio.CancelScope() as scope:
+        if len(handshaking) >= limits.max_handshaking:
+            oldest = next(iter(handshaking))
+            del handshaking[oldest]
+            oldest.cancel()
+        handshaking[scope] = None
+        try:
+            with trio.fail_after(limits.handshake):
+                await stream.do_handshake()
+            return True
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        except ssl.SSLError:
+            pass
+        finally:
+            handshaking.pop(scope, None)
+    await trio.aclose_forcefully(stream)
+    return False
+
+
 async def serve_hub(
     hub: Hub,
     *,
@@ -173,8 +208,11 @@ async def serve_hub(
         listeners = [trio.SSLListener(lst, ssl_context, https_compatible=True) for lst in tcp]
     sock = tcp[0].socket  # the TCP listener under any TLS wrapping: its bound port
     limiter = trio.CapacityLimiter(limits.max_connections)
+    handshaking: dict[trio.CancelScope, None] = {}  # oldest first
 
     async def handler(stream: trio.abc.Stream) -> None:
+        if isinstance(stream, trio.SSLStream) and not await _handshake(stream, limits, handshaking):
+            return
         async with limiter:
             await serve_connection(hub, stream, limits)
 
