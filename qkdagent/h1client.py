@@ -34,8 +34,9 @@ from .identity import PeerIdentity
 MAX_ERROR = 64 * 1024
 """Largest error reply read when a streamed one was asked for."""
 MAX_PIECES = 4096
-"""Body pieces (h11 `Data` events) one reply may come in: a chunked body of one-byte chunks
-would cost far more to parse than its size says (an honest one arrives in a few dozen)."""
+"""Body pieces (h11 `Data` events) one reply may come in (and one request to the peer server,
+`peerserver`): a body of one-byte chunks or TLS records costs far more to parse than its size
+says (an honest one arrives in records of up to 16 KiB, a few dozen)."""
 MAX_HEAD = 16 * 1024
 """Largest reply head h11 buffers while it is incomplete. A head that arrives whole in one read
 may be longer (up to the 64 KiB read size): what a reply can make the client hold is bounded by

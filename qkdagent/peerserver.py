@@ -7,7 +7,7 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
 
 - `POST /v1/links/<link>/<rotate|commit|resync|announce>` only (404 other paths, 405 other
   methods, 413 bodies over `protocol.MAX_BODY` refused from content-length or while streaming,
-  411 a transfer-encoding (bodies come with a content-length, in at most `MAX_BODY_PIECES`
+  411 a transfer-encoding (bodies come with a content-length, in at most `h1client.MAX_PIECES`
   reads), 400 malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive. A handler may
   reply before it returns (`peering.ReplyNow`: the responder acknowledges a durable commit,
   then installs): it runs as a task of its own, so what it does after replying holds up
@@ -57,6 +57,7 @@ from . import batchwire
 from .admission import Admission, Tally, TokenBuckets, address_key, connection_caps
 from .config import Address, TlsFiles
 from .errors import ProtocolError
+from .h1client import MAX_PIECES
 from .identity import PeerIdentity
 from .protocol import MAX_BODY, error_body
 from .tlsclient import load_tls_identity
@@ -71,10 +72,6 @@ ACTIONS = tuple(action.encode() for action in batchwire.ACTIONS)
 BATCH_PATH = b"/v1/batch"
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _READ_SIZE = 16 * 1024
-MAX_BODY_PIECES = 4096
-"""Reads (h11 `Data` events) a request body may come in: an honest one arrives in TLS records
-of up to 16 KiB, a few dozen at most; one of many tiny records costs far more to take in than
-its size says. Past it the connection is closed."""
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
 
 
@@ -690,7 +687,7 @@ class _Http:
                 if size > limit:
                     return None
                 chunks.append(bytes(event.data))
-                if len(chunks) > MAX_BODY_PIECES:
+                if len(chunks) > MAX_PIECES:  # past it the connection is closed
                     self.server.dropped(self.conn, "request-pieces")
                     self._refused()  # charged to the address, as a refused request is
                     raise _Close
@@ -714,7 +711,7 @@ class _Http:
             if isinstance(event, h11.Data):
                 budget -= len(event.data)
                 pieces += 1
-                if pieces > MAX_BODY_PIECES:
+                if pieces > MAX_PIECES:
                     self._refused()
                     return False
                 if budget < 0:

@@ -1005,13 +1005,13 @@ async def test_a_batch_item_refused_costs_its_token_even_if_the_client_then_rese
 async def test_a_body_in_too_many_reads_closes_the_connection_and_costs_a_refusal(
     tmp_path: Path,
 ) -> None:
-    """Thousands of one-byte TLS records cost a parse each: past MAX_BODY_PIECES the
+    """Thousands of one-byte TLS records cost a parse each: past h1client.MAX_PIECES the
     connection is closed, the handler never runs, and the address pays a refusal token."""
-    from qkdagent.peerserver import MAX_BODY_PIECES
+    from qkdagent.h1client import MAX_PIECES
 
     async with running(tmp_path, refusal_rate=0.001, refusal_burst=1) as server:
         stream = await server.tls("mallory")
-        size = MAX_BODY_PIECES + 10
+        size = MAX_PIECES + 10
         await stream.send_all(h11.Connection(h11.CLIENT).send(post(ROTATE, size)))
         try:
             for _ in range(size):

@@ -172,7 +172,8 @@ def pct(values: list[float], p: float) -> float:
 class InSitu:
     """Times a few pure functions of the rotation's path as they run in it, to set beside the
     same calls repeated in a tight loop: how much slower the path's code runs once per rotation,
-    with the caches it left cold while the agents waited, than warm (`--in-situ`)."""
+    among the rest of the path's code (caches and branch predictors cold), than warm
+    (`--in-situ`)."""
 
     NAMES = (("protocol", "build"), ("protocol", "parse"), ("ratchet", "rotate"))
 
