@@ -1,4 +1,4 @@
-"""A lean HTTP/1.1 client over trio's TLS streams: kept-alive connections, bounded replies.
+"""A lean HTTP/1.1 client over TLS (`tlsstream`): kept-alive connections, bounded replies.
 
 Used for the peer API and offered to plugins (`qkdagent.HttpClient`) for their servers'
 APIs (a KME's), where httpx's per-request cost showed the same way.
@@ -30,6 +30,7 @@ import h11
 import trio
 
 from .identity import PeerIdentity
+from .tlsstream import TlsStream
 
 MAX_ERROR = 64 * 1024
 """Largest error reply read when a streamed one was asked for."""
@@ -79,7 +80,7 @@ class Reply:
 
 @dataclass
 class _Connection:
-    stream: trio.SSLStream[trio.SocketStream] | trio.SocketStream
+    stream: TlsStream | trio.SocketStream
     http: h11.Connection
     identity: PeerIdentity
     certificate: bytes | None
@@ -90,7 +91,7 @@ class _Connection:
         if now - self.idle_since > expiry:
             return True
         stream = self.stream
-        tcp = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        tcp = stream.transport_stream if isinstance(stream, TlsStream) else stream
         return bool(tcp.socket.is_readable())
 
     async def aclose(self) -> None:
@@ -188,7 +189,9 @@ class H1Client:
         """One request (`target`: path and query under `base_url`); the reply body is read up
         to `limit` bytes. `ConnectFailed` when no connection could be made; `trio.TooSlowError`
         past the client's `timeout`."""
-        with trio.fail_after(self.timeout if self.timeout is not None else float("inf")):
+        if self.timeout is None:  # the caller's deadline only (the peer client's)
+            return await self._request(method, base_url, target, body, headers, limit, on_data)
+        with trio.fail_after(self.timeout):
             return await self._request(method, base_url, target, body, headers, limit, on_data)
 
     async def _request(
@@ -265,7 +268,7 @@ class H1Client:
             raise ConnectFailed(f"cannot connect to {origin.authority}: {reason}") from None
         if self._context is None:
             return _Connection(tcp, http, PeerIdentity(), None)
-        stream = trio.SSLStream(tcp, self._context, server_hostname=origin.host)
+        stream = TlsStream(tcp, self._context, server_hostname=origin.host)
         try:
             await stream.do_handshake()
         except trio.BrokenResourceError as exc:

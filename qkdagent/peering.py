@@ -64,6 +64,7 @@ class PeerClient:
             # keep every connection alive: a TLS handshake costs more than a rotation
             idle_expiry=100,
             max_idle_per_origin=max(4, connections),
+            timeout=None,  # every request is bounded here (`post`) or by its batch's deadline
         )
 
         self.batches = Coalescer(self._post, timeout=timeout)

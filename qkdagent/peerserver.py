@@ -61,6 +61,7 @@ from .h1client import MAX_PIECES
 from .identity import PeerIdentity
 from .protocol import MAX_BODY, error_body
 from .tlsclient import load_tls_identity
+from .tlsstream import TlsStream
 
 if TYPE_CHECKING:
     from .observability import Metrics
@@ -357,7 +358,7 @@ class _Server:
                 await trio.lowlevel.wait_readable(conn.tcp.socket)
                 if not self.admission.hello(conn):
                     return
-                stream = trio.SSLStream(conn.tcp, self.context, server_side=True)
+                stream = TlsStream(conn.tcp, self.context, server_side=True)
                 try:
                     await stream.do_handshake()
                 except trio.BrokenResourceError as exc:
@@ -397,7 +398,7 @@ class _Http:
     """HTTP/1.1 requests on one established connection, until it closes or a limit hits."""
 
     def __init__(
-        self, server: _Server, conn: _Conn, stream: trio.SSLStream[Any], identity: PeerIdentity
+        self, server: _Server, conn: _Conn, stream: TlsStream, identity: PeerIdentity
     ) -> None:
         self.server = server
         self.limits = server.limits
