@@ -13,8 +13,10 @@ and every certificate check stay OpenSSL's; what is ours is short and follows tr
 semantics: each call is a checkpoint; a send or handshake cancelled midway leaves the stream
 broken (`trio.BrokenResourceError`), as do a TLS error, a reset and an EOF without
 close_notify; a clean close_notify reads as b""; a socket closed under the stream (an eviction)
-raises `trio.ClosedResourceError` in a waiting call and any later one; one sender and one
-receiver at a time (`trio.BusyResourceError`).
+raises `trio.ClosedResourceError` in a waiting call, and every later call fails without touching
+the descriptor; every socket read is a checkpoint, so a peer that keeps the socket full cannot
+hold the loop; one sender and one receiver at a time (`trio.BusyResourceError`; a receive that
+writes an answer to the peer, a KeyUpdate's, counts as the sender meanwhile).
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class TlsStream(trio.abc.Stream):
                     raise self._broken() from exc
             if self._tls.server_side and self._tls.version() == "TLSv1.3":
                 self._held = self._outgoing.read()
-            waited |= await self._flush()
+            waited |= await self._flush(held=False)
             self._state = _State.OK
             if not waited:
                 await trio.lowlevel.cancel_shielded_checkpoint()
@@ -149,7 +151,13 @@ class TlsStream(trio.abc.Stream):
                     break
                 except ssl.SSLWantReadError:
                     if self._outgoing.pending and not self._sending:
-                        waited |= await self._flush()  # a KeyUpdate to answer, say
+                        # a KeyUpdate to answer, say: written as a send is, so that no
+                        # send_all can put its records into the middle of it meanwhile
+                        self._sending = True
+                        try:
+                            waited |= await self._flush()
+                        finally:
+                            self._sending = False
                     waited |= await self._fill()
                 except ssl.SSLZeroReturnError:
                     data = b""  # close_notify
@@ -204,11 +212,12 @@ class TlsStream(trio.abc.Stream):
             raise trio.ClosedResourceError("the connection's socket was closed")
         return fd
 
-    async def _flush(self) -> bool:
-        """Write everything OpenSSL has produced; returns whether it had to wait. Interrupted,
-        the stream is broken (records were sealed that the peer will never see whole)."""
+    async def _flush(self, *, held: bool = True) -> bool:
+        """Write everything OpenSSL has produced (after the held tickets, with `held`);
+        returns whether it had to wait. Interrupted, the stream is broken (records were
+        sealed that the peer will never see whole)."""
         data = self._outgoing.read()
-        if self._held:
+        if held and self._held:
             data, self._held = self._held + data, b""
         if not data:
             return False
@@ -230,7 +239,7 @@ class TlsStream(trio.abc.Stream):
         return waited
 
     async def _fill(self) -> bool:
-        """Read once from the socket into OpenSSL (EOF as EOF); returns whether it waited."""
+        """Read once from the socket into OpenSSL (EOF as EOF); a checkpoint (returns True)."""
         if self._incoming.eof:
             raise self._broken()  # OpenSSL wants more after the EOF: never comes
         waited = False
@@ -248,7 +257,13 @@ class TlsStream(trio.abc.Stream):
             self._incoming.write(data)
         else:
             self._incoming.write_eof()
-        return waited
+        if not waited:
+            # As trio's socket does after each read: a peer that keeps the socket full of
+            # records carrying no data (session tickets, key updates: OpenSSL takes any
+            # number) would otherwise hold the loop, every deadline included. The bytes are
+            # in the BIO already: a cancellation here loses nothing.
+            await trio.lowlevel.checkpoint()
+        return True
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -3,15 +3,23 @@ against trio's SSLStream (the stream it replaces), with trio's error semantics."
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import ssl
+import struct
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from qkdagent.pki import PkiFiles, write_test_pki
 from qkdagent.tlsclient import client_ssl_context
@@ -221,3 +229,116 @@ async def test_calls_before_the_handshake_and_after_close(pki: PkiFiles) -> None
         await ours.aclose()  # twice is fine
         with pytest.raises(trio.ClosedResourceError):
             await ours.receive_some()
+
+
+def _flooding_tls13_server(
+    listener: socket.socket, ctx: ssl.SSLContext, keylog: Path, records: int, sent: threading.Event
+) -> None:
+    """A hostile TLS 1.3 server (blocking, on a thread): after an ordinary handshake it seals
+    records of its own with its traffic key (from its key log), each holding some 900 minimal
+    NewSessionTicket messages, which OpenSSL processes whatever their number, and one record of
+    data at the end. All of it is in the socket before the client reads."""
+    sock, _ = listener.accept()
+    with sock, contextlib.ExitStack() as done:
+        done.callback(sent.set)  # the client stops waiting whatever happens here
+        sock.settimeout(10)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_side=True)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(outgoing.read())
+                incoming.write(sock.recv(65536))
+        sock.sendall(outgoing.read())
+        line = next(x for x in keylog.read_text().splitlines() if "SERVER_TRAFFIC_SECRET_0" in x)
+        secret = bytes.fromhex(line.split()[2])
+        suite = tls.cipher()[0]
+        digest = hashes.SHA384() if suite.endswith("SHA384") else hashes.SHA256()
+
+        def label(name: bytes, size: int) -> bytes:
+            full = b"tls13 " + name
+            info = struct.pack(">HB", size, len(full)) + full + b"\x00"
+            return HKDFExpand(digest, size, info).derive(secret)
+
+        iv = label(b"iv", 12)
+        aead: AESGCM | ChaCha20Poly1305
+        if "CHACHA20" in suite:
+            aead = ChaCha20Poly1305(label(b"key", 32))
+        else:
+            aead = AESGCM(label(b"key", 32 if "AES_256" in suite else 16))
+        body = struct.pack(">IIBH", 0, 0, 0, 1) + b"x" + struct.pack(">H", 0)
+        ticket = b"\x04" + len(body).to_bytes(3, "big") + body
+        tickets = ticket * (16000 // len(ticket)) + b"\x16"  # inner content type: handshake
+        blob = bytearray()
+        for seq, inner in enumerate([tickets] * records + [b"end\x17"]):
+            nonce = bytes(a ^ b for a, b in zip(iv, seq.to_bytes(12, "big"), strict=True))
+            header = b"\x17\x03\x03" + struct.pack(">H", len(inner) + 16)
+            blob += header + aead.encrypt(nonce, inner, header)
+        sock.sendall(blob)
+        sent.set()
+        sock.recv(1)  # until the client closes
+
+
+async def test_records_without_data_cannot_hold_the_loop(pki: PkiFiles, tmp_path: Path) -> None:
+    """Every socket read is a checkpoint: a peer that keeps the socket full of records that
+    carry no data (here session tickets; key updates alike) lets the other tasks, and every
+    deadline, run between reads."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki["server"].cert, pki["server"].key)
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    ctx.num_tickets = 0
+    ctx.keylog_filename = str(tmp_path / "keylog")
+    client_ctx = client_ssl_context(pki["client"].cert, pki["client"].key, pki.ca_cert, what="t")
+    client_ctx.maximum_version = ssl.TLSVersion.TLSv1_3
+    listener = socket.create_server(("127.0.0.1", 0))
+    sent = threading.Event()
+    records = 16  # 256 KiB: in the socket buffers whole, so no read of the client waits
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            partial(
+                trio.to_thread.run_sync,
+                _flooding_tls13_server,
+                listener,
+                ctx,
+                tmp_path / "keylog",
+                records,
+                sent,
+                abandon_on_cancel=True,
+            )
+        )
+        tcp = await trio.open_tcp_stream("127.0.0.1", listener.getsockname()[1])
+        stream = TlsStream(tcp, client_ctx, server_hostname="localhost")
+        await stream.do_handshake()
+        assert await trio.to_thread.run_sync(sent.wait, 30)
+        assert tcp.socket.is_readable()
+        ticks = 0
+        reading = True
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while reading:
+                await trio.lowlevel.checkpoint()
+                ticks += 1
+
+        nursery.start_soon(ticker)
+        assert await stream.receive_some() == b"end"
+        reading = False
+        # 16 records of 16 KB in 64 KiB reads: a checkpoint after each (without: 0 or 1)
+        assert ticks >= 3
+        await stream.aclose()
+    listener.close()
+
+
+async def test_a_tls13_server_sends_its_session_tickets_with_its_first_data(
+    pki: PkiFiles,
+) -> None:
+    """As trio does: sent at the handshake, tickets a client closes without reading turn its
+    close into a reset."""
+    client_ctx, server_ctx = contexts(pki, ssl.TLSVersion.TLSv1_3)
+    async with connected(client_ctx, server_ctx) as (ours, theirs):
+        await trio.testing.wait_all_tasks_blocked()
+        assert not ours.transport_stream.socket.is_readable()
+        await theirs.send_all(b"first")
+        assert await receive_exactly(ours, 5) == b"first"
