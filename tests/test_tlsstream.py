@@ -254,7 +254,9 @@ def _flooding_tls13_server(
         sock.sendall(outgoing.read())
         line = next(x for x in keylog.read_text().splitlines() if "SERVER_TRAFFIC_SECRET_0" in x)
         secret = bytes.fromhex(line.split()[2])
-        suite = tls.cipher()[0]
+        cipher = tls.cipher()
+        assert cipher is not None
+        suite = cipher[0]
         digest = hashes.SHA384() if suite.endswith("SHA384") else hashes.SHA256()
 
         def label(name: bytes, size: int) -> bytes:
