@@ -194,8 +194,10 @@ class TlsStream(trio.abc.Stream):
 
     def _send_now(self) -> None:
         """Write what OpenSSL produced (an alert, a close_notify) if the socket takes it
-        without waiting; never the held tickets, which nobody will read now."""
-        data = self._outgoing.read()
+        without waiting, after the held tickets: they took the first record numbers, so what
+        follows them is unreadable without them."""
+        data = self._held + self._outgoing.read()
+        self._held = b""
         fd = self._socket.fileno()
         if data and fd >= 0:
             try:
@@ -208,7 +210,8 @@ class TlsStream(trio.abc.Stream):
         stream (its number free for reuse) is never read or written."""
         fd = self._socket.fileno()
         if fd < 0:
-            self._state = _State.BROKEN
+            if self._state is not _State.CLOSED:
+                self._state = _State.BROKEN
             raise trio.ClosedResourceError("the connection's socket was closed")
         return fd
 
@@ -234,7 +237,8 @@ class TlsStream(trio.abc.Stream):
         except OSError as exc:
             raise self._broken() from exc
         except BaseException:
-            self._state = _State.BROKEN
+            if self._state is not _State.CLOSED:  # closed meanwhile by `aclose`: stays so
+                self._state = _State.BROKEN
             raise
         return waited
 

@@ -344,3 +344,33 @@ async def test_a_tls13_server_sends_its_session_tickets_with_its_first_data(
         assert not ours.transport_stream.socket.is_readable()
         await theirs.send_all(b"first")
         assert await receive_exactly(ours, 5) == b"first"
+
+
+@pytest.mark.parametrize("client", [_ours, _trios], ids=["ours", "trio"])
+async def test_a_tls13_server_closing_before_any_data_closes_cleanly(
+    pki: PkiFiles, client: Wrap
+) -> None:
+    """Its close_notify follows the held tickets (they took the first record numbers)."""
+    client_ctx, server_ctx = contexts(pki, ssl.TLSVersion.TLSv1_3)
+    async with connected(client_ctx, server_ctx, client) as (ours, theirs):
+        await theirs.aclose()
+        assert await ours.receive_some() == b""
+        with pytest.raises(trio.ClosedResourceError):
+            await theirs.send_all(b"x")  # closed, not broken
+
+
+async def test_closed_under_a_waiting_send_it_stays_closed(pki: PkiFiles) -> None:
+    client_ctx, server_ctx = contexts(pki, ssl.TLSVersion.TLSv1_3)
+    async with connected(client_ctx, server_ctx) as (ours, _):
+        async with trio.open_nursery() as nursery:
+
+            async def send() -> None:
+                with pytest.raises(trio.ClosedResourceError):
+                    await ours.send_all(os.urandom(32 * 1024 * 1024))  # the peer never reads
+
+            nursery.start_soon(send)
+            await trio.testing.wait_all_tasks_blocked()
+            await ours.aclose()
+        for call in (ours.receive_some(), ours.send_all(b"x")):
+            with pytest.raises(trio.ClosedResourceError):
+                await call
