@@ -126,11 +126,21 @@ def canonical(fields: dict[str, Any]) -> bytes:
     return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
+_MESSAGE_LABEL = enc("qkdagent v1 message")
+
+
 def compute_mac(auth_key: Secret, fields: dict[str, Any]) -> bytes:
     body = {k: v for k, v in fields.items() if k != "mac"}
-    return hmac.new(
-        auth_key.reveal(), enc("qkdagent v1 message") + canonical(body), hashlib.sha3_256
-    ).digest()
+    return _mac(auth_key, canonical(body))
+
+
+def _mac(auth_key: Secret, encoded: bytes) -> bytes:
+    """The MAC of a message's canonical encoding without its `mac`."""
+    return hmac.new(auth_key.reveal(), _MESSAGE_LABEL + encoded, hashlib.sha3_256).digest()
+
+
+_AFTER_MAC = ("nonce", "request_nonce", "to")
+"""The fields that sort after `mac`, in order (`to` is in every message, so one always does)."""
 
 
 def build(
@@ -156,8 +166,15 @@ def build(
         fields[name] = b64(value) if isinstance(value, bytes) else value
     if set(fields) | {"mac"} != _COMMON | _FIELDS[kind]:
         raise ValueError(f"wrong fields for {kind}")
-    fields["mac"] = b64(compute_mac(auth_key, fields))
-    return canonical(fields)
+    # The canonical encoding with the MAC is the one without it, the `mac` member put where
+    # sorting puts it: before the first field that sorts after it. That field's `,"name":` is
+    # found by its first occurrence, as no string holds an unescaped quote (one encoding, not
+    # two, per message).
+    encoded = canonical(fields)
+    after = next(name for name in _AFTER_MAC if name in fields)
+    at = encoded.index(b',"' + after.encode() + b'":')
+    mac = b64(_mac(auth_key, encoded)).encode()
+    return encoded[:at] + b',"mac":"' + mac + b'"' + encoded[at:]
 
 
 def load_json(body: bytes, *, limit: int = MAX_BODY, depth: int = MAX_JSON_DEPTH) -> Any:

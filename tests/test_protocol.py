@@ -53,6 +53,34 @@ def test_message_vectors_match_qkdagent() -> None:
     assert (refusal.code, refusal.epoch) == ("epoch", 7)
 
 
+_EXTRA = {
+    "rotate": {"keys": [["s", 'k,"nonce":']], "labels": ["r"], "nonce": b"n" * 32},
+    "resync": {"keys": [["s", "k"]], "labels": [], "nonce": b"n" * 32},
+    "rotate-reply": {"nonce": b"n" * 32, "request_nonce": b"r" * 32, "confirm": b"c" * 32,
+                     "answers": [["s", "QUJD"]]},
+    "resync-reply": {"nonce": b"n" * 32, "request_nonce": b"r" * 32, "confirm": b"c" * 32,
+                     "answers": []},
+    "commit": {"nonce": b"n" * 32, "confirm": b"c" * 32},
+    "commit-reply": {"request_nonce": b"r" * 32},
+    "announce": {"keys": [["s", "k"]], "nonce": b"n" * 32},
+    "announce-reply": {"request_nonce": b"r" * 32},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(_EXTRA))
+@pytest.mark.parametrize("name", ["alice", 'a,"nonce":"x', "x\\", ',"to":', "é\u2028", "l" * 128])
+def test_a_built_message_is_its_own_canonical_encoding(kind: str, name: str) -> None:
+    """`build` puts the MAC into the encoding without it; the result is exactly the canonical
+    encoding of all its fields, whatever the names hold, and its MAC verifies."""
+    key = Secret(bytes(range(32)))
+    body = protocol.build(kind, link=name, sender=name, receiver="bob", epoch=3, auth_key=key,
+                          **_EXTRA[kind])  # fmt: skip
+    fields = json.loads(body)
+    assert body == protocol.canonical(fields)
+    assert fields["mac"] == _mac(key.reveal().hex(), "qkdagent v1 message", fields)
+    assert protocol.verify_mac(protocol.parse(body, expect=(kind,)), key)
+
+
 @pytest.mark.parametrize(
     "body",
     [
