@@ -8,15 +8,16 @@ every call), and it reaches the socket through trio's socket wrapper, which trie
 catches `BlockingIOError`, then waits and tries again. A rotation makes eight to twelve TLS
 sends and receives on its path; there that generality cost about 19 us per call warm (two to
 three times that in place) against about 8 us here: 0.17 ms of a one-link rotation's 3.4 ms
-(interleaved runs of `bench_core.py latency`: docs/design-deviations.md). The handshake, every record, every alert
-and every certificate check stay OpenSSL's; what is ours is short and follows trio's own
-semantics: each call is a checkpoint; a send or handshake cancelled midway leaves the stream
-broken (`trio.BrokenResourceError`), as do a TLS error, a reset and an EOF without
-close_notify; a clean close_notify reads as b""; a socket closed under the stream (an eviction)
-raises `trio.ClosedResourceError` in a waiting call, and every later call fails without touching
-the descriptor; every socket read is a checkpoint, so a peer that keeps the socket full cannot
-hold the loop; one sender and one receiver at a time (`trio.BusyResourceError`; a receive that
-writes an answer to the peer, a KeyUpdate's, counts as the sender meanwhile).
+(interleaved runs of `bench_core.py latency`: docs/design-deviations.md). The handshake, every
+record, every alert and every certificate check stay OpenSSL's; what is ours is short and
+follows trio's own semantics: each call is a checkpoint; a send or handshake cancelled midway
+leaves the stream broken (`trio.BrokenResourceError`), as do a TLS error, a reset and an EOF
+without close_notify; a clean close_notify reads as b""; a socket closed under the stream (an
+eviction) raises `trio.ClosedResourceError` in a waiting call, and every later call fails
+without touching the descriptor; every socket read is a checkpoint, so a peer that keeps the
+socket full cannot hold the loop; one sender and one receiver at a time
+(`trio.BusyResourceError`; a receive that writes an answer to the peer, a KeyUpdate's, counts
+as the sender meanwhile).
 """
 
 from __future__ import annotations
