@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,18 @@ async def test_an_error_in_the_body_propagates_unwrapped(tmp_path: Path) -> None
         async with running(sink):
             raise KeyError("from the test")
     assert sink.log[-1] == "aclose"
+
+
+def test_a_components_temporary_state_dir_is_removed_at_exit(tmp_path: Path) -> None:
+    """Without a `state_dir`, `build_component` makes one that goes when the process ends
+    (a full test run used to leave hundreds in /tmp)."""
+    script = (
+        "from qkdagent.builtin.file_sink import FileSink\n"
+        "from qkdagent.testing import build_component\n"
+        f"sink = build_component(FileSink, {{'path': {str(tmp_path / 'psk')!r}}})\n"
+        "print(sink.context.state_dir)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    made = Path(out.stdout.strip())
+    assert made.name.startswith("qkdagent-test-")
+    assert not made.exists()

@@ -12,6 +12,8 @@ two helpers are that sequence, once.
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -41,7 +43,7 @@ def build_component(
     `options` is the `[sources.NAME]`/`[sinks.NAME]` table; its `type` key, if any, must name
     `cls`. Unknown keys raise `ConfigError`, as in `qkdagent check`. Without `context`, the
     component gets `PluginContext(agent, state_dir)` (a fresh temporary directory if
-    `state_dir` is None: pass `tmp_path` to have pytest clean it up).
+    `state_dir` is None, removed when the process exits).
     """
     table = dict(options)
     declared = table.pop("type", cls.type_name)
@@ -49,13 +51,20 @@ def build_component(
         raise ValueError(f"options say type {declared!r}, but {cls.__name__} is {cls.type_name!r}")
     section = "sources" if issubclass(cls, Source) else "sinks"
     if context is None:
-        directory = state_dir or Path(tempfile.mkdtemp(prefix="qkdagent-test-"))
+        directory = state_dir or _temporary_dir()
         context = PluginContext(agent_name=agent, state_dir=directory)
     opts = Options(table, where=f"{section}.{name}")
     component = cls(name, opts, context)
     opts.finish()
     component.links = tuple(links)
     return component
+
+
+def _temporary_dir() -> Path:
+    """A fresh directory, removed when the process exits (a test run made hundreds)."""
+    directory = Path(tempfile.mkdtemp(prefix="qkdagent-test-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
