@@ -74,13 +74,6 @@ class TlsStream(trio.abc.Stream):
     def getpeercert(self, binary_form: bool = False) -> Any:
         return self._tls.getpeercert(binary_form)
 
-    def version(self) -> str | None:
-        return self._tls.version()
-
-    @property
-    def server_side(self) -> bool:
-        return self._tls.server_side
-
     # -- the handshake ---------------------------------------------------------------------
 
     async def do_handshake(self) -> None:

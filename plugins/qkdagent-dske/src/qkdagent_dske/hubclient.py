@@ -170,7 +170,7 @@ class HubClient:
             if not isinstance(response, h11.Response):
                 raise HubDown(f"hub {self.name}: no HTTP response")
             chunks = bytearray()
-            pieces = 0
+            pieces, max_pieces = 0, wire.body_pieces(limit)
             while True:
                 try:
                     event = await self._next(conn)
@@ -181,10 +181,9 @@ class HubClient:
                     pieces += 1
                     if len(chunks) > limit:
                         raise HubDown(f"hub {self.name}: the answer is larger than {limit} bytes")
-                    if pieces > wire.body_pieces(limit):
+                    if pieces > max_pieces:
                         raise HubDown(
-                            f"hub {self.name}: the answer came in more than "
-                            f"{wire.body_pieces(limit)} pieces"
+                            f"hub {self.name}: the answer came in more than {max_pieces} pieces"
                         )
                 elif isinstance(event, h11.EndOfMessage):
                     break

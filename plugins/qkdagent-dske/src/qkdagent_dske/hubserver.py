@@ -181,9 +181,8 @@ async def _handshake(
             with trio.fail_after(limits.handshake):
                 await stream.do_handshake()
             return True
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        except ssl.SSLError:
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                ssl.SSLError):  # fmt: skip
             pass
         finally:
             handshaking.pop(scope, None)

@@ -189,7 +189,8 @@ class KmeApp:
             if size > self.max_body:
                 raise ApiError(400, f"request body is larger than {self.max_body} bytes")
             chunks.append(chunk)
-            if len(chunks) > body_pieces(self.max_body):  # HTTP/2: one-byte DATA frames
-                raise ApiError(400, f"request body in more than {len(chunks) - 1} pieces")
+            pieces = body_pieces(self.max_body)
+            if len(chunks) > pieces:  # HTTP/2: one-byte DATA frames
+                raise ApiError(400, f"request body in more than {pieces} pieces")
             if not message.get("more_body", False):
                 return b"".join(chunks)
