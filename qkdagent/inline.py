@@ -91,17 +91,23 @@ class InlineGate:
         abandoned: a cancelled caller still waits for a started call to finish)."""
         if self.inline():
             await trio.lowlevel.checkpoint_if_cancelled()
-            self.inline_calls += 1
-            started = time.perf_counter()
             try:
-                return fn()
+                return self.run_here(fn)
             finally:
-                took = time.perf_counter() - started
-                self._spent += took
-                self.measured(took)
                 await trio.lowlevel.cancel_shielded_checkpoint()
         self.threaded_calls += 1
         return await trio.to_thread.run_sync(self._timed, fn)
+
+    def run_here(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the loop, measured: for a caller that asked `inline()` just before."""
+        self.inline_calls += 1
+        started = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            took = time.perf_counter() - started
+            self._spent += took
+            self.measured(took)
 
     def _timed(self, fn: Callable[[], T]) -> T:
         """On a thread a call also waits for the interpreter lock, held by the loop and other

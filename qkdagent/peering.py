@@ -29,9 +29,10 @@ was sent (or failed, which closes the connection, as a lost reply would). It nev
 server may decline (too many handlers of that client going on): the reply then goes when the
 handler returns. Either way the handler returns the same body, which is not sent twice."""
 
-Handler = Callable[[str, str, bytes, PeerIdentity, ReplyNow], Awaitable[bytes]]
+Handler = Callable[[str, str, bytes, PeerIdentity, ReplyNow | None], Awaitable[bytes]]
 """(link name, action, body, the client certificate's names, how to reply early) -> reply
-body; raises ProtocolError for a refused request (only before replying early)."""
+body; raises ProtocolError for a refused request (only before replying early). Only the
+actions that may reply early (`peerserver.EARLY_REPLY`) are given a `ReplyNow`."""
 
 
 def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext:

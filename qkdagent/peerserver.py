@@ -10,8 +10,10 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
   411 a transfer-encoding (bodies come with a content-length, in at most `h1client.MAX_PIECES`
   reads), 400 malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive. A handler may
   reply before it returns (`peering.ReplyNow`: the responder acknowledges a durable commit,
-  then installs): it runs as a task of its own, so what it does after replying holds up
-  neither the reply nor the connection's next request (another link's, say).
+  then installs): for the actions that may (`EARLY_REPLY`) it runs as a task of its own, so
+  what it does after replying holds up neither the reply nor the connection's next request
+  (another link's, say); the others run in the connection's task and get no `reply_now`
+  (a task per request cost a tenth of a millisecond of a rotation's latency, issue 18).
 - Which connections to keep is decided by `admission.py` (handshaking connections capped
   separately, the oldest evicted first; per-address and total caps; idle ones shed under
   pressure; a per-address budget for evictions, beyond which newcomers are refused at accept).
@@ -65,11 +67,13 @@ from .tlsstream import TlsStream
 
 if TYPE_CHECKING:
     from .observability import Metrics
-    from .peering import Handler
+    from .peering import Handler, ReplyNow
 
 log = logging.getLogger(__name__)
 
 ACTIONS = tuple(action.encode() for action in batchwire.ACTIONS)
+EARLY_REPLY = frozenset({"commit"})
+"""The actions whose handler may answer before it returns (`peering.ReplyNow`)."""
 BATCH_PATH = b"/v1/batch"
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _READ_SIZE = 16 * 1024
@@ -502,6 +506,10 @@ class _Http:
             return
         self.conn.phase = "handler"
         self.conn.scope.deadline = math.inf  # bounded by the link's own timeouts
+        if action not in EARLY_REPLY:
+            status, reply = await self._call(link, action, body)
+            await self._send(status, reply)
+            return
         sent = trio.Event()
         status, reply = await self.server.nursery.start(
             partial(self._handle, link, action, body, sent)
@@ -646,17 +654,11 @@ class _Http:
             task_status.started((200, reply))
             await sent.wait()
 
-        what, message = f"{action} for link {link[:64]!r}", ""
+        early_ok = action in EARLY_REPLY
         try:
-            try:
-                answer = await server.handler(link, action, body, identity, reply_now)
-                status, reply = 200, answer
-            except ProtocolError as exc:
-                status, reply = exc.status, exc.body or error_body("refused", str(exc))
-                message = f"{what}: {exc}"
-            except Exception as exc:  # a bug behind the handler: one 500, no traceback
-                status, reply = 500, error_body("internal", "internal error")
-                message = f"{what}: {type(exc).__name__}"
+            status, reply, message = await self._answer(
+                link, action, body, reply_now if early_ok else None
+            )
         finally:
             if early:
                 server.going_on[identity] -= 1
@@ -668,6 +670,28 @@ class _Http:
             task_status.started((status, reply))
         elif status != 200:  # answered already: the peer has its 200; only we learn of it
             log.error("peer API: %s failed after its reply was sent", message)
+
+    async def _call(self, link: str, action: str, body: bytes) -> tuple[int, bytes]:
+        """The handler in the connection's task, for an action that never answers early: it
+        is cancelled with the connection, as `_handle`'s task is until it answers."""
+        status, reply, message = await self._answer(link, action, body, None)
+        if status != 200:
+            self.server.refused(status, message)
+        return status, reply
+
+    async def _answer(
+        self, link: str, action: str, body: bytes, reply_now: ReplyNow | None
+    ) -> tuple[int, bytes, str]:
+        """The handler's status and reply body, and what to log if it refused or failed."""
+        try:
+            reply = await self.server.handler(link, action, body, self.identity, reply_now)
+            return 200, reply, ""
+        except ProtocolError as exc:
+            what = f"{action} for link {link[:64]!r}"
+            return exc.status, exc.body or error_body("refused", str(exc)), f"{what}: {exc}"
+        except Exception as exc:  # a bug behind the handler: one 500, no traceback
+            what = f"{action} for link {link[:64]!r}"
+            return 500, error_body("internal", "internal error"), f"{what}: {type(exc).__name__}"
 
     async def _read_body(self, limit: int) -> bytes | None:
         """The body, or None if it is over `limit` (by content-length, before reading any of

@@ -23,6 +23,7 @@ from .errors import KeyNotFound, KeyReuseError, ProtocolError, QkdAgentError, na
 from .faults import crash_point
 from .identity import PeerIdentity
 from .interfaces import Answered
+from .locks import held
 from .peering import ReplyNow
 from .state import LinkRecord, Pending
 
@@ -86,7 +87,7 @@ class Responder:
         conflict = rules.role_conflict(self.link.facts, action)
         if conflict is not None:
             raise self._refuse(conflict, body)
-        async with self.link.lock:
+        async with held(self.link.lock):
             if self.link.retired:
                 # The agent stopped this runtime to remove or replace the link (requests
                 # queued ahead of that finished first): it erases the sinks or hands them to

@@ -234,6 +234,8 @@ class StateStore:
         None: the running loop's shared gate."""
         self._batch_lock = trio.Lock()
         self._queue: list[_Job] = []
+        self._sole = False
+        """Whether the batch being written holds one call only (`_run_batch`)."""
         self._scrub = Settle(bound=SCRUB_DELAY, quiet=SCRUB_QUIET, min_gap=SCRUB_MIN_GAP)
 
     @property
@@ -264,6 +266,12 @@ class StateStore:
             await trio.lowlevel.checkpoint()
             return fn(*args)
         job = _Job(fn, args, durable)
+        gate = self.gate or loop_gate()
+        if not self._queue and not self._batch_lock.locked() and gate.inline():
+            await trio.lowlevel.checkpoint_if_cancelled()
+            gate.run_here(partial(self._run_batch, [job]))
+            self._scrub.changed()
+            return job.outcome()
         self._queue.append(job)
         try:
             await self._batch_lock.acquire()
@@ -322,11 +330,25 @@ class StateStore:
         try:
             self._synchronous(any(job.durable for job in batch))
             self._db.execute("BEGIN IMMEDIATE")
-            for job in batch:
+            if len(batch) == 1:
+                # Alone in its transaction, a call needs no savepoint (two statements fewer
+                # on each of a rotation's commits): if it fails, the transaction rolls back.
+                job = batch[0]
+                self._sole = True
                 try:
                     job.result = job.fn(*job.args)
-                except Exception as exc:  # delivered to that job's caller only
+                except Exception as exc:
                     job.error = exc
+                    self._db.execute("ROLLBACK")
+                    return
+                finally:
+                    self._sole = False
+            else:
+                for job in batch:
+                    try:
+                        job.result = job.fn(*job.args)
+                    except Exception as exc:  # delivered to that job's caller only
+                        job.error = exc
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._db.in_transaction:
@@ -578,9 +600,9 @@ class StateStore:
         with self._tx():
             if mark_used:
                 self._mark_used(name, key_ids)
-            cur = self._db.execute(
+            updated = self._db.execute(
                 "UPDATE links SET epoch = ?, chain_key = ?, auth_key = ?, key_ids = ?, "
-                "committed_at = ? WHERE name = ?",
+                "committed_at = ? WHERE name = ? RETURNING peer",
                 (
                     epoch,
                     chain_key.reveal(),
@@ -589,9 +611,10 @@ class StateStore:
                     committed_at,
                     name,
                 ),
-            )
-            if cur.rowcount != 1:
+            ).fetchall()  # stepped to its end: no statement left in progress at COMMIT
+            if len(updated) != 1:
                 raise KeyError(f"link {name!r} has no state")
+            peer = updated[0][0]
             self._db.execute("DELETE FROM outputs WHERE link = ?", (name,))
             for label, secret in outputs.items():
                 self._db.execute(
@@ -601,7 +624,6 @@ class StateStore:
             self._write_source_state("pending_source_state", name, {})
             states = source_state or {}
             self._write_source_state("source_state", name, states)
-            peer = self._db.execute("SELECT peer FROM links WHERE name = ?", (name,)).fetchone()[0]
         return LinkRecord(
             name, peer, epoch, chain_key, auth_key, key_ids, committed_at, dict(outputs),
             source_state=dict(states),
@@ -620,22 +642,30 @@ class StateStore:
             self._db.execute("DELETE FROM links WHERE name = ?", (name,))
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self._db, self._checkpoint)
+        return _Transaction(self._db, self._checkpoint, sole=self._sole)
 
 
 class _Transaction:
     """A transaction, or a savepoint when one is already open (inside a group commit)."""
 
-    def __init__(self, db: sqlite3.Connection, after_commit: Callable[[], None]) -> None:
+    def __init__(
+        self, db: sqlite3.Connection, after_commit: Callable[[], None], *, sole: bool = False
+    ) -> None:
         self.db = db
         self.after_commit = after_commit
+        self.sole = sole
+        """Inside a transaction that rolls back whole if this fails: no savepoint needed."""
         self.nested = False
 
     def __enter__(self) -> None:
         self.nested = self.db.in_transaction
+        if self.nested and self.sole:
+            return
         self.db.execute("SAVEPOINT op" if self.nested else "BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if self.nested and self.sole:
+            return
         if self.nested:
             if exc_type is not None:
                 self.db.execute("ROLLBACK TO op")

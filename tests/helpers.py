@@ -61,3 +61,23 @@ async def until(predicate: Callable[[], bool], limit: float = 600) -> None:
     with trio.fail_after(limit):
         while not predicate():  # noqa: ASYNC110 - virtual clock
             await trio.sleep(1)
+
+
+class ScheduleCount(trio.abc.Instrument):
+    """Counts the schedule points the current task passes while installed (each one is a step
+    of the task more): a deterministic check that a call does or does not yield."""
+
+    def __init__(self) -> None:
+        self.task = trio.lowlevel.current_task()
+        self.points = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            self.points += 1
+
+    def __enter__(self) -> ScheduleCount:
+        trio.lowlevel.add_instrument(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        trio.lowlevel.remove_instrument(self)

@@ -239,14 +239,15 @@ async def test_a_handler_replies_early_and_the_connection_reads_on(
     finished: list[str] = []
 
     async def handler(
-        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow | None
     ) -> bytes:
-        if link == "slow":
+        if link.startswith("slow"):
+            assert reply_now is not None
             await reply_now(b'{"early":true}')
             await reply_now(b'{"twice":true}')  # a second early reply is ignored
             await release.wait()
-            finished.append(action)
-            if action == "resync":
+            finished.append(link)
+            if link == "slow2":
                 raise RecursionError("after the reply")
             return b'{"late":true}'
         return b'{"other":true}'
@@ -259,7 +260,7 @@ async def test_a_handler_replies_early_and_the_connection_reads_on(
             assert response.status_code == 200 and body == b'{"early":true}'
             response, body = await exchange(stream, post(ROTATE, 2), b"{}")
             assert response.status_code == 200 and body == b'{"other":true}'
-            response, body = await exchange(stream, post("/v1/links/slow/resync", 2), b"{}")
+            response, body = await exchange(stream, post("/v1/links/slow2/commit", 2), b"{}")
             assert response.status_code == 200 and body == b'{"early":true}'
         assert finished == []  # every answer above came while the slow handlers still worked
         release.set()
@@ -268,9 +269,36 @@ async def test_a_handler_replies_early_and_the_connection_reads_on(
                 await trio.sleep(0.01)
             response, body = await exchange(stream, post(ROTATE, 2), b"{}")  # no stray 500
         assert response.status_code == 200 and body == b'{"other":true}'
-        assert sorted(finished) == ["commit", "resync"]
+        assert sorted(finished) == ["slow", "slow2"]
         assert server.refused(500) == 0  # the peer had its 200: not a refusal
-    assert "resync for link 'slow': RecursionError failed after its reply" in caplog.text
+    assert "commit for link 'slow2': RecursionError failed after its reply" in caplog.text
+
+
+@pytest.mark.parametrize("batched", [False, True])
+async def test_only_a_commit_may_reply_early(tmp_path: Path, batched: bool) -> None:
+    """The other actions' handlers get no `reply_now` (alone, they run in the connection's
+    task): only the responder's commit answers before its install."""
+    given: dict[str, bool] = {}
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow | None
+    ) -> bytes:
+        given[action] = reply_now is not None
+        return b"{}"
+
+    async with running(tmp_path, handler) as server:
+        stream = await server.tls()
+        actions = ("rotate", "resync", "announce", "commit")
+        with trio.fail_after(10):
+            if batched:
+                data = _batch(*((f"l{i}", action, b"") for i, action in enumerate(actions)))
+                response, _ = await exchange(stream, post("/v1/batch", len(data)), data)
+                assert response.status_code == 200
+            else:
+                for action in actions:
+                    response, _ = await exchange(stream, post(f"/v1/links/l/{action}", 2), b"{}")
+                    assert response.status_code == 200
+    assert given == {"rotate": False, "resync": False, "announce": False, "commit": True}
 
 
 async def test_handlers_going_on_after_an_early_reply_are_capped_per_client(
@@ -331,7 +359,8 @@ async def test_an_early_reply_the_client_does_not_take_leaves_the_handler_workin
 
     async with running(tmp_path, handler, request_timeout=0.5) as server:
         stream = await server.tls()
-        await stream.send_all(h11.Connection(h11.CLIENT).send(post(ROTATE, 2)) + b"{}")
+        request = post("/v1/links/alice-bob/commit", 2)
+        await stream.send_all(h11.Connection(h11.CLIENT).send(request) + b"{}")
         with trio.fail_after(10):
             await entered.wait()
             await finished.wait()  # while the reply is stuck in the socket buffers

@@ -84,3 +84,33 @@ async def test_the_bound_counts_from_the_first_change_even_while_work_runs(
         await changes()
         nursery.cancel_scope.cancel()
     assert lateness and max(lateness) <= 1.0 + 1e-9
+
+
+async def test_a_change_does_not_wake_the_waiting_task(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A change moves the waiting task's deadline: the task runs once, when the work is due,
+    not once per change (each wake-up was a pass of the event loop on a rotation's path)."""
+    settle = Settle(bound=10.0, quiet=0.5, min_gap=0.0)
+    steps: list[trio.lowlevel.Task] = []
+    waiter: list[trio.lowlevel.Task] = []
+
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task in waiter:
+                steps.append(task)
+
+    async def wait() -> None:
+        waiter.append(trio.lowlevel.current_task())
+        await settle.due()
+
+    trio.lowlevel.add_instrument(Steps())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait)
+        await trio.testing.wait_all_tasks_blocked()
+        start, before = trio.current_time(), len(steps)
+        for _ in range(5):
+            settle.changed()
+            await trio.sleep(0.1)
+    assert len(steps) - before == 1  # woken once: when due
+    assert trio.current_time() - start == 0.4 + 0.5  # the last change, then `quiet`

@@ -11,11 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import trio
+import trio.testing
 
 from qkdagent import Key, Secret, Sink, decimal, hookimpl, protocol
 from qkdagent.errors import ConfigError, PluginError, ProtocolError
 from qkdagent.options import Options
 from qkdagent.plugins import Plugins
+from tests.helpers import ScheduleCount
 
 
 def test_secret_never_shows_its_bytes() -> None:
@@ -325,6 +327,33 @@ def test_checkpoint_waits_for_a_pause_in_commits_but_never_past_scrub_delay() ->
     assert scrub_time(100.0 + SCRUB_DELAY - 0.001, -math.inf, latest) == latest
 
 
+def test_a_lone_write_runs_at_once_and_a_cancelled_one_never(tmp_path: Path) -> None:
+    """With nothing under way or queued, a write commits inline without yielding to other
+    tasks (a pass of the event loop on each of a rotation's commits); a caller already
+    cancelled raises before writing anything."""
+    from qkdagent.state import StateStore
+
+    store = StateStore(tmp_path / "s")
+    ran: list[str] = []
+
+    def write(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    async def main() -> None:
+        with ScheduleCount() as count:
+            assert await store.run(write, "lone") == "lone"
+        assert count.points == 0
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await store.run(write, "cancelled")
+        assert scope.cancelled_caught
+
+    trio.run(main)
+    store.close()
+    assert ran == ["lone"]
+
+
 def test_a_batch_taken_by_a_caller_cancelled_at_the_lock_still_runs_whole(tmp_path: Path) -> None:
     """The caller handed the lock takes every queued write; cancelled in that same tick, it
     must not drop the others' writes (they would return None as if committed)."""
@@ -494,12 +523,14 @@ def test_decimal_reads_only_bounded_ascii_digits(text: str, digits: int, value: 
     assert decimal(text, digits) == value
 
 
+@pytest.mark.parametrize("grouped", [True, False])
 def test_a_reused_key_id_in_a_group_commit_changes_nothing_and_the_others_commit(
-    tmp_path: Path,
+    tmp_path: Path, grouped: bool
 ) -> None:
     """Key reuse is refused by the used-key table's primary key: a rotation naming a new and
-    a used key ID marks neither (its savepoint rolls back the insert made before the refusal),
-    and the rotations sharing its group commit still commit."""
+    a used key ID marks neither (its savepoint rolls back the insert made before the refusal,
+    or, alone in its transaction, the transaction does), and the rotations sharing its group
+    commit still commit."""
     from qkdagent.errors import KeyReuseError
     from qkdagent.state import StateStore
 
@@ -524,12 +555,22 @@ def test_a_reused_key_id_in_a_group_commit_changes_nothing_and_the_others_commit
             except KeyReuseError as exc:
                 results[i] = exc
 
-        async with trio.open_nursery() as nursery:  # queued together: one batch
+        lock = store._batch_lock
+        async with trio.open_nursery() as nursery:
+            if grouped:  # queued together behind a batch under way: one batch
+                await lock.acquire()
             nursery.start_soon(one, 0, commit("a", 2, (("p", "new"), ("q", "used"))))
             nursery.start_soon(one, 1, commit("b", 1, (("q", "fresh"),)))
+            if grouped:
+                await trio.testing.wait_all_tasks_blocked()
+                lock.release()
         return results
 
+    batches: list[int] = []
+    run_batch = store._run_batch
+    store._run_batch = lambda batch: (batches.append(len(batch)), run_batch(batch))[1]  # type: ignore[method-assign]
     refused, committed = trio.run(main)
+    assert batches == ([2] if grouped else [1, 1])
     assert isinstance(refused, KeyReuseError) and "'used'" in str(refused)
     assert not isinstance(committed, Exception) and store.load("b").epoch == 1
     assert store.load("a").epoch == 1  # unchanged
