@@ -40,7 +40,7 @@ import trio
 
 from .errors import KeyReuseError
 from .fileutil import FileCheckError, private_dir
-from .inline import InlineGate, loop_gate
+from .inline import InlineGate, loop_gate, loop_pass
 from .secret import Secret
 from .settle import Settle
 
@@ -65,7 +65,11 @@ WAL_PAD_MAX = 128 * 1024
 commits since the previous checkpoint wrote, within these bounds (each byte of it costs a
 write to the log and one to the database, off the path)."""
 USED_KEY_ID_RETENTION = 100_000
-"""Used key IDs remembered per link; older ones are pruned (sources delete them anyway)."""
+"""Used key IDs remembered per link, at least; older ones are pruned (sources delete them
+anyway)."""
+USED_KEY_ID_PRUNE = 64
+"""...every this many IDs marked, not on every commit (a statement less on most of them): at
+most this many more are kept."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS links (
@@ -234,8 +238,8 @@ class StateStore:
         None: the running loop's shared gate."""
         self._batch_lock = trio.Lock()
         self._queue: list[_Job] = []
-        self._sole = False
-        """Whether the batch being written holds one call only (`_run_batch`)."""
+        self._inline_pass = -1
+        """The loop's pass (`inline.loop_pass`) of the last write run at once."""
         self._scrub = Settle(bound=SCRUB_DELAY, quiet=SCRUB_QUIET, min_gap=SCRUB_MIN_GAP)
 
     @property
@@ -247,10 +251,12 @@ class StateStore:
         """Run a blocking store method with group commit, on the event loop while commits are
         fast (`inline.loop_gate`: a thread hop cost more than the commit), else on a thread.
 
-        Calls that arrive while a batch is being written are queued; the next one to get the
-        lock runs the whole queue in one transaction (each call in its own savepoint, so one
-        failing call changes nothing and the others still commit) with a single fsync. A call
-        returns only after the transaction holding its writes is durable.
+        A call with nothing under way or queued, the first of its pass of the event loop,
+        commits at once (no schedule point: a cancel point only). Calls that arrive while a
+        batch is being written, or in the same pass as another, are queued; the next one to
+        get the lock runs the whole queue in one transaction (each call in its own savepoint,
+        so one failing call changes nothing and the others still commit) with a single fsync.
+        A call returns only after the transaction holding its writes is durable.
 
         `durable=False` is for a write whose loss the protocol recovers from (the responder's
         commit of a pending epoch that is itself durable: see `Responder._commit`). A batch of
@@ -267,7 +273,18 @@ class StateStore:
             return fn(*args)
         job = _Job(fn, args, durable)
         gate = self.gate or loop_gate()
-        if not self._queue and not self._batch_lock.locked() and gate.inline():
+        this_pass = loop_pass()
+        if (
+            not self._queue
+            and not self._batch_lock.locked()
+            and this_pass != self._inline_pass
+            and gate.inline()
+        ):
+            # The first write of this pass of the loop, with nothing under way: at once,
+            # without the pass that taking the lock costs. A second write in the same pass
+            # (tasks runnable together: a batch of peer requests) takes the lock and yields,
+            # so that the others queue up and share its commit.
+            self._inline_pass = this_pass
             await trio.lowlevel.checkpoint_if_cancelled()
             gate.run_here(partial(self._run_batch, [job]))
             self._scrub.changed()
@@ -330,25 +347,11 @@ class StateStore:
         try:
             self._synchronous(any(job.durable for job in batch))
             self._db.execute("BEGIN IMMEDIATE")
-            if len(batch) == 1:
-                # Alone in its transaction, a call needs no savepoint (two statements fewer
-                # on each of a rotation's commits): if it fails, the transaction rolls back.
-                job = batch[0]
-                self._sole = True
+            for job in batch:
                 try:
                     job.result = job.fn(*job.args)
-                except Exception as exc:
+                except Exception as exc:  # delivered to that job's caller only
                     job.error = exc
-                    self._db.execute("ROLLBACK")
-                    return
-                finally:
-                    self._sole = False
-            else:
-                for job in batch:
-                    try:
-                        job.result = job.fn(*job.args)
-                    except Exception as exc:  # delivered to that job's caller only
-                        job.error = exc
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._db.in_transaction:
@@ -548,10 +551,12 @@ class StateStore:
                 raise KeyReuseError(
                     f"key ID {key_id!r} of source {source!r} was already used"
                 ) from None
-        self._db.execute(
-            "DELETE FROM used_key_ids WHERE link = ? AND seq <= ?",
-            (name, seq + len(key_ids) - USED_KEY_ID_RETENTION),
-        )
+        last = seq + len(key_ids)
+        if seq // USED_KEY_ID_PRUNE != last // USED_KEY_ID_PRUNE:
+            self._db.execute(
+                "DELETE FROM used_key_ids WHERE link = ? AND seq <= ?",
+                (name, last - USED_KEY_ID_RETENTION),
+            )
 
     def store_pending(self, name: str, pending: Pending, *, mark_used: bool) -> None:
         """Durably keep a responder's derived epoch (and its key IDs as used) before replying."""
@@ -600,9 +605,9 @@ class StateStore:
         with self._tx():
             if mark_used:
                 self._mark_used(name, key_ids)
-            updated = self._db.execute(
+            cur = self._db.execute(
                 "UPDATE links SET epoch = ?, chain_key = ?, auth_key = ?, key_ids = ?, "
-                "committed_at = ? WHERE name = ? RETURNING peer",
+                "committed_at = ? WHERE name = ?",
                 (
                     epoch,
                     chain_key.reveal(),
@@ -611,10 +616,9 @@ class StateStore:
                     committed_at,
                     name,
                 ),
-            ).fetchall()  # stepped to its end: no statement left in progress at COMMIT
-            if len(updated) != 1:
+            )
+            if cur.rowcount != 1:
                 raise KeyError(f"link {name!r} has no state")
-            peer = updated[0][0]
             self._db.execute("DELETE FROM outputs WHERE link = ?", (name,))
             for label, secret in outputs.items():
                 self._db.execute(
@@ -624,6 +628,7 @@ class StateStore:
             self._write_source_state("pending_source_state", name, {})
             states = source_state or {}
             self._write_source_state("source_state", name, states)
+            peer = self._db.execute("SELECT peer FROM links WHERE name = ?", (name,)).fetchone()[0]
         return LinkRecord(
             name, peer, epoch, chain_key, auth_key, key_ids, committed_at, dict(outputs),
             source_state=dict(states),
@@ -642,30 +647,22 @@ class StateStore:
             self._db.execute("DELETE FROM links WHERE name = ?", (name,))
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self._db, self._checkpoint, sole=self._sole)
+        return _Transaction(self._db, self._checkpoint)
 
 
 class _Transaction:
     """A transaction, or a savepoint when one is already open (inside a group commit)."""
 
-    def __init__(
-        self, db: sqlite3.Connection, after_commit: Callable[[], None], *, sole: bool = False
-    ) -> None:
+    def __init__(self, db: sqlite3.Connection, after_commit: Callable[[], None]) -> None:
         self.db = db
         self.after_commit = after_commit
-        self.sole = sole
-        """Inside a transaction that rolls back whole if this fails: no savepoint needed."""
         self.nested = False
 
     def __enter__(self) -> None:
         self.nested = self.db.in_transaction
-        if self.nested and self.sole:
-            return
         self.db.execute("SAVEPOINT op" if self.nested else "BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self.nested and self.sole:
-            return
         if self.nested:
             if exc_type is not None:
                 self.db.execute("ROLLBACK TO op")

@@ -523,14 +523,46 @@ def test_decimal_reads_only_bounded_ascii_digits(text: str, digits: int, value: 
     assert decimal(text, digits) == value
 
 
-@pytest.mark.parametrize("grouped", [True, False])
+def test_used_key_ids_are_remembered_up_to_the_retention_and_pruned_in_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each link keeps its last `USED_KEY_ID_RETENTION` used IDs at least, and at most
+    `USED_KEY_ID_PRUNE` more: a recent ID is still refused, an old one forgotten."""
+    from qkdagent import state as state_module
+    from qkdagent.errors import KeyReuseError
+
+    monkeypatch.setattr(state_module, "USED_KEY_ID_RETENTION", 100)
+    monkeypatch.setattr(state_module, "USED_KEY_ID_PRUNE", 8)
+    store = state_module.StateStore(tmp_path / "s")
+    chain, auth = Secret.random(), Secret.random()
+    store.create("a", "peer", chain, auth)
+    store.create("b", "peer", chain, auth)
+    kept: list[int] = []
+    for epoch in range(1, 151):  # two IDs per commit
+        ids = (("q", f"k{2 * epoch}"), ("r", f"k{2 * epoch + 1}"))
+        store.commit("a", epoch=epoch, chain_key=chain, auth_key=auth, key_ids=ids,
+                     outputs={}, mark_used=True)  # fmt: skip
+        kept.append(store._db.execute("SELECT COUNT(*) FROM used_key_ids").fetchone()[0])
+    assert max(kept) <= 100 + 8 and min(kept[50:]) >= 100
+    assert kept[-1] < 2 * 150  # pruned at all
+    assert not store.is_used("a", "q", "k2") and store.is_used("a", "r", "k301")
+    assert all(store.is_used("a", "q" if i % 2 == 0 else "r", f"k{i}") for i in range(202, 302))
+    with pytest.raises(KeyReuseError):
+        store.commit("a", epoch=151, chain_key=chain, auth_key=auth, key_ids=(("q", "k250"),),
+                     outputs={}, mark_used=True)  # fmt: skip
+    store.commit("b", epoch=1, chain_key=chain, auth_key=auth, key_ids=(("q", "k2"),),
+                 outputs={}, mark_used=True)  # another link's IDs are its own  # fmt: skip
+    store.close()
+
+
+@pytest.mark.parametrize("arrival", ["behind-a-batch", "together", "one-after-another"])
 def test_a_reused_key_id_in_a_group_commit_changes_nothing_and_the_others_commit(
-    tmp_path: Path, grouped: bool
+    tmp_path: Path, arrival: str
 ) -> None:
     """Key reuse is refused by the used-key table's primary key: a rotation naming a new and
-    a used key ID marks neither (its savepoint rolls back the insert made before the refusal,
-    or, alone in its transaction, the transaction does), and the rotations sharing its group
-    commit still commit."""
+    a used key ID marks neither (its savepoint rolls back the insert made before the refusal),
+    and the rotations sharing its group commit still commit. Writes that queue behind a batch
+    under way, or that are runnable at once, share one commit; one alone commits at once."""
     from qkdagent.errors import KeyReuseError
     from qkdagent.state import StateStore
 
@@ -538,6 +570,7 @@ def test_a_reused_key_id_in_a_group_commit_changes_nothing_and_the_others_commit
     chain, auth = Secret.random(), Secret.random()
     store.create("a", "peer", chain, auth)
     store.create("b", "peer", chain, auth)
+    store.create("c", "peer", chain, auth)
     store.commit("a", epoch=1, chain_key=chain, auth_key=auth, key_ids=(("q", "used"),),
                  outputs={}, mark_used=True)  # fmt: skip
 
@@ -556,12 +589,20 @@ def test_a_reused_key_id_in_a_group_commit_changes_nothing_and_the_others_commit
                 results[i] = exc
 
         lock = store._batch_lock
+        first = commit("a", 2, (("p", "new"), ("q", "used")))
+        second = commit("b", 1, (("q", "fresh"),))
+        if arrival == "one-after-another":
+            await one(0, first)
+            await one(1, second)
+            return results
         async with trio.open_nursery() as nursery:
-            if grouped:  # queued together behind a batch under way: one batch
+            if arrival == "behind-a-batch":
                 await lock.acquire()
-            nursery.start_soon(one, 0, commit("a", 2, (("p", "new"), ("q", "used"))))
-            nursery.start_soon(one, 1, commit("b", 1, (("q", "fresh"),)))
-            if grouped:
+            else:  # three runnable at once: the first commits at once, the others together
+                nursery.start_soon(store.run, commit("c", 1, (("q", "other"),)))
+            nursery.start_soon(one, 0, first)
+            nursery.start_soon(one, 1, second)
+            if arrival == "behind-a-batch":
                 await trio.testing.wait_all_tasks_blocked()
                 lock.release()
         return results
@@ -570,7 +611,9 @@ def test_a_reused_key_id_in_a_group_commit_changes_nothing_and_the_others_commit
     run_batch = store._run_batch
     store._run_batch = lambda batch: (batches.append(len(batch)), run_batch(batch))[1]  # type: ignore[method-assign]
     refused, committed = trio.run(main)
-    assert batches == ([2] if grouped else [1, 1])
+    assert (
+        batches == {"behind-a-batch": [2], "together": [1, 2], "one-after-another": [1, 1]}[arrival]
+    )
     assert isinstance(refused, KeyReuseError) and "'used'" in str(refused)
     assert not isinstance(committed, Exception) and store.load("b").epoch == 1
     assert store.load("a").epoch == 1  # unchanged

@@ -17,6 +17,7 @@ import trio
 from ..errors import ProtocolError
 from ..identity import PeerIdentity
 from ..peering import Handler, PeerReply, TransportError
+from ..peerserver import EARLY_REPLY
 from ..protocol import MAX_BODY, error_body
 
 Interceptor = Callable[["LocalClient", str, str, str, bytes], Awaitable[PeerReply]]
@@ -103,7 +104,8 @@ class LocalClient:
             await trio.lowlevel.checkpoint()
 
         try:
-            answer = await handler(link, action, body, self.identity, reply_now)
+            early = reply_now if action in EARLY_REPLY else None  # as the peer server does
+            answer = await handler(link, action, body, self.identity, early)
             reply = PeerReply(200, answer, server)
         except ProtocolError as exc:
             if replied:
