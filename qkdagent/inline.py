@@ -44,31 +44,6 @@ what waiting for the interpreter lock adds under load, so only a disk in real tr
 _LOOP_GATE: trio.lowlevel.RunVar[InlineGate] = trio.lowlevel.RunVar("qkdagent_inline_gate")
 
 
-class _Passes(trio.abc.Instrument):
-    """Counts the event loop's passes (each ends with a poll for I/O)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def after_io_wait(self, timeout: float) -> None:
-        self.count += 1
-
-
-_PASSES: trio.lowlevel.RunVar[_Passes] = trio.lowlevel.RunVar("qkdagent_loop_passes")
-
-
-def loop_pass() -> int:
-    """Which pass of the running event loop this is: tasks that run in the same one were all
-    runnable at once (a batch of peer requests, links opening together)."""
-    try:
-        return _PASSES.get().count
-    except LookupError:
-        passes = _Passes()
-        trio.lowlevel.add_instrument(passes)
-        _PASSES.set(passes)
-        return passes.count
-
-
 def loop_gate() -> InlineGate:
     """The gate of the running event loop (one per `trio.run`, shared by its agents)."""
     try:

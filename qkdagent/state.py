@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sqlite3
 import stat
@@ -40,7 +41,7 @@ import trio
 
 from .errors import KeyReuseError
 from .fileutil import FileCheckError, private_dir
-from .inline import InlineGate, loop_gate, loop_pass
+from .inline import InlineGate, loop_gate
 from .secret import Secret
 from .settle import Settle
 
@@ -53,6 +54,9 @@ SCRUB_QUIET = 0.02
 rotations rather than in the middle of the next one (it holds the writer for its fsyncs)."""
 SCRUB_MIN_GAP = 0.1
 """...but no sooner than this after the previous checkpoint, so steady traffic shares them."""
+ALONE_AFTER = 0.01
+"""Seconds after a batch from which a write may commit at once, alone: a lone rotation's
+commits are further apart; a busy store's go through the lock, where they group."""
 PAGE_SIZE = 1024
 """Page size of a new state file. A rotation's commit changes a few hundred bytes in each of
 four to seven pages, written to the log and fsynced whole: at 1 KiB instead of SQLite's
@@ -238,8 +242,8 @@ class StateStore:
         None: the running loop's shared gate."""
         self._batch_lock = trio.Lock()
         self._queue: list[_Job] = []
-        self._inline_pass = -1
-        """The loop's pass (`inline.loop_pass`) of the last write run at once."""
+        self._last_batch = -math.inf
+        """When the last batch began to be written."""
         self._scrub = Settle(bound=SCRUB_DELAY, quiet=SCRUB_QUIET, min_gap=SCRUB_MIN_GAP)
 
     @property
@@ -251,10 +255,11 @@ class StateStore:
         """Run a blocking store method with group commit, on the event loop while commits are
         fast (`inline.loop_gate`: a thread hop cost more than the commit), else on a thread.
 
-        A call with nothing under way or queued, the first of its pass of the event loop,
-        commits at once (no schedule point: a cancel point only). Calls that arrive while a
-        batch is being written, or in the same pass as another, are queued; the next one to
-        get the lock runs the whole queue in one transaction (each call in its own savepoint,
+        A call with nothing under way or queued, `ALONE_AFTER` or more after the last batch,
+        commits at once (no schedule point: a cancel point only). Other calls take the lock
+        (a schedule point, where callers runnable at the same time queue up too); calls that
+        arrive while a batch is being written are queued, and the next one to get the lock
+        runs the whole queue in one transaction (each call in its own savepoint,
         so one failing call changes nothing and the others still commit) with a single fsync.
         A call returns only after the transaction holding its writes is durable.
 
@@ -273,18 +278,18 @@ class StateStore:
             return fn(*args)
         job = _Job(fn, args, durable)
         gate = self.gate or loop_gate()
-        this_pass = loop_pass()
+        now = trio.current_time()
         if (
-            not self._queue
+            now - self._last_batch >= ALONE_AFTER
+            and not self._queue
             and not self._batch_lock.locked()
-            and this_pass != self._inline_pass
             and gate.inline()
         ):
-            # The first write of this pass of the loop, with nothing under way: at once,
-            # without the pass that taking the lock costs. A second write in the same pass
-            # (tasks runnable together: a batch of peer requests) takes the lock and yields,
-            # so that the others queue up and share its commit.
-            self._inline_pass = this_pass
+            # A write after a quiet spell, with nothing under way: at once, without the pass
+            # of the loop that taking the lock costs. A write soon after another (a busy
+            # store; tasks runnable together, as a batch of peer requests) takes the lock
+            # and yields, so that the others queue up and share its commit.
+            self._last_batch = now
             await trio.lowlevel.checkpoint_if_cancelled()
             gate.run_here(partial(self._run_batch, [job]))
             self._scrub.changed()
@@ -308,7 +313,7 @@ class StateStore:
                 # happens to this caller.
                 with trio.CancelScope(shield=True):
                     batch, self._queue = self._queue, []
-                    gate = self.gate or loop_gate()
+                    self._last_batch = trio.current_time()
                     await gate.run(partial(self._run_batch, batch))
                     self._scrub.changed()
         finally:

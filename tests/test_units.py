@@ -328,9 +328,9 @@ def test_checkpoint_waits_for_a_pause_in_commits_but_never_past_scrub_delay() ->
 
 
 def test_a_lone_write_runs_at_once_and_a_cancelled_one_never(tmp_path: Path) -> None:
-    """With nothing under way or queued, a write commits inline without yielding to other
-    tasks (a pass of the event loop on each of a rotation's commits); a caller already
-    cancelled raises before writing anything."""
+    """With nothing under way or queued, after a quiet spell (`ALONE_AFTER`), a write commits
+    inline without yielding to other tasks (a pass of the event loop on each of a rotation's
+    commits); a caller already cancelled raises before writing anything."""
     from qkdagent.state import StateStore
 
     store = StateStore(tmp_path / "s")
@@ -344,6 +344,9 @@ def test_a_lone_write_runs_at_once_and_a_cancelled_one_never(tmp_path: Path) -> 
         with ScheduleCount() as count:
             assert await store.run(write, "lone") == "lone"
         assert count.points == 0
+        with ScheduleCount() as count:  # right after: through the lock, where writes group
+            assert await store.run(write, "soon") == "soon"
+        assert count.points >= 1
         with trio.CancelScope() as scope:
             scope.cancel()
             await store.run(write, "cancelled")
@@ -351,7 +354,7 @@ def test_a_lone_write_runs_at_once_and_a_cancelled_one_never(tmp_path: Path) -> 
 
     trio.run(main)
     store.close()
-    assert ran == ["lone"]
+    assert ran == ["lone", "soon"]
 
 
 def test_a_batch_taken_by_a_caller_cancelled_at_the_lock_still_runs_whole(tmp_path: Path) -> None:
@@ -562,7 +565,8 @@ def test_a_reused_key_id_in_a_group_commit_changes_nothing_and_the_others_commit
     """Key reuse is refused by the used-key table's primary key: a rotation naming a new and
     a used key ID marks neither (its savepoint rolls back the insert made before the refusal),
     and the rotations sharing its group commit still commit. Writes that queue behind a batch
-    under way, or that are runnable at once, share one commit; one alone commits at once."""
+    under way, or that are runnable at once, share one commit (the first of a quiet store
+    commits at once, alone); one written after another commits alone."""
     from qkdagent.errors import KeyReuseError
     from qkdagent.state import StateStore
 
