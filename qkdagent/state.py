@@ -55,8 +55,8 @@ rotations rather than in the middle of the next one (it holds the writer for its
 SCRUB_MIN_GAP = 0.1
 """...but no sooner than this after the previous checkpoint, so steady traffic shares them."""
 ALONE_AFTER = 0.01
-"""Seconds after a batch from which a write may commit at once, alone: a lone rotation's
-commits are further apart; a busy store's go through the lock, where they group."""
+"""Seconds after the last batch ended from which a write may commit at once, alone: a lone
+rotation's commits are further apart; a busy store's go through the lock, where they group."""
 PAGE_SIZE = 1024
 """Page size of a new state file. A rotation's commit changes a few hundred bytes in each of
 four to seven pages, written to the log and fsynced whole: at 1 KiB instead of SQLite's
@@ -243,7 +243,8 @@ class StateStore:
         self._batch_lock = trio.Lock()
         self._queue: list[_Job] = []
         self._last_batch = -math.inf
-        """When the last batch began to be written."""
+        """When the last batch was written (`time.monotonic`: trio's clock starts anew with
+        each run)."""
         self._scrub = Settle(bound=SCRUB_DELAY, quiet=SCRUB_QUIET, min_gap=SCRUB_MIN_GAP)
 
     @property
@@ -278,9 +279,8 @@ class StateStore:
             return fn(*args)
         job = _Job(fn, args, durable)
         gate = self.gate or loop_gate()
-        now = trio.current_time()
         if (
-            now - self._last_batch >= ALONE_AFTER
+            time.monotonic() - self._last_batch >= ALONE_AFTER
             and not self._queue
             and not self._batch_lock.locked()
             and gate.inline()
@@ -289,9 +289,11 @@ class StateStore:
             # of the loop that taking the lock costs. A write soon after another (a busy
             # store; tasks runnable together, as a batch of peer requests) takes the lock
             # and yields, so that the others queue up and share its commit.
-            self._last_batch = now
             await trio.lowlevel.checkpoint_if_cancelled()
-            gate.run_here(partial(self._run_batch, [job]))
+            try:
+                gate.run_here(partial(self._run_batch, [job]))
+            finally:
+                self._last_batch = time.monotonic()
             self._scrub.changed()
             return job.outcome()
         self._queue.append(job)
@@ -313,8 +315,10 @@ class StateStore:
                 # happens to this caller.
                 with trio.CancelScope(shield=True):
                     batch, self._queue = self._queue, []
-                    self._last_batch = trio.current_time()
-                    await gate.run(partial(self._run_batch, batch))
+                    try:
+                        await gate.run(partial(self._run_batch, batch))
+                    finally:
+                        self._last_batch = time.monotonic()
                     self._scrub.changed()
         finally:
             self._batch_lock.release()

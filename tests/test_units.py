@@ -327,13 +327,17 @@ def test_checkpoint_waits_for_a_pause_in_commits_but_never_past_scrub_delay() ->
     assert scrub_time(100.0 + SCRUB_DELAY - 0.001, -math.inf, latest) == latest
 
 
-def test_a_lone_write_runs_at_once_and_a_cancelled_one_never(tmp_path: Path) -> None:
+def test_a_lone_write_runs_at_once_and_a_cancelled_one_never(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With nothing under way or queued, after a quiet spell (`ALONE_AFTER`), a write commits
     inline without yielding to other tasks (a pass of the event loop on each of a rotation's
-    commits); a caller already cancelled raises before writing anything."""
-    from qkdagent.state import StateStore
+    commits); a caller already cancelled raises before writing anything. A write soon after
+    another goes through the lock, where writes runnable together group."""
+    from qkdagent import state as state_module
 
-    store = StateStore(tmp_path / "s")
+    monkeypatch.setattr(state_module, "ALONE_AFTER", 3600.0)  # "soon" whatever the machine
+    store = state_module.StateStore(tmp_path / "s")
     ran: list[str] = []
 
     def write(tag: str) -> str:
@@ -341,16 +345,16 @@ def test_a_lone_write_runs_at_once_and_a_cancelled_one_never(tmp_path: Path) -> 
         return tag
 
     async def main() -> None:
-        with ScheduleCount() as count:
-            assert await store.run(write, "lone") == "lone"
-        assert count.points == 0
-        with ScheduleCount() as count:  # right after: through the lock, where writes group
-            assert await store.run(write, "soon") == "soon"
-        assert count.points >= 1
-        with trio.CancelScope() as scope:
+        with trio.CancelScope() as scope:  # a quiet store: the path that runs at once
             scope.cancel()
             await store.run(write, "cancelled")
         assert scope.cancelled_caught
+        with ScheduleCount() as count:  # still quiet: nothing was written
+            assert await store.run(write, "lone") == "lone"
+        assert count.points == 0
+        with ScheduleCount() as count:
+            assert await store.run(write, "soon") == "soon"
+        assert count.points >= 1
 
     trio.run(main)
     store.close()
@@ -546,14 +550,14 @@ def test_used_key_ids_are_remembered_up_to_the_retention_and_pruned_in_steps(
         store.commit("a", epoch=epoch, chain_key=chain, auth_key=auth, key_ids=ids,
                      outputs={}, mark_used=True)  # fmt: skip
         kept.append(store._db.execute("SELECT COUNT(*) FROM used_key_ids").fetchone()[0])
-    assert max(kept) <= 100 + 8 and min(kept[50:]) >= 100
+    assert 100 < max(kept) <= 100 + 8 and min(kept[50:]) >= 100  # pruned in steps
     assert kept[-1] < 2 * 150  # pruned at all
     assert not store.is_used("a", "q", "k2") and store.is_used("a", "r", "k301")
     assert all(store.is_used("a", "q" if i % 2 == 0 else "r", f"k{i}") for i in range(202, 302))
     with pytest.raises(KeyReuseError):
         store.commit("a", epoch=151, chain_key=chain, auth_key=auth, key_ids=(("q", "k250"),),
                      outputs={}, mark_used=True)  # fmt: skip
-    store.commit("b", epoch=1, chain_key=chain, auth_key=auth, key_ids=(("q", "k2"),),
+    store.commit("b", epoch=1, chain_key=chain, auth_key=auth, key_ids=(("q", "k300"),),
                  outputs={}, mark_used=True)  # another link's IDs are its own  # fmt: skip
     store.close()
 
