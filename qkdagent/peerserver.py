@@ -13,7 +13,7 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
   then installs): for the actions that may (`EARLY_REPLY`) it runs as a task of its own, so
   what it does after replying holds up neither the reply nor the connection's next request
   (another link's, say); the others run in the connection's task and get no `reply_now`
-  (a task per request cost a tenth of a millisecond of a rotation's latency, issue 18).
+  (a task per request cost two more passes of the event loop on a rotation's path, issue 18).
 - Which connections to keep is decided by `admission.py` (handshaking connections capped
   separately, the oldest evicted first; per-address and total caps; idle ones shed under
   pressure; a per-address budget for evictions, beyond which newcomers are refused at accept).

@@ -260,9 +260,9 @@ class StateStore:
         commits at once (no schedule point: a cancel point only). Other calls take the lock
         (a schedule point, where callers runnable at the same time queue up too); calls that
         arrive while a batch is being written are queued, and the next one to get the lock
-        runs the whole queue in one transaction (each call in its own savepoint,
-        so one failing call changes nothing and the others still commit) with a single fsync.
-        A call returns only after the transaction holding its writes is durable.
+        runs the whole queue in one transaction (each call in its own savepoint, so one
+        failing call changes nothing and the others still commit) with a single fsync. A call
+        returns only after the transaction holding its writes is durable.
 
         `durable=False` is for a write whose loss the protocol recovers from (the responder's
         commit of a pending epoch that is itself durable: see `Responder._commit`). A batch of
