@@ -179,7 +179,7 @@ class KmeApp:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
                 raise ApiError(400, f"request body is larger than {self.max_body} bytes")
         chunks: list[bytes] = []
-        size = 0
+        size, pieces = 0, body_pieces(self.max_body)
         while True:
             message = await receive()
             if message["type"] != "http.request":
@@ -189,7 +189,6 @@ class KmeApp:
             if size > self.max_body:
                 raise ApiError(400, f"request body is larger than {self.max_body} bytes")
             chunks.append(chunk)
-            pieces = body_pieces(self.max_body)
             if len(chunks) > pieces:  # HTTP/2: one-byte DATA frames
                 raise ApiError(400, f"request body in more than {pieces} pieces")
             if not message.get("more_body", False):
