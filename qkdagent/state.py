@@ -15,11 +15,12 @@ and empties the log within `SCRUB_DELAY` of every commit (sooner, once commits p
 `settle.Settle`). The agent runs that as a background task (`scrub_log`), so no caller waits for
 the checkpoint's fsyncs and a burst of commits shares one, and then starts the emptied log with
 a commit of a counter (no key), so the next rotation's commit does not also pay the log
-header's fsync, over a log already as long as the next commits need (keyless padding, so they
-overwrite blocks in place: an fdatasync that extends a file also commits the filesystem's
-journal, 0.35 against 0.22 ms on ext4 here); inline stores (virtual-clock tests) checkpoint
-right after each commit. The filesystem and storage below may still keep old blocks, which no
-user-space program can rule out (see README, "Security properties and limits").
+header's fsync, over a log already as long as the next commits need (zeros written into the
+emptied file, so they overwrite blocks in place: an fdatasync that extends a file also commits
+the filesystem's journal, 0.35 against 0.22 ms on ext4 here); inline stores (virtual-clock
+tests) checkpoint right after each commit. The filesystem and storage below may still keep old
+blocks, which no user-space program can rule out (see README, "Security properties and
+limits").
 """
 
 from __future__ import annotations
@@ -65,9 +66,8 @@ four to seven pages, written to the log and fsynced whole: at 1 KiB instead of S
 (issue 18)."""
 WAL_PAD_MIN = 16 * 1024
 WAL_PAD_MAX = 128 * 1024
-"""Bytes of keyless log the checkpoint lays down for the next commits to overwrite: what the
-commits since the previous checkpoint wrote, within these bounds (each byte of it costs a
-write to the log and one to the database, off the path)."""
+"""Bytes of zeros the checkpoint writes into the emptied log for the next commits to overwrite:
+what the commits since the previous checkpoint wrote, within these bounds (off the path)."""
 USED_KEY_ID_RETENTION = 100_000
 """Used key IDs remembered per link, at least; older ones are pruned (sources delete them
 anyway)."""
@@ -123,10 +123,7 @@ CREATE TABLE IF NOT EXISTS wal_warm (
     id INTEGER PRIMARY KEY,
     n INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS wal_pad (
-    id INTEGER PRIMARY KEY,
-    pad BLOB NOT NULL
-);
+DROP TABLE IF EXISTS wal_pad;  -- the padding of earlier versions (zeroed: secure_delete)
 CREATE TABLE IF NOT EXISTS pending_source_state (
     link TEXT NOT NULL,
     source TEXT NOT NULL,
@@ -212,6 +209,7 @@ class StateStore:
         finally:
             os.close(fd)
         self.path = path
+        self._wal = state_dir / "state.db-wal"
         # timeout=0: another owner is reported at once, not after SQLite's 5 s busy wait
         self._db = sqlite3.connect(path, timeout=0, check_same_thread=False, isolation_level=None)
         try:
@@ -372,16 +370,18 @@ class StateStore:
             for job in batch:
                 job.done = True
 
-    def _checkpoint(self) -> None:
-        """Empty the write-ahead log so superseded keys do not outlive their commit there.
+    def _checkpoint(self) -> bool:
+        """Empty the write-ahead log so superseded keys do not outlive their commit there;
+        whether it was emptied.
 
         The data is durable already (COMMIT fsync'd the log); a failed checkpoint only leaves
         old page images in the log until the next commit, so it is not an error for callers.
         """
         try:
-            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            row = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.Error:
-            pass
+            return False
+        return row is not None and tuple(row) == (0, 0, 0)
 
     def _checkpoint_passive(self) -> int:
         """Copy the log into the database, leaving the file as it is; returns how many pages
@@ -397,28 +397,26 @@ class StateStore:
         """Checkpoint, lay down keyless log for the next commits, and start it with a commit
         that holds no key.
 
-        After the checkpoint empties the log (the superseded keys leave it), a commit of a
-        random pad as long as the log grew since the last one (`WAL_PAD_MIN`..`WAL_PAD_MAX`)
-        and a checkpoint of it leave a log of that length holding no key; the next commit
-        starts the log over at its beginning, so the rotations' commits overwrite blocks in
-        place instead of extending the file. That commit is the counter's: the first commit
-        of a log writes and fsyncs its header before its own frames, a second fsync that
-        would otherwise fall on the next rotation's path.
+        After the checkpoint empties the log (the superseded keys leave it), zeros as long as
+        the log grew since the last one (`WAL_PAD_MIN`..`WAL_PAD_MAX`) are written into the
+        empty file and synced: the next commit starts the log over at its beginning, so the
+        rotations' commits overwrite blocks in place instead of extending the file. That
+        commit is the counter's: the first commit of a log writes and fsyncs its header before
+        its own frames, a second fsync that would otherwise fall on the next rotation's path.
 
-        It all runs with `synchronous=NORMAL`: nothing waits for it, the pad's checkpoint
-        syncs the log and the database, and the next commit's fsync covers the counter's
-        frame. Under the batch lock, so no other write sees the lowered setting.
+        The counter's commit runs with `synchronous=NORMAL`: nothing waits for it, and the next
+        commit's fsync covers its frame. Under the batch lock, so no other write sees the
+        lowered setting or the log while the zeros go in.
         """
         written = self._checkpoint_passive() * self._page_size
-        self._checkpoint()
+        if not self._checkpoint():
+            return  # the log still holds frames: the next checkpoint tries again
+        try:
+            _zero_empty_log(self._wal, min(max(written, WAL_PAD_MIN), WAL_PAD_MAX))
+        except OSError:
+            pass  # the next commits extend the log instead: slower, no less safe
         try:
             self._synchronous(False)
-            self._write(
-                "INSERT INTO wal_pad VALUES (1, randomblob(?1)) "
-                "ON CONFLICT (id) DO UPDATE SET pad = randomblob(?1)",
-                (min(max(written, WAL_PAD_MIN), WAL_PAD_MAX),),
-            )
-            self._checkpoint_passive()
             self._write(
                 "INSERT INTO wal_warm VALUES (1, 1) ON CONFLICT (id) DO UPDATE SET n = n + 1", ()
             )
@@ -659,10 +657,28 @@ class StateStore:
         return _Transaction(self._db, self._checkpoint)
 
 
+def _zero_empty_log(path: Path, size: int) -> None:
+    """Write `size` zero bytes into the write-ahead log at `path` and sync them, if it is empty.
+
+    Only an empty log (just truncated by a complete checkpoint, under the batch lock) is
+    touched: SQLite reads a log whose header is not a log header (zeros never are) as holding
+    no frames, so a crash at any point of this leaves the database as the checkpoint left it,
+    and the file never holds an old page image. SQLite writes its next header and frames over
+    the zeros, from the start, as it would over an empty file."""
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if os.fstat(fd).st_size != 0:
+            return
+        os.pwrite(fd, bytes(size), 0)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
 class _Transaction:
     """A transaction, or a savepoint when one is already open (inside a group commit)."""
 
-    def __init__(self, db: sqlite3.Connection, after_commit: Callable[[], None]) -> None:
+    def __init__(self, db: sqlite3.Connection, after_commit: Callable[[], object]) -> None:
         self.db = db
         self.after_commit = after_commit
         self.nested = False

@@ -510,6 +510,73 @@ def test_the_background_checkpoint_leaves_a_started_log_without_keys(tmp_path: P
     store.close()
 
 
+def test_a_log_of_zeros_reads_as_empty_and_commits_over_it_survive_a_crash(
+    tmp_path: Path,
+) -> None:
+    """The checkpoint writes zeros into the emptied log (issue 18): a copy of the files taken
+    at any point after (what a crash leaves) opens with every commit made, the zeros read as
+    no log at all, and a commit written over them is found."""
+    import shutil
+
+    from qkdagent.state import WAL_PAD_MIN, StateStore, _Job, _zero_empty_log
+
+    state = tmp_path / "state"
+    store = StateStore(state)
+    store.create("l", "peer", Secret.random(), Secret.random())
+    store.commit("l", epoch=1, chain_key=Secret.random(), auth_key=Secret.random(),
+                 key_ids=(("src", "id-1"),), outputs={})  # fmt: skip
+
+    def crash_copy(name: str) -> StateStore:
+        copy = tmp_path / name
+        copy.mkdir(mode=0o700)
+        for file in ("state.db", "state.db-wal"):
+            shutil.copy2(state / file, copy / file)
+        return StateStore(copy)
+
+    assert store._checkpoint()  # the log emptied...
+    _zero_empty_log(state / "state.db-wal", WAL_PAD_MIN)  # ...and laid down again
+    assert (state / "state.db-wal").read_bytes() == bytes(WAL_PAD_MIN)
+    copy = crash_copy("zeros")
+    record = copy.load("l")
+    assert record is not None and record.epoch == 1
+    copy.close()
+
+    commit = partial(store.commit, "l", epoch=2, chain_key=Secret.random(),
+                     auth_key=Secret.random(), key_ids=(("src", "id-2"),), outputs={},
+                     mark_used=True)  # fmt: skip
+    store._run_batch([_Job(commit, ())])  # as the agent commits: no checkpoint after it
+    assert (state / "state.db-wal").stat().st_size == WAL_PAD_MIN  # written over the zeros
+    copy = crash_copy("over-zeros")
+    record = copy.load("l")
+    assert record is not None and record.epoch == 2
+    assert copy.is_used("l", "src", "id-2")
+    copy.close()
+    store.close()
+
+
+def test_only_an_empty_log_gets_zeros(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zeros go only into a log the checkpoint emptied: never over frames SQLite wrote."""
+    from qkdagent import state as state_module
+
+    log = tmp_path / "log"
+    log.write_bytes(b"frames")
+    state_module._zero_empty_log(log, 4096)
+    assert log.read_bytes() == b"frames"
+
+    store = state_module.StateStore(tmp_path / "s")
+    store.create("l", "peer", Secret.random(), Secret.random())
+    zeroed: list[int] = []
+    monkeypatch.setattr(state_module, "_zero_empty_log", lambda path, size: zeroed.append(size))
+    monkeypatch.setattr(store, "_checkpoint", lambda: False)  # a checkpoint that did not finish
+    store._checkpoint_and_warm()
+    assert zeroed == []
+    monkeypatch.undo()
+    monkeypatch.setattr(state_module, "_zero_empty_log", lambda path, size: zeroed.append(size))
+    store._checkpoint_and_warm()
+    assert zeroed == [state_module.WAL_PAD_MIN]
+    store.close()
+
+
 @pytest.mark.parametrize(
     ("text", "digits", "value"),
     [
