@@ -65,9 +65,12 @@ four to seven pages, written to the log and fsynced whole: at 1 KiB instead of S
 (`store_pending` and `commit` alone, alternating), and there are two on every rotation's path
 (issue 18)."""
 WAL_PAD_MIN = 16 * 1024
-WAL_PAD_MAX = 128 * 1024
+WAL_PAD_MAX = 256 * 1024
 """Bytes of zeros the checkpoint writes into the emptied log for the next commits to overwrite:
-what the commits since the previous checkpoint wrote, within these bounds (off the path)."""
+the log the commits since the previous checkpoint wrote, within these bounds (off the path)."""
+WAL_HEADER = 32
+WAL_FRAME_HEADER = 24
+"""Bytes of SQLite's log header and of each frame's header (https://sqlite.org/fileformat.html)."""
 USED_KEY_ID_RETENTION = 100_000
 """Used key IDs remembered per link, at least; older ones are pruned (sources delete them
 anyway)."""
@@ -375,7 +378,8 @@ class StateStore:
         whether it was emptied.
 
         The data is durable already (COMMIT fsync'd the log); a failed checkpoint only leaves
-        old page images in the log until the next commit, so it is not an error for callers.
+        old page images in the log until the next one that succeeds, so it is not an error for
+        callers.
         """
         try:
             row = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
@@ -398,9 +402,10 @@ class StateStore:
         that holds no key.
 
         After the checkpoint empties the log (the superseded keys leave it), zeros as long as
-        the log grew since the last one (`WAL_PAD_MIN`..`WAL_PAD_MAX`) are written into the
-        empty file and synced: the next commit starts the log over at its beginning, so the
-        rotations' commits overwrite blocks in place instead of extending the file. That
+        the log the commits since the last one wrote, and the counter's frame
+        (`WAL_PAD_MIN`..`WAL_PAD_MAX`), are written into the empty file and synced: the next
+        commit starts the log over at its beginning, so the rotations' commits overwrite
+        blocks in place instead of extending the file. That
         commit is the counter's: the first commit of a log writes and fsyncs its header before
         its own frames, a second fsync that would otherwise fall on the next rotation's path.
 
@@ -408,7 +413,10 @@ class StateStore:
         commit's fsync covers its frame. Under the batch lock, so no other write sees the
         lowered setting or the log while the zeros go in.
         """
-        written = self._checkpoint_passive() * self._page_size
+        # what the log took since the last checkpoint, its header, frame headers and the
+        # counter's frame included: as much again from the start does not extend the file
+        frames = self._checkpoint_passive()
+        written = WAL_HEADER + (frames + 1) * (WAL_FRAME_HEADER + self._page_size)
         if not self._checkpoint():
             return  # the log still holds frames: the next checkpoint tries again
         try:

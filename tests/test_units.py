@@ -494,6 +494,7 @@ def test_the_background_checkpoint_leaves_a_started_log_without_keys(tmp_path: P
     trio.run(main)
     padded = wal.stat().st_size
     assert padded >= WAL_PAD_MIN and new.reveal() not in wal.read_bytes()
+    assert wal.read_bytes()[:4] in (b"\x37\x7f\x06\x82", b"\x37\x7f\x06\x83")  # started
     full = 2
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == full  # commits stay durable
     assert new.reveal() in files()  # the scan does see the current key (in the database)
@@ -551,6 +552,34 @@ def test_a_log_of_zeros_reads_as_empty_and_commits_over_it_survive_a_crash(
     assert record is not None and record.epoch == 2
     assert copy.is_used("l", "src", "id-2")
     copy.close()
+    store.close()
+
+
+def test_commits_like_the_last_checkpoints_never_extend_the_log(tmp_path: Path) -> None:
+    """The zeros cover what the commits since the last checkpoint wrote, frame and log headers
+    and the counter's frame included: the same commits again (well over `WAL_PAD_MIN`) write
+    over them in place, cycle after cycle (first review of issue 18's zeros)."""
+    from qkdagent.state import WAL_PAD_MIN, StateStore, _Job
+
+    state = tmp_path / "state"
+    store = StateStore(state)
+    wal = state / "state.db-wal"
+    links = [f"link-{n}" for n in range(6)]
+    for name in links:
+        store.create(name, "peer", Secret.random(), Secret.random())
+    grown: list[bool] = []
+    for cycle in range(1, 6):
+        before = wal.stat().st_size
+        for name in links:
+            commit = partial(store.commit, name, epoch=cycle, chain_key=Secret.random(),
+                             auth_key=Secret.random(), key_ids=(("src", f"{name}-{cycle}"),),
+                             outputs={"psk": Secret.random(), "other": Secret.random()},
+                             mark_used=True)  # fmt: skip
+            store._run_batch([_Job(commit, ())])
+        grown.append(wal.stat().st_size > before)
+        assert wal.stat().st_size > WAL_PAD_MIN or cycle == 1  # more than the minimum
+        store._checkpoint_and_warm()
+    assert grown == [True, False, False, False, False]
     store.close()
 
 
