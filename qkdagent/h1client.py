@@ -6,8 +6,8 @@ APIs (a KME's), where httpx's per-request cost showed the same way.
 Why not httpx here: a rotation makes a few small requests to one peer, and httpx spent most of
 the initiator's CPU per rotation on them (about 3 ms of Python for two posts: its async context
 managers, URL parsing, a poll() of every idle connection in the pool, a `getpeercert()` per
-reply). This client does only what the peer path needs, with h11 (the library httpx itself
-parses with) doing all HTTP parsing:
+reply). This client does only what the peer path needs, with llhttp parsing the replies and
+writing only checked request heads (`h1wire`):
 
 - one connection per request in flight, kept alive and reused (LIFO) per host; an idle
   connection the server has closed is noticed before reuse (it reads as readable), and a
@@ -26,22 +26,20 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import h11
 import trio
 
+from .h1wire import BadHttp, Header, ReplyParser, check_header, request_head
 from .identity import PeerIdentity
 from .tlsstream import TlsStream
 
 MAX_ERROR = 64 * 1024
 """Largest error reply read when a streamed one was asked for."""
 MAX_PIECES = 4096
-"""Body pieces (h11 `Data` events) one reply may come in (and one request to the peer server,
-`peerserver`): a body of one-byte chunks or TLS records costs far more to parse than its size
+"""Body pieces one reply may come in (and one request to the peer server, `peerserver`, as h11
+`Data` events): a body of one-byte chunks or TLS records costs far more to parse than its size
 says (an honest one arrives in records of up to 16 KiB, a few dozen)."""
 MAX_HEAD = 16 * 1024
-"""Largest reply head h11 buffers while it is incomplete. A head that arrives whole in one read
-may be longer (up to the 64 KiB read size): what a reply can make the client hold is bounded by
-that read plus `limit`."""
+"""Largest reply head: bytes read while it is incomplete (`h1wire.ReplyParser`)."""
 
 
 OnData = Callable[[bytes, PeerIdentity], None]
@@ -81,7 +79,6 @@ class Reply:
 @dataclass
 class _Connection:
     stream: TlsStream | trio.SocketStream
-    http: h11.Connection
     identity: PeerIdentity
     certificate: bytes | None
     idle_since: float = field(default=0.0)
@@ -110,6 +107,8 @@ class _Origin:
     authority: str
     prefix: str
     """The base URL's path (a KME under https://host/kme1), prepended to each target."""
+    headers: tuple[Header, ...]
+    """What every request to it starts with: host, and no content encoding accepted."""
 
 
 class H1Client:
@@ -135,7 +134,7 @@ class H1Client:
             raise ValueError("HTTPS needs an SSL context; plain HTTP needs plain_http=True")
         self._context = context
         self._scheme = "http" if plain_http else "https"
-        self._headers = [(k.encode(), v.encode()) for k, v in headers]
+        self._headers = [check_header(k.encode(), v.encode()) for k, v in headers]
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._origins: dict[str, _Origin] = {}
         self.idle_expiry = idle_expiry
@@ -162,7 +161,14 @@ class H1Client:
             if parts.scheme != self._scheme or not host or parts.query or parts.fragment:
                 raise TransportError(f"not a {self._scheme}://HOST[:PORT] URL: {base_url[:200]!r}")
             authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            origin = _Origin(host, port, authority, parts.path.rstrip("/"))
+            try:
+                headers = (
+                    check_header(b"host", authority.encode()),
+                    (b"accept-encoding", b"identity"),
+                )
+            except (ValueError, UnicodeError):
+                raise TransportError(f"not a usable URL: {base_url[:200]!r}") from None
+            origin = _Origin(host, port, authority, parts.path.rstrip("/"), headers)
             if len(self._origins) < 4096:
                 self._origins[base_url] = origin
         return origin
@@ -205,8 +211,16 @@ class H1Client:
         on_data: OnData | None = None,
     ) -> Reply:
         origin = self._origin(base_url)
-        extra = [(k.encode(), v.encode()) for k, v in headers]
-        args = (method, origin.prefix + target, body, extra, limit, on_data)
+        fields = [*origin.headers]
+        if body is not None:
+            fields.append((b"content-length", b"%d" % len(body)))
+        try:
+            fields += self._headers
+            fields += (check_header(k.encode(), v.encode()) for k, v in headers)
+            head = request_head(method, origin.prefix + target, fields)
+        except (ValueError, UnicodeError) as exc:
+            raise TransportError(f"request cannot be sent: {exc}") from None
+        args = (head, body, limit, on_data)
         connection = await self._take(origin)
         if connection is not None:
             try:
@@ -260,14 +274,13 @@ class H1Client:
         return connection
 
     async def _open(self, origin: _Origin) -> _Connection:
-        http = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         try:
             tcp = await trio.open_tcp_stream(origin.host, origin.port)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise ConnectFailed(f"cannot connect to {origin.authority}: {reason}") from None
         if self._context is None:
-            return _Connection(tcp, http, PeerIdentity(), None)
+            return _Connection(tcp, PeerIdentity(), None)
         stream = TlsStream(tcp, self._context, server_hostname=origin.host)
         try:
             await stream.do_handshake()
@@ -281,7 +294,7 @@ class H1Client:
         peercert = stream.getpeercert()
         identity = PeerIdentity.from_peercert(peercert) if peercert else PeerIdentity()
         der = stream.getpeercert(binary_form=True)
-        return _Connection(stream, http, identity, der if isinstance(der, bytes) else None)
+        return _Connection(stream, identity, der if isinstance(der, bytes) else None)
 
     # -- one request ---------------------------------------------------------------------------
 
@@ -289,40 +302,22 @@ class H1Client:
         self,
         origin: _Origin,
         connection: _Connection,
-        method: str,
-        target: str,
+        head: bytes,
         body: bytes | None,
-        headers: list[tuple[bytes, bytes]],
         limit: int,
         on_data: OnData | None,
     ) -> Reply:
-        http = connection.http
         keep = False
         try:
-            fields = [(b"host", origin.authority.encode()), (b"accept-encoding", b"identity")]
-            if body is not None:
-                fields.append((b"content-length", str(len(body)).encode()))
-            request = h11.Request(
-                method=method, target=target, headers=[*fields, *self._headers, *headers]
-            )
-            parts = [http.send(request)]
-            if body:
-                parts.append(http.send(h11.Data(data=body)))
-            parts.append(http.send(h11.EndOfMessage()))
             try:
-                await connection.stream.send_all(b"".join(p for p in parts if p))
+                await connection.stream.send_all(head + body if body else head)
             except trio.BrokenResourceError as exc:
                 raise _NoReply(f"reset while sending ({exc})") from None
-            status, payload = await self._read(connection, limit, on_data)
-            keep = http.our_state is h11.DONE and http.their_state is h11.DONE
-            if keep:
-                http.start_next_cycle()
-                # bytes after the reply are no answer to anything we sent: never reuse
-                keep = not http.trailing_data[0]
+            status, payload, keep = await self._read(connection, limit, on_data)
             return Reply(status, payload, connection.identity, connection.certificate)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise TransportError(f"connection to {origin.authority} broke: {exc}") from None
-        except h11.ProtocolError as exc:
+        except BadHttp as exc:
             raise TransportError(f"bad HTTP from {origin.authority}: {exc}") from None
         finally:
             if not (keep and self._give_back(origin, connection)):
@@ -330,47 +325,47 @@ class H1Client:
 
     async def _read(
         self, connection: _Connection, limit: int, on_data: OnData | None = None
-    ) -> tuple[int, bytes]:
-        http = connection.http
+    ) -> tuple[int, bytes, bool]:
+        """The reply's status and body, and whether the connection may be reused."""
         status = 0
         chunks: list[bytes] = []
         size = pieces = 0
-        got_bytes = False
-        while True:
-            event = http.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    data = await connection.stream.receive_some(65536)
-                except trio.BrokenResourceError as exc:
-                    if got_bytes:
-                        raise
-                    raise _NoReply(f"reset before any reply byte ({exc})") from None
-                if not data and not got_bytes:
+
+        def head(code: int, headers: list[Header]) -> None:
+            nonlocal status, on_data, limit
+            status = code
+            _check_head(headers, limit)
+            if not 200 <= status < 300 and on_data is not None:
+                on_data, limit = None, min(limit, MAX_ERROR)  # an error, read whole
+
+        def piece(data: bytes) -> None:
+            nonlocal size, pieces
+            size += len(data)
+            pieces += 1
+            if size > limit:
+                raise ReplyTooLarge(f"reply larger than {limit} bytes")
+            if pieces > MAX_PIECES:
+                raise ReplyTooLarge(f"reply in more than {MAX_PIECES} pieces")
+            if on_data is not None:
+                on_data(data, connection.identity)
+            else:
+                chunks.append(data)
+
+        parser = ReplyParser(head, piece, max_head=MAX_HEAD)
+        while not parser.done:
+            try:
+                data = await connection.stream.receive_some(65536)
+            except trio.BrokenResourceError as exc:
+                if parser.started:
+                    raise
+                raise _NoReply(f"reset before any reply byte ({exc})") from None
+            if not data:
+                if not parser.started:
                     raise _NoReply("no reply")
-                got_bytes = got_bytes or bool(data)
-                http.receive_data(bytes(data))
-                continue
-            if isinstance(event, h11.Response):
-                status = event.status_code
-                _check_head(event.headers, limit)
-                if not 200 <= status < 300 and on_data is not None:
-                    on_data, limit = None, min(limit, MAX_ERROR)  # an error, read whole
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                pieces += 1
-                if size > limit:
-                    raise ReplyTooLarge(f"reply larger than {limit} bytes")
-                if pieces > MAX_PIECES:
-                    raise ReplyTooLarge(f"reply in more than {MAX_PIECES} pieces")
-                if on_data is not None:
-                    on_data(bytes(event.data), connection.identity)
-                else:
-                    chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return status, b"".join(chunks)
-            elif isinstance(event, h11.ConnectionClosed):
-                raise TransportError("connection closed before the end of the reply")
-            # InformationalResponse (1xx): keep reading
+                parser.eof()
+                break
+            parser.feed(bytes(data))
+        return status, b"".join(chunks), parser.reusable
 
 
 class _NoReply(Exception):
