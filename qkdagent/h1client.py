@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .h1wire import BadHttp, Header, ReplyParser, check_header, request_head
+from .h1wire import BadHttp, Header, ReplyParser, caller_header, check_header, request_head
 from .identity import PeerIdentity
 from .tlsstream import TlsStream
 
@@ -134,7 +134,7 @@ class H1Client:
             raise ValueError("HTTPS needs an SSL context; plain HTTP needs plain_http=True")
         self._context = context
         self._scheme = "http" if plain_http else "https"
-        self._headers = [check_header(k.encode(), v.encode()) for k, v in headers]
+        self._headers = [caller_header(k.encode(), v.encode()) for k, v in headers]
         self._idle: dict[_Origin, list[_Connection]] = {}
         self._origins: dict[str, _Origin] = {}
         self.idle_expiry = idle_expiry
@@ -216,7 +216,7 @@ class H1Client:
             fields.append((b"content-length", b"%d" % len(body)))
         try:
             fields += self._headers
-            fields += (check_header(k.encode(), v.encode()) for k, v in headers)
+            fields += (caller_header(k.encode(), v.encode()) for k, v in headers)
             head = request_head(method, origin.prefix + target, fields)
         except (ValueError, UnicodeError) as exc:
             raise TransportError(f"request cannot be sent: {exc}") from None

@@ -11,7 +11,8 @@ the connection is not reused.
 
 Request heads are written here from validated parts: a method token, a target of visible
 ASCII, header names that are tokens and values without control characters (what h11 checked),
-so no caller's string can split a request.
+and none of the headers that frame a request from a caller (`FRAMING`), so no caller's string
+can split a request.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ _VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff\t]*[\x21-\x
 Header = tuple[bytes, bytes]
 MAX_INFORMATIONAL = 8
 """1xx replies taken before a reply proper (one `100 Continue` is all HTTP/1.1 needs)."""
+OVERHEAD_SLACK = 64 * 1024
+PIECE_OVERHEAD = 32
+"""Bytes of a reply that are not its body (heads, chunk lines, trailers), at most: the head's
+bound plus this slack (one read: a head that came whole may be that long) plus this much per
+body piece. llhttp itself bounds none of it, and gathers a trailer field's value across reads
+by concatenation."""
 
 
 class BadHttp(Exception):
@@ -48,10 +55,26 @@ def check_header(name: bytes, value: bytes) -> Header:
     return name.lower(), value
 
 
+FRAMING = frozenset(
+    (b"content-length", b"transfer-encoding", b"host", b"connection", b"upgrade", b"expect",
+     b"te", b"trailer", b"keep-alive", b"proxy-connection")
+)  # fmt: skip
+"""Headers the client writes itself (or never): a caller's could frame the request otherwise
+than its body is sent, a second request hidden in the first."""
+
+
+def caller_header(name: bytes, value: bytes) -> Header:
+    """A header a caller asked for (`check_header`), never one of `FRAMING`."""
+    checked = check_header(name, value)
+    if checked[0] in FRAMING:
+        raise ValueError(f"header {name[:40]!r} is the client's to write")
+    return checked
+
+
 def request_head(method: str, target: str, headers: Sequence[Header]) -> bytes:
     """The head of a request; `headers` checked already (`check_header`)."""
     verb, path = method.encode("ascii"), target.encode("ascii")  # (UnicodeError: ValueError)
-    if not _TOKEN.fullmatch(verb) or verb == b"HEAD" or verb == b"CONNECT":
+    if not _TOKEN.fullmatch(verb) or verb.upper() in (b"HEAD", b"CONNECT"):
         # (a reply to HEAD or CONNECT is framed differently; nothing here sends them)
         raise ValueError(f"method {method[:20]!r} cannot be sent")
     if not _TARGET.fullmatch(path):
@@ -72,8 +95,10 @@ class ReplyParser:
     another request after it (kept alive, nothing after the reply)."""
 
     __slots__ = (
+        "_body_bytes",
         "_close_delimited",
         "_error",
+        "_fed",
         "_head_bytes",
         "_headers",
         "_in_head",
@@ -82,6 +107,7 @@ class ReplyParser:
         "_on_body",
         "_on_head",
         "_parser",
+        "_pieces",
         "done",
         "reusable",
         "started",
@@ -103,6 +129,7 @@ class ReplyParser:
         self._head_bytes = 0
         self._close_delimited = False
         self._informational = 0
+        self._fed = self._body_bytes = self._pieces = 0
         self._error: BaseException | None = None
         self.started = False
         """Whether any byte of a reply came."""
@@ -118,6 +145,7 @@ class ReplyParser:
             return
         if self._in_head:
             self._head_bytes += len(data)  # an upper bound of the head's size so far
+        self._fed += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -136,6 +164,9 @@ class ReplyParser:
             raise BadHttp(f"malformed reply ({_reason(exc)})") from None
         if self._in_head and self._head_bytes > self._max_head:
             raise HeadTooLarge(f"reply head longer than {self._max_head} bytes")
+        overhead = self._fed - self._body_bytes
+        if overhead > self._max_head + OVERHEAD_SLACK + PIECE_OVERHEAD * self._pieces:
+            raise BadHttp("reply framing (heads, chunk lines, trailers) over its bound")
 
     def eof(self) -> None:
         """The connection ended: the reply is complete only if its body was delimited by it."""
@@ -163,6 +194,8 @@ class ReplyParser:
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
+        if status < 100:
+            self._fail(BadHttp(f"reply status {status:03d}"))
         if status < 200:  # informational: the reply proper follows
             self._headers = []
             self._informational += 1
@@ -188,6 +221,8 @@ class ReplyParser:
     def on_body(self, body: bytes) -> None:
         if self._in_head:  # llhttp gives no body to a 1xx reply; never here
             return
+        self._body_bytes += len(body)
+        self._pieces += 1
         try:
             self._on_body(bytes(body))
         except BaseException as exc:

@@ -9,10 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from qkdagent.h1wire import (
+    FRAMING,
     MAX_INFORMATIONAL,
+    OVERHEAD_SLACK,
     BadHttp,
     HeadTooLarge,
     ReplyParser,
+    caller_header,
     check_header,
     request_head,
 )
@@ -80,6 +83,7 @@ def test_an_informational_reply_is_skipped_and_many_refused() -> None:
         (b"HTTP/1.1 200 OK\r\nx: a\rb\r\ncontent-length: 0\r\n\r\n", "malformed"),
         (b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999999\r\n\r\n", "malformed"),
         (b"SSH-2.0-OpenSSH\r\n\r\n", "malformed"),
+        (b"HTTP/1.1 000 X\r\ncontent-length: 2\r\n\r\nok" + OK, "status 000"),
     ],
 )
 def test_what_llhttp_and_this_client_refuse(reply: bytes, match: str) -> None:
@@ -92,6 +96,31 @@ def test_a_head_over_its_bound_is_refused_before_it_completes() -> None:
         parse([b"HTTP/1.1 200 OK\r\nx: " + b"a" * 5000], max_head=4096)
     out, _ = parse([b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n" + b"b" * 5000], max_head=64)
     assert len(out.body) == 5000  # the body does not count towards the head
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"0\r\nx-trailer: " + b"a" * 150_000,  # a trailer's value, dripped
+        b"0\r\n" + b"x-t: a\r\n" * 20000,  # many trailer fields
+        b"1;" + b"e" * 200_000,  # a chunk extension
+    ],
+)
+def test_what_is_not_body_is_bounded_after_the_head_too(framing: bytes) -> None:
+    """llhttp bounds neither trailers nor chunk extensions, and joins a trailer's value across
+    reads: a server dripping one would hold memory and CPU (first review of issue 18)."""
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    pieces = [head] + [framing[at : at + 4096] for at in range(0, len(framing), 4096)]
+    with pytest.raises(BadHttp, match="framing"):
+        parse(pieces, max_head=4096)
+    assert len(framing) > 4096 + OVERHEAD_SLACK
+
+
+def test_many_small_chunks_are_no_framing_excess() -> None:
+    body = b"".join(b"1\r\n%c\r\n" % (65 + n % 26) for n in range(4000))
+    reply = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n"
+    out, parser = parse([reply[at : at + 1000] for at in range(0, len(reply), 1000)])
+    assert len(out.body) == 4000 and parser.done
 
 
 def test_bytes_after_the_reply_make_the_connection_not_reusable() -> None:
@@ -145,6 +174,8 @@ def test_what_the_callbacks_raise_ends_the_parse() -> None:
         ("GET", "/a\r\nx: y", (b"x", b"y")),
         ("G ET", "/a", (b"x", b"y")),
         ("HEAD", "/a", (b"x", b"y")),
+        ("head", "/a", (b"x", b"y")),
+        ("CONNECT", "/a", (b"x", b"y")),
         ("GET", "/\u00e9", (b"x", b"y")),
     ],
 )
@@ -162,6 +193,18 @@ def test_a_request_head_that_could_split_is_refused(
 def test_a_header_that_could_split_is_refused(name: bytes, value: bytes) -> None:
     with pytest.raises(ValueError):
         check_header(name, value)
+
+
+@pytest.mark.parametrize("name", sorted(FRAMING))
+def test_a_caller_cannot_frame_the_request(name: bytes) -> None:
+    """The client writes content-length (from the body it sends) and host itself: a caller's
+    could make the server read a second request out of the body (first review)."""
+    with pytest.raises(ValueError, match="client's to write"):
+        caller_header(name.upper(), b"0")
+    assert caller_header(b"Content-Type", b"application/json") == (
+        b"content-type",
+        b"application/json",
+    )
 
 
 def test_a_request_head_is_written_as_given() -> None:
@@ -190,6 +233,8 @@ def _outcome(pieces: list[bytes]) -> tuple[object, ...]:
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_fuzz_a_reply_parses_the_same_in_any_pieces(data: st.DataObject) -> None:
+    """(Short replies: a head longer than `max_head` that comes whole in one read is taken,
+    in pieces refused, by design: the bound is on what an incomplete head makes us hold.)"""
     reply = bytearray(data.draw(st.sampled_from(SEEDS)))
     for _ in range(data.draw(st.integers(0, 3))):
         at = data.draw(st.integers(0, len(reply)))
@@ -201,3 +246,21 @@ def test_fuzz_a_reply_parses_the_same_in_any_pieces(data: st.DataObject) -> None
     pieces = [bytes(reply[a:b]) for a, b in zip([0, *cuts], [*cuts, len(reply)], strict=True)]
     whole = _outcome([bytes(reply)])
     assert _outcome([p for p in pieces if p]) == whole
+
+
+def test_the_client_refuses_a_framing_header_before_connecting() -> None:
+    """`HttpClient.request` refuses it with a `TransportError` (nothing is connected or sent:
+    the port here has no server)."""
+    import trio
+
+    from qkdagent import HttpClient, TransportError
+
+    async def main() -> None:
+        client = HttpClient(None, plain_http=True)
+        with pytest.raises(TransportError, match="cannot be sent"):
+            await client.request("POST", "http://127.0.0.1:9", "/x", b"body",
+                                 headers=[("Content-Length", "0")], limit=64)  # fmt: skip
+        with pytest.raises(ValueError, match="client's to write"):
+            HttpClient(None, plain_http=True, headers=[("transfer-encoding", "chunked")])
+
+    trio.run(main)

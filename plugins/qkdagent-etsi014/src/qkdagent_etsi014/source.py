@@ -10,7 +10,7 @@ key with key IDs (`dec_keys`) naming the peer's SAE as master. Every answer is v
 - only calls that certainly delivered nothing are retried (`retry.classify`);
 - with `kme_id` set, every answer must come over a connection whose server certificate names that
   KME (`kme_identity` rule, REFERENCE §1.1); the JSON `source_KME_ID` alone proves nothing;
-- every HTTP exchange (the core's `HttpClient`: kept-alive HTTP/1.1, h11) has a total deadline
+- every HTTP exchange (the core's `HttpClient`: kept-alive HTTP/1.1, llhttp) has a total deadline
   (`connect_timeout + request_timeout`), not only per-read timeouts, which a KME trickling one
   byte at a time never trips;
 - the caller's cancellation (the agent's per-call timeout, shutdown) is honoured at once: key
