@@ -314,6 +314,10 @@ class H1Client:
             except trio.BrokenResourceError as exc:
                 raise _NoReply(f"reset while sending ({exc})") from None
             status, payload, keep = await self._read(connection, limit, on_data)
+            # bytes after the reply are no answer to anything we sent: never reuse
+            keep = keep and not (
+                isinstance(connection.stream, TlsStream) and connection.stream.buffered()
+            )
             return Reply(status, payload, connection.identity, connection.certificate)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise TransportError(f"connection to {origin.authority} broke: {exc}") from None
@@ -378,5 +382,7 @@ def _check_head(headers: Iterable[tuple[bytes, bytes]], limit: int) -> None:
         if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
             encoding = value.strip()[:40].decode("ascii", "replace")
             raise EncodedReply(f"reply has a content encoding ({encoding!r}), not asked for")
-        if name == b"content-length" and value.strip().isdigit() and int(value) > limit:
-            raise ReplyTooLarge(f"reply declares {int(value)} bytes, over {limit}")
+        if name == b"content-length":
+            digits = value.strip().lstrip(b"0")  # (int() refuses more than 4,300 digits)
+            if digits.isdigit() and (len(digits) > 19 or int(digits) > limit):
+                raise ReplyTooLarge(f"reply declares more than {limit} bytes")

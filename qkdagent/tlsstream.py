@@ -74,6 +74,11 @@ class TlsStream(trio.abc.Stream):
     def getpeercert(self, binary_form: bool = False) -> Any:
         return self._tls.getpeercert(binary_form)
 
+    def buffered(self) -> bool:
+        """Whether bytes the peer sent have been received and not yet read (records decrypted
+        or not): not visible on the socket, where a kept connection is checked for them."""
+        return bool(self._tls.pending() or self._incoming.pending)
+
     # -- the handshake ---------------------------------------------------------------------
 
     async def do_handshake(self) -> None:

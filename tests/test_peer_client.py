@@ -268,3 +268,39 @@ async def test_the_http_client_bounds_a_request_by_itself(tmp_path: Path) -> Non
             await client.request("GET", url, "/", limit=100)
         await client.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_reply_followed_by_another_in_the_tls_buffer_is_not_reused(
+    tmp_path: Path,
+) -> None:
+    """A server sends an unasked second reply in its own TLS record, in the same TCP segment:
+    the stream holds it (not the socket), so the connection is not kept, and the next request
+    gets its own answer on a new connection, not the early bytes (second review, issue 18)."""
+    import socket
+
+    from qkdagent import HttpClient
+    from qkdagent.peering import client_ssl_context
+
+    connections = 0
+
+    async def answer(stream: trio.SSLStream, sent: dict) -> None:
+        nonlocal connections
+        connections += 1
+        if connections > 1:
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlate")
+            return
+        tcp = stream.transport_stream.socket
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
+        tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        await trio.sleep(5)
+
+    async with trio.open_nursery() as nursery:
+        url, _ = await _serve(tmp_path, nursery, "bob", answer)
+        client = HttpClient(client_ssl_context(_tls(tmp_path, "alice")), timeout=10)
+        assert (await client.request("GET", url, "/one", limit=100)).body == b"first"
+        assert (await client.request("GET", url, "/two", limit=100)).body == b"late"
+        assert connections == 2
+        await client.aclose()
+        nursery.cancel_scope.cancel()
