@@ -4,8 +4,9 @@ The parsing is llhttp's (Node.js's parser, through `httptools`): strict by defau
 obsolete line folding, no bare CR or LF, no content-length beside a transfer-encoding or given
 twice, no overflowing lengths), and in C: h11 spent about 40 µs of Python per request and
 reply on the client side (issue 18). What llhttp leaves to its caller is done here, each with
-a bound: the head's size, the body's size and pieces (checked by `h1client`), a 1xx reply
-skipped, an upgrade refused, a transfer-encoding other than chunked refused (as h11 did), a
+a bound: the head's size, all else that is not body (chunk lines and extensions, trailers:
+llhttp joins a trailer's value across reads), the body's size and pieces (checked by
+`h1client`), at most `MAX_INFORMATIONAL` 1xx replies skipped, an upgrade refused, a transfer-encoding other than chunked refused (as h11 did), a
 body delimited by the connection's close ended at EOF, and bytes after the reply noticed so
 the connection is not reused.
 
