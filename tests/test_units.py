@@ -583,6 +583,29 @@ def test_commits_like_the_last_checkpoints_never_extend_the_log(tmp_path: Path) 
     store.close()
 
 
+def test_the_padding_of_earlier_versions_is_dropped_and_zeroed(tmp_path: Path) -> None:
+    """A state file written by a version that padded the log through a table (`wal_pad`) loses
+    that table when opened, its pages zeroed (`secure_delete`): nothing of it lingers."""
+    import sqlite3
+
+    from qkdagent.state import StateStore
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    marker = b"earlier-padding-" * 60  # (within one page)
+    db = sqlite3.connect(state / "state.db", isolation_level=None)
+    db.execute("CREATE TABLE wal_pad (id INTEGER PRIMARY KEY, pad BLOB NOT NULL)")
+    db.execute("INSERT INTO wal_pad VALUES (1, ?)", (marker,))
+    db.close()
+    (state / "state.db").chmod(0o600)
+    assert marker in (state / "state.db").read_bytes()
+    store = StateStore(state)
+    tables = {row[0] for row in store._db.execute("SELECT name FROM sqlite_master")}
+    store.close()
+    assert "wal_pad" not in tables
+    assert marker[:32] not in b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
+
+
 def test_only_an_empty_log_gets_zeros(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The zeros go only into a log the checkpoint emptied: never over frames SQLite wrote."""
     from qkdagent import state as state_module
