@@ -6,9 +6,10 @@ twice, no overflowing lengths), and in C: h11 spent about 40 µs of Python per r
 reply on the client side (issue 18). What llhttp leaves to its caller is done here, each with
 a bound: the head's size, all else that is not body (chunk lines and extensions, trailers:
 llhttp joins a trailer's value across reads), the body's size and pieces (checked by
-`h1client`), at most `MAX_INFORMATIONAL` 1xx replies skipped, an upgrade refused, a transfer-encoding other than chunked refused (as h11 did), a
-body delimited by the connection's close ended at EOF, and bytes after the reply noticed so
-the connection is not reused.
+`h1client`), at most `MAX_INFORMATIONAL` 1xx replies skipped, an upgrade refused, a
+transfer-encoding other than chunked refused (as h11 did), a status under 100 refused, a body
+delimited by the connection's close ended at EOF, and bytes after the reply noticed so the
+connection is not reused.
 
 Request heads are written here from validated parts: a method token, a target of visible
 ASCII, header names that are tokens and values without control characters (what h11 checked),
@@ -31,10 +32,11 @@ Header = tuple[bytes, bytes]
 MAX_INFORMATIONAL = 8
 """1xx replies taken before a reply proper (one `100 Continue` is all HTTP/1.1 needs)."""
 OVERHEAD_SLACK = 64 * 1024
-PIECE_OVERHEAD = 32
+PIECE_OVERHEAD = 16
 """Bytes of a reply that are not its body (heads, chunk lines, trailers), at most: the head's
 bound plus this slack (one read: a head that came whole may be that long) plus this much per
-body piece. llhttp itself bounds none of it, and gathers a trailer field's value across reads
+body piece (an honest chunk's size line and CRLFs take at most 12 bytes, zero-padded to eight
+hex digits). llhttp itself bounds none of it, and gathers a trailer field's value across reads
 by concatenation."""
 
 
