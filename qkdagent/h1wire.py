@@ -222,7 +222,7 @@ class ReplyParser:
             self._fail(exc)
 
     def on_body(self, body: bytes) -> None:
-        if self._in_head:  # llhttp gives no body to a 1xx reply; never here
+        if self._in_head:  # (llhttp gives a 1xx reply no body: defensive only)
             return
         self._body_bytes += len(body)
         self._pieces += 1

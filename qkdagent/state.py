@@ -405,9 +405,9 @@ class StateStore:
         the log the commits since the last one wrote, and the counter's frame
         (`WAL_PAD_MIN`..`WAL_PAD_MAX`), are written into the empty file and synced: the next
         commit starts the log over at its beginning, so the rotations' commits overwrite
-        blocks in place instead of extending the file. That
-        commit is the counter's: the first commit of a log writes and fsyncs its header before
-        its own frames, a second fsync that would otherwise fall on the next rotation's path.
+        blocks in place instead of extending the file. That commit is the counter's: the
+        first commit of a log writes and fsyncs its header before its own frames, a second
+        fsync that would otherwise fall on the next rotation's path.
 
         The counter's commit runs with `synchronous=NORMAL`: nothing waits for it, and the next
         commit's fsync covers its frame. Under the batch lock, so no other write sees the

@@ -294,7 +294,7 @@ async def test_a_reply_followed_by_another_in_the_tls_buffer_is_not_reused(
         await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst")
         await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nearly")
         tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-        await trio.sleep(5)
+        await trio.sleep_forever()  # (held open: a close would keep it from reuse anyway)
 
     async with trio.open_nursery() as nursery:
         url, _ = await _serve(tmp_path, nursery, "bob", answer)
