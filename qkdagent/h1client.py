@@ -35,9 +35,9 @@ from .tlsstream import TlsStream
 MAX_ERROR = 64 * 1024
 """Largest error reply read when a streamed one was asked for."""
 MAX_PIECES = 4096
-"""Body pieces one reply may come in (and one request to the peer server, `peerserver`, as h11
-`Data` events): a body of one-byte chunks or TLS records costs far more to parse than its size
-says (an honest one arrives in records of up to 16 KiB, a few dozen)."""
+"""Body pieces one reply may come in (and one request to the peer server, `peerserver`, as
+body events of `h1request`): a body of one-byte chunks or TLS records costs far more to parse
+than its size says (an honest one arrives in records of up to 16 KiB, a few dozen)."""
 MAX_HEAD = 16 * 1024
 """Largest reply head: bytes read while it is incomplete (`h1wire.ReplyParser`)."""
 

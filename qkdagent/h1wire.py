@@ -144,7 +144,8 @@ class ReplyParser:
             return
         self.started = True
         if self.done:  # bytes after the reply: no answer to anything sent
-            self.reusable = False
+            if data.strip(b"\r\n"):  # (llhttp skips line ends between messages, as here)
+                self.reusable = False
             return
         if self._in_head:
             self._head_bytes += len(data)  # an upper bound of the head's size so far

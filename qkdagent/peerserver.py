@@ -1,5 +1,6 @@
-"""The peer API server: trio TLS listener + h11, mutual TLS, the client certificate's names
-handed to the handler, and hard limits on what an unauthenticated network can hold.
+"""The peer API server: trio TLS listener + HTTP/1.1 (`h1request`: llhttp), mutual TLS, the
+client certificate's names handed to the handler, and hard limits on what an unauthenticated
+network can hold.
 
 Why not hypercorn: it does not expose the client certificate to the application (so the
 responder could not check `peer_identity`), has no handshake timeout or connection caps, and
@@ -8,7 +9,9 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
 - `POST /v1/links/<link>/<rotate|commit|resync|announce>` only (404 other paths, 405 other
   methods, 413 bodies over `protocol.MAX_BODY` refused from content-length or while streaming,
   411 a transfer-encoding (bodies come with a content-length, in at most `h1client.MAX_PIECES`
-  reads), 400 malformed HTTP); JSON replies with content-length; HTTP/1.1 keep-alive. A handler may
+  reads), 400 malformed HTTP or a protocol switch, 431 a head over `max_head`, 505 a version
+  other than 1.0 and 1.1); JSON replies with content-length; HTTP/1.1 keep-alive (pipelined
+  requests are answered in turn; HTTP/1.0 gets one answer and a close). A handler may
   reply before it returns (`peering.ReplyNow`: the responder acknowledges a durable commit,
   then installs): for the actions that may (`EARLY_REPLY`) it runs as a task of its own, so
   what it does after replying holds up neither the reply nor the connection's next request
@@ -50,9 +53,8 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import h11
 import trio
 
 from . import batchwire
@@ -60,6 +62,17 @@ from .admission import Admission, Tally, TokenBuckets, address_key, connection_c
 from .config import Address, TlsFiles
 from .errors import ProtocolError
 from .h1client import MAX_PIECES
+from .h1request import (
+    CONTINUE,
+    END,
+    LAST_CHUNK,
+    BadRequest,
+    Event,
+    Request,
+    RequestReader,
+    chunk,
+    reply_head,
+)
 from .identity import PeerIdentity
 from .protocol import MAX_BODY, error_body
 from .tlsclient import load_tls_identity
@@ -409,9 +422,15 @@ class _Http:
         self.conn = conn
         self.stream = stream
         self.identity = identity
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
-        self.declared = 0
-        """The current request's content-length (0 if none)."""
+        self.reader = RequestReader(max_head=self.limits.max_head)
+        self.request: Request | None = None
+        """The request being answered."""
+        self.answered = False
+        """Whether the request being read or answered has had its answer (one per request)."""
+        self.closing = False
+        """Whether the connection closes after this answer (`connection: close` sent)."""
+        self.continued = False
+        """Whether `100 Continue` was sent for this request."""
         self.penalty_until = -math.inf
         """When the refusal tokens this connection's refused requests reserved are there:
         it reads no request before (`_penalty`)."""
@@ -421,26 +440,27 @@ class _Http:
         self.conn.scope.deadline = trio.current_time() + timeout
 
     async def serve(self) -> None:
-        h = self.h11
         try:
             while True:
                 self._phase("idle", self.limits.idle_timeout)
+                self.request, self.answered, self.continued = None, False, False
                 request = await self._next_event()
-                if not isinstance(request, h11.Request):
+                if not isinstance(request, Request):
                     return  # the client closed
+                self.request, self.closing = request, not request.keep_alive
                 await self._exchange(request)
-                if h.our_state is not h11.DONE or not await self._drain():
+                if self.closing or not await self._drain():
                     return
-                h.start_next_cycle()
                 if not self.server.admission.idle(self.conn):
                     return
                 if self.penalty_until > trio.current_time():
                     await self._penalty()
-        except h11.RemoteProtocolError as exc:
-            if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                status = exc.error_status_hint
-                self.server.refused(status, "malformed HTTP request")
-                await self._send(status, error_body("http", "malformed HTTP request"), close=True)
+        except BadRequest as exc:
+            if not self.answered:
+                self.server.refused(exc.status, f"malformed HTTP request ({exc})")
+                await self._send(
+                    exc.status, error_body("http", "malformed HTTP request"), close=True
+                )
 
     async def _penalty(self) -> None:
         """After a refusal, wait (idle, evictable) for the refusal tokens it reserved."""
@@ -455,36 +475,38 @@ class _Http:
         delay = self.server.refusals.delay(address_key(self.conn.host), now, cost)
         self.penalty_until = max(self.penalty_until, now + delay)
 
-    async def _next_event(self) -> Any:
-        h = self.h11
+    async def _next_event(self) -> Event:
+        reader = self.reader
         while True:
-            event = h.next_event()
-            if event is not h11.NEED_DATA:
+            event = reader.next_event()
+            if event is not None:
                 return event
             data = await self.stream.receive_some(_READ_SIZE)
-            if self.conn.phase == "idle" and data:
+            if not data:
+                reader.eof()
+                continue
+            if self.conn.phase == "idle":
                 # A request started: from now on the slow-sender bound applies.
                 if not self.server.admission.busy(self.conn):
                     raise _Close
                 self._phase("request", self.limits.request_timeout)
-            h.receive_data(bytes(data))  # a no-op for bytes; Stream may return a bytearray
+            reader.feed(bytes(data))  # a no-op for bytes; Stream may return a bytearray
 
-    async def _exchange(self, request: h11.Request) -> None:
+    async def _exchange(self, request: Request) -> None:
         if self.conn.phase == "idle":  # the whole request came with the previous one
             if not self.server.admission.busy(self.conn):
                 raise _Close
             self._phase("request", self.limits.request_timeout)
-        self.declared = 0
-        for name, value in request.headers:
-            if name == b"content-length":
-                self.declared = int(value)  # h11 checked that it is digits
-            elif name == b"transfer-encoding":
-                # Our clients always send a content-length. A chunked body of one-byte chunks
-                # costs far more to parse than its size says (seconds of CPU for 512 KiB), and
-                # h11 takes chunked over a content-length sent beside it.
-                self.server.refused(411, "request with a transfer-encoding")
-                await self._send(411, error_body("length", "content-length required"), close=True)
-                return
+        if request.framing == "transfer-encoding":
+            # Our clients always send a content-length. A chunked body of one-byte chunks
+            # costs far more to parse than its size says (seconds of CPU for 512 KiB).
+            self.server.refused(411, "request with a transfer-encoding")
+            await self._send(411, error_body("length", "content-length required"), close=True)
+            return
+        if request.framing == "upgrade":  # (llhttp reads no body past such a head)
+            self.server.refused(400, "request to switch protocols")
+            await self._send(400, error_body("http", "no protocol switch here"), close=True)
+            return
         path = request.target.partition(b"?")[0]
         if path == BATCH_PATH:
             await self._batch(request)
@@ -519,7 +541,7 @@ class _Http:
         finally:
             sent.set()
 
-    async def _batch(self, request: h11.Request) -> None:
+    async def _batch(self, request: Request) -> None:
         """Several links' requests in one (`batchwire`): each item goes to the handler as if it
         had come alone on this connection, all of them side by side, and each one's answer is
         streamed as soon as it is given (early or at the handler's return), so one slow item
@@ -576,29 +598,35 @@ class _Http:
         """Every item's handler runs to its end, as a lone request's does, whatever becomes
         of the connection: a client that goes away or stops reading loses its answers (the
         connection is closed once every item has answered), never a handler's work."""
-        h, stream, server = self.h11, self.stream, self.server
+        stream, server = self.stream, self.server
         self.conn.phase = "handler"
         self.conn.scope.deadline = math.inf  # bounded by the links' own timeouts
         sending = trio.Lock()
-        ready: list[bytes] = []
+        ready: list[bytes] = [batchwire.reply_head(len(items))]
         """Answers given and not yet sent: whoever sends next sends them all in one chunk (a
         group commit answers many items at once)."""
         broken = False
+        # no content-length: the answers go chunked, each as it comes (to HTTP/1.0, which
+        # has no chunks, unframed until the connection closes)
+        chunked = self.request is not None and self.request.version == "1.1"
+        headers = [(b"content-type", b"application/octet-stream")]
+        headers.append((b"transfer-encoding", b"chunked") if chunked else (b"connection", b"close"))
+        if self.closing and chunked:
+            headers.append((b"connection", b"close"))
+        self.closing = self.closing or not chunked
 
-        async def send(*events: Any) -> None:
+        async def send(head: bytes = b"", last: bytes = b"") -> None:
             nonlocal broken
             async with sending:
-                if ready:
-                    events = (h11.Data(data=b"".join(ready)), *events)
-                    ready.clear()
-                if broken or not events:
+                body = b"".join(ready)
+                ready.clear()
+                if broken or not (head or body or last):
                     return  # nobody to send to, or sent by an earlier writer
+                data = head + (chunk(body) if chunked else body) + (last if chunked else b"")
                 try:
-                    data = b"".join(h.send(event) for event in events)
                     with trio.move_on_after(self.limits.request_timeout) as slow:
                         await stream.send_all(data)
-                except (h11.LocalProtocolError, trio.BrokenResourceError,
-                        trio.ClosedResourceError):  # fmt: skip
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
                     broken = True
                     return
                 broken = slow.cancelled_caught  # the client does not read
@@ -615,16 +643,12 @@ class _Http:
             finally:
                 sent.set()  # an item that answered early goes on, whatever became of its answer
 
-        # no content-length: h11 sends the answers chunked, each as it comes
-        headers = [(b"content-type", b"application/octet-stream")]
-        await send(
-            h11.Response(status_code=200, headers=headers),
-            h11.Data(data=batchwire.reply_head(len(items))),
-        )
+        self.answered = True
+        await send(reply_head(200, headers))
         async with trio.open_nursery() as nursery:
             for index, item in enumerate(items):
                 nursery.start_soon(answer, index, item)
-        await send(h11.EndOfMessage())
+        await send(last=LAST_CHUNK)
         if broken:
             raise _Close
 
@@ -696,27 +720,27 @@ class _Http:
     async def _read_body(self, limit: int) -> bytes | None:
         """The body, or None if it is over `limit` (by content-length, before reading any of
         it, or while streaming); nothing over the bound is ever buffered."""
-        if self.declared > limit:
+        request = self.request
+        assert request is not None
+        if request.content_length > limit:
             return None
-        h = self.h11
-        if h.they_are_waiting_for_100_continue:
-            await self.stream.send_all(
-                h.send(h11.InformationalResponse(status_code=100, headers=[]))
-            )
+        if request.expects_continue and not self.continued:
+            self.continued = True
+            await self.stream.send_all(CONTINUE)
         chunks: list[bytes] = []
         size = 0
         while True:
             event = await self._next_event()
-            if isinstance(event, h11.Data):
-                size += len(event.data)
+            if isinstance(event, bytes):
+                size += len(event)
                 if size > limit:
                     return None
-                chunks.append(bytes(event.data))
+                chunks.append(event)
                 if len(chunks) > MAX_PIECES:  # past it the connection is closed
                     self.server.dropped(self.conn, "request-pieces")
                     self._refused()  # charged to the address, as a refused request is
                     raise _Close
-            elif isinstance(event, h11.EndOfMessage):
+            elif event is END:
                 return b"".join(chunks)
             else:
                 raise _Close  # the client went away mid-body
@@ -724,42 +748,47 @@ class _Http:
     async def _drain(self) -> bool:
         """Discard an unread request body (up to `discard_limit`) so the connection can be
         kept; False if it must close instead."""
-        h = self.h11
-        if h.their_state is h11.DONE:
+        reader = self.reader
+        if not reader.body_pending:
             return True
-        if h.client_is_waiting_for_100_continue or h.their_state is not h11.SEND_BODY:
-            return False
+        request = self.request
+        if request is None or (request.expects_continue and not self.continued):
+            return False  # the client may be waiting for a 100 that does not come
         self._phase("request", self.limits.request_timeout)
         budget, pieces = self.limits.discard_limit, 0
-        while h.their_state is h11.SEND_BODY:
+        while reader.body_pending:
             event = await self._next_event()
-            if isinstance(event, h11.Data):
-                budget -= len(event.data)
+            if isinstance(event, bytes):
+                budget -= len(event)
                 pieces += 1
                 if pieces > MAX_PIECES:
                     self._refused()
                     return False
                 if budget < 0:
                     return False
-            elif not isinstance(event, h11.EndOfMessage):
+            elif event is not END:
                 return False
-        return h.their_state is h11.DONE
+        return True
 
     async def _send(self, status: int, body: bytes, *, close: bool = False) -> None:
+        if self.answered:  # (one answer per request)
+            raise _Close
+        self.answered = True
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-        h = self.h11
-        if close or self._too_much_left(h):
+        if close or self._too_much_left():
+            self.closing = True
+        if self.closing:
             headers.append((b"connection", b"close"))
-        try:
-            data = h.send(h11.Response(status_code=status, headers=headers))
-            data += h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
-            raise _Close from None
         if status >= 400:
             self._refused()
         self._phase("reply", self.limits.request_timeout)
-        await self.stream.send_all(data)
+        await self.stream.send_all(reply_head(status, headers) + body)
 
-    def _too_much_left(self, h: h11.Connection) -> bool:
+    def _too_much_left(self) -> bool:
         """Whether the unread rest of the request body is declared too large to discard."""
-        return h.their_state is h11.SEND_BODY and self.declared > self.limits.discard_limit
+        request = self.request
+        return (
+            self.reader.body_pending
+            and request is not None
+            and request.content_length > self.limits.discard_limit
+        )

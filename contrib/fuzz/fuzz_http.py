@@ -1,0 +1,96 @@
+"""HTTP/1.1 as llhttp parses it for qkdagent: requests as the peer server reads them
+(`h1request.RequestReader`) and replies as `HttpClient` reads them (`h1wire.ReplyParser`).
+Only `BadRequest` / `BadHttp` may come out, and the bytes fed in pieces (every 1, 7 and 1,000
+bytes) give what they give whole: no split changes a parse.
+
+Run: python3 contrib/fuzz/run_fuzz.py --target http
+"""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from qkdagent.h1request import CLOSED, BadRequest, Request, RequestReader
+from qkdagent.h1wire import BadHttp, ReplyParser
+
+MAX_HEAD = 4096
+_POST = b"POST /v1/links/a-b/rotate HTTP/1.1\r\nhost: b\r\ncontent-length: 2\r\n\r\n{}"
+SEEDS = [
+    _POST,
+    _POST + _POST,
+    b"POST /v1/batch HTTP/1.1\r\nhost: b\r\nexpect: 100-continue\r\ncontent-length: 0\r\n\r\n",
+    b"POST / HTTP/1.0\r\nconnection: keep-alive\r\ncontent-length: 1\r\n\r\nx",
+    b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n",
+    b'HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\n{"a":1}',
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    b"2;e=1\r\nok\r\n0\r\nt: x\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\n\r\nclose-delimited",
+]
+DICTIONARY = [b"\r\n", b"content-length: ", b"transfer-encoding: chunked", b"host: ",
+              b"connection: close", b"HTTP/1.1 ", b"HTTP/1.0", b"expect: 100-continue",
+              b"upgrade: x", b"0\r\n\r\n"]  # fmt: skip
+STRATEGY = st.builds(
+    lambda line, headers, body: line + b"".join(headers) + b"\r\n" + body,
+    st.sampled_from([b"POST / HTTP/1.1\r\n", b"HTTP/1.1 200 OK\r\n", b"GET /x HTTP/1.0\r\n"]),
+    st.lists(st.sampled_from([h + b"\r\n" for h in DICTIONARY if b": " in h]), max_size=5),
+    st.binary(max_size=64),
+)
+
+
+def _requests(pieces: list[bytes]) -> list[object]:
+    reader = RequestReader(max_head=MAX_HEAD)
+    out: list[object] = []
+
+    def read() -> None:
+        while (event := reader.next_event()) is not None:
+            if isinstance(event, Request):
+                event = (event.method, event.target, event.headers, event.version,
+                         event.keep_alive, event.framing, event.content_length,
+                         event.expects_continue)  # fmt: skip
+            if isinstance(event, bytes) and out and isinstance(out[-1], bytes):
+                out[-1] += event
+            elif event is not CLOSED or CLOSED not in out:  # (read again after it: the same)
+                out.append(event)
+            if event is CLOSED:
+                return
+
+    try:
+        for piece in pieces:
+            reader.feed(piece)
+            read()
+        reader.eof()
+        read()
+    except BadRequest as exc:
+        assert exc.status in (400, 431, 505)
+        out.append(("error", exc.status))
+    return out
+
+
+def _reply(pieces: list[bytes]) -> list[object]:
+    out: list[object] = []
+    body: list[bytes] = []
+    parser = ReplyParser(
+        lambda status, headers: out.append((status, headers)), body.append, max_head=MAX_HEAD
+    )
+    try:
+        for piece in pieces:
+            parser.feed(piece)
+        parser.eof()
+    except BadHttp as exc:
+        out.append(("error", type(exc).__name__))
+    return [*out, b"".join(body), parser.done, parser.reusable]
+
+
+def _pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def target(data: bytes) -> None:
+    if len(data) > MAX_HEAD // 2:  # (a head in one piece may exceed what pieces may)
+        data = data[: MAX_HEAD // 2]
+    whole = [data] if data else []
+    requests, reply = _requests(whole), _reply(whole)
+    for size in (1, 7, 1000):
+        assert _requests(_pieces(data, size)) == requests, size
+        assert _reply(_pieces(data, size)) == reply, size
