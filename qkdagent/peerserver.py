@@ -610,10 +610,10 @@ class _Http:
         # has no chunks, unframed until the connection closes)
         chunked = self.request is not None and self.request.version == "1.1"
         headers = [(b"content-type", b"application/octet-stream")]
-        headers.append((b"transfer-encoding", b"chunked") if chunked else (b"connection", b"close"))
-        if self.closing and chunked:
+        if chunked:
+            headers.append((b"transfer-encoding", b"chunked"))
+        if self.closing:  # (always for HTTP/1.0: `Request.keep_alive`)
             headers.append((b"connection", b"close"))
-        self.closing = self.closing or not chunked
 
         async def send(head: bytes = b"", last: bytes = b"") -> None:
             nonlocal broken
@@ -751,9 +751,8 @@ class _Http:
         reader = self.reader
         if not reader.body_pending:
             return True
-        request = self.request
-        if request is None or (request.expects_continue and not self.continued):
-            return False  # the client may be waiting for a 100 that does not come
+        if self._too_much_left():  # (answered with `connection: close` already)
+            return False
         self._phase("request", self.limits.request_timeout)
         budget, pieces = self.limits.discard_limit, 0
         while reader.body_pending:
@@ -785,10 +784,14 @@ class _Http:
         await self.stream.send_all(reply_head(status, headers) + body)
 
     def _too_much_left(self) -> bool:
-        """Whether the unread rest of the request body is declared too large to discard."""
+        """Whether the unread rest of the request body cannot be discarded: declared too large,
+        or the client may be waiting for a `100 Continue` before it sends it."""
         request = self.request
         return (
             self.reader.body_pending
             and request is not None
-            and request.content_length > self.limits.discard_limit
+            and (
+                request.content_length > self.limits.discard_limit
+                or (request.expects_continue and not self.continued)
+            )
         )

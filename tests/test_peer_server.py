@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import re
 import resource
 import select
 import socket
@@ -419,6 +420,91 @@ async def test_malformed_http_is_400(tmp_path: Path) -> None:
         data = await read_until_closed(stream)
         assert data.startswith(b"HTTP/1.1 431 ")
         assert not server.calls and server.refused(400) == 1
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        (b"POST /v1/links/a/rotate HTTP/1.1\r\ncontent-length: 0\r\n\r\n", b"400"),  # no host
+        (b"POST /v1/links/a/rotate HTTP/2.0\r\ncontent-length: 0\r\n\r\n", b"505"),
+        (b"POST /v1/links/a/rotate HTTP/1.1\r\nhost: b\r\nconnection: upgrade\r\n"
+         b"upgrade: h2c\r\ncontent-length: 0\r\n\r\n", b"400"),
+    ],
+)  # fmt: skip
+async def test_requests_refused_at_their_head_are_answered_counted_and_closed(
+    tmp_path: Path, request_head: bytes, status: bytes
+) -> None:
+    async with running(tmp_path) as server:
+        stream = await server.tls()
+        await stream.send_all(request_head + post_bytes(ROTATE, b"{}"))  # and one after it
+        data = await read_until_closed(stream)
+        assert data.startswith(b"HTTP/1.1 " + status + b" ") and b"connection: close" in data
+        assert data.count(b"HTTP/1.1") == 1  # the request after it is not answered
+        assert not server.calls and server.refused(int(status)) == 1
+
+
+def post_bytes(path: str, body: bytes, *headers: bytes, version: bytes = b"1.1") -> bytes:
+    head = b"POST " + path.encode() + b" HTTP/" + version + b"\r\nhost: bob\r\n"
+    head += b"content-length: %d\r\n" % len(body) + b"".join(h + b"\r\n" for h in headers)
+    return head + b"\r\n" + body
+
+
+async def test_pipelined_requests_are_answered_in_turn(tmp_path: Path) -> None:
+    """Requests sent together, before any answer: each is answered in order, for the link it
+    named, and a malformed one after them is answered 400 once those before it are."""
+    async with running(tmp_path) as server:
+        stream = await server.tls()
+        links = [f"link{i}" for i in range(5)]
+        await stream.send_all(
+            b"".join(post_bytes(f"/v1/links/{link}/rotate", link.encode()) for link in links)
+            + post_bytes("/nope", b"{}") + b"NOT HTTP\r\n\r\n"
+        )  # fmt: skip
+        data = await read_until_closed(stream)
+        statuses = re.findall(rb"HTTP/1\.1 (\d{3}) ", data)
+        assert statuses == [b"200"] * 5 + [b"404", b"400"]
+        assert [(c[0], c[2]) for c in server.calls] == [(link, link.encode()) for link in links]
+
+
+async def test_http_1_0_gets_one_answer_and_a_close(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        stream = await server.tls()
+        await stream.send_all(post_bytes(ROTATE, b"{}", version=b"1.0") + post_bytes(ROTATE, b"{}"))
+        data = await read_until_closed(stream)
+        assert data.startswith(b"HTTP/1.1 200 ") and b"connection: close" in data
+        assert data.endswith(b'{"ok":true}') and data.count(b"HTTP/1.1") == 1
+        stream = await server.tls()  # a batch, unframed: it ends with the connection
+        batch = _batch(("a", "rotate", b"1"), ("b", "commit", b"2"))
+        await stream.send_all(post_bytes("/v1/batch", batch, version=b"1.0"))
+        data = await read_until_closed(stream)
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b"connection: close" in head and b"transfer-encoding" not in head
+        assert batchwire.decode_reply(body, 2) == [batchwire.Answer(200, b'{"ok":true}')] * 2
+
+
+def expecting(path: str) -> bytes:
+    """The head of a two-byte request whose client waits for `100 Continue`."""
+    return post_bytes(path, b"{}", b"expect: 100-continue")[:-2]
+
+
+async def test_a_client_expecting_100_continue_gets_it_then_its_answer(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        stream = await server.tls()
+        for _ in range(2):  # and the connection is kept
+            await stream.send_all(expecting(ROTATE))
+            data = b""
+            with trio.fail_after(10):
+                while b"\r\n\r\n" not in data:
+                    data += await stream.receive_some(4096)
+            assert data == b"HTTP/1.1 100 Continue\r\n\r\n"
+            await stream.send_all(b"{}")
+            while not data.endswith(b'{"ok":true}'):
+                data += await stream.receive_some(4096)
+            assert b"HTTP/1.1 200 OK\r\n" in data
+        # refused before its body is read: closed, the client may be waiting for a 100
+        await stream.send_all(expecting("/nope"))
+        data = await read_until_closed(stream)
+        assert data.startswith(b"HTTP/1.1 404 ") and b"connection: close" in data
+        assert [c[2] for c in server.calls] == [b"{}", b"{}"]
 
 
 async def test_the_client_certificate_names_reach_the_handler(tmp_path: Path) -> None:
