@@ -9,10 +9,14 @@ requests are parsed as its bytes come, into a queue of events read one at a time
 empty, so what is queued is at most one read's worth of pipelined requests.
 
 What llhttp leaves to its caller is done here, each with a bound: the head's size while it is
-incomplete (llhttp joins a header's value across reads), exactly one `host` in an HTTP/1.1
-request (RFC 9112 §3.2, as h11 did), and a request that frames its body otherwise than by a
-content-length (a transfer-encoding; an upgrade or CONNECT, which llhttp hands over past the
-head) ends the parse there: the server answers it and closes.
+incomplete (llhttp joins a header's value across reads: at most the bound and one read is
+held), at most `MAX_HEADERS` fields, line ends between requests (llhttp skips them unseen: at
+most a head's worth), exactly one `host` in an HTTP/1.1 request (RFC 9112 §3.2, as h11 did),
+and a request that frames its body otherwise than by a content-length (a transfer-encoding; an
+upgrade or CONNECT, which llhttp hands over past the head) ends the parse there: the server
+answers it and closes. llhttp also takes `RTSP/1.x` in place of `HTTP/1.x` (httptools does not
+say which came): framed alike, so the server answers it as HTTP, with nothing behind it to
+desynchronise.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from typing import Final
 import httptools
 
 Header = tuple[bytes, bytes]
+MAX_HEADERS = 64
+"""Header fields in a request (the agent's own send four): a head of thousands of tiny fields
+would be held as as many tuples."""
 
 
 class BadRequest(Exception):
@@ -91,6 +98,8 @@ class RequestReader:
     raised once the events before it are read."""
 
     __slots__ = (
+        "_began_in_feed",
+        "_between",
         "_ended_in_feed",
         "_error",
         "_events",
@@ -116,7 +125,9 @@ class RequestReader:
         self._headers: list[Header] = []
         self._in_message = self._in_head = False
         self._head_bytes = self._head_slack = 0
-        self._ended_in_feed = False
+        self._began_in_feed = self._ended_in_feed = False
+        self._between = 0
+        """Bytes of the reads since the last request in which no request began or ended."""
         self._feed_len = 0
         self._stopped = False
         self.body_pending = False
@@ -137,10 +148,19 @@ class RequestReader:
         return None
 
     def feed(self, data: bytes) -> None:
-        """Bytes from the connection, parsed at once into events."""
-        if not data or self._stopped or self._error is not None:
-            return
-        self._ended_in_feed = False
+        """Bytes from the connection, parsed at once into events. While a head is under way,
+        only as much as its bound leaves room for (and a byte) is parsed before the bound is
+        checked again, so no more than the bound and one read of head is ever held."""
+        while data and not self._stopped and self._error is None:
+            piece = data
+            if self._in_head:  # (room ≥ 1: the bound held after the last piece)
+                piece = data[: self._max_head - (self._head_bytes - self._head_slack) + 1]
+            self._feed(piece)
+            data = data[len(piece) :]
+
+    def _feed(self, data: bytes) -> None:
+        was_in_message = self._in_message
+        self._began_in_feed = self._ended_in_feed = False
         self._feed_len = len(data)
         if self._in_head:
             self._head_bytes += len(data)
@@ -156,6 +176,12 @@ class RequestReader:
             self._error = BadRequest(f"malformed request ({_reason(exc)})", status)
         if self._in_head and self._error is None and self._head_over():
             self._error = BadRequest(f"request head longer than {self._max_head} bytes", 431)
+        if was_in_message or self._in_message or self._began_in_feed or self._ended_in_feed:
+            self._between = 0
+        else:  # line ends between requests, which llhttp skips without a word: bounded too
+            self._between += len(data)
+            if self._between > self._max_head and self._error is None:
+                self._error = BadRequest("line ends and no request")
 
     def eof(self) -> None:
         """The connection ended: a request under way is lost."""
@@ -168,14 +194,14 @@ class RequestReader:
 
     def _head_over(self) -> bool:
         """Whether the head under way is surely longer than its bound. Bytes are counted from
-        the start of the read the head began in; if an earlier request ended in that read,
+        the start of the piece the head began in; if an earlier request ended in that piece,
         its length counts as slack, since where the head began in it is unknown."""
         return self._head_bytes - self._head_slack > self._max_head
 
     # -- llhttp's callbacks (an exception ends the parse; kept in `_error` or `_stopped`) --
 
     def on_message_begin(self) -> None:
-        self._in_message = self._in_head = True
+        self._in_message = self._in_head = self._began_in_feed = True
         self._url, self._headers = [], []
         self._head_bytes = self._feed_len  # the read under way, whole
         self._head_slack = self._feed_len if self._ended_in_feed else 0
@@ -184,6 +210,8 @@ class RequestReader:
         self._url.append(piece)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if len(self._headers) >= MAX_HEADERS:
+            self._refuse(BadRequest(f"more than {MAX_HEADERS} header fields", 431))
         self._headers.append((name.lower(), value.strip(b" \t")))
 
     def on_headers_complete(self) -> None:

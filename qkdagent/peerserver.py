@@ -444,6 +444,8 @@ class _Http:
             while True:
                 self._phase("idle", self.limits.idle_timeout)
                 self.request, self.answered, self.continued = None, False, False
+                if self.reader.in_message:  # part of the next request came with the last
+                    self._started()
                 request = await self._next_event()
                 if not isinstance(request, Request):
                     return  # the client closed
@@ -461,6 +463,12 @@ class _Http:
                 await self._send(
                     exc.status, error_body("http", "malformed HTTP request"), close=True
                 )
+
+    def _started(self) -> None:
+        """A request started: the connection is busy, and the slow-sender bound applies."""
+        if not self.server.admission.busy(self.conn):
+            raise _Close
+        self._phase("request", self.limits.request_timeout)
 
     async def _penalty(self) -> None:
         """After a refusal, wait (idle, evictable) for the refusal tokens it reserved."""
@@ -486,17 +494,12 @@ class _Http:
                 reader.eof()
                 continue
             if self.conn.phase == "idle":
-                # A request started: from now on the slow-sender bound applies.
-                if not self.server.admission.busy(self.conn):
-                    raise _Close
-                self._phase("request", self.limits.request_timeout)
+                self._started()
             reader.feed(bytes(data))  # a no-op for bytes; Stream may return a bytearray
 
     async def _exchange(self, request: Request) -> None:
         if self.conn.phase == "idle":  # the whole request came with the previous one
-            if not self.server.admission.busy(self.conn):
-                raise _Close
-            self._phase("request", self.limits.request_timeout)
+            self._started()
         if request.framing == "transfer-encoding":
             # Our clients always send a content-length. A chunked body of one-byte chunks
             # costs far more to parse than its size says (seconds of CPU for 512 KiB).
@@ -781,6 +784,8 @@ class _Http:
         if status >= 400:
             self._refused()
         self._phase("reply", self.limits.request_timeout)
+        if self.request is not None and self.request.method == b"HEAD":
+            body = b""  # (the head a GET would have, and no body: RFC 9110 §9.3.2)
         await self.stream.send_all(reply_head(status, headers) + body)
 
     def _too_much_left(self) -> bool:

@@ -12,6 +12,7 @@ from qkdagent.h1request import (
     CLOSED,
     END,
     LAST_CHUNK,
+    MAX_HEADERS,
     BadRequest,
     Event,
     Request,
@@ -204,6 +205,43 @@ def test_a_pipelined_head_is_measured_from_the_read_it_began_in() -> None:
     reader.feed(long[40 + MAX_HEAD : 80 + MAX_HEAD])
     with pytest.raises(BadRequest, match="longer than"):
         reader.next_event()
+
+
+def test_a_head_completing_in_one_long_read_is_held_to_its_bound() -> None:
+    """A head under way is parsed only as far as its bound leaves room for: the rest of a
+    long read is not taken into it first."""
+    reader = RequestReader(max_head=MAX_HEAD)
+    reader.feed(b"POST / HTTP/1.1\r\n")
+    reader.feed(b"host: a\r\nx: " + b"a" * (3 * MAX_HEAD) + b"\r\ncontent-length: 0\r\n\r\n")
+    with pytest.raises(BadRequest, match="longer than") as info:
+        reader.next_event()
+    assert info.value.status == 431
+
+
+def test_header_fields_are_capped() -> None:
+    fields = [b"x-%d: 1" % i for i in range(MAX_HEADERS - 2)]  # and host, content-length
+    assert isinstance(events_of(post(b"{}", *fields))[0], Request)
+    reader = RequestReader(max_head=MAX_HEAD * 4)
+    reader.feed(post(b"{}", *fields, b"x-last: 1"))
+    with pytest.raises(BadRequest, match="header fields") as info:
+        reader.next_event()
+    assert info.value.status == 431
+
+
+def test_line_ends_between_requests_are_bounded() -> None:
+    """llhttp skips them without a callback: an endless run of them is refused once it is
+    longer than a head may be; an honest CRLF after each request is not."""
+    assert events_of(*(post(b"1") + b"\r\n" for _ in range(MAX_HEAD))).count(END) == MAX_HEAD
+    reader = RequestReader(max_head=MAX_HEAD)
+    reader.feed(post(b"1") + b"\r\n" * 8)
+    assert len(drain(reader)) == 3
+    for _ in range(MAX_HEAD // 64):
+        reader.feed(b"\r\n" * 32)
+        assert reader.next_event() is None
+    reader.feed(b"\r\n")
+    with pytest.raises(BadRequest, match="line ends") as info:
+        reader.next_event()
+    assert info.value.status == 400
 
 
 def test_replies_are_written_as_h11_reads_them() -> None:

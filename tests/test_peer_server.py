@@ -443,6 +443,52 @@ async def test_requests_refused_at_their_head_are_answered_counted_and_closed(
         assert not server.calls and server.refused(int(status)) == 1
 
 
+async def test_line_ends_without_a_request_are_refused_once_over_a_head(tmp_path: Path) -> None:
+    """llhttp skips CR and LF between requests: a peer sending only those is answered 400 and
+    closed once they are longer than a head may be, not read until the request timeout."""
+    async with running(tmp_path, request_timeout=60, max_head=1024) as server:
+        stream = await server.tls()
+        with trio.fail_after(10):
+            response, _ = await exchange(stream, post(ROTATE, 2), b"{}")
+            assert response.status_code == 200
+            await stream.send_all(b"\r\n" * 513)  # (all read: no reset loses the answer)
+            data = await read_until_closed(stream)
+        assert data.startswith(b"HTTP/1.1 400 ") and b"connection: close" in data
+        assert server.refused(400) == 1
+
+
+async def test_a_head_request_gets_a_head_and_no_body(tmp_path: Path) -> None:
+    async with running(tmp_path) as server:
+        stream = await server.tls()
+        response, body = await exchange(
+            stream, h11.Request(method="HEAD", target=ROTATE, headers=[("host", "bob")])
+        )
+        assert response.status_code == 405 and body == b""
+        assert int(dict(response.headers)[b"content-length"]) > 0  # a GET's, not sent
+        # pipelined with a request after it: nothing comes between the two answers
+        await stream.send_all(
+            b"HEAD /nope HTTP/1.1\r\nhost: bob\r\n\r\n" + post_bytes(ROTATE, b"{}")
+        )
+        data = b""
+        with trio.fail_after(10):
+            while not data.endswith(b'{"ok":true}'):
+                data += await stream.receive_some(4096)
+        assert data.startswith(b"HTTP/1.1 404 ")
+        assert data.partition(b"\r\n\r\n")[2].startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_part_of_a_request_after_an_answer_is_held_to_the_request_timeout(
+    tmp_path: Path,
+) -> None:
+    """A head begun in the read that carried the last request is a request under way: it
+    has the request timeout, not the idle one."""
+    async with running(tmp_path, request_timeout=0.5, idle_timeout=60) as server:
+        stream = await server.tls()
+        await stream.send_all(post_bytes(ROTATE, b"{}") + post_bytes(ROTATE, b"{}")[:30])
+        assert await closed_by_server(stream, 10)
+        assert len(server.calls) == 1 and server.dropped("request-timeout") == 1
+
+
 def post_bytes(path: str, body: bytes, *headers: bytes, version: bytes = b"1.1") -> bytes:
     head = b"POST " + path.encode() + b" HTTP/" + version + b"\r\nhost: bob\r\n"
     head += b"content-length: %d\r\n" % len(body) + b"".join(h + b"\r\n" for h in headers)
