@@ -172,8 +172,7 @@ class RequestReader:
         except httptools.HttpParserUpgrade:
             self._stopped = True  # (`on_headers_complete` queued the request as an upgrade)
         except httptools.HttpParserError as exc:
-            status = 431 if self._in_head and self._head_over() else 400
-            self._error = BadRequest(f"malformed request ({_reason(exc)})", status)
+            self._error = BadRequest(f"malformed request ({_reason(exc)})")
         if self._in_head and self._error is None and self._head_over():
             self._error = BadRequest(f"request head longer than {self._max_head} bytes", 431)
         if was_in_message or self._in_message or self._began_in_feed or self._ended_in_feed:

@@ -126,7 +126,7 @@ class ReplyParser:
         self._on_head = on_head
         self._on_body = on_body
         self._max_head = max_head
-        self._parser = httptools.HttpResponseParser(self)
+        self._parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self._headers: list[Header] = []
         self._in_head = True
         self._head_bytes = 0
@@ -150,6 +150,7 @@ class ReplyParser:
         if self._in_head:
             self._head_bytes += len(data)  # an upper bound of the head's size so far
         self._fed += len(data)
+        assert self._parser is not None  # (dropped only once done)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -197,6 +198,7 @@ class ReplyParser:
 
     def on_headers_complete(self) -> None:
         parser = self._parser
+        assert parser is not None
         status = parser.get_status_code()
         if status < 100:
             self._fail(BadHttp(f"reply status {status:03d}"))
@@ -237,8 +239,13 @@ class ReplyParser:
             self._head_bytes = 0
             return
         parser = self._parser
+        assert parser is not None
         self.done = True
         self.reusable = parser.should_keep_alive() and parser.get_http_version() == "1.1"
+        # The parser holds this object's callbacks and this object the parser: a reference
+        # cycle per reply, left for the cyclic collector to find. Done, it is not needed
+        # (bytes after the reply are only noticed), so the cycle is broken here.
+        self._parser = None
 
 
 class _Trailing(Exception):

@@ -14,6 +14,8 @@ from qkdagent.h1request import CLOSED, BadRequest, Request, RequestReader
 from qkdagent.h1wire import BadHttp, ReplyParser
 
 MAX_HEAD = 4096
+SMALL_HEAD = 48
+_BOUNDS = (("error", 431), ("error", 400))
 _POST = b"POST /v1/links/a-b/rotate HTTP/1.1\r\nhost: b\r\ncontent-length: 2\r\n\r\n{}"
 SEEDS = [
     _POST,
@@ -38,8 +40,8 @@ STRATEGY = st.builds(
 )
 
 
-def _requests(pieces: list[bytes]) -> list[object]:
-    reader = RequestReader(max_head=MAX_HEAD)
+def _requests(pieces: list[bytes], max_head: int = MAX_HEAD) -> list[object]:
+    reader = RequestReader(max_head=max_head)
     out: list[object] = []
 
     def read() -> None:
@@ -94,3 +96,13 @@ def target(data: bytes) -> None:
     for size in (1, 7, 1000):
         assert _requests(_pieces(data, size)) == requests, size
         assert _reply(_pieces(data, size)) == reply, size
+    # With a bound short inputs reach, a split may only move where a bound's refusal (431,
+    # or 400 for line ends) cuts in: the events before it are the same.
+    outcomes = [
+        _requests(pieces, SMALL_HEAD)
+        for pieces in (whole, *(_pieces(data, size) for size in (1, 7, SMALL_HEAD, SMALL_HEAD + 1)))
+    ]
+    longest = max(outcomes, key=len)
+    for outcome in outcomes:
+        events = outcome[:-1] if outcome and outcome[-1] in _BOUNDS else outcome
+        assert longest[: len(events)] == events or events[:-1] == longest[: len(events) - 1]
