@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from qkdagent.heap import settle_heap
+from qkdagent.heap import YOUNG_THRESHOLD, settle_heap
 from qkdagent.testing import open_agent_pair
 from qkdagent.testing.agents import LINK
 
@@ -24,10 +24,12 @@ class Node:
 def thawed() -> Iterator[None]:
     """This process runs many agents: nothing frozen here may outlive the test."""
     gc.unfreeze()
+    threshold = gc.get_threshold()
     try:
         yield
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 def test_settling_freezes_what_lives_and_collects_what_does_not(thawed: None) -> None:
@@ -38,6 +40,7 @@ def test_settling_freezes_what_lives_and_collects_what_does_not(thawed: None) ->
     assert dead_ref() is None  # collected before the freeze
     assert frozen == gc.get_freeze_count() > 0
     assert not any(o is live for o in gc.get_objects())  # out of every generation
+    assert gc.get_threshold()[0] == YOUNG_THRESHOLD
 
 
 def test_a_frozen_cycle_is_freed_only_by_a_thawing_settle(thawed: None) -> None:
