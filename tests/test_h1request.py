@@ -20,6 +20,7 @@ from qkdagent.h1request import (
     chunk,
     reply_head,
 )
+from qkdagent.testing.h1 import request_outcome
 
 MAX_HEAD = 1024
 
@@ -273,34 +274,8 @@ SEEDS = [
 ]
 
 
-def _outcome(pieces: list[bytes]) -> tuple[object, ...]:
-    reader = RequestReader(max_head=MAX_HEAD)
-    events: list[object] = []
-
-    def read() -> None:
-        while (event := reader.next_event()) is not None:
-            events.append(event)
-            if event is CLOSED:
-                return
-
-    try:
-        for piece in pieces:
-            reader.feed(piece)
-            read()
-        reader.eof()
-        read()
-    except BadRequest as exc:
-        events.append(("error", exc.status))
-    out: list[object] = []
-    for event in events[: events.index(CLOSED) + 1 if CLOSED in events else None]:
-        if isinstance(event, Request):
-            event = (event.method, event.target, event.headers, event.version, event.keep_alive,
-                     event.framing, event.content_length, event.expects_continue)  # fmt: skip
-        if isinstance(event, bytes) and out and isinstance(out[-1], bytes):
-            out[-1] += event  # a body comes in as many pieces as reads
-        else:
-            out.append(event)
-    return tuple(out)
+def _outcome(pieces: list[bytes]) -> list[object]:
+    return request_outcome(pieces, MAX_HEAD)
 
 
 @settings(max_examples=300, deadline=None)

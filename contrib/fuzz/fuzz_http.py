@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from qkdagent.h1request import CLOSED, BadRequest, Request, RequestReader
 from qkdagent.h1wire import BadHttp, ReplyParser
+from qkdagent.testing.h1 import request_outcome
 
 MAX_HEAD = 4096
 SMALL_HEAD = 48
@@ -41,31 +41,9 @@ STRATEGY = st.builds(
 
 
 def _requests(pieces: list[bytes], max_head: int = MAX_HEAD) -> list[object]:
-    reader = RequestReader(max_head=max_head)
-    out: list[object] = []
-
-    def read() -> None:
-        while (event := reader.next_event()) is not None:
-            if isinstance(event, Request):
-                event = (event.method, event.target, event.headers, event.version,
-                         event.keep_alive, event.framing, event.content_length,
-                         event.expects_continue)  # fmt: skip
-            if isinstance(event, bytes) and out and isinstance(out[-1], bytes):
-                out[-1] += event
-            elif event is not CLOSED or CLOSED not in out:  # (read again after it: the same)
-                out.append(event)
-            if event is CLOSED:
-                return
-
-    try:
-        for piece in pieces:
-            reader.feed(piece)
-            read()
-        reader.eof()
-        read()
-    except BadRequest as exc:
-        assert exc.status in (400, 431, 505)
-        out.append(("error", exc.status))
+    out = request_outcome(pieces, max_head)
+    if out and isinstance(out[-1], tuple) and out[-1][0] == "error":
+        assert out[-1][1] in (400, 431, 505)
     return out
 
 
