@@ -27,7 +27,8 @@ from typing import Final
 
 import httptools
 
-Header = tuple[bytes, bytes]
+from .h1wire import Header, parse_error_text
+
 MAX_HEADERS = 64
 """Header fields in a request (the agent's own send four): a head of thousands of tiny fields
 would be held as as many tuples."""
@@ -168,11 +169,12 @@ class RequestReader:
             self._parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             if not self._stopped:  # (a callback's own refusal is kept in `_error`)
-                self._error = self._error or BadRequest(f"malformed request ({_reason(exc)})")
+                reason = parse_error_text(exc)
+                self._error = self._error or BadRequest(f"malformed request ({reason})")
         except httptools.HttpParserUpgrade:
             self._stopped = True  # (`on_headers_complete` queued the request as an upgrade)
         except httptools.HttpParserError as exc:
-            self._error = BadRequest(f"malformed request ({_reason(exc)})")
+            self._error = BadRequest(f"malformed request ({parse_error_text(exc)})")
         if self._in_head and self._error is None and self._head_over():
             self._error = BadRequest(f"request head longer than {self._max_head} bytes", 431)
         if was_in_message or self._in_message or self._began_in_feed or self._ended_in_feed:
@@ -268,10 +270,6 @@ class RequestReader:
 
 class _Stop(Exception):
     """Ends the parse after a request the server answers and closes on."""
-
-
-def _reason(exc: Exception) -> str:
-    return str(exc)[:80] or type(exc).__name__
 
 
 # -- replies -----------------------------------------------------------------------------

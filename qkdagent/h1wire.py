@@ -166,7 +166,7 @@ class ReplyParser:
             if self.done:  # what follows the reply is no answer to anything sent
                 self.reusable = False
                 return
-            raise BadHttp(f"malformed reply ({_reason(exc)})") from None
+            raise BadHttp(f"malformed reply ({parse_error_text(exc)})") from None
         if self._in_head and self._head_bytes > self._max_head:
             raise HeadTooLarge(f"reply head longer than {self._max_head} bytes")
         overhead = self._fed - self._body_bytes
@@ -252,5 +252,6 @@ class _Trailing(Exception):
     """Bytes after the reply (caught in `feed`: not an error of the reply itself)."""
 
 
-def _reason(exc: Exception) -> str:
+def parse_error_text(exc: Exception) -> str:
+    """What llhttp said was wrong (its own fixed reasons, never the bytes), for a message."""
     return str(exc)[:80] or type(exc).__name__

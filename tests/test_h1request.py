@@ -20,7 +20,7 @@ from qkdagent.h1request import (
     chunk,
     reply_head,
 )
-from qkdagent.testing.h1 import request_outcome
+from qkdagent.testing.h1 import mutated_pieces, request_outcome
 
 MAX_HEAD = 1024
 
@@ -274,22 +274,10 @@ SEEDS = [
 ]
 
 
-def _outcome(pieces: list[bytes]) -> list[object]:
-    return request_outcome(pieces, MAX_HEAD)
-
-
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_fuzz_requests_parse_the_same_in_any_pieces(data: st.DataObject) -> None:
     """Mutated requests fed in any pieces give the events (and the error) they give whole;
     nothing but `BadRequest` comes out."""
-    request = bytearray(data.draw(st.sampled_from(SEEDS)))
-    for _ in range(data.draw(st.integers(0, 3))):
-        at = data.draw(st.integers(0, len(request)))
-        if data.draw(st.booleans()) and request:
-            request[min(at, len(request) - 1)] = data.draw(st.integers(0, 255))
-        else:
-            request[at:at] = data.draw(st.binary(max_size=8))
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(request)), max_size=6)))
-    pieces = [bytes(request[a:b]) for a, b in zip([0, *cuts], [*cuts, len(request)], strict=True)]
-    assert _outcome([p for p in pieces if p]) == _outcome([bytes(request)])
+    whole, pieces = mutated_pieces(data, SEEDS)
+    assert request_outcome(pieces, MAX_HEAD) == request_outcome([whole], MAX_HEAD)

@@ -13,6 +13,7 @@
 - `config_toml`: a config dict (as `pair_configs` returns) as TOML text, for agent processes.
 - `AgentProcess`, `process_pair`, `wait_until`, `CRASH_POINTS`, `CRASH_EXIT_CODE`: agents as
   real processes, crashed at a rotation step with `QKDAGENT_CRASH_AT` and restarted.
+- `qkdagent.testing.h1`: HTTP/1.1 parses compared whole against split (fuzzing the parsers).
 
 Fixtures live in `qkdagent.testing.pytest_plugin`; enable them with
 `pytest_plugins = ["qkdagent.testing.pytest_plugin"]` in a conftest. The kit needs pytest; the

@@ -1,9 +1,32 @@
-"""What `h1request.RequestReader` makes of bytes fed in given pieces, in a form to compare
-(whole against split): for the fuzz target `http` and the reader's tests."""
+"""HTTP/1.1 parses compared whole against split: mutated messages cut into pieces
+(`mutated_pieces`, for hypothesis tests) and what `h1request.RequestReader` makes of pieces
+(`request_outcome`), for the fuzz target `http` and the parsers' tests."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..h1request import CLOSED, BadRequest, Request, RequestReader
+
+if TYPE_CHECKING:
+    from hypothesis.strategies import DataObject
+
+
+def mutated_pieces(data: DataObject, seeds: list[bytes]) -> tuple[bytes, list[bytes]]:
+    """A seed with up to three bytes changed or short runs inserted, whole and cut into up to
+    seven non-empty pieces."""
+    from hypothesis import strategies as st
+
+    message = bytearray(data.draw(st.sampled_from(seeds)))
+    for _ in range(data.draw(st.integers(0, 3))):
+        at = data.draw(st.integers(0, len(message)))
+        if data.draw(st.booleans()) and message:
+            message[min(at, len(message) - 1)] = data.draw(st.integers(0, 255))
+        else:
+            message[at:at] = data.draw(st.binary(max_size=8))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(message)), max_size=6)))
+    edges = zip([0, *cuts], [*cuts, len(message)], strict=True)
+    return bytes(message), [bytes(message[a:b]) for a, b in edges if b > a]
 
 
 def request_outcome(pieces: list[bytes], max_head: int) -> list[object]:
