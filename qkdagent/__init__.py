@@ -25,6 +25,7 @@ from .errors import (
     SourceError,
     SourceUnavailable,
     StartupError,
+    leaf_errors,
 )
 from .events import ComponentEvent, EraseEvent, RotationErrorEvent, RotationEvent
 from .fileutil import (
@@ -114,6 +115,7 @@ __all__ = [
     "extend_test_pki",
     "file_stem",
     "hookimpl",
+    "leaf_errors",
     "load_supply_factory",
     "load_tls_identity",
     "parse_supply_spec",

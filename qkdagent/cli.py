@@ -26,7 +26,7 @@ import trio
 from . import __version__
 from .commands import CommandRegistry
 from .config import load_config
-from .errors import ConfigError, PluginError, QkdAgentError, raised_at
+from .errors import ConfigError, PluginError, QkdAgentError, leaf_errors, raised_at
 from .fileutil import FileCheckError, write_secret_file
 from .heap import settle_heap
 from .logsetup import escape_control, setup_logging
@@ -183,11 +183,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         trio.run(_run_with_signals, agent, args.config)
     except* (QkdAgentError, OSError) as group:  # arrives grouped from the agent's nurseries
-        for leaf in _leaves(group):
+        for leaf in leaf_errors(group):
             log.error("agent stopped: %s", _stopped_text(leaf))
             code = max(code, EXIT_INVALID if _is_setup_error(leaf) else 1)
     except* Exception as group:
-        for leaf in _leaves(group):
+        for leaf in leaf_errors(group):
             _log_bug("agent stopped", leaf)
         code = max(code, 1)
     return code
@@ -206,13 +206,6 @@ def _stopped_text(exc: BaseException) -> str:
 
         return f"agent.listen or agent.status_listen: {bind_error_text('the address', exc)}"
     return str(exc)
-
-
-def _leaves(group: BaseExceptionGroup[Any]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
-    return found
 
 
 def _log_bug(what: str, exc: BaseException) -> None:

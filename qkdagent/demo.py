@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,22 +20,33 @@ from .builtin.file_sink import decode
 from .builtin.loopback import pair_configs
 from .commands import DemoLink
 from .config import parse_config
-from .errors import QkdAgentError
+from .errors import QkdAgentError, leaf_errors
 from .hookspecs import hookimpl
 from .plugins import DEMO_GROUP, Plugins, installed
 from .secret import Secret
 
 
 class _Observer:
-    """Receives alice's rotation events (alice is the initiator: her event comes after both
-    sides installed, because her commit call returns after bob's install)."""
+    """Reports one side's rotations, each with a fingerprint of the file that side just
+    installed. Read here, in the hook (called right after this side's install, under the
+    link's lock), so a later epoch cannot have replaced the file yet: the responder installs
+    after acknowledging the commit, so alice's event alone says nothing about bob's file."""
 
-    def __init__(self, send: trio.MemorySendChannel[Any]) -> None:
+    def __init__(self, send: trio.MemorySendChannel[Any], side: str, path: Path) -> None:
         self.send = send
+        self.side = side
+        self.path = path
 
     @hookimpl
     def qkdagent_after_rotation(self, event: Any) -> None:
-        self.send.send_nowait(event)
+        self.send.send_nowait(_Installed(self.side, event, _fingerprint(self.path)))
+
+
+@dataclass(frozen=True)
+class _Installed:
+    side: str
+    event: Any
+    fingerprint: str
 
 
 PREFERRED_DEMO = "etsi014"
@@ -75,21 +87,70 @@ def _demo_links(spec: str, directory: Path) -> list[tuple[DemoLink, str]]:
 
 
 def run_demo(*, rotations: int, interval: float, source: str, directory: str | None) -> int:
+    failures: list[BaseException] = []
+    code = 1
     try:
         if directory:
             Path(directory).mkdir(parents=True, exist_ok=True)
-            return trio.run(_demo, rotations, interval, source, Path(directory))
-        with tempfile.TemporaryDirectory(prefix="qkdagent-demo-") as tmp:
-            return trio.run(_demo, rotations, interval, source, Path(tmp))
-    except QkdAgentError as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
-        return 1
+            code = trio.run(_demo, rotations, interval, source, Path(directory))
+        else:
+            with tempfile.TemporaryDirectory(prefix="qkdagent-demo-") as tmp:
+                code = trio.run(_demo, rotations, interval, source, Path(tmp))
+    except* (QkdAgentError, OSError) as group:  # an agent's start-up error arrives grouped
+        failures = leaf_errors(group)
+    for failure in failures:
+        print(f"demo failed: {failure}", file=sys.stderr)
+    return code
 
 
 async def _demo(rotations: int, interval: float, source: str, directory: Path) -> int:
     from .agent import Agent
 
     demo_links = _demo_links(source, directory)
+    for name in ("alice", "bob"):
+        (directory / name).mkdir(parents=True, exist_ok=True)
+    what = (
+        " + ".join(link.description for link, _ in demo_links)
+        if demo_links
+        else "a simulated QKD link (in-memory key pool)"
+    )
+    print(f"qkdagent demo: alice <-> bob over mutual TLS on loopback, keys from {what}")
+    print(f"files: {directory / 'alice' / 'bob.key'} and {directory / 'bob' / 'alice.key'}")
+    send, receive = trio.open_memory_channel[Any](1000)
+    progress = {"matched": 0}
+    stops = {n: trio.Event() for n in ("bob", "alice")}
+    async with trio.open_nursery() as services:
+        for link, _ in demo_links:
+            await services.start(link.service.run)
+        # The agents' ports are chosen only now: a service binding port 0 could otherwise be
+        # given a port chosen (and let go) for an agent, which then finds it in use.
+        configs = _pair_configs(directory, demo_links, interval)
+        async with trio.open_nursery() as agents:
+            for name in ("bob", "alice"):
+                plugins = Plugins()
+                peer = "bob" if name == "alice" else "alice"
+                observer = _Observer(send, name, directory / name / f"{peer}.key")
+                plugins.add("demo-observer", observer, "qkdagent")
+                agent = Agent(parse_config(configs[name]), plugins=plugins)
+                await agents.start(partial(agent.run, shutdown_trigger=stops[name].wait))
+            with trio.move_on_after(max(30.0, interval * rotations * 3 + 20)):
+                await _report(receive, rotations, progress)
+            for stop in stops.values():
+                stop.set()
+        services.cancel_scope.cancel()
+    matched = progress["matched"]
+    if matched >= rotations:
+        print(f"{matched} rotations, secrets identical on both sides every time.")
+        return 0
+    print(f"demo stopped after {matched} matching rotations", file=sys.stderr)
+    return 1
+
+
+def _pair_configs(
+    directory: Path, demo_links: list[tuple[DemoLink, str]], interval: float
+) -> dict[str, dict[str, Any]]:
+    """Both agents' configs: the demo links' sources (complete once their services started),
+    a file sink each, the demo's interval."""
     sides: dict[str, dict[str, Any]] = {}
     for name, peer in (("alice", "bob"), ("bob", "alice")):
         side: dict[str, Any] = {
@@ -108,64 +169,32 @@ async def _demo(rotations: int, interval: float, source: str, directory: Path) -
             side["plugins"] = [plugin for _, plugin in demo_links]
         sides[name] = side
     reject_after = max(3 * interval, interval + 5)
-    configs = pair_configs(
+    return pair_configs(
         directory,
         alice=sides["alice"],
         bob=sides["bob"],
         link={"interval": interval, "jitter": 0, "reject_after": reject_after},
     )
-    for name in ("alice", "bob"):
-        (directory / name).mkdir(parents=True, exist_ok=True)
-    what = (
-        " + ".join(link.description for link, _ in demo_links)
-        if demo_links
-        else "a simulated QKD link (in-memory key pool)"
-    )
-    print(f"qkdagent demo: alice <-> bob over mutual TLS on loopback, keys from {what}")
-    print(f"files: {directory / 'alice' / 'bob.key'} and {directory / 'bob' / 'alice.key'}")
-    send, receive = trio.open_memory_channel[Any](1000)
-    progress = {"matched": 0}
-    stops = {n: trio.Event() for n in ("bob", "alice")}
-    async with trio.open_nursery() as services:
-        for link, _ in demo_links:
-            await services.start(link.service.run)
-        async with trio.open_nursery() as agents:
-            for name in ("bob", "alice"):
-                plugins = Plugins()
-                if name == "alice":
-                    plugins.add("demo-observer", _Observer(send), "qkdagent")
-                agent = Agent(parse_config(configs[name]), plugins=plugins)
-                await agents.start(partial(agent.run, shutdown_trigger=stops[name].wait))
-            with trio.move_on_after(max(30.0, interval * rotations * 3 + 20)):
-                await _report(receive, directory, rotations, progress)
-            for stop in stops.values():
-                stop.set()
-        services.cancel_scope.cancel()
-    matched = progress["matched"]
-    if matched >= rotations:
-        print(f"{matched} rotations, secrets identical on both sides every time.")
-        return 0
-    print(f"demo stopped after {matched} matching rotations", file=sys.stderr)
-    return 1
 
 
 async def _report(
-    receive: trio.MemoryReceiveChannel[Any],
-    directory: Path,
-    rotations: int,
-    progress: dict[str, int],
+    receive: trio.MemoryReceiveChannel[Any], rotations: int, progress: dict[str, int]
 ) -> None:
-    """Print one line per rotation; `progress` survives a timeout that cancels this."""
-    async for event in receive:
-        fingerprints = {
-            name: await _fingerprint(directory / name / f"{peer}.key")
-            for name, peer in (("alice", "bob"), ("bob", "alice"))
-        }
-        same = fingerprints["alice"] == fingerprints["bob"] != "-"
-        ids = ",".join(k[:13] + "…" if len(k) > 14 else k for k in event.key_ids)
+    """Print one line per epoch once both sides installed it; `progress` survives a timeout
+    that cancels this."""
+    waiting: dict[int, _Installed] = {}
+    async for report in receive:
+        epoch = report.event.epoch
+        other = waiting.pop(epoch, None)
+        if other is None or other.side == report.side:
+            waiting[epoch] = report
+            continue
+        alice, bob = (report, other) if report.side == "alice" else (other, report)
+        same = alice.fingerprint == bob.fingerprint != "-"
+        ids = ",".join(k[:13] + "…" if len(k) > 14 else k for k in alice.event.key_ids)
         print(
-            f"epoch {event.epoch:>4}  key IDs {ids:<16}  alice {fingerprints['alice']}  "
-            f"bob {fingerprints['bob']}  {'match' if same else 'MISMATCH'}",
+            f"epoch {epoch:>4}  key IDs {ids:<16}  alice {alice.fingerprint}  "
+            f"bob {bob.fingerprint}  {'match' if same else 'MISMATCH'}",
             flush=True,
         )
         if not same:
@@ -175,9 +204,9 @@ async def _report(
             break
 
 
-async def _fingerprint(path: Path) -> str:
+def _fingerprint(path: Path) -> str:
     try:
-        held = decode(await trio.Path(path).read_bytes(), "base64")
+        held = decode(path.read_bytes(), "base64")
     except OSError:
         return "-"
     return "-" if held is None else Secret(held).fingerprint()

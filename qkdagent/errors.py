@@ -84,6 +84,14 @@ def named(kind: str, component: str, error: BaseException) -> str:
     return text if text.startswith(prefix) else f"{prefix}: {text}"
 
 
+def leaf_errors(error: BaseException) -> list[BaseException]:
+    """The exceptions inside `error`'s (nested) exception groups, or `error` alone: trio's
+    nurseries wrap what a task raised, a port in use at start-up among them."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaf_errors(inner)]
+    return [error]
+
+
 def raised_at(error: BaseException) -> str:
     """Where `error` was raised, as " at FILE:LINE" of the innermost frame ("" without a
     traceback): a bug is named by type and place, never by its message (it might quote a key)."""

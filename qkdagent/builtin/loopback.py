@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import collections
 import os
+import random
 import socket
 import uuid
 from collections.abc import Mapping
@@ -22,25 +23,48 @@ from ..pki import write_test_pki
 
 LINK = "alice-bob"
 NAMES = ("alice", "bob")
+_random = random.SystemRandom()
 
 
 _handed_out: collections.deque[int] = collections.deque(maxlen=4096)
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_PORTS_BELOW_EPHEMERAL = 16384
 
 
 def free_port() -> int:
     """A loopback TCP port free right now (the agent binds it with SO_REUSEADDR).
 
-    The kernel may return a port it just returned (it was closed again at once), so ports
-    this process handed out recently are never handed out twice: two agents of one pair, or a
-    server and its status listener, would otherwise get the same port now and then.
+    It is taken from below the kernel's ephemeral range where there is room: a server binding
+    port 0, or any outgoing connection, takes its port from that range, and could otherwise be
+    given this port between now and the agent's bind (a demo's simulator did, now and then).
+    Ports this process handed out recently are never handed out twice: two agents of one pair,
+    or a server and its status listener, would otherwise get the same port now and then.
     """
-    while True:
+    low, high = _below_ephemeral()
+    failed: OSError | None = None
+    for _ in range(1000):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", _random.randrange(low, high) if high > low else 0))
+            except OSError as exc:  # in use: try another
+                failed = exc
+                continue
             port = int(sock.getsockname()[1])
         if port not in _handed_out:
             _handed_out.append(port)
             return port
+    raise failed or OSError("no free loopback port found")
+
+
+def _below_ephemeral() -> tuple[int, int]:
+    """Ports [low, high) under the ephemeral range, or (0, 0) where it leaves no room."""
+    try:
+        first = int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768  # Linux's default
+    low = max(1024, first - _PORTS_BELOW_EPHEMERAL)
+    return (low, first) if first - low >= 1024 else (0, 0)
 
 
 def pair_configs(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from qkdagent import Misconfigured
+from qkdagent import Misconfigured, leaf_errors
 
 from .sim import DEFAULT_MODULES, SimSettings, Simulator, default_pairs, make_pki, run_simulator
 from .supply import BUILTIN, supplies_for
@@ -136,16 +136,10 @@ def run(args: argparse.Namespace) -> int:
 def _expected(exc: BaseException) -> str | None:
     """The message of a ValueError/OSError/Misconfigured (an unusable key), also alone inside
     trio's exception groups (a port in use is raised inside the server's nursery)."""
-    leaves = _leaves(exc)
+    leaves = leaf_errors(exc)
     if leaves and all(isinstance(leaf, (ValueError, OSError, Misconfigured)) for leaf in leaves):
         return " ".join(str(leaves[0]).split()) or type(leaves[0]).__name__
     return None
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
 
 
 async def _serve(directory: Path, settings: SimSettings, ready_file: Path | None) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from qkdagent import Misconfigured, extend_test_pki
+from qkdagent import Misconfigured, extend_test_pki, leaf_errors
 
 from .app import Quirks
 from .identity import MODES, IdentityRule
@@ -215,19 +215,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _expected(exc: BaseException) -> str | None:
     """The message of a usage or setup error (also alone inside trio's exception groups)."""
-    leaves = _leaves(exc)
+    leaves = leaf_errors(exc)
     if leaves and all(isinstance(leaf, (ValueError, OSError, Misconfigured)) for leaf in leaves):
         first = leaves[0]
         if isinstance(first, OSError) and first.filename is not None:
             return f"{first.filename}: {first.strerror or first}"
         return " ".join(str(first).split()) or type(first).__name__
     return None
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
 
 
 def _run(args: argparse.Namespace) -> int:
