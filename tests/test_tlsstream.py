@@ -367,3 +367,41 @@ async def test_closed_under_a_waiting_send_it_stays_closed(pki: PkiFiles) -> Non
         for call in (ours.receive_some(), ours.send_all(b"x")):
             with pytest.raises(trio.ClosedResourceError):
                 await call
+
+
+@pytest.mark.parametrize("version", VERSIONS, ids=["tls1.2", "tls1.3"])
+async def test_send_nowait_sends_without_a_schedule_point_and_holds_what_waits(
+    pki: PkiFiles, version: ssl.TLSVersion
+) -> None:
+    """What the socket takes is on its way at once; the rest is held for the next send_all,
+    ahead of anything sent after it, and the peer reads it all in order."""
+    client_ctx, server_ctx = contexts(pki, version)
+    async with connected(client_ctx, server_ctx, _trios, _ours) as (peer, ours):
+        with trio.testing.assert_no_checkpoints():
+            assert ours.send_nowait(b"answer") is True
+        assert await receive_exactly(peer, 6) == b"answer"
+        big = os.urandom(16 * 1024 * 1024)  # more than the socket buffers: the peer reads later
+        with trio.testing.assert_no_checkpoints():
+            assert ours.send_nowait(big) is False
+        with trio.fail_after(10):  # (a lost remainder: the peer would wait for ever)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ours.send_all, b"next")
+                assert await receive_exactly(peer, len(big) + 4) == big + b"next"
+
+
+async def test_send_nowait_on_a_broken_or_busy_stream_raises_as_send_all(pki: PkiFiles) -> None:
+    client_ctx, server_ctx = contexts(pki, ssl.TLSVersion.TLSv1_3)
+    async with connected(client_ctx, server_ctx) as (ours, _):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ours.send_all, os.urandom(32 * 1024 * 1024))  # never read
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                ours.send_nowait(b"x")
+            nursery.cancel_scope.cancel()  # a send cancelled midway breaks the stream
+        with pytest.raises(trio.BrokenResourceError):
+            ours.send_nowait(b"x")
+    client_ctx, server_ctx = contexts(pki, ssl.TLSVersion.TLSv1_3)
+    async with connected(client_ctx, server_ctx) as (ours, _):
+        ours.transport_stream.socket.close()
+        with pytest.raises(trio.ClosedResourceError):
+            ours.send_nowait(b"x")
