@@ -25,8 +25,7 @@ log = logging.getLogger(__name__)
 ReplyNow = Callable[[bytes], Awaitable[None]]
 """Sends a handler's 200 reply before the handler returns, so the peer need not wait for work
 that follows (the responder's install after its durable commit); it returns once the reply
-was sent, or handed to the socket (or failed, which closes the connection, as a lost reply
-would). It never raises. A
+was sent (or failed, which closes the connection, as a lost reply would). It never raises. A
 server may decline (too many handlers of that client going on): the reply then goes when the
 handler returns. Either way the handler returns the same body, which is not sent twice."""
 

@@ -431,8 +431,6 @@ class _Http:
         """Whether the connection closes after this answer (`connection: close` sent)."""
         self.continued = False
         """Whether `100 Continue` was sent for this request."""
-        self.reply_held = False
-        """Whether the stream holds part of an answer a handler sent early (`_handle`)."""
         self.penalty_until = -math.inf
         """When the refusal tokens this connection's refused requests reserved are there:
         it reads no request before (`_penalty`)."""
@@ -446,7 +444,6 @@ class _Http:
             while True:
                 self._phase("idle", self.limits.idle_timeout)
                 self.request, self.answered, self.continued = None, False, False
-                self.reply_held = False
                 if self.reader.in_message:  # part of the next request came with the last
                     self._started()
                 request = await self._next_event()
@@ -538,13 +535,14 @@ class _Http:
             status, reply = await self._call(link, action, body)
             await self._send(status, reply)
             return
+        sent = trio.Event()
         status, reply = await self.server.nursery.start(
-            partial(self._handle, link, action, body, None)
+            partial(self._handle, link, action, body, sent)
         )
-        if reply is not None:
+        try:
             await self._send(status, reply)
-        elif self.reply_held:  # (answered early by the handler: the rest, if it was held)
-            await self.stream.send_all(b"")
+        finally:
+            sent.set()
 
     async def _batch(self, request: Request) -> None:
         """Several links' requests in one (`batchwire`): each item goes to the handler as if it
@@ -641,7 +639,6 @@ class _Http:
             try:
                 start = partial(self._handle, item.link, item.action, item.body, sent)
                 status, body = await server.nursery.start(start)
-                assert body is not None  # (the connection's task sends a batch's answers)
                 if status >= 400:
                     self._refused()
                 ready.append(batchwire.encode_answer(index, batchwire.Answer(status, body)))
@@ -663,16 +660,13 @@ class _Http:
         link: str,
         action: str,
         body: bytes,
-        sent: trio.Event | None,
-        task_status: trio.TaskStatus[tuple[int, bytes | None]],
+        sent: trio.Event,
+        task_status: trio.TaskStatus[tuple[int, bytes]],
     ) -> None:
         """The handler, as a task started from the connection's: `task_status` gets its answer
-        early (`peering.ReplyNow`; the task then goes on in the server's nursery while the
-        connection reads its next request) or when it returns. A request of its own is
-        answered early from this task, without a schedule point (`sent` is None: the
-        connection's task gets None, and sends what the socket did not take); a batch's item
-        is answered by the connection's task, and `reply_now` returns once it has sent
-        it (`sent`). Until it answers it is cancelled with the connection, as before;
+        early (`peering.ReplyNow`, which returns once the connection has sent it; the task
+        then goes on in the server's nursery while the connection reads its next request) or
+        when it returns. Until it answers it is cancelled with the connection, as before;
         after, only with the server. Handlers going on after an early reply are capped per
         client identity (`max_per_identity`): past it, a handler answers when it returns."""
         server, identity = self.server, self.identity
@@ -684,18 +678,8 @@ class _Http:
                 return
             replied = early = True
             server.going_on[identity] += 1
-            if sent is not None:  # a batch's item: the connection's task sends it
-                task_status.started((200, reply))
-                await sent.wait()
-                return
-            # A request of its own: the connection's task is waiting for this answer, so
-            # the stream is free; sent from here, the handler goes on (to its install) at
-            # once instead of after the scheduler passes of a hand-over.
-            try:
-                self.reply_held = not self.stream.send_nowait(self._reply(200, reply))
-            except (_Close, trio.BrokenResourceError, trio.ClosedResourceError):
-                self.closing = True  # the connection's task closes it; the handler goes on
-            task_status.started((200, None))
+            task_status.started((200, reply))
+            await sent.wait()
 
         early_ok = action in EARLY_REPLY
         try:
@@ -789,10 +773,6 @@ class _Http:
         return True
 
     async def _send(self, status: int, body: bytes, *, close: bool = False) -> None:
-        await self.stream.send_all(self._reply(status, body, close=close))
-
-    def _reply(self, status: int, body: bytes, *, close: bool = False) -> bytes:
-        """The answer to the request, head and body; the connection is in its reply phase."""
         if self.answered:  # (one answer per request)
             raise _Close
         self.answered = True
@@ -806,7 +786,7 @@ class _Http:
         self._phase("reply", self.limits.request_timeout)
         if self.request is not None and self.request.method == b"HEAD":
             body = b""  # (the head a GET would have, and no body: RFC 9110 §9.3.2)
-        return reply_head(status, headers) + body
+        await self.stream.send_all(reply_head(status, headers) + body)
 
     def _too_much_left(self) -> bool:
         """Whether the unread rest of the request body cannot be discarded: declared too large,

@@ -135,35 +135,6 @@ class TlsStream(trio.abc.Stream):
         finally:
             self._leave(send=True)
 
-    def send_nowait(self, data: bytes) -> bool:
-        """Seal `data` and write what the socket takes now, without a schedule point (and so
-        without a cancel point): True if all of it is on its way; else the rest is held, and
-        the caller's next `send_all` (`send_all(b"")` will do) writes it before anything else.
-
-        For an answer its sender goes on from at once (the responder installs after
-        acknowledging a commit): `send_all` would let other tasks run first. Failures are
-        `send_all`'s; the stream is broken after one."""
-        self._enter(send=True)
-        try:
-            self._check(ready=True)
-            try:
-                self._tls.write(data)
-            except ssl.SSLError as exc:  # (SSLWantReadError among them: a renegotiation)
-                raise self._broken() from exc
-            view = memoryview(self._held + self._outgoing.read())
-            self._held = b""
-            try:
-                while view:
-                    view = view[os.write(self._fd(), view) :]
-            except BlockingIOError:
-                self._held = bytes(view)
-                return False
-            except OSError as exc:
-                raise self._broken() from exc
-            return True
-        finally:
-            self._leave(send=True)
-
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         size = READ_SIZE if max_bytes is None else int(max_bytes)
         if size < 1:

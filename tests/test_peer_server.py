@@ -275,34 +275,6 @@ async def test_a_handler_replies_early_and_the_connection_reads_on(
     assert "commit for link 'slow2': RecursionError failed after its reply" in caplog.text
 
 
-async def test_an_early_reply_to_a_request_of_its_own_has_no_schedule_point(
-    tmp_path: Path,
-) -> None:
-    """The handler sends its early reply itself and goes on at once (the responder's
-    install follows its acknowledgement without the passes of the event loop a hand-over to
-    the connection's task costs)."""
-    outcome: list[str] = []
-
-    async def handler(
-        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
-    ) -> bytes:
-        try:
-            with trio.testing.assert_no_checkpoints():
-                await reply_now(b'{"early":true}')
-            outcome.append("no schedule point")
-        except AssertionError:
-            outcome.append("a schedule point")
-        return b'{"late":true}'
-
-    async with running(tmp_path, handler) as server:
-        stream = await server.tls()
-        with trio.fail_after(10):
-            for _ in range(2):  # and the connection goes on to its next request
-                response, body = await exchange(stream, post("/v1/links/l/commit", 2), b"{}")
-                assert response.status_code == 200 and body == b'{"early":true}'
-    assert outcome == ["no schedule point"] * 2
-
-
 @pytest.mark.parametrize("batched", [False, True])
 async def test_only_a_commit_may_reply_early(tmp_path: Path, batched: bool) -> None:
     """The other actions' handlers get no `reply_now` (alone, they run in the connection's
