@@ -3,18 +3,20 @@
 prometheus_client keeps a child object per label set (a value object with its lock, and a
 `_created` value for counters): about 600 bytes each, and with eight per-link metrics that was
 the largest part of what one link costs at 10,000 links (issue 18). These families keep one
-float per label set in a dict and build the samples only when `/metrics` is scraped. Names,
-label names and values are exposed as before (counters as `<name>_total`), without the
-`_created` samples.
+float per label set in a dict and write their lines of the text format themselves when
+`/metrics` is scraped: through prometheus_client's metric families and `generate_latest`, one
+scrape at 10,000 links (about 40,000 samples) took 0.4 s of CPU, holding the event loop
+meanwhile. The lines are the ones `generate_latest` writes for `family()` (tests check it);
+counters as `<name>_total`, without the `_created` samples.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 
 class LabelledValues:
@@ -43,11 +45,36 @@ class LabelledValues:
             del self.values[key]
 
     def family(self) -> Metric:
+        """The family as prometheus_client's metric object (what `exposition` writes)."""
         cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
         family = cls(self.name, self.documentation, labels=list(self.labelnames))
         for key, value in list(self.values.items()):
             family.add_metric(list(key), value)
         return family
+
+    def exposition(self) -> str:
+        """The family in the Prometheus text format (0.0.4), as `generate_latest` writes it:
+        labels sorted by name, values escaped, floats as Go prints them."""
+        name = f"{self.name}_total" if self.kind == "counter" else self.name
+        text = self.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        lines = [f"# HELP {name} {text}\n# TYPE {name} {self.kind}\n"]
+        order = sorted(range(len(self.labelnames)), key=self.labelnames.__getitem__)
+        names = [(i, f'{self.labelnames[i]}="') for i in order]
+        for key, value in list(self.values.items()):
+            if names:
+                labels = '",'.join(label + _escaped(key[i]) for i, label in names)
+                lines.append(f'{name}{{{labels}"}} {floatToGoString(value)}\n')
+            else:
+                lines.append(f"{name} {floatToGoString(value)}\n")
+        return "".join(lines)
+
+
+def _escaped(value: str) -> str:
+    """A label value as the text format writes it: backslash, line feed and double quote
+    escaped (checked first: link names rarely hold any)."""
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return value
 
 
 class _Value:
@@ -125,23 +152,3 @@ class PluginMetrics:
         family = LabelledValues(name, documentation, list(labelnames), kind)
         self._families[name] = family
         return family
-
-
-class LabelledCollector(Collector):
-    """Exposes `LabelledValues` families (fixed ones, and `more()`'s) when scraped."""
-
-    def __init__(
-        self,
-        families: list[LabelledValues],
-        more: Callable[[], list[LabelledValues]] = list,
-    ) -> None:
-        self.families = families
-        self.more = more
-
-    def collect(self) -> Iterator[Metric]:
-        for family in [*self.families, *self.more()]:
-            yield family.family()
-
-    def describe(self) -> Iterator[Metric]:
-        """The families, for the registry's check that no name is registered twice."""
-        return self.collect()

@@ -2,34 +2,94 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
-from qkdagent.metricstore import LabelledCollector, LabelledValues
+from qkdagent.metricstore import LabelledValues
 from qkdagent.observability import Metrics
+
+
+class _Reference(Collector):
+    """The families through prometheus_client: what `generate_latest` writes for them."""
+
+    def __init__(self, families: list[LabelledValues]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.family()
+
+
+def _reference(families: list[LabelledValues]) -> str:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Reference(families))
+    return generate_latest(registry).decode()
 
 
 def test_counters_and_gauges_expose_as_prometheus_client_does() -> None:
     counter = LabelledValues("x_rotations", "Rotations", ["link"], "counter")
     gauge = LabelledValues("x_epoch", "Epoch", ["link", "peer"], "gauge")
-    registry = CollectorRegistry(auto_describe=True)
-    registry.register(LabelledCollector([counter, gauge]))
     counter.labels("a").inc()
     counter.labels("a").inc(2)
     gauge.labels("a", "bob").set(7)
-    text = generate_latest(registry).decode()
+    text = counter.exposition() + gauge.exposition()
     assert 'x_rotations_total{link="a"} 3.0' in text
     assert "# TYPE x_rotations_total counter" in text
     assert 'x_epoch{link="a",peer="bob"} 7.0' in text
-    assert registry.get_sample_value("x_rotations_total", {"link": "a"}) == 3.0
+    assert text == _reference([counter, gauge])
     with pytest.raises(ValueError):
         counter.labels("a").inc(-1)
     with pytest.raises(ValueError):
         counter.labels("a").set(1)
     with pytest.raises(ValueError):
         gauge.labels("a")  # a label missing
+
+
+def test_the_text_is_byte_for_byte_what_prometheus_client_writes() -> None:
+    """Label values with every character the format escapes (and others), label names out of
+    order, no labels, values Go prints in its own way (exponents, infinities, NaN)."""
+    rng = random.Random(18)
+    alphabet = ['"', "\\", "\n", "a", "-", ".", "é", "{", "}", "=", ",", " ", "\t", "0"]
+    values = [0.0, 1.0, -2.5, 1e-9, 123456789.0, 1e21, 3.14159, float("inf"), float("-inf")]
+    families = [
+        LabelledValues("x_c", 'help with \\ and \n and "', ["link", "stage"], "counter"),
+        LabelledValues("x_g", "gauge", ["link", "sink", "result"], "gauge"),
+        LabelledValues("x_n", "no labels", [], "gauge"),
+        LabelledValues("x_empty", "no samples", ["link"], "counter"),
+    ]
+    for family in families[:2]:
+        for _ in range(300):
+            key = ["".join(rng.choices(alphabet, k=rng.randrange(0, 8))) for _ in family.labelnames]
+            family.values[tuple(key)] = rng.choice(values)
+    families[2].labels().set(float("nan"))
+    text = "".join(family.exposition() for family in families)
+    assert text == _reference(families)
+    parsed = {f.name: f for f in text_string_to_metric_families(text)}
+    assert len(parsed["x_c"].samples) == len(families[0].values)
+
+
+def test_the_agents_metrics_parse_with_one_family_per_name() -> None:
+    metrics = Metrics()
+    metrics.rotation_done("a", 1, 0.01)
+    metrics.installs.labels("a", "psk", "ok").inc()
+    metrics.plugins.gauge("qkdagent_acme_pool_bits", "bits", ["source"]).labels("s").set(5)
+    text = metrics.exposition().decode()
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")]
+    assert len(names) == len(set(names))
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["qkdagent_sink_installs"].samples[0].labels == {
+        "link": "a",
+        "sink": "psk",
+        "result": "ok",
+    }
+    assert families["qkdagent_acme_pool_bits"].samples[0].value == 5.0
 
 
 def test_a_forgotten_link_leaves_no_sample() -> None:
