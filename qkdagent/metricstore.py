@@ -1,4 +1,4 @@
-"""Per-link counters and gauges as plain floats, exposed through a Prometheus collector.
+"""Per-link counters and gauges as plain floats, written into `/metrics` by themselves.
 
 prometheus_client keeps a child object per label set (a value object with its lock, and a
 `_created` value for counters): about 600 bytes each, and with eight per-link metrics that was
@@ -25,6 +25,8 @@ class LabelledValues:
     def __init__(self, name: str, documentation: str, labelnames: list[str], kind: str) -> None:
         if kind not in ("counter", "gauge"):
             raise ValueError(f"kind must be counter or gauge, not {kind!r}")
+        if len(set(labelnames)) != len(labelnames):  # (a scraper refuses the whole text)
+            raise ValueError(f"metric {name}: a label name twice in {labelnames}")
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
@@ -99,6 +101,10 @@ class _Value:
         return self._family.values.get(self._key, 0.0)
 
 
+SAMPLE_SUFFIXES = ("", "_total", "_created", "_count", "_sum", "_bucket", "_info")
+"""What prometheus_client's families add to their name in their samples' names."""
+
+
 class PluginMetrics:
     """Counters and gauges a plugin publishes on its agent's `/metrics` (`context.metrics`):
     a pool's level, a simulated link's rate. Names start with `qkdagent_`; the components of
@@ -136,12 +142,16 @@ class PluginMetrics:
     ) -> LabelledValues:
         if not self.NAME.match(name) or name.endswith("_total"):
             raise ValueError(f"metric name {name!r}: qkdagent_ and [a-z0-9_], no _total suffix")
-        samples = {name, f"{name}_total", f"{name}_created", f"{name}_bucket"}
-        taken = {n.removesuffix(suffix) for n in self._reserved for suffix in ("", "_total")}
-        if samples & (self._reserved | taken) or name.removesuffix("_total") in taken:
+        # a family's samples may add any of these to its name: no two names may meet there
+        mine = {name + suffix for suffix in SAMPLE_SUFFIXES}
+        if any(
+            reserved + suffix in mine for reserved in self._reserved for suffix in SAMPLE_SUFFIXES
+        ):
             raise ValueError(f"metric name {name!r} is the agent's own")
         if any(not self.LABEL.match(label) for label in labelnames):
             raise ValueError(f"metric {name}: label names are [a-z_][a-z0-9_]*")
+        if len(set(labelnames)) != len(labelnames):
+            raise ValueError(f"metric {name}: a label name twice in {list(labelnames)}")
         existing = self._families.get(name)
         if existing is not None:
             if existing.kind != kind or existing.labelnames != tuple(labelnames):

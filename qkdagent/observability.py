@@ -121,6 +121,7 @@ class Metrics:
         )
         own = [f.name for f in self._per_link]
         own += [m.name for m in r.collect()]  # prometheus_client's (counters without _total)
+        own += [sample.name for m in r.collect() for sample in m.samples]  # _count, _created...
         self.plugins.reserve(own)
 
     def rotation_done(self, link: str, epoch: int, duration: float) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import trio
 
-from qkdagent import DemoLink, QkdAgentError, RotationEvent, Service
+from qkdagent import DemoLink, QkdAgentError, RotationEvent, Service, leaf_errors
 from qkdagent import demo as demo_module
 from qkdagent.builtin import loopback
 from qkdagent.demo import _Installed, _report, run_demo
@@ -103,3 +103,42 @@ def test_free_ports_come_from_below_the_ephemeral_range(
     ports = [loopback.free_port() for _ in range(50)]
     assert len(set(ports)) == 50
     assert all(30000 - loopback._PORTS_BELOW_EPHEMERAL <= port < 30000 for port in ports)
+
+
+def test_a_failure_beside_a_bug_is_still_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An exception group holding a port in use and a bug: the port is named, the bug goes
+    on (to the CLI's one-line report of a bug)."""
+
+    async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        raise ExceptionGroup("both", [OSError(98, "Address already in use"), RuntimeError()])
+
+    link = DemoLink(
+        description="a service", service=Service("svc", run), alice_sources={}, bob_sources={}
+    )
+    monkeypatch.setattr(demo_module, "_demo_links", lambda spec, directory: [(link, "x")])
+    with pytest.raises(ExceptionGroup) as raised:
+        run_demo(rotations=1, interval=0.2, source="x", directory=str(tmp_path))
+    assert [type(e) for e in leaf_errors(raised.value)] == [RuntimeError]
+    assert "demo failed: [Errno 98] Address already in use" in capsys.readouterr().err
+
+
+def test_a_port_in_time_wait_is_not_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server binding without SO_REUSEADDR could not take it."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as trio's servers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        waiting = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", waiting)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the server's side closes first: its port goes to TIME_WAIT
+            client.recv(1)
+    with pytest.raises(OSError), socket.socket() as plain:
+        plain.bind(("127.0.0.1", waiting))
+    picks = iter([waiting])
+    free = loopback.free_port()  # a port that is free, to be picked second
+    loopback._handed_out.remove(free)
+    monkeypatch.setattr(loopback._random, "randrange", lambda low, high: next(picks, free))
+    assert loopback.free_port() == free

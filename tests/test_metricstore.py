@@ -133,7 +133,11 @@ def test_a_plugin_cannot_take_a_name_the_agent_exposes() -> None:
         "qkdagent_rotations",  # exposed as qkdagent_rotations_total
         "qkdagent_rotation_duration_seconds",  # a histogram
         "qkdagent_component_events",  # a prometheus_client counter
+        "qkdagent_component_events_created",  # ... and its samples
+        "qkdagent_rotation_duration_seconds_count",
     ):
         with pytest.raises(ValueError, match="the agent's own"):
             metrics.plugins.gauge(name, "x")
     metrics.plugins.gauge("qkdagent_acme_pool_bits", "fine")
+    with pytest.raises(ValueError, match="a label name twice"):  # the scrape would fail whole
+        metrics.plugins.gauge("qkdagent_acme_level", "x", ["source", "source"])

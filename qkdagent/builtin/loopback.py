@@ -44,7 +44,8 @@ def free_port() -> int:
     failed: OSError | None = None
     for _ in range(1000):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # (no SO_REUSEADDR: a port a closed connection holds in TIME_WAIT is skipped, so a
+            # server that binds without it can take the port too)
             try:
                 sock.bind(("127.0.0.1", _random.randrange(low, high) if high > low else 0))
             except OSError as exc:  # in use: try another
