@@ -29,8 +29,9 @@ from .secret import Secret
 class _Observer:
     """Reports one side's rotations, each with a fingerprint of the file that side just
     installed. Read here, in the hook (called right after this side's install, under the
-    link's lock), so a later epoch cannot have replaced the file yet: the responder installs
-    after acknowledging the commit, so alice's event alone says nothing about bob's file."""
+    link's lock; a 44-byte file, in the demo only), so a later epoch cannot have replaced it:
+    the responder installs after acknowledging the commit, so alice's event alone says
+    nothing about bob's file."""
 
     def __init__(self, send: trio.MemorySendChannel[Any], side: str, path: Path) -> None:
         self.send = send
@@ -114,7 +115,7 @@ async def _demo(rotations: int, interval: float, source: str, directory: Path) -
         else "a simulated QKD link (in-memory key pool)"
     )
     print(f"qkdagent demo: alice <-> bob over mutual TLS on loopback, keys from {what}")
-    print(f"files: {directory / 'alice' / 'bob.key'} and {directory / 'bob' / 'alice.key'}")
+    print(f"files: {_psk_file(directory, 'alice')} and {_psk_file(directory, 'bob')}")
     send, receive = trio.open_memory_channel[Any](1000)
     progress = {"matched": 0}
     stops = {n: trio.Event() for n in ("bob", "alice")}
@@ -127,8 +128,7 @@ async def _demo(rotations: int, interval: float, source: str, directory: Path) -
         async with trio.open_nursery() as agents:
             for name in ("bob", "alice"):
                 plugins = Plugins()
-                peer = "bob" if name == "alice" else "alice"
-                observer = _Observer(send, name, directory / name / f"{peer}.key")
+                observer = _Observer(send, name, _psk_file(directory, name))
                 plugins.add("demo-observer", observer, "qkdagent")
                 agent = Agent(parse_config(configs[name]), plugins=plugins)
                 await agents.start(partial(agent.run, shutdown_trigger=stops[name].wait))
@@ -145,17 +145,20 @@ async def _demo(rotations: int, interval: float, source: str, directory: Path) -
     return 1
 
 
+def _psk_file(directory: Path, name: str) -> Path:
+    """The file `name`'s sink writes the link's PSK to (named after the peer)."""
+    return directory / name / ("bob.key" if name == "alice" else "alice.key")
+
+
 def _pair_configs(
     directory: Path, demo_links: list[tuple[DemoLink, str]], interval: float
 ) -> dict[str, dict[str, Any]]:
     """Both agents' configs: the demo links' sources (complete once their services started),
     a file sink each, the demo's interval."""
     sides: dict[str, dict[str, Any]] = {}
-    for name, peer in (("alice", "bob"), ("bob", "alice")):
+    for name in ("alice", "bob"):
         side: dict[str, Any] = {
-            "sinks": {
-                "psk": {"type": "file", "path": str(directory / name / f"{peer}.key")},
-            }
+            "sinks": {"psk": {"type": "file", "path": str(_psk_file(directory, name))}}
         }
         if demo_links:
             side["sources"] = {

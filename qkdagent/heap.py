@@ -6,10 +6,9 @@ CPU. What start-up builds (modules, configs, components, links) lives as long as
 and rotations make no cyclic garbage (tests/test_heap.py checks it over HTTPS; until December
 2026 each reply's parser and its callbacks were a cycle), so once the agent is ready the
 start-up heap is collected once and frozen out of later collections (`gc.freeze`); they walk
-only what rotations make. Measured with `bench_core.py
-procs` (10,000 links, two runs each): CPU per rotation 2.47/2.48 and 2.31/2.33 ms (alice/bob)
-without, 2.20/2.30 and 1.98/2.04 ms with; the links' latest rotation p99 453-481 against
-164-178 ms.
+only what rotations make. Measured with `bench_core.py procs` (10,000 links, two runs each):
+CPU per rotation 2.47/2.48 and 2.31/2.33 ms (alice/bob) without, 2.20/2.30 and 1.98/2.04 ms
+with; the links' latest rotation p99 453-481 against 164-178 ms.
 
 What rotations make still reached the oldest generation: a link's record, keys and clock
 live until its next rotation, and at 10,000 links the tens of thousands of rotations under way

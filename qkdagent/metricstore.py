@@ -150,8 +150,6 @@ class PluginMetrics:
             raise ValueError(f"metric name {name!r} is the agent's own")
         if any(not self.LABEL.match(label) for label in labelnames):
             raise ValueError(f"metric {name}: label names are [a-z_][a-z0-9_]*")
-        if len(set(labelnames)) != len(labelnames):
-            raise ValueError(f"metric {name}: a label name twice in {list(labelnames)}")
         existing = self._families.get(name)
         if existing is not None:
             if existing.kind != kind or existing.labelnames != tuple(labelnames):
