@@ -14,10 +14,20 @@ rare and short, so the gate watches the calls:
 
 The gate learns that a call was slow only once it returns: a call that stalls (an fsync behind
 heavy writeback) blocks the loop, every link's timers and the peer API with it, for as long as
-it stalls, once per cooldown. `loop_gate()` is shared by everything on one event loop (the state
-store and every file sink), so one slow call moves them all to threads. Background work that is
-not on a rotation's path (checkpoints, deferred fsyncs) does not use the gate: it always runs on
-a thread, where a stall delays nothing else.
+it stalls, once per cooldown. Background work that is not on a rotation's path (checkpoints,
+deferred fsyncs) does not use a gate: it always runs on a thread, where a stall delays nothing
+else.
+
+Each event loop has one gate per kind of call (`loop_gate(kind)`), shared by everything on the
+loop: `DISK` for calls that wait for the disk (an fsync: the state store's commits, a durable
+file), `CACHE` for calls that only reach the page cache (a small file written without an fsync,
+a rename, a read). A slow fsync says nothing about a write the page cache absorbs: with one gate
+for both, each fsync held up by the agent's own checkpoint sent every sink install to threads
+for the cooldown, and the store's commits used up the budget of installs that take a tenth of
+their time (at 10,000 links, two thirds of the installs ran on threads, each hop costing more
+CPU than the write). Each kind learns from its own calls and has its own budget, so the loop may
+be blocked for twice `budget` per second, and a disk in trouble stalls it once per cooldown per
+kind (a page-cache write stalls too once writeback throttles it).
 """
 
 from __future__ import annotations
@@ -41,17 +51,31 @@ STALL = 0.1
 what waiting for the interpreter lock adds under load, so only a disk in real trouble."""
 
 
-_LOOP_GATE: trio.lowlevel.RunVar[InlineGate] = trio.lowlevel.RunVar("qkdagent_inline_gate")
+DISK = "disk"
+"""Calls that wait for the disk: an fsync (a durable commit, a durable file)."""
+CACHE = "cache"
+"""Calls that only reach the page cache: a small write without an fsync, a rename, a read."""
+KINDS = (DISK, CACHE)
+
+_LOOP_GATES: trio.lowlevel.RunVar[dict[str, InlineGate]] = trio.lowlevel.RunVar(
+    "qkdagent_inline_gates"
+)
 
 
-def loop_gate() -> InlineGate:
-    """The gate of the running event loop (one per `trio.run`, shared by its agents)."""
+def loop_gate(kind: str) -> InlineGate:
+    """The running event loop's gate for calls of `kind` (`DISK` or `CACHE`): one per kind
+    and `trio.run`, shared by its agents."""
+    if kind not in KINDS:
+        raise ValueError(f"no gate kind {kind!r}")
     try:
-        return _LOOP_GATE.get()
+        gates = _LOOP_GATES.get()
     except LookupError:
-        gate = InlineGate()
-        _LOOP_GATE.set(gate)
-        return gate
+        gates = {}
+        _LOOP_GATES.set(gates)
+    gate = gates.get(kind)
+    if gate is None:
+        gate = gates[kind] = InlineGate()
+    return gate
 
 
 class InlineGate:

@@ -42,7 +42,7 @@ import trio
 
 from .errors import KeyReuseError
 from .fileutil import FileCheckError, private_dir
-from .inline import InlineGate, loop_gate
+from .inline import DISK, InlineGate, loop_gate
 from .secret import Secret
 from .settle import Settle
 
@@ -240,7 +240,7 @@ class StateStore:
         self._threaded = threaded
         self.gate: InlineGate | None = None
         """Where commits run: on the loop while they are fast (no thread hop), else threads;
-        None: the running loop's shared gate."""
+        None: the running loop's shared gate for calls that fsync."""
         self._batch_lock = trio.Lock()
         self._queue: list[_Job] = []
         self._last_batch = -math.inf
@@ -279,7 +279,7 @@ class StateStore:
             await trio.lowlevel.checkpoint()
             return fn(*args)
         job = _Job(fn, args, durable)
-        gate = self.gate or loop_gate()
+        gate = self.gate or loop_gate(DISK)
         if (
             time.monotonic() - self._last_batch >= ALONE_AFTER
             and not self._queue

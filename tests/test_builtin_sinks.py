@@ -411,7 +411,7 @@ async def test_a_spare_taken_by_an_install_cancelled_after_the_task_stopped_is_r
 ) -> None:
     """Review finding: an install cancelled together with the sink's task put its unused
     spare back into a pool the task's last pass had already emptied."""
-    from qkdagent.inline import loop_gate
+    from qkdagent.inline import CACHE, loop_gate
 
     sink = _file_sink(tmp_path)
     sink._spares.add({tmp_path: [fileutil.create_spare(tmp_path)]})
@@ -424,7 +424,7 @@ async def test_a_spare_taken_by_an_install_cancelled_after_the_task_stopped_is_r
         sink._syncing = False  # the task's last pass ran meanwhile
         raise Cancelled  # as the gate's check would, before the write
 
-    monkeypatch.setattr(loop_gate(), "run", stopped_then_cancelled)
+    monkeypatch.setattr(loop_gate(CACHE), "run", stopped_then_cancelled)
     with pytest.raises(Cancelled):
         await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
     assert _spares(tmp_path) == {} and sink._spares.drain() == []
@@ -437,9 +437,9 @@ async def test_a_cancelled_install_loses_no_spare_and_no_held_file(
     file it replaced): every spare on disk stays the pool's, every held file too."""
     import threading
 
-    from qkdagent.inline import loop_gate
+    from qkdagent.inline import CACHE, loop_gate
 
-    gate = loop_gate()
+    gate = loop_gate(CACHE)
     sink = _file_sink(tmp_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(sink.run)
@@ -482,7 +482,7 @@ async def test_an_install_on_a_thread_across_the_task_stop_leaves_nothing_held(
     added its replaced file to the pool after the task's last pass."""
     import threading
 
-    from qkdagent.inline import loop_gate
+    from qkdagent.inline import CACHE, loop_gate
 
     sink = _file_sink(tmp_path)
     in_thread = threading.Event()
@@ -494,7 +494,7 @@ async def test_an_install_on_a_thread_across_the_task_stop_leaves_nothing_held(
         go_on.wait(120)
         return real(spare, target, data)
 
-    gate = loop_gate()
+    gate = loop_gate(CACHE)
     async with trio.open_nursery() as outer:
         async with trio.open_nursery() as nursery:
             await nursery.start(sink.run)
@@ -582,7 +582,7 @@ async def test_an_install_under_way_when_the_task_stops_is_synced_by_the_install
     import threading
 
     import qkdagent.builtin.file_sink as file_sink
-    from qkdagent.inline import loop_gate
+    from qkdagent.inline import CACHE, loop_gate
 
     started, release = threading.Event(), threading.Event()
     real_write = file_sink.write_secret_file
@@ -593,7 +593,7 @@ async def test_an_install_under_way_when_the_task_stops_is_synced_by_the_install
         real_write(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(file_sink, "write_secret_file", held_write)
-    loop_gate()._threaded_until = math.inf  # writes go to a thread, as on a slow disk
+    loop_gate(CACHE)._threaded_until = math.inf  # writes go to a thread, as on a slow disk
     sink = _file_sink(tmp_path)
     async with trio.open_nursery() as outer:
         async with trio.open_nursery() as tasks:

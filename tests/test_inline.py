@@ -90,13 +90,36 @@ async def test_calls_on_the_loop_stop_once_they_used_the_budget_of_the_second() 
         assert await gate.run(where) == threading.get_ident()
 
 
-def test_one_gate_per_event_loop_shared_by_its_users() -> None:
+def test_one_gate_per_event_loop_and_kind_shared_by_their_users() -> None:
+    from qkdagent.inline import CACHE, DISK, loop_gate
+
+    async def lookups() -> tuple[InlineGate, ...]:
+        return loop_gate(DISK), loop_gate(DISK), loop_gate(CACHE), loop_gate(CACHE)
+
+    first = trio.run(lookups)
+    second = trio.run(lookups)
+    assert first[0] is first[1] and first[2] is first[3]  # the stores see one gate, ...
+    assert first[0] is not first[2]  # ... the page-cache writes (the file sinks) another ...
+    assert second[0] is not first[0] and second[2] is not first[2]  # ... of their own loop
+
+
+async def test_a_slow_fsync_leaves_page_cache_writes_on_the_loop() -> None:
+    """A commit held up by writeback says nothing about a small write the page cache takes:
+    each kind of call is judged by its own, and has its own budget."""
+    from qkdagent.inline import CACHE, DISK, loop_gate
+
+    disk, cache = loop_gate(DISK), loop_gate(CACHE)
+    disk.measured(disk.limit * 2)  # an fsync over the limit: fsyncs go to threads ...
+    assert await disk.run(where) != threading.get_ident()
+    assert await cache.run(where) == threading.get_ident()  # ... page-cache writes do not
+    disk._spent = disk.budget  # the fsyncs used up their second's budget: not the writes'
+    assert await cache.run(where) == threading.get_ident()
+    cache.measured(cache.limit * 2)  # a slow page-cache write (writeback throttling it)
+    assert await cache.run(where) != threading.get_ident()
+
+
+async def test_an_unknown_kind_of_call_has_no_gate() -> None:
     from qkdagent.inline import loop_gate
 
-    async def two_lookups() -> tuple[InlineGate, InlineGate]:
-        return loop_gate(), loop_gate()
-
-    first = trio.run(two_lookups)
-    second = trio.run(two_lookups)
-    assert first[0] is first[1]  # the store and every file sink see one gate ...
-    assert second[0] is not first[0]  # ... of their own loop
+    with pytest.raises(ValueError, match="no gate kind 'fast'"):
+        loop_gate("fast")

@@ -40,7 +40,7 @@ from ..fileutil import (
     write_via_spare,
 )
 from ..hookspecs import hookimpl
-from ..inline import loop_gate
+from ..inline import CACHE, loop_gate
 from ..interfaces import KeyMeta, Link, PluginContext, Sink
 from ..options import Options, check_template
 from ..secret import Secret
@@ -235,7 +235,7 @@ class FileSink(Sink):
             if durable:
                 await trio.to_thread.run_sync(write)
             elif not await self._write_via_spare(path, data):
-                await loop_gate().run(write)
+                await loop_gate(CACHE).run(write)
         except OSError as exc:
             raise SinkError(f"sink {self.name!r}: cannot write {path}: {exc.strerror}") from None
         return path
@@ -251,7 +251,7 @@ class FileSink(Sink):
             return False
         write = _Once(partial(write_via_spare, spare, path, data))
         try:
-            await loop_gate().run(write)
+            await loop_gate(CACHE).run(write)
         except OSError as exc:
             log.debug("sink %s: write through a spare failed (%s)", self.name, exc.strerror)
             return False

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import KeyNotFound
 from ..fileutil import write_secret_file
-from ..inline import loop_gate
+from ..inline import CACHE, DISK, loop_gate
 from ..interfaces import Link, PluginContext, Source
 from ..options import Options
 from ..secret import Key, Secret
@@ -35,12 +35,13 @@ class KeyDirSource(Source):
     async def new_key(self, link: Link) -> Key:
         key_id = str(uuid.uuid4())
         value = os.urandom(self.key_size)
-        # small file operations: on the loop while they are fast (inline.loop_gate)
-        await loop_gate().run(partial(write_secret_file, self.directory / key_id, value))
+        # small file operations: on the loop while they are fast (inline.loop_gate); the new
+        # key's file is fsynced, taking one (a rename, a read, an unlink) is not
+        await loop_gate(DISK).run(partial(write_secret_file, self.directory / key_id, value))
         return Key(key_id, Secret(value))
 
     async def key_by_id(self, link: Link, key_id: str) -> Key:
-        return await loop_gate().run(partial(self._take, key_id))
+        return await loop_gate(CACHE).run(partial(self._take, key_id))
 
     def _take(self, key_id: str) -> Key:
         if "/" in key_id or key_id.startswith("."):
