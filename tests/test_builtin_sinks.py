@@ -655,3 +655,27 @@ async def test_no_spares_in_a_templated_directory(tmp_path: Path) -> None:
             assert not sink._spares.has_work()  # no spare wanted, so no pass makes one
         assert sorted(p.name for p in (tmp_path / "bob").iterdir()) == ["key"]
         nursery.cancel_scope.cancel()
+
+
+async def test_keydir_reads_a_key_file_with_a_bound_and_never_a_fifo(tmp_path: Path) -> None:
+    """The responder takes the file a key ID names: one that is not a small regular file (a
+    FIFO would hang the read, a huge file fill memory) is a `SourceError`, and is gone."""
+    from qkdagent.builtin.keydir import MAX_KEY_SIZE
+    from qkdagent.errors import KeyNotFound, SourceError
+
+    shared = tmp_path / "shared"
+    source = KeyDirSource(
+        "keys", Options({"directory": str(shared)}, where="sources.keys"), _ctx(tmp_path)
+    )
+    await source.prepare()
+    os.mkfifo(shared / "fifo")
+    (shared / "huge").write_bytes(b"k" * (MAX_KEY_SIZE + 1))
+    (shared / "fits").write_bytes(b"k" * MAX_KEY_SIZE)
+    with trio.fail_after(10):
+        for name, what in (("fifo", "not a regular file"), ("huge", "larger than")):
+            with pytest.raises(SourceError, match=what):
+                await source.key_by_id(LINK, name)
+    assert (await source.key_by_id(LINK, "fits")).value.reveal() == b"k" * MAX_KEY_SIZE
+    assert os.listdir(shared) == []
+    with pytest.raises(KeyNotFound):
+        await source.key_by_id(LINK, "nul\0name")

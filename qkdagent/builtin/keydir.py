@@ -13,12 +13,15 @@ import uuid
 from functools import partial
 from pathlib import Path
 
-from ..errors import KeyNotFound
-from ..fileutil import write_secret_file
+from ..errors import KeyNotFound, SourceError
+from ..fileutil import FileCheckError, read_regular_file, write_secret_file
 from ..inline import CACHE, DISK, loop_gate
 from ..interfaces import Link, PluginContext, Source
 from ..options import Options
 from ..secret import Key, Secret
+
+MAX_KEY_SIZE = 4096
+"""Largest `key_size`, and the most a key file is read for (whatever else sits there)."""
 
 
 class KeyDirSource(Source):
@@ -27,7 +30,7 @@ class KeyDirSource(Source):
     def __init__(self, name: str, options: Options, context: PluginContext) -> None:
         super().__init__(name, options, context)
         self.directory: Path = options.path("directory")
-        self.key_size = options.integer("key_size", 32, min=16, max=4096)
+        self.key_size = options.integer("key_size", 32, min=16, max=MAX_KEY_SIZE)
 
     async def prepare(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -44,14 +47,21 @@ class KeyDirSource(Source):
         return await loop_gate(CACHE).run(partial(self._take, key_id))
 
     def _take(self, key_id: str) -> Key:
-        if "/" in key_id or key_id.startswith("."):
+        """Take the key's file by renaming it away (at most one taker), read it with a bound
+        (not a regular file of at most `MAX_KEY_SIZE` bytes: a `SourceError`, where a FIFO
+        would have hung the read and a huge file filled memory) and delete it."""
+        if "/" in key_id or "\0" in key_id or key_id.startswith("."):
             raise KeyNotFound(f"no key {key_id!r}")
-        taken = self.directory / f".taken-{uuid.uuid4().hex}"
+        directory = os.fspath(self.directory)
+        taken = os.path.join(directory, f".taken-{uuid.uuid4().hex}")
         try:
-            os.rename(self.directory / key_id, taken)
+            os.rename(os.path.join(directory, key_id), taken)
         except FileNotFoundError:
             raise KeyNotFound(f"no key {key_id!r} in {self.directory}") from None
         try:
-            return Key(key_id, Secret(taken.read_bytes()))
+            value, _ = read_regular_file(taken, limit=MAX_KEY_SIZE, what="key file")
+        except FileCheckError as exc:
+            raise SourceError(f"key {key_id!r}: {exc}") from None
         finally:
-            taken.unlink()
+            os.unlink(taken)
+        return Key(key_id, Secret(value))
