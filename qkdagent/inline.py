@@ -25,9 +25,10 @@ a rename, a read). A slow fsync says nothing about a write the page cache absorb
 for both, each fsync held up by the agent's own checkpoint sent every sink install to threads
 for the cooldown, and the store's commits used up the budget of installs that take a tenth of
 their time (at 10,000 links, two thirds of the installs ran on threads, each hop costing more
-CPU than the write). Each kind learns from its own calls and has its own budget, so the loop may
-be blocked for twice `budget` per second, and a disk in trouble stalls it once per cooldown per
-kind (a page-cache write stalls too once writeback throttles it).
+CPU than the write). Each kind learns from its own slow calls and has its own budget, so the
+loop may be blocked for twice `budget` per second in all. A stall past `stall` (a disk in real
+trouble, not an fsync queued behind a checkpoint) sends every kind to threads, as one gate did:
+a disk that stalls an fsync soon stalls renames too.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ BUDGET = 0.1
 """Seconds per second the loop may spend blocked in calls run on it."""
 STALL = 0.1
 """Seconds a call on a worker thread may take before it, too, extends the cooldown: well above
-what waiting for the interpreter lock adds under load, so only a disk in real trouble."""
+what waiting for the interpreter lock adds under load, so only a disk in real trouble. A call
+past it, on the loop or a thread, starts the cooldown of every kind of call on its loop."""
 
 
 DISK = "disk"
@@ -75,6 +77,7 @@ def loop_gate(kind: str) -> InlineGate:
     gate = gates.get(kind)
     if gate is None:
         gate = gates[kind] = InlineGate()
+        gate.join(next(iter(gates.values())))
     return gate
 
 
@@ -97,6 +100,8 @@ class InlineGate:
         """Seconds the loop was blocked in this window."""
         self.inline_calls = 0
         self.threaded_calls = 0
+        self._family: list[InlineGate] = [self]
+        """The loop's gates (one per kind), which a stall past `stall` sends to threads."""
 
     def inline(self) -> bool:
         """Whether the next call may block the loop."""
@@ -105,10 +110,21 @@ class InlineGate:
             self._second, self._spent = now, 0.0
         return now >= self._threaded_until and self._spent < self.budget
 
+    def join(self, other: InlineGate) -> None:
+        """Share stalls with `other`'s gates (those of the other kinds of call on a loop)."""
+        if other is not self:
+            other._family.append(self)
+            self._family = other._family
+
     def measured(self, seconds: float) -> None:
         """Record how long a call on the loop took."""
         if seconds > self.limit:
-            self._threaded_until = time.monotonic() + self.cooldown
+            self._cool_down(self._family if seconds > self.stall else [self])
+
+    def _cool_down(self, gates: list[InlineGate]) -> None:
+        until = time.monotonic() + self.cooldown
+        for gate in gates:
+            gate._threaded_until = max(gate._threaded_until, until)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """`fn()` on the loop while calls are short and rare, else on a worker thread (never
@@ -143,4 +159,4 @@ class InlineGate:
             return fn()
         finally:
             if time.perf_counter() - started > self.stall:
-                self._threaded_until = time.monotonic() + self.cooldown
+                self._cool_down(self._family)

@@ -657,6 +657,7 @@ async def test_no_spares_in_a_templated_directory(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.timeout(30)  # a read that blocks the loop never lets trio's timer fire
 async def test_keydir_reads_a_key_file_with_a_bound_and_never_a_fifo(tmp_path: Path) -> None:
     """The responder takes the file a key ID names: one that is not a small regular file (a
     FIFO would hang the read, a huge file fill memory) is a `SourceError`, and is gone."""
@@ -671,11 +672,55 @@ async def test_keydir_reads_a_key_file_with_a_bound_and_never_a_fifo(tmp_path: P
     os.mkfifo(shared / "fifo")
     (shared / "huge").write_bytes(b"k" * (MAX_KEY_SIZE + 1))
     (shared / "fits").write_bytes(b"k" * MAX_KEY_SIZE)
+    (shared / "dir").mkdir()
+    os.symlink(shared / "fits", shared / "link")
     with trio.fail_after(10):
-        for name, what in (("fifo", "not a regular file"), ("huge", "larger than")):
+        for name, what in (
+            ("fifo", "not a regular file"),
+            ("huge", "larger than"),
+            ("dir", "not a regular file"),
+            ("link", "not a regular file"),
+        ):
             with pytest.raises(SourceError, match=what):
                 await source.key_by_id(LINK, name)
     assert (await source.key_by_id(LINK, "fits")).value.reveal() == b"k" * MAX_KEY_SIZE
     assert os.listdir(shared) == []
-    with pytest.raises(KeyNotFound):
-        await source.key_by_id(LINK, "nul\0name")
+    for name in ("nul\0name", "x" * 300):  # NUL, longer than a file name may be
+        with pytest.raises(KeyNotFound):
+            await source.key_by_id(LINK, name)
+
+
+async def test_each_blocking_call_goes_through_the_gate_of_its_kind(tmp_path: Path) -> None:
+    """Commits and new keydir keys fsync (DISK); a file install and taking a keydir key only
+    reach the page cache (CACHE): a slow fsync must not send the latter to threads."""
+    from qkdagent.inline import CACHE, DISK, loop_gate
+    from qkdagent.state import StateStore
+
+    disk, cache = loop_gate(DISK), loop_gate(CACHE)
+
+    def counts() -> tuple[int, int]:
+        return disk.inline_calls + disk.threaded_calls, cache.inline_calls + cache.threaded_calls
+
+    store = StateStore(tmp_path / "state")
+    try:
+        before = counts()
+        await store.run(store.create, "l", "bob", Secret(os.urandom(32)), Secret(os.urandom(32)))
+        assert counts() == (before[0] + 1, before[1])
+    finally:
+        store.close()
+    source = KeyDirSource(
+        "keys", Options({"directory": str(tmp_path / "k")}, where="s.k"), _ctx(tmp_path)
+    )
+    await source.prepare()
+    before = counts()
+    key = await source.new_key(LINK)
+    assert counts() == (before[0] + 1, before[1])
+    await source.key_by_id(LINK, key.key_id)
+    assert counts() == (before[0] + 1, before[1] + 1)
+    sink = _file_sink(tmp_path)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sink.run)  # installs leave their fsync to the task: page cache only
+        before = counts()
+        await sink.install(LINK, Secret(os.urandom(32)), KeyMeta(1, ("k",), "file", 0))
+        assert counts() == (before[0], before[1] + 1)
+        nursery.cancel_scope.cancel()

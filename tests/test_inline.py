@@ -123,3 +123,25 @@ async def test_an_unknown_kind_of_call_has_no_gate() -> None:
 
     with pytest.raises(ValueError, match="no gate kind 'fast'"):
         loop_gate("fast")
+
+
+async def test_a_stall_sends_every_kind_of_call_to_threads() -> None:
+    """A call past `stall` is a disk in real trouble, not an fsync behind a checkpoint: every
+    kind's calls go to threads, whether it stalled on the loop or on a thread."""
+    import time
+
+    from qkdagent.inline import CACHE, DISK, loop_gate
+
+    disk, cache = loop_gate(DISK), loop_gate(CACHE)
+    disk.measured((disk.limit + disk.stall) / 2)  # slow, no stall: fsyncs only
+    assert not disk.inline() and cache.inline()
+    disk.measured(disk.stall * 2)  # a stall on the loop
+    assert not cache.inline()
+
+    disk, cache = InlineGate(stall=0.001), InlineGate(stall=0.001)
+    cache.join(disk)
+    await trio.to_thread.run_sync(cache._timed, lambda: time.sleep(0.01))  # a stall on a thread
+    assert not disk.inline() and not cache.inline()
+    lone, other = InlineGate(stall=0.001), InlineGate()  # gates not joined share no stall
+    await trio.to_thread.run_sync(lone._timed, lambda: time.sleep(0.01))
+    assert not lone.inline() and other.inline()

@@ -8,7 +8,10 @@ deleting it. Test use only: keys sit in plain files.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import stat
 import uuid
 from functools import partial
 from pathlib import Path
@@ -48,20 +51,34 @@ class KeyDirSource(Source):
 
     def _take(self, key_id: str) -> Key:
         """Take the key's file by renaming it away (at most one taker), read it with a bound
-        (not a regular file of at most `MAX_KEY_SIZE` bytes: a `SourceError`, where a FIFO
-        would have hung the read and a huge file filled memory) and delete it."""
+        and delete it. What the key ID names is not a regular file of at most `MAX_KEY_SIZE`
+        bytes (a FIFO would hang the read, a huge file fill memory, a symbolic link lead
+        elsewhere): a `SourceError`, and it is removed all the same."""
         if "/" in key_id or "\0" in key_id or key_id.startswith("."):
             raise KeyNotFound(f"no key {key_id!r}")
         directory = os.fspath(self.directory)
         taken = os.path.join(directory, f".taken-{uuid.uuid4().hex}")
         try:
             os.rename(os.path.join(directory, key_id), taken)
-        except FileNotFoundError:
-            raise KeyNotFound(f"no key {key_id!r} in {self.directory}") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG):
+                raise KeyNotFound(f"no key {key_id!r} in {self.directory}") from None
+            raise SourceError(f"cannot take key {key_id!r}: {exc.strerror}") from None
         try:
+            if not stat.S_ISREG(os.lstat(taken).st_mode):
+                raise SourceError(f"key {key_id!r} is not a regular file")
             value, _ = read_regular_file(taken, limit=MAX_KEY_SIZE, what="key file")
         except FileCheckError as exc:
             raise SourceError(f"key {key_id!r}: {exc}") from None
         finally:
-            os.unlink(taken)
+            _remove(taken)
         return Key(key_id, Secret(value))
+
+
+def _remove(path: str) -> None:
+    """Remove a taken file (a directory if that is what the key ID named, when empty)."""
+    try:
+        os.unlink(path)
+    except IsADirectoryError:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
