@@ -1,6 +1,7 @@
 """Core benchmark: rotation latency of one link, and an agent pair carrying many links.
 
     python contrib/bench/bench_core.py latency [--rotations 500] [--runs 3] [--in-situ]
+        [--state-dir DIR]
     python contrib/bench/bench_core.py scale [--links 1,100,1000,10000] [--seconds 20]
     python contrib/bench/bench_core.py hold [--links 10000] [--interval 120] [--seconds 300]
     python contrib/bench/bench_core.py procs [--links 10000] [--interval 120] [--seconds 300]
@@ -224,10 +225,36 @@ class InSitu:
             )
 
 
+def storage_floor(directory: str | None, samples: int = 40) -> tuple[float, float]:
+    """p50 seconds of an fdatasync of a small overwrite (two 1 KiB pieces, as a commit's log
+    frames) in `directory`: after 50 ms without I/O (as at a rotation's start), and right after
+    the previous one. Two such syncs are on each rotation's path; on a VM the first after a
+    pause can cost several times the second (the host wakes its I/O path)."""
+    idle: list[float] = []
+    busy: list[float] = []
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        fd = os.open(os.path.join(tmp, "floor"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.pwrite(fd, bytes(32768), 0)
+            os.fsync(fd)
+            for i in range(2 * samples):
+                pause = i % 2 == 0
+                if pause:
+                    time.sleep(0.05)
+                os.pwrite(fd, os.urandom(1048), 100 + (i % 4) * 1048)
+                os.pwrite(fd, os.urandom(1048), 5000 + (i % 4) * 1048)
+                started = time.perf_counter()
+                os.fdatasync(fd)
+                (idle if pause else busy).append(time.perf_counter() - started)
+        finally:
+            os.close(fd)
+    return statistics.median(idle), statistics.median(busy)
+
+
 def cmd_latency(args: argparse.Namespace) -> None:
     runs = []
     for i in range(args.runs):
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
             # interval long enough that rotations never overlap: measures one rotation end to end
             seconds = args.rotations * 0.05
             with InSitu() if args.in_situ else contextlib.nullcontext() as timed:
@@ -249,6 +276,12 @@ def cmd_latency(args: argparse.Namespace) -> None:
         print(f"over {len(runs)} runs (min/median/max):")
         print(f"  p50 {_spread(list(p50s))} ms, p99 {_spread(list(p99s))} ms")
         print(f"  CPU per rotation (both agents) {_spread(list(cpus))} ms")
+    idle, busy = storage_floor(args.state_dir)
+    print(
+        f"storage under {args.state_dir or tempfile.gettempdir()} (state files): fdatasync of "
+        f"a small write p50 {idle * 1000:.3f} ms after 50 ms without I/O, {busy * 1000:.3f} ms "
+        "right after another (two syncs are on each rotation's path)"
+    )
 
 
 def cmd_scale(args: argparse.Namespace) -> None:
@@ -629,6 +662,11 @@ def main() -> None:
     p.add_argument("--rotations", type=int, default=500)
     p.add_argument("--runs", type=int, default=1, help="repeat; prints min/median/max")
     p.add_argument("--in-situ", action="store_true", help="time path functions against warm")
+    p.add_argument(
+        "--state-dir",
+        help="where the agents' state goes (default: the temp dir); /dev/shm, whose fsyncs do "
+        "nothing, separates the code's time from the storage's (not a durable setup)",
+    )
     p = sub.add_parser("scale")
     p.add_argument("--links", default="1,100,1000,10000")
     p.add_argument("--interval", type=float, default=5.0)
