@@ -316,8 +316,14 @@ class StateStore:
                 # happens to this caller.
                 with trio.CancelScope(shield=True):
                     batch, self._queue = self._queue, []
+                    run = partial(self._run_batch, batch)
                     try:
-                        await gate.run(partial(self._run_batch, batch))
+                        if gate.inline():
+                            # taking the lock was this caller's schedule point: no second
+                            # pass of the loop after the commit (the gate's own `run` yields)
+                            gate.run_here(run)
+                        else:
+                            await gate.run(run)
                     finally:
                         self._last_batch = time.monotonic()
                     self._scrub.changed()

@@ -1,4 +1,5 @@
-"""The /status body at many links: the same document, its links encoded one at a time."""
+"""The /status and /metrics bodies at many links: the same documents, their links encoded one
+at a time, the event loop given back between pieces."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from qkdagent.observability import status_json
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from qkdagent.observability import (
+    SCRAPE_SAMPLES,
+    STATUS_LINKS,
+    Metrics,
+    status_body,
+    status_json,
+)
 
 
 def test_status_json_encodes_links_from_an_iterator_one_at_a_time() -> None:
@@ -23,3 +33,82 @@ def test_status_json_encodes_links_from_an_iterator_one_at_a_time() -> None:
     assert [x["epoch"] for x in document["links"]] == list(range(1000))
     assert live == list(range(1000))
     assert json.loads(status_json({"links": iter(())})) == {"links": []}
+
+
+async def _turns_of_another_task_during(work: Any) -> tuple[Any, int]:
+    """What `work()` returns, and how many times a task spinning at schedule points ran
+    while it was under way (trio runs every runnable task once per pass of the loop)."""
+    turns = 0
+    done = trio.Event()
+
+    async def spin() -> None:
+        nonlocal turns
+        while not done.is_set():
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spin)
+        await trio.lowlevel.checkpoint()  # the spinner is going
+        before = turns
+        result = await work()
+        during = turns - before
+        done.set()
+    return result, during
+
+
+async def test_status_body_gives_the_loop_back_every_few_links_and_matches_status_json() -> None:
+    def document(count: int, described: list[int]) -> dict[str, Any]:
+        def links() -> Iterator[dict[str, Any]]:
+            for i in range(count):
+                described.append(i)  # each link described when its turn comes
+                yield {"link": f"link{i:05d}", "epoch": i}
+
+        return {"agent": "alice", "links": links(), "recent": []}
+
+    count = STATUS_LINKS * 20
+    described: list[int] = []
+    body, turns = await _turns_of_another_task_during(
+        lambda: status_body(document(count, described))
+    )
+    assert body == status_json(document(count, []))
+    assert described == list(range(count))
+    assert turns >= 10  # about one per STATUS_LINKS links (in one go: none)
+
+
+async def test_a_metrics_scrape_gives_the_loop_back_and_writes_what_exposition_writes() -> None:
+    metrics = Metrics()
+    links = SCRAPE_SAMPLES * 5
+    for i in range(links):
+        metrics.rotation_done(f"link{i:05d}", i + 1, 0.01)
+    body, turns = await _turns_of_another_task_during(metrics.scrape)
+    assert body == metrics.exposition()
+    assert body.count(b'link="link00000"') >= 2 and f"link{links - 1:05d}".encode() in body
+    assert turns >= 10  # rotations, epoch, last success: each in pieces
+
+
+async def test_a_link_added_during_a_scrape_does_not_break_it() -> None:
+    metrics = Metrics()
+    for i in range(SCRAPE_SAMPLES * 3):
+        metrics.rotation_done(f"link{i:05d}", 1, 0.01)
+
+    async def scrape_while_links_come_and_go() -> bytes:
+        async with trio.open_nursery() as nursery:
+            result: list[bytes] = []
+
+            async def scrape() -> None:
+                result.append(await metrics.scrape())
+
+            nursery.start_soon(scrape)
+            for i in range(50):
+                await trio.lowlevel.checkpoint()
+                metrics.rotation_done(f"new{i:02d}", 1, 0.01)
+                metrics.forget(f"link{i:05d}")
+        return result[0]
+
+    body = await scrape_while_links_come_and_go()
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    rotations = families["qkdagent_rotations"].samples
+    # each family is written from the links it had when its turn came
+    assert SCRAPE_SAMPLES * 3 - 50 <= len(rotations) <= SCRAPE_SAMPLES * 3 + 50
+    assert len({s.labels["link"] for s in rotations}) == len(rotations)

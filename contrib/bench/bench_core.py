@@ -7,7 +7,7 @@
     python contrib/bench/bench_core.py procs [--links 10000] [--interval 120] [--seconds 300]
         [--runs 3]
     python contrib/bench/bench_core.py memory [--links 10000] [--side alice|bob] [--top 25]
-    python contrib/bench/bench_core.py scrape [--links 10000]
+    python contrib/bench/bench_core.py scrape [--links 10000] [--agent]
 
 `latency`, `scale` and `hold` run both agents in this process over real loopback HTTPS with
 mutual TLS, with the in-memory source and recording sinks, state in a temp dir; CPU and peak
@@ -17,7 +17,9 @@ too) and reports per agent the time to ready (every link opened) and the RSS the
 rotation and RSS over the window; `--runs N` gives min/median/max. `memory` runs one agent in
 this process under tracemalloc (its peer a process) and prints the top allocation sites in bytes
 per link. `scrape` times one agent's `/metrics` body at N links (the samples a rotating link
-has) against prometheus_client writing the same families (`generate_latest`), in one run.
+has) against prometheus_client writing the same families (`generate_latest`), in one run;
+with `--agent`, how long `/status` and `/metrics` hold a running agent's event loop, written in
+one go and as the agent serves them (in pieces).
 Prints figures; asserts nothing.
 """
 
@@ -616,7 +618,84 @@ def cmd_memory(args: argparse.Namespace) -> None:
         )
 
 
+async def _longest_hold(work: Any) -> float:
+    """Seconds of the longest stretch in which the event loop gave a task that only yields
+    no turn, while `await work()` ran (what every link's timers and the peer API waited)."""
+    longest = 0.0
+    done = False
+    beating = trio.Event()
+
+    async def heartbeat() -> None:
+        nonlocal longest
+        last = time.perf_counter()
+        while not done:
+            await trio.lowlevel.checkpoint()
+            now = time.perf_counter()
+            if beating.is_set():
+                longest = max(longest, now - last)
+            beating.set()
+            last = now
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeat)
+        await beating.wait()  # its clock runs before the work starts
+        await work()
+        done = True
+    return longest
+
+
+async def _scrape_agent(config: dict[str, Any], links: int, repeat: int) -> None:
+    """One agent at `links` links, once each has committed: how long a `/status` document and
+    a `/metrics` scrape hold its loop, in one go and as served (in pieces)."""
+    from qkdagent.observability import status_body, status_json
+
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        agent = Agent(parse_config(config))
+        await nursery.start(partial(agent.run, shutdown_trigger=stop.wait))
+        while sum(agent.link(n).record.epoch >= 1 for n in agent.links) < links:  # noqa: ASYNC110
+            await trio.sleep(0.5)
+
+        async def one_go_status() -> bytes:
+            return status_json(agent._status())
+
+        async def one_go_metrics() -> bytes:
+            return agent.metrics.exposition()
+
+        async def served_status() -> bytes:
+            return await status_body(agent._status())
+
+        print(f"one agent at {links} links, each rotated once: longest hold of its event loop")
+        print(f"while the body is written, ms (min/median/max of {repeat}):")
+        works = (
+            ("/status in one go", one_go_status),
+            ("/status as served", served_status),
+            ("/metrics in one go", one_go_metrics),
+            ("/metrics as served", agent.metrics.scrape),
+        )
+        for name, work in works:
+            holds = [await _longest_hold(work) * 1000 for _ in range(repeat)]
+            print(f"  {name:<20} {_spread(holds, '.1f')}")
+        stop.set()
+
+
 def cmd_scrape(args: argparse.Namespace) -> None:
+    if args.agent:
+        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        args.interval, args.parallel, args.sink = 120.0, 64, "file"
+        with (
+            tempfile.TemporaryDirectory(dir=shm) as keys,
+            tempfile.TemporaryDirectory(dir=shm) as out,
+            tempfile.TemporaryDirectory() as tmp,
+        ):
+            base = process_configs(Path(tmp), Path(keys), Path(out), args)
+            proc = spawn(base["bob"], Path(tmp), "bob")
+            try:
+                trio.run(_scrape_agent, base["alice"], args.links, 5)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=120)
+        return
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.registry import Collector
 
@@ -694,6 +773,11 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=1, help="traceback depth per site")
     p = sub.add_parser("scrape")
     p.add_argument("--links", type=int, default=10000)
+    p.add_argument(
+        "--agent",
+        action="store_true",
+        help="a running agent (its peer a process): how long /status and /metrics hold its loop",
+    )
     args = parser.parse_args()
     commands = {
         "latency": cmd_latency,
