@@ -238,6 +238,20 @@ class H1Client:
         except _NoReply as exc:
             raise TransportError(f"{origin.authority} closed the connection: {exc}") from None
 
+    async def warm(self, base_url: str) -> bool:
+        """Have a kept-alive connection to `base_url`'s origin ready for the next request:
+        open one now if none is idle and fresh, so that the connection (a TLS handshake, a few
+        ms) comes before that request rather than on its path. Whether one was opened.
+        `ConnectFailed` as for a request."""
+        origin = self._origin(base_url)
+        now = trio.current_time()
+        if any(not c.stale(now, self.idle_expiry) for c in reversed(self._idle.get(origin, []))):
+            return False  # (stale ones are closed by the next request's `_take`)
+        connection = await self._connect(origin)
+        if not self._give_back(origin, connection):
+            await connection.aclose()
+        return True
+
     async def aclose(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, {}

@@ -85,6 +85,12 @@ class PeerClient:
             reply = await self.batches.post(peer_url, link, action, body)
         return PeerReply(reply.status, reply.body, reply.identity)
 
+    async def warm(self, peer_url: str) -> None:
+        """Open a connection to the peer now if none is kept for the next request (see
+        `H1Client.warm`); `TransportError` if it cannot be made."""
+        with trio.fail_after(self.timeout):
+            await self._client.warm(peer_url)
+
     async def aclose(self) -> None:
         await self._client.aclose()
 

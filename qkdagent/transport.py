@@ -31,6 +31,10 @@ class PeerPoster(Protocol):
 
     async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply: ...
 
+    async def warm(self, peer_url: str) -> None:
+        """Make ready now what the next request to the peer needs (a connection), so that it
+        is not made on that request's path; the same errors as `post`."""
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The client's background work (batches to peers), until cancelled; the agent runs
         it while it runs."""
@@ -118,6 +122,9 @@ class _NoPeers:
     """The peer client of an agent without native links (and so without TLS settings)."""
 
     async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply:
+        raise RuntimeError("this agent has no native links, so no peer client")
+
+    async def warm(self, peer_url: str) -> None:
         raise RuntimeError("this agent has no native links, so no peer client")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from qkdagent.config import TlsFiles
 from qkdagent.peering import PeerClient, ReplyTooLarge, TransportError
@@ -210,6 +211,42 @@ async def test_a_kept_connection_the_server_dropped_is_replaced_once(tmp_path: P
         assert seen == {"connections": 1, "requests": 1, "dropped": 1}  # no retry loop
         await client.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_made_ahead_serves_the_next_request(tmp_path: Path) -> None:
+    """`warm` opens a connection only when none is kept fresh, and the next request goes on
+    it: the TLS handshake is off that request's path."""
+    async with trio.open_nursery() as nursery:
+        url, seen = await _keepalive_server(tmp_path, nursery, None)
+        client = PeerClient(_tls(tmp_path, "alice"), timeout=10)
+        await client.warm(url)
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == {"connections": 1, "requests": 0, "dropped": 0}
+        assert (await client.post(url, "alice-bob", "rotate", b"{}")).status == 200
+        await client.warm(url)  # one is kept, fresh: nothing to do
+        assert seen == {"connections": 1, "requests": 1, "dropped": 0}
+        client._client.idle_expiry = 0.0  # every kept connection is now too old
+        await trio.sleep(0.01)
+        await client.warm(url)
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen["connections"] == 2
+        client._client.idle_expiry = 100.0
+        assert (await client.post(url, "alice-bob", "rotate", b"{}")).status == 200
+        assert seen == {"connections": 2, "requests": 2, "dropped": 0}
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_that_cannot_be_made_ahead_is_an_error_of_the_caller(
+    tmp_path: Path,
+) -> None:
+    with trio.socket.socket() as sock:  # a port nothing listens on
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = PeerClient(_tls(tmp_path, "alice"), timeout=10)
+    with pytest.raises(TransportError, match="cannot connect"):
+        await client.warm(f"https://127.0.0.1:{port}")
+    await client.aclose()
 
 
 async def test_a_client_for_consuming_requests_never_sends_one_twice(tmp_path: Path) -> None:

@@ -154,3 +154,39 @@ async def test_the_rotate_is_built_with_its_keys_ahead_and_serves_one_attempt(
     assert first.keys == (("sim", log[1][1]),)
     assert retry.nonce != first.nonce and retry.keys != first.keys
     assert retry.keys == (("sim", pair.sink("alice", "rec").installs[-1].key_ids[0]),)
+
+
+async def test_a_link_that_announces_nothing_has_its_connection_made_ahead(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Without an announce (no source fetches ahead), the prefetch asks the client to have a
+    connection to the peer ready (at the default interval the client has dropped the last
+    one, and its TLS handshake came on the rotation's path), a lead before each rotation."""
+    async with _running_pair(tmp_path) as (pair, log, _):
+        network = pair.network
+        bob_url = pair.alice.link("alice-bob").config.peer_url
+        start = trio.current_time()
+        network.warmed.clear()
+        await trio.sleep(3 * INTERVAL + 10)
+        installs = pair.sink("alice", "rec").installs
+    assert network.warmed == [bob_url] * 3  # once per rotation after the first
+    assert [r.key_ids[0] for r in installs] == [key_id for _, key_id in log]
+    assert all(abs(r.time - start - n * INTERVAL) < 1 for n, r in enumerate(installs[1:], 1))
+
+
+async def test_a_peer_that_cannot_be_reached_ahead_still_gets_its_rotation(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A connection that cannot be made ahead changes nothing: the rotation is on time and
+    tries (and reports) for itself."""
+    async with _running_pair(tmp_path) as (pair, _, _):
+        network = pair.network
+        bob_url = pair.alice.link("alice-bob").config.peer_url
+        start = trio.current_time()
+        network.down.add(bob_url)
+        await trio.sleep(INTERVAL - 0.5)  # the prefetch of rotation 2 tried, and failed
+        assert network.warmed[-1] == bob_url
+        assert pair.alice.link("alice-bob").status.failures == 0
+        network.down.discard(bob_url)
+        await pair.wait_for_epoch(2)
+        assert trio.current_time() - start < INTERVAL + 1

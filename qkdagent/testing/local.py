@@ -32,6 +32,9 @@ class LocalNetwork:
         """URLs currently unreachable (a stopped or partitioned agent)."""
         self.interceptors: dict[str, Interceptor] = {}
         """URL -> what stands in the path to it (see `qkdagent.testing.ManInTheMiddle`)."""
+        self.warmed: list[str] = []
+        """URLs clients were asked to have a connection ready for (`LocalClient.warm`), in
+        order."""
 
     def attach(
         self,
@@ -69,6 +72,13 @@ class LocalClient:
         if interceptor is not None:
             return await interceptor(self, peer_url, link, action, body)
         return await self.deliver(peer_url, link, action, body)
+
+    async def warm(self, peer_url: str) -> None:
+        """Nothing to open in process; a peer that is down refuses, as a connection would."""
+        await trio.lowlevel.checkpoint()
+        self.network.warmed.append(peer_url)
+        if peer_url not in self.network.handlers or peer_url in self.network.down:
+            raise ConnectionRefused(f"{peer_url} is not reachable")
 
     async def deliver(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply:
         """The request as it reaches the peer, past any interceptor."""
