@@ -21,6 +21,7 @@ writing only checked request heads (`h1wire`):
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +137,8 @@ class H1Client:
         self._scheme = "http" if plain_http else "https"
         self._headers = [caller_header(k.encode(), v.encode()) for k, v in headers]
         self._idle: dict[_Origin, list[_Connection]] = {}
+        self._busy: dict[_Origin, int] = {}
+        """Requests (and `warm`s) under way per origin: each gives a connection back."""
         self._origins: dict[str, _Origin] = {}
         self.idle_expiry = idle_expiry
         self.max_idle = max_idle_per_origin
@@ -221,36 +224,55 @@ class H1Client:
         except (ValueError, UnicodeError) as exc:
             raise TransportError(f"request cannot be sent: {exc}") from None
         args = (head, body, limit, on_data)
-        connection = await self._take(origin)
-        if connection is not None:
+        self._busy[origin] = self._busy.get(origin, 0) + 1
+        try:
+            connection = await self._take(origin)
+            if connection is not None:
+                try:
+                    return await self._exchange(origin, connection, *args)
+                except _NoReply:
+                    if not self.resend_unanswered:
+                        raise TransportError(
+                            f"{origin.authority} closed a kept connection without answering: "
+                            "the request may have been executed; it is not sent again"
+                        ) from None
+                    # most likely closed by the server before it took the request: anew
+            connection = await self._connect(origin)
             try:
                 return await self._exchange(origin, connection, *args)
-            except _NoReply:
-                if not self.resend_unanswered:
-                    raise TransportError(
-                        f"{origin.authority} closed a kept connection without answering: the "
-                        "request may have been executed; it is not sent again"
-                    ) from None
-                # most likely closed by the server before it took the request: once more, anew
-        connection = await self._connect(origin)
-        try:
-            return await self._exchange(origin, connection, *args)
-        except _NoReply as exc:
-            raise TransportError(f"{origin.authority} closed the connection: {exc}") from None
+            except _NoReply as exc:
+                raise TransportError(f"{origin.authority} closed the connection: {exc}") from None
+        finally:
+            self._done(origin)
+
+    def _done(self, origin: _Origin) -> None:
+        left = self._busy.pop(origin, 1) - 1
+        if left:
+            self._busy[origin] = left
 
     async def warm(self, base_url: str) -> bool:
         """Have a kept-alive connection to `base_url`'s origin ready for the next request:
-        open one now if none is idle and fresh, so that the connection (a TLS handshake, a few
-        ms) comes before that request rather than on its path. Whether one was opened.
-        `ConnectFailed` as for a request."""
+        open one now if none is idle and fresh (expired ones are closed) and no request (or
+        other `warm`) to it is under way, so that the connection (a TLS handshake, a few ms)
+        comes before that request rather than on its path. Whether one was opened and kept.
+        `ConnectFailed` as for a request; `trio.TooSlowError` past the client's `timeout`."""
         origin = self._origin(base_url)
-        now = trio.current_time()
-        if any(not c.stale(now, self.idle_expiry) for c in reversed(self._idle.get(origin, []))):
-            return False  # (stale ones are closed by the next request's `_take`)
-        connection = await self._connect(origin)
-        if not self._give_back(origin, connection):
-            await connection.aclose()
-        return True
+        if self._busy.get(origin):
+            return False  # a connection comes back when that request ends
+        self._busy[origin] = 1
+        try:
+            with trio.fail_after(self.timeout if self.timeout is not None else math.inf):
+                kept = await self._take(origin)
+                if kept is not None:  # fresh: back on top, as it was (its idle time unchanged)
+                    self._idle.setdefault(origin, []).append(kept)
+                    return False
+                connection = await self._connect(origin)
+        finally:
+            self._done(origin)
+        if self._give_back(origin, connection):
+            return True
+        await connection.aclose()
+        return False
 
     async def aclose(self) -> None:
         self._closed = True
@@ -262,8 +284,17 @@ class H1Client:
     # -- connections ---------------------------------------------------------------------------
 
     async def _take(self, origin: _Origin) -> _Connection | None:
+        """The most recently used idle connection that is still fresh; every one too long idle
+        is closed first (taken from the top, older ones would otherwise wait at the bottom,
+        their server long gone)."""
         idle = self._idle.get(origin)
         now = trio.current_time()
+        if idle:
+            expired = [c for c in idle if now - c.idle_since > self.idle_expiry]
+            if expired:
+                idle[:] = [c for c in idle if now - c.idle_since <= self.idle_expiry]
+                for connection in expired:
+                    await connection.aclose()
         while idle:
             connection = idle.pop()
             if not connection.stale(now, self.idle_expiry):

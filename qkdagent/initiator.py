@@ -100,23 +100,31 @@ class Initiator:
                 "rotate", record.epoch + 1, self._key_ids(keys), record.auth_key
             )
             self._prefetched = _Prefetched(record, keys, body, nonce)
-            if self._announces and trio.current_time() >= self._announce_paused_until:
+            announce = self._announces and trio.current_time() >= self._announce_paused_until
+            if announce:
                 with trio.move_on_after(self.env.rotation_timeout):
                     await self._announce(record, self._key_ids(keys))
-            else:
-                with trio.move_on_at(due):  # never holds the rotation back
-                    await self._warm()
+        if not announce:  # (holding neither the link nor a rotation slot)
+            with trio.move_on_at(due):  # never later than the rotation
+                await self._warm()
 
     async def _warm(self) -> None:
         """Have the connection the rotation will use made now if none is kept: at the 120 s
         default interval the client has dropped the last one (it keeps them 100 s), and the
         TLS handshake, more than the rest of a rotation on loopback, came on its path. (An
-        announce does this for links whose sources fetch ahead.) A failure is the rotation's
-        to report."""
+        announce does this for links whose sources fetch ahead.) Whatever goes wrong is the
+        rotation's to meet and report."""
         try:
             await self.env.client.warm(self.config.peer_url)
         except (TransportError, trio.TooSlowError) as exc:
             log.debug("link %s: no connection made ahead: %s", self.name, type(exc).__name__)
+        except Exception as exc:  # a bug: logged, and the rotation goes ahead
+            log.error(
+                "link %s: making a connection ahead raised %s (a bug)",
+                self.name,
+                type(exc).__name__,
+                extra={"link": self.name, "stage": "internal"},
+            )
 
     async def _announce(self, record: LinkRecord, key_ids: tuple[tuple[str, str], ...]) -> None:
         """Name the next rotation's key IDs to the peer, which fetches them ahead (one attempt;

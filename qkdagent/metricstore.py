@@ -62,7 +62,7 @@ class LabelledValues:
     def exposition_parts(self, samples: int) -> Iterator[str]:
         """`exposition()` in pieces of at most `samples` samples each, from the label sets
         there are when it starts: a scrape can give the event loop back between pieces (at
-        10,000 links a whole scrape held it for about 70 ms), and a link added or removed
+        10,000 links a whole scrape held it for about 0.1 s), and a link added or removed
         meanwhile changes nothing in what is written."""
         name = f"{self.name}_total" if self.kind == "counter" else self.name
         text = self.documentation.replace("\\", r"\\").replace("\n", r"\n")

@@ -214,25 +214,70 @@ async def test_a_kept_connection_the_server_dropped_is_replaced_once(tmp_path: P
 
 
 async def test_a_connection_made_ahead_serves_the_next_request(tmp_path: Path) -> None:
-    """`warm` opens a connection only when none is kept fresh, and the next request goes on
-    it: the TLS handshake is off that request's path."""
+    """`warm` opens a connection only when none is kept fresh, closes the expired ones, and
+    the next request goes on the one it made: the TLS handshake is off that request's path.
+    Cycles of (expiry, warm, request), as at the default interval, keep one connection."""
     async with trio.open_nursery() as nursery:
         url, seen = await _keepalive_server(tmp_path, nursery, None)
         client = PeerClient(_tls(tmp_path, "alice"), timeout=10)
-        await client.warm(url)
-        await trio.testing.wait_all_tasks_blocked()
+        http = client._client
+        assert await http.warm(url)
         assert seen == {"connections": 1, "requests": 0, "dropped": 0}
         assert (await client.post(url, "alice-bob", "rotate", b"{}")).status == 200
-        await client.warm(url)  # one is kept, fresh: nothing to do
+        assert not await http.warm(url)  # one is kept, fresh: nothing to do
         assert seen == {"connections": 1, "requests": 1, "dropped": 0}
-        client._client.idle_expiry = 0.0  # every kept connection is now too old
-        await trio.sleep(0.01)
-        await client.warm(url)
-        await trio.testing.wait_all_tasks_blocked()
-        assert seen["connections"] == 2
-        client._client.idle_expiry = 100.0
+        for cycle in range(2, 6):
+            http.idle_expiry = 0.0  # every kept connection is now too old
+            await trio.sleep(0.01)
+            assert await http.warm(url)
+            http.idle_expiry = 100.0
+            assert [len(kept) for kept in http._idle.values()] == [1]  # expired: closed
+            assert (await client.post(url, "alice-bob", "rotate", b"{}")).status == 200
+            assert seen == {"connections": cycle, "requests": cycle, "dropped": 0}
+        async with trio.open_nursery() as two:  # side by side: a second connection
+            for _ in range(2):
+                two.start_soon(partial(client.post, url, "alice-bob", "rotate", b"{}"))
+        (kept,) = http._idle.values()
+        assert len(kept) == 2
+        kept[0].idle_since -= 1000  # the one below has expired, the one on top has not
         assert (await client.post(url, "alice-bob", "rotate", b"{}")).status == 200
-        assert seen == {"connections": 2, "requests": 2, "dropped": 0}
+        assert len(kept) == 1  # closed, not left below the fresh one for good
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_connection_is_made_ahead_while_a_request_is_under_way(tmp_path: Path) -> None:
+    """A request under way gives its connection back when it ends (at many links some
+    always are): `warm` then opens nothing, nor does a second `warm` beside a first."""
+    async with trio.open_nursery() as nursery:
+        url, seen = await _keepalive_server(tmp_path, nursery, None)
+        client = PeerClient(_tls(tmp_path, "alice"), timeout=10)
+        http = client._client
+        warmed: list[bool] = []
+
+        async def warm() -> None:
+            warmed.append(await http.warm(url))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(warm)
+            inner.start_soon(warm)
+        assert sorted(warmed) == [False, True] and seen["connections"] == 1
+        await client.aclose()
+        arrived, release = trio.Event(), trio.Event()
+
+        async def answer_when_released(stream: trio.SSLStream, sent: dict) -> None:
+            arrived.set()
+            await release.wait()
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+
+        url, _ = await _serve(tmp_path, nursery, "bob", answer_when_released)
+        client = PeerClient(_tls(tmp_path, "alice"), timeout=10)
+        async with trio.open_nursery() as inner:
+            inner.start_soon(partial(client.post, url, "alice-bob", "rotate", b"{}"))
+            await arrived.wait()  # the request is under way
+            assert not await client._client.warm(url)
+            release.set()
+        assert [len(kept) for kept in client._client._idle.values()] == [1]
         await client.aclose()
         nursery.cancel_scope.cancel()
 

@@ -169,7 +169,7 @@ async def test_a_link_that_announces_nothing_has_its_connection_made_ahead(
         network.warmed.clear()
         await trio.sleep(3 * INTERVAL + 10)
         installs = pair.sink("alice", "rec").installs
-    assert network.warmed == [bob_url] * 3  # once per rotation after the first
+    assert list(network.warmed) == [bob_url] * 3  # once per rotation after the first
     assert [r.key_ids[0] for r in installs] == [key_id for _, key_id in log]
     assert all(abs(r.time - start - n * INTERVAL) < 1 for n, r in enumerate(installs[1:], 1))
 
@@ -186,7 +186,30 @@ async def test_a_peer_that_cannot_be_reached_ahead_still_gets_its_rotation(
         network.down.add(bob_url)
         await trio.sleep(INTERVAL - 0.5)  # the prefetch of rotation 2 tried, and failed
         assert network.warmed[-1] == bob_url
-        assert pair.alice.link("alice-bob").status.failures == 0
+        status = pair.alice.link("alice-bob").status
+        assert status.failures == 0 and status.last_error is None  # nothing to report yet
         network.down.discard(bob_url)
         await pair.wait_for_epoch(2)
         assert trio.current_time() - start < INTERVAL + 1
+
+
+async def test_a_connection_that_hangs_ahead_never_holds_the_rotation_back(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Making the connection ahead stops when the rotation is due (a peer that takes the TCP
+    connection and never finishes the TLS handshake): the rotation starts on time."""
+    async with _running_pair(tmp_path) as (pair, _, _):
+        runtime = pair.alice.link("alice-bob")
+        hung: list[float] = []
+
+        async def hang(peer_url: str) -> None:
+            hung.append(trio.current_time())
+            await trio.sleep_forever()
+
+        runtime.env.client.warm = hang
+        start = trio.current_time()
+        await trio.sleep(2 * INTERVAL + 10)  # rotations 2 and 3, each after a hung warm
+        installs = pair.sink("alice", "rec").installs
+    assert len(hung) == 2 and runtime.record.epoch == 3
+    for n, record in enumerate(installs[-2:], start=1):
+        assert abs(record.time - start - n * INTERVAL) < 0.5, (n, record.time - start)

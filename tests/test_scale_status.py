@@ -14,6 +14,7 @@ from qkdagent.observability import (
     SCRAPE_SAMPLES,
     STATUS_LINKS,
     Metrics,
+    StatusApp,
     status_body,
     status_json,
 )
@@ -84,7 +85,11 @@ async def test_a_metrics_scrape_gives_the_loop_back_and_writes_what_exposition_w
     body, turns = await _turns_of_another_task_during(metrics.scrape)
     assert body == metrics.exposition()
     assert body.count(b'link="link00000"') >= 2 and f"link{links - 1:05d}".encode() in body
-    assert turns >= 10  # rotations, epoch, last success: each in pieces
+    assert turns >= 15  # rotations, epoch, last success: each in five pieces
+    for family in metrics._per_link:
+        for part in family.exposition_parts(SCRAPE_SAMPLES):
+            samples = [line for line in part.splitlines() if not line.startswith("#")]
+            assert len(samples) <= SCRAPE_SAMPLES
 
 
 async def test_a_link_added_during_a_scrape_does_not_break_it() -> None:
@@ -102,8 +107,11 @@ async def test_a_link_added_during_a_scrape_does_not_break_it() -> None:
             nursery.start_soon(scrape)
             for i in range(50):
                 await trio.lowlevel.checkpoint()
+                if result:
+                    break
                 metrics.rotation_done(f"new{i:02d}", 1, 0.01)
                 metrics.forget(f"link{i:05d}")
+            assert i >= 5  # links came and went while it was being written
         return result[0]
 
     body = await scrape_while_links_come_and_go()
@@ -112,3 +120,41 @@ async def test_a_link_added_during_a_scrape_does_not_break_it() -> None:
     # each family is written from the links it had when its turn came
     assert SCRAPE_SAMPLES * 3 - 50 <= len(rotations) <= SCRAPE_SAMPLES * 3 + 50
     assert len({s.labels["link"] for s in rotations}) == len(rotations)
+
+
+async def test_concurrent_scrapes_write_one_body_at_a_time() -> None:
+    """Each body gives the loop back as it is written, so requests could interleave and each
+    hold a whole body: the app writes one at a time, and each gets the whole of its own."""
+    metrics = Metrics()
+    for i in range(SCRAPE_SAMPLES * 3):
+        metrics.rotation_done(f"link{i:05d}", 1, 0.01)
+    scrape, writing, most = metrics.scrape, [0], [0]
+
+    async def counted() -> bytes:
+        writing[0] += 1
+        most[0] = max(most[0], writing[0])
+        try:
+            return await scrape()
+        finally:
+            writing[0] -= 1
+
+    metrics.scrape = counted  # type: ignore[method-assign]
+    app = StatusApp(lambda: {"links": iter(())}, metrics)
+    bodies: list[bytes] = []
+
+    async def get(path: str) -> None:
+        sent: list[dict[str, Any]] = []
+
+        async def send(event: dict[str, Any]) -> None:
+            sent.append(event)
+
+        await app({"type": "http", "method": "GET", "path": path}, None, send)
+        assert sent[0]["status"] == 200
+        bodies.append(sent[1]["body"])
+
+    async with trio.open_nursery() as nursery:
+        for path in ("/metrics", "/metrics", "/status", "/metrics"):
+            nursery.start_soon(get, path)
+    assert most == [1] and len(bodies) == 4
+    assert sorted(bodies, key=len)[0] == b'{"links": []}\n'
+    assert all(body == metrics.exposition() for body in sorted(bodies, key=len)[1:])

@@ -9,6 +9,7 @@ nursery) while the requester has its reply.
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -32,9 +33,9 @@ class LocalNetwork:
         """URLs currently unreachable (a stopped or partitioned agent)."""
         self.interceptors: dict[str, Interceptor] = {}
         """URL -> what stands in the path to it (see `qkdagent.testing.ManInTheMiddle`)."""
-        self.warmed: list[str] = []
+        self.warmed: collections.deque[str] = collections.deque(maxlen=1000)
         """URLs clients were asked to have a connection ready for (`LocalClient.warm`), in
-        order."""
+        order (the last 1,000)."""
 
     def attach(
         self,
