@@ -262,10 +262,9 @@ class H1Client:
         self._busy[origin] = 1
         try:
             with trio.fail_after(self.timeout if self.timeout is not None else math.inf):
-                kept = await self._take(origin)
-                if kept is not None:  # fresh: back on top, as it was (its idle time unchanged)
-                    self._idle.setdefault(origin, []).append(kept)
-                    return False
+                await self._close_expired(origin)
+                if self._idle.get(origin):
+                    return False  # (whether its server closed it, the request's `_take` sees)
                 connection = await self._connect(origin)
         finally:
             self._done(origin)
@@ -283,18 +282,23 @@ class H1Client:
 
     # -- connections ---------------------------------------------------------------------------
 
-    async def _take(self, origin: _Origin) -> _Connection | None:
-        """The most recently used idle connection that is still fresh; every one too long idle
-        is closed first (taken from the top, older ones would otherwise wait at the bottom,
-        their server long gone)."""
+    async def _close_expired(self, origin: _Origin) -> None:
+        """Close every idle connection to `origin` idle too long (`_take` takes from the top:
+        older ones would otherwise wait at the bottom for good, their server long gone)."""
         idle = self._idle.get(origin)
         now = trio.current_time()
-        if idle:
+        # given back in turn, on top: the one at the bottom has been idle longest
+        if idle and now - idle[0].idle_since > self.idle_expiry:
             expired = [c for c in idle if now - c.idle_since > self.idle_expiry]
-            if expired:
-                idle[:] = [c for c in idle if now - c.idle_since <= self.idle_expiry]
-                for connection in expired:
-                    await connection.aclose()
+            idle[:] = [c for c in idle if now - c.idle_since <= self.idle_expiry]
+            for connection in expired:
+                await connection.aclose()
+
+    async def _take(self, origin: _Origin) -> _Connection | None:
+        """The most recently used idle connection that is still fresh (expired ones closed)."""
+        await self._close_expired(origin)
+        idle = self._idle.get(origin)
+        now = trio.current_time()
         while idle:
             connection = idle.pop()
             if not connection.stale(now, self.idle_expiry):
