@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ async def run_pair(
     ended = {"alice": trio.Event(), "bob": trio.Event()}
     started = time.monotonic()
 
-    async def run(agent: Agent, name: str, task_status: trio.TaskStatus[None]) -> None:
+    async def run(agent: Agent, name: str, task_status: trio.TaskStatus[Agent]) -> None:
         try:
             await agent.run(shutdown_trigger=stops[name].wait, task_status=task_status)
         finally:
@@ -555,9 +556,30 @@ def cmd_procs(args: argparse.Namespace) -> None:
     )
 
 
-async def _traced_agent(config: dict[str, Any], links: int, settle: float) -> float:
-    """Run one agent until each of its links committed once and `settle` more seconds;
-    returns the seconds from start to ready (every link opened)."""
+@contextlib.contextmanager
+def _peer_process(args: argparse.Namespace, side: str) -> Iterator[dict[str, Any]]:
+    """`side`'s config of the `procs` pair (`process_configs`), its peer running as a
+    `qkdagent run` process until the block ends (for `memory` and `scrape --agent`)."""
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    with (
+        tempfile.TemporaryDirectory(dir=shm) as keys,
+        tempfile.TemporaryDirectory(dir=shm) as out,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        base = process_configs(Path(tmp), Path(keys), Path(out), args)
+        peer = "bob" if side == "alice" else "alice"
+        proc = spawn(base[peer], Path(tmp), peer)
+        try:
+            yield base[side]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+
+
+@contextlib.asynccontextmanager
+async def _rotated_agent(config: dict[str, Any], links: int) -> AsyncIterator[tuple[Agent, float]]:
+    """One agent in this process, once each of its links has committed, and the seconds from
+    its start to ready (every link opened); stopped when the block ends."""
     stop = trio.Event()
     started = trio.current_time()
     async with trio.open_nursery() as nursery:
@@ -566,10 +588,19 @@ async def _traced_agent(config: dict[str, Any], links: int, settle: float) -> fl
         ready = trio.current_time() - started
         while sum(agent.link(n).record.epoch >= 1 for n in agent.links) < links:  # noqa: ASYNC110
             await trio.sleep(0.5)
+        try:
+            yield agent, ready
+        finally:
+            stop.set()
+
+
+async def _traced_agent(config: dict[str, Any], links: int, settle: float) -> float:
+    """Run one agent until each of its links committed once and `settle` more seconds, then
+    take the tracemalloc snapshot; returns the seconds from start to ready."""
+    async with _rotated_agent(config, links) as (_, ready):
         await trio.sleep(settle)
         gc.collect()
         memory["snapshot"] = tracemalloc.take_snapshot()
-        stop.set()
     return ready
 
 
@@ -579,21 +610,9 @@ memory: dict[str, tracemalloc.Snapshot] = {}
 def cmd_memory(args: argparse.Namespace) -> None:
     """tracemalloc of one agent at N links (its peer a `qkdagent run` process), after every
     link's first rotation: the top allocation sites, and bytes per link."""
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    with (
-        tempfile.TemporaryDirectory(dir=shm) as keys,
-        tempfile.TemporaryDirectory(dir=shm) as out,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        base = process_configs(Path(tmp), Path(keys), Path(out), args)
-        peer = "bob" if args.side == "alice" else "alice"
-        proc = spawn(base[peer], Path(tmp), peer)
-        try:
-            tracemalloc.start(args.frames)
-            ready = trio.run(_traced_agent, base[args.side], args.links, args.settle)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
+    with _peer_process(args, args.side) as config:
+        tracemalloc.start(args.frames)
+        ready = trio.run(_traced_agent, config, args.links, args.settle)
     snapshot = memory["snapshot"].filter_traces(
         [tracemalloc.Filter(False, tracemalloc.__file__), tracemalloc.Filter(False, "<unknown>")]
     )
@@ -649,12 +668,7 @@ async def _scrape_agent(config: dict[str, Any], links: int, repeat: int) -> None
     a `/metrics` scrape hold its loop, in one go and as served (in pieces)."""
     from qkdagent.observability import status_body, status_json
 
-    stop = trio.Event()
-    async with trio.open_nursery() as nursery:
-        agent = Agent(parse_config(config))
-        await nursery.start(partial(agent.run, shutdown_trigger=stop.wait))
-        while sum(agent.link(n).record.epoch >= 1 for n in agent.links) < links:  # noqa: ASYNC110
-            await trio.sleep(0.5)
+    async with _rotated_agent(config, links) as (agent, _):
 
         async def one_go_status() -> bytes:
             return status_json(agent._status())
@@ -676,25 +690,12 @@ async def _scrape_agent(config: dict[str, Any], links: int, repeat: int) -> None
         for name, work in works:
             holds = [await _longest_hold(work) * 1000 for _ in range(repeat)]
             print(f"  {name:<20} {_spread(holds, '.1f')}")
-        stop.set()
 
 
 def cmd_scrape(args: argparse.Namespace) -> None:
     if args.agent:
-        shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-        args.interval, args.parallel, args.sink = 120.0, 64, "file"
-        with (
-            tempfile.TemporaryDirectory(dir=shm) as keys,
-            tempfile.TemporaryDirectory(dir=shm) as out,
-            tempfile.TemporaryDirectory() as tmp,
-        ):
-            base = process_configs(Path(tmp), Path(keys), Path(out), args)
-            proc = spawn(base["bob"], Path(tmp), "bob")
-            try:
-                trio.run(_scrape_agent, base["alice"], args.links, 5)
-            finally:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=120)
+        with _peer_process(args, "alice") as config:
+            trio.run(_scrape_agent, config, args.links, 5)
         return
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.registry import Collector
@@ -773,6 +774,9 @@ def main() -> None:
     p.add_argument("--frames", type=int, default=1, help="traceback depth per site")
     p = sub.add_parser("scrape")
     p.add_argument("--links", type=int, default=10000)
+    p.add_argument("--interval", type=float, default=120.0, help="with --agent")
+    p.add_argument("--parallel", type=int, default=64, help="with --agent")
+    p.add_argument("--sink", choices=("file", "recording"), default="file", help="with --agent")
     p.add_argument(
         "--agent",
         action="store_true",
