@@ -398,21 +398,28 @@ def spawn(config: dict[str, Any], tmp: Path, name: str) -> subprocess.Popen[byte
     )
 
 
-def procs_once(args: argparse.Namespace) -> dict[str, Any]:
-    """One run of `procs`: two `qkdagent run` processes, N links; figures per agent."""
+@contextlib.contextmanager
+def _process_pair(args: argparse.Namespace) -> Iterator[tuple[dict[str, dict[str, Any]], Path]]:
+    """The `procs` pair's configs (`process_configs`: key files and sink files on /dev/shm)
+    and the directory for their state and logs, all removed when the block ends."""
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
     with (
         tempfile.TemporaryDirectory(dir=shm) as keys,
         tempfile.TemporaryDirectory(dir=shm) as out,
         tempfile.TemporaryDirectory() as tmp,
     ):
-        base = process_configs(Path(tmp), Path(keys), Path(out), args)
+        yield process_configs(Path(tmp), Path(keys), Path(out), args), Path(tmp)
+
+
+def procs_once(args: argparse.Namespace) -> dict[str, Any]:
+    """One run of `procs`: two `qkdagent run` processes, N links; figures per agent."""
+    with _process_pair(args) as (base, tmp):
         procs, status_urls, logs = {}, {}, {}
         started = time.monotonic()
         for name in ("bob", "alice"):
             status_urls[name] = f"http://{base[name]['agent']['status_listen']}/status"
-            logs[name] = Path(tmp) / f"{name}.log"
-            procs[name] = spawn(base[name], Path(tmp), name)
+            logs[name] = tmp / f"{name}.log"
+            procs[name] = spawn(base[name], tmp, name)
         try:
             ready = {n: _wait_ready(logs[n], p, started) for n, p in procs.items()}
             while True:
@@ -560,15 +567,9 @@ def cmd_procs(args: argparse.Namespace) -> None:
 def _peer_process(args: argparse.Namespace, side: str) -> Iterator[dict[str, Any]]:
     """`side`'s config of the `procs` pair (`process_configs`), its peer running as a
     `qkdagent run` process until the block ends (for `memory` and `scrape --agent`)."""
-    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-    with (
-        tempfile.TemporaryDirectory(dir=shm) as keys,
-        tempfile.TemporaryDirectory(dir=shm) as out,
-        tempfile.TemporaryDirectory() as tmp,
-    ):
-        base = process_configs(Path(tmp), Path(keys), Path(out), args)
+    with _process_pair(args) as (base, tmp):
         peer = "bob" if side == "alice" else "alice"
-        proc = spawn(base[peer], Path(tmp), peer)
+        proc = spawn(base[peer], tmp, peer)
         try:
             yield base[side]
         finally:
