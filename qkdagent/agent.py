@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from .peering import ReplyNow
 from .plugins import Plugins
 from .responder import NOT_A_PEER
 from .services import start_services
-from .state import StateStore
+from .state import StateStore, used_ids_footprint, used_ids_room_warning
 from .timers import LinkTimers
 from .transport import HttpsTransport, PeerPoster, Transport
 
@@ -127,7 +128,11 @@ class Agent:
         task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         stop = trio.Event()
-        store = StateStore(self.settings.state_dir, threaded=self.transport.threaded_state)
+        store = StateStore(
+            self.settings.state_dir,
+            threaded=self.transport.threaded_state,
+            keep_used_ids=self.settings.used_key_ids_kept,
+        )
         client: PeerPoster | None = None
         try:
             async with trio.open_nursery() as servers:
@@ -178,6 +183,7 @@ class Agent:
             self._running = _Running(env, links, servers)
             await links.start(env.timers.run)
             await self._start_links(list(self.config.links.values()))
+            self._check_state_room()
             log.info(
                 "agent %s ready: %d links, peer API %s",
                 self.name,
@@ -316,6 +322,22 @@ class Agent:
                 task = _LinkTask(runtime)
                 self._tasks[runtime.name] = task
                 await links.start(_run_isolated, task)
+
+    def _check_state_room(self) -> None:
+        """Warn when the used key IDs the links will remember would crowd the state's disk:
+        at 10,000 links the default retention comes to about 160 GB (README, `[agent]`)."""
+        keep = self.settings.used_key_ids_kept
+        need = used_ids_footprint(((c.name, c.sources) for c in self.config.links.values()), keep)
+        store = self._state().env.store
+        try:
+            free = shutil.disk_usage(store.state_dir).free
+            held = store.path.stat().st_size
+        except OSError as exc:  # nothing to compare with: the estimate alone
+            log.debug("state: no free-space figure for %s: %s", store.state_dir, exc.strerror)
+            return
+        warning = used_ids_room_warning(need, free, held, keep)
+        if warning is not None:
+            log.warning("state: %s", warning)
 
     async def _stop_link(self, name: str) -> BaseLink:
         """Stop a link's timer (after any exchange under way) and forget it; returns it."""
@@ -475,6 +497,8 @@ class Agent:
             "changed": list(plan.changed_links),
         }
         log.info("config reloaded: %s", summary)
+        if plan.added_links:
+            self._check_state_room()
         for config in self.config.links.values():
             if config.insecure and config.name not in restarted:  # those said so as they opened
                 log.warning(insecure_warning(config), extra={"link": config.name})

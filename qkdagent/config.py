@@ -19,6 +19,7 @@ from .fileutil import FileCheckError, read_regular_file
 from .options import Options
 from .scheduler import Timing
 from .secret import Secret
+from .state import USED_KEY_ID_RETENTION
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,9 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BUILTIN_PLUGINS = ("file", "exec")
 ROLES = ("initiator", "responder", "auto")
 NATIVE = "native"
+MIN_USED_KEY_IDS_KEPT = 1000
+"""The fewest used key IDs a link may be set to remember (`used_key_ids_kept`): 1.4 days of
+rotations at the default interval, with one source."""
 """The link protocol of DESIGN §4; another `protocol` is a plugin's (`LinkProtocol`)."""
 MAX_CONFIG_BYTES = 16 << 20
 MAX_DOTTED_PARTS = 64
@@ -92,6 +96,8 @@ class AgentSettings:
     """Peer API connections from one address; above a peer's `max_parallel_rotations`."""
     handshake_timeout: float = 5.0
     request_timeout: float = 10.0
+    used_key_ids_kept: int = USED_KEY_ID_RETENTION
+    """Used key IDs each link remembers, at least (refused if a source hands one out again)."""
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,9 @@ def _agent(opts: Options) -> AgentSettings:
         ),
         handshake_timeout=opts.number("handshake_timeout", 5.0, positive=True, max=300),
         request_timeout=opts.number("request_timeout", 10.0, positive=True, max=600),
+        used_key_ids_kept=opts.integer(
+            "used_key_ids_kept", USED_KEY_ID_RETENTION, min=MIN_USED_KEY_IDS_KEPT, max=10**9
+        ),
     )
     tls.finish()
     _check_ports_differ(opts, settings.listen, settings.status_listen)

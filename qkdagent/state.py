@@ -32,7 +32,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -72,11 +72,22 @@ WAL_HEADER = 32
 WAL_FRAME_HEADER = 24
 """Bytes of SQLite's log header and of each frame's header (https://sqlite.org/fileformat.html)."""
 USED_KEY_ID_RETENTION = 100_000
-"""Used key IDs remembered per link, at least; older ones are pruned (sources delete them
-anyway)."""
+"""Used key IDs remembered per link, at least, by default (`[agent] used_key_ids_kept`); older
+ones are pruned (sources delete them anyway)."""
 USED_KEY_ID_PRUNE = 64
 """...every this many IDs marked, not on every commit (a statement less on most of them): at
 most this many more are kept."""
+USED_KEY_ID_PRUNE_MAX = 1024
+"""Most IDs one prune deletes, oldest first (with `secure_delete`, 23 ms on this VM's ext4): after
+the retention is lowered, a link catches up over its next rotations instead of one commit
+deleting up to the old retention's worth (at 100,000, seconds of a blocked store)."""
+USED_KEY_ID_ROW = (34.0, 3.5, 2.4, 2.4)
+"""Bytes a used key ID takes in the state file: a constant, and per character of the link's
+name, the source's id and the key ID (the row, its primary key and the sequence index).
+Measured on 100,000-row tables (a 10-character link, source `kme`, UUID key IDs: 162 bytes);
+`used_ids_footprint` estimates from it."""
+UUID_LENGTH = 36
+"""Characters of the key IDs most sources hand out (ETSI 014 and 004 KMEs: UUIDs)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS links (
@@ -191,8 +202,16 @@ def _outputs_load(text: str) -> dict[str, Secret]:
 class StateStore:
     """One SQLite connection used from a single worker thread at a time."""
 
-    def __init__(self, state_dir: Path, *, threaded: bool = True) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        threaded: bool = True,
+        keep_used_ids: int = USED_KEY_ID_RETENTION,
+    ) -> None:
         self.state_dir = state_dir
+        self.keep_used_ids = keep_used_ids
+        """Used key IDs remembered per link, at least (`[agent] used_key_ids_kept`)."""
         # A symlinked state_dir or state.db never gets its target chmod-ed (see private_dir).
         private_dir(state_dir, create=True)
         path = state_dir / "state.db"
@@ -575,8 +594,9 @@ class StateStore:
         last = seq + len(key_ids)
         if seq // USED_KEY_ID_PRUNE != last // USED_KEY_ID_PRUNE:
             self._db.execute(
-                "DELETE FROM used_key_ids WHERE link = ? AND seq <= ?",
-                (name, last - USED_KEY_ID_RETENTION),
+                "DELETE FROM used_key_ids WHERE rowid IN (SELECT rowid FROM used_key_ids "
+                "WHERE link = ? AND seq <= ? ORDER BY seq LIMIT ?)",
+                (name, last - self.keep_used_ids, USED_KEY_ID_PRUNE_MAX),
             )
 
     def store_pending(self, name: str, pending: Pending, *, mark_used: bool) -> None:
@@ -669,6 +689,42 @@ class StateStore:
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db, self._checkpoint)
+
+
+def used_ids_footprint(links: Iterable[tuple[str, Sequence[str]]], keep: int) -> int:
+    """Bytes the used key IDs of `links` (each a name and its sources' ids) take in the state
+    file once each link remembers `keep` of them: the table only grows until then (pruning
+    frees pages for reuse; the file does not shrink). Key IDs assumed UUIDs; longer ones take
+    more."""
+    base, per_link, per_source, per_key = USED_KEY_ID_ROW
+    total = 0.0
+    for name, sources in links:
+        source = sum(len(s) for s in sources) / len(sources) if sources else 0.0
+        row = base + per_link * len(name) + per_source * source + per_key * UUID_LENGTH
+        total += row * (keep + USED_KEY_ID_PRUNE)
+    return int(total)
+
+
+def used_ids_room_warning(need: int, free: int, held: int, keep: int) -> str | None:
+    """What to tell the operator when the used key IDs (`need` bytes, `used_ids_footprint`)
+    would take more than half of the room the state has (`free` bytes on its filesystem plus
+    the `held` bytes of its file): the table grows to that size over the links' first `keep`
+    rotations (139 days at the default), then the agent fails closed on a full disk."""
+    room = free + held
+    if 2 * need <= room:
+        return None
+    return (
+        f"the links' used key IDs will take about {_size(need)} of state (each link remembers "
+        f"its last {keep:,}: [agent] used_key_ids_kept), against {_size(room)} of room for it "
+        "(free space and the state file): lower used_key_ids_kept or give state_dir more room"
+    )
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{count / 1000:.1f} kB"
 
 
 def _zero_empty_log(path: Path, size: int) -> None:

@@ -288,3 +288,43 @@ async def test_a_refused_reload_closes_the_components_it_prepared(
         assert sorted(closed) == ["bad", "ok"]  # not "rec": the running config is kept
         assert list(pair.alice.components.sinks) == ["rec"]
         await pair.wait_for_epoch(2, timeout=200)  # the link still rotates
+
+
+async def test_used_key_ids_kept_reaches_the_store_and_a_crowded_state_disk_is_warned_of(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`[agent] used_key_ids_kept` is the store's retention; at start (and at a reload that
+    adds links) the agent warns when the used key IDs would take more than half the room the
+    state has: here 10**9 per link, about 160 GB, on any disk this runs on."""
+    from qkdagent import agent as agent_module
+    from qkdagent.state import used_ids_footprint
+
+    huge = {**REC, "agent": {"used_key_ids_kept": 10**9}}
+    crowded = "used_key_ids_kept), against"
+    with caplog.at_level("WARNING", logger="qkdagent.agent"):
+        async with open_agent_pair(tmp_path, alice=huge, bob=REC, local=True) as pair:
+            await pair.wait_for_epoch(1)
+            assert pair.alice.store.keep_used_ids == 10**9
+            assert pair.bob.store.keep_used_ids == 100_000
+            warned = [r.getMessage() for r in caplog.records if crowded in r.getMessage()]
+            assert len(warned) == 1 and "1,000,000,000" in warned[0]  # alice's, not bob's
+
+            # bob's one link fits in the room a reload finds; with a second, it does not
+            one = used_ids_footprint([("alice-bob", ["sim"])], 100_000)
+            room = type("Usage", (), {"free": 3 * one})
+            monkeypatch.setattr(agent_module.shutil, "disk_usage", lambda path: room)
+            held = pair.bob.store.path.stat().st_size
+            assert 2 * one <= 3 * one + held < 2 * (2 * one)
+            caplog.clear()
+            config = copy.deepcopy(pair.configs["bob"])
+            config["links"]["alice-carol"] = {
+                **config["links"]["alice-bob"],
+                "peer": "carol",
+                "peer_url": "https://carol:1",
+            }
+            await pair.bob.reload(parse_config(config))
+            warned = [r.getMessage() for r in caplog.records if crowded in r.getMessage()]
+            assert len(warned) == 1 and "100,000" in warned[0]

@@ -52,6 +52,16 @@ def test_valid_config_loads(tmp_path: Path, paths: dict[str, str]) -> None:
         (('sinks = ["psk"]', 'sinks = ["psk", "psk"]'), "links.alice-bob.sinks", "twice"),
         (('type = "file"', 'typo = "file"'), "sinks.psk.type", "is required"),
         (('plugins = ["memory"]', 'plugins = ["memory"]\nbogus = 1'), "agent.bogus", "not a known"),
+        (
+            ('plugins = ["memory"]', 'plugins = ["memory"]\nused_key_ids_kept = 999'),
+            "agent.used_key_ids_kept",
+            "at least 1000",
+        ),
+        (
+            ('plugins = ["memory"]', 'plugins = ["memory"]\nused_key_ids_kept = "5000"'),
+            "agent.used_key_ids_kept",
+            "must be an integer",
+        ),
     ],
 )
 def test_errors_name_file_key_and_problem(
@@ -65,6 +75,15 @@ def test_errors_name_file_key_and_problem(
     assert info.value.key == key
     assert message in info.value.message
     assert str(info.value).startswith(f"{path}: {key}: ")
+
+
+def test_used_key_ids_kept_defaults_to_the_retention_and_can_be_set(
+    tmp_path: Path, paths: dict[str, str]
+) -> None:
+    text = alice_config(paths)
+    assert load_config(_write(tmp_path, text)).agent.used_key_ids_kept == 100_000
+    text = text.replace('plugins = ["memory"]', 'plugins = ["memory"]\nused_key_ids_kept = 5000')
+    assert load_config(_write(tmp_path, text)).agent.used_key_ids_kept == 5000
 
 
 def test_reject_after_must_exceed_interval(tmp_path: Path, paths: dict[str, str]) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata as md
+import itertools
 import math
 import pickle
+import uuid
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -653,14 +655,14 @@ def test_decimal_reads_only_bounded_ascii_digits(text: str, digits: int, value: 
 def test_used_key_ids_are_remembered_up_to_the_retention_and_pruned_in_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each link keeps its last `USED_KEY_ID_RETENTION` used IDs at least, and at most
-    `USED_KEY_ID_PRUNE` more: a recent ID is still refused, an old one forgotten."""
+    """Each link keeps its last `keep_used_ids` (`[agent] used_key_ids_kept`) used IDs at
+    least, and at most `USED_KEY_ID_PRUNE` more: a recent ID is still refused, an old one
+    forgotten."""
     from qkdagent import state as state_module
     from qkdagent.errors import KeyReuseError
 
-    monkeypatch.setattr(state_module, "USED_KEY_ID_RETENTION", 100)
     monkeypatch.setattr(state_module, "USED_KEY_ID_PRUNE", 8)
-    store = state_module.StateStore(tmp_path / "s")
+    store = state_module.StateStore(tmp_path / "s", keep_used_ids=100)
     chain, auth = Secret.random(), Secret.random()
     store.create("a", "peer", chain, auth)
     store.create("b", "peer", chain, auth)
@@ -680,6 +682,70 @@ def test_used_key_ids_are_remembered_up_to_the_retention_and_pruned_in_steps(
     store.commit("b", epoch=1, chain_key=chain, auth_key=auth, key_ids=(("q", "k300"),),
                  outputs={}, mark_used=True)  # another link's IDs are its own  # fmt: skip
     store.close()
+
+
+def test_a_lowered_retention_is_reached_in_bounded_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `used_key_ids_kept` is lowered, each prune deletes at most
+    `USED_KEY_ID_PRUNE_MAX` of the oldest IDs (not the old retention's worth in one commit),
+    until the link is down to the new retention; the IDs it keeps are the newest."""
+    from qkdagent import state as state_module
+    from qkdagent.errors import KeyReuseError
+
+    monkeypatch.setattr(state_module, "USED_KEY_ID_PRUNE", 8)
+    monkeypatch.setattr(state_module, "USED_KEY_ID_PRUNE_MAX", 20)
+    chain, auth = Secret.random(), Secret.random()
+
+    def mark(store: state_module.StateStore, epoch: int) -> int:
+        store.commit("a", epoch=epoch, chain_key=chain, auth_key=auth,
+                     key_ids=(("q", f"k{epoch}"),), outputs={}, mark_used=True)  # fmt: skip
+        return int(store._db.execute("SELECT COUNT(*) FROM used_key_ids").fetchone()[0])
+
+    store = state_module.StateStore(tmp_path / "s", keep_used_ids=1000)
+    store.create("a", "peer", chain, auth)
+    counts = [mark(store, epoch) for epoch in range(1, 301)]
+    assert counts[-1] == 300  # all kept under the first retention
+    store.close()
+    store = state_module.StateStore(tmp_path / "s", keep_used_ids=100)
+    counts = [mark(store, epoch) for epoch in range(301, 501)]
+    steps = [before - after + 1 for before, after in itertools.pairwise(counts)]
+    assert max(steps) == 20  # a prune deletes the bound, no more
+    assert counts[7] > 300 - 20  # not all of it in the first prune
+    assert 100 <= counts[-1] <= 100 + 8
+    assert not store.is_used("a", "q", "k300") and store.is_used("a", "q", "k401")
+    with pytest.raises(KeyReuseError):
+        mark(store, 450)
+    store.close()
+
+
+def test_the_used_ids_footprint_estimate_is_near_what_the_table_takes(tmp_path: Path) -> None:
+    """`used_ids_footprint` against a real table of UUID key IDs (two links, two names and
+    source lengths), and the warning it leads to only when it crowds the room."""
+    from qkdagent import state as state_module
+
+    store = state_module.StateStore(tmp_path / "s")
+    links = [("alice-bob", ["kme"]), ("a-much-longer-link-name-0001", ["qkd-module-east"])]
+    chain, auth = Secret.random(), Secret.random()
+    for name, _ in links:
+        store.create(name, "peer", chain, auth)
+    store._checkpoint()
+    before = store.path.stat().st_size
+    keep = 3000
+    for name, (source,) in links:
+        for start in range(0, keep, 500):
+            store.commit(name, epoch=start + 1, chain_key=chain, auth_key=auth,
+                         key_ids=tuple((source, str(uuid.uuid4())) for _ in range(500)),
+                         outputs={}, mark_used=True)  # fmt: skip
+    store._checkpoint()
+    grown = store.path.stat().st_size - before
+    estimate = state_module.used_ids_footprint(links, keep)
+    assert 0.75 * grown <= estimate <= 1.3 * grown
+    store.close()
+    warn = state_module.used_ids_room_warning
+    assert warn(estimate, free=2 * estimate, held=0, keep=keep) is None
+    message = warn(estimate, free=estimate, held=estimate // 2, keep=keep)
+    assert message is not None and "used_key_ids_kept" in message and "3,000" in message
 
 
 @pytest.mark.parametrize("arrival", ["behind-a-batch", "together", "one-after-another"])
