@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ from .fileutil import FileCheckError, write_secret_file
 from .heap import settle_heap
 from .logsetup import escape_control, setup_logging
 from .plugins import COMMAND_GROUP, DEMO_GROUP, Plugins, describe_installed, installed
+from .text import decimal
 
 log = logging.getLogger("qkdagent")
 
@@ -93,18 +95,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DECIMAL = re.compile(r"[0-9]{1,9}(\.[0-9]{1,9})?")
+"""A flag's number as typed: ASCII digits, an optional fraction. `int` and `float` also take
+spaces around it, `_` between digits, other scripts' digits, `1e3`, `nan` and `inf`."""
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be a positive integer")
+    value = decimal(text, 9)
+    if value is None or value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive integer of at most 9 digits")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError("must be a positive number")
-    return value
+    if not _DECIMAL.fullmatch(text) or not float(text) > 0:
+        raise argparse.ArgumentTypeError("must be a positive number, such as 2 or 0.5")
+    return float(text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -270,3 +270,30 @@ def test_status_says_when_an_erase_failed() -> None:
     }
     table = format_status({"agent": "alice", "version": "1", "links": [link]})
     assert "ERASE FAILED, retrying (wg0)" in table and "ERASED" not in table
+
+
+@pytest.mark.parametrize("text", [" 1", "1 ", "1_0", "\u0663", "+1", "-1", "0", "1e3", "9" * 10])
+def test_demo_rotations_must_be_plain_digits(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A flag's number is ASCII digits: what `int` also reads (spaces, `_`, other scripts'
+    digits, a sign) is refused with the flag named, before anything runs."""
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--rotations", text])
+    assert info.value.code == 2
+    assert "--rotations: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", [" 1", "1_0.5", "nan", "inf", "1e3", "0", "0.0", "-2", ".5"])
+def test_demo_interval_must_be_a_plain_positive_decimal(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--interval", text])
+    assert info.value.code == 2
+    assert "--interval: " in capsys.readouterr().err
+
+
+def test_demo_number_flags_take_plain_decimals() -> None:
+    from qkdagent.cli import _positive_float, _positive_int
+
+    assert _positive_int("12") == 12 and _positive_float("0.25") == 0.25
+    assert _positive_float("3") == 3.0
