@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NoReturn
 
 import trio
@@ -330,10 +331,16 @@ class Agent:
         need = used_ids_footprint(((c.name, c.sources) for c in self.config.links.values()), keep)
         store = self._state().env.store
         try:
-            free = shutil.disk_usage(store.state_dir).free
+            free = disk_free(store.state_dir)
             held = store.path.stat().st_size
-        except OSError as exc:  # nothing to compare with: the estimate alone
-            log.debug("state: no free-space figure for %s: %s", store.state_dir, exc.strerror)
+        except OSError as exc:  # nothing to compare with: no warning
+            log.info(
+                "state: the links' used key IDs will take about %d MB (no free-space figure "
+                "for %s: %s)",
+                need // 10**6,
+                store.state_dir,
+                exc.strerror,
+            )
             return
         warning = used_ids_room_warning(need, free, held, keep)
         if warning is not None:
@@ -568,6 +575,11 @@ class Agent:
             },
             "recent_component_events": list(self.recent_events),
         }
+
+
+def disk_free(path: Path) -> int:
+    """Bytes free for the agent on the filesystem holding `path` (a seam for tests)."""
+    return shutil.disk_usage(path).free
 
 
 async def _run_isolated(

@@ -27,10 +27,10 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BUILTIN_PLUGINS = ("file", "exec")
 ROLES = ("initiator", "responder", "auto")
 NATIVE = "native"
+"""The link protocol of DESIGN §4; another `protocol` is a plugin's (`LinkProtocol`)."""
 MIN_USED_KEY_IDS_KEPT = 1000
 """The fewest used key IDs a link may be set to remember (`used_key_ids_kept`): 1.4 days of
 rotations at the default interval, with one source."""
-"""The link protocol of DESIGN §4; another `protocol` is a plugin's (`LinkProtocol`)."""
 MAX_CONFIG_BYTES = 16 << 20
 MAX_DOTTED_PARTS = 64
 """Most parts a dotted key or table header may have (real configs use 3). tomllib's time grows

@@ -80,12 +80,17 @@ most this many more are kept."""
 USED_KEY_ID_PRUNE_MAX = 1024
 """Most IDs one prune deletes, oldest first (with `secure_delete`, 23 ms on this VM's ext4): after
 the retention is lowered, a link catches up over its next rotations instead of one commit
-deleting up to the old retention's worth (at 100,000, seconds of a blocked store)."""
+deleting up to the old retention's worth (at 100,000, seconds of a blocked store). A commit
+marks at most `protocol.MAX_SOURCES` (16) IDs, so a prune always deletes more than was marked
+since the last."""
 USED_KEY_ID_ROW = (34.0, 3.5, 2.4, 2.4)
 """Bytes a used key ID takes in the state file: a constant, and per character of the link's
 name, the source's id and the key ID (the row, its primary key and the sequence index).
 Measured on 100,000-row tables (a 10-character link, source `kme`, UUID key IDs: 162 bytes);
 `used_ids_footprint` estimates from it."""
+USED_KEY_ID_REUSE = 1.1
+"""...times this once pruning has begun: pages freed by the prune are reused less tightly than
+a first fill packs them (7-10% more, measured over five turnovers)."""
 UUID_LENGTH = 36
 """Characters of the key IDs most sources hand out (ETSI 014 and 004 KMEs: UUIDs)."""
 
@@ -693,23 +698,24 @@ class StateStore:
 
 def used_ids_footprint(links: Iterable[tuple[str, Sequence[str]]], keep: int) -> int:
     """Bytes the used key IDs of `links` (each a name and its sources' ids) take in the state
-    file once each link remembers `keep` of them: the table only grows until then (pruning
-    frees pages for reuse; the file does not shrink). Key IDs assumed UUIDs; longer ones take
-    more."""
+    file once each link remembers `keep` of them and prunes: the table grows until then, and
+    little after (pruning frees pages for reuse; the file does not shrink). Key IDs assumed
+    UUIDs; longer ones take more."""
     base, per_link, per_source, per_key = USED_KEY_ID_ROW
     total = 0.0
     for name, sources in links:
         source = sum(len(s) for s in sources) / len(sources) if sources else 0.0
         row = base + per_link * len(name) + per_source * source + per_key * UUID_LENGTH
         total += row * (keep + USED_KEY_ID_PRUNE)
-    return int(total)
+    return int(total * USED_KEY_ID_REUSE)
 
 
 def used_ids_room_warning(need: int, free: int, held: int, keep: int) -> str | None:
     """What to tell the operator when the used key IDs (`need` bytes, `used_ids_footprint`)
     would take more than half of the room the state has (`free` bytes on its filesystem plus
     the `held` bytes of its file): the table grows to that size over the links' first `keep`
-    rotations (139 days at the default), then the agent fails closed on a full disk."""
+    key IDs (139 days at the default, with one source), and a full disk fails every link
+    closed."""
     room = free + held
     if 2 * need <= room:
         return None

@@ -296,26 +296,28 @@ async def test_used_key_ids_kept_reaches_the_store_and_a_crowded_state_disk_is_w
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """`[agent] used_key_ids_kept` is the store's retention; at start (and at a reload that
-    adds links) the agent warns when the used key IDs would take more than half the room the
-    state has: here 10**9 per link, about 160 GB, on any disk this runs on."""
+    """`[agent] used_key_ids_kept` is the store's retention; at start, and at a reload that
+    adds links, the agent warns when the used key IDs would take more than half the room the
+    state has (free space, given here, and the state file)."""
     from qkdagent import agent as agent_module
     from qkdagent.state import used_ids_footprint
 
-    huge = {**REC, "agent": {"used_key_ids_kept": 10**9}}
+    one = used_ids_footprint([("alice-bob", ["sim"])], 100_000)  # ~18 MB
+    monkeypatch.setattr(agent_module, "disk_free", lambda path: 3 * one)
     crowded = "used_key_ids_kept), against"
-    with caplog.at_level("WARNING", logger="qkdagent.agent"):
-        async with open_agent_pair(tmp_path, alice=huge, bob=REC, local=True) as pair:
-            await pair.wait_for_epoch(1)
-            assert pair.alice.store.keep_used_ids == 10**9
-            assert pair.bob.store.keep_used_ids == 100_000
-            warned = [r.getMessage() for r in caplog.records if crowded in r.getMessage()]
-            assert len(warned) == 1 and "1,000,000,000" in warned[0]  # alice's, not bob's
 
-            # bob's one link fits in the room a reload finds; with a second, it does not
-            one = used_ids_footprint([("alice-bob", ["sim"])], 100_000)
-            room = type("Usage", (), {"free": 3 * one})
-            monkeypatch.setattr(agent_module.shutil, "disk_usage", lambda path: room)
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if crowded in r.getMessage()]
+
+    alice = {**REC, "agent": {"used_key_ids_kept": 10**6}}  # 10 times bob's default
+    with caplog.at_level("WARNING", logger="qkdagent.agent"):
+        async with open_agent_pair(tmp_path, alice=alice, bob=REC, local=True) as pair:
+            await pair.wait_for_epoch(1)
+            assert pair.alice.store.keep_used_ids == 10**6
+            assert pair.bob.store.keep_used_ids == 100_000
+            assert len(warned()) == 1 and "1,000,000" in warned()[0]  # alice's, not bob's
+
+            # bob's one link fits in the room; with a second, it does not
             held = pair.bob.store.path.stat().st_size
             assert 2 * one <= 3 * one + held < 2 * (2 * one)
             caplog.clear()
@@ -326,5 +328,4 @@ async def test_used_key_ids_kept_reaches_the_store_and_a_crowded_state_disk_is_w
                 "peer_url": "https://carol:1",
             }
             await pair.bob.reload(parse_config(config))
-            warned = [r.getMessage() for r in caplog.records if crowded in r.getMessage()]
-            assert len(warned) == 1 and "100,000" in warned[0]
+            assert len(warned()) == 1 and "100,000" in warned()[0]
