@@ -1,7 +1,7 @@
 """Core benchmark: rotation latency of one link, and an agent pair carrying many links.
 
     python contrib/bench/bench_core.py latency [--rotations 500] [--runs 3] [--in-situ]
-        [--state-dir DIR]
+        [--state-dir DIR] [--no-settle]
     python contrib/bench/bench_core.py scale [--links 1,100,1000,10000] [--seconds 20]
     python contrib/bench/bench_core.py hold [--links 10000] [--interval 120] [--seconds 300]
     python contrib/bench/bench_core.py procs [--links 10000] [--interval 120] [--seconds 300]
@@ -10,8 +10,9 @@
     python contrib/bench/bench_core.py scrape [--links 10000] [--agent]
 
 `latency`, `scale` and `hold` run both agents in this process over real loopback HTTPS with
-mutual TLS, with the in-memory source and recording sinks, state in a temp dir; CPU and peak
-RSS are this process's (both agents together). `procs` runs each agent as its own
+mutual TLS, with the in-memory source and recording sinks, state in a temp dir, the garbage
+collector set as `qkdagent run` sets it once ready; CPU and peak RSS are this process's (both
+agents together). `procs` runs each agent as its own
 `qkdagent run` process (key source: the `keydir` test source on /dev/shm, file sinks there
 too) and reports per agent the time to ready (every link opened) and the RSS then, CPU per
 rotation and RSS over the window; `--runs N` gives min/median/max. `memory` runs one agent in
@@ -50,6 +51,7 @@ import trio
 
 from qkdagent.agent import Agent
 from qkdagent.config import parse_config
+from qkdagent.heap import settle_heap
 from qkdagent.hookspecs import hookimpl
 from qkdagent.plugins import Plugins
 from qkdagent.testing import pair_configs
@@ -105,7 +107,23 @@ def peak_rss_mb() -> float:
 
 
 async def run_pair(
-    directory: Path, links: int, interval: float, jitter: float, seconds: float
+    directory: Path,
+    links: int,
+    interval: float,
+    jitter: float,
+    seconds: float,
+    settle: bool = True,
+) -> dict[str, Any]:
+    thresholds = gc.get_threshold()
+    try:
+        return await _run_pair(directory, links, interval, jitter, seconds, settle)
+    finally:  # what this run froze is collected with the next run's start-up (`scale`)
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
+
+
+async def _run_pair(
+    directory: Path, links: int, interval: float, jitter: float, seconds: float, settle: bool
 ) -> dict[str, Any]:
     cfg = configs(directory, links, interval, jitter)
     collector = Collector()
@@ -129,6 +147,8 @@ async def run_pair(
             await nursery.start(run, agent, name)
             agents[name] = agent
         ready = time.monotonic() - started
+        if settle:  # as `qkdagent run` does once its agent is ready (qkdagent/heap.py)
+            settle_heap()
         cpu0, t0 = cpu(), trio.current_time()
         n0 = len(collector.events)
         await trio.sleep(seconds)
@@ -261,7 +281,7 @@ def cmd_latency(args: argparse.Namespace) -> None:
             # interval long enough that rotations never overlap: measures one rotation end to end
             seconds = args.rotations * 0.05
             with InSitu() if args.in_situ else contextlib.nullcontext() as timed:
-                result = trio.run(run_pair, Path(tmp), 1, 0.05, 0.0, seconds)
+                result = trio.run(run_pair, Path(tmp), 1, 0.05, 0.0, seconds, not args.no_settle)
         d = [x * 1000 for x in result["durations"]]
         runs.append((pct(d, 50), pct(d, 99), result["cpu_ms_per_rotation"]))
         print(f"one link, loopback mTLS, in-memory source: {len(d)} rotations (run {i + 1})")
@@ -747,6 +767,12 @@ def main() -> None:
         "--state-dir",
         help="where the agents' state goes (default: the temp dir); /dev/shm, whose fsyncs do "
         "nothing, separates the code's time from the storage's (not a durable setup)",
+    )
+    p.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="leave the garbage collector as the interpreter sets it, instead of as "
+        "`qkdagent run` does once ready (start-up heap frozen, young generation of 10,000)",
     )
     p = sub.add_parser("scale")
     p.add_argument("--links", default="1,100,1000,10000")
