@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -45,7 +46,12 @@ from .peering import ReplyNow
 from .plugins import Plugins
 from .responder import NOT_A_PEER
 from .services import start_services
-from .state import StateStore, used_ids_footprint, used_ids_room_warning
+from .state import (
+    USED_KEY_ID_PRUNE_MAX,
+    StateStore,
+    used_ids_footprint,
+    used_ids_room_warning,
+)
 from .timers import LinkTimers
 from .transport import HttpsTransport, PeerPoster, Transport
 
@@ -369,6 +375,11 @@ class Agent:
         if drop_state:
             await runtime.erase("removed")
             store = runtime.env.store
+            # the used key IDs first, a bounded transaction at a time (each may be lost to a
+            # power loss: the link is stopped, and the drop that follows is durable)
+            chunk = partial(store.forget_used_ids, runtime.name, USED_KEY_ID_PRUNE_MAX)
+            while await store.run(chunk, durable=False) == USED_KEY_ID_PRUNE_MAX:
+                pass
             await store.run(store.drop, runtime.name)
             if runtime.name not in self.links:
                 self.metrics.forget(runtime.name)

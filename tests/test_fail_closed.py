@@ -281,3 +281,36 @@ async def test_a_state_write_cancelled_before_its_batch_never_commits(tmp_path: 
     record = await store.run(store.load, "l")
     assert record is not None and record.epoch == 0
     store.close()
+
+
+async def test_a_removed_link_forgets_its_used_key_ids_a_bounded_chunk_at_a_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A link removed by a reload takes its used key IDs with it, deleted in transactions of
+    at most `USED_KEY_ID_PRUNE_MAX` (at 100,000 IDs, one transaction held the store for 0.5 s),
+    and the link's other state goes too; another link's IDs stay."""
+    from qkdagent import agent as agent_module
+    from qkdagent.state import StateStore
+
+    monkeypatch.setattr(agent_module, "USED_KEY_ID_PRUNE_MAX", 7)
+    deleted: list[int] = []
+    forget = StateStore.forget_used_ids
+
+    def counted(store: StateStore, name: str, limit: int) -> int:
+        deleted.append(forget(store, name, limit))
+        return deleted[-1]
+
+    monkeypatch.setattr(StateStore, "forget_used_ids", counted)
+    one = {"sinks": {"rec": {"type": "recording"}}}
+    async with open_agent_pair(tmp_path, alice=one, bob=one, link=LINK, local=True) as pair:
+        await pair.wait_for_epoch(30, timeout=3600)
+        db = pair.alice.store._db
+        db.execute("INSERT INTO used_key_ids VALUES ('other', 'sim', 'k', 1)")  # another link's
+        used = db.execute("SELECT COUNT(*) FROM used_key_ids WHERE link = 'alice-bob'")
+        count = used.fetchone()[0]
+        assert count >= 30
+        await pair.alice.reload(_reloaded(pair, lambda c: c["links"].clear()))
+        assert deleted == [7] * (count // 7) + [count % 7]
+        assert pair.alice.store.load("alice-bob") is None
+        rows = db.execute("SELECT link FROM used_key_ids").fetchall()
+        assert rows == [("other",)]
