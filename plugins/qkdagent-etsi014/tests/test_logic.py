@@ -154,6 +154,31 @@ def test_key_container_accepts_keys_and_Keys() -> None:
         assert (key_id, raw) == (item["key_ID"], b"k" * 32)
 
 
+def test_a_variant_member_name_is_short_and_reported_bounded() -> None:
+    """Review finding: `k___...___ey` (a megabyte of underscores) passed as `key`, and the
+    source's warning quoted and kept every such name. Variants are names of at most
+    `MAX_VARIANT` characters, reported as at most 64 printable ones."""
+    key = base64.b64encode(b"k" * 32).decode()
+    seen: list[str] = []
+    [(_, raw)] = wire.parse_key_container(
+        {"keys": [{"KEY_id": str(uuid.uuid4()), "Key": key}]},
+        number=1,
+        size_bits=256,
+        on_variant=seen.append,
+    )
+    assert raw == b"k" * 32 and seen == ["'KEY_id' for 'key_ID'", "'Key' for 'key'"]
+    padded = "k" + "_" * (wire.MAX_VARIANT - 3) + "ey"  # 32 characters
+    too_long = "k" + "_" * (wire.MAX_VARIANT - 2) + "ey"
+    for name, accepted in ((padded, True), (too_long, False)):
+        data = {"keys": [{"key_ID": str(uuid.uuid4()), name: key}]}
+        if accepted:
+            wire.parse_key_container(data, number=1, size_bits=256, on_variant=seen.append)
+            assert len(seen[-1]) <= 66 + len(" for 'key'")
+        else:
+            with pytest.raises(wire.WireError, match="key is not a string"):
+                wire.parse_key_container(data, number=1, size_bits=256)
+
+
 def test_error_message_is_sanitised_and_bounded() -> None:
     assert wire.error_message(b'{"message": "a\\u0000b"}') == "a?b"
     assert wire.error_message(b"not json") is None

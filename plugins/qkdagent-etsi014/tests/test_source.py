@@ -231,6 +231,22 @@ async def test_kme_with_nonstandard_containers(sources, caplog, settings: SimSet
         assert len({(r.getMessage()) for r in warnings}) == len(warnings)
 
 
+async def test_a_kme_sending_ever_new_variants_is_reported_a_bounded_number_of_times(
+    sources, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review finding: every new spelling was remembered and logged, without bound."""
+    from qkdagent_etsi014.source import MAX_WARNED
+
+    caplog.set_level(logging.WARNING)
+    alice = await sources("alice")
+    for i in range(5 * MAX_WARNED):
+        alice._warn_variant(f"'kEy{i}' for 'key'")
+        alice._warn_variant(f"'kEy{i}' for 'key'")  # a repeat is not reported again
+    reports = [r.getMessage() for r in caplog.records if "non-standard" in r.getMessage()]
+    assert len(reports) == MAX_WARNED + 1 and "no more are reported" in reports[-1]
+    assert len(alice._warned) == MAX_WARNED + 1
+
+
 @pytest.mark.parametrize("settings", [SimSettings(kmes=KMES, rate_bps=0.0, sync_delay=1.0)])
 async def test_dec_keys_not_found_right_after_enc_keys_is_retried(sim: Simulator, sources) -> None:
     alice, bob = await sources("alice"), await sources("bob", retry_backoff=0.05)

@@ -67,6 +67,8 @@ MAX_RESPONSE_BYTES = 1024 * 1024
 ~11 KiB of base64 and the source asks for one key per call: the rest is room for KMEs that add
 extensions, far below what could hurt the agent's memory."""
 HELD_KEYS_MAX = 256
+MAX_WARNED = 16
+"""Kinds of non-standard key container a source reports, at most (each once)."""
 CLOSE_GRACE = 2.0
 """Seconds aclose() gives cancelled fetches to unwind, and then the connections to close."""
 
@@ -547,14 +549,27 @@ class Etsi014Source(Source):
         return Key(key_id, Secret(raw))
 
     def _warn_variant(self, variant: str) -> None:
-        if variant not in self._warned:
-            self._warned.add(variant)
+        """Say once per kind of variant that the KME strays from the standard (at most
+        `MAX_WARNED` kinds are remembered: a KME sending a new one each time is told of once
+        more, then no longer)."""
+        if variant in self._warned or len(self._warned) > MAX_WARNED:
+            return
+        self._warned.add(variant)
+        if len(self._warned) > MAX_WARNED:
             log.warning(
-                "source %s: KME %s uses a non-standard key container (%s); accepted",
+                "source %s: KME %s uses more than %d non-standard forms of the key container; "
+                "no more are reported",
                 self.name,
                 self.kme_url,
-                variant,
+                MAX_WARNED,
             )
+            return
+        log.warning(
+            "source %s: KME %s uses a non-standard key container (%s); accepted",
+            self.name,
+            self.kme_url,
+            variant,
+        )
 
     def _where(self, operation: str, sae: str) -> str:
         role = {"enc_keys": "slave", "dec_keys": "master"}.get(operation, "slave")

@@ -177,16 +177,26 @@ def decode_key(value: Any, size_bits: int) -> bytes:
     return raw
 
 
+MAX_VARIANT = 32
+"""Longest member name taken as a case/underscore variant of a standard one (`KeyId`,
+`key_id`, `KEY_ID`): a KME could otherwise pad `k___...___ey` to a megabyte, which the
+source's warning would quote and remember."""
+
+
 def _field(obj: Mapping[str, Any], name: str, variants: list[str]) -> Any:
     """Member `name`, or a case/underscore variant of it (recorded in `variants`)."""
     if name in obj:
         return obj[name]
     wanted = name.lower().replace("_", "")
-    matches = [k for k in obj if isinstance(k, str) and k.lower().replace("_", "") == wanted]
+    matches = [
+        k
+        for k in obj
+        if isinstance(k, str) and len(k) <= MAX_VARIANT and k.lower().replace("_", "") == wanted
+    ]
     if len(matches) > 1:
         raise WireError(f"members {', '.join(map(_shown, matches))} are ambiguous")
     if matches:
-        variants.append(f"{matches[0]!r} for {name!r}")
+        variants.append(f"{_shown(matches[0])} for {name!r}")
         return obj[matches[0]]
     return None
 
