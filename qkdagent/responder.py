@@ -37,8 +37,9 @@ log = logging.getLogger("qkdagent.link")
 class FetchedAhead:
     """Keys fetched on an `announce`, for the one rotate from `record` that names `key_ids`.
 
-    The next rotate or resync takes them, whatever it names and whatever its outcome; they
-    are dropped at `expires` (the link's `reject_after`) and when the link erases its sinks.
+    The next rotate or resync the rules accept (its MAC checked: a forged or stale one,
+    refused, leaves them) takes them, whatever it names and whatever its outcome; they are
+    dropped at `expires` (the link's `reject_after`) and when the link erases its sinks.
     A rotate naming keys already dropped asks its sources again and, from a source that
     deletes a key once delivered (ETSI 014, DSKE), gets key-not-found: one failed attempt,
     and the initiator retries with fresh keys. No key is used twice: the store still refuses
@@ -97,12 +98,7 @@ class Responder:
                 return await self._on_announce(message, body)
             if action == "commit":  # (a repeated commit leaves keys fetched ahead alone)
                 return await self._on_commit(message, body, reply_now)
-            ahead, self._ahead = self._ahead, None  # for the next rotate only, whatever it names
-            try:
-                return await self._on_rotate(message, body, ahead)
-            finally:
-                if ahead is not None and not ahead.used:
-                    self._dropped(ahead)
+            return await self._on_rotate(message, body)
 
     def _refuse(self, refusal: rules.Refuse, body: bytes) -> ProtocolError:
         """An authenticated refusal of the request `body` (DESIGN v2 §4), as an exception."""
@@ -166,9 +162,7 @@ class Responder:
             return {}
         return ahead.answered
 
-    async def _on_rotate(
-        self, message: protocol.Message, body: bytes, ahead: FetchedAhead | None = None
-    ) -> bytes:
+    async def _on_rotate(self, message: protocol.Message, body: bytes) -> bytes:
         link = self.link
         decision = rules.on_rotate(link.facts, link.record, message, body)
         if isinstance(decision, rules.CommitPendingFirst):
@@ -181,6 +175,25 @@ class Responder:
                 link.failed(link.record.epoch, "peer", decision.message)
             raise self._refuse(decision, body)
         assert isinstance(decision, rules.Derive)
+        # Keys fetched ahead go to the next rotate the rules accept (its MAC checked), whatever
+        # it names: a forged or stale one, refused, leaves them for the real one.
+        ahead, self._ahead = self._ahead, None
+        try:
+            return await self._derive(message, body, decision, ahead)
+        finally:
+            if ahead is not None and not ahead.used:
+                self._dropped(ahead)
+
+    async def _derive(
+        self,
+        message: protocol.Message,
+        body: bytes,
+        decision: rules.Derive,
+        ahead: FetchedAhead | None,
+    ) -> bytes:
+        """Fetch the named keys (or take those fetched ahead), derive the next epoch, store it
+        as pending, durably, and answer with the reply stored with it."""
+        link = self.link
         record = link.record
         key_ids = message.keys
         states = {} if message.kind == "resync" else record.source_state

@@ -5,7 +5,10 @@ one rotate that names them; nothing is ever fetched or used twice."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 
+from qkdagent import protocol
 from qkdagent.builtin.memory import MemoryPool
 from qkdagent.initiator import ANNOUNCE_PAUSE
 from qkdagent.link import prefetch_lead
@@ -203,6 +207,36 @@ async def test_a_repeated_announce_fetches_nothing_twice(
     assert seen.count("announce") == 3
     keys = [k for _, k in takes]
     assert len(keys) == 4 and len(set(keys)) == 4  # one take per rotation, none repeated
+
+
+def _then_forged_rotates(pair: Any, pool: MemoryPool) -> Announce:
+    """Each announce delivered, then rotates naming its keys under a MAC nobody computed, as
+    a holder of alice's certificate without the link's keys could send (review finding: such
+    a rotate, refused, still took and dropped the keys bob had fetched ahead)."""
+
+    async def forged(client, url, link, body):  # type: ignore[no-untyped-def]
+        reply = await client.deliver(url, link, "announce", body)
+        fields = json.loads(body)
+        fields.update(kind="rotate", labels=[], mac=base64.b64encode(os.urandom(32)).decode())
+        for kind in ("rotate", "resync"):
+            fields["kind"] = kind
+            refused = await client.deliver(url, link, kind, protocol.canonical(fields))
+            assert refused.status in (403, 409)  # auth / epoch: refused, authenticated
+        return reply
+
+    return forged
+
+
+async def test_a_forged_rotate_leaves_the_keys_fetched_ahead_for_the_real_one(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with _rotating(tmp_path, _then_forged_rotates) as (pair, pool, seen):
+        await trio.sleep(3 * INTERVAL + 10)
+        assert pair.epoch("bob") == 4
+        assert (_fetched_ahead(pair, "used"), _fetched_ahead(pair, "dropped")) == (3, 0)
+        assert pair.alice.link("alice-bob").status.failures == 0
+        assert not pool.keys
+    assert seen.count("announce") == 3
 
 
 def _while_down(pair: Any, pool: MemoryPool) -> Announce:
