@@ -73,10 +73,10 @@ class TokenBuckets:
     rate: float
     burst: float
     max_keys: int = 4096
-    _buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
+    _buckets: dict[Hashable, tuple[float, float]] = field(default_factory=dict)
     """key -> (tokens, when counted), least recently used first."""
 
-    def take(self, key: str, now: float) -> bool:
+    def take(self, key: Hashable, now: float) -> bool:
         """Spend one of `key`'s tokens at time `now`; False (nothing spent) if it has none."""
         tokens, at = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
@@ -86,7 +86,7 @@ class TokenBuckets:
             del self._buckets[next(iter(self._buckets))]
         return allowed
 
-    def delay(self, key: str, now: float, cost: float = 1.0) -> float:
+    def delay(self, key: Hashable, now: float, cost: float = 1.0) -> float:
         """Reserve `cost` of `key`'s tokens at time `now`: seconds until they are there (0:
         now). Tokens reserved ahead go negative, so waiters queue up at `rate`."""
         tokens, at = self._buckets.pop(key, (self.burst, now))
@@ -96,7 +96,7 @@ class TokenBuckets:
             del self._buckets[next(iter(self._buckets))]
         return 0.0 if tokens >= cost else (cost - tokens) / self.rate
 
-    def peek(self, key: str, now: float) -> float:
+    def peek(self, key: Hashable, now: float) -> float:
         """The tokens `key` has at time `now` (nothing spent)."""
         if key not in self._buckets:
             return self.burst

@@ -30,11 +30,13 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
   requests, the request head and body (slow senders are closed) and the reply.
 - A certificate naming no peer costs its address a stranger token; an address out of them is
   refused at accept, so strangers reopening at once cannot make us handshake in a loop.
-- Refused requests cost a budget per source address (`refusal_rate`), charged as each is
-  refused (a batch's items one by one, whatever becomes of the connection): beyond it, a
-  connection whose requests were refused waits for the tokens they reserved before it is read
-  again, so a holder of a CA certificate flooding forged requests gets a bounded share of the
-  CPU however many connections it opens; connections that are not refused never wait.
+- Refused requests cost a budget per source address and client certificate
+  (`refusal_rate`), charged as each is refused (a batch's items one by one, whatever becomes
+  of the connection): beyond it, a connection whose requests were refused waits for the
+  tokens they reserved before it is read again, and a new connection with that address and
+  certificate waits for them before its first request, so a holder of a CA certificate
+  flooding forged requests gets a bounded share of the CPU however many connections it opens,
+  at once or one after another; other connections never wait.
 - Refused requests and dropped connections are counted (Prometheus) and summarised in one log
   line per minute; only the first few of each minute get a line of their own. A failing
   connection is logged by exception type at debug, never with a traceback.
@@ -50,7 +52,7 @@ import resource
 import socket
 import ssl
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -321,6 +323,14 @@ class _Server:
         if self.tally.drop(reason):
             log.info("peer connection from %s closed: %s", conn.host if conn else "?", reason)
 
+    def debt_paid(self, key: Hashable) -> float:
+        """When the refusal tokens `key` (address and certificate) has reserved ahead are there
+        (-inf when it has some left): its new connections read no request before, as its
+        refused ones do."""
+        now = trio.current_time()
+        tokens = self.refusals.peek(key, now)
+        return now - tokens / self.limits.refusal_rate if tokens < 0 else -math.inf
+
     def refused(self, status: int, what: str) -> None:
         if self.metrics is not None:
             self.metrics.peer_requests_refused.labels(str(status)).inc()
@@ -431,9 +441,13 @@ class _Http:
         """Whether the connection closes after this answer (`connection: close` sent)."""
         self.continued = False
         """Whether `100 Continue` was sent for this request."""
-        self.penalty_until = -math.inf
+        self.refusal_key = (address_key(conn.host), identity)
+        """Whose refusal budget this connection's refused requests spend: its address's, for
+        the certificate it presented."""
+        self.penalty_until = server.debt_paid(self.refusal_key)
         """When the refusal tokens this connection's refused requests reserved are there:
-        it reads no request before (`_penalty`)."""
+        it reads no request before (`_penalty`). A new connection starts with the debt of its
+        address and certificate: one per refused request would otherwise never wait."""
 
     def _phase(self, phase: str, timeout: float) -> None:
         self.conn.phase = phase
@@ -441,6 +455,8 @@ class _Http:
 
     async def serve(self) -> None:
         try:
+            if self.penalty_until > trio.current_time():
+                await self._penalty()
             while True:
                 self._phase("idle", self.limits.idle_timeout)
                 self.request, self.answered, self.continued = None, False, False
@@ -480,7 +496,7 @@ class _Http:
         (a batch's item as it answers): charged even if the connection then breaks or the
         client resets it, before its other answers are sent."""
         now = trio.current_time()
-        delay = self.server.refusals.delay(address_key(self.conn.host), now, cost)
+        delay = self.server.refusals.delay(self.refusal_key, now, cost)
         self.penalty_until = max(self.penalty_until, now + delay)
 
     async def _next_event(self) -> Event:
@@ -561,9 +577,8 @@ class _Http:
             return
         # Refused before the body is read: a client with its batches' share under way, or an
         # address whose refusal budget is spent (a batch would run up to 64 refused handlers).
-        key = address_key(self.conn.host)
         if server.batches[identity] >= self.limits.max_batches_per_identity or (
-            server.refusals.peek(key, trio.current_time()) < 1
+            server.refusals.peek(self.refusal_key, trio.current_time()) < 1
         ):
             server.refused(503, "batch from a client with many under way or many refused")
             await self._send(503, error_body("busy", "too many batches under way"))

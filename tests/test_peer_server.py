@@ -699,6 +699,27 @@ async def test_refused_requests_beyond_the_address_budget_wait_and_others_do_not
         assert server.refused(404) == 4
 
 
+async def test_a_client_reconnecting_for_each_refused_request_waits_as_one_connection_would(
+    tmp_path: Path,
+) -> None:
+    """Review finding: a new connection started with no penalty, so a client opening one per
+    refused request was never slowed (28 times the budget). A new connection waits for the
+    debt of its address and certificate; another certificate at the same address does not."""
+    async with running(tmp_path, refusal_rate=0.001, refusal_burst=3) as server:
+        for _ in range(4):  # the budget, then one more answer (its tokens reserved ahead)
+            flood = await server.tls("mallory")
+            response, _ = await exchange(flood, post("/nope", 2), b"{}")
+            assert response.status_code == 404
+            await flood.aclose()
+        late = await server.tls("mallory")
+        with trio.move_on_after(1) as waited:  # the debt is paid in 1,000 s
+            await exchange(late, post("/nope", 2), b"{}")
+        assert waited.cancelled_caught and server.refused(404) == 4
+        peer = await server.tls()  # alice, same address: not her debt
+        response, _ = await exchange(peer, post(ROTATE, 2), b"{}")
+        assert response.status_code == 200 and len(server.calls) == 1
+
+
 async def test_a_stranger_reopening_at_once_is_refused_at_accept_beyond_its_budget(
     tmp_path: Path,
 ) -> None:
@@ -1116,18 +1137,22 @@ async def test_batched_handlers_run_to_their_end_when_the_client_goes_away(
 async def test_an_address_out_of_refusal_tokens_gets_its_batches_refused_unread(
     tmp_path: Path,
 ) -> None:
-    """A batch could run 64 refused handlers for one token: once an address is in deficit,
-    its batches are answered 503 before any item runs (lone requests wait as before)."""
+    """A batch could run 64 refused handlers for one token: once a client (address and
+    certificate) has no token left, its batches are answered 503 before any item runs, on
+    any connection (lone requests wait as before); another certificate's are run."""
     async with running(tmp_path, refusal_rate=0.001, refusal_burst=2) as server:
         flood = await server.tls("mallory")
         for _ in range(2):
             response, _ = await exchange(flood, post("/nope", 2), b"{}")
             assert response.status_code == 404
-        other = await server.tls()  # same address
+        again = await server.tls("mallory")  # a new connection: no token, no debt to wait
         data = _batch(("a", "rotate", b"{}"), ("b", "rotate", b"{}"))
-        response, body = await exchange(other, post("/v1/batch", len(data)), data)
+        response, body = await exchange(again, post("/v1/batch", len(data)), data)
         assert response.status_code == 503 and json.loads(body)["error"] == "busy"
         assert server.calls == []
+        other = await server.tls()  # alice, same address
+        response, body = await exchange(other, post("/v1/batch", len(data)), data)
+        assert response.status_code == 200 and len(server.calls) == 2
 
 
 async def test_a_batch_item_refused_costs_its_token_even_if_the_client_then_resets(
@@ -1161,8 +1186,9 @@ async def test_a_batch_item_refused_costs_its_token_even_if_the_client_then_rese
         release.set()
         await finished.wait()
         stream = await server.tls("mallory")
-        response, body = await exchange(stream, post("/v1/batch", len(forged)), forged)
-        assert response.status_code == 503 and json.loads(body)["error"] == "busy"
+        with trio.move_on_after(1) as waited:  # the 4 tokens went: 2 in debt, 2,000 s
+            await exchange(stream, post("/v1/batch", len(forged)), forged)
+        assert waited.cancelled_caught and server.refused(403) == 4
 
 
 async def test_a_body_in_too_many_reads_closes_the_connection_and_costs_a_refusal(

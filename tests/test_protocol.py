@@ -112,6 +112,22 @@ def test_nesting_up_to_the_limit_is_accepted_and_one_more_refused() -> None:
 def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
     assert protocol.nesting_depth(b'{"a":"[[[[[[[[[[[[[[\\"[[[["}') == 1
     assert protocol.load_json(b'{"a":"[[[[[[[[[[[[[[[[[["}') == {"a": "[" * 18}
+    # escapes: a run of backslashes pairs up; only an odd one escapes the quote after it
+    assert protocol.nesting_depth(b'["\\\\",[["\\\\\\"[["]]]') == 3
+    assert protocol.nesting_depth(b'["\\u005b[",[]]') == 2
+
+
+def test_a_body_of_many_quotes_and_brackets_is_refused_before_it_is_walked() -> None:
+    """Review finding: 64 KiB of brackets cost 8 ms of Python per refused request (within
+    the refusal budget, across connections). Escapes and other bytes are taken out in C,
+    and over `MAX_STRUCTURE` quotes and brackets the body is refused unwalked."""
+    flat = b"[" + b"[]," * 21000 + b"[]]"  # nesting 2, all structure
+    with pytest.raises(ProtocolError, match="more than 4096 quotes and brackets"):
+        protocol.load_json(flat)
+    few = b'["' + b"a" * 60000 + b'",' + b"[" * 7 + b"]" * 7 + b"]"
+    assert protocol.load_json(few) == ["a" * 60000, [[[[[[[]]]]]]]]
+    with pytest.raises(ProtocolError, match="nested deeper"):
+        protocol.load_json(b"[" * 60000)
 
 
 @pytest.mark.parametrize(
