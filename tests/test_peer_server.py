@@ -1191,6 +1191,39 @@ async def test_a_batch_item_refused_costs_its_token_even_if_the_client_then_rese
         assert waited.cancelled_caught and server.refused(403) == 4
 
 
+@pytest.mark.parametrize("before", [b"", b"\r\n" * 40], ids=["head", "line-ends-then-head"])
+async def test_a_head_in_too_many_reads_closes_the_connection_and_costs_a_refusal(
+    tmp_path: Path, before: bytes
+) -> None:
+    """Review finding: a head (and the line ends a client may send before it) came in as many
+    one-byte TLS records as its 32 KiB allowed, 0.27 s of CPU for one refusal token. Past
+    `HEAD_READS` reads the connection is closed and its client pays a token; a head in a
+    few reads is served."""
+    from qkdagent.peerserver import HEAD_READS
+
+    async with running(tmp_path, refusal_rate=0.001, refusal_burst=2) as server:
+        head = h11.Connection(h11.CLIENT).send(post(ROTATE, 2))
+        stream = await server.tls("mallory")
+        try:
+            for byte in before + head:
+                await stream.send_all(bytes([byte]))  # a TLS record each
+        except trio.BrokenResourceError:
+            pass  # closed under us: what is tested
+        assert len(before + head) > HEAD_READS
+        assert await closed_by_server(stream)
+        assert not server.calls and server.dropped("request-pieces") == 1
+        assert server.refused(404) == 0  # charged, not answered: the client paid one token
+        peer, client = await server.tls(), h11.Connection(h11.CLIENT)
+        data = client.send(post(ROTATE, 2)) + client.send(h11.Data(data=b"{}"))
+        for start in range(0, len(data), 16):  # a TLS record each
+            await peer.send_all(data[start : start + 16])
+        client.send(h11.EndOfMessage())
+        while not isinstance(event := client.next_event(), h11.Response):
+            assert event is h11.NEED_DATA
+            client.receive_data(await peer.receive_some(65536))
+        assert event.status_code == 200 and len(server.calls) == 1
+
+
 async def test_a_body_in_too_many_reads_closes_the_connection_and_costs_a_refusal(
     tmp_path: Path,
 ) -> None:
