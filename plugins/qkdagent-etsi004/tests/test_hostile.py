@@ -19,7 +19,14 @@ from qkdagent_etsi004.sim import Simulator
 from qkdagent_etsi004.source import Etsi004Source
 from qkdagent_etsi004.transport import read_frame
 
-from qkdagent import CsprngSupply, KeyNotFound, Misconfigured, SourceError, SourceUnavailable
+from qkdagent import (
+    CsprngSupply,
+    KeyNotFound,
+    Link,
+    Misconfigured,
+    SourceError,
+    SourceUnavailable,
+)
 from qkdagent.testing import build_component, encrypted_key_copy
 
 from .conftest import ALICE, BOB
@@ -275,6 +282,38 @@ async def test_lying_module_answers_are_one_failed_attempt(
         script.append(get_key_frame(dialect, 0, 1, bytes(range(1, 33))))
         key = await source.new_key(ALICE)
         assert key.key_id.endswith(":1")
+    finally:
+        await source.aclose()
+
+
+async def test_a_module_giving_a_key_stream_id_twice_is_refused(
+    liar: tuple[list[bytes], str], pki: Path, tmp_path: Path, transport: str
+) -> None:
+    """Review finding: a module answering every OPEN_CONNECT with the same KSID (as this
+    one does) had the initiator read index 0 of it for two destinations, the same key for
+    two links. A KSID this source was given before is refused, for any destination."""
+    script, address = liar
+    table = {
+        "module": address,
+        "cert": str(pki / "alice.pem"),
+        "key": str(pki / "alice.key"),
+        "ca": str(pki / "ca.pem"),
+        "transport": transport,
+        "persistent": False,
+    }
+    to_carol = Link("m", "alice", "carol", True)
+    source = build_component(
+        Etsi004Source, table, links=(ALICE, to_carol), agent="alice", state_dir=tmp_path
+    )
+    try:
+        script.append(get_key_frame(Dialect(transport), 0, 0, bytes(range(1, 33))))
+        key = await source.new_key(ALICE)
+        assert key.key_id.endswith(":0")
+        carol_key = get_key_frame(Dialect(transport), 0, 0, bytes(range(1, 33)))
+        script.append(carol_key)
+        with pytest.raises(SourceError, match="had before: its keys would be read twice"):
+            await source.new_key(to_carol)
+        assert script == [carol_key]  # no GET_KEY was sent for carol
     finally:
         await source.aclose()
 

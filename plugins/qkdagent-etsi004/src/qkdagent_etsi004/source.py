@@ -56,6 +56,10 @@ REST_STRIKES = 3
 """Answers of 'stream unknown' ([None, -1, 1]) in a row before the initiator re-opens."""
 RESPONDER_STREAMS = 16
 """KSIDs a responder keeps open (older ones are closed): an initiator re-opens rarely."""
+OPENED_REMEMBERED = 4096
+"""KSIDs an initiator remembers having been given (streams open or closed): a module that
+hands one out again, for this destination or another, would have the same indices, so the
+same keys, read twice (review finding); it is refused."""
 MAX_INDICES = 1 << 20
 """Indices a responder remembers per stream (reuse refused); past it the stream is refused."""
 CLOSE_GRACE = 2.0
@@ -182,6 +186,8 @@ class Etsi004Source(Source):
         """Initiator streams, per peer agent."""
         self._joined: OrderedDict[bytes, KeyStream] = OrderedDict()
         """Responder streams, per KSID."""
+        self._given: OrderedDict[bytes, None] = OrderedDict()
+        """KSIDs OPEN_CONNECT gave this side as initiator, the latest `OPENED_REMEMBERED`."""
         self._conn: ModuleConnection | None = None
         self._conn_lock = trio.Lock()
         self._open_lock = trio.Lock()
@@ -400,6 +406,16 @@ class Etsi004Source(Source):
             raise SourceError(f"{self._where()}: OPEN_CONNECT answered a null Key_stream_ID")
         if ksid != codec.NULL_KSID and got != ksid:
             raise SourceError(f"{self._where()}: OPEN_CONNECT answered another Key_stream_ID")
+        if ksid == codec.NULL_KSID:  # a new stream of ours: its KSID must be new too
+            if got in self._given or got in self._joined:
+                raise SourceError(
+                    f"{self._where()}: OPEN_CONNECT answered Key_stream_ID "
+                    f"{codec.ksid_text(got)}, which a stream of this source had before: its "
+                    "keys would be read twice; refused"
+                )
+            self._given[got] = None
+            while len(self._given) > OPENED_REMEMBERED:
+                self._given.popitem(last=False)
         log.info(
             "%s: key stream %s open (status %d, chunk %d bytes, ttl %d s)",
             self._where(),
