@@ -32,6 +32,7 @@ import os
 import sqlite3
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -83,6 +84,11 @@ the retention is lowered, a link catches up over its next rotations instead of o
 deleting up to the old retention's worth (at 100,000, seconds of a blocked store). A commit
 marks at most `protocol.MAX_SOURCES` (16) IDs, so a prune always deletes more than was marked
 since the last."""
+RECENT_USED_IDS = 4096
+"""Used key IDs, of every link, the store also keeps in memory (the newest; read back at
+start): one that another link used is refused. The table's primary key is per link, so a key
+source handing one key to two links (a KME that ignores the SAE it was asked for, a module
+giving two destinations one key stream) had it used on both (review finding)."""
 USED_KEY_ID_ROW = (34.0, 3.5, 2.4, 2.4)
 """Bytes a used key ID takes in the state file: a constant, and per character of the link's
 name, the source's id and the key ID (the row, its primary key and the sequence index).
@@ -261,6 +267,14 @@ class StateStore:
                     "same state_dir?)"
                 ) from None
             raise FileCheckError(f"cannot use state file {path}: {exc}") from None
+        self._recent_ids: OrderedDict[tuple[str, str], str] = OrderedDict(
+            ((source, key_id), link)
+            for link, source, key_id in self._db.execute(
+                "SELECT link, source, key_id FROM used_key_ids ORDER BY rowid DESC LIMIT ?",
+                (RECENT_USED_IDS,),
+            ).fetchall()[::-1]
+        )
+        """(source, key ID) -> the link that used it, the newest `RECENT_USED_IDS` last."""
         self._threaded = threaded
         self.gate: InlineGate | None = None
         """Where commits run: on the loop while they are fast (no thread hop), else threads;
@@ -579,8 +593,16 @@ class StateStore:
         )
 
     def _mark_used(self, name: str, key_ids: tuple[tuple[str, str], ...]) -> None:
-        """Record the key IDs as used; `KeyReuseError` if one was (the primary key refuses
-        it: the caller's transaction or savepoint then rolls back whatever was inserted)."""
+        """Record the key IDs as used; `KeyReuseError` if one was, on this link (the primary
+        key refuses it: the caller's transaction or savepoint then rolls back whatever was
+        inserted) or lately on another (`RECENT_USED_IDS`)."""
+        recent = self._recent_ids
+        for pair in key_ids:
+            owner = recent.get(pair)
+            if owner is not None and owner != name:
+                raise KeyReuseError(
+                    f"key ID {pair[1]!r} of source {pair[0]!r} was used by another link"
+                )
         seq = self._db.execute(
             "SELECT COALESCE(MAX(seq), 0) FROM used_key_ids WHERE link = ?", (name,)
         ).fetchone()[0]
@@ -596,6 +618,11 @@ class StateStore:
                 raise KeyReuseError(
                     f"key ID {key_id!r} of source {source!r} was already used"
                 ) from None
+        for pair in key_ids:  # (kept if the transaction then fails: the ID was handed out)
+            recent[pair] = name
+            recent.move_to_end(pair)
+        while len(recent) > RECENT_USED_IDS:
+            recent.popitem(last=False)
         last = seq + len(key_ids)
         if seq // USED_KEY_ID_PRUNE != last // USED_KEY_ID_PRUNE:
             self._db.execute(

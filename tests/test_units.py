@@ -679,8 +679,43 @@ def test_used_key_ids_are_remembered_up_to_the_retention_and_pruned_in_steps(
     with pytest.raises(KeyReuseError):
         store.commit("a", epoch=151, chain_key=chain, auth_key=auth, key_ids=(("q", "k250"),),
                      outputs={}, mark_used=True)  # fmt: skip
-    store.commit("b", epoch=1, chain_key=chain, auth_key=auth, key_ids=(("q", "k300"),),
-                 outputs={}, mark_used=True)  # another link's IDs are its own  # fmt: skip
+    with pytest.raises(KeyReuseError, match="another link"):  # lately used on "a"
+        store.commit("b", epoch=1, chain_key=chain, auth_key=auth, key_ids=(("q", "k300"),),
+                     outputs={}, mark_used=True)  # fmt: skip
+    store.close()
+
+
+def test_a_key_id_another_link_used_lately_is_refused_also_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: the used-key table's key is per link, so a source handing one key to
+    two links had it used on both. The newest `RECENT_USED_IDS` IDs of every link are kept
+    in memory (read back from the table at start) and refused on any other link."""
+    from qkdagent import state as state_module
+    from qkdagent.errors import KeyReuseError
+
+    monkeypatch.setattr(state_module, "RECENT_USED_IDS", 5)
+    chain, auth = Secret.random(), Secret.random()
+
+    def mark(store: state_module.StateStore, link: str, epoch: int, key_id: str) -> None:
+        store.commit(link, epoch=epoch, chain_key=chain, auth_key=auth,
+                     key_ids=(("q", key_id),), outputs={}, mark_used=True)  # fmt: skip
+
+    store = state_module.StateStore(tmp_path / "s")
+    store.create("a", "peer", chain, auth)
+    store.create("b", "peer", chain, auth)
+    mark(store, "a", 1, "k1")
+    with pytest.raises(KeyReuseError, match="used by another link"):
+        mark(store, "b", 1, "k1")
+    assert store.load("b").epoch == 0 and not store.is_used("b", "q", "k1")  # type: ignore[union-attr]
+    mark(store, "b", 1, "k2")  # its own IDs are fine
+    store.close()
+    store = state_module.StateStore(tmp_path / "s")  # read back at start
+    with pytest.raises(KeyReuseError, match="used by another link"):
+        mark(store, "b", 2, "k1")
+    for epoch in range(2, 7):  # five newer IDs push k1 out of the window
+        mark(store, "a", epoch, f"n{epoch}")
+    mark(store, "b", 2, "k1")
     store.close()
 
 
