@@ -318,6 +318,99 @@ async def test_a_module_giving_a_key_stream_id_twice_is_refused(
         await source.aclose()
 
 
+def _unreadable_certificate(pki: Path, out: Path) -> tuple[Path, Path]:
+    """A certificate for QKDM_A from the test CA that OpenSSL verifies and `cryptography`
+    cannot read: its authorityInfoAccess (not critical) holds an INTEGER, not a sequence of
+    access descriptions."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtensionOID, NameOID
+
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "QKDM_A")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("QKDM_A"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.UnrecognizedExtension(ExtensionOID.AUTHORITY_INFORMATION_ACCESS, b"\x02\x01\x01"),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    cert_path, key_path = out / "odd.pem", out / "odd.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(ValueError):  # what the source meets
+        _ = x509.load_der_x509_certificate(cert.public_bytes(serialization.Encoding.DER)).extensions
+    return cert_path, key_path
+
+
+async def test_a_module_certificate_the_source_cannot_read_is_a_source_error(
+    pki: Path, tmp_path: Path
+) -> None:
+    """Review finding: with `module_id` set, a module certificate that verifies but that
+    `cryptography` cannot read raised a bare ValueError (a plugin bug, to the agent) from
+    prepare() and new_key(). They are the source's typed errors saying why, and nothing is
+    read."""
+    cert, key = _unreadable_certificate(pki, tmp_path)
+    context = server_ssl_context(cert, key, pki / "ca.pem")
+    served: list[int] = []
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, context, server_side=True)
+        try:
+            await stream.do_handshake()
+            served.append(len(await stream.receive_some(65536)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        table = {
+            "module": f"127.0.0.1:{port}",
+            "cert": str(pki / "alice.pem"),
+            "key": str(pki / "alice.key"),
+            "ca": str(pki / "ca.pem"),
+            "module_id": "QKDM_A",
+        }
+        source = build_component(
+            Etsi004Source, table, links=(ALICE,), agent="alice", state_dir=tmp_path
+        )
+        try:
+            with pytest.raises(Misconfigured, match="certificate cannot be read to check"):
+                await source.prepare()  # (at start-up: the config names that module_id)
+            with pytest.raises(SourceError, match="certificate cannot be read to check"):
+                await source.new_key(ALICE)
+        finally:
+            await source.aclose()
+        assert served in ([], [0], [0, 0])  # no request reached the module
+        nursery.cancel_scope.cancel()
+
+
 async def test_silent_module_is_a_timeout_under_the_virtual_clock(
     liar: tuple[list[bytes], str], pki: Path, tmp_path: Path, autojump_clock: trio.abc.Clock
 ) -> None:

@@ -154,6 +154,38 @@ async def test_bodies_in_too_many_pieces_are_refused_both_ways(rsim: Simulator) 
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize(("count", "refused"), [(8, False), (9, True), (100_000, True)])
+async def test_informational_answers_are_skipped_up_to_a_bound(count: int, refused: bool) -> None:
+    """Review finding: a module sending `100 Continue` heads without end held the agent's CPU
+    until the call's deadline. Up to `MAX_INFORMATIONAL` are skipped; past that, an error."""
+    from qkdagent_etsi004.restclient import MAX_INFORMATIONAL, HttpError
+
+    assert MAX_INFORMATIONAL == 8
+
+    async def continues(tcp: trio.SocketStream) -> None:
+        while b"\r\n\r\n" not in await tcp.receive_some(65536):
+            pass
+        try:
+            await tcp.send_all(b"HTTP/1.1 100 Continue\r\n\r\n" * count)
+            await tcp.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n[]")
+        except trio.BrokenResourceError:
+            pass  # the client gave up: what is tested
+        await tcp.aclose()
+
+    async with trio.open_nursery() as nursery:
+        (listener,) = await nursery.start(partial(trio.serve_tcp, continues, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        if refused:
+            with pytest.raises(HttpError, match="more than 8 informational"):
+                await post("127.0.0.1", port, "/get_key", b"[]", limit=rest.MAX_BODY)
+        else:
+            assert await post("127.0.0.1", port, "/get_key", b"[]", limit=rest.MAX_BODY) == (
+                200,
+                b"[]",
+            )
+        nursery.cancel_scope.cancel()
+
+
 # -- the source against the simulator ----------------------------------------------------------
 
 

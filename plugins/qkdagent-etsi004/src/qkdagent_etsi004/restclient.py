@@ -14,6 +14,10 @@ import trio
 from .rest import MAX_BODY_PIECES
 from .transport import TransportError
 
+MAX_INFORMATIONAL = 8
+"""1xx answers skipped before the final one, at most (the module sends none): a module
+sending them without end held the agent's CPU until the call's deadline (review finding)."""
+
 
 class HttpError(ValueError):
     """The module's answer is not well-formed HTTP/1.x, or too long."""
@@ -56,11 +60,15 @@ async def _exchange(
     )
     status: int | None = None
     received = bytearray()
-    pieces = 0
+    pieces = informational = 0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             conn.receive_data(await tcp.receive_some(65536))
+        elif isinstance(event, h11.InformationalResponse):
+            informational += 1
+            if informational > MAX_INFORMATIONAL:
+                raise HttpError(f"more than {MAX_INFORMATIONAL} informational (1xx) answers")
         elif isinstance(event, h11.Response):
             status = event.status_code
         elif isinstance(event, h11.Data):

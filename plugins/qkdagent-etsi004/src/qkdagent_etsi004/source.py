@@ -78,6 +78,8 @@ def _split_address(text: str) -> str | None:
 
 
 def _certificate_names(der: bytes | None) -> list[str]:
+    """The CN and DNS names of the module's certificate. `ValueError` if `cryptography` cannot
+    read it: OpenSSL, which checked it, takes some extensions it refuses (review finding)."""
     if not der:
         return []
     cert = x509.load_der_x509_certificate(der)
@@ -271,9 +273,17 @@ class Etsi004Source(Source):
         if self._context is None:
             self._context = await trio.to_thread.run_sync(self._ssl_context)
         conn = await ModuleConnection.connect(self.endpoint, self._context, self.dialect)
-        if self.module_id is not None and self.module_id not in _certificate_names(
-            conn.peer_certificate()
-        ):
+        if self.module_id is None:
+            return conn
+        try:
+            names = _certificate_names(conn.peer_certificate())
+        except ValueError:
+            await conn.aclose()
+            raise SourceError(
+                f"{self._where()}: its TLS certificate cannot be read to check module_id "
+                f"{self.module_id!r}"
+            ) from None
+        if self.module_id not in names:
             await conn.aclose()
             raise SourceError(
                 f"{self._where()}: its TLS certificate does not name module_id {self.module_id!r}"
