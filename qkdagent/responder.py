@@ -274,8 +274,9 @@ class Responder:
         store = self.env.store
         try:
             await store.run(partial(store.store_pending, self.name, pending, mark_used=True))
-        except KeyReuseError:
-            refusal = rules.Refuse("replay", "key ID already used on this link", 409)
+        except KeyReuseError as exc:  # on this link, or lately on another: a source's fault
+            link.failed(record.epoch, "source", str(exc))
+            refusal = rules.Refuse("replay", "key ID already used", 409)
             raise self._refuse(refusal, body) from None
         record.pending = pending
         crash_point("responder:pending-stored")
