@@ -449,10 +449,10 @@ class _Http:
         self.refusal_key = (address_key(conn.host), identity)
         """Whose refusal budget this connection's refused requests spend: its address's, for
         the certificate it presented."""
-        self.penalty_until = server.debt_paid(self.refusal_key)
+        self.penalty_until = -math.inf
         """When the refusal tokens this connection's refused requests reserved are there:
-        it reads no request before (`_penalty`). A new connection starts with the debt of its
-        address and certificate: one per refused request would otherwise never wait."""
+        it reads no request before (`_budget`, which also waits for its client's debt: a
+        client opening a connection per refused request would otherwise never wait)."""
 
     def _phase(self, phase: str, timeout: float) -> None:
         self.conn.phase = phase
@@ -460,9 +460,8 @@ class _Http:
 
     async def serve(self) -> None:
         try:
-            if self.penalty_until > trio.current_time():
-                await self._penalty()
             while True:
+                await self._budget()
                 self._phase("idle", self.limits.idle_timeout)
                 self.request, self.answered, self.continued = None, False, False
                 if self.reader.in_message:  # part of the next request came with the last
@@ -470,14 +469,13 @@ class _Http:
                 request = await self._next_event(HEAD_READS)
                 if not isinstance(request, Request):
                     return  # the client closed
+                await self._budget()  # (run up meanwhile on another of its connections)
                 self.request, self.closing = request, not request.keep_alive
                 await self._exchange(request)
                 if self.closing or not await self._drain():
                     return
                 if not self.server.admission.idle(self.conn):
                     return
-                if self.penalty_until > trio.current_time():
-                    await self._penalty()
         except BadRequest as exc:
             if not self.answered:
                 self.server.refused(exc.status, f"malformed HTTP request ({exc})")
@@ -491,10 +489,16 @@ class _Http:
             raise _Close
         self._phase("request", self.limits.request_timeout)
 
-    async def _penalty(self) -> None:
-        """After a refusal, wait (idle, evictable) for the refusal tokens it reserved."""
-        self._phase("idle", self.limits.idle_timeout)
-        await trio.sleep_until(self.penalty_until)
+    async def _budget(self) -> None:
+        """Before a request is read, and again before it is handled: wait (idle, evictable)
+        for the refusal tokens this connection's refused requests reserved, and for those its
+        client (address and certificate) reserved on any connection, old or new."""
+        self.penalty_until = max(self.penalty_until, self.server.debt_paid(self.refusal_key))
+        if self.penalty_until > trio.current_time():
+            if not self.server.admission.idle(self.conn):  # (a head read: it was busy)
+                raise _Close
+            self._phase("idle", self.limits.idle_timeout)
+            await trio.sleep_until(self.penalty_until)
 
     def _refused(self, cost: int = 1) -> None:
         """Reserve the address's refusal tokens for refused requests, when they are refused

@@ -47,8 +47,9 @@ MAX_ANSWER_B64 = 4 * (MAX_ANSWER // 3 + 1)
 MAX_JSON_DEPTH = 8
 """Deeper nesting than any valid message has: refused before `json.loads` recurses."""
 MAX_STRUCTURE = 4096
-"""Quotes and brackets a message may hold outside escapes: the largest valid one (16 sources,
-64 labels, answers) has about 400. Past it a body is refused before its nesting is measured,
+"""Quotes and brackets a message may hold outside escapes, those in strings included: the
+largest valid one (16 sources, 64 labels, answers) has about 400 of its own, and key IDs
+(UUIDs, KSID:index, hex) hold none. Past it a body is refused before its nesting is measured,
 which walks them one by one in Python (a 64 KiB body of them took 8 ms, each refused request
 of a flood)."""
 _NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(b'"[]{}')))
@@ -201,7 +202,9 @@ def load_json(body: bytes, *, limit: int = MAX_BODY, depth: int = MAX_JSON_DEPTH
         if len(structure) > MAX_STRUCTURE:
             raise ProtocolError(f"message has more than {MAX_STRUCTURE} quotes and brackets")
     try:
-        return json.loads(body)
+        # UTF-8 only: `json.loads(bytes)` also reads UTF-16 and UTF-32, where a quote byte
+        # can be half of another character and the nesting measured above would be wrong
+        return json.loads(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise ProtocolError("message is not valid JSON") from None
 

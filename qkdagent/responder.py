@@ -39,7 +39,8 @@ class FetchedAhead:
 
     The next rotate or resync the rules accept (its MAC checked: a forged or stale one,
     refused, leaves them) takes them, whatever it names and whatever its outcome; they are
-    dropped at `expires` (the link's `reject_after`) and when the link erases its sinks.
+    dropped by the first request for the link after `expires` (the link's `reject_after`)
+    and when the link erases its sinks.
     A rotate naming keys already dropped asks its sources again and, from a source that
     deletes a key once delivered (ETSI 014, DSKE), gets key-not-found: one failed attempt,
     and the initiator retries with fresh keys. No key is used twice: the store still refuses
@@ -94,6 +95,10 @@ class Responder:
                 # queued ahead of that finished first): it erases the sinks or hands them to
                 # the new runtime next, and state written now would come after that.
                 raise ProtocolError("link removed or reconfigured", status=503)
+            ahead = self._ahead
+            if ahead is not None and trio.current_time() > ahead.expires:
+                self._dropped(ahead)  # (refused rotates no longer take them)
+                self._ahead = None
             if action == "announce":
                 return await self._on_announce(message, body)
             if action == "commit":  # (a repeated commit leaves keys fetched ahead alone)

@@ -239,6 +239,43 @@ async def test_a_forged_rotate_leaves_the_keys_fetched_ahead_for_the_real_one(
     assert seen.count("announce") == 3
 
 
+def _then_expired_and_forged(seen: list[tuple[int, bool, bool]]) -> Callable[..., Announce]:
+    """Each announce delivered; then, the keys it had fetched put past their `expires`, a
+    forged rotate (refused). `seen` gets (its status, held before, held after)."""
+
+    def make(pair: Any, pool: MemoryPool) -> Announce:
+        async def expired(client, url, link, body):  # type: ignore[no-untyped-def]
+            reply = await client.deliver(url, link, "announce", body)
+            responder = pair.bob.link("alice-bob").responder
+            held = responder._ahead is not None and bool(responder._ahead.answered)
+            if responder._ahead is not None:
+                responder._ahead.expires = trio.current_time() - 1
+            fields = json.loads(body)
+            mac = base64.b64encode(os.urandom(32)).decode()
+            fields.update(kind="rotate", labels=[], mac=mac)
+            refused = await client.deliver(url, link, "rotate", protocol.canonical(fields))
+            seen.append((refused.status, held, responder._ahead is not None))
+            return reply
+
+        return expired
+
+    return make
+
+
+async def test_keys_fetched_ahead_are_dropped_by_the_first_request_after_they_expire(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Review finding: since refused rotates leave them, keys held past `expires` with no
+    rotate accepted (a link that failed closed, a labels mismatch) stayed in memory."""
+    forged: list[tuple[int, bool, bool]] = []
+    async with _rotating(tmp_path, _then_expired_and_forged(forged)) as (pair, _, seen):
+        await trio.sleep(INTERVAL + 10)
+        assert forged == [(403, True, False)]  # held, then dropped by the forged request
+        assert _fetched_ahead(pair, "dropped") == 1 and _fetched_ahead(pair, "used") == 0
+        assert pair.epoch("bob") == 2  # the real rotate fetched its key again
+    assert seen.count("announce") == 1
+
+
 def _while_down(pair: Any, pool: MemoryPool) -> Announce:
     async def while_down(client, url, link, body):  # type: ignore[no-untyped-def]
         pool.down = True

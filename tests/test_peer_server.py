@@ -720,6 +720,28 @@ async def test_a_client_reconnecting_for_each_refused_request_waits_as_one_conne
         assert response.status_code == 200 and len(server.calls) == 1
 
 
+async def test_connections_opened_before_any_refusal_wait_for_their_clients_debt_too(
+    tmp_path: Path,
+) -> None:
+    """Review finding: connections opened ahead, each refused once, were all answered at
+    once (20 at a burst of 3). A connection checks its client's debt again once a request's
+    head is in, and waits before handling it."""
+    async with running(tmp_path, refusal_rate=0.001, refusal_burst=3) as server:
+        opened = [await server.tls("mallory") for _ in range(5)]
+        for stream in opened:  # each served once: waiting for its next request, before the debt
+            response, _ = await exchange(stream, post(ROTATE, 2), b"{}")
+            assert response.status_code == 200
+        for stream in opened[:4]:  # the budget, then one more answer (reserved ahead)
+            response, _ = await exchange(stream, post("/nope", 2), b"{}")
+            assert response.status_code == 404
+        with trio.move_on_after(1) as waited:  # opened before the debt, used after it
+            await exchange(opened[4], post("/nope", 2), b"{}")
+        assert waited.cancelled_caught and server.refused(404) == 4
+        peer = await server.tls()  # alice: not her debt
+        response, _ = await exchange(peer, post(ROTATE, 2), b"{}")
+        assert response.status_code == 200 and len(server.calls) == 6
+
+
 async def test_a_stranger_reopening_at_once_is_refused_at_accept_beyond_its_budget(
     tmp_path: Path,
 ) -> None:

@@ -22,6 +22,7 @@ from qkdagent import (
     ComponentEvent,
     ConfigError,
     KeyNotFound,
+    Link,
     Misconfigured,
     PluginContext,
     SourceError,
@@ -317,6 +318,28 @@ async def fake() -> AsyncIterator[FakeModule]:
 
 
 KSID = "3f2b8c1e-9a4d-4e6f-8b1a-2c3d4e5f6a7b"
+
+
+async def test_a_rest_module_giving_a_key_stream_id_twice_is_refused(
+    fake: FakeModule, tmp_path: Path
+) -> None:
+    """Review finding: the qkd-module form skipped the check the binary transports make."""
+    to_carol = Link("m", "alice", "carol", True)
+    table = base(module=f"127.0.0.1:{fake.port}", peer_uris={"bob": "b:1", "carol": "c:1"})
+    source = build_component(
+        Etsi004Source, table, name="qkd", links=(ALICE, to_carol), agent="alice",
+        state_dir=tmp_path,
+    )  # fmt: skip
+    fake.script = [
+        (200, repr([KSID, 0]).encode()),
+        (200, repr([bytearray(KEY), 0, 0]).encode()),
+        (200, repr([KSID, 0]).encode()),  # the same stream, for carol
+    ]
+    key = await source.new_key(ALICE)
+    assert key.key_id == f"{KSID}:0"
+    with pytest.raises(SourceError, match="had before: its keys would be read twice"):
+        await source.new_key(to_carol)
+    assert [seen[0] for seen in fake.seen] == [b"/open_connect", b"/get_key", b"/open_connect"]
 
 
 async def test_source_sends_what_the_module_evals(fake: FakeModule, tmp_path: Path) -> None:

@@ -78,8 +78,9 @@ def _split_address(text: str) -> str | None:
 
 
 def _certificate_names(der: bytes | None) -> list[str]:
-    """The CN and DNS names of the module's certificate. `ValueError` if `cryptography` cannot
-    read it: OpenSSL, which checked it, takes some extensions it refuses (review finding)."""
+    """The CN and DNS names of the module's certificate. Raises if `cryptography` cannot read
+    it (`ValueError`, `UnsupportedGeneralNameType`, `DuplicateExtension`...): OpenSSL, which
+    checked it, takes some extensions it refuses (review finding)."""
     if not der:
         return []
     cert = x509.load_der_x509_certificate(der)
@@ -277,7 +278,7 @@ class Etsi004Source(Source):
             return conn
         try:
             names = _certificate_names(conn.peer_certificate())
-        except ValueError:
+        except Exception:  # cryptography's parse errors are not all ValueErrors
             await conn.aclose()
             raise SourceError(
                 f"{self._where()}: its TLS certificate cannot be read to check module_id "
@@ -380,8 +381,11 @@ class Etsi004Source(Source):
                 source, destination, self.qos.timeout, self.qos.key_chunk_size * 8, asked
             )
             got = await self.rest.open(rest_request)
+            stream_id = uuid.UUID(got).bytes
+            if ksid == codec.NULL_KSID:
+                self._new_stream_id(stream_id)
             log.info("%s: key stream %s open (qkd-module)", self._where(), got)
-            return KeyStream(uuid.UUID(got).bytes, self.qos, trio.current_time())
+            return KeyStream(stream_id, self.qos, trio.current_time())
         qos = self.qos
         for _attempt in range(2):
             request = codec.OpenConnectRequest(source, destination, qos, ksid)
@@ -416,16 +420,8 @@ class Etsi004Source(Source):
             raise SourceError(f"{self._where()}: OPEN_CONNECT answered a null Key_stream_ID")
         if ksid != codec.NULL_KSID and got != ksid:
             raise SourceError(f"{self._where()}: OPEN_CONNECT answered another Key_stream_ID")
-        if ksid == codec.NULL_KSID:  # a new stream of ours: its KSID must be new too
-            if got in self._given or got in self._joined:
-                raise SourceError(
-                    f"{self._where()}: OPEN_CONNECT answered Key_stream_ID "
-                    f"{codec.ksid_text(got)}, which a stream of this source had before: its "
-                    "keys would be read twice; refused"
-                )
-            self._given[got] = None
-            while len(self._given) > OPENED_REMEMBERED:
-                self._given.popitem(last=False)
+        if ksid == codec.NULL_KSID:
+            self._new_stream_id(got)
         log.info(
             "%s: key stream %s open (status %d, chunk %d bytes, ttl %d s)",
             self._where(),
@@ -435,6 +431,17 @@ class Etsi004Source(Source):
             granted.ttl,
         )
         return KeyStream(got, granted, trio.current_time())
+
+    def _new_stream_id(self, got: bytes) -> None:
+        """A new stream of ours: its KSID must be new too (`OPENED_REMEMBERED`)."""
+        if got in self._given or got in self._joined:
+            raise SourceError(
+                f"{self._where()}: OPEN_CONNECT answered Key_stream_ID {codec.ksid_text(got)}, "
+                "which a stream of this source had before: its keys would be read twice; refused"
+            )
+        self._given[got] = None
+        while len(self._given) > OPENED_REMEMBERED:
+            self._given.popitem(last=False)
 
     def _unacceptable(self, granted: QoS) -> str | None:
         if granted.key_chunk_size != self.qos.key_chunk_size:
