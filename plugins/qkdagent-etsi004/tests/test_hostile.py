@@ -256,12 +256,10 @@ LIES: dict[str, Callable[[Dialect], bytes]] = {
 }
 
 
-@pytest.mark.parametrize("lie", list(LIES))
-async def test_lying_module_answers_are_one_failed_attempt(
-    liar: tuple[list[bytes], str], pki: Path, tmp_path: Path, transport: str, lie: str
-) -> None:
-    script, address = liar
-    dialect = Dialect(transport)
+def _liars_source(
+    address: str, pki: Path, tmp_path: Path, transport: str, links: tuple[Link, ...]
+) -> Etsi004Source:
+    """alice's source for `links`, on the scripted module, one connection per request."""
     table = {
         "module": address,
         "cert": str(pki / "alice.pem"),
@@ -270,9 +268,16 @@ async def test_lying_module_answers_are_one_failed_attempt(
         "transport": transport,
         "persistent": False,
     }
-    source = build_component(
-        Etsi004Source, table, links=(ALICE,), agent="alice", state_dir=tmp_path
-    )
+    return build_component(Etsi004Source, table, links=links, agent="alice", state_dir=tmp_path)
+
+
+@pytest.mark.parametrize("lie", list(LIES))
+async def test_lying_module_answers_are_one_failed_attempt(
+    liar: tuple[list[bytes], str], pki: Path, tmp_path: Path, transport: str, lie: str
+) -> None:
+    script, address = liar
+    dialect = Dialect(transport)
+    source = _liars_source(address, pki, tmp_path, transport, (ALICE,))
     try:
         script.append(LIES[lie](dialect))
         with pytest.raises(SourceError) as caught:
@@ -293,18 +298,8 @@ async def test_a_module_giving_a_key_stream_id_twice_is_refused(
     one does) had the initiator read index 0 of it for two destinations, the same key for
     two links. A KSID this source was given before is refused, for any destination."""
     script, address = liar
-    table = {
-        "module": address,
-        "cert": str(pki / "alice.pem"),
-        "key": str(pki / "alice.key"),
-        "ca": str(pki / "ca.pem"),
-        "transport": transport,
-        "persistent": False,
-    }
     to_carol = Link("m", "alice", "carol", True)
-    source = build_component(
-        Etsi004Source, table, links=(ALICE, to_carol), agent="alice", state_dir=tmp_path
-    )
+    source = _liars_source(address, pki, tmp_path, transport, (ALICE, to_carol))
     try:
         script.append(get_key_frame(Dialect(transport), 0, 0, bytes(range(1, 33))))
         key = await source.new_key(ALICE)
