@@ -33,11 +33,10 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
   refused at accept, so strangers reopening at once cannot make us handshake in a loop.
 - Refused requests cost a budget per source address and client certificate
   (`refusal_rate`), charged as each is refused (a batch's items one by one, whatever becomes
-  of the connection): beyond it, a connection whose requests were refused waits for the
-  tokens they reserved before it is read again, and a new connection with that address and
-  certificate waits for them before its first request, so a holder of a CA certificate
-  flooding forged requests gets a bounded share of the CPU however many connections it opens,
-  at once or one after another; other connections never wait.
+  of the connection): beyond it, every connection with that address and certificate, old or
+  new, waits for the tokens they reserved before it handles its next request, so a holder of
+  a CA certificate flooding forged requests gets a bounded share of the CPU however many
+  connections it opens, at once or one after another; other connections never wait.
 - Refused requests and dropped connections are counted (Prometheus) and summarised in one log
   line per minute; only the first few of each minute get a line of their own. A failing
   connection is logged by exception type at debug, never with a traceback.
@@ -330,8 +329,7 @@ class _Server:
 
     def debt_paid(self, key: Hashable) -> float:
         """When the refusal tokens `key` (address and certificate) has reserved ahead are there
-        (-inf when it has some left): its new connections read no request before, as its
-        refused ones do."""
+        (-inf when it has some left): none of its connections handles a request before."""
         now = trio.current_time()
         tokens = self.refusals.peek(key, now)
         return now - tokens / self.limits.refusal_rate if tokens < 0 else -math.inf
@@ -501,7 +499,7 @@ class _Http:
             await trio.sleep_until(self.penalty_until)
 
     def _refused(self, cost: int = 1) -> None:
-        """Reserve the address's refusal tokens for refused requests, when they are refused
+        """Reserve the client's refusal tokens for refused requests, when they are refused
         (a batch's item as it answers): charged even if the connection then breaks or the
         client resets it, before its other answers are sent."""
         now = trio.current_time()
@@ -592,8 +590,8 @@ class _Http:
             server.refused(411, "batch without a content-length")
             await self._send(411, error_body("batch", "content-length required"), close=True)
             return
-        # Refused before the body is read: a client with its batches' share under way, or an
-        # address whose refusal budget is spent (a batch would run up to 64 refused handlers).
+        # Refused before the body is read: a client with its batches' share under way, or one
+        # whose refusal budget is spent (a batch would run up to 64 refused handlers).
         if server.batches[identity] >= self.limits.max_batches_per_identity or (
             server.refusals.peek(self.refusal_key, trio.current_time()) < 1
         ):
