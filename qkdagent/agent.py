@@ -190,7 +190,7 @@ class Agent:
             self._running = _Running(env, links, servers)
             await links.start(env.timers.run)
             await self._start_links(list(self.config.links.values()))
-            self._check_state_room()
+            await self._check_state_room()
             log.info(
                 "agent %s ready: %d links, peer API %s",
                 self.name,
@@ -330,15 +330,18 @@ class Agent:
                 self._tasks[runtime.name] = task
                 await links.start(_run_isolated, task)
 
-    def _check_state_room(self) -> None:
+    async def _check_state_room(self) -> None:
         """Warn when the used key IDs the links will remember would crowd the state's disk:
         at 10,000 links the default retention comes to about 160 GB (README, `[agent]`)."""
         keep = self.settings.used_key_ids_kept
         need = used_ids_footprint(((c.name, c.sources) for c in self.config.links.values()), keep)
         store = self._state().env.store
+
+        def room() -> tuple[int, int]:  # (system calls on a disk that may be slow: a thread)
+            return disk_free(store.state_dir), store.path.stat().st_size
+
         try:
-            free = disk_free(store.state_dir)
-            held = store.path.stat().st_size
+            free, held = await trio.to_thread.run_sync(room)
         except OSError as exc:  # nothing to compare with: no warning
             log.info(
                 "state: the links' used key IDs will take about %d MB (no free-space figure "
@@ -516,7 +519,7 @@ class Agent:
         }
         log.info("config reloaded: %s", summary)
         if plan.added_links:
-            self._check_state_room()
+            await self._check_state_room()
         for config in self.config.links.values():
             if config.insecure and config.name not in restarted:  # those said so as they opened
                 log.warning(insecure_warning(config), extra={"link": config.name})

@@ -625,11 +625,7 @@ class StateStore:
             recent.popitem(last=False)
         last = seq + len(key_ids)
         if seq // USED_KEY_ID_PRUNE != last // USED_KEY_ID_PRUNE:
-            self._db.execute(
-                "DELETE FROM used_key_ids WHERE rowid IN (SELECT rowid FROM used_key_ids "
-                "WHERE link = ? AND seq <= ? ORDER BY seq LIMIT ?)",
-                (name, last - self.keep_used_ids, USED_KEY_ID_PRUNE_MAX),
-            )
+            self._delete_oldest_ids(name, USED_KEY_ID_PRUNE_MAX, through=last - self.keep_used_ids)
 
     def store_pending(self, name: str, pending: Pending, *, mark_used: bool) -> None:
         """Durably keep a responder's derived epoch (and its key IDs as used) before replying."""
@@ -712,10 +708,16 @@ class StateStore:
         A link's `drop` with all of them in one transaction held the store (and, on the event
         loop, every link) for 0.5 s at 100,000 IDs on this VM: its remover calls this until
         fewer than `limit` go, each call a transaction of its own, then drops the rest."""
+        return self._delete_oldest_ids(name, limit)
+
+    def _delete_oldest_ids(self, name: str, limit: int, *, through: int | None = None) -> int:
+        """Delete up to `limit` of the link's used key IDs, oldest first (those numbered up to
+        `through` only, if given); how many went."""
+        bound = "" if through is None else " AND seq <= ?"
         cursor = self._db.execute(
-            "DELETE FROM used_key_ids WHERE rowid IN (SELECT rowid FROM used_key_ids "
-            "WHERE link = ? ORDER BY seq LIMIT ?)",
-            (name, limit),
+            "DELETE FROM used_key_ids WHERE rowid IN (SELECT rowid FROM used_key_ids "  # noqa: S608
+            f"WHERE link = ?{bound} ORDER BY seq LIMIT ?)",
+            (name, limit) if through is None else (name, through, limit),
         )
         return int(cursor.rowcount)
 

@@ -209,29 +209,39 @@ async def test_a_repeated_announce_fetches_nothing_twice(
     assert len(keys) == 4 and len(set(keys)) == 4  # one take per rotation, none repeated
 
 
-def _then_forged_rotates(pair: Any, pool: MemoryPool) -> Announce:
-    """Each announce delivered, then rotates naming its keys under a MAC nobody computed, as
-    a holder of alice's certificate without the link's keys could send (review finding: such
-    a rotate, refused, still took and dropped the keys bob had fetched ahead)."""
+def _forged(announce: bytes, kind: str) -> bytes:
+    """A `kind` naming the announce's keys under a MAC nobody computed, as a holder of alice's
+    certificate without the link's keys could send."""
+    fields = json.loads(announce)
+    fields.update(kind=kind, labels=[], mac=base64.b64encode(os.urandom(32)).decode())
+    return protocol.canonical(fields)
 
-    async def forged(client, url, link, body):  # type: ignore[no-untyped-def]
-        reply = await client.deliver(url, link, "announce", body)
-        fields = json.loads(body)
-        fields.update(kind="rotate", labels=[], mac=base64.b64encode(os.urandom(32)).decode())
-        for kind in ("rotate", "resync"):
-            fields["kind"] = kind
-            refused = await client.deliver(url, link, kind, protocol.canonical(fields))
-            assert refused.status in (403, 409)  # auth / epoch: refused, authenticated
-        return reply
 
-    return forged
+def _then_forged_rotates(statuses: list[int]) -> Callable[..., Announce]:
+    """Each announce delivered, then a forged rotate and resync naming its keys (review
+    finding: such a rotate, refused, still took and dropped the keys bob had fetched ahead).
+    `statuses` gets their answers' statuses."""
+
+    def make(pair: Any, pool: MemoryPool) -> Announce:
+        async def forged(client, url, link, body):  # type: ignore[no-untyped-def]
+            reply = await client.deliver(url, link, "announce", body)
+            for kind in ("rotate", "resync"):
+                refused = await client.deliver(url, link, kind, _forged(body, kind))
+                statuses.append(refused.status)
+            return reply
+
+        return forged
+
+    return make
 
 
 async def test_a_forged_rotate_leaves_the_keys_fetched_ahead_for_the_real_one(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    async with _rotating(tmp_path, _then_forged_rotates) as (pair, pool, seen):
+    statuses: list[int] = []
+    async with _rotating(tmp_path, _then_forged_rotates(statuses)) as (pair, pool, seen):
         await trio.sleep(3 * INTERVAL + 10)
+        assert statuses == [403, 403] * 3  # both refused: their MACs do not verify (auth)
         assert pair.epoch("bob") == 4
         assert (_fetched_ahead(pair, "used"), _fetched_ahead(pair, "dropped")) == (3, 0)
         assert pair.alice.link("alice-bob").status.failures == 0
@@ -250,10 +260,7 @@ def _then_expired_and_forged(seen: list[tuple[int, bool, bool]]) -> Callable[...
             held = responder._ahead is not None and bool(responder._ahead.answered)
             if responder._ahead is not None:
                 responder._ahead.expires = trio.current_time() - 1
-            fields = json.loads(body)
-            mac = base64.b64encode(os.urandom(32)).decode()
-            fields.update(kind="rotate", labels=[], mac=mac)
-            refused = await client.deliver(url, link, "rotate", protocol.canonical(fields))
+            refused = await client.deliver(url, link, "rotate", _forged(body, "rotate"))
             seen.append((refused.status, held, responder._ahead is not None))
             return reply
 
