@@ -161,7 +161,11 @@ class Agent:
                     await self.tasks.start(servers, self.components.all())
                     await self._start_services(servers)
                     self.peer_urls = await servers.start(
-                        self.transport.serve_peers, self._handle_peer, self.metrics, self._is_peer
+                        self.transport.serve_peers,
+                        self._handle_peer,
+                        self.metrics,
+                        self._is_peer,
+                        self._serves,
                     )
                     self.status_urls = await servers.start(
                         self.transport.serve_status, StatusApp(self._status, self.metrics)
@@ -255,6 +259,11 @@ class Agent:
             for link in self.config.links.values()
             if link.native  # a link of another protocol admits nobody to the peer API
         )
+
+    def _serves(self, identity: PeerIdentity, link: str) -> bool:
+        """Whether a client certificate names the peer of `link` (one of the native links)."""
+        config = self.config.links.get(link)
+        return config is not None and config.native and identity.matches(config.peer_identity)
 
     async def _handle_peer(
         self,

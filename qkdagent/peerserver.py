@@ -36,7 +36,10 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
   of the connection): beyond it, every connection with that address and certificate, old or
   new, waits for the tokens they reserved before it handles its next request, so a holder of
   a CA certificate flooding forged requests gets a bounded share of the CPU however many
-  connections it opens, at once or one after another; other connections never wait.
+  connections it opens, at once or one after another; other connections never wait. A
+  handler's refusal for one of the client's own links first spends that link's allowance
+  (one, back in 10 minutes; per certificate and link): an honest peer recovering every link
+  at once (a restored backup) is not paced.
 - Refused requests and dropped connections are counted (Prometheus) and summarised in one log
   line per minute; only the first few of each minute get a line of their own. A failing
   connection is logged by exception type at debug, never with a traceback.
@@ -96,6 +99,9 @@ HEAD_READS = 64
 """Reads a request head may come in, line ends before it included: our clients send it in
 one. Each read is a TLS record to decrypt and a parser call: in one-byte records, the 32 KiB
 a head may take cost 0.27 s of CPU for one refusal token (review finding)."""
+LINK_ALLOWANCES = 1 << 17
+"""Links' refusal allowances remembered (only links a client's certificate serves get one,
+so at most the configured links per peer certificate; a forgotten one starts full)."""
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
 
 
@@ -143,6 +149,15 @@ class ServerLimits:
     wait (a peer agent backs off after a refusal, so it stays far below)."""
     refusal_burst: float = 20.0
     """... and at once."""
+    link_refusal_burst: float = 1.0
+    """Refusals of a handler's answers for one of a client's own links (`serves`) that go
+    on the link's allowance instead of the client's budget. A responder restored from an old
+    backup refuses each link's first rotate once (epoch) and the link resynchronises: on the
+    client's budget alone, 10,000 links recovered at 10 a second, past `reject_after` for most
+    of them (review finding). Keyed by certificate and link, not by address, so a holder of a
+    peer's certificate gets at most one refusal per link at once, from however many addresses."""
+    link_refusal_rate: float = 1 / 600
+    """... and each link's allowance comes back at this rate (one per 10 minutes)."""
     stranger_rate: float = 1.0
     """Handshakes per second by certificates naming no peer that one address gets before its
     new connections are refused at accept (before any TLS work)."""
@@ -185,13 +200,16 @@ async def serve_peers(
     limits: ServerLimits,
     metrics: Metrics | None = None,
     is_peer: Callable[[PeerIdentity], bool] | None = None,
+    serves: Callable[[PeerIdentity, str], bool] | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the peer API on `listen` until cancelled; `task_status` gets its URLs.
 
     `is_peer` says whether a client certificate names a peer of one of the agent's links: a
     connection whose certificate names none is reset right after the handshake, so holders
-    of other deployment-CA certificates never take an established slot."""
+    of other deployment-CA certificates never take an established slot. `serves` says
+    whether it names the peer of a given link: refusals of that link's requests go first on
+    the link's own allowance (`ServerLimits.link_refusal_burst`)."""
     context = server_ssl_context(tls)
     soft = raise_nofile_limit()
     connections, handshaking = connection_caps(
@@ -213,7 +231,7 @@ async def serve_peers(
     )  # fmt: skip
     try:
         async with trio.open_nursery() as nursery:
-            server = _Server(handler, context, limits, admission, metrics, nursery, is_peer)
+            server = _Server(handler, context, limits, admission, metrics, nursery, is_peer, serves)
             for listener in listeners:
                 nursery.start_soon(server.accept_loop, listener, nursery)
             nursery.start_soon(server.summaries)
@@ -287,6 +305,7 @@ class _Server:
         metrics: Metrics | None,
         nursery: trio.Nursery,
         is_peer: Callable[[PeerIdentity], bool] | None = None,
+        serves: Callable[[PeerIdentity, str], bool] | None = None,
     ) -> None:
         self.handler = handler
         self.nursery = nursery
@@ -303,6 +322,11 @@ class _Server:
         self.per_identity: collections.Counter[PeerIdentity] = collections.Counter()
         self.tally = Tally()
         self.refusals = TokenBuckets(limits.refusal_rate, limits.refusal_burst)
+        self.serves = serves
+        self.link_refusals = TokenBuckets(
+            limits.link_refusal_rate, limits.link_refusal_burst, max_keys=LINK_ALLOWANCES
+        )
+        """(certificate, link) -> that link's refusal allowance (`serves` links only)."""
 
     # -- counting and logging ------------------------------------------------------------
 
@@ -498,12 +522,21 @@ class _Http:
             self._phase("idle", self.limits.idle_timeout)
             await trio.sleep_until(self.penalty_until)
 
-    def _refused(self, cost: int = 1) -> None:
+    def _refused(self, cost: int = 1, link: str | None = None) -> None:
         """Reserve the client's refusal tokens for refused requests, when they are refused
         (a batch's item as it answers): charged even if the connection then breaks or the
-        client resets it, before its other answers are sent."""
+        client resets it, before its other answers are sent. A handler's refusal for `link`,
+        one of the client's own, goes on the link's allowance while it has one."""
         now = trio.current_time()
-        delay = self.server.refusals.delay(self.refusal_key, now, cost)
+        server = self.server
+        if (
+            link is not None
+            and server.serves is not None
+            and server.serves(self.identity, link)
+            and server.link_refusals.take((self.identity, link), now)
+        ):
+            return
+        delay = server.refusals.delay(self.refusal_key, now, cost)
         self.penalty_until = max(self.penalty_until, now + delay)
 
     async def _next_event(self, max_reads: float = math.inf) -> Event:
@@ -564,14 +597,14 @@ class _Http:
         self.conn.scope.deadline = math.inf  # bounded by the link's own timeouts
         if action not in EARLY_REPLY:
             status, reply = await self._call(link, action, body)
-            await self._send(status, reply)
+            await self._send(status, reply, link=link)
             return
         sent = trio.Event()
         status, reply = await self.server.nursery.start(
             partial(self._handle, link, action, body, sent)
         )
         try:
-            await self._send(status, reply)
+            await self._send(status, reply, link=link)
         finally:
             sent.set()
 
@@ -670,7 +703,7 @@ class _Http:
                 start = partial(self._handle, item.link, item.action, item.body, sent)
                 status, body = await server.nursery.start(start)
                 if status >= 400:
-                    self._refused()
+                    self._refused(link=item.link)
                 ready.append(batchwire.encode_answer(index, batchwire.Answer(status, body)))
                 await send()
             finally:
@@ -802,7 +835,10 @@ class _Http:
                 return False
         return True
 
-    async def _send(self, status: int, body: bytes, *, close: bool = False) -> None:
+    async def _send(
+        self, status: int, body: bytes, *, close: bool = False, link: str | None = None
+    ) -> None:
+        """Answer the request (`link`: the handler's answer for that link)."""
         if self.answered:  # (one answer per request)
             raise _Close
         self.answered = True
@@ -812,7 +848,7 @@ class _Http:
         if self.closing:
             headers.append((b"connection", b"close"))
         if status >= 400:
-            self._refused()
+            self._refused(link=link)
         self._phase("reply", self.limits.request_timeout)
         if self.request is not None and self.request.method == b"HEAD":
             body = b""  # (the head a GET would have, and no body: RFC 9110 §9.3.2)

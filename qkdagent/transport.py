@@ -52,11 +52,13 @@ class Transport(Protocol):
         handler: Handler,
         metrics: Metrics,
         is_peer: Callable[[PeerIdentity], bool],
+        serves: Callable[[PeerIdentity, str], bool],
         *,
         task_status: trio.TaskStatus[list[str]],
     ) -> None:
         """Serve the peer API until cancelled; `task_status.started(urls)` once listening.
-        `is_peer`: whether a client certificate names a peer of one of the agent's links."""
+        `is_peer`: whether a client certificate names a peer of one of the agent's links;
+        `serves`: whether it names the peer of a given link."""
 
     async def serve_status(self, app: Any, *, task_status: trio.TaskStatus[list[str]]) -> None:
         """Serve the status app (ASGI) until cancelled; started with its URLs (maybe none)."""
@@ -78,6 +80,7 @@ class HttpsTransport:
         handler: Handler,
         metrics: Metrics,
         is_peer: Callable[[PeerIdentity], bool],
+        serves: Callable[[PeerIdentity, str], bool],
         *,
         task_status: trio.TaskStatus[list[str]],
     ) -> None:
@@ -99,6 +102,7 @@ class HttpsTransport:
             limits=limits,
             metrics=metrics,
             is_peer=is_peer,
+            serves=serves,
             task_status=task_status,
         )
 

@@ -220,6 +220,20 @@ async def test_the_native_peer_api_does_not_serve_a_foreign_link(
                 await pair.bob._handle_peer(LINK, "rotate", b"{}", PeerIdentity(dns=(identity,)))
             # the answer of an unknown link to anyone (no foreign link admits a peer)
             assert refused.value.status == 403
+            # and no refusal allowance of a link the peer API serves
+            assert not pair.bob._serves(PeerIdentity(dns=(identity,)), LINK)
+
+
+def test_a_native_links_peer_is_served_that_link_only(tmp_path: Path) -> None:
+    """What the peer API's refusal allowances are keyed on: the certificate named by a
+    native link's `peer_identity` (default the peer's name), for that link only."""
+    from qkdagent.agent import Agent
+
+    config = pair_configs(tmp_path, link={"peer_identity": "alice.example"})["bob"]
+    bob = Agent(parse_config(config))
+    assert bob._serves(PeerIdentity(dns=("alice.example",)), LINK)
+    assert not bob._serves(PeerIdentity(dns=("alice",)), LINK)
+    assert not bob._serves(PeerIdentity(dns=("alice.example",)), "another-link")
 
 
 def _configs(tmp_path: Path, **link: Any) -> dict[str, Any]:

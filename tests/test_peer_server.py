@@ -83,6 +83,7 @@ async def running(
     tmp_path: Path,
     handler: Handler | None = None,
     is_peer: Callable[[PeerIdentity], bool] | None = None,
+    serves: Callable[[PeerIdentity, str], bool] | None = None,
     **limits: Any,
 ) -> AsyncIterator[Running]:
     pki = write_test_pki(tmp_path / "pki", ["alice", "bob", "mallory"])
@@ -104,6 +105,7 @@ async def running(
                 limits=ServerLimits(**limits),
                 metrics=server.metrics,
                 is_peer=is_peer,
+                serves=serves,
                 task_status=task_status,
             )
         )
@@ -1113,6 +1115,49 @@ async def test_each_refused_item_of_a_batch_costs_a_refusal_token(tmp_path: Path
         assert response.status_code == 200 and server.refused(403) == 5
         with trio.move_on_after(1) as waited:  # 5 refusals against a burst of 4: it waits
             await exchange(flood, post(ROTATE, 2), b"{}")
+        assert waited.cancelled_caught
+
+
+async def test_refusals_for_a_clients_own_links_spend_each_links_allowance_first(
+    tmp_path: Path,
+) -> None:
+    """Review finding (M1): a responder restored from an old backup refuses each link's first
+    rotate once, and on the client's budget alone 10,000 links recovered at 10 a second. A
+    refusal for a link the client's certificate serves spends that link's allowance (one)
+    first; a second refusal for the same link, or one for a link it does not serve, spends
+    the client's budget as before."""
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        raise ProtocolError("epoch", status=409)
+
+    def serves(identity: PeerIdentity, link: str) -> bool:
+        return identity.matches("alice") and link.startswith("l")
+
+    limits = {"refusal_rate": 0.001, "refusal_burst": 1}
+    async with running(tmp_path, handler, serves=serves, **limits) as server:
+        peer = await server.tls()
+        every_link = _batch(*[(f"l{i}", "rotate", b"{}") for i in range(30)])
+        response, _ = await exchange(peer, post("/v1/batch", len(every_link)), every_link)
+        assert response.status_code == 200 and server.refused(409) == 30
+        statuses = []
+        for link in ("l30", "l0", "l1"):  # l30 on its allowance; then the client's budget
+            with trio.move_on_after(1) as waited:
+                response, _ = await exchange(peer, post(f"/v1/links/{link}/rotate", 2), b"{}")
+                statuses.append(response.status_code)
+            assert not waited.cancelled_caught  # (l0: no debt yet; l1: l0 took the burst of 1)
+        assert statuses == [409, 409, 409] and server.refused(409) == 33
+        with trio.move_on_after(1) as waited:  # two refusals against a burst of 1
+            await exchange(peer, post("/v1/links/l2/rotate", 2), b"{}")
+        assert waited.cancelled_caught
+
+        flood = await server.tls("mallory")  # serves none of them: its own budget only
+        forged = _batch(*[(f"l{i}", "rotate", b"{}") for i in range(3)])
+        response, _ = await exchange(flood, post("/v1/batch", len(forged)), forged)
+        assert response.status_code == 200 and server.refused(409) == 36
+        with trio.move_on_after(1) as waited:
+            await exchange(flood, post("/v1/links/l0/rotate", 2), b"{}")
         assert waited.cancelled_caught
 
 

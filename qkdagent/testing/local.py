@@ -149,6 +149,7 @@ class LocalTransport:
         handler: Handler,
         metrics: object,
         is_peer: object,
+        serves: object,
         *,
         task_status: trio.TaskStatus[list[str]],
     ) -> None:
