@@ -37,9 +37,9 @@ at EMFILE it logged a traceback per accept while rotations stalled. This server 
   new, waits for the tokens they reserved before it handles its next request, so a holder of
   a CA certificate flooding forged requests gets a bounded share of the CPU however many
   connections it opens, at once or one after another; other connections never wait. A
-  handler's refusal for one of the client's own links first spends that link's allowance
-  (one, back in 10 minutes; per certificate and link): an honest peer recovering every link
-  at once (a restored backup) is not paced.
+  handler's 409 for one of the client's own links first spends that link's allowance (two,
+  one back every 10 minutes, per link): an honest peer recovering every link at once (a
+  restored backup: its announce and rotate refused, epoch) is not paced.
 - Refused requests and dropped connections are counted (Prometheus) and summarised in one log
   line per minute; only the first few of each minute get a line of their own. A failing
   connection is logged by exception type at debug, never with a traceback.
@@ -100,8 +100,8 @@ HEAD_READS = 64
 one. Each read is a TLS record to decrypt and a parser call: in one-byte records, the 32 KiB
 a head may take cost 0.27 s of CPU for one refusal token (review finding)."""
 LINK_ALLOWANCES = 1 << 17
-"""Links' refusal allowances remembered (only links a client's certificate serves get one,
-so at most the configured links per peer certificate; a forgotten one starts full)."""
+"""Links' refusal allowances remembered (only configured links get one; past this many, the
+least recently used is forgotten and starts full again)."""
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, no TIME_WAIT
 
 
@@ -149,13 +149,15 @@ class ServerLimits:
     wait (a peer agent backs off after a refusal, so it stays far below)."""
     refusal_burst: float = 20.0
     """... and at once."""
-    link_refusal_burst: float = 1.0
-    """Refusals of a handler's answers for one of a client's own links (`serves`) that go
-    on the link's allowance instead of the client's budget. A responder restored from an old
-    backup refuses each link's first rotate once (epoch) and the link resynchronises: on the
-    client's budget alone, 10,000 links recovered at 10 a second, past `reject_after` for most
-    of them (review finding). Keyed by certificate and link, not by address, so a holder of a
-    peer's certificate gets at most one refusal per link at once, from however many addresses."""
+    link_refusal_burst: float = 2.0
+    """409 refusals of a handler's answers for a link the client's certificate serves
+    (`serves`) that go on the link's allowance instead of the client's budget. A responder
+    restored from an old backup refuses each link's next announce and rotate (409, epoch)
+    and the link resynchronises: on the client's budget alone, 10,000 links recovered at 10
+    a second, past `reject_after` for most of them (review finding). 409 is what an honest
+    peer's stale state gets; forged requests (403) and malformed ones (400) never spend it.
+    Keyed by link, not by address or certificate: however many addresses and certificates
+    name a link's peer, they share its two."""
     link_refusal_rate: float = 1 / 600
     """... and each link's allowance comes back at this rate (one per 10 minutes)."""
     stranger_rate: float = 1.0
@@ -326,7 +328,7 @@ class _Server:
         self.link_refusals = TokenBuckets(
             limits.link_refusal_rate, limits.link_refusal_burst, max_keys=LINK_ALLOWANCES
         )
-        """(certificate, link) -> that link's refusal allowance (`serves` links only)."""
+        """link -> its refusal allowance (`ServerLimits.link_refusal_burst`)."""
 
     # -- counting and logging ------------------------------------------------------------
 
@@ -522,18 +524,19 @@ class _Http:
             self._phase("idle", self.limits.idle_timeout)
             await trio.sleep_until(self.penalty_until)
 
-    def _refused(self, cost: int = 1, link: str | None = None) -> None:
+    def _refused(self, cost: int = 1, link: str | None = None, status: int = 0) -> None:
         """Reserve the client's refusal tokens for refused requests, when they are refused
         (a batch's item as it answers): charged even if the connection then breaks or the
-        client resets it, before its other answers are sent. A handler's refusal for `link`,
-        one of the client's own, goes on the link's allowance while it has one."""
+        client resets it, before its other answers are sent. A handler's 409 for `link`, one
+        of the client's own, goes on the link's allowance while it has one."""
         now = trio.current_time()
         server = self.server
         if (
-            link is not None
+            status == 409
+            and link is not None
             and server.serves is not None
             and server.serves(self.identity, link)
-            and server.link_refusals.take((self.identity, link), now)
+            and server.link_refusals.take(link, now)
         ):
             return
         delay = server.refusals.delay(self.refusal_key, now, cost)
@@ -703,7 +706,7 @@ class _Http:
                 start = partial(self._handle, item.link, item.action, item.body, sent)
                 status, body = await server.nursery.start(start)
                 if status >= 400:
-                    self._refused(link=item.link)
+                    self._refused(link=item.link, status=status)
                 ready.append(batchwire.encode_answer(index, batchwire.Answer(status, body)))
                 await send()
             finally:
@@ -848,7 +851,7 @@ class _Http:
         if self.closing:
             headers.append((b"connection", b"close"))
         if status >= 400:
-            self._refused(link=link)
+            self._refused(link=link, status=status)
         self._phase("reply", self.limits.request_timeout)
         if self.request is not None and self.request.method == b"HEAD":
             body = b""  # (the head a GET would have, and no body: RFC 9110 §9.3.2)

@@ -1121,11 +1121,10 @@ async def test_each_refused_item_of_a_batch_costs_a_refusal_token(tmp_path: Path
 async def test_refusals_for_a_clients_own_links_spend_each_links_allowance_first(
     tmp_path: Path,
 ) -> None:
-    """Review finding (M1): a responder restored from an old backup refuses each link's first
-    rotate once, and on the client's budget alone 10,000 links recovered at 10 a second. A
-    refusal for a link the client's certificate serves spends that link's allowance (one)
-    first; a second refusal for the same link, or one for a link it does not serve, spends
-    the client's budget as before."""
+    """Review finding (M1): a responder restored from an old backup refuses each link's next
+    announce and rotate (409, epoch), and on the client's budget alone 10,000 links recovered
+    at 10 a second. A 409 for a link the client's certificate serves spends that link's
+    allowance (two) first; past it, or for a link it does not serve, the client's budget."""
 
     async def handler(
         link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
@@ -1139,26 +1138,50 @@ async def test_refusals_for_a_clients_own_links_spend_each_links_allowance_first
     async with running(tmp_path, handler, serves=serves, **limits) as server:
         peer = await server.tls()
         every_link = _batch(*[(f"l{i}", "rotate", b"{}") for i in range(30)])
-        response, _ = await exchange(peer, post("/v1/batch", len(every_link)), every_link)
-        assert response.status_code == 200 and server.refused(409) == 30
+        for _ in range(2):  # each link's allowance: an announce and a rotate, say
+            response, _ = await exchange(peer, post("/v1/batch", len(every_link)), every_link)
+            assert response.status_code == 200
+        assert server.refused(409) == 60
         statuses = []
         for link in ("l30", "l0", "l1"):  # l30 on its allowance; then the client's budget
             with trio.move_on_after(1) as waited:
                 response, _ = await exchange(peer, post(f"/v1/links/{link}/rotate", 2), b"{}")
                 statuses.append(response.status_code)
             assert not waited.cancelled_caught  # (l0: no debt yet; l1: l0 took the burst of 1)
-        assert statuses == [409, 409, 409] and server.refused(409) == 33
+        assert statuses == [409, 409, 409] and server.refused(409) == 63
         with trio.move_on_after(1) as waited:  # two refusals against a burst of 1
             await exchange(peer, post("/v1/links/l2/rotate", 2), b"{}")
         assert waited.cancelled_caught
 
         flood = await server.tls("mallory")  # serves none of them: its own budget only
-        forged = _batch(*[(f"l{i}", "rotate", b"{}") for i in range(3)])
+        forged = _batch(*[(f"l{i}", "rotate", b"{}") for i in range(31, 34)])
         response, _ = await exchange(flood, post("/v1/batch", len(forged)), forged)
-        assert response.status_code == 200 and server.refused(409) == 36
+        assert response.status_code == 200 and server.refused(409) == 66
         with trio.move_on_after(1) as waited:
-            await exchange(flood, post("/v1/links/l0/rotate", 2), b"{}")
+            await exchange(flood, post("/v1/links/l35/rotate", 2), b"{}")
         assert waited.cancelled_caught
+
+
+async def test_a_forged_request_for_a_clients_own_link_spends_its_budget_not_the_links(
+    tmp_path: Path,
+) -> None:
+    """Only a 409 (what an honest peer's stale state gets) goes on a link's allowance: a
+    refused MAC (403) spends the client's budget at once."""
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        raise ProtocolError("bad MAC", status=403)
+
+    limits = {"refusal_rate": 0.001, "refusal_burst": 1}
+    async with running(tmp_path, handler, serves=lambda i, link: True, **limits) as server:
+        peer = await server.tls()
+        for link in ("l0", "l1"):  # the burst of 1, then one more answer (reserved ahead)
+            response, _ = await exchange(peer, post(f"/v1/links/{link}/rotate", 2), b"{}")
+            assert response.status_code == 403
+        with trio.move_on_after(1) as waited:
+            await exchange(peer, post("/v1/links/l2/rotate", 2), b"{}")
+        assert waited.cancelled_caught and server.refused(403) == 2
 
 
 async def test_batched_handlers_run_to_their_end_when_the_client_goes_away(

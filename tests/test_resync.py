@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import shutil
+import uuid
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import trio
 import trio.testing
 
-from qkdagent.testing import MemoryPool, open_agent_pair
+from qkdagent import transport
+from qkdagent.peerserver import ServerLimits
+from qkdagent.testing import MemoryPool, open_agent_pair, pair_configs
+from qkdagent.testing.agents import LINK, AgentPair
 
 REC = {"sinks": {"rec": {"type": "recording"}}}
 LINK_OPTS = {"interval": 60, "reject_after": 300, "jitter": 0}
+_NONE = SimpleNamespace(epoch=0)
 
 
 async def _lose_state(pair, name: str) -> None:
@@ -80,3 +88,56 @@ async def test_several_sources_are_combined(
         epoch = pair.epoch("alice")
         await trio.sleep(61)
         assert pair.epoch("alice") == epoch  # every source is required for a rotation
+
+
+async def test_a_responder_restored_from_an_old_backup_is_resynchronised_by_every_link_unpaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding (M1), over the real peer API: each link's announce and rotate are
+    refused (409, epoch) by a responder restored from an old backup, then it resynchronises.
+    With a refusal budget of one (then one per 1,000 s), only the links' own allowances let
+    every link through: before them, the resyncs waited for the client's debt."""
+    limits = partial(ServerLimits, refusal_rate=0.001, refusal_burst=1)
+    monkeypatch.setattr(transport, "ServerLimits", limits)
+    pool = {"sim": {"type": "memory", "pool": f"restore-{uuid.uuid4().hex}", "fetch_ahead": True}}
+    side = {**REC, "sources": pool}
+    configs = pair_configs(tmp_path, alice=side, bob=side, link={"interval": 2, "jitter": 0})
+    links = [f"l{i}" for i in range(6)]
+    for config in configs.values():
+        template = config["links"].pop(LINK)
+        config["links"] = {name: dict(template) for name in links}
+    state = Path(configs["bob"]["agent"]["state_dir"])
+
+    async with trio.open_nursery() as nursery:
+        pair = AgentPair(nursery, configs, None)
+        await pair.start("bob")
+        await pair.start("alice")
+
+        def epochs(name: str) -> list[int]:
+            agent = pair.agents[name]
+            return [(agent.link(n).record or _NONE).epoch for n in links]
+
+        async def all_past(epoch: int) -> None:
+            with trio.fail_after(30):
+                while min(epochs("alice") + epochs("bob")) <= epoch:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+
+        await all_past(1)
+        await pair.stop("bob")
+        shutil.copytree(state, tmp_path / "backup")
+        await pair.start("bob")
+        await all_past(max(epochs("alice")) + 1)  # the backup is two rotations behind, or more
+        await pair.stop("bob")
+        shutil.rmtree(state)
+        shutil.copytree(tmp_path / "backup", state)
+        ahead = max(epochs("alice"))
+        await pair.start("bob")
+        assert max(epochs("bob")) < ahead
+        await all_past(ahead)  # every link resynchronised, within 30 s
+        assert epochs("alice") == epochs("bob")
+        refused = pair.bob.metrics.registry.get_sample_value(
+            "qkdagent_peer_requests_refused_total", {"status": "409"}
+        )
+        assert refused is not None and refused >= 2 * len(links)  # announce and rotate each
+        for name in list(pair.agents):
+            await pair.stop(name)
