@@ -1162,6 +1162,27 @@ async def test_refusals_for_a_clients_own_links_spend_each_links_allowance_first
         assert waited.cancelled_caught
 
 
+async def test_a_refused_commit_for_a_clients_own_link_spends_the_links_allowance_too(
+    tmp_path: Path,
+) -> None:
+    """A commit is answered on the early-reply path (the handler may go on after it): its
+    409 goes on the link's allowance as a rotate's does (review gap)."""
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        raise ProtocolError("no pending epoch", status=409)
+
+    limits = {"refusal_rate": 0.001, "refusal_burst": 1}
+    async with running(tmp_path, handler, serves=lambda i, link: True, **limits) as server:
+        peer = await server.tls()
+        for link in ("l0", "l0", "l1", "l1", "l2"):  # two allowances each, then l2's first
+            with trio.move_on_after(1) as waited:
+                response, _ = await exchange(peer, post(f"/v1/links/{link}/commit", 2), b"{}")
+            assert not waited.cancelled_caught and response.status_code == 409
+        assert server.refused(409) == 5
+
+
 async def test_a_forged_request_for_a_clients_own_link_spends_its_budget_not_the_links(
     tmp_path: Path,
 ) -> None:
