@@ -1118,6 +1118,17 @@ async def test_each_refused_item_of_a_batch_costs_a_refusal_token(tmp_path: Path
         assert waited.cancelled_caught
 
 
+def _refusing(message: str, status: int) -> Handler:
+    """A handler refusing every request with `status`."""
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        raise ProtocolError(message, status=status)
+
+    return handler
+
+
 async def test_refusals_for_a_clients_own_links_spend_each_links_allowance_first(
     tmp_path: Path,
 ) -> None:
@@ -1126,10 +1137,7 @@ async def test_refusals_for_a_clients_own_links_spend_each_links_allowance_first
     at 10 a second. A 409 for a link the client's certificate serves spends that link's
     allowance (two) first; past it, or for a link it does not serve, the client's budget."""
 
-    async def handler(
-        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
-    ) -> bytes:
-        raise ProtocolError("epoch", status=409)
+    handler = _refusing("epoch", 409)
 
     def serves(identity: PeerIdentity, link: str) -> bool:
         return identity.matches("alice") and link.startswith("l")
@@ -1168,11 +1176,7 @@ async def test_a_refused_commit_for_a_clients_own_link_spends_the_links_allowanc
     """A commit is answered on the early-reply path (the handler may go on after it): its
     409 goes on the link's allowance as a rotate's does (review gap)."""
 
-    async def handler(
-        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
-    ) -> bytes:
-        raise ProtocolError("no pending epoch", status=409)
-
+    handler = _refusing("no pending epoch", 409)
     limits = {"refusal_rate": 0.001, "refusal_burst": 1}
     async with running(tmp_path, handler, serves=lambda i, link: True, **limits) as server:
         peer = await server.tls()
@@ -1189,11 +1193,7 @@ async def test_a_forged_request_for_a_clients_own_link_spends_its_budget_not_the
     """Only a 409 (what an honest peer's stale state gets) goes on a link's allowance: a
     refused MAC (403) spends the client's budget at once."""
 
-    async def handler(
-        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
-    ) -> bytes:
-        raise ProtocolError("bad MAC", status=403)
-
+    handler = _refusing("bad MAC", 403)
     limits = {"refusal_rate": 0.001, "refusal_burst": 1}
     async with running(tmp_path, handler, serves=lambda i, link: True, **limits) as server:
         peer = await server.tls()
