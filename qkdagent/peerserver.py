@@ -210,7 +210,7 @@ async def serve_peers(
     `is_peer` says whether a client certificate names a peer of one of the agent's links: a
     connection whose certificate names none is reset right after the handshake, so holders
     of other deployment-CA certificates never take an established slot. `serves` says
-    whether it names the peer of a given link: refusals of that link's requests go first on
+    whether it names the peer of a given link: a handler's 409s for that link go first on
     the link's own allowance (`ServerLimits.link_refusal_burst`)."""
     context = server_ssl_context(tls)
     soft = raise_nofile_limit()
