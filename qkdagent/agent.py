@@ -254,14 +254,11 @@ class Agent:
 
     def _is_peer(self, identity: PeerIdentity) -> bool:
         """Whether a client certificate names the peer of one of the configured links."""
-        return any(
-            identity.matches(link.peer_identity)
-            for link in self.config.links.values()
-            if link.native  # a link of another protocol admits nobody to the peer API
-        )
+        return any(self._serves(identity, name) for name in self.config.links)
 
     def _serves(self, identity: PeerIdentity, link: str) -> bool:
-        """Whether a client certificate names the peer of `link` (one of the native links)."""
+        """Whether a client certificate names the peer of `link`, a native link (a link of
+        another protocol admits nobody to the peer API)."""
         config = self.config.links.get(link)
         return config is not None and config.native and identity.matches(config.peer_identity)
 

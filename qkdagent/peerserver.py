@@ -524,7 +524,7 @@ class _Http:
             self._phase("idle", self.limits.idle_timeout)
             await trio.sleep_until(self.penalty_until)
 
-    def _refused(self, cost: int = 1, link: str | None = None, status: int = 0) -> None:
+    def _refused(self, cost: int = 1, *, link: str | None = None, status: int = 0) -> None:
         """Reserve the client's refusal tokens for refused requests, when they are refused
         (a batch's item as it answers): charged even if the connection then breaks or the
         client resets it, before its other answers are sent. A handler's 409 for `link`, one

@@ -56,11 +56,12 @@ path = "{paths["dir"]}/psk.key"
 """
 
 
-async def until(predicate: Callable[[], bool], limit: float = 600) -> None:
-    """Wait (bounded, polling each second: under trio's virtual clock) until `predicate()`."""
+async def until(predicate: Callable[[], bool], limit: float = 600, every: float = 1) -> None:
+    """Wait (bounded, polling every `every` seconds: each second suits trio's virtual clock)
+    until `predicate()`."""
     with trio.fail_after(limit):
         while not predicate():  # noqa: ASYNC110 - virtual clock
-            await trio.sleep(1)
+            await trio.sleep(every)
 
 
 class ScheduleCount(trio.abc.Instrument):
