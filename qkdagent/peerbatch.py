@@ -74,7 +74,7 @@ Send = Callable[[str, str, bytes, int, OnData | None], Awaitable[Reply]]
 class _Waiting:
     """A queued request and, once answered, its reply or why there is none."""
 
-    __slots__ = ("deadline", "done", "error", "item", "queued", "reply", "taken")
+    __slots__ = ("deadline", "done", "error", "item", "queued", "reply", "taken", "turn")
 
     def __init__(self, item: batchwire.Item, deadline: float) -> None:
         self.item = item
@@ -83,6 +83,9 @@ class _Waiting:
         self.taken = False
         self.queued = trio.CancelScope()
         """Its wait for a place, called off once another request's batch takes it."""
+        self.turn = trio.Event()
+        """Set once it heads its peer's queue: only the head waits for a place, so a place
+        coming back wakes one waiter, not every request queued (`_wake_head`)."""
         self.done = trio.Event()
         self.reply: Reply | None = None
         self.error: TransportError | None = None
@@ -217,6 +220,8 @@ class Coalescer:
             while not waiting.taken:
                 waiting.queued = trio.CancelScope()
                 with waiting.queued:
+                    if peer.queue[0] is not waiting:
+                        await waiting.turn.wait()
                     await places.wait_for_turn(lambda: waiting.taken or peer.queue[0] is waiting)
                 if waiting.taken:
                     break
@@ -224,7 +229,7 @@ class Coalescer:
                 # queue goes, as much as a batch holds, in the order it came.
                 place = places.take(trio.current_time())
                 batch = _take(peer.queue)
-                places.nudge()  # a new head, if anything is left
+                _wake_head(peer)  # a new head, if anything is left
                 if self._nursery is not None:
                     self._nursery.start_soon(self._owned, url, peer, batch, place)
                 else:
@@ -236,7 +241,7 @@ class Coalescer:
         finally:
             if not waiting.taken:
                 peer.queue.remove(waiting)
-                places.nudge()
+                _wake_head(peer)
         return waiting.result()
 
     async def _alone(self, url: str, item: batchwire.Item) -> Reply:
@@ -323,6 +328,14 @@ class Coalescer:
         async with trio.open_nursery() as nursery:
             for waiting in batch:
                 nursery.start_soon(one, waiting)
+
+
+def _wake_head(peer: _Peer) -> None:
+    """The queue's head (new, or unchanged) looks for a place: it waits for one, the
+    requests behind it wait for their turn."""
+    if peer.queue:
+        peer.queue[0].turn.set()
+    peer.places.nudge()
 
 
 def _take(queue: collections.deque[_Waiting]) -> list[_Waiting]:

@@ -703,8 +703,11 @@ class _Http:
         async def answer(index: int, item: batchwire.Item) -> None:
             sent = trio.Event()
             try:
-                start = partial(self._handle, item.link, item.action, item.body, sent)
-                status, body = await server.nursery.start(start)
+                if item.action in EARLY_REPLY:
+                    start = partial(self._handle, item.link, item.action, item.body, sent)
+                    status, body = await server.nursery.start(start)
+                else:  # as a lone request's: no task of its own (one less per item)
+                    status, body = await self._call(item.link, item.action, item.body)
                 if status >= 400:
                     self._refused(link=item.link, status=status)
                 ready.append(batchwire.encode_answer(index, batchwire.Answer(status, body)))

@@ -577,6 +577,42 @@ async def test_a_stalled_request_stops_holding_the_queue_and_outstanding_ones_ar
     assert sorted(x for _, s in peer.sent for x in _links(s)) == sorted(f"l{i}" for i in range(20))
 
 
+async def test_a_place_coming_back_wakes_the_head_of_the_queue_not_every_request_queued() -> None:
+    """Only the head of a peer's queue waits for a place; the requests behind it wait for
+    their turn. (Every place given back, or batch stepping aside, woke the whole queue to find
+    it was not first: at 10,000 links about two wake-ups per request.)"""
+    peer = FakePeer()
+    hold = peer.held()
+    coalescer = Coalescer(peer.send, in_flight=1)
+    steps: dict[trio.lowlevel.Task, int] = {}
+
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            steps[task] = steps.get(task, 0) + 1
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.post, "https://bob", "l0", "rotate", b"x")  # the place
+        await trio.testing.wait_all_tasks_blocked()
+        queued: list[trio.lowlevel.Task] = []
+        for i in range(1, 31):
+            before = set(nursery.child_tasks)
+            nursery.start_soon(coalescer.post, "https://bob", f"l{i}", "rotate", b"x")
+            await trio.testing.wait_all_tasks_blocked()
+            queued += set(nursery.child_tasks) - before
+        places = coalescer._peers["https://bob"].places
+        instrument = Steps()
+        trio.lowlevel.add_instrument(instrument)
+        for _ in range(10):  # the places look again (one stepped aside, say): still no room
+            places.nudge()
+            await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.remove_instrument(instrument)
+        assert steps.get(queued[0], 0) == 10  # the head looked each time...
+        assert [steps.get(task, 0) for task in queued[1:]] == [0] * 29  # ...and no one else
+        assert len(peer.sent) == 1
+        hold.set()
+    assert [_links(s) for _, s in peer.sent] == [["l0"], [f"l{i}" for i in range(1, 31)]]
+
+
 def _links(sent: list[Item] | Item) -> list[str]:
     return [i.link for i in sent] if isinstance(sent, list) else [sent.link]
 
