@@ -20,6 +20,7 @@ import trio
 from . import protocol, ratchet
 from .errors import KeyReuseError, ProtocolError, QkdAgentError, SourceError, named
 from .faults import crash_point
+from .locks import held
 from .peering import PeerReply, TransportError
 from .secret import Key, Secret
 from .state import LinkRecord
@@ -88,7 +89,7 @@ class Initiator:
         failure here is not reported: the rotation fetches again and reports its own."""
         self._prefetch_for = due
         link = self.link
-        async with self.env.rotation_slots, link.lock:
+        async with held(self.env.rotation_slots), held(link.lock):
             record = link.record
             try:
                 with trio.fail_after(self.env.rotation_timeout):
@@ -167,7 +168,7 @@ class Initiator:
     async def rotate_once(self) -> bool:
         """One rotation attempt under the link's lock; returns whether it committed."""
         link = self.link
-        async with self.env.rotation_slots, link.lock:
+        async with held(self.env.rotation_slots), held(link.lock):
             started = trio.current_time()
             epoch = link.record.epoch
             try:

@@ -1,10 +1,13 @@
-"""Taking a trio lock without a schedule point when it is free (issue 18).
+"""Taking a trio lock (or a capacity limiter's token) without a schedule point when it is
+free (issue 18).
 
 `async with lock` yields to the scheduler even when nobody holds the lock: one full pass of the
 event loop (every runnable task, and a poll for I/O) per acquire. A request handler takes its
-link's lock once per request, each on a rotation's path, where nothing else waits for the
-loop. `held(lock)` is a cancel point all the same (a cancelled caller raises before taking
-it), and waits in the lock's queue, in turn, when it is held or others wait for it.
+link's lock once per request, and an initiator its link's lock and a rotation slot for each
+rotation and each prefetch, all on a rotation's path, where nothing else waits for the loop
+(four of an initiator's thirteen wake-ups per rotation at 10,000 links). `held(lock)` is a
+cancel point all the same (a cancelled caller raises before taking it), and waits in the
+lock's queue, in turn, when it is held or others wait for it.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import trio
 class held:
     __slots__ = ("lock",)
 
-    def __init__(self, lock: trio.Lock) -> None:
+    def __init__(self, lock: trio.Lock | trio.CapacityLimiter) -> None:
         self.lock = lock
 
     async def __aenter__(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            self.lock.acquire_nowait()  # fails while held, and while others queue for it
+            self.lock.acquire_nowait()  # fails while held (no token), and while others queue
         except trio.WouldBlock:
             await self.lock.acquire()
 
