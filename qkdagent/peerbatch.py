@@ -84,8 +84,10 @@ class _Waiting:
         self.queued = trio.CancelScope()
         """Its wait for a place, called off once another request's batch takes it."""
         self.turn = trio.Event()
-        """Set once it heads its peer's queue: only the head waits for a place, so a place
-        coming back wakes one waiter, not every request queued (`_wake_head`)."""
+        """Set once it heads its peer's queue, or once a batch that took it has its answer:
+        only the head waits for a place, so a place coming back wakes one waiter, not every
+        request queued (`_wake_head`), and a request taken into a batch wakes only when
+        answered."""
         self.done = trio.Event()
         self.reply: Reply | None = None
         self.error: TransportError | None = None
@@ -94,6 +96,7 @@ class _Waiting:
         if not self.done.is_set():
             self.reply, self.error = reply, error
             self.done.set()
+            self.turn.set()
 
     def result(self) -> Reply:
         if self.reply is None:
@@ -218,10 +221,13 @@ class Coalescer:
         peer.queue.append(waiting)
         try:
             while not waiting.taken:
+                if peer.queue[0] is not waiting:
+                    if waiting.turn.is_set():  # (never: set for the head, or once answered)
+                        waiting.turn = trio.Event()
+                    await waiting.turn.wait()
+                    continue
                 waiting.queued = trio.CancelScope()
                 with waiting.queued:
-                    if peer.queue[0] is not waiting:
-                        await waiting.turn.wait()
                     await places.wait_for_turn(lambda: waiting.taken or peer.queue[0] is waiting)
                 if waiting.taken:
                     break
@@ -237,7 +243,8 @@ class Coalescer:
                         await self._send_queued(url, peer, batch, place)
                     finally:
                         places.give_back(place)
-            await waiting.done.wait()
+            if not waiting.done.is_set():  # (answered already: woken by the answer)
+                await waiting.done.wait()
         finally:
             if not waiting.taken:
                 peer.queue.remove(waiting)

@@ -358,7 +358,8 @@ class StateStore:
                     try:
                         if gate.inline():
                             # taking the lock was this caller's schedule point: no second
-                            # pass of the loop after the commit (the gate's own `run` yields)
+                            # pass of the loop after the commit (`gate.run` yields after one that
+                            # blocked the loop)
                             gate.run_here(run)
                         else:
                             await gate.run(run)

@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from qkdagent.inline import InlineGate
+from tests.helpers import ScheduleCount
 
 
 def where() -> int:
@@ -20,6 +21,22 @@ async def test_fast_calls_run_on_the_event_loop() -> None:
     for _ in range(3):
         assert await gate.run(where) == threading.get_ident()
     assert (gate.inline_calls, gate.threaded_calls) == (3, 0)
+
+
+async def test_a_fast_call_on_the_loop_is_no_schedule_point_and_one_that_blocked_it_is() -> None:
+    fast = InlineGate(limit=math.inf)  # (a millisecond, far above `where`)
+    with ScheduleCount() as count:
+        await fast.run(where)
+    assert count.points == 0
+    blocking = InlineGate(limit=math.inf, yield_after=0.0)  # every call counts as blocking
+    with ScheduleCount() as count:
+        await blocking.run(where)
+    assert count.points == 1
+    with trio.CancelScope() as scope:  # a cancel point either way
+        scope.cancel()
+        with pytest.raises(trio.Cancelled):
+            await fast.run(where)
+    assert fast.inline_calls == 1
 
 
 async def test_a_slow_call_sends_the_next_ones_to_a_thread_until_the_cooldown_ends() -> None:

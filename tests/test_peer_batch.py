@@ -577,40 +577,53 @@ async def test_a_stalled_request_stops_holding_the_queue_and_outstanding_ones_ar
     assert sorted(x for _, s in peer.sent for x in _links(s)) == sorted(f"l{i}" for i in range(20))
 
 
-async def test_a_place_coming_back_wakes_the_head_of_the_queue_not_every_request_queued() -> None:
+async def test_a_place_coming_back_wakes_the_head_of_the_queue_not_every_request_queued(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     """Only the head of a peer's queue waits for a place; the requests behind it wait for
-    their turn. (Every place given back, or batch stepping aside, woke the whole queue to find
-    it was not first: at 10,000 links about two wake-ups per request.)"""
+    their turn, or, once a batch took them, for their answer. (Every place given back, or
+    batch stepping aside, woke the whole queue to find it was not first, and a request taken
+    into a batch woke once for that and once for its answer: at 10,000 links about three
+    wake-ups per queued request.)"""
     peer = FakePeer()
     hold = peer.held()
     coalescer = Coalescer(peer.send, in_flight=1)
     steps: dict[trio.lowlevel.Task, int] = {}
+    queued: list[trio.lowlevel.Task] = []
 
     class Steps(trio.abc.Instrument):
         def before_task_step(self, task: trio.lowlevel.Task) -> None:
             steps[task] = steps.get(task, 0) + 1
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(coalescer.post, "https://bob", "l0", "rotate", b"x")  # the place
-        await trio.testing.wait_all_tasks_blocked()
-        queued: list[trio.lowlevel.Task] = []
-        for i in range(1, 31):
-            before = set(nursery.child_tasks)
-            nursery.start_soon(coalescer.post, "https://bob", f"l{i}", "rotate", b"x")
+    def woken() -> list[int]:
+        return [steps.get(task, 0) for task in queued[1:]]
+
+    # (virtual time: a request never woken fails the test at once)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(coalescer.post, "https://bob", "l0", "rotate", b"x")  # the place
             await trio.testing.wait_all_tasks_blocked()
-            queued += set(nursery.child_tasks) - before
-        places = coalescer._peers["https://bob"].places
-        instrument = Steps()
-        trio.lowlevel.add_instrument(instrument)
-        for _ in range(10):  # the places look again (one stepped aside, say): still no room
-            places.nudge()
+            for i in range(1, 31):
+                before = set(nursery.child_tasks)
+                nursery.start_soon(coalescer.post, "https://bob", f"l{i}", "rotate", b"x")
+                await trio.testing.wait_all_tasks_blocked()
+                queued += set(nursery.child_tasks) - before
+            places = coalescer._peers["https://bob"].places
+            instrument = Steps()
+            trio.lowlevel.add_instrument(instrument)
+            for _ in range(10):  # the places look again (one stepped aside, say): no room yet
+                places.nudge()
+                await trio.testing.wait_all_tasks_blocked()
+            assert steps.get(queued[0], 0) == 10 and woken() == [0] * 29  # the head looked
+            assert len(peer.sent) == 1
+            peer.slow = {f"l{i}" for i in range(2, 31)}  # answered once `release_slow` is set
+            hold.set()  # l0's place comes back: the head sends all queued as one batch...
             await trio.testing.wait_all_tasks_blocked()
-        trio.lowlevel.remove_instrument(instrument)
-        assert steps.get(queued[0], 0) == 10  # the head looked each time...
-        assert [steps.get(task, 0) for task in queued[1:]] == [0] * 29  # ...and no one else
-        assert len(peer.sent) == 1
-        hold.set()
-    assert [_links(s) for _, s in peer.sent] == [["l0"], [f"l{i}" for i in range(1, 31)]]
+            assert [_links(s) for _, s in peer.sent] == [["l0"], [f"l{i}" for i in range(1, 31)]]
+            assert woken() == [0] * 29  # ...waking no one else
+            peer.release_slow.set()
+    trio.lowlevel.remove_instrument(instrument)
+    assert woken() == [1] * 29  # each woke for its answer
 
 
 def _links(sent: list[Item] | Item) -> list[str]:
