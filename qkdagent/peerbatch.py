@@ -222,8 +222,8 @@ class Coalescer:
         try:
             while not waiting.taken:
                 if peer.queue[0] is not waiting:
-                    if waiting.turn.is_set():  # (never: set for the head, or once answered)
-                        waiting.turn = trio.Event()
+                    if waiting.turn.is_set():  # (a safeguard: only the head's turn or an
+                        waiting.turn = trio.Event()  # answered request's is ever set)
                     await waiting.turn.wait()
                     continue
                 waiting.queued = trio.CancelScope()
@@ -247,8 +247,10 @@ class Coalescer:
                 await waiting.done.wait()
         finally:
             if not waiting.taken:
+                was_head = peer.queue[0] is waiting
                 peer.queue.remove(waiting)
-                _wake_head(peer)
+                if was_head:  # (one behind it leaving changes neither the head nor the room)
+                    _wake_head(peer)
         return waiting.result()
 
     async def _alone(self, url: str, item: batchwire.Item) -> Reply:
@@ -338,11 +340,10 @@ class Coalescer:
 
 
 def _wake_head(peer: _Peer) -> None:
-    """The queue's head (new, or unchanged) looks for a place: it waits for one, the
-    requests behind it wait for their turn."""
+    """The queue's new head looks for a place (it alone waits for one: the requests behind
+    it wait for their turn)."""
     if peer.queue:
         peer.queue[0].turn.set()
-    peer.places.nudge()
 
 
 def _take(queue: collections.deque[_Waiting]) -> list[_Waiting]:

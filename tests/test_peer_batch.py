@@ -276,7 +276,14 @@ async def test_peers_queue_apart() -> None:
         hold.set()
 
 
-async def test_a_batch_is_cut_at_the_item_and_byte_bounds() -> None:
+async def test_a_batch_is_cut_at_the_item_and_byte_bounds(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(60):  # (virtual time: a queue left waiting fails at once)
+        await _cut_at_the_bounds()
+
+
+async def _cut_at_the_bounds() -> None:
     peer = FakePeer()
     coalescer = Coalescer(peer.send, in_flight=1)
     count = batchwire.MAX_ITEMS + 6
@@ -632,12 +639,29 @@ def _links(sent: list[Item] | Item) -> list[str]:
 
 @pytest.mark.parametrize("seed", range(12))
 async def test_every_request_gets_its_own_answer_or_fails_whatever_befalls_the_batches(
-    seed: int, autojump_clock: trio.testing.MockClock
+    seed: int, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A randomised run: slow, failed, refused and partly answered batches, callers that give
     up, two peers, and the coalescer's task stopping midway (half the seeds). No request is
-    answered with another's reply, every one ends, and every place is given back."""
+    answered with another's reply, every one ends, a queued one as soon as its answer (or
+    failure) is known, not at its caller's deadline, and every place is given back."""
     rnd = random.Random(seed)
+    settled: dict[bytes, float] = {}
+    """Queued request's body -> when its answer or failure was given to it."""
+    carriers: set[trio.lowlevel.Task] = set()
+    """Heads that sent their batch themselves (no `run`): they return with the whole batch."""
+    settle, send_queued = peerbatch._Waiting.settle, Coalescer._send_queued
+
+    def settle_timed(waiting: Any, reply: Reply | None, error: Any = None) -> None:
+        settled.setdefault(waiting.item.body, trio.current_time())
+        settle(waiting, reply, error)
+
+    async def send_queued_noted(self: Coalescer, *args: Any) -> None:
+        carriers.add(trio.lowlevel.current_task())
+        await send_queued(self, *args)
+
+    monkeypatch.setattr(peerbatch._Waiting, "settle", settle_timed)
+    monkeypatch.setattr(Coalescer, "_send_queued", send_queued_noted)
 
     async def send(url: str, path: str, body: bytes, limit: int, on_data: OnData | None) -> Reply:
         await trio.sleep(rnd.choice([0, 0.01, 0.5, 3, 20]))
@@ -669,6 +693,9 @@ async def test_every_request_gets_its_own_answer_or_fails_whatever_befalls_the_b
                 assert reply.body == body[::-1]
             except TransportError:
                 pass
+        if body in settled and trio.lowlevel.current_task() not in carriers:
+            # it returned when its answer or failure came, not at its caller's deadline
+            assert trio.current_time() == settled[body]
         ended.append(f"l{n}")
 
     with trio.fail_after(600):
