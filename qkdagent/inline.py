@@ -50,8 +50,8 @@ BUDGET = 0.1
 YIELD_AFTER = 0.001
 """Seconds a call on the loop may take before its caller lets the other tasks run (a pass of
 the loop) before it goes on: a call that blocked the loop does; a rename of tens of
-microseconds does not pay a pass for it (two of each agent's wake-ups per rotation at 10,000
-links)."""
+microseconds does not pay a pass for it (one or two of each agent's wake-ups per rotation at
+10,000 links)."""
 STALL = 0.1
 """Seconds a call on a worker thread may take before it, too, extends the cooldown: well above
 what waiting for the interpreter lock adds under load, so only a disk in real trouble. A call

@@ -5,9 +5,9 @@ free (issue 18).
 event loop (every runnable task, and a poll for I/O) per acquire. A request handler takes its
 link's lock once per request, and an initiator its link's lock and a rotation slot for each
 rotation and each prefetch, all on a rotation's path, where nothing else waits for the loop
-(four of an initiator's thirteen wake-ups per rotation at 10,000 links). `held(lock)` is a
-cancel point all the same (a cancelled caller raises before taking it), and waits in the
-lock's queue, in turn, when it is held or others wait for it.
+(three or four of an initiator's eighteen wake-ups per rotation at 10,000 links).
+`held(lock)` is a cancel point all the same (a cancelled caller raises before taking it), and
+waits in the lock's queue, in turn, when it is held or others wait for it.
 """
 
 from __future__ import annotations
