@@ -74,15 +74,13 @@ Send = Callable[[str, str, bytes, int, OnData | None], Awaitable[Reply]]
 class _Waiting:
     """A queued request and, once answered, its reply or why there is none."""
 
-    __slots__ = ("deadline", "done", "error", "item", "queued", "reply", "taken", "turn")
+    __slots__ = ("deadline", "done", "error", "item", "reply", "taken", "turn")
 
     def __init__(self, item: batchwire.Item, deadline: float) -> None:
         self.item = item
         self.deadline = deadline
         """Its caller's: past it nobody waits for the answer."""
         self.taken = False
-        self.queued = trio.CancelScope()
-        """Its wait for a place, called off once another request's batch takes it."""
         self.turn = trio.Event()
         """Set once it heads its peer's queue, or once a batch that took it has its answer:
         only the head waits for a place, so a place coming back wakes one waiter, not every
@@ -150,15 +148,15 @@ class _Places:
         self._freed.set()
         self._freed = trio.Event()
 
-    async def wait_for_turn(self, first: Callable[[], bool]) -> None:
-        """Until there is room and `first()` (the waiter is at the head of the queue)."""
+    async def wait_for_room(self) -> None:
+        """Until there is room (for the head of the queue: the only request that waits here)."""
         while True:
             now = trio.current_time()
-            if first() and self.room(now):
+            if self.room(now):
                 return
             wake = math.inf
             active = self._active(now)
-            if first() and len(self._held) < MAX_OUTSTANDING:
+            if len(self._held) < MAX_OUTSTANDING:
                 wake = active[len(active) - self.limit] + STALL  # room once enough stall
             with trio.move_on_at(wake):
                 await self._freed.wait()
@@ -226,11 +224,7 @@ class Coalescer:
                         waiting.turn = trio.Event()  # answered request's is ever set)
                     await waiting.turn.wait()
                     continue
-                waiting.queued = trio.CancelScope()
-                with waiting.queued:
-                    await places.wait_for_turn(lambda: waiting.taken or peer.queue[0] is waiting)
-                if waiting.taken:
-                    break
+                await places.wait_for_room()  # (a head stays the head until it takes a batch)
                 # There is room, and this request heads the queue (no checkpoint since): the
                 # queue goes, as much as a batch holds, in the order it came.
                 place = places.take(trio.current_time())
@@ -356,7 +350,6 @@ def _take(queue: collections.deque[_Waiting]) -> list[_Waiting]:
             break
         waiting = queue.popleft()
         waiting.taken = True
-        waiting.queued.cancel()
         batch.append(waiting)
         size = grown
     return batch
