@@ -24,7 +24,7 @@ async def test_fast_calls_run_on_the_event_loop() -> None:
 
 
 async def test_a_fast_call_on_the_loop_is_no_schedule_point_and_one_that_blocked_it_is() -> None:
-    fast = InlineGate(limit=math.inf)  # (a millisecond, far above `where`)
+    fast = InlineGate(limit=math.inf, yield_after=math.inf)  # no call counts as blocking
     with ScheduleCount() as count:
         await fast.run(where)
     assert count.points == 0
