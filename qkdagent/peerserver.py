@@ -670,11 +670,12 @@ class _Http:
         stream, server = self.stream, self.server
         self.conn.phase = "handler"
         self.conn.scope.deadline = math.inf  # bounded by the links' own timeouts
-        sending = trio.Lock()
         ready: list[bytes] = [batchwire.reply_head(len(items))]
-        """Answers given and not yet sent: whoever sends next sends them all in one chunk (a
-        group commit answers many items at once)."""
-        broken = False
+        """Answers given and not yet sent: the writer sends them all in one chunk (a group
+        commit answers many items at once)."""
+        sent_with: list[trio.Event] = []
+        """The `sent` events of the answers in `ready`, set once their chunk is written."""
+        writing = broken = False
         # no content-length: the answers go chunked, each as it comes (to HTTP/1.0, which
         # has no chunks, unframed until the connection closes)
         chunked = self.request is not None and self.request.version == "1.1"
@@ -685,20 +686,41 @@ class _Http:
             headers.append((b"connection", b"close"))
 
         async def send(head: bytes = b"", last: bytes = b"") -> None:
-            nonlocal broken
-            async with sending:
-                body = b"".join(ready)
-                ready.clear()
-                if broken or not (head or body or last):
-                    return  # nobody to send to, or sent by an earlier writer
-                data = head + (chunk(body) if chunked else body) + (last if chunked else b"")
-                try:
-                    with trio.move_on_after(self.limits.request_timeout) as slow:
-                        await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    broken = True
-                    return
-                broken = slow.cancelled_caught  # the client does not read
+            """Write what is ready, unless a writer is at it: that one takes it too (it writes
+            until nothing is left), so answers given together wait for one write, not in turn
+            for a lock (one wake-up each)."""
+            nonlocal writing, broken
+            if writing:
+                return
+            writing = True
+            try:
+                while not broken and (head or last or ready):
+                    # let the other items' tasks run first: answers given meanwhile go in
+                    # this write
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    body = b"".join(ready)
+                    data = head + (chunk(body) + last if chunked else body)
+                    done = sent_with[:]
+                    ready.clear()
+                    sent_with.clear()
+                    head = last = b""
+                    try:
+                        with trio.move_on_after(self.limits.request_timeout) as slow:
+                            await stream.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        broken = True
+                    else:
+                        broken = slow.cancelled_caught  # the client does not read
+                    finally:
+                        for event in done:
+                            event.set()
+            finally:
+                writing = False
+                for event in sent_with:  # (nothing is sent after a break)
+                    event.set()
+                if broken:
+                    ready.clear()
+                    sent_with.clear()
 
         async def answer(index: int, item: batchwire.Item) -> None:
             sent = trio.Event()
@@ -711,9 +733,11 @@ class _Http:
                 if status >= 400:
                     self._refused(link=item.link, status=status)
                 ready.append(batchwire.encode_answer(index, batchwire.Answer(status, body)))
+                sent_with.append(sent)
                 await send()
-            finally:
+            except BaseException:
                 sent.set()  # an item that answered early goes on, whatever became of its answer
+                raise
 
         self.answered = True
         await send(reply_head(200, headers))

@@ -10,7 +10,8 @@ sends and receives on its path; there that generality cost about 19 us per call 
 three times that in place) against about 8 us here: 0.17 ms of a one-link rotation's 3.4 ms
 (interleaved runs of `bench_core.py latency`: docs/design-deviations.md). The handshake, every
 record, every alert and every certificate check stay OpenSSL's; what is ours is short and
-follows trio's own semantics: each call is a checkpoint; a send or handshake cancelled midway
+follows trio's own semantics, but for one thing: each call is a cancel point, and a schedule
+point too except a send the socket takes at once (below); a send or handshake cancelled midway
 leaves the stream broken (`trio.BrokenResourceError`), as do a TLS error, a reset and an EOF
 without close_notify; a clean close_notify reads as b""; a socket closed under the stream (an
 eviction) raises `trio.ClosedResourceError` in a waiting call, and every later call fails
@@ -18,6 +19,12 @@ without touching the descriptor; every socket read is a checkpoint, so a peer th
 socket full cannot hold the loop; one sender and one receiver at a time
 (`trio.BusyResourceError`; a receive that writes an answer to the peer, a KeyUpdate's, counts
 as the sender meanwhile).
+
+A send the socket takes without waiting does not let the other tasks run before it returns
+(trio's streams do): every caller here waits for the peer next (a reply, the next request),
+which is a pass of the loop anyway, so the pass after the send was a second one on each of a
+rotation's four messages. A loop of sends still yields whenever the socket's buffer fills. A
+caller that wants others to run first (to gather what they have to send) checkpoints itself.
 """
 
 from __future__ import annotations
@@ -130,8 +137,7 @@ class TlsStream(trio.abc.Stream):
                 raise self._broken() from None
             except ssl.SSLError as exc:
                 raise self._broken() from exc
-            if not await self._flush():
-                await trio.lowlevel.cancel_shielded_checkpoint()
+            await self._flush()  # a schedule point only if the socket made it wait
         finally:
             self._leave(send=True)
 

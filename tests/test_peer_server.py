@@ -1013,6 +1013,111 @@ async def test_each_answer_of_a_batch_is_streamed_as_soon_as_it_is_given(tmp_pat
         assert answers == {0: b"slow", 1: b"fast", 2: b"acknowledged"}
 
 
+async def _read_chunks(
+    client: h11.Connection, stream: trio.abc.Stream, count: int
+) -> tuple[list[bytes], dict[int, bytes]]:
+    """The chunks of a streamed batch reply as the server wrote them, and its answers' bodies
+    by index (read here without the client's bound on an answer's size)."""
+    chunks, piece = [], b""
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            assert event.status_code == 200
+        elif isinstance(event, h11.Data):
+            piece += bytes(event.data)
+            if event.chunk_end:
+                chunks.append(piece)
+                piece = b""
+        elif isinstance(event, h11.EndOfMessage):
+            break
+    data = b"".join(chunks)
+    offset, answers = len(batchwire.reply_head(count)), {}
+    assert data[:offset] == batchwire.reply_head(count)
+    while offset < len(data):
+        index, status, size = struct.unpack_from(">HHI", data, offset)
+        offset += 8
+        assert status == 200
+        answers[index] = data[offset : offset + size]
+        offset += size
+    return chunks, answers
+
+
+class _AnswerSteps(trio.abc.Instrument):
+    """Counts the steps of a batch's answer tasks (each time one is woken)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += task.name.endswith("._stream_answers.<locals>.answer")
+
+
+async def test_answers_given_at_one_moment_go_out_in_one_write(tmp_path: Path) -> None:
+    """Ten items answered at the same moment (as a group commit answers them): one chunk
+    after the reply's head, written by one of them while the others' tasks end at once (with
+    a lock, each woke in turn to find its answer sent: nine wake-ups for nothing)."""
+    go = trio.Event()
+    steps = _AnswerSteps()
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        await go.wait()
+        return link.encode()
+
+    async with running(tmp_path, handler) as server:
+        stream = await server.tls()
+        links = [f"l{i}" for i in range(10)]
+        client = await send_batch(stream, _batch(*((link, "rotate", b"") for link in links)))
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            go.set()
+            with trio.fail_after(10):
+                chunks, answers = await _read_chunks(client, stream, len(links))
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert answers == {i: link.encode() for i, link in enumerate(links)}
+        assert len(chunks) == 2  # the batch reply's head, then every answer
+        # each woken by its answer, and the writer once more to let the others give theirs
+        assert steps.steps == len(links) + 1
+
+
+async def test_an_item_that_answered_early_goes_on_once_its_answer_is_written_by_another(
+    tmp_path: Path,
+) -> None:
+    """The commit's answer goes in a write another item's task makes (the big answers fill
+    the socket while the client does not read): its handler goes on only once that write is
+    done, not once its answer was handed over."""
+    go, went_on = trio.Event(), trio.Event()
+    big = b"x" * (2 << 20)
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        await go.wait()
+        if action == "commit":
+            await reply_now(b"acknowledged")
+            went_on.set()
+            return b"late"
+        return big
+
+    async with running(tmp_path, handler) as server:
+        stream = await server.tls()
+        items = [(f"big{i}", "rotate", b"") for i in range(8)] + [("c", "commit", b"")]
+        client = await send_batch(stream, _batch(*items))
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not went_on.is_set()  # its answer is given, not yet written
+        with trio.fail_after(20):
+            _, answers = await _read_chunks(client, stream, len(items))
+            await went_on.wait()
+        assert answers == {**{i: big for i in range(8)}, 8: b"acknowledged"}
+
+
 async def test_a_batch_naming_a_link_twice_is_refused(tmp_path: Path) -> None:
     """An honest initiator has one request per link under way; the same commit twice in one
     batch could have one wait for the lock the other holds."""

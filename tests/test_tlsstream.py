@@ -195,6 +195,42 @@ async def test_a_cancelled_receive_leaves_the_stream_usable_a_cancelled_send_bre
             await ours.send_all(b"more")
 
 
+class _Resumed(trio.abc.Instrument):
+    """How many times `task` was resumed (after a schedule point)."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.count = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.count += task is self.task
+
+
+async def test_a_send_the_socket_takes_at_once_is_a_cancel_point_and_no_schedule_point(
+    pki: PkiFiles,
+) -> None:
+    """Every caller waits for the peer right after a send: a pass of the loop after it as
+    well was a second one per message. A send that must wait for the socket still yields."""
+    client_ctx, server_ctx = contexts(pki, ssl.TLSVersion.TLSv1_3)
+    async with connected(client_ctx, server_ctx) as (ours, theirs):
+        steps = _Resumed(trio.lowlevel.current_task())
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await ours.send_all(b"hello")
+            assert steps.count == 0  # the task never left the loop's hands: no schedule point
+            await trio.lowlevel.checkpoint()
+            assert steps.count == 1  # (what a schedule point looks like)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert await receive_exactly(theirs, 5) == b"hello"
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            with pytest.raises(trio.Cancelled):
+                await ours.send_all(b"never")  # a cancel point: nothing was sent
+        await ours.send_all(b"still usable")
+        assert await receive_exactly(theirs, 12) == b"still usable"
+
+
 async def test_one_sender_and_one_receiver_at_a_time(
     pki: PkiFiles, autojump_clock: trio.testing.MockClock
 ) -> None:
