@@ -490,7 +490,7 @@ class _Http:
                 self.request, self.answered, self.continued = None, False, False
                 if self.reader.in_message:  # part of the next request came with the last
                     self._started()
-                request = await self._next_event(HEAD_READS)
+                request = await self._next_event(HEAD_READS, pass_if_buffered=True)
                 if not isinstance(request, Request):
                     return  # the client closed
                 await self._budget()  # (run up meanwhile on another of its connections)
@@ -542,14 +542,22 @@ class _Http:
         delay = server.refusals.delay(self.refusal_key, now, cost)
         self.penalty_until = max(self.penalty_until, now + delay)
 
-    async def _next_event(self, max_reads: float = math.inf) -> Event:
+    async def _next_event(
+        self, max_reads: float = math.inf, *, pass_if_buffered: bool = False
+    ) -> Event:
         """The reader's next event, reading for it at most `max_reads` times (past that the
-        connection is closed and its client charged a refusal)."""
+        connection is closed and its client charged a refusal). With `pass_if_buffered`, an
+        event that came with earlier bytes (a pipelined request) is a checkpoint, as a read
+        would have been: a send the socket takes at once is none, so a client that sends many
+        small requests at once would otherwise have them all answered in one step of the
+        loop, every other connection and link waiting."""
         reader = self.reader
         reads = 0
         while True:
             event = reader.next_event()
             if event is not None:
+                if pass_if_buffered and not reads:
+                    await trio.lowlevel.checkpoint()
                 return event
             data = await self.stream.receive_some(_READ_SIZE)
             if not data:
@@ -709,6 +717,9 @@ class _Http:
                             await stream.send_all(data)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         broken = True
+                    except BaseException:  # cancelled midway: nothing more goes on this stream
+                        broken = True
+                        raise
                     else:
                         broken = slow.cancelled_caught  # the client does not read
                     finally:

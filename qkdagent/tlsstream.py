@@ -24,7 +24,8 @@ A send the socket takes without waiting does not let the other tasks run before 
 (trio's streams do): every caller here waits for the peer next (a reply, the next request),
 which is a pass of the loop anyway, so the pass after the send was a second one on each of a
 rotation's four messages. A loop of sends still yields whenever the socket's buffer fills. A
-caller that wants others to run first (to gather what they have to send) checkpoints itself.
+caller that may go on without reading checkpoints itself: the peer server before a request
+that came with the previous one (pipelined), the batch answers' writer to gather answers.
 """
 
 from __future__ import annotations

@@ -513,6 +513,44 @@ async def test_pipelined_requests_are_answered_in_turn(tmp_path: Path) -> None:
         assert [(c[0], c[2]) for c in server.calls] == [(link, link.encode()) for link in links]
 
 
+class _LoopSteps(trio.abc.Instrument):
+    """Counts task steps: two handler calls with the same count ran in one step."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps += 1
+
+
+async def test_pipelined_requests_are_answered_one_per_pass_of_the_loop(tmp_path: Path) -> None:
+    """A client sending 200 small requests in one go (a peer's certificate is enough) whose
+    handler returns at once: each request is a step of its own, as if it had been read alone,
+    not all of them answered in one step while every other connection and link waits."""
+    steps, seen = _LoopSteps(), []
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        seen.append(steps.steps)
+        return b"{}"
+
+    async with running(tmp_path, handler) as server:
+        stream = await server.tls()
+        count = 200
+        trio.lowlevel.add_instrument(steps)
+        try:
+            await stream.send_all(post_bytes("/v1/links/l/rotate", b"") * count)
+            with trio.fail_after(20):
+                received = b""
+                while received.count(b"HTTP/1.1 200 ") < count:
+                    received += await stream.receive_some(65536)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert len(seen) == count
+        assert len(set(seen)) == count  # no two in one step
+
+
 async def test_http_1_0_gets_one_answer_and_a_close(tmp_path: Path) -> None:
     async with running(tmp_path) as server:
         stream = await server.tls()
@@ -1116,6 +1154,98 @@ async def test_an_item_that_answered_early_goes_on_once_its_answer_is_written_by
             _, answers = await _read_chunks(client, stream, len(items))
             await went_on.wait()
         assert answers == {**{i: big for i in range(8)}, 8: b"acknowledged"}
+
+
+@pytest.mark.parametrize("how", ["timeout", "reset"])
+async def test_early_items_queued_behind_a_write_that_fails_go_on(tmp_path: Path, how: str) -> None:
+    """A commit answers while the big answers' write is blocked (the client does not read),
+    so its answer waits for that write; the write then times out or the client resets: the
+    commit's handler goes on (it holds its link's lock until then), as does a commit that
+    answers after the break, and the connection is closed."""
+    go, first, second = trio.Event(), trio.Event(), trio.Event()
+    went_on = {"c1": trio.Event(), "c2": trio.Event()}
+    big = b"x" * (2 << 20)
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        if action == "commit":
+            await (first if link == "c1" else second).wait()
+            await reply_now(b"acknowledged")
+            went_on[link].set()
+            return b"late"
+        await go.wait()
+        return big
+
+    async with running(tmp_path, handler, request_timeout=0.5) as server:
+        stream = await server.tls()
+        items = [(f"big{i}", "rotate", b"") for i in range(8)]
+        await send_batch(stream, _batch(*items, ("c1", "commit", b""), ("c2", "commit", b"")))
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+        await trio.testing.wait_all_tasks_blocked()  # the write is blocked on the socket
+        first.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not went_on["c1"].is_set()  # its answer waits for the blocked write
+        if how == "reset":
+            sock = stream.transport_stream.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        with trio.fail_after(10):
+            await went_on["c1"].wait()
+        second.set()
+        with trio.fail_after(10):
+            await went_on["c2"].wait()
+        if how == "timeout":
+            assert await closed_by_server(stream)
+
+
+@pytest.mark.parametrize("how", ["timeout", "reset"])
+async def test_an_early_item_in_a_write_that_fails_goes_on(tmp_path: Path, how: str) -> None:
+    """The commit's answer goes in a write with eight big answers (given while three big ones
+    were being written), which then times out or is reset: its handler goes on all the
+    same."""
+    go, then, went_on = trio.Event(), trio.Event(), trio.Event()
+    big = b"x" * (2 << 20)
+
+    async def handler(
+        link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
+    ) -> bytes:
+        await (go if link.startswith("a") else then).wait()
+        if action == "commit":
+            await reply_now(b"acknowledged")
+            went_on.set()
+        return big
+
+    async with running(tmp_path, handler, request_timeout=5) as server:
+        stream = await server.tls()
+        # (a receive buffer that does not grow as the client reads: the second write blocks)
+        stream.transport_stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+        items = [(f"a{i}", "rotate", b"") for i in range(3)] + [("c", "commit", b"")]
+        items += [(f"b{i}", "rotate", b"") for i in range(8)]
+        client = await send_batch(stream, _batch(*items))
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()
+        await trio.testing.wait_all_tasks_blocked()  # the first write is blocked on the socket
+        then.set()
+        await trio.testing.wait_all_tasks_blocked()  # the others' answers wait for it
+        # read the first write (the reply's head and the a-answers) and no more
+        body, wanted = b"", len(batchwire.reply_head(len(items))) + 3 * (8 + len(big))
+        with trio.fail_after(10):
+            while len(body) < wanted:
+                event = client.next_event()
+                if event is h11.NEED_DATA:
+                    client.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Data):
+                    body += bytes(event.data)
+        await trio.testing.wait_all_tasks_blocked()  # the second write is blocked now
+        assert not went_on.is_set()  # its answer is in that write
+        if how == "reset":
+            sock = stream.transport_stream.socket
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        with trio.fail_after(10):
+            await went_on.wait()
 
 
 async def test_a_batch_naming_a_link_twice_is_refused(tmp_path: Path) -> None:
