@@ -945,6 +945,20 @@ async def send_batch(stream: trio.abc.Stream, data: bytes) -> h11.Connection:
     return client
 
 
+async def _reply_data(client: h11.Connection, stream: trio.abc.Stream) -> AsyncIterator[h11.Data]:
+    """The body pieces of a 200 reply to what `client` sent, reading as needed, to its end."""
+    while True:
+        event = client.next_event()
+        if event is h11.NEED_DATA:
+            client.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            assert event.status_code == 200
+        elif isinstance(event, h11.Data):
+            yield event
+        elif isinstance(event, h11.EndOfMessage):
+            return
+
+
 async def test_a_batch_is_answered_item_by_item_as_if_each_came_alone(tmp_path: Path) -> None:
     async def handler(
         link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
@@ -1035,18 +1049,10 @@ async def test_each_answer_of_a_batch_is_streamed_as_soon_as_it_is_given(tmp_pat
         client = await send_batch(stream, data)
         reader, answers = batchwire.ReplyReader(3), {}
         with trio.fail_after(10):
-            while True:
-                event = client.next_event()
-                if event is h11.NEED_DATA:
-                    client.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    assert event.status_code == 200
-                elif isinstance(event, h11.Data):
-                    for index, answer in reader.feed(bytes(event.data)):
-                        assert index != 0 or {1, 2} <= set(answers)  # the slow one last
-                        answers[index] = answer.body
-                elif isinstance(event, h11.EndOfMessage):
-                    break
+            async for event in _reply_data(client, stream):
+                for index, answer in reader.feed(bytes(event.data)):
+                    assert index != 0 or {1, 2} <= set(answers)  # the slow one last
+                    answers[index] = answer.body
         reader.finish()
         assert answers == {0: b"slow", 1: b"fast", 2: b"acknowledged"}
 
@@ -1057,19 +1063,11 @@ async def _read_chunks(
     """The chunks of a streamed batch reply as the server wrote them, and its answers' bodies
     by index (read here without the client's bound on an answer's size)."""
     chunks, piece = [], b""
-    while True:
-        event = client.next_event()
-        if event is h11.NEED_DATA:
-            client.receive_data(await stream.receive_some(65536))
-        elif isinstance(event, h11.Response):
-            assert event.status_code == 200
-        elif isinstance(event, h11.Data):
-            piece += bytes(event.data)
-            if event.chunk_end:
-                chunks.append(piece)
-                piece = b""
-        elif isinstance(event, h11.EndOfMessage):
-            break
+    async for event in _reply_data(client, stream):
+        piece += bytes(event.data)
+        if event.chunk_end:
+            chunks.append(piece)
+            piece = b""
     data = b"".join(chunks)
     offset, answers = len(batchwire.reply_head(count)), {}
     assert data[:offset] == batchwire.reply_head(count)
