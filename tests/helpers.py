@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import collections
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +78,30 @@ class ScheduleCount(trio.abc.Instrument):
             self.points += 1
 
     def __enter__(self) -> ScheduleCount:
+        trio.lowlevel.add_instrument(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        trio.lowlevel.remove_instrument(self)
+
+
+class TaskSteps(trio.abc.Instrument):
+    """Counts the steps of every task (each time the scheduler resumes one) while installed:
+    how often tasks were woken, as deterministic as the code under test."""
+
+    def __init__(self) -> None:
+        self.by_task: collections.Counter[trio.lowlevel.Task] = collections.Counter()
+        self.total = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.by_task[task] += 1
+        self.total += 1
+
+    def of_tasks_named(self, suffix: str) -> int:
+        """Steps of the tasks whose name ends with `suffix` (a function's qualified name)."""
+        return sum(n for task, n in self.by_task.items() if task.name.endswith(suffix))
+
+    def __enter__(self) -> TaskSteps:
         trio.lowlevel.add_instrument(self)
         return self
 

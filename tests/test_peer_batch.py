@@ -23,6 +23,7 @@ from qkdagent.identity import PeerIdentity
 from qkdagent.peerbatch import BATCH_PATH, FALLBACK_PAUSE, MAX_OUTSTANDING, STALL, Coalescer
 from qkdagent.protocol import MAX_BODY, error_body
 from qkdagent.testing import open_agent_pair
+from tests.helpers import TaskSteps
 
 ITEMS = [
     Item("link00001", "rotate", b'{"kind":"rotate"}'),
@@ -595,15 +596,11 @@ async def test_a_place_coming_back_wakes_the_head_of_the_queue_not_every_request
     peer = FakePeer()
     hold = peer.held()
     coalescer = Coalescer(peer.send, in_flight=1)
-    steps: dict[trio.lowlevel.Task, int] = {}
+    steps = TaskSteps()
     queued: list[trio.lowlevel.Task] = []
 
-    class Steps(trio.abc.Instrument):
-        def before_task_step(self, task: trio.lowlevel.Task) -> None:
-            steps[task] = steps.get(task, 0) + 1
-
     def woken() -> list[int]:
-        return [steps.get(task, 0) for task in queued[1:]]
+        return [steps.by_task[task] for task in queued[1:]]
 
     # (virtual time: a request never woken fails the test at once)
     with trio.fail_after(60):
@@ -616,12 +613,11 @@ async def test_a_place_coming_back_wakes_the_head_of_the_queue_not_every_request
                 await trio.testing.wait_all_tasks_blocked()
                 queued += set(nursery.child_tasks) - before
             places = coalescer._peers["https://bob"].places
-            instrument = Steps()
-            trio.lowlevel.add_instrument(instrument)
+            trio.lowlevel.add_instrument(steps)
             for _ in range(10):  # the places look again (one stepped aside, say): no room yet
                 places.nudge()
                 await trio.testing.wait_all_tasks_blocked()
-            assert steps.get(queued[0], 0) == 10 and woken() == [0] * 29  # the head looked
+            assert steps.by_task[queued[0]] == 10 and woken() == [0] * 29  # the head looked
             assert len(peer.sent) == 1
             peer.slow = {f"l{i}" for i in range(2, 31)}  # answered once `release_slow` is set
             hold.set()  # l0's place comes back: the head sends all queued as one batch...
@@ -629,7 +625,7 @@ async def test_a_place_coming_back_wakes_the_head_of_the_queue_not_every_request
             assert [_links(s) for _, s in peer.sent] == [["l0"], [f"l{i}" for i in range(1, 31)]]
             assert woken() == [0] * 29  # ...waking no one else
             peer.release_slow.set()
-    trio.lowlevel.remove_instrument(instrument)
+    trio.lowlevel.remove_instrument(steps)
     assert woken() == [1] * 29  # each woke for its answer
 
 

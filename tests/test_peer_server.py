@@ -39,6 +39,7 @@ from qkdagent.peerserver import ServerLimits, _Conn, _Server, serve_peers
 from qkdagent.pki import PkiFiles, write_test_pki
 from qkdagent.protocol import error_body
 from qkdagent.testing.procs import AgentProcess, process_pair, wait_until
+from tests.helpers import TaskSteps
 
 Handler = Callable[[str, str, bytes, PeerIdentity, ReplyNow], Awaitable[bytes]]
 
@@ -513,40 +514,27 @@ async def test_pipelined_requests_are_answered_in_turn(tmp_path: Path) -> None:
         assert [(c[0], c[2]) for c in server.calls] == [(link, link.encode()) for link in links]
 
 
-class _LoopSteps(trio.abc.Instrument):
-    """Counts task steps: two handler calls with the same count ran in one step."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.steps += 1
-
-
 async def test_pipelined_requests_are_answered_one_per_pass_of_the_loop(tmp_path: Path) -> None:
     """A client sending 200 small requests in one go (a peer's certificate is enough) whose
     handler returns at once: each request is a step of its own, as if it had been read alone,
     not all of them answered in one step while every other connection and link waits."""
-    steps, seen = _LoopSteps(), []
+    steps, seen = TaskSteps(), []
 
     async def handler(
         link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
     ) -> bytes:
-        seen.append(steps.steps)
+        seen.append(steps.total)  # two calls with one count ran in one step
         return b"{}"
 
     async with running(tmp_path, handler) as server:
         stream = await server.tls()
         count = 200
-        trio.lowlevel.add_instrument(steps)
-        try:
+        with steps:
             await stream.send_all(post_bytes("/v1/links/l/rotate", b"") * count)
             with trio.fail_after(20):
                 received = b""
                 while received.count(b"HTTP/1.1 200 ") < count:
                     received += await stream.receive_some(65536)
-        finally:
-            trio.lowlevel.remove_instrument(steps)
         assert len(seen) == count
         assert len(set(seen)) == count  # no two in one step
 
@@ -1080,22 +1068,11 @@ async def _read_chunks(
     return chunks, answers
 
 
-class _AnswerSteps(trio.abc.Instrument):
-    """Counts the steps of a batch's answer tasks (each time one is woken)."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.steps += task.name.endswith("._stream_answers.<locals>.answer")
-
-
 async def test_answers_given_at_one_moment_go_out_in_one_write(tmp_path: Path) -> None:
     """Ten items answered at the same moment (as a group commit answers them): one chunk
     after the reply's head, written by one of them while the others' tasks end at once (with
     a lock, each woke in turn to find its answer sent: nine wake-ups for nothing)."""
     go = trio.Event()
-    steps = _AnswerSteps()
 
     async def handler(
         link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
@@ -1108,17 +1085,14 @@ async def test_answers_given_at_one_moment_go_out_in_one_write(tmp_path: Path) -
         links = [f"l{i}" for i in range(10)]
         client = await send_batch(stream, _batch(*((link, "rotate", b"") for link in links)))
         await trio.testing.wait_all_tasks_blocked()
-        trio.lowlevel.add_instrument(steps)
-        try:
+        with TaskSteps() as steps:
             go.set()
             with trio.fail_after(10):
                 chunks, answers = await _read_chunks(client, stream, len(links))
-        finally:
-            trio.lowlevel.remove_instrument(steps)
         assert answers == {i: link.encode() for i, link in enumerate(links)}
         assert len(chunks) == 2  # the batch reply's head, then every answer
         # each woken by its answer, and the writer once more to let the others give theirs
-        assert steps.steps == len(links) + 1
+        assert steps.of_tasks_named("._stream_answers.<locals>.answer") == len(links) + 1
 
 
 async def test_an_item_that_answered_early_goes_on_once_its_answer_is_written_by_another(

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from qkdagent.pki import PkiFiles, write_test_pki
 from qkdagent.tlsclient import client_ssl_context
 from qkdagent.tlsstream import TlsStream
+from tests.helpers import ScheduleCount
 
 Wrap = Callable[..., Any]
 
@@ -195,17 +196,6 @@ async def test_a_cancelled_receive_leaves_the_stream_usable_a_cancelled_send_bre
             await ours.send_all(b"more")
 
 
-class _Resumed(trio.abc.Instrument):
-    """How many times `task` was resumed (after a schedule point)."""
-
-    def __init__(self, task: trio.lowlevel.Task) -> None:
-        self.task = task
-        self.count = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.count += task is self.task
-
-
 async def test_a_send_the_socket_takes_at_once_is_a_cancel_point_and_no_schedule_point(
     pki: PkiFiles,
 ) -> None:
@@ -213,15 +203,11 @@ async def test_a_send_the_socket_takes_at_once_is_a_cancel_point_and_no_schedule
     well was a second one per message. A send that must wait for the socket still yields."""
     client_ctx, server_ctx = contexts(pki, ssl.TLSVersion.TLSv1_3)
     async with connected(client_ctx, server_ctx) as (ours, theirs):
-        steps = _Resumed(trio.lowlevel.current_task())
-        trio.lowlevel.add_instrument(steps)
-        try:
+        with ScheduleCount() as count:
             await ours.send_all(b"hello")
-            assert steps.count == 0  # the task never left the loop's hands: no schedule point
+            assert count.points == 0  # the task never left the loop's hands
             await trio.lowlevel.checkpoint()
-            assert steps.count == 1  # (what a schedule point looks like)
-        finally:
-            trio.lowlevel.remove_instrument(steps)
+            assert count.points == 1  # (what a schedule point looks like)
         assert await receive_exactly(theirs, 5) == b"hello"
         with trio.CancelScope() as scope:
             scope.cancel()
