@@ -66,6 +66,10 @@ class TextFormatter(logging.Formatter):
 _JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, default=str)
+"""One encoder for every line (`json.dumps` with options builds one per call)."""
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line; json.dumps escapes C0 controls, the rest are escaped here."""
 
@@ -84,7 +88,7 @@ class JsonFormatter(logging.Formatter):
                 data[name] = value
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
-        text = json.dumps(data, ensure_ascii=False, default=str)
+        text = _ENCODER.encode(data)
         # Outside strings json.dumps writes ASCII only, so these are inside strings: \\uXXXX.
         return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 

@@ -129,8 +129,13 @@ class Message:
         return tuple(self.fields["labels"])
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+"""One encoder for every message: `json.dumps` with options builds one per call (a third of a
+small message's encoding time)."""
+
+
 def canonical(fields: dict[str, Any]) -> bytes:
-    return json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return _CANONICAL.encode(fields).encode()
 
 
 _MESSAGE_LABEL = enc("qkdagent v1 message")

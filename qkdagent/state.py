@@ -58,7 +58,9 @@ SCRUB_MIN_GAP = 0.1
 """...but no sooner than this after the previous checkpoint, so steady traffic shares them."""
 ALONE_AFTER = 0.01
 """Seconds after the last batch ended from which a write may commit at once, alone: a lone
-rotation's commits are further apart; a busy store's go through the lock, where they group."""
+rotation's commits are further apart; a busy store's go through the lock, where they group.
+A write that needs no fsync may also go at once after a single lone write (one batch of one
+write in this time): the responder's commit, a few milliseconds after its pending epoch."""
 PAGE_SIZE = 1024
 """Page size of a new state file. A rotation's commit changes a few hundred bytes in each of
 four to seven pages, written to the log and fsynced whole: at 1 KiB instead of SQLite's
@@ -284,6 +286,10 @@ class StateStore:
         self._last_batch = -math.inf
         """When the last batch was written (`time.monotonic`: trio's clock starts anew with
         each run)."""
+        self._batch_before = -math.inf
+        """When the batch before that one was written."""
+        self._last_size = 0
+        """How many writes the last batch held."""
         self._scrub = Settle(bound=SCRUB_DELAY, quiet=SCRUB_QUIET, min_gap=SCRUB_MIN_GAP)
 
     @property
@@ -319,7 +325,7 @@ class StateStore:
         job = _Job(fn, args, durable)
         gate = self.gate or loop_gate(DISK)
         if (
-            time.monotonic() - self._last_batch >= ALONE_AFTER
+            self._alone(durable)
             and not self._queue
             and not self._batch_lock.locked()
             and gate.inline()
@@ -332,7 +338,7 @@ class StateStore:
             try:
                 gate.run_here(partial(self._run_batch, [job]))
             finally:
-                self._last_batch = time.monotonic()
+                self._written(1)
             self._scrub.changed()
             return job.outcome()
         self._queue.append(job)
@@ -364,11 +370,26 @@ class StateStore:
                         else:
                             await gate.run(run)
                     finally:
-                        self._last_batch = time.monotonic()
+                        self._written(len(batch))
                     self._scrub.changed()
         finally:
             self._batch_lock.release()
         return job.outcome()
+
+    def _alone(self, durable: bool) -> bool:
+        """Whether a write now is no part of a burst, so that the pass of the loop that would
+        gather others into its commit is waste: no batch in the last `ALONE_AFTER`; or, for a
+        write that needs no fsync (the gathering's gain is mostly a shared fsync), only one
+        batch, of one write (a link's own earlier write: a responder commits its pending epoch
+        a few milliseconds after storing it, on every rotation's path)."""
+        now = time.monotonic()
+        if now - self._last_batch >= ALONE_AFTER:
+            return True
+        return not durable and self._last_size == 1 and now - self._batch_before >= ALONE_AFTER
+
+    def _written(self, size: int) -> None:
+        self._batch_before, self._last_batch = self._last_batch, time.monotonic()
+        self._last_size = size
 
     async def scrub_log(
         self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

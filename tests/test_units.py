@@ -364,6 +364,56 @@ def test_a_lone_write_runs_at_once_and_a_cancelled_one_never(
     assert ran == ["lone", "soon"]
 
 
+def test_a_write_without_fsync_after_one_lone_write_runs_at_once_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The responder's commit follows its pending epoch's write by a few milliseconds on every
+    rotation: a write that needs no fsync, after a single lone write, commits at once (the
+    pass of the loop to gather others would find none). One more, or one that must fsync, is
+    a burst's and goes through the lock."""
+    import trio.testing
+
+    from qkdagent import state as state_module
+
+    monkeypatch.setattr(state_module, "ALONE_AFTER", 3600.0)  # "soon" whatever the machine
+    store = state_module.StateStore(tmp_path / "s")
+    ran: list[str] = []
+
+    def write(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    async def points(tag: str, *, durable: bool) -> int:
+        with ScheduleCount() as count:
+            assert await store.run(write, tag, durable=durable) == tag
+        return count.points
+
+    async def main() -> None:
+        assert await points("pending", durable=True) == 0  # quiet: alone
+        assert await points("commit", durable=False) == 0  # after one lone write: alone
+        assert await points("third", durable=False) == 1  # two batches just now: the lock
+        assert await points("durable", durable=True) == 1  # the lock, whatever came before
+
+    trio.run(main)
+    store.close()
+    assert ran == ["pending", "commit", "third", "durable"]
+
+    store = state_module.StateStore(tmp_path / "t")
+
+    async def after_a_batch_of_two() -> None:
+        async with trio.open_nursery() as nursery:
+            await store._batch_lock.acquire()  # say, a checkpoint under way: both queue
+            for tag in ("a", "b"):
+                nursery.start_soon(store.run, write, tag)
+            await trio.testing.wait_all_tasks_blocked()
+            store._batch_lock.release()
+        assert await points("after", durable=False) == 1  # a burst's: the lock
+
+    trio.run(after_a_batch_of_two)
+    store.close()
+    assert ran[-3:] == ["a", "b", "after"] or ran[-3:] == ["b", "a", "after"]
+
+
 def test_a_batch_taken_by_a_caller_cancelled_at_the_lock_still_runs_whole(tmp_path: Path) -> None:
     """The caller handed the lock takes every queued write; cancelled in that same tick, it
     must not drop the others' writes (they would return None as if committed)."""
