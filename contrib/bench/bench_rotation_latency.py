@@ -5,7 +5,8 @@
         [--profile DIR] [--strace]
     python contrib/bench/bench_rotation_latency.py flame DIR/*.txt    # summarise py-spy raw output
 
-What one run measures, in this order, on loopback:
+What one run measures, on loopback (with `--repeat`, every other run measures (b) before (a),
+so that the machine's drift over minutes favours each system as often):
 
 (a) the reference pair (`qupskd_reference.py`, REFERENCE.md §11: plain-HTTP peer channel, the
     same four requests, the same hash chain, the PSK file written without fsync), each side its
@@ -734,10 +735,17 @@ def cmd_bench(args: argparse.Namespace) -> None:
             for i in range(args.repeat):
                 run_dir = tmp / f"run{i}"
                 run_dir.mkdir()
-                ref = run_reference(run_dir, pki, urls, kme.pid, args)
-                qka = run_qkdagent(run_dir, pki, urls, kme.pid, args)
+                # the machine's speed drifts over minutes: every other run starts with (b), so
+                # that a drift favours each system as often
+                if i % 2 == 0:
+                    ref = run_reference(run_dir, pki, urls, kme.pid, args)
+                    qka = run_qkdagent(run_dir, pki, urls, kme.pid, args)
+                else:
+                    qka = run_qkdagent(run_dir, pki, urls, kme.pid, args)
+                    ref = run_reference(run_dir, pki, urls, kme.pid, args)
                 runs.append({"ref": ref, "qka": qka})
-                print(f"run {i + 1}/{args.repeat}:")
+                first = "reference" if i % 2 == 0 else "qkdagent"
+                print(f"run {i + 1}/{args.repeat} ({first} first):")
                 print(line_for("(a) reference (quPSKd-equivalent)", ref))
                 print(*cpu_lines(ref), sep="\n")
                 print(line_for("(b) qkdagent, 2 processes, etsi014", qka))
@@ -771,6 +779,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
                         f"  {label:<10} CPU {role}: {min(vals):.2f} / "
                         f"{statistics.median(vals):.2f} / {max(vals):.2f} ms/rotation"
                     )
+            ratios = sorted(
+                pct(r["qka"]["durations"], 50) / pct(r["ref"]["durations"], 50) for r in runs
+            )
+            print(
+                f"  qkdagent/reference p50, run by run: {ratios[0]:.2f} / "
+                f"{statistics.median(ratios):.2f} / {ratios[-1]:.2f}; "
+                f"{sum(x <= 1 for x in ratios)} of {len(ratios)} runs at or under x1.00"
+            )
         if not args.skip_inproc:
             r = run_inproc(args)
             d = [x * 1000 for x in r["durations"]]
