@@ -301,8 +301,9 @@ class StateStore:
         """Run a blocking store method with group commit, on the event loop while commits are
         fast (`inline.loop_gate`: a thread hop cost more than the commit), else on a thread.
 
-        A call with nothing under way or queued, `ALONE_AFTER` or more after the last batch,
-        commits at once (no schedule point: a cancel point only). Other calls take the lock
+        A call with nothing under way or queued, `ALONE_AFTER` or more after the last batch
+        (or, needing no fsync, after a single lone write: `_alone`), commits at once (no
+        schedule point: a cancel point only). Other calls take the lock
         (a schedule point, where callers runnable at the same time queue up too); calls that
         arrive while a batch is being written are queued, and the next one to get the lock
         runs the whole queue in one transaction (each call in its own savepoint, so one
