@@ -59,8 +59,8 @@ SCRUB_MIN_GAP = 0.1
 ALONE_AFTER = 0.01
 """Seconds after the last batch ended from which a write may commit at once, alone: a lone
 rotation's commits are further apart; a busy store's go through the lock, where they group.
-A write that needs no fsync may also go at once after a single lone write (one batch of one
-write in this time): the responder's commit, a few milliseconds after its pending epoch."""
+A write that needs no fsync may also go at once when the only batch in this time held one
+write: the responder's commit, a few milliseconds after its pending epoch."""
 PAGE_SIZE = 1024
 """Page size of a new state file. A rotation's commit changes a few hundred bytes in each of
 four to seven pages, written to the log and fsynced whole: at 1 KiB instead of SQLite's
@@ -302,7 +302,7 @@ class StateStore:
         fast (`inline.loop_gate`: a thread hop cost more than the commit), else on a thread.
 
         A call with nothing under way or queued, `ALONE_AFTER` or more after the last batch
-        (or, needing no fsync, after a single lone write: `_alone`), commits at once (no
+        (or, needing no fsync, after only a batch of one write: `_alone`), commits at once (no
         schedule point: a cancel point only). Other calls take the lock
         (a schedule point, where callers runnable at the same time queue up too); calls that
         arrive while a batch is being written are queued, and the next one to get the lock
@@ -381,8 +381,9 @@ class StateStore:
         """Whether a write now is no part of a burst, so that the pass of the loop that would
         gather others into its commit is waste: no batch in the last `ALONE_AFTER`; or, for a
         write that needs no fsync (the gathering's gain is mostly a shared fsync), only one
-        batch, of one write (a link's own earlier write: a responder commits its pending epoch
-        a few milliseconds after storing it, on every rotation's path)."""
+        batch, of one write, in it (on every rotation's path, a responder commits its pending
+        epoch a few milliseconds after storing it). So at most two writes in `ALONE_AFTER` go
+        alone: a burst's third takes the lock."""
         now = time.monotonic()
         if now - self._last_batch >= ALONE_AFTER:
             return True

@@ -17,6 +17,7 @@ import trio.testing
 
 from qkdagent import Key, Secret, Sink, decimal, hookimpl, protocol
 from qkdagent.errors import ConfigError, PluginError, ProtocolError
+from qkdagent.inline import InlineGate
 from qkdagent.options import Options
 from qkdagent.plugins import Plugins
 from tests.helpers import ScheduleCount
@@ -329,6 +330,11 @@ def test_checkpoint_waits_for_a_pause_in_commits_but_never_past_scrub_delay() ->
     assert scrub_time(100.0 + SCRUB_DELAY - 0.001, -math.inf, latest) == latest
 
 
+def _loop_only_gate() -> InlineGate:
+    """A gate that keeps every call on the loop, however slow this machine's disk is."""
+    return InlineGate(limit=math.inf, budget=math.inf, stall=math.inf)
+
+
 def test_a_lone_write_runs_at_once_and_a_cancelled_one_never(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -341,6 +347,7 @@ def test_a_lone_write_runs_at_once_and_a_cancelled_one_never(
 
     monkeypatch.setattr(state_module, "ALONE_AFTER", 3600.0)  # "soon" whatever the machine
     store = state_module.StateStore(tmp_path / "s")
+    store.gate = _loop_only_gate()  # a slow fsync must not send the commits to threads
     ran: list[str] = []
 
     def write(tag: str) -> str:
@@ -377,6 +384,7 @@ def test_a_write_without_fsync_after_one_lone_write_runs_at_once_too(
 
     monkeypatch.setattr(state_module, "ALONE_AFTER", 3600.0)  # "soon" whatever the machine
     store = state_module.StateStore(tmp_path / "s")
+    store.gate = _loop_only_gate()  # a slow fsync must not send the commits to threads
     ran: list[str] = []
 
     def write(tag: str) -> str:
@@ -399,6 +407,7 @@ def test_a_write_without_fsync_after_one_lone_write_runs_at_once_too(
     assert ran == ["pending", "commit", "third", "durable"]
 
     store = state_module.StateStore(tmp_path / "t")
+    store.gate = _loop_only_gate()
 
     async def after_a_batch_of_two() -> None:
         async with trio.open_nursery() as nursery:

@@ -6,7 +6,8 @@
     python contrib/bench/bench_rotation_latency.py flame DIR/*.txt    # summarise py-spy raw output
 
 What one run measures, on loopback (with `--repeat`, every other run measures (b) before (a),
-so that the machine's drift over minutes favours each system as often):
+so that over an even number of runs the machine's drift over minutes favours each system as
+often):
 
 (a) the reference pair (`qupskd_reference.py`, REFERENCE.md §11: plain-HTTP peer channel, the
     same four requests, the same hash chain, the PSK file written without fsync), each side its
@@ -249,7 +250,9 @@ def run_reference(
     try:
         wait_for(ready.exists, 30, "reference responder", [responder])
         log = d / "initiator.jsonl"
-        total = args.warmup + args.rotations
+        # one rotation past the measured ones: the initiator exits after its last, and its
+        # memory, read once the last measured one is logged, was sometimes gone already
+        total = args.warmup + args.rotations + 1
         argv = [sys.executable, str(REFERENCE), "initiator", "--peer-url", ready.read_text()]
         argv += ["--kme-url", urls["KME_A"], "--cert", str(pki / "alice.pem")]
         argv += ["--key", str(pki / "alice.key"), "--remote-sae", "bob"]
@@ -736,7 +739,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 run_dir = tmp / f"run{i}"
                 run_dir.mkdir()
                 # the machine's speed drifts over minutes: every other run starts with (b), so
-                # that a drift favours each system as often
+                # that over an even number of runs a drift favours each system as often
                 if i % 2 == 0:
                     ref = run_reference(run_dir, pki, urls, kme.pid, args)
                     qka = run_qkdagent(run_dir, pki, urls, kme.pid, args)
