@@ -303,12 +303,12 @@ class StateStore:
 
         A call with nothing under way or queued, `ALONE_AFTER` or more after the last batch
         (or, needing no fsync, after only a batch of one write: `_alone`), commits at once (no
-        schedule point: a cancel point only). Other calls take the lock
-        (a schedule point, where callers runnable at the same time queue up too); calls that
-        arrive while a batch is being written are queued, and the next one to get the lock
-        runs the whole queue in one transaction (each call in its own savepoint, so one
-        failing call changes nothing and the others still commit) with a single fsync. A call
-        returns only after the transaction holding its writes is durable.
+        schedule point: a cancel point only). Other calls take the lock (a schedule point,
+        where callers runnable at the same time queue up too); calls that arrive while a batch
+        is being written are queued, and the next one to get the lock runs the whole queue in
+        one transaction (each call in its own savepoint, so one failing call changes nothing
+        and the others still commit) with a single fsync. A call returns only after the
+        transaction holding its writes is durable.
 
         `durable=False` is for a write whose loss the protocol recovers from (the responder's
         commit of a pending epoch that is itself durable: see `Responder._commit`). A batch of
