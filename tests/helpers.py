@@ -7,6 +7,7 @@ import collections
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import trio
 
@@ -65,7 +66,18 @@ async def until(predicate: Callable[[], bool], limit: float = 600, every: float 
             await trio.sleep(every)
 
 
-class ScheduleCount(trio.abc.Instrument):
+class _Installed(trio.abc.Instrument):
+    """An instrument installed on the running loop for the length of a `with` block."""
+
+    def __enter__(self) -> Self:
+        trio.lowlevel.add_instrument(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        trio.lowlevel.remove_instrument(self)
+
+
+class ScheduleCount(_Installed):
     """Counts the schedule points the current task passes while installed (each one is a step
     of the task more): a deterministic check that a call does or does not yield."""
 
@@ -77,33 +89,21 @@ class ScheduleCount(trio.abc.Instrument):
         if task is self.task:
             self.points += 1
 
-    def __enter__(self) -> ScheduleCount:
-        trio.lowlevel.add_instrument(self)
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        trio.lowlevel.remove_instrument(self)
-
-
-class TaskSteps(trio.abc.Instrument):
+class TaskSteps(_Installed):
     """Counts the steps of every task (each time the scheduler resumes one) while installed:
     how often tasks were woken, as deterministic as the code under test."""
 
     def __init__(self) -> None:
         self.by_task: collections.Counter[trio.lowlevel.Task] = collections.Counter()
-        self.total = 0
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         self.by_task[task] += 1
-        self.total += 1
+
+    @property
+    def total(self) -> int:
+        return self.by_task.total()
 
     def of_tasks_named(self, suffix: str) -> int:
         """Steps of the tasks whose name ends with `suffix` (a function's qualified name)."""
         return sum(n for task, n in self.by_task.items() if task.name.endswith(suffix))
-
-    def __enter__(self) -> TaskSteps:
-        trio.lowlevel.add_instrument(self)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        trio.lowlevel.remove_instrument(self)

@@ -17,7 +17,7 @@ import ssl
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -933,6 +933,13 @@ async def send_batch(stream: trio.abc.Stream, data: bytes) -> h11.Connection:
     return client
 
 
+def _reset(stream: trio.SSLStream[Any]) -> None:
+    """Close the client's socket with a reset (SO_LINGER 0): the server's next write fails."""
+    sock = stream.transport_stream.socket
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
 async def _reply_data(client: h11.Connection, stream: trio.abc.Stream) -> AsyncIterator[h11.Data]:
     """The body pieces of a 200 reply to what `client` sent, reading as needed, to its end."""
     while True:
@@ -1160,9 +1167,7 @@ async def test_early_items_queued_behind_a_write_that_fails_go_on(tmp_path: Path
         await trio.testing.wait_all_tasks_blocked()
         assert not went_on["c1"].is_set()  # its answer waits for the blocked write
         if how == "reset":
-            sock = stream.transport_stream.socket
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
+            _reset(stream)
         with trio.fail_after(10):
             await went_on["c1"].wait()
         second.set()
@@ -1204,18 +1209,15 @@ async def test_an_early_item_in_a_write_that_fails_goes_on(tmp_path: Path, how: 
         # read the first write (the reply's head and the a-answers) and no more
         body, wanted = b"", len(batchwire.reply_head(len(items))) + 3 * (8 + len(big))
         with trio.fail_after(10):
-            while len(body) < wanted:
-                event = client.next_event()
-                if event is h11.NEED_DATA:
-                    client.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Data):
+            async with aclosing(_reply_data(client, stream)) as pieces:
+                async for event in pieces:
                     body += bytes(event.data)
+                    if len(body) >= wanted:
+                        break
         await trio.testing.wait_all_tasks_blocked()  # the second write is blocked now
         assert not went_on.is_set()  # its answer is in that write
         if how == "reset":
-            sock = stream.transport_stream.socket
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
+            _reset(stream)
         with trio.fail_after(10):
             await went_on.wait()
 
@@ -1439,9 +1441,7 @@ async def test_batched_handlers_run_to_their_end_when_the_client_goes_away(
         with trio.fail_after(10):
             while "fast" not in outcome:  # noqa: ASYNC110
                 await trio.sleep(0.01)
-        sock = stream.transport_stream.socket
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()  # a reset: the server's next write fails
+        _reset(stream)  # the server's next write fails
         release["a"].set()
         await trio.testing.wait_all_tasks_blocked()  # a's answer met the reset connection
         assert outcome == {"fast": "finished", "a": "finished"}
@@ -1498,9 +1498,7 @@ async def test_a_batch_item_refused_costs_its_token_even_if_the_client_then_rese
         with trio.fail_after(20):
             while server.refused(403) < 4:  # noqa: ASYNC110 - the server's own counter
                 await trio.sleep(0.01)
-        raw = flood.transport_stream.socket  # type: ignore[attr-defined]
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        raw.close()  # a reset: the slow item's answer cannot be sent
+        _reset(flood)  # the slow item's answer cannot be sent
         release.set()
         await finished.wait()
         stream = await server.tls("mallory")
