@@ -250,6 +250,16 @@ class H1Client:
         if left:
             self._busy[origin] = left
 
+    def needs_warm(self, base_url: str) -> bool:
+        """Whether `warm(base_url)` would do anything now: no request (or other `warm`) to
+        its origin is under way, and no connection is idle there, or one idle too long is
+        (to close). `TransportError` for a URL `warm` would refuse."""
+        origin = self._origin(base_url)
+        if self._busy.get(origin):
+            return False
+        idle = self._idle.get(origin)
+        return not idle or trio.current_time() - idle[0].idle_since > self.idle_expiry
+
     async def warm(self, base_url: str) -> bool:
         """Have a kept-alive connection to `base_url`'s origin ready for the next request:
         open one now if none is idle and fresh (expired ones are closed) and no request (or

@@ -105,9 +105,17 @@ class Initiator:
             if announce:
                 with trio.move_on_after(self.env.rotation_timeout):
                     await self._announce(record, self._key_ids(keys))
-        if not announce:  # (holding neither the link nor a rotation slot)
+        if not announce and self._needs_warm():  # (holding neither the link nor a slot)
             with trio.move_on_at(due):  # never later than the rotation
                 await self._warm()
+
+    def _needs_warm(self) -> bool:
+        """Whether the client has a connection to make or close (no timeouts set up when it
+        has not: the usual case, a connection kept or a request under way)."""
+        try:
+            return self.env.client.needs_warm(self.config.peer_url)
+        except Exception:  # (a bad URL, or a bug): `_warm` meets it again and says so
+            return True
 
     async def _warm(self) -> None:
         """Have the connection the rotation will use made now if none is kept: at the 120 s

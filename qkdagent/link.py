@@ -420,7 +420,12 @@ class BaseLink:
                 tuple(failed),
             )
         )
-        self.poke()
+        if self.timed_by_agent:
+            # what is due next, decided now: a wake-up of the agent's timer to decide it was
+            # a pass of its task per rotation on a responder (which rotates in no step)
+            self.due()
+        else:
+            self.poke()
 
     def failed(self, epoch: int, stage: str, message: str) -> None:
         """A rotation attempt failed at `stage` (backoff for the initiator; no key bytes)."""

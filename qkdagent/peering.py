@@ -85,6 +85,9 @@ class PeerClient:
             reply = await self.batches.post(peer_url, link, action, body)
         return PeerReply(reply.status, reply.body, reply.identity)
 
+    def needs_warm(self, peer_url: str) -> bool:
+        return self._client.needs_warm(peer_url)
+
     async def warm(self, peer_url: str) -> None:
         """Open a connection to the peer now if none is kept for the next request (see
         `H1Client.warm`); `TransportError` if it cannot be made."""

@@ -31,6 +31,11 @@ class PeerPoster(Protocol):
 
     async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply: ...
 
+    def needs_warm(self, peer_url: str) -> bool:
+        """Whether `warm` has anything to do now (a connection to make or to close): False
+        lets the caller skip it, and the timeouts it would set up around it."""
+        ...
+
     async def warm(self, peer_url: str) -> None:
         """Make ready now what the next request to the peer needs (a connection), so that it
         is not made on that request's path; the same errors as `post`."""
@@ -127,6 +132,9 @@ class _NoPeers:
 
     async def post(self, peer_url: str, link: str, action: str, body: bytes) -> PeerReply:
         raise RuntimeError("this agent has no native links, so no peer client")
+
+    def needs_warm(self, peer_url: str) -> bool:
+        return True  # (and `warm` says why not)
 
     async def warm(self, peer_url: str) -> None:
         raise RuntimeError("this agent has no native links, so no peer client")

@@ -124,3 +124,46 @@ async def test_a_plain_source_refuses_an_answer(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="takes no answer"):
         await source.accept_answer(link, b"x", None)
     MemoryPool.named("p")
+
+
+async def test_a_plain_sources_answer_check_sets_no_timeout_an_exchange_sources_does(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The base `accept_answer` never waits: its handle calls it without a timeout (a cancel
+    scope on every rotation's path, for nothing), and it still refuses an answer. A source
+    that overrides it is bounded by the source's timeout, as every other call."""
+    from qkdagent.components import SourceHandle
+    from qkdagent.errors import SourceError, SourceUnavailable
+    from qkdagent.interfaces import Link, PluginContext
+    from qkdagent.options import Options
+    from qkdagent.testing import MemoryPool, MemorySource
+
+    class Slow(MemorySource):
+        async def accept_answer(self, link: Link, answer: bytes, state: bytes | None) -> bytes:
+            await trio.sleep_forever()
+            raise AssertionError
+
+    timeouts: list[float] = []
+    real = trio.fail_after
+
+    def recorded(seconds: float, **kwargs: bool) -> trio.CancelScope:
+        timeouts.append(seconds)
+        return real(seconds, **kwargs)
+
+    monkeypatch.setattr(trio, "fail_after", recorded)
+    context = PluginContext("alice", tmp_path)
+    link = Link("l", "alice", "bob", True)
+
+    def handle(cls: type[MemorySource]) -> SourceHandle:
+        source = cls("m", Options({"pool": "p"}, where="m"), context)
+        return SourceHandle("m", "memory", 7.0, source)
+
+    plain = handle(MemorySource)
+    assert await plain.accept_answer(link, b"", b"state") == b"state"
+    with pytest.raises(SourceError, match="takes no answer"):
+        await plain.accept_answer(link, b"x", None)
+    assert timeouts == []
+    with real(60), pytest.raises(SourceUnavailable, match="accept_answer timed out after 7 s"):
+        await handle(Slow).accept_answer(link, b"", None)
+    assert timeouts == [7.0]
+    MemoryPool.named("p")

@@ -216,19 +216,24 @@ async def test_a_kept_connection_the_server_dropped_is_replaced_once(tmp_path: P
 async def test_a_connection_made_ahead_serves_the_next_request(tmp_path: Path) -> None:
     """`warm` opens a connection only when none is kept fresh, closes the expired ones, and
     the next request goes on the one it made: the TLS handshake is off that request's path.
-    Cycles of (expiry, warm, request), as at the default interval, keep one connection."""
+    Cycles of (expiry, warm, request), as at the default interval, keep one connection.
+    `needs_warm` says beforehand, without waiting, whether `warm` has anything to do."""
     async with trio.open_nursery() as nursery:
         url, seen = await _keepalive_server(tmp_path, nursery, None)
         client = PeerClient(_tls(tmp_path, "alice"), timeout=10)
         http = client._client
+        assert client.needs_warm(url)
         assert await http.warm(url)
         assert seen == {"connections": 1, "requests": 0, "dropped": 0}
+        assert not client.needs_warm(url)
         assert (await client.post(url, "alice-bob", "rotate", b"{}")).status == 200
+        assert not client.needs_warm(url)
         assert not await http.warm(url)  # one is kept, fresh: nothing to do
         assert seen == {"connections": 1, "requests": 1, "dropped": 0}
         for cycle in range(2, 6):
             http.idle_expiry = 0.0  # every kept connection is now too old
             await trio.sleep(0.01)
+            assert client.needs_warm(url)
             assert await http.warm(url)
             http.idle_expiry = 100.0
             assert [len(kept) for kept in http._idle.values()] == [1]  # expired: closed
@@ -240,6 +245,7 @@ async def test_a_connection_made_ahead_serves_the_next_request(tmp_path: Path) -
         (kept,) = http._idle.values()
         assert len(kept) == 2
         kept[0].idle_since -= 1000  # the one below has expired, the one on top has not
+        assert client.needs_warm(url)  # (to close it)
         assert (await client.post(url, "alice-bob", "rotate", b"{}")).status == 200
         assert len(kept) == 1  # closed, not left below the fresh one for good
         await client.aclose()
@@ -275,6 +281,7 @@ async def test_no_connection_is_made_ahead_while_a_request_is_under_way(tmp_path
         async with trio.open_nursery() as inner:
             inner.start_soon(partial(client.post, url, "alice-bob", "rotate", b"{}"))
             await arrived.wait()  # the request is under way
+            assert not client.needs_warm(url)
             assert not await client._client.warm(url)
             release.set()
         assert [len(kept) for kept in client._client._idle.values()] == [1]
@@ -289,8 +296,11 @@ async def test_a_connection_that_cannot_be_made_ahead_is_an_error_of_the_caller(
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     client = PeerClient(_tls(tmp_path, "alice"), timeout=10)
+    assert client.needs_warm(f"https://127.0.0.1:{port}")
     with pytest.raises(TransportError, match="cannot connect"):
         await client.warm(f"https://127.0.0.1:{port}")
+    with pytest.raises(TransportError, match="not a https"):
+        client.needs_warm("http://127.0.0.1:1")
     await client.aclose()
 
 

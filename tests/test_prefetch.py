@@ -174,6 +174,31 @@ async def test_a_link_that_announces_nothing_has_its_connection_made_ahead(
     assert all(abs(r.time - start - n * INTERVAL) < 1 for n, r in enumerate(installs[1:], 1))
 
 
+async def test_no_connection_is_asked_for_ahead_when_the_client_needs_none(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A client that keeps a fresh connection to the peer, or has a request to it under way
+    (the usual case at many links), is not asked to make one: no timeouts are set up for a
+    call that would do nothing. The rotations are as before."""
+    async with _running_pair(tmp_path) as (pair, log, _):
+        network = pair.network
+        client = pair.alice.link("alice-bob").env.client
+        asked: list[str] = []
+
+        def needs_none(peer_url: str) -> bool:
+            asked.append(peer_url)
+            return False
+
+        client.needs_warm = needs_none
+        network.warmed.clear()
+        start = trio.current_time()
+        await trio.sleep(3 * INTERVAL + 10)
+        installs = pair.sink("alice", "rec").installs
+    assert asked == [pair.alice.link("alice-bob").config.peer_url] * 3 and not network.warmed
+    assert [r.key_ids[0] for r in installs] == [key_id for _, key_id in log]
+    assert all(abs(r.time - start - n * INTERVAL) < 1 for n, r in enumerate(installs[1:], 1))
+
+
 async def test_a_peer_that_cannot_be_reached_ahead_still_gets_its_rotation(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

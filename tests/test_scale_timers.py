@@ -15,6 +15,7 @@ import trio.testing
 
 from qkdagent.scheduler import DueQueue
 from qkdagent.testing import open_agent_pair
+from tests.helpers import TaskSteps
 
 REC = {"sinks": {"rec": {"type": "recording"}}}
 LINK = {"interval": 10, "jitter": 0, "reject_after": 30}
@@ -219,3 +220,29 @@ async def test_links_due_at_once_wait_at_the_gate_not_as_tasks(
         rotated = [n for n in pair.alice.links if pair.alice.link(n).record.epoch == 1]
     assert len(rotated) == 61
     assert most < 40  # 61 links due at once; without the gate each had a task from the start
+
+
+async def test_a_responders_commit_costs_the_agents_timer_no_pass(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """After a commit the responder's link decides at once when it must look again (its
+    reject_after deadline, moved on): the agent's timer task is not woken to decide it.
+    (It was, once per rotation: a pass of the loop and a cancel scope's expiry each.) The
+    initiator's timer wakes twice per rotation: for the prefetch and for the rotation.
+    (reject_after beyond the test: the timer wakes for a deadline that has moved on since it
+    went to sleep, once per reject_after at most.)"""
+    link = {**LINK, "reject_after": 100 * LINK["interval"]}
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
+    ) as pair:
+        await start(pair)
+        await pair.wait_for_epoch(1)
+        with TaskSteps() as steps:
+            await trio.sleep(5 * LINK["interval"])
+        bob = pair.bob.link("alice-bob")
+        armed = bob.env.timers._queue.when(bob)
+        last = bob.clock.last_success
+    timer_passes = sorted(n for t, n in steps.by_task.items() if t.name.endswith("Timers.run"))
+    assert bob.record.epoch == 6
+    assert timer_passes == [10]  # alice's; bob's timer task was never woken
+    assert armed == last + link["reject_after"]

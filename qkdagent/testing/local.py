@@ -74,6 +74,9 @@ class LocalClient:
             return await interceptor(self, peer_url, link, action, body)
         return await self.deliver(peer_url, link, action, body)
 
+    def needs_warm(self, peer_url: str) -> bool:
+        return True  # (each `warm` is recorded in `LocalNetwork.warmed`)
+
     async def warm(self, peer_url: str) -> None:
         """Nothing to open in process; a peer that is down refuses, as a connection would."""
         await trio.lowlevel.checkpoint()
