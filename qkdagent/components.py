@@ -72,8 +72,9 @@ class SourceHandle:
 
     async def accept_answer(self, link: Link, answer: bytes, state: bytes | None) -> bytes | None:
         """Initiator: the responder's answer; returns the link's new source state."""
-        call = self.source.accept_answer(link, answer, state)
-        if type(self.source).accept_answer is Source.accept_answer:
+        method = self.source.accept_answer
+        call = method(link, answer, state)
+        if getattr(method, "__func__", None) is Source.accept_answer:
             # a plain source's: it never waits, so it needs no timeout (a cancel scope on
             # every rotation's path), and it raises nothing but `SourceError`
             new = await call

@@ -420,11 +420,24 @@ class BaseLink:
                 tuple(failed),
             )
         )
-        if self.timed_by_agent:
-            # what is due next, decided now: a wake-up of the agent's timer to decide it was
-            # a pass of its task per rotation on a responder (which rotates in no step)
+        self._after_commit()
+
+    def _after_commit(self) -> None:
+        """Decide what is due next now, for a link the agent times: a wake-up of the agent's
+        timer to decide it was a pass of its task per rotation on a responder (which rotates
+        in no step of its own; an initiator's step decides when it ends)."""
+        if not self.timed_by_agent:
+            self.poke()
+            return
+        try:
             self.due()
-        else:
+        except Exception as exc:  # a bug: the commit stands; the timer decides instead
+            log.error(
+                "link %s: deciding what is next raised %s (a bug)",
+                self.name,
+                type(exc).__name__,
+                extra={"link": self.name, "stage": "internal"},
+            )
             self.poke()
 
     def failed(self, epoch: int, stage: str, message: str) -> None:

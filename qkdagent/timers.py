@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 class Timed(Protocol):
     def due(self) -> None:
-        """Its time has come. Called by the timer task: must not block."""
+        """Its time has come. Called by the timer task (and by a link after its commit, to
+        decide at once what is due next): must not block."""
 
     def begin_gated(self) -> bool:
         """Its turn at the gate: start the queued work (and `release()` when it ends), or
@@ -48,10 +49,19 @@ class LinkTimers:
         self._waiting: collections.deque[Timed] = collections.deque()
 
     def wake_at(self, item: Timed, when: float) -> None:
-        self._queue.set(item, when)
         sleep = self._sleep
-        if sleep is not None and when < sleep.deadline:
-            sleep.deadline = when  # otherwise the task reads the queue before it waits again
+        if sleep is None:  # the task reads the queue before it waits again
+            self._queue.set(item, when)
+            return
+        before = self._queue.when(item)
+        self._queue.set(item, when)
+        if when < sleep.deadline:
+            sleep.deadline = when
+        elif before == sleep.deadline and when > before:
+            # the task sleeps until this item's old time: it sleeps on to the next one instead
+            # of waking for nothing (a responder's link moves its reject_after deadline on at
+            # every commit, later than the one the task went to sleep for)
+            sleep.deadline = self._queue.next_due()
 
     def discard(self, item: Timed) -> None:
         self._queue.discard(item)

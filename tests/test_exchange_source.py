@@ -166,4 +166,9 @@ async def test_a_plain_sources_answer_check_sets_no_timeout_an_exchange_sources_
     with real(60), pytest.raises(SourceUnavailable, match="accept_answer timed out after 7 s"):
         await handle(Slow).accept_answer(link, b"", None)
     assert timeouts == [7.0]
+    on_instance = handle(MemorySource)  # overridden on the instance: still the source's own
+    on_instance.source.accept_answer = Slow.accept_answer.__get__(on_instance.source)  # type: ignore[method-assign]
+    with real(60), pytest.raises(SourceUnavailable, match="accept_answer timed out after 7 s"):
+        await on_instance.accept_answer(link, b"", None)
+    assert timeouts == [7.0, 7.0]
     MemoryPool.named("p")

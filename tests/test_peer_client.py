@@ -248,6 +248,8 @@ async def test_a_connection_made_ahead_serves_the_next_request(tmp_path: Path) -
         assert client.needs_warm(url)  # (to close it)
         assert (await client.post(url, "alice-bob", "rotate", b"{}")).status == 200
         assert len(kept) == 1  # closed, not left below the fresh one for good
+        kept.clear()  # (as `_take` leaves the list once it took the last one)
+        assert client.needs_warm(url)
         await client.aclose()
         nursery.cancel_scope.cancel()
 

@@ -199,6 +199,26 @@ async def test_no_connection_is_asked_for_ahead_when_the_client_needs_none(
     assert all(abs(r.time - start - n * INTERVAL) < 1 for n, r in enumerate(installs[1:], 1))
 
 
+async def test_a_client_that_cannot_say_whether_it_needs_a_connection_is_asked_for_one(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """`needs_warm` raising (a bug, or a URL the client refuses) leaves the decision to `warm`,
+    which meets the same problem and reports it, as before there was a `needs_warm`."""
+    async with _running_pair(tmp_path) as (pair, _, _):
+        network = pair.network
+        client = pair.alice.link("alice-bob").env.client
+
+        def broken(peer_url: str) -> bool:
+            raise RuntimeError("a bug")
+
+        client.needs_warm = broken
+        network.warmed.clear()
+        await trio.sleep(2 * INTERVAL + 10)
+        bob_url = pair.alice.link("alice-bob").config.peer_url
+        epoch = pair.alice.link("alice-bob").record.epoch
+    assert list(network.warmed) == [bob_url] * 2 and epoch == 3
+
+
 async def test_a_peer_that_cannot_be_reached_ahead_still_gets_its_rotation(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

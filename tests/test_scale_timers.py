@@ -226,23 +226,98 @@ async def test_a_responders_commit_costs_the_agents_timer_no_pass(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     """After a commit the responder's link decides at once when it must look again (its
-    reject_after deadline, moved on): the agent's timer task is not woken to decide it.
-    (It was, once per rotation: a pass of the loop and a cancel scope's expiry each.) The
-    initiator's timer wakes twice per rotation: for the prefetch and for the rotation.
-    (reject_after beyond the test: the timer wakes for a deadline that has moved on since it
-    went to sleep, once per reject_after at most.)"""
-    link = {**LINK, "reject_after": 100 * LINK["interval"]}
+    reject_after deadline, moved on), and the agent's timer, asleep until the old deadline,
+    sleeps on to the new one: it is never woken for the link. (It was, once per rotation: a
+    pass of the loop and a cancel scope's expiry each.)"""
     async with open_agent_pair(
-        tmp_path, alice=REC, bob=REC, link=link, local=True, start=False
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
     ) as pair:
         await start(pair)
         await pair.wait_for_epoch(1)
+        bob = pair.bob.link("alice-bob")
         with TaskSteps() as steps:
-            await trio.sleep(5 * LINK["interval"])
+            await trio.sleep(10 * LINK["interval"])  # past reject_after three times over
+        armed = bob.env.timers._queue.when(bob)
+        last = bob.clock.last_success
+        passes = {  # (while the tasks run: a finished coroutine has no frame)
+            frame.f_locals["self"]: n
+            for task, n in steps.by_task.items()
+            if task.name.endswith("Timers.run") and (frame := task.coro.cr_frame) is not None
+        }
+    assert bob.record.epoch == 11
+    assert bob.env.timers not in passes  # bob's timer task was never woken
+    assert passes[pair.alice.link("alice-bob").env.timers] > 0  # (found as alice's is)
+    assert armed == last + LINK["reject_after"]
+
+
+async def test_a_timer_asleep_for_an_item_that_moved_later_sleeps_on_to_the_next(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """`wake_at` with a later time for the item the timer task sleeps for moves its sleep to
+    the next due item (one wake-up, at the right time, instead of one for nothing first); an
+    earlier time wakes it sooner, as before."""
+    from qkdagent.timers import LinkTimers
+
+    woken: list[tuple[str, float]] = []
+
+    class Item:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def due(self) -> None:
+            woken.append((self.name, trio.current_time()))
+
+        def begin_gated(self) -> bool:
+            return False
+
+    timers = LinkTimers()
+    a, b, c = Item("a"), Item("b"), Item("c")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(timers.run)
+        start = trio.current_time()
+        timers.wake_at(a, start + 5)
+        timers.wake_at(b, start + 8)
+        await trio.testing.wait_all_tasks_blocked()
+        with TaskSteps() as steps:
+            timers.wake_at(a, start + 20)  # later: the sleep moves on to b's time
+            timers.wake_at(c, start + 3)  # earlier: the sleep comes sooner
+            await trio.sleep(30)
+        timers.stop()
+    assert [(name, t - start) for name, t in woken] == [("c", 3), ("b", 8), ("a", 20)]
+    assert sum(n for task, n in steps.by_task.items() if task.name.endswith("Timers.run")) == 3
+
+
+async def test_a_bug_deciding_after_a_commit_leaves_the_commit_and_the_decision_to_the_timer(
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from qkdagent.link import LinkRuntime
+
+    due = LinkRuntime.due
+    calls: list[tuple[int, float]] = []  # bob's decisions: (epoch, when)
+
+    def buggy_once(self: LinkRuntime) -> None:
+        if not self.config.initiator:
+            calls.append((self.record.epoch, trio.current_time()))
+            if calls[-1][0] == 1 and calls.count(calls[-1]) == 1:  # its first commit's
+                raise KeyError("key 0123abcd")
+        due(self)
+
+    monkeypatch.setattr(LinkRuntime, "due", buggy_once)
+    async with open_agent_pair(
+        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        await start(pair)
+        await pair.wait_for_epoch(3)
         bob = pair.bob.link("alice-bob")
         armed = bob.env.timers._queue.when(bob)
         last = bob.clock.last_success
-    timer_passes = sorted(n for t, n in steps.by_task.items() if t.name.endswith("Timers.run"))
-    assert bob.record.epoch == 6
-    assert timer_passes == [10]  # alice's; bob's timer task was never woken
-    assert armed == last + link["reject_after"]
+    first = next(i for i, (epoch, _) in enumerate(calls) if epoch == 1)
+    assert calls[first + 1] == calls[first]  # the timer decided again, at once
+    assert bob.status.failures == 0
+    assert installs(pair, "bob", "alice-bob")[0] == calls[first][1]  # the commit stood
+    assert armed == last + LINK["reject_after"]
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert lines == ["link alice-bob: deciding what is next raised KeyError (a bug)"]
