@@ -6,6 +6,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,23 @@ async def start(pair: Any) -> None:
 
 def installs(pair: Any, side: str, link: str) -> list[float]:
     return [r.time for r in pair.sink(side, "rec").installs if r.link == link]
+
+
+@asynccontextmanager
+async def one_link_pair(directory: Path, *, epoch: int) -> AsyncIterator[Any]:
+    """The pair with its one link (`LINK`), started, once it committed `epoch`."""
+    async with open_agent_pair(
+        directory, alice=REC, bob=REC, link=LINK, local=True, start=False
+    ) as pair:
+        await start(pair)
+        await pair.wait_for_epoch(epoch)
+        yield pair
+
+
+def armed_for_reject_after(link: Any) -> bool:
+    """Whether the agent's timer is to look at `link` next at its reject_after deadline."""
+    deadline = link.clock.last_success + link.config.timing.reject_after
+    return bool(link.env.timers._queue.when(link) == deadline)
 
 
 async def test_a_stuck_link_delays_no_other_link(
@@ -229,16 +248,11 @@ async def test_a_responders_commit_costs_the_agents_timer_no_pass(
     reject_after deadline, moved on), and the agent's timer, asleep until the old deadline,
     sleeps on to the new one: it is never woken for the link. (It was, once per rotation: a
     pass of the loop and a cancel scope's expiry each.)"""
-    async with open_agent_pair(
-        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
-    ) as pair:
-        await start(pair)
-        await pair.wait_for_epoch(1)
+    async with one_link_pair(tmp_path, epoch=1) as pair:
         bob = pair.bob.link("alice-bob")
         with TaskSteps() as steps:
             await trio.sleep(10 * LINK["interval"])  # past reject_after three times over
-        armed = bob.env.timers._queue.when(bob)
-        last = bob.clock.last_success
+        armed = armed_for_reject_after(bob)
         passes = {  # (while the tasks run: a finished coroutine has no frame)
             frame.f_locals["self"]: n
             for task, n in steps.by_task.items()
@@ -247,7 +261,7 @@ async def test_a_responders_commit_costs_the_agents_timer_no_pass(
     assert bob.record.epoch == 11
     assert bob.env.timers not in passes  # bob's timer task was never woken
     assert passes[pair.alice.link("alice-bob").env.timers] > 0  # (found as alice's is)
-    assert armed == last + LINK["reject_after"]
+    assert armed
 
 
 async def test_a_timer_asleep_for_an_item_that_moved_later_sleeps_on_to_the_next(
@@ -306,18 +320,13 @@ async def test_a_bug_deciding_after_a_commit_leaves_the_commit_and_the_decision_
         due(self)
 
     monkeypatch.setattr(LinkRuntime, "due", buggy_once)
-    async with open_agent_pair(
-        tmp_path, alice=REC, bob=REC, link=LINK, local=True, start=False
-    ) as pair:
-        await start(pair)
-        await pair.wait_for_epoch(3)
+    async with one_link_pair(tmp_path, epoch=3) as pair:
         bob = pair.bob.link("alice-bob")
-        armed = bob.env.timers._queue.when(bob)
-        last = bob.clock.last_success
+        armed = armed_for_reject_after(bob)
     first = next(i for i, (epoch, _) in enumerate(calls) if epoch == 1)
     assert calls[first + 1] == calls[first]  # the timer decided again, at once
     assert bob.status.failures == 0
     assert installs(pair, "bob", "alice-bob")[0] == calls[first][1]  # the commit stood
-    assert armed == last + LINK["reject_after"]
+    assert armed
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert lines == ["link alice-bob: deciding what is next raised KeyError (a bug)"]
