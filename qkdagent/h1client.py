@@ -254,11 +254,13 @@ class H1Client:
         """Whether `warm(base_url)` would do anything now: no request (or other `warm`) to
         its origin is under way, and no connection is idle there, or one idle too long is
         (to close). `TransportError` for a URL `warm` would refuse."""
-        origin = self._origin(base_url)
+        return self._needs_warm(self._origin(base_url))
+
+    def _needs_warm(self, origin: _Origin) -> bool:
         if self._busy.get(origin):
-            return False
+            return False  # a connection comes back when that request ends
         idle = self._idle.get(origin)
-        return not idle or trio.current_time() - idle[0].idle_since > self.idle_expiry
+        return not idle or self._oldest_expired(idle, trio.current_time())
 
     async def warm(self, base_url: str) -> bool:
         """Have a kept-alive connection to `base_url`'s origin ready for the next request:
@@ -267,8 +269,8 @@ class H1Client:
         comes before that request rather than on its path. Whether one was opened and kept.
         `ConnectFailed` as for a request; `trio.TooSlowError` past the client's `timeout`."""
         origin = self._origin(base_url)
-        if self._busy.get(origin):
-            return False  # a connection comes back when that request ends
+        if not self._needs_warm(origin):
+            return False
         self._busy[origin] = 1
         try:
             with trio.fail_after(self.timeout if self.timeout is not None else math.inf):
@@ -298,11 +300,15 @@ class H1Client:
         idle = self._idle.get(origin)
         now = trio.current_time()
         # given back in turn, on top: the one at the bottom has been idle longest
-        if idle and now - idle[0].idle_since > self.idle_expiry:
+        if idle and self._oldest_expired(idle, now):
             expired = [c for c in idle if now - c.idle_since > self.idle_expiry]
             idle[:] = [c for c in idle if now - c.idle_since <= self.idle_expiry]
             for connection in expired:
                 await connection.aclose()
+
+    def _oldest_expired(self, idle: list[_Connection], now: float) -> bool:
+        """Whether the connection idle longest (at the bottom) has been idle too long."""
+        return now - idle[0].idle_since > self.idle_expiry
 
     async def _take(self, origin: _Origin) -> _Connection | None:
         """The most recently used idle connection that is still fresh (expired ones closed)."""

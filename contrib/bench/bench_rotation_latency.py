@@ -740,14 +740,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 run_dir.mkdir()
                 # the machine's speed drifts over minutes: every other run starts with (b), so
                 # that over an even number of runs a drift favours each system as often
-                if i % 2 == 0:
+                reference_first = i % 2 == 0
+                if reference_first:
                     ref = run_reference(run_dir, pki, urls, kme.pid, args)
                     qka = run_qkdagent(run_dir, pki, urls, kme.pid, args)
                 else:
                     qka = run_qkdagent(run_dir, pki, urls, kme.pid, args)
                     ref = run_reference(run_dir, pki, urls, kme.pid, args)
                 runs.append({"ref": ref, "qka": qka})
-                first = "reference" if i % 2 == 0 else "qkdagent"
+                first = "reference" if reference_first else "qkdagent"
                 print(f"run {i + 1}/{args.repeat} ({first} first):")
                 print(line_for("(a) reference (quPSKd-equivalent)", ref))
                 print(*cpu_lines(ref), sep="\n")
