@@ -40,7 +40,7 @@ async def test_a_fast_call_on_the_loop_is_no_schedule_point_and_one_that_blocked
 
 
 async def test_a_slow_call_sends_the_next_ones_to_a_thread_until_the_cooldown_ends() -> None:
-    gate = InlineGate(limit=0.0, cooldown=3600)  # every call counts as slow
+    gate = InlineGate(limit=0.0, cooldown=3600, first_cooldown=3600)  # every call is slow
     assert await gate.run(where) == threading.get_ident()  # not known to be slow yet
     assert await gate.run(where) != threading.get_ident()
     assert await gate.run(where) != threading.get_ident()
@@ -48,6 +48,71 @@ async def test_a_slow_call_sends_the_next_ones_to_a_thread_until_the_cooldown_en
     gate = InlineGate(limit=0.0, cooldown=0.0)  # the cooldown is over at once
     await gate.run(where)
     assert await gate.run(where) == threading.get_ident()
+
+
+class Clock:
+    """The gate's clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def threaded_for(gate: InlineGate, clock: Clock) -> float:
+    """How long from now the gate keeps calls off the loop (its budget unused)."""
+    return max(0.0, gate._threaded_until - clock.now)
+
+
+def test_one_slow_call_among_fast_ones_sends_its_kind_to_threads_for_the_first_cooldown() -> None:
+    clock = Clock()
+    gate = InlineGate(limit=0.01, cooldown=30, first_cooldown=1, clock=clock)
+    gate.measured(0.005)  # fast: nothing changes
+    assert gate.inline()
+    gate.measured(0.02)
+    assert threaded_for(gate, clock) == 1
+    clock.now += 0.999
+    assert not gate.inline()
+    clock.now += 0.001
+    assert gate.inline()
+    clock.now += 60  # long after: one slow call again, the first cooldown again
+    gate.measured(0.02)
+    assert threaded_for(gate, clock) == 1
+
+
+def test_slow_calls_that_keep_coming_double_the_cooldown_up_to_the_longest() -> None:
+    """A disk that stays slow: each slow call comes as the loop is tried again."""
+    clock = Clock()
+    gate = InlineGate(limit=0.01, cooldown=30, first_cooldown=1, clock=clock)
+    lengths = []
+    for _ in range(8):
+        assert gate.inline()
+        gate.measured(0.05)
+        lengths.append(threaded_for(gate, clock))
+        clock.now += lengths[-1]
+    assert lengths == [1, 2, 4, 8, 16, 30, 30, 30]
+
+
+def test_a_slow_call_within_one_cooldown_of_the_last_counts_as_the_disk_still_slow() -> None:
+    clock = Clock()
+    gate = InlineGate(limit=0.01, cooldown=30, first_cooldown=1, clock=clock)
+    gate.measured(0.05)  # 1 s, ended at +1
+    clock.now += 2  # one cooldown after it ended: still the same slow spell
+    gate.measured(0.05)
+    assert threaded_for(gate, clock) == 2
+    clock.now += 2 * 2 + 0.001  # just past one cooldown after that one ended: a new spell
+    gate.measured(0.05)
+    assert threaded_for(gate, clock) == 1
+
+
+def test_a_stall_takes_the_longest_cooldown_at_once_and_slow_calls_never_shorten_it() -> None:
+    clock = Clock()
+    gate = InlineGate(limit=0.01, stall=0.1, cooldown=30, first_cooldown=1, clock=clock)
+    gate.measured(0.2)
+    assert threaded_for(gate, clock) == 30
+    gate.measured(0.05)  # a slow call's shorter cooldown leaves the stall's in place
+    assert threaded_for(gate, clock) == 30
 
 
 async def test_a_threaded_call_that_is_fast_again_does_not_extend_the_cooldown() -> None:
