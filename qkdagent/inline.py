@@ -9,12 +9,14 @@ rare and short, so the gate watches the calls:
   calls of every kind to worker threads for `cooldown` seconds, after which the loop is tried
   again: a disk that stalls keeps them on threads, blocking the loop once per cooldown at most;
 - a call over `limit` on the loop (a slow fsync, say one queued behind the agent's own
-  checkpoint) sends the following calls of its kind to threads for `first_cooldown`, doubled
-  at each slow call that comes within one cooldown of the last one ended, up to `cooldown`: a
-  disk that stays slow soon blocks the loop once per `cooldown` again (six slow calls in its
-  first minute against two), while one slow call among fast ones costs a second of thread
+  checkpoint) sends the following calls of its kind to threads for `first_cooldown`; one that
+  comes less than `cooldown` after the last slow call's (or stall's) cooldown ended, twice as
+  long as that one, up to `cooldown`. One slow call among fast ones costs a second of thread
   hops, not half a minute of them (at 10,000 links, one 10.4 ms commit at the start of a round
-  sent the whole round's 9,500 commits to threads);
+  sent the whole round's 9,500 commits to threads). A disk that stays slow, however far apart
+  the calls, blocks the loop at most six times in its first minute (cooldowns of 1, 2, 4, 8
+  and 16 s, then 30), then once per `cooldown`, as a stall does; a burst of slow calls after
+  a quiet spell longer than `cooldown`, six times in its first minute again;
 - the calls run on the loop may block it for at most `budget` of every second; past that, the
   rest of the second's calls go to threads (where concurrent commits share a transaction).
 
@@ -118,7 +120,7 @@ class InlineGate:
         self.budget = budget
         self._clock = clock
         self._slow_at = -math.inf
-        """When the last slow call (over `limit`, not a stall) started its cooldown."""
+        """When the last slow call or stall started its cooldown."""
         self._slow_cooldown = 0.0
         """That cooldown's length."""
         self._threaded_until = -1.0
@@ -154,19 +156,25 @@ class InlineGate:
             self._slow()
 
     def _slow(self) -> None:
-        """A slow call on the loop: this kind to threads, for longer if it follows another."""
+        """A slow call on the loop: this kind to threads, for twice as long as last time if
+        the last slow call's (or stall's) cooldown ended less than `cooldown` ago."""
         now = self._clock()
-        # within one cooldown of the last one ended: the disk is still slow
-        again = now - self._slow_at <= 2 * self._slow_cooldown
-        length = min(self.cooldown, 2 * self._slow_cooldown if again else self.first_cooldown)
-        self._slow_at, self._slow_cooldown = now, length
-        self._threaded_until = max(self._threaded_until, now + length)
+        again = now - (self._slow_at + self._slow_cooldown) <= self.cooldown
+        length = self.first_cooldown
+        if again:
+            length = max(length, 2 * self._slow_cooldown)
+        self._backed_off(now, min(length, self.cooldown))
 
     def _cool_down(self, gates: list[InlineGate]) -> None:
-        """A stall: `gates` to threads for the whole `cooldown`."""
-        until = self._clock() + self.cooldown
+        """A stall: `gates` to threads for the whole `cooldown` (a slow call soon after it
+        goes on from there)."""
+        now = self._clock()
         for gate in gates:
-            gate._threaded_until = max(gate._threaded_until, until)
+            gate._backed_off(now, gate.cooldown)
+
+    def _backed_off(self, now: float, length: float) -> None:
+        self._slow_at, self._slow_cooldown = now, length
+        self._threaded_until = max(self._threaded_until, now + length)
 
     async def run(self, fn: Callable[[], T]) -> T:
         """`fn()` on the loop while calls are short and rare, else on a worker thread (never
@@ -179,7 +187,13 @@ class InlineGate:
                 if self._last >= self.yield_after:
                     await trio.lowlevel.cancel_shielded_checkpoint()
         self.threaded_calls += 1
-        return await trio.to_thread.run_sync(self._timed, fn)
+        took = [0.0]
+        try:
+            return await trio.to_thread.run_sync(self._timed, fn, took)
+        finally:
+            # recorded here, on the loop: the gates' state has one writer, no thread races it
+            if took[0] > self.stall:
+                self._cool_down(self._family)
 
     def run_here(self, fn: Callable[[], T]) -> T:
         """`fn()` on the loop, measured: for a caller that asked `inline()` just before."""
@@ -192,14 +206,15 @@ class InlineGate:
             self._spent += took
             self.measured(took)
 
-    def _timed(self, fn: Callable[[], T]) -> T:
-        """On a thread a call also waits for the interpreter lock, held by the loop and other
-        threads: under load its wall time says little about the disk, and holding it to
-        `limit` kept a busy agent on threads for good (each thread's wait made the next one
-        longer). Only a stall past `stall` extends the cooldown from here."""
+    @staticmethod
+    def _timed(fn: Callable[[], T], took: list[float]) -> T:
+        """`fn()` on a worker thread, its wall time into `took[0]`. There a call also waits
+        for the interpreter lock, held by the loop and other threads: under load its wall time
+        says little about the disk, and holding it to `limit` kept a busy agent on threads for
+        good (each thread's wait made the next one longer). Only a stall past `stall` extends
+        the cooldown from there."""
         started = time.perf_counter()
         try:
             return fn()
         finally:
-            if time.perf_counter() - started > self.stall:
-                self._cool_down(self._family)
+            took[0] = time.perf_counter() - started

@@ -94,24 +94,31 @@ def test_slow_calls_that_keep_coming_double_the_cooldown_up_to_the_longest() -> 
     assert lengths == [1, 2, 4, 8, 16, 30, 30, 30]
 
 
-def test_a_slow_call_within_one_cooldown_of_the_last_counts_as_the_disk_still_slow() -> None:
+def test_slow_calls_far_apart_still_back_off_and_only_a_quiet_spell_starts_over() -> None:
+    """However far apart a slow disk's calls come, each one that comes within `cooldown` of
+    the last cooldown's end doubles the next; one after a longer quiet spell starts over."""
     clock = Clock()
     gate = InlineGate(limit=0.01, cooldown=30, first_cooldown=1, clock=clock)
-    gate.measured(0.05)  # 1 s, ended at +1
-    clock.now += 2  # one cooldown after it ended: still the same slow spell
-    gate.measured(0.05)
-    assert threaded_for(gate, clock) == 2
-    clock.now += 2 * 2 + 0.001  # just past one cooldown after that one ended: a new spell
+    lengths = []
+    for _ in range(7):
+        gate.measured(0.05)
+        lengths.append(threaded_for(gate, clock))
+        clock.now += lengths[-1] + 30  # the next call a whole `cooldown` after this one's end
+    assert lengths == [1, 2, 4, 8, 16, 30, 30]
+    clock.now += 0.5  # now half a second more: a quiet spell past `cooldown`
     gate.measured(0.05)
     assert threaded_for(gate, clock) == 1
 
 
-def test_a_stall_takes_the_longest_cooldown_at_once_and_slow_calls_never_shorten_it() -> None:
+def test_a_stall_takes_the_longest_cooldown_and_slow_calls_after_it_go_on_from_there() -> None:
     clock = Clock()
     gate = InlineGate(limit=0.01, stall=0.1, cooldown=30, first_cooldown=1, clock=clock)
     gate.measured(0.2)
     assert threaded_for(gate, clock) == 30
-    gate.measured(0.05)  # a slow call's shorter cooldown leaves the stall's in place
+    gate.measured(0.05)  # a slow call's cooldown never shortens a stall's
+    assert threaded_for(gate, clock) == 30
+    clock.now += 35  # the stall's cooldown over: a slow call after it is no first one
+    gate.measured(0.05)
     assert threaded_for(gate, clock) == 30
 
 
@@ -220,10 +227,10 @@ async def test_a_stall_sends_every_kind_of_call_to_threads() -> None:
     disk.measured(disk.stall * 2)  # a stall on the loop
     assert not cache.inline()
 
-    disk, cache = InlineGate(stall=0.001), InlineGate(stall=0.001)
+    disk, cache = InlineGate(stall=0.001), InlineGate(stall=0.001, budget=0)  # cache: threads
     cache.join(disk)
-    await trio.to_thread.run_sync(cache._timed, lambda: time.sleep(0.01))  # a stall on a thread
-    assert not disk.inline() and not cache.inline()
-    lone, other = InlineGate(stall=0.001), InlineGate()  # gates not joined share no stall
-    await trio.to_thread.run_sync(lone._timed, lambda: time.sleep(0.01))
-    assert not lone.inline() and other.inline()
+    assert await cache.run(lambda: (time.sleep(0.01), where())[1]) != threading.get_ident()
+    assert not disk.inline() and not cache.inline()  # a stall on a thread
+    lone, other = InlineGate(stall=0.001, budget=0), InlineGate()  # not joined: no shared stall
+    await lone.run(lambda: time.sleep(0.01))
+    assert lone._threaded_until > time.monotonic() and other.inline()
