@@ -9,14 +9,14 @@ rare and short, so the gate watches the calls:
   calls of every kind to worker threads for `cooldown` seconds, after which the loop is tried
   again: a disk that stalls keeps them on threads, blocking the loop once per cooldown at most;
 - a call over `limit` on the loop (a slow fsync, say one queued behind the agent's own
-  checkpoint) sends the following calls of its kind to threads for `first_cooldown`; one that
-  comes less than `cooldown` after the last slow call's (or stall's) cooldown ended, twice as
-  long as that one, up to `cooldown`. One slow call among fast ones costs a second of thread
-  hops, not half a minute of them (at 10,000 links, one 10.4 ms commit at the start of a round
-  sent the whole round's 9,500 commits to threads). A disk that stays slow, however far apart
-  the calls, blocks the loop at most six times in its first minute (cooldowns of 1, 2, 4, 8
-  and 16 s, then 30), then once per `cooldown`, as a stall does; a burst of slow calls after
-  a quiet spell longer than `cooldown`, six times in its first minute again;
+  checkpoint) that is the first slow call or stall in `QUIET` seconds sends the following
+  calls of its kind to threads for `first_cooldown`; any other, for `cooldown`. One slow call
+  among fast ones costs a second of thread hops, not half a minute of them (at 10,000 links,
+  one 10.4 ms commit at the start of a round sent the whole round's 9,500 commits to
+  threads); a second one within the minute is a slow disk, and the cooldown is a stall's.
+  So slow calls block the loop at most three times in any `QUIET` seconds (at 0, 1 and 31 s),
+  against two with a full cooldown every time, and once per `cooldown` while the disk stays
+  slow;
 - the calls run on the loop may block it for at most `budget` of every second; past that, the
   rest of the second's calls go to threads (where concurrent commits share a transaction).
 
@@ -56,8 +56,10 @@ COOLDOWN = 30.0
 """Seconds calls stay on worker threads after a stall (a call over STALL), and the longest they
 stay after slow calls (over LIMIT)."""
 FIRST_COOLDOWN = 1.0
-"""Seconds calls of a kind stay on worker threads after a slow call that follows none (no slow
-call within one cooldown of the last one ended): each that does doubles it, up to COOLDOWN."""
+"""Seconds calls of a kind stay on worker threads after a slow call (over LIMIT, not a stall)
+that is the first slow call or stall in QUIET seconds."""
+QUIET = 60.0
+"""Seconds without a slow call or stall after which a slow call counts as a one-off."""
 BUDGET = 0.1
 """Seconds per second the loop may spend blocked in calls run on it."""
 YIELD_AFTER = 0.001
@@ -108,6 +110,7 @@ class InlineGate:
         stall: float = STALL,
         yield_after: float = YIELD_AFTER,
         first_cooldown: float = FIRST_COOLDOWN,
+        quiet: float = QUIET,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limit = limit
@@ -117,12 +120,11 @@ class InlineGate:
         self.stall = stall
         self.cooldown = cooldown
         self.first_cooldown = first_cooldown
+        self.quiet = quiet
         self.budget = budget
         self._clock = clock
         self._slow_at = -math.inf
-        """When the last slow call or stall started its cooldown."""
-        self._slow_cooldown = 0.0
-        """That cooldown's length."""
+        """When the last slow call or stall was recorded."""
         self._threaded_until = -1.0
         self._second = -1.0
         """Start of the current one-second window of the budget."""
@@ -156,24 +158,20 @@ class InlineGate:
             self._slow()
 
     def _slow(self) -> None:
-        """A slow call on the loop: this kind to threads, for twice as long as last time if
-        the last slow call's (or stall's) cooldown ended less than `cooldown` ago."""
+        """A slow call on the loop: this kind to threads, briefly if it is a one-off."""
         now = self._clock()
-        again = now - (self._slow_at + self._slow_cooldown) <= self.cooldown
-        length = self.first_cooldown
-        if again:
-            length = max(length, 2 * self._slow_cooldown)
-        self._backed_off(now, min(length, self.cooldown))
+        one_off = now - self._slow_at > self.quiet
+        self._backed_off(now, min(self.first_cooldown, self.cooldown) if one_off else self.cooldown)
 
     def _cool_down(self, gates: list[InlineGate]) -> None:
-        """A stall: `gates` to threads for the whole `cooldown` (a slow call soon after it
-        goes on from there)."""
+        """A stall: `gates` to threads for the whole `cooldown` (and a slow call within
+        `quiet` of it is no one-off)."""
         now = self._clock()
         for gate in gates:
             gate._backed_off(now, gate.cooldown)
 
     def _backed_off(self, now: float, length: float) -> None:
-        self._slow_at, self._slow_cooldown = now, length
+        self._slow_at = now
         self._threaded_until = max(self._threaded_until, now + length)
 
     async def run(self, fn: Callable[[], T]) -> T:

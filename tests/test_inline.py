@@ -65,9 +65,14 @@ def threaded_for(gate: InlineGate, clock: Clock) -> float:
     return max(0.0, gate._threaded_until - clock.now)
 
 
-def test_one_slow_call_among_fast_ones_sends_its_kind_to_threads_for_the_first_cooldown() -> None:
+def gate_on(clock: Clock, **kwargs: float) -> InlineGate:
+    options = {"limit": 0.01, "stall": 0.1, "cooldown": 30, "first_cooldown": 1, "quiet": 60}
+    return InlineGate(clock=clock, **{**options, **kwargs})
+
+
+def test_a_one_off_slow_call_sends_its_kind_to_threads_for_the_first_cooldown_only() -> None:
     clock = Clock()
-    gate = InlineGate(limit=0.01, cooldown=30, first_cooldown=1, clock=clock)
+    gate = gate_on(clock)
     gate.measured(0.005)  # fast: nothing changes
     assert gate.inline()
     gate.measured(0.02)
@@ -76,50 +81,59 @@ def test_one_slow_call_among_fast_ones_sends_its_kind_to_threads_for_the_first_c
     assert not gate.inline()
     clock.now += 0.001
     assert gate.inline()
-    clock.now += 60  # long after: one slow call again, the first cooldown again
+    clock.now += 59.999  # a minute after the last slow call: the next is a one-off again
     gate.measured(0.02)
     assert threaded_for(gate, clock) == 1
 
 
-def test_slow_calls_that_keep_coming_double_the_cooldown_up_to_the_longest() -> None:
-    """A disk that stays slow: each slow call comes as the loop is tried again."""
+def test_a_slow_call_within_the_quiet_spell_of_another_takes_the_whole_cooldown() -> None:
     clock = Clock()
-    gate = InlineGate(limit=0.01, cooldown=30, first_cooldown=1, clock=clock)
-    lengths = []
-    for _ in range(8):
-        assert gate.inline()
-        gate.measured(0.05)
-        lengths.append(threaded_for(gate, clock))
-        clock.now += lengths[-1]
-    assert lengths == [1, 2, 4, 8, 16, 30, 30, 30]
+    gate = gate_on(clock)
+    gate.measured(0.02)
+    clock.now += 59  # the first cooldown long over, but within the minute: a slow disk
+    gate.measured(0.02)
+    assert threaded_for(gate, clock) == 30
 
 
-def test_slow_calls_far_apart_still_back_off_and_only_a_quiet_spell_starts_over() -> None:
-    """However far apart a slow disk's calls come, each one that comes within `cooldown` of
-    the last cooldown's end doubles the next; one after a longer quiet spell starts over."""
+def test_slow_calls_block_the_loop_at_most_three_times_a_minute() -> None:
+    """However the slow calls come: a disk slow on every call, at any spacing, and one slow
+    in bursts. Each call is made on the loop if the gate lets it, and is slow."""
+    for spacing in (0.1, 0.9, 2.01, 29.9, 31, 59.9, 61):
+        clock = Clock()
+        gate = gate_on(clock)
+        blocked = []
+        for _ in range(int(600 / spacing)):
+            if gate.inline():
+                blocked.append(clock.now)
+                gate.measured(0.05)
+            clock.now += spacing
+        most = max(sum(1 for t in blocked if start <= t < start + 60) for start in blocked)
+        assert most <= 3, (spacing, most)
+        later = [t for t in blocked if t >= blocked[0] + 120]
+        assert len(later) <= 2 * (600 - 120) / 60 + 1, (spacing, len(later))
+    # the three: the one-off's second, then the whole cooldown
     clock = Clock()
-    gate = InlineGate(limit=0.01, cooldown=30, first_cooldown=1, clock=clock)
-    lengths = []
-    for _ in range(7):
-        gate.measured(0.05)
-        lengths.append(threaded_for(gate, clock))
-        clock.now += lengths[-1] + 30  # the next call a whole `cooldown` after this one's end
-    assert lengths == [1, 2, 4, 8, 16, 30, 30]
-    clock.now += 0.5  # now half a second more: a quiet spell past `cooldown`
-    gate.measured(0.05)
-    assert threaded_for(gate, clock) == 1
+    gate = gate_on(clock)
+    blocked = []
+    for _ in range(700):
+        if gate.inline():
+            blocked.append(clock.now - 1000)
+            gate.measured(0.05)
+        clock.now += 0.1
+    assert [round(t) for t in blocked[:4]] == [0, 1, 31, 61]
 
 
-def test_a_stall_takes_the_longest_cooldown_and_slow_calls_after_it_go_on_from_there() -> None:
+def test_a_stall_sends_every_kind_to_threads_for_the_whole_cooldown_and_counts_as_slow() -> None:
     clock = Clock()
-    gate = InlineGate(limit=0.01, stall=0.1, cooldown=30, first_cooldown=1, clock=clock)
-    gate.measured(0.2)
-    assert threaded_for(gate, clock) == 30
-    gate.measured(0.05)  # a slow call's cooldown never shortens a stall's
-    assert threaded_for(gate, clock) == 30
-    clock.now += 35  # the stall's cooldown over: a slow call after it is no first one
-    gate.measured(0.05)
-    assert threaded_for(gate, clock) == 30
+    disk, cache = gate_on(clock), gate_on(clock, cooldown=40)
+    cache.join(disk)
+    disk.measured(0.2)
+    assert threaded_for(disk, clock) == 30 and threaded_for(cache, clock) == 40
+    disk.measured(0.05)  # a slow call's cooldown never shortens a stall's
+    assert threaded_for(disk, clock) == 30
+    clock.now += 45  # both cooldowns over: a slow call of either kind is no one-off
+    cache.measured(0.05)
+    assert threaded_for(cache, clock) == 40
 
 
 async def test_a_threaded_call_that_is_fast_again_does_not_extend_the_cooldown() -> None:
@@ -147,6 +161,27 @@ async def test_a_call_on_a_thread_extends_the_cooldown_only_if_it_stalled() -> N
     until = gate._threaded_until
     await gate.run(lambda: time.sleep(0.01))
     assert gate._threaded_until > until
+
+
+async def test_a_stall_on_a_thread_counts_if_the_call_fails_or_its_caller_is_cancelled() -> None:
+    """A hang that ends in an I/O error is a stall too; and a call on a thread is never
+    abandoned, so a cancelled caller still waits for it, and its stall is recorded."""
+    import time
+
+    def hang_then_fail() -> None:
+        time.sleep(0.01)
+        raise OSError(5, "Input/output error")
+
+    gate = InlineGate(stall=0.001, budget=0)  # every call on a thread
+    with pytest.raises(OSError, match="Input/output"):
+        await gate.run(hang_then_fail)
+    assert gate._threaded_until > time.monotonic() + gate.cooldown / 2
+    gate = InlineGate(stall=0.001, budget=0)
+    started = time.monotonic()
+    with trio.move_on_after(0.001) as scope:  # the deadline passes while the call runs
+        await gate.run(lambda: time.sleep(0.05))
+    assert scope.cancel_called and time.monotonic() - started >= 0.05
+    assert gate._threaded_until > time.monotonic() + gate.cooldown / 2
 
 
 async def test_errors_reach_the_caller_from_either_path() -> None:
