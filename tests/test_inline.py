@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -95,32 +96,41 @@ def test_a_slow_call_within_the_quiet_spell_of_another_takes_the_whole_cooldown(
     assert threaded_for(gate, clock) == 30
 
 
-def test_slow_calls_block_the_loop_at_most_three_times_a_minute() -> None:
-    """However the slow calls come: a disk slow on every call, at any spacing, and one slow
-    in bursts. Each call is made on the loop if the gate lets it, and is slow."""
-    for spacing in (0.1, 0.9, 2.01, 29.9, 31, 59.9, 61):
-        clock = Clock()
-        gate = gate_on(clock)
-        blocked = []
-        for _ in range(int(600 / spacing)):
-            if gate.inline():
-                blocked.append(clock.now)
-                gate.measured(0.05)
-            clock.now += spacing
-        most = max(sum(1 for t in blocked if start <= t < start + 60) for start in blocked)
-        assert most <= 3, (spacing, most)
-        later = [t for t in blocked if t >= blocked[0] + 120]
-        assert len(later) <= 2 * (600 - 120) / 60 + 1, (spacing, len(later))
-    # the three: the one-off's second, then the whole cooldown
+def blocked_by(spacing: float, slow: Callable[[float], bool], seconds: float = 600) -> list[float]:
+    """When calls made every `spacing` seconds ran on the loop and were slow (`slow(t)` of
+    their time since the first), each call made on the loop if the gate lets it."""
     clock = Clock()
     gate = gate_on(clock)
     blocked = []
-    for _ in range(700):
+    for step in range(int(seconds / spacing)):
+        t = step * spacing
+        clock.now = 1000 + t
         if gate.inline():
-            blocked.append(clock.now - 1000)
-            gate.measured(0.05)
-        clock.now += 0.1
-    assert [round(t) for t in blocked[:4]] == [0, 1, 31, 61]
+            if slow(t):
+                blocked.append(t)
+                gate.measured(0.05)
+            else:
+                gate.measured(0.001)
+    return blocked
+
+
+def test_slow_calls_block_the_loop_at_most_three_times_a_minute() -> None:
+    """However the slow calls come: a disk slow on every call, at any spacing, or slow in
+    bursts between fast spells."""
+    patterns = [(spacing, lambda t: True) for spacing in (0.1, 0.9, 2.01, 29.9, 31, 59.9, 61)]
+    patterns += [
+        (0.1, lambda t: t % 62 < 10),  # ten slow seconds a minute
+        (0.1, lambda t: t % 61.5 < 1.5),  # a slow spell just after each quiet minute
+        (0.5, lambda t: t % 31 < 2),
+    ]
+    for spacing, slow in patterns:
+        blocked = blocked_by(spacing, slow)
+        most = max(sum(1 for t in blocked if start <= t < start + 60) for start in blocked)
+        assert most <= 3, (spacing, most)
+        later = [t for t in blocked if t >= 120]  # then at most once per cooldown, or per call
+        assert len(later) <= max(2 * (600 - 120) / 60, (600 - 120) / spacing) + 1, spacing
+    # the three: the one-off's second, then the whole cooldown
+    assert [round(t) for t in blocked_by(0.1, lambda t: True, 70)] == [0, 1, 31, 61]
 
 
 def test_a_stall_sends_every_kind_to_threads_for_the_whole_cooldown_and_counts_as_slow() -> None:
