@@ -13,13 +13,13 @@ rare and short, so the gate watches the calls:
   call of its kind was slow on the loop, and no call of any kind stalled, in the last `quiet`
   seconds; else for `cooldown`. One slow call among fast ones costs a second of thread hops,
   not half a minute of them (at 10,000 links, one 10.4 ms commit at the start of a round sent
-  the whole round's 9,500 commits to threads); a second one within the minute is a slow disk,
-  and gets a stall's cooldown. At the defaults, slow calls block the loop at most three times
-  in any 60 s per kind (at 0, 1 and 31 s), against two with the whole cooldown every time,
-  and once per `cooldown` while the disk stays slow. What that costs: a disk that is slow once
-  and then stalls holds the loop in its first stall 1 s after the slow call, not 30 s (once
-  per quiet minute; from then on, once per `cooldown`, as before). A slow call on a thread
-  changes nothing (below);
+  the whole round's disk calls, about 10,000, to threads); a second one within the minute is
+  a slow disk, and gets a stall's cooldown. At the defaults, slow calls block the loop at most
+  three times in any 60 s per kind (at 0, 1 and 31 s), against two with the whole cooldown
+  every time, and once per `cooldown` while the disk stays slow. What that costs: a disk that
+  is slow once and then stalls holds the loop in its first stall 1 s after the slow call, not
+  30 s (once per quiet minute; from then on, once per `cooldown`, as before). A slow call on a
+  thread changes nothing (below);
 - the calls run on the loop may block it for at most `budget` of every second; past that, the
   rest of the second's calls go to threads (where concurrent commits share a transaction).
 
