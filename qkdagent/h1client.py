@@ -84,9 +84,13 @@ class _Connection:
     certificate: bytes | None
     idle_since: float = field(default=0.0)
 
+    def expired(self, now: float, expiry: float) -> bool:
+        """Idle for longer than `expiry`."""
+        return now - self.idle_since > expiry
+
     def stale(self, now: float, expiry: float) -> bool:
         """Too long idle, or the server closed it meanwhile (EOF or an alert is readable)."""
-        if now - self.idle_since > expiry:
+        if self.expired(now, expiry):
             return True
         stream = self.stream
         tcp = stream.transport_stream if isinstance(stream, TlsStream) else stream
@@ -260,7 +264,7 @@ class H1Client:
         if self._busy.get(origin):
             return False  # a connection comes back when that request ends
         idle = self._idle.get(origin)
-        return not idle or self._oldest_expired(idle, trio.current_time())
+        return not idle or idle[0].expired(trio.current_time(), self.idle_expiry)
 
     async def warm(self, base_url: str) -> bool:
         """Have a kept-alive connection to `base_url`'s origin ready for the next request:
@@ -300,15 +304,11 @@ class H1Client:
         idle = self._idle.get(origin)
         now = trio.current_time()
         # given back in turn, on top: the one at the bottom has been idle longest
-        if idle and self._oldest_expired(idle, now):
-            expired = [c for c in idle if now - c.idle_since > self.idle_expiry]
-            idle[:] = [c for c in idle if now - c.idle_since <= self.idle_expiry]
+        if idle and idle[0].expired(now, self.idle_expiry):
+            expired = [c for c in idle if c.expired(now, self.idle_expiry)]
+            idle[:] = [c for c in idle if not c.expired(now, self.idle_expiry)]
             for connection in expired:
                 await connection.aclose()
-
-    def _oldest_expired(self, idle: list[_Connection], now: float) -> bool:
-        """Whether the connection idle longest (at the bottom) has been idle too long."""
-        return now - idle[0].idle_since > self.idle_expiry
 
     async def _take(self, origin: _Origin) -> _Connection | None:
         """The most recently used idle connection that is still fresh (expired ones closed)."""
