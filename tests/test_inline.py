@@ -97,8 +97,8 @@ def test_a_slow_call_within_the_quiet_spell_of_another_takes_the_whole_cooldown(
 
 
 def blocked_by(spacing: float, slow: Callable[[float], bool], seconds: float = 600) -> list[float]:
-    """When calls made every `spacing` seconds ran on the loop and were slow (`slow(t)` of
-    their time since the first), each call made on the loop if the gate lets it."""
+    """The times (since the first call) at which slow calls blocked the loop: a call every
+    `spacing` seconds, slow where `slow(t)`, each made on the loop when the gate lets it."""
     clock = Clock()
     gate = gate_on(clock)
     blocked = []
@@ -161,12 +161,12 @@ async def test_a_call_on_a_thread_extends_the_cooldown_only_if_it_stalled() -> N
     A stall past `stall` still does."""
     import time
 
-    gate = InlineGate(limit=0.001, cooldown=3600, stall=3600)
+    gate = InlineGate(limit=0.001, cooldown=3600, stall=3600, first_cooldown=3600)
     await gate.run(lambda: time.sleep(0.002))  # on the loop, slow: the cooldown starts
     until = gate._threaded_until
     assert await gate.run(lambda: (time.sleep(0.01), where())[1]) != threading.get_ident()
     assert gate._threaded_until == until
-    gate = InlineGate(limit=0.001, cooldown=3600, stall=0.005)
+    gate = InlineGate(limit=0.001, cooldown=3600, stall=0.005, first_cooldown=3600)
     await gate.run(lambda: time.sleep(0.002))
     until = gate._threaded_until
     await gate.run(lambda: time.sleep(0.01))
