@@ -104,6 +104,16 @@ def loop_gate(kind: str) -> InlineGate:
     return gate
 
 
+def loop_gate_counts() -> dict[str, tuple[int, int, int]]:
+    """Per kind of call, for the running loop's gates: calls run on the loop, calls sent to
+    threads, and cooldowns started (`/metrics`); none outside a trio run or before any call."""
+    try:
+        gates = _LOOP_GATES.get()
+    except (LookupError, RuntimeError):
+        return {}
+    return {kind: (g.inline_calls, g.threaded_calls, g.cooldowns) for kind, g in gates.items()}
+
+
 class InlineGate:
     def __init__(
         self,
@@ -135,6 +145,8 @@ class InlineGate:
         """Seconds the loop was blocked in this window."""
         self.inline_calls = 0
         self.threaded_calls = 0
+        self.cooldowns = 0
+        """Times a slow call or a stall sent this kind to threads (or kept it there longer)."""
         self._family: list[InlineGate] = [self]
         """The loop's gates (one per kind), which a stall past `stall` sends to threads."""
 
@@ -174,6 +186,7 @@ class InlineGate:
             gate._backed_off(now, gate.cooldown)
 
     def _backed_off(self, now: float, length: float) -> None:
+        self.cooldowns += 1
         self._slow_at = now
         self._threaded_until = max(self._threaded_until, now + length)
 

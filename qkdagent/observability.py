@@ -16,8 +16,11 @@ from typing import Any
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .asgi import lifespan, respond
+from .inline import loop_gate_counts
 from .metricstore import LabelledValues, PluginMetrics
 
 SCRAPE_SAMPLES = 500
@@ -126,6 +129,7 @@ class Metrics:
             buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        r.register(_BlockingCalls())
         own = [f.name for f in self._per_link]
         # prometheus_client's (counters without _total; what samples add: SAMPLE_SUFFIXES)
         own += [m.name for m in r.collect()]
@@ -170,6 +174,32 @@ class Metrics:
             count = len(family.values) + 1 if samples == math.inf else int(samples)
             for part in family.exposition_parts(count):
                 yield part.encode()
+
+
+class _BlockingCalls(Collector):
+    """Where the event loop's short blocking calls ran (`inline.loop_gate`), read at each
+    scrape: many on threads, or cooldowns, mean a disk slow at times; each hop to a thread
+    costs CPU (about 0.3 ms on this project's VM). The loop's figures, shared by the agents
+    on it (one per `qkdagent run` process)."""
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "qkdagent_blocking_calls",
+            "Short blocking calls (fsyncs, small file writes) by kind, run on the event loop "
+            "or on a worker thread",
+            labels=["kind", "where"],
+        )
+        cooldowns = CounterMetricFamily(
+            "qkdagent_blocking_call_cooldowns",
+            "Times a slow call or a stall sent a kind of blocking call to worker threads",
+            labels=["kind"],
+        )
+        for kind, (on_loop, on_threads, backoffs) in sorted(loop_gate_counts().items()):
+            calls.add_metric([kind, "loop"], on_loop)
+            calls.add_metric([kind, "thread"], on_threads)
+            cooldowns.add_metric([kind], backoffs)
+        yield calls
+        yield cooldowns
 
 
 def status_json(document: dict[str, Any]) -> bytes:

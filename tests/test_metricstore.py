@@ -141,3 +141,43 @@ def test_a_plugin_cannot_take_a_name_the_agent_exposes() -> None:
     metrics.plugins.gauge("qkdagent_acme_pool_bits", "fine")
     with pytest.raises(ValueError, match="a label name twice"):  # the scrape would fail whole
         metrics.plugins.gauge("qkdagent_acme_level", "x", ["source", "source"])
+
+
+def test_the_event_loops_blocking_calls_are_on_the_metrics() -> None:
+    """Where the loop's fsyncs and small writes ran (`inline.loop_gate`): an operator sees
+    calls sent to threads, and the cooldowns that sent them, at each scrape."""
+    import trio
+
+    from qkdagent.inline import CACHE, DISK, loop_gate
+
+    metrics = Metrics()
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        found = {}
+        for family in text_string_to_metric_families(metrics.exposition().decode()):
+            if family.name.startswith("qkdagent_blocking_call"):
+                for s in family.samples:
+                    found[s.name, tuple(sorted(s.labels.items()))] = s.value
+        return found
+
+    assert samples() == {}  # outside any event loop: nothing to count
+
+    async def calls() -> None:
+        disk, cache = loop_gate(DISK), loop_gate(CACHE)
+        for _ in range(3):
+            await disk.run(lambda: None)
+        disk.measured(disk.limit * 2)  # a slow fsync: fsyncs to threads for a while
+        await disk.run(lambda: None)
+        await cache.run(lambda: None)
+        got = samples()
+        assert got[("qkdagent_blocking_calls_total", (("kind", "disk"), ("where", "loop")))] == 3
+        assert got[("qkdagent_blocking_calls_total", (("kind", "disk"), ("where", "thread")))] == 1
+        assert got[("qkdagent_blocking_calls_total", (("kind", "cache"), ("where", "loop")))] == 1
+        assert got[("qkdagent_blocking_call_cooldowns_total", (("kind", "disk"),))] == 1
+        assert got[("qkdagent_blocking_call_cooldowns_total", (("kind", "cache"),))] == 0
+        cache.measured(cache.stall * 2)  # a stall: every kind's cooldown starts (again)
+        got = samples()
+        assert got[("qkdagent_blocking_call_cooldowns_total", (("kind", "disk"),))] == 2
+        assert got[("qkdagent_blocking_call_cooldowns_total", (("kind", "cache"),))] == 1
+
+    trio.run(calls)

@@ -464,14 +464,16 @@ def procs_once(args: argparse.Namespace) -> dict[str, Any]:
             first = _status(status_urls["alice"])["links"]
             epochs0 = sum(x["epoch"] for x in first)
             failures0 = sum(x["failures"] for x in first)
-            metrics_url = status_urls["bob"].replace("/status", "/metrics")
-            batched0 = _batched(metrics_url)
+            metrics_urls = {n: u.replace("/status", "/metrics") for n, u in status_urls.items()}
+            batched0 = _batched(metrics_urls["bob"])
+            blocking0 = {n: _blocking(u) for n, u in metrics_urls.items()}
             cpu0 = {n: proc_cpu_split(p.pid) for n, p in procs.items()}
             t0 = time.monotonic()
             time.sleep(args.seconds)
             cpu1 = {n: proc_cpu_split(p.pid) for n, p in procs.items()}
             t1 = time.monotonic()
-            batched1 = _batched(metrics_url)
+            batched1 = _batched(metrics_urls["bob"])
+            blocking1 = {n: _blocking(u) for n, u in metrics_urls.items()}
             mem = {n: proc_mem_mb(p.pid) for n, p in procs.items()}
             final = {n: _status(u)["links"] for n, u in status_urls.items()}
         finally:
@@ -498,6 +500,9 @@ def procs_once(args: argparse.Namespace) -> dict[str, Any]:
         "oldest_key_s": max(ages),
         "batches": batched1[0] - batched0[0],
         "batched": batched1[1] - batched0[1],
+        "blocking": {
+            n: tuple(b - a for a, b in zip(blocking0[n], blocking1[n], strict=True)) for n in procs
+        },
     }
 
 
@@ -513,6 +518,20 @@ def _batched(url: str) -> tuple[float, float]:
         if name in names:
             found[names[name]] = float(value)
     return found["batches"], found["batched"]
+
+
+def _blocking(url: str) -> tuple[float, float, float]:
+    """An agent's short blocking calls so far: on the event loop, on threads, and cooldowns
+    started (`inline.loop_gate`; each hop to a thread costs CPU: the figures of a run move
+    with them)."""
+    found = {"loop": 0.0, "thread": 0.0, "cooldowns": 0.0}
+    for line in httpx.get(url, timeout=60).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name.startswith("qkdagent_blocking_calls_total{"):
+            found["thread" if 'where="thread"' in name else "loop"] += float(value)
+        elif name.startswith("qkdagent_blocking_call_cooldowns_total{"):
+            found["cooldowns"] += float(value)
+    return found["loop"], found["thread"], found["cooldowns"]
 
 
 def _spread(values: list[float], fmt: str = ".2f") -> str:
@@ -564,6 +583,13 @@ def cmd_procs(args: argparse.Namespace) -> None:
             f"{_spread(each('core', name))} "
             f"of a core); RSS peak {_spread(each('peak_rss_mb', name), '.0f')} MB, "
             f"end {_spread(each('rss_mb', name), '.0f')} MB"
+        )
+    for name in ("alice", "bob"):
+        on_loop, on_threads, cooldowns = ([r["blocking"][name][i] for r in runs] for i in range(3))
+        print(
+            f"  {name:<5} blocking calls (fsyncs, file writes) on threads "
+            f"{_spread(on_threads, '.0f')}, on the event loop {_spread(on_loop, '.0f')}, "
+            f"cooldowns {_spread(cooldowns, '.0f')} (a hop to a thread costs CPU)"
         )
     batches = sum(r["batches"] for r in runs)
     print(
