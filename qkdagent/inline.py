@@ -106,12 +106,19 @@ def loop_gate(kind: str) -> InlineGate:
 
 def loop_gate_counts() -> dict[str, tuple[int, int, int]]:
     """Per kind of call, for the running loop's gates: calls run on the loop, calls sent to
-    threads, and cooldowns started (`/metrics`); none outside a trio run or before any call."""
+    threads (after a slow call or a stall, or past the second's budget), and cooldowns that
+    sent the kind to threads from the loop (`/metrics`); zeros for a kind whose gate no call
+    has looked up yet, nothing outside a trio run."""
     try:
         gates = _LOOP_GATES.get()
-    except (LookupError, RuntimeError):
+    except LookupError:
+        gates = {}
+    except RuntimeError:  # no trio run here
         return {}
-    return {kind: (g.inline_calls, g.threaded_calls, g.cooldowns) for kind, g in gates.items()}
+    counts = {kind: (0, 0, 0) for kind in KINDS}
+    for kind, g in gates.items():
+        counts[kind] = (g.inline_calls, g.threaded_calls, g.cooldowns)
+    return counts
 
 
 class InlineGate:
@@ -146,7 +153,9 @@ class InlineGate:
         self.inline_calls = 0
         self.threaded_calls = 0
         self.cooldowns = 0
-        """Times a slow call or a stall sent this kind to threads (or kept it there longer)."""
+        """Cooldowns that sent this kind from the loop to threads (not those that only kept it
+        there longer: stalled calls already on threads, under load, would count by the
+        thousand)."""
         self._family: list[InlineGate] = [self]
         """The loop's gates (one per kind), which a stall past `stall` sends to threads."""
 
@@ -186,7 +195,8 @@ class InlineGate:
             gate._backed_off(now, gate.cooldown)
 
     def _backed_off(self, now: float, length: float) -> None:
-        self.cooldowns += 1
+        if now >= self._threaded_until:
+            self.cooldowns += 1
         self._slow_at = now
         self._threaded_until = max(self._threaded_until, now + length)
 

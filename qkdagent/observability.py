@@ -177,21 +177,25 @@ class Metrics:
 
 
 class _BlockingCalls(Collector):
-    """Where the event loop's short blocking calls ran (`inline.loop_gate`), read at each
-    scrape: many on threads, or cooldowns, mean a disk slow at times; each hop to a thread
-    costs CPU (about 0.3 ms on this project's VM). The loop's figures, shared by the agents
-    on it (one per `qkdagent run` process)."""
+    """Where the blocking calls the event loop may run itself went (`inline.loop_gate`: the
+    state's commits, non-durable file sink writes, keydir files), read at each scrape. They
+    go to threads after a slow call or a stall (a cooldown) and once the loop has spent the
+    second's budget in them; cooldowns mean a disk slow at times; each hop to a thread costs
+    CPU (0.3-0.6 ms on this project's VM). Writes that always run on threads (checkpoints,
+    durable sink writes, deferred fsyncs) are not counted. The figures are the event loop's,
+    shared by the agents on it (one per `qkdagent run` process)."""
 
     def collect(self) -> Iterator[Metric]:
         calls = CounterMetricFamily(
             "qkdagent_blocking_calls",
-            "Short blocking calls (fsyncs, small file writes) by kind, run on the event loop "
-            "or on a worker thread",
+            "Short blocking calls the event loop may run itself (commits, small file writes) "
+            "by kind, run on the loop or on a worker thread",
             labels=["kind", "where"],
         )
         cooldowns = CounterMetricFamily(
             "qkdagent_blocking_call_cooldowns",
-            "Times a slow call or a stall sent a kind of blocking call to worker threads",
+            "Times a slow call or a stall sent a kind of blocking call from the event loop "
+            "to worker threads",
             labels=["kind"],
         )
         for kind, (on_loop, on_threads, backoffs) in sorted(loop_gate_counts().items()):

@@ -135,6 +135,8 @@ def test_a_plugin_cannot_take_a_name_the_agent_exposes() -> None:
         "qkdagent_component_events",  # a prometheus_client counter
         "qkdagent_component_events_created",  # ... and its samples
         "qkdagent_rotation_duration_seconds_count",
+        "qkdagent_blocking_calls",  # the event loop's (a collector of the agent's own)
+        "qkdagent_blocking_call_cooldowns_created",  # (its samples too)
     ):
         with pytest.raises(ValueError, match="the agent's own"):
             metrics.plugins.gauge(name, "x")
@@ -144,7 +146,7 @@ def test_a_plugin_cannot_take_a_name_the_agent_exposes() -> None:
 
 
 def test_the_event_loops_blocking_calls_are_on_the_metrics() -> None:
-    """Where the loop's fsyncs and small writes ran (`inline.loop_gate`): an operator sees
+    """Where the loop's commits and small writes ran (`inline.loop_gate`): an operator sees
     calls sent to threads, and the cooldowns that sent them, at each scrape."""
     import trio
 
@@ -156,28 +158,34 @@ def test_the_event_loops_blocking_calls_are_on_the_metrics() -> None:
         found = {}
         for family in text_string_to_metric_families(metrics.exposition().decode()):
             if family.name.startswith("qkdagent_blocking_call"):
+                assert family.type == "counter"
                 for s in family.samples:
                     found[s.name, tuple(sorted(s.labels.items()))] = s.value
         return found
 
+    def calls(kind: str, where: str) -> float:
+        return samples()[("qkdagent_blocking_calls_total", (("kind", kind), ("where", where)))]
+
+    def cooldowns(kind: str) -> float:
+        return samples()[("qkdagent_blocking_call_cooldowns_total", (("kind", kind),))]
+
     assert samples() == {}  # outside any event loop: nothing to count
 
-    async def calls() -> None:
+    async def run() -> None:
+        assert calls(DISK, "loop") == calls(CACHE, "thread") == cooldowns(DISK) == 0  # from 0
         disk, cache = loop_gate(DISK), loop_gate(CACHE)
+        disk.first_cooldown = disk.cooldown  # (no real second may end it meanwhile)
         for _ in range(3):
             await disk.run(lambda: None)
         disk.measured(disk.limit * 2)  # a slow fsync: fsyncs to threads for a while
         await disk.run(lambda: None)
         await cache.run(lambda: None)
-        got = samples()
-        assert got[("qkdagent_blocking_calls_total", (("kind", "disk"), ("where", "loop")))] == 3
-        assert got[("qkdagent_blocking_calls_total", (("kind", "disk"), ("where", "thread")))] == 1
-        assert got[("qkdagent_blocking_calls_total", (("kind", "cache"), ("where", "loop")))] == 1
-        assert got[("qkdagent_blocking_call_cooldowns_total", (("kind", "disk"),))] == 1
-        assert got[("qkdagent_blocking_call_cooldowns_total", (("kind", "cache"),))] == 0
-        cache.measured(cache.stall * 2)  # a stall: every kind's cooldown starts (again)
-        got = samples()
-        assert got[("qkdagent_blocking_call_cooldowns_total", (("kind", "disk"),))] == 2
-        assert got[("qkdagent_blocking_call_cooldowns_total", (("kind", "cache"),))] == 1
+        assert (calls(DISK, "loop"), calls(DISK, "thread")) == (3, 1)
+        assert (calls(CACHE, "loop"), calls(CACHE, "thread")) == (1, 0)
+        assert (cooldowns(DISK), cooldowns(CACHE)) == (1, 0)
+        cache.measured(cache.stall * 2)  # a stall: every kind to threads; the fsyncs were
+        assert (cooldowns(DISK), cooldowns(CACHE)) == (1, 1)
+        cache.measured(cache.stall * 2)  # already there: no cooldown started
+        assert (cooldowns(DISK), cooldowns(CACHE)) == (1, 1)
 
-    trio.run(calls)
+    trio.run(run)

@@ -465,15 +465,16 @@ def procs_once(args: argparse.Namespace) -> dict[str, Any]:
             epochs0 = sum(x["epoch"] for x in first)
             failures0 = sum(x["failures"] for x in first)
             metrics_urls = {n: u.replace("/status", "/metrics") for n, u in status_urls.items()}
-            batched0 = _batched(metrics_urls["bob"])
-            blocking0 = {n: _blocking(u) for n, u in metrics_urls.items()}
+            scraped0 = {n: httpx.get(u, timeout=60).text for n, u in metrics_urls.items()}
             cpu0 = {n: proc_cpu_split(p.pid) for n, p in procs.items()}
             t0 = time.monotonic()
             time.sleep(args.seconds)
             cpu1 = {n: proc_cpu_split(p.pid) for n, p in procs.items()}
             t1 = time.monotonic()
-            batched1 = _batched(metrics_urls["bob"])
-            blocking1 = {n: _blocking(u) for n, u in metrics_urls.items()}
+            scraped1 = {n: httpx.get(u, timeout=60).text for n, u in metrics_urls.items()}
+            batched0, batched1 = _batched(scraped0["bob"]), _batched(scraped1["bob"])
+            blocking0 = {n: _blocking(text) for n, text in scraped0.items()}
+            blocking1 = {n: _blocking(text) for n, text in scraped1.items()}
             mem = {n: proc_mem_mb(p.pid) for n, p in procs.items()}
             final = {n: _status(u)["links"] for n, u in status_urls.items()}
         finally:
@@ -506,26 +507,26 @@ def procs_once(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _batched(url: str) -> tuple[float, float]:
+def _batched(metrics: str) -> tuple[float, float]:
     """Batches and the requests they carried, received so far (the responder's metrics)."""
     found = {"batches": 0.0, "batched": 0.0}
     names = {
         "qkdagent_peer_batches_received_total": "batches",
         "qkdagent_peer_batched_requests_received_total": "batched",
     }
-    for line in httpx.get(url, timeout=60).text.splitlines():
+    for line in metrics.splitlines():
         name, _, value = line.partition(" ")
         if name in names:
             found[names[name]] = float(value)
     return found["batches"], found["batched"]
 
 
-def _blocking(url: str) -> tuple[float, float, float]:
-    """An agent's short blocking calls so far: on the event loop, on threads, and cooldowns
-    started (`inline.loop_gate`; each hop to a thread costs CPU: the figures of a run move
-    with them)."""
+def _blocking(metrics: str) -> tuple[float, float, float]:
+    """An agent's short blocking calls so far (`inline.loop_gate`, every kind): on the event
+    loop, on threads, and cooldowns that sent a kind to threads (each hop to a thread costs
+    CPU: a run's figures move with them)."""
     found = {"loop": 0.0, "thread": 0.0, "cooldowns": 0.0}
-    for line in httpx.get(url, timeout=60).text.splitlines():
+    for line in metrics.splitlines():
         name, _, value = line.rpartition(" ")
         if name.startswith("qkdagent_blocking_calls_total{"):
             found["thread" if 'where="thread"' in name else "loop"] += float(value)
@@ -587,9 +588,9 @@ def cmd_procs(args: argparse.Namespace) -> None:
     for name in ("alice", "bob"):
         on_loop, on_threads, cooldowns = ([r["blocking"][name][i] for r in runs] for i in range(3))
         print(
-            f"  {name:<5} blocking calls (fsyncs, file writes) on threads "
-            f"{_spread(on_threads, '.0f')}, on the event loop {_spread(on_loop, '.0f')}, "
-            f"cooldowns {_spread(cooldowns, '.0f')} (a hop to a thread costs CPU)"
+            f"  {name:<5} blocking calls (commits, file writes) on threads "
+            f"{_spread(on_threads, '.0f')}, on the event loop {_spread(on_loop, '.0f')}; "
+            f"cooldowns of a kind {_spread(cooldowns, '.0f')} (a hop to a thread costs CPU)"
         )
     batches = sum(r["batches"] for r in runs)
     print(
