@@ -198,10 +198,10 @@ class _BlockingCalls(Collector):
             "to worker threads",
             labels=["kind"],
         )
-        for kind, (on_loop, on_threads, backoffs) in sorted(loop_gate_counts().items()):
+        for kind, (on_loop, on_threads, cooled) in sorted(loop_gate_counts().items()):
             calls.add_metric([kind, "loop"], on_loop)
             calls.add_metric([kind, "thread"], on_threads)
-            cooldowns.add_metric([kind], backoffs)
+            cooldowns.add_metric([kind], cooled)
         yield calls
         yield cooldowns
 

@@ -48,6 +48,8 @@ from typing import Any
 
 import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from qkdagent.agent import Agent
 from qkdagent.config import parse_config
@@ -507,18 +509,20 @@ def procs_once(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _samples(metrics: str, prefix: str) -> list[Sample]:
+    """The samples of an agent's `/metrics` text whose names start with `prefix` (only those
+    lines parsed: at 10,000 links the text holds every link's samples)."""
+    lines = "\n".join(line for line in metrics.splitlines() if line.startswith(prefix))
+    return [s for family in text_string_to_metric_families(lines) for s in family.samples]
+
+
 def _batched(metrics: str) -> tuple[float, float]:
     """Batches and the requests they carried, received so far (the responder's metrics)."""
-    found = {"batches": 0.0, "batched": 0.0}
-    names = {
-        "qkdagent_peer_batches_received_total": "batches",
-        "qkdagent_peer_batched_requests_received_total": "batched",
-    }
-    for line in metrics.splitlines():
-        name, _, value = line.partition(" ")
-        if name in names:
-            found[names[name]] = float(value)
-    return found["batches"], found["batched"]
+    found = {s.name: s.value for s in _samples(metrics, "qkdagent_peer_batche")}
+    return (
+        found.get("qkdagent_peer_batches_received_total", 0.0),
+        found.get("qkdagent_peer_batched_requests_received_total", 0.0),
+    )
 
 
 def _blocking(metrics: str) -> tuple[float, float, float]:
@@ -526,12 +530,11 @@ def _blocking(metrics: str) -> tuple[float, float, float]:
     loop, on threads, and cooldowns that sent a kind to threads (each hop to a thread costs
     CPU: a run's figures move with them)."""
     found = {"loop": 0.0, "thread": 0.0, "cooldowns": 0.0}
-    for line in metrics.splitlines():
-        name, _, value = line.rpartition(" ")
-        if name.startswith("qkdagent_blocking_calls_total{"):
-            found["thread" if 'where="thread"' in name else "loop"] += float(value)
-        elif name.startswith("qkdagent_blocking_call_cooldowns_total{"):
-            found["cooldowns"] += float(value)
+    for s in _samples(metrics, "qkdagent_blocking_call"):
+        if s.name == "qkdagent_blocking_calls_total":
+            found[s.labels["where"]] += s.value
+        elif s.name == "qkdagent_blocking_call_cooldowns_total":
+            found["cooldowns"] += s.value
     return found["loop"], found["thread"], found["cooldowns"]
 
 
