@@ -11,12 +11,14 @@ rare and short, so the gate watches the calls:
 - a call over `limit` on the loop (a slow fsync, say one queued behind the agent's own
   checkpoint) sends the following calls of its kind to threads for `first_cooldown` if no
   call of its kind was slow on the loop, and no call of any kind stalled, in the last `quiet`
-  seconds; else for `cooldown`. One slow call among fast ones costs a second of thread hops,
-  not half a minute of them (at 10,000 links, one 10.4 ms commit at the start of a round sent
-  the whole round's disk calls, about 10,000, to threads); a second one within the minute is
-  a slow disk, and gets a stall's cooldown. At the defaults, slow calls block the loop at most
-  three times in any 60 s per kind (at 0, 1 and 31 s), against two with the whole cooldown
-  every time, and once per `cooldown` while the disk stays slow. What that costs: a disk that
+  seconds; else for twice the length of its kind's last cooldown, up to `cooldown` (after a
+  stall, `cooldown` at once). A slow spell costs seconds of thread hops, not half a minute of
+  them: each hop costs more CPU than the call (0.2-0.4 ms here, two cross-CPU wake-ups), and
+  at 10,000 links a second slow commit within the minute (10-35 ms, as the round's burst of
+  commits met a checkpoint on the same disk) sent the next 30 s of calls, 7,000-18,000 of
+  them, to threads, a quarter more CPU per rotation for that round. At the defaults, slow calls
+  block the loop at most six times in any 60 s per kind (at 0, 1, 3, 7, 15 and 31 s), and then
+  once per `cooldown` while the disk stays slow, as a stall does. What that costs: a disk that
   is slow once and then stalls holds the loop in its first stall 1 s after the slow call, not
   30 s (once per quiet minute; from then on, once per `cooldown`, as before). A slow call on a
   thread changes nothing (below);
@@ -57,10 +59,11 @@ LIMIT = 0.01
 """Seconds a call may take and still be run on the event loop next time."""
 COOLDOWN = 30.0
 """Seconds calls stay on worker threads after a stall (a call over STALL), and the longest they
-stay after slow calls (over LIMIT)."""
+stay after a slow call (over LIMIT)."""
 FIRST_COOLDOWN = 1.0
 """Seconds calls of a kind stay on worker threads after a slow call (over LIMIT, not a stall)
-that is the first slow call or stall in QUIET seconds."""
+that is the first slow call or stall in QUIET seconds; each slow call within QUIET of the last
+doubles the previous length, up to COOLDOWN."""
 QUIET = 60.0
 """Seconds without a slow call or stall after which a slow call counts as a one-off."""
 BUDGET = 0.1
@@ -145,6 +148,9 @@ class InlineGate:
         self._clock = clock
         self._slow_at = -math.inf
         """When the last slow call or stall was recorded."""
+        self._next_cooldown = first_cooldown
+        """How long a slow call within `quiet` of the last slow call or stall sends this kind
+        to threads: twice the last slow call's, or `cooldown` after a stall."""
         self._threaded_until = -1.0
         self._second = -1.0
         """Start of the current one-second window of the budget."""
@@ -182,16 +188,21 @@ class InlineGate:
             self._slow()
 
     def _slow(self) -> None:
-        """A slow call on the loop: this kind to threads, briefly if it is a one-off."""
+        """A slow call on the loop: this kind to threads, briefly if it is a one-off, for
+        longer the more slow calls follow each other (a slow spell costs seconds of hops,
+        a disk that stays slow gets the whole cooldown)."""
         now = self._clock()
         one_off = now - self._slow_at > self.quiet
-        self._backed_off(now, min(self.first_cooldown, self.cooldown) if one_off else self.cooldown)
+        length = min(self.first_cooldown if one_off else self._next_cooldown, self.cooldown)
+        self._next_cooldown = min(2 * length, self.cooldown)
+        self._backed_off(now, length)
 
     def _cool_down(self, gates: list[InlineGate]) -> None:
         """A stall: `gates` to threads for the whole `cooldown` (and a slow call within
-        `quiet` of it is no one-off)."""
+        `quiet` of it is no one-off: it takes the whole cooldown too)."""
         now = self._clock()
         for gate in gates:
+            gate._next_cooldown = gate.cooldown
             gate._backed_off(now, gate.cooldown)
 
     def _backed_off(self, now: float, length: float) -> None:
