@@ -9,14 +9,14 @@ rare and short, so the gate watches the calls:
   calls of every kind to worker threads for `cooldown` seconds, after which the loop is tried
   again: a disk that stalls keeps them on threads, blocking the loop once per cooldown at most;
 - a call over `limit` on the loop (a slow fsync, say one queued behind the agent's own
-  checkpoint) sends the following calls of its kind to threads for `first_cooldown` if no
-  call of its kind was slow on the loop, and no call of any kind stalled, in the last `quiet`
+  checkpoint) sends the following calls of its kind to threads for `first_cooldown` if no call
+  of its kind was slow on the loop, and no call of any kind stalled, in the last `quiet`
   seconds; else for twice the length of its kind's last cooldown, up to `cooldown` (after a
   stall, `cooldown` at once). A slow spell costs seconds of thread hops, not half a minute of
-  them: each hop costs more CPU than the call (0.2-0.4 ms here, two cross-CPU wake-ups), and
-  at 10,000 links a second slow commit within the minute (10-35 ms, as the round's burst of
-  commits met a checkpoint on the same disk) sent the next 30 s of calls, 7,000-18,000 of
-  them, to threads, a quarter more CPU per rotation for that round. At the defaults, slow calls
+  them: each hop costs more CPU than the call (0.2-0.4 ms on this VM, mostly its two wake-ups),
+  and at 10,000 links a second slow commit within the minute (10-35 ms, as the round's burst of
+  commits met a checkpoint on the same disk) sent the next 30 s of calls, 7,000-18,000 of them,
+  to threads: 0.1-0.3 ms more CPU per rotation (of 1.0-1.5 ms). At the defaults, slow calls
   block the loop at most six times in any 60 s per kind (at 0, 1, 3, 7, 15 and 31 s), and then
   once per `cooldown` while the disk stays slow, as a stall does. What that costs: a disk that
   is slow once and then stalls holds the loop in its first stall 1 s after the slow call, not
