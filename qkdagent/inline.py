@@ -1,7 +1,7 @@
 """When a short blocking call (an SQLite commit, a small file rename) may run on the event loop.
 
-A hop to a worker thread and back costs 0.3-0.5 ms of wall time and about as much CPU when the
-thread was idle (two cold wake-ups), more than the call itself on a fast disk: on the rotation
+A hop to a worker thread and back costs 0.3-0.5 ms of wall time and 0.2-0.4 ms of CPU on this
+VM (two wake-ups, mostly across CPUs), more than the call itself on a fast disk: on the rotation
 path that was a third of the latency. Blocking the loop is only acceptable while it stays
 rare and short, so the gate watches the calls:
 
@@ -13,15 +13,18 @@ rare and short, so the gate watches the calls:
   of its kind was slow on the loop, and no call of any kind stalled, in the last `quiet`
   seconds; else for twice the length of its kind's last cooldown, up to `cooldown` (after a
   stall, `cooldown` at once). A slow spell costs seconds of thread hops, not half a minute of
-  them: each hop costs more CPU than the call (0.2-0.4 ms on this VM, mostly its two wake-ups),
-  and at 10,000 links a second slow commit within the minute (10-35 ms, as the round's burst of
-  commits met a checkpoint on the same disk) sent the next 30 s of calls, 7,000-18,000 of them,
-  to threads: 0.1-0.3 ms more CPU per rotation (of 1.0-1.5 ms). At the defaults, slow calls
-  block the loop at most six times in any 60 s per kind (at 0, 1, 3, 7, 15 and 31 s), and then
-  once per `cooldown` while the disk stays slow, as a stall does. What that costs: a disk that
-  is slow once and then stalls holds the loop in its first stall 1 s after the slow call, not
-  30 s (once per quiet minute; from then on, once per `cooldown`, as before). A slow call on a
-  thread changes nothing (below);
+  them: at 10,000 links a second slow commit within the minute (10-35 ms, as the round's burst
+  of commits met a checkpoint on the same disk) sent the next 30 s of calls, 7,000-18,000 of
+  them, to threads, for 0.1-0.3 ms more CPU per rotation (of 1.0-1.5 ms). What that costs: at
+  the defaults, slow calls block the loop at most six times in any 60 s per kind (at 0, 1, 3, 7,
+  15 and 31 s; twelve for the two kinds), against three with the whole cooldown from the second;
+  a spell that comes back after a quiet minute starts again from `first_cooldown`, so spells a
+  minute and a half apart block it six times each (about 240 times an hour per kind, against
+  120), while a disk that stays slow blocks it once per `cooldown`, as before. Each such call is
+  under `stall`, and the budget (below) still bounds the time blocked. A disk that is slow a few
+  times and then stalls holds the loop in that stall 1, 3, 7 or 15 s after its first slow
+  call, where the whole cooldown from the second held it off until 31 s; from then on, once
+  per `cooldown`. A slow call on a thread changes nothing (below);
 - the calls run on the loop may block it for at most `budget` of every second; past that, the
   rest of the second's calls go to threads (where concurrent commits share a transaction).
 
@@ -194,7 +197,8 @@ class InlineGate:
         now = self._clock()
         one_off = now - self._slow_at > self.quiet
         length = min(self.first_cooldown if one_off else self._next_cooldown, self.cooldown)
-        self._next_cooldown = min(2 * length, self.cooldown)
+        # doubled up to the whole cooldown (which a one-off of no length goes to at once)
+        self._next_cooldown = min(2 * length, self.cooldown) if length > 0 else self.cooldown
         self._backed_off(now, length)
 
     def _cool_down(self, gates: list[InlineGate]) -> None:

@@ -104,6 +104,45 @@ def test_each_slow_call_within_the_quiet_spell_of_another_doubles_the_cooldown()
     assert threaded_for(gate, clock) == 2
 
 
+def test_the_doubling_stops_at_the_whole_cooldown_and_is_kept_per_kind() -> None:
+    clock = Clock()
+    disk, cache = gate_on(clock, cooldown=20), gate_on(clock)
+    cache.join(disk)
+    lengths = []
+    for _ in range(7):
+        disk.measured(0.02)
+        lengths.append(threaded_for(disk, clock))
+        clock.now += 21
+    assert lengths == [1, 2, 4, 8, 16, 20, 20]
+    cache.measured(0.02)  # the disk's slow spell says nothing of the page cache
+    assert threaded_for(cache, clock) == 1
+    clock.now += 2
+    cache.measured(0.02)
+    assert threaded_for(cache, clock) == 2
+    for _ in range(4):  # the disk slow again and again, the page cache quiet for a minute
+        clock.now += 16
+        disk.measured(0.02)
+    cache.measured(0.02)  # a one-off for its kind
+    assert threaded_for(cache, clock) == 1
+
+
+def test_with_no_first_cooldown_the_second_slow_call_takes_the_whole_cooldown() -> None:
+    clock = Clock()
+    gate = gate_on(clock, first_cooldown=0)
+    gate.measured(0.02)
+    assert gate.inline()
+    gate.measured(0.02)
+    assert threaded_for(gate, clock) == 30
+
+
+def test_each_slow_spell_after_a_quiet_minute_starts_again_from_the_first_cooldown() -> None:
+    """Spells of slow calls 92 s apart (32 slow seconds, then a quiet minute): each blocks the
+    loop six times, at the same offsets from its start."""
+    blocked = blocked_by(0.1, lambda t: t % 92 < 32, 92 * 5)
+    spells = [[round(t - 92 * n) for t in blocked if 92 * n <= t < 92 * (n + 1)] for n in range(5)]
+    assert spells == [[0, 1, 3, 7, 15, 31]] * 5
+
+
 def blocked_by(spacing: float, slow: Callable[[float], bool], seconds: float = 600) -> list[float]:
     """The times (since the first call) at which slow calls blocked the loop: a call every
     `spacing` seconds, slow where `slow(t)`, each made on the loop when the gate lets it."""
@@ -152,6 +191,8 @@ def test_a_stall_sends_every_kind_to_threads_for_the_whole_cooldown_and_counts_a
     clock.now += 45  # both cooldowns over: a slow call of either kind is no one-off
     cache.measured(0.05)
     assert threaded_for(cache, clock) == 40
+    disk.measured(0.05)  # the stalled kind's too: the whole cooldown, not a doubled second
+    assert threaded_for(disk, clock) == 30
 
 
 async def test_a_threaded_call_that_is_fast_again_does_not_extend_the_cooldown() -> None:
