@@ -1,9 +1,10 @@
 """When a short blocking call (an SQLite commit, a small file rename) may run on the event loop.
 
-A hop to a worker thread and back costs 0.3-0.5 ms of wall time and 0.2-0.4 ms of CPU on this
-VM (two wake-ups, mostly across CPUs), more than the call itself on a fast disk: on the rotation
-path that was a third of the latency. Blocking the loop is only acceptable while it stays
-rare and short, so the gate watches the calls:
+A hop to a worker thread and back costs 0.3-0.5 ms of wall time and 0.2-0.35 ms of CPU on this
+VM (two wake-ups; 0.13-0.2 ms with both threads on one CPU:
+`contrib/bench/bench_thread_hop.py`), more than the call itself on a fast disk: on the rotation
+path that was a third of the latency. Blocking the loop is only acceptable while it stays rare
+and short, so the gate watches the calls:
 
 - a call over `stall` (a disk in real trouble), on the loop or on a thread, sends the following
   calls of every kind to worker threads for `cooldown` seconds, after which the loop is tried
