@@ -14,7 +14,7 @@ and short, so the gate watches the calls:
   of its kind was slow on the loop, and no call of any kind stalled, in the last `quiet`
   seconds; else for twice the length of its kind's last cooldown, up to `cooldown` (after a
   stall, `cooldown` at once). A slow spell costs seconds of thread hops, not half a minute of
-  them: at 10,000 links a second slow commit within the minute (10-35 ms, as the round's burst
+  them: at 10,000 links a second slow commit within the minute (10-63 ms, as the round's burst
   of commits met a checkpoint on the same disk) sent the next 30 s of calls, 7,000-18,000 of
   them, to threads, for 0.1-0.3 ms more CPU per rotation (of 1.0-1.5 ms). What that costs: at
   the defaults, slow calls block the loop at most six times in any 60 s per kind (at 0, 1, 3, 7,
