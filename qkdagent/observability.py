@@ -178,12 +178,13 @@ class Metrics:
 
 class _BlockingCalls(Collector):
     """Where the blocking calls the event loop may run itself went (`inline.loop_gate`: the
-    state's commits, non-durable file sink writes, keydir files), read at each scrape. They
-    go to threads after a slow call or a stall (a cooldown) and once the loop has spent the
-    second's budget in them; cooldowns mean a disk slow at times; each hop to a thread costs
-    CPU (0.3-0.6 ms on this project's VM). Writes that always run on threads (checkpoints,
-    durable sink writes, deferred fsyncs) are not counted. The figures are the event loop's,
-    shared by the agents on it (one per `qkdagent run` process)."""
+    state's commits, non-durable file sink writes, keydir files), read at each scrape. They go
+    to threads after a slow call or a stall (a cooldown) and once the loop has spent the
+    second's budget in them; cooldowns mean a disk slow at times; each hop to a thread costs CPU
+    (0.2-0.35 ms on this project's VM: `contrib/bench/bench_thread_hop.py`). Writes that always
+    run on threads (checkpoints, durable sink writes, deferred fsyncs) are not counted. The
+    figures are the event loop's, shared by the agents on it (one per `qkdagent run`
+    process)."""
 
     def collect(self) -> Iterator[Metric]:
         calls = CounterMetricFamily(

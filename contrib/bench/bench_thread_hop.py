@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sqlite3
 import statistics
 import tempfile
@@ -27,16 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import trio
+from bench_core import cpu  # this directory: the script's own, first on sys.path
 
 SLICE = 0.0001
 """Seconds of CPU each burst of the loop's background work takes."""
 BURNERS = 20
 """Tasks sharing the background work (an agent's loop runs many short task steps)."""
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 class Commits:
@@ -103,12 +98,12 @@ async def measure(
         for _ in range(BURNERS):
             background.start_soon(burn, load)
         await trio.sleep(1)  # the background settled, the thread cache warm from the last run
-        cpu0 = cpu_seconds()
+        cpu0 = cpu()
         end = trio.current_time() + seconds
         async with trio.open_nursery() as calls:
             for _ in range(callers):
                 calls.start_soon(caller, end)
-        cpu1 = cpu_seconds()
+        cpu1 = cpu()
         background.cancel_scope.cancel()
     return (cpu1 - cpu0) / max(done, 1)
 
