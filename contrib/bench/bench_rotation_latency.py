@@ -2,7 +2,7 @@
 
     python contrib/bench/bench_rotation_latency.py [--rotations 200] [--rate 1] [--repeat 1]
         [--skip-inproc] [--links 10000 --scale-seconds 120 --scale-interval 120]
-        [--profile DIR] [--strace]
+        [--profile DIR] [--strace] [--keep-logs DIR]
     python contrib/bench/bench_rotation_latency.py flame DIR/*.txt    # summarise py-spy raw output
 
 What one run measures, on loopback (with `--repeat`, every other run measures (b) before (a),
@@ -28,8 +28,11 @@ it after its install; the responder acknowledges the commit once committed and i
 after, so its line may come last). The reference: `/rotate` to its own file written, after
 `/ack` was answered, i.e. after the responder wrote. Rotations are `--rate` per second; the
 first `--warmup` are not measured. CPU is utime+stime from /proc/PID/stat over the measured
-rotations, per process; RSS is VmHWM (peak) and VmRSS at the end. Prints figures; asserts only
-that both sides of each system ended on the same PSK file.
+rotations, per process; RSS is VmHWM (peak) and VmRSS at the end. Under (b)'s figures, its three
+slowest rotations with each side's own part (the initiator's rotation, the responder's commit to
+install): which side a slow one lost its time on. `--keep-logs DIR` copies the logs of every
+system (no state or key files) into DIR, also when the bench fails. Prints figures; asserts
+only that both sides of each system ended on the same PSK file.
 
 `--profile DIR` attaches `py-spy record --format raw` (1000 Hz, non-blocking) to both qkdagent
 agents over (b)'s measured window (and (d)'s, with `--links`), then prints the flame summary;
@@ -355,17 +358,29 @@ def _agent_line(line: str) -> tuple[int, float, float] | None:
         return None
 
 
-def both_installed(initiator: list[tuple[int, float, float]], responder_log: Path) -> list[float]:
-    """Milliseconds from each initiator rotation's start to the later side's install."""
-    ends = {}
+def both_installed(
+    initiator: list[tuple[int, float, float]], responder_log: Path
+) -> tuple[list[float], list[tuple[float, int, float, float]]]:
+    """Milliseconds from each initiator rotation's start to the later side's install; and per
+    rotation (that figure, its epoch, the initiator's own rotation, the responder's commit to
+    install), slowest first: which side a slow rotation's time went to."""
+    sides = {}
     for line in LogTail(responder_log).lines():
         parsed = _agent_line(line)
         if parsed is not None:
-            ends[parsed[0]] = parsed[2]
-    missing = [epoch for epoch, _, _ in initiator if epoch not in ends]
+            sides[parsed[0]] = parsed
+    missing = [epoch for epoch, _, _ in initiator if epoch not in sides]
     if missing:
         raise SystemExit(f"bench: the responder logged no commit of epoch(s) {missing[:5]}")
-    return [1000 * (max(end, ends[epoch]) - start) for epoch, start, end in initiator]
+    durations, detail = [], []
+    for epoch, start, end in initiator:
+        _, responder_start, responder_end = sides[epoch]
+        total = 1000 * (max(end, responder_end) - start)
+        durations.append(total)
+        detail.append(
+            (total, epoch, 1000 * (end - start), 1000 * (responder_end - responder_start))
+        )
+    return durations, sorted(detail, reverse=True)
 
 
 def start_agents(d: Path, paths: dict[str, Path]) -> dict[str, subprocess.Popen[bytes]]:
@@ -402,10 +417,34 @@ def run_qkdagent(
         stop(procs["alice"])  # the initiator first: its last commit reaches the responder
     finally:
         stop_agents(procs)
-    result["durations"] = both_installed(result["durations"], d / "bob.log")
+    result["durations"], result["slowest"] = both_installed(result["durations"], d / "bob.log")
     psk = "psk/alice-bob.psk"
     result["same_psk"] = same_file(d / "alice" / psk, d / "bob" / psk)
     return result
+
+
+def slowest_line(slowest: list[tuple[float, int, float, float]], count: int = 3) -> str:
+    """(b)'s slowest rotations, and which side their time went to."""
+    parts = [
+        f"epoch {epoch} {total:.1f} ms (initiator {mine:.1f}, responder's commit to install "
+        f"{theirs:.1f})"
+        for total, epoch, mine, theirs in slowest[:count]
+    ]
+    return "      slowest: " + "; ".join(parts)
+
+
+def keep_logs(source: Path, destination: Path) -> None:
+    """Copy a run's logs (`--keep-logs`): the agents', the reference's and the simulator's,
+    which name key IDs and never key bytes. Nothing else: state files and PSK files hold keys."""
+    logs = [
+        path
+        for path in source.rglob("*")
+        if path.suffix in (".log", ".jsonl") and path.is_file() and not path.is_symlink()
+    ]  # listed before copying: DIR may lie under the source
+    for path in logs:
+        target = destination / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
 
 
 def same_file(a: Path, b: Path) -> bool:
@@ -734,7 +773,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-rotation-", dir=args.tmp) as tmp_name:
         tmp = Path(tmp_name)
-        with kme_sim(tmp) as (kme, pki, urls):
+        with contextlib.ExitStack() as finally_keep:
+            if args.keep_logs:  # (also when the bench fails: then the logs say the most)
+                finally_keep.callback(keep_logs, tmp, args.keep_logs)
+            kme, pki, urls = finally_keep.enter_context(kme_sim(tmp))
             for i in range(args.repeat):
                 run_dir = tmp / f"run{i}"
                 run_dir.mkdir()
@@ -754,6 +796,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 print(*cpu_lines(ref), sep="\n")
                 print(line_for("(b) qkdagent, 2 processes, etsi014", qka))
                 print(*cpu_lines(qka), sep="\n")
+                print(slowest_line(qka["slowest"]))
                 ratio50 = pct(qka["durations"], 50) / pct(ref["durations"], 50)
                 ratio99 = pct(qka["durations"], 99) / pct(ref["durations"], 99)
                 target99 = pct(qka["durations"], 99) / pct(ref["durations"], 50)
@@ -855,6 +898,9 @@ def main() -> None:
     parser.add_argument("--strace", action="store_true", help="count syscalls over (b)")
     parser.add_argument("--perf", type=Path, help="perf record (b)'s agents into DIR")
     parser.add_argument("--tmp", default=None, help="directory for temp files")
+    parser.add_argument(
+        "--keep-logs", type=Path, help="copy each run's logs into DIR (the rest is removed)"
+    )
     args = parser.parse_args()
     if args.tmp is None:
         args.tmp = tempfile.gettempdir()
