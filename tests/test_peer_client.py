@@ -4,6 +4,7 @@ server's certificate is reported for the link to check (issue 11, defects 3, 5 a
 
 from __future__ import annotations
 
+import collections
 from functools import partial
 from pathlib import Path
 
@@ -396,5 +397,155 @@ async def test_a_reply_followed_by_another_in_the_tls_buffer_is_not_reused(
         assert (await client.request("GET", url, "/one", limit=100)).body == b"first"
         assert (await client.request("GET", url, "/two", limit=100)).body == b"late"
         assert connections == 2
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def _held_server(
+    tmp_path: Path, nursery: trio.Nursery, handshake: trio.Event | None = None
+) -> tuple[str, dict, trio.Event]:
+    """Keeps connections alive; answers each request only once `release` is set (and starts
+    TLS only once `handshake` is, if given); counts the connections made and the most open at
+    once; `seen["reached"][n]` is set once n requests wait for their answer, `seen["accepted"]`
+    at the first connection."""
+    context = server_ssl_context(_tls(tmp_path, "bob"))
+    reached: collections.defaultdict[int, trio.Event] = collections.defaultdict(trio.Event)
+    seen = {"connections": 0, "open": 0, "most_open": 0, "waiting": 0, "requests": 0}
+    seen["reached"] = reached
+    seen["accepted"] = trio.Event()
+    release = trio.Event()
+
+    async def handle(stream: trio.SSLStream) -> None:
+        seen["connections"] += 1
+        seen["open"] += 1
+        seen["most_open"] = max(seen["most_open"], seen["open"])
+        seen["accepted"].set()
+        data = b""
+        try:
+            if handshake is not None:
+                await handshake.wait()
+            await stream.do_handshake()
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = await stream.receive_some(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                _, _, data = data.partition(b"\r\n\r\n")  # (GETs: no body)
+                seen["requests"] += 1
+                seen["waiting"] += 1
+                reached[seen["waiting"]].set()
+                await release.wait()
+                seen["waiting"] -= 1
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            seen["open"] -= 1
+
+    listeners = await nursery.start(
+        partial(trio.serve_ssl_over_tcp, handle, 0, context, host="127.0.0.1")
+    )
+    port = listeners[0].transport_listener.socket.getsockname()[1]
+    return f"https://127.0.0.1:{port}", seen, release
+
+
+async def test_requests_past_the_connection_bound_wait_for_a_kept_connection(
+    tmp_path: Path,
+) -> None:
+    """`max_per_origin`: with two connections allowed, five requests at once open two; the
+    other three wait (nothing sent, no connection opened) and then go, in turn, on the two
+    kept ones: the server never sees a third connection (a KME counting its clients'), and a
+    burst costs no handshakes beyond the bound (issue 18)."""
+    from qkdagent import HttpClient
+    from qkdagent.peering import client_ssl_context
+
+    async with trio.open_nursery() as nursery:
+        url, seen, release = await _held_server(tmp_path, nursery)
+        client = HttpClient(
+            client_ssl_context(_tls(tmp_path, "alice")), max_per_origin=2, max_idle_per_origin=2
+        )
+        statuses: list[int] = []
+
+        async def get(path: str) -> None:
+            statuses.append((await client.request("GET", url, path, limit=100)).status)
+
+        async with trio.open_nursery() as requests:
+            for i in range(5):
+                requests.start_soon(get, f"/{i}")
+            await seen["reached"][2].wait()
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen["connections"] == 2 and seen["waiting"] == 2  # three wait in the client
+            release.set()
+        assert statuses == [200] * 5
+        assert seen["connections"] == 2 and seen["most_open"] == 2 and seen["requests"] == 5
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_cancelled_while_waiting_for_a_connection_takes_none(
+    tmp_path: Path,
+) -> None:
+    """A request cancelled while it waits for a connection leaves the bound as it was: once
+    the one under way ends, the next request goes on its kept connection, and no warm-up
+    opens a connection past the bound meanwhile."""
+    from qkdagent import HttpClient
+    from qkdagent.peering import client_ssl_context
+
+    async with trio.open_nursery() as nursery:
+        url, seen, release = await _held_server(tmp_path, nursery)
+        client = HttpClient(
+            client_ssl_context(_tls(tmp_path, "alice")), max_per_origin=1, max_idle_per_origin=1
+        )
+        async with trio.open_nursery() as requests:
+            requests.start_soon(partial(client.request, "GET", url, "/held", limit=100))
+            await seen["reached"][1].wait()
+            with trio.move_on_after(0.2) as waited:
+                await client.request("GET", url, "/cancelled", limit=100)
+            assert waited.cancelled_caught
+            assert not await client.warm(url)  # the one allowed is in use: none made ahead
+            assert seen["connections"] == 1
+            release.set()
+        reply = await client.request("GET", url, "/after", limit=100)
+        assert reply.status == 200
+        assert seen["connections"] == 1 and seen["requests"] == 2  # /held and /after only
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def test_the_connection_bound_is_at_least_one() -> None:
+    from qkdagent import HttpClient
+
+    with pytest.raises(ValueError, match="at least 1"):
+        HttpClient(None, plain_http=True, max_per_origin=0)
+
+
+async def test_a_request_while_a_connection_is_made_ahead_waits_for_it(tmp_path: Path) -> None:
+    """`warm` counts against the bound while it connects: with one connection allowed, a
+    request that comes meanwhile waits for it and goes on it, and opens none of its own."""
+    from qkdagent import HttpClient
+    from qkdagent.peering import client_ssl_context
+
+    handshake = trio.Event()
+    async with trio.open_nursery() as nursery:
+        url, seen, release = await _held_server(tmp_path, nursery, handshake)
+        release.set()
+        client = HttpClient(
+            client_ssl_context(_tls(tmp_path, "alice")), max_per_origin=1, max_idle_per_origin=1
+        )
+        warmed: list[bool] = []
+
+        async def warm() -> None:
+            warmed.append(await client.warm(url))
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(warm)
+            await seen["accepted"].wait()  # the warm-up's connection, held before TLS
+            inner.start_soon(partial(client.request, "GET", url, "/meanwhile", limit=100))
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen["connections"] == 1  # the request waits: it opened none
+            handshake.set()
+        assert warmed == [True]
+        assert seen["connections"] == 1 and seen["requests"] == 1
         await client.aclose()
         nursery.cancel_scope.cancel()

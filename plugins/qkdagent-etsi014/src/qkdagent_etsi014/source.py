@@ -177,6 +177,8 @@ class Etsi014Source(Source):
         self.retry_backoff: float = options.number("retry_backoff", 0.05, positive=True, max=60)
         self.max_backoff: float = options.number("max_backoff", 1.0, positive=True, max=600)
         self.keepalive_expiry: float = options.number("keepalive_expiry", 4.0, min=0, max=3600)
+        self.max_connections: int = options.integer("max_connections", 8, min=1, max=256)
+        """Most connections to the KME at once (calls past it wait for one), all kept alive."""
         self.limits: dict[str, wire.KmeStatus] = {}
         """Get status answers per peer SAE ID (filled by prepare())."""
         self._client: KmeHttp | None = None
@@ -277,7 +279,9 @@ class Etsi014Source(Source):
                 plain_http=self.plain,
                 headers=(("user-agent", "qkdagent-etsi014"),),
                 idle_expiry=self.keepalive_expiry,
-                max_idle_per_origin=4,
+                # as many kept as may be open: a burst of calls reuses them, no handshakes
+                max_idle_per_origin=self.max_connections,
+                max_per_origin=self.max_connections,
                 connect_timeout=self.connect_timeout,
                 # a KME call takes a key: one that may have been executed is never resent
                 resend_unanswered=False,
