@@ -150,17 +150,18 @@ class H1Client:
         self.idle_expiry = idle_expiry
         self.max_idle = max_idle_per_origin
         self.max_per_origin = max_per_origin
-        """Most requests (each on its own connection) under way to one origin at once, and so
-        most connections open to it (a request takes a kept one if there is one); a request
-        past it waits, first come first served, for one to end. None: no bound (the peer
+        """Most requests (each on its own connection) under way to one origin (a base URL:
+        scheme, host, port and path) at once, and so most connections open to it (a request
+        takes a kept one if there is one); a request past it waits, first come first served,
+        for one to end (`request`'s `wait_timeout` bounds the wait). None: no bound (the peer
         client's batches bound its requests). A server that counts its clients' connections (a
         KME) sees no more, and a burst of requests does not open connections the idle pool
         then closes (each a TLS handshake: at 2,000 links through ETSI 014 KMEs, 3.00-3.45 ms
-        of CPU a rotation with 4 kept and no bound, 2.03-2.32 ms with 8 kept and the bound,
+        of CPU a rotation with 4 kept and no bound, 2.03-2.32 ms with a bound of 8, all kept,
         issue 18)."""
         self._slots: dict[_Origin, trio.Semaphore] = {}
         self.connections_made = 0
-        """Connections opened so far (over HTTPS, each a TLS handshake)."""
+        """Connections made so far (over HTTPS, each a completed TLS handshake)."""
         self.connect_timeout = connect_timeout
         self.timeout = timeout
         self.resend_unanswered = resend_unanswered
@@ -213,14 +214,25 @@ class H1Client:
         headers: Sequence[tuple[str, str]] = (),
         limit: int,
         on_data: OnData | None = None,
+        exchange_timeout: float | None = None,
+        wait_timeout: float | None = None,
     ) -> Reply:
         """One request (`target`: path and query under `base_url`); the reply body is read up
         to `limit` bytes. `ConnectFailed` when no connection could be made; `trio.TooSlowError`
-        past the client's `timeout`."""
+        past the client's `timeout`, or past `exchange_timeout` seconds for the exchange itself
+        (connect, send, reply), counted from when the request may have its connection
+        (`max_per_origin`), so that one which waited for it is not left less time after
+        sending. `wait_timeout`: seconds it may wait for that, past which `ConnectFailed`
+        (nothing was sent)."""
+        timeouts = (exchange_timeout, wait_timeout)
         if self.timeout is None:  # the caller's deadline only (the peer client's)
-            return await self._request(method, base_url, target, body, headers, limit, on_data)
+            return await self._request(
+                method, base_url, target, body, headers, limit, on_data, timeouts
+            )
         with trio.fail_after(self.timeout):
-            return await self._request(method, base_url, target, body, headers, limit, on_data)
+            return await self._request(
+                method, base_url, target, body, headers, limit, on_data, timeouts
+            )
 
     async def _request(
         self,
@@ -231,6 +243,7 @@ class H1Client:
         headers: Sequence[tuple[str, str]],
         limit: int,
         on_data: OnData | None = None,
+        timeouts: tuple[float | None, float | None] = (None, None),
     ) -> Reply:
         origin = self._origin(base_url)
         fields = [*origin.headers]
@@ -244,28 +257,54 @@ class H1Client:
             raise TransportError(f"request cannot be sent: {exc}") from None
         args = (head, body, limit, on_data)
         self._busy[origin] = self._busy.get(origin, 0) + 1
+        exchange_timeout, wait_timeout = timeouts
         slots = self._slot(origin)
         try:
             if slots is not None:
-                try:
-                    slots.acquire_nowait()  # (no pass of the loop while one is free)
-                except trio.WouldBlock:
-                    await slots.acquire()
+                await self._wait_for_slot(origin, slots, wait_timeout)
             try:
-                return await self._exchange_on(origin, args)
+                if exchange_timeout is None:
+                    return await self._exchange_on(origin, args)
+                with trio.fail_after(exchange_timeout):
+                    return await self._exchange_on(origin, args)
             finally:
                 if slots is not None:
-                    slots.release()
+                    self._release(origin, slots)
         finally:
             self._done(origin)
 
     def _slot(self, origin: _Origin) -> trio.Semaphore | None:
+        """The origin's bound on requests under way (None: no bound); take it at once, with
+        no await between (`_release` drops a semaphore none holds or waits for)."""
         if self.max_per_origin is None:
             return None
         slots = self._slots.get(origin)
         if slots is None:
             slots = self._slots[origin] = trio.Semaphore(self.max_per_origin)
         return slots
+
+    async def _wait_for_slot(
+        self, origin: _Origin, slots: trio.Semaphore, wait_timeout: float | None
+    ) -> None:
+        try:
+            slots.acquire_nowait()  # (no pass of the loop while one is free)
+            return
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_after(math.inf if wait_timeout is None else wait_timeout) as waited:
+            await slots.acquire()
+        if waited.cancelled_caught:
+            raise ConnectFailed(
+                f"no connection to {origin.authority} free within {wait_timeout:g} s (at most "
+                f"{self.max_per_origin} at once): nothing was sent"
+            )
+
+    def _release(self, origin: _Origin, slots: trio.Semaphore) -> None:
+        """Give the slot back (to the first waiter, if any); forget the semaphore once nothing
+        holds or waits for it, so that the client keeps one per origin in use only."""
+        slots.release()
+        if slots.value == self.max_per_origin and self._slots.get(origin) is slots:
+            del self._slots[origin]
 
     async def _exchange_on(
         self, origin: _Origin, args: tuple[bytes, bytes | None, int, OnData | None]
@@ -316,8 +355,8 @@ class H1Client:
         if not self._needs_warm(origin):
             return False
         slots = self._slot(origin)
-        if slots is not None:  # held while connecting: a request meanwhile waits for this one
-            try:
+        if slots is not None:  # held until the connection is kept or closed: a request
+            try:  # meanwhile waits for it
                 slots.acquire_nowait()
             except trio.WouldBlock:  # (no request is under way, so one is free: defensive)
                 return False
@@ -328,14 +367,14 @@ class H1Client:
                 if self._idle.get(origin):
                     return False  # (whether its server closed it, the request's `_take` sees)
                 connection = await self._connect(origin)
+            if self._give_back(origin, connection):
+                return True
+            await connection.aclose()
+            return False
         finally:
             self._done(origin)
             if slots is not None:
-                slots.release()
-        if self._give_back(origin, connection):
-            return True
-        await connection.aclose()
-        return False
+                self._release(origin, slots)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -387,13 +426,13 @@ class H1Client:
         return connection
 
     async def _open(self, origin: _Origin) -> _Connection:
-        self.connections_made += 1
         try:
             tcp = await trio.open_tcp_stream(origin.host, origin.port)
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise ConnectFailed(f"cannot connect to {origin.authority}: {reason}") from None
         if self._context is None:
+            self.connections_made += 1
             return _Connection(tcp, PeerIdentity(), None)
         stream = TlsStream(tcp, self._context, server_hostname=origin.host)
         try:
@@ -408,6 +447,7 @@ class H1Client:
         peercert = stream.getpeercert()
         identity = PeerIdentity.from_peercert(peercert) if peercert else PeerIdentity()
         der = stream.getpeercert(binary_form=True)
+        self.connections_made += 1
         return _Connection(stream, identity, der if isinstance(der, bytes) else None)
 
     # -- one request ---------------------------------------------------------------------------

@@ -486,9 +486,8 @@ async def test_requests_past_the_connection_bound_wait_for_a_kept_connection(
 async def test_a_request_cancelled_while_waiting_for_a_connection_takes_none(
     tmp_path: Path,
 ) -> None:
-    """A request cancelled while it waits for a connection leaves the bound as it was: once
-    the one under way ends, the next request goes on its kept connection, and no warm-up
-    opens a connection past the bound meanwhile."""
+    """A request cancelled while it waits for a connection leaves the bound as it was: the
+    next one still waits for the one under way, then goes on its kept connection."""
     from qkdagent import HttpClient
     from qkdagent.peering import client_ssl_context
 
@@ -503,12 +502,15 @@ async def test_a_request_cancelled_while_waiting_for_a_connection_takes_none(
             with trio.move_on_after(0.2) as waited:
                 await client.request("GET", url, "/cancelled", limit=100)
             assert waited.cancelled_caught
-            assert not await client.warm(url)  # the one allowed is in use: none made ahead
-            assert seen["connections"] == 1
+            # the cancelled one freed no slot: a request now waits, as it did, for /held's
+            requests.start_soon(partial(client.request, "GET", url, "/third", limit=100))
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen["connections"] == 1 and seen["requests"] == 1
             release.set()
         reply = await client.request("GET", url, "/after", limit=100)
         assert reply.status == 200
-        assert seen["connections"] == 1 and seen["requests"] == 2  # /held and /after only
+        assert seen["connections"] == 1 and seen["requests"] == 3  # all but /cancelled
+        assert client._slots == {}  # none held or waited for: the semaphore is dropped
         await client.aclose()
         nursery.cancel_scope.cancel()
 
@@ -547,5 +549,59 @@ async def test_a_request_while_a_connection_is_made_ahead_waits_for_it(tmp_path:
             handshake.set()
         assert warmed == [True]
         assert seen["connections"] == 1 and seen["requests"] == 1
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_failed_requests_give_their_connection_slot_back() -> None:
+    """Requests that fail (here: nothing listens) free their slot: with one allowed, the
+    next request fails at once as well instead of waiting for good."""
+    from qkdagent import ConnectFailed, HttpClient
+
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    await listener.aclose()
+    client = HttpClient(None, plain_http=True, max_per_origin=1, connect_timeout=5)
+    for _ in range(3):
+        with pytest.raises(ConnectFailed, match="cannot connect"):
+            await client.request("GET", f"http://127.0.0.1:{port}", "/", limit=10)
+    with trio.fail_after(5):  # a leaked slot: this one would wait for ever
+        with pytest.raises(ConnectFailed, match="cannot connect"):
+            await client.request("GET", f"http://127.0.0.1:{port}", "/", limit=10)
+    assert client.connections_made == 0  # (attempts that made none are not counted)
+
+
+async def test_a_request_that_waited_for_its_connection_still_has_its_whole_deadline(
+    tmp_path: Path,
+) -> None:
+    """`exchange_timeout` counts from when the request may have its connection: one that
+    waited longer than it behind another still gets its answer. `wait_timeout` bounds the
+    wait itself: past it, `ConnectFailed` and nothing sent (a KME's key call can then be
+    retried: it took no key)."""
+    from qkdagent import ConnectFailed, HttpClient
+    from qkdagent.peering import client_ssl_context
+
+    async with trio.open_nursery() as nursery:
+        url, seen, release = await _held_server(tmp_path, nursery)
+        client = HttpClient(
+            client_ssl_context(_tls(tmp_path, "alice")), max_per_origin=1, max_idle_per_origin=1
+        )
+        statuses: list[int] = []
+
+        async def waiter() -> None:
+            reply = await client.request("GET", url, "/waited", limit=100, exchange_timeout=1.0)
+            statuses.append(reply.status)
+
+        async with trio.open_nursery() as requests:
+            requests.start_soon(partial(client.request, "GET", url, "/held", limit=100))
+            await seen["reached"][1].wait()
+            requests.start_soon(waiter)
+            with pytest.raises(ConnectFailed, match="nothing was sent"):
+                await client.request("GET", url, "/impatient", limit=100, wait_timeout=0.1)
+            await trio.sleep(1.5)  # /waited has waited past its exchange_timeout
+            assert seen["requests"] == 1  # neither of the others was sent
+            release.set()
+        assert statuses == [200]
+        assert seen["requests"] == 2 and seen["connections"] == 1
         await client.aclose()
         nursery.cancel_scope.cancel()

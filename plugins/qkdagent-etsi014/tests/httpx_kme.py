@@ -4,9 +4,11 @@ source's own client."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import httpx
+import trio
 
 from qkdagent import ConnectFailed, EncodedReply, HttpReply, ReplyTooLarge, TransportError
 
@@ -23,6 +25,21 @@ class HttpxKme:
         body: bytes | None = None,
         *,
         headers: Sequence[tuple[str, str]] = (),
+        limit: int,
+        exchange_timeout: float | None = None,
+        wait_timeout: float | None = None,
+    ) -> HttpReply:
+        """(No bound on connections here: `wait_timeout` is never reached.)"""
+        with trio.fail_after(math.inf if exchange_timeout is None else exchange_timeout):
+            return await self._request(method, base_url, target, body, headers, limit)
+
+    async def _request(
+        self,
+        method: str,
+        base_url: str,
+        target: str,
+        body: bytes | None,
+        headers: Sequence[tuple[str, str]],
         limit: int,
     ) -> HttpReply:
         request = self.client.build_request(

@@ -125,6 +125,8 @@ class KmeHttp(Protocol):
         *,
         headers: Sequence[tuple[str, str]] = (),
         limit: int,
+        exchange_timeout: float | None = None,
+        wait_timeout: float | None = None,
     ) -> HttpReply: ...
 
     async def aclose(self) -> None: ...
@@ -177,7 +179,7 @@ class Etsi014Source(Source):
         self.retry_backoff: float = options.number("retry_backoff", 0.05, positive=True, max=60)
         self.max_backoff: float = options.number("max_backoff", 1.0, positive=True, max=600)
         self.keepalive_expiry: float = options.number("keepalive_expiry", 4.0, min=0, max=3600)
-        self.max_connections: int = options.integer("max_connections", 8, min=1, max=256)
+        self.max_connections: int = options.integer("max_connections", 16, min=1, max=256)
         """Most connections to the KME at once (calls past it wait for one), all kept alive."""
         self.limits: dict[str, wire.KmeStatus] = {}
         """Get status answers per peer SAE ID (filled by prepare())."""
@@ -491,12 +493,21 @@ class Etsi014Source(Source):
         payload = None if body is None else json.dumps(body).encode()
         headers = (("content-type", "application/json"),) if payload is not None else ()
         try:
-            # the whole exchange is bounded, not each read: a KME trickling a byte at a time
-            # would otherwise hold the call for ever
-            with trio.fail_after(self.connect_timeout + self.request_timeout):
-                reply = await client.request(
-                    method, self.kme_url, path, payload, headers=headers, limit=MAX_RESPONSE_BYTES
-                )
+            # The whole exchange is bounded, not each read: a KME trickling a byte at a time
+            # would otherwise hold the call for ever. Its deadline starts once the call may
+            # have a connection (`max_connections`): one that waited behind a burst is not
+            # sent with too little time left to get its key. A wait past `request_timeout` is
+            # a ConnectFailed: nothing was sent, so the call is retried like a refused connect.
+            reply = await client.request(
+                method,
+                self.kme_url,
+                path,
+                payload,
+                headers=headers,
+                limit=MAX_RESPONSE_BYTES,
+                exchange_timeout=self.connect_timeout + self.request_timeout,
+                wait_timeout=self.request_timeout,
+            )
         except ConnectFailed as exc:
             self._connect_error = str(exc) or type(exc).__name__
             return None, b""
