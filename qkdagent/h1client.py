@@ -138,8 +138,11 @@ class H1Client:
     ) -> None:
         if (context is None) != plain_http:
             raise ValueError("HTTPS needs an SSL context; plain HTTP needs plain_http=True")
-        if max_per_origin is not None and max_per_origin < 1:
-            raise ValueError("max_per_origin must be at least 1")
+        if max_per_origin is not None and (
+            not isinstance(max_per_origin, int) or isinstance(max_per_origin, bool)
+            or max_per_origin < 1
+        ):  # fmt: skip
+            raise ValueError("max_per_origin must be an integer of at least 1")
         self._context = context
         self._scheme = "http" if plain_http else "https"
         self._headers = [caller_header(k.encode(), v.encode()) for k, v in headers]
@@ -280,7 +283,8 @@ class H1Client:
             return None
         slots = self._slots.get(origin)
         if slots is None:
-            slots = self._slots[origin] = trio.Semaphore(self.max_per_origin)
+            bound = self.max_per_origin
+            slots = self._slots[origin] = trio.Semaphore(bound, max_value=bound)
         return slots
 
     async def _wait_for_slot(
@@ -295,15 +299,17 @@ class H1Client:
             await slots.acquire()
         if waited.cancelled_caught:
             raise ConnectFailed(
-                f"no connection to {origin.authority} free within {wait_timeout:g} s (at most "
-                f"{self.max_per_origin} at once): nothing was sent"
+                f"no connection to {origin.authority} free within {wait_timeout:g} s: all "
+                f"{slots.max_value} allowed at once were busy (a slow server, or too few "
+                "allowed); nothing was sent"
             )
 
     def _release(self, origin: _Origin, slots: trio.Semaphore) -> None:
         """Give the slot back (to the first waiter, if any); forget the semaphore once nothing
         holds or waits for it, so that the client keeps one per origin in use only."""
         slots.release()
-        if slots.value == self.max_per_origin and self._slots.get(origin) is slots:
+        # (its own bound, not `max_per_origin`, which a caller may have changed since)
+        if slots.value == slots.max_value and self._slots.get(origin) is slots:
             del self._slots[origin]
 
     async def _exchange_on(

@@ -515,11 +515,12 @@ async def test_a_request_cancelled_while_waiting_for_a_connection_takes_none(
         nursery.cancel_scope.cancel()
 
 
-def test_the_connection_bound_is_at_least_one() -> None:
+@pytest.mark.parametrize("bound", [0, -1, 1.5, True])
+def test_the_connection_bound_is_an_integer_of_at_least_one(bound: object) -> None:
     from qkdagent import HttpClient
 
-    with pytest.raises(ValueError, match="at least 1"):
-        HttpClient(None, plain_http=True, max_per_origin=0)
+    with pytest.raises(ValueError, match="integer of at least 1"):
+        HttpClient(None, plain_http=True, max_per_origin=bound)  # type: ignore[arg-type]
 
 
 async def test_a_request_while_a_connection_is_made_ahead_waits_for_it(tmp_path: Path) -> None:
@@ -596,8 +597,9 @@ async def test_a_request_that_waited_for_its_connection_still_has_its_whole_dead
             requests.start_soon(partial(client.request, "GET", url, "/held", limit=100))
             await seen["reached"][1].wait()
             requests.start_soon(waiter)
-            with pytest.raises(ConnectFailed, match="nothing was sent"):
-                await client.request("GET", url, "/impatient", limit=100, wait_timeout=0.1)
+            for patience in (0.1, 0.0):  # (zero: at once, with no slot free)
+                with pytest.raises(ConnectFailed, match="all 1 allowed at once were busy"):
+                    await client.request("GET", url, "/impatient", limit=100, wait_timeout=patience)
             await trio.sleep(1.5)  # /waited has waited past its exchange_timeout
             assert seen["requests"] == 1  # neither of the others was sent
             release.set()

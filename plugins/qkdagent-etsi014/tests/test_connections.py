@@ -50,6 +50,7 @@ async def test_a_burst_of_key_calls_shares_the_connections_allowed(
 async def test_by_default_sixteen_connections_at_most(sim: Simulator, tmp_path: Path) -> None:
     client = await _burst(sim, tmp_path, 24)
     assert client.max_per_origin == client.max_idle == 16
+    assert client.timeout is None  # each call bounds itself: no backstop ends one sent
     assert client.connections_made == 16
 
 

@@ -285,6 +285,9 @@ class Etsi014Source(Source):
                 max_idle_per_origin=self.max_connections,
                 max_per_origin=self.max_connections,
                 connect_timeout=self.connect_timeout,
+                # each call bounds its wait and its exchange itself (`_request`): no backstop
+                # that could end a call already sent, its key then lost
+                timeout=None,
                 # a KME call takes a key: one that may have been executed is never resent
                 resend_unanswered=False,
             )
