@@ -139,6 +139,18 @@ async def test_the_server_certificate_names_reach_the_caller(tmp_path: Path) -> 
     assert reply.identity.matches("mallory") and not reply.identity.matches("bob")
 
 
+async def _next_head(stream: trio.SSLStream, data: bytes) -> tuple[bytes, bytes] | None:
+    """The next request head on `stream` (`data`: read already) and the bytes after it; None
+    at the end of the stream."""
+    while b"\r\n\r\n" not in data:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return None
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
 async def _keepalive_server(
     tmp_path: Path, nursery: trio.Nursery, close_after: int | None
 ) -> tuple[str, dict]:
@@ -153,12 +165,10 @@ async def _keepalive_server(
         try:
             await stream.do_handshake()
             while True:
-                while b"\r\n\r\n" not in data:
-                    chunk = await stream.receive_some(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                head, _, data = data.partition(b"\r\n\r\n")
+                request = await _next_head(stream, data)
+                if request is None:
+                    return
+                head, data = request
                 length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
                 while len(data) < length:
                     data += await stream.receive_some(65536)
@@ -426,12 +436,10 @@ async def _held_server(
                 await handshake.wait()
             await stream.do_handshake()
             while True:
-                while b"\r\n\r\n" not in data:
-                    chunk = await stream.receive_some(65536)
-                    if not chunk:
-                        return
-                    data += chunk
-                _, _, data = data.partition(b"\r\n\r\n")  # (GETs: no body)
+                request = await _next_head(stream, data)
+                if request is None:
+                    return
+                _, data = request  # (GETs: no body)
                 seen["requests"] += 1
                 seen["waiting"] += 1
                 reached[seen["waiting"]].set()

@@ -31,20 +31,13 @@ class HttpxKme:
     ) -> HttpReply:
         """(No bound on connections here: `wait_timeout` is never reached.)"""
         with trio.fail_after(math.inf if exchange_timeout is None else exchange_timeout):
-            return await self._request(method, base_url, target, body, headers, limit)
+            return await self._exchange(method, base_url + target, body, headers, limit)
 
-    async def _request(
-        self,
-        method: str,
-        base_url: str,
-        target: str,
-        body: bytes | None,
-        headers: Sequence[tuple[str, str]],
+    async def _exchange(
+        self, method: str, url: str, body: bytes | None, headers: Sequence[tuple[str, str]],
         limit: int,
-    ) -> HttpReply:
-        request = self.client.build_request(
-            method, base_url + target, content=body, headers=dict(headers)
-        )
+    ) -> HttpReply:  # fmt: skip
+        request = self.client.build_request(method, url, content=body, headers=dict(headers))
         try:
             response = await self.client.send(request, stream=True)
         except httpx.ConnectError as exc:
