@@ -25,6 +25,7 @@ import math
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from urllib.parse import urlsplit
 
 import trio
@@ -227,15 +228,14 @@ class H1Client:
         (`max_per_origin`), so that one which waited for it is not left less time after
         sending. `wait_timeout`: seconds it may wait for that, past which `ConnectFailed`
         (nothing was sent)."""
-        timeouts = (exchange_timeout, wait_timeout)
+        request = partial(
+            self._request, method, base_url, target, body, headers, limit, on_data,
+            exchange_timeout=exchange_timeout, wait_timeout=wait_timeout,
+        )  # fmt: skip
         if self.timeout is None:  # the caller's deadline only (the peer client's)
-            return await self._request(
-                method, base_url, target, body, headers, limit, on_data, timeouts
-            )
+            return await request()
         with trio.fail_after(self.timeout):
-            return await self._request(
-                method, base_url, target, body, headers, limit, on_data, timeouts
-            )
+            return await request()
 
     async def _request(
         self,
@@ -246,7 +246,9 @@ class H1Client:
         headers: Sequence[tuple[str, str]],
         limit: int,
         on_data: OnData | None = None,
-        timeouts: tuple[float | None, float | None] = (None, None),
+        *,
+        exchange_timeout: float | None = None,
+        wait_timeout: float | None = None,
     ) -> Reply:
         origin = self._origin(base_url)
         fields = [*origin.headers]
@@ -260,7 +262,6 @@ class H1Client:
             raise TransportError(f"request cannot be sent: {exc}") from None
         args = (head, body, limit, on_data)
         self._busy[origin] = self._busy.get(origin, 0) + 1
-        exchange_timeout, wait_timeout = timeouts
         slots = self._slot(origin)
         try:
             if slots is not None:
