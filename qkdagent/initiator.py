@@ -24,6 +24,7 @@ from .locks import held
 from .peering import PeerReply, TransportError
 from .secret import Key, Secret
 from .state import LinkRecord
+from .stopwatch import Stopwatch
 from .text import printable
 
 if TYPE_CHECKING:
@@ -199,6 +200,7 @@ class Initiator:
         record = link.record
         epoch = record.epoch + 1
         kind, chain_key, auth_key = "rotate", record.chain_key, record.auth_key
+        watch = Stopwatch(started)
         prefetched = self._take_prefetched(record)
         if prefetched is None:
             keys = await self._offers(record.source_state)
@@ -208,7 +210,9 @@ class Initiator:
         crash_point("initiator:keys-fetched")
         key_ids = self._key_ids(keys)
         states: dict[str, bytes] = record.source_state
+        watch.lap("keys")
         reply = await self._post(kind, sent)
+        watch.lap("reply")
         refusal = self._refusal(reply, sent)
         if refusal is not None and refusal.code == "epoch":
             if refusal.epoch >= protocol.RESYNC_CEILING:
@@ -231,7 +235,9 @@ class Initiator:
             epoch = max(record.epoch, refusal.epoch) + 1
             kind, chain_key, auth_key = "resync", link.start.chain_key, link.start.auth_key
             sent, nonce = self._build(kind, epoch, key_ids, auth_key)
+            watch.lap("keys")
             reply = await self._post(kind, sent)
+            watch.lap("reply")
             refusal = self._refusal(reply, sent)
         if refusal is not None:
             raise RotationFailed(
@@ -256,6 +262,7 @@ class Initiator:
         derived = ratchet.rotate(chain_key, inputs, transcript, link.sinks.labels)
         if not hmac.compare_digest(message.confirm, ratchet.confirmation(derived, "responder")):
             raise RotationFailed("confirm", "key confirmation failed: the peer derived other keys")
+        watch.lap("derive")
         store = self.env.store
         try:
             # One transaction: the key IDs recorded as used, the epoch and the sources' state.
@@ -276,6 +283,7 @@ class Initiator:
         except KeyReuseError as exc:
             raise RotationFailed("source", str(exc)) from None
         crash_point("initiator:committed")
+        watch.lap("store")
         commit_nonce = protocol.new_nonce()
         commit = protocol.build(
             "commit",
@@ -292,8 +300,10 @@ class Initiator:
         # from the responder's install).
         failed = await link.sinks.install(link.record)
         crash_point("initiator:installed")
+        watch.lap("install")
         await self._send_commit(link.record, commit, commit_nonce)
-        link.succeeded(started, key_ids, failed)
+        watch.lap("ack")
+        link.succeeded(started, key_ids, failed, watch.parts)
 
     @staticmethod
     def _key_ids(keys: list[tuple[str, Key]]) -> tuple[tuple[str, str], ...]:

@@ -34,6 +34,7 @@ from .responder import Responder
 from .secret import Secret
 from .sinkset import LinkSinks
 from .state import LinkRecord
+from .stopwatch import parts_ms, parts_text
 
 log = logging.getLogger(__name__)
 
@@ -383,10 +384,14 @@ class BaseLink:
     # -- bookkeeping -------------------------------------------------------------------------
 
     def succeeded(
-        self, started: float, key_ids: tuple[tuple[str, str], ...], failed: list[str]
+        self,
+        started: float,
+        key_ids: tuple[tuple[str, str], ...],
+        failed: list[str],
+        parts: dict[str, float] | None = None,
     ) -> None:
         """A rotation committed and was installed on this side (`failed`: sinks that did not
-        take it)."""
+        take it; `parts`: where its time went, `stopwatch.Stopwatch`)."""
         record = self.record
         now = trio.current_time()
         duration = now - started
@@ -401,13 +406,19 @@ class BaseLink:
         self.status.erased_reason = None
         self.env.metrics.rotation_done(self.name, record.epoch, duration)
         log.info(
-            "link %s: epoch %d committed (%s) in %.1f ms, key IDs %s",
+            "link %s: epoch %d committed (%s) in %.1f ms, key IDs %s%s",
             self.name,
             record.epoch,
             "initiator" if self.config.initiator else "responder",
             duration * 1000,
             ",".join(k for _, k in key_ids),
-            extra={"link": self.name, "epoch": record.epoch, "duration_ms": duration * 1000},
+            f" ({parts_text(parts)})" if parts else "",
+            extra={
+                "link": self.name,
+                "epoch": record.epoch,
+                "duration_ms": duration * 1000,
+                "parts_ms": parts_ms(parts) if parts else None,
+            },
         )
         self.env.observers.after_rotation(
             RotationEvent(

@@ -15,7 +15,17 @@ import sys
 import time
 from typing import TextIO
 
-FIELDS = ("link", "epoch", "stage", "sink", "reason", "component", "kind", "duration_ms")
+FIELDS = (
+    "link",
+    "epoch",
+    "stage",
+    "sink",
+    "reason",
+    "component",
+    "kind",
+    "duration_ms",
+    "parts_ms",
+)
 """Structured fields a log call may pass with `extra=`; JSON lines carry them as keys, so a
 collector can filter by link or stage without parsing messages. None of them is key material."""
 

@@ -26,6 +26,7 @@ from .interfaces import Answered
 from .locks import held
 from .peering import ReplyNow
 from .state import LinkRecord, Pending
+from .stopwatch import Stopwatch
 
 if TYPE_CHECKING:
     from .link import LinkRuntime
@@ -297,7 +298,9 @@ class Responder:
         if not isinstance(decision, rules.CommitPending):
             return self._acknowledge("commit-reply", message)  # committed already: a repeat
         started = trio.current_time()
+        watch = Stopwatch(started)
         await self._commit(decision.pending)
+        watch.lap("store")
         reply = self._acknowledge("commit-reply", message)
         if reply_now is not None:
             # The acknowledgement says the epoch is committed, and its keys are durable (see
@@ -306,7 +309,8 @@ class Responder:
             # DESIGN §4 step 5.
             await reply_now(reply)
             crash_point("responder:acknowledged")
-        await self._install(started, decision.pending)
+            watch.lap("ack")
+        await self._install(started, decision.pending, watch)
         return reply
 
     def _acknowledge(self, kind: str, message: protocol.Message) -> bytes:
@@ -324,8 +328,10 @@ class Responder:
     async def commit_pending(self, pending: Pending) -> None:
         """Make the pending epoch current (with its sources' state), then install it."""
         started = trio.current_time()
+        watch = Stopwatch(started)
         await self._commit(pending)
-        await self._install(started, pending)
+        watch.lap("store")
+        await self._install(started, pending, watch)
 
     async def _commit(self, pending: Pending) -> None:
         """Make the pending epoch current, without an fsync of its own (`durable=False`).
@@ -354,8 +360,9 @@ class Responder:
         link.record = await store.run(commit, durable=False)
         crash_point("responder:committed")
 
-    async def _install(self, started: float, pending: Pending) -> None:
+    async def _install(self, started: float, pending: Pending, watch: Stopwatch) -> None:
         link = self.link
         failed = await link.sinks.install(link.record)
         crash_point("responder:installed")
-        link.succeeded(started, pending.key_ids, failed)
+        watch.lap("install")
+        link.succeeded(started, pending.key_ids, failed, watch.parts)

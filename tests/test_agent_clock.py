@@ -215,6 +215,36 @@ async def test_json_log_lines_carry_link_and_epoch_fields(
     assert failed and all(d["stage"] == "source" and d["epoch"] == 1 for d in failed)
 
 
+async def test_committed_lines_say_which_part_of_the_rotation_took_its_time(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Alice's sink takes 2 s to install, bob's 3 s: each side's line charges its own install,
+    the parts add up to the duration, and alice's wait for the ack excludes bob's install."""
+    import json
+    import logging
+
+    from qkdagent.logsetup import JsonFormatter
+
+    caplog.set_level(logging.INFO)
+    link = {"interval": 120, "reject_after": 180, "jitter": 0}
+    alice = {"sinks": {"rec": {"type": "recording", "delay": 2}}}
+    bob = {"sinks": {"rec": {"type": "recording", "delay": 3}}}
+    async with open_agent_pair(tmp_path, alice=alice, bob=bob, link=link, local=True) as pair:
+        await pair.wait_for_epoch(1)
+        await trio.sleep(5)  # bob's install ends after alice's rotation
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
+    committed = {d["msg"].split("(")[1].split(")")[0]: d for d in lines if "committed" in d["msg"]}
+    mine, theirs = committed["initiator"], committed["responder"]
+    assert list(mine["parts_ms"]) == ["keys", "reply", "derive", "store", "install", "ack"]
+    assert list(theirs["parts_ms"]) == ["store", "ack", "install"]
+    for line in (mine, theirs):
+        assert sum(line["parts_ms"].values()) == pytest.approx(line["duration_ms"], abs=0.01)
+    assert 2000 <= mine["parts_ms"]["install"] < 2100
+    assert 3000 <= theirs["parts_ms"]["install"] < 3100
+    assert mine["parts_ms"]["ack"] < 1000  # acknowledged before bob's install
+    assert f"install {mine['parts_ms']['install']:.1f} + ack" in mine["msg"]
+
+
 async def test_both_sides_responder_is_named_when_nothing_arrives(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -30,7 +30,8 @@ after, so its line may come last). The reference: `/rotate` to its own file writ
 first `--warmup` are not measured. CPU is utime+stime from /proc/PID/stat over the measured
 rotations, per process; RSS is VmHWM (peak) and VmRSS at the end. Under (b)'s figures, its three
 slowest rotations with each side's own part (the initiator's rotation, the responder's commit to
-install): which side a slow one lost its time on. `--keep-logs DIR` copies the logs of every
+install) and the parts of each (the lines' `parts_ms`): which side, and which part of its
+work, a slow one lost its time on. `--keep-logs DIR` copies the logs of every
 system (no state or key files) into DIR, also when the bench fails. Prints figures; asserts
 only that both sides of each system ended on the same PSK file.
 
@@ -346,41 +347,51 @@ def agent_configs(
     return paths
 
 
-def _agent_line(line: str) -> tuple[int, float, float] | None:
-    """(epoch, start, end) of a side's rotation from its "committed" line (epoch seconds)."""
+AgentLine = tuple[int, float, float, dict[str, float]]
+
+
+def _agent_line(line: str) -> AgentLine | None:
+    """(epoch, start, end, parts) of a side's rotation from its "committed" line (epoch
+    seconds; the parts of its time in ms, `parts_ms`, where the line has them)."""
     if '"duration_ms"' not in line or "committed" not in line:
         return None
     try:
         record = json.loads(line)
         end = datetime.datetime.fromisoformat(record["ts"]).timestamp()
-        return int(record["epoch"]), end - float(record["duration_ms"]) / 1000, end
+        parts = record.get("parts_ms") or {}
+        if not isinstance(parts, dict):
+            parts = {}
+        start = end - float(record["duration_ms"]) / 1000
+        return int(record["epoch"]), start, end, {str(k): float(v) for k, v in parts.items()}
     except (ValueError, KeyError, TypeError):
         return None
 
 
+Slow = tuple[float, int, AgentLine, AgentLine]
+
+
 def both_installed(
-    initiator: list[tuple[int, float, float]], responder_log: Path
-) -> tuple[list[float], list[tuple[float, int, float, float]]]:
+    initiator: list[AgentLine], responder_log: Path
+) -> tuple[list[float], list[Slow]]:
     """Milliseconds from each initiator rotation's start to the later side's install; and per
-    rotation (that figure, its epoch, the initiator's own rotation, the responder's commit to
-    install), slowest first: which side a slow rotation's time went to."""
-    sides = {}
-    for line in LogTail(responder_log).lines():
-        parsed = _agent_line(line)
+    rotation that figure, its epoch and each side's line, slowest first: which side, and which
+    part of it, a slow rotation's time went to."""
+    sides: dict[int, AgentLine] = {}
+    for text in LogTail(responder_log).lines():
+        parsed = _agent_line(text)
         if parsed is not None:
             sides[parsed[0]] = parsed
-    missing = [epoch for epoch, _, _ in initiator if epoch not in sides]
+    missing = [mine[0] for mine in initiator if mine[0] not in sides]
     if missing:
         raise SystemExit(f"bench: the responder logged no commit of epoch(s) {missing[:5]}")
-    durations, detail = [], []
-    for epoch, start, end in initiator:
-        _, responder_start, responder_end = sides[epoch]
-        total = 1000 * (max(end, responder_end) - start)
+    durations: list[float] = []
+    detail: list[Slow] = []
+    for mine in initiator:
+        epoch, start, end, _ = mine
+        total = 1000 * (max(end, sides[epoch][2]) - start)
         durations.append(total)
-        detail.append(
-            (total, epoch, 1000 * (end - start), 1000 * (responder_end - responder_start))
-        )
-    return durations, sorted(detail, reverse=True)
+        detail.append((total, epoch, mine, sides[epoch]))
+    return durations, sorted(detail, key=lambda slow: slow[:2], reverse=True)
 
 
 def start_agents(d: Path, paths: dict[str, Path]) -> dict[str, subprocess.Popen[bytes]]:
@@ -423,14 +434,20 @@ def run_qkdagent(
     return result
 
 
-def slowest_line(slowest: list[tuple[float, int, float, float]], count: int = 3) -> str:
-    """(b)'s slowest rotations, and which side their time went to."""
-    parts = [
-        f"epoch {epoch} {total:.1f} ms (initiator {mine:.1f}, responder's commit to install "
-        f"{theirs:.1f})"
+def slowest_line(slowest: list[Slow], count: int = 3) -> str:
+    """(b)'s slowest rotations: which side, and which part of it, their time went to."""
+
+    def side(line: AgentLine) -> str:
+        _, start, end, parts = line
+        inner = " + ".join(f"{name} {ms:.1f}" for name, ms in parts.items())
+        return f"{1000 * (end - start):.1f}" + (f" = {inner}" if inner else "")
+
+    lines = [
+        f"epoch {epoch} {total:.1f} ms: initiator {side(mine)}; responder's commit to "
+        f"install {side(theirs)}"
         for total, epoch, mine, theirs in slowest[:count]
     ]
-    return "      slowest: " + "; ".join(parts)
+    return "      slowest:\n" + "\n".join(f"        {line}" for line in lines)
 
 
 def keep_logs(source: Path, destination: Path) -> None:
