@@ -247,6 +247,7 @@ class Initiator:
         crash_point("initiator:reply-received")
         answers = message.answers
         new_states = await self._accept(answers, states)
+        watch.lap("check")
         transcript = ratchet.Transcript(
             self.name,
             self.env.agent_name,

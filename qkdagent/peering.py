@@ -22,12 +22,13 @@ from .tlsclient import load_tls_identity
 
 log = logging.getLogger(__name__)
 
-ReplyNow = Callable[[bytes], Awaitable[None]]
+ReplyNow = Callable[[bytes], Awaitable[bool]]
 """Sends a handler's 200 reply before the handler returns, so the peer need not wait for work
-that follows (the responder's install after its durable commit); it returns once the reply
-was sent (or failed, which closes the connection, as a lost reply would). It never raises. A
-server may decline (too many handlers of that client going on): the reply then goes when the
-handler returns. Either way the handler returns the same body, which is not sent twice."""
+that follows (the responder's install after its durable commit); it returns True once the
+reply was sent (or failed, which closes the connection, as a lost reply would). It never
+raises. A server may decline (too many handlers of that client going on), and returns False:
+the reply then goes when the handler returns. Either way the handler returns the same body,
+which is not sent twice."""
 
 Handler = Callable[[str, str, bytes, PeerIdentity, ReplyNow | None], Awaitable[bytes]]
 """(link name, action, body, the client certificate's names, how to reply early) -> reply

@@ -776,14 +776,15 @@ class _Http:
         server, identity = self.server, self.identity
         replied = early = False
 
-        async def reply_now(reply: bytes) -> None:
+        async def reply_now(reply: bytes) -> bool:
             nonlocal replied, early
             if replied or server.going_on[identity] >= self.limits.max_per_identity:
-                return
+                return False
             replied = early = True
             server.going_on[identity] += 1
             task_status.started((200, reply))
             await sent.wait()
+            return True
 
         early_ok = action in EARLY_REPLY
         try:

@@ -297,8 +297,7 @@ class Responder:
             raise self._refuse(decision, body)
         if not isinstance(decision, rules.CommitPending):
             return self._acknowledge("commit-reply", message)  # committed already: a repeat
-        started = trio.current_time()
-        watch = Stopwatch(started)
+        watch = Stopwatch(trio.current_time())
         await self._commit(decision.pending)
         watch.lap("store")
         reply = self._acknowledge("commit-reply", message)
@@ -307,10 +306,10 @@ class Responder:
             # `_commit`): the initiator's rotation ends now, while this side installs (under
             # the link's lock still, so the next request for the link finds it installed).
             # DESIGN §4 step 5.
-            await reply_now(reply)
+            if await reply_now(reply):  # (declined: the reply goes after the install)
+                watch.lap("ack")
             crash_point("responder:acknowledged")
-            watch.lap("ack")
-        await self._install(started, decision.pending, watch)
+        await self._install(decision.pending, watch)
         return reply
 
     def _acknowledge(self, kind: str, message: protocol.Message) -> bytes:
@@ -327,11 +326,10 @@ class Responder:
 
     async def commit_pending(self, pending: Pending) -> None:
         """Make the pending epoch current (with its sources' state), then install it."""
-        started = trio.current_time()
-        watch = Stopwatch(started)
+        watch = Stopwatch(trio.current_time())
         await self._commit(pending)
         watch.lap("store")
-        await self._install(started, pending, watch)
+        await self._install(pending, watch)
 
     async def _commit(self, pending: Pending) -> None:
         """Make the pending epoch current, without an fsync of its own (`durable=False`).
@@ -360,9 +358,9 @@ class Responder:
         link.record = await store.run(commit, durable=False)
         crash_point("responder:committed")
 
-    async def _install(self, started: float, pending: Pending, watch: Stopwatch) -> None:
+    async def _install(self, pending: Pending, watch: Stopwatch) -> None:
         link = self.link
         failed = await link.sinks.install(link.record)
         crash_point("responder:installed")
         watch.lap("install")
-        link.succeeded(started, pending.key_ids, failed, watch.parts)
+        link.succeeded(watch.started, pending.key_ids, failed, watch.parts)

@@ -9,10 +9,11 @@ import trio
 class Stopwatch:
     """Laps from a start time, each charged to a named part (a part timed twice adds up)."""
 
-    __slots__ = ("_last", "parts")
+    __slots__ = ("_last", "parts", "started")
 
-    def __init__(self, start: float) -> None:
-        self._last = start
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self._last = started
         self.parts: dict[str, float] = {}
         """Seconds per part, in the order the parts were first timed."""
 

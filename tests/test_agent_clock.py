@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -218,12 +219,16 @@ async def test_json_log_lines_carry_link_and_epoch_fields(
 async def test_committed_lines_say_which_part_of_the_rotation_took_its_time(
     tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Alice's sink takes 2 s to install, bob's 3 s: each side's line charges its own install,
-    the parts add up to the duration, and alice's wait for the ack excludes bob's install."""
+    """Epoch 2 with a delay in each part that can take one (virtual time): bob's source 0.25 s
+    and the `rotate`'s way to him 0.7 s (both in alice's `reply`), alice's store 0.3 s, her
+    sink 2 s, the `commit`'s way 0.4 s (her `ack`), bob's sink 3 s. Each side's line charges
+    each to its part, the parts add up to the duration, and bob acknowledged before his
+    install (alice's `ack` holds none of it; his line has the `ack` part)."""
     import json
     import logging
 
     from qkdagent.logsetup import JsonFormatter
+    from qkdagent.testing.hostile import Exchange, ManInTheMiddle
 
     caplog.set_level(logging.INFO)
     link = {"interval": 120, "reject_after": 180, "jitter": 0}
@@ -231,18 +236,43 @@ async def test_committed_lines_say_which_part_of_the_rotation_took_its_time(
     bob = {"sinks": {"rec": {"type": "recording", "delay": 3}}}
     async with open_agent_pair(tmp_path, alice=alice, bob=bob, link=link, local=True) as pair:
         await pair.wait_for_epoch(1)
+        store = pair.agents["alice"].link("alice-bob").env.store
+        real_run = store.run
+
+        async def slow_run(*args: Any, **kwargs: Any) -> Any:
+            await trio.sleep(0.3)
+            return await real_run(*args, **kwargs)
+
+        store.run = slow_run
+        _pool(pair).delay = 0.25
+        delays = {"rotate": 0.7, "commit": 0.4}
+
+        async def slow_way(exchange: Exchange) -> Any:
+            await trio.sleep(delays.get(exchange.action, 0.0))
+            return await exchange.forward()
+
+        ManInTheMiddle.on(pair, "bob").tamper = slow_way
+        await pair.wait_for_epoch(2, timeout=300)
         await trio.sleep(5)  # bob's install ends after alice's rotation
     lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records]
-    committed = {d["msg"].split("(")[1].split(")")[0]: d for d in lines if "committed" in d["msg"]}
-    mine, theirs = committed["initiator"], committed["responder"]
-    assert list(mine["parts_ms"]) == ["keys", "reply", "derive", "store", "install", "ack"]
-    assert list(theirs["parts_ms"]) == ["store", "ack", "install"]
-    for line in (mine, theirs):
+    committed = {
+        d["msg"].split("(")[1].split(")")[0]: d
+        for d in lines
+        if "committed" in d["msg"] and d["epoch"] == 2
+    }
+    mine, theirs = committed["initiator"]["parts_ms"], committed["responder"]["parts_ms"]
+    assert list(mine) == ["keys", "reply", "check", "derive", "store", "install", "ack"]
+    assert list(theirs) == ["store", "ack", "install"]
+    for line in committed.values():
         assert sum(line["parts_ms"].values()) == pytest.approx(line["duration_ms"], abs=0.01)
-    assert 2000 <= mine["parts_ms"]["install"] < 2100
-    assert 3000 <= theirs["parts_ms"]["install"] < 3100
-    assert mine["parts_ms"]["ack"] < 1000  # acknowledged before bob's install
-    assert f"install {mine['parts_ms']['install']:.1f} + ack" in mine["msg"]
+    expected = {"keys": 0, "reply": 950, "check": 0, "derive": 0, "store": 300, "install": 2000}
+    for part, ms in {**expected, "ack": 400}.items():
+        assert ms <= mine[part] < ms + 50, (part, mine)
+    for part, ms in {"store": 0, "ack": 0, "install": 3000}.items():
+        assert ms <= theirs[part] < ms + 50, (part, theirs)
+    text = committed["initiator"]["msg"]
+    assert f"(keys {mine['keys']:.1f} + reply {mine['reply']:.1f} + check" in text
+    assert text.endswith(f"install {mine['install']:.1f} + ack {mine['ack']:.1f} ms)")
 
 
 async def test_both_sides_responder_is_named_when_nothing_arrives(

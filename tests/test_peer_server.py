@@ -247,8 +247,8 @@ async def test_a_handler_replies_early_and_the_connection_reads_on(
     ) -> bytes:
         if link.startswith("slow"):
             assert reply_now is not None
-            await reply_now(b'{"early":true}')
-            await reply_now(b'{"twice":true}')  # a second early reply is ignored
+            assert await reply_now(b'{"early":true}')
+            assert not await reply_now(b'{"twice":true}')  # a second early reply is ignored
             await release.wait()
             finished.append(link)
             if link == "slow2":
@@ -313,11 +313,12 @@ async def test_handlers_going_on_after_an_early_reply_are_capped_per_client(
     connection cannot make the server hold unbounded work."""
     release, second_waits = trio.Event(), trio.Event()
     finished: list[str] = []
+    early: dict[str, bool] = {}
 
     async def handler(
         link: str, action: str, body: bytes, identity: PeerIdentity, reply_now: ReplyNow
     ) -> bytes:
-        await reply_now(b'{"early":true}')
+        early[link] = await reply_now(b'{"early":true}')
         if link == "two":
             second_waits.set()
         await release.wait()
@@ -341,6 +342,7 @@ async def test_handlers_going_on_after_an_early_reply_are_capped_per_client(
                 release.set()
         assert replies == [b'{"late":true}']  # answered when it returned, not early
         assert sorted(finished) == ["one", "two"]
+        assert early == {"one": True, "two": False}  # the handler is told it was declined
 
 
 async def test_an_early_reply_the_client_does_not_take_leaves_the_handler_working(

@@ -358,13 +358,19 @@ def _agent_line(line: str) -> AgentLine | None:
     try:
         record = json.loads(line)
         end = datetime.datetime.fromisoformat(record["ts"]).timestamp()
-        parts = record.get("parts_ms") or {}
-        if not isinstance(parts, dict):
-            parts = {}
         start = end - float(record["duration_ms"]) / 1000
-        return int(record["epoch"]), start, end, {str(k): float(v) for k, v in parts.items()}
+        epoch = int(record["epoch"])
     except (ValueError, KeyError, TypeError):
         return None
+    return epoch, start, end, _parts(record.get("parts_ms"))
+
+
+def _parts(value: Any) -> dict[str, float]:
+    """A line's `parts_ms`, or none if it has none (or they do not parse: the line counts)."""
+    try:
+        return {str(name): float(ms) for name, ms in value.items()}
+    except (AttributeError, ValueError, TypeError):
+        return {}
 
 
 Slow = tuple[float, int, AgentLine, AgentLine]

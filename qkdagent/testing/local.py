@@ -110,12 +110,15 @@ class LocalClient:
         in the serving task once it replied): tests see it."""
         replied = False
 
-        async def reply_now(reply: bytes) -> None:
+        async def reply_now(reply: bytes) -> bool:
             nonlocal replied
-            if not replied:
-                replied = True
-                task_status.started(PeerReply(200, reply, server))
+            if replied:
+                await trio.lowlevel.checkpoint()
+                return False
+            replied = True
+            task_status.started(PeerReply(200, reply, server))
             await trio.lowlevel.checkpoint()
+            return True
 
         try:
             early = reply_now if action in EARLY_REPLY else None  # as the peer server does
