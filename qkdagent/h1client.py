@@ -160,7 +160,7 @@ class H1Client:
         for one to end (`request`'s `wait_timeout` bounds the wait). None: no bound (the peer
         client's batches bound its requests). A server that counts its clients' connections (a
         KME) sees no more, and a burst of requests does not open connections the idle pool
-        then closes (each a TLS handshake: at 2,000 links through ETSI 014 KMEs, 3.00-3.45 ms
+        then closes (each a TLS handshake: at 2,000 links through ETSI 014 KMEs, 2.62-3.45 ms
         of CPU a rotation with 4 kept and no bound, 2.03-2.32 ms with a bound of 8, all kept,
         issue 18)."""
         self._slots: dict[_Origin, trio.Semaphore] = {}
