@@ -21,6 +21,8 @@ from qkdagent import Options, PluginContext, SourceError
 
 FORMAT = "json"
 KEY_ID = "3fa85f64-5717-4562-b3fc-2c963f66afa6"
+KEY_ID_2 = "9bf5c3a2-0d4e-4f61-8a7b-5c2d1e0f9a8b"
+"""A second key, for answers to a call for two keys (a shared call, `batching`)."""
 STATUSES = (None, 200, 400, 401, 404, 405, 501, 503, 500)
 DICTIONARY = [
     b'"keys"',
@@ -74,6 +76,9 @@ SEEDS: list[bytes] = [
     json.dumps(doc).encode()
     for doc in (
         {"keys": [_key()]},
+        {"keys": [_key(), _key(KEY_ID_2)]},
+        {"keys": [_key(KEY_ID_2), _key()]},
+        {"keys": [_key(), _key()]},
         {"Keys": [_key()]},
         {"keys": _key()},
         {"keys": [{"key_id": KEY_ID, "key": _key()["key"]}]},
@@ -100,11 +105,18 @@ def target(data: bytes) -> None:
         status_object.describe()
         status_object.mismatch(256, "KME_A", "alice")
     for source in _SOURCES:
-        for operation, expected in (("enc_keys", None), ("dec_keys", KEY_ID)):
+        for operation, number, expected in (
+            ("enc_keys", 1, None),
+            ("dec_keys", 1, [KEY_ID]),
+            ("enc_keys", 2, None),
+            ("dec_keys", 2, [KEY_ID, KEY_ID_2]),
+        ):
             try:
-                key = source._parse_one(operation, "bob", data, expected)
+                keys = source._parse(operation, "bob", data, number, expected)
             except SourceError:
                 continue
-            assert len(key.value.reveal()) == 32
+            assert len(keys) == number
+            assert len({key.key_id for key in keys}) == number
+            assert all(len(key.value.reveal()) == 32 for key in keys)
             if expected is not None:
-                assert key.key_id == expected
+                assert sorted(key.key_id for key in keys) == sorted(expected)

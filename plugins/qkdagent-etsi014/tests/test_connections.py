@@ -18,8 +18,10 @@ from .conftest import KMES, make_source
 
 
 async def _burst(sim: Simulator, tmp_path: Path, calls: int, **options: object) -> HttpClient:
-    """`calls` Get key calls at once (one per link, all to SAE bob); the source's client."""
+    """`calls` Get key calls at once (one per link, all to SAE bob), each a request of its own
+    (`max_keys_per_call = 1`, unless given); the source's client."""
     links = tuple(Link(f"l{i}", "alice", "bob", True) for i in range(calls))
+    options.setdefault("max_keys_per_call", 1)
     source = make_source(sim, "alice", tmp_path, links=links, **options)
     await source.prepare()
     try:

@@ -7,6 +7,9 @@ rotation and SIGTERM for tens of seconds). So each key fetch runs as a trio syst
 own cancel scope and deadline; callers wait on it and leave promptly when cancelled. A fetch that
 nobody waits for any more finishes the exchange on the wire (its key is parked for the next
 caller) but starts no new one, and `close()` cancels every fetch.
+
+A fetch may serve several callers (one Get key call for several keys): `limit` is how many it
+can serve and `items` what they asked for (key IDs); the source decides who may join (`find`).
 """
 
 from __future__ import annotations
@@ -27,8 +30,14 @@ T = TypeVar("T")
 class Fetch(Generic[T]):
     """One fetch: its waiters, whether a request is on the wire, and its outcome."""
 
-    def __init__(self, tag: Hashable) -> None:
+    def __init__(self, tag: Hashable, limit: int = 1) -> None:
         self.tag = tag
+        self.limit = limit
+        """How many callers it can serve: the keys it asks for (once `sealed`), or may ask for."""
+        self.items: list[str] = []
+        """What its callers asked for, where each asks for a different thing (key IDs)."""
+        self.sealed = False
+        """Its request is made: no caller joins for a new key any more."""
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         self.waiters = 0
@@ -54,12 +63,12 @@ class Fetches(Generic[T]):
     def __len__(self) -> int:
         return sum(len(fetches) for fetches in self._running.values())
 
-    def find(self, tag: Hashable, *, unattended_only: bool) -> Fetch[T] | None:
-        """A running fetch with this tag (with `unattended_only`, one nobody waits for)."""
+    def find(self, tag: Hashable, accept: Callable[[Fetch[T]], bool]) -> Fetch[T] | None:
+        """A running fetch with this tag that `accept`s one more caller."""
         for fetch in self._running.get(tag, ()):
             if fetch.done.is_set() or fetch.scope.cancel_called:
                 continue
-            if not (unattended_only and fetch.waiters):
+            if accept(fetch):
                 return fetch
         return None
 
@@ -69,11 +78,13 @@ class Fetches(Generic[T]):
         job: Callable[[Fetch[T]], Awaitable[T]],
         park: Callable[[T], None],
         discard: Callable[[T], None],
+        *,
+        limit: int = 1,
     ) -> Fetch[T]:
         """Run `job` in the background; `park` its result (or `discard` it once closed)."""
         if self._closed:
             raise SourceUnavailable(f"{self._describe}: source is closed")
-        fetch: Fetch[T] = Fetch(tag)
+        fetch: Fetch[T] = Fetch(tag, limit)
         self._running.setdefault(tag, []).append(fetch)
         trio.lowlevel.spawn_system_task(self._run, fetch, job, park, discard, name=repr(tag))
         return fetch

@@ -17,6 +17,10 @@ key with key IDs (`dec_keys`) naming the peer's SAE as master. Every answer is v
   fetches run in the background (`inflight`), and a key that arrives for a caller that has left
   is held: the next `new_key` for that peer, or a repeated `key_by_id` for that ID, gets it
   instead of a fresh KME round trip;
+- calls for the same peer SAE made together share one request (`batching`): one `enc_keys` for
+  several keys, one `dec_keys` naming several key IDs, at most `max_keys_per_call` and the KME's
+  `max_key_per_request`; a shared call answered with anything but keys or 503 sends its callers
+  back to one key per call, so one unknown key ID fails only its own caller;
 - every answer body is read with a bound while streaming (`MAX_RESPONSE_BYTES`, no compression).
 """
 
@@ -24,9 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import ssl
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,6 +61,7 @@ from qkdagent import (
 )
 
 from . import wire
+from .batching import keys_per_call, must_split, pauses_batches
 from .identity import MODES, IdentityRule, mismatch
 from .inflight import Fetch, Fetches
 from .retry import Backoff, Outcome, classify, settle_no_route
@@ -64,11 +70,13 @@ log = logging.getLogger(__name__)
 
 MAX_RESPONSE_BYTES = 1024 * 1024
 """Largest KME answer read (then a SourceError). One key of the largest `key_size` (65536 bits) is
-~11 KiB of base64 and the source asks for one key per call: the rest is room for KMEs that add
-extensions, far below what could hurt the agent's memory."""
+~11 KiB of base64; a call asks for no more keys than fit (`batching.keys_per_call`), with room
+for KMEs that add extensions, far below what could hurt the agent's memory."""
 HELD_KEYS_MAX = 256
 MAX_WARNED = 16
 """Kinds of non-standard key container a source reports, at most (each once)."""
+BATCH_PAUSE = 600.0
+"""Seconds a KME that refused a call for several keys is asked for one key per call."""
 CLOSE_GRACE = 2.0
 """Seconds aclose() gives cancelled fetches to unwind, and then the connections to close."""
 
@@ -92,8 +100,13 @@ def _check_url(url: str) -> str | None:
     return None
 
 
-def _wipe(key: Key) -> None:
-    key.value.wipe()
+def _wipe_all(keys: list[Key]) -> None:
+    for key in keys:
+        key.value.wipe()
+
+
+class _Split(SourceError):
+    """A shared call got neither keys nor 503: each of its callers calls for its own key."""
 
 
 def _other(method: str) -> str:
@@ -111,6 +124,19 @@ def _kme_identity(options: Options) -> IdentityRule:
         return IdentityRule(mode, table if mode == "fingerprint" else {})
     except ValueError as exc:
         options.fail("kme_fingerprints" if mode == "fingerprint" else "kme_identity", str(exc))
+
+
+def _has_room(cap: int, fetch: Fetch[list[Key]]) -> bool:
+    """A `new_key` caller that wants at most `cap` keys per call may join `fetch`."""
+    return fetch.waiters < fetch.limit and (cap > 1 or fetch.limit == 1 or fetch.sealed)
+
+
+def _names(key_id: str, fetch: Fetch[list[Key]]) -> bool:
+    return key_id in fetch.items
+
+
+def _has_room_for_id(cap: int, fetch: Fetch[list[Key]]) -> bool:
+    return cap > 1 and not fetch.sealed and len(fetch.items) < fetch.limit
 
 
 class KmeHttp(Protocol):
@@ -181,6 +207,10 @@ class Etsi014Source(Source):
         self.keepalive_expiry: float = options.number("keepalive_expiry", 4.0, min=0, max=3600)
         self.max_connections: int = options.integer("max_connections", 16, min=1, max=256)
         """Most connections to the KME at once (calls past it wait for one), all kept alive."""
+        self.max_keys_per_call: int = options.integer(
+            "max_keys_per_call", 64, min=1, max=HELD_KEYS_MAX
+        )
+        """Most keys one call shared by links asking together carries (1: one key per call)."""
         self.limits: dict[str, wire.KmeStatus] = {}
         """Get status answers per peer SAE ID (filled by prepare())."""
         self._client: KmeHttp | None = None
@@ -190,7 +220,9 @@ class Etsi014Source(Source):
         self._connect_error = ""
         self._kme_der: bytes | None = None
         """The last server certificate found to name `kme_id` (saves parsing it per answer)."""
-        self._fetches: Fetches[Key] = Fetches(f"source {name!r}: KME {self.kme_url}")
+        self._fetches: Fetches[list[Key]] = Fetches(f"source {name!r}: KME {self.kme_url}")
+        self._batch_paused: dict[tuple[str, str], float] = {}
+        """(operation, SAE) -> when calls for several keys may resume (a KME refused one)."""
 
     def __repr__(self) -> str:
         insecure = " INSECURE plain HTTP" if self.plain else ""
@@ -316,43 +348,64 @@ class Etsi014Source(Source):
 
     async def new_key(self, link: Link) -> Key:
         slave = self.peer_sae(link)
+        tag = ("enc_keys", slave)
+        cap = self._keys_per_call("enc_keys", slave)
         while True:
             await trio.lowlevel.checkpoint()
             spare = self._spare.setdefault(slave, deque())
             if spare:
                 return spare.popleft()
-            # a fetch whose caller was cancelled may still deliver: wait for it, not a new one
-            tag = ("enc_keys", slave)
-            fetch = self._fetches.find(tag, unattended_only=True) or self._fetches.start(
-                tag, partial(self._fetch_new, slave), partial(self._park_spare, slave), _wipe
+            # a fetch with a key to spare: one whose caller was cancelled (it may still deliver:
+            # wait for it, not a new one), or one not yet sent that can ask for one more key
+            fetch = self._fetches.find(tag, partial(_has_room, cap)) or self._fetches.start(
+                tag,
+                partial(self._fetch_new, slave),
+                partial(self._park_spare, slave),
+                _wipe_all,
+                limit=cap,
             )
-            key = await self._fetches.wait(fetch)  # cancelled: the key is parked as spare
-            for index, candidate in enumerate(spare):
-                if candidate is key:
-                    del spare[index]
-                    return key
-            # a concurrent call for the same peer took this key meanwhile: get another
+            try:
+                await self._fetches.wait(fetch)  # cancelled: the key is parked as spare
+            except _Split:
+                cap = 1
+                continue
+            delivered = self._spare.get(slave)
+            if delivered:
+                return delivered.popleft()
+            # concurrent calls for the same peer took these keys meanwhile: get another
 
-    def _park_spare(self, slave: str, key: Key) -> None:
+    def _park_spare(self, slave: str, keys: list[Key]) -> None:
         spare = self._spare.setdefault(slave, deque())
-        spare.append(key)
+        spare.extend(keys)
         while len(spare) > HELD_KEYS_MAX:
             spare.popleft().value.wipe()
 
-    async def _fetch_new(self, slave: str, fetch: Fetch[Key]) -> Key:
-        query = {"number": "1", "size": str(self.key_size)}
-        body = {"number": 1, "size": self.key_size}
-        method = "POST" if self.enc_method == "post" else "GET"
-        data = await self._with_retries(
+    async def _fetch_new(self, slave: str, fetch: Fetch[list[Key]]) -> list[Key]:
+        if fetch.limit > 1:  # the calls made together with the first one join it first
+            await trio.lowlevel.checkpoint()
+
+        def compose() -> tuple[int, dict[str, str], dict[str, Any]]:
+            # as many keys as callers wait (a retry asks for fewer if some left meanwhile)
+            fetch.sealed = True
+            fetch.limit = number = max(1, min(fetch.limit, fetch.waiters))
+            return (
+                number,
+                {"number": str(number), "size": str(self.key_size)},
+                {
+                    "number": number,
+                    "size": self.key_size,
+                },
+            )
+
+        number, data = await self._with_retries(
             "enc_keys",
             slave,
-            method,
-            query=query,
-            body=body,
+            "POST" if self.enc_method == "post" else "GET",
+            compose,
             switch=self.enc_method == "auto",
             fetch=fetch,
         )
-        return self._parse_one("enc_keys", slave, data, expected=None)
+        return self._parse("enc_keys", slave, data, number, expected=None)
 
     async def key_by_id(self, link: Link, key_id: str) -> Key:
         master = self.peer_sae(link)
@@ -362,35 +415,91 @@ class Etsi014Source(Source):
             return held
         if wire.utf8_length(key_id) > wire.MAX_KEY_ID_BYTES or not key_id.isprintable():
             raise KeyNotFound(f"{self._where('dec_keys', master)}: key ID is not acceptable")
-        # a call for the same ID still running (or left by a cancelled caller): share it
-        tag = ("dec_keys", master, key_id)
-        fetch = self._fetches.find(tag, unattended_only=False) or self._fetches.start(
-            tag, partial(self._fetch_by_id, master, key_id), partial(self._hold, master), _wipe
-        )
-        await self._fetches.wait(fetch)  # cancelled: a repeated call gets the held key
+        tag = ("dec_keys", master)
+        cap = self._keys_per_call("dec_keys", master)
+        while True:
+            # a call for the same ID still running (or left by a cancelled caller): share it;
+            # else join one not yet sent, naming one more ID
+            fetch = self._fetches.find(tag, partial(_names, key_id)) or self._fetches.find(
+                tag, partial(_has_room_for_id, cap)
+            )
+            if fetch is None:
+                fetch = self._fetches.start(
+                    tag,
+                    partial(self._fetch_by_ids, master),
+                    partial(self._hold, master),
+                    _wipe_all,
+                    limit=cap,
+                )
+            if key_id not in fetch.items:
+                fetch.items.append(key_id)
+            try:
+                await self._fetches.wait(fetch)  # cancelled: a repeated call gets the held key
+            except _Split:
+                cap = 1
+                continue
+            break
         key = self._held.pop((master, key_id), None)
         if key is None:  # a concurrent call for the same ID was handed the key (single use)
             raise KeyNotFound(f"{self._where('dec_keys', master)}: key {key_id!r} already taken")
         return key
 
-    def _hold(self, master: str, key: Key) -> None:
-        self._held[(master, key.key_id)] = key
+    def _hold(self, master: str, keys: list[Key]) -> None:
+        for key in keys:
+            self._held[(master, key.key_id)] = key
         while len(self._held) > HELD_KEYS_MAX:
             self._held.popitem(last=False)[1].value.wipe()
 
-    async def _fetch_by_id(self, master: str, key_id: str, fetch: Fetch[Key]) -> Key:
-        method = "GET" if self.dec_method == "get" else "POST"
-        data = await self._with_retries(
+    async def _fetch_by_ids(self, master: str, fetch: Fetch[list[Key]]) -> list[Key]:
+        if fetch.limit > 1:  # the calls made together with the first one join it first
+            await trio.lowlevel.checkpoint()
+        fetch.sealed = True
+        ids = list(fetch.items)
+
+        def compose() -> tuple[int, dict[str, str], dict[str, Any]]:
+            return len(ids), {"key_ID": ids[0]}, {"key_IDs": [{"key_ID": i} for i in ids]}
+
+        # several IDs only by POST (GET names one): `_keys_per_call` is 1 once GET is chosen
+        method = "GET" if self.dec_method == "get" and len(ids) == 1 else "POST"
+        number, data = await self._with_retries(
             "dec_keys",
             master,
             method,
-            query={"key_ID": key_id},
-            body={"key_IDs": [{"key_ID": key_id}]},
+            compose,
             switch=self.dec_method == "auto",
-            key_id=key_id,
+            key_id=ids[0] if len(ids) == 1 else None,
             fetch=fetch,
         )
-        return self._parse_one("dec_keys", master, data, expected=key_id)
+        return self._parse("dec_keys", master, data, number, expected=ids)
+
+    def _keys_per_call(self, operation: str, sae: str) -> int:
+        status = self.limits.get(sae)
+        paused = self._batch_paused.get((operation, sae), -math.inf) > trio.current_time()
+        return keys_per_call(
+            self.max_keys_per_call,
+            None if status is None else status.max_key_per_request,
+            key_size=self.key_size,
+            response_limit=MAX_RESPONSE_BYTES,
+            one_id_only=operation == "dec_keys" and self.dec_method == "get",
+            paused=paused,
+        )
+
+    def _pause_batches(
+        self, operation: str, sae: str, outcome: Outcome, status: int | None
+    ) -> None:
+        key = (operation, sae)
+        if self._batch_paused.get(key, -math.inf) <= trio.current_time():
+            log.warning(
+                "source %s: %s %s answered %s (%s) to a call for several keys; one key per call "
+                "for %g s",
+                self.name,
+                self.kme_url,
+                operation,
+                status,
+                outcome.value,
+                BATCH_PAUSE,
+            )
+        self._batch_paused[key] = trio.current_time() + BATCH_PAUSE
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -399,19 +508,21 @@ class Etsi014Source(Source):
         operation: str,
         sae: str,
         method: str,
+        compose: Callable[[], tuple[int, dict[str, str], dict[str, Any]]],
         *,
-        query: dict[str, str],
-        body: dict[str, Any],
         switch: bool,
-        fetch: Fetch[Key],
+        fetch: Fetch[list[Key]],
         key_id: str | None = None,
-    ) -> bytes:
+    ) -> tuple[int, bytes]:
+        """The call's answer and how many keys it asked for; `compose` gives them and the
+        request's query and body, per attempt."""
         unavailable = Backoff(self.retries, self.retry_backoff, self.max_backoff)
         not_found = Backoff(self.not_found_retries, self.retry_backoff, self.max_backoff)
         tentative: str | None = None  # the method that got a bare 404: the other one is on trial
         while True:
             if not fetch.wanted:  # every caller left: no new request (the last one is answered)
                 raise SourceUnavailable(f"{self._where(operation, sae)}: abandoned by its caller")
+            count, query, body = compose()
             fetch.on_wire = True
             try:
                 status_code, data = await self._request(
@@ -424,6 +535,10 @@ class Etsi014Source(Source):
             finally:
                 fetch.on_wire = False
             outcome = classify(operation, status_code, wire.error_message(data))
+            if must_split(count, outcome):
+                if pauses_batches(outcome):
+                    self._pause_batches(operation, sae, outcome, status_code)
+                raise _Split(f"{self._where(operation, sae)}: {count} keys in one call refused")
             if outcome is Outcome.NO_ROUTE:
                 if switch:  # nothing was delivered: try the other method once
                     switch, tentative, method = False, method, _other(method)
@@ -437,7 +552,7 @@ class Etsi014Source(Source):
             if outcome is Outcome.OK:
                 if tentative is not None:
                     self._remember_method(operation, method, f"answers 404 to {tentative}")
-                return data
+                return count, data
             delay: float | None = None
             if outcome is Outcome.METHOD and switch:
                 switch = False
@@ -549,22 +664,24 @@ class Etsi014Source(Source):
         )
         raise Misconfigured(text) if prepare else SourceError(text)
 
-    def _parse_one(self, operation: str, sae: str, data: bytes, expected: str | None) -> Key:
+    def _parse(
+        self, operation: str, sae: str, data: bytes, number: int, expected: list[str] | None
+    ) -> list[Key]:
         try:
             pairs = wire.parse_key_container(
                 wire.loads(data),
-                number=1,
+                number=number,
                 size_bits=self.key_size,
                 strict_uuid=self.strict_key_ids,
-                expected_ids=[expected] if expected is not None else None,
+                expected_ids=expected,
                 on_variant=self._warn_variant,
             )
         except wire.WireError as exc:
+            keys = "key" if number == 1 else f"{number} keys"
             raise SourceError(
-                f"{self._where(operation, sae)}: answer rejected, key not used: {exc}"
+                f"{self._where(operation, sae)}: answer rejected, {keys} not used: {exc}"
             ) from None
-        key_id, raw = pairs[0]
-        return Key(key_id, Secret(raw))
+        return [Key(key_id, Secret(raw)) for key_id, raw in pairs]
 
     def _warn_variant(self, variant: str) -> None:
         """Say once per kind of variant that the KME strays from the standard (at most

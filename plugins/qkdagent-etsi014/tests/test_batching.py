@@ -1,0 +1,275 @@
+"""Calls for several keys at once (`batching`): links to the same peer SAE that ask together
+share one Get key request, `enc_keys` with `number` > 1 and `dec_keys` naming several key IDs,
+against the simulated KMEs over mutual TLS; and the cases where a shared call must go back to
+one key per call."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import trio
+from qkdagent_etsi014.app import Quirks
+from qkdagent_etsi014.batching import keys_per_call, must_split, pauses_batches
+from qkdagent_etsi014.network import Limits
+from qkdagent_etsi014.retry import Outcome
+from qkdagent_etsi014.sim import SimSettings, Simulator, open_simulator
+from qkdagent_etsi014.source import Etsi014Source
+
+from qkdagent import ConfigError, Key, KeyNotFound, Link
+
+from .conftest import KMES, make_source
+
+T = TypeVar("T")
+
+
+def _links(count: int, initiator: bool = True) -> tuple[Link, ...]:
+    if initiator:
+        return tuple(Link(f"l{i}", "alice", "bob", True) for i in range(count))
+    return tuple(Link(f"l{i}", "bob", "alice", False) for i in range(count))
+
+
+async def _together(calls: list[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
+    """Start every call in the same scheduler batch (as links woken by the same grid point)."""
+    results: list[T | BaseException] = [RuntimeError("not run")] * len(calls)
+
+    async def one(index: int) -> None:
+        try:
+            results[index] = await calls[index]()
+        except Exception as exc:
+            results[index] = exc
+
+    async with trio.open_nursery() as nursery:
+        for index in range(len(calls)):
+            nursery.start_soon(one, index)
+    return results
+
+
+def _requests(sim: Simulator, kme: str) -> int:
+    """Requests `kme` received, whatever the answer."""
+    return sim.apps[kme].received
+
+
+async def _pair(
+    sim: Simulator, sources: Any, count: int, **options: Any
+) -> tuple[Etsi014Source, Etsi014Source]:
+    alice = await sources("alice", links=_links(count), **options)
+    bob = await sources("bob", links=_links(count, initiator=False), **options)
+    return alice, bob
+
+
+def _keys(results: list[Any]) -> list[Key]:
+    assert all(isinstance(r, Key) for r in results), results
+    return results
+
+
+# -- the pure decisions --------------------------------------------------------------------
+
+
+def test_keys_per_call_takes_the_smallest_bound() -> None:
+    assert keys_per_call(64, 1024, key_size=256, response_limit=1 << 20) == 64
+    assert keys_per_call(64, 5, key_size=256, response_limit=1 << 20) == 5
+    # 65536-bit keys are 10,924 characters of base64 each: 1 MiB holds 94 of them
+    assert keys_per_call(256, 1024, key_size=65536, response_limit=1 << 20) == 94
+    assert keys_per_call(64, 1024, key_size=65536, response_limit=1000) == 1
+
+
+@pytest.mark.parametrize(
+    "kme_max, one_id_only, paused", [(None, False, False), (64, True, False), (64, False, True)]
+)
+def test_one_key_per_call_when_unknown_by_get_or_paused(
+    kme_max: int | None, one_id_only: bool, paused: bool
+) -> None:
+    assert (
+        keys_per_call(
+            64,
+            kme_max,
+            key_size=256,
+            response_limit=1 << 20,
+            one_id_only=one_id_only,
+            paused=paused,
+        )
+        == 1
+    )
+
+
+def test_only_a_shared_call_splits_and_only_a_refusal_pauses() -> None:
+    for outcome in Outcome:
+        assert not must_split(1, outcome)
+        assert must_split(2, outcome) == (outcome not in (Outcome.OK, Outcome.UNAVAILABLE))
+    assert pauses_batches(Outcome.REJECTED) and pauses_batches(Outcome.UNAUTHORIZED)
+    assert not pauses_batches(Outcome.NOT_FOUND) and not pauses_batches(Outcome.METHOD)
+    assert not pauses_batches(Outcome.NO_ROUTE)
+
+
+# -- against the simulated KMEs --------------------------------------------------------------
+
+
+async def test_links_asking_together_share_one_call_each_way(sim: Simulator, sources: Any) -> None:
+    alice, bob = await _pair(sim, sources, 16)
+    before_a, before_b = _requests(sim, "KME_A"), _requests(sim, "KME_B")
+    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    assert _requests(sim, "KME_A") - before_a == 1
+    assert len({key.key_id for key in sent}) == 16  # every caller its own key
+    got = _keys(
+        await _together(
+            [
+                lambda link=link, key=key: bob.key_by_id(link, key.key_id)
+                for link, key in zip(bob.links, sent, strict=True)
+            ]
+        )
+    )
+    assert _requests(sim, "KME_B") - before_b == 1
+    for mine, theirs in zip(sent, got, strict=True):  # each caller the key it named
+        assert theirs.key_id == mine.key_id
+        assert theirs.value.reveal() == mine.value.reveal()
+    assert sim.apps["KME_A"].stats["keys"] == sim.apps["KME_B"].stats["keys"] == 16
+
+
+async def test_a_call_carries_at_most_max_keys_per_call(sim: Simulator, sources: Any) -> None:
+    alice, bob = await _pair(sim, sources, 10, max_keys_per_call=4)
+    before_a, before_b = _requests(sim, "KME_A"), _requests(sim, "KME_B")
+    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    assert _requests(sim, "KME_A") - before_a == 3  # 4 + 4 + 2
+    got = _keys(
+        await _together(
+            [
+                lambda link=link, key=key: bob.key_by_id(link, key.key_id)
+                for link, key in zip(bob.links, sent, strict=True)
+            ]
+        )
+    )
+    assert _requests(sim, "KME_B") - before_b == 3
+    assert [k.key_id for k in got] == [k.key_id for k in sent]
+
+
+async def test_a_call_carries_at_most_the_kmes_max_key_per_request(
+    pki: Path, tmp_path: Path
+) -> None:
+    settings = SimSettings(kmes=KMES, rate_bps=0.0, limits=Limits(max_key_per_request=3))
+    async with open_simulator(pki, settings) as sim:
+        alice = make_source(sim, "alice", tmp_path, links=_links(7))
+        await alice.prepare()
+        try:
+            assert alice.limits["bob"].max_key_per_request == 3
+            before = _requests(sim, "KME_A")
+            _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+            assert _requests(sim, "KME_A") - before == 3  # 3 + 3 + 1, none refused
+            assert sim.apps["KME_A"].stats["400"] == 0
+        finally:
+            await alice.aclose()
+
+
+async def test_an_unknown_key_id_fails_only_its_own_caller(sim: Simulator, sources: Any) -> None:
+    alice, bob = await _pair(sim, sources, 3, not_found_retries=0)
+    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    names = [sent[0].key_id, "00000000-0000-4000-8000-000000000000", sent[2].key_id]
+    before = sim.apps["KME_B"].stats.copy()
+    results = await _together(
+        [
+            lambda link=link, n=name: bob.key_by_id(link, n)
+            for link, name in zip(bob.links, names, strict=True)
+        ]
+    )
+    assert isinstance(results[1], KeyNotFound)
+    assert [r.key_id for r in (results[0], results[2]) if isinstance(r, Key)] == [
+        sent[0].key_id,
+        sent[2].key_id,
+    ]
+    after = sim.apps["KME_B"].stats
+    # the shared call refused as a whole (nothing delivered), then one call per key ID
+    assert after["400"] - before["400"] == 2
+    assert after["200"] - before["200"] == 2
+    assert not bob._batch_paused  # a key's absence is no refusal of shared calls
+
+
+async def test_a_kme_refusing_several_keys_is_asked_one_at_a_time(
+    pki: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its Get status promised more than it serves (it takes one key per request): the shared
+    call's callers each get a key by a call of their own, the refusal is logged once, and the
+    next burst does not try."""
+    settings = SimSettings(kmes=KMES, rate_bps=0.0, limits=Limits(max_key_per_request=1))
+    async with open_simulator(pki, settings) as sim:
+        alice = make_source(sim, "alice", tmp_path, links=_links(5))
+        await alice.prepare()
+        try:
+            alice.limits["bob"] = dataclasses.replace(alice.limits["bob"], max_key_per_request=64)
+            caplog.set_level(logging.WARNING, "qkdagent_etsi014")
+            before = sim.apps["KME_A"].stats.copy()
+            calls = [lambda link=link: alice.new_key(link) for link in alice.links]
+            first = _keys(await _together(calls))
+            again = _keys(await _together(calls))
+            after = sim.apps["KME_A"].stats
+        finally:
+            await alice.aclose()
+    assert after["400"] - before["400"] == 1  # the one shared call
+    assert after["200"] - before["200"] == 10  # then one call per key, both bursts
+    assert len({k.key_id for k in first + again}) == 10
+    warnings = [r.getMessage() for r in caplog.records if "several keys" in r.getMessage()]
+    assert len(warnings) == 1 and "one key per call for 600 s" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "settings", [SimSettings(kmes=KMES, rate_bps=0.0, quirks=Quirks(delay=0.2))]
+)
+async def test_a_key_for_a_caller_that_left_serves_the_next(sim: Simulator, sources: Any) -> None:
+    """One of three callers sharing a call is cancelled once the KME has the request: the
+    others get their keys, the leaver's key is held as a spare, and the next call takes it
+    without asking the KME."""
+    alice, _ = await _pair(sim, sources, 3)
+    app = sim.apps["KME_A"]
+    before = app.received
+    got: list[Key] = []
+    leaving = trio.CancelScope()
+
+    async def call(link: Link) -> None:
+        with leaving if link is alice.links[0] else trio.CancelScope():
+            got.append(await alice.new_key(link))
+
+    async with trio.open_nursery() as nursery:
+        for link in alice.links:
+            nursery.start_soon(call, link)
+        with trio.fail_after(10):
+            while app.received == before:  # noqa: ASYNC110 - polls the simulator
+                await trio.sleep(0.005)
+        leaving.cancel()
+    assert leaving.cancelled_caught
+    assert len(got) == 2 and app.received - before == 1 and app.stats["keys"] == 3
+    assert len(alice._spare["bob"]) == 1
+    spare = alice._spare["bob"][0]
+    assert (await alice.new_key(alice.links[0])) is spare
+    assert app.received - before == 1
+
+
+async def test_dec_keys_by_get_names_one_key_id_per_call(sim: Simulator, sources: Any) -> None:
+    alice, bob = await _pair(sim, sources, 4)
+    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    bob.dec_method = "get"
+    before = _requests(sim, "KME_B")
+    _keys(
+        await _together(
+            [
+                lambda link=link, key=key: bob.key_by_id(link, key.key_id)
+                for link, key in zip(bob.links, sent, strict=True)
+            ]
+        )
+    )
+    assert _requests(sim, "KME_B") - before == 4
+
+
+async def test_one_key_per_call_on_request(sim: Simulator, sources: Any) -> None:
+    alice, _ = await _pair(sim, sources, 4, max_keys_per_call=1)
+    before = _requests(sim, "KME_A")
+    _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    assert _requests(sim, "KME_A") - before == 4
+
+
+@pytest.mark.parametrize("value", [0, 257, "8", 1.5])
+async def test_max_keys_per_call_is_checked(sim: Simulator, tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError, match="max_keys_per_call"):
+        make_source(sim, "alice", tmp_path, max_keys_per_call=value)
