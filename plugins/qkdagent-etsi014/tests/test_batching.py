@@ -18,7 +18,7 @@ from qkdagent_etsi014.batching import keys_per_call, must_split, pauses_batches
 from qkdagent_etsi014.network import Limits
 from qkdagent_etsi014.retry import Outcome
 from qkdagent_etsi014.sim import SimSettings, Simulator, open_simulator
-from qkdagent_etsi014.source import Etsi014Source
+from qkdagent_etsi014.source import SHARED_CALLS_UNDER_WAY, Etsi014Source
 
 from qkdagent import ConfigError, Key, KeyNotFound, Link
 
@@ -273,3 +273,38 @@ async def test_one_key_per_call_on_request(sim: Simulator, sources: Any) -> None
 async def test_max_keys_per_call_is_checked(sim: Simulator, tmp_path: Path, value: object) -> None:
     with pytest.raises(ConfigError, match="max_keys_per_call"):
         make_source(sim, "alice", tmp_path, max_keys_per_call=value)
+
+
+@pytest.mark.parametrize(
+    "settings", [SimSettings(kmes=KMES, rate_bps=0.0, quirks=Quirks(delay=0.5))]
+)
+async def test_links_asking_while_shared_calls_are_under_way_share_the_next(
+    sim: Simulator, sources: Any
+) -> None:
+    """Two shared calls to a slow KME are under way (`SHARED_CALLS_UNDER_WAY`): the links that
+    ask meanwhile wait for a turn in one more call, all of them together, rather than each
+    sending its own."""
+    assert SHARED_CALLS_UNDER_WAY == 2
+    alice, _ = await _pair(sim, sources, 7)
+    app = sim.apps["KME_A"]
+    before = app.received
+    got: list[Key] = []
+
+    async def call(link: Link) -> None:
+        got.append(await alice.new_key(link))
+
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            for index, link in enumerate(alice.links[:2]):  # two calls on the wire, in turn
+                nursery.start_soon(call, link)
+                while app.received < before + index + 1:  # noqa: ASYNC110 - polls the simulator
+                    await trio.sleep(0.005)
+            assert app.received - before == 2
+            nursery.start_soon(call, alice.links[2])
+            gate = alice._gates["enc_keys", "bob"]
+            while not gate.statistics().tasks_waiting:  # noqa: ASYNC110 - the third waits
+                await trio.sleep(0.005)
+            for link in alice.links[3:]:
+                nursery.start_soon(call, link)
+    assert app.received - before == 3  # 1 + 1 + 5
+    assert len({key.key_id for key in got}) == 7 and app.stats["keys"] == 7

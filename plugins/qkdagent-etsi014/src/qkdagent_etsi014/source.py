@@ -32,6 +32,7 @@ import math
 import ssl
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
@@ -75,6 +76,10 @@ for KMEs that add extensions, far below what could hurt the agent's memory."""
 HELD_KEYS_MAX = 256
 MAX_WARNED = 16
 """Kinds of non-standard key container a source reports, at most (each once)."""
+SHARED_CALLS_UNDER_WAY = 2
+"""Shared calls under way at once per (operation, SAE); the links asking meanwhile wait and join
+the next one. At 10,000 links one call at a time made 3-4 keys per call into ~N (figures in the
+README)."""
 BATCH_PAUSE = 600.0
 """Seconds a KME that refused a call for several keys is asked for one key per call."""
 CLOSE_GRACE = 2.0
@@ -124,6 +129,9 @@ def _kme_identity(options: Options) -> IdentityRule:
         return IdentityRule(mode, table if mode == "fingerprint" else {})
     except ValueError as exc:
         options.fail("kme_fingerprints" if mode == "fingerprint" else "kme_identity", str(exc))
+
+
+_NO_WAIT: AbstractAsyncContextManager[object] = nullcontext()
 
 
 def _has_room(cap: int, fetch: Fetch[list[Key]]) -> bool:
@@ -221,6 +229,8 @@ class Etsi014Source(Source):
         self._kme_der: bytes | None = None
         """The last server certificate found to name `kme_id` (saves parsing it per answer)."""
         self._fetches: Fetches[list[Key]] = Fetches(f"source {name!r}: KME {self.kme_url}")
+        self._gates: dict[tuple[str, str], trio.Semaphore] = {}
+        """(operation, SAE) -> the turns of its shared calls (`_turn`)."""
         self._batch_paused: dict[tuple[str, str], float] = {}
         """(operation, SAE) -> when calls for several keys may resume (a KME refused one)."""
 
@@ -453,24 +463,32 @@ class Etsi014Source(Source):
     async def _fetch_by_ids(self, master: str, fetch: Fetch[list[Key]]) -> list[Key]:
         if fetch.limit > 1:  # the calls made together with the first one join it first
             await trio.lowlevel.checkpoint()
-        fetch.sealed = True
-        ids = list(fetch.items)
+        ids = fetch.items
 
         def compose() -> tuple[int, dict[str, str], dict[str, Any]]:
+            fetch.sealed = True  # the IDs are fixed at the first attempt (a retry resends them)
             return len(ids), {"key_ID": ids[0]}, {"key_IDs": [{"key_ID": i} for i in ids]}
 
         # several IDs only by POST (GET names one): `_keys_per_call` is 1 once GET is chosen
-        method = "GET" if self.dec_method == "get" and len(ids) == 1 else "POST"
+        method = "GET" if self.dec_method == "get" and fetch.limit == 1 else "POST"
         number, data = await self._with_retries(
-            "dec_keys",
-            master,
-            method,
-            compose,
-            switch=self.dec_method == "auto",
-            key_id=ids[0] if len(ids) == 1 else None,
-            fetch=fetch,
+            "dec_keys", master, method, compose, switch=self.dec_method == "auto", fetch=fetch
         )
         return self._parse("dec_keys", master, data, number, expected=ids)
+
+    def _turn(
+        self, operation: str, sae: str, fetch: Fetch[list[Key]]
+    ) -> AbstractAsyncContextManager[object]:
+        """Shared calls to one SAE take turns, `SHARED_CALLS_UNDER_WAY` at a time: the links
+        that ask while they are under way wait for the next one and share it, rather than each
+        sending its own. (More than one, so a slow call does not hold up the rest.) A call for
+        one key only (batches paused, or `max_keys_per_call = 1`) goes at once, as before."""
+        if fetch.limit == 1:
+            return _NO_WAIT
+        gate = self._gates.get((operation, sae))
+        if gate is None:
+            gate = self._gates[(operation, sae)] = trio.Semaphore(SHARED_CALLS_UNDER_WAY)
+        return gate
 
     def _keys_per_call(self, operation: str, sae: str) -> int:
         status = self.limits.get(sae)
@@ -512,28 +530,30 @@ class Etsi014Source(Source):
         *,
         switch: bool,
         fetch: Fetch[list[Key]],
-        key_id: str | None = None,
     ) -> tuple[int, bytes]:
         """The call's answer and how many keys it asked for; `compose` gives them and the
-        request's query and body, per attempt."""
+        request's query and body, per attempt. A shared call (one that may carry several keys)
+        waits for its turn first (`SHARED_CALLS_UNDER_WAY`), and the callers that come
+        meanwhile join it."""
         unavailable = Backoff(self.retries, self.retry_backoff, self.max_backoff)
         not_found = Backoff(self.not_found_retries, self.retry_backoff, self.max_backoff)
         tentative: str | None = None  # the method that got a bare 404: the other one is on trial
         while True:
             if not fetch.wanted:  # every caller left: no new request (the last one is answered)
                 raise SourceUnavailable(f"{self._where(operation, sae)}: abandoned by its caller")
-            count, query, body = compose()
-            fetch.on_wire = True
-            try:
-                status_code, data = await self._request(
-                    operation,
-                    method,
-                    sae,
-                    query=query if method == "GET" else None,
-                    body=body if method == "POST" else None,
-                )
-            finally:
-                fetch.on_wire = False
+            async with self._turn(operation, sae, fetch):
+                count, query, body = compose()
+                fetch.on_wire = True
+                try:
+                    status_code, data = await self._request(
+                        operation,
+                        method,
+                        sae,
+                        query=query if method == "GET" else None,
+                        body=body if method == "POST" else None,
+                    )
+                finally:
+                    fetch.on_wire = False
             outcome = classify(operation, status_code, wire.error_message(data))
             if must_split(count, outcome):
                 if pauses_batches(outcome):
@@ -564,6 +584,7 @@ class Etsi014Source(Source):
             elif outcome is Outcome.NOT_FOUND:
                 delay = not_found.next()
             if delay is None:
+                key_id = fetch.items[0] if len(fetch.items) == 1 else None
                 raise self._failure(operation, sae, status_code, data, outcome, key_id=key_id)
             log.debug(
                 "source %s: %s via %s: %s, retrying in %.2fs",
