@@ -1,7 +1,8 @@
 """KME answers as the ETSI 014 source reads them: an Error object's message (`error_message`,
 which must never fail), the retry decision (`classify`), Get status (`parse_status`, then the
-limits check) and key containers through the source's own `_parse_one` (enc_keys and dec_keys,
-strict and lax key IDs). Only `WireError` / `SourceError` may come out.
+limits check) and key containers through the source's own `_parse` (enc_keys and dec_keys,
+strict and lax key IDs, for one key and for two: a shared call's answer). Only `WireError` /
+`SourceError` may come out.
 
 Run: python3 contrib/fuzz/run_fuzz.py --target etsi014_client
 """
@@ -115,8 +116,9 @@ def target(data: bytes) -> None:
                 keys = source._parse(operation, "bob", data, number, expected)
             except SourceError:
                 continue
-            assert len(keys) == number
-            assert len({key.key_id for key in keys}) == number
+            # to a call for several keys, fewer are taken too (a KME ignoring `number`)
+            assert 1 <= len(keys) <= number
+            assert len({key.key_id for key in keys}) == len(keys)
             assert all(len(key.value.reveal()) == 32 for key in keys)
             if expected is not None:
-                assert sorted(key.key_id for key in keys) == sorted(expected)
+                assert {key.key_id for key in keys} <= set(expected)

@@ -13,16 +13,25 @@ from typing import Any, TypeVar
 
 import pytest
 import trio
+import trio.testing
 from qkdagent_etsi014.app import Quirks
-from qkdagent_etsi014.batching import keys_per_call, must_split, pauses_batches
+from qkdagent_etsi014.batching import (
+    SPLITS_BEFORE_PAUSE,
+    keys_per_call,
+    must_split,
+    pauses_at_once,
+)
 from qkdagent_etsi014.network import Limits
 from qkdagent_etsi014.retry import Outcome
 from qkdagent_etsi014.sim import SimSettings, Simulator, open_simulator
-from qkdagent_etsi014.source import SHARED_CALLS_UNDER_WAY, Etsi014Source
+from qkdagent_etsi014.source import Etsi014Source
+from qkdagent_etsi014.turns import Turns
 
-from qkdagent import ConfigError, Key, KeyNotFound, Link
+from qkdagent import ConfigError, Key, KeyNotFound, Link, SourceUnavailable
 
 from .conftest import KMES, make_source
+
+FAST = {"retry_backoff": 0.01, "max_backoff": 0.05}
 
 T = TypeVar("T")
 
@@ -97,13 +106,80 @@ def test_one_key_per_call_when_unknown_by_get_or_paused(
     )
 
 
-def test_only_a_shared_call_splits_and_only_a_refusal_pauses() -> None:
+def test_only_a_shared_call_splits() -> None:
     for outcome in Outcome:
-        assert not must_split(1, outcome)
-        assert must_split(2, outcome) == (outcome not in (Outcome.OK, Outcome.UNAVAILABLE))
-    assert pauses_batches(Outcome.REJECTED) and pauses_batches(Outcome.UNAUTHORIZED)
-    assert not pauses_batches(Outcome.NOT_FOUND) and not pauses_batches(Outcome.METHOD)
-    assert not pauses_batches(Outcome.NO_ROUTE)
+        for status in (None, 400, 503):
+            assert not must_split(1, outcome, status=status, not_found_before=True)
+    assert not must_split(2, Outcome.OK, status=200, not_found_before=True)
+    for outcome in (Outcome.REJECTED, Outcome.UNAUTHORIZED, Outcome.METHOD, Outcome.NO_ROUTE):
+        assert must_split(2, outcome, status=400, not_found_before=False)
+
+
+def test_a_refused_connect_is_retried_whole_and_a_503_splits() -> None:
+    assert not must_split(2, Outcome.UNAVAILABLE, status=None, not_found_before=False)
+    assert must_split(2, Outcome.UNAVAILABLE, status=503, not_found_before=False)
+
+
+def test_not_found_is_retried_whole_once() -> None:
+    assert not must_split(2, Outcome.NOT_FOUND, status=400, not_found_before=False)
+    assert must_split(2, Outcome.NOT_FOUND, status=400, not_found_before=True)
+
+
+def test_only_a_refusal_of_our_own_get_key_pauses_at_once() -> None:
+    assert pauses_at_once("enc_keys", Outcome.REJECTED)
+    assert pauses_at_once("enc_keys", Outcome.UNAUTHORIZED)
+    assert not pauses_at_once("dec_keys", Outcome.REJECTED)  # the IDs are the peer's
+    assert not pauses_at_once("enc_keys", Outcome.UNAVAILABLE)
+    assert not pauses_at_once("enc_keys", Outcome.METHOD)
+
+
+async def test_turns_wait_for_a_call_to_end_or_stall(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Two turns held: a third waits until the older of them has been under way for `stall`,
+    and a fourth until the second has."""
+    turns = Turns(at_once=2, stall=0.2)
+    took: list[float] = []
+    release = trio.Event()
+
+    async def hold() -> None:
+        async with turns.turn():
+            took.append(trio.current_time())
+            await release.wait()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold)  # at 0
+        await trio.sleep(0.05)
+        nursery.start_soon(hold)  # at 0.05
+        await trio.sleep(0.01)
+        nursery.start_soon(hold)  # at 0.06: waits, two fresh calls under way
+        await trio.sleep(0.1)
+        assert took == [0.0, 0.05]
+        await trio.sleep(0.05)
+        assert took == [0.0, 0.05, pytest.approx(0.2)]  # the first under way for 0.2 s
+        nursery.start_soon(hold)  # waits: the second is fresh until 0.25, the third until 0.4
+        await trio.sleep(1)
+        assert took[3] == pytest.approx(0.25)
+        release.set()
+    assert not turns.fresh(trio.current_time()) and not turns._started
+
+
+async def test_a_turn_ending_lets_the_next_go_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    turns = Turns(at_once=1, stall=10.0)
+    took: list[float] = []
+
+    async def hold(seconds: float) -> None:
+        async with turns.turn():
+            took.append(trio.current_time())
+            await trio.sleep(seconds)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold, 1.0)
+        await trio.sleep(0.01)
+        nursery.start_soon(hold, 0.0)
+    assert took == [0.0, 1.0]
 
 
 # -- against the simulated KMEs --------------------------------------------------------------
@@ -210,8 +286,8 @@ async def test_a_kme_refusing_several_keys_is_asked_one_at_a_time(
     assert after["400"] - before["400"] == 1  # the one shared call
     assert after["200"] - before["200"] == 10  # then one call per key, both bursts
     assert len({k.key_id for k in first + again}) == 10
-    warnings = [r.getMessage() for r in caplog.records if "several keys" in r.getMessage()]
-    assert len(warnings) == 1 and "one key per call for 600 s" in warnings[0]
+    warnings = [r.getMessage() for r in caplog.records if "one key per call" in r.getMessage()]
+    assert len(warnings) == 1 and "400 (rejected) to a call for 5 keys" in warnings[0]
 
 
 @pytest.mark.parametrize(
@@ -275,17 +351,31 @@ async def test_max_keys_per_call_is_checked(sim: Simulator, tmp_path: Path, valu
         make_source(sim, "alice", tmp_path, max_keys_per_call=value)
 
 
-@pytest.mark.parametrize(
-    "settings", [SimSettings(kmes=KMES, rate_bps=0.0, quirks=Quirks(delay=0.5))]
-)
+SLOW = SimSettings(kmes=KMES, rate_bps=0.0, quirks=Quirks(delay=0.5))
+
+
+class _SimClock:
+    """The simulator's clock, moved by hand: keys reach the slave's KME `sync_delay` after the
+    master's Get key, by this clock."""
+
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+SIM_CLOCK = _SimClock()
+
+
+@pytest.mark.parametrize("settings", [SLOW])
 async def test_links_asking_while_shared_calls_are_under_way_share_the_next(
     sim: Simulator, sources: Any
 ) -> None:
-    """Two shared calls to a slow KME are under way (`SHARED_CALLS_UNDER_WAY`): the links that
-    ask meanwhile wait for a turn in one more call, all of them together, rather than each
-    sending its own."""
-    assert SHARED_CALLS_UNDER_WAY == 2
+    """Two shared calls to a slow KME are under way (`turns`; here they never count as
+    stalled): the links that ask meanwhile wait for a turn in one more call, all of them
+    together, rather than each sending its own."""
     alice, _ = await _pair(sim, sources, 7)
+    alice._turns["enc_keys", "bob"] = Turns(stall=60.0)
     app = sim.apps["KME_A"]
     before = app.received
     got: list[Key] = []
@@ -299,12 +389,156 @@ async def test_links_asking_while_shared_calls_are_under_way_share_the_next(
                 nursery.start_soon(call, link)
                 while app.received < before + index + 1:  # noqa: ASYNC110 - polls the simulator
                     await trio.sleep(0.005)
-            assert app.received - before == 2
             nursery.start_soon(call, alice.links[2])
-            gate = alice._gates["enc_keys", "bob"]
-            while not gate.statistics().tasks_waiting:  # noqa: ASYNC110 - the third waits
+            while len(alice._fetches) < 3:  # noqa: ASYNC110 - the third starts, and waits
                 await trio.sleep(0.005)
             for link in alice.links[3:]:
                 nursery.start_soon(call, link)
     assert app.received - before == 3  # 1 + 1 + 5
     assert len({key.key_id for key in got}) == 7 and app.stats["keys"] == 7
+
+
+@pytest.mark.parametrize("settings", [SLOW])
+async def test_a_key_id_whose_callers_left_before_the_call_is_not_asked_for(
+    sim: Simulator, sources: Any
+) -> None:
+    """Its key stays on the KME (which would delete it), and a repeated call gets it."""
+    alice, bob = await _pair(sim, sources, 4)
+    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    bob._turns["dec_keys", "alice"] = Turns(stall=60.0)
+    app = sim.apps["KME_B"]
+    before = app.received
+    got: list[Key] = []
+    leaving = trio.CancelScope()
+
+    async def call(index: int, scope: trio.CancelScope | None = None) -> None:
+        with scope or trio.CancelScope():
+            got.append(await bob.key_by_id(bob.links[index], sent[index].key_id))
+
+    def third_has_both() -> bool:
+        return any(len(f.claims) == 2 for fs in bob._fetches._running.values() for f in fs)
+
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(10):
+            for index in range(2):  # two calls on the wire, in turn
+                nursery.start_soon(call, index)
+                while app.received < before + index + 1:  # noqa: ASYNC110 - polls the simulator
+                    await trio.sleep(0.005)
+            nursery.start_soon(call, 2, leaving)
+            nursery.start_soon(call, 3)
+            while not third_has_both():  # noqa: ASYNC110 - both joined the third, which waits
+                await trio.sleep(0.005)
+            leaving.cancel()
+    assert leaving.cancelled_caught
+    assert sorted(k.key_id for k in got) == sorted(sent[i].key_id for i in (0, 1, 3))
+    assert app.received - before == 3 and app.stats["keys"] == 3
+    assert sim.network.parked_count("KME_B") == 1  # the left caller's key, still on the KME
+    repeated = await bob.key_by_id(bob.links[2], sent[2].key_id)
+    assert repeated.value.reveal() == sent[2].value.reveal()
+
+
+async def test_a_kme_short_of_key_serves_those_it_can(sim: Simulator, sources: Any) -> None:
+    """It answers 503 to a call for more keys than it holds: the callers each call for their
+    own, and as many get one as it holds."""
+    alice, _ = await _pair(sim, sources, 5, retries=0)
+    sim.network.link("KME_A", "KME_B").drain(keep_bits=3 * 256)
+    before = sim.apps["KME_A"].stats.copy()
+    results = await _together([lambda link=link: alice.new_key(link) for link in alice.links])
+    after = sim.apps["KME_A"].stats
+    assert sum(isinstance(r, Key) for r in results) == 3
+    assert sum(isinstance(r, SourceUnavailable) for r in results) == 2
+    assert after["503"] - before["503"] == 3  # the shared call, then the two left over
+    assert after["200"] - before["200"] == 3
+
+
+@pytest.mark.parametrize(
+    "settings", [SimSettings(kmes=KMES, rate_bps=0.0, quirks=Quirks(one_key_per_answer=True))]
+)
+async def test_a_kme_giving_fewer_keys_than_asked_for_is_asked_one_at_a_time(
+    sim: Simulator, sources: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It ignores `number` and all but the first key ID: the key it gave serves a caller, the
+    others call on their own, and shared calls pause (one warning per kind of call)."""
+    caplog.set_level(logging.WARNING, "qkdagent_etsi014")
+    alice, bob = await _pair(sim, sources, 4)
+    before_a, before_b = _requests(sim, "KME_A"), _requests(sim, "KME_B")
+    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    assert _requests(sim, "KME_A") - before_a == 4  # the shared call (one key), then three
+    got = _keys(
+        await _together(
+            [
+                lambda link=link, key=key: bob.key_by_id(link, key.key_id)
+                for link, key in zip(bob.links, sent, strict=True)
+            ]
+        )
+    )
+    assert _requests(sim, "KME_B") - before_b == 4
+    assert [k.key_id for k in got] == [k.key_id for k in sent]
+    assert all(a.value.reveal() == b.value.reveal() for a, b in zip(sent, got, strict=True))
+    warnings = [r.getMessage() for r in caplog.records if "one key per call" in r.getMessage()]
+    assert len(warnings) == 2 and all("answered 1 keys to a call for 4" in w for w in warnings)
+
+
+@pytest.mark.parametrize(
+    "settings", [SimSettings(kmes=KMES, rate_bps=0.0, sync_delay=30.0, clock=SIM_CLOCK)]
+)
+async def test_not_found_on_a_shared_call_is_asked_again_once(sim: Simulator, sources: Any) -> None:
+    """The KME may not hold the keys yet (its peer's just asked for them): the shared call is
+    made again after the backoff, and serves all once they are there."""
+    SIM_CLOCK.now = 0.0
+    alice, bob = await _pair(sim, sources, 3, not_found_retries=2, retry_backoff=0.5)
+    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    app = sim.apps["KME_B"]
+    before = app.stats.copy()
+    got: list[Key] = []
+
+    async def call(link: Link, key: Key) -> None:
+        got.append(await bob.key_by_id(link, key.key_id))
+
+    # the keys are not at bob's KME yet (they are once the clock reads 30)
+    async with trio.open_nursery() as nursery:
+        for link, key in zip(bob.links, sent, strict=True):
+            nursery.start_soon(call, link, key)
+        with trio.fail_after(10):
+            while app.stats["400"] == before["400"]:  # noqa: ASYNC110 - polls the simulator
+                await trio.sleep(0.005)
+        SIM_CLOCK.now = 60.0  # now they are, before the call is made again
+    after = app.stats
+    assert sorted(k.key_id for k in got) == sorted(k.key_id for k in sent)
+    assert after["400"] - before["400"] == 1  # the shared call, not found
+    assert after["200"] - before["200"] == 1  # ... and made again
+
+
+async def test_shared_calls_ending_one_by_one_in_a_row_pause(
+    sim: Simulator, sources: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer naming an unknown key ID ends its shared call; after `SPLITS_BEFORE_PAUSE` in a
+    row, shared calls with that SAE pause (a KME refusing several IDs in a way no one answer
+    tells)."""
+    caplog.set_level(logging.WARNING, "qkdagent_etsi014")
+    alice, bob = await _pair(sim, sources, 2, not_found_retries=0)
+    unknown = "00000000-0000-4000-8000-000000000000"
+    for _ in range(SPLITS_BEFORE_PAUSE):
+        assert not bob._batch_paused
+        sent = await alice.new_key(alice.links[0])
+        results = await _together(
+            [
+                lambda key_id=sent.key_id: bob.key_by_id(bob.links[0], key_id),
+                lambda: bob.key_by_id(bob.links[1], unknown),
+            ]
+        )
+        assert isinstance(results[0], Key) and isinstance(results[1], KeyNotFound)
+    assert set(bob._batch_paused) == {("dec_keys", "alice")}
+    assert any("in a row" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_key_id_no_kme_answer_could_hold_is_not_asked_for(
+    sim: Simulator, sources: Any
+) -> None:
+    """With `strict_key_ids`, a key ID that is no UUID: `KeyNotFound` at once, no call (in a
+    shared call it would end the call for the others)."""
+    _, bob = await _pair(sim, sources, 1)
+    before = _requests(sim, "KME_B")
+    with pytest.raises(KeyNotFound, match="not acceptable"):
+        await bob.key_by_id(bob.links[0], "kme-7f3a")
+    assert _requests(sim, "KME_B") == before

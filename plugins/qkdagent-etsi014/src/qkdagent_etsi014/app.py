@@ -9,6 +9,7 @@ source can be tested against them.
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import json
 import logging
 from collections import Counter
@@ -59,6 +60,9 @@ class Quirks:
     """Answer a one-key request with a key object instead of a one-element array."""
     delay: float = 0.0
     """Seconds to wait before answering (a slow or distant KME)."""
+    one_key_per_answer: bool = False
+    """Answer one key whatever `number` asks for, and only the first of several key IDs (a KME
+    that ignores them: the others stay on the KME)."""
 
 
 class KmeApp:
@@ -137,10 +141,14 @@ class KmeApp:
             raise ApiError(400, "POST requests take their parameters in the body, not the query")
         if operation == b"enc_keys":
             request = reqparse.enc_post(body) if method == "POST" else reqparse.enc_get(query)
+            if self.quirks.one_key_per_answer:
+                request = dataclasses.replace(request, number=1)
             keys = network.enc_keys(kme, caller, sae, request)
         else:
             ids = reqparse.dec_post(body) if method == "POST" else reqparse.dec_get(query)
-            keys = network.dec_keys(kme, caller, sae, ids)
+            keys = network.dec_keys(
+                kme, caller, sae, ids[:1] if self.quirks.one_key_per_answer else ids
+            )
         self.stats["keys"] += len(keys)
         return 200, self._container(keys)
 

@@ -9,7 +9,8 @@ nobody waits for any more finishes the exchange on the wire (its key is parked f
 caller) but starts no new one, and `close()` cancels every fetch.
 
 A fetch may serve several callers (one Get key call for several keys): `limit` is how many it
-can serve and `items` what they asked for (key IDs); the source decides who may join (`find`).
+may serve and `claims` what they asked for (key IDs); the source decides who may join (`find`)
+and, once the result is in, keeps what no caller still waits for (`park`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ class Fetch(Generic[T]):
     def __init__(self, tag: Hashable, limit: int = 1) -> None:
         self.tag = tag
         self.limit = limit
-        """How many callers it can serve: the keys it asks for (once `sealed`), or may ask for."""
-        self.items: list[str] = []
-        """What its callers asked for, where each asks for a different thing (key IDs)."""
+        """How many callers it may serve."""
+        self.claims: dict[str, int] = {}
+        """What its callers asked for, where each asks for a different thing (a key ID), and how
+        many of them still wait for it."""
         self.sealed = False
         """Its request is made: no caller joins for a new key any more."""
+        self.answered: set[str] = set()
+        """The claims its result answers (fewer than asked for, from some KMEs)."""
         self.scope = trio.CancelScope()
         self.done = trio.Event()
         self.waiters = 0
@@ -76,12 +80,13 @@ class Fetches(Generic[T]):
         self,
         tag: Hashable,
         job: Callable[[Fetch[T]], Awaitable[T]],
-        park: Callable[[T], None],
+        park: Callable[[Fetch[T]], None],
         discard: Callable[[T], None],
         *,
         limit: int = 1,
     ) -> Fetch[T]:
-        """Run `job` in the background; `park` its result (or `discard` it once closed)."""
+        """Run `job` in the background; `park` what of its result the waiters will not take
+        (or `discard` it once closed)."""
         if self._closed:
             raise SourceUnavailable(f"{self._describe}: source is closed")
         fetch: Fetch[T] = Fetch(tag, limit)
@@ -118,7 +123,7 @@ class Fetches(Generic[T]):
         self,
         fetch: Fetch[T],
         job: Callable[[Fetch[T]], Awaitable[T]],
-        park: Callable[[T], None],
+        park: Callable[[Fetch[T]], None],
         discard: Callable[[T], None],
     ) -> None:
         # A system task must never raise (trio would crash the whole run): every outcome is
@@ -137,7 +142,7 @@ class Fetches(Generic[T]):
                         discard(result)
                     else:
                         fetch.result = result
-                        park(result)
+                        park(fetch)
         finally:
             if fetch.result is None and fetch.error is None:  # cancelled
                 fetch.error = SourceUnavailable(

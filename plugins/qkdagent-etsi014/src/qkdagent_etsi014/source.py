@@ -62,10 +62,11 @@ from qkdagent import (
 )
 
 from . import wire
-from .batching import keys_per_call, must_split, pauses_batches
+from .batching import SPLITS_BEFORE_PAUSE, keys_per_call, must_split, pauses_at_once
 from .identity import MODES, IdentityRule, mismatch
 from .inflight import Fetch, Fetches
 from .retry import Backoff, Outcome, classify, settle_no_route
+from .turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,6 @@ for KMEs that add extensions, far below what could hurt the agent's memory."""
 HELD_KEYS_MAX = 256
 MAX_WARNED = 16
 """Kinds of non-standard key container a source reports, at most (each once)."""
-SHARED_CALLS_UNDER_WAY = 2
-"""Shared calls under way at once per (operation, SAE); the links asking meanwhile wait and join
-the next one. At 10,000 links one call at a time made 3-4 keys per call into ~N (figures in the
-README)."""
 BATCH_PAUSE = 600.0
 """Seconds a KME that refused a call for several keys is asked for one key per call."""
 CLOSE_GRACE = 2.0
@@ -131,7 +128,11 @@ def _kme_identity(options: Options) -> IdentityRule:
         options.fail("kme_fingerprints" if mode == "fingerprint" else "kme_identity", str(exc))
 
 
-_NO_WAIT: AbstractAsyncContextManager[object] = nullcontext()
+_NO_WAIT: AbstractAsyncContextManager[None] = nullcontext()
+
+
+def _any(fetch: Fetch[list[Key]]) -> bool:
+    return True
 
 
 def _has_room(cap: int, fetch: Fetch[list[Key]]) -> bool:
@@ -140,11 +141,11 @@ def _has_room(cap: int, fetch: Fetch[list[Key]]) -> bool:
 
 
 def _names(key_id: str, fetch: Fetch[list[Key]]) -> bool:
-    return key_id in fetch.items
+    return key_id in fetch.claims
 
 
 def _has_room_for_id(cap: int, fetch: Fetch[list[Key]]) -> bool:
-    return cap > 1 and not fetch.sealed and len(fetch.items) < fetch.limit
+    return cap > 1 and not fetch.sealed and len(fetch.claims) < fetch.limit
 
 
 class KmeHttp(Protocol):
@@ -229,8 +230,10 @@ class Etsi014Source(Source):
         self._kme_der: bytes | None = None
         """The last server certificate found to name `kme_id` (saves parsing it per answer)."""
         self._fetches: Fetches[list[Key]] = Fetches(f"source {name!r}: KME {self.kme_url}")
-        self._gates: dict[tuple[str, str], trio.Semaphore] = {}
-        """(operation, SAE) -> the turns of its shared calls (`_turn`)."""
+        self._turns: dict[tuple[str, str], Turns] = {}
+        """(operation, SAE) -> the turns of its shared calls."""
+        self._splits: dict[tuple[str, str], int] = {}
+        """(operation, SAE) -> its shared calls in a row that ended one by one."""
         self._batch_paused: dict[tuple[str, str], float] = {}
         """(operation, SAE) -> when calls for several keys may resume (a KME refused one)."""
 
@@ -359,12 +362,13 @@ class Etsi014Source(Source):
     async def new_key(self, link: Link) -> Key:
         slave = self.peer_sae(link)
         tag = ("enc_keys", slave)
-        cap = self._keys_per_call("enc_keys", slave)
+        single = False  # a shared call this caller was in ended: a call of its own now
         while True:
             await trio.lowlevel.checkpoint()
             spare = self._spare.setdefault(slave, deque())
             if spare:
                 return spare.popleft()
+            cap = 1 if single else self._keys_per_call("enc_keys", slave)
             # a fetch with a key to spare: one whose caller was cancelled (it may still deliver:
             # wait for it, not a new one), or one not yet sent that can ask for one more key
             fetch = self._fetches.find(tag, partial(_has_room, cap)) or self._fetches.start(
@@ -375,18 +379,27 @@ class Etsi014Source(Source):
                 limit=cap,
             )
             try:
-                await self._fetches.wait(fetch)  # cancelled: the key is parked as spare
+                keys = await self._fetches.wait(fetch)  # cancelled: the key is parked as spare
             except _Split:
-                cap = 1
+                single = True
                 continue
-            delivered = self._spare.get(slave)
-            if delivered:
-                return delivered.popleft()
-            # concurrent calls for the same peer took these keys meanwhile: get another
+            except BaseException:
+                if fetch.result:  # cancelled as the keys came, counted among the waiters
+                    self._park_spare(slave, fetch, 1)
+                raise
+            if keys:
+                return keys.pop()
+            # a short answer (fewer keys than asked for): get another
 
-    def _park_spare(self, slave: str, keys: list[Key]) -> None:
+    def _park_spare(self, slave: str, fetch: Fetch[list[Key]], count: int | None = None) -> None:
+        """Keep `count` keys of the fetch's (by default those beyond its waiters') for the next
+        call to `slave`."""
+        keys = fetch.result or []
+        if count is None:
+            count = max(0, len(keys) - fetch.waiters)
         spare = self._spare.setdefault(slave, deque())
-        spare.extend(keys)
+        for _ in range(min(count, len(keys))):
+            spare.append(keys.pop())
         while len(spare) > HELD_KEYS_MAX:
             spare.popleft().value.wipe()
 
@@ -398,14 +411,8 @@ class Etsi014Source(Source):
             # as many keys as callers wait (a retry asks for fewer if some left meanwhile)
             fetch.sealed = True
             fetch.limit = number = max(1, min(fetch.limit, fetch.waiters))
-            return (
-                number,
-                {"number": str(number), "size": str(self.key_size)},
-                {
-                    "number": number,
-                    "size": self.key_size,
-                },
-            )
+            query = {"number": str(number), "size": str(self.key_size)}
+            return number, query, {"number": number, "size": self.key_size}
 
         number, data = await self._with_retries(
             "enc_keys",
@@ -415,7 +422,8 @@ class Etsi014Source(Source):
             switch=self.enc_method == "auto",
             fetch=fetch,
         )
-        return self._parse("enc_keys", slave, data, number, expected=None)
+        keys = self._parse("enc_keys", slave, data, number, expected=None)
+        return self._short("enc_keys", slave, keys, number)
 
     async def key_by_id(self, link: Link, key_id: str) -> Key:
         master = self.peer_sae(link)
@@ -423,50 +431,85 @@ class Etsi014Source(Source):
         held = self._held.pop((master, key_id), None)
         if held is not None:
             return held
-        if wire.utf8_length(key_id) > wire.MAX_KEY_ID_BYTES or not key_id.isprintable():
+        if (
+            wire.utf8_length(key_id) > wire.MAX_KEY_ID_BYTES
+            or not key_id.isprintable()
+            or (self.strict_key_ids and not wire.UUID_RE.match(key_id))
+        ):
+            # (an answer holding it would be refused: asking would only waste the call)
             raise KeyNotFound(f"{self._where('dec_keys', master)}: key ID is not acceptable")
-        tag = ("dec_keys", master)
-        cap = self._keys_per_call("dec_keys", master)
+        single = False  # a shared call this caller was in ended: a call of its own now
         while True:
-            # a call for the same ID still running (or left by a cancelled caller): share it;
-            # else join one not yet sent, naming one more ID
-            fetch = self._fetches.find(tag, partial(_names, key_id)) or self._fetches.find(
-                tag, partial(_has_room_for_id, cap)
-            )
-            if fetch is None:
-                fetch = self._fetches.start(
-                    tag,
-                    partial(self._fetch_by_ids, master),
-                    partial(self._hold, master),
-                    _wipe_all,
-                    limit=cap,
-                )
-            if key_id not in fetch.items:
-                fetch.items.append(key_id)
+            cap = 1 if single else self._keys_per_call("dec_keys", master)
+            fetch = self._dec_fetch(master, key_id, cap)
+            fetch.claims[key_id] = fetch.claims.get(key_id, 0) + 1
             try:
-                await self._fetches.wait(fetch)  # cancelled: a repeated call gets the held key
+                keys = await self._fetches.wait(fetch)  # cancelled: the key is held for a repeat
             except _Split:
-                cap = 1
+                fetch.claims[key_id] -= 1
+                single = True
                 continue
-            break
-        key = self._held.pop((master, key_id), None)
-        if key is None:  # a concurrent call for the same ID was handed the key (single use)
+            except BaseException:
+                fetch.claims[key_id] -= 1
+                if fetch.result:  # cancelled as the keys came, counted among the waiters
+                    self._hold(master, fetch)
+                raise
+            fetch.claims[key_id] -= 1
+            for index, key in enumerate(keys):
+                if key.key_id == key_id:
+                    return keys.pop(index)
+            if key_id not in fetch.answered:
+                # a short answer without it (fewer keys than named): a call of its own
+                single = True
+                continue
+            # a concurrent call for the same ID was handed the key (single use)
             raise KeyNotFound(f"{self._where('dec_keys', master)}: key {key_id!r} already taken")
-        return key
 
-    def _hold(self, master: str, keys: list[Key]) -> None:
+    def _dec_fetch(self, master: str, key_id: str, cap: int) -> Fetch[list[Key]]:
+        """A call under way naming `key_id` (or one left by a cancelled caller): share it; else
+        join a shared call not yet sent, naming one more ID; else a new one."""
+        single_tag, shared_tag = ("dec_keys", master, key_id), ("dec_keys", master)
+        fetch = self._fetches.find(single_tag, _any) or self._fetches.find(
+            shared_tag, partial(_names, key_id)
+        )
+        if fetch is None and cap > 1:
+            fetch = self._fetches.find(shared_tag, partial(_has_room_for_id, cap))
+        if fetch is None:
+            fetch = self._fetches.start(
+                shared_tag if cap > 1 else single_tag,
+                partial(self._fetch_by_ids, master),
+                partial(self._hold, master),
+                _wipe_all,
+                limit=cap,
+            )
+        return fetch
+
+    def _hold(self, master: str, fetch: Fetch[list[Key]]) -> None:
+        """Hold the fetch's keys that no waiting caller named, for a repeated call."""
+        keys = fetch.result or []
+        kept = [key for key in keys if fetch.claims.get(key.key_id, 0) > 0]
         for key in keys:
-            self._held[(master, key.key_id)] = key
+            if fetch.claims.get(key.key_id, 0) <= 0:
+                self._held[(master, key.key_id)] = key
+        keys[:] = kept
         while len(self._held) > HELD_KEYS_MAX:
             self._held.popitem(last=False)[1].value.wipe()
 
     async def _fetch_by_ids(self, master: str, fetch: Fetch[list[Key]]) -> list[Key]:
         if fetch.limit > 1:  # the calls made together with the first one join it first
             await trio.lowlevel.checkpoint()
-        ids = fetch.items
+        ids: list[str] = []
 
         def compose() -> tuple[int, dict[str, str], dict[str, Any]]:
-            fetch.sealed = True  # the IDs are fixed at the first attempt (a retry resends them)
+            if not fetch.sealed:  # fixed at the first attempt: a retry names the same IDs
+                fetch.sealed = True
+                # an ID whose callers all left before the call is not asked for (the KME would
+                # delete a key nobody waits for); a repeated call for it makes a call of its own
+                for key_id, waiting in list(fetch.claims.items()):
+                    if waiting > 0:
+                        ids.append(key_id)
+                    else:
+                        del fetch.claims[key_id]
             return len(ids), {"key_ID": ids[0]}, {"key_IDs": [{"key_ID": i} for i in ids]}
 
         # several IDs only by POST (GET names one): `_keys_per_call` is 1 once GET is chosen
@@ -474,21 +517,9 @@ class Etsi014Source(Source):
         number, data = await self._with_retries(
             "dec_keys", master, method, compose, switch=self.dec_method == "auto", fetch=fetch
         )
-        return self._parse("dec_keys", master, data, number, expected=ids)
-
-    def _turn(
-        self, operation: str, sae: str, fetch: Fetch[list[Key]]
-    ) -> AbstractAsyncContextManager[object]:
-        """Shared calls to one SAE take turns, `SHARED_CALLS_UNDER_WAY` at a time: the links
-        that ask while they are under way wait for the next one and share it, rather than each
-        sending its own. (More than one, so a slow call does not hold up the rest.) A call for
-        one key only (batches paused, or `max_keys_per_call = 1`) goes at once, as before."""
-        if fetch.limit == 1:
-            return _NO_WAIT
-        gate = self._gates.get((operation, sae))
-        if gate is None:
-            gate = self._gates[(operation, sae)] = trio.Semaphore(SHARED_CALLS_UNDER_WAY)
-        return gate
+        keys = self._parse("dec_keys", master, data, number, expected=ids)
+        fetch.answered.update(key.key_id for key in keys)
+        return self._short("dec_keys", master, keys, number)
 
     def _keys_per_call(self, operation: str, sae: str) -> int:
         status = self.limits.get(sae)
@@ -502,19 +533,42 @@ class Etsi014Source(Source):
             paused=paused,
         )
 
-    def _pause_batches(
-        self, operation: str, sae: str, outcome: Outcome, status: int | None
-    ) -> None:
+    def _turn(
+        self, operation: str, sae: str, fetch: Fetch[list[Key]]
+    ) -> AbstractAsyncContextManager[None]:
+        """A shared call waits for its turn (`turns`); a call for one key only (shared calls
+        paused, or `max_keys_per_call = 1`) goes at once, as before."""
+        if fetch.limit == 1:
+            return _NO_WAIT
+        turns = self._turns.get((operation, sae))
+        if turns is None:
+            turns = self._turns[(operation, sae)] = Turns()
+        return turns.turn()
+
+    def _shared_ended(self, operation: str, sae: str, *, split: bool, why: str = "") -> None:
+        """Count shared calls whose callers went on one by one; pause sharing with this SAE
+        after `SPLITS_BEFORE_PAUSE` in a row (or at once, given `why` alone)."""
         key = (operation, sae)
+        if not split:
+            self._splits.pop(key, None)
+            return
+        self._splits[key] = self._splits.get(key, 0) + 1
+        if self._splits[key] >= SPLITS_BEFORE_PAUSE:
+            why = why or f"{SPLITS_BEFORE_PAUSE} calls for several keys in a row were refused"
+        if why:
+            self._pause_batches(operation, sae, why)
+
+    def _pause_batches(self, operation: str, sae: str, why: str) -> None:
+        key = (operation, sae)
+        self._splits.pop(key, None)
         if self._batch_paused.get(key, -math.inf) <= trio.current_time():
             log.warning(
-                "source %s: %s %s answered %s (%s) to a call for several keys; one key per call "
-                "for %g s",
+                "source %s: %s %s (%s %s): one key per call for %g s",
                 self.name,
                 self.kme_url,
+                why,
                 operation,
-                status,
-                outcome.value,
+                sae,
                 BATCH_PAUSE,
             )
         self._batch_paused[key] = trio.current_time() + BATCH_PAUSE
@@ -533,11 +587,12 @@ class Etsi014Source(Source):
     ) -> tuple[int, bytes]:
         """The call's answer and how many keys it asked for; `compose` gives them and the
         request's query and body, per attempt. A shared call (one that may carry several keys)
-        waits for its turn first (`SHARED_CALLS_UNDER_WAY`), and the callers that come
-        meanwhile join it."""
+        waits for its turn first (`turns`), and the callers that come meanwhile join it; one
+        for several keys that must end (`batching.must_split`) raises `_Split`."""
         unavailable = Backoff(self.retries, self.retry_backoff, self.max_backoff)
         not_found = Backoff(self.not_found_retries, self.retry_backoff, self.max_backoff)
         tentative: str | None = None  # the method that got a bare 404: the other one is on trial
+        shared_not_found = False  # a call for several keys was answered "not found" once
         while True:
             if not fetch.wanted:  # every caller left: no new request (the last one is answered)
                 raise SourceUnavailable(f"{self._where(operation, sae)}: abandoned by its caller")
@@ -555,10 +610,22 @@ class Etsi014Source(Source):
                 finally:
                     fetch.on_wire = False
             outcome = classify(operation, status_code, wire.error_message(data))
-            if must_split(count, outcome):
-                if pauses_batches(outcome):
-                    self._pause_batches(operation, sae, outcome, status_code)
-                raise _Split(f"{self._where(operation, sae)}: {count} keys in one call refused")
+            if count > 1 and outcome is not Outcome.OK:
+                split = must_split(
+                    count, outcome, status=status_code, not_found_before=shared_not_found
+                )
+                if outcome is Outcome.NOT_FOUND and not split:
+                    shared_not_found = True
+                    pause = not_found.next()
+                    if pause is not None:
+                        await trio.sleep(pause)
+                        continue
+                    split = True
+                if split:
+                    why = f"answered {status_code} ({outcome.value}) to a call for {count} keys"
+                    at_once = pauses_at_once(operation, outcome)
+                    self._shared_ended(operation, sae, split=True, why=why if at_once else "")
+                    raise _Split(f"{self._where(operation, sae)}: {why}")
             if outcome is Outcome.NO_ROUTE:
                 if switch:  # nothing was delivered: try the other method once
                     switch, tentative, method = False, method, _other(method)
@@ -572,6 +639,8 @@ class Etsi014Source(Source):
             if outcome is Outcome.OK:
                 if tentative is not None:
                     self._remember_method(operation, method, f"answers 404 to {tentative}")
+                if count > 1:
+                    self._shared_ended(operation, sae, split=False)
                 return count, data
             delay: float | None = None
             if outcome is Outcome.METHOD and switch:
@@ -584,7 +653,7 @@ class Etsi014Source(Source):
             elif outcome is Outcome.NOT_FOUND:
                 delay = not_found.next()
             if delay is None:
-                key_id = fetch.items[0] if len(fetch.items) == 1 else None
+                key_id = next(iter(fetch.claims)) if len(fetch.claims) == 1 else None
                 raise self._failure(operation, sae, status_code, data, outcome, key_id=key_id)
             log.debug(
                 "source %s: %s via %s: %s, retrying in %.2fs",
@@ -653,7 +722,7 @@ class Etsi014Source(Source):
         except trio.TooSlowError:
             raise SourceUnavailable(
                 f"{self._where(operation, sae)}: no answer within the timeout "
-                "(a key handed out meanwhile is lost)"
+                "(keys handed out meanwhile are lost)"
             ) from None
         except EncodedReply as exc:
             raise SourceError(f"KME {self.kme_url}: answer refused: {exc}") from None
@@ -688,6 +757,8 @@ class Etsi014Source(Source):
     def _parse(
         self, operation: str, sae: str, data: bytes, number: int, expected: list[str] | None
     ) -> list[Key]:
+        """The answer's keys; to a call for several, fewer are taken too (a KME that ignores
+        `number` or some of the IDs: `_short`)."""
         try:
             pairs = wire.parse_key_container(
                 wire.loads(data),
@@ -696,6 +767,7 @@ class Etsi014Source(Source):
                 strict_uuid=self.strict_key_ids,
                 expected_ids=expected,
                 on_variant=self._warn_variant,
+                at_most=number > 1,
             )
         except wire.WireError as exc:
             keys = "key" if number == 1 else f"{number} keys"
@@ -703,6 +775,13 @@ class Etsi014Source(Source):
                 f"{self._where(operation, sae)}: answer rejected, {keys} not used: {exc}"
             ) from None
         return [Key(key_id, Secret(raw)) for key_id, raw in pairs]
+
+    def _short(self, operation: str, sae: str, keys: list[Key], number: int) -> list[Key]:
+        """Fewer keys than asked for: the callers left without one call on their own, and
+        shared calls with this SAE pause."""
+        if len(keys) < number:
+            self._pause_batches(operation, sae, f"answered {len(keys)} keys to a call for {number}")
+        return keys
 
     def _warn_variant(self, variant: str) -> None:
         """Say once per kind of variant that the KME strays from the standard (at most

@@ -209,8 +209,12 @@ def parse_key_container(
     strict_uuid: bool = True,
     expected_ids: list[str] | None = None,
     on_variant: Callable[[str], None] | None = None,
+    at_most: bool = False,
 ) -> list[tuple[str, bytes]]:
     """Validate a Key container and return `(key_ID, key bytes)` in the KME's order.
+
+    `at_most`: 1 to `number` keys (and of `expected_ids`, some) are accepted, for an answer to a
+    call for several keys from a KME that gives fewer than asked for (the caller checks the count).
 
     Accepts `keys`/`Keys` (Table 11 vs the JSON example) and, reporting them through `on_variant`,
     other spellings (`key_id`) and a bare key object in place of a one-element array.
@@ -228,7 +232,7 @@ def parse_key_container(
         keys = [keys]
     if not isinstance(keys, list):
         raise WireError("Key container has no 'keys' array")
-    if len(keys) != number:
+    if not (1 <= len(keys) <= number if at_most else len(keys) == number):
         raise WireError(f"Key container holds {len(keys)} keys, {number} were requested")
     result: list[tuple[str, bytes]] = []
     seen: set[str] = set()
@@ -244,7 +248,9 @@ def parse_key_container(
             raise WireError(f"keys[{index}]: key_ID {_shown(key_id)} appears twice")
         seen.add(key_id)
         result.append((key_id, raw))
-    if expected_ids is not None and sorted(seen) != sorted(expected_ids):
+    if expected_ids is not None and (
+        not seen.issubset(expected_ids) if at_most else sorted(seen) != sorted(expected_ids)
+    ):
         raise WireError("Key container holds other key_IDs than the ones requested")
     if variants and on_variant is not None:
         for variant in dict.fromkeys(variants):
