@@ -17,8 +17,10 @@ import trio.testing
 from qkdagent_etsi014.app import Quirks
 from qkdagent_etsi014.batching import (
     SPLITS_BEFORE_PAUSE,
+    Shared,
+    after_no_keys,
+    counts_toward_pause,
     keys_per_call,
-    must_split,
     pauses_at_once,
 )
 from qkdagent_etsi014.network import Limits
@@ -106,23 +108,58 @@ def test_one_key_per_call_when_unknown_by_get_or_paused(
     )
 
 
-def test_only_a_shared_call_splits() -> None:
+def test_a_call_for_one_key_is_handled_as_before() -> None:
     for outcome in Outcome:
         for status in (None, 400, 503):
-            assert not must_split(1, outcome, status=status, not_found_before=True)
-    assert not must_split(2, Outcome.OK, status=200, not_found_before=True)
-    for outcome in (Outcome.REJECTED, Outcome.UNAUTHORIZED, Outcome.METHOD, Outcome.NO_ROUTE):
-        assert must_split(2, outcome, status=400, not_found_before=False)
+            for again in (False, True):
+                shared = after_no_keys("dec_keys", 1, outcome, status=status, asked_again=again)
+                assert shared is Shared.AS_ONE
 
 
-def test_a_refused_connect_is_retried_whole_and_a_503_splits() -> None:
-    assert not must_split(2, Outcome.UNAVAILABLE, status=None, not_found_before=False)
-    assert must_split(2, Outcome.UNAVAILABLE, status=503, not_found_before=False)
+def test_a_refused_connect_is_retried_as_it_is() -> None:
+    for again in (False, True):
+        assert (
+            after_no_keys("enc_keys", 5, Outcome.UNAVAILABLE, status=None, asked_again=again)
+            is Shared.AS_ONE
+        )
 
 
-def test_not_found_is_retried_whole_once() -> None:
-    assert not must_split(2, Outcome.NOT_FOUND, status=400, not_found_before=False)
-    assert must_split(2, Outcome.NOT_FOUND, status=400, not_found_before=True)
+@pytest.mark.parametrize(
+    "operation, outcome",
+    [
+        ("enc_keys", Outcome.UNAVAILABLE),  # a 503: short of key, or busy
+        ("dec_keys", Outcome.UNAVAILABLE),
+        ("dec_keys", Outcome.NOT_FOUND),  # the KME may be catching up with its peer
+        ("dec_keys", Outcome.NO_ROUTE),
+    ],
+)
+def test_asked_again_whole_once_then_split(operation: str, outcome: Outcome) -> None:
+    first = after_no_keys(operation, 5, outcome, status=404, asked_again=False)
+    assert first is Shared.AGAIN
+    assert after_no_keys(operation, 5, outcome, status=404, asked_again=True) is Shared.SPLIT
+
+
+def test_both_methods_carry_number_so_enc_keys_switches_as_before() -> None:
+    for outcome in (Outcome.METHOD, Outcome.NO_ROUTE):
+        assert after_no_keys("enc_keys", 5, outcome, status=405, asked_again=False) is (
+            Shared.AS_ONE
+        )
+    assert after_no_keys("dec_keys", 5, Outcome.METHOD, status=405, asked_again=False) is (
+        Shared.SPLIT  # several IDs go by POST only
+    )
+
+
+def test_a_refusal_splits_at_once() -> None:
+    for operation in ("enc_keys", "dec_keys"):
+        for outcome in (Outcome.REJECTED, Outcome.UNAUTHORIZED):
+            assert (
+                after_no_keys(operation, 5, outcome, status=400, asked_again=False) is Shared.SPLIT
+            )
+
+
+def test_a_shortage_does_not_count_toward_a_pause() -> None:
+    assert not counts_toward_pause(Outcome.UNAVAILABLE)
+    assert counts_toward_pause(Outcome.NOT_FOUND) and counts_toward_pause(Outcome.REJECTED)
 
 
 def test_only_a_refusal_of_our_own_get_key_pauses_at_once() -> None:
@@ -290,9 +327,25 @@ async def test_a_kme_refusing_several_keys_is_asked_one_at_a_time(
     assert len(warnings) == 1 and "400 (rejected) to a call for 5 keys" in warnings[0]
 
 
-@pytest.mark.parametrize(
-    "settings", [SimSettings(kmes=KMES, rate_bps=0.0, quirks=Quirks(delay=0.2))]
-)
+class Hold:
+    """Holds every answer of a KME until `release` is set (`KmeApp.before_answer`)."""
+
+    def __init__(self, sim: Simulator, kme: str) -> None:
+        self.release = trio.Event()
+        sim.apps[kme].before_answer = self.release.wait
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll the simulator and the source's fetches (they run in this process, over loopback)."""
+    with trio.fail_after(10):
+        while not condition():  # noqa: ASYNC110 - state of other tasks, no event to wait on
+            await trio.sleep(0.005)
+
+
+def _running(source: Etsi014Source) -> list[Any]:
+    return [fetch for fetches in source._fetches._running.values() for fetch in fetches]
+
+
 async def test_a_key_for_a_caller_that_left_serves_the_next(sim: Simulator, sources: Any) -> None:
     """One of three callers sharing a call is cancelled once the KME has the request: the
     others get their keys, the leaver's key is held as a spare, and the next call takes it
@@ -300,6 +353,7 @@ async def test_a_key_for_a_caller_that_left_serves_the_next(sim: Simulator, sour
     alice, _ = await _pair(sim, sources, 3)
     app = sim.apps["KME_A"]
     before = app.received
+    hold = Hold(sim, "KME_A")
     got: list[Key] = []
     leaving = trio.CancelScope()
 
@@ -310,10 +364,12 @@ async def test_a_key_for_a_caller_that_left_serves_the_next(sim: Simulator, sour
     async with trio.open_nursery() as nursery:
         for link in alice.links:
             nursery.start_soon(call, link)
-        with trio.fail_after(10):
-            while app.received == before:  # noqa: ASYNC110 - polls the simulator
-                await trio.sleep(0.005)
+        await until(lambda: app.received > before)
+        fetch = _running(alice)[0]
+        assert fetch.limit == 3 and fetch.waiters == 3
         leaving.cancel()
+        await until(lambda: fetch.waiters == 2)
+        hold.release.set()
     assert leaving.cancelled_caught
     assert len(got) == 2 and app.received - before == 1 and app.stats["keys"] == 3
     assert len(alice._spare["bob"]) == 1
@@ -351,9 +407,6 @@ async def test_max_keys_per_call_is_checked(sim: Simulator, tmp_path: Path, valu
         make_source(sim, "alice", tmp_path, max_keys_per_call=value)
 
 
-SLOW = SimSettings(kmes=KMES, rate_bps=0.0, quirks=Quirks(delay=0.5))
-
-
 class _SimClock:
     """The simulator's clock, moved by hand: keys reach the slave's KME `sync_delay` after the
     master's Get key, by this clock."""
@@ -367,38 +420,35 @@ class _SimClock:
 SIM_CLOCK = _SimClock()
 
 
-@pytest.mark.parametrize("settings", [SLOW])
 async def test_links_asking_while_shared_calls_are_under_way_share_the_next(
     sim: Simulator, sources: Any
 ) -> None:
-    """Two shared calls to a slow KME are under way (`turns`; here they never count as
-    stalled): the links that ask meanwhile wait for a turn in one more call, all of them
-    together, rather than each sending its own."""
+    """Two shared calls are under way (`turns`; here they never count as stalled): the links
+    that ask meanwhile wait for a turn in one more call, all of them together, rather than
+    each sending its own."""
     alice, _ = await _pair(sim, sources, 7)
     alice._turns["enc_keys", "bob"] = Turns(stall=60.0)
     app = sim.apps["KME_A"]
     before = app.received
+    hold = Hold(sim, "KME_A")
     got: list[Key] = []
 
     async def call(link: Link) -> None:
         got.append(await alice.new_key(link))
 
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
-            for index, link in enumerate(alice.links[:2]):  # two calls on the wire, in turn
-                nursery.start_soon(call, link)
-                while app.received < before + index + 1:  # noqa: ASYNC110 - polls the simulator
-                    await trio.sleep(0.005)
-            nursery.start_soon(call, alice.links[2])
-            while len(alice._fetches) < 3:  # noqa: ASYNC110 - the third starts, and waits
-                await trio.sleep(0.005)
-            for link in alice.links[3:]:
-                nursery.start_soon(call, link)
+        for index, link in enumerate(alice.links[:2]):  # two calls on the wire, in turn
+            nursery.start_soon(call, link)
+            await until(lambda index=index: app.received == before + index + 1)
+        for link in alice.links[2:]:
+            nursery.start_soon(call, link)
+        await until(lambda: any(f.waiters == 5 for f in _running(alice)))
+        assert len(_running(alice)) == 3 and app.received - before == 2  # the third waits
+        hold.release.set()
     assert app.received - before == 3  # 1 + 1 + 5
     assert len({key.key_id for key in got}) == 7 and app.stats["keys"] == 7
 
 
-@pytest.mark.parametrize("settings", [SLOW])
 async def test_a_key_id_whose_callers_left_before_the_call_is_not_asked_for(
     sim: Simulator, sources: Any
 ) -> None:
@@ -408,6 +458,7 @@ async def test_a_key_id_whose_callers_left_before_the_call_is_not_asked_for(
     bob._turns["dec_keys", "alice"] = Turns(stall=60.0)
     app = sim.apps["KME_B"]
     before = app.received
+    hold = Hold(sim, "KME_B")
     got: list[Key] = []
     leaving = trio.CancelScope()
 
@@ -415,20 +466,17 @@ async def test_a_key_id_whose_callers_left_before_the_call_is_not_asked_for(
         with scope or trio.CancelScope():
             got.append(await bob.key_by_id(bob.links[index], sent[index].key_id))
 
-    def third_has_both() -> bool:
-        return any(len(f.claims) == 2 for fs in bob._fetches._running.values() for f in fs)
-
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(10):
-            for index in range(2):  # two calls on the wire, in turn
-                nursery.start_soon(call, index)
-                while app.received < before + index + 1:  # noqa: ASYNC110 - polls the simulator
-                    await trio.sleep(0.005)
-            nursery.start_soon(call, 2, leaving)
-            nursery.start_soon(call, 3)
-            while not third_has_both():  # noqa: ASYNC110 - both joined the third, which waits
-                await trio.sleep(0.005)
-            leaving.cancel()
+        for index in range(2):  # two calls on the wire, in turn
+            nursery.start_soon(call, index)
+            await until(lambda index=index: app.received == before + index + 1)
+        nursery.start_soon(call, 2, leaving)
+        nursery.start_soon(call, 3)
+        await until(lambda: any(len(f.claims) == 2 for f in _running(bob)))
+        third = next(f for f in _running(bob) if len(f.claims) == 2)
+        leaving.cancel()
+        await until(lambda: third.claims[sent[2].key_id] == 0)
+        hold.release.set()
     assert leaving.cancelled_caught
     assert sorted(k.key_id for k in got) == sorted(sent[i].key_id for i in (0, 1, 3))
     assert app.received - before == 3 and app.stats["keys"] == 3
@@ -486,25 +534,31 @@ async def test_not_found_on_a_shared_call_is_asked_again_once(sim: Simulator, so
     """The KME may not hold the keys yet (its peer's just asked for them): the shared call is
     made again after the backoff, and serves all once they are there."""
     SIM_CLOCK.now = 0.0
-    alice, bob = await _pair(sim, sources, 3, not_found_retries=2, retry_backoff=0.5)
+    alice, bob = await _pair(sim, sources, 3, not_found_retries=2, **FAST)
     sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
     app = sim.apps["KME_B"]
     before = app.stats.copy()
-    got: list[Key] = []
+    answers = 0
 
-    async def call(link: Link, key: Key) -> None:
-        got.append(await bob.key_by_id(link, key.key_id))
+    async def second_finds_them() -> None:
+        # the keys reach bob's KME once its clock reads 30: after its first answer
+        nonlocal answers
+        answers += 1
+        if answers == 2:
+            SIM_CLOCK.now = 60.0
 
-    # the keys are not at bob's KME yet (they are once the clock reads 30)
-    async with trio.open_nursery() as nursery:
-        for link, key in zip(bob.links, sent, strict=True):
-            nursery.start_soon(call, link, key)
-        with trio.fail_after(10):
-            while app.stats["400"] == before["400"]:  # noqa: ASYNC110 - polls the simulator
-                await trio.sleep(0.005)
-        SIM_CLOCK.now = 60.0  # now they are, before the call is made again
+    app.before_answer = second_finds_them
+    got = _keys(
+        await _together(
+            [
+                lambda link=link, key=key: bob.key_by_id(link, key.key_id)
+                for link, key in zip(bob.links, sent, strict=True)
+            ]
+        )
+    )
     after = app.stats
-    assert sorted(k.key_id for k in got) == sorted(k.key_id for k in sent)
+    assert [k.key_id for k in got] == [k.key_id for k in sent]
+    assert answers == 2
     assert after["400"] - before["400"] == 1  # the shared call, not found
     assert after["200"] - before["200"] == 1  # ... and made again
 
@@ -542,3 +596,39 @@ async def test_a_key_id_no_kme_answer_could_hold_is_not_asked_for(
     with pytest.raises(KeyNotFound, match="not acceptable"):
         await bob.key_by_id(bob.links[0], "kme-7f3a")
     assert _requests(sim, "KME_B") == before
+
+
+async def test_a_key_whose_caller_left_during_the_call_is_held_for_a_repeat(
+    sim: Simulator, sources: Any
+) -> None:
+    """One of three `dec_keys` callers sharing a call leaves while it is on the wire: the others
+    get their keys, and a repeated call for the leaver's ID, once the call is over, gets the key
+    held for it (the KME has deleted it) without asking again."""
+    alice, bob = await _pair(sim, sources, 3)
+    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    app = sim.apps["KME_B"]
+    before = app.received
+    hold = Hold(sim, "KME_B")
+    got: list[Key] = []
+    leaving = trio.CancelScope()
+
+    async def call(index: int) -> None:
+        with leaving if index == 0 else trio.CancelScope():
+            got.append(await bob.key_by_id(bob.links[index], sent[index].key_id))
+
+    async with trio.open_nursery() as nursery:
+        for index in range(3):
+            nursery.start_soon(call, index)
+        await until(lambda: app.received > before)
+        fetch = _running(bob)[0]
+        assert len(fetch.claims) == 3
+        leaving.cancel()
+        await until(lambda: fetch.claims[sent[0].key_id] == 0)
+        hold.release.set()
+    assert leaving.cancelled_caught and not bob._fetches
+    assert sorted(k.key_id for k in got) == sorted(k.key_id for k in sent[1:])
+    assert set(bob._held) == {("alice", sent[0].key_id)}
+    assert fetch.result == []  # each key in one place: handed out, or held
+    repeated = await bob.key_by_id(bob.links[0], sent[0].key_id)
+    assert repeated.value.reveal() == sent[0].value.reveal()
+    assert app.received - before == 1 and not bob._held

@@ -86,6 +86,8 @@ class KmeApp:
         """Answers by status code, and keys handed out."""
         self.received = 0
         """Requests that reached the app (counted before the `delay` quirk)."""
+        self.before_answer: Callable[[], Awaitable[None]] | None = None
+        """Awaited before each request is handled, after `delay` (tests hold answers with it)."""
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, caller: str | None
@@ -95,6 +97,8 @@ class KmeApp:
         self.received += 1  # before any delay: tests cancel a request in flight
         if self.quirks.delay:
             await trio.sleep(self.quirks.delay)
+        if self.before_answer is not None:
+            await self.before_answer()
         try:
             status, body = await self._handle(scope, receive, caller)
         except ApiError as exc:

@@ -10,6 +10,8 @@ QKD 014, REFERENCE §1.2, §1.4). A KME's Get status says how many keys one requ
 
 from __future__ import annotations
 
+from enum import Enum
+
 from .retry import Outcome
 
 KEY_OVERHEAD_BYTES = 200
@@ -37,20 +39,39 @@ def keys_per_call(
     return max(1, min(option, kme_max, response_limit // per_key))
 
 
-def must_split(count: int, outcome: Outcome, *, status: int | None, not_found_before: bool) -> bool:
-    """Whether a call for `count` keys that got `outcome` ends, its callers each calling for
-    their own key. Such an answer delivered no key, and one unknown key ID in a shared
-    `dec_keys` must not fail the others. A refused connect is retried as it is (it says nothing
-    of the call); a 503 is not, as a KME short of key answers a large `number` with it (those it
-    can serve are then served); a first "not found" is, once, as the KME may be catching up with
-    its peer (REFERENCE §1.5)."""
-    if count <= 1 or outcome is Outcome.OK:
-        return False
-    if outcome is Outcome.UNAVAILABLE:
-        return status is not None
-    if outcome is Outcome.NOT_FOUND:
-        return not_found_before
-    return True
+class Shared(Enum):
+    """What becomes of a call for several keys that got no keys."""
+
+    AS_ONE = "as one"  # as a call for one key would be (retried, the method switched, failed)
+    AGAIN = "again"  # made again whole, once, after the backoff
+    SPLIT = "split"  # ended: its callers each call for their own key
+
+
+def after_no_keys(
+    operation: str, count: int, outcome: Outcome, *, status: int | None, asked_again: bool
+) -> Shared:
+    """A call for `count` keys answered with `outcome` (not OK: no key was delivered).
+
+    - A refused connect (`status` None) says nothing of the call: retried as it is. So is a
+      refused method or a missing route on `enc_keys`, whose both methods carry `number`.
+    - A 503 (a KME short of key answers a large `number` with it, or a busy one), a first "not
+      found" (the KME may be catching up with its peer, REFERENCE §1.5) and a bare 404 on
+      `dec_keys` are asked again whole once; then split, so those that can be served are.
+    - Anything else splits at once: one unknown key ID must not fail the other callers, and
+      several key IDs go by POST only.
+    """
+    if count <= 1 or (outcome is Outcome.UNAVAILABLE and status is None):
+        return Shared.AS_ONE
+    if operation == "enc_keys" and outcome in (Outcome.METHOD, Outcome.NO_ROUTE):
+        return Shared.AS_ONE
+    if outcome in (Outcome.UNAVAILABLE, Outcome.NOT_FOUND, Outcome.NO_ROUTE):
+        return Shared.SPLIT if asked_again else Shared.AGAIN
+    return Shared.SPLIT
+
+
+def counts_toward_pause(outcome: Outcome) -> bool:
+    """Whether a split says the KME may refuse shared calls (a shortage of key does not)."""
+    return outcome is not Outcome.UNAVAILABLE
 
 
 def pauses_at_once(operation: str, outcome: Outcome) -> bool:

@@ -19,8 +19,9 @@ key with key IDs (`dec_keys`) naming the peer's SAE as master. Every answer is v
   instead of a fresh KME round trip;
 - calls for the same peer SAE made together share one request (`batching`): one `enc_keys` for
   several keys, one `dec_keys` naming several key IDs, at most `max_keys_per_call` and the KME's
-  `max_key_per_request`; a shared call answered with anything but keys or 503 sends its callers
-  back to one key per call, so one unknown key ID fails only its own caller;
+  `max_key_per_request`, taking turns (`turns`); a shared call answered without keys sends its
+  callers back to one key per call (`batching.after_no_keys`), so one unknown key ID fails only
+  its own caller;
 - every answer body is read with a bound while streaming (`MAX_RESPONSE_BYTES`, no compression).
 """
 
@@ -62,7 +63,14 @@ from qkdagent import (
 )
 
 from . import wire
-from .batching import SPLITS_BEFORE_PAUSE, keys_per_call, must_split, pauses_at_once
+from .batching import (
+    SPLITS_BEFORE_PAUSE,
+    Shared,
+    after_no_keys,
+    counts_toward_pause,
+    keys_per_call,
+    pauses_at_once,
+)
 from .identity import MODES, IdentityRule, mismatch
 from .inflight import Fetch, Fetches
 from .retry import Backoff, Outcome, classify, settle_no_route
@@ -108,7 +116,8 @@ def _wipe_all(keys: list[Key]) -> None:
 
 
 class _Split(SourceError):
-    """A shared call got neither keys nor 503: each of its callers calls for its own key."""
+    """A shared call got no keys and ends (`batching.after_no_keys`): each of its callers calls
+    for its own key."""
 
 
 def _other(method: str) -> str:
@@ -384,8 +393,8 @@ class Etsi014Source(Source):
                 single = True
                 continue
             except BaseException:
-                if fetch.result:  # cancelled as the keys came, counted among the waiters
-                    self._park_spare(slave, fetch, 1)
+                if fetch.result:  # cancelled as the keys came, counted among the waiters: its
+                    self._park_spare(slave, fetch)  # share (none of a short answer's) is kept
                 raise
             if keys:
                 return keys.pop()
@@ -510,6 +519,8 @@ class Etsi014Source(Source):
                         ids.append(key_id)
                     else:
                         del fetch.claims[key_id]
+            if not ids:  # (every caller left: `wanted` is checked just before)
+                raise SourceUnavailable(f"{self._where('dec_keys', master)}: abandoned")
             return len(ids), {"key_ID": ids[0]}, {"key_IDs": [{"key_ID": i} for i in ids]}
 
         # several IDs only by POST (GET names one): `_keys_per_call` is 1 once GET is chosen
@@ -545,18 +556,22 @@ class Etsi014Source(Source):
             turns = self._turns[(operation, sae)] = Turns()
         return turns.turn()
 
-    def _shared_ended(self, operation: str, sae: str, *, split: bool, why: str = "") -> None:
-        """Count shared calls whose callers went on one by one; pause sharing with this SAE
-        after `SPLITS_BEFORE_PAUSE` in a row (or at once, given `why` alone)."""
+    def _shared_served(self, operation: str, sae: str) -> None:
+        self._splits.pop((operation, sae), None)
+
+    def _shared_split(self, operation: str, sae: str, outcome: Outcome, why: str) -> None:
+        """A shared call ended with its callers going on one by one: pause sharing with this
+        SAE at once if the KME refused our own Get key, or after `SPLITS_BEFORE_PAUSE` such
+        ends in a row (a shortage of key does not count)."""
         key = (operation, sae)
-        if not split:
-            self._splits.pop(key, None)
-            return
-        self._splits[key] = self._splits.get(key, 0) + 1
-        if self._splits[key] >= SPLITS_BEFORE_PAUSE:
-            why = why or f"{SPLITS_BEFORE_PAUSE} calls for several keys in a row were refused"
-        if why:
+        if counts_toward_pause(outcome):
+            self._splits[key] = self._splits.get(key, 0) + 1
+        if pauses_at_once(operation, outcome):
             self._pause_batches(operation, sae, why)
+        elif self._splits.get(key, 0) >= SPLITS_BEFORE_PAUSE:
+            self._pause_batches(
+                operation, sae, f"{SPLITS_BEFORE_PAUSE} calls for several keys in a row ended"
+            )
 
     def _pause_batches(self, operation: str, sae: str, why: str) -> None:
         key = (operation, sae)
@@ -588,15 +603,19 @@ class Etsi014Source(Source):
         """The call's answer and how many keys it asked for; `compose` gives them and the
         request's query and body, per attempt. A shared call (one that may carry several keys)
         waits for its turn first (`turns`), and the callers that come meanwhile join it; one
-        for several keys that must end (`batching.must_split`) raises `_Split`."""
+        for several keys that must end (`batching.after_no_keys`) raises `_Split`."""
         unavailable = Backoff(self.retries, self.retry_backoff, self.max_backoff)
         not_found = Backoff(self.not_found_retries, self.retry_backoff, self.max_backoff)
         tentative: str | None = None  # the method that got a bare 404: the other one is on trial
-        shared_not_found = False  # a call for several keys was answered "not found" once
+        asked_again = False  # a call for several keys was made again whole (`Shared.AGAIN`)
         while True:
             if not fetch.wanted:  # every caller left: no new request (the last one is answered)
                 raise SourceUnavailable(f"{self._where(operation, sae)}: abandoned by its caller")
             async with self._turn(operation, sae, fetch):
+                if not fetch.wanted or fetch.scope.cancel_called:  # they left during the wait
+                    raise SourceUnavailable(
+                        f"{self._where(operation, sae)}: abandoned by its callers"
+                    )
                 count, query, body = compose()
                 fetch.on_wire = True
                 try:
@@ -610,21 +629,21 @@ class Etsi014Source(Source):
                 finally:
                     fetch.on_wire = False
             outcome = classify(operation, status_code, wire.error_message(data))
-            if count > 1 and outcome is not Outcome.OK:
-                split = must_split(
-                    count, outcome, status=status_code, not_found_before=shared_not_found
+            if outcome is not Outcome.OK:
+                shared = after_no_keys(
+                    operation, count, outcome, status=status_code, asked_again=asked_again
                 )
-                if outcome is Outcome.NOT_FOUND and not split:
-                    shared_not_found = True
-                    pause = not_found.next()
+                if shared is Shared.AGAIN:
+                    asked_again = True
+                    backoff = unavailable if outcome is Outcome.UNAVAILABLE else not_found
+                    pause = backoff.next()
                     if pause is not None:
                         await trio.sleep(pause)
                         continue
-                    split = True
-                if split:
+                    shared = Shared.SPLIT
+                if shared is Shared.SPLIT:
                     why = f"answered {status_code} ({outcome.value}) to a call for {count} keys"
-                    at_once = pauses_at_once(operation, outcome)
-                    self._shared_ended(operation, sae, split=True, why=why if at_once else "")
+                    self._shared_split(operation, sae, outcome, why)
                     raise _Split(f"{self._where(operation, sae)}: {why}")
             if outcome is Outcome.NO_ROUTE:
                 if switch:  # nothing was delivered: try the other method once
@@ -640,7 +659,7 @@ class Etsi014Source(Source):
                 if tentative is not None:
                     self._remember_method(operation, method, f"answers 404 to {tentative}")
                 if count > 1:
-                    self._shared_ended(operation, sae, split=False)
+                    self._shared_served(operation, sae)
                 return count, data
             delay: float | None = None
             if outcome is Outcome.METHOD and switch:

@@ -26,7 +26,7 @@ class Turns:
 
     def fresh(self, now: float) -> list[float]:
         """When the calls under way that still hold the others back took their turns."""
-        return [t for t in self._started.values() if now - t < self.stall]
+        return [t for t in self._started.values() if t + self.stall > now]
 
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
