@@ -134,9 +134,10 @@ def test_a_refused_connect_is_retried_as_it_is() -> None:
     ],
 )
 def test_asked_again_whole_once_then_split(operation: str, outcome: Outcome) -> None:
-    first = after_no_keys(operation, 5, outcome, status=404, asked_again=False)
+    status = 503 if outcome is Outcome.UNAVAILABLE else 404
+    first = after_no_keys(operation, 5, outcome, status=status, asked_again=False)
     assert first is Shared.AGAIN
-    assert after_no_keys(operation, 5, outcome, status=404, asked_again=True) is Shared.SPLIT
+    assert after_no_keys(operation, 5, outcome, status=status, asked_again=True) is Shared.SPLIT
 
 
 def test_both_methods_carry_number_so_enc_keys_switches_as_before() -> None:
@@ -485,18 +486,24 @@ async def test_a_key_id_whose_callers_left_before_the_call_is_not_asked_for(
     assert repeated.value.reveal() == sent[2].value.reveal()
 
 
-async def test_a_kme_short_of_key_serves_those_it_can(sim: Simulator, sources: Any) -> None:
-    """It answers 503 to a call for more keys than it holds: the callers each call for their
-    own, and as many get one as it holds."""
-    alice, _ = await _pair(sim, sources, 5, retries=0)
+@pytest.mark.parametrize("retries", [0, 1])
+async def test_a_kme_short_of_key_serves_those_it_can(
+    sim: Simulator, sources: Any, retries: int
+) -> None:
+    """It answers 503 to a call for more keys than it holds: the call is made again whole once
+    (while `retries` allow), then the callers each call for their own, and as many get one as
+    it holds. A shortage counts toward no pause."""
+    alice, _ = await _pair(sim, sources, 5, retries=retries, **FAST)
     sim.network.link("KME_A", "KME_B").drain(keep_bits=3 * 256)
     before = sim.apps["KME_A"].stats.copy()
     results = await _together([lambda link=link: alice.new_key(link) for link in alice.links])
     after = sim.apps["KME_A"].stats
     assert sum(isinstance(r, Key) for r in results) == 3
     assert sum(isinstance(r, SourceUnavailable) for r in results) == 2
-    assert after["503"] - before["503"] == 3  # the shared call, then the two left over
+    # the shared call (twice with a retry), then the two left over (each twice with a retry)
+    assert after["503"] - before["503"] == (1 + 2) * (1 + retries)
     assert after["200"] - before["200"] == 3
+    assert not alice._splits and not alice._batch_paused
 
 
 @pytest.mark.parametrize(

@@ -512,6 +512,7 @@ class Etsi014Source(Source):
         def compose() -> tuple[int, dict[str, str], dict[str, Any]]:
             if not fetch.sealed:  # fixed at the first attempt: a retry names the same IDs
                 fetch.sealed = True
+                fetch.limit = max(1, sum(1 for waiting in fetch.claims.values() if waiting > 0))
                 # an ID whose callers all left before the call is not asked for (the KME would
                 # delete a key nobody waits for); a repeated call for it makes a call of its own
                 for key_id, waiting in list(fetch.claims.items()):
@@ -525,8 +526,10 @@ class Etsi014Source(Source):
 
         # several IDs only by POST (GET names one): `_keys_per_call` is 1 once GET is chosen
         method = "GET" if self.dec_method == "get" and fetch.limit == 1 else "POST"
+        # POST although GET is the method: GET was learned while this call waited its turn
+        switch = self.dec_method == "auto" or method != self.dec_method.upper()
         number, data = await self._with_retries(
-            "dec_keys", master, method, compose, switch=self.dec_method == "auto", fetch=fetch
+            "dec_keys", master, method, compose, switch=switch, fetch=fetch
         )
         keys = self._parse("dec_keys", master, data, number, expected=ids)
         fetch.answered.update(key.key_id for key in keys)
@@ -614,7 +617,7 @@ class Etsi014Source(Source):
             async with self._turn(operation, sae, fetch):
                 if not fetch.wanted or fetch.scope.cancel_called:  # they left during the wait
                     raise SourceUnavailable(
-                        f"{self._where(operation, sae)}: abandoned by its callers"
+                        f"{self._where(operation, sae)}: abandoned (callers gone or source closed)"
                     )
                 count, query, body = compose()
                 fetch.on_wire = True
