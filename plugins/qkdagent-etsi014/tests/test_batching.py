@@ -78,6 +78,20 @@ def _keys(results: list[Any]) -> list[Key]:
     return results
 
 
+async def _all_new(source: Etsi014Source) -> list[Key]:
+    """A key for each of the source's links, all asked for together."""
+    return _keys(await _together([lambda link=link: source.new_key(link) for link in source.links]))
+
+
+async def _all_by_id(source: Etsi014Source, sent: list[Key]) -> list[Key]:
+    """The keys named by `sent`, one per link of the source, all asked for together."""
+    calls = [
+        lambda link=link, key=key: source.key_by_id(link, key.key_id)
+        for link, key in zip(source.links, sent, strict=True)
+    ]
+    return _keys(await _together(calls))
+
+
 # -- the pure decisions --------------------------------------------------------------------
 
 
@@ -226,17 +240,10 @@ async def test_a_turn_ending_lets_the_next_go_at_once(
 async def test_links_asking_together_share_one_call_each_way(sim: Simulator, sources: Any) -> None:
     alice, bob = await _pair(sim, sources, 16)
     before_a, before_b = _requests(sim, "KME_A"), _requests(sim, "KME_B")
-    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    sent = await _all_new(alice)
     assert _requests(sim, "KME_A") - before_a == 1
     assert len({key.key_id for key in sent}) == 16  # every caller its own key
-    got = _keys(
-        await _together(
-            [
-                lambda link=link, key=key: bob.key_by_id(link, key.key_id)
-                for link, key in zip(bob.links, sent, strict=True)
-            ]
-        )
-    )
+    got = await _all_by_id(bob, sent)
     assert _requests(sim, "KME_B") - before_b == 1
     for mine, theirs in zip(sent, got, strict=True):  # each caller the key it named
         assert theirs.key_id == mine.key_id
@@ -247,16 +254,9 @@ async def test_links_asking_together_share_one_call_each_way(sim: Simulator, sou
 async def test_a_call_carries_at_most_max_keys_per_call(sim: Simulator, sources: Any) -> None:
     alice, bob = await _pair(sim, sources, 10, max_keys_per_call=4)
     before_a, before_b = _requests(sim, "KME_A"), _requests(sim, "KME_B")
-    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    sent = await _all_new(alice)
     assert _requests(sim, "KME_A") - before_a == 3  # 4 + 4 + 2
-    got = _keys(
-        await _together(
-            [
-                lambda link=link, key=key: bob.key_by_id(link, key.key_id)
-                for link, key in zip(bob.links, sent, strict=True)
-            ]
-        )
-    )
+    got = await _all_by_id(bob, sent)
     assert _requests(sim, "KME_B") - before_b == 3
     assert [k.key_id for k in got] == [k.key_id for k in sent]
 
@@ -271,7 +271,7 @@ async def test_a_call_carries_at_most_the_kmes_max_key_per_request(
         try:
             assert alice.limits["bob"].max_key_per_request == 3
             before = _requests(sim, "KME_A")
-            _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+            await _all_new(alice)
             assert _requests(sim, "KME_A") - before == 3  # 3 + 3 + 1, none refused
             assert sim.apps["KME_A"].stats["400"] == 0
         finally:
@@ -280,7 +280,7 @@ async def test_a_call_carries_at_most_the_kmes_max_key_per_request(
 
 async def test_an_unknown_key_id_fails_only_its_own_caller(sim: Simulator, sources: Any) -> None:
     alice, bob = await _pair(sim, sources, 3, not_found_retries=0)
-    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    sent = await _all_new(alice)
     names = [sent[0].key_id, "00000000-0000-4000-8000-000000000000", sent[2].key_id]
     before = sim.apps["KME_B"].stats.copy()
     results = await _together(
@@ -381,24 +381,17 @@ async def test_a_key_for_a_caller_that_left_serves_the_next(sim: Simulator, sour
 
 async def test_dec_keys_by_get_names_one_key_id_per_call(sim: Simulator, sources: Any) -> None:
     alice, bob = await _pair(sim, sources, 4)
-    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    sent = await _all_new(alice)
     bob.dec_method = "get"
     before = _requests(sim, "KME_B")
-    _keys(
-        await _together(
-            [
-                lambda link=link, key=key: bob.key_by_id(link, key.key_id)
-                for link, key in zip(bob.links, sent, strict=True)
-            ]
-        )
-    )
+    await _all_by_id(bob, sent)
     assert _requests(sim, "KME_B") - before == 4
 
 
 async def test_one_key_per_call_on_request(sim: Simulator, sources: Any) -> None:
     alice, _ = await _pair(sim, sources, 4, max_keys_per_call=1)
     before = _requests(sim, "KME_A")
-    _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    await _all_new(alice)
     assert _requests(sim, "KME_A") - before == 4
 
 
@@ -455,7 +448,7 @@ async def test_a_key_id_whose_callers_left_before_the_call_is_not_asked_for(
 ) -> None:
     """Its key stays on the KME (which would delete it), and a repeated call gets it."""
     alice, bob = await _pair(sim, sources, 4)
-    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    sent = await _all_new(alice)
     bob._turns["dec_keys", "alice"] = Turns(stall=60.0)
     app = sim.apps["KME_B"]
     before = app.received
@@ -517,16 +510,9 @@ async def test_a_kme_giving_fewer_keys_than_asked_for_is_asked_one_at_a_time(
     caplog.set_level(logging.WARNING, "qkdagent_etsi014")
     alice, bob = await _pair(sim, sources, 4)
     before_a, before_b = _requests(sim, "KME_A"), _requests(sim, "KME_B")
-    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    sent = await _all_new(alice)
     assert _requests(sim, "KME_A") - before_a == 4  # the shared call (one key), then three
-    got = _keys(
-        await _together(
-            [
-                lambda link=link, key=key: bob.key_by_id(link, key.key_id)
-                for link, key in zip(bob.links, sent, strict=True)
-            ]
-        )
-    )
+    got = await _all_by_id(bob, sent)
     assert _requests(sim, "KME_B") - before_b == 4
     assert [k.key_id for k in got] == [k.key_id for k in sent]
     assert all(a.value.reveal() == b.value.reveal() for a, b in zip(sent, got, strict=True))
@@ -542,7 +528,7 @@ async def test_not_found_on_a_shared_call_is_asked_again_once(sim: Simulator, so
     made again after the backoff, and serves all once they are there."""
     SIM_CLOCK.now = 0.0
     alice, bob = await _pair(sim, sources, 3, not_found_retries=2, **FAST)
-    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    sent = await _all_new(alice)
     app = sim.apps["KME_B"]
     before = app.stats.copy()
     answers = 0
@@ -555,14 +541,7 @@ async def test_not_found_on_a_shared_call_is_asked_again_once(sim: Simulator, so
             SIM_CLOCK.now = 60.0
 
     app.before_answer = second_finds_them
-    got = _keys(
-        await _together(
-            [
-                lambda link=link, key=key: bob.key_by_id(link, key.key_id)
-                for link, key in zip(bob.links, sent, strict=True)
-            ]
-        )
-    )
+    got = await _all_by_id(bob, sent)
     after = app.stats
     assert [k.key_id for k in got] == [k.key_id for k in sent]
     assert answers == 2
@@ -612,7 +591,7 @@ async def test_a_key_whose_caller_left_during_the_call_is_held_for_a_repeat(
     get their keys, and a repeated call for the leaver's ID, once the call is over, gets the key
     held for it (the KME has deleted it) without asking again."""
     alice, bob = await _pair(sim, sources, 3)
-    sent = _keys(await _together([lambda link=link: alice.new_key(link) for link in alice.links]))
+    sent = await _all_new(alice)
     app = sim.apps["KME_B"]
     before = app.received
     hold = Hold(sim, "KME_B")
