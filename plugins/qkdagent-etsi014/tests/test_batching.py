@@ -298,7 +298,7 @@ async def test_an_unknown_key_id_fails_only_its_own_caller(sim: Simulator, sourc
     # the shared call refused as a whole (nothing delivered), then one call per key ID
     assert after["400"] - before["400"] == 2
     assert after["200"] - before["200"] == 2
-    assert not bob._batch_paused  # a key's absence is no refusal of shared calls
+    assert not bob._sharing_paused  # a key's absence is no refusal of shared calls
 
 
 async def test_a_kme_refusing_several_keys_is_asked_one_at_a_time(
@@ -496,7 +496,7 @@ async def test_a_kme_short_of_key_serves_those_it_can(
     # the shared call (twice with a retry), then the two left over (each twice with a retry)
     assert after["503"] - before["503"] == (1 + 2) * (1 + retries)
     assert after["200"] - before["200"] == 3
-    assert not alice._splits and not alice._batch_paused
+    assert not alice._splits and not alice._sharing_paused
 
 
 @pytest.mark.parametrize(
@@ -559,7 +559,7 @@ async def test_shared_calls_ending_one_by_one_in_a_row_pause(
     alice, bob = await _pair(sim, sources, 2, not_found_retries=0)
     unknown = "00000000-0000-4000-8000-000000000000"
     for _ in range(SPLITS_BEFORE_PAUSE):
-        assert not bob._batch_paused
+        assert not bob._sharing_paused
         sent = await alice.new_key(alice.links[0])
         results = await _together(
             [
@@ -568,7 +568,7 @@ async def test_shared_calls_ending_one_by_one_in_a_row_pause(
             ]
         )
         assert isinstance(results[0], Key) and isinstance(results[1], KeyNotFound)
-    assert set(bob._batch_paused) == {("dec_keys", "alice")}
+    assert set(bob._sharing_paused) == {("dec_keys", "alice")}
     assert any("in a row" in r.getMessage() for r in caplog.records)
 
 

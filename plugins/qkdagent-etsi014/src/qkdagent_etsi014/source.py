@@ -85,7 +85,7 @@ for KMEs that add extensions, far below what could hurt the agent's memory."""
 HELD_KEYS_MAX = 256
 MAX_WARNED = 16
 """Kinds of non-standard key container a source reports, at most (each once)."""
-BATCH_PAUSE = 600.0
+SHARING_PAUSE = 600.0
 """Seconds a KME that refused a call for several keys is asked for one key per call."""
 CLOSE_GRACE = 2.0
 """Seconds aclose() gives cancelled fetches to unwind, and then the connections to close."""
@@ -145,7 +145,9 @@ def _any(fetch: Fetch[list[Key]]) -> bool:
 
 
 def _has_room(cap: int, fetch: Fetch[list[Key]]) -> bool:
-    """A `new_key` caller that wants at most `cap` keys per call may join `fetch`."""
+    """A `new_key` caller that wants at most `cap` keys per call may join `fetch`: one with a
+    key to spare, and for a caller back from a shared call (`cap` 1), one that cannot grow into
+    another shared call (for one key, or already sent)."""
     return fetch.waiters < fetch.limit and (cap > 1 or fetch.limit == 1 or fetch.sealed)
 
 
@@ -243,7 +245,7 @@ class Etsi014Source(Source):
         """(operation, SAE) -> the turns of its shared calls."""
         self._splits: dict[tuple[str, str], int] = {}
         """(operation, SAE) -> its shared calls in a row that ended one by one."""
-        self._batch_paused: dict[tuple[str, str], float] = {}
+        self._sharing_paused: dict[tuple[str, str], float] = {}
         """(operation, SAE) -> when calls for several keys may resume (a KME refused one)."""
 
     def __repr__(self) -> str:
@@ -453,17 +455,17 @@ class Etsi014Source(Source):
             fetch = self._dec_fetch(master, key_id, cap)
             fetch.claims[key_id] = fetch.claims.get(key_id, 0) + 1
             try:
-                keys = await self._fetches.wait(fetch)  # cancelled: the key is held for a repeat
+                try:
+                    keys = await self._fetches.wait(fetch)  # cancelled: its key is held
+                finally:
+                    fetch.claims[key_id] -= 1
             except _Split:
-                fetch.claims[key_id] -= 1
                 single = True
                 continue
             except BaseException:
-                fetch.claims[key_id] -= 1
                 if fetch.result:  # cancelled as the keys came, counted among the waiters
                     self._hold(master, fetch)
                 raise
-            fetch.claims[key_id] -= 1
             for index, key in enumerate(keys):
                 if key.key_id == key_id:
                     return keys.pop(index)
@@ -496,9 +498,11 @@ class Etsi014Source(Source):
     def _hold(self, master: str, fetch: Fetch[list[Key]]) -> None:
         """Hold the fetch's keys that no waiting caller named, for a repeated call."""
         keys = fetch.result or []
-        kept = [key for key in keys if fetch.claims.get(key.key_id, 0) > 0]
+        kept = []
         for key in keys:
-            if fetch.claims.get(key.key_id, 0) <= 0:
+            if fetch.claims.get(key.key_id, 0) > 0:
+                kept.append(key)
+            else:
                 self._held[(master, key.key_id)] = key
         keys[:] = kept
         while len(self._held) > HELD_KEYS_MAX:
@@ -537,7 +541,7 @@ class Etsi014Source(Source):
 
     def _keys_per_call(self, operation: str, sae: str) -> int:
         status = self.limits.get(sae)
-        paused = self._batch_paused.get((operation, sae), -math.inf) > trio.current_time()
+        paused = self._sharing_paused.get((operation, sae), -math.inf) > trio.current_time()
         return keys_per_call(
             self.max_keys_per_call,
             None if status is None else status.max_key_per_request,
@@ -570,16 +574,16 @@ class Etsi014Source(Source):
         if counts_toward_pause(outcome):
             self._splits[key] = self._splits.get(key, 0) + 1
         if pauses_at_once(operation, outcome):
-            self._pause_batches(operation, sae, why)
+            self._pause_sharing(operation, sae, why)
         elif self._splits.get(key, 0) >= SPLITS_BEFORE_PAUSE:
-            self._pause_batches(
+            self._pause_sharing(
                 operation, sae, f"{SPLITS_BEFORE_PAUSE} calls for several keys in a row ended"
             )
 
-    def _pause_batches(self, operation: str, sae: str, why: str) -> None:
+    def _pause_sharing(self, operation: str, sae: str, why: str) -> None:
         key = (operation, sae)
         self._splits.pop(key, None)
-        if self._batch_paused.get(key, -math.inf) <= trio.current_time():
+        if self._sharing_paused.get(key, -math.inf) <= trio.current_time():
             log.warning(
                 "source %s: %s %s (%s %s): one key per call for %g s",
                 self.name,
@@ -587,9 +591,9 @@ class Etsi014Source(Source):
                 why,
                 operation,
                 sae,
-                BATCH_PAUSE,
+                SHARING_PAUSE,
             )
-        self._batch_paused[key] = trio.current_time() + BATCH_PAUSE
+        self._sharing_paused[key] = trio.current_time() + SHARING_PAUSE
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -802,7 +806,7 @@ class Etsi014Source(Source):
         """Fewer keys than asked for: the callers left without one call on their own, and
         shared calls with this SAE pause."""
         if len(keys) < number:
-            self._pause_batches(operation, sae, f"answered {len(keys)} keys to a call for {number}")
+            self._pause_sharing(operation, sae, f"answered {len(keys)} keys to a call for {number}")
         return keys
 
     def _warn_variant(self, variant: str) -> None:

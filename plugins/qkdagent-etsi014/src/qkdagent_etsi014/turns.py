@@ -17,6 +17,8 @@ STALL = 0.2
 
 
 class Turns:
+    """The turns of one SAE's shared calls of one kind (`turn()` around each call)."""
+
     def __init__(self, at_once: int = AT_ONCE, stall: float = STALL) -> None:
         self.at_once = at_once
         self.stall = stall
